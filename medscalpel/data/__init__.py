@@ -1,0 +1,8 @@
+"""Datasets: one adapter per on-disk format, all giving :class:`CXRDataset`."""
+
+from medscalpel.data.base import ArrayDataset, CXRDataset, SubsetDataset, split_by_patient
+from medscalpel.data.spec import DATASETS, DatasetSpec, open_dataset
+from medscalpel.data.transforms import Augment, Preprocess
+
+__all__ = ["ArrayDataset", "Augment", "CXRDataset", "DATASETS", "DatasetSpec", "Preprocess",
+           "SubsetDataset", "open_dataset", "split_by_patient"]

@@ -1,0 +1,112 @@
+"""Dataset spec strings: ``name:path?key=value&key=value``.
+
+Examples: ``nih:/data/nih``, ``folder:/data/kermany/train?dedup=true``,
+``medmnist:/data/chestmnist_64.npz``, ``phantom:/runs/phantom``, plain ``phantom``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+from medscalpel.data.base import CXRDataset
+from medscalpel.data.transforms import Preprocess
+from medscalpel.errors import ConfigError
+from medscalpel.registry import Registry
+
+#: adapter name -> factory ``(root, split, preprocess, **options) -> CXRDataset``
+DATASETS: Registry[CXRDataset] = Registry("dataset adapter")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    adapter: str
+    root: str | None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str) -> "DatasetSpec":
+        if not isinstance(spec, str) or not spec.strip():
+            raise ConfigError("A dataset spec must be a non-empty string such as 'nih:/data/nih' "
+                              "or 'phantom'.")
+        spec = spec.strip()
+        query = ""
+        if "?" in spec:
+            spec, query = spec.split("?", 1)
+        if ":" in spec:
+            adapter, root = spec.split(":", 1)
+        else:
+            adapter, root = spec, None
+        adapter = adapter.strip().lower()
+        DATASETS.get(adapter)  # raises with the valid names
+        options: dict[str, Any] = {}
+        for k, v in parse_qsl(query, keep_blank_values=True):
+            options[k] = _coerce(v)
+        return cls(adapter=adapter, root=root or None, options=options)
+
+    def __str__(self) -> str:
+        s = self.adapter + (f":{self.root}" if self.root else "")
+        if self.options:
+            s += "?" + "&".join(f"{k}={v}" for k, v in self.options.items())
+        return s
+
+
+def _coerce(v: str) -> Any:
+    low = v.lower()
+    if low in ("true", "yes", "1"):
+        return True
+    if low in ("false", "no", "0"):
+        return False
+    try:
+        return int(v)
+    except ValueError:
+        pass
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def open_dataset(
+    spec: str | DatasetSpec,
+    split: str = "train",
+    preprocess: Preprocess | None = None,
+    **options: Any,
+) -> CXRDataset:
+    """Open a dataset from a spec string.
+
+    Args:
+        spec: ``adapter:path?opt=value`` (see :data:`DATASETS` for adapters).
+        split: ``train``, ``val``, ``test`` or ``all`` (adapters may add more, e.g. the
+            phantom's ``shifted``).
+        preprocess: size / channels / normalisation; default :class:`Preprocess`.
+        **options: adapter options; they override options given in the spec string.
+
+    Example:
+        >>> from medscalpel.data import open_dataset
+        >>> ds = open_dataset("phantom?n=8&size=32", split="all")  # doctest: +SKIP
+    """
+    import medscalpel.data  # noqa: F401  (registers the adapters)
+
+    parsed = spec if isinstance(spec, DatasetSpec) else DatasetSpec.parse(spec)
+    opts = {**parsed.options, **options}
+    factory = DATASETS.get(parsed.adapter)
+    _check_options(parsed.adapter, factory, opts)
+    ds = factory(root=parsed.root, split=split,
+                                      preprocess=preprocess or Preprocess(), **opts)
+    ds.spec = str(parsed)
+    return ds
+
+
+def _check_options(adapter: str, factory, opts: dict[str, Any]) -> None:
+    import inspect
+
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n in params if n not in ("root", "split", "preprocess")]
+    bad = [k for k in opts if k not in params]
+    if bad:
+        raise ConfigError(f"Unknown option(s) {bad} for dataset adapter '{adapter}'. "
+                          f"Valid options: {', '.join(valid) or '(none)'}.")

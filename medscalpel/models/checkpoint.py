@@ -1,0 +1,357 @@
+"""Checkpoints: ``model.safetensors`` + ``model.json`` (the model card).
+
+The card carries the model's input contract (architecture, class names, task type, input size,
+channels, normalisation, thresholds) and its lineage (parent model and what was done to it), so
+every later stage can use a model without being told how it was trained. Structurally changed
+models (pruned, folded) reload because the loader conforms the freshly built architecture's
+layers to the tensor shapes stored in the file.
+
+Foreign ``.pt/.pth/.pth.tar`` state dicts are read with ``torch.load(weights_only=True)``: a file
+that holds pickled code is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medscalpel import __version__
+from medscalpel.data.transforms import Preprocess
+from medscalpel.errors import CheckpointError, ModelError
+from medscalpel.models.classifier import MedClassifier
+from medscalpel.runs import atomic_path, hash_bytes, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+CARD = "model.json"
+CARD_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a model is and how to feed it (``model.json``)."""
+
+    arch: str
+    class_names: tuple[str, ...]
+    task: str
+    input: dict[str, Any]
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    thresholds: tuple[float, ...] | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    lineage: tuple[dict[str, Any], ...] = ()
+    model_id: str = ""
+    num_parameters: int = 0
+    created: str = ""
+    medscalpel_version: str = __version__
+    schema_version: int = CARD_SCHEMA
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess.from_dict(self.input)
+
+    def effective_thresholds(self) -> list[float]:
+        """Per-class decision thresholds (0.5 when none were calibrated)."""
+        if self.thresholds is None:
+            return [0.5] * len(self.class_names)
+        return [float(t) for t in self.thresholds]
+
+    def with_lineage(self, method: str, parent: str, **details: Any) -> "ModelCard":
+        step = {"method": method, "parent": parent,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **details}
+        return replace(self, lineage=tuple(self.lineage) + (step,))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["class_names"] = list(self.class_names)
+        d["thresholds"] = None if self.thresholds is None else list(self.thresholds)
+        d["lineage"] = list(self.lineage)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "model.json") -> "ModelCard":
+        missing = [k for k in ("arch", "class_names", "task", "input") if k not in d]
+        if missing:
+            raise CheckpointError(f"{source} lacks required field(s) {missing}; it was not written "
+                                  "by medscalpel or is damaged.")
+        if d.get("schema_version", 1) > CARD_SCHEMA:
+            raise CheckpointError(f"{source} has schema version {d['schema_version']}, newer than "
+                                  f"this medscalpel ({CARD_SCHEMA}); upgrade medscalpel.")
+        known = {f for f in cls.__dataclass_fields__}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["class_names"] = tuple(kw["class_names"])
+        if kw.get("thresholds") is not None:
+            kw["thresholds"] = tuple(float(t) for t in kw["thresholds"])
+        kw["lineage"] = tuple(kw.get("lineage", ()))
+        return cls(**kw)
+
+
+def make_card(model: MedClassifier, class_names: list[str] | tuple[str, ...], task: str,
+              preprocess: Preprocess, **kw: Any) -> ModelCard:
+    if len(class_names) != model.num_classes:
+        raise ModelError(f"The model has {model.num_classes} outputs but {len(class_names)} class "
+                         "names were given.")
+    return ModelCard(arch=model.arch, class_names=tuple(class_names), task=task,
+                     input=preprocess.to_dict(), arch_kwargs=dict(model.arch_kwargs),
+                     num_parameters=model.num_parameters(), **kw)
+
+
+# ----------------------------------------------------------------------------- save
+def save_model(model: MedClassifier, directory: str | os.PathLike,
+               card: ModelCard | None = None) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` into ``directory`` (atomically).
+
+    Returns the directory. The card's ``model_id`` becomes a hash of the weights.
+    """
+    from safetensors.torch import save as st_save
+
+    card = card or model.card
+    if card is None:
+        raise ModelError("save_model needs a ModelCard (model.card is not set).")
+    check_finite(model, "save_model")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    blob = st_save(state, metadata={"format": "pt", "medscalpel": __version__})
+    card = replace(card, model_id=hash_bytes(blob)[:16], num_parameters=model.num_parameters(),
+                   arch_kwargs=dict(model.arch_kwargs),
+                   created=card.created or time.strftime("%Y-%m-%dT%H:%M:%S"))
+    with atomic_path(directory / WEIGHTS) as tmp:
+        tmp.write_bytes(blob)
+    write_json(directory / CARD, card.to_dict())
+    model.card = card
+    return directory
+
+
+def check_finite(model: nn.Module, where: str) -> None:
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise ModelError(f"{where}: parameter '{name}' contains NaN or Inf values; the model is "
+                             "broken (diverged training or a damaged file). Retrain or reload it.")
+
+
+# ----------------------------------------------------------------------------- load
+def _resolve(path: str | os.PathLike) -> tuple[Path, Path]:
+    p = Path(path)
+    if p.is_dir():
+        w, c = p / WEIGHTS, p / CARD
+    elif p.name == CARD:
+        w, c = p.with_name(WEIGHTS), p
+    else:
+        w, c = p, p.with_name(CARD)
+    if not w.is_file():
+        raise CheckpointError(f"No weights at {w}. Point to a medscalpel model directory "
+                              f"(with {WEIGHTS} and {CARD}) or use 'medscalpel models import' for "
+                              ".pt/.pth files.")
+    if not c.is_file():
+        raise CheckpointError(f"No model card at {c}: a medscalpel model directory holds "
+                              f"{WEIGHTS} and {CARD} side by side.")
+    return w, c
+
+
+def load_model(path: str | os.PathLike, map_location: str = "cpu") -> MedClassifier:
+    """Load a medscalpel model directory (or its ``model.json``/``model.safetensors``)."""
+    from safetensors.torch import load_file
+
+    w, c = _resolve(path)
+    card = ModelCard.from_dict(read_json(c), source=str(c))
+    try:
+        state = load_file(str(w), device=map_location)
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"Cannot read {w}: {exc}. The file is damaged or not safetensors."
+                              ) from exc
+    model = build_from_card(card)
+    load_state_conformed(model, state, source=str(w))
+    check_finite(model, str(w))
+    model.card = card
+    model.eval()
+    return model
+
+
+def build_from_card(card: ModelCard) -> MedClassifier:
+    from medscalpel.models.zoo import create_model
+
+    kw = dict(card.arch_kwargs)
+    in_chans = int(kw.pop("in_chans", card.input.get("channels", 1)))
+    img_size = int(kw.pop("img_size", card.input.get("size", 224)))
+    for k in ("block_config", "widths", "cfg"):
+        if k in kw and isinstance(kw[k], list):
+            kw[k] = tuple(kw[k])
+    return create_model(card.arch, num_classes=len(card.class_names), in_chans=in_chans,
+                        img_size=img_size, **kw)
+
+
+def load_state_conformed(model: nn.Module, state: dict[str, torch.Tensor], source: str = "") -> None:
+    """Load ``state`` into ``model``, first resizing Conv/Linear/BatchNorm layers whose stored
+    shapes differ (structured pruning, lossless folding) and adding biases the file has."""
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            wk = prefix + "weight"
+            if wk in state and tuple(state[wk].shape) != tuple(module.weight.shape):
+                _resize_weighted(module, state[wk].shape)
+            bk = prefix + "bias"
+            if bk in state and module.bias is None:
+                module.bias = nn.Parameter(torch.zeros(state[bk].shape))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            wk = prefix + "running_mean"
+            if wk in state and state[wk].shape[0] != module.num_features:
+                n = int(state[wk].shape[0])
+                module.num_features = n
+                for attr in ("weight", "bias"):
+                    if getattr(module, attr) is not None:
+                        setattr(module, attr, nn.Parameter(torch.empty(n)))
+                module.running_mean = torch.zeros(n)
+                module.running_var = torch.ones(n)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: the weights do not fit architecture '{getattr(model, 'arch', '?')}': "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}. Check model.json's 'arch'."
+        )
+
+
+def _resize_weighted(module: nn.Module, shape: torch.Size) -> None:
+    shape = tuple(shape)
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = shape
+    else:
+        depthwise = module.groups > 1 and module.groups == module.in_channels
+        module.out_channels = shape[0]
+        if depthwise:
+            module.groups = shape[0]
+            module.in_channels = shape[0]
+        else:
+            module.in_channels = shape[1] * module.groups
+    module.weight = nn.Parameter(torch.empty(shape))
+    if module.bias is not None:
+        module.bias = nn.Parameter(torch.empty(shape[0]))
+
+
+# ----------------------------------------------------------------------------- foreign files
+_OLD_DENSENET = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
+
+
+def read_foreign_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a ``.pt/.pth/.pth.tar`` state dict without unpickling code."""
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint file not found: {path}.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, EOFError) as exc:
+        msg = str(exc)
+        if "weights_only" in msg or "Unsupported global" in msg or isinstance(
+                exc, pickle.UnpicklingError):
+            raise CheckpointError(
+                f"{path} contains pickled Python objects beyond tensors (e.g. a whole model "
+                "object or custom classes). medscalpel never unpickles code from user files. "
+                "Re-save only the state dict: torch.save(model.state_dict(), 'weights.pt') in the "
+                "environment that made it, or convert it to safetensors."
+            ) from exc
+        raise CheckpointError(f"Cannot read checkpoint {path}: {exc}") from exc
+    for key in ("state_dict", "model_state_dict", "model", "net"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors (found "
+                              f"{type(obj).__name__}).")
+    return obj
+
+
+def map_foreign_keys(state: dict[str, torch.Tensor], model: MedClassifier) -> dict[str, torch.Tensor]:
+    """Map common key layouts onto medscalpel's: ``module.`` (DataParallel), CheXNet's
+    ``densenet121.*`` with ``classifier.0``, torchvision's old DenseNet names (``norm.1``),
+    torchvision model keys (``features.*``, ``conv1``, ``fc``, VGG ``classifier.N``), timm keys."""
+    out: dict[str, torch.Tensor] = {}
+    own = model.state_dict()
+    head_keys = {"fc", "classifier", "classifier.0", "classifier.6", "head", "last_linear"}
+    for k, v in state.items():
+        k2 = k
+        for pre in ("module.", "densenet121.", "model.", "backbone."):
+            while k2.startswith(pre) and pre != "backbone.":
+                k2 = k2[len(pre):]
+        k2 = _OLD_DENSENET.sub(lambda m: m.group(1) + m.group(2), k2)
+        base, _, leaf = k2.rpartition(".")
+        if base in head_keys and leaf in ("weight", "bias"):
+            out[f"classifier.{leaf}"] = v
+            continue
+        if model.arch == "vgg19_bn" and base in ("classifier.0", "classifier.3"):
+            out[f"backbone.head.{base.split('.')[1]}.{leaf}"] = v
+            continue
+        for cand in (k2, f"backbone.{k2}", f"backbone.model.{k2}"):
+            if cand in own:
+                out[cand] = v
+                break
+        else:
+            out[k2] = v
+    return out
+
+
+def import_foreign(path: str | os.PathLike, arch: str, class_names: list[str], task: str,
+                   preprocess: Preprocess, **arch_kwargs: Any) -> MedClassifier:
+    """Build ``arch`` and load a foreign state dict into it (keys mapped, shapes checked)."""
+    from medscalpel.models.zoo import create_model
+
+    state = read_foreign_state_dict(path)
+    model = create_model(arch, num_classes=len(class_names), in_chans=preprocess.channels,
+                         img_size=preprocess.size, **arch_kwargs)
+    mapped = map_foreign_keys(state, model)
+    conv_keys = [k for k, v in mapped.items() if v.ndim == 4]
+    if conv_keys:
+        first = conv_keys[0]
+        own = model.state_dict().get(first)
+        if own is not None and own.shape[1] != mapped[first].shape[1]:
+            w = mapped[first]
+            mapped[first] = w.sum(1, keepdim=True) if own.shape[1] == 1 else w.mean(
+                1, keepdim=True).repeat(1, own.shape[1], 1, 1)
+    clf = mapped.get("classifier.weight")
+    if clf is not None and clf.shape[0] != len(class_names):
+        raise CheckpointError(f"{path}: the classifier has {clf.shape[0]} outputs but "
+                              f"{len(class_names)} class names were given ({class_names[:4]}...).")
+    own = model.state_dict()
+    bad = [k for k, v in mapped.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if bad:
+        raise CheckpointError(f"{path}: tensor shapes differ from '{arch}' at {bad[:3]}; is it "
+                              "the right architecture?")
+    load_state_conformed(model, {k: v for k, v in mapped.items() if k in own} | {
+        k: v for k, v in own.items() if k not in mapped and k.endswith("num_batches_tracked")},
+        source=str(path))
+    unknown = [k for k in mapped if k not in own]
+    if unknown:
+        raise CheckpointError(f"{path}: keys that fit no layer of '{arch}': {unknown[:5]}.")
+    model.card = make_card(model, class_names, task, preprocess,
+                           lineage=({"method": "import", "parent": str(path)},))
+    model.eval()
+    return model
+
+
+def clone_model(model: MedClassifier) -> MedClassifier:
+    """A deep copy (the caller's model is never changed as a side effect)."""
+    return copy.deepcopy(model)
+
+
+def card_json(card: ModelCard) -> str:
+    return json.dumps(card.to_dict(), indent=2)
