@@ -39,6 +39,8 @@ class DatasetSpec:
         else:
             adapter, root = spec, None
         adapter = adapter.strip().lower()
+        import medscalpel.data  # noqa: F401  (registers the adapters)
+
         DATASETS.get(adapter)  # raises with the valid names
         options: dict[str, Any] = {}
         for k, v in parse_qsl(query, keep_blank_values=True):

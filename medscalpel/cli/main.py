@@ -1,0 +1,217 @@
+"""The ``medscalpel`` command line: a thin layer over the Python API.
+
+Each command parses its arguments, calls one public function, writes that result's
+``to_dict()`` (and its files) into a run directory with a manifest, and prints a summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medscalpel import __version__
+from medscalpel.cli.common import console, err_console, fmt, print_table
+from medscalpel.errors import MedScalpelError
+
+app = typer.Typer(name="medscalpel", no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress, audit, explain and repair medical image classifiers "
+                       "(chest X-ray first).")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: label statistics, the phantom.")
+models_app = typer.Typer(no_args_is_help=True, help="The model zoo and checkpoint import.")
+preds_app = typer.Typer(no_args_is_help=True, help="Predictions made elsewhere.")
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+app.add_typer(preds_app, name="predictions")
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"medscalpel {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Show the version and exit.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+# ----------------------------------------------------------------------------- models
+@models_app.command("list")
+def models_list() -> None:
+    """List the architectures of the zoo."""
+    from medscalpel.models.zoo import list_models
+
+    print_table([{"arch": k, "description": v} for k, v in list_models().items()], "model zoo")
+
+
+@models_app.command("import")
+def models_import(
+    checkpoint: Path = typer.Argument(..., help="A .pt/.pth/.pth.tar state dict or .safetensors."),
+    arch: str = typer.Option(..., help="Zoo architecture the weights belong to (models list)."),
+    like: str = typer.Option(..., help="Dataset spec whose class names / task the model predicts, "
+                                       "e.g. 'nih:/data/nih?labels_only=true'."),
+    out: Path = typer.Option(..., help="Output model directory."),
+    size: int = typer.Option(224, help="Input size in pixels."),
+    channels: int = typer.Option(3, help="Input channels (1 or 3)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+) -> None:
+    """Import a foreign checkpoint (CheXNet, torchvision, timm key layouts) without unpickling
+    code, into a medscalpel model directory."""
+    from medscalpel.data.spec import open_dataset
+    from medscalpel.data.transforms import Preprocess
+    from medscalpel.models.checkpoint import import_foreign, save_model
+    from medscalpel.runs import RunDir
+
+    ds = open_dataset(like, split="all")
+    pp = Preprocess(size=size, channels=channels)
+    model = import_foreign(checkpoint, arch, ds.class_names, ds.task, pp)
+    with RunDir(out, command="models import", config={"checkpoint": str(checkpoint), "arch": arch,
+                                                      "like": like}, overwrite=overwrite) as run:
+        save_model(model, run.path, model.card)
+    console.print(f"imported {checkpoint} as {arch} -> {out} ({model.num_parameters():,} params)")
+
+
+# ----------------------------------------------------------------------------- train / predict
+@app.command()
+def train(
+    data: str = typer.Option(..., help="Dataset spec, e.g. 'phantom?n=2000', 'nih:/data/nih', "
+                                       "'folder:/data/kermany/train?dedup=true'."),
+    arch: str = typer.Option("densenet121", help="Zoo architecture (see 'models list')."),
+    out: Path = typer.Option(..., help="Run directory to create (model/ inside)."),
+    size: int = typer.Option(64, help="Input size in pixels."),
+    channels: int = typer.Option(1, help="Input channels: 1 (grey) or 3."),
+    epochs: int = typer.Option(5), batch_size: int = typer.Option(64), lr: float = typer.Option(1e-3),
+    weight_decay: float = typer.Option(1e-4), patience: int = typer.Option(3),
+    pos_weight: str = typer.Option("none", help="none | balanced"),
+    seed: int = typer.Option(0), device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    workers: int = typer.Option(0, help="DataLoader worker processes."),
+    augment: bool = typer.Option(True, help="Light CXR augmentation on the train split."),
+    pretrained: bool = typer.Option(False, help="Start from ImageNet weights (needs internet)."),
+    n_boot: int = typer.Option(200, help="Bootstrap replicates for the test CIs."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+    resume: bool = typer.Option(False, help="Resume an interrupted run in --out."),
+) -> None:
+    """Train a zoo model on a dataset (train split; early stopping on val; test metrics)."""
+    from medscalpel.engine.api import fit
+    from medscalpel.engine.train import TrainConfig
+    from medscalpel.runs import RunDir, write_json
+
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                      patience=patience, pos_weight=pos_weight, seed=seed, device=device,
+                      num_workers=workers)
+    config = {"data": data, "arch": arch, "size": size, "channels": channels, **cfg.to_dict()}
+    with RunDir(out, command="train", config=config, seed=seed, data={"spec": data},
+                overwrite=overwrite, resume=resume, identity=config if resume else None) as run:
+        res = fit(data, arch, run.path, cfg, size=size, channels=channels, augment=augment,
+                  pretrained=pretrained, n_boot=n_boot)
+        write_json(run.path / "train.json", res.to_dict())
+        if res.test is not None:
+            write_json(run.path / "metrics.json", res.test.to_dict())
+    if res.test is not None:
+        print_table(res.test.table(), f"test metrics ({arch})")
+        console.print(f"macro AUROC {fmt(res.test.macro['auroc'])}")
+    console.print(f"model saved to {out / 'model'}")
+
+
+@app.command()
+def predict(
+    model: Path = typer.Option(..., help="Model directory (model.safetensors + model.json)."),
+    data: str = typer.Option(..., help="Dataset spec."),
+    split: str = typer.Option("test", help="Split to predict."),
+    out: Path = typer.Option(..., help="Run directory to create (predictions.npz inside)."),
+    batch_size: int = typer.Option(64),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Predict a dataset split with a saved model -> a Predictions artifact."""
+    from medscalpel.engine.api import predict_spec
+    from medscalpel.runs import RunDir, write_json
+
+    with RunDir(out, command="predict", config={"model": str(model), "data": data, "split": split},
+                data={"spec": data, "split": split}, overwrite=overwrite) as run:
+        preds = predict_spec(model, data, split, batch_size)
+        preds.save(run.path / "predictions.npz")
+        write_json(run.path / "predictions.json", preds.to_dict())
+    console.print(f"{preds.n} predictions -> {out / 'predictions.npz'}")
+
+
+@app.command()
+def evaluate(
+    predictions: Path = typer.Argument(..., help="predictions.npz (or a directory holding it)."),
+    model: Optional[Path] = typer.Option(None, help="Model directory whose calibrated thresholds "
+                                                    "to use (default 0.5)."),
+    out: Optional[Path] = typer.Option(None, help="Run directory for metrics.json."),
+    n_boot: int = typer.Option(1000, help="Bootstrap replicates (0 = no CIs)."),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Per-class AUROC, AP, sensitivity/specificity/F1 with bootstrap 95% CIs."""
+    from medscalpel.engine.api import evaluate_file
+    from medscalpel.runs import RunDir, write_json
+
+    res = evaluate_file(predictions, model, n_boot=n_boot, seed=seed)
+    print_table(res.table(), f"{res.split} ({res.n} images)")
+    m = res.macro
+    console.print(f"macro AUROC {fmt(m['auroc'])} {fmt(tuple(m.get('auroc_ci', ())) or None)}  "
+                  f"macro AP {fmt(m['ap'])}")
+    for c in res.classes:
+        if c.reason:
+            console.print(f"[yellow]{c.name}: NaN ({c.reason})[/yellow]")
+    if out is not None:
+        with RunDir(out, command="evaluate", config={"predictions": str(predictions),
+                                                     "n_boot": n_boot}, seed=seed,
+                    overwrite=overwrite) as run:
+            write_json(run.path / "metrics.json", res.to_dict())
+
+
+@preds_app.command("import")
+def predictions_import(
+    csv: Path = typer.Argument(..., help="CSV of per-class probabilities keyed by image id."),
+    labels: str = typer.Option(..., help="Dataset spec giving the labels, e.g. "
+                                         "'nih:/data/nih14-labels?labels_only=true'."),
+    out: Path = typer.Option(..., help="Run directory to create."),
+    id_column: str = typer.Option("Image Index"),
+    values: str = typer.Option("probability", help="probability | logit"),
+    split: str = typer.Option("test"),
+    allow_missing: bool = typer.Option(False, help="Drop ids that have no label."),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Import predictions made elsewhere into a Predictions artifact."""
+    from medscalpel.engine.importer import import_predictions
+    from medscalpel.runs import RunDir, write_json
+
+    with RunDir(out, command="predictions import", config={"csv": str(csv), "labels": labels},
+                data={"spec": labels}, overwrite=overwrite) as run:
+        preds = import_predictions(csv, labels, id_column=id_column, values=values, split=split,
+                                   allow_missing=allow_missing)
+        preds.save(run.path / "predictions.npz")
+        write_json(run.path / "predictions.json", preds.to_dict())
+    console.print(f"imported {preds.n} predictions x {preds.num_classes} classes -> {out}")
+
+
+def _register_optional_groups() -> None:
+    """Attach the stage command groups (each lives in its own module)."""
+    from medscalpel.cli import groups
+
+    groups.register(app, data_app)
+
+
+def run() -> None:
+    """Console entry point: MedScalpelError -> a one-line message and exit code 2."""
+    try:
+        app()
+    except MedScalpelError as exc:
+        err_console.print(f"[bold red]error:[/bold red] {exc}")
+        sys.exit(2)
+
+
+_register_optional_groups()
+
+if __name__ == "__main__":  # pragma: no cover
+    run()
