@@ -1,4 +1,5 @@
-"""Wiring of the stage command groups into the main app."""
+"""Wiring of the stage command groups into the main app (each stage's commands live in their
+own ``*_cmd.py`` module as plain functions)."""
 
 from __future__ import annotations
 
@@ -6,4 +7,12 @@ import typer
 
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
-    pass
+    from medscalpel.cli import data_cmd, lossless_cmd
+
+    data_app.command("stats")(data_cmd.stats)
+
+    compress_app = typer.Typer(no_args_is_help=True,
+                               help="Compress: lossless folding, sparsity sweeps, structured "
+                                    "pruning, distillation, ONNX export.")
+    compress_app.command("lossless")(lossless_cmd.lossless)
+    app.add_typer(compress_app, name="compress")

@@ -1,0 +1,103 @@
+"""``medscalpel compress lossless``: fold dead / constant / dependent channels (or, with
+``--tolerance``, reconstruct to a target parameter reduction) and save the smaller model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import typer
+
+from medscalpel.errors import MedScalpelError
+
+
+def _images(ds, n: int, seed: int) -> tuple[torch.Tensor, np.ndarray, list[int]]:
+    rng = np.random.default_rng(seed)
+    idx = sorted(rng.permutation(len(ds))[:n].tolist()) if n < len(ds) else list(range(len(ds)))
+    x = torch.stack([ds.image(i) for i in idx])
+    labels = ds.labels[idx]
+    return x, labels, idx
+
+
+def lossless(
+    model_dir: Path = typer.Argument(..., help="medscalpel model directory to compress"),
+    data_spec: str = typer.Argument(..., help="dataset spec, e.g. 'phantom:/runs/ph' or "
+                                              "'folder:/data/kermany'"),
+    out: Path = typer.Option(..., "--out", "-o", help="run directory to create"),
+    calib_images: int = typer.Option(512, help="calibration images (decisions are made here)"),
+    heldout_images: int = typer.Option(256, help="held-out images (verification only)"),
+    tolerance: Optional[float] = typer.Option(
+        None, help="lossy mode: target fraction of parameters to remove by LASSO channel "
+                   "selection + least-squares refit (He et al. 2017); reports the achieved "
+                   "max |delta logit| and delta macro AUROC"),
+    atol: float = typer.Option(1e-5, help="allowed max |delta logit| on held-out images"),
+    rank_rtol: float = typer.Option(1e-5, help="relative residual below which a channel is "
+                                               "linearly dependent"),
+    dependent: bool = typer.Option(True, help="also fold linearly dependent channels"),
+    calib_split: str = typer.Option("train", help="split the calibration images come from"),
+    heldout_split: str = typer.Option("val", help="split the held-out images come from"),
+    batch_size: int = typer.Option(64, help="batch size"),
+    latency: bool = typer.Option(True, help="measure CPU latency before/after"),
+    seed: int = typer.Option(0, help="seed of the image sampling"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out"),
+) -> None:
+    """Compress a model without changing its outputs (or with a reported tolerance)."""
+    from medscalpel.data import open_dataset
+    from medscalpel.models.checkpoint import load_model, save_model
+    from medscalpel.runs import RunDir, write_json
+
+    try:
+        model = load_model(model_dir)
+        card = model.card
+        pre = card.preprocess
+        cal_ds = open_dataset(data_spec, split=calib_split, preprocess=pre).require_nonempty()
+        held_ds = open_dataset(data_spec, split=heldout_split, preprocess=pre).require_nonempty()
+        calib, _, _ = _images(cal_ds, calib_images, seed)
+        held, held_labels, held_idx = _images(held_ds, heldout_images, seed + 1)
+        config = {"model_dir": str(model_dir), "data": data_spec, "calib_images": len(calib),
+                  "heldout_images": len(held), "tolerance": tolerance, "atol": atol,
+                  "rank_rtol": rank_rtol, "dependent": dependent, "calib_split": calib_split,
+                  "heldout_split": heldout_split, "seed": seed}
+        data = {"spec": data_spec, "calib_hash": cal_ds.content_hash(),
+                "heldout_hash": held_ds.content_hash()}
+        with RunDir(out, command="compress lossless", config=config, seed=seed, data=data,
+                    overwrite=overwrite) as run:
+            if tolerance is None:
+                from medscalpel.compress.lossless import fold_lossless
+
+                result = fold_lossless(model, calib, held, atol=atol, rank_rtol=rank_rtol,
+                                       dependent=dependent, batch_size=batch_size,
+                                       latency=latency)
+                rep = result.report
+                verification = {"max_abs_logit_delta": rep.max_abs_logit_delta, "atol": atol,
+                                "heldout_images": rep.n_heldout, "split": heldout_split}
+                method = "lossless"
+                settings = {"rank_rtol": rank_rtol, "dependent": dependent,
+                            "calib_images": rep.n_calib, "channels": rep.channels,
+                            "params_removed_pct": rep.params_removed_pct}
+            else:
+                from medscalpel.compress.reconstruct import compress_with_tolerance
+
+                result = compress_with_tolerance(model, calib, held, tolerance,
+                                                 heldout_labels=held_labels,
+                                                 batch_size=batch_size, latency=latency,
+                                                 seed=seed)
+                rep = result.report
+                verification = {"max_abs_logit_delta": rep.max_abs_logit_delta,
+                                "delta_macro_auroc": rep.delta_macro_auroc,
+                                "heldout_images": rep.n_heldout, "split": heldout_split}
+                method = "lossless-tolerance"
+                settings = {"target_ratio": tolerance, "keep_fraction": rep.keep_fraction,
+                            "params_removed_pct": rep.params_removed_pct}
+            new_card = card.with_lineage(method, parent=card.model_id, **settings,
+                                         verification=verification)
+            save_model(result.model, run.path / "model", new_card)
+            write_json(run.path / "report.json", result.to_dict())
+    except MedScalpelError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+    typer.echo(f"{method}: {rep.params_before} -> {rep.params_after} parameters "
+               f"({rep.params_removed_pct:.2f}% removed), max |delta logit| "
+               f"{rep.max_abs_logit_delta:.3g}; saved to {out / 'model'}")

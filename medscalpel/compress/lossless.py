@@ -1,0 +1,594 @@
+"""Lossless mechanistic compression: fold dead, constant and linearly dependent channels away.
+
+From the activations that each consumer layer *actually sees* on calibration images (after its
+own BatchNorm and ReLU), a channel is removable when, at every consumer that reads it, it is
+
+* **dead**: always exactly zero (contributes nothing);
+* **constant**: the same value everywhere, and the consumer is a Linear / unpadded conv (the
+  value times the consumer's weights folds exactly into its bias, or into the running mean of the
+  BatchNorm right after it). A constant channel does *not* fold through a zero-padded kxk conv
+  (the borders see the padding zeros), so it is kept there unless another rule applies;
+* **linearly dependent** on channels that stay (``u_c = sum_j a_j u_j (+ b)`` at every sample):
+  the consumer's weights absorb it, ``W[:, j] += a_j W[:, c]`` (and ``b * W[:, c]`` into the bias
+  where an intercept is exact). Without an intercept the relation also holds through zero padding.
+
+Dependence is tested with an incremental (rank-revealing, in a fixed production order) Cholesky
+factorisation of each consumer's input covariance (or Gram matrix, without intercept) in float64:
+a channel whose relative least-squares residual on the channels kept before it is below
+``rank_rtol`` is dependent, otherwise it joins that consumer's basis. The decision is global: in
+DenseNet a concatenated channel feeds every later layer through its own BN + ReLU, and a ResNet
+residual channel is tied across the whole addition group, so a channel goes only when *every*
+consumer can absorb it. Channels are then removed physically with Torch-Pruning (producer conv
+outputs and their BNs, every consumer's input), through concatenations and additions.
+
+Plan, then apply: :func:`plan_lossless` returns a :class:`LosslessPlan` (which channels, why, the
+folding coefficients), :func:`apply_plan` builds the smaller model, :func:`fold_lossless` does
+both and verifies max |delta logit| on held-out images, refusing (``VerificationError``) when it
+exceeds ``atol``.
+
+Example:
+    >>> import torch
+    >>> from medscalpel.models.zoo import create_model
+    >>> m = create_model("vgg_tiny", num_classes=2, img_size=32).eval()
+    >>> with torch.no_grad():
+    ...     m.backbone.features[1].weight[3] = 0.0   # channel 3 of the first conv: constant
+    ...     m.backbone.features[1].bias[3] = -1.0    # ... and negative, so dead after the ReLU
+    >>> res = fold_lossless(m, torch.randn(64, 1, 32, 32), torch.randn(16, 1, 32, 32),
+    ...                     latency=False, progress=False)
+    >>> res.report.channels["dead"] >= 1 and res.report.max_abs_logit_delta <= 1e-5
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.linalg import solve_triangular
+from torch import nn
+
+from medscalpel.compress.graph import (ChannelGraph, Site, add_output_offset, build_channel_graph,
+                                       site_rows)
+from medscalpel.compress.measure import (Images, count_macs, count_parameters, eval_mode,
+                                         first_batch, iter_images, latency_pair,
+                                         max_abs_logit_delta)
+from medscalpel.errors import ModelError, VerificationError
+from medscalpel.progress import track
+from medscalpel.runs import read_json, write_json
+from medscalpel.validation import check_range
+
+logger = logging.getLogger(__name__)
+
+PLAN_SCHEMA = 1
+KINDS = ("dead", "constant", "dependent")
+
+
+# ----------------------------------------------------------------------------- statistics
+class SiteStats:
+    """Running float64 moments of one consumer's input channels (shifted for accuracy)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shift: torch.Tensor | None = None
+        self.s1: torch.Tensor | None = None
+        self.s2: torch.Tensor | None = None
+        self.umax: torch.Tensor | None = None
+        self.umin: torch.Tensor | None = None
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().to(torch.float64)
+        if self.shift is None:
+            c = rows.shape[1]
+            self.shift = rows.mean(0)
+            self.s1 = torch.zeros(c, dtype=torch.float64)
+            self.s2 = torch.zeros(c, c, dtype=torch.float64)
+            self.umax = torch.full((c,), -math.inf, dtype=torch.float64)
+            self.umin = torch.full((c,), math.inf, dtype=torch.float64)
+        v = rows - self.shift
+        self.n += rows.shape[0]
+        self.s1 += v.sum(0)
+        self.s2 += v.T @ v
+        self.umax = torch.maximum(self.umax, rows.max(0).values)
+        self.umin = torch.minimum(self.umin, rows.min(0).values)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return (self.shift + self.s1 / self.n).numpy()
+
+    def covariance(self) -> np.ndarray:
+        return ((self.s2 - torch.outer(self.s1, self.s1) / self.n) / self.n).numpy()
+
+    def gram(self) -> np.ndarray:
+        g = self.s2 + torch.outer(self.shift, self.s1) + torch.outer(self.s1, self.shift) \
+            + self.n * torch.outer(self.shift, self.shift)
+        return (g / self.n).numpy()
+
+
+@torch.no_grad()
+def collect_site_stats(model: nn.Module, sites: dict[str, Site], images: Images,
+                       batch_size: int = 64, limit: int | None = None,
+                       progress: bool | None = None) -> tuple[dict[str, SiteStats], int]:
+    """Moments of every site's input over ``images`` (hooks removed, mode restored)."""
+    stats = {name: SiteStats() for name in sites}
+    handles = []
+
+    def hook_for(name: str):
+        def hook(module, inputs):
+            stats[name].update(site_rows(inputs[0]))
+        return hook
+
+    n_images = 0
+    with eval_mode(model):
+        try:
+            for name, site in sites.items():
+                mod = model.get_submodule(site.source) if site.source else site.module
+                handles.append(mod.register_forward_pre_hook(hook_for(name)))
+            total = None
+            if isinstance(images, torch.Tensor):
+                n = images.shape[0] if limit is None else min(limit, images.shape[0])
+                total = math.ceil(n / batch_size)
+            for x in track(iter_images(images, batch_size, limit), "calibration activations",
+                           total=total, progress=progress):
+                model(x)
+                n_images += x.shape[0]
+        finally:
+            for h in handles:
+                h.remove()
+    return stats, n_images
+
+
+# ----------------------------------------------------------------------------- plan data
+@dataclass(frozen=True)
+class SiteFold:
+    """How one consumer absorbs one removed input channel: ``u[channel] = sum coefs * u[basis]
+    + intercept`` (indices in the consumer's original input numbering)."""
+
+    site: str
+    channel: int
+    kind: str
+    basis: tuple[int, ...] = ()
+    coefs: tuple[float, ...] = ()
+    intercept: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"site": self.site, "channel": self.channel, "kind": self.kind,
+                "basis": list(self.basis), "coefs": list(self.coefs), "intercept": self.intercept}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SiteFold":
+        return cls(d["site"], int(d["channel"]), d["kind"], tuple(int(i) for i in d["basis"]),
+                   tuple(float(c) for c in d["coefs"]), float(d["intercept"]))
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """The channels of one producer layer (and everything tied to it) to remove."""
+
+    layer: str
+    size: int
+    removed: tuple[int, ...] = ()
+    kinds: tuple[str, ...] = ()
+    supported: bool = True
+    reason: str = ""
+    consumers: tuple[str, ...] = ()
+
+    def counts(self) -> dict[str, int]:
+        return {k: sum(1 for x in self.kinds if x == k) for k in KINDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "size": self.size, "removed": list(self.removed),
+                "kinds": list(self.kinds), "supported": self.supported, "reason": self.reason,
+                "consumers": list(self.consumers), **self.counts()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GroupPlan":
+        return cls(d["layer"], int(d["size"]), tuple(int(i) for i in d["removed"]),
+                   tuple(d["kinds"]), bool(d.get("supported", True)), d.get("reason", ""),
+                   tuple(d.get("consumers", ())))
+
+
+@dataclass(frozen=True)
+class LosslessPlan:
+    """What :func:`apply_plan` will do: per producer layer the channels to remove and, per
+    consumer, the folding coefficients. JSON-serialisable (``save``/``load``)."""
+
+    arch: str
+    input_shape: tuple[int, ...]
+    groups: tuple[GroupPlan, ...]
+    folds: tuple[SiteFold, ...]
+    sites: tuple[dict[str, Any], ...] = ()
+    settings: dict[str, Any] = field(default_factory=dict)
+    n_calib: int = 0
+    schema_version: int = PLAN_SCHEMA
+
+    @property
+    def removed_channels(self) -> int:
+        return sum(len(g.removed) for g in self.groups)
+
+    def counts(self) -> dict[str, int]:
+        out = {k: 0 for k in KINDS}
+        for g in self.groups:
+            for k, v in g.counts().items():
+                out[k] += v
+        out["removed"] = self.removed_channels
+        out["total"] = sum(g.size for g in self.groups)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, "arch": self.arch,
+                "input_shape": list(self.input_shape), "n_calib": self.n_calib,
+                "settings": dict(self.settings), "counts": self.counts(),
+                "groups": [g.to_dict() for g in self.groups],
+                "folds": [f.to_dict() for f in self.folds], "sites": list(self.sites)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LosslessPlan":
+        if d.get("schema_version", 1) > PLAN_SCHEMA:
+            raise ModelError(f"Lossless plan schema {d['schema_version']} is newer than this "
+                             f"medscalpel ({PLAN_SCHEMA}); upgrade medscalpel.")
+        return cls(d["arch"], tuple(int(i) for i in d["input_shape"]),
+                   tuple(GroupPlan.from_dict(g) for g in d["groups"]),
+                   tuple(SiteFold.from_dict(f) for f in d["folds"]),
+                   tuple(d.get("sites", ())), dict(d.get("settings", {})), int(d.get("n_calib", 0)))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LosslessPlan":
+        return cls.from_dict(read_json(path))
+
+
+# ----------------------------------------------------------------------------- planning
+class _Basis:
+    """Incremental Cholesky factor of one site's (co)variance restricted to its kept basis."""
+
+    def __init__(self, m: np.ndarray):
+        self.m = m
+        self.idx: list[int] = []
+        self._buf = np.zeros(m.shape)  # preallocated: the factor grows one row at a time
+
+    @property
+    def L(self) -> np.ndarray:
+        k = len(self.idx)
+        return self._buf[:k, :k]
+
+    def residual(self, j: int) -> tuple[np.ndarray, float, float]:
+        mjj = float(self.m[j, j])
+        if not self.idx:
+            return np.zeros(0), mjj, mjj
+        g = self.m[self.idx, j]
+        z = solve_triangular(self.L, g, lower=True, check_finite=False)
+        return z, mjj - float(z @ z), mjj
+
+    def add(self, j: int, z: np.ndarray, r: float) -> None:
+        k = len(self.idx)
+        self._buf[k, :k] = z
+        self._buf[k, k] = math.sqrt(r)
+        self.idx.append(j)
+
+    def coefs(self, z: np.ndarray) -> np.ndarray:
+        if not self.idx:
+            return np.zeros(0)
+        return solve_triangular(self.L.T, z, lower=False, check_finite=False)
+
+
+def plan_lossless(model: nn.Module, calib: Images, rank_rtol: float = 1e-5,
+                  min_samples_ratio: float = 4.0, batch_size: int = 64,
+                  calib_images: int | None = None, dependent: bool = True,
+                  progress: bool | None = None) -> LosslessPlan:
+    """Find the dead, constant and linearly dependent channels of ``model`` on ``calib``.
+
+    Args:
+        model: a :class:`~medscalpel.models.MedClassifier` (or any CNN with a Linear head);
+            not modified.
+        calib: calibration images (tensor ``[N, C, H, W]`` or a DataLoader of ``(x, y)``).
+        rank_rtol: relative residual norm below which a channel counts as dependent (and the
+            relative spread below which it counts as constant).
+        min_samples_ratio: a consumer is tested for linear dependence only when it has at least
+            this many samples (images x positions) per input channel; below that any channel
+            would look dependent on the calibration set, so only dead/constant are used there.
+        batch_size: calibration batch size.
+        calib_images: use at most this many calibration images.
+        dependent: also fold linearly dependent channels (False: dead and constant only).
+        progress: show a progress bar.
+    """
+    check_range(rank_rtol, "rank_rtol", "plan_lossless", 0.0, 1.0)
+    check_range(min_samples_ratio, "min_samples_ratio", "plan_lossless", 1.0)
+    if not hasattr(model, "classifier") or not isinstance(model.classifier, nn.Linear):
+        raise ModelError("plan_lossless needs a MedClassifier-like model whose 'classifier' is an "
+                         "nn.Linear (the output layer, which is never pruned).")
+    work = copy.deepcopy(model).eval()
+    example = first_batch(calib, "plan_lossless")
+    graph = build_channel_graph(work, example, ignored=[work.classifier])
+    stats, n_images = collect_site_stats(work, graph.sites, calib, batch_size, calib_images,
+                                         progress)
+    if n_images == 0:
+        raise ModelError("plan_lossless: the calibration data is empty.")
+    return _decide(graph, stats, n_images, example, getattr(model, "arch", type(model).__name__),
+                   rank_rtol, min_samples_ratio, dependent, progress)
+
+
+def _decide(graph: ChannelGraph, stats: dict[str, SiteStats], n_images: int,
+            example: torch.Tensor, arch: str, rank_rtol: float, min_samples_ratio: float,
+            dependent: bool, progress: bool | None) -> LosslessPlan:
+    tol2 = rank_rtol ** 2
+    bases: dict[str, _Basis | None] = {}
+    means: dict[str, np.ndarray] = {}
+    site_info = []
+    for name, site in graph.sites.items():
+        st = stats[name]
+        means[name] = st.mean
+        test = dependent and st.n >= min_samples_ratio * (site.channels + 1)
+        bases[name] = _Basis(st.covariance() if site.intercept_ok else st.gram()) if test else None
+        site_info.append({**site.describe(), "samples": st.n, "dependency_tested": test})
+        if bases[name] is not None:  # channels no group owns (e.g. the image) are always kept
+            for j in range(site.channels):
+                if j not in site.owners:
+                    _keep(bases[name], j, tol2)
+    groups: list[GroupPlan] = []
+    folds: list[SiteFold] = []
+    for cg in track(graph.groups, "channel decisions", progress=progress):
+        removed, kinds, group_folds = [], [], []
+        for ch in range(cg.size):
+            per_site: dict[str, tuple[str | None, np.ndarray, float, float]] = {}
+            ok = cg.supported
+            for sname, idxs in cg.sites.items():
+                j = idxs[ch]
+                site, st, basis = graph.sites[sname], stats[sname], bases[sname]
+                hi, lo = float(st.umax[j]), float(st.umin[j])
+                z, r, mjj = (basis.residual(j) if basis is not None
+                             else (np.zeros(0), math.inf, math.inf))
+                if hi == 0.0 and lo == 0.0:
+                    kind = "dead"
+                elif site.intercept_ok and hi - lo <= rank_rtol * max(abs(hi), abs(lo)):
+                    kind = "constant"
+                elif basis is not None and (mjj <= 0.0 or r <= tol2 * mjj):
+                    kind = "dependent"
+                else:
+                    kind = None
+                    ok = False
+                per_site[sname] = (kind, z, r, mjj)
+            if ok:
+                site_kinds = [v[0] for v in per_site.values()]
+                overall = ("dead" if all(k == "dead" for k in site_kinds) else
+                           "constant" if all(k in ("dead", "constant") for k in site_kinds)
+                           else "dependent")
+                removed.append(ch)
+                kinds.append(overall)
+                group_folds.append([_fold(graph.sites[sname], bases[sname], means[sname],
+                                          cg.sites[sname][ch], kind, z)
+                                    for sname, (kind, z, r, mjj) in per_site.items()])
+            else:
+                for sname, (kind, z, r, mjj) in per_site.items():
+                    basis = bases[sname]
+                    if basis is not None and mjj > 0.0 and r > tol2 * mjj:
+                        basis.add(cg.sites[sname][ch], z, r)
+        if removed and len(removed) == cg.size:
+            # a layer keeps at least one channel (zero-width layers do not run); the first one
+            # stays as it is (not in any basis, so no other fold refers to it)
+            removed, kinds, group_folds = removed[1:], kinds[1:], group_folds[1:]
+        for fl in group_folds:
+            folds.extend(fl)
+        groups.append(GroupPlan(cg.root, cg.size, tuple(removed), tuple(kinds), cg.supported,
+                                cg.reason, tuple(cg.sites)))
+    settings = {"rank_rtol": rank_rtol, "min_samples_ratio": min_samples_ratio,
+                "dependent": dependent}
+    return LosslessPlan(arch, (1, *example.shape[1:]),
+                        tuple(groups), tuple(folds), tuple(site_info), settings, n_images)
+
+
+def _keep(basis: _Basis, j: int, tol2: float) -> None:
+    z, r, mjj = basis.residual(j)
+    if mjj > 0.0 and r > tol2 * mjj:
+        basis.add(j, z, r)
+
+
+def _fold(site: Site, basis: _Basis | None, mean: np.ndarray, j: int, kind: str,
+          z: np.ndarray) -> SiteFold:
+    if kind == "dead":
+        return SiteFold(site.name, j, "dead")
+    if kind == "constant":
+        return SiteFold(site.name, j, "constant", intercept=float(mean[j]))
+    assert basis is not None  # dependent needs a tested basis
+    a = basis.coefs(z)
+    keep = np.nonzero(a)[0]
+    b_idx = tuple(int(basis.idx[i]) for i in keep)
+    coefs = tuple(float(a[i]) for i in keep)
+    intercept = 0.0
+    if site.intercept_ok:
+        intercept = float(mean[j] - sum(c * mean[i] for c, i in zip(coefs, b_idx)))
+    return SiteFold(site.name, j, "dependent", b_idx, coefs, intercept)
+
+
+# ----------------------------------------------------------------------------- apply
+def apply_plan(model: nn.Module, plan: LosslessPlan, inplace: bool = False) -> nn.Module:
+    """Fold the plan's channels into their consumers and remove them physically.
+
+    Returns a new model (the input is left unchanged unless ``inplace=True``).
+    """
+    import torch_pruning as tp
+
+    out = model if inplace else copy.deepcopy(model)
+    was_training = out.training
+    out.eval()
+    try:
+        example = torch.zeros(plan.input_shape)
+        graph = build_channel_graph(out, example, ignored=[out.classifier])
+        by_root = {g.root: g for g in graph.groups}
+        for gp in plan.groups:
+            if gp.removed and (gp.layer not in by_root or by_root[gp.layer].size != gp.size):
+                raise ModelError(f"The lossless plan does not fit this model: layer '{gp.layer}' "
+                                 f"(with {gp.size} channels) is not a prunable producer here. "
+                                 "Make the plan on the same model you apply it to.")
+        by_site: dict[str, list[SiteFold]] = {}
+        for f in plan.folds:
+            by_site.setdefault(f.site, []).append(f)
+        _fold_weights(out, graph, by_site)
+        for gp in plan.groups:
+            if not gp.removed:
+                continue
+            root = out.get_submodule(gp.layer)
+            fn = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) \
+                else tp.prune_linear_out_channels
+            with torch.no_grad():
+                graph.dg.get_pruning_group(root, fn, idxs=list(gp.removed)).prune()
+    finally:
+        out.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def _fold_weights(out: nn.Module, graph: ChannelGraph, by_site: dict[str, list[SiteFold]]) -> None:
+    for sname, folds in by_site.items():
+        module = out.get_submodule(sname)
+        w = module.weight.detach().to(torch.float64)
+        orig = w.clone()
+        offset = torch.zeros(w.shape[0], dtype=torch.float64)
+        for f in folds:
+            col = orig[:, f.channel]
+            for b, a in zip(f.basis, f.coefs):
+                w[:, b] += a * col
+            if f.intercept != 0.0:
+                offset += f.intercept * (col.reshape(col.shape[0], -1).sum(1))
+        module.weight.copy_(w.to(module.weight.dtype))
+        add_output_offset(graph.dg, module, offset.to(module.weight.dtype))
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class LosslessReport:
+    """What lossless folding found and what it achieved (same-run measurements)."""
+
+    arch: str
+    params_before: int
+    params_after: int
+    params_removed_pct: float
+    macs_before: int
+    macs_after: int
+    latency_ms_before: float | None
+    latency_ms_after: float | None
+    latency_ratio: float | None
+    latency_batch_size: int
+    max_abs_logit_delta: float
+    max_abs_logit_delta_calib: float
+    atol: float
+    verified: bool
+    n_calib: int
+    n_heldout: int
+    channels: dict[str, int]
+    layers: list[dict[str, Any]]
+    sites_without_dependency_test: list[str]
+    plan: LosslessPlan
+    schema_version: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "plan"}
+        d["plan"] = self.plan.to_dict()
+        return d
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers (no plan, no per-layer table)."""
+        d = self.to_dict()
+        for k in ("plan", "layers"):
+            d.pop(k)
+        return d
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_json(path, self.to_dict())
+
+
+@dataclass
+class LosslessResult:
+    model: nn.Module
+    report: LosslessReport
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.report.to_dict()
+
+
+def fold_lossless(model: nn.Module, calib: Images, heldout: Images, atol: float = 1e-5,
+                  rank_rtol: float = 1e-5, min_samples_ratio: float = 4.0,
+                  dependent: bool = True, batch_size: int = 64,
+                  calib_images: int | None = None, latency: bool = True,
+                  latency_batch_size: int = 1, verify: bool = True, inplace: bool = False,
+                  progress: bool | None = None) -> LosslessResult:
+    """Plan, apply and verify lossless channel folding.
+
+    Args:
+        model: the model (left unchanged unless ``inplace=True``).
+        calib: calibration images (tensor or DataLoader) the channels are analysed on.
+        heldout: held-out images for verification (never used for the decisions).
+        atol: largest allowed max |delta logit| on ``heldout`` (float32).
+        rank_rtol, min_samples_ratio, dependent, calib_images: see :func:`plan_lossless`.
+        latency: measure CPU latency of both models (alternating, same run).
+        latency_batch_size: batch size of the latency measurement.
+        verify: raise :class:`VerificationError` when the held-out delta exceeds ``atol``.
+        inplace: modify and return ``model`` itself.
+        progress: show progress bars.
+
+    Raises:
+        VerificationError: the folded model's logits differ by more than ``atol``.
+    """
+    check_range(atol, "atol", "fold_lossless", 0.0)
+    plan = plan_lossless(model, calib, rank_rtol, min_samples_ratio, batch_size, calib_images,
+                         dependent, progress)
+    reference = copy.deepcopy(model) if inplace else model
+    folded = apply_plan(model, plan, inplace=inplace)
+    example = torch.zeros(plan.input_shape)
+    with eval_mode(reference, folded):
+        delta = max_abs_logit_delta(reference, folded, heldout, batch_size)
+        delta_calib = max_abs_logit_delta(reference, folded,
+                                          _limited(calib, calib_images), batch_size)
+        n_held = sum(x.shape[0] for x in iter_images(heldout, batch_size))
+        counts = plan.counts()
+        if verify and not delta <= atol:
+            raise VerificationError(
+                f"Lossless folding of {plan.arch} changed the logits by max |delta| = "
+                f"{delta:.3g} on {n_held} held-out images (allowed atol = {atol:g}; on the "
+                f"{plan.n_calib} calibration images: {delta_calib:.3g}). The {counts['removed']} "
+                f"channels found on the calibration images (dead {counts['dead']}, constant "
+                f"{counts['constant']}, dependent {counts['dependent']}) do not behave the same "
+                "on held-out data. Nothing was saved. Use more and more varied calibration "
+                "images (--calib-images), a stricter --rank-rtol, dependent=False "
+                "(--no-dependent), or --tolerance for lossy compression with a reported delta."
+            )
+        p0, p1 = count_parameters(reference), count_parameters(folded)
+        m0, m1 = count_macs(reference, example), count_macs(folded, example)
+        lat = latency_pair(reference, folded, example, latency_batch_size) if latency else None
+    layers = []
+    for g in plan.groups:
+        d = g.to_dict()
+        d.pop("removed")
+        d.pop("kinds")
+        d["removed"] = len(g.removed)
+        layers.append(d)
+    report = LosslessReport(
+        arch=plan.arch, params_before=p0, params_after=p1,
+        params_removed_pct=100.0 * (p0 - p1) / p0 if p0 else 0.0,
+        macs_before=m0, macs_after=m1,
+        latency_ms_before=lat["a_ms"] if lat else None,
+        latency_ms_after=lat["b_ms"] if lat else None,
+        latency_ratio=lat["ratio"] if lat else None, latency_batch_size=latency_batch_size,
+        max_abs_logit_delta=delta, max_abs_logit_delta_calib=delta_calib, atol=atol,
+        verified=bool(delta <= atol), n_calib=plan.n_calib, n_heldout=n_held, channels=counts,
+        layers=layers,
+        sites_without_dependency_test=[s["name"] for s in plan.sites
+                                       if not s["dependency_tested"]],
+        plan=plan)
+    logger.info("lossless: %s", json.dumps({k: report.channels[k] for k in report.channels}))
+    return LosslessResult(folded, report)
+
+
+def _limited(images: Images, limit: int | None) -> Images:
+    if limit is None:
+        return images
+    return list(iter_images(images, 64, limit))
