@@ -7,7 +7,7 @@ import typer
 
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
-    from medscalpel.cli import data_cmd, lossless_cmd
+    from medscalpel.cli import data_cmd, lossless_cmd, repair_cmd
 
     data_app.command("stats")(data_cmd.stats)
 
@@ -16,3 +16,10 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                                     "pruning, distillation, ONNX export.")
     compress_app.command("lossless")(lossless_cmd.lossless)
     app.add_typer(compress_app, name="compress")
+
+    repair_app = typer.Typer(no_args_is_help=True,
+                             help="Repair: threshold calibration, surgical correction, partial "
+                                  "retraining, the cost-aware treatment router.")
+    for name in ("calibrate", "surgery", "retrain", "triage"):
+        repair_app.command(name)(getattr(repair_cmd, name))
+    app.add_typer(repair_app, name="repair")
