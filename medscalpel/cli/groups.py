@@ -7,7 +7,7 @@ import typer
 
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
-    from medscalpel.cli import data_cmd, lossless_cmd, repair_cmd
+    from medscalpel.cli import compress_cmd, data_cmd, lossless_cmd, repair_cmd
 
     data_app.command("stats")(data_cmd.stats)
 
@@ -15,6 +15,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                                help="Compress: lossless folding, sparsity sweeps, structured "
                                     "pruning, distillation, ONNX export.")
     compress_app.command("lossless")(lossless_cmd.lossless)
+    for name in ("sweep", "prune", "export"):
+        compress_app.command(name)(getattr(compress_cmd, name))
     app.add_typer(compress_app, name="compress")
 
     repair_app = typer.Typer(no_args_is_help=True,

@@ -1,0 +1,331 @@
+"""Issue C benchmark: compression methods compared on one dense model per dataset.
+
+For each dataset (the phantom at 64 px with densenet121, and Kermany pneumonia from
+../shared/data) a dense model is trained once, then every method is applied with the same
+recovery fine-tune budget and measured against it: parameters, MACs, CPU latency speedup (dense and
+compressed timed alternately in the same run, batch 1), delta macro AUROC with a paired bootstrap
+95% CI, and max |delta logit| on the test split.
+
+Methods: lossless folding; L1 unstructured (PruneCXR) at 50/65/90% sparsity; Torch-Pruning
+magnitude (L2, the library default) and L1, BN scale, Taylor, LRP and IG at ratios giving ~2x /
+3x / 4x fewer MACs.
+
+It runs in stages and resumes: every finished (dataset, method, setting) is a JSON file under
+``--work`` and is skipped on rerun. Stages: ``dense``, ``lossless``, ``unstructured``,
+``structured``, ``table`` (or ``all``).
+
+    .venv/bin/python benchmarks/compress_bench.py all --smoke            # minutes: tiny settings
+    .venv/bin/python benchmarks/compress_bench.py all --datasets kermany --epochs 8
+    .venv/bin/python benchmarks/compress_bench.py table                  # JSON + markdown table
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, save_result  # noqa: E402
+
+from medscalpel.compress.measure import count_macs, count_parameters, latency_pair  # noqa: E402
+from medscalpel.data import Preprocess, open_dataset  # noqa: E402
+from medscalpel.engine.metrics import auroc  # noqa: E402
+from medscalpel.engine.predict import collect_images, predict  # noqa: E402
+from medscalpel.engine.predictions import Predictions  # noqa: E402
+from medscalpel.engine.train import TrainConfig, train  # noqa: E402
+from medscalpel.models import create_model, load_model, make_card, save_model  # noqa: E402
+from medscalpel.runs import read_json, write_json  # noqa: E402
+
+KERMANY = Path(__file__).resolve().parents[2] / "shared" / "data" / "kermany-pneumonia" / "train"
+CRITERIA = ("l2", "l1", "bn_scale", "taylor", "lrp", "ig")
+SPARSITIES = (0.5, 0.65, 0.9)
+SPEEDUPS = (2.0, 3.0, 4.0)
+
+
+# ----------------------------------------------------------------------------- data / models
+_CACHE: dict[str, tuple[Any, Any, Any]] = {}
+
+
+def datasets(name: str, args) -> tuple[Any, Any, Any]:
+    if name not in _CACHE:
+        _CACHE[name] = _open_datasets(name, args)
+    return _CACHE[name]
+
+
+def _open_datasets(name: str, args) -> tuple[Any, Any, Any]:
+    pre = Preprocess(size=args.size)
+    if name == "phantom":
+        spec = f"phantom?n={args.phantom_n}&size={args.size}"
+    elif name == "kermany":
+        if not KERMANY.is_dir():
+            raise FileNotFoundError(f"{KERMANY} is absent")
+        spec = f"folder:{KERMANY}?dedup=true"
+    else:
+        raise SystemExit(f"unknown dataset {name}")
+    tr, va, te = (open_dataset(spec, split=s, preprocess=pre) for s in ("train", "val", "test"))
+    if args.smoke:  # small seeded subsets
+        rng = np.random.default_rng(0)
+        tr = tr.subset(sorted(rng.choice(len(tr), min(len(tr), 256), replace=False)))
+        va = va.subset(sorted(rng.choice(len(va), min(len(va), 64), replace=False)))
+        te = te.subset(sorted(rng.choice(len(te), min(len(te), 128), replace=False)))
+    return tr, va, te
+
+
+def arch_for(name: str, args) -> str:
+    return args.arch or ("densenet_tiny" if args.smoke else "densenet121")
+
+
+def cell_path(args, ds: str, stage: str, key: str) -> Path:
+    return Path(args.work) / ds / stage / f"{key}.json"
+
+
+def done(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return "results" in read_json(path)
+    except Exception:  # noqa: BLE001 - a damaged cell is recomputed
+        return False
+
+
+def stage_dense(ds: str, args) -> None:
+    out = Path(args.work) / ds / "dense"
+    if (out / "model.json").is_file() and (out / "test_predictions.npz").is_file():
+        return
+    tr, va, te = datasets(ds, args)
+    m = create_model(arch_for(ds, args), tr.num_classes, 1, args.size)
+    m.card = make_card(m, tr.class_names, tr.task, tr.preprocess)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch, lr=1e-3, seed=0,
+                      max_steps_per_epoch=args.max_steps)
+    t0 = time.perf_counter()
+    res = train(m, tr, va, config=cfg, checkpoint_dir=Path(args.work) / ds / "dense-ckpt")
+    save_model(res.model, out)
+    predict(res.model, te).save(out / "test_predictions.npz")
+    write_json(out / "train.json", {**res.to_dict(), "wall_s": time.perf_counter() - t0})
+
+
+# ----------------------------------------------------------------------------- measuring
+def delta_auroc(ref: Predictions, new: Predictions, n_boot: int, seed: int = 0) -> dict:
+    """Macro AUROC difference (new - ref) with a paired bootstrap 95% CI over images."""
+    y = ref.targets()
+    pr, pn = ref.probs(), new.probs()
+    cols = [j for j in range(y.shape[1]) if 0 < np.nansum(y[:, j]) < np.isfinite(y[:, j]).sum()]
+
+    def macro(rows):
+        a = [auroc(y[rows, j] > 0.5, pr[rows, j]) for j in cols]
+        b = [auroc(y[rows, j] > 0.5, pn[rows, j]) for j in cols]
+        return float(np.nanmean(a)), float(np.nanmean(b))
+
+    a0, b0 = macro(np.arange(ref.n))
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        rows = rng.integers(0, ref.n, ref.n)
+        a, b = macro(rows)
+        boots.append(b - a)
+    ci = [float(np.nanquantile(boots, 0.025)), float(np.nanquantile(boots, 0.975))] if boots \
+        else [float("nan")] * 2
+    return {"auroc_dense": a0, "auroc": b0, "delta": b0 - a0, "delta_ci95": ci}
+
+
+def measure(dense, model, te, dense_preds: Predictions, args, extra: dict) -> dict:
+    x = collect_images(te, 1)[0]
+    preds = predict(model, te, progress=False)
+    lat = latency_pair(dense, model, x, batch_size=1, warmup=3, repeats=args.repeats, rounds=3)
+    return {"params": count_parameters(model), "params_dense": count_parameters(dense),
+            "macs": count_macs(model, x), "macs_dense": count_macs(dense, x),
+            "latency_ms": lat["b_ms"], "latency_dense_ms": lat["a_ms"],
+            "cpu_speedup": lat["ratio"],
+            "max_abs_delta_logit": float(np.abs(preds.logits - dense_preds.logits).max()),
+            **delta_auroc(dense_preds, preds, args.n_boot), **extra}
+
+
+def recovery_cfg(args):
+    from medscalpel.compress.structured import RecoveryConfig
+
+    return RecoveryConfig(epochs=args.recovery_epochs, lr=5e-4, batch_size=args.batch,
+                          max_steps_per_epoch=args.max_steps, seed=0)
+
+
+def load_dense(ds: str, args):
+    d = Path(args.work) / ds / "dense"
+    if not (d / "model.json").is_file():
+        raise SystemExit(f"run the 'dense' stage for {ds} first")
+    return load_model(d), Predictions.load(d / "test_predictions.npz")
+
+
+def save_cell(path: Path, config: dict, results: dict, t0: float) -> None:
+    write_json(path, {"config": config, "results": results,
+                      "wall_s": round(time.perf_counter() - t0, 2)})
+
+
+# ----------------------------------------------------------------------------- stages
+def stage_lossless(ds: str, args) -> None:
+    path = cell_path(args, ds, "lossless", "exact")
+    if done(path):
+        return
+    from medscalpel.compress import lossless
+
+    t0 = time.perf_counter()
+    dense, dp = load_dense(ds, args)
+    tr, va, te = datasets(ds, args)
+    calib = collect_images(tr, args.calib)[0]
+    held = collect_images(va, min(len(va), args.calib))[0]
+    res = lossless.fold_lossless(dense, calib, held, progress=False)
+    save_cell(path, {"method": "lossless"}, measure(dense, res.model, te, dp, args,
+                                                    {"method": "lossless",
+                                                     "report": res.to_dict()}), t0)
+
+
+def stage_unstructured(ds: str, args) -> None:
+    from medscalpel.compress.sweep import global_unstructured_prune, remove_masks
+
+    for s in SPARSITIES:
+        path = cell_path(args, ds, "unstructured", f"l1-{s:.2f}")
+        if done(path):
+            continue
+        t0 = time.perf_counter()
+        dense, dp = load_dense(ds, args)
+        tr, va, te = datasets(ds, args)
+        keep = args.recovery_epochs > 0
+        m = global_unstructured_prune(dense, s, "l1", keep_masks=keep)
+        if keep:
+            rc = recovery_cfg(args)
+            m = train(m, tr, va, config=TrainConfig(epochs=rc.epochs, lr=rc.lr,
+                                                    batch_size=rc.batch_size,
+                                                    max_steps_per_epoch=rc.max_steps_per_epoch),
+                      inplace=True, progress=False).model
+            remove_masks(m)
+        save_cell(path, {"method": "l1-unstructured", "sparsity": s,
+                         "recovery_epochs": args.recovery_epochs},
+                  measure(dense, m, te, dp, args, {"method": f"L1 unstructured {s:.0%}"}), t0)
+
+
+def stage_structured(ds: str, args) -> None:
+    from medscalpel.compress.structured import prune_structured
+    from medscalpel.errors import MedScalpelError
+
+    for crit in args.criteria:
+        for sp in args.speedups:
+            path = cell_path(args, ds, "structured", f"{crit}-x{sp:g}")
+            if done(path):
+                continue
+            t0 = time.perf_counter()
+            dense, dp = load_dense(ds, args)
+            tr, va, te = datasets(ds, args)
+            calib = collect_images(tr, args.calib)[0]
+            try:
+                res = prune_structured(dense, calib, crit, target_speedup=sp,
+                                       iterative_steps=args.steps, recovery=recovery_cfg(args),
+                                       train_ds=tr, val_ds=va, measure_latency=False,
+                                       progress=False)
+            except MedScalpelError as exc:
+                write_json(path.with_suffix(".error.json"), {"error": str(exc)})
+                continue
+            save_cell(path, {"method": "structured", "criterion": crit, "target_speedup": sp,
+                             "steps": args.steps, "recovery_epochs": args.recovery_epochs},
+                      measure(dense, res.model, te, dp, args,
+                              {"method": f"{crit} x{sp:g}", "ratio": res.ratio,
+                               "speedup_macs": res.speedup_macs}), t0)
+
+
+def stage_table(args) -> None:
+    rows = []
+    for p in sorted(Path(args.work).glob("*/*/*.json")):
+        if p.parent.name not in ("lossless", "unstructured", "structured") or \
+                p.name.endswith(".error.json"):
+            continue
+        d = read_json(p)
+        r = d["results"]
+        rows.append({"dataset": p.parent.parent.name, "stage": p.parent.name,
+                     "method": r["method"], "params": r["params"],
+                     "params_removed": 1 - r["params"] / r["params_dense"],
+                     "macs_speedup": r["macs_dense"] / max(1, r["macs"]),
+                     "cpu_speedup": r["cpu_speedup"], "delta_auroc": r["delta"],
+                     "delta_auroc_ci95": r["delta_ci95"], "auroc_dense": r["auroc_dense"],
+                     "max_abs_delta_logit": r["max_abs_delta_logit"], "wall_s": d["wall_s"],
+                     "config": d["config"]})
+    config = {k: v for k, v in vars(args).items() if k != "stage"}
+    name = "compress"
+    if args.smoke:  # smoke numbers stay in the work directory, never in benchmarks/results
+        write_json(Path(args.work) / "compress_smoke.json", {"rows": rows, "config": config})
+        out_md = Path(args.work) / "compress_smoke.md"
+    else:
+        save_result(name, {"rows": rows}, config)
+        out_md = RESULTS / f"{name}.md"
+    lines = ["| dataset | method | params | removed | MACs x | CPU x (b1) | dAUROC [95% CI] "
+             "| max dlogit |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["delta_auroc_ci95"]
+        lines.append(f"| {r['dataset']} | {r['method']} | {r['params']:,} | "
+                     f"{r['params_removed']:.1%} | {r['macs_speedup']:.2f} | "
+                     f"{r['cpu_speedup']:.2f} | {r['delta_auroc']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
+                     f"{r['max_abs_delta_logit']:.2e} |")
+    out_md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["dense", "lossless", "unstructured", "structured", "table",
+                                      "all"])
+    ap.add_argument("--datasets", default="phantom,kermany")
+    ap.add_argument("--work", default="runs/bench-compress")
+    ap.add_argument("--arch", default=None)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--phantom-n", type=int, default=3000)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--recovery-epochs", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--criteria", default=",".join(CRITERIA))
+    ap.add_argument("--speedups", default=",".join(str(s) for s in SPEEDUPS))
+    ap.add_argument("--smoke", action="store_true", help="tiny settings to time the pipeline")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    args.criteria = [c for c in args.criteria.split(",") if c]
+    args.speedups = [float(s) for s in args.speedups.split(",") if s]
+    if args.smoke:
+        args.epochs, args.recovery_epochs, args.n_boot = 1, 1, 100
+        args.calib, args.repeats = 16, 5
+        if args.work == "runs/bench-compress":
+            args.work = "runs/bench-compress-smoke"
+    stages = (["dense", "lossless", "unstructured", "structured"] if args.stage == "all"
+              else [args.stage] if args.stage != "table" else [])
+    timings: dict[str, float] = {}
+    for ds in [d for d in args.datasets.split(",") if d]:
+        for st in stages:
+            t0 = time.perf_counter()
+            try:
+                {"dense": stage_dense, "lossless": stage_lossless,
+                 "unstructured": stage_unstructured, "structured": stage_structured}[st](ds, args)
+            except (FileNotFoundError, ImportError) as exc:
+                print(f"[skip] {ds}/{st}: {exc}", file=sys.stderr)
+            except Exception as exc:  # noqa: BLE001 - report and go on with the next stage
+                if "Unknown dataset" in str(exc) or "Valid names" in str(exc):
+                    print(f"[skip] {ds}/{st}: {exc}", file=sys.stderr)
+                    break
+                raise
+            timings[f"{ds}/{st}"] = round(time.perf_counter() - t0, 1)
+            print(f"{ds}/{st}: {timings[f'{ds}/{st}']} s", file=sys.stderr)
+    if args.stage in ("table", "all"):
+        stage_table(args)
+    if timings:
+        write_json(Path(args.work) / f"timings-{int(time.time())}.json", timings)
+    print(json.dumps(timings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""``medscalpel compress sweep|prune|export`` commands (thin wrappers over medscalpel.compress)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from medscalpel.cli.common import console, fmt
+from medscalpel.errors import ConfigError
+from medscalpel.runs import RunDir, write_json
+
+
+def parse_ratios(text: str) -> list[float]:
+    """``"0:0.95:0.05"`` (start:stop:step, stop included) or ``"0,0.5,0.9"``."""
+    text = text.strip()
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0:
+                raise ValueError("step must be > 0")
+            return [round(float(v), 6) for v in np.arange(start, stop + step / 2, step)]
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--ratios must be 'start:stop:step' or a comma list of numbers; got "
+                          f"{text!r} ({exc}).") from exc
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--{name} must be a comma list of integers; got {text!r}.") from exc
+
+
+def _open(spec: str, split: str, model):
+    from medscalpel.data import open_dataset
+
+    pre = model.card.preprocess if model.card is not None else None
+    return open_dataset(spec, split=split, preprocess=pre)
+
+
+def sweep(
+    models: list[Path] = typer.Argument(..., help="Model directories (model.safetensors + "
+                                        "model.json), e.g. the same architecture trained with "
+                                        "several seeds."),
+    data: str = typer.Option(..., help="Dataset spec of the evaluation data, e.g. "
+                             "'phantom?n=2000&size=64' or 'nih_lt:/data/nih'."),
+    split: str = typer.Option("test", help="Split evaluated at every sparsity."),
+    out: Path = typer.Option(Path("runs/compress-sweep"), help="Sweep directory (resumable: "
+                             "rerun with the same --out to finish or extend it)."),
+    ratios: str = typer.Option("0:0.95:0.05", help="Sparsities: 'start:stop:step' or a list."),
+    methods: str = typer.Option("l1,random", help="l1 (global magnitude) and/or random "
+                                "(control)."),
+    seeds: str = typer.Option("0", help="Seeds of random masks / fine-tunes, comma list."),
+    finetune_epochs: int = typer.Option(0, help="Fine-tune epochs after pruning (0: none, as "
+                                        "in PruneCXR)."),
+    finetune_lr: float = typer.Option(1e-4, help="Fine-tune learning rate."),
+    batch_size: int = typer.Option(64, help="Prediction batch size."),
+) -> None:
+    """Global unstructured (L1 / random) sparsity sweep: one Predictions per (model, method,
+    ratio) for the audit stage; finished cells are skipped on rerun."""
+    from medscalpel.compress.sweep import run_sweep
+    from medscalpel.models.checkpoint import load_model
+
+    first = load_model(models[0])
+    ds = _open(data, split, first)
+    train_ds = _open(data, "train", first) if finetune_epochs else None
+    res = run_sweep([str(m) for m in models], ds, out, ratios=parse_ratios(ratios),
+                    methods=[m.strip() for m in methods.split(",") if m.strip()],
+                    seeds=_ints(seeds, "seeds"), finetune_epochs=finetune_epochs,
+                    train_ds=train_ds, finetune_lr=finetune_lr, batch_size=batch_size)
+    console.print(f"{len(res.cells)} cells ({res.n_computed} computed, {res.n_skipped} already "
+                  f"done) in {out}")
+    for mid in res.model_ids:
+        for method in res.methods:
+            r, a = res.curve(mid, method)
+            if r.size:
+                console.print(f"{mid} {method}: " + ", ".join(f"{x:.2f}->{fmt(float(y))}"
+                                                              for x, y in zip(r, a)))
+
+
+def prune(
+    model: Path = typer.Argument(..., help="Model directory to prune."),
+    data: str = typer.Option(..., help="Dataset spec: calibration images and recovery "
+                             "fine-tune come from its train split."),
+    out: Path = typer.Option(Path("runs/compress-prune"), help="Run directory to create "
+                             "(model/, prune.json, manifest.json)."),
+    criterion: str = typer.Option("l1", help="l1, l2, bn_scale, taylor, lrp, ig (backtrace "
+                                  "is unavailable on this stack)."),
+    ratio: Optional[float] = typer.Option(None, help="Channel ratio removed per group (default "
+                                          "0.5 unless --target-speedup)."),
+    target_speedup: Optional[float] = typer.Option(None, help="Search the ratio giving this "
+                                                   "MACs reduction instead."),
+    global_pruning: bool = typer.Option(False, "--global", help="Rank channels globally."),
+    steps: int = typer.Option(1, help="Iterative pruning steps."),
+    recovery_epochs: int = typer.Option(0, help="Total recovery fine-tune epochs (split over "
+                                        "the steps)."),
+    lr: float = typer.Option(5e-4, help="Recovery learning rate."),
+    distill: bool = typer.Option(False, help="Distil from the unpruned model during recovery."),
+    alpha: float = typer.Option(0.5, help="Distillation weight."),
+    temperature: float = typer.Option(2.0, help="Distillation temperature."),
+    calib: int = typer.Option(64, help="Number of calibration images."),
+    max_steps_per_epoch: Optional[int] = typer.Option(None, help="Cap recovery steps/epoch."),
+    dry_run: bool = typer.Option(False, help="Only report the channels that would be removed."),
+    seed: int = typer.Option(0, help="Seed of the calibration choice and recovery."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Structured channel pruning on Torch-Pruning dependency graphs (physically smaller model
+    with lineage), optionally iterative with recovery fine-tune / distillation."""
+    from medscalpel.compress.structured import RecoveryConfig, prune_structured
+    from medscalpel.engine.predict import collect_images
+    from medscalpel.models.checkpoint import load_model
+
+    m = load_model(model)
+    train_ds = _open(data, "train", m)
+    val_ds = _open(data, "val", m) if recovery_epochs else None
+    images, idx = collect_images(train_ds, calib, seed=seed)
+    rec = RecoveryConfig(epochs=recovery_epochs, lr=lr, distill_from_dense=distill, alpha=alpha,
+                         T=temperature, seed=seed, max_steps_per_epoch=max_steps_per_epoch)
+    config = {"model": str(model), "data": data, "criterion": criterion, "ratio": ratio,
+              "target_speedup": target_speedup, "global": global_pruning, "steps": steps,
+              "recovery": rec.to_dict(), "calib": calib, "dry_run": dry_run}
+    with RunDir(out, command="compress prune", config=config, seed=seed,
+                data={"train": train_ds.content_hash()}, overwrite=overwrite) as run:
+        res = prune_structured(m, images, criterion, ratio=ratio, target_speedup=target_speedup,
+                               global_pruning=global_pruning, iterative_steps=steps,
+                               recovery=rec, train_ds=train_ds, val_ds=val_ds, dry_run=dry_run)
+        if dry_run:
+            write_json(run.path / "prune.json", res.to_dict())
+        else:
+            res.save(run.path / "model")
+            write_json(run.path / "prune.json", res.to_dict())
+    lat = res.latency["ratio"] if res.latency else None
+    console.print(f"{criterion}: params {res.params_before:,} -> {res.params_after:,} "
+                  f"({res.param_reduction:.1%} removed), MACs x{res.speedup_macs:.2f}, "
+                  f"CPU speedup (batch 1) {fmt(lat, 2)}; written to {out}")
+
+
+def export(
+    model: Path = typer.Argument(..., help="Model directory to export."),
+    out: Path = typer.Option(Path("runs/compress-export"), help="Run directory to create "
+                             "(model.onnx, export.json, manifest.json)."),
+    reference: Optional[Path] = typer.Option(None, help="Dense model directory to compare "
+                                             "latency with (measured in the same run)."),
+    data: Optional[str] = typer.Option(None, help="Dataset spec for real-image parity, int8 "
+                                       "calibration and delta AUROC."),
+    split: str = typer.Option("test", help="Split of --data."),
+    quantize: Optional[str] = typer.Option(None, help="int8 quantization: dynamic or static."),
+    batch_sizes: str = typer.Option("1,32", help="Latency batch sizes."),
+    opset: int = typer.Option(17, help="ONNX opset."),
+    repeats: int = typer.Option(10, help="Timed repeats per measurement."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """ONNX export with onnxruntime parity, CPU latency vs the dense model (same run) and
+    optional int8 quantization with its delta macro AUROC."""
+    from medscalpel.compress.export import export_onnx
+    from medscalpel.models.checkpoint import load_model
+
+    m = load_model(model)
+    ref = load_model(reference) if reference is not None else None
+    ds = _open(data, split, m) if data else None
+    config = {"model": str(model), "reference": str(reference) if reference else None,
+              "data": data, "split": split, "quantize": quantize, "batch_sizes": batch_sizes,
+              "opset": opset}
+    with RunDir(out, command="compress export", config=config, overwrite=overwrite) as run:
+        res = export_onnx(m, run.path / "model.onnx", batch_sizes=_ints(batch_sizes, "batch-sizes"),
+                          opset=opset, reference=ref, dataset=ds, quantize=quantize,
+                          repeats=repeats)
+        res.onnx_path = str(out / "model.onnx")
+        if res.quantization:
+            res.quantization["path"] = str(out / Path(res.quantization["path"]).name)
+        write_json(run.path / "export.json", res.to_dict())
+    console.print(f"ONNX parity: random {fmt(res.parity['random'], 8)}, real "
+                  f"{fmt(res.parity['real'], 8)}; speedup vs reference "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in res.speedup.items()))
+    console.print(f"written to {out}")
