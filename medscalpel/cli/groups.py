@@ -7,7 +7,7 @@ import typer
 
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
-    from medscalpel.cli import compress_cmd, data_cmd, lossless_cmd, repair_cmd
+    from medscalpel.cli import audit_cmd, compress_cmd, data_cmd, lossless_cmd, repair_cmd
 
     data_app.command("stats")(data_cmd.stats)
 
@@ -25,3 +25,10 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
     for name in ("calibrate", "surgery", "retrain", "triage"):
         repair_app.command(name)(getattr(repair_cmd, name))
     app.add_typer(repair_app, name="repair")
+
+    audit_app = typer.Typer(no_args_is_help=True,
+                            help="Audit what compression did: forgettability curves, FCD, PIEs, "
+                                 "polarized channels.")
+    audit_app.command("forgettability")(audit_cmd.forgettability)
+    audit_app.command("pies")(audit_cmd.pies)
+    app.add_typer(audit_app, name="audit")

@@ -99,6 +99,17 @@ def densenet_tiny(num_classes: int = 14, in_chans: int = 1, img_size: int = 64,
     return _densenet(tv, num_classes, in_chans, "densenet_tiny", kw)
 
 
+@ARCHS.register("densenet_small", help="A small DenseNet-BC (growth 12, blocks 3-6-12-8): "
+                                        "CheXNet's concatenations at CPU-friendly cost")
+def densenet_small(num_classes: int = 14, in_chans: int = 1, img_size: int = 64,
+                   pretrained: bool = False) -> MedClassifier:
+    if pretrained:
+        raise ModelError("densenet_small has no pretrained weights; use pretrained=False.")
+    tv = tv_densenet.DenseNet(growth_rate=12, block_config=(3, 6, 12, 8), num_init_features=24,
+                              bn_size=4)
+    return _densenet(tv, num_classes, in_chans, "densenet_small", {})
+
+
 # ----------------------------------------------------------------------------- ResNet
 def _resnet_backbone(tv: nn.Module) -> nn.Sequential:
     return nn.Sequential(OrderedDict(
