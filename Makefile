@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/medscalpel demo --out $(OUT) --profile $(PROFILE) --overwrite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
+	MEDSCALPEL_INSTALL_BROWSER=$${MEDSCALPEL_INSTALL_BROWSER:-1} $(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -7,7 +7,8 @@ import typer
 
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
-    from medscalpel.cli import audit_cmd, compress_cmd, data_cmd, lossless_cmd, repair_cmd
+    from medscalpel.cli import (audit_cmd, compress_cmd, data_cmd, lossless_cmd, repair_cmd,
+                                report_cmd, scale_cmd)
 
     data_app.command("stats")(data_cmd.stats)
 
@@ -32,3 +33,11 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
     audit_app.command("forgettability")(audit_cmd.forgettability)
     audit_app.command("pies")(audit_cmd.pies)
     app.add_typer(audit_app, name="audit")
+
+    report_app = typer.Typer(no_args_is_help=True,
+                             help="Reports: per-image clinical reports, one HTML experiment report.")
+    report_app.command("clinical")(report_cmd.clinical)
+    report_app.command("experiment")(report_cmd.experiment)
+    app.add_typer(report_app, name="report")
+
+    scale_cmd.register(app)

@@ -79,6 +79,11 @@ def read_nih_labels(path: str | os.PathLike, view: str = "all") -> pd.DataFrame:
     file = find_nih_label_file(path)
     df = read_table(file, REQUIRED, what="NIH label file",
                     dtype={"Image Index": str, "Finding Labels": str, "Patient ID": str})
+    blank = df["Image Index"].isna() | (df["Image Index"].astype(str).str.strip() == "")
+    if blank.any():
+        line = int(np.flatnonzero(blank.to_numpy())[0]) + 2  # 1-based, after the header
+        raise DataError(f"{file}, line {line}: the 'Image Index' cell is empty. Every row needs "
+                        "the image file name; fix or remove that row.")
     labels = parse_finding_labels(df["Finding Labels"].tolist(), NIH_CLASSES, file)
     views = (df["View Position"].astype(str).str.strip().str.upper()
              if "View Position" in df.columns else pd.Series(["?"] * len(df)))

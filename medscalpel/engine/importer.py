@@ -77,6 +77,17 @@ def import_predictions(
         raise DataError(f"{path}: {len(missing)} id(s) have no label in {labels} (first: "
                         f"{missing[:3]}). Pass allow_missing=True (--allow-missing) to drop them.")
     keep = [k for k, i in enumerate(ids) if i in pos]
+    if not keep:
+        raise DataError(f"{path} has no rows with a labelled image id (it has {len(df)} data "
+                        "rows). Check the file and the --labels dataset.")
+    for c in cols:
+        numeric = pd.to_numeric(df[c], errors="coerce")
+        bad = numeric.isna()
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(f"{path}, line {row + 2}, column '{c}': {df[c].iloc[row]!r} is not a "
+                            "number.")
+        df[c] = numeric
     scores = df.iloc[keep][cols].to_numpy(dtype=np.float64)
     if not np.isfinite(scores).all():
         row = int(np.argwhere(~np.isfinite(scores))[0][0])

@@ -20,6 +20,7 @@ from medscalpel.errors import DataError, ModelError
 from medscalpel.models.classifier import MedClassifier
 from medscalpel.progress import track
 from medscalpel.runs import atomic_path, dumps_json
+from medscalpel.validation import check_range
 
 
 def check_compatible(model: MedClassifier, dataset: CXRDataset) -> None:
@@ -86,6 +87,7 @@ def predict(model: MedClassifier, dataset: CXRDataset, batch_size: int = 64,
             device: str | None = "auto", progress: bool | None = None,
             num_workers: int = 0) -> Predictions:
     """Logits of ``model`` on every image of ``dataset`` as a :class:`Predictions`."""
+    check_range(batch_size, "batch_size", "predict", 1, 2**20, integer=True)
     check_compatible(model, dataset)
     dataset.require_nonempty()
     t0 = time.perf_counter()
@@ -165,6 +167,7 @@ def extract_features(model: MedClassifier, dataset: CXRDataset, batch_size: int 
                      device: str | None = "auto", progress: bool | None = None) -> Features:
     """Penultimate features of every image plus the classifier weights (for surgery,
     partial retraining and polarity analysis)."""
+    check_range(batch_size, "batch_size", "extract_features", 1, 2**20, integer=True)
     check_compatible(model, dataset)
     dataset.require_nonempty()
     _, f = _run(model, dataset, batch_size, device, progress, True)

@@ -1,0 +1,192 @@
+"""``medscalpel scale prune|distill|triage|train``: experiment grids on a local process pool or a
+Ray cluster, and data-parallel training (thin wrappers over medscalpel.pipeline.grid and
+medscalpel.engine.distributed).
+
+Every grid command is resumable: rerun the same command after a kill and only the unfinished
+cells run; a changed dataset or model is refused. ``--executor`` / ``--ray-address`` /
+``--max-workers`` (the options :data:`EXECUTOR_OPTION`, :data:`RAY_ADDRESS_OPTION`,
+:data:`MAX_WORKERS_OPTION`) can be added to other sweep commands the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medscalpel.cli.common import console, fmt
+from medscalpel.errors import ConfigError
+
+EXECUTOR_OPTION = typer.Option("local", "--executor",
+                               help="local (process pool, default) | serial | ray.")
+RAY_ADDRESS_OPTION = typer.Option(None, "--ray-address",
+                                  help="Ray cluster to join with --executor ray ('auto', "
+                                       "'ray://head:10001'); default: a local Ray.")
+MAX_WORKERS_OPTION = typer.Option(None, "--max-workers",
+                                  help="Cells run in parallel (default: the CPU count).")
+
+
+def _floats(text: str, name: str) -> list[float]:
+    from medscalpel.cli.compress_cmd import parse_ratios
+
+    try:
+        return parse_ratios(text)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("--ratios", f"--{name}")) from exc
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--{name} must be a comma list of integers; got {text!r}.") from exc
+    if not vals:
+        raise ConfigError(f"--{name} must list at least one integer; got {text!r}.")
+    return vals
+
+
+def _names(text: str, name: str) -> list[str]:
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    if not vals:
+        raise ConfigError(f"--{name} must list at least one name; got {text!r}.")
+    return vals
+
+
+def _summary(res, out: Path) -> None:
+    console.print(f"{len(res.cells)} cells ({res.n_computed} computed, {res.n_skipped} already "
+                  f"done) in {out} [{res.executor.get('executor')}]")
+
+
+def prune(
+    models: list[Path] = typer.Argument(..., help="Model directories (model.safetensors + "
+                                        "model.json)."),
+    data: str = typer.Option(..., help="Dataset spec of the evaluation data."),
+    split: str = typer.Option("test", help="Split evaluated at every sparsity."),
+    out: Path = typer.Option(Path("runs/scale-prune"), help="Grid directory (resumable)."),
+    ratios: str = typer.Option("0:0.95:0.05", help="Sparsities: 'start:stop:step' or a list."),
+    methods: str = typer.Option("l1,random", help="l1 and/or random."),
+    seeds: str = typer.Option("0", help="Seeds of the random masks, comma list."),
+    batch_size: int = typer.Option(64, help="Prediction batch size."),
+    executor: str = EXECUTOR_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
+    max_workers: Optional[int] = MAX_WORKERS_OPTION,
+) -> None:
+    """Pruning sweep (models x methods x seeds x ratios) on a process pool or Ray; the grid
+    directory is also a sweep directory for the audit stage."""
+    from medscalpel.pipeline.grid import run_prune_grid
+
+    res = run_prune_grid([str(m) for m in models], data, out, split=split,
+                         ratios=_floats(ratios, "ratios"), methods=_names(methods, "methods"),
+                         seeds=_ints(seeds, "seeds"), batch_size=batch_size, executor=executor,
+                         max_workers=max_workers, ray_address=ray_address)
+    _summary(res, out)
+    for c in res.cells:
+        cell = c.cell
+        console.print(f"{cell['method']:>6} seed {cell['seed']!s:>4} r={cell['ratio']:.2f}: "
+                      f"sparsity {c.result['sparsity']:.3f} AUROC {fmt(c.result['macro_auroc'])}")
+
+
+def distill(
+    teacher: Path = typer.Argument(..., help="Teacher model directory."),
+    data: str = typer.Option(..., help="Dataset spec (train / val / --split)."),
+    students: str = typer.Option("mobilenetv3_small_100", help="Student architectures, comma "
+                                 "list (see 'models list')."),
+    out: Path = typer.Option(Path("runs/scale-distill"), help="Grid directory (resumable)."),
+    temperatures: str = typer.Option("4", help="Temperatures, comma list."),
+    alphas: str = typer.Option("0.5", help="Soft-target weights in [0, 1], comma list."),
+    seeds: str = typer.Option("0", help="Seeds, comma list."),
+    epochs: int = typer.Option(5), batch_size: int = typer.Option(64),
+    lr: float = typer.Option(1e-3),
+    split: str = typer.Option("test", help="Split the students are evaluated on."),
+    executor: str = EXECUTOR_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
+    max_workers: Optional[int] = MAX_WORKERS_OPTION,
+) -> None:
+    """Distillation grid (students x temperatures x alphas x seeds) on a pool or Ray."""
+    from medscalpel.pipeline.grid import run_distill_grid
+
+    res = run_distill_grid(str(teacher), data, _names(students, "students"), out,
+                           temperatures=_floats(temperatures, "temperatures"),
+                           alphas=_floats(alphas, "alphas"), seeds=_ints(seeds, "seeds"),
+                           epochs=epochs, batch_size=batch_size, lr=lr, split=split,
+                           executor=executor, max_workers=max_workers, ray_address=ray_address)
+    _summary(res, out)
+    for c in res.cells:
+        r = c.result
+        console.print(f"{c.cell['student']} T={c.cell['temperature']} a={c.cell['alpha']} "
+                      f"seed {c.cell['seed']}: AUROC {fmt(r['student']['macro_auroc'])} "
+                      f"(teacher {fmt(r['teacher']['macro_auroc'])}), "
+                      f"{r['student_params']:,} params")
+
+
+def triage(
+    fit: Path = typer.Argument(..., help="Features / Predictions file the router is fitted on."),
+    held_out: Path = typer.Argument(..., help="Held-out Features / Predictions file."),
+    out: Path = typer.Option(Path("runs/scale-triage"), help="Grid directory (resumable)."),
+    budgets: str = typer.Option("5", help="Cost budgets, comma list."),
+    max_auroc_drops: str = typer.Option("0.01", help="AUROC guards, comma list."),
+    max_recall_drops: str = typer.Option("0.05", help="Recall guards, comma list."),
+    executor: str = EXECUTOR_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
+    max_workers: Optional[int] = MAX_WORKERS_OPTION,
+) -> None:
+    """Treatment-router grid (budgets x guards) on a pool or Ray."""
+    from medscalpel.pipeline.grid import run_triage_grid
+
+    res = run_triage_grid(str(fit), str(held_out), out, budgets=_floats(budgets, "budgets"),
+                          max_auroc_drops=_floats(max_auroc_drops, "max-auroc-drops"),
+                          max_recall_drops=_floats(max_recall_drops, "max-recall-drops"),
+                          executor=executor, max_workers=max_workers, ray_address=ray_address)
+    _summary(res, out)
+
+
+def train(
+    data: str = typer.Option(..., help="Dataset spec (train / val / test splits)."),
+    arch: str = typer.Option("densenet121", help="Zoo architecture."),
+    out: Path = typer.Option(..., help="Run directory (model/, checkpoint/, train.json)."),
+    world_size: int = typer.Option(2, help="Processes (GPUs, or CPU processes over gloo)."),
+    backend: str = typer.Option("auto", help="auto | gloo | nccl"),
+    batch_norm: str = typer.Option("auto", help="auto | sync (GPU) | local | frozen"),
+    size: int = typer.Option(64), channels: int = typer.Option(1),
+    epochs: int = typer.Option(5),
+    batch_size: int = typer.Option(64, help="GLOBAL batch (split over the processes)."),
+    lr: float = typer.Option(1e-3), weight_decay: float = typer.Option(1e-4),
+    patience: int = typer.Option(3), seed: int = typer.Option(0),
+    augment: bool = typer.Option(False, help="Light augmentation (per-process draws)."),
+    n_boot: int = typer.Option(200, help="Bootstrap replicates for the test CIs."),
+    resume: bool = typer.Option(False, help="Resume an interrupted run in --out."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+) -> None:
+    """Data-parallel training (DistributedDataParallel): same optimisation as 'train' at the
+    same global batch; resumable per epoch."""
+    from medscalpel.engine.distributed import DDPSettings, fit_ddp
+    from medscalpel.engine.train import TrainConfig
+    from medscalpel.runs import RunDir, write_json
+
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                      patience=patience, seed=seed, device="cpu" if backend == "gloo" else "auto")
+    settings = DDPSettings(world_size=world_size, backend=backend, batch_norm=batch_norm)
+    config = {"data": data, "arch": arch, "size": size, "channels": channels,
+              "augment": augment, "ddp": settings.to_dict(), **cfg.to_dict()}
+    with RunDir(out, command="scale train", config=config, seed=seed, data={"spec": data},
+                overwrite=overwrite, resume=resume, identity=config if resume else None) as run:
+        res = fit_ddp(data, arch, run.path, cfg, world_size=world_size, size=size,
+                      channels=channels, augment=augment, n_boot=n_boot, settings=settings)
+        write_json(run.path / "train.json", res.to_dict())
+        if res.test is not None:
+            write_json(run.path / "metrics.json", res.test.to_dict())
+    if res.test is not None:
+        console.print(f"macro AUROC {fmt(res.test.macro['auroc'])}")
+    console.print(f"model saved to {out / 'model'}")
+
+
+def register(app: typer.Typer) -> None:
+    """How the lead wires the group: ``register(app)`` adds ``medscalpel scale ...``."""
+    scale_app = typer.Typer(no_args_is_help=True, help="Scale out: grids on a process pool or "
+                            "Ray, data-parallel training; all resumable.")
+    scale_app.command("prune")(prune)
+    scale_app.command("distill")(distill)
+    scale_app.command("triage")(triage)
+    scale_app.command("train")(train)
+    app.add_typer(scale_app, name="scale")
