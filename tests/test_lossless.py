@@ -197,8 +197,9 @@ def test_verification_refuses_when_calibration_is_unrepresentative(data):
     m = alive(create_model("densenet_tiny", num_classes=3, img_size=IMG))
     flat = torch.full((64, 1, IMG, IMG), 0.25)  # every channel is constant on blank images
     with pytest.raises(VerificationError, match=r"held-out images \(allowed atol"):
-        fold_lossless(m, flat, held, latency=False, progress=False)
-    res = fold_lossless(m, flat, held, latency=False, progress=False, verify=False)
+        fold_lossless(m, flat, held, latency=False, progress=False, mode="empirical")
+    res = fold_lossless(m, flat, held, latency=False, progress=False, verify=False,
+                        mode="empirical")
     assert not res.report.verified and res.report.max_abs_logit_delta > 1e-5
     assert res.report.max_abs_logit_delta_calib < res.report.max_abs_logit_delta
 
@@ -320,7 +321,7 @@ def test_cli_lossless_saves_verified_model_with_lineage(data, tmp_path):
     bad = tmp_path / "bad"
     r = runner.invoke(app, [str(tmp_path / "dense"), "lossless_test?n=48", "--out", str(bad),
                             "--calib-images", "2", "--heldout-images", "16", "--no-latency",
-                            "--rank-rtol", "0.5"])
+                            "--rank-rtol", "0.5", "--mode", "empirical"])
     assert r.exit_code == 1
     assert "held-out" in r.output and "Nothing was saved" in r.output
     assert not bad.exists()

@@ -221,3 +221,65 @@ def site_rows(t: torch.Tensor) -> torch.Tensor:
     if t.ndim == 2:
         return t
     raise ModelError(f"Cannot analyse a layer input of shape {tuple(t.shape)}.")
+
+
+class ParamCounter:
+    """Exact parameter count of a model after removing ``size - keep`` channels of each group,
+    without pruning anything (the dimensions each group controls, read from Torch-Pruning's
+    groups once).
+
+    ``count(keep)`` with ``keep = {group index: channels kept}`` (missing groups: all kept)
+    equals the parameter count of the physically pruned model (which channels go does not
+    matter for the count).
+    """
+
+    def __init__(self, model: nn.Module, graph: ChannelGraph):
+        import torch_pruning as tp
+
+        self.sizes = {g.index: g.size for g in graph.groups}
+        self.mods: dict[nn.Module, dict[str, set[int]]] = {}
+        for g in graph.groups:
+            if not g.supported:
+                continue
+            fn = tp.prune_conv_out_channels if isinstance(g.module, nn.Conv2d) \
+                else tp.prune_linear_out_channels
+            group = graph.dg.get_pruning_group(g.module, fn, idxs=list(range(g.size)))
+            for item in group:
+                mod, h = item.dep.target.module, item.dep.handler
+                if not isinstance(mod, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+                    continue
+                roles = self.mods.setdefault(mod, {"out": set(), "in": set()})
+                if _handler_is(h, tp.prune_conv_in_channels) or \
+                        _handler_is(h, tp.prune_linear_in_channels):
+                    roles["in"].add(g.index)
+                elif isinstance(mod, nn.modules.batchnorm._BatchNorm) or \
+                        _handler_is(h, tp.prune_conv_out_channels) or \
+                        _handler_is(h, tp.prune_linear_out_channels):
+                    roles["out"].add(g.index)
+        self.total = int(sum(p.numel() for p in model.parameters()))
+        self.fixed = self.total - sum(self._params(m, {}) for m in self.mods)
+
+    def _dims(self, mod: nn.Module, keep: dict[int, int]) -> tuple[int, int]:
+        roles = self.mods[mod]
+        cut = lambda gs: sum(self.sizes[g] - keep.get(g, self.sizes[g]) for g in gs)  # noqa: E731
+        if isinstance(mod, nn.Conv2d):
+            return mod.out_channels - cut(roles["out"]), mod.in_channels - cut(roles["in"])
+        if isinstance(mod, nn.Linear):
+            return mod.out_features - cut(roles["out"]), mod.in_features - cut(roles["in"])
+        return mod.num_features - cut(roles["out"]), 0
+
+    def _params(self, mod: nn.Module, keep: dict[int, int]) -> int:
+        o, i = self._dims(mod, keep)
+        if isinstance(mod, nn.Conv2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1]
+            return o * (i // mod.groups) * k + (o if mod.bias is not None else 0)
+        if isinstance(mod, nn.Linear):
+            return o * i + (o if mod.bias is not None else 0)
+        return 2 * o if mod.affine else 0
+
+    def count(self, keep: dict[int, int]) -> int:
+        return self.fixed + sum(self._params(m, keep) for m in self.mods)
+
+    def channel_cost(self, group: int) -> int:
+        """Parameters removed by taking one channel out of ``group`` (others full)."""
+        return self.total - self.count({group: self.sizes[group] - 1})

@@ -1,7 +1,13 @@
 """Lossless mechanistic compression: fold dead, constant and linearly dependent channels away.
 
-From the activations that each consumer layer *actually sees* on calibration images (after its
-own BatchNorm and ReLU), a channel is removable when, at every consumer that reads it, it is
+Two analyses produce the same kind of plan. ``mode="provable"`` (the default of
+:func:`fold_lossless`; :mod:`medscalpel.compress.provable`) derives the facts from the weights
+alone and they hold for every input. ``mode="empirical"`` (:func:`plan_lossless`, below) finds
+them in activation statistics on calibration images; they hold on the data they were checked
+on, which the report states ("empirical").
+
+Empirical analysis: from the activations that each consumer layer *actually sees* on
+calibration images (after its own BatchNorm and ReLU), a channel is removable when, at every consumer that reads it, it is
 
 * **dead**: always exactly zero (contributes nothing);
 * **constant**: the same value everywhere, and the consumer is a Linear / unpadded conv (the
@@ -60,7 +66,7 @@ from medscalpel.compress.graph import (ChannelGraph, Site, add_output_offset, bu
 from medscalpel.compress.measure import (Images, count_macs, count_parameters, eval_mode,
                                          first_batch, iter_images, latency_pair,
                                          max_abs_logit_delta)
-from medscalpel.errors import ModelError, VerificationError
+from medscalpel.errors import ConfigError, ModelError, VerificationError
 from medscalpel.progress import track
 from medscalpel.runs import read_json, write_json
 from medscalpel.validation import check_range
@@ -464,6 +470,18 @@ def _fold_weights(out: nn.Module, graph: ChannelGraph, by_site: dict[str, list[S
 
 
 # ----------------------------------------------------------------------------- results
+GUARANTEES = {
+    "provable": "provable: the removed channels are dead, constant or duplicate/proportional "
+                "for every finite input, derived from the weights alone (no data); the folded "
+                "model equals the original up to float32 rounding (checked on held-out and on "
+                "random wide-range inputs)",
+    "empirical": "empirical: channels were found dead, constant or linearly dependent on the "
+                 "calibration images only; the outputs were checked on the held-out images "
+                 "listed (max |delta logit| below), which is evidence, not a proof, for other "
+                 "inputs",
+}
+
+
 @dataclass
 class LosslessReport:
     """What lossless folding found and what it achieved (same-run measurements)."""
@@ -479,7 +497,7 @@ class LosslessReport:
     latency_ratio: float | None
     latency_batch_size: int
     max_abs_logit_delta: float
-    max_abs_logit_delta_calib: float
+    max_abs_logit_delta_calib: float | None
     atol: float
     verified: bool
     n_calib: int
@@ -488,11 +506,19 @@ class LosslessReport:
     layers: list[dict[str, Any]]
     sites_without_dependency_test: list[str]
     plan: LosslessPlan
-    schema_version: int = 1
+    mode: str = "empirical"
+    guarantee: str = GUARANTEES["empirical"]
+    max_abs_logit_delta_heldout: float | None = None
+    max_abs_logit_delta_random: float | None = None
+    n_random: int = 0
+    random_range: tuple[float, float] | None = None  # the random inputs' value range
+    schema_version: int = 2
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "plan"}
         d["plan"] = self.plan.to_dict()
+        if d["random_range"] is not None:
+            d["random_range"] = list(d["random_range"])
         return d
 
     def summary(self) -> dict[str, Any]:
@@ -515,52 +541,112 @@ class LosslessResult:
         return self.report.to_dict()
 
 
-def fold_lossless(model: nn.Module, calib: Images, heldout: Images, atol: float = 1e-5,
-                  rank_rtol: float = 1e-5, min_samples_ratio: float = 4.0,
+MODES = ("provable", "empirical")
+
+
+def fold_lossless(model: nn.Module, calib: Images | None = None, heldout: Images | None = None,
+                  atol: float = 1e-5, rank_rtol: float = 1e-5, min_samples_ratio: float = 4.0,
                   dependent: bool = True, batch_size: int = 64,
                   calib_images: int | None = None, latency: bool = True,
                   latency_batch_size: int = 1, verify: bool = True, inplace: bool = False,
-                  progress: bool | None = None) -> LosslessResult:
+                  progress: bool | None = None, mode: str = "provable",
+                  weight_rtol: float = 1e-6, random_inputs: int = 64,
+                  input_range: tuple[float, float] | None = None,
+                  input_shape: tuple[int, ...] | None = None, seed: int = 0) -> LosslessResult:
     """Plan, apply and verify lossless channel folding.
 
     Args:
         model: the model (left unchanged unless ``inplace=True``).
-        calib: calibration images (tensor or DataLoader) the channels are analysed on.
-        heldout: held-out images for verification (never used for the decisions).
-        atol: largest allowed max |delta logit| on ``heldout`` (float32).
-        rank_rtol, min_samples_ratio, dependent, calib_images: see :func:`plan_lossless`.
+        calib: calibration images (tensor or DataLoader); the channels are analysed on them in
+            ``mode="empirical"``; unused for decisions in ``mode="provable"``.
+        heldout: held-out images for verification (never used for the decisions); required in
+            empirical mode, optional in provable mode.
+        atol: largest allowed max |delta logit| (float32) on ``heldout`` and the random inputs.
+        rank_rtol, min_samples_ratio, calib_images: see :func:`plan_lossless` (empirical mode).
+        dependent: also fold linearly dependent / duplicate channels.
+        batch_size: batch size of the forward passes.
         latency: measure CPU latency of both models (alternating, same run).
         latency_batch_size: batch size of the latency measurement.
-        verify: raise :class:`VerificationError` when the held-out delta exceeds ``atol``.
+        verify: raise :class:`VerificationError` when a measured delta exceeds ``atol`` (in
+            empirical mode only the held-out delta decides; the random-input delta is reported).
         inplace: modify and return ``model`` itself.
         progress: show progress bars.
+        mode: ``"provable"`` (default): data-free analysis of the weights
+            (:func:`~medscalpel.compress.provable.plan_provable`), valid for every input;
+            ``"empirical"``: activation statistics on ``calib`` (:func:`plan_lossless`), valid
+            on the data it was checked on.
+        weight_rtol: relative tolerance of the provable filter-proportionality test.
+        random_inputs: number of seeded random inputs (wider than ``input_range``) the folded
+            model is also compared on (0: none).
+        input_range: the normalised range of real images (default: ``[0, 1]`` mapped through
+            the model card's mean/std, or ``(-3, 3)``).
+        input_shape: ``(1, C, H, W)`` when neither ``calib`` nor ``heldout`` is given.
+        seed: seed of the random inputs.
 
     Raises:
         VerificationError: the folded model's logits differ by more than ``atol``.
     """
+    from medscalpel.compress import provable as pv
+    from medscalpel.validation import check_in
+
+    check_in(mode, "mode", "fold_lossless", MODES)
     check_range(atol, "atol", "fold_lossless", 0.0)
-    plan = plan_lossless(model, calib, rank_rtol, min_samples_ratio, batch_size, calib_images,
-                         dependent, progress)
+    check_range(random_inputs, "random_inputs", "fold_lossless", 0, integer=True)
+    if mode == "empirical":
+        if calib is None or heldout is None:
+            raise ConfigError("fold_lossless(mode='empirical') needs calibration images "
+                              "('calib') and held-out images ('heldout'); or use "
+                              "mode='provable', which needs no data.")
+        plan = plan_lossless(model, calib, rank_rtol, min_samples_ratio, batch_size,
+                             calib_images, dependent, progress)
+    else:
+        if calib is not None:
+            example = first_batch(calib, "fold_lossless")
+        elif heldout is not None:
+            example = first_batch(heldout, "fold_lossless")
+        elif input_shape is not None:
+            example = torch.zeros(tuple(input_shape))
+        else:
+            raise ConfigError("fold_lossless(mode='provable') needs the input shape: pass "
+                              "'input_shape' (1, C, H, W), or held-out images to verify on.")
+        plan = pv.plan_provable(model, example, weight_rtol, dependent, progress)
     reference = copy.deepcopy(model) if inplace else model
     folded = apply_plan(model, plan, inplace=inplace)
     example = torch.zeros(plan.input_shape)
+    lo, hi = input_range if input_range is not None else pv.input_range_of(model)
+    rand = pv.random_inputs(plan.input_shape, random_inputs, lo, hi, seed) \
+        if random_inputs else None
     with eval_mode(reference, folded):
-        delta = max_abs_logit_delta(reference, folded, heldout, batch_size)
-        delta_calib = max_abs_logit_delta(reference, folded,
-                                          _limited(calib, calib_images), batch_size)
-        n_held = sum(x.shape[0] for x in iter_images(heldout, batch_size))
+        d_held = max_abs_logit_delta(reference, folded, heldout, batch_size) \
+            if heldout is not None else None
+        d_rand = max_abs_logit_delta(reference, folded, rand, batch_size) \
+            if rand is not None else None
+        delta_calib = max_abs_logit_delta(reference, folded, _limited(calib, calib_images),
+                                          batch_size) if calib is not None else None
+        n_held = sum(x.shape[0] for x in iter_images(heldout, batch_size)) \
+            if heldout is not None else 0
         counts = plan.counts()
-        if verify and not delta <= atol:
+        gating = [d for d in ((d_held, d_rand) if mode == "provable" else (d_held,))
+                  if d is not None]
+        delta = max(gating) if gating else math.nan
+        if verify and not all(d <= atol for d in gating):
+            what = (f"{n_held} held-out images" if mode == "empirical" else
+                    f"{n_held} held-out images and {random_inputs} random inputs")
+            hint = ("Use more and more varied calibration images (--calib-images), a stricter "
+                    "--rank-rtol, dependent=False (--no-dependent), mode='provable' (exact for "
+                    "every input), or --tolerance for lossy compression with a reported delta."
+                    if mode == "empirical" else
+                    "The provable analysis should never fail: report this as a bug with the "
+                    "model; meanwhile use a stricter weight_rtol (--weight-rtol 0) or "
+                    "dependent=False (--no-dependent).")
             raise VerificationError(
-                f"Lossless folding of {plan.arch} changed the logits by max |delta| = "
-                f"{delta:.3g} on {n_held} held-out images (allowed atol = {atol:g}; on the "
-                f"{plan.n_calib} calibration images: {delta_calib:.3g}). The {counts['removed']} "
-                f"channels found on the calibration images (dead {counts['dead']}, constant "
-                f"{counts['constant']}, dependent {counts['dependent']}) do not behave the same "
-                "on held-out data. Nothing was saved. Use more and more varied calibration "
-                "images (--calib-images), a stricter --rank-rtol, dependent=False "
-                "(--no-dependent), or --tolerance for lossy compression with a reported delta."
-            )
+                f"Lossless folding ({mode}) of {plan.arch} changed the logits by max |delta| = "
+                f"{delta:.3g} on {what} (allowed atol = {atol:g}; held-out: "
+                f"{_fmt(d_held)}, random inputs: {_fmt(d_rand)}, calibration images: "
+                f"{_fmt(delta_calib)}). The {counts['removed']} channels found (dead "
+                f"{counts['dead']}, constant {counts['constant']}, dependent "
+                f"{counts['dependent']}) do not behave the same on these inputs. Nothing was "
+                f"saved. {hint}")
         p0, p1 = count_parameters(reference), count_parameters(folded)
         m0, m1 = count_macs(reference, example), count_macs(folded, example)
         lat = latency_pair(reference, folded, example, latency_batch_size) if latency else None
@@ -578,14 +664,21 @@ def fold_lossless(model: nn.Module, calib: Images, heldout: Images, atol: float 
         latency_ms_before=lat["a_ms"] if lat else None,
         latency_ms_after=lat["b_ms"] if lat else None,
         latency_ratio=lat["ratio"] if lat else None, latency_batch_size=latency_batch_size,
-        max_abs_logit_delta=delta, max_abs_logit_delta_calib=delta_calib, atol=atol,
-        verified=bool(delta <= atol), n_calib=plan.n_calib, n_heldout=n_held, channels=counts,
-        layers=layers,
+        max_abs_logit_delta=float(delta), max_abs_logit_delta_calib=delta_calib, atol=atol,
+        verified=bool(gating) and all(d <= atol for d in gating), n_calib=plan.n_calib,
+        n_heldout=n_held, channels=counts, layers=layers,
         sites_without_dependency_test=[s["name"] for s in plan.sites
                                        if not s["dependency_tested"]],
-        plan=plan)
-    logger.info("lossless: %s", json.dumps({k: report.channels[k] for k in report.channels}))
+        plan=plan, mode=mode, guarantee=GUARANTEES[mode], max_abs_logit_delta_heldout=d_held,
+        max_abs_logit_delta_random=d_rand, n_random=random_inputs if rand is not None else 0,
+        random_range=(lo - (hi - lo), hi + (hi - lo)) if rand is not None else None)
+    logger.info("lossless (%s): %s", mode,
+                json.dumps({k: report.channels[k] for k in report.channels}))
     return LosslessResult(folded, report)
+
+
+def _fmt(d: float | None) -> str:
+    return "n/a" if d is None else f"{d:.3g}"
 
 
 def _limited(images: Images, limit: int | None) -> Images:

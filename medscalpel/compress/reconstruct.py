@@ -7,8 +7,10 @@ contributions computed from the *current* (already pruned) model's input, then r
 consumer's weights on the kept channels by least squares, so that errors of earlier layers are
 corrected as one goes. In DenseNet a channel group feeds several consumers; their reconstruction
 problems are stacked (each normalised by its target's norm) so that one LASSO picks the channels
-for all of them. A uniform keep fraction is chosen by bisection so that the parameter count
-reaches ``target_ratio`` reduction.
+for all of them. How many channels each layer keeps is allocated greedily (near-uniform kept
+fraction, :func:`allocate_keep`) with an exact parameter counter, so that the achieved
+reduction is within one channel's parameters of ``target_ratio`` (reported as
+``achieved_ratio`` beside ``target_ratio``).
 
 This is lossy by design: the report states the achieved max |delta logit| and, given labels, the
 change in macro AUROC on held-out data, whatever they are.
@@ -17,7 +19,6 @@ change in macro AUROC on held-out data, whatever they are.
 from __future__ import annotations
 
 import copy
-import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ class ToleranceReport:
 
     arch: str
     target_ratio: float
-    keep_fraction: float
+    keep_fraction: float  # channels kept / channels of the prunable layers
     params_before: int
     params_after: int
     params_removed_pct: float
@@ -59,7 +60,9 @@ class ToleranceReport:
     n_calib: int
     n_heldout: int
     layers: list[dict[str, Any]]
-    schema_version: int = 1
+    achieved_ratio: float = 0.0      # params removed / params before (compare: target_ratio)
+    predicted_params_after: int = 0  # the allocation's exact count before reconstruction
+    schema_version: int = 2
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,21 +99,47 @@ def macro_auroc(logits: np.ndarray, labels: np.ndarray) -> float | None:
     return float(np.mean(scores)) if scores else None
 
 
-def _params_at(model: nn.Module, example: torch.Tensor, frac: float) -> int:
-    import torch_pruning as tp
+def allocate_keep(model: nn.Module, example: torch.Tensor, target_ratio: float
+                  ) -> tuple[dict[str, int], int, int]:
+    """Channels to keep per producer layer so that the parameter count drops by as close to
+    ``target_ratio`` as one channel allows.
 
-    m = copy.deepcopy(model)
-    graph = build_channel_graph(m, example, ignored=[m.classifier])
-    for cg in graph.groups:
-        if not cg.supported:
-            continue
-        k = max(1, math.ceil(frac * cg.size))
-        if k < cg.size:
-            fn = tp.prune_conv_out_channels if isinstance(cg.module, nn.Conv2d) \
-                else tp.prune_linear_out_channels
-            with torch.no_grad():
-                graph.dg.get_pruning_group(cg.module, fn, idxs=list(range(k, cg.size))).prune()
-    return count_parameters(m)
+    Greedy: repeatedly take one channel from the layer whose kept fraction is highest (the
+    one with more parameters per channel first on ties), never emptying a layer, until the
+    exact count (:class:`~medscalpel.compress.graph.ParamCounter`) reaches the goal; the last
+    step is undone when stopping one channel earlier is closer to the goal. The result is a
+    near-uniform keep fraction, finer than a single global fraction (which on narrow layers
+    can only move in large steps).
+
+    Returns:
+        (layer -> channels kept, parameters before, predicted parameters after).
+    """
+    import heapq
+
+    from medscalpel.compress.graph import ParamCounter
+
+    graph = build_channel_graph(model, example, ignored=[model.classifier])
+    pc = ParamCounter(model, graph)
+    groups = [g for g in graph.groups if g.supported]
+    keep = {g.index: g.size for g in groups}
+    cost = {g.index: pc.channel_cost(g.index) for g in groups}
+    goal = (1.0 - target_ratio) * pc.total
+    heap = [(-1.0, -cost[g.index], g.index, g.size) for g in groups if g.size > 1]
+    heapq.heapify(heap)
+    current = pc.total
+    while current > goal and heap:
+        _, _, gi, size = heapq.heappop(heap)
+        before = current
+        keep[gi] -= 1
+        current = pc.count(keep)
+        if current <= goal and goal - current > before - goal:
+            keep[gi] += 1  # stopping one channel earlier is closer to the target
+            current = before
+            break
+        if keep[gi] > 1:
+            heapq.heappush(heap, (-keep[gi] / size, -cost[gi], gi, size))
+    names = {g.index: g.root for g in groups}
+    return {names[i]: k for i, k in keep.items()}, pc.total, current
 
 
 def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -274,15 +303,11 @@ def compress_with_tolerance(model: nn.Module, calib: Images, heldout: Images,
     work.eval()
     example = first_batch(calib, "compress_with_tolerance")
     p0 = count_parameters(ref)
-    goal = (1.0 - target_ratio) * p0
-    lo, hi = 0.0, 1.0
-    for _ in range(10):
-        mid = (lo + hi) / 2
-        if _params_at(work, example, mid) <= goal:
-            lo = mid
-        else:
-            hi = mid
-    frac = lo if lo > 0 else 1e-6
+    keep_counts, _, predicted = allocate_keep(work, example, target_ratio)
+    total_size = sum(g.size for g in build_channel_graph(work, example,
+                                                         ignored=[work.classifier]).groups
+                     if g.root in keep_counts)
+    frac = sum(keep_counts.values()) / max(1, total_size)
     layers = []
     kept_out: dict[str, list[int]] = {}   # original output channels still present per layer
     offsets: dict[str, torch.Tensor] = {}  # offsets folded into a following BN (original index)
@@ -297,7 +322,7 @@ def compress_with_tolerance(model: nn.Module, calib: Images, heldout: Images,
         for gi, root in enumerate(track(order, "reconstruct", progress=progress)):
             graph = build_channel_graph(work, example, ignored=[work.classifier])
             cg = next(g for g in graph.groups if g.root == root)
-            k = max(1, math.ceil(frac * cg.size))
+            k = keep_counts.get(root, cg.size)
             if k >= cg.size:
                 layers.append({"layer": root, "size": cg.size, "kept": cg.size})
                 continue
@@ -359,5 +384,6 @@ def compress_with_tolerance(model: nn.Module, calib: Images, heldout: Images,
         latency_ratio=lat["ratio"] if lat else None, max_abs_logit_delta=delta,
         macro_auroc_before=au0, macro_auroc_after=au1,
         delta_macro_auroc=(au1 - au0) if au0 is not None and au1 is not None else None,
-        n_calib=n_cal, n_heldout=int(la.shape[0]), layers=layers)
+        n_calib=n_cal, n_heldout=int(la.shape[0]), layers=layers,
+        achieved_ratio=(p0 - p1) / p0, predicted_params_after=predicted)
     return ToleranceResult(work, report)
