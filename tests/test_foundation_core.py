@@ -79,3 +79,14 @@ def test_rundir_resume_identity(tmp_path):
     with pytest.raises(RunError, match="different data"):
         with RunDir(out, command="s", identity={"data": "h2"}, resume=True):
             pass
+
+
+def test_spec_parsing_values():
+    from medscalpel.data.spec import DatasetSpec
+
+    s = DatasetSpec.parse("folder:/x/y?dedup=true&seed=0&val_fraction=0.1&classes=a,b")
+    assert s.adapter == "folder" and s.root == "/x/y"
+    assert s.options == {"dedup": True, "seed": 0, "val_fraction": 0.1, "classes": "a,b"}
+    assert isinstance(s.options["seed"], int) and not isinstance(s.options["seed"], bool)
+    with pytest.raises(ConfigError, match="Unknown dataset adapter 'zip'. Valid names: chexpert"):
+        DatasetSpec.parse("zip:/x")

@@ -195,6 +195,29 @@ def predictions_import(
     console.print(f"imported {preds.n} predictions x {preds.num_classes} classes -> {out}")
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Run directory to create."),
+    profile: str = typer.Option("quick", help="micro (seconds, for CI) | quick (<= 10 min on a "
+                                              "2-core CPU) | full (closer to the issues' sizes)"),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+) -> None:
+    """The main job: phantom -> baseline -> calibrate -> compress -> sweep -> audit -> explain ->
+    repair -> distil -> experiment report, on the embedded phantom dataset."""
+    from medscalpel.pipeline.demo import PROFILES, run_demo
+    from medscalpel.runs import RunDir
+
+    if profile not in PROFILES:
+        raise MedScalpelError(f"Unknown demo profile '{profile}'. Valid names: "
+                              f"{', '.join(PROFILES)}.")
+    console.print(f"medscalpel demo ({profile} profile) -> {out}")
+    with RunDir(out, command="demo", config=PROFILES[profile].to_dict(), seed=seed,
+                data={"spec": "phantom"}, overwrite=overwrite) as run:
+        res = run_demo(run.path, profile, seed=seed, log=console.print)
+    console.print(f"done in {res.seconds / 60:.1f} min; open {out / 'reports' / 'experiment.html'}")
+
+
 def _register_optional_groups() -> None:
     """Attach the stage command groups (each lives in its own module)."""
     from medscalpel.cli import groups

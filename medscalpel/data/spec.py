@@ -56,9 +56,9 @@ class DatasetSpec:
 
 def _coerce(v: str) -> Any:
     low = v.lower()
-    if low in ("true", "yes", "1"):
+    if low in ("true", "yes", "on"):
         return True
-    if low in ("false", "no", "0"):
+    if low in ("false", "no", "off"):
         return False
     try:
         return int(v)
