@@ -7,7 +7,8 @@ import typer
 
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
-    from medscalpel.cli import (audit_cmd, compress_cmd, data_cmd, lossless_cmd, repair_cmd,
+    from medscalpel.cli import (audit_cmd, compress_cmd, data_cmd, distill_cmd, lossless_cmd,
+                                repair_cmd,
                                 report_cmd, scale_cmd)
 
     data_app.command("stats")(data_cmd.stats)
@@ -18,6 +19,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
     compress_app.command("lossless")(lossless_cmd.lossless)
     for name in ("sweep", "prune", "export"):
         compress_app.command(name)(getattr(compress_cmd, name))
+    compress_app.command("distill")(distill_cmd.distill)
+    compress_app.command("students")(distill_cmd.students)
     app.add_typer(compress_app, name="compress")
 
     repair_app = typer.Typer(no_args_is_help=True,

@@ -422,12 +422,17 @@ def _stage_repair(c: _Context) -> dict[str, Any]:
 
 def _stage_distill(c: _Context) -> dict[str, Any]:
     from medscalpel.compress.distill import DistillConfig, distill
+    from medscalpel.engine.train import TrainConfig
 
-    res = distill(c.model, c.p.student, c.ds("train"), c.ds("val"), c.ds("test"),
-                  DistillConfig(epochs=c.p.distill_epochs, batch_size=c.p.batch_size,
-                                seed=c.seed, max_steps_per_epoch=c.p.max_steps_per_epoch),
-                  out_dir=c.out / "distill", progress=c.progress)
-    return {k: v for k, v in res.to_dict().items() if not isinstance(v, (list, dict))}
+    cfg = DistillConfig(train=TrainConfig(epochs=c.p.distill_epochs, batch_size=c.p.batch_size,
+                                          lr=c.p.lr, seed=c.seed,
+                                          max_steps_per_epoch=c.p.max_steps_per_epoch),
+                        n_boot=c.p.n_boot, saliency_images=min(8, c.p.n_cam * 2))
+    res = distill(c.model, c.p.student, c.ds("train"), c.ds("val"), c.ds("test"), cfg,
+                  progress=c.progress)
+    res.save(c.out / "distill")
+    d = res.to_dict()
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool))}
 
 
 def _stage_reports(c: _Context) -> dict[str, Any]:

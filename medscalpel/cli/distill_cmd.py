@@ -1,0 +1,163 @@
+"""``medscalpel compress distill`` and ``medscalpel compress students`` (thin wrappers over
+:mod:`medscalpel.compress.distill` and :mod:`medscalpel.compress.student_search`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medscalpel.cli.common import console, fmt, print_table
+from medscalpel.errors import ConfigError
+from medscalpel.runs import RunDir, write_json
+
+
+def _preprocess(model_dir: str, size: int, channels: int):
+    """The teacher's input contract when it is a model directory, else --size/--channels."""
+    from medscalpel.data.transforms import Preprocess
+    from medscalpel.models.checkpoint import CARD, ModelCard
+    from medscalpel.runs import read_json
+
+    card = Path(model_dir) / CARD
+    if card.is_file():
+        return ModelCard.from_dict(read_json(card), source=str(card)).preprocess.with_augment(None)
+    return Preprocess(size=size, channels=channels)
+
+
+def _open_splits(data: str, pre, augment: bool):
+    from medscalpel.data import open_dataset
+    from medscalpel.data.transforms import Augment
+
+    train_ds = open_dataset(data, split="train",
+                            preprocess=pre.with_augment(Augment() if augment else None))
+    return train_ds, open_dataset(data, split="val", preprocess=pre), \
+        open_dataset(data, split="test", preprocess=pre)
+
+
+def _class_list(text: str) -> tuple[int, ...] | None:
+    if not text.strip():
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise ConfigError(f"--saliency-classes must be a comma list of class indices; got "
+                          f"{text!r}.") from exc
+
+
+def distill(
+    teacher: str = typer.Argument(..., help="Teacher: a model directory (model.safetensors + "
+                                  "model.json), or a zoo architecture name that is first "
+                                  "trained on --data for --teacher-epochs."),
+    data: str = typer.Option(..., help="Dataset spec with train/val/test splits, e.g. "
+                             "'phantom?n=2000&size=64' or "
+                             "'folder:/data/kermany/train?dedup=true'."),
+    student: str = typer.Option("mobilenetv3_small_100", help="Student: a zoo architecture "
+                                "(mobilenetv3_small_100, mobilenetv3_large_100, efficientnet_b0, "
+                                "resnet18, resnet_tiny, densenet_tiny, ...) or a model directory "
+                                "(e.g. a structurally pruned teacher from 'compress prune')."),
+    out: Path = typer.Option(Path("runs/compress-distill"), help="Run directory to create "
+                             "(model/, student_alone/, distill.json, manifest.json)."),
+    alpha: float = typer.Option(0.5, help="Weight of the ground-truth loss; 1 - alpha weighs "
+                                "the teacher's soft targets."),
+    temperature: float = typer.Option(4.0, help="Distillation temperature T (soft term scaled "
+                                      "by T^2)."),
+    epochs: int = typer.Option(10, help="Student epochs (the same for the distilled and the "
+                               "stand-alone student)."),
+    lr: float = typer.Option(1e-3, help="Student learning rate."),
+    batch_size: int = typer.Option(32, help="Batch size."),
+    feature_weight: float = typer.Option(0.0, help="Weight of penultimate-feature MSE through "
+                                         "a learnable projection (0: off)."),
+    attention_weight: float = typer.Option(0.0, help="Weight of attention transfer on the "
+                                           "CAM-layer maps (0: off)."),
+    baseline: bool = typer.Option(True, help="Also train the student alone (the comparison)."),
+    teacher_epochs: int = typer.Option(5, help="Epochs to train a teacher given by name."),
+    teacher_lr: float = typer.Option(1e-3, help="Learning rate of a teacher given by name."),
+    size: int = typer.Option(64, help="Input size when the teacher is given by name."),
+    channels: int = typer.Option(1, help="Input channels when the teacher is given by name."),
+    augment: bool = typer.Option(True, help="Light CXR augmentation on the train split."),
+    max_steps_per_epoch: Optional[int] = typer.Option(None, help="Cap the steps of an epoch."),
+    saliency_images: int = typer.Option(8, help="Test images for the teacher-student saliency "
+                                        "comparison (0: skip)."),
+    saliency_method: str = typer.Option("scorecam", help="scorecam (seed 004), gradcam or "
+                                        "gradcam++."),
+    saliency_classes: str = typer.Option("", help="Class indices compared, comma list (default "
+                                         "all)."),
+    n_boot: int = typer.Option(500, help="Bootstrap replicates of the metric CIs."),
+    seed: int = typer.Option(0, help="Seed of both students' training."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Knowledge distillation: teacher -> compact student with hybrid supervision, compared
+    with the student trained alone (params, MACs, CPU speedup, AUROC/AP with CIs, Score-CAM
+    similarity)."""
+    from medscalpel.compress.distill import DistillConfig, distill as run_distill
+    from medscalpel.engine.train import TrainConfig
+
+    pre = _preprocess(teacher, size, channels)
+    train_ds, val_ds, test_ds = _open_splits(data, pre, augment)
+    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                       max_steps_per_epoch=max_steps_per_epoch, patience=max(3, epochs))
+    cfg = DistillConfig(alpha=alpha, temperature=temperature, feature_weight=feature_weight,
+                        attention_weight=attention_weight, train=tcfg,
+                        teacher_train=TrainConfig(epochs=teacher_epochs, batch_size=batch_size,
+                                                  lr=teacher_lr, seed=seed, device=device,
+                                                  max_steps_per_epoch=max_steps_per_epoch),
+                        baseline=baseline, n_boot=n_boot, saliency_images=saliency_images,
+                        saliency_method=saliency_method,
+                        saliency_classes=_class_list(saliency_classes)).validate()
+    config = {"teacher": teacher, "student": student, "data": data, **cfg.to_dict()}
+    with RunDir(out, command="compress distill", config=config, seed=seed,
+                data={"train": train_ds.content_hash(), "val": val_ds.content_hash(),
+                      "test": test_ds.content_hash()}, overwrite=overwrite) as run:
+        res = run_distill(teacher, student, train_ds, val_ds, test_ds, cfg)
+        res.save(run.path)
+    print_table(res.table(), "teacher vs students (test split)")
+    d = res.students["distilled"]
+    sal = res.saliency.get("distilled", {}).get("overall", {})
+    console.print(f"distilled {d['arch']}: {d['param_ratio']:.3f} of the teacher's parameters, "
+                  f"CPU speedup x{fmt(d['speedup'], 2)}, AUROC drop {fmt(d['auroc_drop'], 4)}, "
+                  f"saliency Pearson {fmt(sal.get('pearson_mean'))}; targets met: "
+                  f"{res.targets['all_met']}; written to {out}")
+
+
+def students(
+    teacher: Path = typer.Argument(..., help="Trained teacher model directory."),
+    data: str = typer.Option(..., help="Dataset spec: proxy training on its train split, "
+                             "scoring on its val split."),
+    candidates: str = typer.Option("mobilenetv3_small_100,mobilenetv3_large_100,efficientnet_b0,"
+                                   "resnet_tiny,densenet_tiny", help="Comma list of zoo "
+                                   "architectures and/or model directories."),
+    latency_budget_ms: float = typer.Option(..., help="Largest batch-1 CPU latency (median ms) "
+                                            "on this machine."),
+    out: Path = typer.Option(Path("runs/compress-students"), help="Run directory to create "
+                             "(students.json, manifest.json)."),
+    proxy_epochs: int = typer.Option(1, help="Proxy training epochs per candidate."),
+    proxy_steps: int = typer.Option(20, help="Steps per proxy epoch."),
+    alpha: float = typer.Option(0.5, help="Distillation alpha of the proxy training."),
+    temperature: float = typer.Option(4.0, help="Distillation temperature of the proxy."),
+    lr: float = typer.Option(1e-3, help="Proxy learning rate."),
+    batch_size: int = typer.Option(32, help="Proxy batch size."),
+    seed: int = typer.Option(0, help="Seed (same for every candidate)."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Hardware-aware student choice: measure candidates' CPU latency here, proxy-distil those
+    within the budget, pick the most accurate."""
+    from medscalpel.compress.student_search import choose_student
+
+    pre = _preprocess(str(teacher), 64, 1)
+    train_ds, val_ds, _ = _open_splits(data, pre, augment=False)
+    names = [c.strip() for c in candidates.split(",") if c.strip()]
+    config = {"teacher": str(teacher), "data": data, "candidates": names,
+              "latency_budget_ms": latency_budget_ms, "proxy_epochs": proxy_epochs,
+              "proxy_steps": proxy_steps, "alpha": alpha, "temperature": temperature, "lr": lr,
+              "batch_size": batch_size}
+    with RunDir(out, command="compress students", config=config, seed=seed,
+                data={"train": train_ds.content_hash(), "val": val_ds.content_hash()},
+                overwrite=overwrite) as run:
+        res = choose_student(names, latency_budget_ms, (train_ds, val_ds), str(teacher),
+                             proxy_epochs=proxy_epochs, proxy_steps=proxy_steps, alpha=alpha,
+                             temperature=temperature, lr=lr, batch_size=batch_size, seed=seed)
+        write_json(run.path / "students.json", res.to_dict())
+    print_table(res.table(), f"candidates (teacher {res.teacher['latency_ms']:.2f} ms)")
+    console.print(f"chosen: {res.chosen}; written to {out}")
