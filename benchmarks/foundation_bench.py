@@ -81,7 +81,7 @@ def kermany(args) -> dict:
     minutes = (time.perf_counter() - t0) / 60
     pneu = ev.classes[ev.classes.index(next(c for c in ev.classes if c.name == "PNEUMONIA"))]
     out = {"arch": args.arch, "size": args.size, "n_train": len(tr), "n_val": len(va),
-           "n_test": len(te), "dedup_removed": tr.meta.get("duplicates_removed"),
+           "n_test": len(te), "dedup": tr.meta.get("dedup"),
            "auroc": pneu.auroc, "auroc_ci": list(pneu.auroc_ci), "accuracy": ev.macro["accuracy"],
            "macro_f1": ev.macro["f1"], "minutes": round(minutes, 2), "history": res.history}
     print(out, flush=True)

@@ -208,6 +208,9 @@ def train(
     model.to(dev)
     n_trainable = _set_trainable(model, cfg.trainable)
     params = [p for p in model.parameters() if p.requires_grad]
+    if isinstance(loss_fn, nn.Module):  # a loss with parameters of its own (e.g. a projection)
+        loss_fn.to(dev)
+        params += [p for p in loss_fn.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
     if cfg.max_steps_per_epoch:
@@ -230,7 +233,7 @@ def train(
     identity = {"arch": model.arch, "params": model.num_parameters(),
                 "train": train_ds.content_hash(),
                 "val": val_ds.content_hash() if val_ds is not None else None,
-                "config": {k: v for k, v in cfg.to_dict().items() if k not in ("epochs", "device",
+                "config": {k: v for k, v in cfg.to_dict().items() if k not in ("device",
                                                                             "num_workers")}}
     ckpt = _Checkpointer(Path(checkpoint_dir) if checkpoint_dir else None)
     history: list[dict[str, Any]] = []
