@@ -6,3 +6,7 @@ from medscalpel.data.transforms import Augment, Preprocess
 
 __all__ = ["ArrayDataset", "Augment", "CXRDataset", "DATASETS", "DatasetSpec", "Preprocess",
            "SubsetDataset", "open_dataset", "split_by_patient"]
+
+# file-format adapters register themselves with DATASETS on import
+from medscalpel.data import chexpert, csvfile, folder, medmnist, mimic_lt, nih, nih_lt  # noqa: E402,F401
+from medscalpel.data.phantom import adapter as _phantom_adapter  # noqa: E402,F401

@@ -122,15 +122,15 @@ def binary_labels(df: pd.DataFrame, columns: Sequence[str], path: str | os.PathL
     out = np.empty((len(df), len(columns)), np.float32)
     for j, col in enumerate(columns):
         raw = df[col]
-        num = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
+        num = np.array(pd.to_numeric(raw, errors="coerce"), dtype=np.float64)  # writable copy
         is_blank = raw.isna().to_numpy() | raw.astype(str).str.strip().eq("").to_numpy()
         bad = (~is_blank) & (np.isnan(num) | ~np.isin(num, np.asarray(allowed, np.float64)))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise DataError(
-                f"{path}, line {csv_row(i)}, column {col!r}: value {raw.iloc[i]!r} is not one of "
-                f"{list(allowed)} (blank = unknown). Fix the label file ({int(bad.sum())} such "
-                "cell(s) in this column).")
+                f"{path}, line {csv_row(i)}, column {col!r}: value {str(raw.iloc[i])!r} is not "
+                f"one of {list(allowed)} (blank = {'unknown' if np.isnan(blank) else blank}). "
+                f"Fix the label file ({int(bad.sum())} such cell(s) in this column).")
         num[is_blank] = blank
         out[:, j] = num
     return out

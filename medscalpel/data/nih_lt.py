@@ -81,9 +81,11 @@ def load_split_tables(adapter: str, dirs: list[Path], pattern: str, split: str,
                             "Download the label CSVs there or point labels_dir at them.")
         return (pd.concat([df for df, _ in found], ignore_index=True),
                 [str(f) for _, f in found])
-    df, f = read(split)
-    if df is not None:
-        return df, [str(f)]
+    has_val = find_split_csv(dirs, pattern, "val", adapter) is not None
+    if split == "test" or has_val:
+        df, f = read(split)
+        if df is not None:
+            return df, [str(f)]
     if split == "test":
         raise DataError(f"No {adapter} test label file ({pattern.format(split='test')}) in "
                         f"{where}. Download it there or point labels_dir at it.")

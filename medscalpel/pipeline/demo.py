@@ -362,7 +362,7 @@ def _stage_explain(c: _Context) -> dict[str, Any]:
         idx = [i for i, _ in picks]
         imgs = torch.stack([test.image(i) for i in idx])
         cam = compute_cam(c.model, imgs, [k for _, k in picks], method="gradcam",
-                          progress=c.progress)
+                          progress=c.progress, ids=[test.ids[i] for i in idx])
         zones = []
         for (i, k), m in zip(picks, cam.maps):
             masks = c.phantom.masks(int(rows[i]))
@@ -370,9 +370,9 @@ def _stage_explain(c: _Context) -> dict[str, Any]:
                                  heart_mask=masks["heart"])
             zones.append(z)
             summary.append({"id": test.ids[i], "class": names[k],
-                            "location": describe_location(np.asarray(m), z)})
+                            "location": describe_location(np.asarray(m), z.resized(m.shape))})
         grey = c.pp.denormalize(imgs).numpy()
-        cam_overlay_figure(grey, np.asarray(cam.maps), d / "cams" / "gradcam.png", zones=zones,
+        cam_overlay_figure(grey, cam, d / "cams" / "gradcam.png", zones=zones,
                            title="Grad-CAM (true positives) with lung zones")
         write_json(d / "cams" / "cams.json", {"method": "gradcam", "images": summary})
     pol = polarity_analysis(c.model.classifier.weight.detach().numpy(), c.ds("train").labels,

@@ -21,8 +21,8 @@ import numpy as np
 F32 = np.float32
 
 #: lung centre |x| and half-width in the body frame, and the thoracic width they imply
-LUNG_CX = 0.41
-LUNG_AX = 0.32
+LUNG_CX = 0.43
+LUNG_AX = 0.35
 THORAX_WIDTH = 2 * (LUNG_CX + LUNG_AX)
 
 
@@ -69,6 +69,21 @@ def soft_inside(f: np.ndarray, width: float) -> np.ndarray:
     return np.clip((1.0 - f) / width, 0.0, 1.0)
 
 
+def sq(t: np.ndarray) -> np.ndarray:
+    return t * t
+
+
+def p4(t: np.ndarray) -> np.ndarray:
+    """``t ** 4`` by multiplication (``np.power`` takes a slow path for negative bases)."""
+    t2 = t * t
+    return t2 * t2
+
+
+def fpow(t: np.ndarray, p: float) -> np.ndarray:
+    """``|t| ** p`` for a fractional ``p``, floored away from the denormal range."""
+    return np.maximum(np.abs(t), F32(1e-3)) ** F32(p)
+
+
 def col(a: np.ndarray) -> np.ndarray:
     """Per-image parameter vector ``[B]`` -> broadcastable ``[B, 1, 1]``."""
     return np.asarray(a, dtype=F32)[:, None, None]
@@ -90,10 +105,7 @@ class Anatomy:
     dome_l: np.ndarray
     dome_curv: np.ndarray         # dome curvature (flat in emphysema)
     body_w: np.ndarray
-    rib_phase: np.ndarray
-    rib_spacing: np.ndarray
-    vessel_n: np.ndarray
-    vessel_phase: np.ndarray
+    texture: np.ndarray           # index of the rib / vessel variant (skeleton_bank)
     air: np.ndarray               # lung lucency (air depth)
     marking_gain: np.ndarray      # vascular marking strength
     exposure: np.ndarray          # tone-curve gain (under / over exposure)
@@ -125,12 +137,12 @@ def sample_anatomy(rng: np.random.Generator, n: int, patient_base: np.ndarray | 
     ap = np.zeros(n, bool) if ap_view is None else np.asarray(ap_view, bool)
     insp = np.clip(1.0 + 0.06 * pb[:, 2] + rng.normal(0, 0.04, n), 0.82, 1.12).astype(F32)
     insp[ap] -= F32(0.06)
-    ctr = np.clip(0.43 + 0.025 * pb[:, 1] + rng.normal(0, 0.012, n), 0.35, 0.49).astype(F32)
+    ctr = np.clip(0.445 + 0.02 * pb[:, 1] + rng.normal(0, 0.012, n), 0.38, 0.495).astype(F32)
     ctr[ap] += F32(0.035)  # AP projection magnifies the heart
     dome = (0.50 + 0.03 * pb[:, 3] + rng.normal(0, 0.02, n)).astype(F32)
     exposure = np.exp(rng.normal(0, 0.18, n)).astype(F32)
-    noise = np.exp(rng.normal(np.log(0.035), 0.45, n)).astype(F32)
-    noise[ap] *= F32(1.4)
+    noise = np.exp(rng.normal(np.log(0.02), 0.4, n)).astype(F32)
+    noise[ap] *= F32(1.3)
     return Anatomy(
         tx=rng.normal(0, 0.03, n).astype(F32),
         ty=rng.normal(0.02, 0.03, n).astype(F32),
@@ -138,15 +150,12 @@ def sample_anatomy(rng: np.random.Generator, n: int, patient_base: np.ndarray | 
         scale=np.clip(1.0 + 0.04 * pb[:, 0] + rng.normal(0, 0.02, n), 0.88, 1.1).astype(F32),
         inspiration=insp,
         ctr=ctr,
-        heart_y=u(0.24, 0.30),
+        heart_y=u(0.19, 0.25),
         dome_r=dome,
         dome_l=(dome + u(0.02, 0.08)).astype(F32),
         dome_curv=u(0.9, 1.3),
-        body_w=u(0.90, 1.02),
-        rib_phase=u(0, 1),
-        rib_spacing=u(0.15, 0.18),
-        vessel_n=rng.integers(7, 11, n).astype(F32),
-        vessel_phase=u(0, 2 * np.pi),
+        body_w=u(0.86, 0.98),
+        texture=rng.integers(0, 48, n).astype(np.int32),
         air=u(0.30, 0.36),
         marking_gain=u(0.8, 1.2),
         exposure=exposure,
@@ -160,7 +169,7 @@ def quality_score(an: Anatomy) -> np.ndarray:
     """Image quality in [0, 1] (1 = ideal): penalises noise, blur, rotation, poor inspiration
     and under/over exposure, the criteria a radiologist applies."""
     q = (1.0
-         - 3.0 * np.clip(an.noise - 0.03, 0, None)
+         - 6.0 * np.clip(an.noise - 0.015, 0, None)
          - 0.25 * an.blur
          - 2.0 * np.abs(an.rot)
          - 1.2 * np.clip(0.98 - an.inspiration, 0, None)
@@ -216,7 +225,7 @@ def lung_shapes(X: np.ndarray, Y: np.ndarray, an: Anatomy) -> tuple[np.ndarray, 
         dx = (X - sgn * LUNG_CX - shift * 0.5) / (LUNG_AX * col(an.body_w))
         dy = (Y - cy) / by
         # apex rounder than base: the exponent grows toward the base (costophrenic angle)
-        f = np.abs(dx) ** 2.2 + np.where(dy < 0, np.abs(dy) ** 2.0, np.abs(dy) ** 4.0)
+        f = sq(dx) + np.where(dy < 0, sq(dy), p4(dy))
         lung = soft_inside(f, 0.25)
         lung *= np.clip((dome - Y) / 0.03, 0.0, 1.0)
         out.append(lung.astype(F32))
@@ -228,14 +237,74 @@ def heart_shape(X: np.ndarray, Y: np.ndarray, an: Anatomy) -> np.ndarray:
     """Cardiac silhouette: a tilted ellipse whose transverse width is ``ctr * thorax width``."""
     width = col(an.ctr) * THORAX_WIDTH * col(an.body_w)
     hw = width / 2
-    hx = 0.22 * width - 0.04 + col(an.mediastinal_shift)   # heart sits left of the mid-line
+    hx = 0.15 * width + col(an.mediastinal_shift)   # heart sits left of the mid-line
     hy = col(an.heart_y)
-    t = 0.25
+    t = 0.45
     dx, dy = X - hx, Y - hy
-    u = dx * np.cos(t) + dy * np.sin(t)
-    v = -dx * np.sin(t) + dy * np.cos(t)
-    f = (np.abs(u) / (hw * 1.02)) ** 2.3 + (np.abs(v) / 0.30) ** 2.3
+    ct, st = F32(np.cos(t)), F32(np.sin(t))
+    u = dx * ct + dy * st
+    v = dy * ct - dx * st
+    f = sq(u / (hw * 0.95)) + sq(v / 0.36)
     return soft_inside(f, 0.10).astype(F32)
+
+
+@lru_cache(maxsize=8)
+def skeleton_bank(size: int, count: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """Rigid layers rendered once per size in the body frame at twice the resolution:
+    ``bones`` (ribs, clavicles, spine, mediastinum) and vessel ``markings``, ``count`` variants
+    each (rib phase/spacing, vessel branching), ``[count, 2S, 2S]`` float32. Images pick a
+    variant and sample it through their own body frame (:func:`warp`), so the layers move with
+    the patient's position at the cost of one gather."""
+    rng = np.random.default_rng(4242)
+    x, y = grid(2 * size)
+    X = np.repeat(x, count, 0)
+    Y = np.repeat(y, count, 0)
+    ax = np.abs(X)
+    n = count
+    v_n = col(rng.integers(7, 11, n))
+    v_ph = col(rng.uniform(0, 2 * np.pi, n))
+    markings = np.zeros_like(X)
+    for sgn in (-1.0, 1.0):
+        dx, dy = X - sgn * 0.17, Y + 0.02
+        r = np.sqrt(dx * dx + dy * dy) + 1e-3
+        phi = np.arctan2(dy, dx * sgn)
+        wob = 0.35 * np.sin(6.0 * r + v_ph)
+        b = np.clip(np.cos(v_n * phi + wob + v_ph * sgn), 0.01, None)
+        markings += p4(b) * b * b * np.exp(-r / 0.28) + 0.8 * np.exp(-sq(r / 0.10))
+    # ribs: posterior arcs (rise laterally, curve down at the wall) and fainter anterior ribs
+    sp = col(rng.uniform(0.15, 0.18, n))
+    ph = col(rng.uniform(0, 1, n))
+    cage = soft_inside(sq(ax / 0.76) + sq((Y + 0.05) / 0.85), 0.3) * (ax > 0.06) * (Y < 0.62)
+    g1 = (Y + 0.55 * ax - 0.55 * ax * ax) / sp + ph
+    post = np.clip(np.cos(2 * np.pi * g1) + 0.1, 0, 0.6) / 0.6
+    g2 = (Y - 0.35 * ax) / (sp * 1.1) + ph * 0.7
+    ant = np.clip(np.cos(2 * np.pi * g2) - 0.2, 0, 0.5) / 0.5
+    bones = cage * (0.055 * post + 0.025 * ant)
+    # clavicles: two bars from the sternal notch up and out
+    for sgn in (-1.0, 1.0):
+        p0 = (sgn * 0.08, -0.72)
+        d = (sgn * 0.54, -0.14)
+        dd = d[0] * d[0] + d[1] * d[1]
+        t = np.clip(((X - p0[0]) * d[0] + (Y - p0[1]) * d[1]) / dd, 0, 1)
+        dist = np.sqrt(sq(X - p0[0] - t * d[0]) + sq(Y - p0[1] - t * d[1]))
+        bones += 0.16 * np.clip(1 - dist / 0.045, 0, 1)
+    # mediastinum (wider at the aortic knob on the left) and the spine behind it
+    med_w = 0.15 + 0.06 * np.exp(-sq((X - 0.14) / 0.08) - sq((Y + 0.30) / 0.08))
+    medi = soft_inside(sq((X - 0.02) / med_w) + sq(p4((Y + 0.25) / 0.80)), 0.3)
+    spine = np.sqrt(np.clip(1 - ax / 0.075, 0, 1)) * (1 + 0.15 * np.cos(2 * np.pi * Y / 0.12))
+    bones += 0.06 * spine
+    return (np.ascontiguousarray(bones, F32), np.ascontiguousarray(markings, F32),
+            np.ascontiguousarray(medi, F32))
+
+
+def warp(banks: tuple[np.ndarray, ...], k: np.ndarray, X: np.ndarray, Y: np.ndarray
+         ) -> list[np.ndarray]:
+    """Sample variant ``k[b]`` of each bank at body-frame coordinates (nearest neighbour)."""
+    s2 = banks[0].shape[-1]
+    ix = np.clip(((X + 1) * (0.5 * s2)).astype(np.int32), 0, s2 - 1)
+    iy = np.clip(((Y + 1) * (0.5 * s2)).astype(np.int32), 0, s2 - 1)
+    lin = iy * s2 + ix + col(k).astype(np.int64).astype(np.int32) * (s2 * s2)
+    return [b.reshape(-1).take(lin) for b in banks]
 
 
 def render_anatomy(an: Anatomy, size: int, rng: np.random.Generator) -> tuple[np.ndarray, Frame,
@@ -243,77 +312,40 @@ def render_anatomy(an: Anatomy, size: int, rng: np.random.Generator) -> tuple[np
     """Density map ``[B, S, S]`` of the normal anatomy, the body frame and the lung/heart masks.
 
     Returns ``(density, frame, parts)`` where ``parts`` keeps the layers findings modify
-    (``markings``: vessel markings inside the lungs; ``air``: lung lucency term)."""
+    (``markings``: vessel markings; ``lungs``: soft lung fields; ``body``; ``air``)."""
     X, Y = body_frame(an, size)
     B = an.n
     ax = np.abs(X)
     lung_r, lung_l, dome_r, dome_l = lung_shapes(X, Y, an)
     lungs = np.maximum(lung_r, lung_l)
 
-    # body: soft tissue with shoulders and neck; dark air outside
+    # body: soft tissue with shoulders; dark air outside
     bw = col(an.body_w)
-    body = soft_inside((X / (0.98 * bw)) ** 4 + ((Y - 0.15) / 1.25) ** 4, 0.12)
-    shoulders = soft_inside((ax / (1.02 * bw)) ** 2 + ((Y + 0.95) / 0.35) ** 2, 0.3)
-    neck = soft_inside((X / 0.22) ** 2 + ((Y + 1.0) / 0.3) ** 2, 0.3)
-    body = np.maximum(np.maximum(body, shoulders * (Y > -1.05)), neck)
-    dens = 0.50 * body
+    body = soft_inside(p4(X / bw) + p4((Y - 0.15) / 1.25), 0.12)
+    shoulders = soft_inside(sq(ax / (1.02 * bw)) + sq((Y + 0.95) / 0.35), 0.3)
+    body = np.maximum(body, shoulders * (Y > -1.05))
     # soft tissue thicker laterally (chest wall) and at the bases (breasts, abdomen)
-    dens += 0.10 * body * np.clip(ax - 0.55, 0, None) * 3
-    dens += 0.08 * body * np.clip(Y - 0.0, 0, None)
+    dens = body * (0.50 + 0.3 * np.clip(ax - 0.55, 0, None) + 0.08 * np.clip(Y, 0, None))
 
     # lungs: air lowers density; darkest mid-lateral, whiter at apex and base
     zone = 1.0 - 0.35 * np.clip(-Y - 0.4, 0, None) - 0.25 * np.clip(Y - 0.1, 0, None)
     texture = pick_noise(rng, B, size, 0.05)
     air = col(an.air) * zone * (1.0 + 0.06 * texture)
-    # vessel markings radiate from the hila and fade toward the periphery
-    markings = np.zeros_like(X)
-    for sgn in (-1.0, 1.0):
-        hx, hy = sgn * 0.17, -0.02
-        dx, dy = X - hx, Y - hy
-        r = np.sqrt(dx * dx + dy * dy) + 1e-3
-        phi = np.arctan2(dy, dx * sgn)
-        wob = 0.35 * np.sin(6.0 * r + col(an.vessel_phase))
-        br = np.cos(col(an.vessel_n) * phi + wob + col(an.vessel_phase) * sgn)
-        branch = np.clip(br, 0, None) ** 6
-        markings += branch * np.exp(-r / 0.28) + 0.8 * np.exp(-(r / 0.10) ** 2)
+    bones, markings, medi = warp(skeleton_bank(size), an.texture, X, Y)
     markings *= col(an.marking_gain)
-
-    # ribs: posterior arcs (rise laterally, curve down at the wall) and fainter anterior ribs
-    cage = soft_inside((ax / 0.74) ** 2 + ((Y + 0.05) / 0.85) ** 2, 0.3) * (ax > 0.06)
-    sp = col(an.rib_spacing)
-    g1 = (Y + 0.55 * ax - 0.55 * ax * ax) / sp + col(an.rib_phase)
-    post = np.clip(np.cos(2 * np.pi * g1) + 0.1, 0, 0.6) / 0.6
-    g2 = (Y - 0.35 * ax) / (sp * 1.1) + col(an.rib_phase) * 0.7
-    ant = np.clip(np.cos(2 * np.pi * g2) - 0.2, 0, 0.5) / 0.5
-    ribs = cage * (0.055 * post + 0.025 * ant) * (Y < col(np.maximum(an.dome_r, an.dome_l)) + 0.1)
-
-    # clavicles: two bars from the sternal notch up and out
-    clav = np.zeros_like(X)
-    for sgn in (-1.0, 1.0):
-        p0 = np.array([sgn * 0.08, -0.72], F32)
-        p1 = np.array([sgn * 0.62, -0.86], F32)
-        d = p1 - p0
-        t = np.clip(((X - p0[0]) * d[0] + (Y - p0[1]) * d[1]) / float(d @ d), 0, 1)
-        dist = np.sqrt((X - p0[0] - t * d[0]) ** 2 + (Y - p0[1] - t * d[1]) ** 2)
-        clav = np.maximum(clav, np.clip(1 - dist / 0.045, 0, 1))
-
     heart = heart_shape(X, Y, an)
-    # mediastinum (wider at the aortic knob on the left), spine behind it
-    med_w = 0.15 + 0.06 * np.exp(-((X - 0.14) / 0.08) ** 2 - ((Y + 0.30) / 0.08) ** 2)
-    medi = soft_inside((np.abs(X - 0.02) / med_w) ** 2 + ((Y + 0.25) / 0.80) ** 8, 0.3)
-    spine = np.clip(1 - ax / 0.075, 0, 1) ** 0.5 * (1 + 0.15 * np.cos(2 * np.pi * Y / 0.12))
 
     # abdomen under the domes, with a stomach gas bubble under the left dome
     below = np.maximum(np.clip((Y - dome_r) / 0.03, 0, 1) * (X < 0.05),
                        np.clip((Y - dome_l) / 0.03, 0, 1) * (X >= 0.05))
-    stomach = soft_inside(((X - 0.42) / 0.12) ** 2 + ((Y - col(an.dome_l) - 0.1) / 0.07) ** 2,
-                          0.5)
+    stomach = soft_inside(sq((X - 0.42) / 0.12) + sq((Y - col(an.dome_l) - 0.1) / 0.07), 0.5)
 
-    dens = dens - air * lungs * (1 - 0.6 * heart) * (1 - 0.6 * medi) + 0.06 * markings * lungs
-    dens += 0.22 * heart + 0.22 * medi * (1 - 0.5 * heart) + 0.08 * spine * (Y > -1.0)
-    dens += ribs + 0.16 * clav * body
-    dens += 0.12 * below * body - 0.12 * stomach * below
+    dens -= air * lungs * (1 - 0.6 * heart) * (1 - 0.6 * medi)
+    dens += 0.06 * markings * lungs
+    dens += 0.22 * heart + 0.17 * medi * (1 - 0.6 * heart)
+    dens += bones * body
+    dens += (0.12 * body - 0.12 * stomach) * below
     frame = Frame(X=X, Y=Y, lung_r=lung_r, lung_l=lung_l, heart=heart, below_dome=below,
                   dome_y_r=dome_r, dome_y_l=dome_l)
     parts = {"markings": markings, "lungs": lungs, "body": body, "air": air}
-    return dens.astype(F32), frame, parts
+    return dens.astype(F32, copy=False), frame, parts

@@ -1,0 +1,43 @@
+"""``medscalpel data ...`` commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from medscalpel.cli.common import console, fmt
+from medscalpel.runs import RunDir
+
+
+def stats(
+    spec: str = typer.Argument(..., help="Dataset spec, e.g. 'nih:/data/nih', "
+                               "'folder:/data/kermany/train?dedup=true', "
+                               "'nih:/data/nih-labels?labels_only=true'."),
+    split: str = typer.Option("all", help="Split to describe: train, val, test or all."),
+    out: Path = typer.Option(Path("runs/data-stats"), help="Run directory to create (stats.json, "
+                             "jaccard.png, cooccurrence.png, manifest.json)."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Label statistics of a dataset: prevalence per class, co-occurrence counts, Jaccard
+    matrix and the pairs of findings that never occur together. Prints a table and writes
+    JSON plus two heatmap PNGs into a new run directory."""
+    from rich.table import Table
+
+    from medscalpel.data.stats import dataset_statistics
+
+    with RunDir(out, command="data stats", config={"spec": spec, "split": split},
+                overwrite=overwrite) as run:
+        result = dataset_statistics(spec, split, run.path)
+        run.data = {"spec": result.spec, "split": split, "content_hash": result.content_hash,
+                    "n_images": result.n}
+    table = Table(title=f"{result.spec} [{split}]: {result.n} images, {result.task}")
+    for col in ("class", "positives", "known", "prevalence"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, c, k, p in zip(result.class_names, result.counts, result.known, result.prevalence):
+        table.add_row(name, str(c), str(k), fmt(p, 4))
+    console.print(table)
+    if result.task == "multilabel":
+        console.print(f"images with >= 3 findings: {result.n_ge3}; pairs that never co-occur: "
+                      f"{len(result.never_cooccur)}")
+    console.print(f"written to {out}")

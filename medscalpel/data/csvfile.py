@@ -1,0 +1,160 @@
+"""A generic label CSV (``csv``): a path column plus label columns.
+
+The spec root is a CSV file (image paths relative to its folder) or a folder holding the CSV
+(``file=labels.csv`` by default). Every image path must lie INSIDE that folder: absolute paths
+and ``..`` that escape it are refused with the offending line named.
+
+Tasks:
+    * ``task=multilabel`` (default): ``label_cols=a,b,c`` (default: every other numeric column,
+      except the patient and split columns) of 0/1 values; a blank cell is unknown (NaN).
+    * ``task=multiclass``: one ``label_col`` (default ``label``) of class names; the classes are
+      the sorted names found, or ``classes=a,b,c`` (then a name outside that list is an error).
+
+Splits: with ``split_col`` (values ``train``, ``val``/``valid``/``validation``, ``test``) the
+column decides, and when it has no ``val`` rows, ``val`` is carved from train by PATIENT
+(seeded ``val_fraction``). Without it, a seeded patient-wise split makes ``test``
+(``test_fraction``, default 0.2) and ``val`` (``val_fraction``, default 0.1) of the patients
+(of the rows when there is no ``patient_col``). ``all`` = every row.
+
+Example:
+    >>> ds = open_dataset("csv:/data/study/labels.csv?patient_col=pid", split="val")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medscalpel.data.base import CXRDataset, split_by_patient
+from medscalpel.data.labels import (ImageFileDataset, binary_labels, check_common, csv_row,
+                                    finish, read_table, require_columns, require_dir,
+                                    resolve_inside, select_split, split_list_option)
+from medscalpel.data.spec import DATASETS
+from medscalpel.data.transforms import Preprocess
+from medscalpel.errors import ConfigError, DataError
+from medscalpel.validation import check_fraction, check_in
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "test": "test", "testing": "test"}
+
+
+@DATASETS.register("csv", help="a CSV with a path column + label columns, paths inside the root")
+def open_csv(root: str | None, split: str = "train", preprocess: Preprocess | None = None,
+             file: str = "labels.csv", path_col: str = "path", label_cols: str | None = None,
+             task: str = "multilabel", label_col: str = "label", classes: str | None = None,
+             patient_col: str | None = None, split_col: str | None = None,
+             val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
+             colour: bool = False, skip_corrupt: bool = False) -> CXRDataset:
+    """Open a generic label CSV (see the module docstring).
+
+    Args:
+        root: the CSV file, or the folder holding ``file``.
+        split: ``train``, ``val``, ``test`` or ``all``.
+        file: the CSV's name inside a folder root.
+        path_col: the column of image paths (relative to the CSV's folder).
+        label_cols: comma-separated multi-label columns (default: the other numeric columns).
+        task: ``multilabel`` or ``multiclass``.
+        label_col: the class-name column for ``multiclass``.
+        classes: comma-separated class names (order) for ``multiclass``.
+        patient_col: column of patient ids (splits keep a patient's images together).
+        split_col: column of split names.
+        val_fraction, test_fraction, seed: the seeded patient-wise carving (see above).
+        colour: keep RGB for colour data (needs ``Preprocess(colour=True)``).
+        skip_corrupt: drop missing/unreadable images (recorded in ``dataset.skip_report``).
+    """
+    check_common("csv", split, val_fraction, seed)
+    check_fraction(test_fraction, "test_fraction", "the 'csv' adapter")
+    check_in(task, "task", "the 'csv' adapter", ("multilabel", "multiclass"))
+    if val_fraction + test_fraction >= 1.0:
+        raise ConfigError(f"The 'val_fraction' + 'test_fraction' of the 'csv' adapter must be "
+                          f"below 1. Got {val_fraction} + {test_fraction} instead.")
+    given = require_dir(root, "csv", "csv:/data/study/labels.csv")
+    csv_path = given if given.is_file() else given / file
+    base = csv_path.parent
+    required = [path_col] + [c for c in (patient_col, split_col) if c]
+    if task == "multiclass":
+        required.append(label_col)
+    df = read_table(csv_path, required, what="label CSV", dtype={path_col: str})
+    if len(df) == 0:
+        raise DataError(f"The label CSV {csv_path} has a header but no rows. Add one row per "
+                        "image.")
+
+    # ---- labels
+    if task == "multilabel":
+        cols = split_list_option(label_cols)
+        if cols is None:
+            skip = {path_col, patient_col, split_col}
+            cols = [c for c in df.columns if c not in skip
+                    and pd.api.types.is_numeric_dtype(df[c])]
+            if not cols:
+                raise DataError(f"The label CSV {csv_path} has no numeric label columns besides "
+                                f"{path_col!r}; it has {list(df.columns)}. Add 0/1 columns or "
+                                "name them with label_cols=a,b,c.")
+        else:
+            require_columns(df, cols, csv_path, "label CSV")
+        class_names = list(cols)
+        labels = binary_labels(df, cols, csv_path, blank=np.nan)
+    else:
+        names = df[label_col]
+        blank = names.isna() | names.astype(str).str.strip().eq("")
+        if blank.any():
+            i = int(np.flatnonzero(blank.to_numpy())[0])
+            raise DataError(f"{csv_path}, line {csv_row(i)}, column {label_col!r}: empty class "
+                            "name. Fill it in or remove the row.")
+        names = names.astype(str).str.strip()
+        class_names = split_list_option(classes) or sorted(names.unique())
+        index = {c: k for k, c in enumerate(class_names)}
+        bad = ~names.isin(list(index))
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(f"{csv_path}, line {csv_row(i)}, column {label_col!r}: unknown class "
+                            f"name {names.iloc[i]!r}; the classes are {class_names}. Fix the "
+                            "'classes' option or the row.")
+        labels = names.map(index).to_numpy(np.int64)
+
+    # ---- paths (inside the root only) and patients
+    rels = df[path_col].fillna("").astype(str).tolist()
+    paths = [resolve_inside(base, r, f"{csv_path}, line {csv_row(i)}, column {path_col!r}")
+             for i, r in enumerate(rels)]
+    ids = [r.strip().replace("\\", "/") for r in rels]
+    patients: list[str | None] = (df[patient_col].astype(str).str.strip().tolist()
+                                  if patient_col else [None] * len(df))
+
+    # ---- split
+    rows = _split_rows(df, split, split_col, patients, val_fraction, test_fraction, seed,
+                       csv_path)
+    ds = ImageFileDataset("csv", [paths[i] for i in rows], [ids[i] for i in rows], labels[rows],
+                          class_names, task, [patients[i] for i in rows], preprocess, split,
+                          colour=colour, meta={"file": str(csv_path), "seed": seed})
+    return finish(ds, skip_corrupt)
+
+
+def _split_rows(df: pd.DataFrame, split: str, split_col: str | None,
+                patients: list[str | None], val_fraction: float, test_fraction: float,
+                seed: int, csv_path: Path) -> np.ndarray:
+    n = len(df)
+    if split == "all":
+        return np.arange(n)
+    if split_col:
+        raw = df[split_col].astype(str).str.strip().str.lower()
+        mapped = raw.map(SPLIT_ALIASES)
+        if mapped.isna().any():
+            i = int(np.flatnonzero(mapped.isna().to_numpy())[0])
+            raise DataError(f"{csv_path}, line {csv_row(i)}, column {split_col!r}: unknown split "
+                            f"{df[split_col].iloc[i]!r}; use train, val or test.")
+        mapped = mapped.to_numpy()
+        if split == "test" or (split == "val" and (mapped == "val").any()):
+            return np.flatnonzero(mapped == split)
+        if split == "train" and (mapped == "val").any():
+            return np.flatnonzero(mapped == "train")
+        train = np.flatnonzero(mapped == "train")  # no val rows: carve val from train
+        return train[select_split([patients[i] for i in train], split, val_fraction, seed)]
+    rest, test = split_by_patient(patients, test_fraction, seed)
+    if split == "test":
+        return np.sort(test)
+    # val is val_fraction of ALL patients, taken from the non-test part
+    frac = val_fraction / (1.0 - test_fraction) if test_fraction < 1 else 0.0
+    sub = rest[select_split([patients[i] for i in rest], split, frac, seed + 1)]
+    return np.sort(sub)

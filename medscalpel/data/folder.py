@@ -1,0 +1,211 @@
+"""Image folders (``folder``): one subfolder per class (multi-class).
+
+Works for Kermany pneumonia (``train/NORMAL``, ``train/PNEUMONIA``), COVID-QU-Ex (a class folder's
+``images/`` subfolder is used and its ``lung masks/`` ignored), LC25000 (colour histopathology:
+pass ``colour=true`` with ``Preprocess(colour=True)``) and any similar layout. Images are found
+recursively inside each class folder; hidden files and folders whose name contains ``mask`` are
+skipped. Class names are the folder names (sorted), or the ``classes=a,b,c`` option (subset and
+order).
+
+De-duplication (``dedup=true``, the default): files are hashed (sha256 of the bytes); of each
+group of byte-identical files one is kept (the first by path), so no image can sit in two
+splits; a group whose copies lie in different class folders is dropped entirely (its label is
+contradictory). What was found is in ``dataset.meta["dedup"]``.
+
+Splits: a seeded split stratified by class: ``test_fraction`` (default 0.2) and ``val_fraction``
+(default 0.1) of each class's images go to test and val, the rest to train; ``all`` = every
+image. With ``patient_regex`` (a regular expression whose first group, searched in the file
+name, is the patient id, e.g. ``^(person[0-9]*|IM-[0-9]*|NORMAL2-IM-[0-9]*)`` for Kermany) all
+images of a patient go to the same split. In a spec string write ``+`` as ``%2B``.
+
+Example:
+    >>> ds = open_dataset("folder:/data/kermany/train?dedup=true", split="test")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medscalpel.data.base import CXRDataset
+from medscalpel.data.io import IMAGE_EXTENSIONS
+from medscalpel.data.labels import (ImageFileDataset, check_common, finish, require_dir,
+                                    split_list_option)
+from medscalpel.data.spec import DATASETS
+from medscalpel.data.transforms import Preprocess
+from medscalpel.errors import ConfigError, DataError
+from medscalpel.progress import track
+from medscalpel.validation import check_fraction
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("__")
+
+
+def list_class_images(class_dir: Path) -> list[Path]:
+    """Image files of one class folder (its ``images/`` subfolder when it has one)."""
+    top = class_dir / "images" if (class_dir / "images").is_dir() else class_dir
+    out = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d) and "mask" not in d.lower())
+        for f in sorted(filenames):
+            if not _hidden(f) and f.lower().endswith(IMAGE_EXTENSIONS):
+                out.append(Path(dirpath) / f)
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def deduplicate(paths: list[Path], labels: np.ndarray, names: list[str],
+                progress: bool | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Rows to keep after removing byte-identical copies, and a report.
+
+    Returns:
+        ``(keep_indices, report)``; the report counts files, duplicate groups, removed copies
+        and label conflicts, with a few example groups.
+    """
+    groups: dict[str, list[int]] = {}
+    for i in track(range(len(paths)), "hashing images", progress=progress):
+        groups.setdefault(file_sha256(paths[i]), []).append(i)
+    keep, dup_groups, conflicts = [], [], []
+    for members in groups.values():
+        if len(members) == 1:
+            keep.append(members[0])
+            continue
+        members = sorted(members, key=lambda i: str(paths[i]))
+        dup_groups.append([names[i] for i in members])
+        if len({int(labels[i]) for i in members}) > 1:
+            conflicts.append([names[i] for i in members])
+            continue
+        keep.append(members[0])
+    report = {
+        "n_files": len(paths),
+        "n_unique": len(groups),
+        "duplicate_groups": len(dup_groups),
+        "duplicates_removed": len(paths) - len(keep),
+        "label_conflicts": len(conflicts),
+        "conflict_files_removed": sum(len(g) for g in conflicts),
+        "examples": dup_groups[:10],
+    }
+    return np.array(sorted(keep), dtype=np.int64), report
+
+
+def stratified_group_split(labels: np.ndarray, groups: list[str], val_fraction: float,
+                           test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Seeded split of rows into train/val/test, stratified by class, whole groups at a time.
+
+    Per class, the groups (labelled by their first row's class) are shuffled and dealt to test
+    until it holds ``round(n * test_fraction)`` images, then to val, the rest to train.
+    """
+    first: dict[str, int] = {}
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        first.setdefault(g, i)
+        members.setdefault(g, []).append(i)
+    out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    classes = sorted({int(labels[first[g]]) for g in members})
+    for c in classes:
+        gs = sorted(g for g in members if int(labels[first[g]]) == c)
+        rng = np.random.default_rng([seed, c])
+        rng.shuffle(gs)
+        n = sum(len(members[g]) for g in gs)
+        target = {"test": round(n * test_fraction), "val": round(n * val_fraction)}
+        count = {"test": 0, "val": 0}
+        for g in gs:
+            if count["test"] < target["test"]:
+                s = "test"
+            elif count["val"] < target["val"]:
+                s = "val"
+            else:
+                s = "train"
+            out[s] += members[g]
+            if s in count:
+                count[s] += len(members[g])
+    return {k: np.array(sorted(v), dtype=np.int64) for k, v in out.items()}
+
+
+@DATASETS.register("folder", help="one subfolder per class (Kermany, COVID-QU-Ex, LC25000)")
+def open_folder(root: str | None, split: str = "train", preprocess: Preprocess | None = None,
+                dedup: bool = True, val_fraction: float = 0.1, test_fraction: float = 0.2,
+                seed: int = 0, colour: bool = False, classes: str | None = None,
+                patient_regex: str | None = None, skip_corrupt: bool = False) -> CXRDataset:
+    """Open a class-per-subfolder image collection (see the module docstring).
+
+    Args:
+        root: the folder holding one subfolder per class.
+        split: ``train``, ``val``, ``test`` or ``all``.
+        dedup: drop byte-identical copies (sha256) before splitting.
+        val_fraction, test_fraction: per-class fractions of images for val and test.
+        seed: seed of the split.
+        colour: keep RGB (colour data such as LC25000); needs ``Preprocess(colour=True)``.
+        classes: comma-separated class folder names to use, in this order.
+        patient_regex: regex whose first group in a file name is the patient id.
+        skip_corrupt: drop unreadable images (recorded in ``dataset.skip_report``).
+    """
+    check_common("folder", split, val_fraction, seed)
+    check_fraction(test_fraction, "test_fraction", "the 'folder' adapter")
+    if val_fraction + test_fraction >= 1.0:
+        raise ConfigError(f"The 'val_fraction' + 'test_fraction' of the 'folder' adapter must be "
+                          f"below 1. Got {val_fraction} + {test_fraction} instead.")
+    base = require_dir(root, "folder", "folder:/data/kermany/train")
+    if not base.is_dir():
+        raise DataError(f"{base} is a file; the 'folder' adapter takes a folder holding one "
+                        "subfolder per class.")
+    present = sorted(p.name for p in base.iterdir() if p.is_dir() and not _hidden(p.name))
+    wanted = split_list_option(classes)
+    if wanted is None:
+        wanted = present
+    unknown = [c for c in wanted if c not in present]
+    if unknown:
+        raise DataError(f"Unknown class name(s) {unknown} for {base}: its class folders are "
+                        f"{present}. Fix the 'classes' option.")
+    if len(wanted) < 2:
+        raise DataError(f"{base} needs at least two class subfolders (one per class); found "
+                        f"{present}. Point the spec at the folder that holds the class folders.")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for k, c in enumerate(wanted):
+        files = list_class_images(base / c)
+        if not files:
+            raise DataError(f"Class folder {base / c} holds no image files "
+                            f"({', '.join(IMAGE_EXTENSIONS)}). Add images or drop the class.")
+        paths += files
+        labels += [k] * len(files)
+    y = np.asarray(labels, dtype=np.int64)
+    ids = [p.relative_to(base).as_posix() for p in paths]
+    meta: dict[str, Any] = {"root": str(base), "dedup": None, "val_fraction": val_fraction,
+                            "test_fraction": test_fraction, "seed": seed}
+    if dedup:
+        keep, report = deduplicate(paths, y, ids)
+        meta["dedup"] = report
+        paths, y, ids = [paths[i] for i in keep], y[keep], [ids[i] for i in keep]
+    patients: list[str | None] = [None] * len(paths)
+    if patient_regex:
+        try:
+            rx = re.compile(patient_regex)
+        except re.error as exc:
+            raise ConfigError(f"The 'patient_regex' parameter of the 'folder' adapter must be a "
+                              f"regular expression. Got {patient_regex!r} instead ({exc}).") from exc
+        for i, p in enumerate(paths):
+            m = rx.search(p.name)
+            if m:
+                patients[i] = f"{m.group(1) if m.groups() else m.group(0)}"
+    if split != "all":
+        groups = [pid if pid is not None else f"__file:{ids[i]}" for i, pid in enumerate(patients)]
+        rows = stratified_group_split(y, groups, val_fraction, test_fraction, seed)[split]
+        paths, y, ids = [paths[i] for i in rows], y[rows], [ids[i] for i in rows]
+        patients = [patients[i] for i in rows]
+    ds = ImageFileDataset("folder", paths, ids, y, wanted, "multiclass", patients, preprocess,
+                          split, colour=colour, meta=meta)
+    return finish(ds, skip_corrupt)
