@@ -8,10 +8,11 @@ import typer
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
     from medscalpel.cli import (audit_cmd, compress_cmd, data_cmd, distill_cmd, lossless_cmd,
-                                repair_cmd,
+                                phantom_cmd, repair_cmd,
                                 report_cmd, scale_cmd)
 
     data_app.command("stats")(data_cmd.stats)
+    data_app.command("phantom")(phantom_cmd.phantom)
 
     compress_app = typer.Typer(no_args_is_help=True,
                                help="Compress: lossless folding, sparsity sweeps, structured "
