@@ -7,7 +7,8 @@ import typer
 
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
-    from medscalpel.cli import (audit_cmd, compress_cmd, data_cmd, distill_cmd, lossless_cmd,
+    from medscalpel.cli import (audit_cmd, compress_cmd, data_cmd, distill_cmd, explain_cmd,
+                                lossless_cmd,
                                 phantom_cmd, repair_cmd,
                                 report_cmd, scale_cmd)
 
@@ -36,6 +37,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                                  "polarized channels.")
     audit_app.command("forgettability")(audit_cmd.forgettability)
     audit_app.command("pies")(audit_cmd.pies)
+    audit_app.command("polarity")(explain_cmd.polarity)
     app.add_typer(audit_app, name="audit")
 
     report_app = typer.Typer(no_args_is_help=True,
@@ -45,3 +47,10 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
     app.add_typer(report_app, name="report")
 
     scale_cmd.register(app)
+
+    explain_app = typer.Typer(no_args_is_help=True,
+                              help="Explain: CAMs, pixel attributions (IG, LRP), classifier-channel "
+                                   "evidence, teacher-student saliency comparison.")
+    for name in ("cam", "attribute", "channels", "compare"):
+        explain_app.command(name)(getattr(explain_cmd, name))
+    app.add_typer(explain_app, name="explain")
