@@ -50,8 +50,8 @@ SPECS: dict[str, Spec] = {
     "Edema": Spec(0.04, 0.12),
     "Emphysema": Spec(0.04, 0.12),
     "Fibrosis": Spec(0.03, 0.09),
-    "Pleural_Thickening": Spec(0.05, 0.15),
-    "Hernia": Spec(0.06, 0.16),
+    "Pleural_Thickening": Spec(0.08, 0.20),
+    "Hernia": Spec(0.14, 0.30),     # rarest class (0.2%): a bigger sign to be learnable
 }
 
 

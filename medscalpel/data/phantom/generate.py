@@ -30,7 +30,7 @@ from medscalpel.validation import check_fraction, check_range
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"
 CHUNK = 256
 SPLITS = ("train", "val", "test", "shifted")
 DEFAULT_SPLITS = {"train": 0.7, "val": 0.1, "test": 0.1, "shifted": 0.1}
