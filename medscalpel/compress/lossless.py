@@ -63,8 +63,8 @@ from torch import nn
 
 from medscalpel.compress.graph import (ChannelGraph, Site, add_output_offset, build_channel_graph,
                                        site_rows)
-from medscalpel.compress.measure import (Images, count_macs, count_parameters, eval_mode,
-                                         first_batch, iter_images, latency_pair,
+from medscalpel.compress.measure import (Images, collect_logits, count_macs, count_parameters,
+                                         eval_mode, first_batch, iter_images, latency_pair,
                                          max_abs_logit_delta)
 from medscalpel.errors import ConfigError, ModelError, VerificationError
 from medscalpel.progress import track
@@ -510,6 +510,7 @@ class LosslessReport:
     guarantee: str = GUARANTEES["empirical"]
     max_abs_logit_delta_heldout: float | None = None
     max_abs_logit_delta_random: float | None = None
+    random_logit_scale: float | None = None
     n_random: int = 0
     random_range: tuple[float, float] | None = None  # the random inputs' value range
     schema_version: int = 2
@@ -621,15 +622,20 @@ def fold_lossless(model: nn.Module, calib: Images | None = None, heldout: Images
             if heldout is not None else None
         d_rand = max_abs_logit_delta(reference, folded, rand, batch_size) \
             if rand is not None else None
+        # random inputs span 3x the image range, so their logits can be large: float32 rounding
+        # (a changed summation order) then scales with them. Gate them relative to that scale.
+        rand_scale = max(1.0, float(collect_logits(reference, rand, batch_size).abs().max())) \
+            if rand is not None else 1.0
         delta_calib = max_abs_logit_delta(reference, folded, _limited(calib, calib_images),
                                           batch_size) if calib is not None else None
         n_held = sum(x.shape[0] for x in iter_images(heldout, batch_size)) \
             if heldout is not None else 0
         counts = plan.counts()
-        gating = [d for d in ((d_held, d_rand) if mode == "provable" else (d_held,))
+        gating = [(d, tol) for d, tol in (((d_held, atol), (d_rand, atol * rand_scale))
+                                          if mode == "provable" else ((d_held, atol),))
                   if d is not None]
-        delta = max(gating) if gating else math.nan
-        if verify and not all(d <= atol for d in gating):
+        delta = max(d for d, _ in gating) if gating else math.nan
+        if verify and not all(d <= tol for d, tol in gating):
             what = (f"{n_held} held-out images" if mode == "empirical" else
                     f"{n_held} held-out images and {random_inputs} random inputs")
             hint = ("Use more and more varied calibration images (--calib-images), a stricter "
@@ -641,7 +647,8 @@ def fold_lossless(model: nn.Module, calib: Images | None = None, heldout: Images
                     "dependent=False (--no-dependent).")
             raise VerificationError(
                 f"Lossless folding ({mode}) of {plan.arch} changed the logits by max |delta| = "
-                f"{delta:.3g} on {what} (allowed atol = {atol:g}; held-out: "
+                f"{delta:.3g} on {what} (allowed atol = {atol:g}, on random inputs "
+                f"{atol:g} x their max |logit| {rand_scale:.3g}; held-out: "
                 f"{_fmt(d_held)}, random inputs: {_fmt(d_rand)}, calibration images: "
                 f"{_fmt(delta_calib)}). The {counts['removed']} channels found (dead "
                 f"{counts['dead']}, constant {counts['constant']}, dependent "
@@ -665,12 +672,13 @@ def fold_lossless(model: nn.Module, calib: Images | None = None, heldout: Images
         latency_ms_after=lat["b_ms"] if lat else None,
         latency_ratio=lat["ratio"] if lat else None, latency_batch_size=latency_batch_size,
         max_abs_logit_delta=float(delta), max_abs_logit_delta_calib=delta_calib, atol=atol,
-        verified=bool(gating) and all(d <= atol for d in gating), n_calib=plan.n_calib,
+        verified=bool(gating) and all(d <= tol for d, tol in gating), n_calib=plan.n_calib,
         n_heldout=n_held, channels=counts, layers=layers,
         sites_without_dependency_test=[s["name"] for s in plan.sites
                                        if not s["dependency_tested"]],
         plan=plan, mode=mode, guarantee=GUARANTEES[mode], max_abs_logit_delta_heldout=d_held,
-        max_abs_logit_delta_random=d_rand, n_random=random_inputs if rand is not None else 0,
+        max_abs_logit_delta_random=d_rand, random_logit_scale=rand_scale,
+        n_random=random_inputs if rand is not None else 0,
         random_range=(lo - (hi - lo), hi + (hi - lo)) if rand is not None else None)
     logger.info("lossless (%s): %s", mode,
                 json.dumps({k: report.channels[k] for k in report.channels}))
