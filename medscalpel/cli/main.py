@@ -78,6 +78,26 @@ def models_import(
     console.print(f"imported {checkpoint} as {arch} -> {out} ({model.num_parameters():,} params)")
 
 
+@models_app.command("import-xrv")
+def models_import_xrv(
+    out: Path = typer.Option(..., help="Output model directory."),
+    weights: Optional[Path] = typer.Option(None, help="Local state dict of xrv's DenseNet121 "
+                                                      "(default: the xrv extra downloads it)."),
+    size: int = typer.Option(224, help="Input size recorded in the model card."),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Import torchxrayvision's DenseNet121 (op_threshs disabled: outputs are logits)."""
+    from medscalpel.models.checkpoint import save_model
+    from medscalpel.models.xrv import load_xrv_densenet
+    from medscalpel.runs import RunDir
+
+    model = load_xrv_densenet(weights, size=size)
+    with RunDir(out, command="models import-xrv", config={"weights": str(weights)},
+                overwrite=overwrite) as run:
+        save_model(model, run.path, model.card)
+    console.print(f"xrv DenseNet121 ({len(model.card.class_names)} pathologies) -> {out}")
+
+
 # ----------------------------------------------------------------------------- train / predict
 @app.command()
 def train(
