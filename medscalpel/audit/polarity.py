@@ -567,7 +567,8 @@ class StagePolarity:
         return pd.DataFrame(rows).set_index("stage")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": SCHEMA, "stages": {k: v.to_dict() for k, v in self.results.items()},
+        return {"schema_version": SCHEMA,
+                "stages": {k: v.to_dict() for k, v in self.results.items()},
                 "table_channels": self.table("channels").reset_index().to_dict(orient="records"),
                 "table_triples": self.table("triples").reset_index().to_dict(orient="records")}
 

@@ -351,8 +351,9 @@ def compute_cam(
                 tg = [target_cls(t) for t in tlist[s:s + batch_size]]
                 out = cam(input_tensor=x, targets=tg)
                 maps[s:s + len(tg)] = out
-                logits[s:s + len(tg)] = np.array([
-                    float(cam.outputs[j, t].detach()) for j, t in enumerate(tlist[s:s + batch_size])])
+                out_logits = cam.outputs.detach()
+                logits[s:s + len(tg)] = [float(out_logits[j, t])
+                                         for j, t in enumerate(tlist[s:s + batch_size])]
                 cam.activations_and_grads.clear()
                 cam.outputs = None
         except RuntimeError as exc:

@@ -174,7 +174,8 @@ class ChannelContributions:
     def class_index(self, k: int | str) -> int:
         if isinstance(k, str):
             if k not in self.class_names:
-                raise ConfigError(f"Unknown class {k!r}. Valid names: {', '.join(self.class_names)}.")
+                raise ConfigError(f"Unknown class {k!r}. Valid names: "
+                                  f"{', '.join(self.class_names)}.")
             return self.class_names.index(k)
         check_range(k, "k", "ChannelContributions", 0, self.num_classes - 1, integer=True)
         return int(k)
@@ -263,7 +264,8 @@ class ChannelContributions:
         if contrib.shape[0] == 0:
             raise DataError(f"top_channels: no images selected for class "
                             f"'{self.class_names[k]}' (e.g. it has no false positives).")
-        key = {"positive": lambda a: -a, "negative": lambda a: a, "abs": lambda a: -np.abs(a)}[order]
+        key = {"positive": lambda a: -a, "negative": lambda a: a,
+               "abs": lambda a: -np.abs(a)}[order]
         mean = contrib.mean(0)
         top = np.argsort(key(mean), kind="stable")[:n]
         n_eff = min(n, self.num_channels)

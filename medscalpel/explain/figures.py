@@ -180,6 +180,7 @@ def polarity_table_figure(result: Any, path: str | os.PathLike, level: str = "ch
     tab.auto_set_font_size(False)
     tab.set_fontsize(8)
     tab.scale(1, 1.3)
+    tab.auto_set_column_width(list(range(len(cols) + 1)))
     rule = ", ".join(f"{k}={v}" for k, v in result.rule.items())
     ax.set_title(f"Polarized {level} ({rule}); null models: {result.n_null} draws each",
                  fontsize=8)

@@ -167,7 +167,8 @@ def _thirds(lung: np.ndarray) -> np.ndarray:
     return out
 
 
-def _medial_edges(right: np.ndarray, left: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _medial_edges(right: np.ndarray, left: np.ndarray,
+                  rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the medial column of the right lung and of the left lung (interpolated over
     rows where a lung is absent)."""
     def edge(mask: np.ndarray, fn) -> np.ndarray:
@@ -714,3 +715,45 @@ def zone_report(cams: Any, images: Any = None, zones: Sequence[LungZones] | None
             warns.append(f"{cams.ids[i] if cams.ids else i}: {wmsg}")
     return ZoneReport(fr, tuple(desc), tuple(src), tuple(cams.ids),
                       tuple(cams.target_names()), tuple(warns))
+
+
+# ----------------------------------------------------------------------------- datasets
+def zones_for_item(dataset: Any, index: int) -> LungZones:
+    """Zones of one dataset item: ground truth when the dataset draws masks (the phantom's
+    ``masks(i)`` with ``lung_right`` = patient's right = image left, ``lung_left``, ``heart``),
+    otherwise estimated from the raw image with :func:`estimate_lung_field`."""
+    if hasattr(dataset, "masks"):
+        m = dataset.masks(int(index))
+        if "lung_right" in m and "lung_left" in m:
+            return zones_from_masks(right_lung=m["lung_right"], left_lung=m["lung_left"],
+                                    heart_mask=m.get("heart"), source="ground_truth")
+    return estimate_lung_field(dataset.load_raw(int(index))).zones()
+
+
+def mask_localization(cams: Any, dataset: Any, indices: Sequence[int], frac: float = 0.1,
+                      tolerance: int = 0) -> LocalizationResult:
+    """Localization of CAMs against a dataset's ground-truth finding masks (the phantom's
+    ``masks(i)[finding]``); pairs whose explained finding is not drawn in the image are skipped.
+    ``indices[i]`` is the dataset index of ``cams.maps[i]``."""
+    if not hasattr(dataset, "masks"):
+        raise DataError("mask_localization needs a dataset with ground-truth masks (the "
+                        "phantom); for NIH use read_nih_bboxes + bbox_localization.")
+    if len(indices) != cams.n:
+        raise DataError(f"mask_localization: {cams.n} CAMs but {len(indices)} indices.")
+    maps, targets, ids, groups = [], [], [], []
+    for i, di in enumerate(indices):
+        name = cams.class_names[cams.targets[i]]
+        m = dataset.masks(int(di)).get(name)
+        if m is None or not np.asarray(m).any():
+            continue
+        m = np.asarray(m, bool)
+        if m.shape != cams.maps.shape[1:]:
+            m = LungZones(m.astype(np.int8)).resized(cams.maps.shape[1:]).label_map.astype(bool)
+        maps.append(cams.maps[i])
+        targets.append(m)
+        ids.append(cams.ids[i] if cams.ids else str(di))
+        groups.append(name)
+    if not maps:
+        raise DataError("mask_localization: none of the explained findings is drawn in its "
+                        "image; explain positive images of the class.")
+    return localization_metrics(np.stack(maps), targets, frac, tolerance, ids, groups)
