@@ -410,7 +410,7 @@ def _stage_repair(c: _Context) -> dict[str, Any]:
     # the chest-tube shortcut: pneumothorax false positives on tube-only images of the shifted
     # split; ask for the strictest goal first, then for a fixed drop in probability
     goals = [{"below_threshold": True}, {"delta_prob": 0.1}, {"delta_prob": 0.05},
-             {"delta_prob": 0.05, "adjust_bias": True}]
+             {"delta_prob": 0.02}]
     res = None
     for goal in goals:
         res = surgery_from_rule(c.model, shifted, "chest_tube", "Pneumothorax",
