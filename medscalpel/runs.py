@@ -190,6 +190,16 @@ def git_commit() -> str | None:
 
 
 # ----------------------------------------------------------------------------- run dirs
+def final_path(path: str | os.PathLike) -> Path:
+    """The final path of a run directory, also while it is being built under its temporary
+    name (``.NAME.XXXX.partial`` beside it); other paths are returned unchanged."""
+    path = Path(path)
+    name = path.name
+    if name.startswith(".") and name.endswith(".partial") and name.count(".") >= 3:
+        return path.with_name(name[1:].rsplit(".", 2)[0])
+    return path
+
+
 @dataclass
 class RunDir:
     """A run directory built atomically.

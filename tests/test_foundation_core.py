@@ -90,3 +90,12 @@ def test_spec_parsing_values():
     assert isinstance(s.options["seed"], int) and not isinstance(s.options["seed"], bool)
     with pytest.raises(ConfigError, match="Unknown dataset adapter 'zip'. Valid names: chexpert"):
         DatasetSpec.parse("zip:/x")
+
+
+def test_final_path_of_partial_run_dir(tmp_path):
+    from medscalpel.runs import final_path
+
+    with RunDir(tmp_path / "my.run", command="t") as run:
+        assert run.path != tmp_path / "my.run"
+        assert final_path(run.path) == tmp_path / "my.run"
+    assert final_path(tmp_path / "plain") == tmp_path / "plain"

@@ -234,7 +234,10 @@ def experiment_report(run_dir: str | os.PathLike, out_html: str | os.PathLike | 
             demo = {}
     profile = str(demo.get("profile", "unknown")) if isinstance(demo, dict) else "unknown"
     created = time.strftime("%Y-%m-%d %H:%M:%S")
-    html = H.render("experiment.html.j2", title=title, run_dir=str(root), profile=profile,
+    from medscalpel.runs import final_path
+
+    html = H.render("experiment.html.j2", title=title, run_dir=str(final_path(root)),
+                    profile=profile,
                     created=created, sections=sections, version=__version__)
     H.write_html(out, html)
     return ExperimentReport(str(root), str(out), sections, profile, created)
