@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medscalpel.runs import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from medscalpel.audit.fcd import FCDResult
@@ -22,22 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from medscalpel.audit.stats import Correlation
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    plt = _plt()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return path
+from medscalpel.plotting import pyplot as _plt  # noqa: E402
+from medscalpel.plotting import save_figure as _save  # noqa: E402
 
 
 def _short(name: str, n: int = 18) -> str:

@@ -16,25 +16,10 @@ from typing import Any
 import numpy as np
 
 from medscalpel.errors import DataError
-from medscalpel.runs import atomic_path
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    plt = _plt()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return path
+from medscalpel.plotting import pyplot as _plt  # noqa: E402
+from medscalpel.plotting import save_figure as _save  # noqa: E402
 
 
 def _grey(image: Any) -> np.ndarray:
