@@ -42,8 +42,9 @@ from torch import nn
 from medscalpel.data.base import CXRDataset
 from medscalpel.engine.metrics import evaluate
 from medscalpel.engine.predict import check_compatible, make_loader, predict
-from medscalpel.engine.train import (LossFn, TrainConfig, TrainResult, _Checkpointer, _pos_weight,
-                                     default_loss, seed_everything)
+from medscalpel.engine.train import (LossFn, TrainConfig, TrainResult, default_loss,
+                                     lr_lambda_for, seed_everything, train_identity, _Checkpointer,
+                                     _pos_weight)
 from medscalpel.errors import ConfigError, MedScalpelError, RunError
 from medscalpel.models.classifier import MedClassifier
 from medscalpel.progress import LiveStatus
@@ -80,22 +81,6 @@ class DDPSettings:
 
 
 # ----------------------------------------------------------------------------- pieces
-def lr_lambda_for(cfg: TrainConfig, n_train: int):
-    """The schedule of :func:`~medscalpel.engine.train.train`: linear warm-up, then cosine,
-    over ``ceil(n / batch_size)`` (capped) steps per epoch."""
-    steps = math.ceil(n_train / cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps = min(steps, cfg.max_steps_per_epoch)
-    total = max(1, steps * cfg.epochs)
-    warm = int(round(cfg.warmup_epochs * steps))
-
-    def lr_lambda(step: int) -> float:
-        if step < warm:
-            return (step + 1) / max(1, warm)
-        t = (step - warm) / max(1, total - warm)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return lr_lambda, steps
 
 
 def global_batches(n: int, cfg: TrainConfig, epoch: int) -> list[list[int]]:
@@ -170,12 +155,8 @@ def _ddp_loop(rank: int, world: int, model: MedClassifier, train_ds: CXRDataset,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     pw = _pos_weight(train_ds, cfg.pos_weight)
     loss_f = loss_fn or default_loss(train_ds.task, pw.to(dev) if pw is not None else None)
-    identity = {"arch": model.arch, "params": model.num_parameters(),
-                "train": train_ds.content_hash(),
-                "val": val_ds.content_hash() if val_ds is not None else None,
-                "config": {k: v for k, v in cfg.to_dict().items()
-                           if k not in ("epochs", "device", "num_workers")},
-                "ddp": {"world_size": world, "batch_norm": bn}}
+    identity = train_identity(model, train_ds, val_ds, cfg,
+                              ddp={"world_size": world, "batch_norm": bn})
     ckpt = _Checkpointer(Path(checkpoint_dir) if checkpoint_dir else None)
     history: list[dict[str, Any]] = []
     best_metric, best_epoch, bad_epochs, start_epoch = -math.inf, -1, 0, 0

@@ -175,6 +175,35 @@ class _Checkpointer:
                 torch.load(self.dir / "optim.pt", map_location="cpu", weights_only=True))
 
 
+def lr_lambda_for(cfg: TrainConfig, n_train: int) -> tuple[Callable[[int], float], int]:
+    """The learning-rate schedule (linear warm-up, then cosine over every step) and the steps
+    per epoch (``ceil(n / batch_size)``, capped by ``max_steps_per_epoch``)."""
+    steps = math.ceil(n_train / cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    total = max(1, steps * cfg.epochs)
+    warm = int(round(cfg.warmup_epochs * steps))
+
+    def lr_lambda(step: int) -> float:
+        if step < warm:
+            return (step + 1) / max(1, warm)
+        t = (step - warm) / max(1, total - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return lr_lambda, steps
+
+
+def train_identity(model: MedClassifier, train_ds: CXRDataset, val_ds: CXRDataset | None,
+                   cfg: TrainConfig, **extra: Any) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote its checkpoint (the epoch count
+    included: the schedule depends on it)."""
+    return {"arch": model.arch, "params": model.num_parameters(),
+            "train": train_ds.content_hash(),
+            "val": val_ds.content_hash() if val_ds is not None else None,
+            "config": {k: v for k, v in cfg.to_dict().items()
+                       if k not in ("device", "num_workers")}, **extra}
+
+
 def train(
     model: MedClassifier,
     train_ds: CXRDataset,
@@ -212,29 +241,14 @@ def train(
         loss_fn.to(dev)
         params += [p for p in loss_fn.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    total = max(1, steps_per_epoch * cfg.epochs)
-    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
-
-    def lr_lambda(step: int) -> float:
-        if step < warm:
-            return (step + 1) / max(1, warm)
-        t = (step - warm) / max(1, total - warm)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
+    lr_lambda, steps_per_epoch = lr_lambda_for(cfg, len(train_ds))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     pw = _pos_weight(train_ds, cfg.pos_weight)
     loss_f = loss_fn or default_loss(train_ds.task, pw.to(dev) if pw is not None else None)
     use_amp = cfg.amp and dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    identity = {"arch": model.arch, "params": model.num_parameters(),
-                "train": train_ds.content_hash(),
-                "val": val_ds.content_hash() if val_ds is not None else None,
-                "config": {k: v for k, v in cfg.to_dict().items() if k not in ("device",
-                                                                            "num_workers")}}
+    identity = train_identity(model, train_ds, val_ds, cfg)
     ckpt = _Checkpointer(Path(checkpoint_dir) if checkpoint_dir else None)
     history: list[dict[str, Any]] = []
     best_metric, best_epoch, bad_epochs, start_epoch = -math.inf, -1, 0, 0
