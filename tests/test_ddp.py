@@ -98,7 +98,9 @@ def test_ddp_resumes_per_epoch(tmp_path):
     model = create_model("vit_test", 3, 1, 32)
     ck = tmp_path / "ck"
     crash = CrashOnce(tmp_path / "marker", at=7)  # 3 steps per epoch: dies in epoch 3
-    with pytest.raises(RunError, match="simulated crash"):
+    # one rank crashes; whichever failure reaches the caller first (the crash itself, or the
+    # other rank losing its peer) is reported as a RunError naming the rank
+    with pytest.raises(RunError, match=r"simulated crash|DDP rank \d failed"):
         train_ddp(model, ds, val, CFG, world_size=2, checkpoint_dir=ck, loss_fn=crash,
                   progress=False)
     assert (ck / "state.json").is_file()
