@@ -158,20 +158,8 @@ def _ddp_loop(rank: int, world: int, model: MedClassifier, train_ds: CXRDataset,
     identity = train_identity(model, train_ds, val_ds, cfg,
                               ddp={"world_size": world, "batch_norm": bn})
     ckpt = _Checkpointer(Path(checkpoint_dir) if checkpoint_dir else None)
-    history: list[dict[str, Any]] = []
-    best_metric, best_epoch, bad_epochs, start_epoch = -math.inf, -1, 0, 0
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    resumed = ckpt.load(identity)
-    if resumed is not None:
-        state, last_w, best_w, optim = resumed
-        model.load_state_dict(last_w)
-        best_state = best_w
-        opt.load_state_dict(optim["opt"])
-        sched.load_state_dict(optim["sched"])
-        history = state["history"]
-        best_epoch, bad_epochs = state["best_epoch"], state["bad_epochs"]
-        best_metric = state["best_metric"] if state["best_metric"] is not None else -math.inf
-        start_epoch = state["epoch"] + 1
+    (history, best_state, best_metric, best_epoch, bad_epochs,
+     start_epoch) = ckpt.restore(identity, model, opt, sched)
     t0 = time.perf_counter()
     stopped = bad_epochs >= cfg.patience
     step_losses: list[list[float]] = []

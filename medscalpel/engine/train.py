@@ -161,6 +161,21 @@ class _Checkpointer:
                                              "best_epoch": best_epoch, "best_metric": best_metric,
                                              "bad_epochs": bad_epochs, "identity": identity})
 
+    def restore(self, identity: dict[str, Any], model: nn.Module, opt, sched):
+        """Load the last finished epoch into ``model``/``opt``/``sched`` (when there is one) and
+        return ``(history, best_state, best_metric, best_epoch, bad_epochs, start_epoch)``."""
+        resumed = self.load(identity)
+        if resumed is None:
+            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return [], best, -math.inf, -1, 0, 0
+        state, last_w, best_w, optim = resumed
+        model.load_state_dict(last_w)
+        opt.load_state_dict(optim["opt"])
+        sched.load_state_dict(optim["sched"])
+        best_metric = state["best_metric"] if state["best_metric"] is not None else -math.inf
+        return (state["history"], best_w, best_metric, state["best_epoch"], state["bad_epochs"],
+                state["epoch"] + 1)
+
     def load(self, identity: dict[str, Any]):
         if self.dir is None or not (self.dir / "state.json").is_file():
             return None
@@ -250,20 +265,9 @@ def train(
 
     identity = train_identity(model, train_ds, val_ds, cfg)
     ckpt = _Checkpointer(Path(checkpoint_dir) if checkpoint_dir else None)
-    history: list[dict[str, Any]] = []
-    best_metric, best_epoch, bad_epochs, start_epoch = -math.inf, -1, 0, 0
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    resumed = ckpt.load(identity)
-    if resumed is not None:
-        state, last_w, best_w, optim = resumed
-        model.load_state_dict(last_w)
-        best_state = best_w
-        opt.load_state_dict(optim["opt"])
-        sched.load_state_dict(optim["sched"])
-        history = state["history"]
-        best_epoch, bad_epochs = state["best_epoch"], state["bad_epochs"]
-        best_metric = state["best_metric"] if state["best_metric"] is not None else -math.inf
-        start_epoch = state["epoch"] + 1
+    (history, best_state, best_metric, best_epoch, bad_epochs,
+     start_epoch) = ckpt.restore(identity, model, opt, sched)
+    if start_epoch:
         logger.info("resuming training at epoch %d", start_epoch)
     t0 = time.perf_counter()
     stopped = bad_epochs >= cfg.patience
