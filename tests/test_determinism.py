@@ -44,3 +44,23 @@ def test_same_seed_bit_identical_predictions():
         assert [h["train_loss"] for h in r1.history] == [h["train_loss"] for h in r2.history]
         _, c = _fit_predict(arch, 4, train_ds, test_ds)
         assert not np.array_equal(a, c)  # the check can fail: another seed differs
+
+
+def test_fit_seed_fixes_the_initial_weights_too(tmp_path):
+    """``fit`` creates the model itself: the same seed must give the same weights even when
+    unrelated random draws happened before (the seed covers the initialisation)."""
+    from safetensors.torch import load_file
+
+    from medscalpel.engine.api import fit
+
+    spec = "phantom?n=96&size=32&seed=5"
+    cfg = TrainConfig(epochs=1, batch_size=16, seed=7, device="cpu")
+    runs = []
+    for i in range(2):
+        torch.rand(17 + i)  # different global RNG state before each call
+        res = fit(spec, "densenet_tiny", tmp_path / f"r{i}", cfg, size=32, eval_split=None,
+                  progress=False)
+        runs.append(load_file(res.model_dir / "model.safetensors"))
+    assert runs[0].keys() == runs[1].keys()
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k

@@ -50,7 +50,7 @@ from torch import nn
 
 from medscalpel.compress.measure import count_macs, count_parameters, cpu_latency
 from medscalpel.data.base import CXRDataset
-from medscalpel.engine.train import TrainConfig, TrainResult, train
+from medscalpel.engine.train import TrainConfig, TrainResult, seed_everything, train
 from medscalpel.errors import ConfigError, DataError, ModelError
 from medscalpel.models.classifier import MedClassifier
 from medscalpel.runs import read_json, write_json
@@ -639,6 +639,7 @@ def distill(
                           f"{test_ds.num_classes} classes {test_ds.class_names}.")
     ck = Path(checkpoint_dir) if checkpoint_dir else None
     task = train_ds.task
+    seed_everything(cfg.train.seed)  # fresh architectures start from seeded weights
     t_model = resolve_model(teacher, train_ds, "teacher")
     teacher_trained_here = None
     if not _is_model_dir(teacher) and not isinstance(teacher, MedClassifier):
@@ -655,6 +656,7 @@ def distill(
 
         t_model.card = make_card(t_model, train_ds.class_names, task,
                                  train_ds.preprocess.with_augment(None))
+    seed_everything(cfg.train.seed)
     s_init = resolve_model(student, train_ds, "student")
     _check_pair(t_model, s_init, train_ds)
     t_id = _teacher_id(t_model)

@@ -14,7 +14,7 @@ from medscalpel.data.transforms import Augment, Preprocess
 from medscalpel.engine.metrics import EvalResult, evaluate
 from medscalpel.engine.predict import predict
 from medscalpel.engine.predictions import Predictions
-from medscalpel.engine.train import TrainConfig, TrainResult, train
+from medscalpel.engine.train import TrainConfig, TrainResult, seed_everything, train
 from medscalpel.models.checkpoint import load_model, make_card, save_model
 from medscalpel.models.classifier import MedClassifier
 from medscalpel.models.zoo import create_model
@@ -62,6 +62,7 @@ def fit(
                                                                             else None))
     val_ds = open_dataset(data, split="val", preprocess=pp)
     if model is None:
+        seed_everything(cfg.seed)  # the initial weights are part of what the seed fixes
         model = create_model(arch, num_classes=train_ds.num_classes, in_chans=channels,
                              img_size=size, pretrained=pretrained)
     model.card = make_card(model, train_ds.class_names, train_ds.task, pp)
