@@ -330,14 +330,14 @@ def test_choose_student_budget_filters_and_errors(ml_data, ml_teacher):
 
     tr, va, _ = ml_data
     x = tr.image(0)[None]
-    small, big = create_model("densenet_tiny", 2, img_size=SIZE), create_model("resnet18", 2,
+    small, big = create_model("densenet_tiny", 2, img_size=SIZE), create_model("resnet50", 2,
                                                                                img_size=SIZE)
     budget = math.sqrt(cpu_latency(small, x, repeats=5) * cpu_latency(big, x, repeats=5))
     res = choose_student([small, big], budget, (tr, va), ml_teacher, proxy_steps=1,
                          batch_size=16, latency_repeats=3, latency_rounds=1, progress=False)
     rows = {r.arch: r for r in res.rows}
-    assert not rows["resnet18"].within_budget and rows["resnet18"].status.startswith("skipped")
-    assert math.isnan(rows["resnet18"].proxy_auroc)
+    assert not rows["resnet50"].within_budget and rows["resnet50"].status.startswith("skipped")
+    assert math.isnan(rows["resnet50"].proxy_auroc)
     assert res.chosen == rows["densenet_tiny"].name == "densenet_tiny#0"
     with pytest.raises(ConfigError, match="no candidate is within the latency budget"):
         choose_student(["resnet_tiny"], 1e-6, (tr, va), ml_teacher, proxy_steps=1,
