@@ -6,13 +6,17 @@ recovery fine-tune budget and measured against it: parameters, MACs, CPU latency
 compressed timed alternately in the same run, batch 1), delta macro AUROC with a paired bootstrap
 95% CI, and max |delta logit| on the test split.
 
-Methods: lossless folding; L1 unstructured (PruneCXR) at 50/65/90% sparsity; Torch-Pruning
+Methods: lossless folding; tolerance mode (LASSO channel selection + least-squares refit, no
+fine-tune) at 25/50/70% of the parameters; L1 unstructured (PruneCXR) at 50/65/90% sparsity; Torch-Pruning
 magnitude (L2, the library default) and L1, BN scale, Taylor, LRP and IG at ratios giving ~2x /
 3x / 4x fewer MACs.
 
 It runs in stages and resumes: every finished (dataset, method, setting) is a JSON file under
-``--work`` and is skipped on rerun. Stages: ``dense``, ``lossless``, ``unstructured``,
-``structured``, ``table`` (or ``all``).
+``--work`` and is skipped on rerun. Stages: ``dense``, ``lossless``, ``tolerance``,
+``unstructured``, ``structured``, ``latency``, ``table`` (``all`` = the compute stages then the
+table). With ``--defer-latency`` the cells skip timing (so datasets can run in parallel, one
+thread each); ``latency`` then re-times every saved model against the dense one, alternated in
+one run, and should run alone on an idle machine.
 
     .venv/bin/python benchmarks/compress_bench.py all --smoke            # minutes: tiny settings
     .venv/bin/python benchmarks/compress_bench.py all --datasets kermany --epochs 8
@@ -40,7 +44,7 @@ from medscalpel.data import Preprocess, open_dataset  # noqa: E402
 from medscalpel.engine.metrics import auroc  # noqa: E402
 from medscalpel.engine.predict import collect_images, predict  # noqa: E402
 from medscalpel.engine.predictions import Predictions  # noqa: E402
-from medscalpel.engine.train import TrainConfig, train  # noqa: E402
+from medscalpel.engine.train import TrainConfig, seed_everything, train  # noqa: E402
 from medscalpel.models import create_model, load_model, make_card, save_model  # noqa: E402
 from medscalpel.runs import read_json, write_json  # noqa: E402
 
@@ -48,6 +52,7 @@ KERMANY = Path(__file__).resolve().parents[2] / "shared" / "data" / "kermany-pne
 CRITERIA = ("l2", "l1", "bn_scale", "taylor", "lrp", "ig")
 SPARSITIES = (0.5, 0.65, 0.9)
 SPEEDUPS = (2.0, 3.0, 4.0)
+TOLERANCE_RATIOS = (0.25, 0.5, 0.7)
 
 
 # ----------------------------------------------------------------------------- data / models
@@ -101,6 +106,7 @@ def stage_dense(ds: str, args) -> None:
     if (out / "model.json").is_file() and (out / "test_predictions.npz").is_file():
         return
     tr, va, te = datasets(ds, args)
+    seed_everything(0)
     m = create_model(arch_for(ds, args), tr.num_classes, 1, args.size)
     m.card = make_card(m, tr.class_names, tr.task, tr.preprocess)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch, lr=1e-3, seed=0,
@@ -136,14 +142,31 @@ def delta_auroc(ref: Predictions, new: Predictions, n_boot: int, seed: int = 0) 
     return {"auroc_dense": a0, "auroc": b0, "delta": b0 - a0, "delta_ci95": ci}
 
 
+def nonzero(model) -> int:
+    """Parameters that are not exactly zero (what unstructured sparsity removes)."""
+    return int(sum(int((p != 0).sum()) for p in model.parameters()))
+
+
+def latencies(dense, model, te, args) -> dict:
+    """CPU latency of dense and compressed, alternated in the same run, at batch 1 and 32."""
+    x = collect_images(te, 1)[0]
+    lat = latency_pair(dense, model, x, batch_size=1, warmup=3, repeats=args.repeats, rounds=3)
+    x32 = collect_images(te, 32)[0]
+    lat32 = latency_pair(dense, model, x32, batch_size=32, warmup=2,
+                         repeats=max(3, args.repeats // 2), rounds=3)
+    return {"latency_ms": lat["b_ms"], "latency_dense_ms": lat["a_ms"],
+            "cpu_speedup": lat["ratio"],
+            "latency_b32_ms": lat32["b_ms"], "latency_b32_dense_ms": lat32["a_ms"],
+            "cpu_speedup_b32": lat32["ratio"], "latency_threads": torch.get_num_threads()}
+
+
 def measure(dense, model, te, dense_preds: Predictions, args, extra: dict) -> dict:
     x = collect_images(te, 1)[0]
     preds = predict(model, te, progress=False)
-    lat = latency_pair(dense, model, x, batch_size=1, warmup=3, repeats=args.repeats, rounds=3)
+    lat = {} if args.defer_latency else latencies(dense, model, te, args)
     return {"params": count_parameters(model), "params_dense": count_parameters(dense),
-            "macs": count_macs(model, x), "macs_dense": count_macs(dense, x),
-            "latency_ms": lat["b_ms"], "latency_dense_ms": lat["a_ms"],
-            "cpu_speedup": lat["ratio"],
+            "nonzero": nonzero(model), "nonzero_dense": nonzero(dense),
+            "macs": count_macs(model, x), "macs_dense": count_macs(dense, x), **lat,
             "max_abs_delta_logit": float(np.abs(preds.logits - dense_preds.logits).max()),
             **delta_auroc(dense_preds, preds, args.n_boot), **extra}
 
@@ -162,9 +185,16 @@ def load_dense(ds: str, args):
     return load_model(d), Predictions.load(d / "test_predictions.npz")
 
 
-def save_cell(path: Path, config: dict, results: dict, t0: float) -> None:
+def save_cell(path: Path, config: dict, results: dict, t0: float, model=None) -> None:
+    """One finished cell: its JSON, and the compressed model beside it (for the latency pass)."""
+    if model is not None:
+        save_model(model, model_dir(path))
     write_json(path, {"config": config, "results": results,
                       "wall_s": round(time.perf_counter() - t0, 2)})
+
+
+def model_dir(path: Path) -> Path:
+    return path.parent / path.stem
 
 
 # ----------------------------------------------------------------------------- stages
@@ -182,7 +212,31 @@ def stage_lossless(ds: str, args) -> None:
     res = lossless.fold_lossless(dense, calib, held, progress=False)
     save_cell(path, {"method": "lossless"}, measure(dense, res.model, te, dp, args,
                                                     {"method": "lossless",
-                                                     "report": res.to_dict()}), t0)
+                                                     "report": res.to_dict()}), t0, res.model)
+
+
+def stage_tolerance(ds: str, args) -> None:
+    """Tolerance mode: LASSO channel selection + least-squares refit (He et al. 2017) to a
+    parameter budget, no fine-tune (the reconstruction is the whole method)."""
+    from medscalpel.compress.reconstruct import compress_with_tolerance
+
+    for r in args.tolerance_ratios:
+        path = cell_path(args, ds, "tolerance", f"ratio-{r:.2f}")
+        if done(path):
+            continue
+        t0 = time.perf_counter()
+        dense, dp = load_dense(ds, args)
+        tr, va, te = datasets(ds, args)
+        calib = collect_images(tr, args.tolerance_calib)[0]
+        held = collect_images(va, min(len(va), args.calib))[0]
+        res = compress_with_tolerance(dense, calib, held, r, latency=False, progress=False)
+        rep = res.report
+        save_cell(path, {"method": "tolerance", "target_ratio": r,
+                         "calib_images": args.tolerance_calib, "recovery_epochs": 0},
+                  measure(dense, res.model, te, dp, args,
+                          {"method": f"tolerance {r:.0%} params",
+                           "achieved_ratio": rep.achieved_ratio,
+                           "keep_fraction": rep.keep_fraction}), t0, res.model)
 
 
 def stage_unstructured(ds: str, args) -> None:
@@ -206,7 +260,7 @@ def stage_unstructured(ds: str, args) -> None:
             remove_masks(m)
         save_cell(path, {"method": "l1-unstructured", "sparsity": s,
                          "recovery_epochs": args.recovery_epochs},
-                  measure(dense, m, te, dp, args, {"method": f"L1 unstructured {s:.0%}"}), t0)
+                  measure(dense, m, te, dp, args, {"method": f"L1 unstructured {s:.0%}"}), t0, m)
 
 
 def stage_structured(ds: str, args) -> None:
@@ -234,13 +288,37 @@ def stage_structured(ds: str, args) -> None:
                              "steps": args.steps, "recovery_epochs": args.recovery_epochs},
                       measure(dense, res.model, te, dp, args,
                               {"method": f"{crit} x{sp:g}", "ratio": res.ratio,
-                               "speedup_macs": res.speedup_macs}), t0)
+                               "speedup_macs": res.speedup_macs}), t0, res.model)
+
+
+def stage_latency(ds: str, args) -> None:
+    """Re-measure every cell's CPU latency against the dense model (alternated, same run) from
+    the saved models: run it alone on an idle machine after cells computed in parallel."""
+    cells = [p for p in sorted((Path(args.work) / ds).glob("*/*.json"))
+             if p.parent.name in STAGES and not p.name.endswith(".error.json")
+             and model_dir(p).is_dir()]
+    if not cells:
+        return
+    dense, _ = load_dense(ds, args)
+    _, _, te = datasets(ds, args)
+    for p in cells:
+        d = read_json(p)
+        if d["results"].get("latency_pass") == args.latency_tag:
+            continue
+        model = load_model(model_dir(p))
+        d["results"].update(latencies(dense, model, te, args), latency_pass=args.latency_tag)
+        write_json(p, d)
+        print(f"{p.relative_to(args.work)}: b1 x{d['results']['cpu_speedup']:.2f}, "
+              f"b32 x{d['results']['cpu_speedup_b32']:.2f}", file=sys.stderr)
+
+
+STAGES = ("lossless", "tolerance", "unstructured", "structured")
 
 
 def stage_table(args) -> None:
     rows = []
     for p in sorted(Path(args.work).glob("*/*/*.json")):
-        if p.parent.name not in ("lossless", "unstructured", "structured") or \
+        if p.parent.name not in STAGES or \
                 p.name.endswith(".error.json"):
             continue
         d = read_json(p)
@@ -248,8 +326,12 @@ def stage_table(args) -> None:
         rows.append({"dataset": p.parent.parent.name, "stage": p.parent.name,
                      "method": r["method"], "params": r["params"],
                      "params_removed": 1 - r["params"] / r["params_dense"],
+                     "nonzero_removed": 1 - r["nonzero"] / r["nonzero_dense"],
                      "macs_speedup": r["macs_dense"] / max(1, r["macs"]),
-                     "cpu_speedup": r["cpu_speedup"], "delta_auroc": r["delta"],
+                     "cpu_speedup": r.get("cpu_speedup", float("nan")),
+                     "cpu_speedup_b32": r.get("cpu_speedup_b32", float("nan")),
+                     "latency_threads": r.get("latency_threads"),
+                     "delta_auroc": r["delta"],
                      "delta_auroc_ci95": r["delta_ci95"], "auroc_dense": r["auroc_dense"],
                      "max_abs_delta_logit": r["max_abs_delta_logit"], "wall_s": d["wall_s"],
                      "config": d["config"]})
@@ -261,13 +343,15 @@ def stage_table(args) -> None:
     else:
         save_result(name, {"rows": rows}, config)
         out_md = RESULTS / f"{name}.md"
-    lines = ["| dataset | method | params | removed | MACs x | CPU x (b1) | dAUROC [95% CI] "
-             "| max dlogit |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | method | params | removed | nonzero removed | MACs x | CPU x (b1) | CPU x (b32) "
+             "| dAUROC [95% CI] | max dlogit |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["delta_auroc_ci95"]
         lines.append(f"| {r['dataset']} | {r['method']} | {r['params']:,} | "
-                     f"{r['params_removed']:.1%} | {r['macs_speedup']:.2f} | "
-                     f"{r['cpu_speedup']:.2f} | {r['delta_auroc']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
+                     f"{r['params_removed']:.1%} | {r['nonzero_removed']:.1%} | "
+                     f"{r['macs_speedup']:.2f} | "
+                     f"{r['cpu_speedup']:.2f} | {r['cpu_speedup_b32']:.2f} | "
+                     f"{r['delta_auroc']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
                      f"{r['max_abs_delta_logit']:.2e} |")
     out_md.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -275,8 +359,8 @@ def stage_table(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["dense", "lossless", "unstructured", "structured", "table",
-                                      "all"])
+    ap.add_argument("stage", choices=["dense", "lossless", "tolerance", "unstructured",
+                                      "structured", "latency", "table", "all"])
     ap.add_argument("--datasets", default="phantom,kermany")
     ap.add_argument("--work", default="runs/bench-compress")
     ap.add_argument("--arch", default=None)
@@ -291,25 +375,34 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--criteria", default=",".join(CRITERIA))
+    ap.add_argument("--tolerance-ratios", default=",".join(str(r) for r in TOLERANCE_RATIOS))
+    ap.add_argument("--tolerance-calib", type=int, default=256)
     ap.add_argument("--speedups", default=",".join(str(s) for s in SPEEDUPS))
+    ap.add_argument("--defer-latency", action="store_true",
+                    help="skip latency inside the cells (cells run in parallel); the 'latency' "
+                         "stage measures it afterwards from the saved models")
+    ap.add_argument("--latency-tag", default="idle",
+                    help="label of a latency pass; cells already measured with it are skipped")
     ap.add_argument("--smoke", action="store_true", help="tiny settings to time the pipeline")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args.criteria = [c for c in args.criteria.split(",") if c]
     args.speedups = [float(s) for s in args.speedups.split(",") if s]
+    args.tolerance_ratios = [float(r) for r in args.tolerance_ratios.split(",") if r]
     if args.smoke:
         args.epochs, args.recovery_epochs, args.n_boot = 1, 1, 100
-        args.calib, args.repeats = 16, 5
+        args.calib, args.repeats, args.tolerance_calib = 16, 5, 32
         if args.work == "runs/bench-compress":
             args.work = "runs/bench-compress-smoke"
-    stages = (["dense", "lossless", "unstructured", "structured"] if args.stage == "all"
+    stages = (["dense", "lossless", "tolerance", "unstructured", "structured"] if args.stage == "all"
               else [args.stage] if args.stage != "table" else [])
     timings: dict[str, float] = {}
     for ds in [d for d in args.datasets.split(",") if d]:
         for st in stages:
             t0 = time.perf_counter()
             try:
-                {"dense": stage_dense, "lossless": stage_lossless,
+                {"dense": stage_dense, "lossless": stage_lossless, "tolerance": stage_tolerance,
+                 "latency": stage_latency,
                  "unstructured": stage_unstructured, "structured": stage_structured}[st](ds, args)
             except (FileNotFoundError, ImportError) as exc:
                 print(f"[skip] {ds}/{st}: {exc}", file=sys.stderr)
