@@ -1,25 +1,27 @@
 """Issue C benchmark: compression methods compared on one dense model per dataset.
 
 For each dataset (the phantom at 64 px with densenet121, and Kermany pneumonia from
-../shared/data) a dense model is trained once, then every method is applied with the same
-recovery fine-tune budget and measured against it: parameters, MACs, CPU latency speedup (dense and
-compressed timed alternately in the same run, batch 1), delta macro AUROC with a paired bootstrap
-95% CI, and max |delta logit| on the test split.
+../shared/data) a dense model is trained once (seeded), then every method is applied with the
+same recovery fine-tune budget and measured against it: parameters (stored and non-zero), MACs,
+CPU latency speedup (dense and compressed timed alternately in the same run, batch 1 and 32),
+delta macro AUROC with a paired bootstrap 95% CI, and max |delta logit| on the test split.
 
-Methods: lossless folding; tolerance mode (LASSO channel selection + least-squares refit, no
-fine-tune) at 25/50/70% of the parameters; L1 unstructured (PruneCXR) at 50/65/90% sparsity; Torch-Pruning
-magnitude (L2, the library default) and L1, BN scale, Taylor, LRP and IG at ratios giving ~2x /
-3x / 4x fewer MACs.
+Methods: lossless folding (provable and empirical); tolerance mode (LASSO channel selection +
+least-squares refit, no fine-tune) at 25/50% of the parameters; L1 unstructured (PruneCXR)
+at 50/65/90% sparsity; Torch-Pruning magnitude (L2, the library default) and L1, BN scale,
+Taylor, LRP and IG at ratios giving ~2x / 3x / 4x fewer MACs.
 
 It runs in stages and resumes: every finished (dataset, method, setting) is a JSON file under
-``--work`` and is skipped on rerun. Stages: ``dense``, ``lossless``, ``tolerance``,
-``unstructured``, ``structured``, ``latency``, ``table`` (``all`` = the compute stages then the
-table). With ``--defer-latency`` the cells skip timing (so datasets can run in parallel, one
-thread each); ``latency`` then re-times every saved model against the dense one, alternated in
-one run, and should run alone on an idle machine.
+``--work`` (with the compressed model beside it) and is skipped on rerun. Stages: ``dense``,
+``lossless``, ``tolerance``, ``unstructured``, ``structured``, ``latency``, ``export``,
+``table`` (``all`` = the compute stages then the table). With ``--defer-latency`` the cells
+skip timing (so datasets can run in parallel, one thread each); ``latency`` then re-times every
+saved model against the dense one, alternated in one run, and ``export`` checks ONNX /
+onnxruntime / int8 for ``--export-cells``: run both alone on an idle machine.
 
     .venv/bin/python benchmarks/compress_bench.py all --smoke            # minutes: tiny settings
-    .venv/bin/python benchmarks/compress_bench.py all --datasets kermany --epochs 8
+    .venv/bin/python benchmarks/compress_bench.py structured --datasets kermany --epochs 8
+    .venv/bin/python benchmarks/compress_bench.py latency                # idle machine
     .venv/bin/python benchmarks/compress_bench.py table                  # JSON + markdown table
 """
 
@@ -52,7 +54,7 @@ KERMANY = Path(__file__).resolve().parents[2] / "shared" / "data" / "kermany-pne
 CRITERIA = ("l2", "l1", "bn_scale", "taylor", "lrp", "ig")
 SPARSITIES = (0.5, 0.65, 0.9)
 SPEEDUPS = (2.0, 3.0, 4.0)
-TOLERANCE_RATIOS = (0.25, 0.5, 0.7)
+TOLERANCE_RATIOS = (0.25, 0.5)
 
 
 # ----------------------------------------------------------------------------- data / models
@@ -199,20 +201,31 @@ def model_dir(path: Path) -> Path:
 
 # ----------------------------------------------------------------------------- stages
 def stage_lossless(ds: str, args) -> None:
-    path = cell_path(args, ds, "lossless", "exact")
-    if done(path):
-        return
+    """Provable folding (no data) and empirical folding (dead / constant / linearly dependent
+    channels found on calibration images, verified on held-out ones within 1e-5)."""
     from medscalpel.compress import lossless
+    from medscalpel.errors import MedScalpelError
 
-    t0 = time.perf_counter()
-    dense, dp = load_dense(ds, args)
-    tr, va, te = datasets(ds, args)
-    calib = collect_images(tr, args.calib)[0]
-    held = collect_images(va, min(len(va), args.calib))[0]
-    res = lossless.fold_lossless(dense, calib, held, progress=False)
-    save_cell(path, {"method": "lossless"}, measure(dense, res.model, te, dp, args,
-                                                    {"method": "lossless",
-                                                     "report": res.to_dict()}), t0, res.model)
+    for key, mode, n_calib in (("exact", "provable", args.calib),
+                               ("empirical", "empirical", args.lossless_calib)):
+        path = cell_path(args, ds, "lossless", key)
+        if done(path):
+            continue
+        t0 = time.perf_counter()
+        dense, dp = load_dense(ds, args)
+        tr, va, te = datasets(ds, args)
+        calib = collect_images(tr, n_calib)[0]
+        held = collect_images(va, min(len(va), args.calib))[0]
+        try:
+            res = lossless.fold_lossless(dense, calib, held, mode=mode, latency=False,
+                                         progress=False)
+        except MedScalpelError as exc:  # verification refused: recorded, not hidden
+            write_json(path.with_suffix(".error.json"), {"mode": mode, "error": str(exc)})
+            continue
+        save_cell(path, {"method": "lossless", "mode": mode, "calib_images": n_calib},
+                  measure(dense, res.model, te, dp, args,
+                          {"method": f"lossless ({mode})", "report": res.to_dict()}),
+                  t0, res.model)
 
 
 def stage_tolerance(ds: str, args) -> None:
@@ -312,14 +325,46 @@ def stage_latency(ds: str, args) -> None:
               f"b32 x{d['results']['cpu_speedup_b32']:.2f}", file=sys.stderr)
 
 
+def stage_export(ds: str, args) -> None:
+    """Deployment check of chosen cells: ONNX export, onnxruntime parity and batch-1/32
+    latency of torch and onnxruntime against the dense model (same run), int8 (dynamic) with
+    its delta macro AUROC on the test split. Run alone on an idle machine."""
+    from medscalpel.compress.export import export_onnx
+
+    dense, _ = load_dense(ds, args)
+    _, _, te = datasets(ds, args)
+    for key in args.export_cells:
+        cell = cell_path(args, ds, *key.split("/"))
+        out = cell_path(args, ds, "export", key.replace("/", "-"))
+        if done(out):
+            continue
+        if not model_dir(cell).is_dir():
+            print(f"[skip] export {ds}/{key}: no saved model at {model_dir(cell)}", file=sys.stderr)
+            continue
+        t0 = time.perf_counter()
+        model = load_model(model_dir(cell))
+        res = export_onnx(model, out.with_suffix(".onnx"), batch_sizes=(1, 32), reference=dense,
+                          dataset=te, quantize="dynamic", repeats=args.repeats)
+        write_json(out, {"cell": key, "results": res.to_dict(),
+                         "wall_s": round(time.perf_counter() - t0, 2)})
+        print(f"{ds}/{key}: {res.speedup}", file=sys.stderr)
+
+
 STAGES = ("lossless", "tolerance", "unstructured", "structured")
 
 
+def _order(row: dict) -> tuple:
+    crit = row["config"].get("criterion", "")
+    return (row["dataset"], STAGES.index(row["stage"]),
+            CRITERIA.index(crit) if crit in CRITERIA else -1, row["macs_speedup"],
+            row["nonzero_removed"])
+
+
 def stage_table(args) -> None:
-    rows = []
-    for p in sorted(Path(args.work).glob("*/*/*.json")):
-        if p.parent.name not in STAGES or \
-                p.name.endswith(".error.json"):
+    rows, dense, exports = [], {}, []
+    work = Path(args.work)
+    for p in sorted(work.glob("*/*/*.json")):
+        if p.parent.name not in STAGES or p.name.endswith(".error.json"):
             continue
         d = read_json(p)
         r = d["results"]
@@ -330,21 +375,47 @@ def stage_table(args) -> None:
                      "macs_speedup": r["macs_dense"] / max(1, r["macs"]),
                      "cpu_speedup": r.get("cpu_speedup", float("nan")),
                      "cpu_speedup_b32": r.get("cpu_speedup_b32", float("nan")),
+                     "latency_dense_ms": r.get("latency_dense_ms"),
+                     "latency_b32_dense_ms": r.get("latency_b32_dense_ms"),
                      "latency_threads": r.get("latency_threads"),
+                     "latency_pass": r.get("latency_pass"),
                      "delta_auroc": r["delta"],
                      "delta_auroc_ci95": r["delta_ci95"], "auroc_dense": r["auroc_dense"],
                      "max_abs_delta_logit": r["max_abs_delta_logit"], "wall_s": d["wall_s"],
                      "config": d["config"]})
+    rows.sort(key=_order)
+    for ds_dir in sorted(p for p in work.iterdir() if (p / "dense" / "train.json").is_file()):
+        t = read_json(ds_dir / "dense" / "train.json")
+        card = read_json(ds_dir / "dense" / "model.json")
+        dense[ds_dir.name] = {"arch": card.get("arch"), "classes": len(card["class_names"]),
+                              "best_epoch": t.get("best_epoch"), "val_auroc": t.get("best_metric"),
+                              "train_s": t.get("wall_s"),
+                              "test_macro_auroc": next((r["auroc_dense"] for r in rows
+                                                        if r["dataset"] == ds_dir.name), None)}
+    for p in sorted(work.glob("*/export/*.json")):
+        d = read_json(p)
+        r = d["results"]
+        q = r.get("quantization") or {}
+        exports.append({"dataset": p.parent.parent.name, "cell": d["cell"],
+                        "parity": r["parity"], "speedup": r["speedup"],
+                        "latency": r["latency"], "int8_delta_macro_auroc":
+                            q.get("delta_macro_auroc"), "int8_max_abs_delta": q.get(
+                            "max_abs_delta_vs_fp32")})
     config = {k: v for k, v in vars(args).items() if k != "stage"}
     name = "compress"
+    payload = {"dense": dense, "rows": rows, "exports": exports}
     if args.smoke:  # smoke numbers stay in the work directory, never in benchmarks/results
-        write_json(Path(args.work) / "compress_smoke.json", {"rows": rows, "config": config})
-        out_md = Path(args.work) / "compress_smoke.md"
+        write_json(work / "compress_smoke.json", {**payload, "config": config})
+        out_md = work / "compress_smoke.md"
     else:
-        save_result(name, {"rows": rows}, config)
+        save_result(name, payload, config)
         out_md = RESULTS / f"{name}.md"
-    lines = ["| dataset | method | params | removed | nonzero removed | MACs x | CPU x (b1) | CPU x (b32) "
-             "| dAUROC [95% CI] | max dlogit |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"- {k}: {v['arch']}, {v['classes']} classes, test macro AUROC "
+             f"{v['test_macro_auroc']:.4f} (val {v['val_auroc']:.4f}, best epoch "
+             f"{v['best_epoch']})" for k, v in dense.items()]
+    lines += ["", "| dataset | method | params | removed | nonzero removed | MACs x | CPU x (b1) "
+              "| CPU x (b32) | dAUROC [95% CI] | max dlogit |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["delta_auroc_ci95"]
         lines.append(f"| {r['dataset']} | {r['method']} | {r['params']:,} | "
@@ -353,6 +424,21 @@ def stage_table(args) -> None:
                      f"{r['cpu_speedup']:.2f} | {r['cpu_speedup_b32']:.2f} | "
                      f"{r['delta_auroc']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
                      f"{r['max_abs_delta_logit']:.2e} |")
+    if exports:
+        lines += ["", "| dataset | exported | ORT parity | torch x b1 / b32 | ORT x b1 / b32 "
+                  "| int8 vs fp32 ORT b1 / b32 | int8 dAUROC |", "|---|---|---|---|---|---|---|"]
+        for e in exports:
+            sp = e["speedup"]
+
+            def pair(k: str) -> str:
+                return (f"{sp.get(k + '@b1', float('nan')):.2f} / "
+                        f"{sp.get(k + '@b32', float('nan')):.2f}")
+
+            q = e["int8_delta_macro_auroc"]
+            parity = max(v or 0 for v in e["parity"].values())
+            lines.append(f"| {e['dataset']} | {e['cell']} | {parity:.1e} | {pair('torch')} | "
+                         f"{pair('onnxruntime')} | {pair('int8-vs-fp32')} | "
+                         f"{'n/a' if q is None else format(q, '+.4f')} |")
     out_md.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -360,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["dense", "lossless", "tolerance", "unstructured",
-                                      "structured", "latency", "table", "all"])
+                                      "structured", "latency", "export", "table", "all"])
     ap.add_argument("--datasets", default="phantom,kermany")
     ap.add_argument("--work", default="runs/bench-compress")
     ap.add_argument("--arch", default=None)
@@ -377,6 +463,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--criteria", default=",".join(CRITERIA))
     ap.add_argument("--tolerance-ratios", default=",".join(str(r) for r in TOLERANCE_RATIOS))
     ap.add_argument("--tolerance-calib", type=int, default=256)
+    ap.add_argument("--lossless-calib", type=int, default=512)
+    ap.add_argument("--export-cells", default="structured/l2-x4,structured/lrp-x4",
+                    help="cells (stage/key) the 'export' stage exports to ONNX")
     ap.add_argument("--speedups", default=",".join(str(s) for s in SPEEDUPS))
     ap.add_argument("--defer-latency", action="store_true",
                     help="skip latency inside the cells (cells run in parallel); the 'latency' "
@@ -389,20 +478,21 @@ def main(argv: list[str] | None = None) -> None:
     args.criteria = [c for c in args.criteria.split(",") if c]
     args.speedups = [float(s) for s in args.speedups.split(",") if s]
     args.tolerance_ratios = [float(r) for r in args.tolerance_ratios.split(",") if r]
+    args.export_cells = [c for c in args.export_cells.split(",") if c]
     if args.smoke:
         args.epochs, args.recovery_epochs, args.n_boot = 1, 1, 100
-        args.calib, args.repeats, args.tolerance_calib = 16, 5, 32
+        args.calib, args.repeats, args.tolerance_calib, args.lossless_calib = 16, 5, 32, 32
         if args.work == "runs/bench-compress":
             args.work = "runs/bench-compress-smoke"
-    stages = (["dense", "lossless", "tolerance", "unstructured", "structured"] if args.stage == "all"
-              else [args.stage] if args.stage != "table" else [])
+    stages = (["dense", "lossless", "tolerance", "unstructured", "structured"]
+              if args.stage == "all" else [args.stage] if args.stage != "table" else [])
     timings: dict[str, float] = {}
     for ds in [d for d in args.datasets.split(",") if d]:
         for st in stages:
             t0 = time.perf_counter()
             try:
                 {"dense": stage_dense, "lossless": stage_lossless, "tolerance": stage_tolerance,
-                 "latency": stage_latency,
+                 "latency": stage_latency, "export": stage_export,
                  "unstructured": stage_unstructured, "structured": stage_structured}[st](ds, args)
             except (FileNotFoundError, ImportError) as exc:
                 print(f"[skip] {ds}/{st}: {exc}", file=sys.stderr)
