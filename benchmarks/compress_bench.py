@@ -7,7 +7,7 @@ CPU latency speedup (dense and compressed timed alternately in the same run, bat
 delta macro AUROC with a paired bootstrap 95% CI, and max |delta logit| on the test split.
 
 Methods: lossless folding (provable and empirical); tolerance mode (LASSO channel selection +
-least-squares refit, no fine-tune) at 25/50% of the parameters; L1 unstructured (PruneCXR)
+least-squares refit, no fine-tune) at 25/50/70% of the parameters; L1 unstructured (PruneCXR)
 at 50/65/90% sparsity; Torch-Pruning magnitude (L2, the library default) and L1, BN scale,
 Taylor, LRP and IG at ratios giving ~2x / 3x / 4x fewer MACs.
 
@@ -54,7 +54,7 @@ KERMANY = Path(__file__).resolve().parents[2] / "shared" / "data" / "kermany-pne
 CRITERIA = ("l2", "l1", "bn_scale", "taylor", "lrp", "ig")
 SPARSITIES = (0.5, 0.65, 0.9)
 SPEEDUPS = (2.0, 3.0, 4.0)
-TOLERANCE_RATIOS = (0.25, 0.5)
+TOLERANCE_RATIOS = (0.25, 0.5, 0.7)
 
 
 # ----------------------------------------------------------------------------- data / models
