@@ -325,3 +325,32 @@ def test_cli_lossless_saves_verified_model_with_lineage(data, tmp_path):
     assert r.exit_code == 1
     assert "held-out" in r.output and "Nothing was saved" in r.output
     assert not bad.exists()
+
+
+def test_lasso_design_matrix_is_bounded_over_all_consumers(monkeypatch):
+    """A group read by many consumers (a DenseNet transition feeds every layer of the next
+    block) shares one row budget: the design matrix stays within ``max_design`` rows."""
+    import numpy as np
+    import sklearn.linear_model
+
+    from medscalpel.compress.reconstruct import _lasso_order
+
+    seen = {}
+
+    def fake_lasso_path(A, b, alphas, eps):
+        seen["shape"] = A.shape
+        coefs = np.zeros((A.shape[1], alphas))
+        coefs[2, 5:] = 1.0  # channel 2 enters the path first
+        coefs[0, 9:] = 1.0
+        return None, coefs, None
+
+    monkeypatch.setattr(sklearn.linear_model, "lasso_path", fake_lasso_path)
+    g = torch.Generator().manual_seed(0)
+    blocks = [(torch.randn(1000, 4, generator=g, dtype=torch.float64),
+               torch.randn(50, 4, generator=g, dtype=torch.float64),
+               torch.randn(1000, 50, generator=g, dtype=torch.float64), [0, 1, 2, 3], 1)
+              for _ in range(24)]
+    order = _lasso_order(blocks, 4, max_design=10_000)
+    # at most one extra row (x its 50 outputs) per consumer from the slicing; it was 24x before
+    assert seen["shape"][1] == 4 and seen["shape"][0] <= 10_000 + 24 * 50
+    assert order[:2] == [2, 0]

@@ -212,8 +212,12 @@ def _lasso_order(blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, li
     from sklearn.linear_model import lasso_path
 
     cols, targets = [], []
+    # ``max_design`` bounds the whole design matrix (rows x group channels), shared by the
+    # consumers: a DenseNet transition's channels feed every layer of the next block (24
+    # consumers in densenet121), and a per-consumer budget needed ~20 GB there.
+    per_block = max(1, max_design // max(1, len(blocks)))
     for X, W, T, idx, ksz in blocks:
-        stride = max(1, (X.shape[0] * W.shape[0]) // max_design + 1)
+        stride = max(1, (X.shape[0] * W.shape[0]) // per_block + 1)
         Xs, Ts = X[::stride], T[::stride]
         z = [(Xs[:, ci * ksz:(ci + 1) * ksz] @ W[:, ci * ksz:(ci + 1) * ksz].T).reshape(-1)
              for ci in idx]
