@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tolerance-ratios", default=",".join(str(r) for r in TOLERANCE_RATIOS))
     ap.add_argument("--tolerance-calib", type=int, default=256)
     ap.add_argument("--lossless-calib", type=int, default=512)
-    ap.add_argument("--export-cells", default="structured/l2-x4,structured/lrp-x4",
+    ap.add_argument("--export-cells", default="structured/l2-x4,structured/bn_scale-x4,structured/lrp-x4",
                     help="cells (stage/key) the 'export' stage exports to ONNX")
     ap.add_argument("--speedups", default=",".join(str(s) for s in SPEEDUPS))
     ap.add_argument("--defer-latency", action="store_true",
