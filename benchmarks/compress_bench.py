@@ -187,6 +187,12 @@ def load_dense(ds: str, args):
     return load_model(d), Predictions.load(d / "test_predictions.npz")
 
 
+def cell_inputs(ds: str, args) -> tuple:
+    """A fresh dense model (reloaded per cell, so that no method can alter the next one's
+    starting point), its test predictions and the three splits."""
+    return (*load_dense(ds, args), *datasets(ds, args))
+
+
 def save_cell(path: Path, config: dict, results: dict, t0: float, model=None) -> None:
     """One finished cell: its JSON, and the compressed model beside it (for the latency pass)."""
     if model is not None:
@@ -212,8 +218,7 @@ def stage_lossless(ds: str, args) -> None:
         if done(path):
             continue
         t0 = time.perf_counter()
-        dense, dp = load_dense(ds, args)
-        tr, va, te = datasets(ds, args)
+        dense, dp, tr, va, te = cell_inputs(ds, args)
         calib = collect_images(tr, n_calib)[0]
         held = collect_images(va, min(len(va), args.calib))[0]
         try:
@@ -238,8 +243,7 @@ def stage_tolerance(ds: str, args) -> None:
         if done(path):
             continue
         t0 = time.perf_counter()
-        dense, dp = load_dense(ds, args)
-        tr, va, te = datasets(ds, args)
+        dense, dp, tr, va, te = cell_inputs(ds, args)
         calib = collect_images(tr, args.tolerance_calib)[0]
         held = collect_images(va, min(len(va), args.calib))[0]
         res = compress_with_tolerance(dense, calib, held, r, latency=False, progress=False)
@@ -260,8 +264,7 @@ def stage_unstructured(ds: str, args) -> None:
         if done(path):
             continue
         t0 = time.perf_counter()
-        dense, dp = load_dense(ds, args)
-        tr, va, te = datasets(ds, args)
+        dense, dp, tr, va, te = cell_inputs(ds, args)
         keep = args.recovery_epochs > 0
         m = global_unstructured_prune(dense, s, "l1", keep_masks=keep)
         if keep:
@@ -286,8 +289,7 @@ def stage_structured(ds: str, args) -> None:
             if done(path):
                 continue
             t0 = time.perf_counter()
-            dense, dp = load_dense(ds, args)
-            tr, va, te = datasets(ds, args)
+            dense, dp, tr, va, te = cell_inputs(ds, args)
             calib = collect_images(tr, args.calib)[0]
             try:
                 res = prune_structured(dense, calib, crit, target_speedup=sp,
