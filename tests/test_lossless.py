@@ -354,3 +354,83 @@ def test_lasso_design_matrix_is_bounded_over_all_consumers(monkeypatch):
     # at most one extra row (x its 50 outputs) per consumer from the slicing; it was 24x before
     assert seen["shape"][1] == 4 and seen["shape"][0] <= 10_000 + 24 * 50
     assert order[:2] == [2, 0]
+
+
+def test_ridge_to_prior_falls_back_to_plain_removal_when_rows_are_too_few():
+    """Nearly as many columns as rows (late DenseNet blocks at 64 px): an unregularised refit
+    interpolates the calibration rows and is far worse than plain removal on new images; the
+    held-out choice keeps the refit at least as good as the prior there."""
+    from medscalpel.compress.reconstruct import ridge_to_prior
+
+    g = torch.Generator().manual_seed(0)
+    d, o, per_img = 120, 6, 4
+    w_true = torch.randn(d, o, generator=g, dtype=torch.float64)
+    prior = w_true + 0.05 * torch.randn(d, o, generator=g, dtype=torch.float64)
+
+    def sample(n_img):
+        X = torch.randn(n_img * per_img, d, generator=g, dtype=torch.float64)
+        noise = 2.0 * torch.randn(X.shape[0], o, generator=g, dtype=torch.float64)
+        return X, X @ w_true + noise, torch.arange(n_img).repeat_interleave(per_img)
+
+    X, Y, img = sample(32)              # 128 rows for 120 columns
+    Xt, Yt, _ = sample(200)             # new images
+    sol, alpha, info = ridge_to_prior(X, Y, prior, img)
+    naive = torch.linalg.solve(X.T @ X + 1e-6 * torch.eye(d, dtype=X.dtype), X.T @ Y)
+
+    def err(w):
+        return float((Xt @ w - Yt).pow(2).mean())
+
+    assert err(naive) > 5 * err(prior)  # the defect this guards against
+    assert err(sol) <= 1.05 * err(prior)
+    assert info["heldout_mse"] <= info["heldout_mse_prior"]
+    if alpha is None:
+        assert torch.equal(sol, prior)
+
+
+def test_ridge_to_prior_recovers_an_exact_linear_map_when_rows_suffice():
+    from medscalpel.compress.reconstruct import RIDGE_ALPHAS, ridge_to_prior
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(2000, 30, generator=g, dtype=torch.float64)
+    X[:, 3] *= 1e3  # badly scaled column: the ridge works on scaled columns
+    w = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    sol, alpha, info = ridge_to_prior(X, X @ w, torch.zeros(30, 4, dtype=torch.float64),
+                                      torch.arange(2000) // 10)
+    assert alpha == min(RIDGE_ALPHAS)
+    assert float((X @ sol - X @ w).abs().max()) < 1e-5
+    assert info["heldout_mse"] < 1e-6 * info["heldout_mse_prior"]
+
+
+def test_cli_tolerance_mode_saves_model_with_lineage_and_refit_counts(tmp_path):
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from medscalpel.cli.lossless_cmd import lossless
+    from medscalpel.data.transforms import Preprocess
+    from medscalpel.models.checkpoint import load_model, make_card, save_model
+
+    _register_test_dataset()
+    m = alive(create_model("densenet_tiny", num_classes=3, img_size=IMG))
+    save_model(m, tmp_path / "dense", make_card(m, ["a", "b", "c"], "multilabel",
+                                                Preprocess(size=IMG)))
+    app = typer.Typer()
+    app.command()(lossless)
+    out = tmp_path / "tol"
+    r = CliRunner().invoke(app, [str(tmp_path / "dense"), "lossless_test?n=48", "--out",
+                                 str(out), "--tolerance", "0.3", "--calib-images", "48",
+                                 "--heldout-images", "16", "--no-latency"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert 0 < report["refits"] and 0 <= report["refits_plain_removal"] <= report["refits"]
+    assert f"of {report['refits']} consumer refits beat plain removal" in r.output
+    small = load_model(out / "model")
+    step = small.card.lineage[-1]
+    assert step["method"] == "lossless-tolerance" and step["parent"] == m.card.model_id
+    assert step["refits"] == report["refits"]
+    assert abs(report["achieved_ratio"] - 0.3) < 0.05
+    assert small.num_parameters() == report["params_after"]
+    assert step["verification"]["max_abs_logit_delta"] == report["max_abs_logit_delta"] > 0
+    with torch.no_grad():
+        assert small.eval()(torch.rand(4, 1, IMG, IMG)).shape == (4, 3)

@@ -141,7 +141,9 @@ def lossless(
                 method = "lossless-tolerance"
                 settings = {"target_ratio": tolerance, "achieved_ratio": rep.achieved_ratio,
                             "keep_fraction": rep.keep_fraction,
-                            "params_removed_pct": rep.params_removed_pct}
+                            "params_removed_pct": rep.params_removed_pct,
+                            "refits": rep.refits,
+                            "refits_plain_removal": rep.refits_plain_removal}
             new_card = card.with_lineage(method, parent=card.model_id, **settings,
                                          verification=verification)
             save_model(result.model, run.path / "model", new_card)
@@ -156,6 +158,12 @@ def lossless(
                    f"{srep.max_abs_logit_delta_fold:.3g} (sparsified vs folded); vs dense "
                    f"{srep.max_abs_logit_delta_vs_dense:.3g}; saved to {out / 'model'}")
         return
+    extra = ""
+    if tolerance is not None:
+        extra = (f"; {rep.refits - rep.refits_plain_removal} of {rep.refits} consumer refits "
+                 "beat plain removal on held-out calibration images")
+        if rep.delta_macro_auroc is not None:
+            extra += f"; delta macro AUROC {rep.delta_macro_auroc:+.4f}"
     typer.echo(f"{method}: {rep.params_before} -> {rep.params_after} parameters "
                f"({rep.params_removed_pct:.2f}% removed), max |delta logit| "
-               f"{rep.max_abs_logit_delta:.3g}; saved to {out / 'model'}")
+               f"{rep.max_abs_logit_delta:.3g}{extra}; saved to {out / 'model'}")
