@@ -14,7 +14,7 @@ Taylor, LRP and IG at ratios giving ~2x / 3x / 4x fewer MACs.
 It runs in stages and resumes: every finished (dataset, method, setting) is a JSON file under
 ``--work`` (with the compressed model beside it) and is skipped on rerun. Stages: ``dense``,
 ``lossless``, ``tolerance``, ``unstructured``, ``structured``, ``latency``, ``export``,
-``table`` (``all`` = the compute stages then the table). With ``--defer-latency`` the cells
+``resolution`` (latency of chosen cells at 224 px), ``table`` (``all`` = the compute stages then the table). With ``--defer-latency`` the cells
 skip timing (so datasets can run in parallel, one thread each); ``latency`` then re-times every
 saved model against the dense one, alternated in one run, and ``export`` checks ONNX /
 onnxruntime / int8 for ``--export-cells``: run both alone on an idle machine.
@@ -327,6 +327,38 @@ def stage_latency(ds: str, args) -> None:
               f"b32 x{d['results']['cpu_speedup_b32']:.2f}", file=sys.stderr)
 
 
+def stage_resolution(ds: str, args) -> None:
+    """CPU latency of chosen cells' architectures at a larger input (``--res-size``, default
+    224 px, the clinical input of CheXNet) against the dense one, alternated in one run, at
+    batch 1 and 8. Latency only: the models were trained at ``--size``, so no accuracy is
+    claimed at this size. Answers whether the MACs cut turns into CPU speedup once compute, not
+    per-layer overhead, dominates. Run alone on an idle machine."""
+    dense, _ = load_dense(ds, args)
+    _, _, te = datasets(ds, args)
+    chans = collect_images(te, 1)[0].shape[1]
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, chans, args.res_size, args.res_size, generator=g)
+    for key in args.res_cells:
+        cell = cell_path(args, ds, *key.split("/"))
+        if not model_dir(cell).is_dir():
+            print(f"[skip] resolution {ds}/{key}: no saved model", file=sys.stderr)
+            continue
+        d = read_json(cell)
+        tag = str(args.res_size)
+        if tag in d["results"].get("latency_at_size", {}):
+            continue
+        model = load_model(model_dir(cell))
+        with torch.no_grad():
+            b1 = latency_pair(dense, model, x[:1], batch_size=1, warmup=2, repeats=5, rounds=3)
+            b8 = latency_pair(dense, model, x, batch_size=8, warmup=1, repeats=3, rounds=3)
+        d["results"].setdefault("latency_at_size", {})[tag] = {
+            "macs": count_macs(model, x[:1]), "macs_dense": count_macs(dense, x[:1]),
+            "b1": b1, "b8": b8, "threads": torch.get_num_threads()}
+        write_json(cell, d)
+        print(f"{ds}/{key} at {tag} px: b1 x{b1['ratio']:.2f}, b8 x{b8['ratio']:.2f}",
+              file=sys.stderr)
+
+
 def stage_export(ds: str, args) -> None:
     """Deployment check of chosen cells: ONNX export, onnxruntime parity and batch-1/32
     latency of torch and onnxruntime against the dense model (same run), int8 (dynamic) with
@@ -386,6 +418,11 @@ def stage_table(args) -> None:
                      "max_abs_delta_logit": r["max_abs_delta_logit"], "wall_s": d["wall_s"],
                      "config": d["config"]})
     rows.sort(key=_order)
+    at_size = [{"dataset": p.parent.parent.name, "cell": f"{p.parent.name}/{p.stem}",
+                "method": read_json(p)["results"]["method"], "size": int(size), **v}
+               for p in sorted(work.glob("*/*/*.json"))
+               if p.parent.name in STAGES and not p.name.endswith(".error.json")
+               for size, v in read_json(p)["results"].get("latency_at_size", {}).items()]
     for ds_dir in sorted(p for p in work.iterdir() if (p / "dense" / "train.json").is_file()):
         t = read_json(ds_dir / "dense" / "train.json")
         card = read_json(ds_dir / "dense" / "model.json")
@@ -405,7 +442,7 @@ def stage_table(args) -> None:
                             "max_abs_delta_vs_fp32")})
     config = {k: v for k, v in vars(args).items() if k != "stage"}
     name = "compress"
-    payload = {"dense": dense, "rows": rows, "exports": exports}
+    payload = {"dense": dense, "rows": rows, "exports": exports, "latency_at_size": at_size}
     if args.smoke:  # smoke numbers stay in the work directory, never in benchmarks/results
         write_json(work / "compress_smoke.json", {**payload, "config": config})
         out_md = work / "compress_smoke.md"
@@ -441,6 +478,14 @@ def stage_table(args) -> None:
             lines.append(f"| {e['dataset']} | {e['cell']} | {parity:.1e} | {pair('torch')} | "
                          f"{pair('onnxruntime')} | {pair('int8-vs-fp32')} | "
                          f"{'n/a' if q is None else format(q, '+.4f')} |")
+    if at_size:
+        lines += ["", "| dataset | method | input | MACs x | CPU x (b1) | CPU x (b8) | dense ms "
+                  "b1 / b8 |", "|---|---|---|---|---|---|---|"]
+        for a in at_size:
+            lines.append(f"| {a['dataset']} | {a['method']} | {a['size']} px | "
+                         f"{a['macs_dense'] / max(1, a['macs']):.2f} | {a['b1']['ratio']:.2f} | "
+                         f"{a['b8']['ratio']:.2f} | {a['b1']['a_ms']:.1f} / "
+                         f"{a['b8']['a_ms']:.1f} |")
     out_md.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -448,7 +493,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["dense", "lossless", "tolerance", "unstructured",
-                                      "structured", "latency", "export", "table", "all"])
+                                      "structured", "latency", "export", "resolution", "table",
+                                      "all"])
     ap.add_argument("--datasets", default="phantom,kermany")
     ap.add_argument("--work", default="runs/bench-compress")
     ap.add_argument("--arch", default=None)
@@ -468,6 +514,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lossless-calib", type=int, default=512)
     ap.add_argument("--export-cells", default="structured/l2-x4,structured/bn_scale-x4,structured/lrp-x4",
                     help="cells (stage/key) the 'export' stage exports to ONNX")
+    ap.add_argument("--res-size", type=int, default=224,
+                    help="input size of the 'resolution' stage (latency only)")
+    ap.add_argument("--res-cells", default="structured/bn_scale-x4,structured/bn_scale-x8,"
+                    "structured/l2-x4,tolerance/ratio-0.70",
+                    help="cells (stage/key) the 'resolution' stage times at --res-size")
     ap.add_argument("--speedups", default=",".join(str(s) for s in SPEEDUPS))
     ap.add_argument("--defer-latency", action="store_true",
                     help="skip latency inside the cells (cells run in parallel); the 'latency' "
@@ -481,6 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     args.speedups = [float(s) for s in args.speedups.split(",") if s]
     args.tolerance_ratios = [float(r) for r in args.tolerance_ratios.split(",") if r]
     args.export_cells = [c for c in args.export_cells.split(",") if c]
+    args.res_cells = [c for c in args.res_cells.split(",") if c]
     if args.smoke:
         args.epochs, args.recovery_epochs, args.n_boot = 1, 1, 100
         args.calib, args.repeats, args.tolerance_calib, args.lossless_calib = 16, 5, 32, 32
@@ -495,6 +547,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 {"dense": stage_dense, "lossless": stage_lossless, "tolerance": stage_tolerance,
                  "latency": stage_latency, "export": stage_export,
+                 "resolution": stage_resolution,
                  "unstructured": stage_unstructured, "structured": stage_structured}[st](ds, args)
             except (FileNotFoundError, ImportError) as exc:
                 print(f"[skip] {ds}/{st}: {exc}", file=sys.stderr)

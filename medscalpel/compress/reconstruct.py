@@ -5,7 +5,10 @@ by layer (here: channel group by channel group, in production order), choose the
 each consumer keeps by LASSO regression of the consumer's *original* output on the per-channel
 contributions computed from the *current* (already pruned) model's input, then refit the
 consumer's weights on the kept channels by least squares, so that errors of earlier layers are
-corrected as one goes. In DenseNet a channel group feeds several consumers; their reconstruction
+corrected as one goes. The refit is a ridge regression shrunk toward the plain-removal weights,
+its strength chosen on calibration images held out of the fit (:func:`ridge_to_prior`): late
+layers can have about as many input columns as calibration rows, and an unregularised refit
+there interpolates the calibration rows and diverges on new images. In DenseNet a channel group feeds several consumers; their reconstruction
 problems are stacked (each normalised by its target's norm) so that one LASSO picks the channels
 for all of them. How many channels each layer keeps is allocated greedily (near-uniform kept
 fraction, :func:`allocate_keep`) with an exact parameter counter, so that the achieved
