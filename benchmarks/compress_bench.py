@@ -395,7 +395,7 @@ def _order(row: dict) -> tuple:
 
 
 def stage_table(args) -> None:
-    rows, dense, exports = [], {}, []
+    rows, dense, exports, at_size = [], {}, [], []
     work = Path(args.work)
     for p in sorted(work.glob("*/*/*.json")):
         if p.parent.name not in STAGES or p.name.endswith(".error.json"):
@@ -417,12 +417,10 @@ def stage_table(args) -> None:
                      "delta_auroc_ci95": r["delta_ci95"], "auroc_dense": r["auroc_dense"],
                      "max_abs_delta_logit": r["max_abs_delta_logit"], "wall_s": d["wall_s"],
                      "config": d["config"]})
+        at_size += [{"dataset": p.parent.parent.name, "cell": f"{p.parent.name}/{p.stem}",
+                     "method": r["method"], "size": int(size), **v}
+                    for size, v in r.get("latency_at_size", {}).items()]
     rows.sort(key=_order)
-    at_size = [{"dataset": p.parent.parent.name, "cell": f"{p.parent.name}/{p.stem}",
-                "method": read_json(p)["results"]["method"], "size": int(size), **v}
-               for p in sorted(work.glob("*/*/*.json"))
-               if p.parent.name in STAGES and not p.name.endswith(".error.json")
-               for size, v in read_json(p)["results"].get("latency_at_size", {}).items()]
     for ds_dir in sorted(p for p in work.iterdir() if (p / "dense" / "train.json").is_file()):
         t = read_json(ds_dir / "dense" / "train.json")
         card = read_json(ds_dir / "dense" / "model.json")

@@ -287,10 +287,11 @@ def ridge_to_prior(X: torch.Tensor, Y: torch.Tensor, prior: torch.Tensor, groups
     Xf, Yf, Xv, Yv = Xs[fit], Y[fit], Xs[val], Y[val]
     prior_err = float((Xv @ P - Yv).pow(2).mean()) if val.any() else float("inf")
     best, best_err = None, prior_err
+    gram_f, rhs_f = Xf.T @ Xf, Xf.T @ Yf  # reused by the final fit on all rows
     if fit.sum() > 0 and val.any():
-        e, V = torch.linalg.eigh(Xf.T @ Xf / Xf.shape[0])
+        e, V = torch.linalg.eigh(gram_f / Xf.shape[0])
         e = e.clamp_min(0)
-        q, p0, XvV = V.T @ (Xf.T @ Yf / Xf.shape[0]), V.T @ P, Xv @ V
+        q, p0, XvV = V.T @ (rhs_f / Xf.shape[0]), V.T @ P, Xv @ V
         for a in alphas:
             err = float((XvV @ ((q + a * p0) / (e + a)[:, None]) - Yv).pow(2).mean())
             if err < best_err:
@@ -298,9 +299,9 @@ def ridge_to_prior(X: torch.Tensor, Y: torch.Tensor, prior: torch.Tensor, groups
     info = {"heldout_mse_prior": prior_err, "heldout_mse": best_err}
     if best is None:
         return prior.clone(), None, info
-    G = Xs.T @ Xs / rows
+    G = (gram_f + Xv.T @ Xv) / rows
     sol = torch.linalg.solve(G + best * torch.eye(G.shape[0], dtype=G.dtype),
-                             Xs.T @ Y / rows + best * P)
+                             (rhs_f + Xv.T @ Yv) / rows + best * P)
     return sol / scale[:, None], best, info
 
 
