@@ -237,6 +237,8 @@ def test_chexpert_uncertain_policies(tmp_path, policy, expect):
     np.testing.assert_equal(ds.labels[0, k], expect)
     np.testing.assert_equal(ds.labels[2, 1], expect)
     assert ds.patient_ids == ["patient00001", "patient00001", "patient00002"]
+    assert ds.meta["split_unit"]["unit"] == "patient"  # official files, patient from the path
+    assert ds.meta["split_unit"]["n_patients"] == 2
     assert ds[0][0].shape == (1, 16, 16)
 
 
@@ -277,6 +279,8 @@ def test_mimic_lt(tmp_path):
     te = open_dataset(f"mimic-lt:{root}", "test", PRE)
     assert (len(tr), len(va), len(te)) == (2, 1, 1)
     assert te.ids == ["dcm10000040"] and te.patient_ids == ["10000040"]
+    assert not set(tr.patient_ids) & set(va.patient_ids)
+    assert tr.meta["split_unit"]["unit"] == te.meta["split_unit"]["unit"] == "patient"
     assert te.num_classes == 19 and te.labels[0, 0] == 1
     assert te[0][0].shape == (1, 16, 16)
     f = root / "miccai2023_mimic-cxr-lt_labels_test.csv"

@@ -237,3 +237,70 @@ def split_by_patient(
     return rest, held
 
 
+
+
+# ----------------------------------------------------------------------------- split unit
+#: what kept train/val/test apart: whole patients, single images, or both (some rows had no
+#: patient id and were split as single images)
+SPLIT_UNITS = ("patient", "image", "mixed")
+_WARNED: set[tuple[str, str]] = set()
+
+
+def split_unit_info(patient_ids: Sequence[str | None], basis: str = "") -> dict[str, Any]:
+    """How a split of these rows separates them: ``{"unit", "n_images", "n_with_patient",
+    "n_without_patient", "n_patients", "basis"}``.
+
+    ``unit`` is ``patient`` when every row has a patient id, ``image`` when none has, and
+    ``mixed`` otherwise (the rows without one are split as single images, which can leak a
+    patient across splits).
+    """
+    known = [p for p in patient_ids if p is not None and str(p) != ""]
+    n, k = len(patient_ids), len(known)
+    unit = "patient" if n and k == n else ("image" if k == 0 else "mixed")
+    return {"unit": unit, "n_images": n, "n_with_patient": k, "n_without_patient": n - k,
+            "n_patients": len(set(known)), "basis": basis}
+
+
+def record_split_unit(ds: "CXRDataset", patient_ids: Sequence[str | None] | None = None,
+                      basis: str = "", key: str | None = None) -> dict[str, Any]:
+    """Store :func:`split_unit_info` in ``ds.meta["split_unit"]`` and warn ONCE per ``key``
+    (default: the dataset's spec) when the split is not patient-wise.
+
+    Args:
+        patient_ids: the rows the split was drawn from (default: the dataset's own rows).
+        basis: how the split was made, e.g. ``"official split files"``.
+    """
+    info = split_unit_info(ds.patient_ids if patient_ids is None else patient_ids, basis)
+    ds.meta["split_unit"] = info
+    msg = split_warning(ds)
+    warn_key = (str(key or ds.spec or ds.name), info["unit"])
+    if msg and warn_key not in _WARNED:
+        _WARNED.add(warn_key)
+        logger.warning("%s", msg)
+    return info
+
+
+def split_warning(obj: Any) -> str | None:
+    """A one-line warning when the train/val/test split of ``obj`` was not patient-wise, else
+    ``None``.
+
+    Args:
+        obj: a :class:`CXRDataset`, a :class:`~medscalpel.engine.predictions.Predictions` (its
+            ``meta["split_unit"]``, set by :func:`medscalpel.engine.api.predict_spec`) or a
+            ``meta`` / ``split_unit`` dict.
+
+    Returns ``None`` for split ``all`` (nothing was split) and when the split unit is unknown.
+    """
+    meta = obj if isinstance(obj, dict) else getattr(obj, "meta", None) or {}
+    info = meta.get("split_unit", meta if "unit" in meta else None)
+    split = getattr(obj, "split", None) or meta.get("split")
+    if not info or split == "all":
+        return None
+    if info["unit"] == "image":
+        return (f"split by IMAGE: no patient id for any of the {info['n_images']} images, so one "
+                "patient's images can sit in train and test (test numbers may be optimistic)")
+    if info["unit"] == "mixed":
+        return (f"split partly by image: {info['n_without_patient']} of {info['n_images']} "
+                "images have no patient id and were split one image at a time (a patient can "
+                "sit in train and test)")
+    return None

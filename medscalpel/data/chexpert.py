@@ -9,7 +9,9 @@ a path may not leave the dataset folder.
 Labels: the 14 observations of :data:`~medscalpel.data.labels.CHEXPERT_CLASSES`; ``1`` positive,
 ``0`` negative, blank -> 0 (not mentioned), ``-1`` (uncertain) by the ``uncertain`` policy:
 ``ignore`` -> NaN (unknown, masked by the loss and the metrics), ``zeros`` -> 0, ``ones`` -> 1.
-Patient ids come from the ``patientNNNNN`` path component.
+Patient ids come from the ``patientNNNNN`` path component; the official files keep patients
+apart, and ``dataset.meta["split_unit"]`` records it (see
+:func:`~medscalpel.data.base.split_warning`).
 
 Splits: ``train`` = train.csv, ``val`` = valid.csv (the official validation set), ``test`` =
 ``test.csv`` (or ``test_labels.csv``) when present (the official test labels are distributed
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medscalpel.data.base import CXRDataset
+from medscalpel.data.base import CXRDataset, record_split_unit
 from medscalpel.data.labels import (CHEXPERT_CLASSES, ImageFileDataset, binary_labels,
                                     check_common, csv_row, finish, read_table, require_dir,
                                     resolve_inside)
@@ -92,6 +94,9 @@ def open_chexpert(root: str | None, split: str = "train", preprocess: Preprocess
                           "multilabel", df["__patient"].tolist(), preprocess, split,
                           meta={"uncertain": uncertain, "frontal_only": frontal_only,
                                 "folder": str(d)})
+    # the official files are patient-disjoint (train patients 1-64540, valid 64541-64740, test
+    # after); the patient ids come from the path, so a row without one is flagged
+    record_split_unit(ds, basis="official label files (patient-disjoint)", key=f"chexpert:{d}")
     return finish(ds, skip_corrupt)
 
 

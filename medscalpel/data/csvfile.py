@@ -13,8 +13,11 @@ Tasks:
 Splits: with ``split_col`` (values ``train``, ``val``/``valid``/``validation``, ``test``) the
 column decides, and when it has no ``val`` rows, ``val`` is carved from train by PATIENT
 (seeded ``val_fraction``). Without it, a seeded patient-wise split makes ``test``
-(``test_fraction``, default 0.2) and ``val`` (``val_fraction``, default 0.1) of the patients
-(of the rows when there is no ``patient_col``). ``all`` = every row.
+(``test_fraction``, default 0.2) and ``val`` (``val_fraction``, default 0.1) of the patients.
+``patient_col=auto`` (the default) uses the first column named like a patient / subject id
+(``patient``, ``patient_id``, ``Patient ID``, ``subject_id``, ``pid``, ...); ``patient_col=none``
+or a table without such a column splits by ROW (image): a warning says so once and
+``dataset.meta["split_unit"]`` records it. ``all`` = every row.
 
 Example:
     >>> ds = open_dataset("csv:/data/study/labels.csv?patient_col=pid", split="val")  # doctest: +SKIP
@@ -24,10 +27,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import re
+
 import numpy as np
 import pandas as pd
 
-from medscalpel.data.base import CXRDataset, split_by_patient
+from medscalpel.data.base import CXRDataset, record_split_unit, split_by_patient
 from medscalpel.data.labels import (ImageFileDataset, binary_labels, check_common, csv_row,
                                     finish, read_table, require_columns, require_dir,
                                     resolve_inside, select_split, split_list_option)
@@ -35,6 +40,10 @@ from medscalpel.data.spec import DATASETS
 from medscalpel.data.transforms import Preprocess
 from medscalpel.errors import ConfigError, DataError
 from medscalpel.validation import check_fraction, check_in
+
+#: column names taken as the patient id by ``patient_col=auto`` (case, spaces, ``_``/``-`` ignored)
+PATIENT_COLUMN = re.compile(r"^(patient|subject|pid|participant|case)[ _-]?(id|no|number|nr)?$",
+                            re.IGNORECASE)
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
@@ -44,7 +53,7 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
 def open_csv(root: str | None, split: str = "train", preprocess: Preprocess | None = None,
              file: str = "labels.csv", path_col: str = "path", label_cols: str | None = None,
              task: str = "multilabel", label_col: str = "label", classes: str | None = None,
-             patient_col: str | None = None, split_col: str | None = None,
+             patient_col: str | None = "auto", split_col: str | None = None,
              val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
              colour: bool = False, skip_corrupt: bool = False) -> CXRDataset:
     """Open a generic label CSV (see the module docstring).
@@ -58,7 +67,8 @@ def open_csv(root: str | None, split: str = "train", preprocess: Preprocess | No
         task: ``multilabel`` or ``multiclass``.
         label_col: the class-name column for ``multiclass``.
         classes: comma-separated class names (order) for ``multiclass``.
-        patient_col: column of patient ids (splits keep a patient's images together).
+        patient_col: column of patient ids (splits keep a patient's images together);
+            ``auto`` (default): a column named like a patient / subject id; ``none``: none.
         split_col: column of split names.
         val_fraction, test_fraction, seed: the seeded patient-wise carving (see above).
         colour: keep RGB for colour data (needs ``Preprocess(colour=True)``).
@@ -73,6 +83,8 @@ def open_csv(root: str | None, split: str = "train", preprocess: Preprocess | No
     given = require_dir(root, "csv", "csv:/data/study/labels.csv")
     csv_path = given if given.is_file() else given / file
     base = csv_path.parent
+    header = read_table(csv_path, (), what="label CSV", nrows=0).columns
+    patient_col = resolve_patient_col(patient_col, list(header), csv_path)
     required = [path_col] + [c for c in (patient_col, split_col) if c]
     if task == "multiclass":
         required.append(label_col)
@@ -119,16 +131,34 @@ def open_csv(root: str | None, split: str = "train", preprocess: Preprocess | No
     paths = [resolve_inside(base, r, f"{csv_path}, line {csv_row(i)}, column {path_col!r}")
              for i, r in enumerate(rels)]
     ids = [r.strip().replace("\\", "/") for r in rels]
-    patients: list[str | None] = (df[patient_col].astype(str).str.strip().tolist()
-                                  if patient_col else [None] * len(df))
+    patients: list[str | None] = [None] * len(df)
+    if patient_col:  # a blank cell is an unknown patient (split as its own image), not "nan"
+        raw = df[patient_col]
+        text = raw.astype(str).str.strip()
+        patients = [None if (pd.isna(v) or t == "") else t for v, t in zip(raw, text)]
 
     # ---- split
     rows = _split_rows(df, split, split_col, patients, val_fraction, test_fraction, seed,
                        csv_path)
     ds = ImageFileDataset("csv", [paths[i] for i in rows], [ids[i] for i in rows], labels[rows],
                           class_names, task, [patients[i] for i in rows], preprocess, split,
-                          colour=colour, meta={"file": str(csv_path), "seed": seed})
+                          colour=colour, meta={"file": str(csv_path), "seed": seed,
+                                               "patient_col": patient_col})
+    basis = f"split column {split_col!r}" if split_col else "seeded split"
+    record_split_unit(ds, patients, basis=f"{basis}, patient column {patient_col!r}",
+                      key=f"csv:{csv_path}")
     return finish(ds, skip_corrupt)
+
+
+def resolve_patient_col(patient_col: str | None, columns: list[str], csv_path: Path
+                        ) -> str | None:
+    """The patient column to use: ``auto`` -> the first column matching :data:`PATIENT_COLUMN`
+    (``None`` when there is none); ``none`` / empty -> ``None``; else the name given."""
+    if patient_col is None or str(patient_col).strip().lower() in ("", "none", "false"):
+        return None
+    if str(patient_col).strip().lower() != "auto":
+        return str(patient_col)
+    return next((c for c in columns if PATIENT_COLUMN.match(str(c).strip())), None)
 
 
 def _split_rows(df: pd.DataFrame, split: str, split_col: str | None,

@@ -14,9 +14,12 @@ contradictory). What was found is in ``dataset.meta["dedup"]``.
 
 Splits: a seeded split stratified by class: ``test_fraction`` (default 0.2) and ``val_fraction``
 (default 0.1) of each class's images go to test and val, the rest to train; ``all`` = every
-image. With ``patient_regex`` (a regular expression whose first group, searched in the file
-name, is the patient id, e.g. ``^(person[0-9]*|IM-[0-9]*|NORMAL2-IM-[0-9]*)`` for Kermany) all
-images of a patient go to the same split. In a spec string write ``+`` as ``%2B``.
+image. Splits are by PATIENT: ``patient_regex`` is a regular expression whose first group,
+searched in the file name, is the patient id; the default ``auto`` is :data:`KERMANY_PATIENT`
+(``person<N>_...``, ``IM-<N>-...``, ``NORMAL2-IM-<N>-...``), ``none`` turns it off. All images of
+a patient go to the same split; files without a patient id are split one image at a time, a
+warning says so once and ``dataset.meta["split_unit"]`` records it (see
+:func:`~medscalpel.data.base.split_warning`). In a spec string write ``+`` as ``%2B``.
 
 Example:
     >>> ds = open_dataset("folder:/data/kermany/train?dedup=true", split="test")  # doctest: +SKIP
@@ -32,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from medscalpel.data.base import CXRDataset
+from medscalpel.data.base import CXRDataset, record_split_unit
 from medscalpel.data.io import IMAGE_EXTENSIONS
 from medscalpel.data.labels import (ImageFileDataset, check_common, finish, require_dir,
                                     split_list_option)
@@ -41,6 +44,11 @@ from medscalpel.data.transforms import Preprocess
 from medscalpel.errors import ConfigError, DataError
 from medscalpel.progress import track
 from medscalpel.validation import check_fraction
+
+
+#: Kermany et al. (2018) file names: ``person1000_bacteria_2931.jpeg`` (patient ``person1000``),
+#: ``IM-0115-0001.jpeg`` (``IM-0115``), ``NORMAL2-IM-0381-0001.jpeg`` (``NORMAL2-IM-0381``).
+KERMANY_PATIENT = r"^(person[0-9]+|NORMAL2-IM-[0-9]+|IM-[0-9]+)(?=[_-])"
 
 
 def _hidden(name: str) -> bool:
@@ -135,11 +143,33 @@ def stratified_group_split(labels: np.ndarray, groups: list[str], val_fraction: 
     return {k: np.array(sorted(v), dtype=np.int64) for k, v in out.items()}
 
 
+def patients_from_names(names: list[str], patient_regex: str | None) -> list[str | None]:
+    """The patient id of each file name (``None`` where the pattern does not match).
+
+    Args:
+        patient_regex: a regex whose first group (else whole match) is the id; ``auto`` =
+            :data:`KERMANY_PATIENT`; ``None`` / ``""`` / ``none`` = no ids.
+    """
+    if patient_regex is None or str(patient_regex).strip().lower() in ("", "none", "false"):
+        return [None] * len(names)
+    pattern = KERMANY_PATIENT if str(patient_regex).strip().lower() == "auto" else str(patient_regex)
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"The 'patient_regex' parameter of the 'folder' adapter must be a "
+                          f"regular expression. Got {patient_regex!r} instead ({exc}).") from exc
+    out: list[str | None] = []
+    for name in names:
+        m = rx.search(name)
+        out.append((m.group(1) if m.groups() else m.group(0)) if m else None)
+    return out
+
+
 @DATASETS.register("folder", help="one subfolder per class (Kermany, COVID-QU-Ex, LC25000)")
 def open_folder(root: str | None, split: str = "train", preprocess: Preprocess | None = None,
                 dedup: bool = True, val_fraction: float = 0.1, test_fraction: float = 0.2,
                 seed: int = 0, colour: bool = False, classes: str | None = None,
-                patient_regex: str | None = None, skip_corrupt: bool = False) -> CXRDataset:
+                patient_regex: str | None = "auto", skip_corrupt: bool = False) -> CXRDataset:
     """Open a class-per-subfolder image collection (see the module docstring).
 
     Args:
@@ -150,7 +180,8 @@ def open_folder(root: str | None, split: str = "train", preprocess: Preprocess |
         seed: seed of the split.
         colour: keep RGB (colour data such as LC25000); needs ``Preprocess(colour=True)``.
         classes: comma-separated class folder names to use, in this order.
-        patient_regex: regex whose first group in a file name is the patient id.
+        patient_regex: regex whose first group in a file name is the patient id; ``auto``
+            (default) = :data:`KERMANY_PATIENT`; ``none`` = split by image.
         skip_corrupt: drop unreadable images (recorded in ``dataset.skip_report``).
     """
     check_common("folder", split, val_fraction, seed)
@@ -190,17 +221,8 @@ def open_folder(root: str | None, split: str = "train", preprocess: Preprocess |
         keep, report = deduplicate(paths, y, ids)
         meta["dedup"] = report
         paths, y, ids = [paths[i] for i in keep], y[keep], [ids[i] for i in keep]
-    patients: list[str | None] = [None] * len(paths)
-    if patient_regex:
-        try:
-            rx = re.compile(patient_regex)
-        except re.error as exc:
-            raise ConfigError(f"The 'patient_regex' parameter of the 'folder' adapter must be a "
-                              f"regular expression. Got {patient_regex!r} instead ({exc}).") from exc
-        for i, p in enumerate(paths):
-            m = rx.search(p.name)
-            if m:
-                patients[i] = f"{m.group(1) if m.groups() else m.group(0)}"
+    patients = patients_from_names([p.name for p in paths], patient_regex)
+    all_patients = list(patients)
     if split != "all":
         groups = [pid if pid is not None else f"__file:{ids[i]}" for i, pid in enumerate(patients)]
         rows = stratified_group_split(y, groups, val_fraction, test_fraction, seed)[split]
@@ -208,4 +230,6 @@ def open_folder(root: str | None, split: str = "train", preprocess: Preprocess |
         patients = [patients[i] for i in rows]
     ds = ImageFileDataset("folder", paths, ids, y, wanted, "multiclass", patients, preprocess,
                           split, colour=colour, meta=meta)
+    record_split_unit(ds, all_patients, basis=f"patient_regex={patient_regex}",
+                      key=f"folder:{base}")
     return finish(ds, skip_corrupt)

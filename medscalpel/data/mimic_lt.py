@@ -8,7 +8,8 @@ root, e.g. ``files/p10/p10000032/s50414267/<dicom_id>.jpg``; it may not leave th
 ``subject_id`` / ``dicom_id`` columns give patient and image ids (else the ``pNNNNNNNN`` path
 component and the file stem).
 
-Splits: as for ``nih-lt``: the per-split CSVs; ``val`` carved from train by PATIENT (seeded
+Splits (by subject = patient; ``dataset.meta["split_unit"]`` records it): as for ``nih-lt``:
+the per-split CSVs; ``val`` carved from train by PATIENT (seeded
 ``val_fraction``) only when there is no val CSV; ``all`` concatenates every CSV.
 
 Example:
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medscalpel.data.base import CXRDataset
+from medscalpel.data.base import CXRDataset, record_split_unit
 from medscalpel.data.labels import (MIMIC_LT_CLASSES, ImageFileDataset, check_common,
                                     finish, require_dir, resolve_inside)
 from medscalpel.data.nih_lt import load_split_tables
@@ -78,4 +79,7 @@ def open_mimic_lt(root: str | None, split: str = "train", preprocess: Preprocess
                           MIMIC_LT_CLASSES, "multilabel", df["__patient"].tolist(), preprocess,
                           split, meta={"label_files": files, "val_fraction": val_fraction,
                                        "seed": seed})
+    # MIMIC-CXR's official split is by subject; val carved from train is by subject too
+    record_split_unit(ds, basis="per-split label files (by subject) + val carved by subject",
+                      key=f"mimic-lt:{base}")
     return finish(ds, skip_corrupt)
