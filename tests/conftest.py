@@ -12,6 +12,13 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("MEDSCALPEL_PROGRESS", "0")
 
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property tests must be reproducible in CI: derandomized (the same examples every run, no
+# example database), no deadline (a shared 2-core machine is slow at times).
+settings.register_profile("medscalpel", derandomize=True, database=None, deadline=None,
+                          print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "medscalpel"))
 
 torch.set_num_threads(1)
 

@@ -164,6 +164,12 @@ def lossless(
                  "beat plain removal on held-out calibration images")
         if rep.delta_macro_auroc is not None:
             extra += f"; delta macro AUROC {rep.delta_macro_auroc:+.4f}"
+    rand = getattr(rep, "random_relative_delta", None)
+    if rand is not None:
+        extra += (f"; random inputs: max |delta logit| {rep.max_abs_logit_delta_random:.3g} = "
+                  f"{rand:.3g} x their logit scale {rep.random_logit_scale:.3g} " +
+                  (f"(relative tolerance {rep.random_rtol:g})" if rep.random_rtol is not None
+                   else "(reported, not gated: empirical mode)"))
     typer.echo(f"{method}: {rep.params_before} -> {rep.params_after} parameters "
-               f"({rep.params_removed_pct:.2f}% removed), max |delta logit| "
+               f"({rep.params_removed_pct:.2f}% removed), max |delta logit| on held-out images "
                f"{rep.max_abs_logit_delta:.3g}{extra}; saved to {out / 'model'}")

@@ -496,7 +496,7 @@ class LosslessReport:
     latency_ms_after: float | None
     latency_ratio: float | None
     latency_batch_size: int
-    max_abs_logit_delta: float
+    max_abs_logit_delta: float  # absolute, on held-out images (NaN when none were given)
     max_abs_logit_delta_calib: float | None
     atol: float
     verified: bool
@@ -513,7 +513,10 @@ class LosslessReport:
     random_logit_scale: float | None = None
     n_random: int = 0
     random_range: tuple[float, float] | None = None  # the random inputs' value range
-    schema_version: int = 2
+    # random inputs are gated RELATIVE to their logit scale: delta / scale <= random_rtol
+    random_relative_delta: float | None = None
+    random_rtol: float | None = None
+    schema_version: int = 3
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "plan"}
@@ -634,7 +637,9 @@ def fold_lossless(model: nn.Module, calib: Images | None = None, heldout: Images
         gating = [(d, tol) for d, tol in (((d_held, atol), (d_rand, atol * rand_scale))
                                           if mode == "provable" else ((d_held, atol),))
                   if d is not None]
-        delta = max(d for d, _ in gating) if gating else math.nan
+        # the headline delta is the ABSOLUTE one on real (held-out) images; the random-input
+        # check is relative to its logit scale and is reported separately (never mixed in)
+        delta = d_held if d_held is not None else math.nan
         if verify and not all(d <= tol for d, tol in gating):
             what = (f"{n_held} held-out images" if mode == "empirical" else
                     f"{n_held} held-out images and {random_inputs} random inputs")
@@ -679,7 +684,9 @@ def fold_lossless(model: nn.Module, calib: Images | None = None, heldout: Images
         plan=plan, mode=mode, guarantee=GUARANTEES[mode], max_abs_logit_delta_heldout=d_held,
         max_abs_logit_delta_random=d_rand, random_logit_scale=rand_scale,
         n_random=random_inputs if rand is not None else 0,
-        random_range=(lo - (hi - lo), hi + (hi - lo)) if rand is not None else None)
+        random_range=(lo - (hi - lo), hi + (hi - lo)) if rand is not None else None,
+        random_relative_delta=d_rand / rand_scale if d_rand is not None else None,
+        random_rtol=atol if (d_rand is not None and mode == "provable") else None)
     logger.info("lossless (%s): %s", mode,
                 json.dumps({k: report.channels[k] for k in report.channels}))
     return LosslessResult(folded, report)
