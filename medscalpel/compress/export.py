@@ -99,8 +99,12 @@ def _input_shape(model: nn.Module, dataset, real_images, input_size) -> tuple[in
                       "real images or a dataset.")
 
 
-def _export(model: nn.Module, path: Path, shape: tuple[int, ...], opset: int) -> None:
+def export_onnx_file(model: nn.Module, path: str | os.PathLike, shape: Sequence[int],
+                     opset: int = 17) -> None:
+    """Write ``model`` (eval mode, dynamic batch) to ``path`` atomically; checked by onnx."""
     import onnx
+
+    path = Path(path)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     x = torch.zeros(1, *shape)
@@ -200,24 +204,70 @@ class _Calib:
         self.i = 0
 
 
-def _quantize(fp32: Path, mode: str, calib: torch.Tensor | None) -> Path:
-    out = fp32.with_name(fp32.stem + f".int8-{mode}.onnx")
-    src = fp32
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of this machine (``/proc/cpuinfo``; empty where unreadable)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def has_vnni(flags: set[str] | None = None) -> bool:
+    """Whether the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
+    flags = cpu_flags() if flags is None else flags
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def quantize_onnx(fp32: str | os.PathLike, out: str | os.PathLike, mode: str = "static",
+                  calib: torch.Tensor | None = None, activation: str = "u8",
+                  reduce_range: bool | None = None) -> dict[str, Any]:
+    """int8-quantise an ONNX file with onnxruntime; returns the settings used.
+
+    Static mode writes QDQ with per-channel int8 weights and ``activation`` (``"u8"``: U8S8,
+    the onnxruntime default recommended on x86; ``"s8"``: S8S8) calibrated on ``calib`` images
+    (take them from the training distribution). Only Conv / MatMul / Gemm are quantised: a
+    quantised Concat becomes ``QLinearConcat``, which fails on fine-tuned DenseNets whose
+    concatenated inputs have different scales, so concatenations stay in float. On AVX2
+    without VNNI, U8S8 weights use 7 bits (``reduce_range``) against ``vpmaddubsw`` saturation,
+    as the onnxruntime docs advise.
+    """
+    check_in(mode, "mode", "quantize_onnx", ("dynamic", "static"))
+    check_in(activation, "activation", "quantize_onnx", ("u8", "s8"))
+    if reduce_range is None:
+        reduce_range = activation == "u8" and not has_vnni()
     root = logging.getLogger()
     level = root.level
     # onnxruntime.quantization logs per-tensor notes on the root logger: quiet them while it runs
     root.setLevel(max(level, logging.ERROR))
     try:
-        _quantize_files(fp32, src, out, mode, calib)
+        _quantize_files(Path(fp32), Path(out), mode, calib, activation, bool(reduce_range))
     finally:
         root.setLevel(level)
+    return {"mode": mode, "activation": activation, "weights": "s8 per-channel",
+            "format": "QDQ" if mode == "static" else "dynamic", "reduce_range": bool(reduce_range),
+            "op_types": list(_QUANT_OPS), "calibration_images": None if calib is None
+            else int(calib.shape[0])}
+
+
+_QUANT_OPS = ("Conv", "MatMul", "Gemm")
+
+
+def _quantize(fp32: Path, mode: str, calib: torch.Tensor | None) -> Path:
+    out = fp32.with_name(fp32.stem + f".int8-{mode}.onnx")
+    quantize_onnx(fp32, out, mode, calib)
     return out
 
 
-def _quantize_files(fp32: Path, src: Path, out: Path, mode: str, calib: torch.Tensor | None):
+def _quantize_files(fp32: Path, out: Path, mode: str, calib: torch.Tensor | None,
+                    activation: str, reduce_range: bool) -> None:
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_dynamic, quantize_static)
 
+    src = fp32
     with tempfile.TemporaryDirectory() as tmp:
         try:  # the recommended pre-processing (shape inference + graph optimisation)
             from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -228,18 +278,20 @@ def _quantize_files(fp32: Path, src: Path, out: Path, mode: str, calib: torch.Te
         except Exception as exc:  # noqa: BLE001 - pre-processing is optional
             logger.info("quant_pre_process skipped: %s", exc)
         if mode == "dynamic":
-            quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8)
-        else:
-            if calib is None:
-                raise ConfigError(f"{OWNER}: static int8 quantization needs calibration images "
-                                  "(real_images or a dataset).")
+            quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8,
+                             op_types_to_quantize=list(_QUANT_OPS))
+            return
+        if calib is None:
+            raise ConfigError(f"{OWNER}: static int8 quantization needs calibration images "
+                              "(real_images or a dataset).")
 
-            class Reader(_Calib, CalibrationDataReader):
-                pass
+        class Reader(_Calib, CalibrationDataReader):
+            pass
 
-            quantize_static(str(src), str(out), Reader(calib), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QInt8,
-                            weight_type=QuantType.QInt8)
+        act = QuantType.QUInt8 if activation == "u8" else QuantType.QInt8
+        quantize_static(str(src), str(out), Reader(calib), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=act, weight_type=QuantType.QInt8,
+                        reduce_range=reduce_range, op_types_to_quantize=list(_QUANT_OPS))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -275,7 +327,8 @@ def export_onnx(
             delta macro AUROC is computed.
         real_images: real images ``[N, C, H, W]`` (instead of / besides ``dataset``).
         quantize: ``None``, ``"dynamic"`` (int8 weights, onnxruntime ``quantize_dynamic``) or
-            ``"static"`` (QDQ int8 weights and activations calibrated on the real images).
+            ``"static"`` (QDQ U8S8: uint8 activations calibrated on the real images, per-channel
+            int8 weights; see :func:`quantize_onnx`).
         input_size: ``(C, H, W)`` when neither the card, the data nor ``arch_kwargs`` tell it.
         parity_tolerance: refuse (:class:`VerificationError`, file removed) when onnxruntime
             and torch differ by more than this.
@@ -319,7 +372,7 @@ def export_onnx(
     gen = torch.Generator().manual_seed(seed)
     rand = torch.randn(4, *shape, generator=gen)
 
-    _export(model, out_path, shape, opset)
+    export_onnx_file(model, out_path, shape, opset)
     sess = ort_session(out_path, threads)
     parity = {"random": float(np.abs(ort_run(sess, rand) - _torch_logits(model, rand)).max()),
               "real": None}
@@ -339,7 +392,7 @@ def export_onnx(
         if reference is not None:
             reference = copy.deepcopy(reference).eval().cpu()
             ref_path = Path(tmpdir) / "reference.onnx"
-            _export(reference, ref_path, shape, opset)
+            export_onnx_file(reference, ref_path, shape, opset)
             ref_sess = ort_session(ref_path, threads)
 
         quant: dict[str, Any] | None = None
@@ -414,4 +467,5 @@ def _latency_table(model, reference, sess, ref_sess, q_sess, example, batch_size
     return rows, speedup
 
 
-__all__ = ["ExportResult", "export_onnx", "ort_latency", "ort_run", "ort_session"]
+__all__ = ["ExportResult", "cpu_flags", "export_onnx", "export_onnx_file", "has_vnni",
+           "ort_latency", "ort_run", "ort_session", "quantize_onnx"]

@@ -1,0 +1,593 @@
+"""Deploy fast: benchmark every available CPU runtime x precision on the same images and serve
+the fastest one that keeps the accuracy.
+
+``deploy`` exports the model (ONNX; OpenVINO IR), builds each variant of
+:data:`~medscalpel.compress.runtimes.RUNTIMES` (torch eager / channels-last / compile, ONNX
+Runtime fp32 / int8 U8S8 / int8 S8S8, OpenVINO fp32 / bf16 / int8 via NNCF), checks parity
+against torch float32 (a variant over its tolerance is refused and its files removed), compares
+per-class and macro AUROC with paired bootstrap CIs on a real split
+(:func:`~medscalpel.engine.compare.compare_predictions`), times all variants ALTERNATED in
+rounds (median and spread per variant, plus an fp32 matmul peak in the same rounds), and
+recommends the fastest variant that is not slower than torch fp32 (nor, for a reduced
+precision, than its own runtime's fp32) and meets the accuracy floor. Every other variant gets
+its no-go reasons.
+
+Example:
+    >>> import tempfile, torch
+    >>> from medscalpel.data import ArrayDataset, Preprocess
+    >>> import numpy as np
+    >>> from medscalpel.models.zoo import create_model
+    >>> rng = np.random.default_rng(0)
+    >>> ds = ArrayDataset(rng.random((16, 32, 32)).astype(np.float32),
+    ...                   (rng.random((16, 2)) > .5).astype(np.float32), ["a", "b"],
+    ...                   "multilabel", preprocess=Preprocess(size=32), split="test")
+    >>> m = create_model("vgg_tiny", num_classes=2, img_size=32)
+    >>> r = deploy(m, ds, tempfile.mkdtemp() + "/d", variants=["torch:fp32", "onnxruntime:fp32"],
+    ...            batches=(1,), rounds=1, repeats=1, n_boot=0, progress=False)
+    >>> r.recommended in ("torch:fp32", "onnxruntime:fp32")
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medscalpel.compress.deploy_result import DeployResult, VariantResult
+from medscalpel.compress.measure import count_macs, count_parameters
+from medscalpel.compress.runtimes import (RUNTIMES, OpenVinoInt8AccuracyControl, Runtime,
+                                          cpu_features)
+from medscalpel.data.base import split_warning
+from medscalpel.engine.compare import compare_predictions
+from medscalpel.engine.metrics import auroc
+from medscalpel.engine.predict import collect_images
+from medscalpel.engine.predictions import Predictions
+from medscalpel.errors import ConfigError, MedScalpelError, MissingExtraError, VerificationError
+from medscalpel.progress import track
+from medscalpel.runs import RunDir, package_versions, write_json
+from medscalpel.validation import check_range
+
+logger = logging.getLogger(__name__)
+
+OWNER = "deploy"
+#: every variant tried by default. Opt-in: ``openvino:int8-ac`` (re-validates many times) and
+#: ``torch_compile:fp32`` (compiling densenet_tiny at 64 px took 77 s on this 2-core CPU).
+DEFAULT_VARIANTS = ("torch:fp32", "torch_channels_last:fp32",
+                    "onnxruntime:fp32", "onnxruntime:int8-u8s8", "onnxruntime:int8-s8s8",
+                    "openvino:fp32", "openvino:bf16", "openvino:int8")
+REFERENCE = "torch:fp32"
+
+
+class _Variant:
+    """A runtime being measured (mutable bookkeeping inside one ``deploy`` call)."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.status = "go"
+        self.reasons: list[str] = []
+        self.times: dict[int, list[float]] = {}
+        self.parity: tuple[float, float] | None = None
+        self.comparison = None
+        self.prepare_s: float | None = None
+
+    def fail(self, status: str, reason: str) -> None:
+        self.status = status
+        self.reasons.append(reason)
+
+
+# ----------------------------------------------------------------------------- validate
+def _validate(batches, rounds, repeats, warmup, n_images, n_calib, floor_macro, floor_class):
+    if not batches:
+        raise ConfigError(f"The 'batches' parameter of {OWNER} must not be empty.")
+    for b in batches:
+        check_range(b, "batches", OWNER, 1, integer=True)
+    check_range(rounds, "rounds", OWNER, 1, integer=True)
+    check_range(repeats, "repeats", OWNER, 1, integer=True)
+    check_range(warmup, "warmup", OWNER, 0, integer=True)
+    check_range(n_images, "n_images", OWNER, 2, integer=True)
+    check_range(n_calib, "n_calib", OWNER, 1, integer=True)
+    check_range(floor_macro, "floor_macro", OWNER, -1.0, 1.0)
+    check_range(floor_class, "floor_class", OWNER, -1.0, 1.0)
+
+
+def _select(variants, runtimes, precisions, threads, extra_kwargs) -> list[Runtime]:
+    """Registered names (filtered by runtime / precision) and Runtime instances, the torch
+    fp32 reference first. Unknown names raise; an explicitly asked runtime whose extra is
+    missing raises :class:`MissingExtraError`."""
+    explicit = variants is not None or runtimes is not None
+    names_or_rts = list(variants) if variants is not None else list(DEFAULT_VARIANTS)
+    if runtimes is not None:
+        known = {n.split(":")[0] for n in RUNTIMES.names()}
+        for r in runtimes:
+            if r not in known:
+                raise ConfigError(f"Unknown runtime '{r}' for {OWNER}. Valid names: "
+                                  f"{', '.join(sorted(known))}.")
+        pool = names_or_rts if variants is not None else RUNTIMES.names()
+        names_or_rts = [n for n in pool if not isinstance(n, str) or n.split(":")[0] in runtimes]
+    if precisions is not None:
+        names_or_rts = [n for n in names_or_rts if not isinstance(n, str)
+                        or n.split(":")[1] in precisions]
+    out: list[Runtime] = []
+    for item in names_or_rts:
+        if isinstance(item, Runtime):
+            out.append(item)
+            continue
+        RUNTIMES.get(item)  # unknown names list the valid ones
+        kw = extra_kwargs if item == OpenVinoInt8AccuracyControl.runtime + ":" + \
+            OpenVinoInt8AccuracyControl.precision else {}
+        rt = RUNTIMES.create(item, threads=threads, **kw)
+        rt._explicit = explicit  # type: ignore[attr-defined]
+        out.append(rt)
+    if not any(r.name == REFERENCE for r in out):
+        out.insert(0, RUNTIMES.create(REFERENCE, threads=threads))
+    out.sort(key=lambda r: r.name != REFERENCE)
+    seen: set[str] = set()
+    for r in out:
+        if r.name in seen:
+            raise ConfigError(f"{OWNER}: variant '{r.name}' is listed twice.")
+        seen.add(r.name)
+    return out
+
+
+# ----------------------------------------------------------------------------- plan / build
+def _input_shape(model: nn.Module, data) -> tuple[int, int, int]:
+    card = getattr(model, "card", None)
+    if card is not None and card.input.get("size"):
+        return (int(card.input.get("channels", 1)), int(card.input["size"]),
+                int(card.input["size"]))
+    return tuple(data.image(0).shape)  # type: ignore[return-value]
+
+
+def _predictions(logits: np.ndarray, data, idx: list[int], name: str) -> Predictions:
+    labels = np.asarray(data.labels)[idx]
+    return Predictions(logits, labels, tuple(str(data.ids[i]) for i in idx),
+                       tuple(data.class_names), data.task, data.split, model_id=name)
+
+
+def _run_all(rt: Runtime, images: torch.Tensor, batch: int) -> np.ndarray:
+    """Logits of ``rt`` on all images in full batches of ``batch`` (the last one padded, so a
+    shape-specialised runtime compiles once)."""
+    x = images.numpy()
+    outs = []
+    for i in range(0, x.shape[0], batch):
+        chunk = x[i:i + batch]
+        n = chunk.shape[0]
+        if n < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
+        outs.append(np.asarray(rt.run(chunk))[:n])
+    return np.concatenate(outs).astype(np.float32)
+
+
+def _ac_metric(labels: np.ndarray, ref_logits: np.ndarray, task: str):
+    """NNCF accuracy-control metric from OUR per-class AUROC: ``1 + min(worst class delta,
+    2 x macro delta)`` vs the torch fp32 reference, so ``max_drop=0.01`` encodes the default
+    floors (class -0.01, macro -0.005)."""
+    k = ref_logits.shape[1]
+    y = (np.eye(k)[labels] if task == "multiclass" else labels).astype(float)
+
+    def per_class(logits: np.ndarray) -> np.ndarray:
+        return np.array([auroc(y[:, c][~np.isnan(y[:, c])], logits[:, c][~np.isnan(y[:, c])])
+                         for c in range(k)])
+
+    ref = per_class(ref_logits)
+
+    def metric(logits: np.ndarray) -> float:
+        d = per_class(logits) - ref
+        d = d[np.isfinite(d)]
+        return 1.0 + float(min(d.min(), 2 * d.mean())) if d.size else 1.0
+
+    return metric
+
+
+def _build(v: _Variant, model, example, calib, workdir) -> None:
+    """available() -> prepare(); failures become the variant's status (never silent)."""
+    rt = v.rt
+    try:
+        reason = rt.available()
+    except MissingExtraError as exc:
+        if getattr(rt, "_explicit", False):
+            raise
+        reason = str(exc)
+    if reason is not None:
+        v.fail("unavailable", reason)
+        return
+    t0 = time.perf_counter()
+    try:
+        rt.prepare(model, example, calib, workdir)
+    except MedScalpelError as exc:
+        v.fail("error", f"export/compile error: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a runtime's own failure is a result, not a crash
+        v.fail("error", f"export/compile error: {type(exc).__name__}: {str(exc)[:300]}")
+    v.prepare_s = round(time.perf_counter() - t0, 3)
+    if v.status == "error":
+        rt.remove_files()
+
+
+def _check_accuracy(v: _Variant, images, ref_logits, ref_preds, data, idx, batch, n_boot,
+                    seed) -> None:
+    """Parity vs torch fp32 (refuse + remove files over tolerance) and paired delta AUROC."""
+    try:
+        logits = _run_all(v.rt, images, batch)
+    except Exception as exc:  # noqa: BLE001
+        v.fail("error", f"inference error: {type(exc).__name__}: {str(exc)[:300]}")
+        v.rt.remove_files()
+        return
+    scale = max(float(np.abs(ref_logits).max()), 1e-6)
+    worst = float(np.abs(logits - ref_logits).max()) if np.isfinite(logits).all() else np.inf
+    v.parity = (worst, worst / scale)
+    if not worst / scale <= v.rt.tolerance:
+        v.fail("refused", f"failed parity: max |delta logit| {worst:.3g} = {worst / scale:.3g} of "
+                          f"the logit scale > {v.rt.tolerance:g}; its files were removed")
+        v.rt.remove_files()
+        return
+    v.comparison = compare_predictions(ref_preds, _predictions(logits, data, idx, v.rt.name),
+                                       n_boot=n_boot, seed=seed)
+
+
+# ----------------------------------------------------------------------------- benchmark
+def _time_once(fn, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1000.0)
+    return float(statistics.median(ts))
+
+
+def _ort_int8_gemm(n: int, threads: int):
+    """An onnxruntime MatMulInteger (uint8 x int8, the U8S8 kernel of quantised convs)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from medscalpel.compress.export import ort_session
+
+    rng = np.random.default_rng(0)
+    b = numpy_helper.from_array(rng.integers(-128, 127, (n, n), dtype=np.int8), "B")
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "gemm",
+                              [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n])],
+                              [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])],
+                              [b])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "gemm.onnx"
+        onnx.save(proto, str(path))
+        sess = ort_session(path, threads)
+    a = rng.integers(0, 255, (n, n), dtype=np.uint8)
+    return lambda: sess.run(None, {"A": a})
+
+
+def _peak_fns(threads: int) -> dict[str, Any]:
+    """fp32 GEMM (torch) and int8 GEMM (onnxruntime MatMulInteger, U8S8) for the peak MAC
+    rates; bf16 is not measured (no bf16 GEMM on CPUs without avx512_bf16 / AMX)."""
+    n = 512
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    fns = {"fp32": (lambda: torch.mm(a, b), n ** 3)}
+    try:
+        fns["int8"] = (_ort_int8_gemm(n, threads), n ** 3)
+    except Exception as exc:  # noqa: BLE001 - the peak is informative, never blocking
+        logger.info("int8 peak not measurable: %s", exc)
+    return fns
+
+
+def _benchmark(live: list[_Variant], example: torch.Tensor, batches, rounds, warmup, repeats,
+               threads, progress) -> dict[str, Any]:
+    """All live variants alternated, rounds x batches; the variant order rotates each round so
+    no variant always runs first. The matmul peak is timed in the same rounds."""
+    inputs = {b: np.ascontiguousarray(np.repeat(example[:1].numpy(), b, axis=0))
+              for b in batches}
+    peaks = _peak_fns(threads)
+    peak_t: dict[str, list[float]] = {k: [] for k in peaks}
+    with torch.inference_mode():
+        for r in track(range(rounds), "benchmark rounds", progress=progress):
+            order = live[r % len(live):] + live[:r % len(live)] if live else []
+            for b in batches:
+                for v in order:
+                    ms = _time_once(lambda: v.rt.run(inputs[b]), warmup, repeats)
+                    v.times.setdefault(b, []).append(ms)
+            for k, (fn, _) in peaks.items():
+                peak_t[k].append(_time_once(fn, 1, 3))
+    return {f"{k}_gmacs": peaks[k][1] / (statistics.median(t) / 1000.0) / 1e9
+            for k, t in peak_t.items()} | {
+        "method": "512^3 GEMM timed in the same rounds: fp32 torch.mm; int8 onnxruntime "
+                  "MatMulInteger (U8S8)"}
+
+
+# ----------------------------------------------------------------------------- decide
+def _decide(vs: list[_Variant], batches, floor_macro, floor_class, vnni: bool) -> None:
+    b0 = batches[0]
+    med = {v.rt.name: statistics.median(v.times[b0]) for v in vs if v.times.get(b0)}
+    ref_ms = med.get(REFERENCE)
+    for v in vs:
+        if v.status != "go":
+            continue
+        ok, why = v.comparison.meets_floor(floor_macro, floor_class) if v.comparison else (True,
+                                                                                           [])
+        if not ok:
+            v.fail("no-go", "failed floor: " + "; ".join(why))
+        ms = med.get(v.rt.name)
+        if ms is not None and ref_ms is not None and v.rt.name != REFERENCE and ms > ref_ms:
+            v.fail("no-go", f"slower than torch fp32 at batch {b0} ({ms:.3g} vs "
+                            f"{ref_ms:.3g} ms)")
+        fp32 = med.get(f"{v.rt.runtime}:fp32")
+        if v.rt.precision != "fp32" and ms is not None and fp32 is not None and ms > fp32:
+            hw = "" if vnni or not v.rt.precision.startswith("int8") else \
+                " (no VNNI on this CPU: int8 runs on the AVX2 path)"
+            v.fail("no-go", f"{v.rt.precision} slower than {v.rt.runtime} fp32 at batch {b0} "
+                            f"({ms:.3g} vs {fp32:.3g} ms){hw}")
+
+
+def _recommend(vs: list[_Variant], b0: int) -> tuple[_Variant | None, str]:
+    go = [v for v in vs if v.status == "go" and v.times.get(b0)]
+    if not go:
+        return None, ""
+    best = min(go, key=lambda v: statistics.median(v.times[b0]))
+    ref = next(v for v in vs if v.rt.name == REFERENCE)
+    sp = statistics.median(ref.times[b0]) / statistics.median(best.times[b0])
+    m = best.comparison.macro["delta_auroc"] if best.comparison else 0.0
+    return best, (f"fastest variant meeting the floor at batch {b0}: {sp:.2f}x torch fp32 "
+                  f"eager, macro dAUROC {m:+.4f}, parity {best.parity[1]:.2g} of the logit "
+                  "scale")
+
+
+def _floor_error(vs: list[_Variant], floor_macro, floor_class) -> VerificationError:
+    scored = [v for v in vs if v.comparison is not None and v.rt.name != REFERENCE] or \
+        [v for v in vs if v.comparison is not None]
+    best = max(scored, key=lambda v: v.comparison.macro["delta_auroc"]) if scored else None
+    if best is None:
+        return VerificationError(f"{OWNER}: no variant could be measured; see the reasons.")
+    worst = min(c.delta_auroc for c in best.comparison.classes)
+    return VerificationError(
+        f"{OWNER}: no variant meets the accuracy floor (macro dAUROC >= {floor_macro:+g}, every "
+        f"class >= {floor_class:+g}); best: {best.rt.name} with macro dAUROC "
+        f"{best.comparison.macro['delta_auroc']:+.4f}, worst class {worst:+.4f} "
+        f"({'; '.join(best.reasons) or 'no other reason'}). Lower the floor or compress less.")
+
+
+# ----------------------------------------------------------------------------- results
+def _variant_result(v: _Variant, ref: _Variant, vs: list[_Variant], batches, macs, peak,
+                    ) -> VariantResult:
+    rt = v.rt
+    lat, sp_t, sp_f, rate, frac = {}, {}, {}, {}, {}
+    fp32 = next((w for w in vs if w.rt.name == f"{rt.runtime}:fp32"), None)
+    peak_key = "int8" if rt.precision.startswith("int8") and peak.get("int8_gmacs") else "fp32"
+    for b in batches:
+        t = v.times.get(b)
+        if not t:
+            continue
+        med = float(statistics.median(t))
+        key = f"b{b}"
+        lat[key] = {"median_ms": med, "min_ms": min(t), "max_ms": max(t),
+                    "spread": (max(t) - min(t)) / med, "rounds_ms": list(t)}
+        if ref.times.get(b):
+            sp_t[key] = statistics.median(ref.times[b]) / med
+        if fp32 is not None and fp32 is not v and fp32.times.get(b):
+            sp_f[key] = statistics.median(fp32.times[b]) / med
+        rate[key] = macs * b / (med / 1000.0) / 1e9
+        frac[key] = rate[key] / peak[f"{peak_key}_gmacs"]
+    files = [f for f in rt.files if f.exists()]
+    return VariantResult(
+        name=rt.name, runtime=rt.runtime, precision=rt.precision, status=v.status,
+        reasons=tuple(v.reasons), latency=lat, speedup_vs_torch=sp_t, speedup_vs_fp32=sp_f,
+        parity_abs=v.parity[0] if v.parity else None,
+        parity_rel=v.parity[1] if v.parity else None, parity_tolerance=rt.tolerance,
+        comparison=v.comparison.to_dict() if v.comparison is not None else None,
+        mac_rate=rate, peak_fraction=frac, peak_used=f"{peak_key} matmul" if rate else "",
+        prepare_seconds=v.prepare_s, file_bytes=sum(f.stat().st_size for f in files) or None,
+        info=dict(rt.info))
+
+
+def serve_metadata(model: nn.Module, shape, variant: VariantResult,
+                   files: list[str]) -> dict[str, Any]:
+    """The contract a server needs: runtime, precision, files, input name/shape/layout,
+    normalisation, class names, task and decision thresholds (from the ModelCard)."""
+    card = getattr(model, "card", None)
+    inp = dict(card.input) if card is not None else {}
+    return {"schema_version": 1, "runtime": variant.runtime, "precision": variant.precision,
+            "variant": variant.name, "files": files, "input_name": "images",
+            "output_name": "logits", "input_shape": ["batch", *[int(s) for s in shape]],
+            "layout": "NCHW", "mean": inp.get("mean"), "std": inp.get("std"), "input": inp,
+            "class_names": list(card.class_names) if card is not None else None,
+            "task": card.task if card is not None else None,
+            "thresholds": card.effective_thresholds() if card is not None else None,
+            "model_id": card.model_id if card is not None else None,
+            "output": "logits (sigmoid per class for multilabel, softmax for multiclass)"}
+
+
+def _write_serve(dest: Path, model: nn.Module, chosen: _Variant, shape) -> list[str]:
+    from medscalpel.models.checkpoint import save_model
+
+    dest.mkdir(parents=True, exist_ok=True)
+    if chosen.rt.runtime.startswith("torch"):
+        if getattr(model, "card", None) is None:
+            raise ConfigError(f"{OWNER}: serving a torch variant needs a model with a ModelCard "
+                              "(load it with load_model or set model.card).")
+        save_model(model, dest)
+        return sorted(p.name for p in dest.iterdir())
+    names = []
+    for f in chosen.rt.serve_files():
+        target = "model" + "".join(f.suffixes[-1:])  # model.onnx / model.xml / model.bin
+        shutil.copy2(f, dest / target)
+        names.append(target)
+    return names
+
+
+def _copy_exports(workdir: Path, dest: Path) -> list[str]:
+    out = []
+    for sub in ("onnx", "openvino"):
+        for f in sorted((workdir / sub).glob("model.*")) if (workdir / sub).is_dir() else []:
+            if f.name.startswith("model.int8") or ".int8" in f.name:
+                continue  # quantised files live in serve/ when chosen
+            (dest / "export").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest / "export" / f.name)
+            out.append(f"export/{f.name}")
+    return out
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = package_versions()
+    for n in ("openvino", "nncf"):
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+# ----------------------------------------------------------------------------- public API
+def deploy(
+    model: nn.Module,
+    data,
+    out: str | os.PathLike,
+    *,
+    calib_data=None,
+    variants: Sequence[str | Runtime] | None = None,
+    runtimes: Sequence[str] | None = None,
+    precisions: Sequence[str] | None = None,
+    batches: Sequence[int] = (1, 8),
+    rounds: int = 5,
+    repeats: int = 5,
+    warmup: int = 2,
+    n_images: int = 256,
+    n_calib: int = 64,
+    floor_macro: float = -0.005,
+    floor_class: float = -0.01,
+    threads: int | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> DeployResult:
+    """Benchmark every available runtime x precision and write the fastest acceptable one.
+
+    Args:
+        model: the (compressed) float32 model; it is not changed.
+        data: labelled dataset split for parity and paired delta AUROC (e.g. the test split).
+        out: run directory to create: ``deploy.json``, ``deploy.md``, ``export/`` (ONNX and
+            OpenVINO IR float32), ``serve/`` (the chosen artifact + ``serve.json``), manifest.
+        calib_data: split the int8 calibration images come from (the training split); default
+            ``data`` (labelled as leaky in the notes).
+        variants: registered names (``RUNTIMES.names()``) and/or :class:`Runtime` instances;
+            default :data:`DEFAULT_VARIANTS`. torch fp32 (the reference) is always included.
+        runtimes, precisions: filters on the variant names (e.g. ``["openvino"]``, ``["fp32"]``).
+        batches: batch sizes timed; the first one decides the recommendation.
+        rounds: alternated rounds (each variant once per round); ``repeats`` timed runs each.
+        n_images, n_calib: evaluation and calibration images.
+        floor_macro, floor_class: accuracy floor on macro / every class delta AUROC.
+        threads: intra-op threads of every runtime (default: torch's current setting).
+        n_boot: paired bootstrap replicates of the delta AUROC CIs.
+
+    Returns:
+        The :class:`DeployResult` (also in ``out/deploy.json``).
+
+    Raises:
+        MissingExtraError: an explicitly requested runtime is not installed (names the extra).
+        VerificationError: no variant meets the floor (the best one and its deltas in the
+            message); nothing is left in ``out``.
+    """
+    t0 = time.perf_counter()
+    batches = tuple(int(b) for b in batches)
+    _validate(batches, rounds, repeats, warmup, n_images, n_calib, floor_macro, floor_class)
+    threads = int(threads or torch.get_num_threads())
+    load_start = list(os.getloadavg())
+    model = copy.deepcopy(model).eval().cpu().float()
+    shape = _input_shape(model, data)
+    images, idx = collect_images(data, n_images, seed=seed)
+    calib_src = calib_data if calib_data is not None else data
+    calib, cidx = collect_images(calib_src, n_calib, seed=seed + 1)
+    ac_kwargs: dict[str, Any] = {}
+    notes = [n for n in (split_warning(data),) if n]
+    if calib_data is None:
+        notes.append("int8 calibration images came from the evaluation split (leaky): pass "
+                      "calib_data (the training split)")
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    workdir = Path(tempfile.mkdtemp(prefix="medscalpel-deploy-"))
+    try:
+        ref_rt = RUNTIMES.create(REFERENCE, threads=threads)
+        ref_rt.prepare(model, images[:1], None, workdir)
+        ref_logits = _run_all(ref_rt, images, max(batches))
+        ref_preds = _predictions(ref_logits, data, idx, REFERENCE)
+        if calib_data is not None:
+            with torch.inference_mode():
+                cal_ref = np.asarray(model(calib).float())
+            ac_kwargs = {"validation": (calib.numpy(), np.asarray(calib_src.labels)[cidx]),
+                         "metric": _ac_metric(np.asarray(calib_src.labels)[cidx], cal_ref,
+                                              calib_src.task)}
+        vs = [_Variant(rt) for rt in _select(variants, runtimes, precisions, threads, ac_kwargs)]
+        for v in track(vs, "build variants", progress=progress):
+            _build(v, model, images[:1], calib, workdir)
+            if v.status == "go":
+                _check_accuracy(v, images, ref_logits, ref_preds, data, idx, max(batches),
+                                n_boot, seed)
+        live = [v for v in vs if v.status == "go"]
+        peak = _benchmark(live, images, batches, rounds, warmup, repeats, threads, progress)
+        feats = cpu_features()
+        _decide(vs, batches, floor_macro, floor_class, feats["vnni"])
+        chosen, reason = _recommend(vs, batches[0])
+        if chosen is None:
+            raise _floor_error(vs, floor_macro, floor_class)
+        result = _finish(model, shape, vs, chosen, reason, workdir, out, data, calib_src,
+                         images, calib, batches, rounds, repeats, threads, floor_macro,
+                         floor_class, peak, feats, load_start, notes, overwrite, t0)
+    finally:
+        torch.set_num_threads(prev)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def _finish(model, shape, vs, chosen, reason, workdir, out, data, calib_src, images, calib,
+            batches, rounds, repeats, threads, floor_macro, floor_class, peak, feats,
+            load_start, notes, overwrite, t0) -> DeployResult:
+    """Assemble the DeployResult and write the run directory atomically."""
+    macs = count_macs(model, images[:1])
+    ref = next(v for v in vs if v.rt.name == REFERENCE)
+    results = tuple(_variant_result(v, ref, vs, batches, macs, peak) for v in vs)
+    load_end = list(os.getloadavg())
+    cores = os.cpu_count() or 1
+    under_load = max(load_start[0], load_end[0]) > 0.5 * cores
+    chosen_res = next(r for r in results if r.name == chosen.rt.name)
+    card = getattr(model, "card", None)
+    config = {"variants": [v.rt.name for v in vs], "batches": list(batches), "rounds": rounds,
+              "repeats": repeats, "threads": threads, "floor_macro": floor_macro,
+              "floor_class": floor_class}
+    with RunDir(Path(out), command="compress deploy", config=config, overwrite=overwrite,
+                data={"eval": data.content_hash(), "calib": calib_src.content_hash()}) as run:
+        exports = _copy_exports(workdir, run.path)
+        files = _write_serve(run.path / "serve", model, chosen, shape)
+        meta = serve_metadata(model, shape, chosen_res, files)
+        write_json(run.path / "serve" / "serve.json", meta)
+        result = DeployResult(
+            model_id=getattr(card, "model_id", "") or getattr(model, "arch", "model"),
+            arch=str(getattr(model, "arch", type(model).__name__)), input_shape=tuple(shape),
+            class_names=tuple(data.class_names), task=data.task, macs=macs,
+            params=count_parameters(model), batches=batches, rounds=rounds, repeats=repeats,
+            threads=threads, split=data.split, n_images=int(images.shape[0]),
+            n_calib=int(calib.shape[0]), calib_split=calib_src.split,
+            floor={"macro": floor_macro, "per_class": floor_class}, variants=results,
+            recommended=chosen.rt.name, reason=reason, peak=peak, cpu=feats,
+            loadavg={"start": load_start, "end": load_end}, under_load=under_load,
+            serve={"dir": "serve", "files": files, "exports": exports, **meta},
+            notes=tuple(notes), versions=_versions(),
+            seconds=round(time.perf_counter() - t0, 3))
+        result.save(run.path)
+    return result
+
+
+__all__ = ["DEFAULT_VARIANTS", "DeployResult", "VariantResult", "deploy", "serve_metadata"]

@@ -1,0 +1,233 @@
+"""Result types of :func:`medscalpel.compress.deploy.deploy`: one :class:`VariantResult` per
+runtime x precision and the :class:`DeployResult` (``deploy.json``) with its markdown table."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from medscalpel.errors import DataError
+from medscalpel.runs import read_json, write_json
+
+SCHEMA = 1
+DEPLOY_JSON = "deploy.json"
+DEPLOY_MD = "deploy.md"
+
+#: statuses: ``go`` (may be served), ``no-go`` (measured, not recommended), ``refused`` (failed
+#: parity: artifact removed), ``error`` (export / compile failed), ``unavailable`` (not here)
+STATUSES = ("go", "no-go", "refused", "error", "unavailable")
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """One runtime x precision as measured by :func:`~medscalpel.compress.deploy.deploy`.
+
+    Attributes:
+        latency: per batch key ``"b1"``, ``"b8"``: ``median_ms`` over the rounds, ``min_ms``,
+            ``max_ms``, ``spread`` ((max - min) / median) and ``rounds_ms``.
+        speedup_vs_torch: torch eager fp32 median / this median, per batch key.
+        speedup_vs_fp32: the same runtime's fp32 median / this median (reduced precisions).
+        parity_abs, parity_rel: max |delta logit| vs torch fp32 on the evaluation images, and the
+            same divided by the reference logit scale (max |logit|).
+        comparison: :class:`~medscalpel.engine.compare.PairedComparison` as a dict (per-class and
+            macro delta AUROC with paired bootstrap CIs), or ``None``.
+        mac_rate: effective GMAC/s per batch key (model MACs x batch / latency).
+        peak_fraction: ``mac_rate`` / the peak measured in this run for this precision.
+    """
+
+    name: str
+    runtime: str
+    precision: str
+    status: str
+    reasons: tuple[str, ...] = ()
+    latency: dict[str, dict[str, Any]] = field(default_factory=dict)
+    speedup_vs_torch: dict[str, float] = field(default_factory=dict)
+    speedup_vs_fp32: dict[str, float] = field(default_factory=dict)
+    parity_abs: float | None = None
+    parity_rel: float | None = None
+    parity_tolerance: float | None = None
+    comparison: dict[str, Any] | None = None
+    mac_rate: dict[str, float] = field(default_factory=dict)
+    peak_fraction: dict[str, float] = field(default_factory=dict)
+    peak_used: str = ""
+    prepare_seconds: float | None = None
+    file_bytes: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def go(self) -> bool:
+        return self.status == "go"
+
+    @property
+    def macro_delta_auroc(self) -> float | None:
+        return None if self.comparison is None else self.comparison["macro"].get("delta_auroc")
+
+    @property
+    def worst_class_delta_auroc(self) -> float | None:
+        if self.comparison is None:
+            return None
+        vals = [c["delta_auroc"] for c in self.comparison["classes"]
+                if c.get("delta_auroc") is not None]
+        return min(vals) if vals else None
+
+    def median_ms(self, batch: int) -> float | None:
+        return self.latency.get(f"b{batch}", {}).get("median_ms")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["reasons"] = list(self.reasons)
+        d["macro_delta_auroc"] = self.macro_delta_auroc
+        d["worst_class_delta_auroc"] = self.worst_class_delta_auroc
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VariantResult":
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["reasons"] = tuple(kw.get("reasons", ()))
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    """What ``deploy`` measured and chose (``deploy.json``).
+
+    Attributes:
+        variants: every runtime x precision tried, in benchmark order.
+        recommended: name of the fastest ``go`` variant at the first batch size (``None`` when
+            no variant meets the floor: ``deploy`` then raises).
+        reason: why it was chosen, in one sentence.
+        peak: GMAC/s of an fp32 matmul (and int8 where measurable) measured in this run.
+        loadavg: ``os.getloadavg()`` at the start and end; ``under_load`` labels the latency.
+        serve: the served artifact: directory, files, runtime, precision, input contract.
+    """
+
+    model_id: str
+    arch: str
+    input_shape: tuple[int, ...]
+    class_names: tuple[str, ...]
+    task: str
+    macs: int
+    params: int
+    batches: tuple[int, ...]
+    rounds: int
+    repeats: int
+    threads: int
+    split: str
+    n_images: int
+    n_calib: int
+    calib_split: str
+    floor: dict[str, float]
+    variants: tuple[VariantResult, ...]
+    recommended: str | None
+    reason: str
+    peak: dict[str, Any]
+    cpu: dict[str, bool]
+    loadavg: dict[str, list[float]]
+    under_load: bool
+    serve: dict[str, Any]
+    notes: tuple[str, ...] = ()
+    versions: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    schema_version: int = SCHEMA
+
+    def variant(self, name: str) -> VariantResult:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(f"no variant {name!r}; have {[v.name for v in self.variants]}")
+
+    @property
+    def chosen(self) -> VariantResult | None:
+        return None if self.recommended is None else self.variant(self.recommended)
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per variant for the CLI / markdown."""
+        rows = []
+        for v in self.variants:
+            row: dict[str, Any] = {"variant": v.name, "status": v.status}
+            for b in self.batches:
+                row[f"b{b} ms"] = v.median_ms(b)
+                row[f"b{b} spread"] = v.latency.get(f"b{b}", {}).get("spread")
+                row[f"b{b} x torch"] = v.speedup_vs_torch.get(f"b{b}")
+            b0 = f"b{self.batches[0]}"
+            row.update({"x fp32 same rt": v.speedup_vs_fp32.get(b0), "parity rel": v.parity_rel,
+                        "macro dAUROC": v.macro_delta_auroc,
+                        "worst class dAUROC": v.worst_class_delta_auroc,
+                        f"{b0} % peak": (None if v.peak_fraction.get(b0) is None
+                                         else 100 * v.peak_fraction[b0]),
+                        "why": "; ".join(v.reasons)})
+            rows.append(row)
+        return rows
+
+    def markdown(self) -> str:
+        rows = self.table()
+        head = list(rows[0]) if rows else []
+        out = [f"# Deployment of {self.arch} ({self.model_id})", "",
+               f"Input {list(self.input_shape)}, {self.macs / 1e6:.1f} M MACs, "
+               f"{self.params:,} parameters; {self.threads} thread(s); {self.rounds} alternated "
+               f"rounds x {self.repeats} repeats; accuracy on {self.n_images} images of split "
+               f"'{self.split}' (calibration: {self.n_calib} images of '{self.calib_split}'). "
+               f"Floor: macro dAUROC >= {self.floor['macro']:+g}, every class >= "
+               f"{self.floor['per_class']:+g}.", "",
+               f"Load average (1/5/15 min) start {self.loadavg.get('start')}, end "
+               f"{self.loadavg.get('end')}" + (" — latencies MEASURED UNDER LOAD."
+                                               if self.under_load else "."), "",
+               f"Peak fp32 matmul: {_f(self.peak.get('fp32_gmacs'))} GMAC/s"
+               + (f"; int8: {_f(self.peak.get('int8_gmacs'))} GMAC/s"
+                  if self.peak.get("int8_gmacs") else ""), "",
+               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(_f(r[k]) for k in head) + " |" for r in rows]
+        out += ["", f"**Recommended:** {self.recommended or 'none'}: {self.reason}"]
+        out += [f"- {n}" for n in self.notes]
+        return "\n".join(out) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["variants"] = [v.to_dict() for v in self.variants]
+        for k in ("input_shape", "class_names", "batches", "notes"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DeployResult":
+        if d.get("schema_version", 1) > SCHEMA:
+            raise DataError(f"deploy.json has schema version {d['schema_version']}, newer than "
+                            f"this medscalpel ({SCHEMA}); upgrade medscalpel.")
+        known = {f.name for f in fields(cls)}
+        missing = [k for k in ("variants", "recommended", "batches") if k not in d]
+        if missing:
+            raise DataError(f"deploy.json lacks {missing}; it was not written by "
+                            "medscalpel compress deploy or is damaged.")
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["variants"] = tuple(VariantResult.from_dict(v) for v in d["variants"])
+        for k in ("input_shape", "class_names", "batches", "notes"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        from medscalpel.runs import write_text
+
+        directory = Path(directory)
+        write_json(directory / DEPLOY_JSON, self.to_dict())
+        write_text(directory / DEPLOY_MD, self.markdown())
+        return directory / DEPLOY_JSON
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "DeployResult":
+        path = Path(directory)
+        return cls.from_dict(read_json(path / DEPLOY_JSON if path.is_dir() else path))
+
+
+def _f(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
+    return str(v)
+
+
+__all__ = ["DEPLOY_JSON", "DEPLOY_MD", "DeployResult", "STATUSES", "VariantResult"]
