@@ -131,7 +131,7 @@ def run_one(args, name: str, work: Path) -> dict:
     budget = t_lat / args.min_speedup
     cands = [c.strip() for c in args.candidates.split(",") if c.strip()]
     t1 = time.perf_counter()
-    kw = dict(proxy_epochs=1, proxy_steps=args.proxy_steps, alpha=args.alpha,
+    kw = dict(proxy_epochs=1, proxy_steps=args.proxy_steps, soft_weight=args.soft_weight,
               temperature=args.temperature, lr=args.lr, batch_size=args.batch_size,
               seed=args.seed, progress=False)
     budget_met = True
@@ -147,7 +147,7 @@ def run_one(args, name: str, work: Path) -> dict:
     frequent = np.argsort(-np.nansum(test_ds.labels_multihot(), 0))
     sal_classes = tuple(range(k)) if k <= 2 else tuple(
         int(i) for i in frequent[:args.saliency_classes])
-    cfg = DistillConfig(alpha=args.alpha, temperature=args.temperature,
+    cfg = DistillConfig(soft_weight=args.soft_weight, temperature=args.temperature,
                         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
                                           lr=args.lr, seed=args.seed, patience=args.epochs,
                                           max_steps_per_epoch=args.max_steps),
@@ -184,7 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch")
-    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--soft-weight", type=float, default=0.5,
+                   help="weight of the teacher's soft targets (results before issue K say 'alpha')")
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--phantom-n", type=int, default=2000)
     p.add_argument("--kermany-max-train", type=int, default=1500)

@@ -64,41 +64,41 @@ T_ML = torch.tensor([[0.5, 3.0, -2.0], [1.0, -1.0, 0.2]])
 Y_ML = torch.tensor([[1.0, 0.0, float("nan")], [0.0, 1.0, 1.0]])
 
 
-def test_alpha_one_is_pure_hard_loss_multilabel_with_unknown_labels():
-    loss = DistillLoss(alpha=1.0, temperature=3.0, task="multilabel")
+def test_soft_weight_zero_is_pure_hard_loss_multilabel_with_unknown_labels():
+    loss = DistillLoss(soft_weight=0.0, temperature=3.0, task="multilabel")
     known = torch.isfinite(Y_ML)
     ref = F.binary_cross_entropy_with_logits(S_ML[known], Y_ML[known])
     assert torch.isclose(loss(S_ML, T_ML, Y_ML), ref, atol=1e-6)
 
 
-def test_alpha_one_is_cross_entropy_multiclass():
+def test_soft_weight_zero_is_cross_entropy_multiclass():
     y = torch.tensor([0, 1])
-    loss = DistillLoss(alpha=1.0, temperature=2.0, task="multiclass")
+    loss = DistillLoss(soft_weight=0.0, temperature=2.0, task="multiclass")
     assert torch.isclose(loss(S_ML, T_ML, y), F.cross_entropy(S_ML, y), atol=1e-6)
 
 
 @pytest.mark.parametrize("T", [1.0, 2.5])
-def test_alpha_zero_is_pure_soft_multiclass_kl(T):
+def test_soft_weight_one_is_pure_soft_multiclass_kl(T):
     y = torch.tensor([0, 1])
     p_t = torch.softmax(T_ML / T, 1)
     log_q = torch.log_softmax(S_ML / T, 1)
     kl = (p_t * (p_t.log() - log_q)).sum(1).mean()
-    loss = DistillLoss(alpha=0.0, temperature=T, task="multiclass")
+    loss = DistillLoss(soft_weight=1.0, temperature=T, task="multiclass")
     assert torch.isclose(loss(S_ML, T_ML, y), T * T * kl, atol=1e-6)
 
 
 @pytest.mark.parametrize("T", [1.0, 4.0])
-def test_alpha_zero_is_sigmoid_bce_minus_teacher_entropy(T):
+def test_soft_weight_one_is_sigmoid_bce_minus_teacher_entropy(T):
     p = torch.sigmoid(T_ML / T)
     bce = F.binary_cross_entropy_with_logits(S_ML / T, p)
     entropy = -(p * p.log() + (1 - p) * (1 - p).log()).mean()
-    loss = DistillLoss(alpha=0.0, temperature=T, task="multilabel")
-    # the labels (with NaN) must not matter when alpha = 0
+    loss = DistillLoss(soft_weight=1.0, temperature=T, task="multilabel")
+    # the labels (with NaN) must not matter when soft_weight = 1
     assert torch.isclose(loss(S_ML, T_ML, Y_ML), T * T * (bce - entropy), atol=1e-5)
 
 
 def test_hybrid_is_the_weighted_sum():
-    loss = DistillLoss(alpha=0.3, temperature=2.0, task="multilabel")
+    loss = DistillLoss(soft_weight=0.7, temperature=2.0, task="multilabel")
     parts = loss.components(S_ML, T_ML, Y_ML)
     assert torch.isclose(parts["total"], 0.3 * parts["hard"] + 0.7 * 4.0 * parts["soft"])
     assert set(parts) == {"hard", "soft", "total"}
@@ -124,14 +124,14 @@ def test_large_temperature_reaches_the_logit_matching_limits():
     T = 200.0
     d = (S_ML - S_ML.mean(1, keepdim=True)) - (T_ML - T_ML.mean(1, keepdim=True))
     limit_mc = (d.pow(2).sum(1) / (2 * S_ML.shape[1])).mean()
-    got = DistillLoss(alpha=0.0, temperature=T, task="multiclass")(S_ML, T_ML, torch.tensor([0, 1]))
+    got = DistillLoss(soft_weight=1.0, temperature=T, task="multiclass")(S_ML, T_ML, torch.tensor([0, 1]))
     assert torch.isclose(got, limit_mc, rtol=1e-2)
     # per-class sigmoid: KL(Bern(t/T) || Bern(s/T)) ~ (s - t)^2 / (8 T^2)
     limit_ml = ((S_ML - T_ML).pow(2) / 8).mean()
-    got = DistillLoss(alpha=0.0, temperature=T, task="multilabel")(S_ML, T_ML, Y_ML)
+    got = DistillLoss(soft_weight=1.0, temperature=T, task="multilabel")(S_ML, T_ML, Y_ML)
     assert torch.isclose(got, limit_ml, rtol=1e-2)
     # T = 1 differs from the limit (the soft targets are sharp there)
-    t1 = DistillLoss(alpha=0.0, temperature=1.0, task="multilabel")(S_ML, T_ML, Y_ML)
+    t1 = DistillLoss(soft_weight=1.0, temperature=1.0, task="multilabel")(S_ML, T_ML, Y_ML)
     assert not torch.isclose(t1, limit_ml, rtol=1e-1)
 
 
@@ -175,8 +175,8 @@ def test_attention_transfer_values():
 
 
 def test_loss_parameter_errors():
-    with pytest.raises(ConfigError, match="'alpha' parameter of DistillLoss"):
-        DistillLoss(alpha=1.5)
+    with pytest.raises(ConfigError, match="'soft_weight' parameter of DistillLoss"):
+        DistillLoss(soft_weight=1.5)
     with pytest.raises(ConfigError, match="'temperature' parameter of DistillLoss"):
         DistillLoss(temperature=0.0)
     with pytest.raises(ConfigError, match="'task' parameter of DistillLoss"):
@@ -184,7 +184,7 @@ def test_loss_parameter_errors():
     with pytest.raises(DataError, match="differ; both models must predict the same classes"):
         soft_divergence(torch.zeros(2, 3), torch.zeros(2, 4), "multiclass")
     with pytest.raises(DataError, match="class indices"):
-        DistillLoss(alpha=1.0, task="multiclass")(S_ML, T_ML, Y_ML)
+        DistillLoss(soft_weight=0.0, task="multiclass")(S_ML, T_ML, Y_ML)
 
 
 # ----------------------------------------------------------------------------- training
@@ -194,7 +194,7 @@ def test_distillation_lowers_divergence_from_the_teacher(ml_data, ml_teacher):
     before_state = copy.deepcopy(student.state_dict())
     images, _ = collect_images(te)
     before = teacher_divergence(student, ml_teacher, images, "multilabel")
-    loss = DistillLoss(alpha=0.0, temperature=2.0, task="multilabel")
+    loss = DistillLoss(soft_weight=1.0, temperature=2.0, task="multilabel")
     res = distill_train(ml_teacher, student, tr, None, loss,
                         TrainConfig(epochs=4, batch_size=16, lr=3e-3), progress=False)
     after = teacher_divergence(res.model, ml_teacher, images, "multilabel")
@@ -204,7 +204,7 @@ def test_distillation_lowers_divergence_from_the_teacher(ml_data, ml_teacher):
         assert torch.equal(v, before_state[k])
     assert all(p.requires_grad for p in ml_teacher.parameters())
     assert not ml_teacher.training
-    assert res.extra["distill"]["alpha"] == 0.0
+    assert res.extra["distill"]["soft_weight"] == 1.0
 
 
 def test_feature_and_attention_transfer_train_the_projection(ml_data, ml_teacher):
@@ -240,7 +240,7 @@ def test_distill_train_refuses_mismatched_models(ml_data, ml_teacher):
 # ----------------------------------------------------------------------------- comparison
 def test_distill_compares_and_saves_with_lineage(ml_data, ml_teacher, tmp_path):
     tr, va, te = ml_data
-    cfg = DistillConfig(alpha=0.5, temperature=2.0,
+    cfg = DistillConfig(soft_weight=0.5, temperature=2.0,
                         train=TrainConfig(epochs=2, batch_size=16, lr=3e-3), n_boot=20,
                         saliency_images=2, saliency_method="scorecam", latency_repeats=2,
                         latency_rounds=1)
@@ -265,7 +265,7 @@ def test_distill_compares_and_saves_with_lineage(ml_data, ml_teacher, tmp_path):
     res.save(tmp_path / "run")
     m = load_model(tmp_path / "run" / "model")
     step = m.card.lineage[-1]
-    assert step["method"] == "distill" and step["alpha"] == 0.5 and step["temperature"] == 2.0
+    assert step["method"] == "distill" and step["soft_weight"] == 0.5 and step["temperature"] == 2.0
     assert step["epochs"] == 2 and step["parent"] == "vgg_tiny"
     assert DistillResult.load_dict(tmp_path / "run")["students"]["distilled"]["model_id"] == \
         m.card.model_id
@@ -281,7 +281,7 @@ def test_distill_multiclass_from_a_model_dir_student(tmp_path):
     student = create_model("resnet_tiny", 3, img_size=SIZE)
     save_model(student, tmp_path / "student",
                make_card(student, tr.class_names, "multiclass", tr.preprocess))
-    cfg = DistillConfig(alpha=0.2, temperature=3.0, baseline=False, n_boot=0, saliency_images=0,
+    cfg = DistillConfig(soft_weight=0.8, temperature=3.0, baseline=False, n_boot=0, saliency_images=0,
                         train=TrainConfig(epochs=1, batch_size=16), latency_repeats=1,
                         latency_rounds=1)
     res = distill(tmp_path / "teacher", tmp_path / "student", tr, va, te, cfg, progress=False)
@@ -378,10 +378,10 @@ def test_cli_distill_and_students(tmp_path):
                             "resnet_tiny", "--out", str(out), "--epochs", "1",
                             "--teacher-epochs", "1", "--size", str(SIZE), "--batch-size", "16",
                             "--saliency-images", "1", "--saliency-method", "gradcam",
-                            "--n-boot", "0", "--alpha", "0.3", "--temperature", "2"])
+                            "--n-boot", "0", "--soft-weight", "0.7", "--temperature", "2"])
     assert r.exit_code == 0, r.output
     d = DistillResult.load_dict(out)
-    assert d["config"]["alpha"] == 0.3 and d["teacher"]["trained_here"]["epochs_run"] == 1
+    assert d["config"]["soft_weight"] == 0.7 and d["teacher"]["trained_here"]["epochs_run"] == 1
     assert (out / "manifest.json").is_file() and (out / "student_alone" / "model.json").is_file()
     m = load_model(out / "model")
     assert m.arch == "resnet_tiny" and m.card.class_names == ("NORMAL", "PNEUMONIA")
@@ -394,3 +394,35 @@ def test_cli_distill_and_students(tmp_path):
 
     st = read_json(tmp_path / "st" / "students.json")
     assert st["chosen"] in ("densenet_tiny", "resnet_tiny") and len(st["candidates"]) == 2
+
+
+def test_one_distillation_weight_everywhere():
+    """soft_weight means the TEACHER's weight in DistillLoss, the training-loop teacher_loss
+    (pruning recovery, grids) and every CLI flag; no 'alpha' is left to mean the opposite."""
+    import inspect
+
+    import medscalpel.pipeline.grid as grid
+    from medscalpel.cli import distill_cmd, scale_cmd
+    from medscalpel.compress.distill import teacher_loss
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(4, 2)
+    x = torch.randn(5, 4)
+    s = torch.randn(5, 2)
+    y = torch.tensor([[1.0, 0.0], [0.0, float("nan")], [1.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
+    with torch.no_grad():
+        t = teacher(x)
+    for w in (0.0, 0.25, 1.0):
+        got = teacher_loss(teacher, "multilabel", soft_weight=w, temperature=2.0)(s, y, x)
+        want = DistillLoss(soft_weight=w, temperature=2.0, task="multilabel")(s, t, y)
+        assert torch.equal(got, want)
+    hard = DistillLoss(soft_weight=0.0)(s, t, y)
+    teach = DistillLoss(soft_weight=1.0, temperature=2.0)(s, t, y)
+    mixed = DistillLoss(soft_weight=0.25, temperature=2.0)(s, t, y)
+    assert torch.isclose(mixed, 0.75 * hard + 0.25 * teach)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    for fn in (distill_cmd.distill, distill_cmd.students, scale_cmd.distill, grid.distill_grid,
+               grid.run_distill_grid):
+        params = inspect.signature(fn).parameters
+        assert not any("alpha" in p for p in params), fn.__name__
+        assert any(p.startswith("soft_weight") for p in params), fn.__name__

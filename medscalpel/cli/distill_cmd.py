@@ -58,8 +58,8 @@ def distill(
                                 "(e.g. a structurally pruned teacher from 'compress prune')."),
     out: Path = typer.Option(Path("runs/compress-distill"), help="Run directory to create "
                              "(model/, student_alone/, distill.json, manifest.json)."),
-    alpha: float = typer.Option(0.5, help="Weight of the ground-truth loss; 1 - alpha weighs "
-                                "the teacher's soft targets."),
+    soft_weight: float = typer.Option(0.5, help="Weight of the teacher's soft targets in [0, 1] "
+                                      "(1 - it weighs the ground-truth loss; 0 = no teacher)."),
     temperature: float = typer.Option(4.0, help="Distillation temperature T (soft term scaled "
                                       "by T^2)."),
     epochs: int = typer.Option(10, help="Student epochs (the same for the distilled and the "
@@ -98,7 +98,7 @@ def distill(
     train_ds, val_ds, test_ds = _open_splits(data, pre, augment)
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                        max_steps_per_epoch=max_steps_per_epoch, patience=max(3, epochs))
-    cfg = DistillConfig(alpha=alpha, temperature=temperature, feature_weight=feature_weight,
+    cfg = DistillConfig(soft_weight=soft_weight, temperature=temperature, feature_weight=feature_weight,
                         attention_weight=attention_weight, train=tcfg,
                         teacher_train=TrainConfig(epochs=teacher_epochs, batch_size=batch_size,
                                                   lr=teacher_lr, seed=seed, device=device,
@@ -134,7 +134,8 @@ def students(
                              "(students.json, manifest.json)."),
     proxy_epochs: int = typer.Option(1, help="Proxy training epochs per candidate."),
     proxy_steps: int = typer.Option(20, help="Steps per proxy epoch."),
-    alpha: float = typer.Option(0.5, help="Distillation alpha of the proxy training."),
+    soft_weight: float = typer.Option(0.5, help="Weight of the teacher's soft targets in the "
+                                      "proxy training (1 - it weighs the ground truth)."),
     temperature: float = typer.Option(4.0, help="Distillation temperature of the proxy."),
     lr: float = typer.Option(1e-3, help="Proxy learning rate."),
     batch_size: int = typer.Option(32, help="Proxy batch size."),
@@ -150,13 +151,13 @@ def students(
     names = [c.strip() for c in candidates.split(",") if c.strip()]
     config = {"teacher": str(teacher), "data": data, "candidates": names,
               "latency_budget_ms": latency_budget_ms, "proxy_epochs": proxy_epochs,
-              "proxy_steps": proxy_steps, "alpha": alpha, "temperature": temperature, "lr": lr,
+              "proxy_steps": proxy_steps, "soft_weight": soft_weight, "temperature": temperature, "lr": lr,
               "batch_size": batch_size}
     with RunDir(out, command="compress students", config=config, seed=seed,
                 data={"train": train_ds.content_hash(), "val": val_ds.content_hash()},
                 overwrite=overwrite) as run:
         res = choose_student(names, latency_budget_ms, (train_ds, val_ds), str(teacher),
-                             proxy_epochs=proxy_epochs, proxy_steps=proxy_steps, alpha=alpha,
+                             proxy_epochs=proxy_epochs, proxy_steps=proxy_steps, soft_weight=soft_weight,
                              temperature=temperature, lr=lr, batch_size=batch_size, seed=seed)
         write_json(run.path / "students.json", res.to_dict())
     print_table(res.table(), f"candidates (teacher {res.teacher['latency_ms']:.2f} ms)")

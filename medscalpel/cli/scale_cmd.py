@@ -94,7 +94,8 @@ def distill(
                                  "list (see 'models list')."),
     out: Path = typer.Option(Path("runs/scale-distill"), help="Grid directory (resumable)."),
     temperatures: str = typer.Option("4", help="Temperatures, comma list."),
-    alphas: str = typer.Option("0.5", help="Soft-target weights in [0, 1], comma list."),
+    soft_weights: str = typer.Option("0.5", help="Weights of the teacher's soft targets in "
+                                     "[0, 1] (1 - it weighs the ground truth), comma list."),
     seeds: str = typer.Option("0", help="Seeds, comma list."),
     epochs: int = typer.Option(5), batch_size: int = typer.Option(64),
     lr: float = typer.Option(1e-3),
@@ -103,18 +104,18 @@ def distill(
     ray_address: Optional[str] = RAY_ADDRESS_OPTION,
     max_workers: Optional[int] = MAX_WORKERS_OPTION,
 ) -> None:
-    """Distillation grid (students x temperatures x alphas x seeds) on a pool or Ray."""
+    """Distillation grid (students x temperatures x soft weights x seeds) on a pool or Ray."""
     from medscalpel.pipeline.grid import run_distill_grid
 
     res = run_distill_grid(str(teacher), data, _names(students, "students"), out,
                            temperatures=_floats(temperatures, "temperatures"),
-                           alphas=_floats(alphas, "alphas"), seeds=_ints(seeds, "seeds"),
+                           soft_weights=_floats(soft_weights, "soft-weights"), seeds=_ints(seeds, "seeds"),
                            epochs=epochs, batch_size=batch_size, lr=lr, split=split,
                            executor=executor, max_workers=max_workers, ray_address=ray_address)
     _summary(res, out)
     for c in res.cells:
         r = c.result
-        console.print(f"{c.cell['student']} T={c.cell['temperature']} a={c.cell['alpha']} "
+        console.print(f"{c.cell['student']} T={c.cell['temperature']} soft_weight={c.cell['soft_weight']} "
                       f"seed {c.cell['seed']}: AUROC {fmt(r['student']['macro_auroc'])} "
                       f"(teacher {fmt(r['teacher']['macro_auroc'])}), "
                       f"{r['student_params']:,} params")

@@ -2,7 +2,7 @@
 
 A frozen, high-capacity teacher trains a compact student with hybrid supervision::
 
-    loss = alpha * hard + (1 - alpha) * T^2 * soft
+    loss = (1 - soft_weight) * hard + soft_weight * T^2 * soft
            + feature_weight * feature + attention_weight * attention
 
 * ``hard``: the task loss on the ground truth (BCE with unknown labels masked for multi-label,
@@ -28,7 +28,7 @@ and the per-class Score-CAM similarity between teacher and student
 
 Example:
     >>> import torch
-    >>> loss = DistillLoss(alpha=0.0, temperature=2.0, task="multiclass")
+    >>> loss = DistillLoss(soft_weight=1.0, temperature=2.0, task="multiclass")
     >>> z = torch.tensor([[1.0, -1.0, 0.5]])
     >>> float(loss(z, z, torch.tensor([0])))
     0.0
@@ -102,7 +102,9 @@ class DistillLoss(nn.Module):
     """Hybrid distillation loss as a module (its projection, if any, is learnable).
 
     Args:
-        alpha: weight of the hard (ground-truth) loss; ``1 - alpha`` weighs the soft loss.
+        soft_weight: weight of the soft (teacher) loss; ``1 - soft_weight`` weighs the hard
+            (ground-truth) loss. 0: no teacher; 1: teacher only. The one distillation weight
+            of medscalpel (distill, pruning recovery and grids all use this loss).
         temperature: softening temperature ``T > 0`` (the soft term is scaled by ``T^2``).
         task: ``multilabel`` (per-class sigmoid distillation) or ``multiclass`` (softmax KL).
         feature_weight: weight of the penultimate-feature MSE (0 disables it).
@@ -117,22 +119,22 @@ class DistillLoss(nn.Module):
         >>> s, t = torch.tensor([[2.0, -1.0]]), torch.tensor([[0.0, 3.0]])
         >>> y = torch.tensor([[1.0, 0.0]])
         >>> hard = torch.nn.functional.binary_cross_entropy_with_logits(s, y)
-        >>> bool(torch.isclose(DistillLoss(alpha=1.0)(s, t, y), hard))
+        >>> bool(torch.isclose(DistillLoss(soft_weight=0.0)(s, t, y), hard))
         True
     """
 
-    def __init__(self, alpha: float = 0.5, temperature: float = 4.0, task: str = "multilabel",
+    def __init__(self, soft_weight: float = 0.5, temperature: float = 4.0, task: str = "multilabel",
                  feature_weight: float = 0.0, attention_weight: float = 0.0,
                  student_dim: int | None = None, teacher_dim: int | None = None,
                  pos_weight: torch.Tensor | None = None):
         super().__init__()
         o = "DistillLoss"
-        check_range(alpha, "alpha", o, 0.0, 1.0)
+        check_range(soft_weight, "soft_weight", o, 0.0, 1.0)
         check_range(temperature, "temperature", o, 0.0, low_inclusive=False)
         check_in(task, "task", o, TASKS)
         check_range(feature_weight, "feature_weight", o, 0.0)
         check_range(attention_weight, "attention_weight", o, 0.0)
-        self.alpha = float(alpha)
+        self.soft_weight = float(soft_weight)
         self.temperature = float(temperature)
         self.task = task
         self.feature_weight = float(feature_weight)
@@ -201,10 +203,11 @@ class DistillLoss(nn.Module):
         T = self.temperature
         out: dict[str, torch.Tensor] = {}
         zero = student_logits.new_zeros((), dtype=torch.float32)
-        out["hard"] = self.hard_loss(student_logits, targets) if self.alpha > 0 else zero
+        w = self.soft_weight
+        out["hard"] = self.hard_loss(student_logits, targets) if w < 1 else zero
         out["soft"] = (soft_divergence(student_logits, teacher_logits.detach(), self.task, T)
-                       if self.alpha < 1 else zero)
-        total = self.alpha * out["hard"] + (1 - self.alpha) * T * T * out["soft"]
+                       if w > 0 else zero)
+        total = (1 - w) * out["hard"] + w * T * T * out["soft"]
         if self.feature_weight > 0:
             if student_features is None or teacher_features is None:
                 raise ConfigError("DistillLoss: feature_weight > 0 needs student_features and "
@@ -229,9 +232,41 @@ class DistillLoss(nn.Module):
                                teacher_features, student_maps, teacher_maps)["total"]
 
     def settings(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "temperature": self.temperature, "task": self.task,
+        return {"soft_weight": self.soft_weight, "temperature": self.temperature, "task": self.task,
                 "feature_weight": self.feature_weight, "attention_weight": self.attention_weight,
                 "projection": None if self.projection is None else type(self.projection).__name__}
+
+
+def teacher_loss(teacher: nn.Module, task: str, soft_weight: float = 0.5,
+                 temperature: float = 4.0) -> "DistillLoss":
+    """An ``engine.train`` ``loss_fn(logits, targets, images)``: :class:`DistillLoss` against a
+    frozen teacher's logits on the same batch (pruning recovery from the dense model, grids).
+
+    The teacher is put in eval mode with gradients off (it is the caller's frozen reference).
+    """
+    return _TeacherLoss(teacher, DistillLoss(soft_weight, temperature, task))
+
+
+class _TeacherLoss(nn.Module):
+    def __init__(self, teacher: nn.Module, loss: DistillLoss):
+        super().__init__()
+        self.loss = loss
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self._teacher = [teacher]  # not a submodule: never trained, moved or saved with the loss
+
+    def settings(self) -> dict[str, Any]:
+        return self.loss.settings()
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor,
+                images: torch.Tensor) -> torch.Tensor:
+        teacher = self._teacher[0]
+        if next(teacher.parameters()).device != images.device:
+            teacher.to(images.device)
+        with torch.no_grad():
+            t = teacher(images).float()
+        return self.loss(logits, t, targets)
 
 
 # ----------------------------------------------------------------------------- training glue
@@ -435,7 +470,7 @@ class DistillConfig:
     """Settings of :func:`distill`.
 
     Attributes:
-        alpha, temperature, feature_weight, attention_weight: see :class:`DistillLoss`.
+        soft_weight, temperature, feature_weight, attention_weight: see :class:`DistillLoss`.
         train: training budget shared by the distilled and the stand-alone student.
         teacher_train: budget to train the teacher first when it is given as an untrained zoo
             architecture name (default: ``train``).
@@ -447,7 +482,7 @@ class DistillConfig:
         latency_repeats, latency_rounds: CPU latency measurement (batch 1, median).
     """
 
-    alpha: float = 0.5
+    soft_weight: float = 0.5
     temperature: float = 4.0
     feature_weight: float = 0.0
     attention_weight: float = 0.0
@@ -463,7 +498,7 @@ class DistillConfig:
 
     def validate(self) -> "DistillConfig":
         o = "DistillConfig"
-        check_range(self.alpha, "alpha", o, 0.0, 1.0)
+        check_range(self.soft_weight, "soft_weight", o, 0.0, 1.0)
         check_range(self.temperature, "temperature", o, 0.0, low_inclusive=False)
         check_range(self.feature_weight, "feature_weight", o, 0.0)
         check_range(self.attention_weight, "attention_weight", o, 0.0)
@@ -478,7 +513,7 @@ class DistillConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "temperature": self.temperature,
+        return {"soft_weight": self.soft_weight, "temperature": self.temperature,
                 "feature_weight": self.feature_weight, "attention_weight": self.attention_weight,
                 "train": self.train.to_dict(),
                 "teacher_train": (None if self.teacher_train is None
@@ -662,7 +697,7 @@ def distill(
     t_id = _teacher_id(t_model)
 
     # --- train: distilled, then alone (same initial weights, seed, epochs, lr)
-    loss = DistillLoss(cfg.alpha, cfg.temperature, task, cfg.feature_weight,
+    loss = DistillLoss(cfg.soft_weight, cfg.temperature, task, cfg.feature_weight,
                        cfg.attention_weight, student_dim=s_init.feature_dim,
                        teacher_dim=t_model.feature_dim)
     d_res = distill_train(t_model, s_init, train_ds, val_ds, loss, cfg.train,
@@ -709,7 +744,7 @@ def distill(
                               and targets["auroc_met"])
 
     # --- cards with lineage
-    details = {"teacher_id": t_id, "teacher_arch": t_model.arch, "alpha": cfg.alpha,
+    details = {"teacher_id": t_id, "teacher_arch": t_model.arch, "soft_weight": cfg.soft_weight,
                "temperature": cfg.temperature, "feature_weight": cfg.feature_weight,
                "attention_weight": cfg.attention_weight, "epochs": cfg.train.epochs,
                "lr": cfg.train.lr, "seed": cfg.train.seed}

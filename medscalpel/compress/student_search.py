@@ -127,7 +127,7 @@ def choose_student(
     teacher: MedClassifier | str | os.PathLike,
     proxy_epochs: int = 1,
     proxy_steps: int | None = 20,
-    alpha: float = 0.5,
+    soft_weight: float = 0.5,
     temperature: float = 4.0,
     lr: float = 1e-3,
     batch_size: int = 32,
@@ -146,7 +146,7 @@ def choose_student(
         teacher: the trained teacher (model, or model directory).
         proxy_epochs, proxy_steps: proxy budget per candidate (``proxy_steps`` caps the steps of
             an epoch; ``None``: full epochs).
-        alpha, temperature: distillation loss of the proxy training.
+        soft_weight, temperature: distillation loss of the proxy training (see DistillLoss).
 
     Returns:
         A :class:`StudentSearchResult` (``chosen`` is the winner's name, ``model`` its proxy-trained
@@ -202,7 +202,7 @@ def choose_student(
             r.status = f"skipped: {r.latency_ms:.2f} ms > budget {latency_budget_ms:g} ms"
             continue
         m = models[r.name]
-        loss = DistillLoss(alpha, temperature, train_ds.task)
+        loss = DistillLoss(soft_weight, temperature, train_ds.task)
         res = distill_train(t_model, m, train_ds, val_ds, loss, cfg, progress=False)
         ev = evaluate(predict(res.model, val_ds, progress=False), n_boot=0)
         r.proxy_auroc = float(ev.macro["auroc"])
@@ -224,7 +224,7 @@ def choose_student(
                              "input_shape": list(example.shape),
                              "threads": int(torch.get_num_threads())},
                  "proxy": {"epochs": proxy_epochs, "steps_per_epoch": proxy_steps, "lr": lr,
-                           "batch_size": batch_size, "seed": seed, "alpha": alpha,
+                           "batch_size": batch_size, "seed": seed, "soft_weight": soft_weight,
                            "temperature": temperature, "n_train": len(train_ds),
                            "n_val": len(val_ds), "score": "validation macro AUROC"}}
     teacher_info = {"arch": t_model.arch, "parameters": count_parameters(t_model),

@@ -1,5 +1,5 @@
 """Resumable experiment grids on any executor: pruning sweeps (models x methods x seeds x
-ratios), distillation grids (students x temperatures x alphas x seeds) and triage grids.
+ratios), distillation grids (students x temperatures x soft weights x seeds) and triage grids.
 
 A grid is a list of JSON-able cells (``dict``) and one top-level cell function. :func:`run_grid`
 runs the cells not yet finished on the chosen executor (:mod:`medscalpel.pipeline.executors`:
@@ -389,10 +389,10 @@ def prune_grid(models: Sequence[str | os.PathLike], data: str, split: str = "tes
 
 
 def distill_grid(teacher: str | os.PathLike, data: str, students: Sequence[str],
-                 temperatures: Sequence[float] = (4.0,), alphas: Sequence[float] = (0.5,),
+                 temperatures: Sequence[float] = (4.0,), soft_weights: Sequence[float] = (0.5,),
                  seeds: Sequence[int] = (0,), epochs: int = 5, batch_size: int = 64,
                  lr: float = 1e-3, split: str = "test") -> list[dict[str, Any]]:
-    """Cells of a distillation grid: students x temperatures x alphas x seeds; each trains a
+    """Cells of a distillation grid: students x temperatures x soft weights x seeds; each trains a
     student on ``train`` (early stopping on ``val``) and evaluates on ``split``."""
     owner = "distill_grid"
     from medscalpel.models.zoo import ARCHS
@@ -402,13 +402,13 @@ def distill_grid(teacher: str | os.PathLike, data: str, students: Sequence[str],
     for s in students:
         ARCHS.get(s)
     temps = _floats(temperatures, "temperatures", owner, 1e-3, 1e3)
-    alph = _floats(alphas, "alphas", owner, 0.0, 1.0)
+    alph = _floats(soft_weights, "soft_weights", owner, 0.0, 1.0)
     seeds = _ints(seeds, "seeds", owner)
     check_range(epochs, "epochs", owner, 1, integer=True)
     check_range(batch_size, "batch_size", owner, 1, integer=True)
     check_range(lr, "lr", owner, 0, low_inclusive=False)
     return [{"kind": "distill", "teacher": str(teacher), "data": data, "split": split,
-             "student": st, "temperature": t, "alpha": a, "seed": sd, "epochs": epochs,
+             "student": st, "temperature": t, "soft_weight": a, "seed": sd, "epochs": epochs,
              "batch_size": batch_size, "lr": lr}
             for st in students for t in temps for a in alph for sd in seeds]
 
@@ -476,38 +476,12 @@ def prune_cell(cell: dict[str, Any]) -> dict[str, Any]:
             "n": preds.n, **_metrics(preds), "artifacts": {"predictions.npz": preds}}
 
 
-class HybridKDLoss:
-    """Hybrid supervision (ground truth + teacher soft targets, Hinton et al.):
-    ``(1 - alpha) * task_loss + alpha * T^2 * soft_loss``; multi-label uses per-class sigmoid
-    soft targets, multi-class softmax KL. Unknown (NaN) labels are masked in the task loss."""
-
-    def __init__(self, teacher, task: str, temperature: float, alpha: float):
-        self.teacher = teacher.eval()
-        self.task = task
-        self.t = float(temperature)
-        self.alpha = float(alpha)
-
-    def __call__(self, logits, targets, images):
-        import torch
-        import torch.nn.functional as F
-
-        from medscalpel.engine.train import default_loss
-
-        with torch.no_grad():
-            tl = self.teacher(images).float()
-        hard = default_loss(self.task, None)(logits, targets, images)
-        if self.task == "multilabel":
-            soft = F.binary_cross_entropy_with_logits(logits / self.t, torch.sigmoid(tl / self.t))
-        else:
-            soft = F.kl_div(F.log_softmax(logits / self.t, 1), F.log_softmax(tl / self.t, 1),
-                            reduction="batchmean", log_target=True)
-        return (1 - self.alpha) * hard + self.alpha * self.t ** 2 * soft
-
-
 @CELL_FNS.register("distill", help="train a student with hybrid KD from a teacher, evaluate it")
 def distill_cell(cell: dict[str, Any]) -> dict[str, Any]:
     """Train ``cell['student']`` from ``cell['teacher']`` on ``data``'s train split (early
-    stopping on val) with :class:`HybridKDLoss`; evaluate student and teacher on ``split``."""
+    stopping on val) with :func:`medscalpel.compress.distill.teacher_loss` (the one
+    distillation loss); evaluate student and teacher on ``split``."""
+    from medscalpel.compress.distill import teacher_loss
     from medscalpel.data import open_dataset
     from medscalpel.engine.predict import predict
     from medscalpel.engine.train import TrainConfig, train
@@ -527,7 +501,7 @@ def distill_cell(cell: dict[str, Any]) -> dict[str, Any]:
     student.card = make_card(student, tr.class_names, tr.task, pp)
     cfg = TrainConfig(epochs=int(cell["epochs"]), batch_size=int(cell["batch_size"]),
                       lr=float(cell["lr"]), seed=int(cell["seed"]), device="cpu")
-    loss = HybridKDLoss(teacher, tr.task, cell["temperature"], cell["alpha"])
+    loss = teacher_loss(teacher, tr.task, cell["soft_weight"], cell["temperature"])
     res = train(student, tr, va, cfg, loss_fn=loss, progress=False)
     res.model.card = student.card
     sp = _strip_seconds(predict(res.model, te, device="cpu", progress=False))
@@ -612,13 +586,13 @@ def run_prune_grid(models: Sequence[str | os.PathLike], data: str, out_dir: str 
 
 def run_distill_grid(teacher: str | os.PathLike, data: str, students: Sequence[str],
                      out_dir: str | os.PathLike, temperatures: Sequence[float] = (4.0,),
-                     alphas: Sequence[float] = (0.5,), seeds: Sequence[int] = (0,),
+                     soft_weights: Sequence[float] = (0.5,), seeds: Sequence[int] = (0,),
                      epochs: int = 5, batch_size: int = 64, lr: float = 1e-3,
                      split: str = "test", executor: str = "local",
                      max_workers: int | None = None, ray_address: str | None = None,
                      progress: bool | None = None, **executor_kw: Any) -> GridResult:
     """A resumable distillation grid on any executor (:func:`distill_grid` + :func:`run_grid`)."""
-    cells = distill_grid(teacher, data, students, temperatures, alphas, seeds, epochs,
+    cells = distill_grid(teacher, data, students, temperatures, soft_weights, seeds, epochs,
                          batch_size, lr, split)
     return _run(cells, out_dir, executor, max_workers, ray_address, progress, "scale distill",
                 **executor_kw)
@@ -636,7 +610,7 @@ def run_triage_grid(fit: str | os.PathLike, held_out: str | os.PathLike,
                 **executor_kw)
 
 
-__all__ = ["CELL_FNS", "GridCell", "GridResult", "HybridKDLoss", "canonical", "cell_id",
+__all__ = ["CELL_FNS", "GridCell", "GridResult", "canonical", "cell_id",
            "distill_cell", "distill_grid", "grid_identity", "identity_hash", "prune_cell",
            "prune_grid", "run_cell", "run_distill_grid", "run_grid", "run_prune_grid",
            "run_triage_grid", "triage_cell", "triage_grid", "write_sweep_index"]
