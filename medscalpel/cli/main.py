@@ -144,13 +144,15 @@ def train(
 def predict(
     model: Path = typer.Option(..., help="Model directory (model.safetensors + model.json)."),
     data: str = typer.Option(..., help="Dataset spec."),
-    split: str = typer.Option("test", help="Split to predict."),
+    split: str = typer.Option("auto", help="Split to predict: train | val | test | all | auto "
+                                           "(auto: 'test' of the dataset the model was trained "
+                                           "on, else 'all')."),
     out: Path = typer.Option(..., help="Run directory to create (predictions.npz inside)."),
     batch_size: int = typer.Option(64),
     overwrite: bool = typer.Option(False),
 ) -> None:
     """Predict a dataset split with a saved model -> a Predictions artifact."""
-    from medscalpel.engine.api import predict_spec
+    from medscalpel.engine.api import predict_spec, usage_line
     from medscalpel.runs import RunDir, write_json
 
     with RunDir(out, command="predict", config={"model": str(model), "data": data, "split": split},
@@ -158,7 +160,21 @@ def predict(
         preds = predict_spec(model, data, split, batch_size)
         preds.save(run.path / "predictions.npz")
         write_json(run.path / "predictions.json", preds.to_dict())
+        run.data.update(split=preds.split, split_unit=preds.meta.get("split_unit"),
+                        n_used=preds.meta.get("n_used"), n_total=preds.meta.get("n_total"))
+    console.print(f"used {usage_line(preds)}")
     console.print(f"{preds.n} predictions -> {out / 'predictions.npz'}")
+
+
+def _parse_class_map(items: list[str]) -> dict[str, str] | None:
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise MedScalpelError(f"--class-map takes EXTERNAL=MODEL pairs (e.g. normal=NORMAL); "
+                                  f"got {it!r}.")
+        k, v = it.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out or None
 
 
 @app.command()
@@ -166,15 +182,27 @@ def evaluate(
     predictions: Path = typer.Argument(..., help="predictions.npz (or a directory holding it)."),
     model: Optional[Path] = typer.Option(None, help="Model directory whose calibrated thresholds "
                                                     "to use (default 0.5)."),
-    out: Optional[Path] = typer.Option(None, help="Run directory for metrics.json."),
+    external: Optional[str] = typer.Option(None, help="Dataset spec of an EXTERNAL set: predict it "
+                                                      "with --model and report it next to these "
+                                                      "(internal) predictions."),
+    external_split: str = typer.Option("all", help="Split of the external set (default: all)."),
+    class_map: list[str] = typer.Option([], "--class-map", help="EXTERNAL=MODEL class-name pair "
+                                                                "(repeatable) when they differ."),
+    out: Optional[Path] = typer.Option(None, help="Run directory for metrics.json (and "
+                                                  "external.json + reliability.png)."),
     n_boot: int = typer.Option(1000, help="Bootstrap replicates (0 = no CIs)."),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False),
 ) -> None:
-    """Per-class AUROC, AP, sensitivity/specificity/F1 with bootstrap 95% CIs."""
+    """Per-class AUROC, AP, sensitivity/specificity/F1 with bootstrap 95% CIs; with --external,
+    the same model on an external set next to the internal numbers."""
     from medscalpel.engine.api import evaluate_file
     from medscalpel.runs import RunDir, write_json
 
+    if external is not None:
+        _evaluate_external(predictions, model, external, external_split,
+                           _parse_class_map(class_map), out, n_boot, seed, overwrite)
+        return
     res = evaluate_file(predictions, model, n_boot=n_boot, seed=seed)
     print_table(res.table(), f"{res.split} ({res.n} images)")
     m = res.macro
@@ -183,11 +211,53 @@ def evaluate(
     for c in res.classes:
         if c.reason:
             console.print(f"[yellow]{c.name}: NaN ({c.reason})[/yellow]")
+    if res.extra.get("split_warning"):
+        console.print(f"[yellow]warning: {res.extra['split_warning']}[/yellow]")
     if out is not None:
         with RunDir(out, command="evaluate", config={"predictions": str(predictions),
                                                      "n_boot": n_boot}, seed=seed,
+                    data={"split_unit": res.extra.get("split_unit")},
                     overwrite=overwrite) as run:
             write_json(run.path / "metrics.json", res.to_dict())
+
+
+def _evaluate_external(predictions: Path, model: Optional[Path], external: str,
+                       external_split: str, class_map: dict[str, str] | None,
+                       out: Optional[Path], n_boot: int, seed: int, overwrite: bool) -> None:
+    from medscalpel.engine.api import usage_line, validate_external
+    from medscalpel.engine.external import FILENAME, plot_reliability
+    from medscalpel.runs import RunDir, write_json
+
+    if model is None:
+        raise MedScalpelError("evaluate --external needs --model (the model that made the "
+                              "internal predictions): it predicts the external set.")
+    res, ext = validate_external(predictions, model, external, external_split, class_map,
+                                 n_boot=n_boot, seed=seed)
+    console.print(f"external set: used {usage_line(ext)}")
+    print_table(res.table(), f"internal ({res.internal['n']}) vs external ({res.external['n']}) "
+                             f"at {res.threshold_source} thresholds")
+    mi, me, md = res.macro["internal"], res.macro["external"], res.macro["delta"]
+    console.print(f"macro AUROC internal {fmt(mi['auroc'])} {fmt(tuple(mi['auroc_ci']))}  "
+                  f"external {fmt(me['auroc'])} {fmt(tuple(me['auroc_ci']))}  "
+                  f"delta {fmt(md['auroc']['value'])} {fmt(tuple(md['auroc']['ci']))}")
+    console.print(f"macro sens {fmt(mi['sensitivity'])} -> {fmt(me['sensitivity'])}, spec "
+                  f"{fmt(mi['specificity'])} -> {fmt(me['specificity'])}, ECE {fmt(mi['ece'])} "
+                  f"-> {fmt(me['ece'])}")
+    for note in res.notes[2:]:
+        console.print(f"[yellow]note: {note}[/yellow]")
+    if out is not None:
+        with RunDir(out, command="evaluate --external",
+                    config={"predictions": str(predictions), "model": str(model),
+                            "external": external, "external_split": external_split,
+                            "class_map": class_map, "n_boot": n_boot}, seed=seed,
+                    data={"spec": external, "split": ext.split, "n_used": ext.meta.get("n_used"),
+                          "n_total": ext.meta.get("n_total"),
+                          "split_unit": ext.meta.get("split_unit")},
+                    overwrite=overwrite) as run:
+            write_json(run.path / FILENAME, res.to_dict())
+            ext.save(run.path / "external_predictions.npz")
+            plot_reliability(res, run.path / "reliability.png")
+        console.print(f"-> {out / FILENAME}, {out / 'reliability.png'}")
 
 
 @preds_app.command("import")

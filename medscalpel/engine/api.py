@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from medscalpel.data.base import split_warning
 from medscalpel.data.spec import open_dataset
 from medscalpel.data.transforms import Augment, Preprocess
+from medscalpel.engine.external import ExternalValidation, RelabeledDataset, external_validation
 from medscalpel.engine.metrics import EvalResult, evaluate
 from medscalpel.engine.predict import predict
 from medscalpel.engine.predictions import Predictions
@@ -75,6 +77,9 @@ def fit(
         trained = result.model
         trained.card = model.card
         test = evaluate(predict(trained, test_ds, progress=progress), n_boot=n_boot, seed=cfg.seed)
+        test.extra["split_unit"] = test_ds.meta.get("split_unit")
+        if split_warning(test_ds):
+            test.extra["split_warning"] = split_warning(test_ds)
     card = make_card(result.model, train_ds.class_names, train_ds.task, pp,
                      training={**cfg.to_dict(), "data": data, "best_epoch": result.best_epoch,
                                "seconds": result.seconds, "pretrained": pretrained},
@@ -84,17 +89,108 @@ def fit(
                                "data_hash": train_ds.content_hash()},))
     save_model(result.model, out_dir / "model", card)
     return FitResult(model_dir=out_dir / "model", train=result, test=test,
-                     data={"train": train_ds.describe(), "val": val_ds.describe()})
+                     data={"train": train_ds.describe(), "val": val_ds.describe(),
+                           "split_unit": train_ds.meta.get("split_unit"),
+                           "split_warning": split_warning(train_ds)})
 
 
-def predict_spec(model_dir: str | os.PathLike, data: str, split: str = "test",
-                 batch_size: int = 64, progress: bool | None = None) -> Predictions:
+def choose_split(card: Any, data: str, split: str | None) -> tuple[str, str]:
+    """The split to predict and why.
+
+    ``split`` given: used as is. ``None`` / ``auto``: ``test`` when ``data`` is the dataset the
+    model was trained on (its card's ``training["data"]``: the held-out test split is defined
+    there), else ``all`` (the model never saw this dataset, so every image is held out).
+    """
+    if split == "all":
+        return "all", "every image ('all')"
+    if split not in (None, "", "auto"):
+        return str(split), f"split '{split}' as requested"
+    trained_on = (getattr(card, "training", None) or {}).get("data")
+    if trained_on and _same_spec(trained_on, data):
+        return "test", f"the model was trained on {data!r}: its held-out 'test' split"
+    why = (f"the model was trained on {trained_on!r}, not on this dataset" if trained_on else
+           "the model card does not name its training data")
+    return "all", f"{why}: every image ('all')"
+
+
+def _same_spec(a: str, b: str) -> bool:
+    from medscalpel.data.spec import DatasetSpec
+
+    try:
+        return str(DatasetSpec.parse(a)) == str(DatasetSpec.parse(b))
+    except Exception:  # noqa: BLE001 - an unparsable recorded spec is simply not the same
+        return a.strip() == b.strip()
+
+
+def predict_spec(model_dir: str | os.PathLike, data: str, split: str | None = "test",
+                 batch_size: int = 64, progress: bool | None = None,
+                 class_map: dict[str, str] | None = None) -> Predictions:
     """Load a model directory and predict a split of a dataset spec with the model's own
-    preprocessing (size, channels, normalisation from model.json)."""
+    preprocessing (size, channels, normalisation from model.json).
+
+    Args:
+        split: the split; ``None`` / ``auto`` chooses (see :func:`choose_split`).
+        class_map: dataset class name -> model class name when the names differ (an external
+            set); see :func:`medscalpel.engine.external.map_class_names`.
+
+    The Predictions' ``meta`` records ``split_unit`` (patient / image / mixed, see
+    :func:`medscalpel.data.base.split_warning`), ``n_used`` / ``n_total`` (images predicted /
+    images in the whole dataset) and ``split_reason``.
+    """
     model = load_model(model_dir)
+    split, reason = choose_split(model.card, data, split)
     ds = open_dataset(data, split=split, preprocess=model.card.preprocess)
+    n_total = len(ds) if split == "all" else len(open_dataset(data, split="all",
+                                                              preprocess=model.card.preprocess))
+    if class_map or list(ds.class_names) != list(model.card.class_names):
+        ds = RelabeledDataset(ds, model.card.class_names, class_map)
     preds = predict(model, ds, batch_size=batch_size, progress=progress)
-    return preds
+    meta = {**preds.meta, "split_unit": ds.meta.get("split_unit"), "n_used": len(ds),
+            "n_total": n_total, "split_reason": reason,
+            "skipped": ds.skip_report.count}
+    if class_map:
+        meta["class_map"] = dict(class_map)
+    return replace(preds, meta=meta)
+
+
+def usage_line(preds: Predictions) -> str:
+    """``"120 of 600 images of <spec> (split 'test': why)"`` from :func:`predict_spec`'s meta."""
+    m = preds.meta
+    used, total = m.get("n_used", preds.n), m.get("n_total")
+    line = (f"{used} of {total} images" if total is not None else f"{used} images") + \
+        f" of {m.get('dataset', '?')} ({m.get('split_reason', 'split ' + repr(preds.split))}"
+    if m.get("skipped"):
+        line += f"; {m['skipped']} unreadable file(s) skipped"
+    warn = split_warning(preds)
+    return line + ")" + (f"; WARNING: {warn}" if warn else "")
+
+
+def validate_external(predictions: str | os.PathLike, model_dir: str | os.PathLike,
+                      external: str, external_split: str = "all",
+                      class_map: dict[str, str] | None = None, n_boot: int = 1000, seed: int = 0,
+                      batch_size: int = 64, progress: bool | None = None
+                      ) -> tuple[ExternalValidation, Predictions]:
+    """Predict the external dataset ``external`` (split ``all`` by default) with the model and
+    put its numbers next to the internal ``predictions`` file at the model's stored thresholds
+    (see :func:`medscalpel.engine.external.external_validation`).
+
+    Returns:
+        ``(result, external_predictions)``.
+    """
+    internal = Predictions.load(predictions)
+    model_card = _card(model_dir)
+    ext = predict_spec(model_dir, external, external_split, batch_size=batch_size,
+                       progress=progress, class_map=class_map)
+    res = external_validation(model_card, internal, ext, n_boot=n_boot, seed=seed)
+    return res, ext
+
+
+def _card(model_dir: str | os.PathLike):
+    from medscalpel.models.checkpoint import ModelCard, _resolve
+    from medscalpel.runs import read_json
+
+    _, card_path = _resolve(model_dir)
+    return ModelCard.from_dict(read_json(card_path), source=str(card_path))
 
 
 def evaluate_file(predictions: str | os.PathLike, model_dir: str | os.PathLike | None = None,
@@ -104,10 +200,10 @@ def evaluate_file(predictions: str | os.PathLike, model_dir: str | os.PathLike |
     preds = Predictions.load(predictions)
     thresholds = None
     if model_dir is not None:
-        from medscalpel.models.checkpoint import ModelCard, _resolve
-        from medscalpel.runs import read_json
-
-        _, card_path = _resolve(model_dir)
-        card = ModelCard.from_dict(read_json(card_path), source=str(card_path))
-        thresholds = card.effective_thresholds()
-    return evaluate(preds, thresholds=thresholds, n_boot=n_boot, seed=seed)
+        thresholds = _card(model_dir).effective_thresholds()
+    res = evaluate(preds, thresholds=thresholds, n_boot=n_boot, seed=seed)
+    warn = split_warning(preds)
+    if warn:  # every report of test numbers states a leaky split
+        res.extra["split_warning"] = warn
+    res.extra["split_unit"] = preds.meta.get("split_unit")
+    return res
