@@ -159,3 +159,51 @@ def test_surgery_from_rule_with_confounder_flags():
     with pytest.raises(DataError, match="exposes no confounder 'ap_marker'"):
         surgery_from_rule(model, ds, "ap_marker", 0, below_threshold=True, progress=False,
                           device="cpu")
+
+
+def test_ladder_records_every_goal_and_marks_a_fallback_partial():
+    import functools
+
+    from medscalpel.repair.surgery import surgery_ladder
+
+    ft = planted()
+    # FPs (rows 60-79) share channel 0 with the TPs, so "below threshold" is impossible without
+    # losing TPs; a mean drop of 0.2 is possible with a bias shift
+    f = ft.features.copy()
+    f[:60, 0] += 1.5
+    f[:60, 2:6] = 0.1
+    ft2 = Features(f, ft.weight, ft.bias, ft.labels, ft.ids, ft.class_names, ft.task, "val")
+    mask = (np.arange(N) >= 60) & (np.arange(N) < 80)
+    run = functools.partial(surgical_correction, ft2, "a", ft2, fp_mask=mask)
+    lad = surgery_ladder(run, [{"below_threshold": True},
+                               {"delta_prob": 0.2, "adjust_bias": True}])
+    assert lad.status == "partial" and lad.kept == 1 and len(lad.attempts) == 2
+    first, second = lad.attempts
+    assert not first["success"] and second["success"] and second["goal_met"]
+    d = lad.to_dict()
+    assert d["ladder"]["status"] == "partial" and d["goal"] == "mean"
+    still = d["false_positives_still_above_threshold"]
+    # honest count, recomputed here from the kept result's float32 probabilities
+    k = int(np.sum(np.asarray(lad.result.target_prob_after) >= 0.5))
+    assert still == {"k": k, "n": 20, "text": f"{k}/20"} and k > 0
+    assert first["false_positives_still_above_threshold"]["k"] == 20  # nothing applied
+    full = surgery_ladder(functools.partial(surgical_correction, ft, "a", ft),
+                          [{"below_threshold": True}])
+    assert full.status == "full" and full.to_dict()["false_positives_still_above_threshold"][
+        "text"] == "0/20"
+    with pytest.raises(ConfigError, match="at least one goal"):
+        surgery_ladder(run, [])
+
+
+def test_success_is_decided_in_the_model_dtype_not_float64():
+    """A target whose float64 margin is a hair below the threshold but whose float32 logit
+    rounds onto it is still decided positive by the float32 model: not a success."""
+    from medscalpel.repair.surgery import _verify_in_model_dtype
+
+    thr_logit = float(torch.logit(torch.tensor(0.5)))  # 0.0
+    z0 = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float32)
+    z1 = torch.tensor([[np.float32(thr_logit), 0.0], [1.0, 0.0]], dtype=torch.float32)
+    v = _verify_in_model_dtype(z0, z1, 1, np.array([0]), np.array([0]), 0, "multilabel", 0.5,
+                               "below", 0.0)
+    assert v["dtype"] == "float32" and v["above"] == 1 and not v["goal_met"]
+    assert v["lost"].size == 0

@@ -9,6 +9,8 @@ experiment report reads) and is timed in ``demo.json``.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 import time
@@ -401,7 +403,7 @@ def _stage_explain(c: _Context) -> dict[str, Any]:
 
 
 def _stage_repair(c: _Context) -> dict[str, Any]:
-    from medscalpel.repair.surgery import save_surgery, surgery_from_rule
+    from medscalpel.repair.surgery import save_surgery, surgery_from_rule, surgery_ladder
     from medscalpel.repair.triage import triage
 
     d = c.out / "repair"
@@ -411,15 +413,16 @@ def _stage_repair(c: _Context) -> dict[str, Any]:
     # split; ask for the strictest goal first, then for a fixed drop in probability
     goals = [{"below_threshold": True}, {"delta_prob": 0.1}, {"delta_prob": 0.05},
              {"delta_prob": 0.02}]
-    res = None
-    for goal in goals:
-        res = surgery_from_rule(c.model, shifted, "chest_tube", "Pneumothorax",
-                                val=c.features["val"], progress=c.progress, **goal)
-        if res.to_dict().get("success"):
-            break
-    save_surgery(res, d / "surgery", parent_card=c.model.card)
-    sd = res.to_dict()
-    out["surgery"] = {"goal": goal, "success": sd.get("success"),
+    ladder = surgery_ladder(functools.partial(
+        surgery_from_rule, c.model, shifted, "chest_tube", "Pneumothorax",
+        val=c.features["val"], progress=c.progress), goals)
+    save_surgery(ladder, d / "surgery", parent_card=c.model.card)
+    sd = ladder.to_dict()
+    out["surgery"] = {"status": ladder.status, "goal": sd.get("goal"),
+                      "delta_prob": sd.get("delta_prob"), "success": sd.get("success"),
+                      "false_positives_still_above_threshold":
+                          (sd.get("false_positives_still_above_threshold") or {}).get("text"),
+                      "attempts": len(ladder.attempts),
                       "weights_changed": sd.get("n_weights_changed"),
                       "other_logits_identical": sd.get("other_logits_identical"),
                       "message": sd.get("message")}

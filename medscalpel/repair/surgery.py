@@ -347,6 +347,9 @@ class SurgeryResult:
     search: dict[str, Any]
     settings: dict[str, Any]
     seconds: float = 0.0
+    # verified in the model's own dtype (float32) through the live layer, not in float64
+    goal_met: bool | None = None
+    fp_above_threshold_after: int | None = None  # targets still decided positive after
     model: MedClassifier | None = field(default=None, repr=False)
     features: Features | None = field(default=None, repr=False)
     model_dir: str | None = None
@@ -357,7 +360,14 @@ class SurgeryResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = self.delta_prob
+        n_t = len(self.target_ids)
         return {"schema_version": SCHEMA, "success": self.success, "message": self.message,
+                "goal": self.settings.get("goal"), "delta_prob": self.settings.get("delta_prob"),
+                "goal_met": self.goal_met,
+                "false_positives_still_above_threshold": (
+                    None if self.fp_above_threshold_after is None else
+                    {"k": self.fp_above_threshold_after, "n": n_t,
+                     "text": f"{self.fp_above_threshold_after}/{n_t}"}),
                 "applied": self.applied, "plan": None if self.plan is None else self.plan.to_dict(),
                 "n_weights_changed": 0 if self.plan is None else self.plan.n_weights,
                 "targets": {"n": len(self.target_ids), "ids": self.target_ids,
@@ -580,7 +590,8 @@ def surgical_correction(
                "adjust_bias=True, or escalate to partial retraining.")
         return SurgeryResult(False, msg, None, False, target_ids, p_before, p_before,
                              int(tp_rows.size), 0, [], auroc_before, auroc_before, None, None,
-                             ranking, info, settings, round(time.perf_counter() - t0, 4))
+                             ranking, info, settings, round(time.perf_counter() - t0, 4),
+                             False, int(np.sum(dt_all[rows] >= 0)))
     plan = SurgeryPlan(class_index=k, class_name=names[k], channels=tuple(chosen),
                        old_weights=tuple(float(weight[k, c]) for c in chosen),
                        old_bias=float(bias[k]), new_bias=float(np.float32(bias[k] + shift)),
@@ -594,7 +605,8 @@ def surgical_correction(
                              "in float64 from the cached features)", plan, False, target_ids,
                              p_before, after, int(tp_rows.size), int(lost.size),
                              [val.ids[tp_rows[i]] for i in lost], auroc_before, {}, None, None,
-                             ranking, info, settings, round(time.perf_counter() - t0, 4))
+                             ranking, info, settings, round(time.perf_counter() - t0, 4), None,
+                             int(np.sum(dt_all[rows] - drop_t + shift >= 0)))
     # apply to a copy and verify through the live layer
     new_lin = plan.apply_linear(live, inplace=False)
     was_training = live.training
@@ -616,21 +628,22 @@ def surgical_correction(
         raise VerificationError(f"{owner}: after changing row {k} only, the logits of other "
                                 "classes are not bit-identical; this is a bug in the surgery "
                                 "code or the classifier layer (please report it).")
-    z0v, z1v = z0[: len(val.ids)].double().numpy(), z1[: len(val.ids)].double().numpy()
-    z0t, z1t = z0[len(val.ids):].double().numpy(), z1[len(val.ids):].double().numpy()
-    m0t, _ = margins(z0t, k, task, thr_k)
-    m1t, _ = margins(z1t, k, task, thr_k)
-    _, d1v = margins(z1v, k, task, thr_k)
-    lost = tp_rows[d1v[tp_rows] < 0]
-    after = _sigmoid(m1t[rows]).tolist()
-    before = _sigmoid(m0t[rows]).tolist()
-    auroc_after = _auroc_all(z1v, val.labels, task, names)
+    v = _verify_in_model_dtype(z0, z1, len(val.ids), rows, tp_rows, k, task, thr_k, goal,
+                               float(delta_prob or 0.0))
+    lost, before, after = v["lost"], v["before"], v["after"]
+    auroc_after = _auroc_all(z1[: len(val.ids)].double().numpy(), val.labels, task, names)
     msg = f"zeroed {plan.n_weights} weight(s) of row {names[k]!r}"
     if plan.new_bias != plan.old_bias:
         msg += f" and moved its bias by {plan.new_bias - plan.old_bias:+.4g}"
+    msg += (f"; {v['above']}/{rows.size} target false positives still above threshold "
+            f"({v['dtype']})")
+    if not v["goal_met"]:
+        msg += (f"; the goal ({goal}) is NOT met in {v['dtype']} (the float64 search met it: "
+                "rounding at the threshold)")
     if lost.size > tp_loss_budget:
-        msg += (f"; WARNING: {lost.size} true positives lost in float32 (budget "
+        msg += (f"; {lost.size} true positives lost in {v['dtype']} (budget "
                 f"{tp_loss_budget}): rounding at the threshold")
+    success = bool(v["goal_met"] and lost.size <= tp_loss_budget)
     patched_model = None
     patched_feats = None
     model_dir = None
@@ -639,18 +652,56 @@ def surgical_correction(
         patched_model.classifier = new_lin
     else:
         patched_feats = plan.apply(model)
-    result = SurgeryResult(True, msg, plan, True, target_ids, before, after, int(tp_rows.size),
-                           int(lost.size), [val.ids[i] for i in lost], auroc_before, auroc_after,
-                           same_logits, same_weights, ranking, info, settings,
-                           round(time.perf_counter() - t0, 4), patched_model, patched_feats)
+    result = SurgeryResult(success, msg, plan, True, target_ids, before, after,
+                           int(tp_rows.size), int(lost.size), [val.ids[i] for i in lost],
+                           auroc_before, auroc_after, same_logits, same_weights, ranking, info,
+                           settings, round(time.perf_counter() - t0, 4), bool(v["goal_met"]),
+                           int(v["above"]), patched_model, patched_feats)
     if out_dir is not None:
         result.model_dir = str(save_surgery(result, out_dir, parent_card=card))
     return result
 
 
-def save_surgery(result: SurgeryResult, out_dir: str | os.PathLike, parent_card=None) -> Path:
+def _verify_in_model_dtype(z0: torch.Tensor, z1: torch.Tensor, n_val: int, rows: np.ndarray,
+                           tp_rows: np.ndarray, k: int, task: str, thr_k: float, goal: str,
+                           delta: float) -> dict[str, Any]:
+    """Goal and true-positive checks on the live layer's logits in THEIR dtype (float32 for
+    a float32 model): a decision is what the deployed model computes, not the float64 search.
+    """
+    dtype = str(z1.dtype).replace("torch.", "")
+    thr_logit = torch.logit(torch.tensor(thr_k, dtype=z1.dtype)) if task == "multilabel" else None
+
+    def decided(z: torch.Tensor) -> np.ndarray:
+        if task == "multilabel":
+            return (z[:, k] >= thr_logit).numpy()
+        return (z.argmax(1) == k).numpy()
+
+    def prob(z: torch.Tensor) -> np.ndarray:
+        p = torch.sigmoid(z[:, k]) if task == "multilabel" else torch.softmax(z, 1)[:, k]
+        return p.double().numpy()
+
+    zt0, zt1 = z0[n_val:][rows], z1[n_val:][rows]
+    before, after = prob(zt0), prob(zt1)
+    above = int(decided(zt1).sum())
+    if goal == "below":
+        met = above == 0
+    elif goal == "each":
+        met = bool(np.all(before - after >= delta))
+    else:
+        met = bool(before.size == 0 or (before - after).mean() >= delta)
+    kept = decided(z1[:n_val])
+    lost = tp_rows[~kept[tp_rows]]
+    return {"dtype": dtype, "before": before.tolist(), "after": after.tolist(), "above": above,
+            "goal_met": bool(met), "lost": lost}
+
+
+def save_surgery(result: "SurgeryResult | SurgeryLadder", out_dir: str | os.PathLike,
+                 parent_card=None) -> Path:
     """Write ``surgery.json`` and, when the result holds a model, the corrected model directory
-    (``model.safetensors`` + ``model.json`` with a ``surgical_correction`` lineage step)."""
+    (``model.safetensors`` + ``model.json`` with a ``surgical_correction`` lineage step).
+    A :class:`SurgeryLadder` is saved with every attempt and its status (full / partial)."""
+    ladder = result if isinstance(result, SurgeryLadder) else None
+    result = ladder.result if ladder is not None else result
     out = Path(out_dir)
     if result.model is not None:
         from medscalpel.models.checkpoint import save_model
@@ -663,11 +714,15 @@ def save_surgery(result: SurgeryResult, out_dir: str | os.PathLike, parent_card=
         new_card = card.with_lineage(
             "surgical_correction", parent=card.model_id, plan=d["plan"],
             verification={"delta_prob_mean": d["targets"]["delta_prob_mean"],
-                          "tp_lost": result.tp_lost,
+                          "tp_lost": result.tp_lost, "goal": d["goal"],
+                          "goal_met": result.goal_met,
+                          "false_positives_still_above_threshold":
+                              d["false_positives_still_above_threshold"],
+                          "ladder_status": None if ladder is None else ladder.status,
                           "other_logits_identical": result.other_logits_identical})
         save_model(result.model, out, new_card)
         result.model_dir = str(out)
-    result.save(out / "surgery.json")
+    write_json(out / "surgery.json", (ladder or result).to_dict())
     return out
 
 
@@ -774,3 +829,59 @@ def surgery_from_rule(
     res.settings["rule"] = rule_desc
     res.settings["rule_matches"] = int(flags.sum())
     return res
+
+
+# ----------------------------------------------------------------------------- goal ladder
+@dataclass
+class SurgeryLadder:
+    """Surgery tried from the strictest goal to relaxed ones; every attempt is recorded.
+
+    ``status`` is ``"full"`` when the first (strictest) goal was met, ``"partial"`` when only a
+    relaxed goal was (a fallback: say so wherever the result is shown), ``"failed"`` when none.
+    ``result`` is the kept attempt (the first that met its goal, else the last).
+    """
+
+    attempts: list[dict[str, Any]]
+    kept: int | None
+    status: str
+    result: SurgeryResult
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.result.to_dict()
+        d["ladder"] = {"status": self.status, "kept": self.kept, "attempts": self.attempts,
+                       "strictest_goal": self.attempts[0]["goal"] if self.attempts else None}
+        return d
+
+
+def _goal_text(goal: dict[str, Any]) -> str:
+    if goal.get("below_threshold"):
+        return "every target false positive below threshold"
+    crit = goal.get("criterion", "mean")
+    return f"{crit} probability drop >= {goal.get('delta_prob')}"
+
+
+def surgery_ladder(run: Callable[..., SurgeryResult],
+                   goals: Sequence[dict[str, Any]]) -> SurgeryLadder:
+    """Call ``run(**goal)`` for each goal in order until one is met.
+
+    Args:
+        run: e.g. ``functools.partial(surgery_from_rule, model, dataset, rule, cls, val=...)``.
+        goals: keyword sets for the goal, strictest first (e.g. ``{"below_threshold": True}``,
+            ``{"delta_prob": 0.1}``, ``{"delta_prob": 0.02}``).
+    """
+    if not goals:
+        raise ConfigError("surgery_ladder: give at least one goal.")
+    attempts: list[dict[str, Any]] = []
+    res = None
+    for i, goal in enumerate(goals):
+        res = run(**goal)
+        d = res.to_dict()
+        attempts.append({"goal": dict(goal), "goal_text": _goal_text(goal),
+                         "success": bool(res.success), "goal_met": res.goal_met,
+                         "false_positives_still_above_threshold":
+                             d["false_positives_still_above_threshold"],
+                         "n_weights_changed": d["n_weights_changed"],
+                         "true_positives_lost": res.tp_lost, "message": res.message})
+        if res.success:
+            return SurgeryLadder(attempts, i, "full" if i == 0 else "partial", res)
+    return SurgeryLadder(attempts, None, "failed", res)

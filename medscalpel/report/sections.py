@@ -583,8 +583,25 @@ def _repair(run: RunFiles, sec: Section) -> None:
     sec.present = True
     if isinstance(s, dict):
         plan = s.get("plan") or {}
-        sec.fact("surgery: class", text(plan.get("class")))
-        sec.fact("surgery: success", _yes_no(s.get("success")))
+        ladder = s.get("ladder") if isinstance(s.get("ladder"), dict) else None
+        sec.fact("surgery: class", text(plan.get("class") or _get(s, "settings", "class")))
+        if ladder is not None:
+            st = ladder.get("status")
+            sec.fact("surgery: outcome", text(
+                {"full": "goal met (strictest goal)", "partial": "PARTIAL: only a relaxed "
+                 "fallback goal was met", "failed": "failed: no goal met"}.get(st, st),
+                cls="good" if st == "full" else "bad"))
+        else:
+            sec.fact("surgery: success", _yes_no(s.get("success")))
+        goal = s.get("goal")
+        if goal:
+            sec.fact("surgery: goal", text(
+                "every target below threshold" if goal == "below" else
+                f"{goal} probability drop >= {s.get('delta_prob')}"))
+        still = s.get("false_positives_still_above_threshold")
+        if isinstance(still, dict):
+            sec.fact("false positives still above threshold", text(
+                still.get("text"), cls="bad" if still.get("k") else "good"))
         sec.fact("weights changed", num(s.get("n_weights_changed"),
                                         pointer(s_rel, "n_weights_changed"), 0, "int"))
         sec.fact("target images", num(_get(s, "targets", "n"), pointer(s_rel, "targets", "n"), 0,
@@ -598,6 +615,23 @@ def _repair(run: RunFiles, sec: Section) -> None:
         sec.fact("seconds", num(s.get("seconds"), pointer(s_rel, "seconds"), 3))
         if s.get("message"):
             sec.notes.append(f"Surgery: {s['message']}")
+        if ladder is not None and ladder.get("attempts"):
+            lt = Table(["goal", "met", "false positives still above threshold", "weights",
+                        "TPs lost", "kept"], key="surgery_ladder",
+                       title="Surgery goals tried, strictest first")
+            for i, a in enumerate(ladder["attempts"]):
+                if not isinstance(a, dict):
+                    continue
+                fp = a.get("false_positives_still_above_threshold") or {}
+                lt.add(text(a.get("goal_text")), _yes_no(a.get("success")),
+                       text(fp.get("text") if isinstance(fp, dict) else None),
+                       num(a.get("n_weights_changed"),
+                           pointer(s_rel, "ladder", "attempts", i, "n_weights_changed"), 0, "int"),
+                       num(a.get("true_positives_lost"),
+                           pointer(s_rel, "ladder", "attempts", i, "true_positives_lost"), 0,
+                           "int"),
+                       text("yes" if ladder.get("kept") == i else ""))
+            sec.tables.append(lt)
         chans = plan.get("channels")
         if isinstance(chans, list) and chans:
             t = Table(["channel", "old weight", "score"], key="surgery_plan",
