@@ -224,3 +224,27 @@ def test_cli_commands_smoke(tmp_path):
     assert (tmp_path / "sg" / "surgery.json").is_file()
     assert load_model(tmp_path / "sg" / "model").card.lineage[-1]["method"] == \
         "surgical_correction"
+
+
+def test_choice_and_report_use_disjoint_parts_of_the_held_out_split():
+    """'helped' is judged on the selection part; the reported numbers come from the untouched
+    report part, recomputed here from the final state on exactly those images."""
+    from medscalpel.repair.triage import class_metrics
+
+    fit, held = planted(300, 0, "fit"), planted(300, 1, "held")
+    router = TreatmentRouter(report_fraction=0.4, seed=3).fit(fit)
+    res = router.run(held)
+    st = res.settings
+    assert (st["n_selection"], st["n_report"]) == (180, 120)
+    sel, rep = router._split_held_out(held)
+    assert set(sel).isdisjoint(rep) and len(set(sel) | set(rep)) == 300
+    part = held.select(rep)
+    a = next(c for c in res.classes if c.name == "a")
+    assert a.chosen != ["none"]
+    want = class_metrics(res.state.logits(part), part.labels, part.task, 0,
+                         float(res.state.thresholds[0]), router.criteria_.ece_bins, None)
+    assert a.report_after == want
+    d = a.to_dict()
+    assert d["report_gain"]["recall"] == pytest.approx(want["recall"] - d["report_before"]["recall"])
+    with pytest.raises(ConfigError, match="report_fraction"):
+        TreatmentRouter(report_fraction=1.0).fit(fit).run(held)

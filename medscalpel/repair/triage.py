@@ -24,7 +24,11 @@ held-out value of at least one of the class's issue metrics improved by at least
 ``min_gain`` (recall issue: Youden's J; precision: F1; miscalibration: ECE; false-positive
 cluster / confounder: specificity; low AUROC: AUROC), no issue metric got worse by more than its
 ``min_gain``, the class's held-out AUROC fell by at most ``max_auroc_drop`` (0.01) and its recall by
-at most ``max_recall_drop`` (0.05). A helpful attempt is kept (the next one starts from it) and the
+at most ``max_recall_drop`` (0.05). The held-out data is split once (seeded) into a
+**selection** part, on which "helped" is judged, and an untouched **report** part
+(``report_fraction``, default half), on which the before/after numbers of every class are
+reported: judging and reporting on the same images would overstate the gains (selection bias).
+A helpful attempt is kept (the next one starts from it) and the
 class is re-diagnosed on the fit split; the router escalates to the next treatment while issues
 remain. Treatments that need images (augmentation, full retraining) or whose current cost
 exceeds ``budget`` are listed as proposals with their estimated cost and time, not run.
@@ -288,12 +292,19 @@ class ClassDecision:
     attempts: list[dict[str, Any]]
     chosen: list[str]
     remaining: list[str]
+    report_before: dict[str, float] = field(default_factory=dict)
+    report_after: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         issues = [{k: v for k, v in i.items() if k != "rows"} | {"n_rows": len(i.get("rows", []))}
                   for i in self.issues]
-        return {"class": self.name, "issues": issues, "held_out_before": self.before,
-                "held_out_after": self.after, "attempts": self.attempts, "chosen": self.chosen,
+        gain = {k: self.report_after[k] - v for k, v in self.report_before.items()
+                if k in self.report_after and isinstance(v, (int, float))
+                and isinstance(self.report_after[k], (int, float))}
+        return {"class": self.name, "issues": issues, "selection_before": self.before,
+                "selection_after": self.after, "report_before": self.report_before,
+                "report_after": self.report_after, "report_gain": gain,
+                "attempts": self.attempts, "chosen": self.chosen,
                 "remaining_issues": self.remaining}
 
 
@@ -386,6 +397,8 @@ class TreatmentRouter:
             ``treatment_params`` (``{"surgery": {"delta_prob": 0.2}}``).
         max_auroc_drop, max_recall_drop: guards of "helped" (see the module docstring).
         min_gain: overrides of the per-issue minimal gains (:data:`ISSUE_METRIC`).
+        report_fraction: share of the held-out images kept untouched for the reported
+            numbers (the rest judges "helped"); seeded by ``seed``.
 
     Attributes (after :meth:`fit`): ``costs_`` (CostMatrix), ``state_`` (RepairState),
     ``issues_`` (class -> issues on the fit split), ``fit_metrics_``.
@@ -401,7 +414,8 @@ class TreatmentRouter:
                  treatments: list[str] | None = None,
                  treatment_params: dict[str, dict[str, Any]] | None = None,
                  max_auroc_drop: float = 0.01, max_recall_drop: float = 0.05,
-                 min_gain: dict[str, float] | None = None):
+                 min_gain: dict[str, float] | None = None, report_fraction: float = 0.5,
+                 seed: int = 0):
         self.costs = costs
         self.budget = budget
         self.criteria = criteria
@@ -411,6 +425,8 @@ class TreatmentRouter:
         self.max_auroc_drop = max_auroc_drop
         self.max_recall_drop = max_recall_drop
         self.min_gain = min_gain
+        self.report_fraction = report_fraction
+        self.seed = seed
 
     # ------------------------------------------------------------------ fit
     def _cost_matrix(self) -> CostMatrix:
@@ -495,6 +511,19 @@ class TreatmentRouter:
             return False, "no issue metric improved by its minimal gain on held-out data"
         return True, f"improved {', '.join(better)}"
 
+    def _split_held_out(self, held_out: Features | Predictions) -> tuple[np.ndarray, np.ndarray]:
+        """Seeded split of the held-out rows into (selection, report) parts."""
+        check_range(self.report_fraction, "report_fraction", "TreatmentRouter", 0.0, 1.0,
+                    low_inclusive=False, high_inclusive=False)
+        n = len(held_out.ids)
+        n_rep = int(round(n * self.report_fraction))
+        if n_rep < 1 or n - n_rep < 1:
+            raise DataError(f"TreatmentRouter.run: {n} held-out images cannot be split into a "
+                            f"selection and a report part (report_fraction "
+                            f"{self.report_fraction}); give at least 2 held-out images.")
+        perm = np.random.default_rng(self.seed).permutation(n)
+        return np.sort(perm[n_rep:]), np.sort(perm[:n_rep])
+
     def run(self, held_out: Features | Predictions,
             confounders: dict[str, np.ndarray] | None = None) -> TriageResult:
         """Treat every diagnosed class; measure each attempt on ``held_out``."""
@@ -512,7 +541,11 @@ class TreatmentRouter:
         if isinstance(held_out, Predictions) and isinstance(fit, Features):
             raise DataError("TreatmentRouter.run: the fit split is Features, so the held-out "
                             "split must be Features too (changed weights need features).")
+        sel_rows, rep_rows = self._split_held_out(held_out)
+        selection, report = held_out.select(sel_rows), held_out.select(rep_rows)
         flags = dict(confounders or {})
+        sel_flags = {k: np.asarray(v)[sel_rows] for k, v in flags.items()}
+        rep_flags = {k: np.asarray(v)[rep_rows] for k, v in flags.items()}
         t_start = time.perf_counter()
         params = self.treatment_params or {}
         state = self.state_.copy()
@@ -520,16 +553,19 @@ class TreatmentRouter:
         for j, cname in enumerate(fit.class_names):
             issues = self.issues_[cname]
 
-            def held_metrics(st: RepairState, kinds: list[str]) -> dict[str, float]:
+            def held_metrics(st: RepairState, kinds: list[str], part=selection,
+                             part_flags=sel_flags) -> dict[str, float]:
                 conf = [i.get("confounder") for i in self.issues_[cname]
                         if i["kind"] == "confounder"]
-                fl = flags.get(conf[0]) if conf and conf[0] in flags else None
-                return class_metrics(st.logits(held_out), held_out.labels, held_out.task, j,
+                fl = part_flags.get(conf[0]) if conf and conf[0] in part_flags else None
+                return class_metrics(st.logits(part), part.labels, part.task, j,
                                      float(st.thresholds[j]), self.criteria_.ece_bins, fl)
 
             before = held_metrics(state, [])
+            rep_before = held_metrics(state, [], report, rep_flags)
             if not issues:
-                decisions.append(ClassDecision(cname, [], before, before, [], ["none"], []))
+                decisions.append(ClassDecision(cname, [], before, before, [], ["none"], [],
+                                               rep_before, rep_before))
                 continue
             open_kinds = [i["kind"] for i in issues]
             cur_issues = list(issues)
@@ -577,7 +613,7 @@ class TreatmentRouter:
                 rec["gain"]["auroc"] = after["auroc"] - cur["auroc"]
                 helped, why = self._helped(open_kinds, cur, after)
                 rec.update(status="helped" if helped else "no gain", reason=why,
-                           held_out_after=after)
+                           selection_after=after)
                 attempts.append(rec)
                 if helped:
                     state, cur = att.state, after
@@ -587,7 +623,8 @@ class TreatmentRouter:
                                                    state.weight, self.confounders_)
                     open_kinds = [i["kind"] for i in cur_issues]
             decisions.append(ClassDecision(cname, issues, before, cur, attempts,
-                                           chosen or ["none"], open_kinds))
+                                           chosen or ["none"], open_kinds, rep_before,
+                                           held_metrics(state, [], report, rep_flags)))
         if self.cost_path is not None:
             self.costs_.save(self.cost_path)
         self.result_state_ = state
@@ -596,7 +633,11 @@ class TreatmentRouter:
             costs_before=self.costs_before_, costs_after=self.costs_.to_dict(),
             settings={"budget": self.budget, "criteria": self.criteria_.to_dict(),
                       "treatments": self.treatment_names_, "fit_split": fit.split,
-                      "held_out_split": held_out.split, "max_auroc_drop": self.max_auroc_drop,
+                      "held_out_split": held_out.split, "n_selection": int(len(sel_rows)),
+                      "n_report": int(len(rep_rows)), "report_fraction": self.report_fraction,
+                      "judged_on": "selection part of the held-out split",
+                      "reported_on": "report part of the held-out split (untouched by the "
+                                     "choice)", "max_auroc_drop": self.max_auroc_drop,
                       "max_recall_drop": self.max_recall_drop,
                       "min_gain": {k: self._min_gain(k) for k in ISSUES}},
             seconds=round(time.perf_counter() - t_start, 3), state=state)

@@ -657,8 +657,13 @@ def _repair(run: RunFiles, sec: Section) -> None:
         classes = [c for c in (tr.get("classes") or []) if isinstance(c, dict)]
         with_issue = [c for c in classes if c.get("issues")]
         sec.fact("classes with issues", text(f"{len(with_issue)} of {len(classes)}"))
-        t = Table(["class", "issues", "treatment", "status", "cost", "seconds", "gain (held-out)",
-                   "chosen"], key="triage", title="Treatment decisions (triage log)")
+        n_sel, n_rep = _get(tr, "settings", "n_selection"), _get(tr, "settings", "n_report")
+        if H.is_number(n_rep):
+            sec.fact("triage: judged on / reported on", text(
+                f"{n_sel} selection images / {n_rep} untouched report images"))
+        t = Table(["class", "issues", "treatment", "status", "cost", "seconds",
+                   "gain (selection part)", "chosen"], key="triage",
+                  title="Treatment decisions (triage log; 'helped' judged on the selection part)")
         for i, c in enumerate(tr.get("classes") or []):
             if not isinstance(c, dict):
                 continue
@@ -682,6 +687,23 @@ def _repair(run: RunFiles, sec: Section) -> None:
                       text(g), text("yes" if a.get("treatment") in (c.get("chosen") or []) else "",
                                     cls="good"))
         sec.tables.append(t)
+        rt = Table(["class", "chosen", "metric", "before", "after", "\u0394"], key="triage_report",
+                   title="Effect of the chosen treatments on the untouched report part")
+        for i, c in enumerate(tr.get("classes") or []):
+            if not isinstance(c, dict) or (c.get("chosen") or ["none"]) == ["none"]:
+                continue
+            for m, g in (c.get("report_gain") or {}).items():
+                if m not in ("auroc", "recall", "precision", "specificity", "f1", "ece",
+                             "youden"):
+                    continue
+                rt.add(text(c.get("class")), text(", ".join(c.get("chosen") or [])), text(m),
+                       num(_get(c, "report_before", m),
+                           pointer(t_rel, "classes", i, "report_before", m), 3),
+                       num(_get(c, "report_after", m),
+                           pointer(t_rel, "classes", i, "report_after", m), 3),
+                       num(g, pointer(t_rel, "classes", i, "report_gain", m), 3, "signed"))
+        if rt.rows:
+            sec.tables.append(rt)
         cur = _get(tr, "costs_after", "current")
         if isinstance(cur, dict) and cur:
             ct = Table(["treatment", "initial cost", "learned cost", "runs"], key="costs",
