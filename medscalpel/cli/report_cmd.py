@@ -17,36 +17,82 @@ def clinical(
     model: Path = typer.Option(..., "--model", "-m", help="Model directory (model.json + "
                                "model.safetensors), ideally with calibrated thresholds."),
     stats: Optional[Path] = typer.Option(None, help="stats.json of the TRAINING labels "
-                                         "('medscalpel data stats'): enables the "
-                                         "mutual-exclusivity check."),
-    jaccard_exclusion: float = typer.Option(0.01, help="Two findings whose training-label "
-                                            "Jaccard index is below this are mutually "
-                                            "exclusive: only the stronger is reported."),
+                                         "('medscalpel data stats', same label set as the "
+                                         "model): enables the evidence-based conflict check."),
+    calibration: Optional[Path] = typer.Option(None, help="calibration.json of the model's "
+                                               "thresholds ('medscalpel repair calibrate'): "
+                                               "shows sensitivity/specificity at each "
+                                               "threshold on its evaluation split."),
+    hide_exclusive: bool = typer.Option(False, "--hide-exclusive", help="Hide the weaker of two "
+                                        "findings that the training labels show to be mutually "
+                                        "exclusive (default: list both and flag the conflict). "
+                                        "The report marks what it hid."),
+    max_lift_upper: float = typer.Option(0.1, help="Exclusion rule: upper 95% CI bound of the "
+                                         "lift (observed / expected co-occurrences) below this."),
+    min_expected: float = typer.Option(10.0, help="Exclusion rule: at least this many "
+                                       "co-occurrences expected under independence."),
+    min_images: int = typer.Option(1000, help="Exclusion rule: at least this many images in the "
+                                   "label statistics (below: no exclusion, a warning)."),
+    min_cam_size: int = typer.Option(7, help="Smallest CAM map side (cells) for lung-zone "
+                                     "words; coarser maps say 'map too coarse to localise'."),
+    jaccard_exclusion: Optional[float] = typer.Option(None, hidden=True),
     cam_method: str = typer.Option("gradcam", help="gradcam, gradcam++ or scorecam."),
     top_channels: int = typer.Option(5, help="Channels listed per finding."),
     out: Path = typer.Option(Path("runs/report-clinical"), help="Run directory to create: one "
                              "HTML + JSON per image and index.html."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
-    """Decision-support report per image: findings above their calibrated thresholds, the
-    channels behind each, where the model looked (lung zones + overlay) and findings excluded
-    as mutually exclusive. Self-contained HTML and JSON."""
+    """Decision-support report per image: every finding above its threshold (with the
+    threshold's origin and operating point), conflicts flagged with the training-label
+    evidence, the channels behind each finding, where the model looked (lung zones when the CAM
+    resolution allows + overlay). Self-contained HTML and JSON."""
+    from medscalpel.data.cooccurrence import ExclusionRule
+    from medscalpel.errors import ConfigError
     from medscalpel.models.checkpoint import load_model
     from medscalpel.report.clinical import clinical_report
 
+    if jaccard_exclusion is not None:
+        raise ConfigError("--jaccard-exclusion was removed: a low Jaccard index only says that "
+                          "one finding is rare, so no finding is excluded on it. Conflicts now "
+                          "come from the co-occurrence evidence (--max-lift-upper, "
+                          "--min-expected, --min-images) and are flagged; add --hide-exclusive "
+                          "to hide the weaker finding.")
+    rule = ExclusionRule(max_lift_upper=max_lift_upper, min_expected=min_expected,
+                         min_images=min_images)
+    mode = "hide" if hide_exclusive else "flag"
     cfg = {"model": str(model), "images": [str(i) for i in images],
-           "stats": str(stats) if stats else None, "jaccard_exclusion": jaccard_exclusion,
+           "stats": str(stats) if stats else None,
+           "calibration": str(calibration) if calibration else None, "conflicts": mode,
+           "exclusion_rule": rule.to_dict(), "min_cam_size": min_cam_size,
            "cam_method": cam_method, "top_channels": top_channels}
     with RunDir(out, command="report clinical", config=cfg, overwrite=overwrite) as run:
         reports = clinical_report(load_model(model), [str(i) for i in images], run.path,
-                                  label_stats=stats, jaccard_exclusion=jaccard_exclusion,
-                                  cam_method=cam_method, top_channels=top_channels)
+                                  label_stats=stats, cam_method=cam_method,
+                                  top_channels=top_channels, conflicts=mode,
+                                  exclusion_rule=rule, calibration=calibration,
+                                  min_cam_size=min_cam_size)
         write_json(run.path / "clinical.json", {"reports": [r.to_dict() for r in reports]})
-    for r in reports:
-        console.print(f"[bold]{r.image_id}[/bold]: {r.summary()}"
-                      + (f"  (excluded: {', '.join(e.name for e in r.excluded)})"
-                         if r.excluded else ""), markup=True, highlight=False)
+    _print_clinical(reports)
     console.print(f"written to {out / 'index.html'}")
+
+
+def _print_clinical(reports) -> None:
+    from rich.markup import escape
+
+    first = reports[0]
+    if first.operating.get("notice"):
+        console.print(f"[bold yellow]WARNING:[/bold yellow] {escape(first.operating['notice'])}",
+                      markup=True, highlight=False)
+    for w in first.exclusion.get("warnings", []):
+        console.print(f"[yellow]note:[/yellow] {escape(w)}", markup=True, highlight=False)
+    if first.resolution.get("note"):
+        console.print(f"[yellow]note:[/yellow] {escape(first.resolution['note'])}", markup=True,
+                      highlight=False)
+    for r in reports:
+        hidden = ", ".join(f"{e.name} vs {e.excluded_by}" for e in r.excluded)
+        console.print(f"[bold]{escape(r.image_id)}[/bold]: {escape(r.summary())}"
+                      + (f"  (HIDDEN by --hide-exclusive: {escape(hidden)})" if hidden else ""),
+                      markup=True, highlight=False)
 
 
 def experiment(

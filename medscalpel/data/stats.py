@@ -13,6 +13,15 @@ Definitions, for a multi-hot matrix ``Y [N, K]`` (NaN = unknown, counted as not 
 * ``never_cooccur``: pairs ``i < j`` that both have positives but never share an image.
 * ``findings_histogram[m]`` = images with exactly m positive labels; ``n_ge3`` = images with
   three or more.
+* ``pair_known[i, j]`` = images whose labels i and j are both known; ``pos_known[i, j]`` = images
+  positive for i whose label j is known (what the co-occurrence evidence needs when labels are
+  unknown).
+* ``evidence``: :class:`~medscalpel.data.cooccurrence.CooccurrenceEvidence` under the default
+  :class:`~medscalpel.data.cooccurrence.ExclusionRule` (observed vs expected co-occurrences, lift
+  with its CI, exact test, and which pairs are mutually exclusive by that rule);
+  :meth:`LabelStats.cooccurrence_evidence` recomputes it under another rule. ``never_cooccur``
+  and the Jaccard index are descriptive only: a pair that never co-occurs in a sample is not
+  evidence of exclusivity.
 
 Example:
     >>> import numpy as np
@@ -31,9 +40,11 @@ from typing import Any
 
 import numpy as np
 
+from medscalpel.data.cooccurrence import (CooccurrenceEvidence, ExclusionRule, count_matrices,
+                                          evidence_from_counts)
 from medscalpel.errors import DataError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: pair_known, pos_known, evidence
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,9 @@ class LabelStats:
     content_hash: str = ""
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    pair_known: list[list[int]] | None = None
+    pos_known: list[list[int]] | None = None
+    evidence: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ views
     def cooccurrence_matrix(self) -> np.ndarray:
@@ -69,6 +83,37 @@ class LabelStats:
 
     def jaccard_of(self, a: str, b: str) -> float:
         return self.jaccard[self.class_names.index(a)][self.class_names.index(b)]
+
+    def source(self) -> str:
+        """``spec (split)`` for display."""
+        return f"{self.spec or 'labels'} ({self.split or 'all'})"
+
+    def cooccurrence_evidence(self, rule: ExclusionRule | None = None) -> CooccurrenceEvidence:
+        """Evidence of mutual exclusivity for every pair under ``rule`` (default: the default
+        :class:`~medscalpel.data.cooccurrence.ExclusionRule`; the stored ``evidence`` is reused
+        when it was computed under the same rule).
+
+        Statistics written before schema 2 lack ``pair_known``/``pos_known``; when no label was
+        unknown (``known == n`` for every class) they follow from ``counts`` exactly, otherwise
+        the evidence is computed treating unknown as negative, is marked ``approximate``,
+        carries a warning and excludes nothing.
+        """
+        rule = ExclusionRule() if rule is None else rule
+        if self.evidence is not None and \
+                ExclusionRule.from_dict(self.evidence.get("rule", {})) == rule:
+            return CooccurrenceEvidence.from_dict(self.evidence)
+        k = len(self.class_names)
+        co = self.cooccurrence_matrix()
+        approximate = False
+        if self.pair_known is not None and self.pos_known is not None:
+            pair_n = np.asarray(self.pair_known, np.int64)
+            pos_known = np.asarray(self.pos_known, np.int64)
+        else:
+            pair_n = np.full((k, k), int(self.n), np.int64)
+            pos_known = np.repeat(np.asarray(self.counts, np.int64)[:, None], k, 1)
+            approximate = any(int(c) < self.n for c in self.known)
+        return evidence_from_counts(self.class_names, self.n, pair_n, pos_known, co, rule,
+                                    source=self.source(), approximate=approximate)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -175,6 +220,7 @@ def label_statistics(labels: np.ndarray, class_names: Sequence[str], **info: Any
         raise DataError("label_statistics: labels must be 0/1 (NaN = unknown); got values "
                         f"{sorted(set(vals.tolist()) - {0.0, 1.0})[:5]}.")
     pos = np.where(finite, y, 0.0)
+    pair_known, pos_known, _ = count_matrices(y, k)
     counts = pos.sum(0).astype(np.int64)
     known = finite.sum(0).astype(np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -187,13 +233,18 @@ def label_statistics(labels: np.ndarray, class_names: Sequence[str], **info: Any
              if co[i, j] == 0 and counts[i] > 0 and counts[j] > 0]
     per_image = pos.sum(1).astype(np.int64)
     hist = np.bincount(per_image, minlength=1).tolist() if len(per_image) else [0]
+    source = f"{info.get('spec') or 'labels'} ({info.get('split') or 'all'})"
+    evidence = evidence_from_counts(names, int(len(y)), pair_known, pos_known, co,
+                                    ExclusionRule(), source=source)
     return LabelStats(
         class_names=names, n=int(len(y)), counts=counts.tolist(), known=known.tolist(),
         prevalence=[float(v) for v in prevalence], cooccurrence=co.tolist(),
         jaccard=[[float(v) for v in row] for row in jac], never_cooccur=never,
         findings_histogram=[int(v) for v in hist], n_ge3=int((per_image >= 3).sum()),
         task=str(info.get("task", "multilabel")), spec=str(info.get("spec", "")),
-        split=str(info.get("split", "")), content_hash=str(info.get("content_hash", "")))
+        split=str(info.get("split", "")), content_hash=str(info.get("content_hash", "")),
+        pair_known=pair_known.tolist(), pos_known=pos_known.tolist(),
+        evidence=evidence.to_dict())
 
 
 def dataset_statistics(spec: str, split: str = "all",

@@ -1,28 +1,41 @@
-"""Per-image clinical decision-support reports (seed 000, point 5).
+"""Per-image clinical decision-support reports (seed 000, point 5; issue 21).
 
 For every image the report gives
 
-* the findings whose probability reaches their calibrated threshold (``model.card``), with the
-  probability, the threshold and the margin above it in log-odds;
-* mutual-exclusivity exclusion: when two reported findings (almost) never co-occur in the
-  training labels (Jaccard index below ``jaccard_exclusion``), the stronger is kept and the
-  other is listed as excluded, with the Jaccard value and the reason;
+* every finding whose probability reaches its threshold, with the probability, the threshold,
+  the margin above it in log-odds and the threshold's **operating point**: where the threshold
+  came from (calibrated on which split, by which method, or the default 0.5) and, when a
+  calibration result is given, the sensitivity / specificity at that threshold on its
+  evaluation split. A model without calibrated thresholds is announced at the top of the page;
+* **conflict flags**: when two reported findings are mutually exclusive *by evidence* in the
+  training labels (:mod:`medscalpel.data.cooccurrence`: co-occurrence significantly below
+  independence, with enough expected co-occurrences and enough images), both findings carry a
+  flag with the numbers (observed / expected, lift with its CI, exact p, n). Nothing is hidden
+  by default; ``conflicts="hide"`` hides the weaker of a conflicting pair, and the page says so
+  at the top and lists what was hidden. A low Jaccard index is never used: it only says that
+  one finding is rare;
 * channel-level evidence: the penultimate channels that contribute most to each finding's logit
   on this image (``W[k, c] * f_c(x)``), and which other findings each of them pushes (+W) or
   pulls (-W) (:mod:`medscalpel.explain.channels`);
-* where the model looked: the Grad-CAM (or another CAM) of each finding mapped to lung zones in
-  words ("right lower zone"; the patient's right is the image's left) and as an overlay;
+* where the model looked: the CAM of each finding as an overlay, and in lung-zone words ("right
+  lower zone"; the patient's right is the image's left) only when the CAM's own resolution (the
+  CAM layer's map, before upsampling) is at least ``min_cam_size`` x ``min_cam_size``
+  (default 7: a map coarser than that has fewer cells than a lung has zones across its height
+  and width, so "right lower zone" would be an artefact of bilinear upsampling). Otherwise the
+  report says "map too coarse to localise". The page names the model input size and the CAM
+  map size;
 * a plain statement that this is decision support, not a diagnosis.
 
-Each report is a self-contained HTML page (the overlay is embedded) and a JSON file; a batch
-writes one page per image and an ``index.html``.
+The work is split into named steps: :func:`_validate` -> :func:`_gather` ->
+:func:`exclusion_plan` -> :func:`operating_points` -> :func:`cam_resolution` / :func:`_localise`
+-> :func:`_render`.
 
 Example:
     >>> from medscalpel.models import load_model  # doctest: +SKIP
     >>> reps = clinical_report(load_model("runs/model"), ["cxr1.png"], "runs/clinical",
     ...                        label_stats="runs/stats/stats.json")  # doctest: +SKIP
-    >>> reps[0].findings[0].location  # doctest: +SKIP
-    'right lower zone'
+    >>> reps[0].findings[0].operating_point.origin  # doctest: +SKIP
+    'calibrated'
 """
 
 from __future__ import annotations
@@ -31,7 +44,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,33 +53,131 @@ from typing import Any
 import numpy as np
 import torch
 
-from medscalpel.errors import ConfigError, DataError, ModelError
+from medscalpel.data.cooccurrence import CooccurrenceEvidence, ExclusionRule
+from medscalpel.data.stats import LabelStats
+from medscalpel.errors import DataError, ModelError
 from medscalpel.progress import track
 from medscalpel.report.html import DECISION_SUPPORT, png_data_uri, render, safe_filename, write_html
-from medscalpel.runs import write_json
-from medscalpel.validation import check_fraction, check_in, check_range
+from medscalpel.runs import read_json, write_json
+from medscalpel.validation import check_in, check_range
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = 1
+SCHEMA = 2  # 2: conflict flags (evidence), operating points, resolution; no Jaccard exclusion
 RANK_BY = ("margin", "probability")
+CONFLICT_MODES = ("flag", "hide")
+#: smallest CAM map side (cells) at which lung-zone words are given
+MIN_CAM_SIZE = 7
+COARSE = "map too coarse to localise"
+NOT_CALIBRATED = ("No calibrated thresholds: every finding uses the default threshold 0.5, which "
+                  "was not chosen for this model or for any clinical operating point. Calibrate "
+                  "the thresholds on a validation split ('medscalpel repair calibrate') before "
+                  "relying on these findings.")
+
+
+def _f(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _j(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 # ----------------------------------------------------------------------------- results
 @dataclass(frozen=True)
+class OperatingPoint:
+    """Where a class's threshold came from and how it performs.
+
+    Attributes:
+        threshold: the decision threshold (probability).
+        origin: ``calibrated``, ``calibration_fallback`` (calibration kept the default because
+            the fitting split had no positive or no negative) or ``default``.
+        description: the origin in words, e.g. ``calibrated on split 'val' (youden)``.
+        fit_split, method: the calibration's fitting split and method ("" when unknown).
+        sensitivity, specificity: at this threshold on ``split`` (NaN when unavailable).
+        split: the split those were measured on; n_pos / n_neg: its positives / negatives.
+        note: e.g. that the measurement split is the fitting split (optimistic).
+    """
+
+    threshold: float
+    origin: str
+    description: str
+    fit_split: str = ""
+    method: str = ""
+    sensitivity: float = float("nan")
+    specificity: float = float("nan")
+    split: str = ""
+    n_pos: int = 0
+    n_neg: int = 0
+    note: str = ""
+
+    @property
+    def measured(self) -> bool:
+        return math.isfinite(self.sensitivity) or math.isfinite(self.specificity)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "origin": self.origin,
+                "description": self.description, "fit_split": self.fit_split,
+                "method": self.method, "sensitivity": _j(self.sensitivity),
+                "specificity": _j(self.specificity), "split": self.split, "n_pos": self.n_pos,
+                "n_neg": self.n_neg, "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "OperatingPoint":
+        return cls(threshold=float(d["threshold"]), origin=str(d["origin"]),
+                   description=str(d.get("description", "")),
+                   fit_split=str(d.get("fit_split", "")), method=str(d.get("method", "")),
+                   sensitivity=_f(d.get("sensitivity")), specificity=_f(d.get("specificity")),
+                   split=str(d.get("split", "")), n_pos=int(d.get("n_pos", 0)),
+                   n_neg=int(d.get("n_neg", 0)), note=str(d.get("note", "")))
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """An evidence-based mutual-exclusivity conflict of a finding with another one.
+
+    Attributes:
+        other, other_index: the other finding.
+        evidence: :meth:`PairEvidence.to_dict` of the pair (n, observed, expected, lift,
+            lift_ci, p_value, ...).
+        message: the flag in words, with the numbers.
+        hidden_other: the other finding was hidden because of this conflict (``hide`` mode).
+    """
+
+    other: str
+    other_index: int
+    evidence: dict[str, Any]
+    message: str
+    hidden_other: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"with": self.other, "with_index": self.other_index, "evidence": self.evidence,
+                "message": self.message, "hidden_other": self.hidden_other}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Conflict":
+        return cls(other=str(d["with"]), other_index=int(d["with_index"]),
+                   evidence=dict(d["evidence"]), message=str(d["message"]),
+                   hidden_other=bool(d.get("hidden_other", False)))
+
+
+@dataclass(frozen=True)
 class ReportedFinding:
-    """A finding at or above its threshold that survived the exclusivity check.
+    """A finding at or above its threshold, listed in the report.
 
     Attributes:
         class_index, name: the class.
-        probability, threshold: the model's probability and the calibrated threshold.
+        probability, threshold: the model's probability and the decision threshold.
         margin: ``logit - logit(threshold)`` (log-odds above the decision boundary).
-        location: where the CAM points, in words (``"right lower zone"``).
-        zone_fractions: share of the CAM mass per zone (largest first, at most four).
+        location: where the CAM points, in words (``"right lower zone"``), or
+            ``"map too coarse to localise"``.
+        zone_fractions: share of the CAM mass per zone (largest first, at most four; empty when
+            the map is too coarse).
         logit_minus_bias: sum of all channel contributions (``logit - b[k]``).
-        channels: the top channels (``ChannelRow.to_dict()``: channel, weight,
-            mean_contribution = the contribution on this image, mean_activation, share,
-            pushes, pulls).
+        channels: the top channels (``ChannelRow.to_dict()``).
+        conflicts: evidence-based exclusivity flags with other findings above threshold.
+        operating_point: the threshold's origin and sensitivity / specificity.
+        localised: whether zone words were given (CAM resolution sufficient).
     """
 
     class_index: int
@@ -77,19 +189,42 @@ class ReportedFinding:
     zone_fractions: dict[str, float] = field(default_factory=dict)
     logit_minus_bias: float = float("nan")
     channels: tuple[dict[str, Any], ...] = ()
+    conflicts: tuple[Conflict, ...] = ()
+    operating_point: OperatingPoint | None = None
+    localised: bool = True
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.conflicts)
 
     def to_dict(self) -> dict[str, Any]:
         return {"class_index": self.class_index, "class": self.name,
                 "probability": self.probability, "threshold": self.threshold,
                 "margin_logodds": self.margin, "location": self.location,
-                "zone_fractions": dict(self.zone_fractions),
-                "logit_minus_bias": self.logit_minus_bias, "channels": list(self.channels)}
+                "localised": self.localised, "zone_fractions": dict(self.zone_fractions),
+                "logit_minus_bias": _j(self.logit_minus_bias), "channels": list(self.channels),
+                "flagged": self.flagged, "conflicts": [c.to_dict() for c in self.conflicts],
+                "operating_point": None if self.operating_point is None
+                else self.operating_point.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ReportedFinding":
+        op = d.get("operating_point")
+        return cls(class_index=int(d["class_index"]), name=str(d["class"]),
+                   probability=float(d["probability"]), threshold=float(d["threshold"]),
+                   margin=float(d["margin_logodds"]), location=str(d.get("location", "")),
+                   zone_fractions=dict(d.get("zone_fractions", {})),
+                   logit_minus_bias=_f(d.get("logit_minus_bias")),
+                   channels=tuple(d.get("channels", ())),
+                   conflicts=tuple(Conflict.from_dict(c) for c in d.get("conflicts", ())),
+                   operating_point=None if op is None else OperatingPoint.from_dict(op),
+                   localised=bool(d.get("localised", True)))
 
 
 @dataclass(frozen=True)
 class ExcludedFinding:
-    """A finding above its threshold that was excluded as mutually exclusive with a stronger
-    one."""
+    """A finding above its threshold that was hidden (only with ``conflicts="hide"``) because
+    the evidence says it is mutually exclusive with a stronger reported finding."""
 
     class_index: int
     name: str
@@ -97,20 +232,38 @@ class ExcludedFinding:
     threshold: float
     margin: float
     excluded_by: str
-    jaccard: float
-    level: float
+    evidence: dict[str, Any]
     reason: str
+    operating_point: OperatingPoint | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"class_index": self.class_index, "class": self.name,
                 "probability": self.probability, "threshold": self.threshold,
-                "margin_logodds": self.margin, "excluded_by": self.excluded_by,
-                "jaccard": self.jaccard, "jaccard_exclusion": self.level, "reason": self.reason}
+                "margin_logodds": self.margin, "hidden": True, "excluded_by": self.excluded_by,
+                "evidence": self.evidence, "lift": self.evidence.get("lift"),
+                "jaccard": self.evidence.get("jaccard"), "reason": self.reason,
+                "operating_point": None if self.operating_point is None
+                else self.operating_point.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ExcludedFinding":
+        op = d.get("operating_point")
+        return cls(class_index=int(d["class_index"]), name=str(d["class"]),
+                   probability=float(d["probability"]), threshold=float(d["threshold"]),
+                   margin=float(d["margin_logodds"]), excluded_by=str(d["excluded_by"]),
+                   evidence=dict(d.get("evidence", {})), reason=str(d.get("reason", "")),
+                   operating_point=None if op is None else OperatingPoint.from_dict(op))
 
 
 @dataclass
 class ClinicalReport:
-    """The report of one image (``to_dict()`` is the JSON; :meth:`html` the page)."""
+    """The report of one image (``to_dict()`` is the JSON; :meth:`html` the page).
+
+    ``exclusion`` says how conflicts were handled (mode, rule, statistics source and size,
+    whether exclusion could apply at all); ``operating`` whether the thresholds are calibrated
+    (with the notice shown at the top when they are not); ``resolution`` the model input size,
+    the CAM map size and whether it supports zone words.
+    """
 
     image_id: str
     source: str
@@ -120,8 +273,9 @@ class ClinicalReport:
     model: dict[str, Any]
     cam_method: str
     zones_source: str
-    jaccard_source: str
-    jaccard_exclusion: float
+    exclusion: dict[str, Any]
+    operating: dict[str, Any]
+    resolution: dict[str, Any]
     rank_by: str
     warnings: list[str] = field(default_factory=list)
     disclaimer: str = DECISION_SUPPORT
@@ -133,21 +287,44 @@ class ClinicalReport:
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA, "kind": "clinical_report", "id": self.image_id,
                 "source": self.source, "disclaimer": self.disclaimer,
+                "operating": self.operating, "exclusion": self.exclusion,
+                "resolution": self.resolution,
                 "findings": [f.to_dict() for f in self.findings],
                 "excluded": [e.to_dict() for e in self.excluded],
                 "probabilities": self.probabilities, "model": self.model,
                 "cam_method": self.cam_method, "zones_source": self.zones_source,
-                "jaccard_source": self.jaccard_source,
-                "jaccard_exclusion": self.jaccard_exclusion, "rank_by": self.rank_by,
-                "warnings": list(self.warnings), "created": self.created,
-                "html": self.html_path}
+                "rank_by": self.rank_by, "warnings": list(self.warnings),
+                "created": self.created, "html": self.html_path}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ClinicalReport":
+        """A report from its JSON (schema 2; the overlay is not stored in the JSON)."""
+        if int(d.get("schema_version", 1)) != SCHEMA:
+            raise DataError(f"Clinical report schema {d.get('schema_version')} is not the one "
+                            f"this medscalpel reads ({SCHEMA}); rebuild the report.")
+        return cls(image_id=str(d["id"]), source=str(d.get("source", "")),
+                   findings=[ReportedFinding.from_dict(f) for f in d.get("findings", [])],
+                   excluded=[ExcludedFinding.from_dict(e) for e in d.get("excluded", [])],
+                   probabilities=list(d.get("probabilities", [])), model=dict(d["model"]),
+                   cam_method=str(d.get("cam_method", "")),
+                   zones_source=str(d.get("zones_source", "")),
+                   exclusion=dict(d["exclusion"]), operating=dict(d["operating"]),
+                   resolution=dict(d["resolution"]), rank_by=str(d.get("rank_by", "margin")),
+                   warnings=list(d.get("warnings", [])),
+                   disclaimer=str(d.get("disclaimer", DECISION_SUPPORT)),
+                   created=str(d.get("created", "")), html_path=d.get("html"))
 
     def summary(self) -> str:
-        """One line: findings with probability and location, or "no finding"."""
+        """One line: findings with probability, location and flags, or "no finding"."""
         if not self.findings:
             return "no finding above its threshold"
-        return "; ".join(f"{f.name} ({f.probability:.2f}, {f.location or 'location n/a'})"
-                         for f in self.findings)
+        parts = []
+        for f in self.findings:
+            s = f"{f.name} ({f.probability:.2f}, {f.location or 'location n/a'})"
+            if f.conflicts:
+                s += " [conflict: " + ", ".join(c.other for c in f.conflicts) + "]"
+            parts.append(s)
+        return "; ".join(parts)
 
     def html(self) -> str:
         """The self-contained page (the overlay embedded as base64)."""
@@ -166,119 +343,267 @@ class ClinicalReport:
         return h, j
 
 
-# ----------------------------------------------------------------------------- exclusivity
+# ----------------------------------------------------------------------------- evidence
 def logit_margin(logit: float, threshold: float) -> float:
     """``logit - log(t / (1 - t))``: how far a logit lies above the threshold, in log-odds."""
     t = min(max(float(threshold), 1e-7), 1 - 1e-7)
     return float(logit) - math.log(t / (1 - t))
 
 
-def exclusivity_filter(candidates: Sequence[int], strength: Sequence[float],
-                       jaccard: np.ndarray | None, level: float = 0.01,
-                       class_names: Sequence[str] | None = None
-                       ) -> tuple[list[int], list[dict[str, Any]]]:
-    """Keep the strongest of mutually exclusive findings.
+def resolve_evidence(label_stats: Any, class_names: Sequence[str],
+                     rule: ExclusionRule | None = None
+                     ) -> CooccurrenceEvidence | None:
+    """The training labels' co-occurrence evidence for the model's classes.
 
-    Candidates are visited from strongest to weakest; one whose Jaccard index with an already
-    kept finding is below ``level`` (the two almost never co-occur in the training labels) is
-    excluded in favour of that stronger finding. A pair with an undefined Jaccard (NaN: neither
-    class has a positive training label) is not evidence of exclusivity.
+    ``label_stats`` is a :class:`~medscalpel.data.stats.LabelStats`, a
+    :class:`~medscalpel.data.cooccurrence.CooccurrenceEvidence`, the dict of either, a path to
+    their JSON (``stats.json`` of ``medscalpel data stats``), or ``None`` (no check). Statistics
+    of an older schema are read (their counts give the evidence); a bare Jaccard matrix is
+    refused: it is no evidence of exclusivity.
+
+    Raises:
+        DataError: another label set than the model's, a Jaccard matrix, an unknown type.
+    """
+    if label_stats is None:
+        return None
+    where = "the label statistics"
+    if isinstance(label_stats, (str, os.PathLike)):
+        where = str(label_stats)
+        label_stats = read_json(label_stats)
+    if isinstance(label_stats, Mapping):
+        label_stats = CooccurrenceEvidence.from_dict(label_stats) \
+            if label_stats.get("kind") == "cooccurrence_evidence" \
+            else LabelStats.from_dict(dict(label_stats))
+    if isinstance(label_stats, LabelStats):
+        ev = label_stats.cooccurrence_evidence(rule)
+    elif isinstance(label_stats, CooccurrenceEvidence):
+        ev = label_stats if rule is None else label_stats.with_rule(rule)
+    elif isinstance(label_stats, (np.ndarray, list, tuple)):
+        raise DataError("clinical_report: label_stats is a matrix (a Jaccard matrix?); a low "
+                        "Jaccard index only says that one finding is rare and is no evidence of "
+                        "mutual exclusivity. Pass the training labels' LabelStats or stats.json "
+                        "('medscalpel data stats').")
+    else:
+        raise DataError(f"clinical_report: label_stats is a {type(label_stats).__name__}; give a "
+                        "LabelStats, a CooccurrenceEvidence, their dict or a stats.json path.")
+    names = [str(c) for c in class_names]
+    missing = [n for n in names if n not in ev.class_names]
+    extra = [n for n in ev.class_names if n not in names]
+    if missing or extra:
+        raise DataError(f"The label statistics ({where}, {ev.source or 'unknown source'}) are of "
+                        f"another label set than the model's: missing {missing[:5]}, extra "
+                        f"{extra[:5]}. Compute them on the labels the model was trained with "
+                        "('medscalpel data stats').")
+    return ev
+
+
+def _conflict_message(a: str, b: str, ev: Any, hidden: str | None) -> str:
+    tail = (f"'{hidden}' was hidden (hide option)." if hidden else
+            "Both are reported: read the image with this conflict in mind.")
+    return (f"'{a}' and '{b}' are mutually exclusive in the training labels by the evidence "
+            f"rule: {ev.summary()}. {tail}")
+
+
+def exclusion_plan(candidates: Sequence[int], strength: Sequence[float],
+                   evidence: CooccurrenceEvidence | None, class_names: Sequence[str],
+                   mode: str = "flag") -> tuple[list[int], list[dict[str, Any]],
+                                                 dict[int, list[Conflict]]]:
+    """Which findings above threshold are listed, hidden and flagged.
+
+    Every pair of candidates that the evidence calls mutually exclusive is a conflict, flagged
+    on both findings. With ``mode="flag"`` (the default) every candidate is listed. With
+    ``mode="hide"`` candidates are visited strongest first and one in conflict with an already
+    listed finding is hidden in favour of it. Without evidence nothing is flagged or hidden.
 
     Args:
         candidates: class indices above their thresholds.
         strength: one number per candidate (larger = stronger), e.g. the log-odds margin.
-        jaccard: ``[K, K]`` training-label Jaccard matrix (``None``: nothing is excluded).
-        level: Jaccard below which two findings count as mutually exclusive.
-        class_names: names for the reasons.
+        evidence: the training labels' :class:`CooccurrenceEvidence` (model class names).
+        class_names: the model's class names.
+        mode: ``flag`` or ``hide``.
 
     Returns:
-        (kept class indices, strongest first; one dict per excluded class with ``index``,
-        ``excluded_by`` (index), ``jaccard`` and ``reason``).
+        (listed class indices, strongest first; one dict per hidden class with ``index``,
+        ``excluded_by`` (index), ``evidence`` (dict) and ``reason``; conflicts per listed index).
 
     Example:
-        >>> J = np.array([[1.0, 0.0, 0.3], [0.0, 1.0, 0.2], [0.3, 0.2, 1.0]])
-        >>> kept, excl = exclusivity_filter([0, 1, 2], [2.0, 1.0, 0.5], J, 0.01, "abc")
-        >>> kept, [(e["index"], e["excluded_by"]) for e in excl]
-        ([0, 2], [(1, 0)])
+        >>> import numpy as np
+        >>> from medscalpel.data.cooccurrence import cooccurrence_evidence
+        >>> y = np.array([[1, 0], [0, 1]] * 600 + [[0, 0]] * 100, float)
+        >>> ev = cooccurrence_evidence(y, ["a", "b"])
+        >>> listed, hidden, flags = exclusion_plan([0, 1], [2.0, 1.0], ev, ["a", "b"])
+        >>> listed, hidden, [c.other for c in flags[1]]
+        ([0, 1], [], ['a'])
+        >>> exclusion_plan([0, 1], [2.0, 1.0], ev, ["a", "b"], mode="hide")[1][0]["excluded_by"]
+        0
     """
-    check_fraction(level, "jaccard_exclusion", "exclusivity_filter", allow_one=True)
+    check_in(mode, "conflicts", "exclusion_plan", CONFLICT_MODES)
     cand = [int(c) for c in candidates]
     st = [float(s) for s in strength]
-    if len(cand) != len(st):
-        raise ConfigError(f"exclusivity_filter: {len(cand)} candidates but {len(st)} strengths.")
-    if len(set(cand)) != len(cand):
-        raise ConfigError(f"exclusivity_filter: duplicate candidates in {cand}.")
-    order = sorted(range(len(cand)), key=lambda i: (-st[i], cand[i]))
-    kept: list[int] = []
-    excluded: list[dict[str, Any]] = []
-    j = None if jaccard is None else np.asarray(jaccard, float)
-    if j is not None:
-        k = max(cand) + 1 if cand else 0
-        if j.ndim != 2 or j.shape[0] != j.shape[1] or j.shape[0] < k:
-            raise DataError(f"exclusivity_filter: the Jaccard matrix has shape {j.shape}; it "
-                            f"must be square and cover class index {k - 1}.")
-
-    def name(i: int) -> str:
-        return str(class_names[i]) if class_names is not None else f"class{i}"
-
-    for i in order:
-        c = cand[i]
-        clash = None
-        if j is not None:
-            for kc in kept:
-                v = j[c, kc]
-                if np.isfinite(v) and v < level:
-                    clash = (kc, float(v))
-                    break
-        if clash is None:
-            kept.append(c)
-            continue
-        kc, v = clash
-        how = "never co-occur" if v == 0 else "almost never co-occur"
-        excluded.append({
-            "index": c, "excluded_by": kc, "jaccard": v,
-            "reason": (f"'{name(c)}' and '{name(kc)}' {how} in the training labels "
-                       f"(Jaccard {v:.4f} < {level:g}); '{name(kc)}' has the stronger evidence, "
-                       f"so '{name(c)}' is not reported."),
-        })
-    return kept, excluded
-
-
-def resolve_jaccard(label_stats: Any, class_names: Sequence[str]) -> tuple[np.ndarray | None, str]:
-    """The ``[K, K]`` training-label Jaccard matrix in the model's class order, and its source.
-
-    ``label_stats`` is a :class:`~medscalpel.data.stats.LabelStats`, its ``to_dict()``, a path to
-    ``stats.json``, a ``[K, K]`` array, or ``None`` (no exclusivity check).
-    """
-    from medscalpel.data.stats import LabelStats
-
+    if len(cand) != len(st) or len(set(cand)) != len(cand):
+        raise DataError(f"exclusion_plan: {len(cand)} candidates {cand} need as many distinct "
+                        f"entries as strengths ({len(st)}).")
+    order = [cand[i] for i in sorted(range(len(cand)), key=lambda i: (-st[i], cand[i]))]
     names = [str(c) for c in class_names]
-    if label_stats is None:
-        return None, "none"
-    source = "matrix"
-    if isinstance(label_stats, (str, os.PathLike)):
-        source = str(label_stats)
-        label_stats = LabelStats.load(label_stats)
-    elif isinstance(label_stats, dict):
-        source = "label statistics"
-        label_stats = LabelStats.from_dict(label_stats)
-    if isinstance(label_stats, LabelStats):
-        source = source if source != "matrix" else "label statistics"
-        if label_stats.spec or label_stats.split:
-            source = f"{label_stats.spec or 'labels'} ({label_stats.split or 'all'})" \
-                if source == "label statistics" else source
-        missing = [n for n in names if n not in label_stats.class_names]
-        if missing:
-            raise DataError(f"The label statistics lack the model's class(es) {missing[:5]}; "
-                            "compute them on the labels the model was trained with "
-                            "('medscalpel data stats').")
-        idx = [label_stats.class_names.index(n) for n in names]
-        return label_stats.jaccard_matrix()[np.ix_(idx, idx)], source
-    arr = np.asarray(label_stats, dtype=float)
-    if arr.shape != (len(names), len(names)):
-        raise DataError(f"The Jaccard matrix has shape {arr.shape}; the model has {len(names)} "
-                        "classes, so it must be square of that size (in the model's class order).")
-    return arr, source
+    pair = {}
+    if evidence is not None:
+        for a in order:
+            for b in order:
+                if a < b:
+                    pe = evidence.pair(names[a], names[b])
+                    if pe.exclusive:
+                        pair[(a, b)] = pair[(b, a)] = pe
+    listed: list[int] = []
+    hidden: list[dict[str, Any]] = []
+    for c in order:
+        clash = next((k for k in listed if (c, k) in pair), None) if mode == "hide" else None
+        if clash is None:
+            listed.append(c)
+            continue
+        pe = pair[(c, clash)]
+        hidden.append({"index": c, "excluded_by": clash, "evidence": pe.to_dict(),
+                       "reason": f"hidden (hide option): '{names[c]}' and '{names[clash]}' are "
+                                 f"mutually exclusive by the evidence rule ({pe.summary()}); "
+                                 f"'{names[clash]}' has the stronger evidence on this image."})
+    hidden_idx = {h["index"] for h in hidden}
+    flags: dict[int, list[Conflict]] = {c: [] for c in listed}
+    for c in listed:
+        for o in order:
+            if o != c and (c, o) in pair:
+                hid = names[o] if o in hidden_idx else None
+                flags[c].append(Conflict(names[o], o, pair[(c, o)].to_dict(),
+                                         _conflict_message(names[c], names[o], pair[(c, o)], hid),
+                                         hidden_other=hid is not None))
+    return listed, hidden, flags
+
+
+# ----------------------------------------------------------------------------- operating points
+def _calibration_dict(calibration: Any) -> dict[str, Any] | None:
+    if calibration is None:
+        return None
+    if isinstance(calibration, (str, os.PathLike)):
+        return read_json(calibration)
+    if isinstance(calibration, Mapping):
+        return dict(calibration)
+    if hasattr(calibration, "to_dict"):
+        return calibration.to_dict()
+    raise DataError(f"clinical_report: calibration is a {type(calibration).__name__}; give a "
+                    "CalibrationResult, its dict or a calibration.json path.")
+
+
+def _lineage_calibration(card: Any) -> dict[str, Any]:
+    steps = [s for s in (getattr(card, "lineage", ()) or ())
+             if isinstance(s, Mapping) and s.get("method") == "threshold_calibration"]
+    return dict(steps[-1]) if steps else {}
+
+
+def operating_points(card: Any, class_names: Sequence[str], thresholds: Sequence[float],
+                     calibration: Any = None) -> tuple[list[OperatingPoint], dict[str, Any]]:
+    """Per class: the threshold's origin and, from ``calibration``, its sensitivity and
+    specificity; plus the report-level summary (``calibrated``, ``notice``, ...).
+
+    Args:
+        card: the model's card (``None``: defaults).
+        class_names, thresholds: the model's classes and effective thresholds.
+        calibration: a :class:`~medscalpel.repair.calibrate.CalibrationResult`, its dict or a
+            ``calibration.json`` path. Its evaluation gives sensitivity (recall) and specificity
+            per class at the calibrated thresholds (or at the baseline 0.5 for a model without
+            them) on the evaluation split; thresholds that match neither are not measured.
+
+    Raises:
+        DataError: a calibration of other classes than the model's.
+    """
+    names = [str(c) for c in class_names]
+    calibrated = card is not None and getattr(card, "thresholds", None) is not None
+    step = _lineage_calibration(card) if calibrated else {}
+    cal = _calibration_dict(calibration)
+    calr = (cal or {}).get("calibrator") or {}
+    # the calibration file describes these thresholds only when its thresholds are the model's
+    own = calibrated and len(calr.get("thresholds") or []) == len(names) and np.allclose(
+        calr["thresholds"], [float(t) for t in thresholds], rtol=0, atol=1e-9)
+    mine = cal if own else {}
+    fit_split = str(step.get("fit_split") or (mine or {}).get("fit_split") or "")
+    method = str((step.get("method_params") or {}).get("method")
+                 or (calr.get("params", {}).get("method") if own else "") or "")
+    fallback = set(step.get("fallback") or (calr.get("fallback") if own else None) or [])
+    ev = (cal or {}).get("evaluation") or None
+    notes: list[str] = []
+    if cal is not None:
+        cal_names = list(((cal.get("calibrator") or {}).get("class_names")) or names)
+        if cal_names != names:
+            raise DataError(f"clinical_report: the calibration is of other classes "
+                            f"({cal_names[:3]}...) than the model's ({names[:3]}...); pass the "
+                            "calibration.json written for this model.")
+        if ev is None:
+            notes.append("the calibration result has no evaluation: sensitivity and "
+                         "specificity are not shown")
+    rows = {r.get("class"): r for r in (ev or {}).get("classes", [])}
+    ops = []
+    for j, (name, t) in enumerate(zip(names, thresholds)):
+        if not calibrated:
+            origin, desc = "default", f"default {t:g} (no calibrated thresholds)"
+        elif name in fallback:
+            origin, desc = "calibration_fallback", (f"default {t:g}: calibration could not fit "
+                                                    "this class (no positive or no negative)")
+        else:
+            origin = "calibrated"
+            desc = (f"calibrated on split '{fit_split}'" if fit_split else
+                    "calibrated (split not recorded)") + (f" ({method})" if method else "")
+        ops.append(_measured(OperatingPoint(float(t), origin, desc, fit_split, method),
+                             rows.get(name), ev, fit_split, notes))
+    summary = {"calibrated": bool(calibrated), "notice": None if calibrated else NOT_CALIBRATED,
+               "fit_split": fit_split, "method": method,
+               "evaluation_split": str((ev or {}).get("split", "")),
+               "evaluation_n": int((ev or {}).get("n", 0) or 0),
+               "measured": any(o.measured for o in ops), "notes": notes}
+    return ops, summary
+
+
+def _measured(op: OperatingPoint, row: Mapping[str, Any] | None, ev: Mapping[str, Any] | None,
+              fit_split: str, notes: list[str]) -> OperatingPoint:
+    from dataclasses import replace
+
+    if row is None or ev is None:
+        return op
+    pick = None
+    if row.get("threshold") is not None and abs(float(row["threshold"]) - op.threshold) < 1e-9:
+        pick = row.get("calibrated")
+    else:
+        base = dict(zip((ev.get("class_names") or []), ev.get("baseline_thresholds") or []))
+        if op.threshold == base.get(row.get("class")):
+            pick = row.get("default")
+    if not pick:
+        msg = (f"the calibration's threshold for {row.get('class')} differs from the model's: "
+               "its sensitivity/specificity are not shown")
+        if msg not in notes:
+            notes.append(msg)
+        return op
+    split = str(ev.get("split", ""))
+    note = "measured on the split the thresholds were fitted on (optimistic)" \
+        if split and split == fit_split else ""
+    tp, fn, tn, fp = (int(pick.get(k, 0) or 0) for k in ("tp", "fn", "tn", "fp"))
+    return replace(op, sensitivity=_f(pick.get("recall")), specificity=_f(pick.get("specificity")),
+                   split=split, n_pos=tp + fn, n_neg=tn + fp, note=note)
+
+
+# ----------------------------------------------------------------------------- resolution
+def cam_resolution(model: Any, x: torch.Tensor, min_cam_size: int = MIN_CAM_SIZE
+                   ) -> dict[str, Any]:
+    """Model input size, CAM map size (the CAM layer's own grid, before upsampling) and whether
+    that map can support lung-zone words (``min(h, w) >= min_cam_size``)."""
+    from medscalpel.explain.cams import preserved_model_state
+
+    h_in, w_in = (int(v) for v in x.shape[-2:])
+    with preserved_model_state(model), torch.no_grad():
+        model.eval()
+        fm = model.feature_map(x[:1])
+    h, w = (int(v) for v in fm.shape[-2:])
+    ok = min(h, w) >= min_cam_size
+    note = "" if ok else (f"the CAM map is {h}x{w} cells (input {h_in}x{w_in}): {COARSE}; "
+                          f"lung-zone words need at least {min_cam_size}x{min_cam_size}. The "
+                          "overlay shows the upsampled map, whose detail is interpolation.")
+    return {"input_size": [h_in, w_in], "cam_size": [h, w], "min_cam_size": int(min_cam_size),
+            "localisable": bool(ok), "note": note}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -300,31 +625,10 @@ def _load_inputs(model: Any, images: Any, image_ids: Sequence[str] | None
         raise DataError("clinical_report got no images.")
     xs, ids, sources = [], [], []
     for i, it in enumerate(items):
-        if isinstance(it, (str, os.PathLike)):
-            from medscalpel.data.io import read_image
-
-            if card is None:
-                raise ModelError("clinical_report: reading image files needs the model's card "
-                                 "(its preprocessing); load the model with load_model.")
-            pp = card.preprocess
-            xs.append(pp(read_image(it, colour=pp.colour)))
-            ids.append(Path(it).name)
-            sources.append(str(it))
-        elif isinstance(it, np.ndarray):
-            if card is None:
-                raise ModelError("clinical_report: raw arrays need the model's card "
-                                 "(its preprocessing); load the model with load_model.")
-            xs.append(card.preprocess(it))
-            ids.append(f"image{i}")
-            sources.append("array")
-        elif isinstance(it, torch.Tensor) and it.ndim == 3:
-            xs.append(it.detach().float().cpu())
-            ids.append(f"image{i}")
-            sources.append("tensor")
-        else:
-            raise DataError(f"clinical_report: image {i} is a {type(it).__name__}"
-                            f"{tuple(getattr(it, 'shape', ()))}; give file paths, raw grey "
-                            "arrays [H, W] or preprocessed tensors [C, H, W].")
+        x, iid, src = _load_one(card, i, it)
+        xs.append(x)
+        ids.append(iid)
+        sources.append(src)
     shapes = {tuple(x.shape) for x in xs}
     if len(shapes) != 1:
         raise DataError(f"clinical_report: the images have different shapes {sorted(shapes)}.")
@@ -333,6 +637,27 @@ def _load_inputs(model: Any, images: Any, image_ids: Sequence[str] | None
             raise DataError(f"clinical_report: {len(xs)} images but {len(image_ids)} image_ids.")
         ids = [str(s) for s in image_ids]
     return torch.stack(xs), ids, sources
+
+
+def _load_one(card: Any, i: int, it: Any) -> tuple[torch.Tensor, str, str]:
+    if isinstance(it, (str, os.PathLike)):
+        from medscalpel.data.io import read_image
+
+        if card is None:
+            raise ModelError("clinical_report: reading image files needs the model's card "
+                             "(its preprocessing); load the model with load_model.")
+        pp = card.preprocess
+        return pp(read_image(it, colour=pp.colour)), Path(it).name, str(it)
+    if isinstance(it, np.ndarray):
+        if card is None:
+            raise ModelError("clinical_report: raw arrays need the model's card "
+                             "(its preprocessing); load the model with load_model.")
+        return card.preprocess(it), f"image{i}", "array"
+    if isinstance(it, torch.Tensor) and it.ndim == 3:
+        return it.detach().float().cpu(), f"image{i}", "tensor"
+    raise DataError(f"clinical_report: image {i} is a {type(it).__name__}"
+                    f"{tuple(getattr(it, 'shape', ()))}; give file paths, raw grey "
+                    "arrays [H, W] or preprocessed tensors [C, H, W].")
 
 
 def _display(model: Any, x: torch.Tensor) -> np.ndarray:
@@ -358,19 +683,214 @@ def _zones_for(model: Any, x: torch.Tensor, given: Any) -> tuple[Any, str, list[
     return est.zones(), est.source, warns
 
 
+# ----------------------------------------------------------------------------- steps
+@dataclass
+class _Setup:
+    """What :func:`_validate` checked and prepared."""
+
+    x: torch.Tensor
+    ids: list[str]
+    sources: list[str]
+    card: Any
+    names: list[str]
+    task: str
+    thresholds: list[float]
+    evidence: CooccurrenceEvidence | None
+    mode: str
+    rank_by: str
+
+
+@dataclass
+class _Scores:
+    """What :func:`_gather` computed: channel contributions, logits, probabilities, margins."""
+
+    cc: Any
+    logits: np.ndarray
+    probs: np.ndarray
+    margins: np.ndarray
+
+
+def _validate(model: Any, images: Any, image_ids: Sequence[str] | None, zones: Any,
+              label_stats: Any, jaccard_exclusion: Any, conflicts: str, rank_by: str,
+              top_channels: int, min_cam_size: int, exclusion_rule: ExclusionRule | None
+              ) -> _Setup:
+    """Step 1: parameters, model, images, thresholds and the label statistics."""
+    if jaccard_exclusion is not None:
+        warnings.warn("clinical_report: 'jaccard_exclusion' is deprecated and ignored: a low "
+                      "Jaccard index only says that one finding is rare, so findings are never "
+                      "excluded on it. Conflicts now come from the co-occurrence evidence "
+                      "(exclusion_rule=ExclusionRule(...)) and are flagged; pass "
+                      "conflicts='hide' to hide the weaker finding.", DeprecationWarning,
+                      stacklevel=3)
+    check_in(conflicts, "conflicts", "clinical_report", CONFLICT_MODES)
+    check_in(rank_by, "rank_by", "clinical_report", RANK_BY)
+    check_range(top_channels, "top_channels", "clinical_report", 1, integer=True)
+    check_range(min_cam_size, "min_cam_size", "clinical_report", 1, integer=True)
+    if not isinstance(getattr(model, "classifier", None), torch.nn.Linear):
+        raise ModelError(f"clinical_report needs a MedClassifier; got {type(model).__name__}. "
+                         "Load it with medscalpel.models.load_model.")
+    x, ids, sources = _load_inputs(model, images, image_ids)
+    if zones is not None and len(zones) != x.shape[0]:
+        raise DataError(f"clinical_report: {x.shape[0]} images but {len(zones)} zone maps.")
+    card = getattr(model, "card", None)
+    k = int(model.classifier.out_features)
+    names = list(card.class_names) if card is not None else [f"class{i}" for i in range(k)]
+    thresholds = card.effective_thresholds() if card is not None else [0.5] * k
+    if len(names) != k or len(thresholds) != k:
+        raise ModelError(f"clinical_report: the card has {len(names)} class names and "
+                         f"{len(thresholds)} thresholds but the model has {k} outputs.")
+    evidence = resolve_evidence(label_stats, names, exclusion_rule)
+    return _Setup(x=x, ids=ids, sources=sources, card=card, names=names,
+                  task=card.task if card is not None else "multilabel",
+                  thresholds=[float(t) for t in thresholds], evidence=evidence, mode=conflicts,
+                  rank_by=rank_by)
+
+
+def _gather(model: Any, s: _Setup) -> _Scores:
+    """Step 2: one forward pass: channel contributions, logits, probabilities, margins."""
+    from medscalpel.explain.channels import channel_contributions_from_model
+
+    cc = channel_contributions_from_model(model, s.x, ids=s.ids, progress=False)
+    logits = cc.logits()
+    if s.task == "multiclass":
+        z = logits - logits.max(1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    else:
+        probs = 1.0 / (1.0 + np.exp(-logits))
+    margins = np.array([[logit_margin(logits[i, j], s.thresholds[j])
+                         for j in range(len(s.names))] for i in range(len(s.ids))])
+    return _Scores(cc=cc, logits=logits, probs=probs, margins=margins)
+
+
+def _plans(s: _Setup, sc: _Scores) -> list[tuple[list[int], list[dict[str, Any]],
+                                                  dict[int, list[Conflict]]]]:
+    """Step 3: per image, the findings above threshold, their conflict flags and (hide mode)
+    the hidden ones. A multi-class model reports its one argmax class: no conflicts."""
+    out = []
+    for i in range(len(s.ids)):
+        if s.task == "multiclass":
+            cands = [int(np.argmax(sc.probs[i]))]
+        else:
+            cands = [j for j in range(len(s.names)) if sc.probs[i, j] >= s.thresholds[j]]
+        strength = [sc.margins[i, j] if s.rank_by == "margin" else sc.probs[i, j] for j in cands]
+        ev = s.evidence if s.task != "multiclass" else None
+        out.append(exclusion_plan(cands, strength, ev, s.names, s.mode))
+    return out
+
+
+def _exclusion_info(s: _Setup) -> dict[str, Any]:
+    ev = s.evidence
+    info: dict[str, Any] = {"mode": s.mode, "checked": ev is not None and s.task != "multiclass",
+                            "rule": None if ev is None else ev.rule.to_dict(),
+                            "rule_text": None if ev is None else ev.rule.describe(),
+                            "source": "none" if ev is None else ev.source,
+                            "n_images": None if ev is None else ev.n,
+                            "enough_images": None if ev is None else ev.enough_images,
+                            "n_exclusive_pairs": None if ev is None
+                            else len(ev.exclusive_pairs()),
+                            "warnings": [] if ev is None else list(ev.warnings)}
+    if s.task == "multiclass":
+        info["warnings"].append("multi-class model: one finding per image, no conflicts")
+    elif ev is None:
+        info["warnings"].append("no training-label statistics given: mutual exclusivity not "
+                                "checked")
+    return info
+
+
+def _localise(cam: np.ndarray, zi: Any, res: Mapping[str, Any]) -> tuple[str, dict[str, float]]:
+    """Step 5: zone words for one CAM, only when its resolution supports them."""
+    from medscalpel.explain.regions import ZONE_PHRASES, describe_location
+
+    if not res["localisable"]:
+        h, w = res["cam_size"]
+        return f"{COARSE} (CAM map {h}x{w})", {}
+    if zi is None:
+        return "", {}
+    zr = zi.resized(cam.shape)
+    f = zr.fractions(cam)
+    top = sorted(((v, nm) for nm, v in f.items() if np.isfinite(v) and v > 0), reverse=True)[:4]
+    return describe_location(cam, zr), {ZONE_PHRASES[nm]: float(v) for v, nm in top}
+
+
+def _cams(model: Any, s: _Setup, plans: list, cam_method: str,
+          progress: bool | None) -> dict[tuple[int, int], np.ndarray]:
+    """One CAM pass for every (image, listed finding)."""
+    from medscalpel.explain.cams import compute_cam
+
+    pairs = [(i, j) for i, (listed, _, _) in enumerate(plans) for j in listed]
+    if not pairs:
+        return {}
+    res = compute_cam(model, s.x[[p[0] for p in pairs]], [p[1] for p in pairs],
+                      method=cam_method, progress=progress)
+    return {p: res.maps[t] for t, p in enumerate(pairs)}
+
+
+def _render(model: Any, s: _Setup, sc: _Scores, i: int, plan: tuple, cams: Mapping,
+            ops: list[OperatingPoint], shared: Mapping[str, Any], zone: Any,
+            top_channels: int) -> ClinicalReport:
+    """Step 6: one image's report (findings, hidden findings, table, overlay)."""
+    from medscalpel.report.figures import clinical_overlay_png
+
+    listed, hidden, flags = plan
+    zi, zsource, warns = _zones_for(model, s.x[i], zone)
+    res = shared["resolution"]
+    warns = list(shared["warnings"]) + warns
+    findings = []
+    for j in listed:
+        loc, fr = _localise(cams[(i, j)], zi, res)
+        tc = sc.cc.top_channels(j, n=top_channels, rows=[i], rows_desc=s.ids[i])
+        findings.append(ReportedFinding(
+            class_index=j, name=s.names[j], probability=float(sc.probs[i, j]),
+            threshold=s.thresholds[j], margin=float(sc.margins[i, j]), location=loc,
+            zone_fractions=fr, logit_minus_bias=float(tc.mean_logit_minus_bias),
+            channels=tuple(r.to_dict() for r in tc.rows), conflicts=tuple(flags.get(j, ())),
+            operating_point=ops[j], localised=bool(res["localisable"])))
+    excluded = [ExcludedFinding(
+        class_index=h["index"], name=s.names[h["index"]],
+        probability=float(sc.probs[i, h["index"]]), threshold=s.thresholds[h["index"]],
+        margin=float(sc.margins[i, h["index"]]), excluded_by=s.names[h["excluded_by"]],
+        evidence=h["evidence"], reason=h["reason"], operating_point=ops[h["index"]])
+        for h in hidden]
+    status = {f.class_index: "reported, flagged" if f.conflicts else "reported"
+              for f in findings}
+    status.update({e.class_index: "hidden (hide option)" for e in excluded})
+    table = [{"class_index": j, "class": s.names[j], "probability": float(sc.probs[i, j]),
+              "threshold": s.thresholds[j], "margin_logodds": float(sc.margins[i, j]),
+              "threshold_origin": ops[j].origin,
+              "status": status.get(j, "below threshold")} for j in range(len(s.names))]
+    table.sort(key=lambda r: -r["probability"])
+    overlay = None
+    if findings:
+        overlay = clinical_overlay_png(
+            _display(model, s.x[i]), [cams[(i, f.class_index)] for f in findings],
+            [f"{f.name} ({f.probability:.2f})\n{f.location or 'location n/a'}"
+             for f in findings], zones=zi if res["localisable"] else None)
+    return ClinicalReport(
+        image_id=s.ids[i], source=s.sources[i], findings=findings, excluded=excluded,
+        probabilities=table, model=shared["model"], cam_method=shared["cam_method"],
+        zones_source=zsource if res["localisable"] else f"not used ({COARSE})",
+        exclusion=shared["exclusion"], operating=shared["operating"], resolution=res,
+        rank_by=s.rank_by, warnings=warns, created=shared["created"], overlay_png=overlay)
+
+
 # ----------------------------------------------------------------------------- main
 def clinical_report(
     model: Any,
     images: Any,
     out_dir: str | os.PathLike | None = None,
     label_stats: Any = None,
-    jaccard_exclusion: float = 0.01,
+    jaccard_exclusion: float | None = None,
     cam_method: str = "gradcam",
     image_ids: Sequence[str] | None = None,
     zones: Sequence[Any] | None = None,
     top_channels: int = 5,
     rank_by: str = "margin",
     progress: bool | None = None,
+    *,
+    conflicts: str = "flag",
+    exclusion_rule: ExclusionRule | None = None,
+    calibration: Any = None,
+    min_cam_size: int = MIN_CAM_SIZE,
 ) -> list[ClinicalReport]:
     """Decision-support reports of ``images`` by ``model``.
 
@@ -381,136 +901,67 @@ def clinical_report(
             ``[N, C, H, W]`` tensor.
         out_dir: where to write ``<id>.html``, ``<id>.json`` per image and ``index.html``
             (``None``: nothing is written).
-        label_stats: the training labels' statistics for the exclusivity check: a
-            :class:`~medscalpel.data.stats.LabelStats`, its dict, a ``stats.json`` path or a
-            ``[K, K]`` Jaccard matrix (model class order). ``None`` skips the check (the report
-            says so).
-        jaccard_exclusion: Jaccard index below which two findings are mutually exclusive.
+        label_stats: the training labels' statistics: a
+            :class:`~medscalpel.data.stats.LabelStats`, a
+            :class:`~medscalpel.data.cooccurrence.CooccurrenceEvidence`, their dict or a JSON
+            path. They must have the model's label set. ``None`` skips the conflict check (the
+            report says so).
+        jaccard_exclusion: deprecated and ignored (a ``DeprecationWarning``): findings are never
+            excluded on a Jaccard index.
         cam_method: ``gradcam``, ``gradcam++`` or ``scorecam``.
         image_ids: ids shown in the reports (default: file names, or ``image<i>``).
         zones: ground-truth :class:`~medscalpel.explain.regions.LungZones` per image (e.g. the
             phantom's masks); default: estimated lung fields.
         top_channels: channels listed per finding.
-        rank_by: which of two exclusive findings is stronger: ``margin`` (log-odds above the
-            threshold) or ``probability``.
+        rank_by: which of two conflicting findings is stronger (for ``conflicts="hide"``):
+            ``margin`` (log-odds above the threshold) or ``probability``.
         progress: progress bar (``None``: follow ``MEDSCALPEL_PROGRESS``).
+        conflicts: ``flag`` (default: every finding above its threshold is listed, conflicts
+            are flags on both) or ``hide`` (the weaker finding of a conflict is hidden; the
+            report marks it).
+        exclusion_rule: the :class:`~medscalpel.data.cooccurrence.ExclusionRule` (default:
+            upper 95% bound of the lift < 0.1, >= 10 expected co-occurrences, >= 1000 images).
+        calibration: a ``CalibrationResult``, its dict or ``calibration.json``: sensitivity /
+            specificity at each threshold on its evaluation split.
+        min_cam_size: smallest CAM map side (cells) for lung-zone words.
 
     Returns:
         One :class:`ClinicalReport` per image, in input order.
     """
-    from medscalpel.explain.cams import compute_cam
-    from medscalpel.explain.channels import channel_contributions_from_model
-    from medscalpel.explain.regions import ZONE_PHRASES, describe_location
-    from medscalpel.report.figures import clinical_overlay_png
-
-    check_fraction(jaccard_exclusion, "jaccard_exclusion", "clinical_report", allow_one=True)
-    check_range(top_channels, "top_channels", "clinical_report", 1, integer=True)
-    check_in(rank_by, "rank_by", "clinical_report", RANK_BY)
-    if not isinstance(getattr(model, "classifier", None), torch.nn.Linear):
-        raise ModelError(f"clinical_report needs a MedClassifier; got {type(model).__name__}. "
-                         "Load it with medscalpel.models.load_model.")
-    x, ids, sources = _load_inputs(model, images, image_ids)
-    n = int(x.shape[0])
-    if zones is not None and len(zones) != n:
-        raise DataError(f"clinical_report: {n} images but {len(zones)} zone maps.")
-    card = getattr(model, "card", None)
-    k = int(model.classifier.out_features)
-    names = list(card.class_names) if card is not None else [f"class{i}" for i in range(k)]
-    task = card.task if card is not None else "multilabel"
-    thresholds = card.effective_thresholds() if card is not None else [0.5] * k
-    if len(names) != k or len(thresholds) != k:
-        raise ModelError(f"clinical_report: the card has {len(names)} class names and "
-                         f"{len(thresholds)} thresholds but the model has {k} outputs.")
-    jac, jac_source = resolve_jaccard(label_stats, names)
-
-    cc = channel_contributions_from_model(model, x, ids=ids, progress=False)
-    logits = cc.logits()
-    if task == "multiclass":
-        z = logits - logits.max(1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-    else:
-        probs = 1.0 / (1.0 + np.exp(-logits))
-
-    # decide, per image, which findings are reported
-    plans = []
-    for i in range(n):
-        if task == "multiclass":
-            cands = [int(np.argmax(probs[i]))]
-        else:
-            cands = [j for j in range(k) if probs[i, j] >= thresholds[j]]
-        margins = {j: logit_margin(logits[i, j], thresholds[j]) for j in range(k)}
-        strength = [margins[j] if rank_by == "margin" else probs[i, j] for j in cands]
-        kept, excl = exclusivity_filter(cands, strength, jac if task != "multiclass" else None,
-                                        jaccard_exclusion, names)
-        plans.append((kept, excl, margins))
-
-    # one CAM pass for every (image, reported finding)
-    pairs = [(i, j) for i, (kept, _, _) in enumerate(plans) for j in kept]
-    cam_maps: dict[tuple[int, int], np.ndarray] = {}
-    if pairs:
-        res = compute_cam(model, x[[p[0] for p in pairs]], [p[1] for p in pairs],
-                          method=cam_method, progress=progress)
-        cam_maps = {p: res.maps[t] for t, p in enumerate(pairs)}
-
-    model_info = {"arch": getattr(model, "arch", type(model).__name__),
-                  "model_id": getattr(card, "model_id", "") if card is not None else "",
-                  "task": task, "class_names": names, "thresholds": thresholds,
-                  "thresholds_calibrated": bool(card is not None and card.thresholds is not None)}
-    created = time.strftime("%Y-%m-%dT%H:%M:%S")
-    reports: list[ClinicalReport] = []
-    for i in track(range(n), "clinical reports", progress=progress):
-        kept, excl, margins = plans[i]
-        warns: list[str] = []
-        zi, zsource, zw = _zones_for(model, x[i], zones[i] if zones is not None else None)
-        warns += zw
-        if jac is None:
-            warns.append("no training-label statistics given: mutual exclusivity not checked")
-        if card is None or card.thresholds is None:
-            warns.append("the model has no calibrated thresholds: 0.5 is used for every class")
-        findings = []
-        for j in kept:
-            cam = cam_maps[(i, j)]
-            loc, fr = "", {}
-            if zi is not None:
-                zr = zi.resized(cam.shape)
-                loc = describe_location(cam, zr)
-                f = zr.fractions(cam)
-                top = sorted(((v, nm) for nm, v in f.items() if np.isfinite(v) and v > 0),
-                             reverse=True)[:4]
-                fr = {ZONE_PHRASES[nm]: float(v) for v, nm in top}
-            tc = cc.top_channels(j, n=top_channels, rows=[i], rows_desc=ids[i])
-            findings.append(ReportedFinding(
-                class_index=j, name=names[j], probability=float(probs[i, j]),
-                threshold=float(thresholds[j]), margin=margins[j], location=loc,
-                zone_fractions=fr, logit_minus_bias=float(tc.mean_logit_minus_bias),
-                channels=tuple(r.to_dict() for r in tc.rows)))
-        excluded = [ExcludedFinding(
-            class_index=e["index"], name=names[e["index"]],
-            probability=float(probs[i, e["index"]]), threshold=float(thresholds[e["index"]]),
-            margin=margins[e["index"]], excluded_by=names[e["excluded_by"]],
-            jaccard=e["jaccard"], level=float(jaccard_exclusion), reason=e["reason"])
-            for e in excl]
-        status = {f.class_index: "reported" for f in findings}
-        status.update({e.class_index: "excluded" for e in excluded})
-        table = [{"class_index": j, "class": names[j], "probability": float(probs[i, j]),
-                  "threshold": float(thresholds[j]), "margin_logodds": margins[j],
-                  "status": status.get(j, "below threshold")} for j in range(k)]
-        table.sort(key=lambda r: -r["probability"])
-        overlay = None
-        if findings:
-            overlay = clinical_overlay_png(
-                _display(model, x[i]), [cam_maps[(i, f.class_index)] for f in findings],
-                [f"{f.name} ({f.probability:.2f})\n{f.location or 'location n/a'}"
-                 for f in findings],
-                zones=zi)
-        reports.append(ClinicalReport(
-            image_id=ids[i], source=sources[i], findings=findings, excluded=excluded,
-            probabilities=table, model=model_info, cam_method=cam_method, zones_source=zsource,
-            jaccard_source=jac_source, jaccard_exclusion=float(jaccard_exclusion),
-            rank_by=rank_by, warnings=warns, created=created, overlay_png=overlay))
+    s = _validate(model, images, image_ids, zones, label_stats, jaccard_exclusion, conflicts,
+                  rank_by, top_channels, min_cam_size, exclusion_rule)
+    sc = _gather(model, s)
+    plans = _plans(s, sc)
+    ops, operating = operating_points(s.card, s.names, s.thresholds, calibration)
+    resolution = cam_resolution(model, s.x, min_cam_size)
+    cams = _cams(model, s, plans, cam_method, progress)
+    exclusion = _exclusion_info(s)
+    shared = {"resolution": resolution, "operating": operating, "exclusion": exclusion,
+              "cam_method": cam_method, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "warnings": _shared_warnings(operating, exclusion, resolution),
+              "model": {"arch": getattr(model, "arch", type(model).__name__),
+                        "model_id": getattr(s.card, "model_id", "") if s.card is not None
+                        else "", "task": s.task, "class_names": s.names,
+                        "thresholds": s.thresholds,
+                        "thresholds_calibrated": operating["calibrated"],
+                        "input_size": resolution["input_size"]}}
+    reports = [_render(model, s, sc, i, plans[i], cams, ops, shared,
+                       zones[i] if zones is not None else None, top_channels)
+               for i in track(range(len(s.ids)), "clinical reports", progress=progress)]
     if out_dir is not None:
         write_clinical_reports(reports, out_dir)
     return reports
+
+
+def _shared_warnings(operating: Mapping[str, Any], exclusion: Mapping[str, Any],
+                     resolution: Mapping[str, Any]) -> list[str]:
+    out = []
+    if operating["notice"]:
+        out.append(operating["notice"])
+    out += list(operating["notes"]) + list(exclusion["warnings"])
+    if resolution["note"]:
+        out.append(resolution["note"])
+    return out
 
 
 def write_clinical_reports(reports: Sequence[ClinicalReport], out_dir: str | os.PathLike,
@@ -525,12 +976,20 @@ def write_clinical_reports(reports: Sequence[ClinicalReport], out_dir: str | os.
         r.save(out, safe_filename(r.image_id, used))
         rows.append({"id": r.image_id, "html": r.html_path, "json": r.json_path,
                      "summary": r.summary(), "n_findings": len(r.findings),
+                     "n_flagged": sum(1 for f in r.findings if f.conflicts),
                      "n_excluded": len(r.excluded),
                      "findings": [{"class": f.name, "probability": f.probability,
-                                   "location": f.location} for f in r.findings],
+                                   "location": f.location,
+                                   "conflicts_with": [c.other for c in f.conflicts]}
+                                  for f in r.findings],
                      "excluded": [{"class": e.name, "excluded_by": e.excluded_by,
-                                   "jaccard": e.jaccard} for e in r.excluded]})
+                                   "lift": e.evidence.get("lift")} for e in r.excluded]})
+    first = reports[0] if reports else None
+    notice = first.operating.get("notice") if first is not None else None
+    mode = first.exclusion.get("mode") if first is not None else "flag"
     write_json(out / "index.json", {"schema_version": SCHEMA, "kind": "clinical_index",
-                                    "disclaimer": DECISION_SUPPORT, "reports": rows})
+                                    "disclaimer": DECISION_SUPPORT, "operating_notice": notice,
+                                    "conflicts": mode, "reports": rows})
     return write_html(out / "index.html", render("clinical_index.html.j2", title=title,
-                                                 rows=rows, disclaimer=DECISION_SUPPORT))
+                                                 rows=rows, disclaimer=DECISION_SUPPORT,
+                                                 notice=notice, mode=mode))
