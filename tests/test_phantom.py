@@ -70,7 +70,8 @@ def test_masks_inside_their_anatomy(small):
             lung_ys = np.nonzero(lungs)[0]
             assert ys.mean() > np.median(lung_ys)  # basal
         present = {names[k] for k in np.flatnonzero(small.clean_labels()[row])}
-        assert set(m) - {"lung_right", "lung_left", "heart"} <= present
+        assert set(m) - {"lung_right", "lung_left", "heart", "chest_tube"} <= present
+        assert ("chest_tube" in m) == bool(small.gt["chest_tube"].iloc[row])
     assert checked > 10
 
 
@@ -142,3 +143,30 @@ def test_cli_phantom(tmp_path):
     assert r.exit_code == 0, r.output
     assert (out / "preview.png").stat().st_size > 1000
     assert json.loads((out / "manifest.json").read_text())["command"] == "data phantom"
+
+
+def test_attributes_exposed_and_their_effect_is_known(small):
+    from medscalpel.data.phantom.generate import age_band, render_chunk
+
+    att = small.attributes()
+    assert list(att.columns) == ["sex", "age_band", "view"]
+    assert list(att.index) == small.gt["id"].tolist()
+    assert set(att["sex"]) == {"F", "M"} and set(att["age_band"]) <= {"<40", "40-59", "60+"}
+    assert list(age_band(np.array([0, 39, 40, 59, 60, 95]))) == ["<40", "<40", "40-59", "40-59",
+                                                                  "60+", "60+"]
+    # sex and age are per patient: every film of one patient has the same ones
+    per_patient = small.gt.groupby("patient_id")[["sex", "age"]].nunique()
+    assert (per_patient.to_numpy() == 1).all()
+    # the effect: same draws, female thorax narrower; old patients have fainter bones
+    b = 64
+    base = np.zeros((b, 4), np.float32)
+    clean = np.zeros((b, 14), np.int8)
+    none = np.zeros(b, bool)
+    kw = dict(size=48, clean=clean, patient_base=base, ap=none, tube=none)
+    male = render_chunk(np.random.default_rng(0), female=none, age=np.full(b, 45), **kw)
+    fem = render_chunk(np.random.default_rng(0), female=~none, age=np.full(b, 45), **kw)
+    old = render_chunk(np.random.default_rng(0), female=none, age=np.full(b, 85), **kw)
+    lung_area = lambda c: np.unpackbits(c["anat_bits"][:, :2], axis=-1).sum()  # noqa: E731
+    assert lung_area(fem) < 0.95 * lung_area(male)
+    assert np.allclose(old["anatomy"].bone_gain, 1.1 - 0.008 * 65)
+    assert old["images"].astype(float).mean() != male["images"].astype(float).mean()

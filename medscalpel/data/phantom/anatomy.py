@@ -113,10 +113,13 @@ class Anatomy:
     noise: np.ndarray             # quantum noise sigma (grey levels / 255)
     blur: np.ndarray              # 0..1 motion/defocus blur mix
     mediastinal_shift: np.ndarray = field(default=None)  # type: ignore[assignment]
+    bone_gain: np.ndarray = field(default=None)  # type: ignore[assignment]  # bone density
 
     def __post_init__(self):
         if self.mediastinal_shift is None:
             self.mediastinal_shift = np.zeros_like(self.tx)
+        if self.bone_gain is None:
+            self.bone_gain = np.ones_like(self.tx)
 
     @property
     def n(self) -> int:
@@ -163,6 +166,28 @@ def sample_anatomy(rng: np.random.Generator, n: int, patient_base: np.ndarray | 
         noise=noise,
         blur=np.clip(rng.normal(0.15, 0.15, n), 0, 1).astype(F32) + 0.25 * ap.astype(F32),
     )
+
+
+#: the patient attributes' effects on appearance (generator 1.2): a female thorax is narrower
+#: (``body_w`` x ``FEMALE_WIDTH``: lungs and heart scale with it) with slightly shorter lungs
+#: (``inspiration`` x ``FEMALE_HEIGHT``); bone density falls with age (``bone_gain`` =
+#: ``1.1 - BONE_LOSS_PER_YEAR * (age - 20)``, clipped to [0.55, 1.1]) and lungs grow more lucent
+#: (``air`` + ``AIR_PER_YEAR * (age - 45)``).
+FEMALE_WIDTH = 0.93
+FEMALE_HEIGHT = 0.97
+BONE_LOSS_PER_YEAR = 0.008
+AIR_PER_YEAR = 0.0006
+
+
+def apply_attributes(an: Anatomy, female: np.ndarray, age: np.ndarray) -> None:
+    """Apply the per-image sex and age effects (see :data:`FEMALE_WIDTH` etc.) in place."""
+    female = np.asarray(female, bool)
+    age = np.asarray(age, F32)
+    an.body_w = np.where(female, an.body_w * F32(FEMALE_WIDTH), an.body_w).astype(F32)
+    an.inspiration = np.where(female, an.inspiration * F32(FEMALE_HEIGHT),
+                              an.inspiration).astype(F32)
+    an.bone_gain = np.clip(1.1 - BONE_LOSS_PER_YEAR * (age - 20), 0.55, 1.1).astype(F32)
+    an.air = (an.air + F32(AIR_PER_YEAR) * (age - 45)).astype(F32)
 
 
 def quality_score(an: Anatomy) -> np.ndarray:
@@ -343,7 +368,7 @@ def render_anatomy(an: Anatomy, size: int, rng: np.random.Generator) -> tuple[np
     dens -= air * lungs * (1 - 0.6 * heart) * (1 - 0.6 * medi)
     dens += 0.06 * markings * lungs
     dens += 0.22 * heart + 0.17 * medi * (1 - 0.6 * heart)
-    dens += bones * body
+    dens += bones * body * col(an.bone_gain)
     dens += (0.12 * body - 0.12 * stomach) * below
     frame = Frame(X=X, Y=Y, lung_r=lung_r, lung_l=lung_l, heart=heart, below_dome=below,
                   dome_y_r=dome_r, dome_y_l=dome_l)

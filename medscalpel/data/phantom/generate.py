@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medscalpel.data.phantom.anatomy import (F32, Anatomy, col, quality_score, render_anatomy,
-                                             sample_anatomy)
+from medscalpel.data.phantom.anatomy import (F32, Anatomy, apply_attributes, col, quality_score,
+                                             render_anatomy, sample_anatomy)
 from medscalpel.data.phantom.findings import (CLASS_NAMES, draw_chest_tube, draw_marker,
                                               modify_anatomy, render_finding, sample_severity,
                                               sample_side)
@@ -30,7 +30,9 @@ from medscalpel.validation import check_fraction, check_range
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1.1"
+GENERATOR_VERSION = "1.2"
+#: age bands of the ``age_band`` attribute: (label, lowest age in years)
+AGE_BANDS = (("<40", 0), ("40-59", 40), ("60+", 60))
 CHUNK = 256
 SPLITS = ("train", "val", "test", "shifted")
 DEFAULT_SPLITS = {"train": 0.7, "val": 0.1, "test": 0.1, "shifted": 0.1}
@@ -89,6 +91,23 @@ def _assign_splits(rng: np.random.Generator, patient: np.ndarray,
     return pat_split[patient].astype(str)
 
 
+def _attributes(seed: int, patient: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image sex (True = female) and age in years, drawn per PATIENT from their own RNG
+    stream (``[seed, 2]``) so that every other draw of the generator is unchanged."""
+    rng = np.random.default_rng([seed, 2])
+    n_pat = int(patient.max()) + 1 if len(patient) else 0
+    female = rng.random(n_pat) < 0.45                       # NIH: 44% female
+    age = np.clip(np.round(rng.normal(47.0, 16.5, n_pat)), 1, 95)   # NIH: mean 47, sd 17
+    return female[patient], age[patient].astype(np.int16)
+
+
+def age_band(age: np.ndarray) -> np.ndarray:
+    """Age in years -> the :data:`AGE_BANDS` label."""
+    lows = np.array([lo for _, lo in AGE_BANDS])
+    names = np.array([name for name, _ in AGE_BANDS])
+    return names[np.searchsorted(lows, np.asarray(age), side="right") - 1]
+
+
 def _check_splits(splits: dict[str, float] | None) -> dict[str, float]:
     from medscalpel.errors import ConfigError
 
@@ -122,6 +141,7 @@ def _tone(dens: np.ndarray, an: Anatomy, rng: np.random.Generator) -> np.ndarray
 
 def render_chunk(rng: np.random.Generator, size: int, clean: np.ndarray,
                  patient_base: np.ndarray, ap: np.ndarray, tube: np.ndarray,
+                 female: np.ndarray | None = None, age: np.ndarray | None = None,
                  ) -> dict[str, Any]:
     """Render one batch of images with their ground truth.
 
@@ -132,9 +152,14 @@ def render_chunk(rng: np.random.Generator, size: int, clean: np.ndarray,
         patient_base: ``[B, 4]`` per-patient habitus.
         ap: ``[B]`` portable AP film.
         tube: ``[B]`` chest tube present.
+        female, age: ``[B]`` patient sex (True = female) and age in years; their effects on
+            the anatomy are :func:`~medscalpel.data.phantom.anatomy.apply_attributes`'s
+            (``None``: no effect).
     """
     B = len(clean)
     an = sample_anatomy(rng, B, patient_base, ap)
+    if female is not None and age is not None:
+        apply_attributes(an, female, age)
     sev = np.zeros((B, len(CLASS_NAMES)), F32)
     side = np.full((B, len(CLASS_NAMES)), -1, np.int8)
     pos = {}
@@ -159,8 +184,10 @@ def render_chunk(rng: np.random.Generator, size: int, clean: np.ndarray,
     ptx = CLASS_NAMES.index("Pneumothorax")
     tube_side = np.where(side[:, ptx] >= 0, side[:, ptx], rng.integers(0, 2, B)).astype(np.int8)
     tube_side[~tube] = -1
+    tube_mask = np.zeros((B, size * size), bool)
     if len(tube_idx):
-        draw_chest_tube(dens, fr, tube_idx, tube_side[tube_idx])
+        tube_mask[tube_idx] = draw_chest_tube(dens, fr, tube_idx,
+                                              tube_side[tube_idx]).reshape(len(tube_idx), -1)
     img = _tone(dens, an, rng)
     draw_marker(img, np.flatnonzero(ap), "AP", size)
     draw_marker(img, np.flatnonzero(rng.random(B) < 0.5), "side", size)
@@ -171,6 +198,7 @@ def render_chunk(rng: np.random.Generator, size: int, clean: np.ndarray,
     return {
         "images": images,
         "anat_bits": np.packbits(anat, axis=-1),
+        "tube_bits": np.packbits(tube_mask, axis=-1),
         "mask_rows": np.concatenate(mask_rows) if mask_rows else np.zeros(0, np.int64),
         "mask_cls": np.concatenate(mask_cls) if mask_cls else np.zeros(0, np.int8),
         "mask_bits": (np.concatenate(packed) if packed
@@ -236,22 +264,25 @@ def generate_phantom(
     p_ap = np.where(shifted, shortcut.ap_shifted, np.where(fluid, shortcut.ap_pos, shortcut.ap_neg))
     tube = rng.random(n) < p_tube
     ap = rng.random(n) < p_ap
+    female, age = _attributes(seed, patient)
 
     chunks = []
     starts = range(0, n, CHUNK)
     for c in track(starts, "phantom", total=len(starts), progress=progress):
         sl = slice(c, min(c + CHUNK, n))
         crng = np.random.default_rng([seed, 1, c // CHUNK])
-        chunks.append(render_chunk(crng, size, clean[sl], base[sl], ap[sl], tube[sl]))
+        chunks.append(render_chunk(crng, size, clean[sl], base[sl], ap[sl], tube[sl],
+                                   female[sl], age[sl]))
 
     images = np.concatenate([c["images"] for c in chunks])
     mask_rows = np.concatenate([c["mask_rows"] + i * CHUNK for i, c in enumerate(chunks)])
-    gt = _ground_truth(n, patient, split, chunks, clean, flips, tube, ap)
+    gt = _ground_truth(n, patient, split, chunks, clean, flips, tube, ap, female, age)
     data = PhantomData(
         images=images,
         labels=observed.astype(np.float32),
         gt=gt,
         anat_bits=np.concatenate([c["anat_bits"] for c in chunks]),
+        tube_bits=np.concatenate([c["tube_bits"] for c in chunks]),
         mask_rows=mask_rows.astype(np.int32),
         mask_cls=np.concatenate([c["mask_cls"] for c in chunks]).astype(np.int8),
         mask_bits=np.concatenate([c["mask_bits"] for c in chunks]),
@@ -274,7 +305,8 @@ def generate_phantom(
     return data
 
 
-def _ground_truth(n, patient, split, chunks, clean, flips, tube, ap) -> pd.DataFrame:
+def _ground_truth(n, patient, split, chunks, clean, flips, tube, ap, female, age
+                  ) -> pd.DataFrame:
     sev = np.concatenate([c["severity"] for c in chunks])
     side = np.concatenate([c["side"] for c in chunks])
     an = [c["anatomy"] for c in chunks]
@@ -284,6 +316,9 @@ def _ground_truth(n, patient, split, chunks, clean, flips, tube, ap) -> pd.DataF
         "patient_id": [f"P{p:06d}" for p in patient],
         "split": split,
         "view": np.where(ap, "AP", "PA"),
+        "sex": np.where(female, "F", "M"),
+        "age": age,
+        "age_band": age_band(age),
         "ap_marker": ap,
         "chest_tube": tube,
         "tube_side": np.concatenate([c["tube_side"] for c in chunks]),

@@ -7,7 +7,8 @@ A phantom directory holds:
   heart) and one row of ``mask_bits`` per present finding, with its image row (``mask_rows``)
   and class index (``mask_cls``);
 * ``labels.csv`` - ``id, patient_id, split`` and the 14 *observed* (noisy) labels;
-* ``groundtruth.csv`` - per image: view, confounders (``chest_tube``, ``ap_marker``), quality,
+* ``groundtruth.csv`` - per image: view, patient attributes (``sex``, ``age``, ``age_band``;
+  generator >= 1.2), confounders (``chest_tube``, ``ap_marker``), quality,
   acquisition parameters, and per finding ``clean_*``, ``flip_*``, ``sev_*``, ``side_*``;
 * ``phantom.json`` - generator parameters, class names, file hashes.
 """
@@ -25,6 +26,8 @@ import pandas as pd
 from medscalpel.errors import DataError
 
 ANATOMY_MASKS = ("lung_right", "lung_left", "heart")
+#: per-image attributes with a known effect on appearance (generator >= 1.2) and the view
+ATTRIBUTES = ("sex", "age_band", "view")
 META = "phantom.json"
 FILES = ("images.npz", "masks.npz", "labels.csv", "groundtruth.csv")
 
@@ -42,6 +45,7 @@ class PhantomData:
     mask_bits: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    tube_bits: np.ndarray | None = None
 
     def __post_init__(self):
         order = np.argsort(self.mask_rows, kind="stable")
@@ -80,9 +84,20 @@ class PhantomData:
     def severity(self) -> np.ndarray:
         return self.gt[[f"sev_{c}" for c in self.class_names]].to_numpy(np.float32)
 
+    def attributes(self, rows: np.ndarray | None = None) -> pd.DataFrame:
+        """Per-image attributes (:data:`ATTRIBUTES`: ``sex``, ``age_band``, ``view``) of
+        ``rows`` (default: all), indexed by image id. Phantoms of generator < 1.2 have only
+        ``view``."""
+        gt = self.gt if rows is None else self.gt.iloc[np.asarray(rows, dtype=np.int64)]
+        cols = [c for c in ATTRIBUTES if c in gt.columns]
+        out = gt[cols].astype(str).copy()
+        out.index = pd.Index(gt["id"].astype(str).to_numpy(), name="id")
+        return out
+
     def masks(self, row: int) -> dict[str, np.ndarray]:
         """Boolean ``[S, S]`` masks of image ``row``: ``lung_right`` / ``lung_left`` (the
-        patient's sides: image left / right), ``heart``, and one per finding drawn in it."""
+        patient's sides: image left / right), ``heart``, one per finding drawn in it and
+        ``chest_tube`` when a chest drain is drawn (generator >= 1.2)."""
         if not 0 <= row < len(self):
             raise DataError(f"phantom: image row {row} is out of range [0, {len(self)}).")
         s = self.size
@@ -95,6 +110,10 @@ class PhantomData:
         for j in range(lo, hi):
             bits = np.unpackbits(self.mask_bits[j], count=s * s).astype(bool)
             out[names[int(self.mask_cls[j])]] = bits.reshape(s, s)
+        if self.tube_bits is not None:
+            tube = np.unpackbits(self.tube_bits[row], count=s * s).astype(bool)
+            if tube.any():
+                out["chest_tube"] = tube.reshape(s, s)
         return out
 
     def dataset(self, split: str = "train", preprocess=None, spec: str = "phantom"):
@@ -116,10 +135,11 @@ class PhantomData:
         with atomic_path(out / "images.npz") as tmp:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, images=self.images)
+        extra = {} if self.tube_bits is None else {"tube_bits": self.tube_bits}
         with atomic_path(out / "masks.npz") as tmp:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, anat_bits=self.anat_bits, mask_rows=self.mask_rows,
-                                    mask_cls=self.mask_cls, mask_bits=self.mask_bits)
+                                    mask_cls=self.mask_cls, mask_bits=self.mask_bits, **extra)
         lab = self.gt[["id", "patient_id", "split"]].copy()
         for k, c in enumerate(self.class_names):
             lab[c] = self.labels[:, k].astype(np.int8)
@@ -175,6 +195,7 @@ class PhantomData:
                 images = z["images"]
             with np.load(root / "masks.npz", allow_pickle=False) as z:
                 arrays = {k: z[k] for k in ("anat_bits", "mask_rows", "mask_cls", "mask_bits")}
+                arrays["tube_bits"] = z["tube_bits"] if "tube_bits" in z.files else None
             lab = pd.read_csv(root / "labels.csv")
             gt = pd.read_csv(root / "groundtruth.csv")
         except (OSError, ValueError, KeyError) as exc:

@@ -1,0 +1,489 @@
+"""Explanation drift and faithfulness: does the compressed model still look where the dense one
+looked, and do its maps still explain its outputs?
+
+* Similarity, per class, of the dense and compressed Grad-CAM of the same image: Spearman rank
+  correlation of the pixels, IoU of the top-``frac`` pixels and pointing-game agreement (the
+  compressed map's peak inside the dense map's top-``frac`` region).
+* Faithfulness of each model's own maps (explained class = the dense model's most probable
+  class of the image): deletion and insertion AUC (the class probability as the top pixels are
+  replaced by the mean image / inserted into a blurred image; deletion lower = more faithful,
+  insertion higher) and a ROAD-style remove-and-debias score (pixels removed by noisy linear
+  imputation so the removal itself leaks no shape; ``road = mean over fractions of p(LeRF) -
+  p(MoRF)``, higher = more faithful).
+* With ground-truth masks (the phantom): energy of the map inside the finding's mask and the
+  pointing game, and the share of energy on the chest tube (a shortcut), per model.
+
+Every per-image score is summarised as a mean with a bootstrap CI; dense-vs-compressed as the
+mean paired difference with a CI and a bootstrap p-value. The maps come from :func:`class_cams`,
+Grad-CAM for ALL classes in one forward pass per batch (the gradient of each class logit w.r.t.
+the CAM layer needs only the head, so K classes cost one backbone pass); it equals
+:func:`medscalpel.explain.cams.compute_cam` with ``method="gradcam"`` (tested), and it lives here
+because the audit layer sits below ``explain``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import sparse
+from scipy.sparse.linalg import spsolve
+from scipy.stats import rankdata
+from torch import nn
+
+from medscalpel.audit.changes._util import NAN, boot_weights, logits_of, mean_with_ci
+from medscalpel.errors import ConfigError, DataError, ModelError
+from medscalpel.progress import track
+from medscalpel.validation import check_fraction, check_range
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = 1
+ROAD_FRACTIONS = (0.1, 0.3, 0.5)
+
+
+# ----------------------------------------------------------------------------- maps
+def class_cams(model: nn.Module, images: torch.Tensor, classes: Sequence[int],
+               batch_size: int = 32) -> np.ndarray:
+    """Grad-CAM maps ``[N, len(classes), H, W]`` in [0, 1] at input resolution.
+
+    Per class: weights = spatial mean of d logit / d A over the CAM layer's map A, map =
+    ReLU(sum_c weight_c A_c), min-max scaled, bilinearly resized (as ``grad-cam`` does). The
+    model is left unchanged (modes, ``requires_grad``, hooks restored).
+    """
+    if not hasattr(model, "cam_layer"):
+        raise ModelError(f"class_cams needs a MedClassifier with cam_layer(); got "
+                         f"{type(model).__name__}.")
+    layer = model.cam_layer()
+    reshape = getattr(model, "cam_reshape", None)
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_m, _i, out):
+        leaf = out.detach().requires_grad_(True)
+        store["a"] = leaf
+        return leaf
+
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    handle = layer.register_forward_hook(hook)
+    n, h, w = int(images.shape[0]), int(images.shape[-2]), int(images.shape[-1])
+    out = np.zeros((n, len(classes), h, w), np.float32)
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        dev = next(model.parameters()).device
+        for s in range(0, n, batch_size):
+            with torch.enable_grad():
+                logits = model(images[s:s + batch_size].to(dev))
+                a = store["a"]
+                grads = [torch.autograd.grad(logits[:, int(k)].sum(), a, retain_graph=True)[0]
+                         for k in classes]
+            act = reshape(a.detach()) if reshape is not None else a.detach()
+            for j, g in enumerate(grads):
+                g = reshape(g) if reshape is not None else g
+                cam = torch.relu((g.mean(dim=(2, 3), keepdim=True) * act).sum(1))
+                flat = cam.flatten(1)
+                cam = (cam - flat.min(1)[0][:, None, None])
+                cam = cam / (1e-7 + cam.flatten(1).max(1)[0][:, None, None])
+                up = F.interpolate(cam[:, None].float(), size=(h, w), mode="bilinear",
+                                   align_corners=False)[:, 0]
+                out[s:s + len(up), j] = up.cpu().numpy()
+            store.clear()
+    finally:
+        handle.remove()
+        for m, mode in modes:
+            m.training = mode
+        for p, req in flags:
+            p.requires_grad_(req)
+    return np.nan_to_num(out, nan=0.0)
+
+
+def top_mask(maps: np.ndarray, frac: float) -> np.ndarray:
+    """Boolean masks of the top ``frac`` pixels of each map (``[..., H, W]``)."""
+    flat = maps.reshape(-1, maps.shape[-2] * maps.shape[-1])
+    k = max(1, int(round(frac * flat.shape[1])))
+    idx = np.argpartition(-flat, k - 1, axis=1)[:, :k]
+    m = np.zeros(flat.shape, bool)
+    np.put_along_axis(m, idx, True, axis=1)
+    return m.reshape(maps.shape)
+
+
+def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
+    ra -= ra.mean(1, keepdims=True)
+    rb -= rb.mean(1, keepdims=True)
+    den = np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (ra * rb).sum(1) / den, NAN)
+
+
+def similarity(ref: np.ndarray, new: np.ndarray, frac: float) -> dict[str, np.ndarray]:
+    """Per-map Spearman rho, top-``frac`` IoU and pointing agreement of two ``[M, H, W]``
+    stacks (NaN where either map is empty)."""
+    m = ref.shape[0]
+    a, b = ref.reshape(m, -1).astype(np.float64), new.reshape(m, -1).astype(np.float64)
+    empty = (a.max(1) <= 0) | (b.max(1) <= 0)
+    ta, tb = top_mask(a, frac), top_mask(b, frac)
+    inter, union = (ta & tb).sum(1), (ta | tb).sum(1)
+    iou = inter / np.maximum(union, 1)
+    point = ta[np.arange(m), b.argmax(1)].astype(np.float64)
+    rho = _spearman_rows(a, b)
+    for v in (iou, point, rho):
+        v[empty] = NAN
+    return {"spearman": rho, "iou": iou, "pointing": point}
+
+
+# ----------------------------------------------------------------------------- faithfulness
+def _prob(model: nn.Module, x: torch.Tensor, target: np.ndarray, multiclass: bool,
+          batch_size: int) -> np.ndarray:
+    z = torch.from_numpy(logits_of(model, x, batch_size))
+    p = torch.softmax(z, 1) if multiclass else torch.sigmoid(z)
+    return p[torch.arange(len(target)), torch.from_numpy(target)].numpy().astype(np.float64)
+
+
+def _blurred(x: torch.Tensor) -> torch.Tensor:
+    k = max(3, int(x.shape[-1] // 8) | 1)
+    return F.avg_pool2d(F.pad(x, [k // 2] * 4, mode="replicate"), k, stride=1)
+
+
+def deletion_insertion(model: nn.Module, images: torch.Tensor, maps: np.ndarray,
+                       target: np.ndarray, *, steps: int = 8, multiclass: bool = False,
+                       batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image deletion and insertion AUC (trapezoid over the removed / inserted fraction
+    0, 1/steps, ..., 1) of the target's probability; the pixels in order of ``maps``."""
+    n, hw = maps.shape[0], maps.shape[1] * maps.shape[2]
+    order = np.argsort(-maps.reshape(n, -1), axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(hw)[None].repeat(n, 0), axis=1)
+    rank_t = torch.from_numpy(rank.reshape(n, 1, *maps.shape[1:]))
+    base_del = torch.zeros_like(images)          # the mean image in normalised units
+    base_ins = _blurred(images)
+    fr = np.linspace(0, 1, steps + 1)
+    dele, ins = [], []
+    for f in fr:
+        top = rank_t < int(round(f * hw))
+        dele.append(_prob(model, torch.where(top, base_del, images), target, multiclass,
+                          batch_size))
+        ins.append(_prob(model, torch.where(top, images, base_ins), target, multiclass,
+                         batch_size))
+    return np.trapezoid(np.stack(dele, 1), fr, axis=1), np.trapezoid(np.stack(ins, 1), fr, axis=1)
+
+
+def impute_linear(img: np.ndarray, removed: np.ndarray, noise: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """ROAD's noisy linear imputation of one ``[H, W]`` image: every removed pixel becomes the
+    weighted mean of its 8 neighbours (1/6 direct, 1/12 diagonal; solved jointly as a sparse
+    system), plus gaussian noise of std ``noise``."""
+    h, w = img.shape
+    idx = -np.ones((h, w), np.int64)
+    ys, xs = np.nonzero(removed)
+    m = len(ys)
+    if m == 0:
+        return img.copy()
+    idx[ys, xs] = np.arange(m)
+    rows, cols, vals = [np.arange(m)], [np.arange(m)], []
+    diag = np.zeros(m)
+    rhs = np.zeros(m)
+    for dy, dx, wt in ((-1, 0, 1 / 6), (1, 0, 1 / 6), (0, -1, 1 / 6), (0, 1, 1 / 6),
+                       (-1, -1, 1 / 12), (-1, 1, 1 / 12), (1, -1, 1 / 12), (1, 1, 1 / 12)):
+        ny, nx = ys + dy, xs + dx
+        ok = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+        diag[ok] += wt
+        nyo, nxo = ny[ok], nx[ok]
+        j = idx[nyo, nxo]
+        unk = j >= 0
+        src = np.flatnonzero(ok)
+        rows.append(src[unk])
+        cols.append(j[unk])
+        vals.append(np.full(int(unk.sum()), -wt))
+        np.add.at(rhs, src[~unk], wt * img[nyo[~unk], nxo[~unk]])
+    diag = np.maximum(diag, 1e-12)
+    a = sparse.csr_matrix((np.concatenate([diag, *vals]),
+                           (np.concatenate(rows), np.concatenate(cols))), shape=(m, m))
+    sol = spsolve(a, rhs) if m > 1 else rhs / diag
+    out = img.copy()
+    out[ys, xs] = np.asarray(sol).reshape(-1) + rng.normal(0, noise, m)
+    return out
+
+
+def road_scores(model: nn.Module, images: torch.Tensor, maps: np.ndarray, target: np.ndarray,
+                *, fractions: Sequence[float] = ROAD_FRACTIONS, multiclass: bool = False,
+                noise: float = 0.05, seed: int = 0, batch_size: int = 64) -> np.ndarray:
+    """Per-image ROAD score: mean over ``fractions`` of p(least relevant removed) - p(most
+    relevant removed), pixels removed by :func:`impute_linear` (higher = more faithful)."""
+    rng = np.random.default_rng(seed)
+    n = maps.shape[0]
+    grey = images[:, 0].numpy().astype(np.float64)
+    out = np.zeros(n)
+    for f in fractions:
+        most = top_mask(maps, f)
+        least = top_mask(-maps, f)
+        batch = {}
+        for key, rem in (("morf", most), ("lerf", least)):
+            imp = np.stack([impute_linear(grey[i], rem[i], noise, rng) for i in range(n)])
+            x = torch.from_numpy(imp.astype(np.float32))[:, None].expand(-1, images.shape[1],
+                                                                            -1, -1)
+            batch[key] = _prob(model, x.contiguous(), target, multiclass, batch_size)
+        out += batch["lerf"] - batch["morf"]
+    return out / len(fractions)
+
+
+# ----------------------------------------------------------------------------- result
+@dataclass(frozen=True)
+class ExplanationChange:
+    """Explanation similarity per class, faithfulness per model, ground-truth agreement.
+
+    Each statistic is ``{"mean", "n", "ci", "p"}`` (mean over images with a bootstrap CI; for
+    a ``delta`` the paired difference compressed - dense and its bootstrap p-value).
+
+    Attributes:
+        classes: per class name: ``spearman``, ``iou``, ``pointing`` (similarity) and, with
+            masks, ``mask_energy`` / ``mask_pointing`` / ``tube_energy`` as
+            ``{"ref": stat, "new": stat, "delta": stat}``.
+        faithfulness: ``deletion``, ``insertion``, ``road`` as ``{"ref", "new", "delta"}``.
+    """
+
+    classes: dict[str, dict[str, Any]]
+    faithfulness: dict[str, dict[str, Any]]
+    n_similarity: int
+    n_faithfulness: int
+    frac: float
+    steps: int
+    road_fractions: tuple[float, ...]
+    n_boot: int
+    seed: int
+    confidence: float
+    has_masks: bool
+    schema_version: int = SCHEMA
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["road_fractions"] = list(self.road_fractions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExplanationChange":
+        d = dict(d)
+        d["road_fractions"] = tuple(d["road_fractions"])
+        return cls(**d)
+
+    def table(self) -> list[dict[str, Any]]:
+        rows = []
+        for name, c in self.classes.items():
+            row = {"class": name, "spearman": c["spearman"]["mean"], "top-k IoU": c["iou"]["mean"],
+                   "pointing agree": c["pointing"]["mean"]}
+            if "mask_energy" in c:
+                row["in-mask dense"] = c["mask_energy"]["ref"]["mean"]
+                row["in-mask compressed"] = c["mask_energy"]["new"]["mean"]
+            if "tube_energy" in c:
+                row["tube delta"] = c["tube_energy"]["delta"]["mean"]
+            rows.append(row)
+        return rows
+
+
+def _paired(a: np.ndarray, b: np.ndarray, w: np.ndarray, confidence: float) -> dict[str, Any]:
+    return {"ref": mean_with_ci(a, w, confidence), "new": mean_with_ci(b, w, confidence),
+            "delta": mean_with_ci(b - a, w, confidence)}
+
+
+def _mask_scores(maps: np.ndarray, masks: Sequence[np.ndarray | None]) -> tuple[np.ndarray,
+                                                                                 np.ndarray]:
+    """Energy inside each mask and pointing (peak inside), NaN where no mask / empty map."""
+    n = maps.shape[0]
+    energy, point = np.full(n, NAN), np.full(n, NAN)
+    for i, m in enumerate(masks):
+        if m is None or not np.asarray(m).any() or maps[i].max() <= 0:
+            continue
+        m = _fit(np.asarray(m, bool), maps.shape[1:])
+        energy[i] = float((maps[i] * m).sum() / maps[i].sum())
+        point[i] = float(m.reshape(-1)[maps[i].argmax()])
+    return energy, point
+
+
+def _fit(m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if m.shape == tuple(shape):
+        return m
+    t = torch.from_numpy(m.astype(np.float32))[None, None]
+    return F.interpolate(t, size=tuple(shape), mode="nearest")[0, 0].numpy() > 0.5
+
+
+def _dilate(m: np.ndarray) -> np.ndarray:
+    t = torch.from_numpy(m.astype(np.float32))[None, None]
+    return F.max_pool2d(t, 3, stride=1, padding=1)[0, 0].numpy() > 0.5
+
+
+# ----------------------------------------------------------------------------- API
+def explanation_change(
+    dense: nn.Module,
+    compressed: nn.Module,
+    images: torch.Tensor,
+    *,
+    class_names: Sequence[str],
+    classes: Sequence[int] | None = None,
+    masks: Sequence[dict[str, np.ndarray]] | None = None,
+    frac: float = 0.1,
+    n_faithfulness: int = 100,
+    steps: int = 8,
+    road_fractions: Sequence[float] = ROAD_FRACTIONS,
+    multiclass: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    batch_size: int = 32,
+    progress: bool | None = None,
+) -> ExplanationChange:
+    """Dense vs compressed explanations on the same images.
+
+    Args:
+        dense, compressed: two MedClassifiers with the same classes (left unchanged).
+        images: normalised input ``[N, C, H, W]``.
+        class_names: names of the K classes.
+        classes: class indices to compare (default: all).
+        masks: per image a dict of ground-truth masks (the phantom's ``masks(i)``: finding
+            name -> mask, ``chest_tube``) for the agreement scores; None: skipped.
+        frac: top-pixel share of the IoU and the pointing region.
+        n_faithfulness: images (the first ones) for deletion / insertion / ROAD.
+        steps: deletion / insertion steps.
+        road_fractions: removed fractions of the ROAD score.
+
+    Raises:
+        ModelError: the models explain different numbers of classes.
+        DataError: masks do not match the images.
+    """
+    check_fraction(frac, "frac", "explanation_change")
+    check_range(n_faithfulness, "n_faithfulness", "explanation_change", 0, integer=True)
+    check_range(steps, "steps", "explanation_change", 2, 100, integer=True)
+    k_ref, k_new = int(dense.classifier.out_features), int(compressed.classifier.out_features)
+    if k_ref != k_new or k_ref != len(class_names):
+        raise ModelError(f"explanation_change: the dense model has {k_ref} outputs, the "
+                         f"compressed {k_new}, the data {len(class_names)} classes; they must "
+                         "agree.")
+    cls = list(range(k_ref)) if classes is None else [int(c) for c in classes]
+    if not cls or any(not 0 <= c < k_ref for c in cls):
+        raise ConfigError(f"The 'classes' parameter of explanation_change must be indices in "
+                          f"[0, {k_ref - 1}]. Got {cls} instead.")
+    n = int(images.shape[0])
+    if masks is not None and len(masks) != n:
+        raise DataError(f"explanation_change: {n} images but {len(masks)} mask sets.")
+    w = boot_weights(n, n_boot, seed + 4)
+    per_class: dict[str, dict[str, Any]] = {}
+    batches = list(range(0, n, batch_size))
+    stats: dict[int, dict[str, list[np.ndarray]]] = {c: {} for c in cls}
+    for s in track(batches, "explanation maps", progress=progress):
+        x = images[s:s + batch_size]
+        a, b = class_cams(dense, x, cls, batch_size), class_cams(compressed, x, cls, batch_size)
+        for j, c in enumerate(cls):
+            st = stats[c]
+            for key, v in similarity(a[:, j], b[:, j], frac).items():
+                st.setdefault(key, []).append(v)
+            if masks is not None:
+                mk = [masks[s + i].get(class_names[c]) for i in range(len(x))]
+                tube = [_dilate(masks[s + i]["chest_tube"]) if "chest_tube" in masks[s + i]
+                        else None for i in range(len(x))]
+                for tag, ms in (("mask", mk), ("tube", tube)):
+                    ea, pa = _mask_scores(a[:, j], ms)
+                    eb, pb = _mask_scores(b[:, j], ms)
+                    st.setdefault(f"{tag}_energy_ref", []).append(ea)
+                    st.setdefault(f"{tag}_energy_new", []).append(eb)
+                    st.setdefault(f"{tag}_pointing_ref", []).append(pa)
+                    st.setdefault(f"{tag}_pointing_new", []).append(pb)
+    for c in cls:
+        st = {k: np.concatenate(v) for k, v in stats[c].items()}
+        row: dict[str, Any] = {k: mean_with_ci(st[k], w, confidence)
+                               for k in ("spearman", "iou", "pointing")}
+        if masks is not None:
+            row["mask_energy"] = _paired(st["mask_energy_ref"], st["mask_energy_new"], w,
+                                         confidence)
+            row["mask_pointing"] = _paired(st["mask_pointing_ref"], st["mask_pointing_new"], w,
+                                           confidence)
+            row["tube_energy"] = _paired(st["tube_energy_ref"], st["tube_energy_new"], w,
+                                         confidence)
+        per_class[class_names[c]] = row
+    faith = _faithfulness(dense, compressed, images[:min(n, n_faithfulness)], steps,
+                          tuple(road_fractions), multiclass, seed, confidence, n_boot, batch_size)
+    return ExplanationChange(
+        classes=per_class, faithfulness=faith, n_similarity=n,
+        n_faithfulness=min(n, n_faithfulness), frac=float(frac), steps=steps,
+        road_fractions=tuple(float(f) for f in road_fractions), n_boot=n_boot, seed=seed,
+        confidence=confidence, has_masks=masks is not None,
+        meta={"method": "gradcam", "classes": [class_names[c] for c in cls],
+              "explained_class_for_faithfulness": "the dense model's most probable class"})
+
+
+def _faithfulness(dense, compressed, x, steps, fractions, multiclass, seed, confidence, n_boot,
+                  batch_size) -> dict[str, Any]:
+    m = int(x.shape[0])
+    if m == 0:
+        return {}
+    target = logits_of(dense, x, batch_size).argmax(1)
+    w = boot_weights(m, n_boot, seed + 5)
+    scores: dict[str, dict[str, np.ndarray]] = {"deletion": {}, "insertion": {}, "road": {}}
+    for key, model in (("ref", dense), ("new", compressed)):
+        maps = np.stack([class_cams(model, x[i:i + 1], [int(target[i])])[0, 0]
+                         for i in range(m)]) if m <= 4 else _target_maps(model, x, target,
+                                                                         batch_size)
+        d, ins = deletion_insertion(model, x, maps, target, steps=steps, multiclass=multiclass,
+                                    batch_size=batch_size)
+        scores["deletion"][key], scores["insertion"][key] = d, ins
+        scores["road"][key] = road_scores(model, x, maps, target, fractions=fractions,
+                                          multiclass=multiclass, seed=seed,
+                                          batch_size=batch_size)
+    return {k: _paired(v["ref"], v["new"], w, confidence) for k, v in scores.items()}
+
+
+def _target_maps(model: nn.Module, x: torch.Tensor, target: np.ndarray, batch_size: int
+                 ) -> np.ndarray:
+    """Each image's map for its own target class (all target classes in one pass)."""
+    uniq = sorted(set(int(t) for t in target))
+    cams = class_cams(model, x, uniq, batch_size)
+    pos = {c: j for j, c in enumerate(uniq)}
+    return np.stack([cams[i, pos[int(t)]] for i, t in enumerate(target)])
+
+
+# ----------------------------------------------------------------------------- figure
+def plot_explanation(res: ExplanationChange, path: str | os.PathLike) -> Path:
+    """Left: per-class similarity (Spearman, IoU, pointing) with CIs. Right: faithfulness of
+    both models (deletion, insertion, ROAD) with CIs."""
+    from medscalpel.plotting import pyplot, save_figure
+
+    plt = pyplot()
+    names = list(res.classes)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 0.3 * len(names) + 2.5),
+                                 gridspec_kw={"width_ratios": [2, 1]})
+    y = np.arange(len(names))
+    for off, key, color in ((-0.25, "spearman", "tab:blue"), (0.0, "iou", "tab:orange"),
+                            (0.25, "pointing", "tab:green")):
+        m = np.array([res.classes[c][key]["mean"] for c in names], float)
+        lo = np.array([res.classes[c][key]["ci"][0] for c in names], float)
+        hi = np.array([res.classes[c][key]["ci"][1] for c in names], float)
+        err = np.vstack([np.nan_to_num(m - lo), np.nan_to_num(hi - m)])
+        ax.errorbar(m, y + off, xerr=err, fmt="o", ms=3, color=color, label=key, lw=0.8)
+    ax.set_yticks(y)
+    ax.set_yticklabels([n[:18] for n in names], fontsize=7)
+    ax.set_xlim(-0.2, 1.05)
+    ax.set_xlabel("dense vs compressed Grad-CAM (mean, 95% CI)", fontsize=8)
+    ax.legend(fontsize=7)
+    keys = list(res.faithfulness)
+    for i, k in enumerate(keys):
+        for off, who, color in ((-0.15, "ref", "tab:blue"), (0.15, "new", "tab:red")):
+            s = res.faithfulness[k][who]
+            lo, hi = s["ci"]
+            bx.errorbar([i + off], [s["mean"]], yerr=[[np.nan_to_num(s["mean"] - (lo or 0))],
+                                                      [np.nan_to_num((hi or 0) - s["mean"])]],
+                        fmt="o", color=color, ms=4,
+                        label=("dense" if who == "ref" else "compressed") if i == 0 else None)
+    bx.set_xticks(range(len(keys)))
+    bx.set_xticklabels(keys, fontsize=8)
+    bx.set_title(f"faithfulness ({res.n_faithfulness} images)", fontsize=8)
+    if keys:
+        bx.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,397 @@
+"""Robustness: does the compressed model break sooner than the dense one under the
+perturbations a chest X-ray really meets?
+
+Corruptions (registry :data:`CORRUPTIONS`, three graded severities each) act on the grey image
+in [0, 1] before normalisation: quantum ``noise``, ``blur`` (focal spot / motion), ``contrast``
+(flat, over-penetrated film), ``gamma`` (a different LUT), ``jpeg`` (PACS compression),
+``rotation`` (patient rotation), ``scale`` (magnification / collimation), ``lowres`` (a
+down-sampled image brought back to size) and ``marker`` (a burned-in text / "AP" block).
+Both models see the SAME corrupted images. Per class and severity: the AUROC of each model,
+each model's drop from its clean AUROC with CIs, and the relative robustness ``drop(compressed)
+- drop(dense)`` (below 0: the compressed model loses more) with a CI and a bootstrap p-value,
+all from one joint resample of the images; the compressed-vs-dense delta under the corruption
+comes from :func:`medscalpel.engine.compare.compare_predictions`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medscalpel.audit.changes._util import NAN, boot_weights, ci, logits_of, num, p_two_sided
+from medscalpel.engine.compare import compare_predictions, weighted_auroc
+from medscalpel.engine.predictions import Predictions
+from medscalpel.errors import ConfigError, DataError
+from medscalpel.progress import track
+from medscalpel.registry import Registry
+from medscalpel.validation import check_fraction, check_range
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = 1
+
+#: name -> ``fn(grey [N, H, W] in [0, 1], level, rng) -> grey``; :data:`LEVELS` holds the
+#: parameter of severities 1, 2, 3.
+CORRUPTIONS: Registry[Callable[..., torch.Tensor]] = Registry("corruption")
+LEVELS: dict[str, tuple[float, float, float]] = {
+    "noise": (0.03, 0.06, 0.12),      # gaussian sigma (grey levels / 1)
+    "blur": (0.6, 1.2, 2.0),          # gaussian sigma in pixels at 64 px (scaled with size)
+    "contrast": (0.75, 0.5, 0.3),     # contrast factor around the image mean
+    "gamma": (1.5, 2.0, 3.0),         # gamma (>1 darkens the mid-tones)
+    "jpeg": (40, 20, 8),              # JPEG quality
+    "rotation": (4.0, 8.0, 12.0),     # degrees (alternating sign)
+    "scale": (0.94, 0.88, 0.8),       # zoom-out factor (border filled with the edge mean)
+    "lowres": (2, 3, 4),              # down-sampling factor
+    "marker": (0.08, 0.12, 0.18),     # side of the burned-in block as a share of the image
+}
+
+
+@CORRUPTIONS.register("noise", help="additive gaussian noise")
+def _noise(g: torch.Tensor, level: float, rng: np.random.Generator) -> torch.Tensor:
+    z = torch.from_numpy(rng.standard_normal(tuple(g.shape)).astype(np.float32))
+    return g + float(level) * z
+
+
+def _gauss_kernel(sigma: float) -> torch.Tensor:
+    r = max(1, int(np.ceil(3 * sigma)))
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+@CORRUPTIONS.register("blur", help="gaussian blur (focal spot, motion)")
+def _blur(g: torch.Tensor, level: float, rng: np.random.Generator) -> torch.Tensor:
+    sigma = float(level) * g.shape[-1] / 64.0
+    k = _gauss_kernel(sigma)
+    r = (k.numel() - 1) // 2
+    x = F.pad(g[:, None], (r, r, r, r), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    x = F.conv2d(x, k.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+@CORRUPTIONS.register("contrast", help="reduced contrast around the image mean")
+def _contrast(g: torch.Tensor, level: float, rng: np.random.Generator) -> torch.Tensor:
+    m = g.mean(dim=(-2, -1), keepdim=True)
+    return m + float(level) * (g - m)
+
+
+@CORRUPTIONS.register("gamma", help="a different display LUT (gamma)")
+def _gamma(g: torch.Tensor, level: float, rng: np.random.Generator) -> torch.Tensor:
+    return g.clamp(0, 1) ** float(level)
+
+
+@CORRUPTIONS.register("jpeg", help="JPEG compression (PIL)")
+def _jpeg(g: torch.Tensor, level: float, rng: np.random.Generator) -> torch.Tensor:
+    from PIL import Image
+
+    out = []
+    for img in (g.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy():
+        buf = io.BytesIO()
+        Image.fromarray(img, mode="L").save(buf, format="JPEG", quality=int(level))
+        buf.seek(0)
+        out.append(np.asarray(Image.open(buf).convert("L"), np.float32) / 255.0)
+    return torch.from_numpy(np.stack(out))
+
+
+def _affine(g: torch.Tensor, angle_deg: torch.Tensor, scale: float) -> torch.Tensor:
+    a = angle_deg * np.pi / 180.0
+    cos, sin = torch.cos(a) / scale, torch.sin(a) / scale
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, [g.shape[0], 1, *g.shape[-2:]], align_corners=False)
+    edge = torch.cat([g[:, 0], g[:, -1], g[:, :, 0], g[:, :, -1]], 1).mean(1)
+    x = F.grid_sample(g[:, None] - edge[:, None, None, None], grid, mode="bilinear",
+                      padding_mode="zeros", align_corners=False)
+    return x[:, 0] + edge[:, None, None]
+
+
+@CORRUPTIONS.register("rotation", help="small in-plane rotation (alternating direction)")
+def _rotation(g: torch.Tensor, level: float, rng: np.random.Generator) -> torch.Tensor:
+    sign = torch.where(torch.arange(g.shape[0]) % 2 == 0, 1.0, -1.0)
+    return _affine(g, sign * float(level), 1.0)
+
+
+@CORRUPTIONS.register("scale", help="zoom out (magnification / collimation change)")
+def _scale(g: torch.Tensor, level: float, rng: np.random.Generator) -> torch.Tensor:
+    return _affine(g, torch.zeros(g.shape[0]), float(level))
+
+
+@CORRUPTIONS.register("lowres", help="down-sampled then brought back to size")
+def _lowres(g: torch.Tensor, level: float, rng: np.random.Generator) -> torch.Tensor:
+    s = g.shape[-1]
+    small = max(4, int(round(s / float(level))))
+    x = F.interpolate(g[:, None], size=(small, small), mode="area")
+    return F.interpolate(x, size=g.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+
+@CORRUPTIONS.register("marker", help="a burned-in bright text / 'AP' block, top right")
+def _marker(g: torch.Tensor, level: float, rng: np.random.Generator) -> torch.Tensor:
+    s = g.shape[-1]
+    side = max(2, int(round(float(level) * s)))
+    out = g.clone()
+    y0, x0 = max(1, s // 32), s - side - max(1, s // 32)
+    out[:, y0:y0 + side // 2, x0:x0 + side] = 0.97
+    out[:, y0 + side // 4, x0 + side // 3:x0 + 2 * side // 3] = 0.3   # a 'letter' stroke
+    return out
+
+
+def corrupt(images: torch.Tensor, preprocess: Any, name: str, severity: int,
+            seed: int = 0) -> torch.Tensor:
+    """Apply corruption ``name`` at ``severity`` (1-3) to normalised model input ``images``
+    ``[N, C, H, W]`` (denormalise with ``preprocess``, corrupt the grey image, clip to [0, 1],
+    normalise again)."""
+    fn = CORRUPTIONS.get(name)
+    check_range(severity, "severity", "corrupt", 1, 3, integer=True)
+    grey = preprocess.denormalize(images.float())
+    rng = np.random.default_rng([seed, severity, sum(map(ord, name))])
+    g = fn(grey, LEVELS[name][severity - 1], rng).clamp(0, 1)
+    return preprocess.normalize(g[:, None]).to(images.dtype)
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class RobustnessCell:
+    """One corruption at one severity, one class (or ``cls == "macro"``)."""
+
+    corruption: str
+    severity: int
+    cls: str
+    auroc_ref: float
+    auroc_new: float
+    drop_ref: float                    # corrupted - clean AUROC of the dense model
+    drop_ref_ci: tuple[float, float]
+    drop_new: float
+    drop_new_ci: tuple[float, float]
+    relative: float                    # drop_new - drop_ref (< 0: compressed loses more)
+    relative_ci: tuple[float, float]
+    relative_p: float
+    delta_auroc: float                 # compressed - dense under the corruption
+    delta_auroc_ci: tuple[float, float]
+    less_robust: bool                  # relative CI below 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RobustnessCell":
+        out = {}
+        for k, v in d.items():
+            if k.endswith("_ci"):
+                out[k] = tuple(num(x) for x in v)
+            elif k in ("corruption", "cls", "less_robust"):
+                out[k] = v
+            elif k == "severity":
+                out[k] = int(v)
+            else:
+                out[k] = num(v)
+        return cls(**out)
+
+
+@dataclass(frozen=True)
+class RobustnessChange:
+    """Dense vs compressed AUROC under graded corruptions, with relative robustness CIs."""
+
+    cells: tuple[RobustnessCell, ...]
+    clean: dict[str, Any]
+    corruptions: tuple[str, ...]
+    levels: dict[str, list[float]]
+    n: int
+    n_boot: int
+    seed: int
+    confidence: float
+    schema_version: int = SCHEMA
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def macro(self) -> list[RobustnessCell]:
+        return [c for c in self.cells if c.cls == "macro"]
+
+    def less_robust(self) -> list[RobustnessCell]:
+        return [c for c in self.cells if c.less_robust]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "cells"}
+        d["cells"] = [c.to_dict() for c in self.cells]
+        d["corruptions"] = list(self.corruptions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RobustnessChange":
+        return cls(cells=tuple(RobustnessCell.from_dict(c) for c in d["cells"]),
+                   clean=dict(d["clean"]), corruptions=tuple(d["corruptions"]),
+                   levels={k: list(v) for k, v in d["levels"].items()}, n=int(d["n"]),
+                   n_boot=int(d["n_boot"]), seed=int(d["seed"]),
+                   confidence=float(d["confidence"]), meta=dict(d.get("meta", {})))
+
+    def table(self) -> list[dict[str, Any]]:
+        return [{"corruption": c.corruption, "severity": c.severity, "AUROC dense": c.auroc_ref,
+                 "AUROC compressed": c.auroc_new, "drop dense": c.drop_ref,
+                 "drop compressed": c.drop_new, "relative": c.relative,
+                 "relative CI": c.relative_ci, "less robust": c.less_robust}
+                for c in self.macro()]
+
+
+# ----------------------------------------------------------------------------- API
+def robustness_change(
+    dense: nn.Module,
+    compressed: nn.Module,
+    images: torch.Tensor,
+    template: Predictions,
+    preprocess: Any,
+    *,
+    corruptions: Sequence[str] | None = None,
+    severities: Sequence[int] = (1, 2, 3),
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    batch_size: int = 64,
+    progress: bool | None = None,
+) -> RobustnessChange:
+    """AUROC of both models under each corruption and severity, relative robustness with CIs.
+
+    Args:
+        dense, compressed: the two models (called as ``model(x) -> logits``; left unchanged).
+        images: normalised model input ``[N, C, H, W]`` of the audited images.
+        template: a Predictions on those images (labels, ids, class names, task: e.g. the dense
+            model's clean predictions).
+        preprocess: the models' :class:`~medscalpel.data.transforms.Preprocess`.
+        corruptions: names in :data:`CORRUPTIONS` (default: all).
+        severities: subset of (1, 2, 3).
+
+    Raises:
+        ConfigError: unknown corruption or severity.
+        DataError: images and template disagree.
+    """
+    names = list(LEVELS) if corruptions is None else list(corruptions)
+    for c in names:
+        CORRUPTIONS.get(c)
+    bad = [s for s in severities if s not in (1, 2, 3)]
+    if bad or not severities:
+        raise ConfigError(f"The 'severities' parameter of robustness_change must be a non-empty "
+                          f"subset of (1, 2, 3). Got {list(severities)} instead.")
+    check_range(n_boot, "n_boot", "robustness_change", 0, integer=True)
+    check_fraction(confidence, "confidence", "robustness_change")
+    if int(images.shape[0]) != template.n:
+        raise DataError(f"robustness_change: {images.shape[0]} images but the template has "
+                        f"{template.n} rows.")
+    pred = lambda m, x: Predictions(logits_of(m, x, batch_size), template.labels,  # noqa: E731
+                                    ids=template.ids, class_names=template.class_names,
+                                    task=template.task, split=template.split)
+    clean_r, clean_n = pred(dense, images), pred(compressed, images)
+    t = template.targets()
+    w = boot_weights(template.n, n_boot, seed + 3)
+    base = _aurocs(t, clean_r.probs(), clean_n.probs(), w)
+    cells: list[RobustnessCell] = []
+    jobs = [(c, s) for c in names for s in severities]
+    for name, sev in track(jobs, "robustness", progress=progress):
+        x = corrupt(images, preprocess, name, int(sev), seed)
+        cr, cn = pred(dense, x), pred(compressed, x)
+        cells += _cells(name, int(sev), t, cr, cn, base, w, n_boot, seed, confidence)
+    clean_cmp = compare_predictions(clean_r, clean_n, n_boot=n_boot, seed=seed,
+                                    confidence=confidence)
+    return RobustnessChange(
+        cells=tuple(cells),
+        clean={"auroc_ref": clean_cmp.macro["auroc_ref"], "auroc_new": clean_cmp.macro["auroc_new"],
+               "delta_auroc": clean_cmp.macro["delta_auroc"],
+               "delta_auroc_ci": list(clean_cmp.macro["delta_auroc_ci"])},
+        corruptions=tuple(names), levels={c: list(LEVELS[c]) for c in names},
+        n=template.n, n_boot=n_boot, seed=seed, confidence=confidence,
+        meta={"severities": [int(s) for s in severities]})
+
+
+def _aurocs(t: np.ndarray, pr: np.ndarray, pn: np.ndarray, w: np.ndarray
+            ) -> dict[str, list[tuple[float, np.ndarray]]]:
+    """Per class: (point AUROC, bootstrap replicates) of both models."""
+    out: dict[str, list[tuple[float, np.ndarray]]] = {"ref": [], "new": []}
+    for j in range(t.shape[1]):
+        keep = np.isfinite(t[:, j])
+        y = t[keep, j] > 0.5
+        for key, p in (("ref", pr), ("new", pn)):
+            if y.all() or not y.any():
+                out[key].append((NAN, np.full(len(w), NAN)))
+                continue
+            s = p[keep, j].astype(np.float64)
+            point = float(weighted_auroc(y, s, np.ones((1, y.size)))[0])
+            reps = weighted_auroc(y, s, w[:, keep]) if len(w) else np.zeros(0)
+            out[key].append((point, reps))
+    return out
+
+
+def _cells(name, sev, t, cr, cn, base, w, n_boot, seed, confidence) -> list[RobustnessCell]:
+    cur = _aurocs(t, cr.probs(), cn.probs(), w)
+    cmp = compare_predictions(cr, cn, n_boot=n_boot, seed=seed, confidence=confidence)
+    out = []
+    acc: dict[str, list] = {k: [] for k in ("dr", "dn", "rel", "dr_p", "dn_p", "ar", "an")}
+    for j, cd in enumerate(cmp.classes):
+        (ar, ar_b), (an, an_b) = cur["ref"][j], cur["new"][j]
+        (br, br_b), (bn, bn_b) = base["ref"][j], base["new"][j]
+        dr_b, dn_b = ar_b - br_b, an_b - bn_b
+        rel_b = dn_b - dr_b
+        rel_ci = ci(rel_b, confidence)
+        out.append(RobustnessCell(name, sev, cd.name, ar, an, ar - br, ci(dr_b, confidence),
+                                  an - bn, ci(dn_b, confidence), (an - bn) - (ar - br), rel_ci,
+                                  p_two_sided(rel_b), cd.delta_auroc, tuple(cd.delta_auroc_ci),
+                                  bool(rel_ci[1] < 0)))
+        if np.isfinite(ar) and np.isfinite(an):
+            for k, v in (("dr", dr_b), ("dn", dn_b), ("rel", rel_b)):
+                acc[k].append(v)
+            for k, v in (("dr_p", ar - br), ("dn_p", an - bn), ("ar", ar), ("an", an)):
+                acc[k].append(v)
+    if acc["ar"]:
+        mean = lambda k: np.mean(np.stack(acc[k]), 0) if len(w) else np.zeros(0)  # noqa: E731
+        rel_b = mean("rel")
+        rel_ci = ci(rel_b, confidence)
+        dr, dn = float(np.mean(acc["dr_p"])), float(np.mean(acc["dn_p"]))
+        out.append(RobustnessCell(name, sev, "macro", float(np.mean(acc["ar"])),
+                                  float(np.mean(acc["an"])), dr, ci(mean("dr"), confidence), dn,
+                                  ci(mean("dn"), confidence), dn - dr, rel_ci,
+                                  p_two_sided(rel_b), num(cmp.macro["delta_auroc"]),
+                                  tuple(num(x) for x in cmp.macro["delta_auroc_ci"]),
+                                  bool(rel_ci[1] < 0)))
+    return out
+
+
+# ----------------------------------------------------------------------------- figure
+def plot_robustness(res: RobustnessChange, path: str | os.PathLike) -> Path:
+    """One panel per corruption: macro AUROC of dense (blue) and compressed (red) against
+    severity (0 = clean), the relative-robustness CI in the title."""
+    from medscalpel.plotting import pyplot, save_figure
+
+    plt = pyplot()
+    names = list(res.corruptions)
+    cols = min(5, max(1, len(names)))
+    rows = int(np.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.3 * rows), squeeze=False,
+                             sharey=True)
+    for i, name in enumerate(names):
+        ax = axes[i // cols][i % cols]
+        cells = sorted((c for c in res.macro() if c.corruption == name), key=lambda c: c.severity)
+        xs = [0] + [c.severity for c in cells]
+        ax.plot(xs, [res.clean["auroc_ref"]] + [c.auroc_ref for c in cells], "o-",
+                color="tab:blue", ms=3, label="dense")
+        ax.plot(xs, [res.clean["auroc_new"]] + [c.auroc_new for c in cells], "s-",
+                color="tab:red", ms=3, label="compressed")
+        worst = cells[-1] if cells else None
+        title = name if worst is None else (
+            f"{name}\nrel {worst.relative:+.3f} [{worst.relative_ci[0]:+.3f}, "
+            f"{worst.relative_ci[1]:+.3f}]")
+        ax.set_title(title, fontsize=7, color="tab:red" if worst and worst.less_robust
+                     else "black")
+        ax.set_xticks(xs)
+        ax.tick_params(labelsize=6)
+    axes[0][0].legend(fontsize=6)
+    for j in range(len(names), rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.supxlabel("severity (0 = clean)", fontsize=8)
+    fig.supylabel("macro AUROC", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
