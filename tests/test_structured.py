@@ -11,7 +11,7 @@ import torch
 from medscalpel.compress.importance import IMPORTANCE, ScoresCriterion
 from medscalpel.compress.structured import (RecoveryConfig, prune_structured, remove_channels)
 from medscalpel.data import ArrayDataset, Preprocess
-from medscalpel.errors import ConfigError, MissingExtraError, ModelError
+from medscalpel.errors import ConfigError, ModelError
 from medscalpel.models.checkpoint import load_model, make_card, save_model
 from medscalpel.models.zoo import create_model
 
@@ -140,8 +140,6 @@ def test_prune_errors():
         prune_structured(m, x, "l1", ratio=0.5, target_speedup=2.0, progress=False)
     with pytest.raises(ConfigError, match="Unknown pruning criterion 'l3'. Valid names"):
         prune_structured(m, x, "l3", progress=False)
-    with pytest.raises(MissingExtraError, match="torch==2.6.0"):
-        prune_structured(m, x, "backtrace", progress=False)
     with pytest.raises(ConfigError, match="needs a 'train_ds'"):
         prune_structured(m, x, "l1", recovery=RecoveryConfig(epochs=1), progress=False)
     with pytest.raises(ConfigError, match="calib_images"):
@@ -170,3 +168,60 @@ def test_registry_lists_all_criteria():
                                        "backtrace"}
     with pytest.raises(ConfigError, match="non-empty"):
         ScoresCriterion({})
+
+
+# ----------------------------------------------------------------------------- round_to / latency
+def test_rounded_width_keeps_a_nonzero_multiple():
+    from medscalpel.compress.structured import _rounded_pruned
+
+    # Torch-Pruning floors the kept width: 128 channels at 90% kept 13 -> 0 -> group skipped
+    assert _rounded_pruned(115, 128, 16) == 112  # keeps 16
+    assert _rounded_pruned(29, 32, 16) == 16  # a DenseNet growth slice keeps 16 of 32
+    assert _rounded_pruned(10, 32, 16) == 16  # 22 kept rounds to the nearest multiple: 16
+    assert _rounded_pruned(5, 8, 16) == 0  # narrower than round_to: left alone
+    assert _rounded_pruned(3, 48, 16) == 0  # 45 kept -> 48: nothing to prune
+
+
+def test_round_to_on_densenet_concatenation_groups():
+    m = _model("densenet_tiny")
+    x = torch.randn(4, 1, 32, 32)
+    plain = prune_structured(m, x, "l1", ratio=0.9, measure_latency=False, progress=False)
+    res = prune_structured(m, x, "l1", ratio=0.9, round_to=8, measure_latency=False,
+                           progress=False)
+    before = {n: mod.out_channels for n, mod in m.named_modules()
+              if isinstance(mod, torch.nn.Conv2d)}
+    after = {n: mod.out_channels for n, mod in res.model.named_modules()
+             if isinstance(mod, torch.nn.Conv2d)}
+    pruned = [n for n in after if after[n] != before[n]]
+    assert len(pruned) >= len(before) // 2  # the concat groups are pruned, not skipped
+    assert all(after[n] % 8 == 0 and after[n] >= 8 for n in pruned)
+    # every concatenation's width (a dense layer's conv1 input) is a multiple of 8 too
+    assert all(mod.in_channels % 8 == 0 for n, mod in res.model.named_modules()
+               if n.endswith("conv1") and isinstance(mod, torch.nn.Conv2d))
+    assert res.speedup_macs > 1.8 and plain.speedup_macs > res.speedup_macs
+    out = res.model(torch.zeros(2, 1, 32, 32))
+    assert out.shape == (2, 3)
+    # the target-speedup search works with rounding on DenseNet (it used to raise)
+    tgt = prune_structured(m, x, "l1", target_speedup=2.0, round_to=8, measure_latency=False,
+                           progress=False)
+    assert tgt.speedup_macs >= 2.0
+
+
+def test_measured_latency_search_on_onnxruntime():
+    torch.manual_seed(0)
+    m = create_model("vgg_tiny", 2, img_size=64)
+    x = torch.randn(4, 1, 64, 64)
+    res = prune_structured(m, x, "l1", target_speedup_measured=1.5, runtime="onnxruntime:fp32",
+                           progress=False)
+    trace = res.lineage["ratio_search"]
+    assert len(trace) == 7 and all(t["ms"] > 0 and t["dense_ms"] > 0 for t in trace)
+    assert 0 < res.ratio <= 0.9 and res.lineage["round_to"] in (8, 16)
+    assert all(mod.out_channels % res.lineage["round_to"] == 0
+               for mod in res.model.modules() if isinstance(mod, torch.nn.Conv2d))
+    assert res.latency["runtime"] == "onnxruntime:fp32"
+    assert res.latency["runtime_ratio"] > 1.1  # loose: the machine is shared
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        prune_structured(m, x, "l1", target_latency_ms=1e-6, progress=False)
+    with pytest.raises(ConfigError, match="Unknown deployment runtime 'tensorrt:fp32'"):
+        prune_structured(m, x, "l1", target_latency_ms=1.0, runtime="tensorrt:fp32",
+                         progress=False)

@@ -359,5 +359,48 @@ def cpu_features() -> dict[str, bool]:
             "avx512_bf16": "avx512_bf16" in flags, "amx": bool(flags & {"amx_bf16", "amx_int8"})}
 
 
+def vector_width() -> int:
+    """fp32 lanes of the widest vector unit here (16 with AVX-512, else 8): channel counts
+    that are multiples of it fill the registers of convolution kernels."""
+    return 16 if "avx512f" in cpu_flags() else 8
+
+
+def time_runtime(rt: Runtime, x: np.ndarray, warmup: int = 2, repeats: int = 5) -> float:
+    """Median ms of ``rt.run(x)`` over ``repeats`` runs after ``warmup`` runs."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        rt.run(x)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        rt.run(x)
+        ts.append((time.perf_counter() - t0) * 1000.0)
+    return float(statistics.median(ts))
+
+
+def runtime_latency(model: nn.Module, runtime: str, example: torch.Tensor, batch_size: int = 1,
+                    threads: int = 1, warmup: int = 2, repeats: int = 5) -> float:
+    """Median batch latency (ms) of ``model`` in a registered runtime variant (e.g.
+    ``"onnxruntime:fp32"``, ``"openvino:fp32"``), built in a temporary directory."""
+    import tempfile
+
+    rt = RUNTIMES.create(runtime, threads=threads)
+    reason = rt.available()
+    if reason is not None:
+        raise ConfigError(f"The runtime '{runtime}' cannot run here: {reason}.")
+    x = np.ascontiguousarray(np.repeat(example[:1].float().numpy(), batch_size, axis=0))
+    with tempfile.TemporaryDirectory(prefix="medscalpel-rt-") as tmp:
+        rt.prepare(model, example[:1].float(), None, tmp)
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return time_runtime(rt, x, warmup, repeats)
+        finally:
+            torch.set_num_threads(prev)
+
+
 __all__ = ["PARITY_TOLERANCE", "RUNTIMES", "Runtime", "cpu_features",
-           "openvino", "openvino_capabilities", "nncf"]
+           "openvino", "openvino_capabilities", "nncf", "runtime_latency",
+           "time_runtime", "vector_width"]

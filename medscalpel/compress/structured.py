@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,6 +40,7 @@ from medscalpel.compress.importance import (Criterion, L1Criterion, RelevanceCri
                                             ScoresCriterion, make_criterion)
 from medscalpel.compress.measure import (count_macs, count_parameters, latency_pair,
                                          max_abs_logit_delta)
+from medscalpel.compress.runtimes import RUNTIMES, runtime_latency, vector_width
 from medscalpel.errors import ConfigError, ModelError
 from medscalpel.progress import track
 from medscalpel.runs import write_json
@@ -222,6 +224,28 @@ def _ignored_names(model: nn.Module, ignored_layers: Sequence[str | nn.Module] |
     return out
 
 
+def _rounded_pruned(n_pruned: int, current: int, round_to: int) -> int:
+    """Channels to prune so that the kept width is a multiple of ``round_to`` and at least
+    ``round_to`` (nearest multiple; never all channels). Torch-Pruning's own rounding floors
+    the kept width, which reaches 0 for narrow groups (DenseNet's bottlenecks at high ratios),
+    and the group is then skipped entirely: ``round_to=16`` left densenet121 almost unpruned."""
+    if current <= round_to:
+        return 0
+    keep = current - n_pruned
+    keep = max(round_to, int(round(keep / round_to)) * round_to)
+    return max(0, current - min(keep, current))
+
+
+def _rounding_pruner_class():
+    import torch_pruning as tp
+
+    class RoundingPruner(tp.pruner.BasePruner):
+        def _round_to(self, n_pruned, current_channels, round_to):  # noqa: D401 - TP hook
+            return _rounded_pruned(int(n_pruned), int(current_channels), int(round_to))
+
+    return RoundingPruner
+
+
 def _make_pruner(model: nn.Module, example: torch.Tensor, importance, ratio: float,
                  global_pruning: bool, steps: int, max_layer_ratio: float,
                  ignored: list[nn.Module], round_to: int | None):
@@ -231,7 +255,8 @@ def _make_pruner(model: nn.Module, example: torch.Tensor, importance, ratio: flo
     model.eval()
     try:
         with torch.enable_grad():  # Torch-Pruning traces through autograd
-            return tp.pruner.BasePruner(
+            cls = _rounding_pruner_class() if round_to else tp.pruner.BasePruner
+            return cls(
                 model, example, importance=importance, global_pruning=global_pruning,
                 pruning_ratio=ratio, iterative_steps=steps, max_pruning_ratio=max_layer_ratio,
                 ignored_layers=ignored, round_to=round_to)
@@ -399,6 +424,188 @@ def remove_channels(model: nn.Module, removals: Mapping[str, Sequence[int]],
     return model
 
 
+@dataclass
+class _Job:
+    """The validated inputs of one :func:`prune_structured` call (internal)."""
+
+    images: torch.Tensor
+    crit: Criterion
+    rec: RecoveryConfig
+    ratio: float | None
+    task: str
+    ignored_names: list[str]
+    round_to: int | None
+    measured: dict[str, Any] | None  # target_latency_ms / target_speedup_measured + runtime
+
+
+def _validate(model, calib_images, criterion, ratio, target_speedup, iterative_steps, recovery,
+              train_ds, calib_targets, max_layer_ratio, round_to, dry_run, batch_size,
+              ignored_layers, target_latency_ms, target_speedup_measured, runtime,
+              latency_batch) -> _Job:
+    """Step 1: check every argument; one error per mistake, naming the fix."""
+    images = _check_images(calib_images)
+    targets = [n for n, v in (("ratio", ratio), ("target_speedup", target_speedup),
+                              ("target_latency_ms", target_latency_ms),
+                              ("target_speedup_measured", target_speedup_measured))
+               if v is not None]
+    if len(targets) > 1:
+        raise ConfigError(f"{OWNER}: give one of 'ratio', 'target_speedup', 'target_latency_ms'"
+                          f", 'target_speedup_measured', not both; got {targets}.")
+    if not targets:
+        ratio = 0.5
+    if ratio is not None:
+        check_range(ratio, "ratio", OWNER, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+    if target_speedup is not None:
+        check_range(target_speedup, "target_speedup", OWNER, 1.0, low_inclusive=False)
+    if target_speedup_measured is not None:
+        check_range(target_speedup_measured, "target_speedup_measured", OWNER, 1.0,
+                    low_inclusive=False)
+    if target_latency_ms is not None:
+        check_range(target_latency_ms, "target_latency_ms", OWNER, 0.0, low_inclusive=False)
+    check_range(iterative_steps, "iterative_steps", OWNER, 1, integer=True)
+    check_range(max_layer_ratio, "max_layer_ratio", OWNER, 0.0, 1.0, low_inclusive=False,
+                high_inclusive=False)
+    check_range(batch_size, "batch_size", OWNER, 1, integer=True)
+    check_range(latency_batch, "latency_batch", OWNER, 1, integer=True)
+    if round_to is not None:
+        check_range(round_to, "round_to", OWNER, 1, integer=True)
+    measured = None
+    if target_latency_ms is not None or target_speedup_measured is not None:
+        RUNTIMES.get(runtime)  # unknown runtime names list the valid ones
+        measured = {"target_latency_ms": target_latency_ms, "runtime": runtime,
+                    "target_speedup_measured": target_speedup_measured,
+                    "batch": latency_batch}
+        round_to = vector_width() if round_to is None else round_to
+    if not isinstance(getattr(model, "classifier", None), nn.Linear):
+        raise ModelError(f"{OWNER} needs a MedClassifier (a model with a Linear 'classifier'); "
+                         f"got {type(model).__name__}.")
+    rec = (recovery or RecoveryConfig()).validate()
+    if rec.epochs and not dry_run and train_ds is None:
+        raise ConfigError(f"{OWNER}: recovery.epochs={rec.epochs} needs a 'train_ds' to "
+                          "fine-tune on; pass train_ds or set recovery epochs to 0.")
+    if calib_targets is not None and len(calib_targets) != images.shape[0]:
+        raise ConfigError(f"{OWNER}: {len(calib_targets)} calib_targets for "
+                          f"{images.shape[0]} calib_images.")
+    crit = make_criterion(criterion)  # raises for unknown names and for 'backtrace'
+    if ratio is not None and isinstance(crit, ScoresCriterion) and not isinstance(
+            crit, RelevanceCriterion) and iterative_steps > 1:
+        raise ConfigError(f"{OWNER}: fixed channel scores fit the unpruned model only; use "
+                          "iterative_steps=1 or a criterion that re-scores (lrp, ig, taylor).")
+    return _Job(images, crit, rec, ratio, _task_of(model), _ignored_names(model, ignored_layers),
+                round_to, measured)
+
+
+def _solve_ratio_measured(model: nn.Module, job: _Job, calib_targets, global_pruning: bool,
+                          max_layer_ratio: float, batch_size: int, progress: bool | None,
+                          search_steps: int = 6) -> tuple[float, list[dict[str, float]]]:
+    """Bisection on the ratio until the MEASURED latency in ``job.measured['runtime']`` reaches
+    the target (an absolute ms or a speedup over the dense model timed right before each
+    candidate, so that machine load affects both alike)."""
+    spec = job.measured
+    rt, b, example = spec["runtime"], spec["batch"], job.images[:1]
+    threads = torch.get_num_threads()
+    search_crit = L1Criterion() if not global_pruning else job.crit
+    trace: list[dict[str, float]] = []
+
+    def meets(r: float) -> bool:
+        m = _one_shot(model, job.images, calib_targets, search_crit, r, global_pruning,
+                      max_layer_ratio, job.ignored_names, job.round_to, job.task, batch_size)
+        ms = runtime_latency(m, rt, example, b, threads)
+        rec = {"ratio": round(r, 5), "ms": ms}
+        if spec["target_latency_ms"] is not None:
+            ok = ms <= spec["target_latency_ms"]
+        else:
+            dense_ms = runtime_latency(model, rt, example, b, threads)
+            rec.update({"dense_ms": dense_ms, "speedup_measured": dense_ms / ms})
+            ok = dense_ms / ms >= spec["target_speedup_measured"]
+        trace.append(rec)
+        return ok
+
+    lo, hi = 0.0, max_layer_ratio
+    if not meets(hi):
+        goal = (f"{spec['target_latency_ms']:g} ms" if spec["target_latency_ms"] is not None
+                else f"{spec['target_speedup_measured']:g}x measured")
+        raise ConfigError(
+            f"The latency target of {OWNER} ({goal} in {rt}, batch {b}) cannot be reached: "
+            f"pruning {hi:.0%} of every group measures {trace[-1]['ms']:.3g} ms. Ask for less, "
+            "raise max_layer_ratio, or try a faster runtime (compress deploy).")
+    for _ in track(range(search_steps), "search ratio (measured)", progress=progress):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+    return hi, trace
+
+
+def _plan(work: nn.Module, job: _Job, calib_targets, target_speedup, global_pruning,
+          max_layer_ratio, batch_size, macs_before, progress) -> tuple[float, list[dict]]:
+    """Step 2: the ratio to prune (given, searched on MACs, or searched on measured latency)."""
+    if job.measured is not None:
+        return _solve_ratio_measured(work, job, calib_targets, global_pruning, max_layer_ratio,
+                                     batch_size, progress)
+    if target_speedup is not None:
+        return _solve_ratio(work, job.images, calib_targets, job.crit, target_speedup,
+                            global_pruning, max_layer_ratio, job.ignored_names, job.round_to,
+                            job.task, batch_size, macs_before, progress)
+    return float(job.ratio), []
+
+
+def _apply(work: nn.Module, dense: nn.Module, job: _Job, ratio: float, calib_targets,
+           global_pruning, iterative_steps, max_layer_ratio, train_ds, val_ds, dry_run,
+           batch_size, progress) -> list[dict[str, Any]]:
+    """Steps 3-4: prune in ``iterative_steps`` steps, re-scoring, with a recovery fine-tune
+    after each step when asked."""
+    crit, rec, example = job.crit, job.rec, job.images[:1]
+    names = {m: n for n, m in work.named_modules()}
+    ignored = _ignored(work, job.ignored_names)
+    pruner = None
+    steps: list[dict[str, Any]] = []
+    teacher = copy.deepcopy(dense).eval() if (rec.distill_from_dense and rec.epochs) else None
+    for step in track(range(iterative_steps), f"prune {crit.name or 'scores'}", progress=progress):
+        crit.prepare(work, job.images, calib_targets, task=job.task, batch_size=batch_size,
+                     progress=progress)
+        try:
+            if pruner is None:
+                pruner = _make_pruner(work, example, crit.importance(), ratio, global_pruning,
+                                      iterative_steps, max_layer_ratio, ignored, job.round_to)
+            else:
+                pruner.importance = crit.importance()
+            work.eval()
+            removed = _prune_step(pruner, names)
+        finally:
+            crit.finish(work)
+        record: dict[str, Any] = {"step": step + 1, "removed": removed,
+                                  "channels_removed": int(sum(removed.values())),
+                                  "params": count_parameters(work),
+                                  "macs": count_macs(work, example)}
+        share = rec.epochs // iterative_steps + (rec.epochs % iterative_steps
+                                                 if step == iterative_steps - 1 else 0)
+        if share and not dry_run:
+            record["recovery"] = _recover(work, train_ds, val_ds, rec, share, teacher, job.task,
+                                          step, progress)
+        steps.append(record)
+    return steps
+
+
+def _verify(dense: nn.Module, work: nn.Module, job: _Job, measure_latency: bool,
+            dry_run: bool) -> tuple[float, dict[str, float] | None]:
+    """Step 5: max |delta logit| on the calibration images and the measured speedup (torch
+    eager, and the search runtime in measured mode), alternated in this run."""
+    delta = max_abs_logit_delta(dense, work, job.images)
+    latency = None
+    if measure_latency and not dry_run:
+        latency = latency_pair(dense, work, job.images[:1], batch_size=1, warmup=3, repeats=10,
+                               rounds=3)
+        if job.measured is not None:
+            rt, b, ex = job.measured["runtime"], job.measured["batch"], job.images[:1]
+            t = torch.get_num_threads()
+            pairs = [(runtime_latency(dense, rt, ex, b, t), runtime_latency(work, rt, ex, b, t))
+                     for _ in range(3)]
+            d_ms = float(np.median([p[0] for p in pairs]))
+            p_ms = float(np.median([p[1] for p in pairs]))
+            latency.update({"runtime": rt, "runtime_batch": b, "runtime_dense_ms": d_ms,
+                            "runtime_pruned_ms": p_ms, "runtime_ratio": d_ms / p_ms})
+    return delta, latency
+
+
 def prune_structured(
     model: nn.Module,
     calib_images: torch.Tensor,
@@ -419,8 +626,14 @@ def prune_structured(
     batch_size: int = 16,
     inplace: bool = False,
     progress: bool | None = None,
+    target_latency_ms: float | None = None,
+    target_speedup_measured: float | None = None,
+    runtime: str = "onnxruntime:fp32",
+    latency_batch: int = 1,
 ) -> PruneResult:
     """Prune output channels on the Torch-Pruning dependency graph and return a smaller model.
+
+    Reads as its steps: validate -> plan (the ratio) -> apply (prune, recover) -> verify.
 
     Args:
         model: a :class:`~medscalpel.models.classifier.MedClassifier` (DenseNet, ResNet, VGG).
@@ -430,7 +643,7 @@ def prune_structured(
             :class:`~medscalpel.compress.importance.Criterion`, or a mapping layer name ->
             per-channel scores (e.g. ``channel_relevance(...).scores``).
         ratio: fraction of the channels of each coupled group to remove (local), or of all
-            channels (global). Default 0.5 when ``target_speedup`` is not given.
+            channels (global). Default 0.5 when no target is given.
         target_speedup: instead of ``ratio``: the ratio is searched (bisection on one-shot
             copies) so that MACs drop by this factor.
         global_pruning: rank channels across all groups instead of within each group.
@@ -441,114 +654,58 @@ def prune_structured(
         calib_targets: labels of ``calib_images`` for the Taylor criterion (default: the
             model's own hard predictions).
         max_layer_ratio: no layer loses more than this fraction of its channels.
-        round_to: keep channel counts multiples of this (hardware-friendly widths).
+        round_to: keep channel counts multiples of this and at least this (hardware-friendly
+            widths; also on DenseNet concatenation groups). Default in the measured modes: the
+            CPU's fp32 vector width (8 with AVX2, 16 with AVX-512).
         dry_run: only plan: prune a copy without recovery and report the per-layer channel
             counts that would be removed; ``result.model`` is ``None``.
         measure_latency: measure dense vs pruned CPU latency (batch 1) in this run.
         batch_size: batch size for scoring.
         inplace: prune ``model`` itself instead of a copy.
+        target_latency_ms: instead of ``ratio``: search the ratio whose MEASURED latency in
+            ``runtime`` at ``latency_batch`` is at most this.
+        target_speedup_measured: instead of ``ratio``: search the ratio whose measured latency
+            in ``runtime`` is this many times lower than the dense model's (timed alternately).
+        runtime: a :data:`~medscalpel.compress.runtimes.RUNTIMES` variant for the measured
+            modes (default ``onnxruntime:fp32``).
 
     Returns:
         A :class:`PruneResult`; ``result.model.card`` (when the input had a card) records the
         lineage (parent id, criterion, ratio, params / MACs before-after, measured speedup).
     """
     t0 = time.perf_counter()
-    images = _check_images(calib_images)
-    if ratio is not None and target_speedup is not None:
-        raise ConfigError(f"{OWNER}: give either 'ratio' or 'target_speedup', not both.")
-    if ratio is None and target_speedup is None:
-        ratio = 0.5
-    if ratio is not None:
-        check_range(ratio, "ratio", OWNER, 0.0, 1.0, low_inclusive=False, high_inclusive=False)
-    if target_speedup is not None:
-        check_range(target_speedup, "target_speedup", OWNER, 1.0, low_inclusive=False)
-    check_range(iterative_steps, "iterative_steps", OWNER, 1, integer=True)
-    check_range(max_layer_ratio, "max_layer_ratio", OWNER, 0.0, 1.0, low_inclusive=False,
-                high_inclusive=False)
-    check_range(batch_size, "batch_size", OWNER, 1, integer=True)
-    if round_to is not None:
-        check_range(round_to, "round_to", OWNER, 1, integer=True)
-    if not isinstance(getattr(model, "classifier", None), nn.Linear):
-        raise ModelError(f"{OWNER} needs a MedClassifier (a model with a Linear 'classifier'); "
-                         f"got {type(model).__name__}.")
-    rec = (recovery or RecoveryConfig()).validate()
-    if rec.epochs and not dry_run and train_ds is None:
-        raise ConfigError(f"{OWNER}: recovery.epochs={rec.epochs} needs a 'train_ds' to "
-                          "fine-tune on; pass train_ds or set recovery epochs to 0.")
-    if calib_targets is not None and len(calib_targets) != images.shape[0]:
-        raise ConfigError(f"{OWNER}: {len(calib_targets)} calib_targets for "
-                          f"{images.shape[0]} calib_images.")
-    crit = make_criterion(criterion)  # raises for unknown names and for 'backtrace'
-    if ratio is not None and isinstance(crit, ScoresCriterion) and not isinstance(
-            crit, RelevanceCriterion) and iterative_steps > 1:
-        raise ConfigError(f"{OWNER}: fixed channel scores fit the unpruned model only; use "
-                          "iterative_steps=1 or a criterion that re-scores (lrp, ig, taylor).")
-    task = _task_of(model)
-    ignored_names = _ignored_names(model, ignored_layers)
-
-    dense = model
-    was_training = model.training
+    job = _validate(model, calib_images, criterion, ratio, target_speedup, iterative_steps,
+                    recovery, train_ds, calib_targets, max_layer_ratio, round_to, dry_run,
+                    batch_size, ignored_layers, target_latency_ms, target_speedup_measured,
+                    runtime, latency_batch)
+    dense, was_training = model, model.training
     work = copy.deepcopy(model) if (dry_run or not inplace) else model
     work.eval()
-    example = images[:1]
-    params_before = count_parameters(work)
-    macs_before = count_macs(work, example)
+    example = job.images[:1]
+    params_before, macs_before = count_parameters(work), count_macs(work, example)
     widths_before = _widths(work)
-
-    search_trace: list[dict[str, float]] = []
-    if target_speedup is not None:
-        ratio, search_trace = _solve_ratio(
-            work, images, calib_targets, crit, target_speedup, global_pruning, max_layer_ratio,
-            ignored_names, round_to, task, batch_size, macs_before, progress)
-
-    names = {m: n for n, m in work.named_modules()}
-    ignored = _ignored(work, ignored_names)
-    pruner = None
-    steps: list[dict[str, Any]] = []
-    teacher = copy.deepcopy(dense).eval() if (rec.distill_from_dense and rec.epochs) else None
-    for step in track(range(iterative_steps), f"prune {crit.name or 'scores'}", progress=progress):
-        crit.prepare(work, images, calib_targets, task=task, batch_size=batch_size,
-                     progress=progress)
-        try:
-            if pruner is None:
-                pruner = _make_pruner(work, example, crit.importance(), ratio, global_pruning,
-                                      iterative_steps, max_layer_ratio, ignored, round_to)
-            else:
-                pruner.importance = crit.importance()
-            work.eval()
-            removed = _prune_step(pruner, names)
-        finally:
-            crit.finish(work)
-        record: dict[str, Any] = {"step": step + 1, "removed": removed,
-                                  "channels_removed": int(sum(removed.values())),
-                                  "params": count_parameters(work),
-                                  "macs": count_macs(work, example)}
-        share = rec.epochs // iterative_steps + (rec.epochs % iterative_steps
-                                                 if step == iterative_steps - 1 else 0)
-        if share and not dry_run:
-            record["recovery"] = _recover(work, train_ds, val_ds, rec, share, teacher, task,
-                                          step, progress)
-        steps.append(record)
-
-    params_after = count_parameters(work)
-    macs_after = count_macs(work, example)
-    layers = _layer_diff(widths_before, _widths(work))
-    delta = max_abs_logit_delta(dense, work, images)
-    latency = None
-    if measure_latency and not dry_run:
-        latency = latency_pair(dense, work, example, batch_size=1, warmup=3, repeats=10, rounds=3)
+    ratio, search_trace = _plan(work, job, calib_targets, target_speedup, global_pruning,
+                                max_layer_ratio, batch_size, macs_before, progress)
+    steps = _apply(work, dense, job, ratio, calib_targets, global_pruning, iterative_steps,
+                   max_layer_ratio, train_ds, val_ds, dry_run, batch_size, progress)
+    params_after, macs_after = count_parameters(work), count_macs(work, example)
+    delta, latency = _verify(dense, work, job, measure_latency, dry_run)
+    rec, crit = job.rec, job.crit
     lineage = {
         "criterion": crit.name or "scores", "ratio": float(ratio),
         "target_speedup": target_speedup, "global_pruning": bool(global_pruning),
         "iterative_steps": int(iterative_steps), "max_layer_ratio": max_layer_ratio,
-        "round_to": round_to, "recovery": rec.to_dict() if rec.epochs else None,
-        "calibration_images": int(images.shape[0]),
+        "round_to": job.round_to, "recovery": rec.to_dict() if rec.epochs else None,
+        "calibration_images": int(job.images.shape[0]),
         "params_before": params_before, "params_after": params_after,
         "macs_before": macs_before, "macs_after": macs_after,
         "speedup_macs": macs_before / macs_after if macs_after else float("nan"),
         "latency_speedup_cpu_b1": latency["ratio"] if latency else None,
         "max_abs_logit_delta_calib": delta,
     }
+    if job.measured is not None:
+        lineage["measured_target"] = job.measured
+        lineage["latency_speedup_runtime"] = latency.get("runtime_ratio") if latency else None
     if search_trace:
         lineage["ratio_search"] = search_trace
     parent_card = getattr(dense, "card", None)
@@ -560,8 +717,9 @@ def prune_structured(
         model=None if dry_run else work, criterion=crit.to_dict(), ratio=float(ratio),
         target_speedup=target_speedup, global_pruning=bool(global_pruning),
         iterative_steps=int(iterative_steps), params_before=params_before,
-        params_after=params_after, macs_before=macs_before, macs_after=macs_after, layers=layers,
-        steps=steps, recovery=rec.to_dict() if rec.epochs else None, latency=latency,
+        params_after=params_after, macs_before=macs_before, macs_after=macs_after,
+        layers=_layer_diff(widths_before, _widths(work)), steps=steps,
+        recovery=rec.to_dict() if rec.epochs else None, latency=latency,
         max_abs_logit_delta=delta, dry_run=bool(dry_run),
         seconds=round(time.perf_counter() - t0, 3), lineage=lineage)
 
