@@ -1,5 +1,5 @@
-"""Integrated Gradients, the attribution registry, DL-Backtrace's error path, planted patches
-and IG layer conductance."""
+"""Integrated Gradients, the attribution registry, DL-Backtrace on a planted patch, planted
+patches and IG layer conductance."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from medscalpel.errors import ConfigError, DataError, MedScalpelError, MissingExtraError
+from medscalpel.errors import ConfigError, DataError
 from medscalpel.explain.attributions import (ATTRIBUTIONS, Attribution, AttributionResult,
                                              attribute, integrated_gradients)
-from medscalpel.explain.backtrace import BacktraceUnavailableError, backtrace_status
 from medscalpel.explain.lrp import lrp
 from medscalpel.explain.relevance import channel_relevance
 from medscalpel.models.classifier import MedClassifier
@@ -49,6 +48,8 @@ def patched_images(n: int = 3):
     # the Flat first-layer rule spreads relevance evenly over each 3x3 receptive field, so the
     # ring around the patch gets a share: most, not all, of the relevance is inside
     ("lrp", {}, 1.5),
+    # DL-Backtrace: pixels whose ReLU is off get exactly zero
+    ("backtrace", {}, 20.0),
 ])
 def test_planted_patch_gets_the_attribution(method, settings, ratio):
     m = patch_model()
@@ -123,15 +124,18 @@ def test_result_to_dict_save_load(tmp_path):
     assert back.settings["composite"] == "epsilon_plus_flat"
 
 
-def test_backtrace_raises_with_reason():
-    status = backtrace_status()
-    assert not status.available and "torch==2.6.0" in status.reason
+def test_backtrace_on_planted_patch():
+    # logit 1 = mean(relu(x - 2)) weighted by the head: DL-Backtrace puts relevance only on the
+    # pixels whose ReLU is on (x > 2); everywhere else the activation is 0 and so is relevance
     m = patch_model()
-    x, _ = patched_images(1)
-    with pytest.raises(BacktraceUnavailableError, match="DL-Backtrace is unavailable here"):
-        attribute("backtrace", m, x, target=1)
-    assert issubclass(BacktraceUnavailableError, MissingExtraError)
-    assert issubclass(BacktraceUnavailableError, MedScalpelError)
+    x, mask = patched_images(2)
+    res = attribute("backtrace", m, x, target=1, zero_bias=True)
+    assert res.method == "backtrace"
+    on = (x > 2.0)
+    assert torch.all(res.attribution[~on] == 0)
+    assert torch.all(res.attribution[on] * torch.sign(res.output).view(-1, 1, 1, 1)
+                     .expand_as(res.attribution)[on] > 0)
+    assert torch.allclose(res.total(), res.output, rtol=1e-5)
 
 
 def test_input_and_target_errors():

@@ -11,11 +11,10 @@ Registered names:
 * ``bn_scale``: |gamma| of the BatchNorm layers in the group (network slimming).
 * ``taylor``: first-order Taylor |w * dL/dw| on calibration images (labels when given, otherwise
   the model's own hard predictions as targets).
-* ``lrp`` / ``ig``: channel relevance from :func:`medscalpel.explain.relevance.channel_relevance`
-  (seed 002's attribution-guided pruning), mapped onto each group's channels.
-* ``backtrace``: DL-Backtrace. It cannot be installed next to medscalpel (dl-backtrace 0.1.24
-  pins torch==2.6.0 and needs TensorFlow, while medscalpel pins torch 2.14.1), so this criterion
-  raises a :class:`~medscalpel.errors.MissingExtraError` explaining why.
+* ``lrp`` / ``ig`` / ``backtrace``: channel relevance from
+  :func:`medscalpel.explain.relevance.channel_relevance` (seed 002's attribution-guided
+  pruning; ``backtrace`` is medscalpel's native torch DL-Backtrace), mapped onto each group's
+  channels.
 
 Example:
     >>> crit = IMPORTANCE.create("l1")
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medscalpel.errors import ConfigError, MissingExtraError, ModelError
+from medscalpel.errors import ConfigError, ModelError
 from medscalpel.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -264,9 +263,9 @@ class ScoresCriterion(Criterion):
 class RelevanceCriterion(ScoresCriterion):
     """Channel relevance from attributions, recomputed on the current model before each step.
 
-    Uses :func:`medscalpel.explain.relevance.channel_relevance` with ``method`` (``lrp`` or
-    ``ig``); the relevance of every Conv/BN output channel is accumulated over the calibration
-    images, and channels with the smallest |relevance| are pruned first.
+    Uses :func:`medscalpel.explain.relevance.channel_relevance` with ``method`` (``lrp``,
+    ``ig`` or ``backtrace``); the relevance of every Conv/BN output channel is accumulated over
+    the calibration images, and channels with the smallest |relevance| are pruned first.
     """
 
     name = ""
@@ -330,38 +329,13 @@ class IGCriterion(RelevanceCriterion):
     method = "ig"
 
 
-# ----------------------------------------------------------------------------- DL-Backtrace
-BACKTRACE_REASON = (
-    "dl-backtrace 0.1.24 (the latest) requires torch==2.6.0 and tensorflow, which conflict with "
-    "the torch 2.14.1 that medscalpel pins, so it cannot be installed in the same environment. "
-    "Use criterion 'lrp' or 'ig' for attribution-guided pruning instead."
-)
-
-
-def backtrace_error() -> MissingExtraError:
-    """The error raised for the ``backtrace`` criterion, with the probed reason."""
-    try:
-        from medscalpel.explain.backtrace import BacktraceUnavailableError, backtrace_status
-    except ImportError:  # explain stage absent: same reason, generic error class
-        err = MissingExtraError("dl-backtrace", "backtrace", "the 'backtrace' pruning criterion")
-        err.args = ("The 'backtrace' pruning criterion is unavailable: " + BACKTRACE_REASON,)
-        return err
-    return BacktraceUnavailableError(
-        f"the 'backtrace' pruning criterion cannot run: {backtrace_status().reason}")
-
-
-@IMPORTANCE.register("backtrace", help="DL-Backtrace relevance (unavailable: needs torch 2.6)")
-class BacktraceCriterion(Criterion):
-    """DL-Backtrace relevance. Always raises (see the module doc for the reason)."""
+@IMPORTANCE.register("backtrace", help="DL-Backtrace channel relevance (native torch, seed 002)")
+class BacktraceCriterion(RelevanceCriterion):
+    """Attribution-guided pruning with DL-Backtrace relevance (medscalpel's native
+    implementation, :mod:`medscalpel.explain.backtrace`)."""
 
     name = "backtrace"
-    needs_data = True
-
-    def __init__(self, **_: Any):
-        raise backtrace_error()
-
-    def importance(self):  # pragma: no cover - the constructor always raises
-        raise backtrace_error()
+    method = "backtrace"
 
 
 def make_criterion(criterion: str | Criterion | Mapping[str, torch.Tensor]) -> Criterion:

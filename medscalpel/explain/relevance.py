@@ -7,6 +7,10 @@ output, for the class's logit:
 * ``"lrp"``: the LRP relevance flowing through the layer's output (zennit with medscalpel's
   canonizers, captured with tensor hooks on the canonized copy; in that copy a BN folded into
   its conv is an identity, so the conv and its BN share one score).
+* ``"backtrace"``: the DL-Backtrace relevance flowing through the layer's output
+  (:mod:`medscalpel.explain.backtrace`, captured the same way as LRP; with the default
+  ``bn_rule="pass"`` a BN passes its conv's relevance unchanged, so the two share one score).
+  Relevance carries the sign of the explained logit everywhere.
 * ``"ig"``: layer conductance of the channel (Dhamdhere et al. 2018): Integrated Gradients along
   the straight input path, read at the layer, ``sum_k g_k . (a_{k+1} - a_k)`` (trapezoidal),
   for all layers in one pass. On a layer that every path to the logit crosses (a *cut*), the
@@ -50,7 +54,7 @@ from medscalpel.validation import check_in, check_range
 logger = logging.getLogger(__name__)
 
 SCHEMA = 1
-METHODS = ("lrp", "ig", "taylor")
+METHODS = ("lrp", "ig", "taylor", "backtrace")
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -61,7 +65,7 @@ class ChannelRelevance:
     Attributes:
         scores: ``{layer: Tensor[C_out]}`` normalised per layer (see ``normalize``).
         raw_scores: the same before normalisation.
-        method: ``"lrp"``, ``"ig"`` or ``"taylor"``.
+        method: ``"lrp"``, ``"ig"``, ``"taylor"`` or ``"backtrace"``.
         aggregate: ``"abs"`` (sum over pairs of |channel relevance|) or ``"signed"``.
         normalize: ``"sum"``, ``"max"``, ``"mean"`` or ``None``.
         n_images: images used.
@@ -292,7 +296,8 @@ def channel_relevance(model: nn.Module, inputs: Any, targets: int | list[int] | 
         targets: a class index, a list of class indices (each applied to every image), or
             ``None``: each image's positive classes when labels are known (``labels`` or the
             dataset's; multi-class: the true class), otherwise all classes.
-        method: ``"lrp"``, ``"ig"`` (layer conductance) or ``"taylor"``.
+        method: ``"lrp"``, ``"ig"`` (layer conductance), ``"taylor"`` or ``"backtrace"``
+            (DL-Backtrace).
         layers: qualified layer names; default every Conv2d and BatchNorm layer.
         batch_size: (image, class) pairs per pass (``"ig"``: path points per pass, so
             ``batch_size // (n_steps + 1)`` pairs, at least 1).
@@ -301,7 +306,9 @@ def channel_relevance(model: nn.Module, inputs: Any, targets: int | list[int] | 
         aggregate: ``"abs"`` (sum of |channel relevance| over pairs) or ``"signed"``.
         normalize: ``"sum"`` (per layer, absolute scores sum to 1), ``"max"``, ``"mean"`` or
             ``None``.
-        composite, epsilon, zero_bias, bn_rule: LRP settings (see :func:`~medscalpel.explain.lrp.lrp`).
+        composite, epsilon, zero_bias, bn_rule: LRP settings (see :func:`~medscalpel.explain.lrp.lrp`);
+            ``"backtrace"`` uses ``zero_bias`` and ``bn_rule`` (``"pass"`` or ``"fold"``, see
+            :func:`~medscalpel.explain.backtrace.backtrace`).
         n_steps: integration steps for ``"ig"``.
         baseline: IG baseline (``None``: zeros of the normalised input, or a tensor ``[C, H, W]``).
 
@@ -370,6 +377,17 @@ def channel_relevance(model: nn.Module, inputs: Any, targets: int | list[int] | 
                 accumulate({n: _channel_sum(r) for n, r in cap.items()})
         settings.update(session.settings)
         settings["canonizer_max_abs_diff"] = session.max_canonizer_diff
+    elif method == "backtrace":
+        from medscalpel.explain.backtrace import BacktraceSession
+
+        bt = BacktraceSession(model, zero_bias=zero_bias, bn_rule=bn_rule)
+        with bt:
+            for s, e in track(chunks, desc, progress=progress):
+                xb, cb = x[img[s:e]], cls[s:e]
+                _, _, cap = bt.relevance(xb, cb, capture=layers)
+                accumulate({n: _channel_sum(r) for n, r in cap.items()})
+        settings.update(bt.settings)
+        settings["canonizer_max_abs_diff"] = bt.max_canonizer_diff
     else:
         work = prepare_model_copy(model)
         base = None
