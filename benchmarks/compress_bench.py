@@ -23,6 +23,15 @@ onnxruntime / int8 for ``--export-cells``: run both alone on an idle machine.
     .venv/bin/python benchmarks/compress_bench.py structured --datasets kermany --epochs 8
     .venv/bin/python benchmarks/compress_bench.py latency                # idle machine
     .venv/bin/python benchmarks/compress_bench.py table                  # JSON + markdown table
+
+Issue 20 (DL-Backtrace next to LRP / IG / L2, patient-wise Kermany split, rank agreement of the
+three attributions' channel scores; results in benchmarks/results/backtrace.{json,md}):
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/compress_bench.py table \
+        --stages dense,rankcorr,structured --datasets kermany \
+        --criteria backtrace,lrp,ig,l2 --speedups 2,3,4 --epochs 2 --max-steps 12 \
+        --recovery-epochs 1 --calib 16 --defer-latency --work runs/bench-backtrace \
+        --patient-regex '^(person[0-9]*|IM-[0-9]*|NORMAL2-IM-[0-9]*)' --result-name backtrace
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,6 +53,7 @@ from common import RESULTS, save_result  # noqa: E402
 
 from medscalpel.compress.measure import count_macs, count_parameters, latency_pair  # noqa: E402
 from medscalpel.data import Preprocess, open_dataset  # noqa: E402
+from medscalpel.engine.compare import compare_predictions  # noqa: E402
 from medscalpel.engine.metrics import auroc  # noqa: E402
 from medscalpel.engine.predict import collect_images, predict  # noqa: E402
 from medscalpel.engine.predictions import Predictions  # noqa: E402
@@ -51,7 +62,7 @@ from medscalpel.models import create_model, load_model, make_card, save_model  #
 from medscalpel.runs import read_json, write_json  # noqa: E402
 
 KERMANY = Path(__file__).resolve().parents[2] / "shared" / "data" / "kermany-pneumonia" / "train"
-CRITERIA = ("l2", "l1", "bn_scale", "taylor", "lrp", "ig")
+CRITERIA = ("l2", "l1", "bn_scale", "taylor", "lrp", "ig", "backtrace")
 SPARSITIES = (0.5, 0.65, 0.9)
 SPEEDUPS = (2.0, 3.0, 4.0)
 TOLERANCE_RATIOS = (0.25, 0.5, 0.7)
@@ -75,6 +86,8 @@ def _open_datasets(name: str, args) -> tuple[Any, Any, Any]:
         if not KERMANY.is_dir():
             raise FileNotFoundError(f"{KERMANY} is absent")
         spec = f"folder:{KERMANY}?dedup=true"
+        if args.patient_regex:  # '+' must be written %2B inside a spec string
+            spec += "&patient_regex=" + args.patient_regex.replace("+", "%2B")
     else:
         raise SystemExit(f"unknown dataset {name}")
     tr, va, te = (open_dataset(spec, split=s, preprocess=pre) for s in ("train", "val", "test"))
@@ -170,7 +183,17 @@ def measure(dense, model, te, dense_preds: Predictions, args, extra: dict) -> di
             "nonzero": nonzero(model), "nonzero_dense": nonzero(dense),
             "macs": count_macs(model, x), "macs_dense": count_macs(dense, x), **lat,
             "max_abs_delta_logit": float(np.abs(preds.logits - dense_preds.logits).max()),
-            **delta_auroc(dense_preds, preds, args.n_boot), **extra}
+            **delta_auroc(dense_preds, preds, args.n_boot), **paired(dense_preds, preds, args),
+            **extra}
+
+
+def paired(ref: Predictions, new: Predictions, args) -> dict:
+    """engine.compare's paired bootstrap (macro dAUROC / dAP / dSens / dSpec with CIs) and
+    whether the compressed model keeps macro AUROC within 0.005 of dense (the issue's floor)."""
+    cmp = compare_predictions(ref, new, n_boot=args.n_boot, seed=0)
+    ok, reasons = cmp.meets_floor(macro=-0.005, per_class=-0.01)
+    return {"paired_macro": cmp.macro, "meets_floor_0.005": ok, "floor_reasons": reasons,
+            "n_test": cmp.n}
 
 
 def recovery_cfg(args):
@@ -283,8 +306,8 @@ def stage_structured(ds: str, args) -> None:
     from medscalpel.compress.structured import prune_structured
     from medscalpel.errors import MedScalpelError
 
-    for crit in args.criteria:
-        for sp in args.speedups:
+    for sp in args.speedups:  # speedup outer: every criterion's 2x cell comes first
+        for crit in args.criteria:
             path = cell_path(args, ds, "structured", f"{crit}-x{sp:g}")
             if done(path):
                 continue
@@ -304,6 +327,66 @@ def stage_structured(ds: str, args) -> None:
                       measure(dense, res.model, te, dp, args,
                               {"method": f"{crit} x{sp:g}", "ratio": res.ratio,
                                "speedup_macs": res.speedup_macs}), t0, res.model)
+
+
+RANK_METHODS = ("backtrace", "lrp", "ig")
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    if a.size < 3 or np.all(a == a[0]) or np.all(b == b[0]):
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def stage_rankcorr(ds: str, args) -> None:
+    """How alike the three attributions rank channels on the dense model: channel relevance
+    (``channel_relevance``, the scores the lrp / ig / backtrace pruning criteria use, every
+    class of every calibration image, |relevance| summed, normalised per layer) of every Conv /
+    BN layer, then per layer Spearman's rho between methods and the overlap of the lowest-scored
+    half (what a ~2x prune of that layer would remove)."""
+    from medscalpel.explain.relevance import channel_relevance
+
+    path = cell_path(args, ds, "rankcorr", "dense")
+    if path.is_file():
+        return
+    t0 = time.perf_counter()
+    dense, _, tr, _, _ = cell_inputs(ds, args)
+    calib = collect_images(tr, args.calib)[0]
+    layers = [n for n, m in dense.named_modules()
+              if isinstance(m, (torch.nn.Conv2d, torch.nn.modules.batchnorm._BatchNorm))]
+    scores, wall = {}, {}
+    for meth in RANK_METHODS:
+        t1 = time.perf_counter()
+        cr = channel_relevance(dense, calib, None, method=meth, layers=layers,
+                               batch_size=16, progress=False)
+        wall[meth] = round(time.perf_counter() - t1, 2)
+        scores[meth] = {k: v.double().numpy() for k, v in cr.scores.items()}
+    pairs = {}
+    for i, a in enumerate(RANK_METHODS):
+        for b in RANK_METHODS[i + 1:]:
+            rhos, overlaps = [], []
+            for n in layers:
+                sa, sb = scores[a].get(n), scores[b].get(n)
+                if sa is None or sb is None or sa.size < 4:
+                    continue
+                rhos.append(_spearman(sa, sb))
+                half = sa.size // 2
+                low_a, low_b = set(np.argsort(sa)[:half]), set(np.argsort(sb)[:half])
+                overlaps.append(len(low_a & low_b) / max(1, half))
+            r = np.array([x for x in rhos if np.isfinite(x)])
+            pooled_a = np.concatenate([scores[a][n] for n in layers if n in scores[a]])
+            pooled_b = np.concatenate([scores[b][n] for n in layers if n in scores[b]])
+            pairs[f"{a}~{b}"] = {
+                "layers": int(r.size), "spearman_median": float(np.median(r)),
+                "spearman_mean": float(r.mean()), "spearman_q10": float(np.quantile(r, 0.1)),
+                "spearman_q90": float(np.quantile(r, 0.9)),
+                "spearman_pooled": _spearman(pooled_a, pooled_b),
+                "low_half_overlap_mean": float(np.mean(overlaps))}
+    write_json(path, {"calib_images": int(calib.shape[0]), "targets": "every class",
+                      "layers": len(layers), "relevance_wall_s": wall, "pairs": pairs,
+                      "wall_s": round(time.perf_counter() - t0, 2)})
 
 
 def stage_latency(ds: str, args) -> None:
@@ -416,6 +499,8 @@ def stage_table(args) -> None:
                      "delta_auroc": r["delta"],
                      "delta_auroc_ci95": r["delta_ci95"], "auroc_dense": r["auroc_dense"],
                      "max_abs_delta_logit": r["max_abs_delta_logit"], "wall_s": d["wall_s"],
+                     "paired_macro": r.get("paired_macro"),
+                     "meets_floor_0.005": r.get("meets_floor_0.005"),
                      "config": d["config"]})
         at_size += [{"dataset": p.parent.parent.name, "cell": f"{p.parent.name}/{p.stem}",
                      "method": r["method"], "size": int(size), **v}
@@ -429,6 +514,16 @@ def stage_table(args) -> None:
                               "train_s": t.get("wall_s"),
                               "test_macro_auroc": next((r["auroc_dense"] for r in rows
                                                         if r["dataset"] == ds_dir.name), None)}
+    rankcorr = {p.parent.parent.name: read_json(p) for p in sorted(work.glob("*/rankcorr/*.json"))}
+    splits = {}
+    for ds_name in sorted({r["dataset"] for r in rows}):
+        try:
+            te = datasets(ds_name, args)[2]
+            splits[ds_name] = {"patient_regex": args.patient_regex,
+                               "split_unit": te.meta.get("split_unit"),
+                               "n_test": len(te)}
+        except (FileNotFoundError, ImportError) as exc:
+            splits[ds_name] = {"error": str(exc)}
     for p in sorted(work.glob("*/export/*.json")):
         d = read_json(p)
         r = d["results"]
@@ -439,15 +534,20 @@ def stage_table(args) -> None:
                             q.get("delta_macro_auroc"), "int8_max_abs_delta": q.get(
                             "max_abs_delta_vs_fp32")})
     config = {k: v for k, v in vars(args).items() if k != "stage"}
-    name = "compress"
-    payload = {"dense": dense, "rows": rows, "exports": exports, "latency_at_size": at_size}
+    name = args.result_name
+    payload = {"dense": dense, "rows": rows, "exports": exports, "latency_at_size": at_size,
+               "splits": splits, "rankcorr": rankcorr,
+               "load_average": list(os.getloadavg())}
     if args.smoke:  # smoke numbers stay in the work directory, never in benchmarks/results
         write_json(work / "compress_smoke.json", {**payload, "config": config})
         out_md = work / "compress_smoke.md"
     else:
         save_result(name, payload, config)
         out_md = RESULTS / f"{name}.md"
-    lines = [f"- {k}: {v['arch']}, {v['classes']} classes, test macro AUROC "
+    lines = [f"- {k}: split {v.get('split_unit', {}).get('unit', '?')}-wise "
+             f"(patient_regex {v.get('patient_regex')!r}), {v.get('n_test')} test images"
+             for k, v in splits.items()]
+    lines += [f"- {k}: {v['arch']}, {v['classes']} classes, test macro AUROC "
              f"{v['test_macro_auroc']:.4f} (val {v['val_auroc']:.4f}, best epoch "
              f"{v['best_epoch']})" for k, v in dense.items()]
     lines += ["", "| dataset | method | params | removed | nonzero removed | MACs x | CPU x (b1) "
@@ -461,6 +561,16 @@ def stage_table(args) -> None:
                      f"{r['cpu_speedup']:.2f} | {r['cpu_speedup_b32']:.2f} | "
                      f"{r['delta_auroc']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
                      f"{r['max_abs_delta_logit']:.2e} |")
+    for ds_name, rc in rankcorr.items():
+        lines += ["", f"Channel-score rank agreement on the dense {ds_name} model "
+                  f"({rc['calib_images']} calibration images x every class, {rc['layers']} "
+                  "Conv/BN layers):", "",
+                  "| pair | Spearman median over layers [q10, q90] | pooled | low-half overlap |",
+                  "|---|---|---|---|"]
+        for pair, v in rc["pairs"].items():
+            lines.append(f"| {pair} | {v['spearman_median']:.3f} [{v['spearman_q10']:.3f}, "
+                         f"{v['spearman_q90']:.3f}] | {v['spearman_pooled']:.3f} | "
+                         f"{v['low_half_overlap_mean']:.3f} |")
     if exports:
         lines += ["", "| dataset | exported | ORT parity | torch x b1 / b32 | ORT x b1 / b32 "
                   "| int8 vs fp32 ORT b1 / b32 | int8 dAUROC |", "|---|---|---|---|---|---|---|"]
@@ -491,8 +601,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["dense", "lossless", "tolerance", "unstructured",
-                                      "structured", "latency", "export", "resolution", "table",
-                                      "all"])
+                                      "structured", "rankcorr", "latency", "export",
+                                      "resolution", "table", "all"])
+    ap.add_argument("--stages", default=None,
+                    help="comma-separated stages to run in this order, then the table "
+                         "(e.g. dense,rankcorr,structured); overrides the positional stage")
+    ap.add_argument("--patient-regex", default=None,
+                    help="patient_regex of the Kermany folder adapter (a patient-wise split); "
+                         "default: the adapter's default")
+    ap.add_argument("--result-name", default="compress",
+                    help="name of the result files under benchmarks/results/")
     ap.add_argument("--datasets", default="phantom,kermany")
     ap.add_argument("--work", default="runs/bench-compress")
     ap.add_argument("--arch", default=None)
@@ -538,13 +656,15 @@ def main(argv: list[str] | None = None) -> None:
             args.work = "runs/bench-compress-smoke"
     stages = (["dense", "lossless", "tolerance", "unstructured", "structured"]
               if args.stage == "all" else [args.stage] if args.stage != "table" else [])
+    if args.stages:
+        stages = [st for st in args.stages.split(",") if st]
     timings: dict[str, float] = {}
     for ds in [d for d in args.datasets.split(",") if d]:
         for st in stages:
             t0 = time.perf_counter()
             try:
                 {"dense": stage_dense, "lossless": stage_lossless, "tolerance": stage_tolerance,
-                 "latency": stage_latency, "export": stage_export,
+                 "latency": stage_latency, "export": stage_export, "rankcorr": stage_rankcorr,
                  "resolution": stage_resolution,
                  "unstructured": stage_unstructured, "structured": stage_structured}[st](ds, args)
             except (FileNotFoundError, ImportError) as exc:
@@ -556,7 +676,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise
             timings[f"{ds}/{st}"] = round(time.perf_counter() - t0, 1)
             print(f"{ds}/{st}: {timings[f'{ds}/{st}']} s", file=sys.stderr)
-    if args.stage in ("table", "all"):
+    if args.stage in ("table", "all") or args.stages:
         stage_table(args)
     if timings:
         write_json(Path(args.work) / f"timings-{int(time.time())}.json", timings)
