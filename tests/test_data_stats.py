@@ -116,3 +116,42 @@ def test_cli_stats(tmp_path):
     res = CliRunner().invoke(app, [f"csv:{tmp_path / 'missing'}", "--out", str(bad)])
     assert res.exit_code != 0 and isinstance(res.exception, DataError)
     assert not bad.exists() and not list(tmp_path.glob(".bad*"))  # no partial run left
+
+
+def test_evidence_in_label_stats_and_old_files(tmp_path):
+    from medscalpel.data.cooccurrence import ExclusionRule
+
+    s = label_statistics(Y, ["a", "b", "c"])
+    assert s.pair_known == [[5] * 3] * 3 and s.pos_known == [[3] * 3, [2] * 3, [2] * 3]
+    ev = s.cooccurrence_evidence()
+    ab = ev.pair("a", "b")  # 2 observed vs 3 * 2 / 5 = 1.2 expected
+    assert ab.observed == 2 and ab.expected == pytest.approx(1.2) and ab.lift == pytest.approx(5 / 3)
+    assert ev.exclusive_pairs() == [] and "only 5 images" in ev.warnings[0]
+    assert s.evidence["n_exclusive"] == 0 and s.evidence["rule"]["min_images"] == 5000
+    back = LabelStats.load(s.save(tmp_path / "s.json"))
+    assert back.cooccurrence_evidence().to_dict() == ev.to_dict()
+    assert back.cooccurrence_evidence(ExclusionRule(min_images=1)).warnings == ()
+    # unknown labels: the per-pair counts leave those rows out of the pair
+    y = np.array([[np.nan, 1, 0], [1, 0, 0], [0, np.nan, 1]], np.float32)
+    u = label_statistics(y, ["a", "b", "c"])
+    assert u.pair_known[0][1] == 1 and u.pos_known[0][2] == 1 and u.pos_known[0][1] == 1
+    # a schema-1 file (no per-pair counts) with unknown labels: approximate, excludes nothing
+    old = u.to_dict()
+    for key in ("pair_known", "pos_known", "evidence"):
+        old.pop(key)
+    old["schema_version"] = 1
+    oev = LabelStats.from_dict(old).cooccurrence_evidence(ExclusionRule(min_images=1))
+    assert oev.approximate and oev.exclusive_pairs() == []
+    assert any("approximate counts" in w for w in oev.warnings)
+    assert oev.with_rule(ExclusionRule(min_images=2)).approximate
+
+
+def test_cli_stats_writes_evidence(tmp_path):
+    app = typer.Typer()
+    app.command()(stats_cmd)
+    spec = _csv_dataset(tmp_path / "d")
+    res = CliRunner().invoke(app, [spec, "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    d = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert d["schema_version"] == 2 and d["evidence"]["kind"] == "cooccurrence_evidence"
+    assert d["evidence"]["enough_images"] is False and len(d["evidence"]["pairs"]) == 3

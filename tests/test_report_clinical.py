@@ -28,7 +28,7 @@ NAMES = ["Effusion", EVIL, "Pneumothorax"]
 THR = [0.6, 0.5, 0.5]
 
 
-def planted_labels(n: int = 2000, seed: int = 0) -> np.ndarray:
+def planted_labels(n: int = 6000, seed: int = 0) -> np.ndarray:
     """Classes 0 and 1 (30% each) never together: expected 0.09 n co-occurrences, observed 0;
     class 2 (20%) independent of both."""
     rng = np.random.default_rng(seed)
@@ -48,7 +48,7 @@ def planted():
 @pytest.fixture(scope="module")
 def independent():
     rng = np.random.default_rng(1)
-    return label_statistics((rng.random((2000, 3)) < 0.3).astype(float), NAMES)
+    return label_statistics((rng.random((6000, 3)) < 0.3).astype(float), NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_default_flags_every_finding_above_threshold(model, images, planted, tmp
         assert r.excluded == []
         assert all(f.flagged for f in r.findings)
         f0 = next(f for f in r.findings if f.class_index == 0)
-        assert f0.conflicts[0].other == EVIL and f0.conflicts[0].evidence["n"] == 2000
+        assert f0.conflicts[0].other == EVIL and f0.conflicts[0].evidence["n"] == 6000
         st = {p["class"]: p["status"] for p in r.probabilities}
         assert st == {"Effusion": "reported, flagged", EVIL: "reported, flagged",
                       "Pneumothorax": "below threshold"}

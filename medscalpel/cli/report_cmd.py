@@ -31,7 +31,7 @@ def clinical(
                                          "lift (observed / expected co-occurrences) below this."),
     min_expected: float = typer.Option(10.0, help="Exclusion rule: at least this many "
                                        "co-occurrences expected under independence."),
-    min_images: int = typer.Option(1000, help="Exclusion rule: at least this many images in the "
+    min_images: int = typer.Option(5000, help="Exclusion rule: at least this many images in the "
                                    "label statistics (below: no exclusion, a warning)."),
     min_cam_size: int = typer.Option(7, help="Smallest CAM map side (cells) for lung-zone "
                                      "words; coarser maps say 'map too coarse to localise'."),

@@ -27,8 +27,11 @@ The rule (:class:`ExclusionRule`, the defaults): a pair is mutually exclusive on
    co-occurs at most a tenth as often as independence predicts), AND
 2. ``expected >= min_expected = 10`` co-occurrences (with fewer, "never seen together" is what
    chance alone gives), AND
-3. ``n >= min_images = 1000`` images (below it no pair is excluded at all and the result carries
-   a warning).
+3. ``n >= min_images = 5000`` images (below it no pair is excluded at all and the result carries
+   a warning). Conditions 1-2 already demand dozens of expected co-occurrences; this one guards
+   against judging exclusivity from a small sample at all, whose label mix may not represent
+   the training population (the 1,000-image NIH sample has 26 pairs that never co-occur, by
+   chance alone). 5,000 is a policy choice, deliberately above such samples; it is a parameter.
 
 With ``observed = 0`` the upper bound is ``3.689 / expected``, so condition 1 needs about 37
 expected co-occurrences: a pair is called exclusive only when dozens of joint cases were expected
@@ -84,7 +87,7 @@ class ExclusionRule:
 
     max_lift_upper: float = 0.1
     min_expected: float = 10.0
-    min_images: int = 1000
+    min_images: int = 5000
     confidence: float = 0.95
     schema_version: int = SCHEMA_VERSION
 
@@ -114,7 +117,7 @@ class ExclusionRule:
         _check_schema(d, "ExclusionRule")
         return cls(max_lift_upper=float(d.get("max_lift_upper", 0.1)),
                    min_expected=float(d.get("min_expected", 10.0)),
-                   min_images=int(d.get("min_images", 1000)),
+                   min_images=int(d.get("min_images", 5000)),
                    confidence=float(d.get("confidence", 0.95)))
 
 
@@ -442,7 +445,7 @@ def cooccurrence_evidence(labels: np.ndarray, class_names: Sequence[str],
             label) or multi-class indices ``[N]``.
         class_names: K names.
         rule: the :class:`ExclusionRule` (default: upper 95% bound of the lift < 0.1, >= 10
-            expected co-occurrences, >= 1000 images).
+            expected co-occurrences, >= 5000 images).
         source: where the labels came from (shown with the evidence).
 
     Returns:

@@ -429,7 +429,7 @@ def exclusion_plan(candidates: Sequence[int], strength: Sequence[float],
     Example:
         >>> import numpy as np
         >>> from medscalpel.data.cooccurrence import cooccurrence_evidence
-        >>> y = np.array([[1, 0], [0, 1]] * 600 + [[0, 0]] * 100, float)
+        >>> y = np.array([[1, 0], [0, 1]] * 2900 + [[0, 0]] * 200, float)
         >>> ev = cooccurrence_evidence(y, ["a", "b"])
         >>> listed, hidden, flags = exclusion_plan([0, 1], [2.0, 1.0], ev, ["a", "b"])
         >>> listed, hidden, [c.other for c in flags[1]]
@@ -920,7 +920,7 @@ def clinical_report(
             are flags on both) or ``hide`` (the weaker finding of a conflict is hidden; the
             report marks it).
         exclusion_rule: the :class:`~medscalpel.data.cooccurrence.ExclusionRule` (default:
-            upper 95% bound of the lift < 0.1, >= 10 expected co-occurrences, >= 1000 images).
+            upper 95% bound of the lift < 0.1, >= 10 expected co-occurrences, >= 5000 images).
         calibration: a ``CalibrationResult``, its dict or ``calibration.json``: sensitivity /
             specificity at each threshold on its evaluation split.
         min_cam_size: smallest CAM map side (cells) for lung-zone words.
