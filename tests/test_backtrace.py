@@ -165,6 +165,15 @@ def test_cut_layers_carry_the_whole_logit():
         _, logit, cap = session.relevance(x, torch.tensor([2, 2]), capture=blocks)
     for name in blocks:
         assert torch.allclose(cap[name].flatten(1).sum(1), logit, rtol=1e-4, atol=1e-6), name
+    # DenseNet: a transition conv reads the whole concatenation of its block and is read only
+    # by the next block, so its output is a cut too (the concatenation split loses nothing)
+    dense = zoo("densenet_tiny")
+    cuts = ["backbone.features.transition1.conv", "backbone.features.transition2.conv"]
+    for bn_rule in ("pass", "fold"):
+        with BacktraceSession(dense, zero_bias=True, bn_rule=bn_rule) as session:
+            _, logit, cap = session.relevance(x, torch.tensor([0, 1]), capture=cuts)
+        for name in cuts:
+            assert torch.allclose(cap[name].flatten(1).sum(1), logit, rtol=1e-4, atol=1e-6), name
 
 
 def test_deterministic_and_caller_model_untouched():
