@@ -280,3 +280,23 @@ def test_audit_changes_bad_input(phantom_test):
                       attribute_names=["race"])
     with pytest.raises(ConfigError, match="'measures' parameter of audit_changes"):
         audit_changes(dense, dense, phantom_test, measures=["vibes"])
+
+
+def test_nih_attributes_from_the_metadata(tmp_path):
+    from conftest import shared_path
+
+    from medscalpel.data.nih import read_nih_attributes
+
+    root = shared_path("nih14-sample64")
+    ds = open_dataset(f"nih:{root}", split="test", preprocess=Preprocess(64))
+    att = dataset_attributes(ds)
+    assert list(att.columns) == ["sex", "age_band", "view"] and len(att) == len(ds) == 310
+    assert list(att.index) == list(ds.ids)
+    assert set(att["sex"]) <= {"F", "M"} and set(att["view"]) <= {"PA", "AP"}
+    # an age over 120 (a known NIH error) becomes missing; "058Y" (the 2017 format) parses
+    csv = tmp_path / "Data_Entry_2017.csv"
+    csv.write_text("Image Index,Finding Labels,Patient ID,Patient Age,Patient Gender,View Position\n"
+                   "a.png,No Finding,1,413,M,PA\nb.png,Mass,2,058Y,F,AP\nc.png,Mass,3,39,F,AP\n")
+    t = read_nih_attributes(csv)
+    assert t["age_band"].isna().tolist() == [True, False, False]
+    assert t["age_band"].tolist()[1:] == ["40-59", "<40"] and t["sex"].tolist() == ["M", "F", "F"]

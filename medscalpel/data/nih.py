@@ -136,7 +136,50 @@ def index_nih_images(root: Path) -> dict[str, Path]:
     return found
 
 
-class NIHLabelsOnly(ImageFileDataset):
+#: age bands of the ``age_band`` attribute (shared with the phantom): (label, lowest age)
+AGE_BANDS = (("<40", 0), ("40-59", 40), ("60+", 60))
+
+
+def _age_band(age: pd.Series) -> pd.Series:
+    years = pd.to_numeric(age.astype(str).str.extract(r"(\d+)")[0], errors="coerce")
+    out = pd.Series([None] * len(years), index=age.index, dtype=object)
+    for name, lo in AGE_BANDS:
+        out[(years >= lo).to_numpy()] = name
+    out[years.isna().to_numpy() | (years > 120).to_numpy()] = None   # missing or implausible
+    return out
+
+
+def read_nih_attributes(path: str | os.PathLike) -> pd.DataFrame:
+    """Per-image attributes from the NIH metadata, indexed by image id: ``sex`` (M/F, from
+    ``Patient Gender``), ``age_band`` (:data:`AGE_BANDS`, from ``Patient Age``; ages over 120,
+    a known NIH data error, become missing) and ``view`` (``View Position``). A column the file
+    lacks is left out."""
+    file = find_nih_label_file(path)
+    df = read_table(file, ("Image Index",), what="NIH label file", dtype=str)
+    out = pd.DataFrame(index=pd.Index(df["Image Index"].astype(str).str.strip(), name="id"))
+    if "Patient Gender" in df.columns:
+        out["sex"] = df["Patient Gender"].astype(str).str.strip().str.upper().str[:1].where(
+            df["Patient Gender"].notna(), None).to_numpy()
+    if "Patient Age" in df.columns:
+        out["age_band"] = _age_band(df["Patient Age"]).to_numpy()
+    if "View Position" in df.columns:
+        out["view"] = df["View Position"].astype(str).str.strip().str.upper().to_numpy()
+    return out
+
+
+class NIHImages(ImageFileDataset):
+    """NIH images with per-image attributes (:meth:`attributes`)."""
+
+    attribute_table: pd.DataFrame | None = None
+
+    def attributes(self) -> pd.DataFrame:
+        """``sex``, ``age_band``, ``view`` of every image, indexed like :attr:`ids`."""
+        if self.attribute_table is None:
+            raise DataError(f"{self.spec}: no attribute table was read; reopen the dataset.")
+        return self.attribute_table.reindex([str(i) for i in self.ids])
+
+
+class NIHLabelsOnly(NIHImages):
     """NIH labels opened with ``labels_only=true``: every table, no pixels."""
 
     def load_raw(self, index: int) -> np.ndarray:
@@ -181,14 +224,16 @@ def open_nih(root: str | None, split: str = "train", preprocess: Preprocess | No
     if labels_only:
         ds = NIHLabelsOnly("nih", [base / "images" / i for i in ids], ids, labels, NIH_CLASSES,
                            "multilabel", table["patient_id"].tolist(), preprocess, split, meta=meta)
+        ds.attribute_table = read_nih_attributes(label_path)
         return ds.require_nonempty()
     index = index_nih_images(base)
     if not index:
         raise DataError(f"No images found under {base}/images or {base}/images_*/images. Unpack "
                         "the NIH image archives there, or pass labels_only=true for the labels.")
     paths = [index.get(i, base / "images" / i) for i in ids]
-    ds = ImageFileDataset("nih", paths, ids, labels, NIH_CLASSES, "multilabel",
-                          table["patient_id"].tolist(), preprocess, split, meta=meta)
+    ds = NIHImages("nih", paths, ids, labels, NIH_CLASSES, "multilabel",
+                   table["patient_id"].tolist(), preprocess, split, meta=meta)
+    ds.attribute_table = read_nih_attributes(label_path)
     return finish(ds, skip_corrupt, fix=f"{len(index)} image(s) were found under {base}. ")
 
 
