@@ -1,0 +1,68 @@
+"""``medscalpel repair recalibrate-site``: k-shot recalibration of a model at a new site."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medscalpel.cli.common import console, print_table
+from medscalpel.runs import RunDir, write_json
+
+
+def recalibrate_site(
+    model: Path = typer.Option(..., help="Model directory (its stored thresholds are the start)."),
+    internal: Path = typer.Option(..., help="The model's internal (test) predictions .npz or run "
+                                            "directory: the operating point to restore."),
+    external: str = typer.Option(..., help="Dataset spec of the new site (labelled)."),
+    external_split: str = typer.Option("all", help="Split of the new site's dataset."),
+    k: int = typer.Option(20, help="Labelled images per class used to recalibrate."),
+    method: str = typer.Option("threshold", help="threshold | youden | temperature | platt"),
+    classes: Optional[str] = typer.Option(None, help="Comma-separated classes to recalibrate "
+                                                     "(default all)."),
+    tolerance: float = typer.Option(0.05, help="'Restored' = sens and spec within this of the "
+                                               "internal operating point."),
+    n_boot: int = typer.Option(1000, help="Bootstrap replicates of the CIs."),
+    seed: int = typer.Option(0, help="Seed of the k-shot draw and the bootstrap."),
+    class_map: list[str] = typer.Option([], "--class-map", help="EXTERNAL=MODEL class names."),
+    out: Path = typer.Option(Path("runs/recalibrate-site"), help="Run directory to create "
+                                                                 "(recalibration.json, model/)."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Re-fit thresholds / temperature on k labelled images per class of a new site; measure
+    sensitivity and specificity (with CIs) on the rest of that site against the internal ones;
+    write a recalibrated model copy."""
+    from medscalpel.engine.api import predict_spec, usage_line
+    from medscalpel.engine.predictions import Predictions
+    from medscalpel.errors import MedScalpelError
+    from medscalpel.models.checkpoint import load_model, save_model
+    from medscalpel.repair.shift import recalibrate_site as run_recal
+    from medscalpel.repair.shift import recalibrated_model
+
+    cmap = {}
+    for it in class_map:
+        if "=" not in it:
+            raise MedScalpelError(f"--class-map takes EXTERNAL=MODEL pairs; got {it!r}.")
+        a, b = it.split("=", 1)
+        cmap[a.strip()] = b.strip()
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    cfg = {"model": str(model), "internal": str(internal), "external": external,
+           "external_split": external_split, "k": k, "method": method, "classes": names,
+           "tolerance": tolerance, "n_boot": n_boot, "class_map": cmap}
+    m = load_model(model)
+    int_preds = Predictions.load(internal)
+    ext = predict_spec(model, external, external_split, class_map=cmap or None)
+    console.print(f"new site: used {usage_line(ext)}")
+    res, rec = run_recal(m, int_preds, ext, k=k, method=method, classes=names,
+                         tolerance=tolerance, n_boot=n_boot, seed=seed)
+    with RunDir(out, command="repair recalibrate-site", config=cfg, seed=seed,
+                data={"spec": external, "split": ext.split, "n_used": ext.meta.get("n_used"),
+                      "n_total": ext.meta.get("n_total")}, overwrite=overwrite) as run:
+        write_json(run.path / "recalibration.json", res.to_dict())
+        save_model(recalibrated_model(m, rec, site=external), run.path / "model")
+    print_table(res.table(), f"{method} recalibration, k={k}: sens/spec on the rest of the site")
+    for note in res.notes:
+        console.print(note)
+    console.print(res.verdict)
+    console.print(f"written to {out} (recalibrated model in {out / 'model'})")

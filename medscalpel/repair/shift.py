@@ -1,0 +1,571 @@
+"""Repair under site shift: k-shot recalibration, a label-free shift check, an OOD score.
+
+A model moved to another hospital usually keeps much of its ranking (AUROC) but loses its
+operating point: the stored thresholds no longer give the sensitivity / specificity they gave
+internally. Three tools:
+
+* :class:`SiteRecalibrator` (estimator contract): re-fit on a small LABELLED sample of the new
+  site (``k`` images per class, default 20):
+
+  - ``threshold``: per class, the threshold whose sensitivity and specificity on the sample are
+    closest (least squares) to the INTERNAL operating point;
+  - ``youden``: per class, Youden's J on the sample (a new operating point);
+  - ``temperature``: one temperature on all logits (NLL on the sample), thresholds kept;
+  - ``platt``: per class ``a * logit + b`` (logistic regression on the sample), thresholds kept;
+
+  :func:`recalibrate_site` draws the sample (:func:`sample_k_shot`), fits, and reports the
+  operating point before / after with bootstrap CIs on the REST of the external set (never on
+  the images used to fit), next to the internal one. Too few labelled images -> an error with
+  the minimum.
+* :func:`shift_check` (no labels): per class the mean predicted probability and a two-sample
+  Kolmogorov-Smirnov test of the scores, and a feature-space distance on penultimate features
+  (:func:`medscalpel.engine.predict.extract_features`).
+* :class:`OODScorer`: per-image Mahalanobis distance to the training features (Ledoit-Wolf
+  covariance), thresholds at the internal 95th / 99th percentile; ``flags`` for the clinical
+  report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medscalpel.engine.external import decisions, stored_thresholds
+from medscalpel.engine.predict import Features
+from medscalpel.engine.predictions import Predictions
+from medscalpel.errors import ConfigError, DataError
+from medscalpel.runs import read_json, write_json
+from medscalpel.validation import check_in, check_range
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = 1
+METHODS = ("threshold", "youden", "temperature", "platt")
+
+
+# ----------------------------------------------------------------------------- sampling
+def _class_rows(preds: Predictions, j: int) -> tuple[np.ndarray, np.ndarray]:
+    t = preds.targets()[:, j]
+    return np.flatnonzero(t > 0.5), np.flatnonzero(t < 0.5)
+
+
+def sample_k_shot(preds: Predictions, k: int = 20, classes: Sequence[str] | None = None,
+                  seed: int = 0) -> np.ndarray:
+    """Rows of a labelled sample holding at least ``k`` positives AND ``k`` negatives of every
+    class in ``classes`` (default: all), and as few images as that needs (seeded).
+
+    Multi-class: ``k`` images of each class. Multi-label: classes from the rarest up, random
+    positives are added until each has ``k``, then negatives likewise.
+
+    Raises:
+        DataError: a class has fewer than ``k`` positive or negative labelled images; the message
+            names them, the minimum, and the classes that have enough.
+    """
+    check_range(k, "k", "sample_k_shot", 1, integer=True)
+    idx = _class_index(preds, classes)
+    short = []
+    for j in idx:
+        pos, neg = _class_rows(preds, j)
+        if pos.size < k or neg.size < k:
+            short.append(f"{preds.class_names[j]} ({pos.size} pos / {neg.size} neg)")
+    if short:
+        ok = [preds.class_names[j] for j in range(preds.num_classes)
+              if min(s.size for s in _class_rows(preds, j)) >= k]
+        raise DataError(
+            f"Too few labelled images for {k}-shot recalibration: each class needs at least {k} "
+            f"positive and {k} negative images (minimum {k} per side; more to keep a held-out "
+            f"rest), but {', '.join(short)}. Label more images of the new site, lower k, or "
+            f"restrict classes= to those with enough: {ok}.")
+    rng = np.random.default_rng(seed)
+    chosen: set[int] = set()
+    t = preds.targets()
+    order = sorted(idx, key=lambda j: min(s.size for s in _class_rows(preds, j)))
+    for side in (1.0, 0.0):
+        for j in order:
+            rows = np.flatnonzero(t[:, j] == side)
+            have = sum(1 for r in chosen if t[r, j] == side)
+            if have >= k:
+                continue
+            free = rng.permutation([r for r in rows if r not in chosen])
+            chosen.update(int(r) for r in free[:k - have])
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+def _class_index(preds: Predictions, classes: Sequence[str] | None) -> list[int]:
+    if classes is None:
+        return list(range(preds.num_classes))
+    bad = [c for c in classes if c not in preds.class_names]
+    if bad:
+        raise ConfigError(f"Unknown class(es) {bad}; the model's classes are "
+                          f"{list(preds.class_names)}.")
+    return [preds.class_names.index(c) for c in classes]
+
+
+# ----------------------------------------------------------------------------- operating point
+def operating_point(preds: Predictions, thresholds: np.ndarray, n_boot: int = 0, seed: int = 0,
+                    confidence: float = 0.95) -> list[dict[str, Any]]:
+    """Per class sensitivity and specificity at ``thresholds`` (decision rule of
+    :func:`medscalpel.engine.external.decisions`) with bootstrap CIs (images resampled)."""
+    d, _ = decisions(preds, np.asarray(thresholds, float))
+    t = preds.targets()
+    rng = np.random.default_rng(seed)
+    w = rng.multinomial(preds.n, np.full(preds.n, 1.0 / preds.n), size=n_boot).astype(float) \
+        if n_boot else np.zeros((0, preds.n))
+    out = []
+    a = (1 - confidence) / 2
+    for j, name in enumerate(preds.class_names):
+        known = np.isfinite(t[:, j])
+        y, dj = t[:, j] > 0.5, d[:, j]
+        row: dict[str, Any] = {"name": name, "n_pos": int((y & known).sum()),
+                               "n_neg": int((~y & known).sum())}
+        for m, hit, mask in (("sensitivity", dj, y & known), ("specificity", ~dj, ~y & known)):
+            row[m] = float((hit & mask).sum() / mask.sum()) if mask.sum() else float("nan")
+            if n_boot and mask.sum():
+                den = w @ mask
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    v = (w @ (hit & mask)) / den
+                v = v[np.isfinite(v)]
+                row[f"{m}_ci"] = [float(np.quantile(v, a)), float(np.quantile(v, 1 - a))]
+            else:
+                row[f"{m}_ci"] = [float("nan"), float("nan")]
+        out.append(row)
+    return out
+
+
+# ----------------------------------------------------------------------------- estimator
+def _nll_temperature(z: np.ndarray, t: np.ndarray, task: str) -> float:
+    from scipy.optimize import minimize_scalar
+
+    def nll(log_t: float) -> float:
+        s = z / np.exp(log_t)
+        if task == "multilabel":
+            known = np.isfinite(t)
+            y, s = t[known], s[known]
+            return float(np.mean(np.logaddexp(0, s) - y * s))
+        s = s - s.max(1, keepdims=True)
+        lse = np.log(np.exp(s).sum(1))
+        return float(np.mean(lse - s[np.arange(len(s)), t.argmax(1)]))
+
+    res = minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded")
+    return float(np.exp(res.x))
+
+
+def _match_cut(y: np.ndarray, p: np.ndarray, sens: float, spec: float) -> float:
+    """The threshold whose (sensitivity, specificity) on ``(y, p)`` is closest to the target."""
+    from medscalpel.repair.calibrate import cut_table
+
+    tab = cut_table(y, p)
+    se = tab.tp / max(tab.npos, 1)
+    sp = tab.tn / max(tab.nneg, 1)
+    cost = (se - sens) ** 2 + (sp - spec) ** 2
+    i = int(np.argmin(cost))
+    cuts = tab.cuts
+    if i == 0:
+        return float(min(1.0, np.nextafter(cuts[1], np.inf))) if cuts.size > 1 else 0.5
+    if i + 1 < cuts.size:
+        return float(0.5 * (cuts[i] + cuts[i + 1]))
+    return float(0.5 * cuts[i])
+
+
+class SiteRecalibrator:
+    """Re-fit a model's operating point on a labelled sample of a new site (estimator contract).
+
+    Args:
+        method: ``threshold`` (match the internal sensitivity/specificity), ``youden``,
+            ``temperature`` or ``platt`` (see the module docstring).
+        classes: class names to recalibrate (default all); the others keep their threshold.
+        min_per_class: positives AND negatives each recalibrated class needs in the sample.
+
+    Attributes (after :meth:`fit`): ``thresholds_`` ``[K]``, ``temperature_`` (float),
+    ``scale_`` / ``bias_`` ``[K]`` (logit transform, identity unless ``platt``),
+    ``recalibrated_`` (class names changed), ``target_`` (the internal operating point per class
+    for ``threshold``), ``n_fit_``.
+    """
+
+    def __init__(self, method: str = "threshold", classes: Sequence[str] | None = None,
+                 min_per_class: int = 5):
+        self.method = method
+        self.classes = classes
+        self.min_per_class = min_per_class
+
+    def fit(self, sample: Predictions, thresholds: Sequence[float] | np.ndarray,
+            target: Sequence[dict[str, Any]] | None = None) -> "SiteRecalibrator":
+        """Fit on the labelled ``sample`` of the new site.
+
+        Args:
+            thresholds: the stored per-class thresholds (the starting point).
+            target: per class ``{"sensitivity", "specificity"}`` to restore (``threshold``
+                method; e.g. :func:`operating_point` on the internal set).
+        """
+        check_in(self.method, "method", "SiteRecalibrator", METHODS)
+        check_range(self.min_per_class, "min_per_class", "SiteRecalibrator", 1, integer=True)
+        thr = np.asarray(thresholds, float).copy()
+        k = sample.num_classes
+        if thr.shape != (k,):
+            raise ConfigError(f"SiteRecalibrator.fit: {thr.size} thresholds for {k} classes.")
+        idx = _class_index(sample, self.classes)
+        for j in idx:
+            pos, neg = _class_rows(sample, j)
+            if min(pos.size, neg.size) < self.min_per_class:
+                raise DataError(
+                    f"SiteRecalibrator: class {sample.class_names[j]!r} has {pos.size} positive / "
+                    f"{neg.size} negative labelled images in the sample; at least "
+                    f"{self.min_per_class} of each are needed. Label more images or drop the "
+                    "class from classes=.")
+        if self.method == "threshold" and target is None:
+            raise ConfigError("SiteRecalibrator(method='threshold').fit needs target= (the "
+                              "internal operating point, e.g. operating_point(internal, thr)).")
+        z = sample.logits.astype(np.float64)
+        t = sample.targets().astype(np.float64)
+        self.temperature_ = 1.0
+        self.scale_, self.bias_ = np.ones(k), np.zeros(k)
+        if self.method == "temperature":
+            self.temperature_ = _nll_temperature(z, t, sample.task)
+            self.scale_ = np.full(k, 1.0 / self.temperature_)
+        elif self.method == "platt":
+            if sample.task != "multilabel":
+                raise ConfigError("SiteRecalibrator(method='platt') applies per-class sigmoid "
+                                  "outputs (multi-label); use 'temperature' or 'threshold'.")
+            from sklearn.linear_model import LogisticRegression
+
+            for j in idx:
+                known = np.isfinite(t[:, j])
+                lr = LogisticRegression(C=1.0).fit(z[known, j:j + 1], t[known, j] > 0.5)
+                self.scale_[j], self.bias_[j] = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+        elif self.method in ("threshold", "youden"):
+            p = sample.probs().astype(np.float64)
+            pos_col = _positive_column(sample)
+            for j in idx:
+                known = np.isfinite(t[:, j])
+                y = t[known, j] > 0.5
+                if pos_col is not None and j != pos_col:
+                    continue  # binary multi-class: one decision, on the second class
+                if self.method == "youden":
+                    from medscalpel.repair.calibrate import best_cut
+
+                    thr[j] = best_cut(y, p[known, j], "youden")[0]
+                else:
+                    thr[j] = _match_cut(y, p[known, j], target[j]["sensitivity"],
+                                        target[j]["specificity"])
+        self.thresholds_ = thr
+        self.recalibrated_ = tuple(sample.class_names[j] for j in idx)
+        self.target_ = None if target is None else [
+            {"sensitivity": float(r["sensitivity"]), "specificity": float(r["specificity"])}
+            for r in target]
+        self.n_fit_ = sample.n
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "thresholds_"):
+            raise ConfigError("This SiteRecalibrator is not fitted yet: call fit() first.")
+
+    def transform(self, preds: Predictions) -> Predictions:
+        """``preds`` with recalibrated logits (``scale_ * logit + bias_``; identity for the
+        threshold methods) and ``meta["site_recalibration"]``."""
+        self._check_fitted()
+        z = preds.logits.astype(np.float64) * self.scale_[None, :] + self.bias_[None, :]
+        return replace(preds, logits=z.astype(np.float32),
+                       meta={**preds.meta, "site_recalibration": self.get_params()})
+
+    def decide(self, preds: Predictions) -> np.ndarray:
+        """Boolean ``[N, K]`` decisions after recalibration."""
+        return decisions(self.transform(preds), self.thresholds_)[0]
+
+    def get_params(self) -> dict[str, Any]:
+        return {"method": self.method, "classes": None if self.classes is None else
+                list(self.classes), "min_per_class": self.min_per_class}
+
+    def to_dict(self) -> dict[str, Any]:
+        self._check_fitted()
+        return {"schema_version": SCHEMA, "params": self.get_params(),
+                "thresholds": self.thresholds_.tolist(), "temperature": self.temperature_,
+                "scale": self.scale_.tolist(), "bias": self.bias_.tolist(),
+                "recalibrated": list(self.recalibrated_), "target": self.target_,
+                "n_fit": self.n_fit_}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SiteRecalibrator":
+        r = cls(**d["params"])
+        r.thresholds_ = np.asarray(d["thresholds"], float)
+        r.temperature_ = float(d["temperature"])
+        r.scale_, r.bias_ = np.asarray(d["scale"], float), np.asarray(d["bias"], float)
+        r.recalibrated_ = tuple(d["recalibrated"])
+        r.target_ = d.get("target")
+        r.n_fit_ = int(d["n_fit"])
+        return r
+
+
+def _positive_column(preds: Predictions) -> int | None:
+    return 1 if preds.task == "multiclass" and preds.num_classes == 2 else None
+
+
+# ----------------------------------------------------------------------------- workflow
+@dataclass(frozen=True)
+class SiteRecalibration:
+    """The k-shot recalibration of one model at one new site, measured on the rest.
+
+    ``internal``: the internal operating point (per class, with CIs). ``before`` / ``after``:
+    the external operating point on the REST (images not used to fit) at the stored / the
+    recalibrated thresholds. ``restored``: per recalibrated class whether |after - internal| <=
+    ``tolerance`` for both sensitivity and specificity; ``verdict`` says it in words.
+    """
+
+    method: str
+    k: int
+    n_fit: int
+    n_rest: int
+    fit_ids: tuple[str, ...]
+    thresholds_before: tuple[float, ...]
+    recalibrator: dict[str, Any]
+    internal: tuple[dict[str, Any], ...]
+    before: tuple[dict[str, Any], ...]
+    after: tuple[dict[str, Any], ...]
+    restored: dict[str, bool]
+    tolerance: float
+    verdict: str
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        return {"schema_version": SCHEMA, "kind": "site_recalibration", **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SiteRecalibration":
+        if d.get("kind") != "site_recalibration":
+            raise DataError("Not a site-recalibration result (kind != 'site_recalibration').")
+        kw = {k: v for k, v in d.items() if k not in ("schema_version", "kind")}
+        for k in ("fit_ids", "thresholds_before", "internal", "before", "after", "notes"):
+            kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SiteRecalibration":
+        return cls.from_dict(read_json(path))
+
+    def table(self) -> list[dict[str, Any]]:
+        rows = []
+        for i, b, a in zip(self.internal, self.before, self.after):
+            if a["name"] not in self.restored:
+                continue
+            rows.append({"class": a["name"], "internal sens/spec":
+                         f"{i['sensitivity']:.3f}/{i['specificity']:.3f}",
+                         "external before": f"{b['sensitivity']:.3f}/{b['specificity']:.3f}",
+                         "after": f"{a['sensitivity']:.3f}/{a['specificity']:.3f}",
+                         "restored": self.restored[a["name"]]})
+        return rows
+
+
+def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *, k: int = 20,
+                     method: str = "threshold", classes: Sequence[str] | None = None,
+                     thresholds: Sequence[float] | None = None, tolerance: float = 0.05,
+                     n_boot: int = 1000, seed: int = 0, confidence: float = 0.95
+                     ) -> tuple[SiteRecalibration, SiteRecalibrator]:
+    """Draw ``k`` labelled images per class of the external site, recalibrate on them and
+    measure the operating point on the rest of the external set.
+
+    Args:
+        model: a model / ModelCard whose stored thresholds are the starting point (or None:
+            ``thresholds``, else 0.5).
+        internal: the model's internal (test) predictions: the operating point to restore.
+        external: labelled predictions of the new site (the sample is drawn from them).
+        k: labelled images per class (positives and negatives each, multi-label).
+        classes: classes to recalibrate (default all; each needs ``k`` positives and negatives).
+        tolerance: what "restored" means: |after - internal| <= tolerance for sens and spec.
+
+    Raises:
+        DataError: too few labelled images (the message gives the minimum).
+    """
+    check_range(tolerance, "tolerance", "recalibrate_site", 0.0, 1.0)
+    if tuple(internal.class_names) != tuple(external.class_names):
+        raise DataError(f"recalibrate_site: internal classes {list(internal.class_names)} differ "
+                        f"from external {list(external.class_names)}; map them first "
+                        "(medscalpel.engine.external.map_class_names).")
+    thr = (np.asarray(thresholds, float) if thresholds is not None
+           else stored_thresholds(model, internal.num_classes)[0])
+    fit_rows = sample_k_shot(external, k, classes, seed)
+    rest_mask = np.ones(external.n, bool)
+    rest_mask[fit_rows] = False
+    if not rest_mask.any():
+        raise DataError(f"recalibrate_site: the {k}-shot sample uses all {external.n} external "
+                        "images; nothing is left to measure on. Use more images or lower k.")
+    sample, rest = external.select(fit_rows), external.select(rest_mask)
+    target = operating_point(internal, thr, n_boot, seed, confidence)
+    rec = SiteRecalibrator(method, classes, min_per_class=min(k, 5)).fit(sample, thr, target)
+    before = operating_point(rest, thr, n_boot, seed + 1, confidence)
+    after = operating_point(rec.transform(rest), rec.thresholds_, n_boot, seed + 1, confidence)
+    restored = {}
+    for i, a in zip(target, after):
+        if a["name"] in rec.recalibrated_:
+            restored[a["name"]] = bool(abs(a["sensitivity"] - i["sensitivity"]) <= tolerance and
+                                       abs(a["specificity"] - i["specificity"]) <= tolerance)
+    n_ok = sum(restored.values())
+    verdict = (f"restored: all {n_ok} recalibrated classes within {tolerance} of the internal "
+               "sensitivity and specificity" if n_ok == len(restored) else
+               f"NOT restored for {len(restored) - n_ok} of {len(restored)} classes "
+               f"({[c for c, ok in restored.items() if not ok]}): {method} recalibration with "
+               f"{k} labelled images per class cannot bring them within {tolerance}")
+    notes = (f"fitted on {len(fit_rows)} external images, measured on the other {rest.n}",
+             "the point estimates are compared; see the CIs for their uncertainty")
+    res = SiteRecalibration(
+        method=method, k=k, n_fit=int(len(fit_rows)), n_rest=int(rest.n),
+        fit_ids=tuple(sample.ids), thresholds_before=tuple(float(x) for x in thr),
+        recalibrator=rec.to_dict(), internal=tuple(target), before=tuple(before),
+        after=tuple(after), restored=restored, tolerance=tolerance, verdict=verdict, notes=notes)
+    return res, rec
+
+
+# ----------------------------------------------------------------------------- label-free check
+@dataclass(frozen=True)
+class ShiftCheck:
+    """Label-free signs that a new site differs from the internal one.
+
+    ``classes``: per class mean predicted probability internal / external, their difference and
+    the two-sample KS statistic and p-value of the scores. ``feature``: distance between the
+    internal and external penultimate-feature distributions (mean Mahalanobis distance to the
+    internal features, external vs internal, and the share of external images above the
+    internal 95th percentile), when features were given. ``shifted``: any KS p < ``alpha``
+    (Bonferroni over classes) or more than twice the expected share of OOD images.
+    """
+
+    classes: tuple[dict[str, Any], ...]
+    feature: dict[str, Any] | None
+    shifted: bool
+    reasons: tuple[str, ...]
+    alpha: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA, "kind": "shift_check", "classes": list(self.classes),
+                "feature": self.feature, "shifted": self.shifted, "reasons": list(self.reasons),
+                "alpha": self.alpha}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ShiftCheck":
+        return cls(tuple(d["classes"]), d.get("feature"), bool(d["shifted"]),
+                   tuple(d["reasons"]), float(d["alpha"]))
+
+
+def shift_check(internal: Predictions, external: Predictions,
+                internal_features: Features | None = None,
+                external_features: Features | None = None,
+                train_features: Features | None = None, alpha: float = 0.01) -> ShiftCheck:
+    """Compare score distributions (and features) of an internal and an external set without
+    labels. ``train_features`` (default ``internal_features``) fit the OOD reference."""
+    from scipy.stats import ks_2samp
+
+    check_range(alpha, "alpha", "shift_check", 0.0, 1.0, low_inclusive=False)
+    if tuple(internal.class_names) != tuple(external.class_names):
+        raise DataError("shift_check: the two Predictions have different classes.")
+    pi, pe = internal.probs(), external.probs()
+    rows, reasons = [], []
+    level = alpha / internal.num_classes
+    for j, name in enumerate(internal.class_names):
+        ks = ks_2samp(pi[:, j], pe[:, j])
+        row = {"name": name, "mean_prob_internal": float(pi[:, j].mean()),
+               "mean_prob_external": float(pe[:, j].mean()),
+               "delta_mean_prob": float(pe[:, j].mean() - pi[:, j].mean()),
+               "ks_statistic": float(ks.statistic), "ks_pvalue": float(ks.pvalue)}
+        rows.append(row)
+        if ks.pvalue < level:
+            reasons.append(f"{name}: score distribution differs (KS {ks.statistic:.3f}, p "
+                           f"{ks.pvalue:.2g}; mean probability {row['mean_prob_internal']:.3f} -> "
+                           f"{row['mean_prob_external']:.3f})")
+    feature = None
+    if internal_features is not None and external_features is not None:
+        ref = train_features if train_features is not None else internal_features
+        scorer = OODScorer().fit(ref, calibration=internal_features)
+        di, de = scorer.score(internal_features), scorer.score(external_features)
+        share = float((de > scorer.threshold_95_).mean())
+        feature = {"mean_distance_internal": float(di.mean()),
+                   "mean_distance_external": float(de.mean()),
+                   "distance_ratio": float(de.mean() / max(di.mean(), 1e-12)),
+                   "share_external_above_p95": share, "expected_share": 0.05}
+        if share > 0.10:
+            reasons.append(f"feature space: {share:.0%} of external images lie beyond the internal "
+                           "95th percentile of the distance to the training features (expected "
+                           "5%)")
+    return ShiftCheck(tuple(rows), feature, bool(reasons), tuple(reasons), alpha)
+
+
+class OODScorer:
+    """Per-image out-of-distribution score: the Mahalanobis distance of the penultimate features
+    to the training features (Ledoit-Wolf shrunk covariance).
+
+    Attributes (after :meth:`fit`): ``mean_``, ``precision_``, ``threshold_95_``,
+    ``threshold_99_`` (percentiles of the distance on the calibration features: held-out
+    internal images, else the training features themselves).
+    """
+
+    def __init__(self, shrinkage: float | None = None):
+        self.shrinkage = shrinkage
+
+    def fit(self, features: Features | np.ndarray,
+            calibration: Features | np.ndarray | None = None) -> "OODScorer":
+        from sklearn.covariance import LedoitWolf, ShrunkCovariance
+
+        x = _feat(features)
+        if x.shape[0] < 2:
+            raise DataError(f"OODScorer.fit needs at least 2 training feature rows; got "
+                            f"{x.shape[0]}.")
+        est = (LedoitWolf() if self.shrinkage is None
+               else ShrunkCovariance(shrinkage=self.shrinkage)).fit(x)
+        self.mean_ = est.location_
+        self.precision_ = est.precision_
+        cal = self.score(x if calibration is None else _feat(calibration))
+        self.threshold_95_ = float(np.quantile(cal, 0.95))
+        self.threshold_99_ = float(np.quantile(cal, 0.99))
+        return self
+
+    def score(self, features: Features | np.ndarray) -> np.ndarray:
+        """Mahalanobis distance ``[N]`` of each row to the training features."""
+        if not hasattr(self, "mean_"):
+            raise ConfigError("This OODScorer is not fitted yet: call fit() first.")
+        d = _feat(features) - self.mean_
+        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, self.precision_, d), 0.0))
+
+    def flags(self, features: Features | np.ndarray, level: int = 99) -> np.ndarray:
+        """Boolean ``[N]``: distance above the internal 95th or 99th percentile."""
+        check_in(level, "level", "OODScorer.flags", (95, 99))
+        thr = self.threshold_99_ if level == 99 else self.threshold_95_
+        return self.score(features) > thr
+
+    def image_report(self, features: Features) -> list[dict[str, Any]]:
+        """Per image ``{"id", "ood_score", "ood_95", "ood_99"}`` for the clinical report."""
+        s = self.score(features)
+        return [{"id": i, "ood_score": float(v), "ood_95": bool(v > self.threshold_95_),
+                 "ood_99": bool(v > self.threshold_99_)} for i, v in zip(features.ids, s)]
+
+
+def _feat(f: Features | np.ndarray) -> np.ndarray:
+    return np.asarray(f.features if isinstance(f, Features) else f, np.float64)
+
+
+def recalibrated_model(model: Any, recalibrator: SiteRecalibrator, site: str = ""):
+    """A COPY of ``model`` that makes the recalibrated decisions by itself: the logit transform
+    (``scale_ * z + bias_``) folded exactly into the final linear layer, the recalibrated
+    thresholds in its card, and a ``site_recalibration`` lineage step."""
+    import copy
+
+    import torch
+
+    recalibrator._check_fitted()
+    m = copy.deepcopy(model)
+    lin = m.classifier
+    with torch.no_grad():
+        s = torch.as_tensor(recalibrator.scale_, dtype=lin.weight.dtype)
+        lin.weight.mul_(s[:, None])
+        lin.bias.mul_(s).add_(torch.as_tensor(recalibrator.bias_, dtype=lin.bias.dtype))
+    card = model.card
+    m.card = replace(card, thresholds=tuple(float(t) for t in recalibrator.thresholds_)
+                     ).with_lineage("site_recalibration", parent=card.model_id, site=site,
+                                    recalibration=recalibrator.get_params(),
+                                    n_fit=recalibrator.n_fit_)
+    return m
