@@ -300,3 +300,40 @@ def test_nih_attributes_from_the_metadata(tmp_path):
     t = read_nih_attributes(csv)
     assert t["age_band"].isna().tolist() == [True, False, False]
     assert t["age_band"].tolist()[1:] == ["40-59", "<40"] and t["sex"].tolist() == ["M", "F", "F"]
+
+
+def test_cli_audit_changes_sweep_dir_and_bad_input(tmp_path):
+    from typer.testing import CliRunner
+
+    from medscalpel.cli.main import app
+    from medscalpel.models import make_card, save_model
+
+    generate_phantom(n=120, size=64, seed=2, out=tmp_path / "ph", progress=False)
+    spec = f"phantom:{tmp_path / 'ph'}"
+    names = list(open_dataset(spec, split="all").class_names)
+    torch.manual_seed(0)
+    dense = create_model("densenet_tiny", 14, 1, 64)
+    save_model(dense, tmp_path / "dense", make_card(dense, names, "multilabel", Preprocess(64)))
+    for name, scale in (("a", 2.0), ("b", 0.5)):
+        m = copy.deepcopy(dense)
+        with torch.no_grad():
+            m.classifier.weight.mul_(scale)
+        save_model(m, tmp_path / "sweep" / name, make_card(m, names, "multilabel", Preprocess(64)))
+    runner = CliRunner()
+    args = ["audit", "changes", str(tmp_path / "dense"), str(tmp_path / "sweep"), "--data", spec,
+            "--split", "all", "--n-images", "40", "--n-boot", "20", "--measures", "calibration",
+            "--measures", "subgroups", "--min-subgroup", "5"]
+    r = runner.invoke(app, args + ["--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    res = ChangesAudit.load(tmp_path / "out" / "changes.json")
+    assert [p.name for p in res.pairs] == ["a", "b"] and res.n == 40
+    assert res.pairs[0].explanation is None and res.pairs[0].subgroups is not None
+    assert (tmp_path / "out" / "a_reliability.png").is_file()
+    # a compressed model with another label set: a clear error, nothing written
+    other = create_model("densenet_tiny", 3, 1, 64)
+    save_model(other, tmp_path / "other", make_card(other, ["x", "y", "z"], "multilabel",
+                                                     Preprocess(64)))
+    r = runner.invoke(app, ["audit", "changes", str(tmp_path / "dense"), str(tmp_path / "other"),
+                            "--data", spec, "--split", "all", "--out", str(tmp_path / "bad")])
+    assert r.exit_code != 0 and "must share the data's class list" in str(r.exception)
+    assert not (tmp_path / "bad").exists()

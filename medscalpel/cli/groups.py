@@ -7,10 +7,10 @@ import typer
 
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
-    from medscalpel.cli import (audit_cmd, compress_cmd, data_cmd, distill_cmd, explain_cmd,
+    from medscalpel.cli import (audit_cmd, changes_cmd, compress_cmd, data_cmd, distill_cmd, explain_cmd,
                                 lossless_cmd,
                                 phantom_cmd, repair_cmd,
-                                report_cmd, scale_cmd)
+                                report_cmd, scale_cmd, shift_cmd)
 
     data_app.command("stats")(data_cmd.stats)
     data_app.command("phantom")(phantom_cmd.phantom)
@@ -23,6 +23,9 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
         compress_app.command(name)(getattr(compress_cmd, name))
     compress_app.command("distill")(distill_cmd.distill)
     compress_app.command("students")(distill_cmd.students)
+    from medscalpel.cli import deploy_cmd  # compress deploy (issue 15)
+
+    compress_app.command("deploy")(deploy_cmd.deploy)
     app.add_typer(compress_app, name="compress")
 
     repair_app = typer.Typer(no_args_is_help=True,
@@ -30,6 +33,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                                   "retraining, the cost-aware treatment router.")
     for name in ("calibrate", "surgery", "retrain", "triage"):
         repair_app.command(name)(getattr(repair_cmd, name))
+    repair_app.command("recalibrate-site")(shift_cmd.recalibrate_site)
     app.add_typer(repair_app, name="repair")
 
     audit_app = typer.Typer(no_args_is_help=True,
@@ -38,6 +42,7 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
     audit_app.command("forgettability")(audit_cmd.forgettability)
     audit_app.command("pies")(audit_cmd.pies)
     audit_app.command("polarity")(explain_cmd.polarity)
+    audit_app.command("changes")(changes_cmd.changes)
     app.add_typer(audit_app, name="audit")
 
     report_app = typer.Typer(no_args_is_help=True,

@@ -1,0 +1,94 @@
+"""``medscalpel audit changes``: what compression changed beyond accuracy (calibration,
+explanations, subgroups, robustness) for one dense model and one or more compressed ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medscalpel.cli.common import console, print_table
+from medscalpel.runs import RunDir
+
+
+def find_models(path: Path) -> list[Path]:
+    """A model directory (holding ``model.json``) or every model directory under ``path`` (a
+    sweep / run directory), sorted."""
+    from medscalpel.errors import DataError
+
+    if (path / "model.json").is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"{path} is neither a model directory (with model.json) nor a folder "
+                        "holding model directories.")
+    found = sorted(p.parent for p in path.rglob("model.json"))
+    if not found:
+        raise DataError(f"No model directory (model.json) under {path}; give the compressed "
+                        "model's folder or a sweep/run directory that holds them.")
+    return found
+
+
+def changes(
+    dense: Path = typer.Argument(..., help="The dense (reference) model directory."),
+    compressed: list[Path] = typer.Argument(..., help="Compressed model directories, or a sweep "
+                                            "/ run directory holding several."),
+    data: str = typer.Option(..., help="Dataset spec, e.g. 'phantom?n=2000&size=64' or "
+                             "'nih:/data/nih'."),
+    out: Path = typer.Option(Path("runs/audit-changes"), help="Run directory to create "
+                             "(changes.json, *_reliability.png, *_explanation.png, "
+                             "*_robustness.png, manifest.json)."),
+    split: str = typer.Option("test", help="Split of --data to audit on."),
+    measures: list[str] = typer.Option(["calibration", "explanation", "subgroups",
+                                        "robustness"], help="Measures to run (repeatable)."),
+    n_images: int = typer.Option(500, help="Images audited (a seeded choice)."),
+    n_boot: int = typer.Option(1000, help="Bootstrap replicates of every CI."),
+    attributes: list[str] = typer.Option([], help="Attributes for the subgroup audit "
+                                         "(repeatable; default: all the data carries)."),
+    min_subgroup: int = typer.Option(20, help="Smaller subgroups are skipped (stated)."),
+    n_faithfulness: int = typer.Option(100, help="Images for deletion / insertion / ROAD."),
+    corruptions: list[str] = typer.Option([], help="Corruptions (repeatable; default: all)."),
+    severities: list[int] = typer.Option([1, 2, 3], help="Corruption severities (1-3)."),
+    seed: int = typer.Option(0, help="Seed of the image choice and the bootstrap."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Calibration drift (ECE/Brier, sens/spec at the dense model's thresholds), explanation
+    drift and faithfulness, per-subgroup delta AUROC, and robustness to CXR corruptions, each
+    with CIs. Nothing is written unless the whole audit succeeds."""
+    from medscalpel.audit.changes import audit_changes
+    from medscalpel.data import open_dataset
+    from medscalpel.models import load_model
+
+    ref = load_model(dense)
+    dirs = [d for c in compressed for d in find_models(c) if d.resolve() != dense.resolve()]
+    models = {}
+    for d in dirs:
+        name = d.name if d.name not in models else str(d)
+        models[name] = load_model(d)
+    ds = open_dataset(data, split=split, preprocess=ref.card.preprocess)
+    config = {"dense": str(dense), "compressed": [str(d) for d in dirs], "data": data,
+              "split": split, "measures": list(measures), "n_images": n_images,
+              "n_boot": n_boot, "attributes": list(attributes), "min_subgroup": min_subgroup,
+              "n_faithfulness": n_faithfulness, "corruptions": list(corruptions),
+              "severities": list(severities)}
+    with RunDir(out, command="audit changes", config=config, seed=seed,
+                overwrite=overwrite) as run:
+        result = audit_changes(ref, models, ds, measures=measures, n_images=n_images,
+                               n_boot=n_boot, seed=seed, attribute_names=attributes or None,
+                               min_subgroup=min_subgroup, n_faithfulness=n_faithfulness,
+                               corruptions=corruptions or None, severities=severities)
+        result.save(run.path)
+    for p in result.pairs:
+        console.print(f"[bold]{p.name}[/bold] vs dense ({result.n} images of {data} / {split})")
+        for line in p.headline():
+            console.print(f"  {line}")
+        if p.calibration is not None:
+            print_table(p.calibration.table(), title=f"{p.name}: calibration "
+                        f"(thresholds: {p.calibration.threshold_source})")
+        if p.subgroups is not None:
+            print_table(p.subgroups.table(), title=f"{p.name}: subgroups (macro)")
+            for s in p.subgroups.skipped:
+                console.print(f"  skipped: {s}")
+        if p.robustness is not None:
+            print_table(p.robustness.table(), title=f"{p.name}: robustness (macro)")
+    console.print(f"written to {out}")
