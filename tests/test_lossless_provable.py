@@ -297,7 +297,9 @@ def test_cli_sparsify_ratio_and_empirical_mode(tmp_path):
                             str(tmp_path / "sp"), "--sparsify-ratio", "0.3",
                             "--sparsify-epochs", "1", "--batch-size", "16", "--no-latency"])
     assert r.exit_code == 0, r.output
-    report = json.loads((tmp_path / "sp" / "report.json").read_text())
+    top = json.loads((tmp_path / "sp" / "report.json").read_text())
+    report = top["report"]
+    assert top["method"] == "sparsify-fold" and top["verification"]["max_abs_logit_delta"] <= 1e-5
     assert report["max_abs_logit_delta_fold"] <= 1e-5
     assert report["lossless"]["mode"] == "provable"
     small = load_model(tmp_path / "sp" / "model")
@@ -307,7 +309,7 @@ def test_cli_sparsify_ratio_and_empirical_mode(tmp_path):
     r = runner.invoke(app, [str(tmp_path / "dense"), "lossless_test?n=48", "--out",
                             str(tmp_path / "emp"), "--mode", "empirical", "--no-latency"])
     assert r.exit_code == 0, r.output
-    rep = json.loads((tmp_path / "emp" / "report.json").read_text())
+    rep = json.loads((tmp_path / "emp" / "report.json").read_text())["report"]
     assert rep["mode"] == "empirical" and "empirical" in rep["guarantee"]
     assert rep["n_heldout"] == 48      # the whole split when smaller than --heldout-images
     assert load_model(tmp_path / "emp" / "model").card.lineage[-1]["method"] == \

@@ -12,7 +12,11 @@ import numpy as np
 import torch
 import typer
 
-from medscalpel.errors import ConfigError, MedScalpelError
+from medscalpel.compress.contract import CompressionInputs, compress
+from medscalpel.data import open_dataset
+from medscalpel.errors import ConfigError
+from medscalpel.models.checkpoint import load_model
+from medscalpel.runs import RunDir
 
 
 def _images(ds, n: int, seed: int) -> tuple[torch.Tensor, np.ndarray, list[int]]:
@@ -59,117 +63,66 @@ def lossless(
     heldout_split: str = typer.Option("val", help="split the held-out images come from"),
     batch_size: int = typer.Option(64, help="batch size"),
     latency: bool = typer.Option(True, help="measure CPU latency before/after"),
+    n_boot: int = typer.Option(1000, help="bootstrap replicates of the paired accuracy delta on "
+                                          "the held-out images (0: no CIs)"),
     seed: int = typer.Option(0, help="seed of the image sampling"),
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
 ) -> None:
     """Compress a model without changing its outputs (or with a reported tolerance)."""
-    from medscalpel.data import open_dataset
-    from medscalpel.models.checkpoint import load_model, save_model
-    from medscalpel.runs import RunDir, write_json
-
-    try:
-        if tolerance is not None and sparsify_ratio is not None:
-            raise ConfigError("Use either --tolerance or --sparsify-ratio, not both.")
-        model = load_model(model_dir)
-        card = model.card
-        pre = card.preprocess
-        cal_ds = open_dataset(data_spec, split=calib_split, preprocess=pre).require_nonempty()
-        held_ds = open_dataset(data_spec, split=heldout_split, preprocess=pre).require_nonempty()
-        calib, _, _ = _images(cal_ds, calib_images, seed)
-        held, held_labels, held_idx = _images(held_ds, heldout_images, seed + 1)
-        config = {"model_dir": str(model_dir), "data": data_spec, "mode": mode,
-                  "calib_images": len(calib), "heldout_images": len(held),
-                  "random_inputs": random_inputs, "tolerance": tolerance,
-                  "sparsify_ratio": sparsify_ratio, "sparsify_epochs": sparsify_epochs,
-                  "sparsify_lr": sparsify_lr, "sparsify_lam": sparsify_lam, "atol": atol,
-                  "rank_rtol": rank_rtol, "weight_rtol": weight_rtol, "dependent": dependent,
-                  "calib_split": calib_split, "heldout_split": heldout_split, "seed": seed}
-        data = {"spec": data_spec, "calib_hash": cal_ds.content_hash(),
-                "heldout_hash": held_ds.content_hash()}
-        with RunDir(out, command="compress lossless", config=config, seed=seed, data=data,
-                    overwrite=overwrite) as run:
-            if sparsify_ratio is not None:
-                from medscalpel.compress.sparsify import sparsify_and_fold
-
-                result = sparsify_and_fold(model, cal_ds, held_ds.subset(held_idx), held,
-                                           sparsify_ratio, sparsify_epochs, atol=atol,
-                                           latency=latency, lr=sparsify_lr, lam=sparsify_lam,
-                                           batch_size=batch_size, seed=seed)
-                rep = result.report.lossless
-                srep = result.report
-                verification = {"max_abs_logit_delta": srep.max_abs_logit_delta_fold,
-                                "max_abs_logit_delta_vs_dense":
-                                    srep.max_abs_logit_delta_vs_dense,
-                                "metrics_dense": srep.metrics_dense,
-                                "metrics_folded": srep.metrics_folded,
-                                "heldout_images": rep.n_heldout, "split": heldout_split,
-                                "guarantee": "lossy sparsification (trained), then a provable "
-                                             "fold of the zeroed channels"}
-                method = "sparsify-fold"
-                settings = {"target_ratio": sparsify_ratio, "epochs": sparsify_epochs,
-                            "lr": sparsify_lr, "lam": sparsify_lam,
-                            "params_removed_pct": srep.params_removed_pct}
-            elif tolerance is None:
-                from medscalpel.compress.lossless import fold_lossless
-
-                result = fold_lossless(model, calib, held, atol=atol, rank_rtol=rank_rtol,
-                                       dependent=dependent, batch_size=batch_size,
-                                       latency=latency, mode=mode, weight_rtol=weight_rtol,
-                                       random_inputs=random_inputs, seed=seed)
-                rep = result.report
-                verification = {"max_abs_logit_delta": rep.max_abs_logit_delta, "atol": atol,
-                                "max_abs_logit_delta_random": rep.max_abs_logit_delta_random,
-                                "heldout_images": rep.n_heldout,
-                                "random_inputs": rep.n_random, "split": heldout_split,
-                                "guarantee": rep.guarantee}
-                method = "lossless" if mode == "provable" else "lossless-empirical"
-                settings = {"mode": mode, "rank_rtol": rank_rtol, "weight_rtol": weight_rtol,
-                            "dependent": dependent, "calib_images": rep.n_calib,
-                            "channels": rep.channels,
-                            "params_removed_pct": rep.params_removed_pct}
-            else:
-                from medscalpel.compress.reconstruct import compress_with_tolerance
-
-                result = compress_with_tolerance(model, calib, held, tolerance,
-                                                 heldout_labels=held_labels,
-                                                 batch_size=batch_size, latency=latency,
-                                                 seed=seed)
-                rep = result.report
-                verification = {"max_abs_logit_delta": rep.max_abs_logit_delta,
-                                "delta_macro_auroc": rep.delta_macro_auroc,
-                                "heldout_images": rep.n_heldout, "split": heldout_split}
-                method = "lossless-tolerance"
-                settings = {"target_ratio": tolerance, "achieved_ratio": rep.achieved_ratio,
-                            "keep_fraction": rep.keep_fraction,
-                            "params_removed_pct": rep.params_removed_pct,
-                            "refits": rep.refits,
-                            "refits_plain_removal": rep.refits_plain_removal}
-            new_card = card.with_lineage(method, parent=card.model_id, **settings,
-                                         verification=verification)
-            save_model(result.model, run.path / "model", new_card)
-            write_json(run.path / "report.json", result.to_dict())
-    except MedScalpelError as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(code=1) from exc
+    if tolerance is not None and sparsify_ratio is not None:
+        raise ConfigError("Use either --tolerance or --sparsify-ratio, not both.")
+    model = load_model(model_dir)
+    pre = model.card.preprocess
+    cal_ds = open_dataset(data_spec, split=calib_split, preprocess=pre).require_nonempty()
+    held_ds = open_dataset(data_spec, split=heldout_split, preprocess=pre).require_nonempty()
+    calib, _, _ = _images(cal_ds, calib_images, seed)
+    held, held_labels, held_idx = _images(held_ds, heldout_images, seed + 1)
+    held_sub = held_ds.subset(held_idx)
+    inputs = CompressionInputs(calib=calib, heldout=held, heldout_labels=held_labels,
+                               train=cal_ds, val=held_sub,
+                               evaluate=held_sub if n_boot >= 0 else None)
     if sparsify_ratio is not None:
-        srep = result.report
-        typer.echo(f"{method}: {srep.params_dense} -> {srep.params_folded} parameters "
-                   f"({srep.params_removed_pct:.2f}% removed); fold exact to max |delta logit| "
-                   f"{srep.max_abs_logit_delta_fold:.3g} (sparsified vs folded); vs dense "
-                   f"{srep.max_abs_logit_delta_vs_dense:.3g}; saved to {out / 'model'}")
-        return
-    extra = ""
-    if tolerance is not None:
-        extra = (f"; {rep.refits - rep.refits_plain_removal} of {rep.refits} consumer refits "
-                 "beat plain removal on held-out calibration images")
-        if rep.delta_macro_auroc is not None:
-            extra += f"; delta macro AUROC {rep.delta_macro_auroc:+.4f}"
-    rand = getattr(rep, "random_relative_delta", None)
-    if rand is not None:
-        extra += (f"; random inputs: max |delta logit| {rep.max_abs_logit_delta_random:.3g} = "
-                  f"{rand:.3g} x their logit scale {rep.random_logit_scale:.3g} " +
-                  (f"(relative tolerance {rep.random_rtol:g})" if rep.random_rtol is not None
-                   else "(reported, not gated: empirical mode)"))
-    typer.echo(f"{method}: {rep.params_before} -> {rep.params_after} parameters "
-               f"({rep.params_removed_pct:.2f}% removed), max |delta logit| on held-out images "
-               f"{rep.max_abs_logit_delta:.3g}{extra}; saved to {out / 'model'}")
+        method, kw = "sparsify-fold", {"ratio": sparsify_ratio, "epochs": sparsify_epochs,
+                                       "lr": sparsify_lr, "lam": sparsify_lam, "atol": atol,
+                                       "batch_size": batch_size, "seed": seed}
+    elif tolerance is not None:
+        method, kw = "tolerance", {"ratio": tolerance, "batch_size": batch_size, "seed": seed}
+    else:
+        method = "lossless" if mode == "provable" else "lossless-empirical"
+        kw = {"atol": atol, "rank_rtol": rank_rtol, "dependent": dependent,
+              "batch_size": batch_size, "weight_rtol": weight_rtol,
+              "random_inputs": random_inputs, "seed": seed}
+    config = {"model_dir": str(model_dir), "data": data_spec, "method": method, "mode": mode,
+              "calib_images": len(calib), "heldout_images": len(held), **kw,
+              "calib_split": calib_split, "heldout_split": heldout_split, "n_boot": n_boot}
+    data = {"spec": data_spec, "calib_hash": cal_ds.content_hash(),
+            "heldout_hash": held_ds.content_hash()}
+    with RunDir(out, command="compress lossless", config=config, seed=seed, data=data,
+                overwrite=overwrite) as run:
+        result = compress(method, model, inputs, n_boot=n_boot, latency=latency, **kw)
+        result.verification["split"] = heldout_split
+        result.save(run.path)
+    typer.echo(_summary(result, out))
+
+
+def _summary(res, out: Path) -> str:
+    """One line: parameters, what was verified, the paired accuracy delta, where it went."""
+    v, rep = res.verification, res.report
+    s = (f"{res.method}: {res.params_before} -> {res.params_after} parameters "
+         f"({100 * res.param_reduction:.2f}% removed)")
+    if res.method == "sparsify-fold":
+        s += (f"; fold exact to max |delta logit| {v['max_abs_logit_delta']:.3g} (sparsified vs "
+              f"folded); vs dense {v['max_abs_logit_delta_vs_dense']:.3g}")
+    else:
+        s += f", max |delta logit| on held-out images {v['max_abs_logit_delta']:.3g}"
+    if res.method == "tolerance":
+        s += (f"; {rep.refits - rep.refits_plain_removal} of {rep.refits} consumer refits beat "
+              "plain removal on held-out calibration images")
+    if v.get("random_relative_delta") is not None:
+        s += (f"; random inputs: max |delta logit| {v['max_abs_logit_delta_random']:.3g} = "
+              f"{v['random_relative_delta']:.3g} x their logit scale " +
+              (f"(relative tolerance {v['random_rtol']:g})" if v.get("random_rtol") is not None
+               else "(reported, not gated: empirical mode)"))
+    if res.comparison is not None:
+        s += f"; {res.comparison.summary()}"
+    return s + f"; saved to {out / 'model'}"

@@ -1,0 +1,114 @@
+"""The compressor contract: every registered compressor returns one CompressionResult with
+consistent counts, a verification record, a lineage step built in the library and (when asked) a
+paired accuracy comparison against the input model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medscalpel.compress.contract import (COMPRESSORS, CompressionInputs, CompressionResult,
+                                          compress)
+from medscalpel.compress.distill import DistillConfig
+from medscalpel.compress.measure import count_parameters, max_abs_logit_delta
+from medscalpel.data.base import ArrayDataset
+from medscalpel.data.transforms import Preprocess
+from medscalpel.engine.train import TrainConfig
+from medscalpel.errors import ConfigError
+from medscalpel.models.checkpoint import load_model, make_card
+from medscalpel.models.zoo import create_model
+
+IMG = 32
+NAMES = ["a", "b", "c"]
+
+
+def _ds(n, seed, split):
+    rng = np.random.default_rng(seed)
+    imgs = rng.random((n, IMG, IMG)).astype(np.float32)
+    y = (rng.random((n, 3)) > 0.5).astype(np.float32)
+    imgs[y[:, 0] > 0, 8:16, 8:16] += 0.8  # a learnable signal for class a
+    return ArrayDataset(imgs, y, NAMES, "multilabel", preprocess=Preprocess(size=IMG), split=split,
+                        ids=[f"{split}{i}" for i in range(n)])
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from test_lossless import alive  # BN statistics so that no channel is dead by accident
+
+    torch.manual_seed(0)
+    m = alive(create_model("vgg_tiny", num_classes=3, img_size=IMG)).eval()
+    m.card = make_card(m, NAMES, "multilabel", Preprocess(size=IMG))
+    with torch.no_grad():  # a dead channel: something for the lossless fold to remove
+        m.backbone.features[1].weight[3] = 0.0
+        m.backbone.features[1].bias[3] = -1.0
+    tr, va, te = _ds(48, 0, "train"), _ds(24, 1, "val"), _ds(32, 2, "test")
+    calib = torch.stack([tr.image(i) for i in range(32)])
+    held = torch.stack([va.image(i) for i in range(24)])
+    inputs = CompressionInputs(calib=calib, heldout=held, heldout_labels=va.labels, train=tr,
+                               val=va, test=te, evaluate=te)
+    return m, inputs
+
+
+def test_registry_lists_every_compressor():
+    assert set(COMPRESSORS.names()) == {"lossless", "lossless-empirical", "tolerance",
+                                        "sparsify-fold", "prune", "distill"}
+    with pytest.raises(ConfigError, match="Unknown compressor 'zip'. Valid names: distill"):
+        compress("zip", torch.nn.Linear(1, 1), CompressionInputs())
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("lossless", {"latency": False}),
+    ("lossless-empirical", {"latency": False}),
+    ("tolerance", {"ratio": 0.3, "latency": False}),
+    ("prune", {"ratio": 0.3, "measure_latency": False}),
+])
+def test_every_compressor_returns_the_contract(setup, method, kw, tmp_path):
+    m, inputs = setup
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    res = compress(method, m, inputs, n_boot=50, **kw)
+    assert isinstance(res, CompressionResult) and res.method == method
+    assert res.params_before == count_parameters(m)
+    assert res.params_after == count_parameters(res.model) <= res.params_before
+    assert res.macs_after <= res.macs_before
+    assert {"max_abs_logit_delta", "guarantee", "exact"} <= set(res.verification)
+    # the caller's model is unchanged
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    # the paired comparison is on the evaluation split, both models predicted there
+    c = res.comparison
+    assert c is not None and c.n == 32 and c.split == "test" and c.n_boot == 50
+    if res.verification["exact"]:
+        assert max_abs_logit_delta(m, res.model, inputs.heldout) <= 1e-5
+        assert abs(c.macro["delta_auroc"]) < 1e-6
+    # lineage: built in the library, one step on the parent card
+    card = res.lineage()
+    assert len(card.lineage) == len(m.card.lineage) + 1
+    step = card.lineage[-1]
+    assert step["method"] == method and step["parent"] == m.card.model_id
+    assert step["accuracy_delta"]["delta_macro_auroc"] == c.macro["delta_auroc"]
+    d = res.save(tmp_path / method).joinpath("report.json")
+    back = load_model(tmp_path / method / "model")
+    assert back.card.lineage[-1]["method"] == method
+    assert d.is_file() and count_parameters(back) == res.params_after
+
+
+def test_sparsify_fold_and_distill_through_the_contract(setup):
+    m, inputs = setup
+    res = compress("sparsify-fold", m, inputs, ratio=0.3, epochs=1, latency=False, n_boot=0)
+    assert res.method == "sparsify-fold" and res.params_after < res.params_before
+    assert res.verification["max_abs_logit_delta"] <= 1e-5  # the fold step is exact
+    cfg = DistillConfig(soft_weight=0.5, temperature=2.0, baseline=False, n_boot=0,
+                        saliency_images=0, train=TrainConfig(epochs=1, batch_size=16))
+    res = compress("distill", m, inputs, student="resnet_tiny", config=cfg, n_boot=0)
+    assert res.method == "distill" and res.model.arch == "resnet_tiny"
+    card = res.lineage()
+    assert card.arch == "resnet_tiny" and card.lineage[-1]["method"] == "distill"
+    assert "accuracy_delta" in card.lineage[-1]
+
+
+def test_missing_inputs_name_the_fix():
+    m = create_model("vgg_tiny", num_classes=3, img_size=IMG)
+    with pytest.raises(ConfigError, match="Compressor 'tolerance' needs calib, heldout"):
+        compress("tolerance", m, CompressionInputs(), ratio=0.3)
+    with pytest.raises(ConfigError, match="'distill' needs train, test"):
+        compress("distill", m, CompressionInputs(), student="resnet_tiny")
