@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medscalpel.audit.polarity import (AbsoluteRule, QuantileRule, TopKRule, ZScoreRule,
-                                       classify_jaccard, compare_stages, jaccard_matrix,
-                                       make_rule, polarity_analysis)
+from medscalpel.audit.polarity import (EVIDENCE_CATEGORIES, AbsoluteRule, QuantileRule, TopKRule,
+                                       ZScoreRule, classify_jaccard, compare_stages,
+                                       jaccard_matrix, make_rule, polarity_analysis)
+from medscalpel.data.cooccurrence import ExclusionRule
 from medscalpel.errors import ConfigError, DataError
 
 NAMES = ["A", "B", "C", "D"]
@@ -168,3 +169,57 @@ def test_polarity_figure(tmp_path):
                             n_null=50)
     p = polarity_table_figure(res, tmp_path / "polarity.png")
     assert p.stat().st_size > 5000
+
+
+def big_labels(n: int = 6000) -> np.ndarray:
+    """A and B (30% each) never together; C and D independent (20% each, and of A, B)."""
+    rng = np.random.default_rng(0)
+    u = rng.random(n)
+    y = np.zeros((n, 4))
+    y[:, 0] = u < 0.3
+    y[:, 1] = (u >= 0.3) & (u < 0.6)
+    y[:, 2:] = rng.random((n, 2)) < 0.2
+    return y
+
+
+def test_evidence_categories_next_to_jaccard():
+    res = polarity_analysis(hand_weights(), big_labels(), NAMES, rule=AbsoluteRule(1.0),
+                            n_null=0)
+    # triples: (0, A, B), (1, A, C), (2, B, C), (3, C, D), (4, A, B), (4, A, D)
+    assert res.counts_evidence("triples") == {"exclusive": 2, "not_exclusive": 4,
+                                              "insufficient": 0}
+    rows = {r["channel"]: r for r in res.rows("channels")}
+    assert rows[0]["category_evidence"] == "exclusive" and rows[0]["observed"] == 0
+    assert rows[0]["lift_ci"][1] < 0.1 and rows[0]["category"] == "perfect"
+    # C-D: Jaccard ~0.11 ('mixed' by the seed's bounds) but independent by the evidence
+    assert rows[3]["category_evidence"] == "not_exclusive"
+    assert 0.8 < rows[3]["lift"] < 1.2
+    d = res.to_dict()
+    assert d["counts_evidence"]["channels"]["exclusive"] == 1  # channel 0 (channel 4: A/D)
+    assert d["all_class_pairs_evidence"] == pytest.approx({"exclusive": 1 / 6,
+                                                           "not_exclusive": 5 / 6,
+                                                           "insufficient": 0.0})
+    assert d["exclusive_pairs"] == [["A", "B"]] and d["evidence_n_images"] == 6000
+    assert "seed paper only" in d["category_schemes"]["counts"]
+    assert set(d["counts_evidence"]["triples"]) == set(EVIDENCE_CATEGORIES)
+
+
+def test_small_label_sets_are_insufficient_not_exclusive():
+    # hand_labels: 40 images. A and B never co-occur (Jaccard 0, 'perfect' for the seed), but
+    # 40 images cannot show exclusivity
+    res = polarity_analysis(hand_weights(), hand_labels(), NAMES, rule=AbsoluteRule(1.0),
+                            n_null=0)
+    assert res.counts("channels")["perfect"] == 2
+    assert res.counts_evidence("channels") == {"exclusive": 0, "not_exclusive": 0,
+                                               "insufficient": 5}
+    d = res.to_dict()
+    assert "only 40 images" in d["evidence_warnings"][0] and d["exclusive_pairs"] == []
+    # the rule is a parameter: even with min_images lowered, the expected co-occurrences of
+    # A and B (10 * 10 / 40 = 2.5) are too few to tell
+    loose = polarity_analysis(hand_weights(), hand_labels(), NAMES, rule=AbsoluteRule(1.0),
+                              n_null=0, exclusion_rule=ExclusionRule(min_images=10))
+    assert loose.rows("channels")[0]["category_evidence"] == "insufficient"
+    assert loose.rows("channels")[0]["expected"] == pytest.approx(100 / 40)
+    t = compare_stages({"dense": hand_weights()}, big_labels(), NAMES, n_null=0,
+                       rule=AbsoluteRule(1.0)).table("channels")
+    assert t.loc["dense", "evidence_exclusive"] == 1

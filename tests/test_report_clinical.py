@@ -187,7 +187,7 @@ def test_too_few_images_warns_and_excludes_nothing(model, images):
     assert len(r.findings) == 2 and r.excluded == []
     assert not any(f.flagged for f in r.findings)
     assert r.exclusion["enough_images"] is False
-    assert any("only 600 images" in w and "no finding is excluded" in w for w in r.warnings)
+    assert any("only 600 images" in w and "nothing is excluded" in w for w in r.warnings)
     assert "only 600 images" in r.html()
     # a looser rule on the same statistics does exclude (the rule is what decides)
     r2 = clinical_report(model, images[:1], label_stats=stats, conflicts="hide",

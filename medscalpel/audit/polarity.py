@@ -19,6 +19,15 @@ label pair has J < 0.16, so *any* pair of classes, picked at random, is mostly '
 with the expected counts, an enrichment (observed fraction / null fraction) and a one-sided
 empirical p-value for the observed share of perfect + legitimate pairs.
 
+The Jaccard categories are kept **for comparison with the seed paper only**: a low Jaccard index
+says that one of the two labels is rare, not that they exclude each other. Next to them every
+class pair gets an evidence category from :mod:`medscalpel.data.cooccurrence` (the rule the
+clinical report uses): ``exclusive`` (co-occurrence significantly below independence: upper 95%
+bound of the lift < 0.1, >= 10 expected co-occurrences, enough images), ``not_exclusive``
+(enough data, the rule does not hold) or ``insufficient`` (too few images or expected
+co-occurrences to tell). ``counts_evidence`` and ``all_class_pairs_evidence`` (the share of
+ordered class pairs per evidence category: what the ``pairs`` null model expects) report them.
+
 Example:
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
@@ -37,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from medscalpel.data.cooccurrence import (VERDICTS, CooccurrenceEvidence, ExclusionRule,
+                                          cooccurrence_evidence)
 from medscalpel.errors import ConfigError, DataError
 from medscalpel.registry import Registry
 from medscalpel.validation import check_fraction, check_range
@@ -44,7 +55,17 @@ from medscalpel.validation import check_fraction, check_range
 logger = logging.getLogger(__name__)
 
 SCHEMA = 1
+#: seed 000's Jaccard categories (for comparison with the seed paper only)
 CATEGORIES = ("perfect", "legitimate", "mixed", "conflict", "undefined")
+#: evidence categories (:mod:`medscalpel.data.cooccurrence` verdicts)
+EVIDENCE_CATEGORIES = VERDICTS
+JACCARD_NOTE = ("Jaccard categories of seed 000 (perfect J = 0, legitimate 0 < J < b0, mixed, "
+                "conflict), kept for comparison with the seed paper only: a low Jaccard index "
+                "says that one label is rare, not that the two exclude each other")
+EVIDENCE_NOTE = ("evidence categories: 'exclusive' when the labels co-occur significantly less "
+                 "than independence predicts by the exclusion rule (see 'exclusion_rule'), "
+                 "'not_exclusive' when the data could tell and the rule does not hold, "
+                 "'insufficient' when too few images or expected co-occurrences")
 NULL_MODELS = ("pairs", "columns", "rows")
 
 #: strong-weight rules by name (``quantile``, ``zscore``, ``topk``, ``absolute``)
@@ -210,7 +231,10 @@ def jaccard_matrix(labels: np.ndarray) -> np.ndarray:
 
 def classify_jaccard(j: float | np.ndarray, bounds: tuple[float, float] = (0.1, 0.3)) -> np.ndarray:
     """Seed 000's categories: perfect J = 0, legitimate 0 < J < b0, mixed b0 <= J < b1,
-    conflict J >= b1; NaN (neither label ever positive) -> 'undefined'."""
+    conflict J >= b1; NaN (neither label ever positive) -> 'undefined'.
+
+    For comparison with the seed paper only: these categories are no evidence of mutual
+    exclusivity (see :func:`evidence_matrix`)."""
     j = np.asarray(j, dtype=np.float64)
     lo, hi = bounds
     out = np.full(j.shape, "undefined", dtype=object)
@@ -224,6 +248,18 @@ def classify_jaccard(j: float | np.ndarray, bounds: tuple[float, float] = (0.1, 
 
 def _count(cats: np.ndarray) -> dict[str, int]:
     return {c: int(np.sum(cats == c)) for c in CATEGORIES}
+
+
+def evidence_matrix(evidence: CooccurrenceEvidence) -> np.ndarray:
+    """``[K, K]`` object array of each class pair's evidence category (``exclusive``,
+    ``not_exclusive``, ``insufficient``; the diagonal ``insufficient``), in the evidence's class
+    order."""
+    k = len(evidence.class_names)
+    out = np.full((k, k), "insufficient", dtype=object)
+    idx = {c: i for i, c in enumerate(evidence.class_names)}
+    for p in evidence.pairs:
+        out[idx[p.a], idx[p.b]] = out[idx[p.b], idx[p.a]] = p.verdict
+    return out
 
 
 # ----------------------------------------------------------------------------- core
@@ -307,6 +343,7 @@ class PolarityResult:
         channel_pairs: ``[P, 3]`` one (strongest) pair per polarized channel, seed-style.
         weights_pos / weights_neg: the two weights of each triple.
         nulls: ``{(model, level): NullSummary}``.
+        evidence: the training labels' co-occurrence evidence (evidence categories).
     """
 
     class_names: tuple[str, ...]
@@ -322,6 +359,7 @@ class PolarityResult:
     n_null: int = 0
     seed: int = 0
     max_channels: int | None = None
+    evidence: CooccurrenceEvidence | None = None
 
     def categories(self, level: str = "triples") -> np.ndarray:
         rows = self._rows(level)
@@ -336,8 +374,30 @@ class PolarityResult:
                           f"'channels'. Got {level!r} instead.")
 
     def counts(self, level: str = "triples") -> dict[str, int]:
-        """Count per category (seed 000's table when ``level='channels'``)."""
+        """Count per Jaccard category (seed 000's table when ``level='channels'``; for
+        comparison with the seed paper only)."""
         return _count(self.categories(level))
+
+    def evidence_categories(self, level: str = "triples") -> np.ndarray:
+        """Evidence category (:data:`EVIDENCE_CATEGORIES`) of each row's class pair."""
+        rows = self._rows(level)
+        if self.evidence is None:
+            return np.full(len(rows), "insufficient", dtype=object)
+        return evidence_matrix(self.evidence)[rows[:, 1], rows[:, 2]]
+
+    def counts_evidence(self, level: str = "triples") -> dict[str, int]:
+        """Count per evidence category."""
+        cats = self.evidence_categories(level)
+        return {c: int(np.sum(cats == c)) for c in EVIDENCE_CATEGORIES}
+
+    def pair_distribution_evidence(self) -> dict[str, float]:
+        """Share of all unordered class pairs per evidence category (what the ``pairs`` null
+        model expects)."""
+        k = len(self.class_names)
+        if self.evidence is None or k < 2:
+            return {c: float("nan") for c in EVIDENCE_CATEGORIES}
+        cats = evidence_matrix(self.evidence)[np.triu_indices(k, 1)]
+        return {c: float(np.mean(cats == c)) for c in EVIDENCE_CATEGORIES}
 
     def pair_distribution(self) -> dict[str, float]:
         """Share of all unordered class pairs per category: what chance alone gives."""
@@ -358,14 +418,20 @@ class PolarityResult:
     def rows(self, level: str = "triples", limit: int | None = None) -> list[dict[str, Any]]:
         r = self._rows(level)
         cats = self.categories(level)
+        ecats = self.evidence_categories(level)
         w = np.asarray(self._weights(level))
         out = []
         for i in range(len(r) if limit is None else min(limit, len(r))):
             c, p, n = (int(v) for v in r[i])
-            out.append({"channel": c, "positive": self.class_names[p],
-                        "negative": self.class_names[n], "w_pos": float(w[0][i]),
-                        "w_neg": float(w[1][i]), "jaccard": float(self.jaccard[p, n]),
-                        "category": str(cats[i])})
+            row = {"channel": c, "positive": self.class_names[p],
+                   "negative": self.class_names[n], "w_pos": float(w[0][i]),
+                   "w_neg": float(w[1][i]), "jaccard": float(self.jaccard[p, n]),
+                   "category": str(cats[i]), "category_evidence": str(ecats[i])}
+            if self.evidence is not None:
+                pe = self.evidence.pair(self.class_names[p], self.class_names[n])
+                row.update({"observed": pe.observed, "expected": pe.expected, "lift": pe.lift,
+                            "lift_ci": list(pe.lift_ci), "p_value": pe.p_value})
+            out.append(row)
         return out
 
     def _weights(self, level: str):
@@ -384,6 +450,15 @@ class PolarityResult:
             "max_channels": self.max_channels, "n_null": self.n_null, "seed": self.seed,
             "counts": {lev: self.counts(lev) for lev in ("triples", "channels")},
             "all_class_pairs": self.pair_distribution(),
+            "counts_evidence": {lev: self.counts_evidence(lev)
+                                for lev in ("triples", "channels")},
+            "all_class_pairs_evidence": self.pair_distribution_evidence(),
+            "category_schemes": {"counts": JACCARD_NOTE, "counts_evidence": EVIDENCE_NOTE},
+            "exclusion_rule": None if self.evidence is None else self.evidence.rule.to_dict(),
+            "evidence_n_images": None if self.evidence is None else self.evidence.n,
+            "evidence_warnings": [] if self.evidence is None else list(self.evidence.warnings),
+            "exclusive_pairs": [] if self.evidence is None
+            else [[p.a, p.b] for p in self.evidence.exclusive_pairs()],
             "jaccard_max_offdiag": float(np.nanmax(np.where(
                 np.eye(len(self.class_names), dtype=bool), np.nan, self.jaccard)))
             if len(self.class_names) > 1 else None,
@@ -430,8 +505,10 @@ def polarity_analysis(
     null_models: Sequence[str] = NULL_MODELS,
     max_channels: int | None = None,
     seed: int = 0,
+    exclusion_rule: ExclusionRule | None = None,
 ) -> PolarityResult:
-    """Polarized channels of a classifier and their label-Jaccard categories vs chance.
+    """Polarized channels of a classifier and their label-Jaccard categories vs chance, with the
+    evidence category of each class pair next to them.
 
     Args:
         weight: classifier weight ``[K, C]`` (class rows, penultimate-channel columns).
@@ -444,6 +521,9 @@ def polarity_analysis(
         max_channels: keep only the most polarized channels in the channel-level table (seed
             000 reports 100); ``None`` keeps all.
         seed: seed of the null draws.
+        exclusion_rule: the :class:`~medscalpel.data.cooccurrence.ExclusionRule` of the evidence
+            categories (default rule: upper 95% bound of the lift < 0.1, >= 10 expected
+            co-occurrences, >= 5000 images).
 
     Returns:
         A :class:`PolarityResult`.
@@ -470,10 +550,11 @@ def polarity_analysis(
     trip = _triples(w, pos, neg)
     chp = _channel_pairs(w, pos, neg, max_channels)
     wp, wn = _weights_of(w, trip)
+    evidence = cooccurrence_evidence(y, names, exclusion_rule)
     res = PolarityResult(class_names=names, rule=r.to_dict(), bounds=(lo, hi), jaccard=jac,
                          triples=trip, channel_pairs=chp, weights_pos=wp, weights_neg=wn,
                          num_channels=int(w.shape[1]), n_null=n_null, seed=seed,
-                         max_channels=max_channels)
+                         max_channels=max_channels, evidence=evidence)
     if n_null > 0:
         rng = np.random.default_rng(seed)
         for model in null_models:
@@ -559,6 +640,7 @@ class StagePolarity:
             row: dict[str, Any] = {"stage": stage, "num_channels": r.num_channels,
                                    "n": int(len(r._rows(level)))}
             row.update(r.counts(level))
+            row.update({f"evidence_{c}": v for c, v in r.counts_evidence(level).items()})
             for (model, lev), s in sorted(r.nulls.items()):
                 if lev == level:
                     row[f"exclusive_null_{model}"] = s.exclusive_fraction_null

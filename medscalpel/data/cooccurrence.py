@@ -399,8 +399,9 @@ def evidence_from_counts(class_names: Sequence[str], n_images: int, pair_n: np.n
                      "pair is called exclusive; recompute them with 'medscalpel data stats'")
     if int(n_images) < rule.min_images:
         warns.append(f"only {int(n_images)} images in the label statistics (< {rule.min_images}): "
-                     "too few to call any pair mutually exclusive, so no finding is excluded "
-                     "(pairs that never co-occur in a small sample mostly do so by chance)")
+                     "too few to call any pair mutually exclusive, so none is and nothing is "
+                     "excluded (pairs that never co-occur in a small sample mostly do so by "
+                     "chance)")
     return CooccurrenceEvidence(class_names=names, n=int(n_images), rule=rule, pairs=pairs,
                                 warnings=tuple(warns), source=source, approximate=approximate)
 
