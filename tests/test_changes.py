@@ -256,13 +256,28 @@ def test_audit_changes_end_to_end_on_the_phantom(phantom_test, tmp_path):
     # doubling the head's weights is a temperature change: rankings kept, calibration moved
     assert p.calibration.macro["delta_auroc"] == pytest.approx(0.0, abs=1e-9)
     assert p.calibration.macro["delta_ece"] != 0.0
-    path = res.save(tmp_path / "changes")
+    path = res.save(tmp_path / "run" / "audit" / "changes")
     assert path.name == "changes.json"
-    back = ChangesAudit.load(tmp_path / "changes")
+    back = ChangesAudit.load(tmp_path / "run" / "audit" / "changes")
     assert back.pairs[0].figures == {"reliability": "hot_reliability.png",
                                      "explanation": "hot_explanation.png",
                                      "robustness": "hot_robustness.png"}
-    assert all((tmp_path / "changes" / f).is_file() for f in back.pairs[0].figures.values())
+    assert all((path.parent / f).is_file() for f in back.pairs[0].figures.values())
+    # the report section reads the typed result, every number with its JSON pointer
+    from medscalpel.report.changes_section import render_changes
+    from medscalpel.report.experiment import RunFiles, Section, resolve_pointer
+
+    sec = Section("changes", "What compression changed")
+    render_changes(RunFiles(tmp_path / "run", tmp_path / "report.html"), sec)
+    assert sec.present and len(sec.figures) == 3
+    assert [t.key for t in sec.tables] == ["changes_calibration", "changes_subgroups",
+                                           "changes_robustness", "changes_explanation"]
+    doc = __import__("json").loads(path.read_text())
+    cell = sec.tables[0].rows[0][3]
+    assert cell.value == pytest.approx(resolve_pointer(doc, cell.src))
+    empty = Section("changes", "x")
+    render_changes(RunFiles(tmp_path / "nothing", tmp_path / "r.html"), empty)
+    assert not empty.present
     assert back.pairs[0].calibration.macro["delta_ece"] == pytest.approx(
         p.calibration.macro["delta_ece"])
     assert back.pairs[0].subgroups.rows == p.subgroups.rows or len(back.pairs[0].subgroups.rows) \

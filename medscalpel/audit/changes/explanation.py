@@ -273,6 +273,8 @@ class ExplanationChange:
     def from_dict(cls, d: dict[str, Any]) -> "ExplanationChange":
         d = dict(d)
         d["road_fractions"] = tuple(d["road_fractions"])
+        d["classes"] = _nan_from_null(d["classes"])
+        d["faithfulness"] = _nan_from_null(d["faithfulness"])
         return cls(**d)
 
     def table(self) -> list[dict[str, Any]]:
@@ -287,6 +289,16 @@ class ExplanationChange:
                 row["tube delta"] = c["tube_energy"]["delta"]["mean"]
             rows.append(row)
         return rows
+
+
+def _nan_from_null(obj: Any) -> Any:
+    """JSON null (a NaN written by ``write_json``) back to NaN inside the statistic dicts."""
+    if isinstance(obj, dict):
+        return {k: (NAN if v is None and k in ("mean", "p") else _nan_from_null(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [NAN if v is None else _nan_from_null(v) for v in obj]
+    return obj
 
 
 def _paired(a: np.ndarray, b: np.ndarray, w: np.ndarray, confidence: float) -> dict[str, Any]:
