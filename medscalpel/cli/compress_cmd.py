@@ -94,6 +94,17 @@ def prune(
                                           "0.5 unless --target-speedup)."),
     target_speedup: Optional[float] = typer.Option(None, help="Search the ratio giving this "
                                                    "MACs reduction instead."),
+    target_latency: Optional[float] = typer.Option(None, "--target-latency", help="Search the "
+                                                   "ratio whose MEASURED latency (ms, batch 1) "
+                                                   "in --runtime is at most this."),
+    target_speedup_measured: Optional[float] = typer.Option(None, help="Search the ratio whose "
+                                                            "measured latency in --runtime is "
+                                                            "this many times the dense one's."),
+    runtime: str = typer.Option("onnxruntime:fp32", help="Runtime of the measured modes "
+                                "(e.g. onnxruntime:fp32, openvino:fp32, torch:fp32)."),
+    round_to: Optional[int] = typer.Option(None, help="Keep channel counts multiples of this "
+                                           "(default in the measured modes: the CPU's fp32 "
+                                           "vector width, 8 or 16)."),
     global_pruning: bool = typer.Option(False, "--global", help="Rank channels globally."),
     steps: int = typer.Option(1, help="Iterative pruning steps."),
     recovery_epochs: int = typer.Option(0, help="Total recovery fine-tune epochs (split over "
@@ -121,13 +132,18 @@ def prune(
     rec = RecoveryConfig(epochs=recovery_epochs, lr=lr, distill_from_dense=distill, alpha=alpha,
                          T=temperature, seed=seed, max_steps_per_epoch=max_steps_per_epoch)
     config = {"model": str(model), "data": data, "criterion": criterion, "ratio": ratio,
-              "target_speedup": target_speedup, "global": global_pruning, "steps": steps,
+              "target_speedup": target_speedup, "target_latency_ms": target_latency,
+              "target_speedup_measured": target_speedup_measured, "runtime": runtime,
+              "round_to": round_to, "global": global_pruning, "steps": steps,
               "recovery": rec.to_dict(), "calib": calib, "dry_run": dry_run}
     with RunDir(out, command="compress prune", config=config, seed=seed,
                 data={"train": train_ds.content_hash()}, overwrite=overwrite) as run:
         res = prune_structured(m, images, criterion, ratio=ratio, target_speedup=target_speedup,
                                global_pruning=global_pruning, iterative_steps=steps,
-                               recovery=rec, train_ds=train_ds, val_ds=val_ds, dry_run=dry_run)
+                               recovery=rec, train_ds=train_ds, val_ds=val_ds, dry_run=dry_run,
+                               round_to=round_to, target_latency_ms=target_latency,
+                               target_speedup_measured=target_speedup_measured,
+                               runtime=runtime)
         if dry_run:
             write_json(run.path / "prune.json", res.to_dict())
         else:
@@ -137,6 +153,10 @@ def prune(
     console.print(f"{criterion}: params {res.params_before:,} -> {res.params_after:,} "
                   f"({res.param_reduction:.1%} removed), MACs x{res.speedup_macs:.2f}, "
                   f"CPU speedup (batch 1) {fmt(lat, 2)}; written to {out}")
+    if res.latency and res.latency.get("runtime"):
+        console.print(f"measured in {res.latency['runtime']}: {res.latency['runtime_dense_ms']:.3g}"
+                      f" -> {res.latency['runtime_pruned_ms']:.3g} ms "
+                      f"(x{res.latency['runtime_ratio']:.2f}) at ratio {res.ratio:.3f}")
 
 
 def export(

@@ -40,8 +40,10 @@ logger = logging.getLogger(__name__)
 
 RUNTIMES: Registry["Runtime"] = Registry("deployment runtime")
 
-#: largest |delta logit| vs torch float32, relative to the reference logit scale, per precision
-PARITY_TOLERANCE = {"fp32": 1e-3, "bf16": 0.05, "int8": 0.25}
+#: largest |delta logit| vs torch float32, relative to the reference logit scale (max |logit|),
+#: per precision. float32 must match; for bf16 / int8 it is a sanity bound against a broken
+#: conversion (the accuracy floor on delta AUROC is the real test of a reduced precision).
+PARITY_TOLERANCE = {"fp32": 1e-3, "bf16": 0.05, "int8": 0.5}
 
 
 def openvino():
@@ -247,7 +249,8 @@ class OpenVinoFp32(Runtime):
         config = {"INFERENCE_PRECISION_HINT": self.hint, "INFERENCE_NUM_THREADS": self.threads,
                   "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         self.compiled = openvino().Core().compile_model(ov_model, "CPU", config)
-        used = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        used = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         self.info.update({"inference_precision_hint": self.hint, "precision_used": used})
         self.request = self.compiled.create_infer_request()
 

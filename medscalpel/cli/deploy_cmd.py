@@ -1,0 +1,77 @@
+"""``medscalpel compress deploy``: benchmark every CPU runtime x precision and write the fastest
+variant that keeps the accuracy (a thin wrapper over :func:`medscalpel.compress.deploy.deploy`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medscalpel.cli.common import console, fmt
+from medscalpel.errors import ConfigError
+
+
+def _list(text: Optional[str]) -> Optional[list[str]]:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return items or None
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--batch must be a comma list of integers such as '1,8'; got "
+                          f"{text!r}.") from exc
+
+
+def deploy(
+    model: Path = typer.Option(..., help="Model directory (model.safetensors + model.json)."),
+    data: str = typer.Option(..., help="Dataset spec; its --split gives parity and delta AUROC, "
+                             "its train split the int8 calibration images."),
+    out: Path = typer.Option(..., help="Run directory to create (deploy.json, deploy.md, "
+                             "export/, serve/, manifest.json)."),
+    split: str = typer.Option("test", help="Split for parity and paired delta AUROC."),
+    runtimes: Optional[str] = typer.Option(None, help="Comma list of runtimes (torch, "
+                                           "torch_channels_last, torch_compile, onnxruntime, "
+                                           "openvino); default: every available one."),
+    precisions: Optional[str] = typer.Option(None, help="Comma list of precisions (fp32, bf16, "
+                                             "int8, int8-u8s8, int8-s8s8, int8-ac)."),
+    batch: str = typer.Option("1,8", help="Batch sizes timed; the first decides."),
+    rounds: int = typer.Option(5, help="Alternated rounds (each variant once per round)."),
+    repeats: int = typer.Option(5, help="Timed runs per variant per round."),
+    floor_macro: float = typer.Option(-0.005, help="Accuracy floor: macro delta AUROC."),
+    floor_class: float = typer.Option(-0.01, help="Accuracy floor: every class's delta AUROC."),
+    n_images: int = typer.Option(256, help="Evaluation images (parity, delta AUROC)."),
+    n_calib: int = typer.Option(64, help="Calibration images for int8 (train split)."),
+    threads: Optional[int] = typer.Option(None, help="Threads per runtime (default: torch's)."),
+    n_boot: int = typer.Option(1000, help="Paired bootstrap replicates for the CIs."),
+    seed: int = typer.Option(0, help="Seed of the image choice and the bootstrap."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Export (ONNX, OpenVINO IR), benchmark runtimes x precisions alternated in one run, check
+    parity and per-class delta AUROC, and serve the fastest variant meeting the floor."""
+    from medscalpel.compress.deploy import deploy as run_deploy
+    from medscalpel.data import open_dataset
+    from medscalpel.models.checkpoint import load_model
+
+    m = load_model(model)
+    pre = m.card.preprocess if m.card is not None else None
+    ds = open_dataset(data, split=split, preprocess=pre)
+    calib = open_dataset(data, split="train", preprocess=pre) if split != "train" else None
+    res = run_deploy(m, ds, out, calib_data=calib, runtimes=_list(runtimes),
+                     precisions=_list(precisions), batches=_batches(batch), rounds=rounds,
+                     repeats=repeats, n_images=n_images, n_calib=n_calib,
+                     floor_macro=floor_macro, floor_class=floor_class, threads=threads,
+                     n_boot=n_boot, seed=seed, overwrite=overwrite)
+    console.print(res.markdown(), markup=False, highlight=False)
+    chosen = res.chosen
+    console.print(f"recommended: {res.recommended} ({res.reason}); served from "
+                  f"{out / 'serve'} ({', '.join(res.serve['files'])})", markup=False)
+    if chosen is not None and chosen.comparison is not None:
+        m_ = chosen.comparison["macro"]
+        console.print(f"macro dAUROC {fmt(m_.get('delta_auroc'), 4)} CI "
+                      f"{fmt(tuple(m_.get('delta_auroc_ci') or ()), 4)} on {res.n_images} images "
+                      f"of '{res.split}'", markup=False)

@@ -1,0 +1,222 @@
+"""compress deploy: every runtime's parity, the recommendation with planted slower / less
+accurate / non-conforming variants (real runtimes and models, nothing mocked), the floor error,
+the CLI round trip and the missing-extra path."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from medscalpel.cli.main import app
+from medscalpel.compress.deploy import DEFAULT_VARIANTS, DeployResult, deploy
+from medscalpel.compress.runtimes import (RUNTIMES, OrtFp32, TorchEager, openvino_capabilities)
+from medscalpel.data import ArrayDataset, Preprocess
+from medscalpel.errors import MissingExtraError, VerificationError
+from medscalpel.models.checkpoint import load_model, make_card, save_model
+from medscalpel.models.zoo import create_model
+
+CLASSES = ["a", "b", "c"]
+
+
+def _ds(split, n=64, seed=0):
+    """Images whose class evidence is a bright patch, so a trained-looking model has AUROC."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, 3)) > 0.5).astype(np.float32)
+    labels[0], labels[1] = 1, 0
+    x = rng.random((n, 32, 32)).astype(np.float32) * 0.3
+    for k in range(3):
+        x[labels[:, k] == 1, 4 + 8 * k:10 + 8 * k, 4:28] += 0.7
+    return ArrayDataset(x, labels, CLASSES, "multilabel", preprocess=Preprocess(size=32),
+                        split=split)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """densenet_tiny briefly trained on the patch images, so that its AUROCs are meaningful."""
+    torch.manual_seed(0)
+    m = create_model("densenet_tiny", 3, img_size=32)
+    m.card = make_card(m, CLASSES, "multilabel", Preprocess(size=32))
+    ds = _ds("train", n=128, seed=2)
+    x = torch.stack([ds.image(i) for i in range(len(ds))])
+    y = torch.as_tensor(ds.labels)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    m.train()
+    for step in range(40):
+        idx = torch.arange(32 * (step % 4), 32 * (step % 4) + 32)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(m(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+class SlowTorch(TorchEager):
+    """A planted slower variant: the same float32 model, run three times per batch."""
+
+    runtime = "planted_slow"
+
+    def run(self, x):
+        for _ in range(2):
+            super().run(x)
+        return super().run(x)
+
+
+class RowPerturbedTorch(TorchEager):
+    """A planted less-accurate variant: class 'c''s classifier row replaced by noise (declared
+    as a reduced precision with no parity bound, so only the accuracy floor can stop it)."""
+
+    runtime, precision = "planted_rows", "int8"
+    tolerance = float("inf")
+
+    def prepare(self, model, example, calib, workdir):
+        super().prepare(model, example, calib, workdir)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            w = self.model.classifier.weight
+            w[2] = torch.randn(w.shape[1], generator=g) * w.abs().mean() * 3
+
+
+class WrongOnnx(OrtFp32):
+    """A planted non-conforming artifact: a real ONNX file of a model with other weights."""
+
+    runtime = "planted_onnx"
+    filename = "wrong.onnx"
+
+    def prepare(self, model, example, calib, workdir):
+        other = create_model("densenet_tiny", 3, img_size=32).eval()
+        super().prepare(other, example, calib, workdir)
+
+
+def test_every_available_runtime_has_parity(model, tmp_path):
+    names = [n for n in DEFAULT_VARIANTS]
+    res = deploy(model, _ds("test"), tmp_path / "d", calib_data=_ds("train", seed=1),
+                 variants=names, batches=(1, 4), rounds=2, repeats=2, n_boot=100,
+                 progress=False)
+    by = {v.name: v for v in res.variants}
+    assert list(by) == names  # torch fp32 first, every requested variant reported
+    for v in res.variants:
+        assert v.status in ("go", "no-go", "unavailable"), (v.name, v.reasons)
+        if v.status == "unavailable":
+            assert v.reasons and v.name == "openvino:bf16"
+            assert "BF16" not in openvino_capabilities()
+            continue
+        tol = 1e-3 if v.precision == "fp32" else (0.05 if v.precision == "bf16" else 0.5)
+        assert v.parity_rel <= tol and v.parity_abs >= 0
+        assert set(v.latency) == {"b1", "b4"} and all(
+            len(v.latency[b]["rounds_ms"]) == 2 for b in v.latency)
+        assert v.comparison["n"] == 64 and v.macro_delta_auroc is not None
+        assert v.speedup_vs_torch["b1"] > 0 and 0 < v.peak_fraction["b1"]
+    assert by["torch:fp32"].parity_abs == 0.0 and by["torch:fp32"].macro_delta_auroc == 0.0
+    # int8 really is int8: not bit-identical to float32
+    assert by["onnxruntime:int8-u8s8"].parity_abs > 1e-5
+    assert by["onnxruntime:int8-u8s8"].info["activation"] == "u8"
+    assert by["onnxruntime:int8-s8s8"].info["activation"] == "s8"
+    assert by["openvino:fp32"].info["precision_used"].lower().endswith(("f32", "float32"))
+    # the recommendation is the fastest go variant at batch 1
+    go = [v for v in res.variants if v.go]
+    assert res.recommended == min(go, key=lambda v: v.median_ms(1)).name
+    # files: deploy.json round trip, exports, the served artifact and its contract
+    d = tmp_path / "d"
+    assert DeployResult.load(d).to_dict() == DeployResult.from_dict(res.to_dict()).to_dict()
+    assert (d / "export" / "model.onnx").is_file() and (d / "export" / "model.xml").is_file()
+    assert (d / "deploy.md").read_text().count("| ") > 10
+    serve = (d / "serve")
+    assert all((serve / f).is_file() for f in res.serve["files"])
+    assert res.serve["class_names"] == CLASSES and res.serve["mean"] is not None
+    assert res.peak["fp32_gmacs"] > 0 and res.loadavg["start"]
+
+
+def test_planted_slow_inaccurate_and_nonconforming_variants_are_refused(model, tmp_path):
+    slow, rows, wrong = SlowTorch(1), RowPerturbedTorch(1), WrongOnnx(1)
+    res = deploy(model, _ds("test"), tmp_path / "d", calib_data=_ds("train", seed=1),
+                 variants=["torch:fp32", "onnxruntime:fp32", slow, rows, wrong], batches=(1,),
+                 rounds=3, repeats=3, n_boot=100, progress=False)
+    by = {v.name: v for v in res.variants}
+    s = by["planted_slow:fp32"]
+    assert s.status == "no-go" and any("slower than torch fp32" in r for r in s.reasons)
+    assert s.parity_abs == 0.0  # refused for speed alone
+    r = by["planted_rows:int8"]
+    assert r.status == "no-go" and any(x.startswith("failed floor") and "c: delta AUROC" in x
+                                       for x in r.reasons)
+    assert r.worst_class_delta_auroc < -0.01
+    w = by["planted_onnx:fp32"]
+    assert w.status == "refused" and "failed parity" in w.reasons[0]
+    assert not wrong.files and not list(tmp_path.rglob("wrong.onnx"))  # its file was removed
+    assert res.recommended in ("torch:fp32", "onnxruntime:fp32")
+
+
+def test_floor_no_variant_meets_it(model, tmp_path):
+    rows = RowPerturbedTorch(1)
+    with pytest.raises(VerificationError, match=r"no variant meets the accuracy floor .*best: "
+                                                r"onnxruntime:fp32 with macro dAUROC \+0\.0000"):
+        deploy(model, _ds("test"), tmp_path / "d", variants=["onnxruntime:fp32", rows],
+               batches=(1,), rounds=1, repeats=1, n_boot=0, floor_macro=0.01, progress=False)
+    assert not (tmp_path / "d").exists()  # nothing half-written
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".d.")]
+
+
+def test_missing_runtime_names_the_extra(model, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # the import now fails
+    with pytest.raises(MissingExtraError, match=r"'openvino'.*medscalpel\[deploy\]"):
+        deploy(model, _ds("test", n=16), tmp_path / "d", runtimes=["torch", "openvino"],
+               batches=(1,), rounds=1, repeats=1, n_boot=0, progress=False)
+    # not asked for explicitly: reported as unavailable, the others still run
+    res = deploy(model, _ds("test", n=16), tmp_path / "e",
+                 variants=None, precisions=["fp32"], batches=(1,), rounds=1, repeats=1,
+                 n_boot=0, progress=False)
+    ov = {v.name: v for v in res.variants}["openvino:fp32"]
+    assert ov.status == "unavailable" and "medscalpel[deploy]" in ov.reasons[0]
+    with pytest.raises(Exception, match="Unknown deployment runtime 'tensorrt:fp32'"):
+        RUNTIMES.get("tensorrt:fp32")
+
+
+def test_cli_round_trip_and_exit_2(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for c, cls in enumerate(["NORMAL", "PNEUMONIA"]):
+        (root / cls).mkdir(parents=True)
+        for i in range(20):
+            img = (rng.random((32, 32)) * 60).astype(np.uint8)
+            if c:
+                img[8:24, 8:24] += 150
+            Image.fromarray(img).save(root / cls / f"{cls.lower()}_{i}.png")
+    spec = f"folder:{root}?val_fraction=0.25&test_fraction=0.5"
+    torch.manual_seed(0)
+    m = create_model("densenet_tiny", 2, img_size=32)
+    m.card = make_card(m, ["NORMAL", "PNEUMONIA"], "multiclass", Preprocess(size=32))
+    save_model(m, tmp_path / "model")
+    runner = CliRunner()
+    args = ["compress", "deploy", "--model", str(tmp_path / "model"), "--data", spec,
+            "--runtimes", "torch,onnxruntime", "--precisions", "fp32", "--batch", "1,2",
+            "--rounds", "1", "--repeats", "1", "--n-boot", "50"]
+    res = runner.invoke(app, args + ["--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "recommended:" in res.output and "| onnxruntime:fp32 |" in res.output
+    back = DeployResult.load(tmp_path / "out")
+    assert back.recommended in ("torch:fp32", "onnxruntime:fp32") and back.batches == (1, 2)
+    assert back.split == "test" and back.calib_split == "train"
+    served = tmp_path / "out" / "serve"
+    if back.recommended == "torch:fp32":
+        assert load_model(served).card.class_names == ("NORMAL", "PNEUMONIA")
+    else:
+        from medscalpel.compress.export import ort_run, ort_session
+
+        x = torch.rand(2, 1, 32, 32)
+        with torch.no_grad():
+            assert np.abs(ort_run(ort_session(served / "model.onnx"), x)
+                          - m.eval()(x).numpy()).max() < 1e-4
+    from medscalpel.cli.main import run
+
+    monkeypatch.setattr(sys, "argv", ["medscalpel", *args, "--floor-macro", "0.5", "--out",
+                                      str(tmp_path / "bad")])
+    with pytest.raises(SystemExit) as exc:
+        run()  # the console entry point: MedScalpelError -> one line + exit 2
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no variant meets the accuracy floor" in err and "best: " in err
+    assert not (tmp_path / "bad").exists()
