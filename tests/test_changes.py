@@ -11,7 +11,8 @@ from torch import nn
 from medscalpel.audit.changes import (ChangesAudit, audit_changes, calibration_change,
                                       dataset_attributes, explanation_change, robustness_change,
                                       subgroup_change)
-from medscalpel.audit.changes.explanation import _mask_scores, class_cams, impute_linear
+from medscalpel.audit.changes.explanation import _mask_scores, class_cams
+from medscalpel.audit.changes.faithfulness import impute_linear
 from medscalpel.audit.changes.robustness import LEVELS, corrupt
 from medscalpel.data import Preprocess, open_dataset
 from medscalpel.data.phantom import generate_phantom

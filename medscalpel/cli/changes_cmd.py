@@ -4,7 +4,6 @@ explanations, subgroups, robustness) for one dense model and one or more compres
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
