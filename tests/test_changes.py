@@ -190,6 +190,29 @@ def test_class_cams_equal_grad_cam_package():
     assert m.training and sum(len(mod._forward_hooks) for mod in m.modules()) == 0
 
 
+@pytest.mark.parametrize("arch", ["resnet_tiny", "vgg_tiny"])
+def test_class_cams_equal_textbook_grad_cam(arch):
+    import torch.nn.functional as F
+
+    torch.manual_seed(1)
+    m = create_model(arch, num_classes=3, img_size=64).eval()
+    x = torch.randn(3, 1, 64, 64)
+    got = class_cams(m, x, [1])[:, 0]
+    store = {}
+    h = m.cam_layer().register_forward_hook(lambda mod, i, o: store.__setitem__("a", o))
+    try:
+        out = m(x.clone().requires_grad_(True))
+        a = store["a"]
+        g = torch.autograd.grad(out[:, 1].sum(), a)[0]
+    finally:
+        h.remove()
+    cam = torch.relu((g.mean((2, 3), keepdim=True) * a).sum(1)).detach()
+    cam = cam - cam.flatten(1).min(1)[0][:, None, None]
+    cam = cam / (1e-7 + cam.flatten(1).max(1)[0][:, None, None])
+    ref = F.interpolate(cam[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    assert np.abs(got - ref.numpy()).max() < 1e-5
+
+
 def test_damaged_class_row_drifts_only_that_class():
     torch.manual_seed(0)
     dense = create_model("densenet_tiny", num_classes=3, img_size=64)

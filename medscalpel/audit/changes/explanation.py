@@ -17,8 +17,10 @@ Every per-image score is summarised as a mean with a bootstrap CI; dense-vs-comp
 mean paired difference with a CI and a bootstrap p-value. The maps come from :func:`class_cams`,
 Grad-CAM for ALL classes in one forward pass per batch (the gradient of each class logit w.r.t.
 the CAM layer needs only the head, so K classes cost one backbone pass); it equals
-:func:`medscalpel.explain.cams.compute_cam` with ``method="gradcam"`` (tested), and it lives here
-because the audit layer sits below ``explain``.
+:func:`medscalpel.explain.cams.compute_cam` with ``method="gradcam"`` on DenseNets and the
+textbook Grad-CAM computed with autograd on ResNet / VGG (tested; the ``grad-cam`` package
+differs from the textbook by up to ~0.1 on those), and it lives here because the audit layer
+sits below ``explain``.
 """
 
 from __future__ import annotations
