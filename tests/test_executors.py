@@ -11,8 +11,9 @@ from PIL import Image
 
 from medscalpel.errors import ConfigError, DataError, RunError
 from medscalpel.pipeline.executors import EXECUTORS, CellError, map_cells
-from medscalpel.pipeline.grid import (GridResult, canonical, cell_id, grid_identity, prune_grid,
-                                      run_cell, run_grid, run_prune_grid)
+from medscalpel.cells import CellIndex
+from medscalpel.pipeline.grid import (canonical, cell_id, grid_identity, prune_grid, run_cell,
+                                      run_grid, run_prune_grid)
 
 
 def write_csv_dataset(root: Path, n: int = 48, size: int = 32, seed: int = 0) -> str:
@@ -95,6 +96,7 @@ def test_cell_ids_stable_and_grid_checks():
     assert cell_id(c) == cell_id(dict(reversed(list(c.items()))))
     assert cell_id(c) != cell_id({**c, "ratio": 0.55})
     assert cell_id(c).startswith("prune_l1_r0.5-")
+    assert cell_id({"kind": "prune", "method": "l1", "ratio": 0.5})[:14] == "prune_l1_r0.5-"
     with pytest.raises(ConfigError, match="more than once"):
         run_grid([c, dict(c)], run_cell, "/nonexistent/never", executor="serial")
     with pytest.raises(ConfigError, match="must not be empty"):
@@ -105,7 +107,7 @@ def test_cell_ids_stable_and_grid_checks():
         prune_grid(["m"], "csv:x", methods=["l3"])
 
 
-def _strip(res: GridResult) -> str:
+def _strip(res: CellIndex) -> str:
     return canonical(res.results())
 
 
@@ -134,13 +136,21 @@ def test_prune_grid_same_results_serial_local_and_resume(grid_setup, tmp_path):
     more = run_prune_grid(models, spec, tmp_path / "serial", executor="serial",
                           **{**kw, "ratios": [0.0, 0.5, 0.7, 0.9]})
     assert more.n_computed == 2 * (1 + 2) and more.n_skipped == 18
-    # the grid directory is a sweep directory for the audit stage
+    # the grid directory is a sweep directory for the audit stage: one index format
+    from medscalpel.audit.forgettability import audit_forgettability
+    from medscalpel.audit.sweepio import load_sweep
     from medscalpel.compress.sweep import SweepResult
 
+    assert CellIndex.load(tmp_path / "serial").to_dict() == more.to_dict()
     sw = SweepResult.load(tmp_path / "serial")
     ratios, auc = sw.curve(sw.model_ids[0], "l1")
     assert list(ratios) == [0.0, 0.5, 0.7, 0.9] and np.isfinite(auc).all()
     assert sw.predictions(sw.model_ids[0], "random", 0.5, seed=1).n == 12
+    swp = load_sweep(tmp_path / "serial", method="random")
+    assert swp.levels.tolist() == [0.0, 0.5, 0.7, 0.9] and len(swp.seeds) == 2 * 2
+    assert swp.info["achieved_sparsity"][f"{sw.model_ids[0]}-s1@0.9"] == pytest.approx(0.9, abs=1e-3)
+    l1 = audit_forgettability(tmp_path / "serial", method="l1", n_boot=0, n_perm=5)
+    assert l1.levels.tolist() == [0.0, 0.5, 0.7, 0.9]
 
 
 def test_grid_refuses_other_data_and_recomputes_damaged_cells(grid_setup, tmp_path):

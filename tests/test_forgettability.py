@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -12,6 +13,7 @@ from sklearn.metrics import average_precision_score, jaccard_score, roc_auc_scor
 from medscalpel.audit.fcd import cooccurrence_iou, fcd_matrices
 from medscalpel.audit.forgettability import audit_forgettability, relative_change
 from medscalpel.audit.sweepio import Sweep, as_sweep, load_sweep, sweep_methods
+from medscalpel.cells import run_cells
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
 
@@ -151,20 +153,29 @@ def test_save_writes_json_and_figures(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _write_cell(root, model, variant, ratio, pred, requested=None):
-    d = root / "cells" / model / variant / f"r{ratio:.2f}"
-    d.mkdir(parents=True)
-    pred.save(d / "predictions.npz")
-    (d / "sparsity.json").write_text(json.dumps({"requested": ratio if requested is None
-                                                 else requested,
-                                                 "overall": {"sparsity": ratio}}))
+def _preset_cell(preds: dict, cell: dict) -> dict:
+    """A prune cell function returning stored Predictions (the sweep's cell result keys)."""
+    p = preds[(cell["model_id"], cell["method"], cell["ratio"])]
+    return {"model_id": cell["model_id"], "sparsity": cell["ratio"] + 0.001, "n": p.n,
+            "macro_auroc": None, "macro_ap": None, "artifacts": {"predictions.npz": p}}
+
+
+def _write_sweep(root, cells: dict, methods=("l1", "random"), command="compress sweep"):
+    """Write a sweep directory with the real engine (run_cells): one prune cell per
+    (model, method, level); ``random`` cells carry seed 3."""
+    preds, grid = {}, []
+    for (s, lv), p in cells.items():
+        for m in methods:
+            preds[(f"model{s}", m, lv)] = p
+            grid.append({"kind": "prune", "model_id": f"model{s}", "method": m,
+                         "seed": 3 if m == "random" else None, "ratio": lv})
+    return run_cells(grid, functools.partial(_preset_cell, preds), root, command=command,
+                     identity={"test": "forgettability"}, progress=False)
 
 
 def test_load_sweep_directory_layout(tmp_path):
     cells, _ = make_cells(seeds=2, levels=(0.0, 0.5, 0.9))
-    for (s, lv), p in cells.items():
-        _write_cell(tmp_path, f"model{s}", "l1", lv, p)
-        _write_cell(tmp_path, f"model{s}", "random-s3", lv, p)
+    idx = _write_sweep(tmp_path, cells)
     assert sweep_methods(tmp_path) == ["l1", "random"]
     with pytest.raises(ConfigError, match="several methods"):
         load_sweep(tmp_path)
@@ -173,23 +184,44 @@ def test_load_sweep_directory_layout(tmp_path):
     sw = load_sweep(tmp_path, method="random")
     assert sw.seeds == ("models0-s3", "models1-s3")
     assert sw.levels.tolist() == [0.0, 0.5, 0.9]
-    assert sw.info["achieved_sparsity"]["models0-s3@0.9"] == 0.9
+    assert sw.info["achieved_sparsity"]["models0-s3@0.9"] == pytest.approx(0.901)
     res = audit_forgettability(tmp_path / "cells", method="l1", n_boot=0, n_perm=10)
     ref = audit_forgettability(cells, n_boot=0, n_perm=10)
     assert np.allclose(res.ap, ref.ap, equal_nan=True)
-    # sweep.json index written by compress.sweep is preferred when present
-    index = {"cells": [{"model_id": "models0", "method": "l1", "seed": None, "ratio": lv,
-                        "path": f"cells/models0/l1/r{lv:.2f}"} for lv in (0.0, 0.9)]}
-    (tmp_path / "sweep.json").write_text(json.dumps(index))
-    assert load_sweep(tmp_path).levels.tolist() == [0.0, 0.9]
+    # the index is what is read: a cell that is not in it is not part of the sweep
+    index = json.loads((tmp_path / "index.json").read_text())
+    index["cells"] = [c for c in index["cells"] if c["cell"]["model_id"] == "models0"
+                      and c["cell"]["ratio"] in (0.0, 0.9)]
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    assert load_sweep(tmp_path, method="l1").levels.tolist() == [0.0, 0.9]
+    assert len(idx.cells) == 12
+
+
+def test_audit_reads_a_pruning_grid_and_refuses_old_layouts(tmp_path):
+    cells, _ = make_cells(seeds=2, levels=(0.0, 0.5, 0.9))
+    _write_sweep(tmp_path / "grid", cells, methods=("l1",), command="scale prune")
+    got = audit_forgettability(tmp_path / "grid", n_boot=0, n_perm=10)
+    ref = audit_forgettability(cells, n_boot=0, n_perm=10)
+    assert np.allclose(got.ap, ref.ap, equal_nan=True) and got.levels.tolist() == [0.0, 0.5, 0.9]
+    # a directory of the older engines (sweep.json / grid.json, path layout) names the fix
+    old = tmp_path / "old"
+    (old / "cells" / "m" / "l1" / "r0.50").mkdir(parents=True)
+    (old / "sweep.json").write_text(json.dumps({"cells": []}))
+    with pytest.raises(DataError, match=r"older medscalpel \(sweep.json.*Re-run the sweep"):
+        load_sweep(old)
+    with pytest.raises(DataError, match="no index.json: it is not a sweep"):
+        load_sweep(tmp_path)
 
 
 def test_sweep_error_paths(tmp_path):
     with pytest.raises(DataError, match="empty"):
         as_sweep({})
     (tmp_path / "cells").mkdir()
-    with pytest.raises(DataError, match="is empty: no cells"):
+    with pytest.raises(DataError, match="has no index.json: it is not a sweep / grid directory"):
         audit_forgettability(tmp_path)
+    run_cells([{"kind": "triage", "budget": 1}], len, tmp_path / "g", progress=False)
+    with pytest.raises(DataError, match="is empty: its index lists no finished pruning cell"):
+        audit_forgettability(tmp_path / "g")
     with pytest.raises(DataError, match="does not exist"):
         load_sweep(tmp_path / "nope")
     cells, _ = make_cells(seeds=1, levels=(0.0, 0.5))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -67,27 +69,37 @@ def test_sweep_resume_skips_finished_cells(model, tmp_path):
     r1 = run_sweep([model], ds, out, ratios=[0, 0.5], methods=("l1", "random"), progress=False)
     assert (r1.n_computed, r1.n_skipped) == (4, 0)
     mid = r1.model_ids[0]
-    cell = out / "cells" / mid / "l1" / "r0.50"
+    c = r1.cell(mid, "l1", 0.5)
+    cell = out / c.path
     assert (cell / "predictions.npz").is_file() and (cell / "sparsity.json").is_file()
-    assert (out / "cells" / mid / "random-s0" / "r0.50" / "predictions.npz").is_file()
+    assert (out / r1.cell(mid, "random", 0.5, seed=0).path / "predictions.npz").is_file()
+    assert [x.seed for x in r1.select(mid, "l1")] == [None, None]  # l1 does not use a seed
     p = Predictions.load(cell / "predictions.npz")
     assert p.n == len(ds) and p.model_id == mid and p.meta["sweep"]["ratio"] == 0.5
+    sp = json.loads((cell / "sparsity.json").read_text())
+    assert sp["requested"] == 0.5 and sp["overall"]["sparsity"] == pytest.approx(c.sparsity)
 
     r2 = run_sweep([model], ds, out, ratios=[0, 0.5, 0.8], methods=("l1", "random"),
                    progress=False)
     assert (r2.n_computed, r2.n_skipped) == (2, 4)
     assert len(SweepResult.load(out).cells) == 6
-    # a damaged cell (missing completion file) is recomputed
+    # a rerun over fewer ratios still lists every finished cell of the directory
+    r2b = run_sweep([model], ds, out, ratios=[0.5], methods=("l1",), progress=False)
+    assert (r2b.n_computed, r2b.n_skipped, len(r2b.cells)) == (0, 1, 6)
+    # a damaged cell (missing or truncated artifact) is recomputed, the others are kept
     (cell / "sparsity.json").unlink()
+    other = out / r1.cell(mid, "random", 0.0, seed=0).path / "predictions.npz"
+    other.write_bytes(other.read_bytes()[:100])
     r3 = run_sweep([model], ds, out, ratios=[0, 0.5, 0.8], methods=("l1", "random"),
                    progress=False)
-    assert (r3.n_computed, r3.n_skipped) == (1, 5)
+    assert (r3.n_computed, r3.n_skipped) == (2, 4)
     res = SweepResult.load(out)
     ratios, auroc = res.curve(mid, "l1")
     assert ratios.tolist() == [0.0, 0.5, 0.8] and np.isfinite(auroc).all()
     dense = res.predictions(mid, "l1", 0.0)
     assert np.allclose(dense.logits, res.predictions(mid, "random", 0.0, seed=0).logits)
     assert res.cell(mid, "l1", 0.8).sparsity == pytest.approx(0.8, abs=1e-4)
+    assert np.array_equal(res.predictions(mid, "l1", 0.5).logits, p.logits)  # same as before
 
 
 def test_sweep_refuses_other_data(model, tmp_path):
@@ -101,7 +113,7 @@ def test_sweep_finetune_keeps_sparsity(model, tmp_path):
     res = run_sweep([model], _ds(), tmp_path / "s", ratios=[0.6], methods=("l1",),
                     finetune_epochs=1, train_ds=_ds(seed=2, split="train"), progress=False)
     assert res.cells[0].sparsity == pytest.approx(0.6, abs=1e-4)
-    assert res.cells[0].seed == 0 and "l1-s0" in res.cells[0].path
+    assert res.cells[0].seed == 0 and res.cells[0].method == "l1"
 
 
 def test_sweep_errors(model, tmp_path):

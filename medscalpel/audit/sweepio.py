@@ -8,14 +8,12 @@ unless another one is named.
 
 Two sources give a :class:`Sweep`:
 
-* a sweep directory written by ``medscalpel compress sweep``::
-
-      SWEEP_DIR/sweep.json                                    (index; optional here)
-      SWEEP_DIR/cells/{model_id}/{variant}/r{ratio:.2f}/predictions.npz
-      SWEEP_DIR/cells/{model_id}/{variant}/r{ratio:.2f}/sparsity.json
-
-  where ``variant`` is the method (``l1``) or ``{method}-s{seed}`` (``random-s0``); each
-  model (or model and seed) is one member of the sweep, i.e. one curve;
+* a sweep directory written by ``medscalpel compress sweep`` or a pruning grid written by
+  ``medscalpel scale prune``: both are grids of the one cell engine (:mod:`medscalpel.cells`),
+  read through their index ``index.json`` (:class:`~medscalpel.cells.CellIndex`), never by
+  parsing paths. Each prune cell (:class:`SweepCell`: model id, method, seed, ratio, achieved
+  sparsity) has ``cells/<cell_id>/predictions.npz``; each model (or model and seed) is one
+  member of the sweep, i.e. one curve;
 
 * an in-memory mapping ``{(seed, level): Predictions}`` (or ``{level: Predictions}`` for a
   single model), e.g. predictions of a distilled student next to its teacher.
@@ -35,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +40,13 @@ from typing import Any, Union
 
 import numpy as np
 
+from medscalpel.cells import CELLS, INDEX, Cell, CellIndex
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
 LEVEL_DECIMALS = 6
-_RATIO_DIR = re.compile(r"^r(\d+(?:\.\d+)?)$")
 
 
 def _key_level(value: Any) -> float:
@@ -227,104 +224,97 @@ def _rows(pred: Predictions, ids: tuple[str, ...]) -> Predictions:
 
 
 # ----------------------------------------------------------------------------- loading
-_VARIANT = re.compile(r"^(?P<method>.+)-s(?P<seed>\d+)$")
+PRUNE_KIND = "prune"
+PREDICTIONS = "predictions.npz"
 
 
 @dataclass(frozen=True)
-class _Found:
+class SweepCell:
+    """A pruning cell of a grid index, typed: what the audit needs from
+    :class:`medscalpel.cells.Cell` (``kind == "prune"``). The same view serves a
+    ``compress sweep`` directory and a ``scale prune`` grid, which share the index format.
+
+    Attributes:
+        model_id: the pruned model's id.
+        method: ``l1``, ``random``...
+        seed: the mask / fine-tune seed, None when the cell does not depend on one.
+        ratio: the requested sparsity (the sweep level).
+        sparsity: the achieved sparsity.
+        macro_auroc / macro_ap: of the cell's predictions (NaN when undefined).
+        cell_id / path: the cell's id and its folder relative to the sweep directory.
+        computed: False when the run that wrote the index found it finished and skipped it.
+    """
+
     model_id: str
     method: str
     seed: int | None
-    level: float
-    path: Path
+    ratio: float
+    sparsity: float
+    macro_auroc: float
+    macro_ap: float
+    cell_id: str
+    path: str
+    computed: bool = True
+
+    @property
+    def key(self) -> tuple[str, str, int | None, float]:
+        return (self.model_id, self.method, self.seed, round(self.ratio, 4))
 
     @property
     def member(self) -> str:
         """The sweep member (one curve): the model, or the model and mask/fine-tune seed."""
         return self.model_id if self.seed is None else f"{self.model_id}-s{self.seed}"
 
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
-def _parse_ratio_dir(name: str) -> float | None:
-    m = _RATIO_DIR.match(name)
-    return float(m.group(1)) if m else None
+    @classmethod
+    def from_cell(cls, cell: Cell) -> "SweepCell":
+        """The typed view of a finished prune cell; a cell lacking a field is refused."""
+        try:
+            seed = cell.cell.get("seed")
+            return cls(str(cell.result["model_id"]), str(cell.cell["method"]),
+                       None if seed is None else int(seed), float(cell.cell["ratio"]),
+                       _num(cell.result["sparsity"]), _num(cell.result.get("macro_auroc")),
+                       _num(cell.result.get("macro_ap")), cell.cell_id, cell.path,
+                       cell.computed)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"Prune cell {cell.cell_id} lacks {exc} in its definition or "
+                            "result; re-run the sweep into a new --out.") from exc
+
+
+def _num(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def prune_cells(index: CellIndex) -> list[SweepCell]:
+    """The typed prune cells of a grid index that have their predictions, sorted by (model,
+    method, seed, ratio)."""
+    out = [SweepCell.from_cell(c) for c in index.select(kind=PRUNE_KIND)
+           if PREDICTIONS in c.artifacts]
+    return sorted(out, key=lambda c: (c.model_id, c.method, -1 if c.seed is None else c.seed,
+                                      c.ratio))
+
+
+def _sweep_root(path: Path) -> Path:
+    """The sweep directory itself, also when its ``cells`` folder is given."""
+    if not (path / INDEX).is_file() and path.name == CELLS and (path.parent / INDEX).is_file():
+        return path.parent
+    return path
+
+
+def read_index(sweep_dir: str | os.PathLike) -> CellIndex:
+    """The index of a sweep / grid directory (or of its ``cells`` folder)."""
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        raise DataError(f"Sweep directory {root} does not exist; pass the --out folder of "
+                        "'medscalpel compress sweep' or 'medscalpel scale prune'.")
+    return CellIndex.load(_sweep_root(root))
 
 
 def sweep_methods(sweep_dir: str | os.PathLike) -> list[str]:
-    """The method names (``l1``, ``random``...) found in a sweep directory."""
-    return sorted({f.method for f in _scan(Path(sweep_dir))})
-
-
-def _cells_root(root: Path) -> Path:
-    if (root / "cells").is_dir():
-        return root / "cells"
-    return root
-
-
-def _scan_index(root: Path) -> list[_Found] | None:
-    """Cells listed in ``sweep.json`` (``medscalpel.compress.sweep.SweepResult``), if readable."""
-    from medscalpel.runs import read_json
-
-    index = root / "sweep.json"
-    if not index.is_file():
-        return None
-    try:
-        cells = read_json(index)["cells"]
-        found = []
-        for c in cells:
-            path = root / c["path"] / "predictions.npz"
-            if path.is_file():
-                seed = c.get("seed")
-                found.append(_Found(str(c["model_id"]), str(c["method"]),
-                                    None if seed is None else int(seed), float(c["ratio"]), path))
-        return found
-    except (DataError, KeyError, TypeError, ValueError):
-        logger.warning("Ignoring an unreadable index %s; scanning the cells folder instead.", index)
-        return None
-
-
-def _scan(root: Path) -> list[_Found]:
-    """Every cell: from ``sweep.json`` when present, else by scanning
-    ``cells/{model_id}/{variant}/r{ratio}/predictions.npz`` (variant ``method`` or
-    ``method-s{seed}``; the level read from ``sparsity.json``'s ``requested`` when present)."""
-    indexed = _scan_index(root)
-    if indexed:
-        return indexed
-    from medscalpel.runs import read_json
-
-    found = []
-    for path in sorted(_cells_root(root).glob("*/*/*/predictions.npz")):
-        ratio_dir, variant_dir, model_dir = path.parent, path.parent.parent, path.parent.parent.parent
-        level = _parse_ratio_dir(ratio_dir.name)
-        sp = ratio_dir / "sparsity.json"
-        if sp.is_file():
-            try:
-                requested = read_json(sp).get("requested")
-                if isinstance(requested, (int, float)):
-                    level = float(requested)
-            except (DataError, AttributeError):
-                pass
-        if level is None:
-            logger.warning("Skipping %s: folder %r is not r{ratio}.", path, ratio_dir.name)
-            continue
-        m = _VARIANT.match(variant_dir.name)
-        method, seed = (m.group("method"), int(m.group("seed"))) if m else (variant_dir.name, None)
-        found.append(_Found(model_dir.name, method, seed, level, path))
-    return found
-
-
-def _achieved(path: Path) -> float | None:
-    from medscalpel.runs import read_json
-
-    sp = path.parent / "sparsity.json"
-    if not sp.is_file():
-        return None
-    try:
-        sj = read_json(sp)
-    except DataError:
-        return None
-    overall = sj.get("overall") if isinstance(sj, dict) else None
-    v = overall.get("sparsity") if isinstance(overall, dict) else None
-    return float(v) if isinstance(v, (int, float)) else None
+    """The method names (``l1``, ``random``...) of the prune cells of a sweep directory."""
+    return sorted({c.method for c in prune_cells(read_index(sweep_dir))})
 
 
 def load_sweep(
@@ -334,11 +324,10 @@ def load_sweep(
     level_name: str = "sparsity",
     reference_level: float | None = None,
 ) -> Sweep:
-    """Read a sweep directory written by ``medscalpel compress sweep``.
-
-    Cells are taken from ``sweep.json`` when present, else found as
-    ``cells/{model_id}/{variant}/r{ratio}/predictions.npz``. A sweep member (one curve) is a
-    model, or a (model, seed) pair for seeded variants such as ``random-s3``.
+    """Read the pruning cells of a sweep directory (``medscalpel compress sweep``) or of a
+    pruning grid (``medscalpel scale prune``) through its index (:class:`medscalpel.cells.
+    CellIndex`). A sweep member (one curve) is a model, or a (model, seed) pair for seeded
+    cells (random masks, fine-tunes).
 
     Args:
         sweep_dir: the sweep's output directory (or its ``cells`` folder).
@@ -347,14 +336,12 @@ def load_sweep(
         level_name: what the ratio measures.
         reference_level: the uncompressed level (default: the smallest).
     """
-    root = Path(sweep_dir)
-    if not root.is_dir():
-        raise DataError(f"Sweep directory {root} does not exist; pass the --out folder of "
-                        "'medscalpel compress sweep'.")
-    found = _scan(root)
+    index = read_index(sweep_dir)
+    root = Path(index.out_dir)
+    found = prune_cells(index)
     if not found:
-        raise DataError(f"Sweep directory {root} is empty: no cells/<model>/<method>/r<ratio>/"
-                        "predictions.npz files. Run 'medscalpel compress sweep' first (or let it "
+        raise DataError(f"Sweep directory {root} is empty: its index lists no finished pruning "
+                        "cell with predictions. Run 'medscalpel compress sweep' first (or let it "
                         "finish).")
     methods = sorted({f.method for f in found})
     if method is None:
@@ -370,10 +357,9 @@ def load_sweep(
     for f in found:
         if f.method != method:
             continue
-        cells[(f.member, f.level)] = Predictions.load(f.path)
-        a = _achieved(f.path)
-        if a is not None:
-            achieved[f"{f.member}@{f.level:g}"] = a
+        cells[(f.member, f.ratio)] = Predictions.load(index.artifact(f.cell_id, PREDICTIONS))
+        if np.isfinite(f.sparsity):
+            achieved[f"{f.member}@{f.ratio:g}"] = f.sparsity
     info: dict[str, Any] = {"achieved_sparsity": achieved} if achieved else {}
     return Sweep(cells=cells, method=method, level_name=level_name, source=str(root),
                  reference_level=reference_level, info=info)

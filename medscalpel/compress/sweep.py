@@ -8,36 +8,35 @@ then ``prune.remove`` so that the weights are plain tensors with exact zeros. No
 default (as in PruneCXR); with ``finetune_epochs > 0`` the masks are kept during the fine-tune
 so that the sparsity stays exact.
 
-Layout of ``out_dir`` (read by the audit stage)::
+The sweep is a grid of ``prune`` cells ``{"kind": "prune", "model_id", "method", "seed",
+"ratio"}`` on the one cell engine (:mod:`medscalpel.cells`), so ``out_dir`` has the layout of
+every grid (read by the audit stage through its index)::
 
     out_dir/
       manifest.json                  RunDir manifest; identity = data hash + model ids (+ fine-tune)
-      sweep.json                     the index (SweepResult.to_dict(): one entry per cell)
-      cells/{model_id}/{variant}/r{ratio:.2f}/
+      index.json                     the index (CellIndex.to_dict(): one entry per finished cell)
+      cells/<cell_id>.json           the cell's definition and result (its commit marker)
+      cells/<cell_id>/
           predictions.npz            engine.Predictions on the evaluated split
-          sparsity.json              requested / achieved sparsity per layer and overall,
-                                     macro AUROC/AP, model id, method, seed, data hash
+          sparsity.json              requested / achieved sparsity per layer and overall
 
-``variant`` is the method name (``l1``) when the cell does not depend on a seed, and
-``{method}-s{seed}`` otherwise (``random-s0``; every method once ``finetune_epochs > 0``).
-A cell whose two files are present and consistent is skipped when the sweep is run again.
+``seed`` is None when the cell does not depend on one (``l1`` without fine-tune); ``random``
+cells, and every cell once ``finetune_epochs > 0``, have one per seed. A cell whose files are
+present with their recorded sizes is skipped when the sweep is run again.
 
 Example:
-    >>> # doctest: +SKIP
-    >>> res = run_sweep(["runs/m1/model", "runs/m2/model"], test_ds, "runs/sweep")
-    >>> res.predictions("ab12...", "l1", 0.65)       # one cell's Predictions
+    >>> res = run_sweep(["runs/m1/model", "runs/m2/model"], test_ds, "runs/sweep")  # doctest: +SKIP
+    >>> res.predictions("ab12...", "l1", 0.65)  # one cell's Predictions  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import copy
-import json
+import functools
 import logging
 import os
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,10 +44,15 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from medscalpel.audit.sweepio import PREDICTIONS, SweepCell, prune_cells, read_index
+from medscalpel.cells import CellIndex, run_cells
+from medscalpel.engine.metrics import evaluate
+from medscalpel.engine.predict import predict
 from medscalpel.engine.predictions import Predictions
+from medscalpel.engine.train import TrainConfig, train
 from medscalpel.errors import ConfigError, DataError, RunError
-from medscalpel.progress import track
-from medscalpel.runs import RunDir, dumps_json, hash_bytes, read_json, write_json
+from medscalpel.models.checkpoint import load_model
+from medscalpel.runs import hash_bytes
 from medscalpel.validation import check_in, check_range
 
 logger = logging.getLogger(__name__)
@@ -56,7 +60,6 @@ logger = logging.getLogger(__name__)
 OWNER = "run_sweep"
 METHODS = ("l1", "random")
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-INDEX = "sweep.json"
 DEFAULT_RATIOS = tuple(round(float(r), 2) for r in np.arange(0, 0.96, 0.05))
 
 
@@ -123,67 +126,49 @@ def remove_masks(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- results
-@dataclass
-class SweepCell:
-    """One (model, method, seed, ratio) cell of the sweep."""
-
-    model_id: str
-    method: str
-    seed: int | None
-    ratio: float
-    path: str  # relative to the sweep directory
-    sparsity: float
-    macro_auroc: float
-    macro_ap: float
-    computed: bool = True  # False when found finished on disk and skipped
-
-    @property
-    def key(self) -> tuple[str, str, int | None, float]:
-        return (self.model_id, self.method, self.seed, round(self.ratio, 4))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SweepCell":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-
-@dataclass
+@dataclass(frozen=True)
 class SweepResult:
-    """Index of a sweep directory (also written as ``sweep.json``).
-
-    Layout (for readers such as the audit stage): ``cells/{model_id}/{variant}/r{ratio:.2f}/``
-    holds ``predictions.npz`` (:class:`~medscalpel.engine.predictions.Predictions`) and
-    ``sparsity.json`` (``requested``, ``overall`` and per-``layers`` zeros / numel / sparsity,
-    ``macro`` AUROC/AP, ``model_id``, ``method``, ``seed``, ``data_hash``). ``variant`` is the
-    method (``l1``) or ``{method}-s{seed}`` when the cell depends on a seed (``random-s0``, and
-    every method when fine-tuning). Use :meth:`load`, :meth:`predictions` and :meth:`curve`
-    rather than building paths by hand.
+    """A pruning sweep: the typed view of a grid index (:class:`~medscalpel.cells.CellIndex`)
+    whose prune cells (:class:`~medscalpel.audit.sweepio.SweepCell`) each hold
+    ``cells/<cell_id>/predictions.npz`` and ``sparsity.json``. A ``compress sweep`` directory
+    and a ``scale prune`` grid are both read with :meth:`load`. Use :meth:`predictions` and
+    :meth:`curve` rather than building paths by hand.
 
     Attributes:
-        out_dir: the sweep directory.
-        cells: every finished cell (this run's and earlier runs').
-        n_computed / n_skipped: cells computed by this call / found finished and skipped.
-        identity: data hash and model ids (refused when a rerun differs).
+        index: the grid index (``out_dir/index.json``).
     """
 
-    out_dir: str
-    cells: list[SweepCell]
-    n_computed: int
-    n_skipped: int
-    identity: dict[str, Any]
-    config: dict[str, Any]
-    seconds: float = 0.0
-    schema_version: int = 1
+    index: CellIndex
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": self.schema_version, "out_dir": self.out_dir,
-                "identity": self.identity, "config": self.config,
-                "n_cells": len(self.cells), "n_computed": self.n_computed,
-                "n_skipped": self.n_skipped, "seconds": self.seconds,
-                "model_ids": self.model_ids, "methods": self.methods,
-                "cells": [c.to_dict() for c in self.cells]}
+    @property
+    def out_dir(self) -> str:
+        return self.index.out_dir
+
+    @property
+    def cells(self) -> list[SweepCell]:
+        """Every finished prune cell (this run's and earlier runs'), sorted by (model, method,
+        seed, ratio)."""
+        return prune_cells(self.index)
+
+    @property
+    def n_computed(self) -> int:
+        return self.index.n_computed
+
+    @property
+    def n_skipped(self) -> int:
+        return self.index.n_skipped
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self.index.identity
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.index.config
+
+    @property
+    def seconds(self) -> float:
+        return self.index.seconds
 
     @property
     def model_ids(self) -> list[str]:
@@ -193,25 +178,18 @@ class SweepResult:
     def methods(self) -> list[str]:
         return sorted({c.method for c in self.cells})
 
+    def to_dict(self) -> dict[str, Any]:
+        return self.index.to_dict()
+
     @classmethod
     def load(cls, out_dir: str | os.PathLike) -> "SweepResult":
-        out_dir = Path(out_dir)
-        d = read_json(out_dir / INDEX)
-        return cls(out_dir=str(out_dir), cells=[SweepCell.from_dict(c) for c in d["cells"]],
-                   n_computed=d.get("n_computed", 0), n_skipped=d.get("n_skipped", 0),
-                   identity=d.get("identity", {}), config=d.get("config", {}),
-                   seconds=d.get("seconds", 0.0))
-
-    def save(self) -> Path:
-        return write_json(Path(self.out_dir) / INDEX, self.to_dict())
+        return cls(read_index(out_dir))
 
     def select(self, model_id: str | None = None, method: str | None = None,
                seed: int | None = None) -> list[SweepCell]:
         """Cells matching the filters, sorted by (model, method, seed, ratio)."""
-        out = [c for c in self.cells if (model_id is None or c.model_id == model_id)
-               and (method is None or c.method == method) and (seed is None or c.seed == seed)]
-        return sorted(out, key=lambda c: (c.model_id, c.method, -1 if c.seed is None else c.seed,
-                                          c.ratio))
+        return [c for c in self.cells if (model_id is None or c.model_id == model_id)
+                and (method is None or c.method == method) and (seed is None or c.seed == seed)]
 
     def cell(self, model_id: str, method: str, ratio: float, seed: int | None = None) -> SweepCell:
         hits = [c for c in self.select(model_id, method, seed) if abs(c.ratio - ratio) < 1e-6]
@@ -225,7 +203,7 @@ class SweepResult:
                     seed: int | None = None) -> Predictions:
         """The :class:`Predictions` of one cell."""
         c = self.cell(model_id, method, ratio, seed)
-        return Predictions.load(Path(self.out_dir) / c.path / "predictions.npz")
+        return Predictions.load(self.index.artifact(c.cell_id, PREDICTIONS))
 
     def curve(self, model_id: str, method: str = "l1", seed: int | None = None,
               metric: str = "macro_auroc") -> tuple[np.ndarray, np.ndarray]:
@@ -249,8 +227,6 @@ def model_identity(model: nn.Module) -> str:
 
 
 def _load(item: Any) -> nn.Module:
-    from medscalpel.models.checkpoint import load_model
-
     if isinstance(item, nn.Module):
         return item
     if isinstance(item, (str, os.PathLike)):
@@ -259,38 +235,51 @@ def _load(item: Any) -> nn.Module:
                       f"MedClassifier objects. Got {type(item).__name__} instead.")
 
 
-def _variant(method: str, seed: int, finetune_epochs: int) -> str:
-    if method == "l1" and finetune_epochs == 0:
-        return "l1"
-    return f"{method}-s{seed}"
+def prune_cell_result(model: nn.Module, method: str, ratio: float, seed: int | None, dataset,
+                      *, finetune_epochs: int = 0, finetune_lr: float = 1e-4, train_ds=None,
+                      batch_size: int = 64, device: str = "auto") -> dict[str, Any]:
+    """The one prune cell: prune ``model`` (``global_unstructured_prune``; optionally a
+    mask-keeping fine-tune), predict ``dataset``, and return the cell result shared by
+    ``compress sweep`` and ``scale prune``: ``model_id``, achieved ``sparsity``, ``n``,
+    ``macro_auroc``/``macro_ap``, ``per_class``, and the artifacts ``predictions.npz`` and
+    ``sparsity.json`` (requested / achieved sparsity per layer and overall)."""
+    mid = model_identity(model)
+    keep = finetune_epochs > 0 and ratio > 0
+    pruned = global_unstructured_prune(model, ratio, method, seed=seed or 0, keep_masks=keep)
+    if keep:
+        cfg = TrainConfig(epochs=finetune_epochs, lr=finetune_lr, seed=seed or 0, device=device,
+                          batch_size=min(batch_size, 64))
+        pruned = train(pruned, train_ds, None, config=cfg, progress=False, inplace=True).model
+        remove_masks(pruned)
+    rep = sparsity_report(pruned)
+    achieved = rep["overall"]["sparsity"]
+    n = rep["overall"]["numel"]
+    if achieved + 1.0 / n < ratio:
+        raise RunError(f"{OWNER}: model {mid} reached sparsity {achieved:.4f} but {ratio:.4f} was "
+                       "requested; the pruning did not apply (please report this).")
+    preds = predict(pruned, dataset, batch_size=batch_size, device=device, progress=False)
+    meta = {k: v for k, v in preds.meta.items() if k != "seconds"}  # same bytes on every run
+    preds = Predictions(preds.logits, preds.labels, preds.ids, preds.class_names, preds.task,
+                        preds.split, model_id=mid,
+                        meta={**meta, "sweep": {"method": method, "seed": seed, "ratio": ratio,
+                                                "sparsity": achieved}})
+    ev = evaluate(preds, n_boot=0)
+    return {"model_id": mid, "sparsity": achieved, "n": preds.n,
+            "macro_auroc": ev.macro.get("auroc"), "macro_ap": ev.macro.get("ap"),
+            "per_class": {c.name: {"auroc": c.auroc, "ap": c.ap} for c in ev.classes},
+            "artifacts": {PREDICTIONS: preds,
+                          "sparsity.json": {"schema_version": 1, "model_id": mid,
+                                            "method": method, "seed": seed, "requested": ratio,
+                                            "finetune_epochs": finetune_epochs, **rep}}}
 
 
-def _cell_dir(model_id: str, variant: str, ratio: float) -> str:
-    return f"cells/{model_id}/{variant}/r{ratio:.2f}"
-
-
-def _read_finished(path: Path, model_id: str, method: str, seed: int | None, ratio: float,
-                   data_hash: str, n: int) -> SweepCell | None:
-    sp, pr = path / "sparsity.json", path / "predictions.npz"
-    if not (sp.is_file() and pr.is_file()):
-        return None
-    try:
-        info = read_json(sp)
-        preds = Predictions.load(pr)
-    except DataError:
-        return None
-    ok = (info.get("model_id") == model_id and info.get("method") == method
-          and info.get("seed") == seed and abs(float(info.get("requested", -1)) - ratio) < 1e-9
-          and info.get("data_hash") == data_hash and preds.n == n)
-    if not ok:
-        return None
-    macro = info.get("macro", {})
-    return SweepCell(model_id, method, seed, ratio, "", info["overall"]["sparsity"],
-                     _f(macro.get("auroc")), _f(macro.get("ap")), computed=False)
-
-
-def _f(v: Any) -> float:
-    return float("nan") if v is None else float(v)
+def _sweep_cell(models: dict[str, nn.Module], dataset, finetune_epochs: int,
+                finetune_lr: float, train_ds, batch_size: int, device: str,
+                cell: dict[str, Any]) -> dict[str, Any]:
+    return prune_cell_result(models[cell["model_id"]], cell["method"], float(cell["ratio"]),
+                             cell["seed"], dataset, finetune_epochs=finetune_epochs,
+                             finetune_lr=finetune_lr, train_ds=train_ds, batch_size=batch_size,
+                             device=device)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -309,29 +298,27 @@ def run_sweep(
     progress: bool | None = None,
 ) -> SweepResult:
     """Global unstructured pruning sweep: one :class:`Predictions` per (model, method, seed,
-    ratio) cell on ``dataset``, resumable.
+    ratio) cell on ``dataset``, resumable: a grid of ``prune`` cells on the one cell engine
+    (:func:`medscalpel.cells.run_cells`), run in this process.
 
     Args:
         models: model directories or :class:`MedClassifier` objects (one or many; e.g. the
             same architecture trained with N seeds).
         dataset: the evaluation split (a ``CXRDataset`` preprocessed as the models expect).
-        out_dir: the sweep directory (see :class:`SweepResult` for the layout). Rerunning
+        out_dir: the sweep directory (see the module docstring for the layout). Rerunning
             with the same directory skips finished cells; a different dataset, other models
             or other fine-tune settings are refused (:class:`~medscalpel.errors.RunError`).
         ratios: requested global sparsities in [0, 1) (default 0, 0.05, ..., 0.95).
         methods: ``l1`` (PruneCXR) and/or ``random`` (control).
-        seeds: seeds for random masks and fine-tunes (``l1`` without fine-tune ignores them).
+        seeds: seeds for random masks and fine-tunes (``l1`` without fine-tune ignores them:
+            its cells have seed None).
         finetune_epochs: optional fine-tune of each pruned model (masks kept; needs
             ``train_ds``).
         finetune_lr: learning rate of that fine-tune.
 
     Returns:
-        A :class:`SweepResult` (also written as ``out_dir/sweep.json``).
+        A :class:`SweepResult` (its index is also written as ``out_dir/index.json``).
     """
-    from medscalpel.engine.metrics import evaluate
-    from medscalpel.engine.predict import predict
-
-    t0 = time.perf_counter()
     items = list(models) if isinstance(models, (list, tuple)) else [models]
     if not items:
         raise ConfigError(f"The 'models' parameter of {OWNER} must name at least one model.")
@@ -358,97 +345,25 @@ def run_sweep(
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ConfigError(f"{OWNER}: model {dup!r} is given more than once.")
-    data_hash = dataset.content_hash()
-    identity = {"data": data_hash, "split": dataset.split,
+    identity = {"data": dataset.content_hash(), "split": dataset.split,
                 "preprocess": dataset.preprocess.to_dict(), "models": sorted(ids),
                 "finetune": {"epochs": finetune_epochs,
                              "lr": finetune_lr if finetune_epochs else None,
                              "train": train_ds.content_hash() if finetune_epochs else None}}
-    identity = json.loads(dumps_json(identity))  # as stored (tuples -> lists) for the resume check
     config = {"ratios": ratios, "methods": methods, "seeds": seeds,
               "finetune_epochs": finetune_epochs, "finetune_lr": finetune_lr,
               "dataset": getattr(dataset, "spec", ""), "split": dataset.split, "n": len(dataset)}
-
-    out = Path(out_dir)
-    old: dict[tuple, SweepCell] = {}
-    if (out / INDEX).is_file():
-        try:
-            for c in SweepResult.load(out).cells:
-                old[c.key] = c
-        except (DataError, KeyError, TypeError):
-            logger.warning("ignoring an unreadable %s in %s", INDEX, out)
-    plan = [(mi, method, seed, r) for mi in range(len(loaded)) for method in methods
-            for seed in (seeds if _variant(method, 0, finetune_epochs) != "l1" else [None])
-            for r in ratios]
-    n_computed = n_skipped = 0
-    cells: dict[tuple, SweepCell] = {}
-    with RunDir(out, command="compress sweep", config=config, data={"hash": data_hash},
-                identity=identity, resume=True) as run:
-        result = SweepResult(str(out), [], 0, 0, identity, config)
-        for mi, method, seed, r in track(plan, "sweep", progress=progress):
-            model, mid = loaded[mi], ids[mi]
-            rel = _cell_dir(mid, _variant(method, seed or 0, finetune_epochs), r)
-            cdir = run.path / rel
-            done = _read_finished(cdir, mid, method, seed, r, data_hash, len(dataset))
-            if done is not None:
-                done.path = rel
-                cells[done.key] = done
-                n_skipped += 1
-                continue
-            cell = _compute_cell(model, mid, method, seed, r, dataset, cdir, rel, data_hash,
-                                 finetune_epochs, finetune_lr, train_ds, batch_size, device,
-                                 predict, evaluate)
-            cells[cell.key] = cell
-            n_computed += 1
-            result.cells = _merge(old, cells)
-            result.n_computed, result.n_skipped = n_computed, n_skipped
-            result.save()
-        result.cells = _merge(old, cells)
-        result.n_computed, result.n_skipped = n_computed, n_skipped
-        result.seconds = round(time.perf_counter() - t0, 3)
-        result.save()
-    return result
-
-
-def _merge(old: dict[tuple, SweepCell], new: dict[tuple, SweepCell]) -> list[SweepCell]:
-    merged = {**old, **new}
-    return sorted(merged.values(), key=lambda c: (c.model_id, c.method,
-                                                  -1 if c.seed is None else c.seed, c.ratio))
-
-
-def _compute_cell(model, mid, method, seed, ratio, dataset, cdir: Path, rel: str, data_hash,
-                  finetune_epochs, finetune_lr, train_ds, batch_size, device, predict,
-                  evaluate) -> SweepCell:
-    keep = finetune_epochs > 0 and ratio > 0
-    pruned = global_unstructured_prune(model, ratio, method, seed=seed or 0, keep_masks=keep)
-    if keep:
-        from medscalpel.engine.train import TrainConfig, train
-
-        cfg = TrainConfig(epochs=finetune_epochs, lr=finetune_lr, seed=seed or 0, device=device,
-                          batch_size=min(batch_size, 64))
-        pruned = train(pruned, train_ds, None, config=cfg, progress=False, inplace=True).model
-        remove_masks(pruned)
-    rep = sparsity_report(pruned)
-    achieved = rep["overall"]["sparsity"]
-    n = rep["overall"]["numel"]
-    if achieved + 1.0 / n < ratio:
-        raise RunError(f"{OWNER}: model {mid} reached sparsity {achieved:.4f} but {ratio:.4f} was "
-                       "requested; the pruning did not apply (please report this).")
-    preds = predict(pruned, dataset, batch_size=batch_size, device=device, progress=False)
-    preds = Predictions(preds.logits, preds.labels, preds.ids, preds.class_names, preds.task,
-                        preds.split, model_id=mid,
-                        meta={**preds.meta, "sweep": {"method": method, "seed": seed,
-                                                      "ratio": ratio, "sparsity": achieved}})
-    ev = evaluate(preds, n_boot=0)
-    cdir.mkdir(parents=True, exist_ok=True)
-    preds.save(cdir / "predictions.npz")
-    write_json(cdir / "sparsity.json", {
-        "schema_version": 1, "model_id": mid, "method": method, "seed": seed,
-        "requested": ratio, "data_hash": data_hash, "finetune_epochs": finetune_epochs,
-        "macro": {"auroc": ev.macro.get("auroc"), "ap": ev.macro.get("ap")}, **rep})
-    return SweepCell(mid, method, seed, ratio, rel, achieved, _f(ev.macro.get("auroc")),
-                     _f(ev.macro.get("ap")), computed=True)
+    seeded = lambda m: m != "l1" or finetune_epochs > 0  # noqa: E731
+    cells = [{"kind": "prune", "model_id": mid, "method": m, "seed": s, "ratio": r}
+             for mid in ids for m in methods for s in (seeds if seeded(m) else [None])
+             for r in ratios]
+    fn = functools.partial(_sweep_cell, dict(zip(ids, loaded)), dataset, finetune_epochs,
+                           finetune_lr, train_ds, batch_size, device)
+    index = run_cells(cells, fn, out_dir, identity=identity, command="compress sweep",
+                      config=config, progress=progress)
+    return SweepResult(index)
 
 
 __all__ = ["SweepCell", "SweepResult", "global_unstructured_prune", "model_identity",
-           "prunable_weights", "remove_masks", "run_sweep", "sparsity_report"]
+           "prunable_weights", "prune_cell_result", "remove_masks", "run_sweep",
+           "sparsity_report"]

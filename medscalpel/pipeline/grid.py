@@ -2,26 +2,25 @@
 ratios), distillation grids (students x temperatures x soft weights x seeds) and triage grids.
 
 A grid is a list of JSON-able cells (``dict``) and one top-level cell function. :func:`run_grid`
-runs the cells not yet finished on the chosen executor (:mod:`medscalpel.pipeline.executors`:
-``local`` process pool, ``serial``, ``ray``) and, *in the calling process, as each cell
-finishes*, writes::
+runs the cells on the chosen executor (:mod:`medscalpel.pipeline.executors`: ``local`` process
+pool, ``serial``, ``ray``) through the one resumable cell engine, :func:`medscalpel.cells.
+run_cells`, which writes, in the calling process, as each cell finishes::
 
     out_dir/
       manifest.json             RunDir manifest; identity = cell function + data/model hashes
-      grid.json                 the index (GridResult.to_dict()), rewritten at the end
+      index.json                the index (CellIndex.to_dict())
       cells/<cell_id>/...       the cell's artifacts (e.g. predictions.npz), written first
-      cells/<cell_id>.json      {"cell", "result", "identity_hash", "seconds"}: written last,
-                                atomically; its presence marks the cell finished
+      cells/<cell_id>.json      {"cell", "result", "artifacts", "identity_hash", "seconds"}:
+                                written last, atomically; its presence marks the cell finished
 
 A kill (``kill -9``) loses at most the cells that were running: rerunning the same command
-skips every cell whose JSON is present and whose stored ``cell`` equals the requested one.
-Rerunning with another dataset or model (a different identity) raises
-:class:`~medscalpel.errors.RunError` instead of mixing results. Workers return results; only the
-calling process writes, so a Ray cluster needs no shared file system.
+skips every finished cell whose stored ``cell`` equals the requested one. Rerunning with another
+dataset or model (a different identity) raises :class:`~medscalpel.errors.RunError` instead of
+mixing results. Workers return results; only the calling process writes, so a Ray cluster needs
+no shared file system.
 
-A pruning grid directory is also a sweep directory: ``sweep.json`` is a
-:class:`~medscalpel.compress.sweep.SweepResult` whose cells point at ``cells/<cell_id>``, so the
-audit stage reads it with ``SweepResult.load(out_dir)``.
+A pruning grid's cells are those of ``compress sweep`` (same result, same artifacts), so the
+audit stage reads a pruning grid directory exactly as a sweep directory: through its index.
 
 Example:
     >>> cells = prune_grid(["runs/a/model"], "phantom?n=200&size=32", ratios=[0, 0.5])  # doctest: +SKIP
@@ -31,211 +30,29 @@ Example:
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import os
-import re
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medscalpel.errors import ConfigError, DataError, RunError
-from medscalpel.pipeline.executors import EXECUTORS, imap_cells
+from medscalpel.cells import CellIndex, canonical, cell_id, check_cells, identity_hash, run_cells
+from medscalpel.compress.sweep import prune_cell_result
+from medscalpel.errors import ConfigError, DataError
+from medscalpel.pipeline.executors import get_executor, imap_cells
 from medscalpel.registry import Registry
-from medscalpel.runs import RunDir, atomic_path, dumps_json, hash_file, read_json, write_json
+from medscalpel.runs import hash_file
 from medscalpel.validation import check_in, check_range
 
 logger = logging.getLogger(__name__)
-
-GRID_SCHEMA = 1
-INDEX = "grid.json"
-CELLS = "cells"
 
 #: cell kind -> cell function ``fn(cell) -> result dict`` (dispatched by :func:`run_cell`)
 CELL_FNS: Registry[Callable[[dict[str, Any]], dict[str, Any]]] = Registry("grid cell kind")
 
 
-# ----------------------------------------------------------------------------- cells
-def canonical(obj: Any) -> str:
-    """Canonical JSON of a cell (sorted keys, no spaces): the basis of ids and comparisons."""
-    return json.dumps(json.loads(dumps_json(obj)), sort_keys=True, separators=(",", ":"))
-
-
-def cell_id(cell: dict[str, Any]) -> str:
-    """A stable, file-name-safe id: a readable prefix of the short values + a content hash.
-
-    Example:
-        >>> cell_id({"kind": "prune", "method": "l1", "ratio": 0.5})[:15]
-        'prune_l1_r0.5-'
-    """
-    text = canonical(cell)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    parts = []
-    for k in sorted(cell):
-        v = cell[k]
-        if isinstance(v, bool) or v is None or isinstance(v, (dict, list)):
-            continue
-        if isinstance(v, str) and (len(v) > 16 or "/" in v or ":" in v):
-            continue
-        parts.append(str(v) if k in ("kind", "method", "student") else f"{k[0]}{v}")
-    readable = re.sub(r"[^A-Za-z0-9._=-]+", "", "_".join(parts))[:60]
-    return f"{readable}-{digest}" if readable else digest
-
-
-def _check_cells(cells: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    cells = list(cells)
-    if not cells:
-        raise ConfigError("The 'cells' parameter of run_grid must not be empty.")
-    out = []
-    for i, c in enumerate(cells):
-        if not isinstance(c, dict):
-            raise ConfigError(f"Cell {i} of the grid must be a dict. Got {type(c).__name__}.")
-        try:
-            out.append(json.loads(canonical(c)))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"Cell {i} of the grid is not JSON-able ({exc}); cells must hold "
-                              "strings, numbers, lists and dicts only.") from exc
-    ids = [cell_id(c) for c in out]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise ConfigError(f"The grid lists the cell {dup!r} more than once; remove the duplicate.")
-    return out, ids
-
-
-# ----------------------------------------------------------------------------- results
-@dataclass
-class GridCell:
-    """One finished cell: its definition, its result (JSON) and where its files are."""
-
-    cell_id: str
-    cell: dict[str, Any]
-    result: dict[str, Any]
-    seconds: float = 0.0
-    computed: bool = True  # False when found finished on disk and skipped
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"cell_id": self.cell_id, "cell": self.cell, "result": self.result,
-                "seconds": self.seconds, "computed": self.computed}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GridCell":
-        return cls(d["cell_id"], d["cell"], d["result"], d.get("seconds", 0.0),
-                   d.get("computed", False))
-
-
-@dataclass
-class GridResult:
-    """Index of a grid directory (``grid.json``); cells in the order they were requested."""
-
-    out_dir: str
-    cells: list[GridCell]
-    n_computed: int
-    n_skipped: int
-    identity: dict[str, Any]
-    identity_hash: str
-    executor: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    schema_version: int = GRID_SCHEMA
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": self.schema_version, "out_dir": self.out_dir,
-                "identity": self.identity, "identity_hash": self.identity_hash,
-                "executor": self.executor, "n_cells": len(self.cells),
-                "n_computed": self.n_computed, "n_skipped": self.n_skipped,
-                "seconds": self.seconds, "cells": [c.to_dict() for c in self.cells]}
-
-    def results(self) -> list[dict[str, Any]]:
-        """The cells' results, in the order of the cells."""
-        return [c.result for c in self.cells]
-
-    def artifact(self, cid: str, name: str) -> Path:
-        """The path of artifact ``name`` of cell ``cid`` (e.g. ``predictions.npz``)."""
-        p = Path(self.out_dir) / CELLS / cid / name
-        if not p.is_file():
-            raise DataError(f"Grid {self.out_dir} has no artifact {name!r} for cell {cid!r}.")
-        return p
-
-    def save(self) -> Path:
-        return write_json(Path(self.out_dir) / INDEX, self.to_dict())
-
-    @classmethod
-    def load(cls, out_dir: str | os.PathLike) -> "GridResult":
-        d = read_json(Path(out_dir) / INDEX)
-        return cls(str(out_dir), [GridCell.from_dict(c) for c in d["cells"]],
-                   d.get("n_computed", 0), d.get("n_skipped", 0), d.get("identity", {}),
-                   d.get("identity_hash", ""), d.get("executor", {}), d.get("seconds", 0.0))
-
-
 # ----------------------------------------------------------------------------- running
-def _timed_call(fn: Callable[[dict[str, Any]], Any], cell: dict[str, Any]) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn(cell)
-    return out, round(time.perf_counter() - t0, 3)
-
-
-def _fn_name(fn: Callable) -> str:
-    f = fn.func if isinstance(fn, functools.partial) else fn
-    return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"
-
-
-def identity_hash(identity: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical(identity).encode()).hexdigest()[:16]
-
-
-def _read_done(path: Path, cell: dict[str, Any], ihash: str) -> GridCell | None:
-    if not path.is_file():
-        return None
-    try:
-        d = read_json(path)
-    except DataError:
-        logger.warning("ignoring the unreadable cell file %s (it will be recomputed)", path)
-        return None
-    if d.get("identity_hash") != ihash:
-        raise RunError(f"Cannot resume: the finished cell {path} was made with identity "
-                       f"{d.get('identity_hash')!r}, this run has {ihash!r} (another dataset, "
-                       "model or cell function). Use a new --out; results are never mixed.")
-    if canonical(d.get("cell")) != canonical(cell):
-        return None
-    return GridCell(d["cell_id"], d["cell"], d["result"], d.get("seconds", 0.0), computed=False)
-
-
-def _write_cell(cells_dir: Path, cid: str, cell: dict[str, Any], result: Any, seconds: float,
-                ihash: str) -> GridCell:
-    """Artifacts first (each atomically), the cell JSON last (the commit marker)."""
-    if not isinstance(result, dict):
-        result = {"value": result}
-    result = dict(result)
-    artifacts = result.pop("artifacts", None) or {}
-    names = []
-    for name, obj in sorted(artifacts.items()):
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name.startswith("."):
-            raise ConfigError(f"Cell {cid}: artifact name {name!r} is not a plain file name.")
-        target = cells_dir / cid / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if hasattr(obj, "save"):
-            obj.save(target)
-        elif isinstance(obj, np.ndarray):
-            with atomic_path(target) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, obj, allow_pickle=False)
-        else:
-            raise ConfigError(f"Cell {cid}: artifact {name!r} must be a numpy array or have a "
-                              f".save(path) method; got {type(obj).__name__}.")
-        names.append(name)
-    res_json = json.loads(dumps_json(result))
-    if names:
-        res_json["artifacts"] = names
-    write_json(cells_dir / f"{cid}.json", {"schema_version": GRID_SCHEMA, "cell_id": cid,
-                                           "cell": cell, "result": res_json,
-                                           "identity_hash": ihash, "seconds": seconds})
-    return GridCell(cid, cell, res_json, seconds, computed=True)
-
-
 def run_grid(
     cells: Sequence[dict[str, Any]],
     cell_fn: Callable[[dict[str, Any]], Any],
@@ -248,13 +65,14 @@ def run_grid(
     command: str = "grid",
     config: dict[str, Any] | None = None,
     **executor_kw: Any,
-) -> GridResult:
-    """Run every unfinished cell of a grid; resumable, atomic, identity-checked.
+) -> CellIndex:
+    """Run every unfinished cell of a grid on an executor: the one cell engine
+    (:func:`medscalpel.cells.run_cells`) with :func:`~medscalpel.pipeline.executors.imap_cells`.
 
     Args:
-        cells: JSON-able dicts, one per cell (ids from :func:`cell_id`).
+        cells: JSON-able dicts, one per cell (ids from :func:`~medscalpel.cells.cell_id`).
         cell_fn: picklable top-level ``fn(cell) -> dict`` (e.g. :func:`run_cell`); a result key
-            ``artifacts`` maps file names to numpy arrays or objects with ``save(path)``
+            ``artifacts`` maps file names to numpy arrays, dicts or objects with ``save(path)``
             (``Predictions``), written under ``cells/<cell_id>/``.
         out_dir: the grid directory (created, or resumed when it exists).
         executor: ``local`` (default), ``serial`` or ``ray``.
@@ -263,45 +81,20 @@ def run_grid(
         max_workers, ray_address, **executor_kw: see :func:`~medscalpel.pipeline.executors.map_cells`.
 
     Returns:
-        A :class:`GridResult` (also written as ``out_dir/grid.json``).
+        The :class:`~medscalpel.cells.CellIndex` (also written as ``out_dir/index.json``).
     """
-    t0 = time.perf_counter()
-    EXECUTORS.get(executor)  # an unknown name fails before anything is written
-    if ray_address is not None and executor != "ray":
+    ex = get_executor(executor, max_workers=max_workers,
+                      **({"ray_address": ray_address} if ray_address is not None else {}),
+                      **executor_kw)  # an unknown name or bad option fails before any write
+    if ray_address is not None and ex.name != "ray":
         raise ConfigError(f"--ray-address is only used with --executor ray (got --executor "
                           f"{executor}).")
-    cells, ids = _check_cells(cells)
-    ident = json.loads(dumps_json({"cell_fn": _fn_name(cell_fn), **(identity or {})}))
-    ihash = identity_hash(ident)
-    out = Path(out_dir)
-    cfg = {"n_cells": len(cells), "executor": executor, "max_workers": max_workers,
-           "ray_address": ray_address, **(config or {})}
-    with RunDir(out, command=command, config=cfg, identity=ident, resume=True,
-                data={"identity_hash": ihash}) as run:
-        cdir = run.path / CELLS
-        cdir.mkdir(parents=True, exist_ok=True)
-        done: dict[int, GridCell] = {}
-        for i, (c, cid) in enumerate(zip(cells, ids)):
-            found = _read_done(cdir / f"{cid}.json", c, ihash)
-            if found is not None:
-                done[i] = found
-        n_skipped = len(done)
-        todo = [i for i in range(len(cells)) if i not in done]
-        logger.info("grid %s: %d cells, %d finished earlier, %d to run", out, len(cells),
-                    n_skipped, len(todo))
-        fn = functools.partial(_timed_call, cell_fn)
-        if todo:
-            for j, (res, secs) in imap_cells(fn, [cells[i] for i in todo], executor,
-                                             max_workers=max_workers, ray_address=ray_address,
-                                             progress=progress, **executor_kw):
-                i = todo[j]
-                done[i] = _write_cell(cdir, ids[i], cells[i], res, secs, ihash)
-        result = GridResult(str(out), [done[i] for i in range(len(cells))], len(todo), n_skipped,
-                            ident, ihash, {"executor": executor, "max_workers": max_workers,
-                                           "ray_address": ray_address},
-                            round(time.perf_counter() - t0, 3))
-        result.save()
-    return result
+    check_cells(cells, "run_grid")
+    imap = functools.partial(imap_cells, executor=ex, progress=progress)
+    return run_cells(cells, cell_fn, out_dir, identity=identity, imap=imap,
+                     executor={"executor": ex.name, "max_workers": max_workers,
+                               "ray_address": ray_address},
+                     command=command, config=config)
 
 
 # ----------------------------------------------------------------------------- identity
@@ -460,20 +253,12 @@ def _strip_seconds(preds):
 @CELL_FNS.register("prune", help="global L1/random unstructured pruning of a model, no fine-tune")
 def prune_cell(cell: dict[str, Any]) -> dict[str, Any]:
     """Prune ``cell['model']`` to ``cell['ratio']`` (``method``, ``seed``), predict
-    ``cell['data']``/``split``: sparsity, macro and per-class AUROC/AP, ``predictions.npz``."""
-    from medscalpel.compress.sweep import global_unstructured_prune, model_identity, sparsity_report
-    from medscalpel.engine.predict import predict
-
-    model = _cached_model(cell["model"])
-    ds = _cached_data(cell["data"], cell.get("split", "test"), cell["model"])
-    pruned = global_unstructured_prune(model, float(cell["ratio"]), cell["method"],
-                                       seed=cell.get("seed") or 0)
-    rep = sparsity_report(pruned)
-    preds = predict(pruned, ds, batch_size=int(cell.get("batch_size", 64)), device="cpu",
-                    progress=False)
-    preds = _strip_seconds(preds)
-    return {"model_id": model_identity(model), "sparsity": rep["overall"]["sparsity"],
-            "n": preds.n, **_metrics(preds), "artifacts": {"predictions.npz": preds}}
+    ``cell['data']``/``split``: the prune cell of ``compress sweep``
+    (:func:`medscalpel.compress.sweep.prune_cell_result`), so the audit reads both alike."""
+    return prune_cell_result(_cached_model(cell["model"]), cell["method"], float(cell["ratio"]),
+                             cell.get("seed"),
+                             _cached_data(cell["data"], cell.get("split", "test"), cell["model"]),
+                             batch_size=int(cell.get("batch_size", 64)), device="cpu")
 
 
 @CELL_FNS.register("distill", help="train a student with hybrid KD from a teacher, evaluate it")
@@ -542,32 +327,10 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- one call each
-def write_sweep_index(result: GridResult) -> Path:
-    """Write ``sweep.json`` (a :class:`~medscalpel.compress.sweep.SweepResult`) for the prune
-    cells of a grid, so that the audit stage reads the grid directory as a sweep."""
-    from medscalpel.compress.sweep import SweepCell, SweepResult
-
-    cells = [SweepCell(c.result["model_id"], c.cell["method"], c.cell.get("seed"),
-                       float(c.cell["ratio"]), f"{CELLS}/{c.cell_id}", c.result["sparsity"],
-                       _nan(c.result.get("macro_auroc")), _nan(c.result.get("macro_ap")),
-                       computed=c.computed)
-             for c in result.cells if c.cell.get("kind") == "prune"]
-    sr = SweepResult(result.out_dir, cells, result.n_computed, result.n_skipped, result.identity,
-                     {"grid": True, "executor": result.executor}, result.seconds)
-    return sr.save()
-
-
-def _nan(v: Any) -> float:
-    return float("nan") if v is None else float(v)
-
-
 def _run(cells, out_dir, executor, max_workers, ray_address, progress, command, **kw):
-    res = run_grid(cells, run_cell, out_dir, executor=executor, identity=grid_identity(cells),
-                   max_workers=max_workers, ray_address=ray_address, progress=progress,
-                   command=command, **kw)
-    if any(c.get("kind") == "prune" for c in cells):
-        write_sweep_index(res)
-    return res
+    return run_grid(cells, run_cell, out_dir, executor=executor, identity=grid_identity(cells),
+                    max_workers=max_workers, ray_address=ray_address, progress=progress,
+                    command=command, **kw)
 
 
 def run_prune_grid(models: Sequence[str | os.PathLike], data: str, out_dir: str | os.PathLike,
@@ -576,9 +339,10 @@ def run_prune_grid(models: Sequence[str | os.PathLike], data: str, out_dir: str 
                    methods: Sequence[str] = ("l1", "random"), seeds: Sequence[int] = (0,),
                    batch_size: int = 64, executor: str = "local", max_workers: int | None = None,
                    ray_address: str | None = None, progress: bool | None = None,
-                   **executor_kw: Any) -> GridResult:
+                   **executor_kw: Any) -> CellIndex:
     """A resumable pruning sweep on any executor (:func:`prune_grid` + :func:`run_grid`);
-    the directory is also readable with ``SweepResult.load``."""
+    its prune cells are those of ``compress sweep``, so ``SweepResult.load`` and the audit
+    read the directory as a sweep."""
     cells = prune_grid(models, data, split, ratios, methods, seeds, batch_size)
     return _run(cells, out_dir, executor, max_workers, ray_address, progress, "scale prune",
                 **executor_kw)
@@ -590,7 +354,7 @@ def run_distill_grid(teacher: str | os.PathLike, data: str, students: Sequence[s
                      epochs: int = 5, batch_size: int = 64, lr: float = 1e-3,
                      split: str = "test", executor: str = "local",
                      max_workers: int | None = None, ray_address: str | None = None,
-                     progress: bool | None = None, **executor_kw: Any) -> GridResult:
+                     progress: bool | None = None, **executor_kw: Any) -> CellIndex:
     """A resumable distillation grid on any executor (:func:`distill_grid` + :func:`run_grid`)."""
     cells = distill_grid(teacher, data, students, temperatures, soft_weights, seeds, epochs,
                          batch_size, lr, split)
@@ -603,14 +367,14 @@ def run_triage_grid(fit: str | os.PathLike, held_out: str | os.PathLike,
                     max_auroc_drops: Sequence[float] = (0.01,),
                     max_recall_drops: Sequence[float] = (0.05,), executor: str = "local",
                     max_workers: int | None = None, ray_address: str | None = None,
-                    progress: bool | None = None, **executor_kw: Any) -> GridResult:
+                    progress: bool | None = None, **executor_kw: Any) -> CellIndex:
     """A resumable treatment-router grid on any executor (:func:`triage_grid` + :func:`run_grid`)."""
     cells = triage_grid(fit, held_out, budgets, max_auroc_drops, max_recall_drops)
     return _run(cells, out_dir, executor, max_workers, ray_address, progress, "scale triage",
                 **executor_kw)
 
 
-__all__ = ["CELL_FNS", "GridCell", "GridResult", "canonical", "cell_id",
-           "distill_cell", "distill_grid", "grid_identity", "identity_hash", "prune_cell",
-           "prune_grid", "run_cell", "run_distill_grid", "run_grid", "run_prune_grid",
-           "run_triage_grid", "triage_cell", "triage_grid", "write_sweep_index"]
+__all__ = ["CELL_FNS", "CellIndex", "canonical", "cell_id", "distill_cell", "distill_grid",
+           "grid_identity", "identity_hash", "prune_cell", "prune_grid", "run_cell",
+           "run_distill_grid", "run_grid", "run_prune_grid", "run_triage_grid", "triage_cell",
+           "triage_grid"]
