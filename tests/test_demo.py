@@ -14,8 +14,8 @@ def test_demo_micro(tmp_path):
     lines = []
     res = run_demo(out, "micro", seed=0, progress=False, log=lines.append)
     names = [s.name for s in res.stages]
-    assert names == ["phantom", "stats", "baseline", "calibrate", "compress", "sweep", "audit",
-                     "explain", "repair", "distill", "reports"]
+    assert names == ["phantom", "stats", "baseline", "calibrate", "shift", "compress", "sweep",
+                     "audit", "explain", "repair", "distill", "reports"]
     assert all(s.status == "ok" for s in res.stages) and len(lines) == len(names)
     demo = json.loads((out / "demo.json").read_text())
     assert demo["profile"] == "micro" and len(demo["stages"]) == len(names)
@@ -30,6 +30,40 @@ def test_demo_micro(tmp_path):
     assert "lossless" in methods and "structured-l1" in methods
     card = json.loads((out / "calibrate" / "model" / "model.json").read_text())
     assert card["thresholds"] is not None and len(card["thresholds"]) == 14
+    _artifacts_read_back(out, names)
+    _report_reads_every_section_cleanly(out)
+
+
+def _artifacts_read_back(out, stages):
+    """Every declared artifact the demo's stages write exists and reads back through its
+    declared type or keys: a renamed key or a changed result type fails here."""
+    from medscalpel.layout import ARTIFACTS, read_artifact
+
+    checked = []
+    for key, a in ARTIFACTS.items():
+        if a.stage not in stages or "{" in a.path:
+            continue
+        assert a.exists(out), f"{key}: {a.path} was not written by the '{a.stage}' stage"
+        if a.is_json:
+            obj = read_artifact(out, key)
+            assert obj is not None
+            checked.append(key)
+    for split in ("val", "test", "shifted"):
+        assert ARTIFACTS["predictions"].exists(out, split=split)
+    assert {"compress", "surgery", "triage", "baseline_metrics", "label_stats"} <= set(checked)
+
+
+def _report_reads_every_section_cleanly(out):
+    """The experiment report built from the real writers: every section present, none with a
+    note about an unreadable file or an incomplete rendering."""
+    from medscalpel.report.experiment import experiment_report
+
+    rep = experiment_report(out, out / "reports" / "check.html")
+    bad = {s.key: s.notes for s in rep.sections
+           if s.badge in ("unreadable file", "incomplete")}
+    assert not bad, bad
+    missing = [s.key for s in rep.sections if not s.present]
+    assert missing == [], missing
 
 
 def test_demo_unknown_profile(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 from medscalpel.report.experiment import experiment_report, pointer, resolve_pointer
 from medscalpel.report.sections import SECTIONS
 from medscalpel.report.figures import pareto_front
+from medscalpel.layout import write_artifact
 from medscalpel.runs import write_json
 
 EVIL = "<script>alert(1)</script>"
@@ -49,7 +50,7 @@ def make_run_dir(root: Path, names: list[str] | None = None, clinical: bool = Tr
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "demo.json", {
-        "profile": "micro", "seconds": 61.25,
+        "profile": "micro", "seconds": 61.25, "settings": {"n_images": 400},
         "stages": [{"name": "phantom", "seconds": 3.5, "status": "ok"},
                    {"name": "baseline", "seconds": 20.125, "status": "ok"},
                    {"name": "distill", "seconds": 0.0, "status": "skipped"}],
@@ -63,25 +64,36 @@ def make_run_dir(root: Path, names: list[str] | None = None, clinical: bool = Tr
     preds = Predictions(logits, yt.astype(float), ids=tuple(f"i{i}" for i in range(120)),
                         class_names=tuple(names), task="multilabel", split="test")
     write_json(root / "baseline/metrics.json", evaluate(preds, n_boot=20, seed=0).to_dict())
-    write_json(root / "baseline/model/model.json", {"arch": "densenet_tiny",
-                                                    "num_parameters": 123456,
-                                                    "model_id": "abc123", "class_names": names})
+    from medscalpel.data.transforms import Preprocess
+    from medscalpel.models.checkpoint import make_card
+    from medscalpel.models.zoo import create_model
+
+    card = make_card(create_model("densenet_tiny", num_classes=k, img_size=32), names,
+                     "multilabel", Preprocess(size=32)).to_dict()
+    write_json(root / "baseline/model/model.json", {**card, "num_parameters": 123456,
+                                                    "model_id": "abc123"})
     write_json(root / "calibrate/calibration.json", calibrate_thresholds(preds, preds).to_dict())
+    from medscalpel.compress.contract import CompressionTable
+
     dense = {"method": "dense", "params": 100000, "params_ratio": 1.0, "macs": 5_000_000,
-             "latency_ms": 4.25, "speedup": 1.0, "macro_auroc": 0.8123, "macro_auroc_ci": [0.79, 0.83],
-             "delta_macro_auroc": 0.0, "max_abs_delta_logit": 0.0, "model_dir": "calibrate/model"}
+             "latency_ms": 4.25, "dense_latency_ms": 4.25, "speedup": 1.0, "macro_auroc": 0.8123,
+             "macro_auroc_ci": [0.79, 0.83], "delta_macro_auroc": 0.0,
+             "delta_macro_auroc_ci": None, "max_abs_delta_logit": 0.0,
+             "model_dir": "calibrate/model"}
     rows = [
         {**dense, "method": "lossless", "params": 52000, "params_ratio": 0.52, "latency_ms": 3.9,
          "speedup": 1.09, "max_abs_delta_logit": 3.1e-6, "delta_macro_auroc": 0.0},
         {**dense, "method": "structured-l1", "params": 40000, "params_ratio": 0.4,
          "latency_ms": 2.1, "speedup": 2.02, "macro_auroc": 0.7911,
          "macro_auroc_ci": [0.76, 0.81], "delta_macro_auroc": -0.0212,
-         "max_abs_delta_logit": 1.7},
+         "delta_macro_auroc_ci": [-0.035, -0.008], "max_abs_delta_logit": 1.7},
         {"method": "lossless-refused", "refused": "outputs changed by 0.3 > 1e-4"},
-        {"method": "structured-lrp", "params": 41000, "params_ratio": 0.41, "latency_ms": None,
-         "speedup": None, "macro_auroc": 0.8011, "macro_auroc_ci": None},
+        {**{k_: None for k_ in dense}, "method": "structured-lrp", "params": 41000,
+         "params_ratio": 0.41, "macro_auroc": 0.8011},
     ]
-    write_json(root / "compress/compress.json", {"dense": dense, "rows": rows})
+    write_artifact(root, "compress", CompressionTable(dense, tuple(rows), {"split": "test",
+                                                                          "n": 120}))
+    _site_shift(root, preds)
     levels = [0.0, 0.5, 0.9]
     med = [[0.0] * k, [-0.01 * (j + 1) for j in range(k)], [-0.1 * (j + 1) for j in range(k)]]
     write_json(root / "audit/forgettability/forgettability.json", {
@@ -120,7 +132,9 @@ def make_run_dir(root: Path, names: list[str] | None = None, clinical: bool = Tr
     write_json(root / "explain/polarity/polarity.json",
                polarity_analysis(w, y, names, n_null=5, seed=0).to_dict())
     write_json(root / "repair/surgery/surgery.json", {
-        "success": True, "message": "5 weights zeroed", "applied": True,
+        "success": True, "message": "5 weights zeroed", "applied": True, "goal": "below",
+        "delta_prob": None, "false_positives_still_above_threshold": {"k": 0, "n": 4,
+                                                                      "text": "0/4"},
         "plan": {"class": names[1], "class_index": 1, "channels": [3, 7],
                  "old_weights": [0.52, 0.31], "scores": [0.2, 0.1]},
         "n_weights_changed": 2,
@@ -135,6 +149,7 @@ def make_run_dir(root: Path, names: list[str] | None = None, clinical: bool = Tr
                      "attempts": [{"treatment": "calibrate", "status": "helped", "cost": 1.0,
                                    "seconds": 0.012, "gain": {"youden": 0.05, "auroc": 0.0}}],
                      "chosen": ["calibrate"]}],
+        "settings": {"n_selection": 60, "n_report": 60},
         "costs_after": {"initial": {"none": 0.0, "calibrate": 1.0},
                         "current": {"none": 0.0, "calibrate": 0.95},
                         "runs": {"calibrate": 1}},
@@ -149,7 +164,7 @@ def make_run_dir(root: Path, names: list[str] | None = None, clinical: bool = Tr
                                    "auroc_drop": 0.008,
                                    "metrics": {"auroc": 0.802, "ap": 0.38}}},
         "targets": {"max_param_ratio": 0.1, "min_speedup": 5.0, "max_auroc_drop": 0.01,
-                    "all_met": True}})
+                    "all_met": True}, "config": {"soft_weight": 0.5, "temperature": 4.0}})
     if clinical:
         c = root / "reports/clinical"
         write_json(c / "img_1.json", {
@@ -160,6 +175,25 @@ def make_run_dir(root: Path, names: list[str] | None = None, clinical: bool = Tr
             "excluded": [{"class": names[0], "excluded_by": names[2], "jaccard": 0.004}]})
         (c / "img_1.html").write_text("<html></html>", encoding="utf-8")
     return root
+
+
+def _site_shift(root: Path, preds) -> None:
+    """The site-shift artifact through the real result types (external validation, shift
+    check, k-shot recalibration on Predictions only)."""
+    from medscalpel.engine.external import external_validation
+    from medscalpel.engine.predictions import Predictions
+    from medscalpel.repair.shift import recalibrate_site, shift_check
+    from medscalpel.repair.shift_flow import SiteShiftReport
+
+    ext = Predictions(preds.logits + 0.8, preds.labels, tuple(f"ext{i}" for i in range(preds.n)),
+                      preds.class_names, preds.task, split="test")
+    rec, _ = recalibrate_site(None, preds, ext, k=5, n_boot=20)
+    rep = SiteShiftReport("phantom:a", "phantom:a?site=B",
+                          external_validation(None, preds, ext, n_boot=20),
+                          shift_check(preds, ext), rec,
+                          {"share_external_above_99": 0.5, "share_internal_above_99": 0.01},
+                          preds.class_names, 1.0, ("a note",))
+    write_artifact(root, "site_shift", rep)
 
 
 # ----------------------------------------------------------------------------- HTML parsing
@@ -300,9 +334,11 @@ def test_missing_sections_say_not_run(tmp_path):
         if k not in present:
             assert "Not run in this profile." in v["text"], k
     assert set(rep.to_dict()["not_run"]) == set(p.sections) - present
-    # the row without numbers shows '-' and the Pareto plot is reported as not drawn
-    assert "not drawn" in p.sections["compression"]["text"]
-    assert re.search(r"<td>x</td>\s*(<td class=\"muted\">-</td>\s*){9}</tr>", html)
+    # a compress.json that does not match its declared artifact is shown as unreadable, with
+    # the declaration's message (and fails the demo test that builds the run with the writers)
+    comp = p.sections["compression"]["text"]
+    assert "unreadable file" in comp and "declared artifact 'compress'" in comp
+    assert rep.section("compression").badge == "unreadable file"
     assert p.imgs and all(s.startswith("data:image/png;base64,") for s in p.imgs)
 
 

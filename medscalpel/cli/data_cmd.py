@@ -38,6 +38,10 @@ def stats(
         table.add_row(name, str(c), str(k), fmt(p, 4))
     console.print(table)
     if result.task == "multilabel":
+        ev = result.cooccurrence_evidence()
         console.print(f"images with >= 3 findings: {result.n_ge3}; pairs that never co-occur: "
-                      f"{len(result.never_cooccur)}")
+                      f"{len(result.never_cooccur)} (descriptive only); mutually exclusive by "
+                      f"evidence: {len(ev.exclusive_pairs())}", highlight=False)
+        for w in ev.warnings:
+            console.print(f"note: {w}", highlight=False)
     console.print(f"written to {out}")

@@ -44,7 +44,7 @@ from medscalpel.compress.sparsify import sparsify_and_fold
 from medscalpel.compress.structured import prune_structured
 from medscalpel.engine.compare import PairedComparison, compare_predictions
 from medscalpel.engine.predict import predict
-from medscalpel.errors import ConfigError, ModelError
+from medscalpel.errors import ConfigError, DataError, ModelError
 from medscalpel.registry import Registry
 from medscalpel.runs import write_json
 
@@ -314,3 +314,46 @@ def _distill(model: nn.Module, inputs: CompressionInputs, *, student: Any,
     return CompressionResult(r.model, "distill", settings, verification, p0, p1, m0, m1, r,
                              parent=getattr(model, "card", None),
                              own_card=getattr(r.model, "card", None))
+
+
+# ----------------------------------------------------------------------------- the table
+#: keys of every measured row of the compression table (a refused row: method + refused)
+ROW_KEYS = ("method", "params", "params_ratio", "macs", "latency_ms", "dense_latency_ms",
+            "speedup", "macro_auroc", "macro_auroc_ci", "delta_macro_auroc",
+            "delta_macro_auroc_ci", "max_abs_delta_logit", "model_dir")
+
+
+@dataclass(frozen=True)
+class CompressionTable:
+    """The compression stage's table: the dense row and one row per compressed model, every
+    number measured in one run; ``evaluated_on`` names the split, its size and the bootstrap.
+    Accuracy deltas are PAIRED (same images, :func:`compare_predictions`)."""
+
+    dense: dict[str, Any]
+    rows: tuple[dict[str, Any], ...]
+    evaluated_on: dict[str, Any]
+    schema_version: int = SCHEMA
+
+    def __post_init__(self):
+        for i, r in enumerate((self.dense, *self.rows)):
+            where = "dense row" if i == 0 else f"row {i - 1} ({r.get('method')})"
+            keys = ("method", "refused") if r.get("refused") else ROW_KEYS
+            missing = [k for k in keys if k not in r]
+            if missing:
+                raise DataError(f"CompressionTable: the {where} lacks {missing}; every row "
+                                "carries the keys of contract.ROW_KEYS.")
+
+    def measured(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if not r.get("refused")]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, "dense": self.dense,
+                "rows": list(self.rows), "evaluated_on": self.evaluated_on}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CompressionTable":
+        if int(d.get("schema_version", 0)) != SCHEMA:
+            raise DataError(f"compress.json has schema {d.get('schema_version')}, not {SCHEMA}: "
+                            "re-run the compression stage with this medscalpel.")
+        return cls(dict(d["dense"]), tuple(dict(r) for r in d["rows"]),
+                   dict(d.get("evaluated_on", {})))

@@ -22,7 +22,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from medscalpel.errors import ConfigError
+from medscalpel.compress.contract import CompressionInputs, CompressionTable, compress
+from medscalpel.compress.measure import (count_macs, count_parameters, latency_pair,
+                                         max_abs_logit_delta)
+from medscalpel.compress.structured import RecoveryConfig
+from medscalpel.engine.compare import compare_predictions
+from medscalpel.engine.metrics import evaluate
+from medscalpel.engine.predict import predict
+from medscalpel.errors import ConfigError, DataError, VerificationError
+from medscalpel.layout import ARTIFACTS, write_artifact
+from medscalpel.repair.shift_flow import run_site_shift, summary_lines
 from medscalpel.runs import write_json
 
 logger = logging.getLogger(__name__)
@@ -54,6 +63,7 @@ class DemoProfile:
     n_clinical: int = 3
     n_boot: int = 200
     max_steps_per_epoch: int | None = None
+    shift_k: int = 20  # labelled site-B images per class for the k-shot recalibration
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,7 +74,8 @@ PROFILES: dict[str, DemoProfile] = {
     "micro": DemoProfile("micro", n_images=400, size=32, arch="densenet_tiny", epochs=2,
                          batch_size=32, sweep_ratios=(0.0, 0.5, 0.9), prune_criteria=("l1", "lrp"),
                          prune_speedup=1.5, recovery_epochs=0, sparsify_epochs=1, calib_images=32,
-                         heldout_images=32, distill_epochs=1, n_cam=2, n_clinical=2, n_boot=50),
+                         heldout_images=32, distill_epochs=1, n_cam=2, n_clinical=2, n_boot=50,
+                         shift_k=5),
     # make demo: <= 10 minutes on a 2-core CPU
     "quick": DemoProfile("quick", n_images=6000, size=64, arch="densenet_small", epochs=8,
                          batch_size=64, n_boot=200),
@@ -198,118 +209,122 @@ def _stage_calibrate(c: _Context) -> dict[str, Any]:
             "macro": ev.get("macro")}
 
 
-def _row(c: _Context, method: str, model, dense, test_images: torch.Tensor, dense_auroc: float,
-         model_dir: Path | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One line of the compression table, every number measured in this run."""
-    from medscalpel.compress.measure import (count_macs, count_parameters, latency_pair,
-                                             max_abs_logit_delta)
-    from medscalpel.engine.metrics import evaluate
-    from medscalpel.engine.predict import predict
-
+def _row(c: _Context, name: str, model, dense, test_images: torch.Tensor,
+         comparison, model_dir: Path | None, extra: dict[str, Any] | None = None
+         ) -> dict[str, Any]:
+    """One line of the compression table, every number measured in this run; the accuracy
+    delta is the PAIRED one (same test images) from the contract's comparison."""
     example = test_images[:1]
-    model.card = model.card or dense.card
-    ev = evaluate(predict(model, c.ds("test"), progress=False), n_boot=c.p.n_boot, seed=c.seed)
     lat = latency_pair(dense, model, example, batch_size=1, repeats=10, rounds=3)
     params = count_parameters(model)
+    m = comparison.macro
     return {
-        "method": method,
+        "method": name,
         "params": params,
         "params_ratio": params / count_parameters(dense),
         "macs": count_macs(model, example),
         "latency_ms": lat["b_ms"],
         "dense_latency_ms": lat["a_ms"],
         "speedup": lat["ratio"],
-        "macro_auroc": ev.macro["auroc"],
-        "macro_auroc_ci": ev.macro.get("auroc_ci"),
-        "delta_macro_auroc": ev.macro["auroc"] - dense_auroc,
+        "macro_auroc": m["auroc_new"],
+        "macro_auroc_ci": _new_ci(c, model),
+        "delta_macro_auroc": m["delta_auroc"],
+        "delta_macro_auroc_ci": list(m["delta_auroc_ci"]),
         "max_abs_delta_logit": max_abs_logit_delta(dense, model, test_images),
         "model_dir": str(model_dir) if model_dir else None,
         **(extra or {}),
     }
 
 
-def _stage_compress(c: _Context) -> dict[str, Any]:
-    from medscalpel.compress.lossless import fold_lossless
-    from medscalpel.compress.structured import RecoveryConfig, prune_structured
-    from medscalpel.engine.metrics import evaluate
-    from medscalpel.errors import VerificationError
-    from medscalpel.models import save_model
+def _new_ci(c: _Context, model) -> list[float] | None:
+    ev = evaluate(predict(model, c.ds("test"), progress=False), n_boot=c.p.n_boot, seed=c.seed)
+    return ev.macro.get("auroc_ci")
 
+
+def _compress_plan(c: _Context) -> list[tuple[str, str, dict[str, Any]]]:
+    """(row name, compressor, settings) of the demo's compression table, in order."""
+    # latency is measured once per row, alternated with the dense model (see _row)
+    plan: list[tuple[str, str, dict[str, Any]]] = [("lossless", "lossless", {"latency": False})]
+    if c.p.sparsify_epochs:
+        plan.append(("sparsify+fold", "sparsify-fold",
+                     {"ratio": c.p.sparsify_ratio, "epochs": c.p.sparsify_epochs,
+                      "batch_size": c.p.batch_size, "progress": c.progress, "latency": False}))
+    for crit in c.p.prune_criteria:
+        plan.append((f"structured-{crit}", "prune", {
+            "criterion": crit, "target_speedup": c.p.prune_speedup,
+            "recovery": RecoveryConfig(epochs=c.p.recovery_epochs, batch_size=c.p.batch_size),
+            "progress": c.progress, "measure_latency": False}))
+    return plan
+
+
+def _stage_compress(c: _Context) -> dict[str, Any]:
     d = c.out / "compress"
     dense = c.model
     test_images = c.images("test", c.p.heldout_images, seed=c.seed + 1)
-    calib = c.images("train", c.p.calib_images, seed=c.seed)
-    heldout = c.images("val", c.p.heldout_images, seed=c.seed)
-    dense_auroc = evaluate(c.preds["test"], n_boot=0).macro["auroc"]
-    rows = []
-    dense_row = _row(c, "dense", dense, dense, test_images, dense_auroc, c.out / "calibrate" / "model")
-    # lossless folding: exact, or refused (then the table says so)
-    try:
-        ll = fold_lossless(dense, calib, heldout, progress=c.progress)
-        ldir = d / "lossless" / "model"
-        card = dense.card.with_lineage("lossless", parent=dense.card.model_id,
-                                       verification=ll.report.to_dict().get("verification", {}))
-        save_model(ll.model, ldir, card)
-        write_json(d / "lossless" / "report.json", ll.report.to_dict())
-        rows.append(_row(c, "lossless", ll.model, dense, test_images, dense_auroc, ldir))
-    except VerificationError as exc:
-        write_json(d / "lossless" / "report.json", {"refused": str(exc)})
-        rows.append({"method": "lossless", "refused": str(exc)})
-    # channel-sparsity training, then the provable fold removes the zeroed channels exactly
-    if c.p.sparsify_epochs:
-        from medscalpel.compress.sparsify import sparsify_and_fold
-
+    inputs = CompressionInputs(
+        calib=c.images("train", c.p.calib_images, seed=c.seed),
+        heldout=c.images("val", c.p.heldout_images, seed=c.seed), train=c.ds("train"),
+        val=c.ds("val"), evaluate=c.ds("test"))
+    rows: list[dict[str, Any]] = []
+    self_cmp = compare_predictions(c.preds["test"], c.preds["test"], n_boot=0)
+    dense_row = _row(c, "dense", dense, dense, test_images, self_cmp,
+                     c.out / "calibrate" / "model")
+    for name, method, settings in _compress_plan(c):
+        if method == "prune" and not c.p.recovery_epochs:
+            inputs_m = replace(inputs, train=None, val=None)
+        else:
+            inputs_m = inputs
+        rdir = d / name.replace("+", "_").replace("-", "_")
         try:
-            sf = sparsify_and_fold(dense, c.ds("train"), c.ds("val"), heldout,
-                                   target_ratio=c.p.sparsify_ratio, epochs=c.p.sparsify_epochs,
-                                   batch_size=c.p.batch_size, progress=c.progress)
-        except VerificationError as exc:  # the fold refuses rather than save a wrong model
-            write_json(d / "sparsify_fold" / "report.json", {"refused": str(exc)})
-            rows.append({"method": "sparsify+fold", "refused": str(exc)})
-            sf = None
-    if c.p.sparsify_epochs and sf is not None:
-        sdir = d / "sparsify_fold" / "model"
-        card = dense.card.with_lineage("sparsify-fold", parent=dense.card.model_id,
-                                       target_ratio=c.p.sparsify_ratio,
-                                       epochs=c.p.sparsify_epochs)
-        save_model(sf.model, sdir, card)
-        write_json(d / "sparsify_fold" / "report.json", sf.to_dict())
-        rows.append(_row(c, "sparsify+fold", sf.model, dense, test_images, dense_auroc, sdir,
-                         {"max_abs_delta_logit_vs_sparsified":
-                          sf.report.max_abs_logit_delta_fold}))
-    # structured pruning with the same recovery budget for every criterion
-    train_ds = c.ds("train")
-    for crit in c.p.prune_criteria:
-        res = prune_structured(dense, calib, criterion=crit, target_speedup=c.p.prune_speedup,
-                               recovery=RecoveryConfig(epochs=c.p.recovery_epochs,
-                                                       batch_size=c.p.batch_size),
-                               train_ds=train_ds if c.p.recovery_epochs else None,
-                               val_ds=c.ds("val") if c.p.recovery_epochs else None,
-                               progress=c.progress)
-        pdir = d / f"structured_{crit}"
-        res.save(pdir)
-        rows.append(_row(c, f"structured-{crit}", res.model, dense, test_images, dense_auroc,
-                         pdir, {"criterion": crit, "channel_ratio": res.ratio,
-                                "macs_speedup": res.macs_before / max(1, res.macs_after)}))
-    # deployment: ONNX of the best structured model (parity + latency vs the dense model)
-    try:
-        from medscalpel.compress.export import export_onnx
-
-        best = max((r for r in rows if r.get("method", "").startswith("structured")),
-                   key=lambda r: r["macro_auroc"], default=None)
-        if best is not None:
-            from medscalpel.models import load_model
-
-            ex = export_onnx(load_model(best["model_dir"]), d / "export" / "model.onnx",
-                             reference=dense, real_images=test_images[:8])
-            write_json(d / "export" / "export.json", ex.to_dict())
-    except ImportError as exc:  # onnxruntime is a core dependency; keep the demo going
-        logger.warning("ONNX export skipped: %s", exc)
-    write_json(d / "compress.json", {"dense": dense_row, "rows": rows})
+            res = compress(method, dense, inputs_m, n_boot=c.p.n_boot, **settings)
+        except VerificationError as exc:  # a fold refuses rather than save a wrong model
+            write_json(rdir / "report.json", {"refused": str(exc)})
+            rows.append({"method": name, "refused": str(exc)})
+            continue
+        res.save(rdir)
+        extra = {"compressor": method, "macs_speedup": res.speedup_macs,
+                 "verification": {k: v for k, v in res.verification.items()
+                                  if isinstance(v, (int, float, str, bool)) or v is None}}
+        if method == "prune":
+            extra.update(criterion=settings["criterion"], channel_ratio=res.report.ratio)
+        rows.append(_row(c, name, res.model, dense, test_images, res.comparison,
+                         rdir / "model", extra))
+    _export_best(c, d, rows, dense, test_images)
+    table = CompressionTable(dense_row, tuple(rows), {
+        "split": "test", "n": len(c.ds("test")), "n_boot": c.p.n_boot,
+        "accuracy_delta": "paired bootstrap on the same test images"})
+    write_artifact(c.out, "compress", table)
     c.compress_rows = rows
     return {"rows": [{k: r.get(k) for k in ("method", "params_ratio", "speedup",
                                             "delta_macro_auroc", "max_abs_delta_logit")}
                      for r in rows]}
+
+
+def _export_best(c: _Context, d: Path, rows: list[dict[str, Any]], dense,
+                 test_images: torch.Tensor) -> None:
+    """ONNX of the most accurate structured model: parity and latency vs the dense model."""
+    from medscalpel.compress.export import export_onnx
+    from medscalpel.models import load_model
+
+    best = max((r for r in rows if r.get("method", "").startswith("structured")
+                and not r.get("refused")), key=lambda r: r["macro_auroc"], default=None)
+    if best is not None:
+        ex = export_onnx(load_model(best["model_dir"]), d / "export" / "model.onnx",
+                         reference=dense, real_images=test_images[:8])
+        write_json(d / "export" / "export.json", ex.to_dict())
+
+
+def _stage_shift(c: _Context) -> dict[str, Any]:
+    """Site shift with ground truth: validate on the phantom's scanner B, check the shift
+    without labels, recalibrate with k labelled site-B images per class (measured on the rest)."""
+    site_b = c.spec + ("&" if "?" in c.spec else "?") + "site=B"
+    try:
+        rep = run_site_shift(c.model, c.spec, site_b, k=c.p.shift_k, n_boot=c.p.n_boot,
+                             seed=c.seed, train_split="val",
+                             out_dir=c.out / ARTIFACTS["site_shift"].relpath().rsplit("/", 1)[0])
+    except DataError as exc:  # e.g. too few labelled site-B images per class (micro profile)
+        return {"status": "skipped", "reason": str(exc)}
+    return {"lines": summary_lines(rep), "verdict": rep.recalibration.verdict}
 
 
 def _stage_sweep(c: _Context) -> dict[str, Any]:
@@ -465,6 +480,8 @@ def _stage_reports(c: _Context) -> dict[str, Any]:
                                       heart_mask=m["heart"]))
     clinical_report(c.model, imgs, c.out / "reports" / "clinical",
                     label_stats=c.out / "data" / "stats" / "stats.json",
+                    calibration=(c.out / "calibrate" / "calibration.json")
+                    if (c.out / "calibrate" / "calibration.json").is_file() else None,
                     image_ids=[test.ids[int(i)] for i in order], zones=zones,
                     progress=c.progress)
     rep = experiment_report(c.out, c.out / "reports" / "experiment.html")
@@ -477,6 +494,7 @@ STAGES: list[tuple[str, Callable[[_Context], dict[str, Any]]]] = [
     ("stats", _stage_stats),
     ("baseline", _stage_baseline),
     ("calibrate", _stage_calibrate),
+    ("shift", _stage_shift),
     ("compress", _stage_compress),
     ("sweep", _stage_sweep),
     ("audit", _stage_audit),

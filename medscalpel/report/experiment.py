@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from medscalpel.errors import DataError
+from medscalpel.layout import ARTIFACTS, artifact, read_artifact
 from medscalpel.report import html as H
 from medscalpel.report.html import Cell, Figure, text
 
@@ -157,6 +158,33 @@ class RunFiles:
         sec.sources.append(rel)
         return doc
 
+    def artifact(self, key: str, sec: Section, **fmt: Any) -> Any:
+        """A declared artifact (:mod:`medscalpel.layout`): its typed object or checked dict;
+        ``None`` when absent. A file that does not match its declaration becomes a note and an
+        'unreadable file' badge on the page (and fails the report test)."""
+        a = artifact(key)
+        rel = a.relpath(**fmt)
+        if not self.exists(rel):
+            return None
+        try:
+            obj = read_artifact(self.root, key, **fmt)
+        except (DataError, OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError,
+                TypeError, ValueError) as exc:
+            sec.notes.append(f"{rel} could not be read as its declared artifact '{key}': "
+                             f"{type(exc).__name__}: {exc}")
+            sec.present = True
+            sec.badge, sec.badge_cls = "unreadable file", "bad"
+            return None
+        sec.sources.append(rel)
+        return obj
+
+    def doc(self, key: str, sec: Section, **fmt: Any) -> tuple[str, dict[str, Any] | None]:
+        """``(relative path, JSON dict)`` of a declared artifact, validated by its type or its
+        declared keys first; the dict is what number cells point into."""
+        obj = self.artifact(key, sec, **fmt)
+        d = obj.to_dict() if hasattr(obj, "to_dict") else obj
+        return artifact(key).relpath(**fmt), d if isinstance(d, dict) else None
+
     def figure(self, rel: str, sec: Section, caption: str = "") -> Figure | None:
         p = self.path(rel)
         if not p.is_file():
@@ -179,6 +207,12 @@ class RunFiles:
 
     def href(self, rel: str) -> str:
         return Path(os.path.relpath(self.path(rel), self.out_dir)).as_posix()
+
+
+def expected_files(expected: list[str]) -> list[str]:
+    """A section's expected inputs: artifact keys of :data:`medscalpel.layout.ARTIFACTS`
+    (their declared paths) or literal glob patterns."""
+    return [ARTIFACTS[e].path if e in ARTIFACTS else e for e in expected]
 
 
 def experiment_report(run_dir: str | os.PathLike, out_html: str | os.PathLike | None = None,
@@ -212,7 +246,7 @@ def experiment_report(run_dir: str | os.PathLike, out_html: str | os.PathLike | 
     from medscalpel.report.sections import SECTIONS
 
     for key, sec_title, expected, build in SECTIONS:
-        sec = Section(key, sec_title, expected=list(expected))
+        sec = Section(key, sec_title, expected=expected_files(expected))
         try:
             if key == "clinical":
                 build(run, sec, clinical_examples)

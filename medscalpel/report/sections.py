@@ -19,6 +19,7 @@ from medscalpel.errors import DataError
 from medscalpel.report import html as H
 from medscalpel.report.experiment import Link, RunFiles, Section, pointer
 from medscalpel.report.html import Cell, Figure, Table, ci, num, pct, text
+from medscalpel.report.section_shift import render_site_shift
 
 
 def _drawn(sec: Section, draw: Callable[[], bytes], caption: str, source: str) -> None:
@@ -56,9 +57,8 @@ def _short_list(v: Any, n: int = 12) -> str:
 
 # ----------------------------------------------------------------------------- sections
 def _overview(run: RunFiles, sec: Section) -> None:
-    rel = "demo.json"
-    d = run.json(rel, sec)
-    man = run.json("manifest.json", sec) if run.exists("manifest.json") else None
+    rel, d = run.doc("demo", sec)
+    man = run.doc("manifest", sec)[1]
     if not isinstance(d, dict):
         return
     sec.present = True
@@ -109,8 +109,7 @@ def _overview(run: RunFiles, sec: Section) -> None:
 
 
 def _dataset(run: RunFiles, sec: Section) -> None:
-    rel = "data/stats/stats.json"
-    d = run.json(rel, sec)
+    rel, d = run.doc("label_stats", sec)
     if not isinstance(d, dict):
         return
     sec.present = True
@@ -153,11 +152,8 @@ def _dataset(run: RunFiles, sec: Section) -> None:
 
 
 def _baseline(run: RunFiles, sec: Section) -> None:
-    rel = "baseline/metrics.json"
-    d = run.json(rel, sec)
-    card_rel = next((r for r in ("baseline/model/model.json", "baseline/model.json")
-                     if run.exists(r)), None)
-    card = run.json(card_rel, sec) if card_rel else None
+    rel, d = run.doc("baseline_metrics", sec)
+    card_rel, card = run.doc("baseline_card", sec)
     if not isinstance(d, dict):
         return
     sec.present = True
@@ -204,8 +200,7 @@ def _baseline(run: RunFiles, sec: Section) -> None:
 
 
 def _calibration(run: RunFiles, sec: Section) -> None:
-    rel = "calibrate/calibration.json"
-    d = run.json(rel, sec)
+    rel, d = run.doc("calibration", sec)
     if not isinstance(d, dict):
         return
     sec.present = True
@@ -248,16 +243,17 @@ def _calibration(run: RunFiles, sec: Section) -> None:
 
 
 def _compression(run: RunFiles, sec: Section) -> None:
-    rel = "compress/compress.json"
-    d = run.json(rel, sec)
+    rel, d = run.doc("compress", sec)
     if not isinstance(d, dict):
         return
     sec.present = True
     rows = [r for r in (d.get("rows") or []) if isinstance(r, dict)]
     dense = d.get("dense") if isinstance(d.get("dense"), dict) else None
     cols = ["method", "parameters", "params ratio", "MACs", "latency (ms)", "speedup",
-            "macro AUROC", "95% CI", "\u0394 macro AUROC", "max |\u0394 logit|"]
-    t = Table(cols, key="compress", title="Compressed models (same test split)")
+            "macro AUROC", "95% CI", "\u0394 macro AUROC", "paired 95% CI", "max |\u0394 logit|"]
+    ev = d.get("evaluated_on") or {}
+    t = Table(cols, key="compress", title=f"Compressed models (split '{ev.get('split', '?')}', "
+              f"{ev.get('n', '?')} images; \u0394 with a paired bootstrap on the same images)")
 
     def add(r: dict[str, Any], *path: Any) -> None:
         p = lambda k: pointer(rel, *path, k)  # noqa: E731
@@ -273,6 +269,7 @@ def _compression(run: RunFiles, sec: Section) -> None:
               num(r.get("macro_auroc"), p("macro_auroc"), 4),
               ci(r.get("macro_auroc_ci"), p("macro_auroc_ci")),
               num(r.get("delta_macro_auroc"), p("delta_macro_auroc"), 4, "signed"),
+              ci(r.get("delta_macro_auroc_ci"), p("delta_macro_auroc_ci")),
               num(r.get("max_abs_delta_logit"), p("max_abs_delta_logit"), 2, "sci"))
 
     if dense is not None:
@@ -291,8 +288,7 @@ def _compression(run: RunFiles, sec: Section) -> None:
     sec.grid = False
     _drawn(sec, lambda: pareto_figure(rows, dense), "macro AUROC (95% CI) against the parameters "
            "ratio and the latency ratio; dashed: Pareto front", rel)
-    ex_rel = "compress/export/export.json"
-    ex = run.json(ex_rel, sec) if run.exists(ex_rel) else None
+    ex_rel, ex = run.doc("export", sec)
     if isinstance(ex, dict):
         et = Table(["key", "value"], key="export", title="ONNX export")
         for k, v in ex.items():
@@ -309,8 +305,7 @@ def _compression(run: RunFiles, sec: Section) -> None:
 
 def _forgettability(run: RunFiles, sec: Section) -> None:
     base = "audit/forgettability"
-    rel = f"{base}/forgettability.json"
-    d = run.json(rel, sec)
+    rel, d = run.doc("forgettability", sec)
     pngs = run.pngs(base, ("audit_curves.png", "audit_curves_overview.png",
                            "audit_scatter.png", "audit_fcd_heatmap.png", "audit_fcd_scatter.png"))
     if not isinstance(d, dict) and not pngs:
@@ -388,8 +383,7 @@ def _overrep_table(rel: str, key: str, rows: Any, title: str) -> Table | None:
 
 def _pies(run: RunFiles, sec: Section) -> None:
     base = "audit/pies"
-    rel = f"{base}/pies.json"
-    d = run.json(rel, sec)
+    rel, d = run.doc("pies", sec)
     pngs = run.pngs(base, ("pie_gallery.png", "audit_pie_gallery.png", "audit_pie_scores.png",
                           "audit_pie_overrep.png"))
     if not isinstance(d, dict) and not pngs:
@@ -544,8 +538,7 @@ def _polarity_result(rel: str, d: dict[str, Any], prefix: tuple[Any, ...], sec: 
 
 def _polarity(run: RunFiles, sec: Section) -> None:
     base = "explain/polarity"
-    rel = f"{base}/polarity.json"
-    d = run.json(rel, sec)
+    rel, d = run.doc("polarity", sec)
     pngs = run.pngs(base)
     if not isinstance(d, dict) and not pngs:
         return
@@ -574,10 +567,8 @@ def _polarity(run: RunFiles, sec: Section) -> None:
 
 
 def _repair(run: RunFiles, sec: Section) -> None:
-    s_rel = "repair/surgery/surgery.json"
-    t_rel = "repair/triage/decision_log.json"
-    s = run.json(s_rel, sec)
-    tr = run.json(t_rel, sec)
+    s_rel, s = run.doc("surgery", sec)
+    t_rel, tr = run.doc("triage", sec)
     if not isinstance(s, dict) and not isinstance(tr, dict):
         return
     sec.present = True
@@ -722,8 +713,7 @@ def _repair(run: RunFiles, sec: Section) -> None:
 
 
 def _distill(run: RunFiles, sec: Section) -> None:
-    rel = "distill/distill.json"
-    d = run.json(rel, sec)
+    rel, d = run.doc("distill", sec)
     if not isinstance(d, dict):
         return
     sec.present = True
@@ -804,23 +794,28 @@ def _clinical(run: RunFiles, sec: Section, max_examples: int) -> None:
     disclaimer = next((doc.get("disclaimer") for _, doc in reports if doc.get("disclaimer")),
                       H.DECISION_SUPPORT)
     sec.intro = disclaimer
-    t = Table(["image", "finding", "probability", "threshold", "location", "excluded"],
-              key="clinical", title=f"Example reports (first {min(max_examples, len(reports))})")
+    t = Table(["image", "finding", "probability", "threshold", "location",
+               "conflicts / hidden"], key="clinical",
+              title=f"Example reports (first {min(max_examples, len(reports))})")
+    if any((doc.get("operating") or {}).get("notice") for _, doc in reports):
+        sec.fact("thresholds", text("not calibrated (default 0.5)", cls="bad"))
     for rel, doc in reports[:max_examples]:
         fs = doc.get("findings") or []
-        excl = "; ".join(f"{e.get('class')} (vs {e.get('excluded_by')}, J="
-                         f"{H.fmt_num(e.get('jaccard'), 4)})" for e in doc.get("excluded") or []
-                         if isinstance(e, dict)) or "-"
+        excl = "; ".join(f"hidden: {e.get('class')} (vs {e.get('excluded_by')}, lift "
+                         f"{H.fmt_num(e.get('lift'), 3)})" for e in doc.get("excluded") or []
+                         if isinstance(e, dict))
         if not fs:
             t.add(text(doc.get("id")), text("none above threshold", cls="muted"), text(""),
-                  text(""), text(""), text(excl))
+                  text(""), text(""), text(excl or "-"))
         for j, f in enumerate(fs):
             if isinstance(f, dict):
                 p = lambda k: pointer(rel, "findings", j, k)  # noqa: E731
+                flags = ", ".join("conflict: " + str(c.get("with")) for c in
+                                  f.get("conflicts") or [] if isinstance(c, dict))
                 t.add(text(doc.get("id")), text(f.get("class")),
                       num(f.get("probability"), p("probability")),
                       num(f.get("threshold"), p("threshold")), text(f.get("location")),
-                      text(excl))
+                      text("; ".join(x for x in (flags, excl) if x) or "-"))
         html_name = doc.get("html") or f"{Path(rel).stem}.html"
         if run.exists(f"{base}/{html_name}"):
             sec.links.append(Link(run.href(f"{base}/{html_name}"), str(doc.get("id")),
@@ -833,21 +828,23 @@ def _clinical(run: RunFiles, sec: Section, max_examples: int) -> None:
 
 #: (key, title, expected files, builder)
 SECTIONS: list[tuple[str, str, list[str], Callable[..., None]]] = [
-    ("overview", "Run overview", ["demo.json"], _overview),
-    ("dataset", "Dataset statistics", ["data/stats/stats.json", "data/stats/jaccard.png"],
+    ("overview", "Run overview", ["demo"], _overview),
+    ("dataset", "Dataset statistics", ["label_stats", "data/stats/jaccard.png"],
      _dataset),
-    ("baseline", "Baseline per-class metrics", ["baseline/metrics.json"], _baseline),
-    ("calibration", "Threshold calibration", ["calibrate/calibration.json"], _calibration),
-    ("compression", "Compression and Pareto plot", ["compress/compress.json"], _compression),
-    ("forgettability", "Forgettability curves", ["audit/forgettability/forgettability.json"],
+    ("baseline", "Baseline per-class metrics", ["baseline_metrics"], _baseline),
+    ("calibration", "Threshold calibration", ["calibration"], _calibration),
+    ("site_shift", "External site: validation, shift check, k-shot recalibration",
+     ["site_shift"], render_site_shift),
+    ("compression", "Compression and Pareto plot", ["compress"], _compression),
+    ("forgettability", "Forgettability curves", ["forgettability"],
      _forgettability),
     ("pies", "Pruning-identified exemplars (PIE gallery)",
      ["audit/pies/pies.json", "audit/pies/pie_gallery.png"], _pies),
     ("cams", "Class activation maps", ["explain/cams/*.png"], _cams),
-    ("polarity", "Polarized classifier channels", ["explain/polarity/polarity.json"], _polarity),
+    ("polarity", "Polarized classifier channels", ["polarity"], _polarity),
     ("repair", "Repair: surgery and triage log",
      ["repair/surgery/surgery.json", "repair/triage/decision_log.json"], _repair),
-    ("distill", "Knowledge distillation", ["distill/distill.json"], _distill),
+    ("distill", "Knowledge distillation", ["distill"], _distill),
     ("clinical", "Example clinical reports", ["reports/clinical/*.json"], _clinical),
 ]
 

@@ -1,0 +1,65 @@
+"""Experiment-report section: validation on a second site and k-shot recalibration there.
+
+Reads the typed :class:`~medscalpel.repair.shift_flow.SiteShiftReport` declared as artifact
+``site_shift`` in :mod:`medscalpel.layout`; every number cell points into its JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from medscalpel.report.experiment import RunFiles, Section, pointer
+from medscalpel.report.html import Table, ci, num, text
+
+
+def render_site_shift(run: RunFiles, sec: Section) -> None:
+    rel, d = run.doc("site_shift", sec)
+    if d is None:
+        return
+    sec.present = True
+    val, rec, shift = d["validation"], d["recalibration"], d["shift"]
+    m = val["macro"]
+    sec.intro = (f"The model trained on {d['internal_data']} validated on "
+                 f"{d['external_data']} (an external site), a label-free shift check, and "
+                 f"recalibration with k = {rec['k']} labelled external images per class, "
+                 f"measured on the {rec['n_rest']} external images not used to fit.")
+    sec.fact("macro AUROC internal", num(m["internal"]["auroc"],
+                                         pointer(rel, "validation", "macro", "internal", "auroc")))
+    sec.fact("macro AUROC external", num(m["external"]["auroc"],
+                                         pointer(rel, "validation", "macro", "external", "auroc")))
+    sec.fact("label-free shift check", text("shift found" if shift["shifted"] else
+                                            "no shift found",
+                                            cls="bad" if shift["shifted"] else "good"))
+    sec.fact("external images above the internal 99th OOD percentile", num(
+        d["ood"].get("share_external_above_99"), pointer(rel, "ood", "share_external_above_99"),
+        3))
+    ok = bool(rec["restored"]) and all(rec["restored"].values())
+    sec.fact("recalibration", text(rec["verdict"], cls="good" if ok else "bad"))
+    sec.fact("thresholds", text(val.get("threshold_source")))
+    t = Table(["class", "set", "AUROC", "95% CI", "ECE", "sensitivity", "specificity"],
+              key="site_validation", title="Internal vs external site, at the stored thresholds")
+    for i, c in enumerate(val["classes"]):
+        for side in ("internal", "external"):
+            s = c[side]
+            p = lambda k: pointer(rel, "validation", "classes", i, side, k)  # noqa: E731
+            t.add(text(c["name"]), text(side), num(s["auroc"], p("auroc")),
+                  ci(s.get("auroc_ci"), p("auroc_ci")), num(s["ece"], p("ece")),
+                  num(s["sensitivity"], p("sensitivity")),
+                  num(s["specificity"], p("specificity")))
+    sec.tables.append(t)
+    rt = Table(["class", "internal sens / spec", "external before", "external after",
+                "restored (within " + f"{rec['tolerance']:g})"], key="site_recalibration",
+               title=f"{rec['method']} recalibration, k = {rec['k']} (measured on the rest)")
+    for j, (a, b, c) in enumerate(zip(rec["internal"], rec["before"], rec["after"])):
+        if c["name"] not in rec["restored"]:
+            continue
+        rt.add(text(c["name"]), _pair(a), _pair(b), _pair(c),
+               text("yes" if rec["restored"][c["name"]] else "no",
+                    cls="good" if rec["restored"][c["name"]] else "bad"))
+    if rt.rows:
+        sec.tables.append(rt)
+    sec.notes.extend(str(n) for n in d.get("notes") or [])
+
+
+def _pair(r: dict[str, Any]):
+    return text(f"{r['sensitivity']:.3f} / {r['specificity']:.3f}")
