@@ -101,9 +101,12 @@ def identity_hash(identity: dict[str, Any]) -> str:
 
 
 def fn_name(fn: Callable) -> str:
-    """``module.qualname`` of a cell function (of the wrapped one for a ``functools.partial``)."""
+    """``module.qualname`` of a cell function (of the wrapped one for a ``functools.partial``,
+    of its class for a callable object): stable across processes, part of a grid's identity."""
     f = fn.func if isinstance(fn, functools.partial) else fn
-    return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"
+    if not hasattr(f, "__qualname__"):
+        f = type(f)
+    return f"{getattr(f, '__module__', '?')}.{f.__qualname__}"
 
 
 def check_cells(cells: Sequence[dict[str, Any]], owner: str = "run_cells"
