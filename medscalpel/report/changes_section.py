@@ -11,15 +11,17 @@ Every number cell carries its JSON pointer.
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Any
 
-from medscalpel.audit.changes import FILENAME, ChangesAudit
+from medscalpel.audit.changes import ChangesAudit
 from medscalpel.errors import DataError
+from medscalpel.layout import ARTIFACTS
 from medscalpel.report.experiment import RunFiles, Section, pointer
 from medscalpel.report.html import Table, ci, num, text
 
-REL_DIR = "audit/changes"
-REL = f"{REL_DIR}/{FILENAME}"
+REL = ARTIFACTS["changes"].path                  # audit/changes/changes.json
+REL_DIR = str(PurePosixPath(REL).parent)
 
 
 def render_changes(run: RunFiles, sec: Section) -> None:
