@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from medscalpel.audit.polarity import TopKRule
+from medscalpel.explain.polarity import TopKRule
 from medscalpel.errors import ConfigError, DataError, ModelError
 from medscalpel.explain.channels import (channel_contributions, channel_contributions_from_features,
                                          channel_contributions_from_model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medscalpel.audit.polarity import (EVIDENCE_CATEGORIES, AbsoluteRule, QuantileRule, TopKRule,
+from medscalpel.explain.polarity import (EVIDENCE_CATEGORIES, AbsoluteRule, QuantileRule, TopKRule,
                                        ZScoreRule, classify_jaccard, compare_stages,
                                        jaccard_matrix, make_rule, polarity_analysis)
 from medscalpel.data.cooccurrence import ExclusionRule

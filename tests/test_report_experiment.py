@@ -39,7 +39,7 @@ def make_run_dir(root: Path, names: list[str] | None = None, clinical: bool = Tr
     """A demo-like run directory: JSON from the real to_dict() of each stage where that is
     cheap (label statistics, metrics, calibration, polarity), the documented layout otherwise,
     and a few small PNGs."""
-    from medscalpel.audit.polarity import polarity_analysis
+    from medscalpel.explain.polarity import polarity_analysis
     from medscalpel.data.stats import label_statistics
     from medscalpel.engine.metrics import evaluate
     from medscalpel.engine.predictions import Predictions

@@ -1,5 +1,5 @@
 """``medscalpel explain ...`` and ``medscalpel audit polarity``: thin wrappers over
-:mod:`medscalpel.explain` and :mod:`medscalpel.audit.polarity`."""
+:mod:`medscalpel.explain` (including :mod:`medscalpel.explain.polarity`)."""
 
 from __future__ import annotations
 
@@ -176,7 +176,7 @@ def polarity(
                                                                  "(e.g. lossless, pruned)."),
 ) -> None:
     """Polarized classifier channels vs label mutual exclusivity (Jaccard), with null models."""
-    from medscalpel.audit.polarity import QuantileRule, compare_stages, polarity_analysis
+    from medscalpel.explain.polarity import QuantileRule, compare_stages, polarity_analysis
     from medscalpel.data.spec import open_dataset
     from medscalpel.explain.figures import polarity_table_figure
     from medscalpel.models import load_model

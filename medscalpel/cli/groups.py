@@ -38,10 +38,12 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
 
     audit_app = typer.Typer(no_args_is_help=True,
                             help="Audit what compression did: forgettability curves, FCD, PIEs, "
-                                 "polarized channels.")
+                                 "what compression changed (calibration, explanations, "
+                                 "subgroups, robustness).")
     audit_app.command("forgettability")(audit_cmd.forgettability)
     audit_app.command("pies")(audit_cmd.pies)
-    audit_app.command("polarity")(explain_cmd.polarity)
+    # polarity lives in explain (module, outputs); the audit name stays as a hidden alias
+    audit_app.command("polarity", hidden=True)(explain_cmd.polarity)
     audit_app.command("changes")(changes_cmd.changes)
     app.add_typer(audit_app, name="audit")
 
@@ -54,8 +56,9 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
     scale_cmd.register(app)
 
     explain_app = typer.Typer(no_args_is_help=True,
-                              help="Explain: CAMs, pixel attributions (IG, LRP), classifier-channel "
-                                   "evidence, teacher-student saliency comparison.")
-    for name in ("cam", "attribute", "channels", "compare"):
+                              help="Explain: CAMs, pixel attributions (IG, LRP, DL-Backtrace), "
+                                   "classifier-channel evidence, polarized channels, "
+                                   "teacher-student saliency comparison.")
+    for name in ("cam", "attribute", "channels", "compare", "polarity"):
         explain_app.command(name)(getattr(explain_cmd, name))
     app.add_typer(explain_app, name="explain")

@@ -250,11 +250,11 @@ class ChannelContributions:
             order: ``positive`` (largest mean contribution first: what pushes the logit up),
                 ``negative`` (most negative first) or ``abs``.
             rule: the strong-weight rule deciding which OTHER classes a channel pushes or pulls
-                (default :class:`~medscalpel.audit.polarity.QuantileRule` ``q=0.9`` on each
+                (default :class:`~medscalpel.explain.polarity.QuantileRule` ``q=0.9`` on each
                 class row, the same rule as the polarity analysis).
             rows_desc: a label for the selected images stored with the table.
         """
-        from medscalpel.audit.polarity import QuantileRule, make_rule
+        from medscalpel.explain.polarity import QuantileRule, make_rule
 
         k = self.class_index(k)
         check_range(n, "n", "top_channels", 1, integer=True)

@@ -133,7 +133,7 @@ def channel_bar_figure(table: Any, path: str | os.PathLike, max_others: int = 3)
 def polarity_table_figure(result: Any, path: str | os.PathLike, level: str = "channels") -> Path:
     """Seed 000's category table (observed) with each null model's expected counts, the share of
     perfect + legitimate pairs and its empirical p-value."""
-    from medscalpel.audit.polarity import CATEGORIES
+    from medscalpel.explain.polarity import CATEGORIES
 
     plt = _plt()
     df = result.table(level)

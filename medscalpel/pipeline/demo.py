@@ -365,7 +365,7 @@ def _stage_audit(c: _Context) -> dict[str, Any]:
 
 
 def _stage_explain(c: _Context) -> dict[str, Any]:
-    from medscalpel.audit.polarity import compare_stages, polarity_analysis
+    from medscalpel.explain.polarity import compare_stages, polarity_analysis
     from medscalpel.explain.cams import compute_cam
     from medscalpel.explain.figures import cam_overlay_figure, polarity_table_figure
     from medscalpel.explain.regions import describe_location, zones_from_masks
