@@ -32,8 +32,9 @@ import itertools
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,11 @@ import torch
 from torch import nn
 
 from medscalpel.engine.metrics import auroc
-from medscalpel.engine.predict import Features
+from medscalpel.engine.predict import Features, extract_features
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError, ModelError, VerificationError
+from medscalpel.explain.channels import channel_contributions
+from medscalpel.models.checkpoint import save_model
 from medscalpel.models.classifier import MedClassifier
 from medscalpel.runs import read_json, write_json
 from medscalpel.validation import check_fraction, check_in, check_range
@@ -70,8 +73,6 @@ def contributions(features: np.ndarray, weight: np.ndarray, bias: np.ndarray, k:
                   ) -> np.ndarray:
     """float64 ``[N, C]`` contributions ``W[k, c] * f_c(x)`` of every channel to logit ``k``
     (via :func:`medscalpel.explain.channels.channel_contributions`)."""
-    from medscalpel.explain.channels import channel_contributions
-
     return channel_contributions(features, weight, bias).for_class(k)
 
 
@@ -189,8 +190,6 @@ class SurgeryPlan:
             self._check(torch.from_numpy(np.asarray(w, np.float64)), "SurgeryPlan.apply")
             w[self.class_index, list(self.channels)] = 0.0
             b[self.class_index] = np.float32(self.new_bias)
-            from dataclasses import replace
-
             return replace(target, weight=w, bias=b)
         model = target if inplace else copy.deepcopy(target)
         self.apply_linear(model.classifier, inplace=True)
@@ -487,10 +486,121 @@ def surgical_correction(
     Returns:
         A :class:`SurgeryResult`; ``success`` is False (with ``message``) when no set within
         ``max_weights`` meets the goal under the constraint; nothing is applied then.
-    """
-    import time
 
+    Steps: :func:`_validate_surgery` -> :func:`_plan_surgery` -> :func:`_apply_surgery` ->
+    :func:`_verify_surgery`.
+    """
     t0 = time.perf_counter()
+    inp = _validate_surgery(model, target_class, targets, val, thresholds=thresholds,
+                            delta_prob=delta_prob, below_threshold=below_threshold,
+                            criterion=criterion, tp_loss_budget=tp_loss_budget,
+                            max_weights=max_weights, pool=pool)
+    planned = _plan_surgery(inp, targets, fp_ids, fp_mask, delta_prob=delta_prob,
+                            tp_loss_budget=tp_loss_budget, adjust_bias=adjust_bias,
+                            max_weights=max_weights, pool=pool, max_subsets=max_subsets)
+    if planned.plan is None:
+        return _infeasible_result(inp, planned, time.perf_counter() - t0)
+    if dry_run:
+        return _dry_run_result(inp, planned, time.perf_counter() - t0)
+    applied = _apply_surgery(inp, planned.plan, targets)
+    result = _verify_surgery(model, inp, planned, applied, time.perf_counter() - t0)
+    if out_dir is not None:
+        result.model_dir = str(save_surgery(result, out_dir, parent_card=inp.card))
+    return result
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The validated inputs of one surgical correction."""
+
+    val: Features
+    names: tuple[str, ...]
+    k: int
+    live: nn.Linear  # the classifier being corrected (never changed)
+    weight: np.ndarray
+    bias: np.ndarray
+    card: Any
+    task: str
+    thr_k: float  # probability threshold of class k (multi-label; argmax decides otherwise)
+    goal: str  # mean | each | below
+    delta: float
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """The plan and everything computed on the cached features (float64) to reach it."""
+
+    plan: SurgeryPlan | None
+    problem: _Problem
+    rows: np.ndarray  # target rows (false positives to fix)
+    tp_rows: np.ndarray  # validation true positives of k
+    mt: np.ndarray  # probability margins of the targets
+    dt: np.ndarray  # decision margins of the targets
+    dv_tp: np.ndarray  # decision margins of the validation true positives
+    shift: float
+    info: dict[str, Any]
+    ranking: list[dict[str, Any]]
+    settings: dict[str, Any]
+    target_ids: list[str]
+    auroc_before: dict[str, float]
+
+
+@dataclass(frozen=True)
+class _Applied:
+    """The corrected layer and both layers' logits on validation + target features."""
+
+    layer: nn.Linear
+    z0: torch.Tensor
+    z1: torch.Tensor
+    same_logits: bool
+    same_weights: bool
+
+
+def _live_classifier(model: Any, owner: str) -> tuple[nn.Linear, np.ndarray, np.ndarray, Any]:
+    """(layer, weight, bias, card) of a model or of cached features."""
+    if isinstance(model, Features):
+        weight, bias = np.asarray(model.weight), np.asarray(model.bias)
+        return _linear_from(weight, bias), weight, bias, None
+    if isinstance(model, MedClassifier):
+        live = model.classifier
+        return (live, live.weight.detach().cpu().numpy(), live.bias.detach().cpu().numpy(),
+                model.card)
+    raise ModelError(f"{owner}: 'model' must be a MedClassifier or Features; got "
+                     f"{type(model).__name__}.")
+
+
+def _check_features(targets: Features, val: Features, weight: np.ndarray, bias: np.ndarray,
+                    owner: str) -> None:
+    for name, f in (("targets", targets), ("val", val)):
+        if f.features.shape[1] != weight.shape[1]:
+            raise DataError(f"{owner}: {name} features have {f.features.shape[1]} channels but "
+                            f"the classifier takes {weight.shape[1]}.")
+        if f.weight.shape != weight.shape or not np.allclose(f.weight, weight, atol=1e-6) or \
+                not np.allclose(f.bias, bias, atol=1e-6):
+            raise DataError(f"{owner}: the {name} features were extracted with another "
+                            "classifier than the one being corrected; re-extract them with "
+                            "this model.")
+
+
+def _threshold_of(k: int, task: str, names: tuple[str, ...], thresholds: Any, card: Any,
+                  owner: str) -> float:
+    if task != "multilabel":
+        return 0.5  # unused: argmax decides
+    thr = np.asarray(thresholds if thresholds is not None else
+                     (card.effective_thresholds() if card is not None else [0.5] * len(names)),
+                     np.float64)
+    if thr.shape != (len(names),):
+        raise ConfigError(f"{owner}: {thr.size} thresholds for {len(names)} classes.")
+    for t in thr:
+        check_fraction(float(t), "thresholds", owner)
+    return float(thr[k])
+
+
+def _validate_surgery(model: Any, target_class: int | str, targets: Any, val: Any, *,
+                      thresholds: Any, delta_prob: float | None, below_threshold: bool,
+                      criterion: str, tp_loss_budget: int, max_weights: int, pool: int
+                      ) -> _Inputs:
+    """Step 1: check every argument and resolve the class, the live layer and the threshold."""
     owner = "surgical_correction"
     if isinstance(model, Predictions) or isinstance(targets, Predictions) or \
             isinstance(val, Predictions):
@@ -514,45 +624,23 @@ def surgical_correction(
     if delta_prob is not None:
         check_range(delta_prob, "delta_prob", owner, 0.0, 1.0, low_inclusive=False,
                     high_inclusive=False)
-    # the live classifier
-    if isinstance(model, Features):
-        weight, bias = np.asarray(model.weight), np.asarray(model.bias)
-        live = _linear_from(weight, bias)
-        card = None
-    elif isinstance(model, MedClassifier):
-        live = model.classifier
-        weight = live.weight.detach().cpu().numpy()
-        bias = live.bias.detach().cpu().numpy()
-        card = model.card
-    else:
-        raise ModelError(f"{owner}: 'model' must be a MedClassifier or Features; got "
-                         f"{type(model).__name__}.")
-    for name, f in (("targets", targets), ("val", val)):
-        if f.features.shape[1] != weight.shape[1]:
-            raise DataError(f"{owner}: {name} features have {f.features.shape[1]} channels but "
-                            f"the classifier takes {weight.shape[1]}.")
-        if f.weight.shape != weight.shape or not np.allclose(f.weight, weight, atol=1e-6) or \
-                not np.allclose(f.bias, bias, atol=1e-6):
-            raise DataError(f"{owner}: the {name} features were extracted with another "
-                            "classifier than the one being corrected; re-extract them with "
-                            "this model.")
-    task = targets.task
-    if task == "multilabel":
-        thr = np.asarray(thresholds if thresholds is not None else
-                         (card.effective_thresholds() if card is not None else [0.5] * len(names)),
-                         np.float64)
-        if thr.shape != (len(names),):
-            raise ConfigError(f"{owner}: {thr.size} thresholds for {len(names)} classes.")
-        for t in thr:
-            check_fraction(float(t), "thresholds", owner)
-        thr_k = float(thr[k])
-    else:
-        thr_k = 0.5  # unused: argmax decides
-    # margins on the current classifier (float64 from the cached features)
+    live, weight, bias, card = _live_classifier(model, owner)
+    _check_features(targets, val, weight, bias, owner)
+    thr_k = _threshold_of(k, targets.task, names, thresholds, card, owner)
+    return _Inputs(val=val, names=names, k=k, live=live, weight=weight, bias=bias, card=card,
+                   task=targets.task, thr_k=thr_k, goal="below" if below_threshold else criterion,
+                   delta=float(delta_prob or 0.0))
+
+
+def _plan_surgery(inp: _Inputs, targets: Features, fp_ids: Any, fp_mask: Any, *,
+                  delta_prob: float | None, tp_loss_budget: int, adjust_bias: bool,
+                  max_weights: int, pool: int, max_subsets: int) -> _Planned:
+    """Step 2: rank channels on the cached features (float64) and search the smallest set."""
+    k, task, weight, bias, val = inp.k, inp.task, inp.weight, inp.bias, inp.val
     lt = targets.features.astype(np.float64) @ weight.T.astype(np.float64) + bias
     lv = val.features.astype(np.float64) @ weight.T.astype(np.float64) + bias
-    mt_all, dt_all = margins(lt, k, task, thr_k)
-    mv_all, dv_all = margins(lv, k, task, thr_k)
+    mt_all, dt_all = margins(lt, k, task, inp.thr_k)
+    _, dv_all = margins(lv, k, task, inp.thr_k)
     rows = _select_targets(targets, k, fp_ids, fp_mask, dt_all >= 0)
     yv = _label_k(val.labels, k, task)
     tp_rows = np.flatnonzero((yv == 1) & (dv_all >= 0))
@@ -562,104 +650,120 @@ def surgical_correction(
     mean_tp = cv.mean(0) if tp_rows.size else np.zeros_like(mean_fp)
     score = mean_fp - mean_tp
     norm = float(np.abs(score).sum()) or 1.0
-    cand_mask = (score > 0) & (mean_fp > 0)
-    ranked = np.flatnonzero(cand_mask)
+    ranked = np.flatnonzero((score > 0) & (mean_fp > 0))
     ranked = ranked[np.argsort(-score[ranked], kind="mergesort")]
-    goal = "below" if below_threshold else criterion
-    prob = _Problem(ct=ct, cv=cv, mt=mt_all[rows], dt=dt_all[rows], dv=dv_all[tp_rows], goal=goal,
-                    delta=float(delta_prob or 0.0), budget=int(tp_loss_budget),
+    prob = _Problem(ct=ct, cv=cv, mt=mt_all[rows], dt=dt_all[rows], dv=dv_all[tp_rows],
+                    goal=inp.goal, delta=inp.delta, budget=int(tp_loss_budget),
                     adjust_bias=adjust_bias)
     chosen, shift, info = _search(prob, ranked, max_weights, pool, max_subsets)
     ranking = [{"channel": int(c), "score": float(score[c]), "normalised": float(score[c] / norm),
                 "mean_fp": float(mean_fp[c]), "mean_tp": float(mean_tp[c]),
                 "weight": float(weight[k, c])} for c in ranked[:max(pool, 20)]]
-    settings = {"class": names[k], "class_index": k, "goal": goal, "delta_prob": delta_prob,
-                "threshold": thr_k if task == "multilabel" else None,
+    settings = {"class": inp.names[k], "class_index": k, "goal": inp.goal,
+                "delta_prob": delta_prob, "threshold": inp.thr_k if task == "multilabel" else None,
                 "tp_loss_budget": tp_loss_budget, "adjust_bias": adjust_bias,
                 "max_weights": max_weights, "pool": pool, "n_targets": int(rows.size),
                 "n_candidates": int(ranked.size), "val_split": val.split,
                 "target_split": targets.split, "task": task}
-    target_ids = [targets.ids[r] for r in rows]
-    p_before = _sigmoid(mt_all[rows]).tolist()
-    auroc_before = _auroc_all(lv, val.labels, task, names)
-    if chosen is None:
-        msg = (f"no set of at most {max_weights} weights of row {names[k]!r} meets the goal "
-               f"({goal}) while losing at most {tp_loss_budget} validation true positives; "
-               f"{len(info['skipped_for_tp'])} candidate channels were skipped because they "
-               "carry the true positives. Relax delta_prob / tp_loss_budget, allow "
-               "adjust_bias=True, or escalate to partial retraining.")
-        return SurgeryResult(False, msg, None, False, target_ids, p_before, p_before,
-                             int(tp_rows.size), 0, [], auroc_before, auroc_before, None, None,
-                             ranking, info, settings, round(time.perf_counter() - t0, 4),
-                             False, int(np.sum(dt_all[rows] >= 0)))
-    plan = SurgeryPlan(class_index=k, class_name=names[k], channels=tuple(chosen),
-                       old_weights=tuple(float(weight[k, c]) for c in chosen),
-                       old_bias=float(bias[k]), new_bias=float(np.float32(bias[k] + shift)),
-                       feature_dim=int(weight.shape[1]),
-                       scores=tuple(float(score[c]) for c in chosen))
-    if dry_run:
-        drop_t, drop_v = prob.drops(chosen)
-        after = _sigmoid(mt_all[rows] - drop_t + shift).tolist()
-        lost = np.flatnonzero(dv_all[tp_rows] - drop_v + shift < 0)
-        return SurgeryResult(True, "dry run: plan computed, nothing applied (effects predicted "
-                             "in float64 from the cached features)", plan, False, target_ids,
-                             p_before, after, int(tp_rows.size), int(lost.size),
-                             [val.ids[tp_rows[i]] for i in lost], auroc_before, {}, None, None,
-                             ranking, info, settings, round(time.perf_counter() - t0, 4), None,
-                             int(np.sum(dt_all[rows] - drop_t + shift >= 0)))
-    # apply to a copy and verify through the live layer
-    new_lin = plan.apply_linear(live, inplace=False)
+    plan = None if chosen is None else SurgeryPlan(
+        class_index=k, class_name=inp.names[k], channels=tuple(chosen),
+        old_weights=tuple(float(weight[k, c]) for c in chosen), old_bias=float(bias[k]),
+        new_bias=float(np.float32(bias[k] + shift)), feature_dim=int(weight.shape[1]),
+        scores=tuple(float(score[c]) for c in chosen))
+    return _Planned(plan=plan, problem=prob, rows=rows, tp_rows=tp_rows, mt=mt_all[rows],
+                    dt=dt_all[rows], dv_tp=dv_all[tp_rows], shift=shift, info=info,
+                    ranking=ranking, settings=settings,
+                    target_ids=[targets.ids[r] for r in rows],
+                    auroc_before=_auroc_all(lv, val.labels, task, inp.names))
+
+
+def _infeasible_result(inp: _Inputs, pl: _Planned, seconds: float) -> SurgeryResult:
+    """No set within ``max_weights`` meets the goal: nothing applied."""
+    s = pl.settings
+    msg = (f"no set of at most {s['max_weights']} weights of row {inp.names[inp.k]!r} meets the "
+           f"goal ({inp.goal}) while losing at most {s['tp_loss_budget']} validation true "
+           f"positives; {len(pl.info['skipped_for_tp'])} candidate channels were skipped because "
+           "they carry the true positives. Relax delta_prob / tp_loss_budget, allow "
+           "adjust_bias=True, or escalate to partial retraining.")
+    p_before = _sigmoid(pl.mt).tolist()
+    return SurgeryResult(False, msg, None, False, pl.target_ids, p_before, p_before,
+                         int(pl.tp_rows.size), 0, [], pl.auroc_before, pl.auroc_before, None,
+                         None, pl.ranking, pl.info, pl.settings, round(seconds, 4), False,
+                         int(np.sum(pl.dt >= 0)))
+
+
+def _dry_run_result(inp: _Inputs, pl: _Planned, seconds: float) -> SurgeryResult:
+    """The plan with its effects predicted in float64 from the cached features."""
+    drop_t, drop_v = pl.problem.drops(pl.plan.channels)
+    after = _sigmoid(pl.mt - drop_t + pl.shift).tolist()
+    lost = np.flatnonzero(pl.dv_tp - drop_v + pl.shift < 0)
+    return SurgeryResult(True, "dry run: plan computed, nothing applied (effects predicted "
+                         "in float64 from the cached features)", pl.plan, False, pl.target_ids,
+                         _sigmoid(pl.mt).tolist(), after, int(pl.tp_rows.size), int(lost.size),
+                         [inp.val.ids[pl.tp_rows[i]] for i in lost], pl.auroc_before, {}, None,
+                         None, pl.ranking, pl.info, pl.settings, round(seconds, 4), None,
+                         int(np.sum(pl.dt - drop_t + pl.shift >= 0)))
+
+
+def _apply_surgery(inp: _Inputs, plan: SurgeryPlan, targets: Features) -> _Applied:
+    """Step 3: apply the plan to a copy of the live layer and run both layers on the
+    validation + target features; every other class's logits and weights must be identical."""
+    new_lin = plan.apply_linear(inp.live, inplace=False)
+    live = inp.live
     was_training = live.training
     try:
         live.eval()
         with torch.no_grad():
             xt = torch.from_numpy(np.ascontiguousarray(targets.features, np.float32))
-            xv = torch.from_numpy(np.ascontiguousarray(val.features, np.float32))
+            xv = torch.from_numpy(np.ascontiguousarray(inp.val.features, np.float32))
             x = torch.cat([xv, xt])
             z0 = live(x)
             z1 = new_lin(x)
-            others = [j for j in range(len(names)) if j != k]
+            others = [j for j in range(len(inp.names)) if j != inp.k]
             same_logits = bool(torch.equal(z0[:, others], z1[:, others]))
             same_weights = bool(torch.equal(live.weight[others], new_lin.weight[others]) and
                                 torch.equal(live.bias[others], new_lin.bias[others]))
     finally:
         live.train(was_training)
     if not (same_logits and same_weights):
-        raise VerificationError(f"{owner}: after changing row {k} only, the logits of other "
-                                "classes are not bit-identical; this is a bug in the surgery "
-                                "code or the classifier layer (please report it).")
-    v = _verify_in_model_dtype(z0, z1, len(val.ids), rows, tp_rows, k, task, thr_k, goal,
-                               float(delta_prob or 0.0))
+        raise VerificationError(f"surgical_correction: after changing row {inp.k} only, the "
+                                "logits of other classes are not bit-identical; this is a bug in "
+                                "the surgery code or the classifier layer (please report it).")
+    return _Applied(new_lin, z0, z1, same_logits, same_weights)
+
+
+def _verify_surgery(model: Any, inp: _Inputs, pl: _Planned, ap: _Applied, seconds: float
+                    ) -> SurgeryResult:
+    """Step 4: the goal and the true-positive guard in the model's own dtype; the result with
+    the corrected model (or features)."""
+    plan, budget, n_val = pl.plan, pl.settings["tp_loss_budget"], len(inp.val.ids)
+    v = _verify_in_model_dtype(ap.z0, ap.z1, n_val, pl.rows, pl.tp_rows, inp.k, inp.task,
+                               inp.thr_k, inp.goal, inp.delta)
     lost, before, after = v["lost"], v["before"], v["after"]
-    auroc_after = _auroc_all(z1[: len(val.ids)].double().numpy(), val.labels, task, names)
-    msg = f"zeroed {plan.n_weights} weight(s) of row {names[k]!r}"
+    auroc_after = _auroc_all(ap.z1[:n_val].double().numpy(), inp.val.labels, inp.task, inp.names)
+    msg = f"zeroed {plan.n_weights} weight(s) of row {inp.names[inp.k]!r}"
     if plan.new_bias != plan.old_bias:
         msg += f" and moved its bias by {plan.new_bias - plan.old_bias:+.4g}"
-    msg += (f"; {v['above']}/{rows.size} target false positives still above threshold "
+    msg += (f"; {v['above']}/{pl.rows.size} target false positives still above threshold "
             f"({v['dtype']})")
     if not v["goal_met"]:
-        msg += (f"; the goal ({goal}) is NOT met in {v['dtype']} (the float64 search met it: "
-                "rounding at the threshold)")
-    if lost.size > tp_loss_budget:
+        msg += (f"; the goal ({inp.goal}) is NOT met in {v['dtype']} (the float64 search met "
+                "it: rounding at the threshold)")
+    if lost.size > budget:
         msg += (f"; {lost.size} true positives lost in {v['dtype']} (budget "
-                f"{tp_loss_budget}): rounding at the threshold")
-    success = bool(v["goal_met"] and lost.size <= tp_loss_budget)
-    patched_model = None
-    patched_feats = None
-    model_dir = None
+                f"{budget}): rounding at the threshold")
+    success = bool(v["goal_met"] and lost.size <= budget)
+    patched_model = patched_feats = None
     if isinstance(model, MedClassifier):
         patched_model = copy.deepcopy(model)
-        patched_model.classifier = new_lin
+        patched_model.classifier = ap.layer
     else:
         patched_feats = plan.apply(model)
-    result = SurgeryResult(success, msg, plan, True, target_ids, before, after,
-                           int(tp_rows.size), int(lost.size), [val.ids[i] for i in lost],
-                           auroc_before, auroc_after, same_logits, same_weights, ranking, info,
-                           settings, round(time.perf_counter() - t0, 4), bool(v["goal_met"]),
-                           int(v["above"]), patched_model, patched_feats)
-    if out_dir is not None:
-        result.model_dir = str(save_surgery(result, out_dir, parent_card=card))
-    return result
+    return SurgeryResult(success, msg, plan, True, pl.target_ids, before, after,
+                         int(pl.tp_rows.size), int(lost.size), [inp.val.ids[i] for i in lost],
+                         pl.auroc_before, auroc_after, ap.same_logits, ap.same_weights,
+                         pl.ranking, pl.info, pl.settings, round(seconds, 4),
+                         bool(v["goal_met"]), int(v["above"]), patched_model, patched_feats)
 
 
 def _verify_in_model_dtype(z0: torch.Tensor, z1: torch.Tensor, n_val: int, rows: np.ndarray,
@@ -704,8 +808,6 @@ def save_surgery(result: "SurgeryResult | SurgeryLadder", out_dir: str | os.Path
     result = ladder.result if ladder is not None else result
     out = Path(out_dir)
     if result.model is not None:
-        from medscalpel.models.checkpoint import save_model
-
         card = parent_card if parent_card is not None else result.model.card
         if card is None:
             raise ModelError("save_surgery: the model has no ModelCard; load it with load_model "
@@ -791,8 +893,6 @@ def surgery_from_rule(
         surgery_from_rule(model, phantom_shifted, "chest_tube", "Pneumothorax",
                           val=phantom_val, below_threshold=True, out_dir="runs/ptx-surgery")
     """
-    from medscalpel.engine.predict import extract_features
-
     feats = extract_features(model, dataset, batch_size=batch_size, device=device,
                              progress=progress)
     k = class_index(feats.class_names, target_class, "surgery_from_rule")
