@@ -1,5 +1,6 @@
-"""No lost work: kill -9 a grid or a training run midway, rerun the same command, and get the
-result of an uninterrupted run; a changed dataset is refused instead of mixed."""
+"""No lost work: kill -9 a grid or a plain training run midway, rerun the same command (with
+--resume for training), and get the result of an uninterrupted run; a changed dataset is
+refused instead of mixed."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 
 from medscalpel.errors import RunError
 from medscalpel.pipeline.grid import canonical, grid_identity, prune_grid, run_cell, run_grid
+from medscalpel.runs import RunDir
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_executors import save_tiny_model, write_csv_dataset  # noqa: E402
@@ -48,6 +50,7 @@ torch.set_num_threads(1)
 from medscalpel.data import ArrayDataset, Preprocess
 from medscalpel.engine.train import TrainConfig, train
 from medscalpel.models import create_model
+from medscalpel.runs import RunDir
 
 class SlowArrays(ArrayDataset):
     def load_raw(self, index):
@@ -63,13 +66,17 @@ def data(cls):
 
 CFG = TrainConfig(epochs=6, batch_size=16, lr=3e-3, seed=1, device="cpu", patience=10)
 
-def run(cls, ckpt):
+def run(cls, out, resume):
+    """What 'medscalpel train --out OUT [--resume]' does: a RunDir (built under a hidden
+    .partial name unless resumed in place) with the checkpoint in RUN/checkpoint."""
     torch.manual_seed(1)
     model = create_model("densenet_tiny", 3, 1, 32)
-    return train(model, data(cls), None, CFG, checkpoint_dir=ckpt, progress=False)
+    with RunDir(out, command="train", config={"epochs": CFG.epochs}, resume=resume) as run:
+        return train(model, data(cls), None, CFG, checkpoint_dir=run.path / "checkpoint",
+                     progress=False)
 
 if __name__ == "__main__":
-    res = run(SlowArrays, sys.argv[1])
+    res = run(SlowArrays, sys.argv[1], sys.argv[3] == "resume")
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in res.model.state_dict().items()}, sys.argv[2])
     print(json.dumps({"resumed_from": res.resumed_from,
@@ -163,10 +170,13 @@ def test_kill9_grid_midway_then_resume(setup, tmp_path):
         write_csv_dataset(root / "data")  # restore for other tests of the module
 
 
-def test_kill9_training_midway_then_resume(tmp_path):
+def test_kill9_plain_training_after_epoch_1_then_resume(tmp_path):
+    """A killed plain run (no --resume) keeps its checkpoint in the run's final location, and
+    --resume continues from the last finished epoch; the result equals an uninterrupted run."""
     script = tmp_path / "train_script.py"
     script.write_text(TRAIN_SCRIPT)
-    ckpt = tmp_path / "ckpt"
+    out = tmp_path / "run"
+    ckpt = out / "checkpoint"
 
     def epochs_done():
         try:
@@ -174,13 +184,19 @@ def test_kill9_training_midway_then_resume(tmp_path):
         except (OSError, ValueError, KeyError):
             return 0
 
-    proc = _start(script, ckpt, tmp_path / "w.safetensors")
-    _kill_when(proc, lambda: epochs_done() >= 2)
+    proc = _start(script, out, tmp_path / "w.safetensors", "plain")
+    _kill_when(proc, lambda: epochs_done() >= 1)
     done = epochs_done()
-    assert 2 <= done < 6
-    res = _finish([script, ckpt, tmp_path / "w.safetensors"])
+    assert 1 <= done < 6
+    partial = list(tmp_path.glob(".run.*.partial"))  # the plain run was built there...
+    assert len(partial) == 1 and not (partial[0] / "checkpoint").exists()  # ...not its state
+    with pytest.raises(RunError, match="already exists and is not empty"):
+        RunDir(out, command="train").__enter__()  # a plain rerun does not silently restart
+    res = _finish([script, out, tmp_path / "w.safetensors", "resume"])
     assert res["resumed_from"] >= done and len(res["losses"]) == 6
-    # equal to an uninterrupted run in this process (same data, no checkpoint)
+    assert json.loads((ckpt / "state.json").read_text())["epoch"] == 5
+    # equal to an uninterrupted plain run in this process (same data); its checkpoint ends in
+    # the finished run directory and nothing is left beside it
     sys.modules.pop("train_script", None)
     sys.path.insert(0, str(tmp_path))
     try:
@@ -191,7 +207,9 @@ def test_kill9_training_midway_then_resume(tmp_path):
     from safetensors.torch import load_file
 
     torch.set_num_threads(1)
-    ref = train_script.run(ArrayDataset, None)
+    ref = train_script.run(ArrayDataset, tmp_path / "ref", False)
+    assert json.loads((tmp_path / "ref" / "checkpoint" / "state.json").read_text())["epoch"] == 5
+    assert not list(tmp_path.glob(".ref.*"))
     assert res["losses"] == [h["train_loss"] for h in ref.history]
     got = load_file(str(tmp_path / "w.safetensors"))
     for k, v in ref.model.state_dict().items():

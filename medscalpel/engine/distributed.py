@@ -1,6 +1,8 @@
 """Data-parallel training on several processes (GPUs or CPU cores, one or many nodes) with
-PyTorch DistributedDataParallel, reusing :mod:`medscalpel.engine.train`'s configuration, loss,
-learning-rate schedule, seeding, validation and per-epoch checkpoints.
+PyTorch DistributedDataParallel, on :mod:`medscalpel.engine.train`'s one training loop
+(:func:`~medscalpel.engine.train.run_epochs`: configuration, loss, learning-rate schedule,
+seeding, validation, early stopping and per-epoch checkpoints); this module supplies only the
+data-parallel hooks (:class:`DDPHooks`) and the process launchers.
 
 Two ways in:
 
@@ -26,15 +28,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -42,12 +41,11 @@ from torch import nn
 from medscalpel.data.base import CXRDataset
 from medscalpel.engine.metrics import evaluate
 from medscalpel.engine.predict import check_compatible, make_loader, predict
-from medscalpel.engine.train import (LossFn, TrainConfig, TrainResult, default_loss,
-                                     lr_lambda_for, seed_everything, train_identity, _Checkpointer,
-                                     _pos_weight)
+from medscalpel.engine.train import (LossFn, TrainConfig, TrainHooks, TrainResult, _pos_weight,
+                                     _set_trainable, default_loss, lr_lambda_for, run_epochs,
+                                     seed_everything, train_identity)
 from medscalpel.errors import ConfigError, MedScalpelError, RunError
 from medscalpel.models.classifier import MedClassifier
-from medscalpel.progress import LiveStatus
 from medscalpel.runs import read_json, write_json
 from medscalpel.validation import check_in, check_range
 
@@ -98,15 +96,6 @@ def shard(batch: list[int], rank: int, world: int) -> list[int]:
     return batch[rank::world]
 
 
-def _set_trainable(model: nn.Module, which: str) -> int:
-    for p in model.parameters():
-        p.requires_grad_(which == "all")
-    if which == "classifier":
-        for p in model.classifier.parameters():
-            p.requires_grad_(True)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def _share(targets: torch.Tensor, task: str, custom_loss: bool) -> torch.Tensor:
     """What this rank's mean loss is averaged over: images, or known labels (masked BCE)."""
     if task == "multilabel" and not custom_loss:
@@ -114,13 +103,53 @@ def _share(targets: torch.Tensor, task: str, custom_loss: bool) -> torch.Tensor:
     return torch.tensor(float(len(targets)), dtype=torch.float64)
 
 
-def _validate(model: MedClassifier, val_ds: CXRDataset, cfg: TrainConfig, dev) -> dict[str, Any]:
-    vp = predict(model, val_ds, batch_size=max(cfg.batch_size, 64), device=dev, progress=False)
-    ev = evaluate(vp, n_boot=0)
-    with torch.no_grad():
-        vl = default_loss(val_ds.task, None)(torch.from_numpy(vp.logits),
-                                             torch.from_numpy(vp.labels), None)
-    return {"val_auroc": ev.macro["auroc"], "val_ap": ev.macro["ap"], "val_loss": float(vl)}
+class DDPHooks(TrainHooks):
+    """The data-parallel pieces of the one training loop
+    (:func:`~medscalpel.engine.train.run_epochs`): this rank's shard of every global batch,
+    the loss weighted by this rank's share of the global batch and all-reduced, gradients
+    scaled by the world size (DDP averages them), the stop decision broadcast from rank 0."""
+
+    def __init__(self, rank: int, world: int, task: str, custom_loss: bool, batch_norm: str,
+                 device: torch.device):
+        self.rank, self.world, self.task = rank, world, task
+        self.custom_loss, self.batch_norm, self.device = custom_loss, batch_norm, device
+        self.is_main = rank == 0
+        self.backward_scale = float(world)
+
+    def batches(self, train_ds, cfg, epoch, steps_per_epoch):
+        mine = [shard(b, self.rank, self.world) for b in global_batches(len(train_ds), cfg, epoch)]
+        mine = mine[:steps_per_epoch]
+        loader = torch.utils.data.DataLoader(train_ds, batch_sampler=mine,
+                                             num_workers=cfg.num_workers)
+        return loader, len(mine)
+
+    def train_mode(self, net, model, cfg):
+        net.train()
+        if cfg.trainable == "classifier" or self.batch_norm == "frozen":
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def loss_weight(self, targets):
+        share = _share(targets, self.task, self.custom_loss).to(self.device)
+        total = share.clone()
+        dist.all_reduce(total)
+        return (share / total.clamp(min=1)).float()
+
+    def step_loss(self, loss):
+        dist.all_reduce(loss)  # the global-batch loss, identical on every rank
+        return loss
+
+    def stop(self, stop):
+        flag = torch.tensor([int(stop)], dtype=torch.int64).to(self.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def label(self, epoch, cfg):
+        return f"epoch {epoch + 1}/{cfg.epochs} (rank {self.rank}/{self.world})"
+
+    def show_progress(self, progress):
+        return progress if self.is_main else False
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -128,7 +157,8 @@ def _ddp_loop(rank: int, world: int, model: MedClassifier, train_ds: CXRDataset,
               val_ds: CXRDataset | None, cfg: TrainConfig, ddp: DDPSettings,
               checkpoint_dir: str | None, loss_fn: LossFn | None,
               progress: bool | None) -> dict[str, Any] | None:
-    """One rank's training (the process group is initialised). Rank 0 returns the outcome."""
+    """One rank's training (the process group is initialised): the one training loop with
+    :class:`DDPHooks`. Rank 0 returns the outcome."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
@@ -150,89 +180,20 @@ def _ddp_loop(rank: int, world: int, model: MedClassifier, train_ds: CXRDataset,
     # buffers (BN running statistics) are synchronised from rank 0 at every forward (default)
     net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_lambda, steps_per_epoch = lr_lambda_for(cfg, len(train_ds))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     pw = _pos_weight(train_ds, cfg.pos_weight)
     loss_f = loss_fn or default_loss(train_ds.task, pw.to(dev) if pw is not None else None)
     identity = train_identity(model, train_ds, val_ds, cfg,
                               ddp={"world_size": world, "batch_norm": bn})
-    ckpt = _Checkpointer(Path(checkpoint_dir) if checkpoint_dir else None)
-    (history, best_state, best_metric, best_epoch, bad_epochs,
-     start_epoch) = ckpt.restore(identity, model, opt, sched)
-    t0 = time.perf_counter()
-    stopped = bad_epochs >= cfg.patience
-    step_losses: list[list[float]] = []
-    for epoch in range(start_epoch, cfg.epochs):
-        if stopped:
-            break
-        te = time.perf_counter()
-        seed_everything(cfg.seed * 1000 + epoch)
-        mine = [shard(b, rank, world) for b in global_batches(len(train_ds), cfg, epoch)]
-        mine = mine[:steps_per_epoch]
-        loader = torch.utils.data.DataLoader(train_ds, batch_sampler=mine,
-                                             num_workers=cfg.num_workers)
-        net.train()
-        if cfg.trainable == "classifier" or bn == "frozen":
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        losses: list[float] = []
-        with LiveStatus(f"epoch {epoch + 1}/{cfg.epochs} (rank {rank}/{world})", len(mine),
-                        progress if rank == 0 else False) as bar:
-            for step, (x, y) in enumerate(loader):
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                share = _share(y, train_ds.task, loss_fn is not None).to(dev)
-                total = share.clone()
-                dist.all_reduce(total)
-                weight = (share / total.clamp(min=1)).float()
-                logits = net(x)
-                loss = loss_f(logits.float(), y, x) * weight
-                glob = loss.detach().clone()
-                dist.all_reduce(glob)  # the global-batch loss, identical on every rank
-                if not torch.isfinite(glob):
-                    raise ConfigError(f"Training diverged at epoch {epoch + 1}, step {step}: the "
-                                      "loss is not finite. Lower --lr or check the data.")
-                opt.zero_grad(set_to_none=True)
-                (loss * world).backward()  # DDP averages gradients over the ranks
-                if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                sched.step()
-                losses.append(float(glob))
-                bar.advance(info=f"loss {np.mean(losses[-50:]):.4f}")
-        step_losses.append(losses)
-        rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
-                               "lr": float(sched.get_last_lr()[0])}
-        flag = torch.zeros(1, dtype=torch.int64)
-        if rank == 0:
-            metric = -rec["train_loss"]
-            if val_ds is not None:
-                rec.update(_validate(model, val_ds, cfg, dev))
-                metric = {"auroc": rec["val_auroc"], "ap": rec["val_ap"],
-                          "loss": -rec["val_loss"]}[cfg.monitor]
-                if not np.isfinite(metric):
-                    metric = -rec["val_loss"]
-            rec["seconds"] = round(time.perf_counter() - te, 2)
-            history.append(rec)
-            logger.info("epoch %s", rec)
-            if metric > best_metric:
-                best_metric, best_epoch, bad_epochs = float(metric), epoch + 1, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                bad_epochs += 1
-            ckpt.save(epoch, model, best_state, opt, sched, history, best_epoch, best_metric,
-                      bad_epochs, identity)
-            flag[0] = int(bad_epochs >= cfg.patience)
-        flag = flag.to(dev)
-        dist.broadcast(flag, src=0)
-        stopped = bool(flag.item())
+    hooks = DDPHooks(rank, world, train_ds.task, loss_fn is not None, bn, dev)
+    out = run_epochs(model, net, params, train_ds, val_ds, cfg, loss_f, dev, checkpoint_dir,
+                     identity, hooks=hooks, progress=progress, use_amp=False)
     if rank != 0:
         return None
-    return {"best_state": {k: v.detach().cpu().contiguous() for k, v in best_state.items()},
-            "history": history, "best_epoch": best_epoch, "best_metric": float(best_metric),
-            "seconds": round(time.perf_counter() - t0, 2), "trainable_params": n_trainable,
-            "resumed_from": start_epoch, "step_losses": step_losses, "batch_norm": bn}
+    return {"best_state": {k: v.detach().cpu().contiguous() for k, v in out.best_state.items()},
+            "history": out.history, "best_epoch": out.best_epoch,
+            "best_metric": out.best_metric, "seconds": out.seconds,
+            "trainable_params": n_trainable, "resumed_from": out.start_epoch,
+            "step_losses": out.step_losses, "batch_norm": bn}
 
 
 def _check(model: MedClassifier, train_ds: CXRDataset, val_ds: CXRDataset | None,
@@ -473,5 +434,5 @@ def fit_ddp(data: str, arch: str, out_dir: str | os.PathLike, config: TrainConfi
                      data={"train": train_ds.describe(), "val": val_ds.describe()})
 
 
-__all__ = ["DDPSettings", "fit_ddp", "global_batches", "lr_lambda_for", "shard", "train_ddp",
+__all__ = ["DDPHooks", "DDPSettings", "fit_ddp", "global_batches", "lr_lambda_for", "shard", "train_ddp",
            "train_ddp_from_env"]

@@ -1,6 +1,11 @@
 """Training: multi-label BCE (optional pos_weight) or multi-class CE; AdamW with a cosine
 schedule and linear warm-up; early stopping on validation macro AUROC with the best weights
-kept; deterministic seeding; resume from the last finished epoch; AMP on GPU."""
+kept; deterministic seeding; resume from the last finished epoch; AMP on GPU.
+
+One epoch loop (:func:`run_epochs`) serves :func:`train` (one process) and
+:func:`medscalpel.engine.distributed.train_ddp` (DistributedDataParallel), which supplies only
+its :class:`TrainHooks` (its shard of each global batch, all-reduced loss weights, the stop
+broadcast)."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import copy
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,7 +31,7 @@ from medscalpel.engine.predict import check_compatible, make_loader, predict
 from medscalpel.errors import ConfigError, RunError
 from medscalpel.models.classifier import MedClassifier
 from medscalpel.progress import LiveStatus
-from medscalpel.runs import read_json, write_json
+from medscalpel.runs import atomic_path, final_path, read_json, write_json
 from medscalpel.validation import check_in, check_range
 
 logger = logging.getLogger(__name__)
@@ -134,32 +140,61 @@ def _set_trainable(model: MedClassifier, which: str) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def stable_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """Where per-epoch checkpoints of ``path`` are kept while training runs: ``path`` with any
+    run directory under construction (``.NAME.XXXX.partial``, see :class:`~medscalpel.runs.
+    RunDir`) replaced by its final name. A killed plain run thus leaves its checkpoint in the
+    run's final location, where ``--resume`` (a RunDir built in place) finds it.
+
+    Example:
+        >>> stable_checkpoint_dir("runs/.r1.ab12cd.partial/checkpoint").as_posix()
+        'runs/r1/checkpoint'
+    """
+    path = Path(path)
+    out = Path(path.parts[0]) if path.parts else path
+    for part in path.parts[1:]:
+        out = final_path(out / part)
+    return out
+
+
 class _Checkpointer:
-    """Per-epoch state for resume: weights (safetensors) + optimiser/scheduler (weights_only)."""
+    """Per-epoch state for resume: weights (safetensors) + optimiser/scheduler (weights_only).
+
+    State is read from ``directory`` and written to :func:`stable_checkpoint_dir` of it (the
+    same place unless ``directory`` lies in a run directory under construction); at the end of
+    training :meth:`finish` moves it into ``directory``. Each epoch's files carry the epoch in
+    their names and ``state.json`` (written last, atomically) names them, so a kill at any
+    moment leaves a consistent last finished epoch.
+    """
 
     def __init__(self, directory: Path | None):
         self.dir = directory
+        self.write_dir = stable_checkpoint_dir(directory) if directory is not None else None
 
     def save(self, epoch: int, model, best_state, opt, sched, history, best_epoch, best_metric,
              bad_epochs, identity: dict[str, Any]) -> None:
-        if self.dir is None:
+        if self.write_dir is None:
             return
         from safetensors.torch import save_file
 
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp_w = self.dir / ".last.safetensors.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(tmp_w))
-        tmp_b = self.dir / ".best.safetensors.tmp"
-        save_file({k: v.cpu().contiguous() for k, v in best_state.items()}, str(tmp_b))
-        tmp_o = self.dir / ".optim.pt.tmp"
-        torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp_o)
-        os.replace(tmp_w, self.dir / "last.safetensors")
-        os.replace(tmp_b, self.dir / "best.safetensors")
-        os.replace(tmp_o, self.dir / "optim.pt")
-        write_json(self.dir / "state.json", {"epoch": epoch, "history": history,
-                                             "best_epoch": best_epoch, "best_metric": best_metric,
-                                             "bad_epochs": bad_epochs, "identity": identity})
+        d = self.write_dir
+        d.mkdir(parents=True, exist_ok=True)
+        files = {"last": f"last.e{epoch}.safetensors", "best": f"best.e{epoch}.safetensors",
+                 "optim": f"optim.e{epoch}.pt"}
+        with atomic_path(d / files["last"]) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                      str(tmp))
+        with atomic_path(d / files["best"]) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in best_state.items()}, str(tmp))
+        with atomic_path(d / files["optim"]) as tmp:
+            torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp)
+        write_json(d / "state.json", {"epoch": epoch, "files": files, "history": history,
+                                      "best_epoch": best_epoch, "best_metric": best_metric,
+                                      "bad_epochs": bad_epochs, "identity": identity})
+        keep = set(files.values())
+        for f in d.glob("*.e*.*"):
+            if f.name not in keep and f.suffix in (".safetensors", ".pt"):
+                f.unlink(missing_ok=True)
 
     def restore(self, identity: dict[str, Any], model: nn.Module, opt, sched):
         """Load the last finished epoch into ``model``/``opt``/``sched`` (when there is one) and
@@ -185,9 +220,30 @@ class _Checkpointer:
         if state.get("identity") != identity:
             raise RunError(f"Cannot resume training from {self.dir}: it was started with a different "
                            "model, dataset or configuration. Use a new output directory.")
-        return (state, load_file(str(self.dir / "last.safetensors")),
-                load_file(str(self.dir / "best.safetensors")),
-                torch.load(self.dir / "optim.pt", map_location="cpu", weights_only=True))
+        files = state.get("files")
+        if not isinstance(files, dict):
+            raise RunError(f"Cannot resume training from {self.dir}: its state.json was written "
+                           "by an older medscalpel. Delete that folder to start over.")
+        return (state, load_file(str(self.dir / files["last"])),
+                load_file(str(self.dir / files["best"])),
+                torch.load(self.dir / files["optim"], map_location="cpu", weights_only=True))
+
+    def finish(self) -> None:
+        """Move the checkpoint from its stable place into ``directory`` (when they differ), so
+        that a finished run holds it; empty folders left behind are removed."""
+        if self.dir is None or self.write_dir is None or self.write_dir == self.dir:
+            return
+        if not self.write_dir.is_dir():
+            return
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.write_dir), str(self.dir))
+        common = Path(os.path.commonpath([self.write_dir, self.dir]))
+        p = self.write_dir.parent
+        while p != common and common in p.parents and p.is_dir() and not any(p.iterdir()):
+            p.rmdir()
+            p = p.parent
 
 
 def lr_lambda_for(cfg: TrainConfig, n_train: int) -> tuple[Callable[[int], float], int]:
@@ -219,6 +275,164 @@ def train_identity(model: MedClassifier, train_ds: CXRDataset, val_ds: CXRDatase
                        if k not in ("device", "num_workers")}, **extra}
 
 
+class TrainHooks:
+    """How a run plugs into the one epoch loop (:func:`run_epochs`). The defaults are one
+    process; :mod:`medscalpel.engine.distributed` overrides the batches (its shard of each
+    global batch), the loss weight and reduction (all-reduce), the backward scale and the
+    stop decision (broadcast from rank 0)."""
+
+    #: this process validates, keeps the history and writes checkpoints
+    is_main: bool = True
+    #: multiplies the loss before ``backward`` (DDP averages gradients over the ranks)
+    backward_scale: float = 1.0
+
+    def batches(self, train_ds: CXRDataset, cfg: TrainConfig, epoch: int,
+                steps_per_epoch: int) -> tuple[Any, int]:
+        """The epoch's ``(x, y)`` batches and how many steps of them to take."""
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        loader = make_loader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
+                             generator=gen, drop_last=len(train_ds) > cfg.batch_size)
+        return loader, steps_per_epoch
+
+    def train_mode(self, net: nn.Module, model: MedClassifier, cfg: TrainConfig) -> None:
+        net.train()
+        if cfg.trainable == "classifier":
+            model.backbone.eval()  # frozen BN statistics
+
+    def loss_weight(self, targets: torch.Tensor) -> torch.Tensor | float:
+        """Weight of this process's mean loss in the step's loss."""
+        return 1.0
+
+    def step_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The step's loss as reported (and checked for divergence) from this process's."""
+        return loss
+
+    def stop(self, stop: bool) -> bool:
+        """Whether every process stops now, from the main process's decision."""
+        return stop
+
+    def label(self, epoch: int, cfg: TrainConfig) -> str:
+        return f"epoch {epoch + 1}/{cfg.epochs}"
+
+    def show_progress(self, progress: bool | None) -> bool | None:
+        return progress
+
+
+@dataclass
+class EpochsOutcome:
+    """What :func:`run_epochs` ends with (``best_state`` and ``history`` on the main process)."""
+
+    history: list[dict[str, Any]]
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    best_metric: float
+    start_epoch: int
+    seconds: float
+    step_losses: list[list[float]]
+
+
+def _validate(model: MedClassifier, val_ds: CXRDataset, cfg: TrainConfig, dev) -> dict[str, Any]:
+    vp = predict(model, val_ds, batch_size=max(cfg.batch_size, 64), device=dev, progress=False)
+    ev = evaluate(vp, n_boot=0)
+    with torch.no_grad():
+        vl = default_loss(val_ds.task, None)(torch.from_numpy(vp.logits),
+                                             torch.from_numpy(vp.labels), None)
+    return {"val_auroc": ev.macro["auroc"], "val_ap": ev.macro["ap"], "val_loss": float(vl)}
+
+
+def run_epochs(model: MedClassifier, net: nn.Module, params: list[nn.Parameter],
+               train_ds: CXRDataset, val_ds: CXRDataset | None, cfg: TrainConfig,
+               loss_f: LossFn, dev: torch.device, checkpoint_dir: str | os.PathLike | None,
+               identity: dict[str, Any], hooks: TrainHooks | None = None,
+               progress: bool | None = None, use_amp: bool = False) -> EpochsOutcome:
+    """The one training loop of :func:`train` and
+    :func:`~medscalpel.engine.distributed.train_ddp`: AdamW + warm-up/cosine schedule, resume
+    from the last finished epoch, per-epoch validation, early stopping on ``cfg.monitor`` with
+    the best weights kept, per-epoch checkpoints (:func:`stable_checkpoint_dir`).
+
+    Args:
+        model: the model (its state is what is checkpointed and validated).
+        net: what the batches go through (``model`` itself, or its DDP wrapper).
+        params: the parameters the optimiser updates.
+        loss_f: ``loss_f(logits, targets, images)``: this process's mean loss.
+        identity: what a resumed run must share with the checkpoint (:func:`train_identity`).
+        hooks: the data-parallel pieces (default: one process).
+    """
+    hooks = hooks or TrainHooks()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_lambda, steps_per_epoch = lr_lambda_for(cfg, len(train_ds))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    ckpt = _Checkpointer(Path(checkpoint_dir) if checkpoint_dir else None)
+    (history, best_state, best_metric, best_epoch, bad_epochs,
+     start_epoch) = ckpt.restore(identity, model, opt, sched)
+    if start_epoch:
+        logger.info("resuming training at epoch %d", start_epoch)
+    t0 = time.perf_counter()
+    stopped = bad_epochs >= cfg.patience
+    step_losses: list[list[float]] = []
+    for epoch in range(start_epoch, cfg.epochs):
+        if stopped:
+            break
+        te = time.perf_counter()
+        seed_everything(cfg.seed * 1000 + epoch)
+        batches, n_steps = hooks.batches(train_ds, cfg, epoch, steps_per_epoch)
+        hooks.train_mode(net, model, cfg)
+        losses: list[float] = []
+        with LiveStatus(hooks.label(epoch, cfg), n_steps, hooks.show_progress(progress)) as bar:
+            for step, (x, y) in enumerate(batches):
+                if step >= n_steps:
+                    break
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                weight = hooks.loss_weight(y)
+                with torch.autocast(dev.type, enabled=use_amp):
+                    logits = net(x)
+                    loss = loss_f(logits.float(), y, x) * weight
+                reported = hooks.step_loss(loss.detach().clone())
+                if not torch.isfinite(reported):
+                    raise ConfigError(f"Training diverged at epoch {epoch + 1}, step {step}: the "
+                                      "loss is not finite. Lower --lr or check the data.")
+                opt.zero_grad(set_to_none=True)
+                scale = hooks.backward_scale
+                scaler.scale(loss * scale if scale != 1 else loss).backward()
+                if cfg.grad_clip:
+                    scaler.unscale_(opt)
+                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                losses.append(float(reported))
+                bar.advance(info=f"loss {np.mean(losses[-50:]):.4f}")
+        step_losses.append(losses)
+        stop = False
+        if hooks.is_main:
+            rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+                                   "lr": float(sched.get_last_lr()[0])}
+            metric = -rec["train_loss"]
+            if val_ds is not None:
+                rec.update(_validate(model, val_ds, cfg, dev))
+                metric = {"auroc": rec["val_auroc"], "ap": rec["val_ap"],
+                          "loss": -rec["val_loss"]}[cfg.monitor]
+                if not np.isfinite(metric):
+                    metric = -rec["val_loss"]
+            rec["seconds"] = round(time.perf_counter() - te, 2)
+            history.append(rec)
+            logger.info("epoch %s", rec)
+            if metric > best_metric:
+                best_metric, best_epoch, bad_epochs = float(metric), epoch + 1, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad_epochs += 1
+            ckpt.save(epoch, model, best_state, opt, sched, history, best_epoch, best_metric,
+                      bad_epochs, identity)
+            stop = bad_epochs >= cfg.patience
+        stopped = hooks.stop(stop)
+    if hooks.is_main:
+        ckpt.finish()
+    return EpochsOutcome(history, best_state, best_epoch, float(best_metric), start_epoch,
+                         round(time.perf_counter() - t0, 2), step_losses)
+
+
 def train(
     model: MedClassifier,
     train_ds: CXRDataset,
@@ -233,7 +447,10 @@ def train(
 
     Args:
         checkpoint_dir: where per-epoch state is kept; rerunning with the same directory resumes
-            after the last finished epoch (and refuses a different model/data/config).
+            after the last finished epoch (and refuses a different model/data/config). Inside a
+            run directory under construction (a plain ``train``), the state is written to the
+            run's final location while training runs (:func:`stable_checkpoint_dir`), so a
+            killed run resumes with ``--resume``; it is moved into ``checkpoint_dir`` at the end.
         loss_fn: replaces the default loss (BCE / CE), e.g. for distillation.
         inplace: train the given model object instead of a copy.
 
@@ -255,89 +472,16 @@ def train(
     if isinstance(loss_fn, nn.Module):  # a loss with parameters of its own (e.g. a projection)
         loss_fn.to(dev)
         params += [p for p in loss_fn.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_lambda, steps_per_epoch = lr_lambda_for(cfg, len(train_ds))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     pw = _pos_weight(train_ds, cfg.pos_weight)
     loss_f = loss_fn or default_loss(train_ds.task, pw.to(dev) if pw is not None else None)
-    use_amp = cfg.amp and dev.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    identity = train_identity(model, train_ds, val_ds, cfg)
-    ckpt = _Checkpointer(Path(checkpoint_dir) if checkpoint_dir else None)
-    (history, best_state, best_metric, best_epoch, bad_epochs,
-     start_epoch) = ckpt.restore(identity, model, opt, sched)
-    if start_epoch:
-        logger.info("resuming training at epoch %d", start_epoch)
-    t0 = time.perf_counter()
-    stopped = bad_epochs >= cfg.patience
-    for epoch in range(start_epoch, cfg.epochs):
-        if stopped:
-            break
-        te = time.perf_counter()
-        seed_everything(cfg.seed * 1000 + epoch)
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        loader = make_loader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
-                             generator=gen, drop_last=len(train_ds) > cfg.batch_size)
-        model.train()
-        if cfg.trainable == "classifier":
-            model.backbone.eval()  # frozen BN statistics
-        losses = []
-        with LiveStatus(f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch, progress) as bar:
-            for step, (x, y) in enumerate(loader):
-                if step >= steps_per_epoch:
-                    break
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                with torch.autocast(dev.type, enabled=use_amp):
-                    logits = model(x)
-                    loss = loss_f(logits.float(), y, x)
-                if not torch.isfinite(loss):
-                    raise ConfigError(f"Training diverged at epoch {epoch + 1}, step {step}: the "
-                                      "loss is not finite. Lower --lr or check the data.")
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                losses.append(float(loss.detach()))
-                bar.advance(info=f"loss {np.mean(losses[-50:]):.4f}")
-        rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
-                               "lr": float(sched.get_last_lr()[0])}
-        metric = -rec["train_loss"]
-        if val_ds is not None:
-            vp = predict(model, val_ds, batch_size=max(cfg.batch_size, 64), device=dev,
-                         progress=False)
-            ev = evaluate(vp, n_boot=0)
-            rec["val_auroc"] = ev.macro["auroc"]
-            rec["val_ap"] = ev.macro["ap"]
-            with torch.no_grad():
-                vl = default_loss(val_ds.task, None)(torch.from_numpy(vp.logits),
-                                                     torch.from_numpy(vp.labels), None)
-            rec["val_loss"] = float(vl)
-            metric = {"auroc": rec["val_auroc"], "ap": rec["val_ap"],
-                      "loss": -rec["val_loss"]}[cfg.monitor]
-            if not np.isfinite(metric):
-                metric = -rec["val_loss"]
-        rec["seconds"] = round(time.perf_counter() - te, 2)
-        history.append(rec)
-        logger.info("epoch %s", rec)
-        if metric > best_metric:
-            best_metric, best_epoch, bad_epochs = float(metric), epoch + 1, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
-        ckpt.save(epoch, model, best_state, opt, sched, history, best_epoch, best_metric,
-                  bad_epochs, identity)
-        if bad_epochs >= cfg.patience:
-            stopped = True
-    model.load_state_dict(best_state)
+    out = run_epochs(model, model, params, train_ds, val_ds, cfg, loss_f, dev, checkpoint_dir,
+                     train_identity(model, train_ds, val_ds, cfg), progress=progress,
+                     use_amp=cfg.amp and dev.type == "cuda")
+    model.load_state_dict(out.best_state)
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
     model.cpu()
-    return TrainResult(model=model, history=history, best_epoch=best_epoch,
-                       best_metric=float(best_metric), seconds=round(time.perf_counter() - t0, 2),
-                       config=cfg, trainable_params=n_trainable, resumed_from=start_epoch)
+    return TrainResult(model=model, history=out.history, best_epoch=out.best_epoch,
+                       best_metric=out.best_metric, seconds=out.seconds, config=cfg,
+                       trainable_params=n_trainable, resumed_from=out.start_epoch)
