@@ -357,21 +357,23 @@ def write_cell(cells_dir: Path, cid: str, cell: dict[str, Any], result: Any, sec
     return Cell(cid, cell, res_json, sizes, seconds, computed=True)
 
 
-def _earlier_cells(out: Path, requested: set[str], ihash: str) -> list[Cell]:
-    """Cells finished by earlier runs of this directory that this run does not request."""
-    if not (out / INDEX).is_file():
-        return []
-    try:
-        old = CellIndex.load(out)
-    except DataError:
-        logger.warning("ignoring the unreadable %s in %s (it is rebuilt)", INDEX, out)
-        return []
+def _earlier_cells(cells_dir: Path, requested: set[str], ihash: str) -> list[Cell]:
+    """Cells finished by earlier runs of this directory that this run does not request (read
+    from their own commit files, so a run killed before it rewrote the index loses none)."""
     kept = []
-    for c in old.cells:
-        if c.cell_id in requested:
+    for f in sorted(cells_dir.glob("*.json")):
+        cid = f.stem
+        if cid in requested or not _NAME.fullmatch(cid):
             continue
-        done = _read_done(out / CELLS, c.cell_id, c.cell, ihash)
-        if done is not None:
+        try:
+            stored = read_json(f).get("cell")
+        except (DataError, AttributeError):
+            stored = None
+        if not isinstance(stored, dict):
+            logger.warning("ignoring the unreadable cell file %s", f)
+            continue
+        done = _read_done(cells_dir, cid, stored, ihash)
+        if done is not None and done.cell_id == cid:
             kept.append(done)
     return kept
 
@@ -433,7 +435,7 @@ def run_cells(
             found = _read_done(cdir, cid, c, ihash)
             if found is not None:
                 done[i] = found
-        earlier = _earlier_cells(run.path, set(ids), ihash)
+        earlier = _earlier_cells(cdir, set(ids), ihash)
         n_skipped = len(done)
         todo = [i for i in range(len(cells)) if i not in done]
         logger.info("grid %s: %d cells, %d finished earlier, %d to run", out, len(cells),
