@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import os
 import shutil
@@ -156,7 +157,7 @@ def _predictions(logits: np.ndarray, data, idx: list[int], name: str) -> Predict
                        tuple(data.class_names), data.task, data.split, model_id=name)
 
 
-def _run_all(rt: Runtime, images: torch.Tensor, batch: int) -> np.ndarray:
+def run_batched(rt: Runtime, images: torch.Tensor, batch: int) -> np.ndarray:
     """Logits of ``rt`` on all images in full batches of ``batch`` (the last one padded, so a
     shape-specialised runtime compiles once)."""
     x = images.numpy()
@@ -219,7 +220,7 @@ def _check_accuracy(v: _Variant, images, ref_logits, ref_preds, data, idx, batch
                     seed) -> None:
     """Parity vs torch fp32 (refuse + remove files over tolerance) and paired delta AUROC."""
     try:
-        logits = _run_all(v.rt, images, batch)
+        logits = run_batched(v.rt, images, batch)
     except Exception as exc:  # noqa: BLE001
         v.fail("error", f"inference error: {type(exc).__name__}: {str(exc)[:300]}")
         v.rt.remove_files()
@@ -270,7 +271,7 @@ def _ort_int8_gemm(n: int, threads: int):
     return lambda: sess.run(None, {"A": a})
 
 
-def _peak_fns(threads: int) -> dict[str, Any]:
+def peak_gemms(threads: int) -> dict[str, Any]:
     """fp32 GEMM (torch) and int8 GEMM (onnxruntime MatMulInteger, U8S8) for the peak MAC
     rates; bf16 is not measured (no bf16 GEMM on CPUs without avx512_bf16 / AMX)."""
     n = 512
@@ -290,7 +291,7 @@ def _benchmark(live: list[_Variant], example: torch.Tensor, batches, rounds, war
     no variant always runs first. The matmul peak is timed in the same rounds."""
     inputs = {b: np.ascontiguousarray(np.repeat(example[:1].numpy(), b, axis=0))
               for b in batches}
-    peaks = _peak_fns(threads)
+    peaks = peak_gemms(threads)
     peak_t: dict[str, list[float]] = {k: [] for k in peaks}
     with torch.inference_mode():
         for r in track(range(rounds), "benchmark rounds", progress=progress):
@@ -522,7 +523,7 @@ def deploy(
     try:
         ref_rt = RUNTIMES.create(REFERENCE, threads=threads)
         ref_rt.prepare(model, images[:1], None, workdir)
-        ref_logits = _run_all(ref_rt, images, max(batches))
+        ref_logits = run_batched(ref_rt, images, max(batches))
         ref_preds = _predictions(ref_logits, data, idx, REFERENCE)
         if calib_data is not None:
             with torch.inference_mode():
@@ -590,4 +591,22 @@ def _finish(model, shape, vs, chosen, reason, workdir, out, data, calib_src, ima
     return result
 
 
-__all__ = ["DEFAULT_VARIANTS", "DeployResult", "VariantResult", "deploy", "serve_metadata"]
+#: the demo's quick stage: fp32 runtimes + ONNX Runtime U8S8, one batch size, few rounds
+QUICK_VARIANTS = ("torch:fp32", "onnxruntime:fp32", "onnxruntime:int8-u8s8", "openvino:fp32")
+
+
+def quick_deploy(model: nn.Module, data, out: str | os.PathLike, calib_data=None,
+                 overwrite: bool = False, progress: bool | None = None) -> DeployResult:
+    """A budgeted :func:`deploy` for the demo (batch 1, 3 rounds, 64 evaluation and 16
+    calibration images, 200 bootstrap replicates, the :data:`QUICK_VARIANTS` that are
+    installed; OpenVINO is skipped without the extra). The OpenVINO / NNCF int8 and bf16
+    variants are left to the full command."""
+    names = [n for n in QUICK_VARIANTS
+             if not n.startswith("openvino") or importlib.util.find_spec("openvino")]
+    return deploy(model, data, out, calib_data=calib_data, variants=names, batches=(1,),
+                  rounds=3, repeats=3, warmup=1, n_images=64, n_calib=16, n_boot=200,
+                  overwrite=overwrite, progress=progress)
+
+
+__all__ = ["DEFAULT_VARIANTS", "QUICK_VARIANTS", "quick_deploy", "DeployResult", "VariantResult", "deploy", "peak_gemms",
+           "run_batched", "serve_metadata"]
