@@ -48,11 +48,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medscalpel.compress.measure import count_macs, count_parameters, cpu_latency
+from medscalpel.compress.measure import collect_logits, count_macs, count_parameters, cpu_latency
 from medscalpel.data.base import CXRDataset
+from medscalpel.engine.metrics import evaluate
+from medscalpel.engine.predict import check_compatible, collect_images, predict
 from medscalpel.engine.train import TrainConfig, TrainResult, seed_everything, train
 from medscalpel.errors import ConfigError, DataError, ModelError
+from medscalpel.explain.compare import compare_saliency
+from medscalpel.models.checkpoint import load_model, make_card, save_model
 from medscalpel.models.classifier import MedClassifier
+from medscalpel.models.zoo import ARCHS, create_model
 from medscalpel.runs import read_json, write_json
 from medscalpel.validation import check_in, check_range
 
@@ -409,9 +414,6 @@ def _is_model_dir(x: Any) -> bool:
 def resolve_model(model: ModelLike, dataset: CXRDataset, role: str = "student") -> MedClassifier:
     """A copy of ``model`` (a :class:`MedClassifier`), the model in a medscalpel model directory,
     or a fresh zoo architecture sized for ``dataset`` (classes, channels, image size)."""
-    from medscalpel.models.checkpoint import load_model
-    from medscalpel.models.zoo import ARCHS, create_model
-
     if isinstance(model, MedClassifier):
         return copy.deepcopy(model)
     if _is_model_dir(model):
@@ -429,8 +431,6 @@ def resolve_model(model: ModelLike, dataset: CXRDataset, role: str = "student") 
 
 
 def _check_pair(teacher: MedClassifier, student: MedClassifier, dataset: CXRDataset) -> None:
-    from medscalpel.engine.predict import check_compatible
-
     for role, m in (("teacher", teacher), ("student", student)):
         if not isinstance(m, MedClassifier):
             raise ModelError(f"The {role} must be a MedClassifier; got {type(m).__name__}.")
@@ -446,8 +446,6 @@ def teacher_divergence(student: MedClassifier, teacher: MedClassifier, images: t
                        task: str, temperature: float = 1.0, batch_size: int = 64) -> float:
     """Mean :func:`soft_divergence` of the student from the teacher on ``images`` (eval mode,
     both models left as they were)."""
-    from medscalpel.compress.measure import collect_logits
-
     s = collect_logits(student, images, batch_size)
     t = collect_logits(teacher, images, batch_size)
     return float(soft_divergence(s, t, task, temperature))
@@ -573,8 +571,6 @@ class DistillResult:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the distilled student's model directory (``model/``) and ``distill.json``."""
-        from medscalpel.models.checkpoint import save_model
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.model is not None:
@@ -597,9 +593,6 @@ class DistillResult:
 
 # ----------------------------------------------------------------------------- public API
 def _metrics(model: MedClassifier, ds: CXRDataset, n_boot: int, seed: int) -> tuple[dict, Any]:
-    from medscalpel.engine.metrics import evaluate
-    from medscalpel.engine.predict import predict
-
     preds = predict(model, ds, progress=False)
     ev = evaluate(preds, n_boot=n_boot, seed=seed)
     macro = dict(ev.macro)
@@ -610,8 +603,6 @@ def _metrics(model: MedClassifier, ds: CXRDataset, n_boot: int, seed: int) -> tu
 
 
 def _card_for(model: MedClassifier, ds: CXRDataset, parent_card, method: str, **details):
-    from medscalpel.models.checkpoint import make_card
-
     pre = ds.preprocess.with_augment(None)
     base = (replace(parent_card, arch=model.arch, arch_kwargs=dict(model.arch_kwargs),
                     input=pre.to_dict(), thresholds=None, metrics={}, model_id="")
@@ -655,10 +646,30 @@ def distill(
     Raises:
         ModelError: a model does not fit the data (classes, channels, task) or is unknown.
         ConfigError: invalid settings.
-    """
-    from medscalpel.explain.compare import compare_saliency
 
+    Steps: :func:`_validate_distill` -> :func:`_prepare_models` (plan: teacher, student) ->
+    :func:`_train_students` (apply) -> :func:`_measure_students`, :func:`_attach_cards`,
+    :func:`_compare_saliency` (verify and record).
+    """
     cfg = (config or DistillConfig()).validate()
+    classes = _validate_distill(train_ds, val_ds, test_ds, cfg)
+    ck = Path(checkpoint_dir) if checkpoint_dir else None
+    t_model, s_init, teacher_trained_here = _prepare_models(teacher, student, train_ds, val_ds,
+                                                            cfg, ck, progress)
+    runs = _train_students(t_model, s_init, train_ds, val_ds, cfg, ck, progress)
+    teacher_info, students, targets = _measure_students(t_model, runs, test_ds, cfg)
+    teacher_info["trained_here"] = teacher_trained_here
+    dm, base_model = _attach_cards(runs, s_init.card, students, train_ds, cfg,
+                                   teacher_info["model_id"], t_model.arch)
+    saliency, comparisons = _compare_saliency(t_model, runs, test_ds, classes, cfg, progress)
+    return DistillResult(teacher=teacher_info, students=students, saliency=saliency,
+                         targets=targets, config=cfg, data=_data_info(train_ds, val_ds, test_ds),
+                         model=dm, baseline_model=base_model, comparisons=comparisons)
+
+
+def _validate_distill(train_ds: Any, val_ds: Any, test_ds: Any, cfg: DistillConfig
+                      ) -> list[int]:
+    """Step 1: the data fit together; returns the class indices of the saliency comparison."""
     for name, ds in (("train_ds", train_ds), ("test_ds", test_ds)):
         if not isinstance(ds, CXRDataset):
             raise DataError(f"distill: '{name}' must be a CXRDataset; got {type(ds).__name__}.")
@@ -672,8 +683,15 @@ def distill(
     if bad:
         raise ConfigError(f"DistillConfig.saliency_classes {bad} are not class indices of the "
                           f"{test_ds.num_classes} classes {test_ds.class_names}.")
-    ck = Path(checkpoint_dir) if checkpoint_dir else None
-    task = train_ds.task
+    return classes
+
+
+def _prepare_models(teacher: ModelLike, student: ModelLike, train_ds: CXRDataset,
+                    val_ds: CXRDataset | None, cfg: DistillConfig, ck: Path | None,
+                    progress: bool | None
+                    ) -> tuple[MedClassifier, MedClassifier, dict[str, Any] | None]:
+    """Step 2: the teacher (trained here when given as an architecture name) and the student's
+    seeded initial weights; returns (teacher, student, how the teacher was trained here)."""
     seed_everything(cfg.train.seed)  # fresh architectures start from seeded weights
     t_model = resolve_model(teacher, train_ds, "teacher")
     teacher_trained_here = None
@@ -687,38 +705,47 @@ def distill(
         teacher_trained_here = {"epochs_run": len(tres.history), "best_epoch": tres.best_epoch,
                                 "seconds": tres.seconds, "config": tcfg.to_dict()}
     if t_model.card is None:  # our copy: give it the data's contract (class names for maps)
-        from medscalpel.models.checkpoint import make_card
-
-        t_model.card = make_card(t_model, train_ds.class_names, task,
+        t_model.card = make_card(t_model, train_ds.class_names, train_ds.task,
                                  train_ds.preprocess.with_augment(None))
     seed_everything(cfg.train.seed)
     s_init = resolve_model(student, train_ds, "student")
     _check_pair(t_model, s_init, train_ds)
-    t_id = _teacher_id(t_model)
+    return t_model, s_init, teacher_trained_here
 
-    # --- train: distilled, then alone (same initial weights, seed, epochs, lr)
-    loss = DistillLoss(cfg.soft_weight, cfg.temperature, task, cfg.feature_weight,
+
+def _train_students(t_model: MedClassifier, s_init: MedClassifier, train_ds: CXRDataset,
+                    val_ds: CXRDataset | None, cfg: DistillConfig, ck: Path | None,
+                    progress: bool | None) -> dict[str, TrainResult]:
+    """Step 3: the distilled student, then (``cfg.baseline``) the same student alone, from the
+    same initial weights, seed, epochs and learning rate."""
+    loss = DistillLoss(cfg.soft_weight, cfg.temperature, train_ds.task, cfg.feature_weight,
                        cfg.attention_weight, student_dim=s_init.feature_dim,
                        teacher_dim=t_model.feature_dim)
-    d_res = distill_train(t_model, s_init, train_ds, val_ds, loss, cfg.train,
-                          checkpoint_dir=ck / "distilled" if ck else None, progress=progress)
-    runs: dict[str, TrainResult] = {"distilled": d_res}
+    runs: dict[str, TrainResult] = {
+        "distilled": distill_train(t_model, s_init, train_ds, val_ds, loss, cfg.train,
+                                   checkpoint_dir=ck / "distilled" if ck else None,
+                                   progress=progress)}
     if cfg.baseline:
         runs["alone"] = train(s_init, train_ds, val_ds, config=cfg.train,
                               checkpoint_dir=ck / "alone" if ck else None, progress=progress)
+    return runs
 
-    # --- measure
+
+def _measure_students(t_model: MedClassifier, runs: dict[str, TrainResult],
+                      test_ds: CXRDataset, cfg: DistillConfig
+                      ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
+    """Step 4: test metrics, size, latency (in turns, same run) and divergence of the teacher
+    and every student, and whether the distilled student meets :data:`TARGETS`."""
+    task = test_ds.task
     example = test_ds.image(0)[None]
     t_metrics, _ = _metrics(t_model, test_ds, cfg.n_boot, cfg.train.seed)
     lat = latency_table({"teacher": t_model, **{k: r.model for k, r in runs.items()}}, example,
                         cfg.latency_repeats, cfg.latency_rounds)
     t_params = count_parameters(t_model)
-    teacher_info = {"arch": t_model.arch, "model_id": t_id, "parameters": t_params,
-                    "macs": count_macs(t_model, example), "latency_ms": lat["teacher"],
-                    "metrics": t_metrics["macro"], "per_class": t_metrics["per_class"],
-                    "trained_here": teacher_trained_here}
-    from medscalpel.engine.predict import collect_images
-
+    teacher_info = {"arch": t_model.arch, "model_id": _teacher_id(t_model),
+                    "parameters": t_params, "macs": count_macs(t_model, example),
+                    "latency_ms": lat["teacher"], "metrics": t_metrics["macro"],
+                    "per_class": t_metrics["per_class"], "trained_here": None}
     n_div = min(len(test_ds), 256)
     div_images, _ = collect_images(test_ds, n_div, seed=cfg.train.seed)
     students: dict[str, dict[str, Any]] = {}
@@ -742,16 +769,22 @@ def distill(
                "auroc_met": bool(d["auroc_drop"] <= TARGETS["max_auroc_drop"])}
     targets["all_met"] = bool(targets["param_ratio_met"] and targets["speedup_met"]
                               and targets["auroc_met"])
+    return teacher_info, students, targets
 
-    # --- cards with lineage
-    details = {"teacher_id": t_id, "teacher_arch": t_model.arch, "soft_weight": cfg.soft_weight,
+
+def _attach_cards(runs: dict[str, TrainResult], parent_card: Any,
+                  students: dict[str, dict[str, Any]], train_ds: CXRDataset,
+                  cfg: DistillConfig, t_id: str, t_arch: str
+                  ) -> tuple[MedClassifier, MedClassifier | None]:
+    """Cards with lineage for the distilled student and the student trained alone."""
+    details = {"teacher_id": t_id, "teacher_arch": t_arch, "soft_weight": cfg.soft_weight,
                "temperature": cfg.temperature, "feature_weight": cfg.feature_weight,
                "attention_weight": cfg.attention_weight, "epochs": cfg.train.epochs,
                "lr": cfg.train.lr, "seed": cfg.train.seed}
-    parent_card = s_init.card
-    dm = d_res.model
+    dm = runs["distilled"].model
     dm.card = replace(_card_for(dm, train_ds, parent_card, "distill", **details),
-                      metrics={"test": d["metrics"]}, training=cfg.train.to_dict())
+                      metrics={"test": students["distilled"]["metrics"]},
+                      training=cfg.train.to_dict())
     base_model = None
     if "alone" in runs:
         base_model = runs["alone"].model
@@ -760,29 +793,36 @@ def distill(
                       **{"teacher_id": "", "epochs": cfg.train.epochs, "lr": cfg.train.lr,
                          "seed": cfg.train.seed, "role": "distillation baseline"}),
             metrics={"test": students["alone"]["metrics"]}, training=cfg.train.to_dict())
-    # --- where do they look? (Score-CAM per class, teacher vs each student)
+    return dm, base_model
+
+
+def _compare_saliency(t_model: MedClassifier, runs: dict[str, TrainResult],
+                      test_ds: CXRDataset, classes: list[int], cfg: DistillConfig,
+                      progress: bool | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Where do they look? Per class, teacher vs each student on the same test images."""
     saliency: dict[str, Any] = {}
     comparisons: dict[str, Any] = {}
-    if cfg.saliency_images:
-        images, idx = collect_images(test_ds, min(cfg.saliency_images, len(test_ds)),
-                                     seed=cfg.train.seed)
-        for name, r in runs.items():
-            cmp = compare_saliency(t_model, r.model, images, classes,
-                                   method=cfg.saliency_method, progress=progress,
-                                   ids=[test_ds.ids[i] for i in idx])
-            comparisons[name] = cmp
-            full = cmp.to_dict()
-            saliency[name] = {k: full[k] for k in ("method", "top_fraction", "classes",
-                                                   "overall")}
+    if not cfg.saliency_images:
+        return saliency, comparisons
+    images, idx = collect_images(test_ds, min(cfg.saliency_images, len(test_ds)),
+                                 seed=cfg.train.seed)
+    for name, r in runs.items():
+        cmp = compare_saliency(t_model, r.model, images, classes, method=cfg.saliency_method,
+                               progress=progress, ids=[test_ds.ids[i] for i in idx])
+        comparisons[name] = cmp
+        full = cmp.to_dict()
+        saliency[name] = {k: full[k] for k in ("method", "top_fraction", "classes", "overall")}
+    return saliency, comparisons
 
-    data = {"train": train_ds.spec, "train_hash": train_ds.content_hash(), "n_train": len(train_ds),
+
+def _data_info(train_ds: CXRDataset, val_ds: CXRDataset | None, test_ds: CXRDataset
+               ) -> dict[str, Any]:
+    return {"train": train_ds.spec, "train_hash": train_ds.content_hash(),
+            "n_train": len(train_ds),
             "val_hash": val_ds.content_hash() if val_ds is not None else None,
             "n_val": len(val_ds) if val_ds is not None else 0,
-            "test_hash": test_ds.content_hash(), "n_test": len(test_ds), "task": task,
+            "test_hash": test_ds.content_hash(), "n_test": len(test_ds), "task": train_ds.task,
             "class_names": list(test_ds.class_names), "input": test_ds.preprocess.to_dict()}
-    return DistillResult(teacher=teacher_info, students=students, saliency=saliency,
-                         targets=targets, config=cfg, data=data, model=dm,
-                         baseline_model=base_model, comparisons=comparisons)
 
 
 __all__ = ["DistillConfig", "DistillLoss", "DistillResult", "TARGETS", "TeacherObjective",
