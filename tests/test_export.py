@@ -75,3 +75,36 @@ def test_export_errors(dense, tmp_path, monkeypatch):
     with pytest.raises(VerificationError, match="disagree by 1"):
         export_onnx(dense, tmp_path / "bad.onnx", batch_sizes=(1,), repeats=1)
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_exported_densenet_has_batchnorm_folded_where_the_graph_allows(dense, tmp_path):
+    """BN right after a conv (norm0, every dense layer's norm2) is folded into that conv by the
+    exporter; the pre-activation BNs (norm1, transitions, norm5) follow a Concat / pooling, with
+    a ReLU before the next conv, so no conv can absorb them: they must stay, and nothing else."""
+    import collections
+
+    import onnx
+
+    export_mod.export_onnx_file(dense, tmp_path / "m.onnx", (1, 32, 32))
+    ops = collections.Counter(n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node)
+    names = [n for n, m in dense.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    after_conv = [n for n in names if n.endswith(("norm0", "norm2"))]
+    assert len(after_conv) == 1 + sum(1 for n in names if n.endswith("norm2")) > 1
+    assert ops["BatchNormalization"] == len(names) - len(after_conv)
+    assert ops["Conv"] == sum(1 for m in dense.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_quantize_onnx_settings(dense, tmp_path):
+    export_mod.export_onnx_file(dense, tmp_path / "m.onnx", (1, 32, 32))
+    calib = torch.rand(8, 1, 32, 32)
+    info = export_mod.quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", "static", calib,
+                                    activation="u8")
+    assert info["activation"] == "u8" and info["format"] == "QDQ"
+    assert info["reduce_range"] == (not export_mod.has_vnni())
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(tmp_path / "q.onnx").graph.node}
+    assert "QuantizeLinear" in ops and "Concat" in ops  # concatenations stay in float
+    with pytest.raises(ConfigError, match="'activation' parameter of quantize_onnx"):
+        export_mod.quantize_onnx(tmp_path / "m.onnx", tmp_path / "x.onnx", "static", calib,
+                                 activation="u4")
