@@ -22,8 +22,10 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -50,7 +52,7 @@ CAMS: Registry[Any] = Registry("CAM method")
 
 
 def _gradcam_module():
-    import pytorch_grad_cam  # a core dependency (grad-cam)
+    import pytorch_grad_cam  # a core dependency, imported on first use (slow to import)
 
     return pytorch_grad_cam
 
@@ -202,8 +204,6 @@ class CamResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CamResult":
-        import json
-
         path = Path(path)
         if not path.is_file():
             raise DataError(f"CAM file not found: {path}. Run 'medscalpel explain cam' first.")
@@ -331,12 +331,11 @@ def compute_cam(
         raise DataError(f"compute_cam: {n} images but {len(ids)} ids.")
     layer = model.cam_layer()
     reshape = getattr(model, "cam_reshape", None)
+    # grad-cam is imported on first use (slow to import), as in _gradcam_module
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget as target_cls
     device = next(model.parameters()).device
     maps = np.zeros((n, images.shape[2], images.shape[3]), np.float32)
     logits = np.zeros(n, np.float32)
-    import time
-
     t0 = time.time()
     with preserved_model_state(model):
         # grads are needed w.r.t. activations only: freeze parameters, let the input carry grad

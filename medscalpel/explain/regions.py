@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy import ndimage as ndi
 
 from medscalpel.errors import ConfigError, DataError
@@ -595,8 +596,6 @@ def read_nih_bboxes(path: str | os.PathLike, size: int | tuple[int, int] = 224,
     Returns:
         pandas DataFrame with columns ``id, finding, x, y, w, h`` in pixels of ``size``.
     """
-    import pandas as pd
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"NIH bounding-box file not found: {path}. It is BBox_List_2017.csv from "

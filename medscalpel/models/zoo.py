@@ -21,6 +21,7 @@ from torchvision.models import vgg as tv_vgg
 from medscalpel.errors import ModelError
 from medscalpel.models.classifier import MedClassifier
 from medscalpel.registry import Registry
+from medscalpel.validation import check_range
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ class _ViTReshape:
 
 def _timm(name: str, arch: str, num_classes: int, in_chans: int, img_size: int, pretrained: bool,
           cam_layer: str, token_model: bool = False, **kw: Any) -> MedClassifier:
-    import timm
+    import timm  # imported on first use: slow to import, and only the timm archs need it
 
     if token_model or arch.startswith("visformer"):
         kw["img_size"] = img_size
@@ -309,8 +310,6 @@ def create_model(arch: str, num_classes: int, in_chans: int = 1, img_size: int =
         >>> m(torch.zeros(2, 1, 32, 32)).shape
         torch.Size([2, 3])
     """
-    from medscalpel.validation import check_range
-
     check_range(num_classes, "num_classes", "create_model", 1, integer=True)
     if in_chans not in (1, 3):
         raise ModelError(f"The 'in_chans' parameter of create_model must be 1 or 3. Got "
