@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 OWNER = "train_ddp"
 BN_MODES = ("auto", "sync", "local", "frozen")
+_SYNC_ON_CPU = (f"The 'batch_norm' parameter of {OWNER} cannot be 'sync' on CPU (torch's "
+                "SyncBatchNorm needs GPUs); use 'local' or 'frozen', or a model without "
+                "BatchNorm.")
 
 
 @dataclass(frozen=True)
@@ -169,9 +172,7 @@ def _ddp_loop(rank: int, world: int, model: MedClassifier, train_ds: CXRDataset,
     if bn == "auto":
         bn = "sync" if dev.type == "cuda" else "local"
     if bn == "sync" and dev.type != "cuda":
-        raise ConfigError(f"The 'batch_norm' parameter of {OWNER} cannot be 'sync' on CPU "
-                          "(torch's SyncBatchNorm needs GPUs); use 'local' or 'frozen', or a model "
-                          "without BatchNorm.")
+        raise ConfigError(_SYNC_ON_CPU)
     seed_everything(cfg.seed)
     n_trainable = _set_trainable(model, cfg.trainable)
     if bn == "sync":
@@ -322,6 +323,8 @@ def train_ddp(
     if backend == "nccl" and torch.cuda.device_count() < world_size:
         raise ConfigError(f"{OWNER}: backend 'nccl' needs {world_size} GPUs; "
                           f"{torch.cuda.device_count()} found. Use backend='gloo' (CPU).")
+    if s.batch_norm == "sync" and backend != "nccl":
+        raise ConfigError(_SYNC_ON_CPU)  # refused before any process starts
     import torch.multiprocessing as tmp_mp
 
     start = s.start_method or ("spawn" if backend == "nccl" or torch.cuda.is_initialized()
