@@ -16,7 +16,7 @@ from medscalpel.cli.main import app
 from medscalpel.compress.deploy import DEFAULT_VARIANTS, DeployResult, deploy
 from medscalpel.compress.runtimes import (RUNTIMES, OrtFp32, TorchEager, openvino_capabilities)
 from medscalpel.data import ArrayDataset, Preprocess
-from medscalpel.errors import MissingExtraError, VerificationError
+from medscalpel.errors import ConfigError, MissingExtraError, VerificationError
 from medscalpel.models.checkpoint import load_model, make_card, save_model
 from medscalpel.models.zoo import create_model
 
@@ -184,8 +184,11 @@ def test_missing_runtime_names_the_extra(model, tmp_path, monkeypatch):
                  n_boot=0, progress=False)
     ov = {v.name: v for v in res.variants}["openvino:fp32"]
     assert ov.status == "unavailable" and "medscalpel[deploy]" in ov.reasons[0]
-    with pytest.raises(Exception, match="Unknown deployment runtime 'tensorrt:fp32'"):
+    with pytest.raises(ConfigError, match="Unknown deployment runtime 'tensorrt:fp32'"):
         RUNTIMES.get("tensorrt:fp32")
+    with pytest.raises(ConfigError, match="Unknown precision 'int4' for deploy. Valid names: "
+                                          "bf16, fp32, int8"):
+        deploy(model, _ds("test", n=16), tmp_path / "f", precisions=["int4"], progress=False)
 
 
 def test_cli_round_trip_and_exit_2(tmp_path, monkeypatch, capsys):

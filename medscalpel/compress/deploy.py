@@ -109,14 +109,24 @@ def _select(variants, runtimes, precisions, threads, extra_kwargs) -> list[Runti
     missing raises :class:`MissingExtraError`."""
     explicit = variants is not None or runtimes is not None
     names_or_rts = list(variants) if variants is not None else list(DEFAULT_VARIANTS)
+    known_rt = {n.split(":")[0] for n in RUNTIMES.names()}
+    known_pr = {n.split(":")[1] for n in RUNTIMES.names()}
+    for r in runtimes or ():
+        if r not in known_rt:
+            raise ConfigError(f"Unknown runtime '{r}' for {OWNER}. Valid names: "
+                              f"{', '.join(sorted(known_rt))}.")
+    for p in precisions or ():
+        if p not in known_pr:
+            raise ConfigError(f"Unknown precision '{p}' for {OWNER}. Valid names: "
+                              f"{', '.join(sorted(known_pr))}.")
+    if variants is None:  # an opt-in variant joins when its own runtime / precision is named
+        default_pr = {n.split(":")[1] for n in DEFAULT_VARIANTS}
+        names_or_rts += [n for n in RUNTIMES.names() if n not in DEFAULT_VARIANTS and (
+            n.split(":")[0] in (runtimes or ())
+            or (n.split(":")[1] in (precisions or ()) and n.split(":")[1] not in default_pr))]
     if runtimes is not None:
-        known = {n.split(":")[0] for n in RUNTIMES.names()}
-        for r in runtimes:
-            if r not in known:
-                raise ConfigError(f"Unknown runtime '{r}' for {OWNER}. Valid names: "
-                                  f"{', '.join(sorted(known))}.")
-        pool = names_or_rts if variants is not None else RUNTIMES.names()
-        names_or_rts = [n for n in pool if not isinstance(n, str) or n.split(":")[0] in runtimes]
+        names_or_rts = [n for n in names_or_rts if not isinstance(n, str)
+                        or n.split(":")[0] in runtimes]
     if precisions is not None:
         names_or_rts = [n for n in names_or_rts if not isinstance(n, str)
                         or n.split(":")[1] in precisions]
