@@ -286,8 +286,9 @@ def stage_compare(args) -> None:
                                         for v in dep.variants],
                     "train": read_json(work / "dense" / "train.json"),
                     "n_test_images": int(images.shape[0])})
-    config = {"size": args.size, "resolution_note": "trained and deployed at 128 px: 224 px "
-              "training does not fit on 2 shared cores", "split": "patient-wise",
+    config = {"arch": "densenet_tiny" if args.smoke else "densenet121", "smoke": args.smoke,
+              "size": args.size, "resolution_note": f"trained and deployed at {args.size} px: "
+              "224 px training does not fit on 2 shared cores", "split": "patient-wise",
               "patient_regex": PATIENT_REGEX, "threads": 1, "rounds": args.rounds,
               "repeats": args.repeats, "batches": [1, 8], "prune_ratio": args.ratio,
               "round_to": 16, "recovery_steps": args.recovery_steps,
@@ -335,7 +336,9 @@ def _targets(rows: list[dict], dep: DeployResult) -> dict[str, Any]:
 def _markdown(numbers: dict, config: dict) -> str:
     f = lambda v, d=3: "-" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = ["# Deployment benchmark (benchmarks/deploy_bench.py -> benchmarks/results/deploy.json)",
-             "", f"DenseNet121, Kermany pneumonia, PATIENT-wise split, {config['size']} px "
+             "", ("SMOKE RUN (densenet_tiny, small subsets: checks the pipeline only). "
+                  if config.get("smoke") else "")
+             + f"{config['arch']}, Kermany pneumonia, PATIENT-wise split, {config['size']} px "
              f"({config['resolution_note']}); {numbers['n_test_images']} test images; 1 thread; "
              f"{config['rounds']} alternated rounds x {config['repeats']} repeats.",
              f"Load average start {numbers['loadavg']['start']}, end {numbers['loadavg']['end']}"
