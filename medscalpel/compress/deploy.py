@@ -47,6 +47,8 @@ import torch
 from torch import nn
 
 from medscalpel.compress.deploy_result import DeployResult, VariantResult
+from medscalpel.compress.deploy_serve import copy_exports, serve_metadata, write_serve
+from medscalpel.compress.deploy_timing import benchmark_variants, peak_gemms
 from medscalpel.compress.measure import count_macs, count_parameters
 from medscalpel.compress.runtimes import (RUNTIMES, OpenVinoInt8AccuracyControl, Runtime,
                                           cpu_features)
@@ -247,77 +249,6 @@ def _check_accuracy(v: _Variant, images, ref_logits, ref_preds, data, idx, batch
                                        n_boot=n_boot, seed=seed)
 
 
-# ----------------------------------------------------------------------------- benchmark
-def _time_once(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1000.0)
-    return float(statistics.median(ts))
-
-
-def _ort_int8_gemm(n: int, threads: int):
-    """An onnxruntime MatMulInteger (uint8 x int8, the U8S8 kernel of quantised convs)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from medscalpel.compress.export import ort_session
-
-    rng = np.random.default_rng(0)
-    b = numpy_helper.from_array(rng.integers(-128, 127, (n, n), dtype=np.int8), "B")
-    graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "gemm",
-                              [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n])],
-                              [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])],
-                              [b])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "gemm.onnx"
-        onnx.save(proto, str(path))
-        sess = ort_session(path, threads)
-    a = rng.integers(0, 255, (n, n), dtype=np.uint8)
-    return lambda: sess.run(None, {"A": a})
-
-
-def peak_gemms(threads: int) -> dict[str, Any]:
-    """fp32 GEMM (torch) and int8 GEMM (onnxruntime MatMulInteger, U8S8) for the peak MAC
-    rates; bf16 is not measured (no bf16 GEMM on CPUs without avx512_bf16 / AMX)."""
-    n = 512
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    fns = {"fp32": (lambda: torch.mm(a, b), n ** 3)}
-    try:
-        fns["int8"] = (_ort_int8_gemm(n, threads), n ** 3)
-    except Exception as exc:  # noqa: BLE001 - the peak is informative, never blocking
-        logger.info("int8 peak not measurable: %s", exc)
-    return fns
-
-
-def _benchmark(live: list[_Variant], example: torch.Tensor, batches, rounds, warmup, repeats,
-               threads, progress) -> dict[str, Any]:
-    """All live variants alternated, rounds x batches; the variant order rotates each round so
-    no variant always runs first. The matmul peak is timed in the same rounds."""
-    inputs = {b: np.ascontiguousarray(np.repeat(example[:1].numpy(), b, axis=0))
-              for b in batches}
-    peaks = peak_gemms(threads)
-    peak_t: dict[str, list[float]] = {k: [] for k in peaks}
-    with torch.inference_mode():
-        for r in track(range(rounds), "benchmark rounds", progress=progress):
-            order = live[r % len(live):] + live[:r % len(live)] if live else []
-            for b in batches:
-                for v in order:
-                    ms = _time_once(lambda: v.rt.run(inputs[b]), warmup, repeats)
-                    v.times.setdefault(b, []).append(ms)
-            for k, (fn, _) in peaks.items():
-                peak_t[k].append(_time_once(fn, 1, 3))
-    return {f"{k}_gmacs": peaks[k][1] / (statistics.median(t) / 1000.0) / 1e9
-            for k, t in peak_t.items()} | {
-        "method": "512^3 GEMM timed in the same rounds: fp32 torch.mm; int8 onnxruntime "
-                  "MatMulInteger (U8S8)"}
-
-
 # ----------------------------------------------------------------------------- decide
 def _decide(vs: list[_Variant], batches, floor_macro, floor_class, vnni: bool) -> None:
     b0 = batches[0]
@@ -400,53 +331,6 @@ def _variant_result(v: _Variant, ref: _Variant, vs: list[_Variant], batches, mac
         mac_rate=rate, peak_fraction=frac, peak_used=f"{peak_key} matmul" if rate else "",
         prepare_seconds=v.prepare_s, file_bytes=sum(f.stat().st_size for f in files) or None,
         info=dict(rt.info))
-
-
-def serve_metadata(model: nn.Module, shape, variant: VariantResult,
-                   files: list[str]) -> dict[str, Any]:
-    """The contract a server needs: runtime, precision, files, input name/shape/layout,
-    normalisation, class names, task and decision thresholds (from the ModelCard)."""
-    card = getattr(model, "card", None)
-    inp = dict(card.input) if card is not None else {}
-    return {"schema_version": 1, "runtime": variant.runtime, "precision": variant.precision,
-            "variant": variant.name, "files": files, "input_name": "images",
-            "output_name": "logits", "input_shape": ["batch", *[int(s) for s in shape]],
-            "layout": "NCHW", "mean": inp.get("mean"), "std": inp.get("std"), "input": inp,
-            "class_names": list(card.class_names) if card is not None else None,
-            "task": card.task if card is not None else None,
-            "thresholds": card.effective_thresholds() if card is not None else None,
-            "model_id": card.model_id if card is not None else None,
-            "output": "logits (sigmoid per class for multilabel, softmax for multiclass)"}
-
-
-def _write_serve(dest: Path, model: nn.Module, chosen: _Variant, shape) -> list[str]:
-    from medscalpel.models.checkpoint import save_model
-
-    dest.mkdir(parents=True, exist_ok=True)
-    if chosen.rt.runtime.startswith("torch"):
-        if getattr(model, "card", None) is None:
-            raise ConfigError(f"{OWNER}: serving a torch variant needs a model with a ModelCard "
-                              "(load it with load_model or set model.card).")
-        save_model(model, dest)
-        return sorted(p.name for p in dest.iterdir())
-    names = []
-    for f in chosen.rt.serve_files():
-        target = "model" + "".join(f.suffixes[-1:])  # model.onnx / model.xml / model.bin
-        shutil.copy2(f, dest / target)
-        names.append(target)
-    return names
-
-
-def _copy_exports(workdir: Path, dest: Path) -> list[str]:
-    out = []
-    for sub in ("onnx", "openvino"):
-        for f in sorted((workdir / sub).glob("model.*")) if (workdir / sub).is_dir() else []:
-            if f.name.startswith("model.int8") or ".int8" in f.name:
-                continue  # quantised files live in serve/ when chosen
-            (dest / "export").mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, dest / "export" / f.name)
-            out.append(f"export/{f.name}")
-    return out
 
 
 def _versions() -> dict[str, str]:
@@ -548,7 +432,7 @@ def deploy(
                 _check_accuracy(v, images, ref_logits, ref_preds, data, idx, max(batches),
                                 n_boot, seed)
         live = [v for v in vs if v.status == "go"]
-        peak = _benchmark(live, images, batches, rounds, warmup, repeats, threads, progress)
+        peak = benchmark_variants(live, images, batches, rounds, warmup, repeats, threads, progress)
         feats = cpu_features()
         _decide(vs, batches, floor_macro, floor_class, feats["vnni"])
         chosen, reason = _recommend(vs, batches[0])
@@ -580,8 +464,8 @@ def _finish(model, shape, vs, chosen, reason, workdir, out, data, calib_src, ima
               "floor_class": floor_class}
     with RunDir(Path(out), command="compress deploy", config=config, overwrite=overwrite,
                 data={"eval": data.content_hash(), "calib": calib_src.content_hash()}) as run:
-        exports = _copy_exports(workdir, run.path)
-        files = _write_serve(run.path / "serve", model, chosen, shape)
+        exports = copy_exports(workdir, run.path)
+        files = write_serve(run.path / "serve", model, chosen, shape)
         meta = serve_metadata(model, shape, chosen_res, files)
         write_json(run.path / "serve" / "serve.json", meta)
         result = DeployResult(

@@ -1,0 +1,64 @@
+"""Writing what ``deploy`` chose: the served artifact (``serve/``) with its input contract
+(``serve.json``) and the float32 exports (``export/``)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from medscalpel.compress.deploy_result import VariantResult
+from medscalpel.errors import ConfigError
+from medscalpel.models.checkpoint import save_model
+
+OWNER = "deploy"
+
+
+def serve_metadata(model: nn.Module, shape, variant: VariantResult,
+                   files: list[str]) -> dict[str, Any]:
+    """The contract a server needs: runtime, precision, files, input name/shape/layout,
+    normalisation, class names, task and decision thresholds (from the ModelCard)."""
+    card = getattr(model, "card", None)
+    inp = dict(card.input) if card is not None else {}
+    return {"schema_version": 1, "runtime": variant.runtime, "precision": variant.precision,
+            "variant": variant.name, "files": files, "input_name": "images",
+            "output_name": "logits", "input_shape": ["batch", *[int(s) for s in shape]],
+            "layout": "NCHW", "mean": inp.get("mean"), "std": inp.get("std"), "input": inp,
+            "class_names": list(card.class_names) if card is not None else None,
+            "task": card.task if card is not None else None,
+            "thresholds": card.effective_thresholds() if card is not None else None,
+            "model_id": card.model_id if card is not None else None,
+            "output": "logits (sigmoid per class for multilabel, softmax for multiclass)"}
+
+
+def write_serve(dest: Path, model: nn.Module, chosen, shape) -> list[str]:
+    dest.mkdir(parents=True, exist_ok=True)
+    if chosen.rt.runtime.startswith("torch"):
+        if getattr(model, "card", None) is None:
+            raise ConfigError(f"{OWNER}: serving a torch variant needs a model with a ModelCard "
+                              "(load it with load_model or set model.card).")
+        save_model(model, dest)
+        return sorted(p.name for p in dest.iterdir())
+    names = []
+    for f in chosen.rt.serve_files():
+        target = "model" + "".join(f.suffixes[-1:])  # model.onnx / model.xml / model.bin
+        shutil.copy2(f, dest / target)
+        names.append(target)
+    return names
+
+
+def copy_exports(workdir: Path, dest: Path) -> list[str]:
+    out = []
+    for sub in ("onnx", "openvino"):
+        for f in sorted((workdir / sub).glob("model.*")) if (workdir / sub).is_dir() else []:
+            if f.name.startswith("model.int8") or ".int8" in f.name:
+                continue  # quantised files live in serve/ when chosen
+            (dest / "export").mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest / "export" / f.name)
+            out.append(f"export/{f.name}")
+    return out
+
+
+__all__ = ["copy_exports", "serve_metadata", "write_serve"]
