@@ -234,6 +234,7 @@ class RunDir:
         self.final = Path(self.final)
         self.path = self.final
         self._tmp: Path | None = None
+        self.orphans: list[Path] = []
         self._t0 = 0.0
 
     # ------------------------------------------------------------------ context protocol
@@ -246,15 +247,33 @@ class RunDir:
             self.path = self.final
             self._tmp = None
             return self
+        self.orphans = self._orphans()
+        if self.orphans:
+            names = ", ".join(p.name for p in self.orphans[:3])
+            if self.overwrite:
+                for p in self.orphans:
+                    shutil.rmtree(p, ignore_errors=True)
+                logger.warning("removed %d unfinished run folder(s) left by an interrupted run "
+                               "of %s: %s (--overwrite)", len(self.orphans), self.final, names)
+            else:
+                logger.warning("%d unfinished run folder(s) of %s were left by an interrupted "
+                               "run: %s (in %s); they are not used: delete them, or pass "
+                               "--overwrite to clean them up", len(self.orphans), self.final.name,
+                               names, self.final.parent)
         if self.final.exists() and any(self.final.iterdir()):
             if not self.overwrite:
                 raise RunError(
                     f"Output directory {self.final} already exists and is not empty. "
                     "Choose another --out, or pass --overwrite to replace it."
                 )
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".partial",
-                                          dir=self.final.parent))
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.", suffix=".partial",
+                                              dir=self.final.parent))
+        except OSError as exc:
+            raise RunError(f"Cannot create the run directory {self.final}: "
+                           f"{exc.strerror or exc} ({exc.filename or self.final.parent}). "
+                           "Choose another --out in a folder you can write to.") from exc
         self.path = self._tmp
         if self.resume:
             # a resumable run is built in place so that finished cells survive a kill
@@ -272,11 +291,61 @@ class RunDir:
             return
         write_json(self.path / MANIFEST, self.manifest(status="complete"))
         if self._tmp is not None:
+            self._finalize_paths()
             if self.final.exists():
                 shutil.rmtree(self.final)
             os.replace(self._tmp, self.final)
             self._tmp = None
         self.path = self.final
+
+    def _orphans(self) -> list[Path]:
+        """Hidden ``.NAME.XXXX.partial`` folders beside the final directory: what a killed
+        run of the same --out left behind."""
+        parent = self.final.parent
+        if not parent.is_dir():
+            return []
+        prefix = f".{self.final.name}."
+        try:
+            return sorted(p for p in parent.iterdir() if p.is_dir() and p.name.startswith(prefix)
+                          and p.name.endswith(".partial") and p != self._tmp
+                          and final_path(p) == self.final)
+        except OSError:
+            return []
+
+    def final_of(self, path: str | os.PathLike) -> Path:
+        """Where ``path`` (under :attr:`path`, the temporary directory while the run is being
+        built) will be once the run is complete: the path to record in results."""
+        p = Path(path)
+        if self._tmp is not None:
+            for tmp, final in ((self._tmp, self.final),
+                               (self._tmp.resolve(), self.final.resolve())):
+                try:
+                    return final / p.relative_to(tmp)
+                except ValueError:
+                    continue
+        return p
+
+    def _finalize_paths(self, max_bytes: int = 50 << 20) -> None:
+        """Rewrite the temporary directory's name to the final one in the text files of the
+        run (JSON, Markdown, HTML, CSV, text), so that no recorded path points into a
+        ``.partial`` folder that no longer exists."""
+        assert self._tmp is not None
+        pairs = [(str(self._tmp.resolve()), str(self.final.resolve())),
+                 (str(self._tmp), str(self.final))]
+        for f in self._tmp.rglob("*"):
+            if f.suffix.lower() not in (".json", ".md", ".html", ".csv", ".txt", ".jsonl") \
+                    or not f.is_file() or f.stat().st_size > max_bytes:
+                continue
+            try:
+                text = f.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            new = text
+            for old, final in pairs:
+                new = new.replace(old, final)
+            if new != text:
+                with atomic_path(f) as tmp:
+                    tmp.write_text(new, encoding="utf-8")
 
     # ------------------------------------------------------------------ manifest
     def manifest(self, status: str) -> dict[str, Any]:
@@ -294,6 +363,7 @@ class RunDir:
             "git_commit": git_commit(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self._t0 or time.time())),
             "seconds": round(time.time() - self._t0, 3) if self._t0 else None,
+            "path": str(self.final),
         }
 
     def _check_identity(self) -> None:

@@ -142,3 +142,89 @@ def test_thresholds_written_to_model_json(tmp_path):
     bad = ThresholdCalibrator().fit(np.array([[0.2], [0.8]]), np.array([[0.], [1.]]))
     with pytest.raises(Exception, match="2 classes but 1 thresholds"):
         calibrated_card(model.card, bad)
+
+
+# ----------------------------------------------------------------------------- multi-class
+def _mc(logits, labels, names, split="val"):
+    from medscalpel.engine.predictions import Predictions
+
+    n = len(labels)
+    return Predictions(np.asarray(logits, np.float32), np.asarray(labels, np.int64),
+                       tuple(f"{split}{i}" for i in range(n)), tuple(names), "multiclass",
+                       split=split)
+
+
+def _sampled(n, k, seed, scale):
+    """Labels drawn from softmax(z): the true temperature of ``scale * z`` is ``scale``."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, k)) * 2.0
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    y = np.array([rng.choice(k, p=row) for row in p])
+    return scale * z, y
+
+
+def test_temperature_recovers_the_true_scale():
+    from medscalpel.repair.calibrate import TemperatureResult, calibrate_temperature
+
+    zf, yf = _sampled(4000, 4, 0, 3.0)
+    ze, ye = _sampled(2000, 4, 1, 3.0)
+    res = calibrate_temperature(_mc(zf, yf, "abcd"), _mc(ze, ye, "abcd", "test"))
+    assert res.temperature == pytest.approx(3.0, rel=0.08)
+    assert res.after["nll"] < res.before["nll"] and res.after["ece"] < res.before["ece"]
+    assert res.after["accuracy"] == res.before["accuracy"]  # argmax unchanged by T > 0
+    assert res.held_out and res.n_eval == 2000
+    assert TemperatureResult.from_dict(res.to_dict()) == res
+    with pytest.raises(ConfigError, match="temperature scaling is for multi-class"):
+        calibrate_temperature(_preds([[0.0, 1.0]], [[1.0, 0.0]]))
+
+
+def test_binary_view_is_the_softmax_of_the_positive_class():
+    from medscalpel.repair.calibrate import binary_view
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(50, 2))
+    y = rng.integers(0, 2, 50)
+    mc = _mc(z, y, ("NORMAL", "PNEUMONIA"))
+    b = binary_view(mc)
+    soft = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    assert b.class_names == ("PNEUMONIA",)
+    np.testing.assert_allclose(b.probs()[:, 0], soft[:, 1], atol=1e-6)
+    np.testing.assert_array_equal(b.labels[:, 0], (y == 1).astype(np.float32))
+    bn = binary_view(mc, "NORMAL")
+    np.testing.assert_allclose(bn.probs()[:, 0], soft[:, 0], atol=1e-6)
+    with pytest.raises(ConfigError, match="Unknown positive class 'X'"):
+        binary_view(mc, "X")
+
+
+def test_cli_calibrate_binary_and_multiclass(tmp_path, capsys):
+    import json
+
+    from medscalpel.cli.main import run
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    z = np.c_[np.zeros(200), 1.5 * (2 * y - 1) + rng.normal(size=200) - 1.0]
+    _mc(z[:100], y[:100], ("NORMAL", "PNEUMONIA")).save(tmp_path / "fit.npz")
+    _mc(z[100:], y[100:], ("NORMAL", "PNEUMONIA"), "test").save(tmp_path / "ev.npz")
+    with pytest.raises(SystemExit) as ex:
+        run(["repair", "calibrate", str(tmp_path / "fit.npz"), "--eval", str(tmp_path / "ev.npz"),
+             "--out", str(tmp_path / "cal2")])
+    assert ex.value.code == 0, capsys.readouterr().err
+    assert "positive class PNEUMONIA (vs NORMAL)" in capsys.readouterr().out
+    d = json.loads((tmp_path / "cal2" / "calibration.json").read_text())
+    assert d["binary"] == {"positive": "PNEUMONIA", "negative": "NORMAL"}
+    thr = d["calibrator"]["thresholds"][0]
+    assert 0.0 < thr < 1.0
+    zf, yf = _sampled(600, 3, 2, 2.0)
+    _mc(zf, yf, "abc").save(tmp_path / "mc.npz")
+    with pytest.raises(SystemExit) as ex:
+        run(["repair", "calibrate", str(tmp_path / "mc.npz"), "--out", str(tmp_path / "cal3")])
+    assert ex.value.code == 0
+    assert "NOT held out" in capsys.readouterr().out
+    d = json.loads((tmp_path / "cal3" / "calibration.json").read_text())
+    assert d["method"] == "temperature" and d["temperature"] > 1.0
+    with pytest.raises(SystemExit) as ex:
+        run(["repair", "calibrate", str(tmp_path / "mc.npz"), "--model", str(tmp_path),
+             "--out", str(tmp_path / "cal4")])
+    assert ex.value.code == 2 and "drop --model" in capsys.readouterr().err

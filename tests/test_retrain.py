@@ -117,3 +117,40 @@ def test_errors():
         finetune_classifier(tr, classes=["zz"])
     with pytest.raises(ConfigError, match="'select' parameter of reoptimize_classifier"):
         reoptimize_classifier(tr, select="acc")
+
+
+def test_features_command_feeds_retrain_and_predictions_are_refused(tmp_path, capsys):
+    """'medscalpel features' writes the Features file 'repair retrain' reads; a Predictions
+    file given to retrain is one clean error naming that command (no KeyError)."""
+    import sys
+    from pathlib import Path
+
+    from medscalpel.cli.main import run
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_cli_bad_input import save_tiny_model, write_csv_dataset
+
+    spec = write_csv_dataset(tmp_path / "data", n=16)
+    model = save_tiny_model(spec, tmp_path / "model")
+    for split in ("train", "test"):
+        with pytest.raises(SystemExit) as ex:
+            run(["features", "--model", str(model), "--data", spec, "--split", split, "--out",
+                 str(tmp_path / f"{split}.npz")])
+        assert ex.value.code == 0, capsys.readouterr().err
+    f = Features.load(tmp_path / "train.npz")
+    assert f.features.shape[0] == 8 and f.class_names == ("a", "b", "c")
+    # logits == features @ W.T + b: the file holds what the classifier sees
+    from medscalpel.engine.api import predict_spec
+
+    preds = predict_spec(model, spec, "train", 8)
+    np.testing.assert_allclose(f.features @ f.weight.T + f.bias, preds.logits, atol=1e-4)
+    preds.save(tmp_path / "preds.npz")
+    with pytest.raises(SystemExit) as ex:
+        run(["repair", "retrain", str(tmp_path / "preds.npz"), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and "is a Predictions file" in err and "medscalpel features" in err
+    with pytest.raises(SystemExit) as ex:
+        run(["repair", "retrain", str(tmp_path / "train.npz"), "--held-out",
+             str(tmp_path / "test.npz"), "--steps", "20", "--out", str(tmp_path / "r")])
+    assert ex.value.code == 0, capsys.readouterr().err
+    assert (tmp_path / "r").is_dir()

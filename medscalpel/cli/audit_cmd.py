@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from medscalpel.cli.common import console, fmt
+from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt
 from medscalpel.runs import RunDir
 
 
@@ -22,7 +22,7 @@ def forgettability(
                                              "prevalence and co-occurrence (default: the "
                                              "evaluated split's labels)."),
     drop_threshold: float = typer.Option(0.2, help="Relative AP drop defining 'first drop'."),
-    n_boot: int = typer.Option(2000, help="Bootstrap resamples for correlation CIs."),
+    n_boot: int = typer.Option(N_BOOT, help=N_BOOT_HELP),
     n_perm: int = typer.Option(999, help="Mantel permutations for the FCD correlations."),
     seed: int = typer.Option(0, help="Seed of the bootstrap and permutations."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
@@ -70,7 +70,7 @@ def pies(
     data: Optional[str] = typer.Option(None, help="Dataset spec of the evaluated images, to draw "
                                        "the PIE gallery (audit_pie_gallery.png)."),
     split: str = typer.Option("test", help="Split of --data the sweep was evaluated on."),
-    n_boot: int = typer.Option(2000, help="Bootstrap resamples for over-representation CIs."),
+    n_boot: int = typer.Option(N_BOOT, help=N_BOOT_HELP),
     seed: int = typer.Option(0, help="Bootstrap seed."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-from medscalpel.cli.common import console, fmt
+from medscalpel.cli.common import console, fmt, one_of
 from medscalpel.runs import RunDir
 
 
 def stats(
-    spec: str = typer.Argument(..., help="Dataset spec, e.g. 'nih:/data/nih', "
-                               "'folder:/data/kermany/train?dedup=true', "
-                               "'nih:/data/nih-labels?labels_only=true'."),
+    spec_arg: Optional[str] = typer.Argument(None, hidden=True, metavar="SPEC"),
+    spec: Optional[str] = typer.Option(None, "--data", help="Dataset spec, e.g. "
+                                       "'nih:/data/nih', 'folder:/data/kermany/train?dedup=true', "
+                                       "'nih:/data/nih-labels?labels_only=true'."),
     split: str = typer.Option("all", help="Split to describe: train, val, test or all."),
     out: Path = typer.Option(Path("runs/data-stats"), help="Run directory to create (stats.json, "
                              "jaccard.png, cooccurrence.png, manifest.json)."),
@@ -23,6 +25,8 @@ def stats(
     matrix and the pairs of findings that never occur together. Prints a table and writes
     JSON plus two heatmap PNGs into a new run directory."""
     from rich.table import Table
+
+    spec = one_of(spec, spec_arg, "--data", "SPEC", "the dataset spec")
 
     from medscalpel.data.stats import dataset_statistics
 

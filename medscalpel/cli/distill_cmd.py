@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from medscalpel.cli.common import console, fmt, print_table
+from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, one_of, console, fmt, print_table
 from medscalpel.errors import ConfigError
 from medscalpel.runs import RunDir, write_json
 
@@ -46,9 +46,11 @@ def _class_list(text: str) -> tuple[int, ...] | None:
 
 
 def distill(
-    teacher: str = typer.Argument(..., help="Teacher: a model directory (model.safetensors + "
-                                  "model.json), or a zoo architecture name that is first "
-                                  "trained on --data for --teacher-epochs."),
+    teacher_arg: Optional[str] = typer.Argument(None, hidden=True, metavar="TEACHER"),
+    teacher: Optional[str] = typer.Option(None, "--model", "--teacher", help="The teacher: a "
+                                          "model directory (model.safetensors + model.json), "
+                                          "or a zoo architecture name that is first trained on "
+                                          "--data for --teacher-epochs."),
     data: str = typer.Option(..., help="Dataset spec with train/val/test splits, e.g. "
                              "'phantom?n=2000&size=64' or "
                              "'folder:/data/kermany/train?dedup=true'."),
@@ -79,11 +81,11 @@ def distill(
     max_steps_per_epoch: Optional[int] = typer.Option(None, help="Cap the steps of an epoch."),
     saliency_images: int = typer.Option(8, help="Test images for the teacher-student saliency "
                                         "comparison (0: skip)."),
-    saliency_method: str = typer.Option("scorecam", help="scorecam (seed 004), gradcam or "
-                                        "gradcam++."),
+    saliency_method: str = typer.Option("scorecam", help="scorecam (the default of the "
+                                        "saliency comparison), gradcam or gradcam++."),
     saliency_classes: str = typer.Option("", help="Class indices compared, comma list (default "
                                          "all)."),
-    n_boot: int = typer.Option(500, help="Bootstrap replicates of the metric CIs."),
+    n_boot: int = typer.Option(N_BOOT, help=N_BOOT_HELP),
     seed: int = typer.Option(0, help="Seed of both students' training."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
@@ -94,6 +96,7 @@ def distill(
     from medscalpel.compress.distill import DistillConfig, distill as run_distill
     from medscalpel.engine.train import TrainConfig
 
+    teacher = one_of(teacher, teacher_arg, "--model", "TEACHER", "the teacher model")
     pre = _preprocess(teacher, size, channels)
     train_ds, val_ds, test_ds = _open_splits(data, pre, augment)
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
@@ -122,7 +125,9 @@ def distill(
 
 
 def students(
-    teacher: Path = typer.Argument(..., help="Trained teacher model directory."),
+    teacher_arg: Optional[Path] = typer.Argument(None, hidden=True, metavar="TEACHER"),
+    teacher: Optional[Path] = typer.Option(None, "--model", "--teacher", help="Trained teacher "
+                                           "model directory."),
     data: str = typer.Option(..., help="Dataset spec: proxy training on its train split, "
                              "scoring on its val split."),
     candidates: str = typer.Option("mobilenetv3_small_100,mobilenetv3_large_100,efficientnet_b0,"
@@ -146,6 +151,7 @@ def students(
     within the budget, pick the most accurate."""
     from medscalpel.compress.student_search import choose_student
 
+    teacher = one_of(teacher, teacher_arg, "--model", "TEACHER", "the teacher model")
     pre = _preprocess(str(teacher), 64, 1)
     train_ds, val_ds, _ = _open_splits(data, pre, augment=False)
     names = [c.strip() for c in candidates.split(",") if c.strip()]

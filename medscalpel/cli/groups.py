@@ -12,6 +12,9 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
                                 phantom_cmd, repair_cmd,
                                 report_cmd, scale_cmd, shift_cmd)
 
+    from medscalpel.cli import show_cmd
+
+    app.command("show")(show_cmd.show)
     data_app.command("stats")(data_cmd.stats)
     data_app.command("phantom")(phantom_cmd.phantom)
 

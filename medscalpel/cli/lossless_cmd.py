@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import typer
 
+from medscalpel.cli.common import N_BOOT, one_of
 from medscalpel.compress.contract import CompressionInputs, compress
 from medscalpel.data import open_dataset
 from medscalpel.errors import ConfigError
@@ -28,18 +29,24 @@ def _images(ds, n: int, seed: int) -> tuple[torch.Tensor, np.ndarray, list[int]]
 
 
 def lossless(
-    model_dir: Path = typer.Argument(..., help="medscalpel model directory to compress"),
-    data_spec: str = typer.Argument(..., help="dataset spec, e.g. 'phantom:/runs/ph' or "
-                                              "'folder:/data/kermany'"),
+    model_arg: Optional[Path] = typer.Argument(None, hidden=True, metavar="MODEL"),
+    data_arg: Optional[str] = typer.Argument(None, hidden=True, metavar="DATA"),
+    model_dir: Optional[Path] = typer.Option(None, "--model", help="Model directory to "
+                                             "compress."),
+    data_spec: Optional[str] = typer.Option(None, "--data", help="Dataset spec, e.g. "
+                                            "'phantom:/runs/ph' or 'folder:/data/kermany'."),
     out: Path = typer.Option(..., "--out", "-o", help="run directory to create"),
     mode: str = typer.Option("provable", help="provable: data-free analysis of the weights, "
                                               "exact for every input (default); empirical: "
                                               "channels found on calibration images, verified "
                                               "on held-out images only"),
-    calib_images: int = typer.Option(512, help="calibration images (empirical mode decides on "
-                                               "them)"),
-    heldout_images: int = typer.Option(1024, help="held-out images (verification only; the "
-                                                  "whole split when it is smaller)"),
+    calib_images: int = typer.Option(512, "--n-calib", help="calibration images (empirical "
+                                     "mode decides on them)"),
+    heldout_images: int = typer.Option(1024, "--n-images", help="held-out images "
+                                       "(verification only; the whole split when it is "
+                                       "smaller)"),
+    calib_old: Optional[int] = typer.Option(None, "--calib-images", hidden=True),
+    heldout_old: Optional[int] = typer.Option(None, "--heldout-images", hidden=True),
     random_inputs: int = typer.Option(64, help="random wide-range inputs also verified on"),
     tolerance: Optional[float] = typer.Option(
         None, help="lossy mode: target fraction of parameters to remove by LASSO channel "
@@ -63,12 +70,19 @@ def lossless(
     heldout_split: str = typer.Option("val", help="split the held-out images come from"),
     batch_size: int = typer.Option(64, help="batch size"),
     latency: bool = typer.Option(True, help="measure CPU latency before/after"),
-    n_boot: int = typer.Option(1000, help="bootstrap replicates of the paired accuracy delta on "
-                                          "the held-out images (0: no CIs)"),
+    n_boot: int = typer.Option(N_BOOT, help="bootstrap replicates of the paired accuracy delta "
+                                            "on the held-out images (default 1000 in every "
+                                            "command; 0: no CIs)"),
     seed: int = typer.Option(0, help="seed of the image sampling"),
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
 ) -> None:
     """Compress a model without changing its outputs (or with a reported tolerance)."""
+    model_dir = one_of(model_dir, model_arg, "--model", "MODEL", "the model directory")
+    data_spec = one_of(data_spec, data_arg, "--data", "DATA", "the dataset spec")
+    if calib_old is not None:
+        calib_images = calib_old
+    if heldout_old is not None:
+        heldout_images = heldout_old
     if tolerance is not None and sparsify_ratio is not None:
         raise ConfigError("Use either --tolerance or --sparsify-ratio, not both.")
     model = load_model(model_dir)

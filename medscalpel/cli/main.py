@@ -14,10 +14,12 @@ from typing import Optional
 import typer
 
 from medscalpel import __version__
-from medscalpel.cli.common import console, err_console, fmt, print_table
+from medscalpel.cli.common import (N_BOOT, N_BOOT_HELP, console, err_console, finish_app, fmt,
+                                   print_table)
 from medscalpel.errors import MedScalpelError
 
 app = typer.Typer(name="medscalpel", no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Compress, audit, explain and repair medical image classifiers "
                        "(chest X-ray first).")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: label statistics, the phantom.")
@@ -55,26 +57,60 @@ def models_list() -> None:
 def models_import(
     checkpoint: Path = typer.Argument(..., help="A .pt/.pth/.pth.tar state dict or .safetensors."),
     arch: str = typer.Option(..., help="Zoo architecture the weights belong to (models list)."),
-    like: str = typer.Option(..., help="Dataset spec whose class names / task the model predicts, "
-                                       "e.g. 'nih:/data/nih?labels_only=true'."),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset spec whose class names / "
+                                       "task the model predicts, e.g. "
+                                       "'nih:/data/nih?labels_only=true'."),
+    like: Optional[str] = typer.Option(None, "--like", hidden=True),
     out: Path = typer.Option(..., help="Output model directory."),
-    size: int = typer.Option(224, help="Input size in pixels."),
-    channels: int = typer.Option(3, help="Input channels (1 or 3)."),
+    size: Optional[int] = typer.Option(None, help="Input size in pixels (default: from the "
+                                                  "checkpoint when it fixes it (ViT), else 224: "
+                                                  "give the size it was trained at)."),
+    channels: Optional[int] = typer.Option(None, help="Input channels, 1 or 3 (default: those "
+                                                      "of the checkpoint's first convolution)."),
+    adapt_channels: bool = typer.Option(False, "--adapt-channels", help="Convert a first "
+                                        "convolution made for other input channels than "
+                                        "--channels (3->1 sums, 1->3 spreads the filters); "
+                                        "without it such a mismatch is refused."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
 ) -> None:
     """Import a foreign checkpoint (CheXNet, torchvision, timm key layouts) without unpickling
-    code, into a medscalpel model directory."""
+    code, into a medscalpel model directory. Input channels come from the checkpoint's first
+    convolution; a mismatch with --channels is refused unless --adapt-channels."""
+    from medscalpel.cli.common import one_of
     from medscalpel.data.spec import open_dataset
     from medscalpel.data.transforms import Preprocess
-    from medscalpel.models.checkpoint import import_foreign, save_model
+    from medscalpel.models.checkpoint import foreign_input, import_foreign, save_model
     from medscalpel.runs import RunDir
 
-    ds = open_dataset(like, split="all")
+    data = one_of(data, like, "--data", "--like", "the dataset spec")
+    found = foreign_input(checkpoint)
+    notes = []
+    if channels is None:
+        channels = found["channels"] or 3
+        notes.append(f"channels {channels} (from {found['first_conv']})" if found["channels"]
+                     else "channels 3 (the checkpoint has no convolution to read them from)")
+    if size is None:
+        size = found["size"] or 224
+        notes.append(f"size {size} (from the position embedding)" if found["size"] else
+                     "size 224 (a CNN checkpoint does not record its input size: pass --size "
+                     "if it was trained at another)")
+    ds = open_dataset(data, split="all")
     pp = Preprocess(size=size, channels=channels)
-    model = import_foreign(checkpoint, arch, ds.class_names, ds.task, pp)
-    with RunDir(out, command="models import", config={"checkpoint": str(checkpoint), "arch": arch,
-                                                      "like": like}, overwrite=overwrite) as run:
+    model = import_foreign(checkpoint, arch, ds.class_names, ds.task, pp,
+                           adapt_channels=adapt_channels)
+    adapted = (adapt_channels and found["channels"] is not None
+               and found["channels"] != channels)
+    with RunDir(out, command="models import",
+                config={"checkpoint": str(checkpoint), "arch": arch, "data": data, "size": size,
+                        "channels": channels, "checkpoint_channels": found["channels"],
+                        "adapted_channels": adapted}, overwrite=overwrite) as run:
         save_model(model, run.path, model.card)
+    for note in notes:
+        console.print(f"input: {note}", highlight=False)
+    if adapted:
+        console.print(f"[yellow]warning: the first convolution was adapted from "
+                      f"{found['channels']} to {channels} input channel(s) "
+                      "(--adapt-channels): check accuracy before use.[/yellow]")
     console.print(f"imported {checkpoint} as {arch} -> {out} ({model.num_parameters():,} params)")
 
 
@@ -114,7 +150,7 @@ def train(
     workers: int = typer.Option(0, help="DataLoader worker processes."),
     augment: bool = typer.Option(True, help="Light CXR augmentation on the train split."),
     pretrained: bool = typer.Option(False, help="Start from ImageNet weights (needs internet)."),
-    n_boot: int = typer.Option(200, help="Bootstrap replicates for the test CIs."),
+    n_boot: int = typer.Option(N_BOOT, help=N_BOOT_HELP),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     resume: bool = typer.Option(False, help="Resume an interrupted run in --out."),
 ) -> None:
@@ -143,7 +179,8 @@ def train(
 @app.command()
 def predict(
     model: Path = typer.Option(..., help="Model directory (model.safetensors + model.json)."),
-    data: str = typer.Option(..., help="Dataset spec."),
+    data: str = typer.Option(..., help="Dataset spec, or unlabelled images: one image file, a "
+                                       "folder of images or a quoted glob ('/scans/*.png')."),
     split: str = typer.Option("auto", help="Split to predict: train | val | test | all | auto "
                                            "(auto: 'test' of the dataset the model was trained "
                                            "on, else 'all')."),
@@ -162,8 +199,44 @@ def predict(
         write_json(run.path / "predictions.json", preds.to_dict())
         run.data.update(split=preds.split, split_unit=preds.meta.get("split_unit"),
                         n_used=preds.meta.get("n_used"), n_total=preds.meta.get("n_total"))
-    console.print(f"used {usage_line(preds)}")
+    console.print(f"used {usage_line(preds)}", highlight=False)
+    if preds.meta.get("unlabelled"):
+        console.print("note: the images have no labels: the predictions' labels are unknown "
+                      "(NaN), so 'evaluate' has nothing to score them against.", highlight=False)
     console.print(f"{preds.n} predictions -> {out / 'predictions.npz'}")
+
+
+@app.command()
+def features(
+    model: Path = typer.Option(..., help="Model directory (model.safetensors + model.json)."),
+    data: str = typer.Option(..., help="Dataset spec."),
+    split: str = typer.Option("auto", help="Split: train | val | test | all | auto (as in "
+                                           "predict)."),
+    out: Path = typer.Option(..., help="Features .npz file to write (what 'repair retrain' "
+                                       "and 'repair surgery --features' read)."),
+    batch_size: int = typer.Option(64, help="Batch size."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Penultimate features of a dataset split with the classifier they feed -> a Features
+    file (for repair retrain / surgery / triage)."""
+    from medscalpel.data.spec import open_dataset
+    from medscalpel.engine.api import choose_split
+    from medscalpel.engine.predict import extract_features
+    from medscalpel.errors import RunError
+    from medscalpel.models.checkpoint import load_model
+
+    if out.suffix != ".npz":
+        raise MedScalpelError(f"--out {out}: a Features file ends in .npz (e.g. "
+                              f"{out.with_suffix('.npz').name}).")
+    if out.exists() and not overwrite:
+        raise RunError(f"{out} already exists; choose another --out or pass --overwrite.")
+    m = load_model(model)
+    chosen, why = choose_split(m.card, data, split)
+    ds = open_dataset(data, split=chosen, preprocess=m.card.preprocess)
+    feats = extract_features(m, ds, batch_size=batch_size)
+    feats.save(out)
+    console.print(f"used {len(ds)} images of split '{chosen}' ({why})", highlight=False)
+    console.print(f"{feats.features.shape[0]} x {feats.features.shape[1]} features -> {out}")
 
 
 def _parse_class_map(items: list[str]) -> dict[str, str] | None:
@@ -186,11 +259,15 @@ def evaluate(
                                                       "with --model and report it next to these "
                                                       "(internal) predictions."),
     external_split: str = typer.Option("all", help="Split of the external set (default: all)."),
+    reference: Optional[Path] = typer.Option(None, help="Reference predictions.npz (e.g. of the "
+                                                        "dense model): paired comparison of "
+                                                        "PREDICTIONS against it on the common "
+                                                        "images (deltas with bootstrap CIs)."),
     class_map: list[str] = typer.Option([], "--class-map", help="EXTERNAL=MODEL class-name pair "
                                                                 "(repeatable) when they differ."),
     out: Optional[Path] = typer.Option(None, help="Run directory for metrics.json (and "
                                                   "external.json + reliability.png)."),
-    n_boot: int = typer.Option(1000, help="Bootstrap replicates (0 = no CIs)."),
+    n_boot: int = typer.Option(N_BOOT, help=N_BOOT_HELP),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False),
 ) -> None:
@@ -199,6 +276,11 @@ def evaluate(
     from medscalpel.engine.api import evaluate_file
     from medscalpel.runs import RunDir, write_json
 
+    if reference is not None:
+        if external is not None:
+            raise MedScalpelError("evaluate: give --reference or --external, not both.")
+        _evaluate_reference(predictions, reference, model, out, n_boot, seed, overwrite)
+        return
     if external is not None:
         _evaluate_external(predictions, model, external, external_split,
                            _parse_class_map(class_map), out, n_boot, seed, overwrite)
@@ -208,6 +290,9 @@ def evaluate(
     m = res.macro
     console.print(f"macro AUROC {fmt(m['auroc'])} {fmt(tuple(m.get('auroc_ci', ())) or None)}  "
                   f"macro AP {fmt(m['ap'])}")
+    if m.get("accuracy") is not None:
+        console.print(f"accuracy {fmt(m['accuracy'])} "
+                      f"{fmt(tuple(m.get('accuracy_ci', ())) or None)} (argmax, multi-class)")
     for c in res.classes:
         if c.reason:
             console.print(f"[yellow]{c.name}: NaN ({c.reason})[/yellow]")
@@ -219,6 +304,36 @@ def evaluate(
                     data={"split_unit": res.extra.get("split_unit")},
                     overwrite=overwrite) as run:
             write_json(run.path / "metrics.json", res.to_dict())
+
+
+def _evaluate_reference(predictions: Path, reference: Path, model: Optional[Path],
+                        out: Optional[Path], n_boot: int, seed: int, overwrite: bool) -> None:
+    from medscalpel.cli.common import load_predictions
+    from medscalpel.engine.compare import FILENAME, compare_predictions
+    from medscalpel.runs import RunDir
+
+    cand, ref = load_predictions(predictions), load_predictions(reference)
+    thresholds = None
+    if model is not None:
+        from medscalpel.engine.api import _card
+
+        card = _card(model)
+        if card.task != "multiclass" and card.thresholds is not None:
+            thresholds = card.effective_thresholds()
+    cmp = compare_predictions(ref, cand, n_boot=n_boot, seed=seed, thresholds=thresholds)
+    print_table(cmp.table(), f"{predictions} vs reference {reference} ({cmp.n} common images, "
+                             f"thresholds: {cmp.threshold_source})")
+    console.print(cmp.summary(), highlight=False)
+    if cmp.n_unmatched:
+        console.print(f"[yellow]note: {cmp.n_unmatched} image(s) are in only one of the two "
+                      "files and were left out.[/yellow]")
+    if out is not None:
+        with RunDir(out, command="evaluate --reference",
+                    config={"predictions": str(predictions), "reference": str(reference),
+                            "model": str(model) if model else None, "n_boot": n_boot},
+                    seed=seed, overwrite=overwrite) as run:
+            cmp.save(run.path / FILENAME)
+        console.print(f"-> {out / FILENAME}")
 
 
 def _evaluate_external(predictions: Path, model: Optional[Path], external: str,
@@ -263,8 +378,9 @@ def _evaluate_external(predictions: Path, model: Optional[Path], external: str,
 @preds_app.command("import")
 def predictions_import(
     csv: Path = typer.Argument(..., help="CSV of per-class probabilities keyed by image id."),
-    labels: str = typer.Option(..., help="Dataset spec giving the labels, e.g. "
-                                         "'nih:/data/nih14-labels?labels_only=true'."),
+    labels: Optional[str] = typer.Option(None, "--data", help="Dataset spec giving the labels, "
+                                         "e.g. 'nih:/data/nih14-labels?labels_only=true'."),
+    labels_old: Optional[str] = typer.Option(None, "--labels", hidden=True),
     out: Path = typer.Option(..., help="Run directory to create."),
     id_column: str = typer.Option("Image Index"),
     values: str = typer.Option("probability", help="probability | logit"),
@@ -273,8 +389,11 @@ def predictions_import(
     overwrite: bool = typer.Option(False),
 ) -> None:
     """Import predictions made elsewhere into a Predictions artifact."""
+    from medscalpel.cli.common import one_of
     from medscalpel.engine.importer import import_predictions
     from medscalpel.runs import RunDir, write_json
+
+    labels = one_of(labels, labels_old, "--data", "--labels", "the dataset spec of the labels")
 
     with RunDir(out, command="predictions import", config={"csv": str(csv), "labels": labels},
                 data={"spec": labels}, overwrite=overwrite) as run:
@@ -313,15 +432,83 @@ def _register_optional_groups() -> None:
     from medscalpel.cli import groups
 
     groups.register(app, data_app)
+    finish_app(app)
 
 
-def run() -> None:
-    """Console entry point: MedScalpelError -> a one-line message and exit code 2."""
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _os_error_line(exc: OSError) -> str:
+    """A file-system failure as a one-line message that says where and what to do."""
+    import errno
+
+    where = exc.filename if exc.filename is not None else "a path"
+    reason = exc.strerror or type(exc).__name__
+    advice = {
+        errno.ENOENT: "check the path (or its parent folder) exists",
+        errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+        errno.EISDIR: "it is a folder where a file is expected: give the file inside it",
+        errno.EACCES: "it is not writable/readable by you: choose another --out or path",
+        errno.EPERM: "the operation is not permitted there: choose another --out or path",
+        errno.EROFS: "the file system is read-only: choose another --out",
+        errno.ENOSPC: "the disk is full: free space or choose another --out",
+        errno.EEXIST: "it already exists: choose another --out or pass --overwrite",
+    }.get(exc.errno or -1, "check the path and its permissions")
+    return f"cannot use {where}: {reason}; {advice}."
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console entry point. Every failure ends in one line ``error: ...`` on stderr and no
+    traceback: bad input (a MedScalpelError, a usage error, a path that cannot be read or
+    written) exits with code 2; anything else is a bug in medscalpel: exit 1, with the
+    traceback only when MEDSCALPEL_DEBUG=1."""
+    import os
+
+    from typer import Abort
+    from typer._click.exceptions import (  # typer vendors click: its usage-error classes
+        ClickException, NoArgsIsHelpError)
+
+    debug = os.environ.get("MEDSCALPEL_DEBUG") == "1"
     try:
-        app()
-    except MedScalpelError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {exc}")
+        code = app(args=argv, prog_name="medscalpel", standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(0)
+    except ClickException as exc:
+        hint = ""
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            hint = f" (see '{ctx.command_path} -h')"
+        err_console.print(f"error: {_one_line(exc.format_message())}{hint}", highlight=False,
+                          markup=False, soft_wrap=True)
         sys.exit(2)
+    except MedScalpelError as exc:
+        if debug:
+            raise
+        err_console.print(f"error: {_one_line(str(exc))}", highlight=False, markup=False,
+                          soft_wrap=True)
+        sys.exit(2)
+    except OSError as exc:
+        if debug:
+            raise
+        err_console.print(f"error: {_one_line(_os_error_line(exc))}", highlight=False,
+                          markup=False, soft_wrap=True)
+        sys.exit(2)
+    except (KeyboardInterrupt, Abort):
+        err_console.print("error: interrupted; a run directory being built was removed (re-run "
+                          "the command, with --resume where the command has it).",
+                          highlight=False, markup=False, soft_wrap=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: say so in one line, keep the traceback for debugging
+        if debug:
+            raise
+        err_console.print(f"error: internal error ({type(exc).__name__}: "
+                          f"{_one_line(str(exc))[:300]}); this is a medscalpel bug: please "
+                          "report it, re-running with MEDSCALPEL_DEBUG=1 for the traceback.",
+                          highlight=False, markup=False, soft_wrap=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 _register_optional_groups()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -12,7 +13,8 @@ from medscalpel.cli.common import console, print_table
 def phantom(
     out: Path = typer.Option(..., help="Directory to write (images.npz, masks.npz, labels.csv, "
                                        "groundtruth.csv, phantom.json)."),
-    n: int = typer.Option(2000, help="Number of images (all splits)."),
+    n: int = typer.Option(2000, "--n-images", help="Number of images (all splits)."),
+    n_old: Optional[int] = typer.Option(None, "--n", hidden=True),
     size: int = typer.Option(64, help="Image side in pixels."),
     seed: int = typer.Option(0, help="Seed: the same arguments give byte-identical data."),
     label_noise: float = typer.Option(0.07, help="Fraction of flipped (NLP-like) labels."),
@@ -25,6 +27,9 @@ def phantom(
     """Generate Phantom CXR-14: chest X-rays with the 14 NIH findings, NIH label statistics,
     label noise, shortcuts and per-image ground truth."""
     from dataclasses import replace
+
+    if n_old is not None:
+        n = n_old
 
     from medscalpel.data.phantom import ShortcutConfig, generate_phantom
     from medscalpel.runs import RunDir

@@ -7,23 +7,29 @@ from typing import Optional
 
 import typer
 
-from medscalpel.cli.common import console, print_table
+from medscalpel.cli.common import console, load_predictions, one_of, print_table
 from medscalpel.runs import RunDir, write_json
 
 
 def _load_data(path: Path):
-    """Features (``features`` array inside) or Predictions from an ``.npz``."""
+    """Features (``features`` array inside) or Predictions from an ``.npz``; anything else is
+    one DataError naming the file."""
+    import zipfile
+
     import numpy as np
 
     from medscalpel.engine.predict import Features
-    from medscalpel.engine.predictions import Predictions
     from medscalpel.errors import DataError
 
     if not Path(path).is_file():
-        raise DataError(f"File not found: {path}.")
-    with np.load(path, allow_pickle=False) as z:
-        is_features = "features" in z.files
-    return Features.load(path) if is_features else Predictions.load(path)
+        raise DataError(f"File not found: {path} (give a Features or Predictions .npz).")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            is_features = "features" in z.files
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path} is not a readable .npz file ({type(exc).__name__}); give a "
+                        "Features or Predictions file written by medscalpel.") from exc
+    return Features.load(path) if is_features else load_predictions(path)
 
 
 def calibrate(
@@ -33,34 +39,71 @@ def calibrate(
                                                "another split to evaluate the thresholds on."),
     method: str = typer.Option("youden", help="youden, f1 or sensitivity."),
     target_sensitivity: float = typer.Option(0.9, help="For --method sensitivity."),
-    model: Optional[Path] = typer.Option(None, help="Model directory: a copy with the "
-                                         "thresholds in model.json is written to OUT/model."),
+    positive: Optional[str] = typer.Option(None, help="Two-class model: the positive class "
+                                           "whose operating point is fitted (default: the "
+                                           "second class)."),
+    model: Optional[Path] = typer.Option(None, help="Model directory (multi-label): a copy "
+                                         "with the thresholds in model.json is written to "
+                                         "OUT/model."),
     out: Path = typer.Option(Path("runs/repair-calibrate"), help="Run directory to create."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
-    """Per-class decision thresholds (Youden's J, F1-optimal or a target sensitivity) fitted on
-    one split and compared with 0.5 on another: F1, recall, precision per class and macro."""
-    from medscalpel.engine.predictions import Predictions
+    """Calibrate decisions, fitted on one split and measured on another. Multi-label: per-class
+    thresholds (Youden's J, F1-optimal or a target sensitivity) vs 0.5 (F1, recall, precision).
+    Two-class: the operating point of the positive class (same methods) vs argmax. More
+    classes: temperature scaling (NLL and ECE before/after; accuracy unchanged)."""
+    from medscalpel.errors import ConfigError
     from medscalpel.models.checkpoint import load_model
-    from medscalpel.repair.calibrate import calibrate_thresholds
+    from medscalpel.repair.calibrate import (binary_view, calibrate_temperature,
+                                             calibrate_thresholds)
 
+    fit_p = load_predictions(fit)
+    eval_p = load_predictions(evaluate_on) if evaluate_on else None
+    kind = ("thresholds" if fit_p.task == "multilabel" else
+            "binary" if fit_p.num_classes == 2 else "temperature")
+    if model is not None and kind != "thresholds":
+        raise ConfigError(f"repair calibrate --model writes thresholds into a multi-label "
+                          f"model's card; these predictions are {fit_p.task} with "
+                          f"{fit_p.num_classes} classes: drop --model (the result is in "
+                          "calibration.json).")
+    if positive is not None and kind != "binary":
+        raise ConfigError("--positive applies to two-class predictions only.")
     cfg = {"fit": str(fit), "eval": str(evaluate_on) if evaluate_on else None, "method": method,
-           "target_sensitivity": target_sensitivity, "model": str(model) if model else None}
+           "target_sensitivity": target_sensitivity, "model": str(model) if model else None,
+           "kind": kind, "positive": positive}
     with RunDir(out, command="repair calibrate", config=cfg, overwrite=overwrite) as run:
-        m = load_model(model) if model else None
-        result = calibrate_thresholds(Predictions.load(fit),
-                                      Predictions.load(evaluate_on) if evaluate_on else None,
-                                      method, target_sensitivity, model=m,
-                                      model_out=run.path / "model" if m is not None else None)
-        result.model_dir = str(out / "model") if m is not None else None
+        if kind == "temperature":
+            result = calibrate_temperature(fit_p, eval_p)
+        else:
+            m = load_model(model) if model else None
+            if kind == "binary":
+                fit_p = binary_view(fit_p, positive)
+                eval_p = binary_view(eval_p, positive) if eval_p is not None else None
+            result = calibrate_thresholds(fit_p, eval_p, method, target_sensitivity, model=m,
+                                          model_out=run.path / "model" if m is not None
+                                          else None)
+            result.model_dir = str(out / "model") if m is not None else None
+            if kind == "binary":
+                result.extra["binary"] = fit_p.meta["binary_view"]
         write_json(run.path / "calibration.json", result.to_dict())
-    if result.evaluation is not None:
-        print_table(result.evaluation.table(), title=f"thresholds ({method}) vs 0.5")
+    if kind == "temperature":
+        print_table(result.table(), title=f"temperature scaling: T = {result.temperature:.3f} "
+                    f"(fit on {result.fit_split}, measured on {result.eval_split}"
+                    f"{'' if result.held_out else ': NOT held out'})")
+    else:
+        if kind == "binary":
+            b = result.extra["binary"]
+            console.print(f"positive class {b['positive']} (vs {b['negative']}): threshold "
+                          f"{result.thresholds[0]:.4f} on its softmax probability ({method}); "
+                          "0.5 is the argmax.", highlight=False)
+        if result.evaluation is not None:
+            print_table(result.evaluation.table(), title=f"thresholds ({method}) vs 0.5")
     console.print(f"written to {out}")
 
 
 def surgery(
-    model: Path = typer.Argument(..., help="Model directory to correct."),
+    model_arg: Optional[Path] = typer.Argument(None, hidden=True, metavar="MODEL"),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model directory to correct."),
     target_class: str = typer.Option(..., "--class", help="Class whose false positives to fix."),
     features: Optional[Path] = typer.Option(None, help="Features (.npz) holding the false "
                                             "positives (extract_features output)."),
@@ -68,10 +111,12 @@ def surgery(
                                        "true-positive constraint (default: --features)."),
     fp_ids: Optional[Path] = typer.Option(None, help="Text file, one image id per line: the "
                                           "false positives (default: all of --features)."),
-    dataset: Optional[str] = typer.Option(None, help="Instead of --features: a dataset spec "
-                                          "whose images are run through the model."),
-    split: str = typer.Option("test", help="Split of --dataset."),
-    confounder: Optional[str] = typer.Option(None, help="With --dataset: select the false "
+    dataset: Optional[str] = typer.Option(None, "--data", help="Instead of --features: a "
+                                          "dataset spec whose images are run through the "
+                                          "model."),
+    dataset_old: Optional[str] = typer.Option(None, "--dataset", hidden=True),
+    split: str = typer.Option("test", help="Split of --data."),
+    confounder: Optional[str] = typer.Option(None, help="With --data: select the false "
                                              "positives carrying this confounder flag "
                                              "(e.g. chest_tube)."),
     delta_prob: Optional[float] = typer.Option(None, help="Required fall of the targets' "
@@ -93,6 +138,10 @@ def surgery(
     from medscalpel.models.checkpoint import load_model
     from medscalpel.repair.surgery import surgery_from_rule, surgical_correction
 
+    model = one_of(model, model_arg, "--model", "MODEL", "the model directory")
+    dataset = one_of(dataset, dataset_old, "--data", "--dataset", "the dataset spec",
+                     required=False)
+
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in dict(
         model=model, target_class=target_class, features=features, val=val, fp_ids=fp_ids,
         dataset=dataset, split=split, confounder=confounder, delta_prob=delta_prob,
@@ -106,7 +155,7 @@ def surgery(
         model_out = None if dry_run else run.path / "model"
         if dataset is not None:
             if confounder is None:
-                raise ConfigError("repair surgery: --dataset needs --confounder NAME to select "
+                raise ConfigError("repair surgery: --data needs --confounder NAME to select "
                                   "the false positives.")
             from medscalpel.data.spec import open_dataset
 
@@ -116,7 +165,7 @@ def surgery(
                                        out_dir=model_out, **kw)
         else:
             if features is None:
-                raise ConfigError("repair surgery: give --features (or --dataset with "
+                raise ConfigError("repair surgery: give --features (or --data with "
                                   "--confounder).")
             ids = [s.strip() for s in fp_ids.read_text().splitlines() if s.strip()] \
                 if fp_ids else None

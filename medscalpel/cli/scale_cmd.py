@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from medscalpel.cli.common import console, fmt
+from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt, one_of
 from medscalpel.errors import ConfigError
 
 EXECUTOR_OPTION = typer.Option("local", "--executor",
@@ -59,8 +59,10 @@ def _summary(res, out: Path) -> None:
 
 
 def prune(
-    models: list[Path] = typer.Argument(..., help="Model directories (model.safetensors + "
-                                        "model.json)."),
+    models_arg: Optional[list[Path]] = typer.Argument(None, hidden=True, metavar="MODELS"),
+    models: Optional[list[Path]] = typer.Option(None, "--model", help="Model directory "
+                                                "(model.safetensors + model.json); repeat for "
+                                                "several."),
     data: str = typer.Option(..., help="Dataset spec of the evaluation data."),
     split: str = typer.Option("test", help="Split evaluated at every sparsity."),
     out: Path = typer.Option(Path("runs/scale-prune"), help="Grid directory (resumable)."),
@@ -76,6 +78,9 @@ def prune(
     directory is also a sweep directory for the audit stage."""
     from medscalpel.pipeline.grid import run_prune_grid
 
+    models = one_of(models or None, models_arg or None, "--model", "MODELS",
+                    "the model directories")
+
     res = run_prune_grid([str(m) for m in models], data, out, split=split,
                          ratios=_floats(ratios, "ratios"), methods=_names(methods, "methods"),
                          seeds=_ints(seeds, "seeds"), batch_size=batch_size, executor=executor,
@@ -88,7 +93,9 @@ def prune(
 
 
 def distill(
-    teacher: Path = typer.Argument(..., help="Teacher model directory."),
+    teacher_arg: Optional[Path] = typer.Argument(None, hidden=True, metavar="TEACHER"),
+    teacher: Optional[Path] = typer.Option(None, "--model", "--teacher", help="Teacher model "
+                                           "directory."),
     data: str = typer.Option(..., help="Dataset spec (train / val / --split)."),
     students: str = typer.Option("mobilenetv3_small_100", help="Student architectures, comma "
                                  "list (see 'models list')."),
@@ -106,6 +113,8 @@ def distill(
 ) -> None:
     """Distillation grid (students x temperatures x soft weights x seeds) on a pool or Ray."""
     from medscalpel.pipeline.grid import run_distill_grid
+
+    teacher = one_of(teacher, teacher_arg, "--model", "TEACHER", "the teacher model")
 
     res = run_distill_grid(str(teacher), data, _names(students, "students"), out,
                            temperatures=_floats(temperatures, "temperatures"),
@@ -155,7 +164,7 @@ def train(
     lr: float = typer.Option(1e-3), weight_decay: float = typer.Option(1e-4),
     patience: int = typer.Option(3), seed: int = typer.Option(0),
     augment: bool = typer.Option(False, help="Light augmentation (per-process draws)."),
-    n_boot: int = typer.Option(200, help="Bootstrap replicates for the test CIs."),
+    n_boot: int = typer.Option(N_BOOT, help=N_BOOT_HELP),
     resume: bool = typer.Option(False, help="Resume an interrupted run in --out."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
 ) -> None:

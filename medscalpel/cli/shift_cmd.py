@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from medscalpel.cli.common import console, print_table
+from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, load_predictions, print_table
 from medscalpel.runs import RunDir, write_json
 
 
@@ -23,7 +23,7 @@ def recalibrate_site(
                                                      "(default all)."),
     tolerance: float = typer.Option(0.05, help="'Restored' = sens and spec within this of the "
                                                "internal operating point."),
-    n_boot: int = typer.Option(1000, help="Bootstrap replicates of the CIs."),
+    n_boot: int = typer.Option(N_BOOT, help=N_BOOT_HELP),
     seed: int = typer.Option(0, help="Seed of the k-shot draw and the bootstrap."),
     class_map: list[str] = typer.Option([], "--class-map", help="EXTERNAL=MODEL class names."),
     out: Path = typer.Option(Path("runs/recalibrate-site"), help="Run directory to create "
@@ -34,7 +34,6 @@ def recalibrate_site(
     sensitivity and specificity (with CIs) on the rest of that site against the internal ones;
     write a recalibrated model copy."""
     from medscalpel.engine.api import predict_spec, usage_line
-    from medscalpel.engine.predictions import Predictions
     from medscalpel.errors import MedScalpelError
     from medscalpel.models.checkpoint import load_model, save_model
     from medscalpel.repair.shift import recalibrate_site as run_recal
@@ -51,7 +50,7 @@ def recalibrate_site(
            "external_split": external_split, "k": k, "method": method, "classes": names,
            "tolerance": tolerance, "n_boot": n_boot, "class_map": cmap}
     m = load_model(model)
-    int_preds = Predictions.load(internal)
+    int_preds = load_predictions(internal)
     ext = predict_spec(model, external, external_split, class_map=cmap or None)
     console.print(f"new site: used {usage_line(ext)}")
     res, rec = run_recal(m, int_preds, ext, k=k, method=method, classes=names,

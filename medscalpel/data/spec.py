@@ -94,21 +94,60 @@ def open_dataset(
     parsed = spec if isinstance(spec, DatasetSpec) else DatasetSpec.parse(spec)
     opts = {**parsed.options, **options}
     factory = DATASETS.get(parsed.adapter)
-    _check_options(parsed.adapter, factory, opts)
-    ds = factory(root=parsed.root, split=split,
-                                      preprocess=preprocess or Preprocess(), **opts)
+    opts = _check_options(parsed.adapter, factory, opts)
+    ds = factory(root=parsed.root, split=split, preprocess=preprocess or Preprocess(), **opts)
     ds.spec = str(parsed)
     return ds
 
 
-def _check_options(adapter: str, factory, opts: dict[str, Any]) -> None:
+def _kind(annotation: Any, default: Any) -> str | None:
+    """'bool', 'int', 'float' or 'str' for an adapter option (from its annotation or default)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    for kind in ("bool", "int", "float", "str"):
+        if kind in str(text).replace("|", " ").split():
+            return kind
+    if isinstance(default, bool):
+        return "bool"
+    for kind, typ in (("int", int), ("float", float), ("str", str)):
+        if isinstance(default, typ):
+            return kind
+    return None
+
+
+def _check_options(adapter: str, factory, opts: dict[str, Any]) -> dict[str, Any]:
+    """Refuse unknown options and values of the wrong kind (``?dedup=maybe`` is not a
+    yes/no answer); returns the options converted to the adapter's types."""
     import inspect
 
     params = inspect.signature(factory).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
+        return dict(opts)
     valid = [n for n in params if n not in ("root", "split", "preprocess")]
     bad = [k for k in opts if k not in params]
     if bad:
         raise ConfigError(f"Unknown option(s) {bad} for dataset adapter '{adapter}'. "
                           f"Valid options: {', '.join(valid) or '(none)'}.")
+    out: dict[str, Any] = {}
+    for key, value in opts.items():
+        p = params[key]
+        kind = _kind(p.annotation, p.default)
+        if value is None or kind is None:
+            out[key] = value
+            continue
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise ConfigError(f"Dataset option '{key}' of adapter '{adapter}' is true or "
+                                  f"false; got {value!r} (e.g. '?{key}=true').")
+        elif kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"Dataset option '{key}' of adapter '{adapter}' is a whole "
+                                  f"number; got {value!r} (e.g. '?{key}={p.default!r}').")
+        elif kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"Dataset option '{key}' of adapter '{adapter}' is a number; "
+                                  f"got {value!r} (e.g. '?{key}={p.default!r}').")
+            value = float(value)
+        elif kind == "str" and not isinstance(value, str):
+            value = str(value).lower() if isinstance(value, bool) else str(value)
+        out[key] = value
+    return out

@@ -9,13 +9,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from medscalpel.data.base import split_warning
+from medscalpel.data.base import CXRDataset, split_warning
 from medscalpel.data.spec import open_dataset
 from medscalpel.data.transforms import Augment, Preprocess
 from medscalpel.engine.external import ExternalValidation, RelabeledDataset, external_validation
 from medscalpel.engine.metrics import EvalResult, evaluate
 from medscalpel.engine.predict import predict
 from medscalpel.engine.predictions import Predictions
+from medscalpel.errors import DataError
 from medscalpel.engine.train import TrainConfig, TrainResult, seed_everything, train
 from medscalpel.models.checkpoint import load_model, make_card, save_model
 from medscalpel.models.classifier import MedClassifier
@@ -122,6 +123,78 @@ def _same_spec(a: str, b: str) -> bool:
         return a.strip() == b.strip()
 
 
+def image_paths(data: str) -> list[Path] | None:
+    """The image files ``data`` names when it is one image file, a folder holding image files
+    or a glob (``/scans/*.png``), not a dataset spec; None for a dataset spec."""
+    import glob
+
+    import medscalpel.data  # noqa: F401  (registers the adapters)
+    from medscalpel.data.io import IMAGE_EXTENSIONS
+    from medscalpel.data.spec import DATASETS
+
+    head = data.split("?", 1)[0].strip()
+    adapter = head.split(":", 1)[0].strip().lower()
+    if adapter in DATASETS.names() and (":" in head or not Path(head).exists()):
+        return None  # a dataset spec such as 'folder:/x' or 'phantom?n=8'
+    if any(ch in data for ch in "*?["):
+        files = [Path(f) for f in sorted(glob.glob(data, recursive=True))
+                 if f.lower().endswith(IMAGE_EXTENSIONS) and Path(f).is_file()]
+        if not files:
+            raise DataError(f"No image file ({', '.join(IMAGE_EXTENSIONS)}) matches {data!r}.")
+        return files
+    p = Path(data)
+    if p.is_file():
+        if not p.name.lower().endswith(IMAGE_EXTENSIONS):
+            raise DataError(f"{p} is not an image file ({', '.join(IMAGE_EXTENSIONS)}); give "
+                            "an image, a folder of images, a glob or a dataset spec.")
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
+                       and f.name.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise DataError(f"{p} holds no image file directly; a labelled folder of class "
+                            f"subfolders is the dataset spec 'folder:{p}'.")
+        return files
+    return None
+
+
+class ImageFiles(CXRDataset):
+    """Unlabelled image files (``predict`` on an image, a folder of images or a glob): the
+    model's classes, labels unknown (NaN for multi-label; -1 in the Predictions of a
+    multi-class model, whose labels are class indices)."""
+
+    name = "images"
+
+    def __init__(self, paths: list[Path], class_names: list[str], task: str,
+                 preprocess: Preprocess | None = None, spec: str = "images"):
+        import numpy as np
+
+        super().__init__(preprocess, spec=spec, split="all")
+        self.paths = [Path(p) for p in paths]
+        names = [str(p) for p in self.paths]
+        labels = (np.full((len(names), len(class_names)), np.nan, np.float32)
+                  if task == "multilabel" else np.zeros(len(names), np.int64))
+        self._set_tables(names, labels, class_names, task)
+
+    def load_raw(self, index: int):
+        from medscalpel.data.io import read_image
+
+        return read_image(self.paths[index], colour=self.preprocess.channels == 3)
+
+
+def _predict_files(model: MedClassifier, paths: list[Path], data: str, batch_size: int,
+                   progress: bool | None) -> Predictions:
+    import numpy as np
+
+    card = model.card
+    ds = ImageFiles(paths, list(card.class_names), card.task, card.preprocess, spec=data)
+    preds = predict(model, ds, batch_size=batch_size, progress=progress)
+    labels = preds.labels if card.task == "multilabel" else np.full(preds.n, -1, np.int64)
+    meta = {**preds.meta, "n_used": len(ds), "n_total": len(paths), "unlabelled": True,
+            "split_reason": "image files: no labels (NaN), nothing to evaluate against"}
+    return replace(preds, labels=labels, split="images", meta=meta)
+
+
 def predict_spec(model_dir: str | os.PathLike, data: str, split: str | None = "test",
                  batch_size: int = 64, progress: bool | None = None,
                  class_map: dict[str, str] | None = None) -> Predictions:
@@ -138,6 +211,12 @@ def predict_spec(model_dir: str | os.PathLike, data: str, split: str | None = "t
     images in the whole dataset) and ``split_reason``.
     """
     model = load_model(model_dir)
+    paths = image_paths(data)
+    if paths is not None:
+        if split not in (None, "", "auto", "all"):
+            raise DataError(f"--split {split}: image files have no splits; drop --split (or "
+                            "use a dataset spec).")
+        return _predict_files(model, paths, data, batch_size, progress)
     split, reason = choose_split(model.card, data, split)
     ds = open_dataset(data, split=split, preprocess=model.card.preprocess)
     n_total = len(ds) if split == "all" else len(open_dataset(data, split="all",
@@ -165,6 +244,43 @@ def usage_line(preds: Predictions) -> str:
     return line + ")" + (f"; WARNING: {warn}" if warn else "")
 
 
+def load_predictions(path: str | os.PathLike) -> Predictions:
+    """:meth:`Predictions.load` whose every failure (missing file, a folder without
+    predictions.npz, pickled or non-numeric arrays, missing entries) is one DataError naming
+    the file."""
+    import zipfile
+
+    import numpy as np
+
+    p = Path(path)
+    target = p / "predictions.npz" if p.is_dir() else p
+    how = "give predictions.npz written by 'medscalpel predict' or 'predictions import'"
+    if target.is_file():
+        try:
+            with np.load(target, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except ValueError as exc:
+            if "pickle" in str(exc).lower() or "object arrays" in str(exc).lower():
+                raise DataError(f"{target} holds Python objects (pickled data), which "
+                                f"medscalpel never loads; {how}.") from exc
+            raise DataError(f"{target} is not a medscalpel Predictions file ({exc}); "
+                            f"{how}.") from exc
+        except (OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise DataError(f"{target} is not a readable .npz file ({type(exc).__name__}); "
+                            f"{how}.") from exc
+        for name in ("logits", "labels"):
+            if name in arrays and not np.issubdtype(arrays[name].dtype, np.number):
+                raise DataError(f"{target}: array '{name}' is not numeric "
+                                f"({arrays[name].dtype}); {how}.")
+    try:
+        return Predictions.load(p)
+    except DataError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{target} is not a medscalpel Predictions file (missing or bad entry "
+                        f"{exc}); {how}.") from exc
+
+
 def validate_external(predictions: str | os.PathLike, model_dir: str | os.PathLike,
                       external: str, external_split: str = "all",
                       class_map: dict[str, str] | None = None, n_boot: int = 1000, seed: int = 0,
@@ -177,7 +293,7 @@ def validate_external(predictions: str | os.PathLike, model_dir: str | os.PathLi
     Returns:
         ``(result, external_predictions)``.
     """
-    internal = Predictions.load(predictions)
+    internal = load_predictions(predictions)
     model_card = _card(model_dir)
     ext = predict_spec(model_dir, external, external_split, batch_size=batch_size,
                        progress=progress, class_map=class_map)
@@ -197,7 +313,10 @@ def evaluate_file(predictions: str | os.PathLike, model_dir: str | os.PathLike |
                   n_boot: int = 1000, seed: int = 0) -> EvalResult:
     """Evaluate a saved Predictions file; per-class thresholds come from ``model_dir``'s card
     when given (else 0.5)."""
-    preds = Predictions.load(predictions)
+    preds = load_predictions(predictions)
+    if preds.meta.get("unlabelled"):
+        raise DataError(f"{predictions} holds predictions of unlabelled image files: there "
+                        "are no labels to evaluate against (predict a labelled dataset spec).")
     thresholds = None
     if model_dir is not None:
         thresholds = _card(model_dir).effective_thresholds()

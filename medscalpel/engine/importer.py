@@ -75,11 +75,11 @@ def import_predictions(
     missing = [i for i in ids if i not in pos]
     if missing and not allow_missing:
         raise DataError(f"{path}: {len(missing)} id(s) have no label in {labels} (first: "
-                        f"{missing[:3]}). Pass allow_missing=True (--allow-missing) to drop them.")
+                        f"{missing[:3]}). Add --allow-missing (Python: allow_missing=True) to drop them.")
     keep = [k for k, i in enumerate(ids) if i in pos]
     if not keep:
         raise DataError(f"{path} has no rows with a labelled image id (it has {len(df)} data "
-                        "rows). Check the file and the --labels dataset.")
+                        "rows). Check the file and the --data dataset spec.")
     for c in cols:
         numeric = pd.to_numeric(df[c], errors="coerce")
         bad = numeric.isna()
@@ -94,8 +94,8 @@ def import_predictions(
         raise DataError(f"{path}: non-finite score in data row {keep[row] + 1}.")
     if values == "probability":
         if scores.min() < 0 or scores.max() > 1:
-            raise DataError(f"{path}: probabilities outside [0, 1]; pass values='logit' if the "
-                            "columns hold logits.")
+            raise DataError(f"{path}: probabilities outside [0, 1]; if the columns hold "
+                            "logits, add --values logit (Python: values='logit').")
         eps = 1e-7
         p = np.clip(scores, eps, 1 - eps)
         logits = np.log(p) - np.log1p(-p)

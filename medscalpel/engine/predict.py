@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -154,13 +155,40 @@ class Features:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Features":
         path = Path(path)
+        if path.is_dir():
+            raise DataError(f"{path} is a folder; give the Features .npz file written by "
+                            "'medscalpel features --model M --data SPEC --split S --out F.npz'.")
         if not path.is_file():
             raise DataError(f"Features file not found: {path}.")
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
-            return cls(z["features"], z["weight"], z["bias"], z["labels"], tuple(meta["ids"]),
-                       tuple(meta["class_names"]), meta["task"], meta.get("split", ""),
-                       meta.get("model_id", ""), meta.get("meta", {}))
+        how = ("write one with 'medscalpel features --model M --data SPEC --split S "
+               "--out F.npz'")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                names = set(z.files)
+                if "features" not in names:
+                    what = ("a Predictions file (logits only)" if "logits" in names
+                            else "not a medscalpel Features file")
+                    raise DataError(f"{path} is {what}: this needs penultimate Features; "
+                                    f"{how}.")
+                meta = json.loads(bytes(z["meta"]).decode())
+                arrays = [np.asarray(z[k]) for k in ("features", "weight", "bias", "labels")]
+            for name, arr in zip(("features", "weight", "bias", "labels"), arrays):
+                if not np.issubdtype(arr.dtype, np.number):
+                    raise DataError(f"{path}: array '{name}' is not numeric ({arr.dtype}); "
+                                    f"{how}.")
+            return cls(*arrays, tuple(meta["ids"]), tuple(meta["class_names"]), meta["task"],
+                       meta.get("split", ""), meta.get("model_id", ""), meta.get("meta", {}))
+        except DataError:
+            raise
+        except ValueError as exc:
+            if "pickle" in str(exc).lower() or "object arrays" in str(exc).lower():
+                raise DataError(f"{path} holds Python objects (pickled data), which medscalpel "
+                                f"never loads; {how}.") from exc
+            raise DataError(f"{path} is not a medscalpel Features file ({exc}); {how}.") from exc
+        except (KeyError, TypeError, OSError, UnicodeDecodeError, json.JSONDecodeError,
+                zipfile.BadZipFile) as exc:
+            raise DataError(f"{path} is not a medscalpel Features file ({type(exc).__name__}: "
+                            f"{exc}); {how}.") from exc
 
 
 def extract_features(model: MedClassifier, dataset: CXRDataset, batch_size: int = 64,

@@ -310,9 +310,33 @@ def map_foreign_keys(state: dict[str, torch.Tensor], model: MedClassifier) -> di
     return out
 
 
+def foreign_input(path: str | os.PathLike) -> dict[str, Any]:
+    """What a foreign checkpoint says about its input: ``channels`` (input channels of its first
+    4-D convolution weight, or None), ``first_conv`` (that key) and ``size`` (from a ViT
+    position embedding when there is one, else None: a CNN's weights do not fix the size)."""
+    state = read_foreign_state_dict(path)
+    first = next((k for k, v in state.items() if getattr(v, "ndim", 0) == 4), None)
+    channels = int(state[first].shape[1]) if first is not None else None
+    size = None
+    pos = next((v for k, v in state.items() if k.endswith("pos_embed") and v.ndim == 3), None)
+    patch = state.get(first) if first is not None else None
+    if pos is not None and patch is not None:
+        n = pos.shape[1] - 1  # the class token
+        side = int(round(n ** 0.5))
+        if side * side == n:
+            size = side * int(patch.shape[-1])
+    return {"channels": channels, "first_conv": first, "size": size}
+
+
 def import_foreign(path: str | os.PathLike, arch: str, class_names: list[str], task: str,
-                   preprocess: Preprocess, **arch_kwargs: Any) -> MedClassifier:
-    """Build ``arch`` and load a foreign state dict into it (keys mapped, shapes checked)."""
+                   preprocess: Preprocess, adapt_channels: bool = False,
+                   **arch_kwargs: Any) -> MedClassifier:
+    """Build ``arch`` and load a foreign state dict into it (keys mapped, shapes checked).
+
+    A first convolution made for another number of input channels than
+    ``preprocess.channels`` is refused unless ``adapt_channels`` (then 3 -> 1 sums the filters'
+    channels and 1 -> 3 spreads them evenly, which changes what the model computes on colour
+    input: say so where you use it)."""
     from medscalpel.models.zoo import create_model
 
     state = read_foreign_state_dict(path)
@@ -324,6 +348,12 @@ def import_foreign(path: str | os.PathLike, arch: str, class_names: list[str], t
         first = conv_keys[0]
         own = model.state_dict().get(first)
         if own is not None and own.shape[1] != mapped[first].shape[1]:
+            if not adapt_channels:
+                raise CheckpointError(
+                    f"{path}: the first convolution ({first}) takes {mapped[first].shape[1]} "
+                    f"input channel(s) but the model is built for {own.shape[1]}; pass "
+                    f"--channels {mapped[first].shape[1]} (what the checkpoint was trained on), "
+                    "or --adapt-channels to convert the filters explicitly.")
             w = mapped[first]
             mapped[first] = w.sum(1, keepdim=True) if own.shape[1] == 1 else w.mean(
                 1, keepdim=True).repeat(1, own.shape[1], 1, 1)

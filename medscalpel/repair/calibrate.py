@@ -459,3 +459,148 @@ def save_with_thresholds(model, directory: str | os.PathLike, calibrator: Thresh
                          "load_model or train it with medscalpel first).")
     clone = copy.deepcopy(model)
     return save_model(clone, directory, calibrated_card(model.card, calibrator, **details))
+
+
+# ----------------------------------------------------------------------------- multi-class
+def binary_view(preds: Predictions, positive: str | None = None) -> Predictions:
+    """A two-class multi-class :class:`Predictions` as one multi-label column for the
+    ``positive`` class (default: the second class): logit ``l_pos - l_neg`` (its sigmoid is
+    exactly the softmax probability of the positive class) and label ``y == positive``. The
+    per-class threshold machinery then fits an operating point for the positive class."""
+    if preds.task != "multiclass" or preds.num_classes != 2:
+        raise ConfigError(f"binary_view: needs two-class multi-class predictions; these are "
+                          f"{preds.task} with {preds.num_classes} classes.")
+    names = tuple(preds.class_names)
+    pos = names[1] if positive is None else positive
+    if pos not in names:
+        raise ConfigError(f"Unknown positive class {pos!r}; the classes are {list(names)} "
+                          "(--positive NAME).")
+    j = names.index(pos)
+    logits = np.asarray(preds.logits, np.float64)
+    margin = (logits[:, j] - logits[:, 1 - j])[:, None].astype(np.float32)
+    labels = (np.asarray(preds.labels) == j).astype(np.float32)[:, None]
+    return Predictions(logits=margin, labels=labels, ids=tuple(preds.ids), class_names=(pos,),
+                       task="multilabel", split=preds.split, model_id=preds.model_id,
+                       meta={**preds.meta, "binary_view": {"positive": pos,
+                                                           "negative": names[1 - j]}})
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _nll(logits: np.ndarray, y: np.ndarray, t: float) -> float:
+    z = logits / t
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-np.mean(logp[np.arange(len(y)), y]))
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """ECE of the top-class confidence: sum over equal-width bins of |accuracy - confidence|
+    weighted by the bin's share of images."""
+    conf = probs.max(axis=1)
+    hit = probs.argmax(axis=1) == y
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += m.mean() * abs(hit[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, lo: float = 0.05,
+                    hi: float = 20.0, iters: int = 100) -> float:
+    """The temperature T > 0 minimising the mean negative log-likelihood of
+    ``softmax(logits / T)`` (golden-section search on log T; the NLL is convex in 1/T)."""
+    z = np.asarray(logits, np.float64)
+    y = np.asarray(labels, np.int64)
+    a, b = np.log(lo), np.log(hi)
+    g = (np.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = _nll(z, y, np.exp(c)), _nll(z, y, np.exp(d))
+    for _ in range(iters):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = _nll(z, y, np.exp(c))
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = _nll(z, y, np.exp(d))
+    return float(np.exp((a + b) / 2))
+
+
+@dataclass(frozen=True)
+class TemperatureResult:
+    """Temperature scaling of a multi-class model: fitted on one split, measured (NLL, ECE,
+    accuracy: unchanged by construction) before and after on another."""
+
+    temperature: float
+    class_names: tuple[str, ...]
+    fit_split: str
+    eval_split: str
+    n_fit: int
+    n_eval: int
+    before: dict[str, float]
+    after: dict[str, float]
+    held_out: bool
+    schema_version: int = SCHEMA
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        return np.asarray(logits, np.float64) / self.temperature
+
+    def table(self) -> list[dict[str, Any]]:
+        return [{"measure": k, "before": self.before[k], "after": self.after[k]}
+                for k in ("nll", "ece", "accuracy")]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, "method": "temperature",
+                "temperature": self.temperature, "class_names": list(self.class_names),
+                "fit_split": self.fit_split, "eval_split": self.eval_split,
+                "n_fit": self.n_fit, "n_eval": self.n_eval, "before": dict(self.before),
+                "after": dict(self.after), "held_out": self.held_out}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TemperatureResult":
+        if int(d.get("schema_version", 0)) != SCHEMA:
+            raise DataError(f"TemperatureResult: schema_version {d.get('schema_version')} is "
+                            f"not {SCHEMA}.")
+        return cls(temperature=float(d["temperature"]), class_names=tuple(d["class_names"]),
+                   fit_split=d["fit_split"], eval_split=d["eval_split"], n_fit=int(d["n_fit"]),
+                   n_eval=int(d["n_eval"]), before=dict(d["before"]), after=dict(d["after"]),
+                   held_out=bool(d["held_out"]))
+
+
+def calibrate_temperature(fit_preds: Predictions,
+                          eval_preds: Predictions | None = None) -> TemperatureResult:
+    """Fit a temperature on ``fit_preds`` (multi-class) and measure NLL / ECE / accuracy
+    before and after on ``eval_preds`` (on ``fit_preds`` itself when None: marked
+    ``held_out=False``)."""
+    for p, what in ((fit_preds, "fitting"), (eval_preds, "evaluation")):
+        if p is not None and p.task != "multiclass":
+            raise ConfigError(f"calibrate_temperature: the {what} predictions are {p.task}; "
+                              "temperature scaling is for multi-class (softmax) models.")
+    if eval_preds is not None and tuple(eval_preds.class_names) != tuple(fit_preds.class_names):
+        raise DataError("calibrate_temperature: the fitting and evaluation predictions have "
+                        "different classes.")
+    y = np.asarray(fit_preds.labels, np.int64)
+    if len(y) == 0:
+        raise DataError("calibrate_temperature: no predictions to fit on.")
+    t = fit_temperature(fit_preds.logits, y)
+    ev = eval_preds if eval_preds is not None else fit_preds
+    ze, ye = np.asarray(ev.logits, np.float64), np.asarray(ev.labels, np.int64)
+
+    def measures(temp: float) -> dict[str, float]:
+        pr = _softmax(ze / temp)
+        return {"nll": _nll(ze, ye, temp), "ece": expected_calibration_error(pr, ye),
+                "accuracy": float(np.mean(pr.argmax(1) == ye))}
+
+    return TemperatureResult(temperature=t, class_names=tuple(fit_preds.class_names),
+                             fit_split=fit_preds.split, eval_split=ev.split, n_fit=len(y),
+                             n_eval=len(ye), before=measures(1.0), after=measures(t),
+                             held_out=eval_preds is not None)

@@ -1,0 +1,164 @@
+"""``medscalpel show RUN``: print any run directory's results again, as tables.
+
+Reads the manifest, every artifact declared in :mod:`medscalpel.layout` that the directory
+holds (typed artifacts through their ``table()`` when they have one), and the results that
+single commands write at the top of their run directory (train.json, metrics.json,
+report.json, deploy.json, external.json, comparison.json, calibration.json, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from medscalpel.cli.common import console, fmt, print_table
+
+#: results single commands write at the top of their run directory, in the order shown
+KNOWN = ("train.json", "metrics.json", "comparison.json", "external.json", "report.json",
+         "prune.json", "export.json", "deploy.json", "distill.json", "students.json",
+         "calibration.json", "retrain.json", "surgery.json", "decision_log.json",
+         "site_shift.json", "stats.json", "predictions.json", "changes.json", "polarity.json",
+         "forgettability.json", "pies.json", "cams.json", "attributions.json")
+
+MAX_ROWS = 40
+
+
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def _pair(v: Any) -> bool:
+    return (isinstance(v, (list, tuple)) and len(v) == 2
+            and all(isinstance(x, (int, float)) or x is None for x in v))
+
+
+def _cell(v: Any) -> Any:
+    if _pair(v):
+        return tuple(float("nan") if x is None else float(x) for x in v)
+    if isinstance(v, str) and len(v) > 80:
+        return v[:77] + "..."
+    return v
+
+
+def _rows_of(items: list[Any]) -> list[dict[str, Any]]:
+    """A list of JSON objects as table rows (scalar and [lo, hi] columns only)."""
+    cols: list[str] = []
+    for it in items:
+        for k, v in it.items():
+            if (_scalar(v) or _pair(v)) and k not in cols:
+                cols.append(k)
+    return [{c: _cell(it.get(c)) for c in cols} for it in items]
+
+
+def render(doc: Any, title: str, depth: int = 0) -> int:
+    """Print a JSON document as tables: its scalar fields, each list of objects and each
+    object of scalars; returns how many tables were printed."""
+    if not isinstance(doc, dict):
+        if isinstance(doc, list) and doc and all(isinstance(x, dict) for x in doc):
+            rows = _rows_of(doc)
+            print_table(rows[:MAX_ROWS], title)
+            return 1
+        console.print(f"{title}: {fmt(doc)}", highlight=False)
+        return 0
+    printed = 0
+    fields = [{"field": k, "value": _cell(v)} for k, v in doc.items()
+              if (_scalar(v) or _pair(v)) and k != "schema_version"]
+    if fields:
+        print_table(fields[:MAX_ROWS], title)
+        printed += 1
+    for k, v in doc.items():
+        sub = f"{title}: {k}"
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            rows = _rows_of(v)
+            if rows and rows[0]:
+                print_table(rows[:MAX_ROWS], sub + (f" (first {MAX_ROWS} of {len(rows)})"
+                                                   if len(rows) > MAX_ROWS else ""))
+                printed += 1
+        elif isinstance(v, dict) and v:
+            if all(_scalar(x) or _pair(x) for x in v.values()):
+                print_table([{kk: _cell(x) for kk, x in v.items()}], sub)
+                printed += 1
+            elif all(isinstance(x, dict) for x in v.values()) and all(
+                    all(_scalar(y) or _pair(y) for y in x.values()) for x in v.values()):
+                print_table([{"": kk, **{c: _cell(y) for c, y in x.items()}}
+                             for kk, x in list(v.items())[:MAX_ROWS]], sub)
+                printed += 1
+            elif depth < 1:
+                printed += render(v, sub, depth + 1)
+    return printed
+
+
+def _typed_table(obj: Any) -> list[dict[str, Any]] | None:
+    table = getattr(obj, "table", None)
+    if callable(table):
+        try:
+            rows = table()
+        except TypeError:
+            return None
+        if isinstance(rows, list) and rows and isinstance(rows[0], dict):
+            return rows
+    return None
+
+
+def show(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="A run directory written by any "
+                                   "medscalpel command (train, evaluate, compress, audit, "
+                                   "demo...)."),
+) -> None:
+    """Print a run's results again, as tables: its manifest, every declared artifact it holds
+    and the result files of single commands."""
+    from medscalpel.errors import DataError
+    from medscalpel.layout import ARTIFACTS, read_artifact
+    from medscalpel.runs import read_json
+
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir} is not a run directory (give the --out of a medscalpel "
+                        "command).")
+    shown = 0
+    man_path = run_dir / "manifest.json"
+    if man_path.is_file():
+        man = read_json(man_path)
+        if isinstance(man, dict):
+            seconds = man.get("seconds")
+            print_table([{"command": man.get("command"), "status": man.get("status"),
+                          "started": man.get("started"),
+                          "seconds": float(seconds) if isinstance(seconds, (int, float))
+                          else None,
+                          "seed": man.get("seed")}], f"run {run_dir}")
+            shown += 1
+    done: set[Path] = {man_path.resolve()}
+    for key, a in ARTIFACTS.items():
+        if not a.is_json or "{" in a.path or key == "manifest":
+            continue
+        p = a.path_in(run_dir)
+        if not p.is_file():
+            continue
+        try:
+            obj = read_artifact(run_dir, key)
+        except DataError as exc:
+            console.print(f"[yellow]{a.path}: not shown ({exc})[/yellow]")
+            continue
+        done.add(p.resolve())
+        rows = _typed_table(obj)
+        title = f"{key} ({a.path}): {a.description}"
+        if rows is not None:
+            print_table(rows[:MAX_ROWS], title)
+            shown += 1
+        else:
+            shown += render(obj.to_dict() if hasattr(obj, "to_dict") else obj, title)
+    for name in KNOWN:
+        p = run_dir / name
+        if p.is_file() and p.resolve() not in done:
+            try:
+                doc = read_json(p)
+            except DataError as exc:
+                console.print(f"[yellow]{name}: not shown ({exc})[/yellow]")
+                continue
+            done.add(p.resolve())
+            shown += render(doc, name)
+    if shown == 0:
+        known = ", ".join(KNOWN[:6])
+        raise DataError(f"{run_dir} holds no result medscalpel knows (a manifest.json, an "
+                        f"artifact of medscalpel/layout.py, or {known}, ...).")
+
