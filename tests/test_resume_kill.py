@@ -84,8 +84,8 @@ if __name__ == "__main__":
 '''
 
 
-def _start(script: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([PY, str(script), *map(str, args)], env=ENV,
+def _start(script: Path, *args: str, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen([PY, str(script), *map(str, args)], env=ENV, cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group: kill -9 it all
 
@@ -105,9 +105,9 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 60.0) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def _finish(proc_args, timeout=120) -> dict:
+def _finish(proc_args, timeout=120, cwd: Path | None = None) -> dict:
     out = subprocess.run([PY, *map(str, proc_args)], env=ENV, capture_output=True, text=True,
-                         timeout=timeout)
+                         timeout=timeout, cwd=cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -184,7 +184,8 @@ def test_kill9_plain_training_after_epoch_1_then_resume(tmp_path):
         except (OSError, ValueError, KeyError):
             return 0
 
-    proc = _start(script, out, tmp_path / "w.safetensors", "plain")
+    # a relative --out, as users type it: the run is built in ./.run.XXXX.partial
+    proc = _start(script, "run", tmp_path / "w.safetensors", "plain", cwd=tmp_path)
     _kill_when(proc, lambda: epochs_done() >= 1)
     done = epochs_done()
     assert 1 <= done < 6
@@ -192,7 +193,8 @@ def test_kill9_plain_training_after_epoch_1_then_resume(tmp_path):
     assert len(partial) == 1 and not (partial[0] / "checkpoint").exists()  # ...not its state
     with pytest.raises(RunError, match="already exists and is not empty"):
         RunDir(out, command="train").__enter__()  # a plain rerun does not silently restart
-    res = _finish([script, out, tmp_path / "w.safetensors", "resume"])
+    res = _finish([script, "run", tmp_path / "w.safetensors", "resume"], timeout=300,
+                  cwd=tmp_path)
     assert res["resumed_from"] >= done and len(res["losses"]) == 6
     assert json.loads((ckpt / "state.json").read_text())["epoch"] == 5
     # equal to an uninterrupted plain run in this process (same data); its checkpoint ends in

@@ -147,12 +147,14 @@ def stable_checkpoint_dir(path: str | os.PathLike) -> Path:
     run's final location, where ``--resume`` (a RunDir built in place) finds it.
 
     Example:
-        >>> stable_checkpoint_dir("runs/.r1.ab12cd.partial/checkpoint").as_posix()
-        'runs/r1/checkpoint'
+        >>> stable_checkpoint_dir("/runs/.r1.ab12cd.partial/checkpoint").as_posix()
+        '/runs/r1/checkpoint'
+        >>> stable_checkpoint_dir(".r1.ab12cd.partial/checkpoint").as_posix()
+        'r1/checkpoint'
     """
     path = Path(path)
-    out = Path(path.parts[0]) if path.parts else path
-    for part in path.parts[1:]:
+    out = Path()
+    for part in path.parts:
         out = final_path(out / part)
     return out
 
