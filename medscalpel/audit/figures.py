@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 
-if TYPE_CHECKING:  # pragma: no cover
+if TYPE_CHECKING:  # pragma: no cover  (annotations only: the result modules call these plots)
     from medscalpel.audit.fcd import FCDResult
     from medscalpel.audit.forgettability import ForgettabilityResult
     from medscalpel.audit.pies import PieResult
