@@ -14,13 +14,13 @@ def test_demo_micro(tmp_path):
     lines = []
     res = run_demo(out, "micro", seed=0, progress=False, log=lines.append)
     names = [s.name for s in res.stages]
-    assert names == ["phantom", "stats", "baseline", "calibrate", "shift", "compress", "sweep",
-                     "audit", "explain", "repair", "distill", "reports"]
+    assert names == ["phantom", "stats", "baseline", "calibrate", "shift", "compress", "deploy",
+                     "sweep", "audit", "changes", "explain", "repair", "distill", "reports"]
     assert all(s.status == "ok" for s in res.stages) and len(lines) == len(names)
     demo = json.loads((out / "demo.json").read_text())
     assert demo["profile"] == "micro" and len(demo["stages"]) == len(names)
     for rel in ["data/stats/stats.json", "baseline/metrics.json", "baseline/model/model.json",
-                "calibrate/calibration.json", "compress/compress.json", "sweep/sweep.json",
+                "calibrate/calibration.json", "compress/compress.json", "sweep/index.json",
                 "audit/forgettability/forgettability.json", "audit/pies/pies.json",
                 "explain/polarity/polarity.json", "repair/triage/decision_log.json",
                 "distill/distill.json", "reports/experiment.html"]:
@@ -58,12 +58,17 @@ def _report_reads_every_section_cleanly(out):
     note about an unreadable file or an incomplete rendering."""
     from medscalpel.report.experiment import experiment_report
 
+    from test_report_experiment import check_cells_against_json, parse
+
     rep = experiment_report(out, out / "reports" / "check.html")
     bad = {s.key: s.notes for s in rep.sections
            if s.badge in ("unreadable file", "incomplete")}
     assert not bad, bad
     missing = [s.key for s in rep.sections if not s.present]
     assert missing == [], missing
+    # every number on the page equals the JSON value it points to
+    cells = parse((out / "reports" / "check.html").read_text(encoding="utf-8")).cells
+    assert check_cells_against_json(out, cells) > 200
 
 
 def test_demo_unknown_profile(tmp_path):

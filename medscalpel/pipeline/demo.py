@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from medscalpel.audit.changes import audit_changes
 from medscalpel.compress.contract import CompressionInputs, CompressionTable, compress
+from medscalpel.compress.deploy import quick_deploy
 from medscalpel.compress.measure import (count_macs, count_parameters, latency_pair,
                                          max_abs_logit_delta)
 from medscalpel.compress.structured import RecoveryConfig
@@ -64,6 +66,8 @@ class DemoProfile:
     n_boot: int = 200
     max_steps_per_epoch: int | None = None
     shift_k: int = 20  # labelled site-B images per class for the k-shot recalibration
+    changes_images: int = 200  # test images of the what-compression-changed audit
+    changes_faithfulness: int = 32  # images of its deletion / insertion / ROAD measures
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,7 +79,7 @@ PROFILES: dict[str, DemoProfile] = {
                          batch_size=32, sweep_ratios=(0.0, 0.5, 0.9), prune_criteria=("l1", "lrp"),
                          prune_speedup=1.5, recovery_epochs=0, sparsify_epochs=1, calib_images=32,
                          heldout_images=32, distill_epochs=1, n_cam=2, n_clinical=2, n_boot=50,
-                         shift_k=5),
+                         shift_k=5, changes_images=60, changes_faithfulness=8),
     # make demo: <= 10 minutes on a 2-core CPU
     "quick": DemoProfile("quick", n_images=6000, size=64, arch="densenet_small", epochs=8,
                          batch_size=64, n_boot=200),
@@ -327,6 +331,40 @@ def _stage_shift(c: _Context) -> dict[str, Any]:
     return {"lines": summary_lines(rep), "verdict": rep.recalibration.verdict}
 
 
+def _best_compressed(c: _Context) -> tuple[str, Any] | None:
+    """The most accurate structured model of the compression table (name, model)."""
+    from medscalpel.models import load_model
+
+    best = max((r for r in c.compress_rows if r.get("method", "").startswith("structured")
+                and not r.get("refused")), key=lambda r: r["macro_auroc"], default=None)
+    return None if best is None else (best["method"], load_model(best["model_dir"]))
+
+
+def _stage_deploy(c: _Context) -> dict[str, Any]:
+    """The best structured model on every installed CPU runtime (budgeted: batch 1, few
+    rounds); parity, paired accuracy delta, recommendation (artifact ``deploy``)."""
+    best = _best_compressed(c)
+    if best is None:
+        return {"status": "skipped", "reason": "no structured model in the compression table"}
+    res = quick_deploy(best[1], c.ds("test"), c.out / ARTIFACTS["deploy"].relpath().rsplit(
+        "/", 1)[0], calib_data=c.ds("train"), progress=c.progress)
+    rec = res.to_dict().get("recommendation")
+    return {"model": best[0], "recommendation": rec}
+
+
+def _stage_changes(c: _Context) -> dict[str, Any]:
+    """What compression changed (calibration, explanations, subgroups, robustness) for the
+    best structured model against the dense one (artifact ``changes``)."""
+    best = _best_compressed(c)
+    if best is None:
+        return {"status": "skipped", "reason": "no structured model in the compression table"}
+    res = audit_changes(c.model, {best[0]: best[1]}, c.ds("test"), n_images=c.p.changes_images,
+                        n_boot=c.p.n_boot, seed=c.seed, n_faithfulness=c.p.changes_faithfulness,
+                        severities=(2,), progress=c.progress)
+    res.save(c.out / ARTIFACTS["changes"].relpath().rsplit("/", 1)[0])
+    return {"model": best[0], "pairs": len(res.pairs)}
+
+
 def _stage_sweep(c: _Context) -> dict[str, Any]:
     from medscalpel.compress.sweep import run_sweep
 
@@ -496,8 +534,10 @@ STAGES: list[tuple[str, Callable[[_Context], dict[str, Any]]]] = [
     ("calibrate", _stage_calibrate),
     ("shift", _stage_shift),
     ("compress", _stage_compress),
+    ("deploy", _stage_deploy),
     ("sweep", _stage_sweep),
     ("audit", _stage_audit),
+    ("changes", _stage_changes),
     ("explain", _stage_explain),
     ("repair", _stage_repair),
     ("distill", _stage_distill),

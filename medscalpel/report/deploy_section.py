@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from medscalpel.compress.deploy_result import DeployResult
 from medscalpel.report.experiment import RunFiles, Section, pointer
-from medscalpel.report.html import Table, ci, num, text
+from medscalpel.report.html import Table, ci, num, pct, text
 
 _STATUS_CLS = {"go": "good", "no-go": "bad", "refused": "bad", "error": "bad",
                "unavailable": "muted"}
@@ -44,8 +44,7 @@ def render_deployment(run: RunFiles, sec: Section) -> None:
                       "signed"),
                   ci(macro.get("delta_auroc_ci"), p("comparison", "macro", "delta_auroc_ci")),
                   num(v.worst_class_delta_auroc, p("worst_class_delta_auroc"), 4, "signed"),
-                  num(None if v.peak_fraction.get(b0) is None else 100 * v.peak_fraction[b0],
-                      p("peak_fraction", b0), 1),
+                  pct(v.peak_fraction.get(b0), p("peak_fraction", b0), 1),
                   text("; ".join(v.reasons))]
         t.add(*cells)
     sec.tables.append(t)

@@ -19,6 +19,8 @@ from medscalpel.errors import DataError
 from medscalpel.report import html as H
 from medscalpel.report.experiment import Link, RunFiles, Section, pointer
 from medscalpel.report.html import Cell, Figure, Table, ci, num, pct, text
+from medscalpel.report.changes_section import render_changes
+from medscalpel.report.deploy_section import render_deployment
 from medscalpel.report.section_shift import render_site_shift
 
 
@@ -836,14 +838,16 @@ SECTIONS: list[tuple[str, str, list[str], Callable[..., None]]] = [
     ("site_shift", "External site: validation, shift check, k-shot recalibration",
      ["site_shift"], render_site_shift),
     ("compression", "Compression and Pareto plot", ["compress"], _compression),
+    ("deployment", "Deployment: CPU runtimes and precisions", ["deploy"], render_deployment),
     ("forgettability", "Forgettability curves", ["forgettability"],
      _forgettability),
+    ("changes", "What compression changed", ["changes"], render_changes),
     ("pies", "Pruning-identified exemplars (PIE gallery)",
-     ["audit/pies/pies.json", "audit/pies/pie_gallery.png"], _pies),
+     ["pies", "audit/pies/pie_gallery.png"], _pies),
     ("cams", "Class activation maps", ["explain/cams/*.png"], _cams),
     ("polarity", "Polarized classifier channels", ["polarity"], _polarity),
     ("repair", "Repair: surgery and triage log",
-     ["repair/surgery/surgery.json", "repair/triage/decision_log.json"], _repair),
+     ["surgery", "triage"], _repair),
     ("distill", "Knowledge distillation", ["distill"], _distill),
     ("clinical", "Example clinical reports", ["reports/clinical/*.json"], _clinical),
 ]
