@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import save_result  # noqa: E402
 from medscalpel.audit.forgettability import audit_forgettability  # noqa: E402
-from medscalpel.audit.pies import find_pies, pie_ground_truth_tests  # noqa: E402
+from medscalpel.audit.pies import find_pies, pie_gallery, pie_ground_truth_tests  # noqa: E402
 from medscalpel.compress.sweep import run_sweep  # noqa: E402
 from medscalpel.data.phantom.generate import generate_phantom  # noqa: E402
 from medscalpel.data.transforms import Preprocess  # noqa: E402
@@ -92,6 +92,7 @@ def main() -> None:
             (fig_dir / f).write_bytes((work / "audit-f" / f).read_bytes())
         (fig_dir / "audit_pie_overrep.png").write_bytes(
             (work / "audit-p" / "audit_pie_overrep.png").read_bytes())
+        pie_gallery(test_ds, pies, fig_dir / "audit_pie_gallery.png")
     ref = int(np.flatnonzero(np.abs(fg.levels - fg.reference_level) < 1e-9)[0])
     dense_auroc = {n: float(np.nanmedian(fg.auroc[:, ref, i])) for i, n in enumerate(names)}
     dense_ap = {n: float(np.nanmedian(fg.ap[:, ref, i])) for i, n in enumerate(names)}
