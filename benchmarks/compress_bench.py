@@ -609,6 +609,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--patient-regex", default=None,
                     help="patient_regex of the Kermany folder adapter (a patient-wise split); "
                          "default: the adapter's default")
+    ap.add_argument("--note", default=None,
+                    help="free text recorded in the result JSON's config (e.g. what is partial)")
     ap.add_argument("--result-name", default="compress",
                     help="name of the result files under benchmarks/results/")
     ap.add_argument("--datasets", default="phantom,kermany")
