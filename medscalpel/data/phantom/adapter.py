@@ -59,6 +59,10 @@ class PhantomDataset(CXRDataset):
         self._images = (None if self.site.identity
                         else apply_site(data.images[self.rows], self.site, self.rows))
 
+    def attributes(self) -> pd.DataFrame:
+        """Per-image attributes (sex, age band, view), indexed like :attr:`ids`."""
+        return self.phantom.attributes(self.rows)
+
     def load_raw(self, index: int) -> np.ndarray:
         if self._images is None:
             return self.phantom.images[int(self.rows[index])]
