@@ -68,6 +68,15 @@ def test_planted_patch_gets_the_attribution(method, settings, ratio):
 def test_ig_completeness_delta_shrinks_with_steps():
     torch.manual_seed(0)
     m = create_model("resnet_tiny", num_classes=3, img_size=32).eval()
+    # random BatchNorm statistics and shifts: ReLUs switch along the path, so the function is
+    # clearly non-linear there (at a fresh init it is nearly linear and both deltas are at
+    # float rounding, ~1e-8, so "fine < coarse" compared two rounding errors)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for bn in (mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)):
+            bn.running_mean.copy_(0.3 * torch.randn(bn.num_features, generator=g))
+            bn.running_var.copy_(0.5 + torch.rand(bn.num_features, generator=g))
+            bn.bias.copy_(0.5 * torch.randn(bn.num_features, generator=g))
     x = torch.randn(2, 1, 32, 32)
     coarse = integrated_gradients(m, x, target=2, n_steps=2, internal_batch_size=8)
     fine = integrated_gradients(m, x, target=2, n_steps=64, internal_batch_size=64)
