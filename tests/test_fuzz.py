@@ -283,11 +283,23 @@ def test_mismatched_class_lists(cli_env, tmp_path):
     with pytest.raises(ModelError, match="predicts 3 classes but dataset"):
         predict(m, open_dataset(f"csv:{d}/fewer.csv", split="all",
                                 preprocess=m.card.preprocess), progress=False)
+    # the CLI maps the dataset's classes onto the model's by name (an external set may order
+    # them differently): same images, labels in the model's order, nothing silently swapped
+    from medscalpel.engine.predictions import Predictions
+
     out = tmp_path / "run"
     r = CliRunner().invoke(app, ["predict", "--model", str(model), "--data",
-                                 f"csv:{d}/swapped.csv?split_col=split", "--out", str(out)])
-    assert r.exit_code != 0 and isinstance(r.exception, ModelError)
-    _check_cli(r, out)
+                                 f"csv:{d}/swapped.csv?split_col=split", "--split", "test",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    got = Predictions.load(out)
+    ref = open_dataset(f"csv:{d}/labels.csv?split_col=split", split="test")
+    assert got.class_names == tuple(m.card.class_names)
+    order = {i: k for k, i in enumerate(ref.ids)}
+    # the swapped file names the original column b "c" and c "b": by name, model class b
+    # gets the file's "b" column, i.e. the original c labels
+    rows = [order[i] for i in got.ids]
+    np.testing.assert_array_equal(got.labels, ref.labels[rows][:, [0, 2, 1]])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
