@@ -291,8 +291,9 @@ def evaluate(
     console.print(f"macro AUROC {fmt(m['auroc'])} {fmt(tuple(m.get('auroc_ci', ())) or None)}  "
                   f"macro AP {fmt(m['ap'])}")
     if m.get("accuracy") is not None:
-        console.print(f"accuracy {fmt(m['accuracy'])} "
-                      f"{fmt(tuple(m.get('accuracy_ci', ())) or None)} (argmax, multi-class)")
+        ci = tuple(m.get("accuracy_ci") or ())
+        console.print(f"accuracy {fmt(m['accuracy'])}{' ' + fmt(ci) if len(ci) == 2 else ''} "
+                      "(argmax, multi-class)", highlight=False)
     for c in res.classes:
         if c.reason:
             console.print(f"[yellow]{c.name}: NaN ({c.reason})[/yellow]")

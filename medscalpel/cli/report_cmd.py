@@ -113,3 +113,7 @@ def experiment(
                   + (f", not run: {', '.join(d['not_run'])}" if d["not_run"] else ""),
                   highlight=False)
     console.print(f"written to {rep.html_path}")
+    if not d["present"]:
+        console.print(f"[yellow]note: {run_dir} holds none of the demo's sections; "
+                      f"'medscalpel show {run_dir}' prints the results of any run.[/yellow]",
+                      highlight=False)

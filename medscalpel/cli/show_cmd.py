@@ -22,6 +22,11 @@ KNOWN = ("train.json", "metrics.json", "comparison.json", "external.json", "repo
          "forgettability.json", "pies.json", "cams.json", "attributions.json")
 
 MAX_ROWS = 40
+MAX_COLS = 8
+#: the columns kept first when a table is too wide for a terminal
+PRIORITY = ("name", "class", "method", "model", "n_pos", "n", "auroc", "auroc_ci", "ap",
+            "accuracy", "sensitivity", "specificity", "f1", "delta_auroc", "delta_auroc_ci",
+            "delta_ap", "delta_accuracy", "params", "speedup", "latency_ms", "status", "seconds")
 
 
 def _scalar(v: Any) -> bool:
@@ -48,6 +53,9 @@ def _rows_of(items: list[Any]) -> list[dict[str, Any]]:
         for k, v in it.items():
             if (_scalar(v) or _pair(v)) and k not in cols:
                 cols.append(k)
+    if len(cols) > MAX_COLS:
+        keep = [cols[0]] + [c for c in PRIORITY if c in cols and c != cols[0]]
+        cols = (keep if len(keep) >= 3 else cols)[:MAX_COLS]
     return [{c: _cell(it.get(c)) for c in cols} for it in items]
 
 
@@ -77,7 +85,11 @@ def render(doc: Any, title: str, depth: int = 0) -> int:
                 printed += 1
         elif isinstance(v, dict) and v:
             if all(_scalar(x) or _pair(x) for x in v.values()):
-                print_table([{kk: _cell(x) for kk, x in v.items()}], sub)
+                if len(v) > 6:  # a wide record reads better as field / value rows
+                    print_table([{"field": kk, "value": _cell(x)} for kk, x in v.items()][
+                        :MAX_ROWS], sub)
+                else:
+                    print_table([{kk: _cell(x) for kk, x in v.items()}], sub)
                 printed += 1
             elif all(isinstance(x, dict) for x in v.values()) and all(
                     all(_scalar(y) or _pair(y) for y in x.values()) for x in v.values()):
