@@ -84,11 +84,12 @@ def test_every_compressor_returns_the_contract(setup, method, kw, tmp_path):
     card = res.lineage()
     assert len(card.lineage) == len(m.card.lineage) + 1
     step = card.lineage[-1]
-    assert step["method"] == method and step["parent"] == m.card.model_id
+    assert step["method"] == ("prune_structured" if method == "prune" else method)
+    assert step["parent"] == m.card.model_id
     assert step["accuracy_delta"]["delta_macro_auroc"] == c.macro["delta_auroc"]
     d = res.save(tmp_path / method).joinpath("report.json")
     back = load_model(tmp_path / method / "model")
-    assert back.card.lineage[-1]["method"] == method
+    assert back.card.lineage[-1]["method"] == step["method"]
     assert d.is_file() and count_parameters(back) == res.params_after
 
 
@@ -112,3 +113,31 @@ def test_missing_inputs_name_the_fix():
         compress("tolerance", m, CompressionInputs(), ratio=0.3)
     with pytest.raises(ConfigError, match="'distill' needs train, test"):
         compress("distill", m, CompressionInputs(), student="resnet_tiny")
+
+
+def test_cli_prune_prints_and_saves_the_paired_accuracy_delta(tmp_path):
+    """'compress prune' goes through the contract: accuracy beside the compression."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from medscalpel.cli.main import app
+    from medscalpel.data.phantom import generate_phantom
+    from medscalpel.models.checkpoint import save_model
+
+    generate_phantom(n=120, size=32, seed=0, out=tmp_path / "ph", progress=False)
+    names = list(generate_phantom(n=1, size=16, progress=False).class_names)
+    torch.manual_seed(0)
+    m = create_model("densenet_tiny", 14, 1, 32)
+    save_model(m, tmp_path / "m", make_card(m, names, "multilabel", Preprocess(size=32)))
+    r = CliRunner().invoke(app, ["compress", "prune", str(tmp_path / "m"), "--data",
+                                 f"phantom:{tmp_path / 'ph'}", "--ratio", "0.3", "--calib", "8",
+                                 "--n-boot", "50", "--out", str(tmp_path / "pr")])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    rep = json.loads((tmp_path / "pr" / "report.json").read_text())
+    assert rep["method"] == "prune" and rep["comparison"]["split"] == "test"
+    assert rep["comparison"]["n"] > 0 and len(rep["comparison"]["classes"]) == 14
+    assert "paired bootstrap" in r.output and "macro AUROC" in r.output
+    back = load_model(tmp_path / "pr" / "model")
+    assert "accuracy_delta" in back.card.lineage[-1]
+    assert (tmp_path / "pr" / "prune.json").is_file()

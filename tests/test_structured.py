@@ -120,7 +120,7 @@ def test_target_speedup_search():
 
 def test_iterative_recovery_with_distillation():
     m = _model("resnet_tiny")
-    rec = RecoveryConfig(epochs=2, lr=1e-3, distill_from_dense=True, alpha=0.5, T=2.0,
+    rec = RecoveryConfig(epochs=2, lr=1e-3, distill_from_dense=True, soft_weight=0.5, T=2.0,
                          batch_size=8, device="cpu")
     res = prune_structured(m, torch.randn(8, 1, 32, 32), "taylor", ratio=0.4, iterative_steps=2,
                            recovery=rec, train_ds=_ds(), val_ds=_ds(seed=1, split="val"),

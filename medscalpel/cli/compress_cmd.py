@@ -8,7 +8,8 @@ from typing import Optional
 import numpy as np
 import typer
 
-from medscalpel.cli.common import console, fmt
+from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt, print_table
+from medscalpel.compress.contract import CompressionInputs, compress
 from medscalpel.errors import ConfigError
 from medscalpel.runs import RunDir, write_json
 
@@ -88,8 +89,7 @@ def prune(
                              "fine-tune come from its train split."),
     out: Path = typer.Option(Path("runs/compress-prune"), help="Run directory to create "
                              "(model/, prune.json, manifest.json)."),
-    criterion: str = typer.Option("l1", help="l1, l2, bn_scale, taylor, lrp, ig (backtrace "
-                                  "is unavailable on this stack)."),
+    criterion: str = typer.Option("l1", help="l1, l2, bn_scale, taylor, lrp, ig, backtrace."),
     ratio: Optional[float] = typer.Option(None, help="Channel ratio removed per group (default "
                                           "0.5 unless --target-speedup)."),
     target_speedup: Optional[float] = typer.Option(None, help="Search the ratio giving this "
@@ -111,11 +111,15 @@ def prune(
                                         "the steps)."),
     lr: float = typer.Option(5e-4, help="Recovery learning rate."),
     distill: bool = typer.Option(False, help="Distil from the unpruned model during recovery."),
-    alpha: float = typer.Option(0.5, help="Distillation weight."),
+    soft_weight: float = typer.Option(0.5, help="With --distill: weight of the unpruned model's "
+                                      "soft targets (1 - it weighs the ground truth)."),
     temperature: float = typer.Option(2.0, help="Distillation temperature."),
     calib: int = typer.Option(64, help="Number of calibration images."),
     max_steps_per_epoch: Optional[int] = typer.Option(None, help="Cap recovery steps/epoch."),
     dry_run: bool = typer.Option(False, help="Only report the channels that would be removed."),
+    n_boot: int = typer.Option(N_BOOT, help=N_BOOT_HELP),
+    eval_split: str = typer.Option("test", help="Split of --data the pruned and the unpruned "
+                                   "model are compared on (paired, same images)."),
     seed: int = typer.Option(0, help="Seed of the calibration choice and recovery."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
@@ -129,26 +133,37 @@ def prune(
     train_ds = _open(data, "train", m)
     val_ds = _open(data, "val", m) if recovery_epochs else None
     images, idx = collect_images(train_ds, calib, seed=seed)
-    rec = RecoveryConfig(epochs=recovery_epochs, lr=lr, distill_from_dense=distill, alpha=alpha,
-                         T=temperature, seed=seed, max_steps_per_epoch=max_steps_per_epoch)
+    rec = RecoveryConfig(epochs=recovery_epochs, lr=lr, distill_from_dense=distill,
+                         soft_weight=soft_weight, T=temperature, seed=seed,
+                         max_steps_per_epoch=max_steps_per_epoch)
     config = {"model": str(model), "data": data, "criterion": criterion, "ratio": ratio,
               "target_speedup": target_speedup, "target_latency_ms": target_latency,
               "target_speedup_measured": target_speedup_measured, "runtime": runtime,
               "round_to": round_to, "global": global_pruning, "steps": steps,
-              "recovery": rec.to_dict(), "calib": calib, "dry_run": dry_run}
+              "recovery": rec.to_dict(), "calib": calib, "dry_run": dry_run,
+              "eval_split": eval_split, "n_boot": n_boot}
+    settings = dict(criterion=criterion, ratio=ratio, target_speedup=target_speedup,
+                    global_pruning=global_pruning, iterative_steps=steps, recovery=rec,
+                    round_to=round_to, target_latency_ms=target_latency,
+                    target_speedup_measured=target_speedup_measured, runtime=runtime)
+    if dry_run:
+        with RunDir(out, command="compress prune", config=config, seed=seed,
+                    data={"train": train_ds.content_hash()}, overwrite=overwrite) as run:
+            res = prune_structured(m, images, train_ds=train_ds, val_ds=val_ds, dry_run=True,
+                                   **settings)
+            write_json(run.path / "prune.json", res.to_dict())
+        console.print(f"{criterion} (dry run): params {res.params_before:,} -> "
+                      f"{res.params_after:,}, MACs x{res.speedup_macs:.2f}; nothing pruned")
+        return
+    eval_ds = _open(data, eval_split, m)
+    inputs = CompressionInputs(calib=images, train=train_ds, val=val_ds, evaluate=eval_ds)
     with RunDir(out, command="compress prune", config=config, seed=seed,
-                data={"train": train_ds.content_hash()}, overwrite=overwrite) as run:
-        res = prune_structured(m, images, criterion, ratio=ratio, target_speedup=target_speedup,
-                               global_pruning=global_pruning, iterative_steps=steps,
-                               recovery=rec, train_ds=train_ds, val_ds=val_ds, dry_run=dry_run,
-                               round_to=round_to, target_latency_ms=target_latency,
-                               target_speedup_measured=target_speedup_measured,
-                               runtime=runtime)
-        if dry_run:
-            write_json(run.path / "prune.json", res.to_dict())
-        else:
-            res.save(run.path / "model")
-            write_json(run.path / "prune.json", res.to_dict())
+                data={"train": train_ds.content_hash(), eval_split: eval_ds.content_hash()},
+                overwrite=overwrite) as run:
+        result = compress("prune", m, inputs, n_boot=n_boot, **settings)
+        result.save(run.path)
+        res = result.report
+        write_json(run.path / "prune.json", res.to_dict())
     lat = res.latency["ratio"] if res.latency else None
     console.print(f"{criterion}: params {res.params_before:,} -> {res.params_after:,} "
                   f"({res.param_reduction:.1%} removed), MACs x{res.speedup_macs:.2f}, "
@@ -157,6 +172,13 @@ def prune(
         console.print(f"measured in {res.latency['runtime']}: {res.latency['runtime_dense_ms']:.3g}"
                       f" -> {res.latency['runtime_pruned_ms']:.3g} ms "
                       f"(x{res.latency['runtime_ratio']:.2f}) at ratio {res.ratio:.3f}")
+    print_table(result.comparison.table(), f"accuracy: pruned vs unpruned on '{eval_split}' "
+                f"({result.comparison.n} images, paired bootstrap)")
+    console.print(result.comparison.summary(), highlight=False)
+    ok, why = result.comparison.meets_floor()
+    if not ok:
+        console.print("[yellow]accuracy loss beyond the default floor (macro -0.005, class "
+                      f"-0.01): {'; '.join(why[:4])}[/yellow]")
 
 
 def export(

@@ -285,11 +285,12 @@ def _prune(model: nn.Module, inputs: CompressionInputs, **kw: Any) -> Compressio
     settings = {"criterion": r.criterion, "ratio": r.ratio, "target_speedup": r.target_speedup,
                 "global_pruning": r.global_pruning, "iterative_steps": r.iterative_steps,
                 "recovery": r.recovery is not None, "speedup_macs": r.speedup_macs}
-    # prune_structured already added its lineage step to the pruned model's card; the
-    # contract's lineage() is built from the parent card instead, so do not add it twice
+    # prune_structured already added its lineage step ("prune_structured") to the pruned
+    # model's card: lineage() adds the accuracy delta to that step instead of a second one
     return CompressionResult(r.model, "prune", settings, verification, r.params_before,
                              r.params_after, r.macs_before, r.macs_after, r,
-                             parent=getattr(model, "card", None))
+                             parent=getattr(model, "card", None),
+                             own_card=getattr(r.model, "card", None))
 
 
 @COMPRESSORS.register("distill", help="knowledge distillation into a compact student")

@@ -6,7 +6,7 @@ channel removes it consistently everywhere and the result is a physically smalle
 reloads from medscalpel's own files (``save_model`` / ``load_model`` conform the layer shapes).
 
 Criteria come from :mod:`medscalpel.compress.importance` (``l1``, ``l2``, ``bn_scale``,
-``taylor``, ``lrp``, ``ig``; ``backtrace`` raises with the reason). The classifier's outputs are
+``taylor``, ``lrp``, ``ig``; ``backtrace`` (native DL-Backtrace)). The classifier's outputs are
 never pruned. Pruning can be per layer (local) or global, one-shot or iterative with a recovery
 fine-tune after each step (optionally distilling from the unpruned model).
 
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medscalpel.compress.distill import teacher_loss
 from medscalpel.compress.importance import (Criterion, L1Criterion, RelevanceCriterion,
                                             ScoresCriterion, make_criterion)
 from medscalpel.compress.measure import (count_macs, count_parameters, latency_pair,
@@ -61,14 +62,16 @@ class RecoveryConfig:
             remainder); 0 disables recovery.
         lr: learning rate (AdamW, cosine schedule).
         distill_from_dense: add a distillation term from the unpruned model's logits.
-        alpha: weight of the distillation term (``(1 - alpha) * task + alpha * T^2 * KD``).
+        soft_weight: weight of the teacher (the unpruned model) in the one distillation loss
+            :class:`~medscalpel.compress.distill.DistillLoss`:
+            ``(1 - soft_weight) * task + soft_weight * T^2 * soft``.
         T: distillation temperature.
     """
 
     epochs: int = 0
     lr: float = 5e-4
     distill_from_dense: bool = False
-    alpha: float = 0.5
+    soft_weight: float = 0.5
     T: float = 2.0
     batch_size: int = 32
     weight_decay: float = 1e-4
@@ -80,7 +83,7 @@ class RecoveryConfig:
         o = "RecoveryConfig"
         check_range(self.epochs, "epochs", o, 0, integer=True)
         check_range(self.lr, "lr", o, 0, low_inclusive=False)
-        check_range(self.alpha, "alpha", o, 0.0, 1.0)
+        check_range(self.soft_weight, "soft_weight", o, 0.0, 1.0)
         check_range(self.T, "T", o, 0, low_inclusive=False)
         check_range(self.batch_size, "batch_size", o, 1, integer=True)
         return self
@@ -340,36 +343,6 @@ def _solve_ratio(model: nn.Module, images: torch.Tensor, targets, crit: Criterio
     return hi, trace
 
 
-def distillation_loss(teacher: nn.Module, task: str, alpha: float = 0.5, T: float = 2.0):
-    """``(1 - alpha) * task loss + alpha * T^2 * KD(student / T, teacher / T)``.
-
-    KD is KL divergence of the softmax for multi-class and the binary cross-entropy against the
-    teacher's sigmoid probabilities for multi-label models. Returns an
-    ``engine.train`` ``loss_fn(logits, targets, images)``.
-    """
-    from medscalpel.engine.train import default_loss
-
-    hard = default_loss(task, None)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-
-    def loss(logits: torch.Tensor, targets: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        if next(teacher.parameters()).device != images.device:
-            teacher.to(images.device)
-        with torch.no_grad():
-            t = teacher(images).float()
-        s = logits.float()
-        if task == "multiclass":
-            kd = nn.functional.kl_div(nn.functional.log_softmax(s / T, 1),
-                                      nn.functional.softmax(t / T, 1), reduction="batchmean")
-        else:
-            kd = nn.functional.binary_cross_entropy_with_logits(s / T, torch.sigmoid(t / T))
-        return (1 - alpha) * hard(logits, targets, images) + alpha * T * T * kd
-
-    return loss
-
-
 # ----------------------------------------------------------------------------- public API
 def remove_channels(model: nn.Module, removals: Mapping[str, Sequence[int]],
                     example_inputs: torch.Tensor, inplace: bool = False) -> nn.Module:
@@ -486,7 +459,7 @@ def _validate(model, calib_images, criterion, ratio, target_speedup, iterative_s
     if calib_targets is not None and len(calib_targets) != images.shape[0]:
         raise ConfigError(f"{OWNER}: {len(calib_targets)} calib_targets for "
                           f"{images.shape[0]} calib_images.")
-    crit = make_criterion(criterion)  # raises for unknown names and for 'backtrace'
+    crit = make_criterion(criterion)  # raises for unknown names
     if ratio is not None and isinstance(crit, ScoresCriterion) and not isinstance(
             crit, RelevanceCriterion) and iterative_steps > 1:
         raise ConfigError(f"{OWNER}: fixed channel scores fit the unpruned model only; use "
@@ -733,7 +706,7 @@ def _recover(model: nn.Module, train_ds, val_ds, rec: RecoveryConfig, epochs: in
                       weight_decay=rec.weight_decay, seed=rec.seed + step, device=rec.device,
                       max_steps_per_epoch=rec.max_steps_per_epoch, patience=max(3, epochs),
                       warmup_epochs=min(0.5, epochs / 4))
-    loss_fn = (distillation_loss(teacher, task, rec.alpha, rec.T) if teacher is not None
+    loss_fn = (teacher_loss(teacher, task, rec.soft_weight, rec.T) if teacher is not None
                else None)
     res = train(model, train_ds, val_ds, config=cfg, loss_fn=loss_fn, progress=progress,
                 inplace=True)
@@ -743,5 +716,5 @@ def _recover(model: nn.Module, train_ds, val_ds, rec: RecoveryConfig, epochs: in
             "distilled": teacher is not None}
 
 
-__all__ = ["PruneResult", "RecoveryConfig", "distillation_loss", "prune_structured",
+__all__ = ["PruneResult", "RecoveryConfig", "prune_structured",
            "remove_channels"]
