@@ -262,9 +262,12 @@ class RunDir:
                                names, self.final.parent)
         if self.final.exists() and any(self.final.iterdir()):
             if not self.overwrite:
+                hint = (" It holds the checkpoint of an interrupted run: pass --resume to "
+                        "continue it." if any(self.final.glob("**/checkpoint/state.json"))
+                        else "")
                 raise RunError(
                     f"Output directory {self.final} already exists and is not empty. "
-                    "Choose another --out, or pass --overwrite to replace it."
+                    "Choose another --out, or pass --overwrite to replace it." + hint
                 )
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)

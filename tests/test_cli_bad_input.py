@@ -223,9 +223,7 @@ def test_spec_option_value_kinds(inputs):
 
 
 @pytest.mark.parametrize("stale", [
-    pytest.param("--skip-corrupt", marks=pytest.mark.xfail(
-        strict=True, reason="medscalpel/data/io.py (not this session's file) advises "
-        "'--skip-corrupt', which does not exist: the spec option is '?skip_corrupt=true'")),
+    "--skip-corrupt",
     "pass values='logit'", "Pass allow_missing=True", "pass allow_pickle"])
 def test_advice_names_real_flags(stale):
     """No message advises a flag or keyword that the CLI does not have."""
@@ -247,7 +245,6 @@ def test_advised_flags_exist():
                          list(getattr(p, "secondary_opts", [])) if o.startswith("--"))
     advised = set(re.findall(r"(?:[Pp]ass|[Uu]se|[Gg]ive|[Aa]dd|[Ww]ith) (--[a-z][a-z0-9-]+)",
                              text))
-    # '--skip-corrupt' is the xfail above (a file this session does not own)
-    unknown = sorted(a for a in advised if a not in flags and a != "--skip-corrupt")
+    unknown = sorted(a for a in advised if a not in flags)
     assert not unknown, unknown
     assert inspect.signature(run).parameters["argv"].default is None

@@ -13,7 +13,7 @@ from medscalpel.runs import RunDir
 
 def forgettability(
     sweep_dir: Path = typer.Argument(..., help="Output folder of 'medscalpel compress sweep' "
-                                     "(cells/<model>/<method>/r<ratio>/predictions.npz)."),
+                                     "or 'medscalpel scale prune' (read through its index.json)."),
     out: Path = typer.Option(Path("runs/audit-forgettability"), help="Run directory to create "
                              "(forgettability.json, audit_*.png, manifest.json)."),
     method: Optional[str] = typer.Option(None, help="Sweep method to audit when the sweep holds "

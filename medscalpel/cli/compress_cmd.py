@@ -114,7 +114,8 @@ def prune(
     soft_weight: float = typer.Option(0.5, help="With --distill: weight of the unpruned model's "
                                       "soft targets (1 - it weighs the ground truth)."),
     temperature: float = typer.Option(2.0, help="Distillation temperature."),
-    calib: int = typer.Option(64, help="Number of calibration images."),
+    calib: int = typer.Option(64, "--n-calib", help="Number of calibration images."),
+    calib_old: Optional[int] = typer.Option(None, "--calib", hidden=True),
     max_steps_per_epoch: Optional[int] = typer.Option(None, help="Cap recovery steps/epoch."),
     dry_run: bool = typer.Option(False, help="Only report the channels that would be removed."),
     n_boot: int = typer.Option(N_BOOT, help=N_BOOT_HELP),
@@ -125,6 +126,8 @@ def prune(
 ) -> None:
     """Structured channel pruning on Torch-Pruning dependency graphs (physically smaller model
     with lineage), optionally iterative with recovery fine-tune / distillation."""
+    if calib_old is not None:  # the older name of --n-calib
+        calib = calib_old
     from medscalpel.compress.structured import RecoveryConfig, prune_structured
     from medscalpel.engine.predict import collect_images
     from medscalpel.models.checkpoint import load_model

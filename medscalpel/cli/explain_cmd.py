@@ -46,7 +46,8 @@ def _positives(ds, k: int, n: int, seed: int) -> list[int]:
 def cam(
     model: Path = MODEL, data: str = DATA, out: Path = OUT,
     target: str = typer.Option(..., "--class", help="Class to explain (one target per class)."),
-    split: str = typer.Option("test"), n: int = typer.Option(8, help="Images (positives first)."),
+    split: str = typer.Option("test"),
+    n: int = typer.Option(8, "--n-images", "--n", help="Images (positives first)."),
     method: str = typer.Option("gradcam", help="gradcam | gradcam++ | scorecam"),
     seed: int = typer.Option(0), overwrite: bool = typer.Option(False),
 ) -> None:
@@ -76,7 +77,8 @@ def attribute(
     model: Path = MODEL, data: str = DATA, out: Path = OUT,
     target: str = typer.Option(..., "--class", help="Class whose logit is attributed."),
     method: str = typer.Option("lrp", help="ig | lrp | backtrace"),
-    split: str = typer.Option("test"), n: int = typer.Option(4),
+    split: str = typer.Option("test"),
+    n: int = typer.Option(4, "--n-images", "--n", help="Images."),
     seed: int = typer.Option(0), overwrite: bool = typer.Option(False),
 ) -> None:
     """Pixel attributions (Integrated Gradients with its convergence delta, or LRP with its
@@ -140,7 +142,8 @@ def compare(
     teacher: Path = typer.Option(..., help="Teacher model directory."),
     student: Path = typer.Option(..., help="Student model directory."),
     data: str = DATA, out: Path = OUT,
-    split: str = typer.Option("test"), n: int = typer.Option(16),
+    split: str = typer.Option("test"),
+    n: int = typer.Option(16, "--n-images", "--n", help="Images."),
     method: str = typer.Option("scorecam", help="scorecam | gradcam | gradcam++"),
     seed: int = typer.Option(0), overwrite: bool = typer.Option(False),
 ) -> None:

@@ -75,7 +75,7 @@ def prune(
     max_workers: Optional[int] = MAX_WORKERS_OPTION,
 ) -> None:
     """Pruning sweep (models x methods x seeds x ratios) on a process pool or Ray; the grid
-    directory is also a sweep directory for the audit stage."""
+    directory has the index of a sweep directory: 'audit forgettability|pies' read it."""
     from medscalpel.pipeline.grid import run_prune_grid
 
     models = one_of(models or None, models_arg or None, "--model", "MODELS",

@@ -44,7 +44,7 @@ def read_image(path: str | os.PathLike, colour: bool = False) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(
             f"Cannot read image {path}: {exc}. The file is corrupt, truncated or not an image; "
-            "replace it, remove it from the label file, or pass --skip-corrupt to skip such files."
+            "replace it, remove it from the label file, or add ?skip_corrupt=true to the dataset spec to skip such files."
         ) from exc
     if colour:
         return rgb.copy()

@@ -76,7 +76,7 @@ def medmnist_class_names(flag: str) -> tuple[str, ...]:
     except (ImportError, KeyError):
         raise DataError(f"Unknown MedMNIST flag {flag!r}: the 2D sets are "
                         f"{', '.join(sorted(MEDMNIST_CLASSES))}. Name the file "
-                        "'<flag>[_<size>].npz' or pass flag=<flag>.") from None
+                        "'<flag>[_<size>].npz' or add ?flag=<flag> to the spec.") from None
 
 
 class MedMNISTDataset(ArrayDataset):
@@ -89,7 +89,7 @@ def _flag_of(path: Path) -> str:
     m = _FLAG.match(path.stem.lower())
     if not m:
         raise DataError(f"Cannot tell the MedMNIST set from the file name {path.name!r}: expected "
-                        "'<flag>[_<size>].npz' such as 'chestmnist_64.npz'. Pass flag=<flag>.")
+                        "'<flag>[_<size>].npz' such as 'chestmnist_64.npz'. Add ?flag=<flag> to the spec.")
     return m.group(1)
 
 

@@ -229,7 +229,7 @@ def open_nih(root: str | None, split: str = "train", preprocess: Preprocess | No
     index = index_nih_images(base)
     if not index:
         raise DataError(f"No images found under {base}/images or {base}/images_*/images. Unpack "
-                        "the NIH image archives there, or pass labels_only=true for the labels.")
+                        "the NIH image archives there, or add ?labels_only=true to the spec for the labels.")
     paths = [index.get(i, base / "images" / i) for i in ids]
     ds = NIHImages("nih", paths, ids, labels, NIH_CLASSES, "multilabel",
                    table["patient_id"].tolist(), preprocess, split, meta=meta)

@@ -144,9 +144,11 @@ class Predictions:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
                 logits, labels = z["logits"], z["labels"]
-        except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
+            return cls(logits=logits, labels=labels, ids=tuple(meta["ids"]),
+                       class_names=tuple(meta["class_names"]), task=meta["task"],
+                       split=meta.get("split", ""), model_id=meta.get("model_id", ""),
+                       meta=meta.get("meta", {}))
+        except DataError:
+            raise
+        except (ValueError, KeyError, TypeError, OSError, json.JSONDecodeError) as exc:
             raise DataError(f"{path} is not a medscalpel Predictions file: {exc}.") from exc
-        return cls(logits=logits, labels=labels, ids=tuple(meta["ids"]),
-                   class_names=tuple(meta["class_names"]), task=meta["task"],
-                   split=meta.get("split", ""), model_id=meta.get("model_id", ""),
-                   meta=meta.get("meta", {}))
