@@ -161,6 +161,41 @@ def test_planted_corruption_sensitivity_is_found():
         robustness_change(dense, dense, x, template, pp, corruptions=["snow"], n_boot=0)
 
 
+def test_robustness_delta_is_the_paired_auroc_delta_and_batching_is_exact():
+    """The per-cell dense-vs-compressed delta comes from the same replicates as the drops: its
+    point value equals compare_predictions' delta on the corrupted predictions, the relative
+    robustness is exactly drop_new - drop_ref, and one batched pass over all severities gives
+    the per-severity AUROCs of separate passes. (128 images: _MarkerSensitive's noise depends
+    on the row's place in its batch of 64, so batches must align.)"""
+    from medscalpel.audit.changes._util import logits_of
+    from medscalpel.engine.compare import compare_predictions
+
+    x, y = _band_images(128)
+    dense = _Separable()
+    pp = Preprocess(64, mean=(0.5,), std=(0.25,))
+    template = _preds(np.zeros((len(y), 2)), y)
+    new = _MarkerSensitive(dense)
+    r = robustness_change(dense, new, x, template, pp, corruptions=["marker", "blur"],
+                          severities=(1, 3), n_boot=200)
+    for c in r.cells:
+        assert c.relative == pytest.approx(c.drop_new - c.drop_ref, abs=1e-12)
+        assert c.delta_auroc == pytest.approx(c.auroc_new - c.auroc_ref, abs=1e-12)
+    xc = corrupt(x, pp, "marker", 3)
+    cmp = compare_predictions(_preds(logits_of(dense, xc), y), _preds(logits_of(new, xc), y),
+                              n_boot=0)
+    cell = {(c.corruption, c.severity, c.cls): c for c in r.cells}
+    assert cell[("marker", 3, "macro")].delta_auroc == pytest.approx(cmp.macro["delta_auroc"],
+                                                                     abs=1e-6)
+    one = robustness_change(dense, new, x, template, pp, corruptions=["marker"],
+                            severities=(3,), n_boot=200)
+    for c in one.cells:
+        assert c.auroc_new == pytest.approx(cell[("marker", 3, c.cls)].auroc_new, abs=1e-6)
+        assert c.relative_ci == pytest.approx(cell[("marker", 3, c.cls)].relative_ci, abs=1e-6)
+    with pytest.raises(DataError, match="clean_logits must have 128 rows"):
+        robustness_change(dense, new, x, template, pp, corruptions=["marker"], n_boot=0,
+                          clean_logits=(np.zeros((3, 2)), np.zeros((3, 2))))
+
+
 def test_corruptions_are_graded_and_shape_preserving():
     pp = Preprocess(64)
     x, _ = _band_images(8)
@@ -233,6 +268,51 @@ def test_damaged_class_row_drifts_only_that_class():
     assert r.classes["b"]["spearman"]["mean"] < 0.5
     assert r.classes["b"]["pointing"]["mean"] < r.classes["a"]["pointing"]["mean"]
     assert type(r).from_dict(r.to_dict()).classes == r.classes
+
+
+def test_empty_grad_cams_are_not_scored_and_say_why():
+    """Regression (issue 18 benchmark): with every class logit driven by negative evidence
+    Grad-CAM is ReLU(negative) = 0 everywhere; the old code ranked the equal pixels of such maps
+    by index and reported deletion / insertion numbers with CIs. Empty maps now score NaN and
+    the result states the reason and the counts, and the coarse CAM grid is named."""
+    torch.manual_seed(0)
+    dense = create_model("densenet_tiny", num_classes=2, img_size=32)
+    with torch.no_grad():
+        dense.classifier.weight.copy_(-dense.classifier.weight.abs() - 0.01)
+    x = torch.randn(10, 1, 32, 32)
+    r = explanation_change(dense, copy.deepcopy(dense), x, class_names=["a", "b"],
+                           n_faithfulness=6, steps=4, n_boot=50, progress=False)
+    for name in ("a", "b"):
+        row = r.classes[name]
+        assert row["empty_maps"] == {"ref": 10, "new": 10}
+        assert row["spearman"]["n"] == 0 and np.isnan(row["spearman"]["mean"])
+        assert "ReLU" in row["reason"] and "dense 10/10" in row["reason"]
+    for k in ("deletion", "insertion", "road"):
+        f = r.faithfulness[k]
+        assert f["delta"]["n"] == 0 and np.isnan(f["ref"]["mean"])
+        assert f["empty_maps"] == {"ref": 6, "new": 6} and "empty Grad-CAM" in f["reason"]
+    assert r.meta["cam_grid"]["ref"] == [1, 1] and "coarse CAM layer" in r.meta["cam_note"]
+    back = type(r).from_dict(r.to_dict())
+    assert back.classes["a"]["reason"] == r.classes["a"]["reason"]
+
+
+def test_fast_copy_and_reused_clean_logits_change_nothing():
+    from medscalpel.audit.changes._util import fast_copy, logits_of
+    from medscalpel.audit.changes.faithfulness import deletion_insertion
+
+    torch.manual_seed(0)
+    m = create_model("densenet_tiny", num_classes=3, img_size=32).train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(6, 1, 32, 32)
+    fast = fast_copy(m)
+    assert m.training and all(p.requires_grad for p in m.parameters())
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert np.abs(logits_of(fast, x) - logits_of(m, x)).max() < 1e-4
+    maps = np.random.default_rng(0).random((6, 32, 32)).astype(np.float32)
+    t = np.array([0, 1, 2, 0, 1, 2])
+    d0, i0 = deletion_insertion(m, x, maps, t, steps=4)
+    d1, i1 = deletion_insertion(m, x, maps, t, steps=4, clean_logits=logits_of(m, x))
+    assert np.allclose(d0, d1, atol=1e-6) and np.allclose(i0, i1, atol=1e-6)
 
 
 def test_mask_energy_and_road_imputation_by_hand():

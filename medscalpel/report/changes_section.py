@@ -116,14 +116,18 @@ def _robustness(p: Any, base: tuple[Any, ...]) -> Table:
 
 def _explanation(p: Any, base: tuple[Any, ...]) -> Table:
     e = p.explanation
-    cols = ["class", "Spearman", "Spearman CI", "top-k IoU", "pointing agreement"]
+    cols = ["class", "images scored", "Spearman", "Spearman CI", "top-k IoU",
+            "pointing agreement"]
     if e.has_masks:
         cols += ["in-mask energy dense", "in-mask energy compressed", "Δ tube energy"]
+    note = e.meta.get("cam_note")
     t = Table(cols, key="changes_explanation",
-              title=f"{p.name}: Grad-CAM dense vs compressed ({e.n_similarity} images)")
+              title=f"{p.name}: Grad-CAM dense vs compressed ({e.n_similarity} images; empty "
+                    "maps not scored)" + (f"; {note}" if note else ""))
     for name, c in e.classes.items():
         src = lambda *k: pointer(REL, *base, "explanation", "classes", name, *k)  # noqa: E731
-        cells = [text(name), num(c["spearman"]["mean"], src("spearman", "mean")),
+        cells = [text(f'{c["spearman"]["n"]}/{e.n_similarity}'),
+                 num(c["spearman"]["mean"], src("spearman", "mean")),
                  ci(c["spearman"]["ci"], src("spearman", "ci")),
                  num(c["iou"]["mean"], src("iou", "mean")),
                  num(c["pointing"]["mean"], src("pointing", "mean"))]

@@ -76,10 +76,18 @@ class PairChanges:
                        f"(delta {m['delta_ece']:+.3f} [{lo:+.3f}, {hi:+.3f}]); recalibrate: "
                        f"{'yes' if self.calibration.recommend_recalibration else 'no'}")
         if self.explanation is not None:
-            rho = [c["spearman"]["mean"] for c in self.explanation.classes.values()]
-            out.append(f"explanations: median per-class Spearman {np.nanmedian(rho):.2f} "
-                       "(dense vs compressed Grad-CAM)" if np.isfinite(rho).any()
-                       else "explanations: no class had non-empty maps")
+            e = self.explanation
+            rho = [c["spearman"]["mean"] for c in e.classes.values()]
+            scored = sum(int(c["spearman"]["n"]) for c in e.classes.values())
+            total = e.n_similarity * len(e.classes)
+            line = (f"explanations: median per-class Spearman {np.nanmedian(rho):.2f} "
+                    f"(dense vs compressed Grad-CAM; {scored} of {total} image x class pairs "
+                    "had two non-empty maps)" if np.isfinite(rho).any()
+                    else f"explanations: not scored, no image x class pair of {total} had two "
+                         "non-empty Grad-CAM maps (negative class evidence everywhere)")
+            if e.meta.get("cam_note"):
+                line += f"; {e.meta['cam_note']}"
+            out.append(line)
         if self.subgroups is not None:
             fl = self.subgroups.flagged(holm_adjusted=False)
             out.append(f"subgroups: {len([r for r in fl if r.cls == 'macro'])} subgroup(s) lose "
@@ -314,7 +322,7 @@ def audit_changes(
                 res[measure] = robustness_change(
                     dense, model, images, ref, data.preprocess, corruptions=corruptions,
                     severities=severities, n_boot=n_boot, seed=seed, batch_size=batch_size,
-                    progress=progress)
+                    clean_logits=(ref.logits, new.logits), progress=progress)
             sec[measure] = round(time.perf_counter() - t0, 2)
             logger.info("changes %s/%s: %.1f s", name, measure, sec[measure])
         out.append(PairChanges(name=name, candidate_id=new.model_id, seconds=sec, **res))

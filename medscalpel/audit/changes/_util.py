@@ -93,16 +93,33 @@ def ci_excludes_zero(interval: Sequence[float]) -> int:
     return 1 if lo > 0 else (-1 if hi < 0 else 0)
 
 
-@torch.no_grad()
+def fast_copy(model: nn.Module) -> nn.Module:
+    """A frozen eval-mode copy of ``model`` in channels-last memory format (about 1.5x faster
+    convolutions on CPU for DenseNets) for the forward-only passes of the audit; the caller's
+    model is not touched."""
+    import copy
+
+    fast = copy.deepcopy(model).eval()
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    return fast.to(memory_format=torch.channels_last)
+
+
 def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """Logits ``[N, K]`` of ``model`` on the tensor ``x`` in eval mode (mode restored)."""
+    """Logits ``[N, K]`` of ``model`` on the tensor ``x`` in eval mode (mode restored), under
+    :func:`torch.inference_mode`."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        dev = next(model.parameters()).device
-        out = [model(x[s:s + batch_size].to(dev)).float().cpu().numpy()
-               for s in range(0, int(x.shape[0]), batch_size)]
+        return _logits(model, x, batch_size)
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+@torch.inference_mode()
+def _logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
+    dev = next(model.parameters()).device
+    out = [model(x[s:s + batch_size].to(dev)).float().cpu().numpy()
+           for s in range(0, int(x.shape[0]), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

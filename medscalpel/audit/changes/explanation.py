@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 from torch import nn
 
-from medscalpel.audit.changes._util import NAN, boot_weights, logits_of, mean_with_ci
+from medscalpel.audit.changes._util import (NAN, boot_weights, fast_copy, logits_of,
+                                            mean_with_ci)
 from medscalpel.audit.changes.faithfulness import (ROAD_FRACTIONS, deletion_insertion,
                                                    road_scores, top_mask)
 from medscalpel.errors import ConfigError, DataError, ModelError
@@ -285,11 +286,20 @@ def explanation_change(
     per_class: dict[str, dict[str, Any]] = {}
     batches = list(range(0, n, batch_size))
     stats: dict[int, dict[str, list[np.ndarray]]] = {c: {} for c in cls}
+    nf = min(n, n_faithfulness)
+    keep_ref: list[np.ndarray] = []
+    keep_new: list[np.ndarray] = []
+    empty = {c: [0, 0] for c in cls}
     for s in track(batches, "explanation maps", progress=progress):
         x = images[s:s + batch_size]
         a, b = class_cams(dense, x, cls, batch_size), class_cams(compressed, x, cls, batch_size)
+        if s < nf:     # the faithfulness images are the first ones: their maps are reused
+            keep_ref.append(a[:nf - s])
+            keep_new.append(b[:nf - s])
         for j, c in enumerate(cls):
             st = stats[c]
+            empty[c][0] += int((a[:, j].reshape(len(x), -1).max(1) <= 0).sum())
+            empty[c][1] += int((b[:, j].reshape(len(x), -1).max(1) <= 0).sum())
             for key, v in similarity(a[:, j], b[:, j], frac).items():
                 st.setdefault(key, []).append(v)
             if masks is not None:
@@ -314,35 +324,95 @@ def explanation_change(
                                            confidence)
             row["tube_energy"] = _paired(st["tube_energy_ref"], st["tube_energy_new"], w,
                                          confidence)
+        row["empty_maps"] = {"ref": empty[c][0], "new": empty[c][1]}
+        if row["spearman"]["n"] == 0:
+            row["reason"] = (f"no image where both Grad-CAM maps are non-empty (empty: dense "
+                             f"{empty[c][0]}/{n}, compressed {empty[c][1]}/{n}); Grad-CAM is "
+                             "ReLU(sum_c weight_c A_c), all zero where the weighted evidence "
+                             "for the class is negative everywhere (the class logit is low)")
         per_class[class_names[c]] = row
-    faith = _faithfulness(dense, compressed, images[:min(n, n_faithfulness)], steps,
-                          tuple(road_fractions), multiclass, seed, confidence, n_boot, batch_size)
+    grid = {"ref": _cam_grid(dense, images[:1]), "new": _cam_grid(compressed, images[:1])}
+    pre = None
+    if nf and keep_ref:
+        pre = (np.concatenate(keep_ref), np.concatenate(keep_new), cls)
+    faith = _faithfulness(dense, compressed, images[:nf], steps, tuple(road_fractions),
+                          multiclass, seed, confidence, n_boot, batch_size, pre)
+    meta = {"method": "gradcam", "classes": [class_names[c] for c in cls],
+            "explained_class_for_faithfulness": "the dense model's most probable class",
+            "cam_grid": grid,
+            "empty_maps": "a Grad-CAM map that is zero everywhere is excluded (NaN) from "
+                          "every score; counts per class in classes[...]['empty_maps']"}
+    coarse = [k for k, g in grid.items() if min(g) < 4]
+    if coarse:
+        meta["cam_note"] = (
+            "coarse CAM layer: " + ", ".join(f"{'dense' if k == 'ref' else 'compressed'} "
+                                              f"{grid[k][0]}x{grid[k][1]}" for k in coarse)
+            + f" at {int(images.shape[-2])}x{int(images.shape[-1])} px input; the maps are "
+              "bilinear upsamplings of so few cells that rank correlation and top-k IoU "
+              "compare a handful of blobs, not anatomy")
+        logger.warning("explanation_change: %s", meta["cam_note"])
     return ExplanationChange(
         classes=per_class, faithfulness=faith, n_similarity=n,
-        n_faithfulness=min(n, n_faithfulness), frac=float(frac), steps=steps,
+        n_faithfulness=nf, frac=float(frac), steps=steps,
         road_fractions=tuple(float(f) for f in road_fractions), n_boot=n_boot, seed=seed,
-        confidence=confidence, has_masks=masks is not None,
-        meta={"method": "gradcam", "classes": [class_names[c] for c in cls],
-              "explained_class_for_faithfulness": "the dense model's most probable class"})
+        confidence=confidence, has_masks=masks is not None, meta=meta)
+
+
+def _cam_grid(model: nn.Module, x: torch.Tensor) -> list[int]:
+    """Spatial size ``[h, w]`` of the model's CAM layer output for input like ``x``."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            f = model.feature_map(x.to(next(model.parameters()).device))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return [int(f.shape[-2]), int(f.shape[-1])]
 
 
 def _faithfulness(dense, compressed, x, steps, fractions, multiclass, seed, confidence, n_boot,
-                  batch_size) -> dict[str, Any]:
+                  batch_size, pre=None) -> dict[str, Any]:
+    """Deletion / insertion / ROAD of each model's own map of the explained class. Images whose
+    map is empty (all zero) get NaN for that model: a ranking of equal pixels is no
+    explanation, so it is not scored. ``pre``: (dense maps, compressed maps, classes) already
+    computed for these images."""
     m = int(x.shape[0])
     if m == 0:
         return {}
-    target = logits_of(dense, x, batch_size).argmax(1)
+    z = logits_of(dense, x, batch_size)
+    target = z.argmax(1)
     w = boot_weights(m, n_boot, seed + 5)
     scores: dict[str, dict[str, np.ndarray]] = {"deletion": {}, "insertion": {}, "road": {}}
+    empty: dict[str, int] = {}
+    fast = {"ref": fast_copy(dense), "new": fast_copy(compressed)}
     for key, model in (("ref", dense), ("new", compressed)):
-        maps = _target_maps(model, x, target, batch_size)
-        d, ins = deletion_insertion(model, x, maps, target, steps=steps, multiclass=multiclass,
-                                    batch_size=batch_size)
-        scores["deletion"][key], scores["insertion"][key] = d, ins
-        scores["road"][key] = road_scores(model, x, maps, target, fractions=fractions,
-                                          multiclass=multiclass, seed=seed,
-                                          batch_size=batch_size)
-    return {k: _paired(v["ref"], v["new"], w, confidence) for k, v in scores.items()}
+        if pre is not None and set(int(t) for t in target) <= set(pre[2]):
+            pos = {c: j for j, c in enumerate(pre[2])}
+            cams = pre[0] if key == "ref" else pre[1]
+            maps = np.stack([cams[i, pos[int(t)]] for i, t in enumerate(target)])
+        else:
+            maps = _target_maps(model, x, target, batch_size)
+        blank = maps.reshape(m, -1).max(1) <= 0
+        empty[key] = int(blank.sum())
+        clean = logits_of(fast[key], x, batch_size)
+        d, ins = deletion_insertion(fast[key], x, maps, target, steps=steps,
+                                    multiclass=multiclass, batch_size=batch_size,
+                                    clean_logits=clean)
+        r = road_scores(fast[key], x, maps, target, fractions=fractions,
+                        multiclass=multiclass, seed=seed, batch_size=batch_size)
+        for name, v in (("deletion", d), ("insertion", ins), ("road", r)):
+            v = v.astype(np.float64)
+            v[blank] = NAN
+            scores[name][key] = v
+    out = {k: _paired(v["ref"], v["new"], w, confidence) for k, v in scores.items()}
+    for k in out:
+        out[k]["empty_maps"] = dict(empty)
+        if out[k]["delta"]["n"] == 0:
+            out[k]["reason"] = (f"every explained image has an empty Grad-CAM map in one model "
+                                f"(dense {empty['ref']}/{m}, compressed {empty['new']}/{m}); "
+                                "nothing to delete or insert in order")
+    return out
 
 
 def _target_maps(model: nn.Module, x: torch.Tensor, target: np.ndarray, batch_size: int

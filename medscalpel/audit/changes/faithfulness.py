@@ -48,9 +48,12 @@ def _blurred(x: torch.Tensor) -> torch.Tensor:
 
 def deletion_insertion(model: nn.Module, images: torch.Tensor, maps: np.ndarray,
                        target: np.ndarray, *, steps: int = 8, multiclass: bool = False,
-                       batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+                       batch_size: int = 64, clean_logits: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """Per-image deletion and insertion AUC (trapezoid over the removed / inserted fraction
-    0, 1/steps, ..., 1) of the target's probability; the pixels in order of ``maps``."""
+    0, 1/steps, ..., 1) of the target's probability; the pixels in order of ``maps``.
+    ``clean_logits``: the model's logits on ``images`` if known (the unmodified image is
+    step 0 of deletion and the last step of insertion; reused, not recomputed)."""
     n, hw = maps.shape[0], maps.shape[1] * maps.shape[2]
     order = np.argsort(-maps.reshape(n, -1), axis=1, kind="stable")
     rank = np.empty_like(order)
@@ -60,12 +63,23 @@ def deletion_insertion(model: nn.Module, images: torch.Tensor, maps: np.ndarray,
     base_ins = _blurred(images)
     fr = np.linspace(0, 1, steps + 1)
     dele, ins = [], []
-    for f in fr:
+    clean = None
+    if clean_logits is not None:
+        z = torch.from_numpy(np.asarray(clean_logits, np.float32))
+        p = torch.softmax(z, 1) if multiclass else torch.sigmoid(z)
+        clean = p[torch.arange(len(target)), torch.from_numpy(target)].numpy().astype(np.float64)
+    for i, f in enumerate(fr):
         top = rank_t < int(round(f * hw))
-        dele.append(_prob(model, torch.where(top, base_del, images), target, multiclass,
-                          batch_size))
-        ins.append(_prob(model, torch.where(top, images, base_ins), target, multiclass,
-                         batch_size))
+        if clean is not None and i == 0:
+            dele.append(clean)
+        else:
+            dele.append(_prob(model, torch.where(top, base_del, images), target, multiclass,
+                              batch_size))
+        if clean is not None and i == len(fr) - 1:
+            ins.append(clean)
+        else:
+            ins.append(_prob(model, torch.where(top, images, base_ins), target, multiclass,
+                             batch_size))
     return np.trapezoid(np.stack(dele, 1), fr, axis=1), np.trapezoid(np.stack(ins, 1), fr, axis=1)
 
 

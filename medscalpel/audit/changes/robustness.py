@@ -9,8 +9,10 @@ down-sampled image brought back to size) and ``marker`` (a burned-in text / "AP"
 Both models see the SAME corrupted images. Per class and severity: the AUROC of each model,
 each model's drop from its clean AUROC with CIs, and the relative robustness ``drop(compressed)
 - drop(dense)`` (below 0: the compressed model loses more) with a CI and a bootstrap p-value,
-all from one joint resample of the images; the compressed-vs-dense delta under the corruption
-comes from :func:`medscalpel.engine.compare.compare_predictions`.
+all from one joint resample of the images (the same multinomial image counts for every
+corruption, severity and model), which also gives the compressed-vs-dense AUROC delta under the
+corruption; the AUROC kernel is :func:`medscalpel.engine.compare.weighted_auroc` (vectorised over
+replicates). All severities of one corruption go through each model in one batched pass.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medscalpel.audit.changes._util import NAN, boot_weights, ci, logits_of, num, p_two_sided
-from medscalpel.engine.compare import compare_predictions, weighted_auroc
+from medscalpel.audit.changes._util import (NAN, boot_weights, ci, fast_copy, logits_of,
+                                            num, p_two_sided)
+from medscalpel.engine.compare import weighted_auroc
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
 from medscalpel.progress import track
@@ -254,6 +257,7 @@ def robustness_change(
     seed: int = 0,
     confidence: float = 0.95,
     batch_size: int = 64,
+    clean_logits: tuple[np.ndarray, np.ndarray] | None = None,
     progress: bool | None = None,
 ) -> RobustnessChange:
     """AUROC of both models under each corruption and severity, relative robustness with CIs.
@@ -266,6 +270,8 @@ def robustness_change(
         preprocess: the models' :class:`~medscalpel.data.transforms.Preprocess`.
         corruptions: names in :data:`CORRUPTIONS` (default: all).
         severities: subset of (1, 2, 3).
+        clean_logits: the two models' logits on ``images`` when the caller has them (reused,
+            not recomputed).
 
     Raises:
         ConfigError: unknown corruption or severity.
@@ -283,29 +289,40 @@ def robustness_change(
     if int(images.shape[0]) != template.n:
         raise DataError(f"robustness_change: {images.shape[0]} images but the template has "
                         f"{template.n} rows.")
-    pred = lambda m, x: Predictions(logits_of(m, x, batch_size), template.labels,  # noqa: E731
-                                    ids=template.ids, class_names=template.class_names,
-                                    task=template.task, split=template.split)
-    clean_r, clean_n = pred(dense, images), pred(compressed, images)
+    pred = lambda z: Predictions(z, template.labels, ids=template.ids,  # noqa: E731
+                                 class_names=template.class_names, task=template.task,
+                                 split=template.split)
+    if clean_logits is None:
+        clean_logits = (logits_of(dense, images, batch_size),
+                        logits_of(compressed, images, batch_size))
+    elif any(np.shape(z)[0] != template.n for z in clean_logits):
+        raise DataError(f"robustness_change: clean_logits must have {template.n} rows each; "
+                        f"got {[np.shape(z)[0] for z in clean_logits]}.")
+    clean_r, clean_n = pred(np.asarray(clean_logits[0])), pred(np.asarray(clean_logits[1]))
     t = template.targets()
     w = boot_weights(template.n, n_boot, seed + 3)
     base = _aurocs(t, clean_r.probs(), clean_n.probs(), w)
+    sevs = [int(s) for s in severities]
+    n = template.n
+    # all severities of a corruption in one pass when they fit (~0.5 GB of float32 input)
+    group = len(sevs) if images.numel() * len(sevs) <= 2 ** 27 else 1
     cells: list[RobustnessCell] = []
-    jobs = [(c, s) for c in names for s in severities]
-    for name, sev in track(jobs, "robustness", progress=progress):
-        x = corrupt(images, preprocess, name, int(sev), seed)
-        cr, cn = pred(dense, x), pred(compressed, x)
-        cells += _cells(name, int(sev), t, cr, cn, base, w, n_boot, seed, confidence)
-    clean_cmp = compare_predictions(clean_r, clean_n, n_boot=n_boot, seed=seed,
-                                    confidence=confidence)
+    fast_r, fast_n = fast_copy(dense), fast_copy(compressed)
+    for name in track(names, "robustness", progress=progress):
+        for g in range(0, len(sevs), group):
+            part = sevs[g:g + group]
+            x = torch.cat([corrupt(images, preprocess, name, s, seed) for s in part])
+            zr, zn = logits_of(fast_r, x, batch_size), logits_of(fast_n, x, batch_size)
+            for i, sev in enumerate(part):
+                cr, cn = pred(zr[i * n:(i + 1) * n]), pred(zn[i * n:(i + 1) * n])
+                cells += _cells(name, sev, t, cr, cn, base, w, confidence)
+    clean = _clean(base, w, confidence)
     return RobustnessChange(
-        cells=tuple(cells),
-        clean={"auroc_ref": clean_cmp.macro["auroc_ref"], "auroc_new": clean_cmp.macro["auroc_new"],
-               "delta_auroc": clean_cmp.macro["delta_auroc"],
-               "delta_auroc_ci": list(clean_cmp.macro["delta_auroc_ci"])},
-        corruptions=tuple(names), levels={c: list(LEVELS[c]) for c in names},
+        cells=tuple(cells), clean=clean, corruptions=tuple(names),
+        levels={c: list(LEVELS[c]) for c in names},
         n=template.n, n_boot=n_boot, seed=seed, confidence=confidence,
-        meta={"severities": [int(s) for s in severities]})
+        meta={"severities": sevs, "bootstrap": "one joint resample of the images (seed + 3) "
+                                               "for every corruption, severity and model"})
 
 
 def _aurocs(t: np.ndarray, pr: np.ndarray, pn: np.ndarray, w: np.ndarray
@@ -326,23 +343,39 @@ def _aurocs(t: np.ndarray, pr: np.ndarray, pn: np.ndarray, w: np.ndarray
     return out
 
 
-def _cells(name, sev, t, cr, cn, base, w, n_boot, seed, confidence) -> list[RobustnessCell]:
+def _clean(base, w, confidence) -> dict[str, Any]:
+    """Macro clean AUROC of both models and their paired delta (same replicates)."""
+    ok = [j for j in range(len(base["ref"]))
+          if np.isfinite(base["ref"][j][0]) and np.isfinite(base["new"][j][0])]
+    if not ok:
+        return {"auroc_ref": NAN, "auroc_new": NAN, "delta_auroc": NAN,
+                "delta_auroc_ci": [NAN, NAN]}
+    ar = float(np.mean([base["ref"][j][0] for j in ok]))
+    an = float(np.mean([base["new"][j][0] for j in ok]))
+    reps = (np.mean([base["new"][j][1] - base["ref"][j][1] for j in ok], 0) if len(w)
+            else np.zeros(0))
+    return {"auroc_ref": ar, "auroc_new": an, "delta_auroc": an - ar,
+            "delta_auroc_ci": list(ci(reps, confidence))}
+
+
+def _cells(name, sev, t, cr, cn, base, w, confidence) -> list[RobustnessCell]:
+    """Per class and macro cells; every CI from the same replicates ``w`` as the clean AUROCs,
+    so drops, relative robustness and the compressed-vs-dense delta are all paired."""
     cur = _aurocs(t, cr.probs(), cn.probs(), w)
-    cmp = compare_predictions(cr, cn, n_boot=n_boot, seed=seed, confidence=confidence)
     out = []
-    acc: dict[str, list] = {k: [] for k in ("dr", "dn", "rel", "dr_p", "dn_p", "ar", "an")}
-    for j, cd in enumerate(cmp.classes):
+    acc: dict[str, list] = {k: [] for k in ("dr", "dn", "rel", "d", "dr_p", "dn_p", "ar", "an")}
+    for j, cname in enumerate(cr.class_names):
         (ar, ar_b), (an, an_b) = cur["ref"][j], cur["new"][j]
         (br, br_b), (bn, bn_b) = base["ref"][j], base["new"][j]
-        dr_b, dn_b = ar_b - br_b, an_b - bn_b
+        dr_b, dn_b, d_b = ar_b - br_b, an_b - bn_b, an_b - ar_b
         rel_b = dn_b - dr_b
         rel_ci = ci(rel_b, confidence)
-        out.append(RobustnessCell(name, sev, cd.name, ar, an, ar - br, ci(dr_b, confidence),
+        out.append(RobustnessCell(name, sev, cname, ar, an, ar - br, ci(dr_b, confidence),
                                   an - bn, ci(dn_b, confidence), (an - bn) - (ar - br), rel_ci,
-                                  p_two_sided(rel_b), cd.delta_auroc, tuple(cd.delta_auroc_ci),
+                                  p_two_sided(rel_b), an - ar, ci(d_b, confidence),
                                   bool(rel_ci[1] < 0)))
         if np.isfinite(ar) and np.isfinite(an):
-            for k, v in (("dr", dr_b), ("dn", dn_b), ("rel", rel_b)):
+            for k, v in (("dr", dr_b), ("dn", dn_b), ("rel", rel_b), ("d", d_b)):
                 acc[k].append(v)
             for k, v in (("dr_p", ar - br), ("dn_p", an - bn), ("ar", ar), ("an", an)):
                 acc[k].append(v)
@@ -351,11 +384,10 @@ def _cells(name, sev, t, cr, cn, base, w, n_boot, seed, confidence) -> list[Robu
         rel_b = mean("rel")
         rel_ci = ci(rel_b, confidence)
         dr, dn = float(np.mean(acc["dr_p"])), float(np.mean(acc["dn_p"]))
-        out.append(RobustnessCell(name, sev, "macro", float(np.mean(acc["ar"])),
-                                  float(np.mean(acc["an"])), dr, ci(mean("dr"), confidence), dn,
+        ar, an = float(np.mean(acc["ar"])), float(np.mean(acc["an"]))
+        out.append(RobustnessCell(name, sev, "macro", ar, an, dr, ci(mean("dr"), confidence), dn,
                                   ci(mean("dn"), confidence), dn - dr, rel_ci,
-                                  p_two_sided(rel_b), num(cmp.macro["delta_auroc"]),
-                                  tuple(num(x) for x in cmp.macro["delta_auroc_ci"]),
+                                  p_two_sided(rel_b), an - ar, ci(mean("d"), confidence),
                                   bool(rel_ci[1] < 0)))
     return out
 
