@@ -94,21 +94,20 @@ from zennit.layer import Sum
 from zennit.rules import NoMod, Pass
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution
 
-from medscalpel.errors import ModelError, VerificationError
+from medscalpel.errors import ModelError
 from medscalpel.explain.attributions import (ATTRIBUTIONS, Attribution, AttributionResult,
                                              check_inputs, num_classes_of, prepare_model_copy,
                                              resolve_targets)
 from medscalpel.explain.canonizers import (ChannelAffine, OutOfPlaceActivations,
                                            ResidualBlockCanonizer, canonizers_for, is_resnet,
                                            unsupported_leaves)
+from medscalpel.explain.lrp import rule_relevance
 from medscalpel.validation import check_in
 
 logger = logging.getLogger(__name__)
 
 BN_RULES = ("pass", "fold")
 
-#: the canonized copy must reproduce the model's logits within this (relative to max(1, |logit|))
-CANONIZER_TOLERANCE = 1e-4
 
 _SUPPORTED = ("densenet121/densenet_tiny, resnet18/resnet50/resnet_tiny, vgg19_bn/vgg_tiny and "
               "Sequential CNNs of Conv/BN/ReLU/pooling/Linear layers")
@@ -243,42 +242,8 @@ class BacktraceSession:
         """
         if not self._active:
             raise RuntimeError("BacktraceSession.relevance must be called inside 'with session:'.")
-        captured: dict[str, torch.Tensor] = {}
-        handles = []
-        mods = dict(self.work.named_modules())
-
-        def make_hook(layer: str):
-            def fwd_hook(_m, _inp, out):
-                if isinstance(out, torch.Tensor) and out.requires_grad:
-                    out.register_hook(lambda g, layer=layer: captured.__setitem__(layer, g))
-            return fwd_hook
-
-        try:
-            for layer in capture or []:
-                if layer not in mods:
-                    raise ModelError(f"backtrace: layer '{layer}' not found in the model.")
-                handles.append(mods[layer].register_forward_hook(make_hook(layer)))
-            with torch.enable_grad():
-                xin = x.detach().clone().requires_grad_(True)
-                out = self.work(xin)
-                logit = out.gather(1, target.view(-1, 1)).squeeze(1)
-                start = torch.zeros_like(out)
-                start.scatter_(1, target.view(-1, 1), logit.detach().view(-1, 1))
-                (rel,) = torch.autograd.grad(out, xin, grad_outputs=start)
-        finally:
-            for h in handles:
-                h.remove()
-        with torch.no_grad():
-            ref = self.reference(x).gather(1, target.view(-1, 1)).squeeze(1)
-        diff = float((ref - logit.detach()).abs().max())
-        scale = max(1.0, float(ref.abs().max()))
-        self.max_canonizer_diff = max(self.max_canonizer_diff, diff)
-        if diff > CANONIZER_TOLERANCE * scale:
-            raise VerificationError(
-                f"backtrace: the canonized {self.settings['arch']} changed the target logit by "
-                f"{diff:.3g} (tolerance {CANONIZER_TOLERANCE * scale:.3g}); use bn_rule='pass' "
-                "or method='ig', and report the architecture.")
-        return rel.detach(), ref.detach(), captured
+        return rule_relevance(self, x, target, capture, "backtrace",
+                              "use bn_rule='pass' or method='ig', and report the architecture.")
 
 
 @ATTRIBUTIONS.register("backtrace", help="DL-Backtrace (native torch): relevance split over "

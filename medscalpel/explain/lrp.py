@@ -168,43 +168,60 @@ class LRPSession:
         """
         if not self._active:
             raise RuntimeError("LRPSession.relevance must be called inside 'with session:'.")
-        captured: dict[str, torch.Tensor] = {}
-        handles = []
-        mods = self.modules()
+        return rule_relevance(self, x, target, capture, "lrp",
+                              "its BatchNorm folding does not fit this model. Report the "
+                              "architecture, or use method='ig'.")
 
-        def make_hook(layer: str):
-            def fwd_hook(_m, _inp, out):
-                if isinstance(out, torch.Tensor) and out.requires_grad:
-                    out.register_hook(lambda g, layer=layer: captured.__setitem__(layer, g))
-            return fwd_hook
 
-        try:
-            for layer in capture or []:
-                if layer not in mods:
-                    raise ModelError(f"lrp: layer '{layer}' not found in the model.")
-                handles.append(mods[layer].register_forward_hook(make_hook(layer)))
-            with torch.enable_grad():
-                xin = x.detach().clone().requires_grad_(True)
-                out = self.work(xin)
-                logit = out.gather(1, target.view(-1, 1)).squeeze(1)
-                grad_out = torch.zeros_like(out)
-                grad_out.scatter_(1, target.view(-1, 1), logit.detach().view(-1, 1))
-                (rel,) = torch.autograd.grad(out, xin, grad_outputs=grad_out)
-        finally:
-            for h in handles:
-                h.remove()
-        with torch.no_grad():
-            ref = self.reference(x).gather(1, target.view(-1, 1)).squeeze(1)
-        diff = float((ref - logit.detach()).abs().max())
-        scale = max(1.0, float(ref.abs().max()))
-        self.max_canonizer_diff = max(self.max_canonizer_diff, diff)
-        if diff > CANONIZER_TOLERANCE * scale:
-            raise VerificationError(
-                f"lrp: the canonized {self.settings['arch']} changed the target logit by {diff:.3g} "
-                f"(tolerance {CANONIZER_TOLERANCE * scale:.3g}); its BatchNorm folding does not fit "
-                "this model. Report the architecture, or use method='ig'.")
-        # layers whose output does not reach the logit are absent from 'captured'
-        return rel.detach(), ref.detach(), captured
+def rule_relevance(session: Any, x: torch.Tensor, target: torch.Tensor,
+                   capture: list[str] | None, owner: str, hint: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One relevance pass of a rule-based session (LRP, DL-Backtrace): the rules live in the
+    zennit composite registered on ``session.work`` (a canonized copy); the backward pass starts
+    from ``R = f_t(x)`` at the target logit and returns the input relevance, the target logit of
+    the unmodified ``session.reference`` and the relevance at the output of each ``capture``
+    layer (layers whose output does not reach the logit are absent).
+
+    Raises:
+        ModelError: a ``capture`` layer is not in the model.
+        VerificationError: the canonized copy changed the target logit beyond
+            ``CANONIZER_TOLERANCE`` x its scale (``hint`` says what to do).
+    """
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    mods = dict(session.work.named_modules())
+
+    def make_hook(layer: str):
+        def fwd_hook(_m, _inp, out):
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                out.register_hook(lambda g, layer=layer: captured.__setitem__(layer, g))
+        return fwd_hook
+
+    try:
+        for layer in capture or []:
+            if layer not in mods:
+                raise ModelError(f"{owner}: layer '{layer}' not found in the model.")
+            handles.append(mods[layer].register_forward_hook(make_hook(layer)))
+        with torch.enable_grad():
+            xin = x.detach().clone().requires_grad_(True)
+            out = session.work(xin)
+            logit = out.gather(1, target.view(-1, 1)).squeeze(1)
+            start = torch.zeros_like(out)
+            start.scatter_(1, target.view(-1, 1), logit.detach().view(-1, 1))
+            (rel,) = torch.autograd.grad(out, xin, grad_outputs=start)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        ref = session.reference(x).gather(1, target.view(-1, 1)).squeeze(1)
+    diff = float((ref - logit.detach()).abs().max())
+    scale = max(1.0, float(ref.abs().max()))
+    session.max_canonizer_diff = max(session.max_canonizer_diff, diff)
+    if diff > CANONIZER_TOLERANCE * scale:
+        raise VerificationError(
+            f"{owner}: the canonized {session.settings['arch']} changed the target logit by "
+            f"{diff:.3g} (tolerance {CANONIZER_TOLERANCE * scale:.3g}); {hint}")
+    return rel.detach(), ref.detach(), captured
 
 
 def relative_delta(total: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
