@@ -50,6 +50,8 @@ class Artifact:
     type_path: str | None = None
     keys: tuple[str, ...] = ()
     description: str = ""
+    # where single-command runs write the same artifact (e.g. 'evaluate --out' -> metrics.json)
+    aliases: tuple[str, ...] = ()
 
     @property
     def is_json(self) -> bool:
@@ -67,6 +69,14 @@ class Artifact:
 
     def exists(self, run_dir: str | os.PathLike, **fmt: Any) -> bool:
         return self.path_in(run_dir, **fmt).exists()
+
+    def locate(self, run_dir: str | os.PathLike, **fmt: Any) -> str | None:
+        """The relative path where ``run_dir`` holds this artifact: its declared path, else the
+        first alias that exists (a single-command run), else ``None``."""
+        for rel in (self.relpath(**fmt), *self.aliases):
+            if (Path(run_dir) / rel).is_file():
+                return rel
+        return None
 
     def result_type(self) -> type | None:
         if self.type_path is None:
@@ -89,8 +99,9 @@ class Artifact:
 
 
 def _a(key: str, path: str, stage: str, type_path: str | None = None,
-       keys: tuple[str, ...] = (), description: str = "") -> tuple[str, Artifact]:
-    return key, Artifact(key, path, stage, type_path, keys, description)
+       keys: tuple[str, ...] = (), description: str = "",
+       aliases: tuple[str, ...] = ()) -> tuple[str, Artifact]:
+    return key, Artifact(key, path, stage, type_path, keys, description, aliases)
 
 
 #: every artifact of a run directory, by key
@@ -104,17 +115,20 @@ ARTIFACTS: dict[str, Artifact] = dict([
     _a("label_stats", "data/stats/stats.json", "stats", "medscalpel.data.stats:LabelStats", (),
        "label statistics of the training split (prevalence, co-occurrence, evidence)"),
     _a("baseline_metrics", "baseline/metrics.json", "baseline", None,
-       ("classes", "macro", "split", "n"), "EvalResult of the dense model on the test split"),
+       ("classes", "macro", "split", "n"), "EvalResult of the dense model on the test split",
+       ("metrics.json",)),
     _a("baseline_train", "baseline/train.json", "baseline", None, ("history",),
-       "training history"),
+       "training history", ("train.json",)),
     _a("baseline_card", "baseline/model/model.json", "baseline",
-       "medscalpel.models.checkpoint:ModelCard", (), "the dense model's card"),
+       "medscalpel.models.checkpoint:ModelCard", (), "the dense model's card",
+       ("model/model.json",)),
     _a("predictions", "baseline/predictions/{split}.npz", "baseline", None, (),
        "Predictions of the dense model per split"),
     _a("features", "baseline/predictions/{split}_features.npz", "baseline", None, (),
        "cached penultimate Features per split"),
     _a("calibration", "calibrate/calibration.json", "calibrate", None,
-       ("fit_split", "calibrator", "evaluation"), "threshold calibration on the validation split"),
+       ("fit_split", "calibrator", "evaluation"), "threshold calibration on the validation split",
+       ("calibration.json",)),
     _a("compress", "compress/compress.json", "compress",
        "medscalpel.compress.contract:CompressionTable", (),
        "one row per compressed model: params, MACs, latency, paired accuracy delta"),
@@ -122,7 +136,8 @@ ARTIFACTS: dict[str, Artifact] = dict([
        "ONNX export of the best structured model: parity and latency"),
     _a("deploy", "compress/deploy/deploy.json", "deploy",
        "medscalpel.compress.deploy_result:DeployResult", (),
-       "runtime x precision benchmark, parity, accuracy floor, recommendation"),
+       "runtime x precision benchmark, parity, accuracy floor, recommendation",
+       ("deploy.json",)),
     _a("sweep_index", "sweep/index.json", "sweep", "medscalpel.cells:CellIndex", (),
        "the unstructured sparsity sweep: one typed cell per (model, method, seed, ratio)"),
     _a("forgettability", "audit/forgettability/forgettability.json", "audit", None,
@@ -131,21 +146,24 @@ ARTIFACTS: dict[str, Artifact] = dict([
        "pruning-identified exemplars"),
     _a("changes", "audit/changes/changes.json", "changes",
        "medscalpel.audit.changes:ChangesAudit", (),
-       "what compression changed: calibration, explanations, subgroups, robustness"),
+       "what compression changed: calibration, explanations, subgroups, robustness",
+       ("changes.json",)),
     _a("cams", "explain/cams/cams.json", "explain", None, ("method", "images"),
        "CAMs of example images with lung-zone reports"),
     _a("polarity", "explain/polarity/polarity.json", "explain", None,
-       ("class_names", "counts"), "polarized classifier channels"),
+       ("class_names", "counts"), "polarized classifier channels", ("polarity.json",)),
     _a("surgery", "repair/surgery/surgery.json", "repair", None,
        ("success", "goal", "false_positives_still_above_threshold"),
        "surgical correction of one classifier row (with every goal tried)"),
     _a("triage", "repair/triage/decision_log.json", "repair", None,
-       ("classes", "settings"), "the treatment router's decision log"),
+       ("classes", "settings"), "the treatment router's decision log",
+       ("decision_log.json",)),
     _a("site_shift", "shift/site_shift.json", "shift",
        "medscalpel.repair.shift_flow:SiteShiftReport", (),
-       "internal vs external site, shift check, k-shot recalibration"),
+       "internal vs external site, shift check, k-shot recalibration",
+       ("site_shift.json",)),
     _a("distill", "distill/distill.json", "distill", None,
-       ("teacher", "students", "config"), "knowledge distillation"),
+       ("teacher", "students", "config"), "knowledge distillation", ("distill.json",)),
     _a("clinical_index", "reports/clinical/index.json", "reports", None, ("reports",),
        "index of the per-image clinical reports"),
     _a("experiment_report", "reports/experiment.html", "reports", None, (),
@@ -182,10 +200,11 @@ def read_artifact(run_dir: str | os.PathLike, key: str, **fmt: Any) -> Any:
         DataError: the file is missing, or lacks a declared key (the message names both).
     """
     a = artifact(key)
-    p = a.path_in(run_dir, **fmt)
-    if not p.is_file():
-        raise DataError(f"{p} does not exist: the stage '{a.stage}' did not run in this run "
-                        "directory.")
+    rel = a.locate(run_dir, **fmt)
+    if rel is None:
+        raise DataError(f"{a.path_in(run_dir, **fmt)} does not exist: the stage '{a.stage}' did "
+                        "not run in this run directory.")
+    p = Path(run_dir) / rel
     doc = read_json(p)
     t = a.result_type()
     if t is not None:

@@ -394,3 +394,28 @@ def test_cli_experiment(tmp_path):
     assert (tmp_path / "e.html").is_file()
     summary = json.loads((tmp_path / "e.json").read_text())
     assert "clinical" in summary["not_run"] and "baseline" in summary["present"]
+
+
+def test_single_command_runs_render_their_sections(tmp_path):
+    """'report experiment' renders any run directory holding a known artifact, e.g. the
+    metrics.json of 'evaluate --out' and the model/ of 'train', at their own paths."""
+    from medscalpel.data.transforms import Preprocess
+    from medscalpel.engine.metrics import evaluate
+    from medscalpel.engine.predictions import Predictions
+    from medscalpel.models.checkpoint import make_card
+    from medscalpel.models.zoo import create_model
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((60, 2)) < 0.4).astype(float)
+    preds = Predictions(rng.normal(size=(60, 2)) + 2 * y, y, tuple(f"i{i}" for i in range(60)),
+                        ("a", "b"), "multilabel", split="test")
+    write_json(tmp_path / "run" / "metrics.json", evaluate(preds, n_boot=20).to_dict())
+    card = make_card(create_model("densenet_tiny", num_classes=2, img_size=32), ["a", "b"],
+                     "multilabel", Preprocess(size=32))
+    write_json(tmp_path / "run" / "model" / "model.json", card.to_dict())
+    rep = experiment_report(tmp_path / "run")
+    base = rep.section("baseline")
+    assert base.present and not base.notes and "metrics.json" in base.sources
+    assert "model/model.json" in base.sources
+    p = parse(Path(rep.html_path).read_text(encoding="utf-8"))
+    assert check_cells_against_json(tmp_path / "run", p.cells) > 5

@@ -96,14 +96,16 @@ def _print_clinical(reports) -> None:
 
 
 def experiment(
-    run_dir: Path = typer.Argument(..., help="A demo run directory (medscalpel demo --out)."),
+    run_dir: Path = typer.Argument(..., help="A run directory: a demo run, or the --out of a "
+                                   "single command (train, evaluate, compress deploy, audit "
+                                   "changes, ...)."),
     out: Optional[Path] = typer.Option(None, help="HTML file to write (default "
                                        "RUN_DIR/report.html); a JSON summary is written beside "
                                        "it."),
 ) -> None:
-    """One self-contained HTML page from a demo run directory: dataset statistics, baseline
-    metrics, compression + Pareto plot, forgettability, PIEs, polarity, repair log, distillation
-    and example clinical reports. Sections not run say so."""
+    """One self-contained HTML page from a run directory: every section whose declared
+    artifact (medscalpel/layout.py) the run holds, at its demo path or where a single command
+    writes it; sections not run say so."""
     from medscalpel.report.experiment import experiment_report
 
     rep = experiment_report(run_dir, out)
@@ -114,6 +116,6 @@ def experiment(
                   highlight=False)
     console.print(f"written to {rep.html_path}")
     if not d["present"]:
-        console.print(f"[yellow]note: {run_dir} holds none of the demo's sections; "
+        console.print(f"[yellow]note: {run_dir} holds no artifact the report knows; "
                       f"'medscalpel show {run_dir}' prints the results of any run.[/yellow]",
                       highlight=False)

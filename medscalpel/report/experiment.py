@@ -162,9 +162,8 @@ class RunFiles:
         """A declared artifact (:mod:`medscalpel.layout`): its typed object or checked dict;
         ``None`` when absent. A file that does not match its declaration becomes a note and an
         'unreadable file' badge on the page (and fails the report test)."""
-        a = artifact(key)
-        rel = a.relpath(**fmt)
-        if not self.exists(rel):
+        rel = artifact(key).locate(self.root, **fmt)
+        if rel is None:
             return None
         try:
             obj = read_artifact(self.root, key, **fmt)
@@ -183,7 +182,8 @@ class RunFiles:
         declared keys first; the dict is what number cells point into."""
         obj = self.artifact(key, sec, **fmt)
         d = obj.to_dict() if hasattr(obj, "to_dict") else obj
-        return artifact(key).relpath(**fmt), d if isinstance(d, dict) else None
+        rel = artifact(key).locate(self.root, **fmt) or artifact(key).relpath(**fmt)
+        return rel, d if isinstance(d, dict) else None
 
     def figure(self, rel: str, sec: Section, caption: str = "") -> Figure | None:
         p = self.path(rel)
