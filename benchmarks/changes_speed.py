@@ -12,7 +12,7 @@ depend on the weights, beyond how many Grad-CAM maps are empty). Recorded: proce
 (primary), wall seconds and the load average of every run, per-measure wall seconds, and the
 CPU ratio old / new per alternation with its spread.
 
-    OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python benchmarks/changes_speed.py
+    OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE nice -n 10 .venv/bin/python benchmarks/changes_speed.py
     -> benchmarks/results/changes_speed.json
 """
 
@@ -102,6 +102,7 @@ def main() -> None:
         "runs": runs, "cpu_ratio_old_over_new": ratios,
         "cpu_ratio_median": float(np.median(ratios)),
         "cpu_ratio_spread": [float(min(ratios)), float(max(ratios))],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "note": "CPU seconds sum both torch threads; wall seconds measured on a shared machine "
                 "(see the load averages)"}, vars(args))
 
