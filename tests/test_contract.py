@@ -141,3 +141,20 @@ def test_cli_prune_prints_and_saves_the_paired_accuracy_delta(tmp_path):
     back = load_model(tmp_path / "pr" / "model")
     assert "accuracy_delta" in back.card.lineage[-1]
     assert (tmp_path / "pr" / "prune.json").is_file()
+
+
+def test_latency_protocol_reports_round_ratios_and_spread(caplog, monkeypatch):
+    """One latency protocol: alternated rounds, median ratio, per-round ratios, their spread,
+    and a warning when the spread is large (planted timings, then a real measurement)."""
+    import medscalpel.compress.measure as measure
+
+    a = create_model("vgg_tiny", num_classes=2, img_size=IMG)
+    x = torch.randn(1, 1, IMG, IMG)
+    real = measure.latency_pair(a, a, x, repeats=2, rounds=3, warmup=1)
+    assert len(real["round_ratios"]) == real["rounds"] == 3 and real["spread"] >= 0
+    times = iter([10.0, 5.0, 10.0, 10.0, 10.0, 5.0])  # a, b alternated: ratios 2, 1, 2
+    monkeypatch.setattr(measure, "cpu_latency", lambda *args, **kw: next(times))
+    lat = measure.latency_pair(a, a, x, rounds=3)
+    assert lat["round_ratios"] == [2.0, 1.0, 2.0] and lat["ratio"] == 2.0
+    assert lat["spread"] == pytest.approx(0.5) and lat["noisy"]
+    assert "varies by 50% between 3 alternated rounds" in caplog.text

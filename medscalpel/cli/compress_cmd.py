@@ -168,9 +168,12 @@ def prune(
         res = result.report
         write_json(run.path / "prune.json", res.to_dict())
     lat = res.latency["ratio"] if res.latency else None
+    spread = (f" (spread {res.latency['spread']:.0%} over {res.latency['rounds']} alternated "
+              "rounds" + ("; NOISY: measure again on an idle machine)" if res.latency["noisy"]
+                          else ")")) if res.latency and "spread" in res.latency else ""
     console.print(f"{criterion}: params {res.params_before:,} -> {res.params_after:,} "
                   f"({res.param_reduction:.1%} removed), MACs x{res.speedup_macs:.2f}, "
-                  f"CPU speedup (batch 1) {fmt(lat, 2)}; written to {out}")
+                  f"CPU speedup (batch 1) {fmt(lat, 2)}{spread}; written to {out}")
     if res.latency and res.latency.get("runtime"):
         console.print(f"measured in {res.latency['runtime']}: {res.latency['runtime_dense_ms']:.3g}"
                       f" -> {res.latency['runtime_pruned_ms']:.3g} ms "

@@ -16,6 +16,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import statistics
 import time
 from collections.abc import Iterable, Iterator
@@ -93,6 +95,12 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
     return int(macs)
 
 
+logger = logging.getLogger(__name__)
+
+#: spread of the per-round latency ratios above which a measurement is flagged noisy
+NOISY_SPREAD = 0.2
+
+
 def cpu_latency(model: nn.Module, example_inputs: torch.Tensor, batch_size: int = 1,
                 warmup: int = 3, repeats: int = 10) -> float:
     """Median wall time in milliseconds of one forward pass at ``batch_size`` on the CPU
@@ -120,14 +128,31 @@ def latency_pair(model_a: nn.Module, model_b: nn.Module, example_inputs: torch.T
                  batch_size: int = 1, warmup: int = 3, repeats: int = 10,
                  rounds: int = 3) -> dict[str, float]:
     """CPU latency of two models measured alternately in the same run (so that machine load
-    affects both alike): medians in ms and ``ratio = a / b`` (> 1 means ``b`` is faster)."""
+    affects both alike): the one latency protocol of medscalpel.
+
+    Returns:
+        medians in ms (``a_ms``, ``b_ms``), ``ratio = a / b`` (> 1 means ``b`` is faster), the
+        per-round ratios, their ``spread`` ((max - min) / median of the round ratios) and
+        ``noisy`` (spread > :data:`NOISY_SPREAD`: a warning is logged; repeat on an idle machine
+        before trusting the ratio), and the 1-minute load average when it was measured.
+    """
     a_t, b_t = [], []
     for _ in range(rounds):
         a_t.append(cpu_latency(model_a, example_inputs, batch_size, warmup, repeats))
         b_t.append(cpu_latency(model_b, example_inputs, batch_size, warmup, repeats))
     a, b = float(statistics.median(a_t)), float(statistics.median(b_t))
-    return {"a_ms": a, "b_ms": b, "ratio": a / b if b > 0 else float("nan"),
-            "batch_size": batch_size}
+    ratio = a / b if b > 0 else float("nan")
+    per_round = [x / y if y > 0 else float("nan") for x, y in zip(a_t, b_t)]
+    spread = ((max(per_round) - min(per_round)) / ratio
+              if len(per_round) > 1 and ratio > 0 else 0.0)
+    noisy = bool(spread > NOISY_SPREAD)
+    if noisy:
+        logger.warning("latency ratio %.2f varies by %.0f%% between %d alternated rounds "
+                       "(load average %.1f): measure again on an idle machine", ratio,
+                       100 * spread, rounds, os.getloadavg()[0])
+    return {"a_ms": a, "b_ms": b, "ratio": ratio, "batch_size": batch_size,
+            "round_ratios": per_round, "spread": float(spread), "noisy": noisy,
+            "rounds": rounds, "load_average": float(os.getloadavg()[0])}
 
 
 @torch.no_grad()
