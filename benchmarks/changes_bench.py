@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, save_result  # noqa: E402
 
-from medscalpel.audit.changes import audit_changes  # noqa: E402
+from medscalpel.audit.changes import PairChanges, audit_changes  # noqa: E402
 from medscalpel.compress.structured import RecoveryConfig, prune_structured  # noqa: E402
 from medscalpel.data import Preprocess, open_dataset  # noqa: E402
 from medscalpel.engine.train import TrainConfig, seed_everything, train  # noqa: E402
@@ -92,6 +92,50 @@ def pruned_model(args, dense, tr, va, sp: float):
     return pr.model, info
 
 
+MD_HEAD = ["| pair | MACs speedup | AUROC dense / compressed | dAUROC macro [95% CI] | "
+           "dECE macro [95% CI] | recalibrate | Grad-CAM Spearman (median class) | "
+           "deletion d [CI] | subgroups flagged | less robust cells | "
+           "audit CPU s (calib/expl/subgr/robust wall s) | audit wall s | load avg |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def md_row(name: str, entry: dict) -> str:
+    """One markdown row from a stored pair entry (also used by ``--md-only``)."""
+    p = PairChanges.from_dict(entry["audit"])
+    c, e = p.calibration, p.explanation
+    rho = [v["spearman"]["mean"] for v in e.classes.values()
+           if v["spearman"]["mean"] == v["spearman"]["mean"]]
+    scored = sum(int(v["spearman"]["n"]) for v in e.classes.values())
+    total = e.n_similarity * len(e.classes)
+    rho_txt = (f"{np.median(rho):.2f} ({scored}/{total} pairs)" if rho
+               else f"not scored (0/{total} image x class pairs with two non-empty maps)")
+    if e.meta.get("cam_grid"):
+        rho_txt += f"; CAM grid {'x'.join(map(str, e.meta['cam_grid']['ref']))}"
+    dl = e.faithfulness.get("deletion", {})
+    if dl and dl["delta"]["n"]:
+        dl_txt = (f"{dl['delta']['mean']:+.3f} [{dl['delta']['ci'][0]:+.3f}, "
+                  f"{dl['delta']['ci'][1]:+.3f}]")
+    else:
+        em = dl.get("empty_maps", {})
+        dl_txt = (f"not scored (empty maps: dense {em.get('ref')}/{e.n_faithfulness}, "
+                  f"compressed {em.get('new')}/{e.n_faithfulness})")
+    cm = c.macro
+    rb = [x for x in p.robustness.macro() if x.less_robust]
+    sec, load0, load1 = p.seconds, entry["loadavg_before"], entry["loadavg_after"]
+    return (f"| {name} | {entry['speedup_macs']:.2f} | {p.robustness.clean['auroc_ref']:.3f} / "
+            f"{p.robustness.clean['auroc_new']:.3f} | {cm['delta_auroc']:+.3f} "
+            f"[{cm['delta_auroc_ci'][0]:+.3f}, {cm['delta_auroc_ci'][1]:+.3f}] | "
+            f"{cm['delta_ece']:+.3f} [{cm['delta_ece_ci'][0]:+.3f}, "
+            f"{cm['delta_ece_ci'][1]:+.3f}] | "
+            f"{'yes' if c.recommend_recalibration else 'no'} | {rho_txt} | {dl_txt} | "
+            f"{len([r for r in p.subgroups.flagged() if r.cls == 'macro'])} macro / "
+            f"{len(p.subgroups.flagged())} any class / {len(p.subgroups.flagged(True))} Holm | "
+            f"{len(rb)}/{len(p.robustness.macro())} | {entry['cpu_s']:.0f} "
+            f"({sec.get('calibration', 0):.0f}/{sec.get('explanation', 0):.0f}/"
+            f"{sec.get('subgroups', 0):.0f}/{sec.get('robustness', 0):.0f}) | "
+            f"{entry['wall_s']:.0f} | {load0[0]:.1f}-{load1[0]:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="runs/bench-changes-v2")
@@ -111,7 +155,13 @@ def main() -> None:
                     help="torch threads of the audit (the target is stated for 2 cores)")
     ap.add_argument("--train-only", action="store_true", help="train / prune, no audit")
     ap.add_argument("--demo-only", action="store_true", help="only time the demo-ready call")
+    ap.add_argument("--md-only", action="store_true", help="rebuild changes.md from changes.json")
     args = ap.parse_args()
+    if args.md_only:   # rebuild changes.md from the stored audits (no computation)
+        stored = json.loads((RESULTS / "changes.json").read_text())
+        write_text(RESULTS / "changes.md", md_text(argparse.Namespace(**stored["config"]), [
+            *MD_HEAD, *(md_row(k, v) for k, v in stored["results"]["pairs"].items())]))
+        return
     if args.demo_only:
         torch.set_num_threads(args.threads)
         write(args, "", {"demo_call": demo_call(args)}, [])
@@ -130,11 +180,7 @@ def main() -> None:
     results = {"dense": {**train_info, "arch": args.arch, "size": args.size,
                          "spec": spec, "split": "phantom patient-wise train/val/test"},
                "pairs": {}}
-    md = ["| pair | MACs speedup | AUROC dense / compressed | dAUROC macro [95% CI] | "
-          "dECE macro [95% CI] | recalibrate | Grad-CAM Spearman (median class) | "
-          "deletion d [CI] | subgroups flagged | less robust cells | "
-          "audit CPU s (calib/expl/subgr/robust wall s) | audit wall s | load avg |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    md = list(MD_HEAD)
     for name, (pm, pinfo) in models.items():
         load0 = os.getloadavg()
         t0, c0 = time.perf_counter(), time.process_time()
@@ -144,40 +190,15 @@ def main() -> None:
         load1 = os.getloadavg()
         res.save(Path(args.work) / "audit" / name)
         p = res.pairs[0]
-        c, e = p.calibration, p.explanation
-        rho = [v["spearman"]["mean"] for v in e.classes.values()
-               if v["spearman"]["mean"] == v["spearman"]["mean"]]
-        dl = e.faithfulness.get("deletion", {}).get("delta", {"mean": float("nan"),
-                                                              "ci": [float("nan")] * 2})
         results["pairs"][name] = {
             **pinfo, "n_images": res.n, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
             "within_target_cpu_s_300": bool(cpu <= 300), "seconds": p.seconds,
             "torch_threads": torch.get_num_threads(), "loadavg_before": load0,
             "loadavg_after": load1, "headline": p.headline(), "audit": p.to_dict()}
-        cm = c.macro
-        rb = [x for x in p.robustness.macro() if x.less_robust]
-        sec = p.seconds
-        scored = sum(int(v["spearman"]["n"]) for v in e.classes.values())
-        rho_txt = (f"{np.median(rho):.2f} ({scored}/{res.n * len(e.classes)} pairs)" if rho
-                   else f"not scored (0/{res.n * len(e.classes)} image x class pairs with two "
-                        "non-empty maps)")
-        if e.meta.get("cam_grid"):
-            rho_txt += f"; CAM grid {'x'.join(map(str, e.meta['cam_grid']['ref']))}"
-        md.append(f"| {name} | {pinfo['speedup_macs']:.2f} | {p.robustness.clean['auroc_ref']:.3f} / "
-                  f"{p.robustness.clean['auroc_new']:.3f} | {cm['delta_auroc']:+.3f} "
-                  f"[{cm['delta_auroc_ci'][0]:+.3f}, {cm['delta_auroc_ci'][1]:+.3f}] | "
-                  f"{cm['delta_ece']:+.3f} [{cm['delta_ece_ci'][0]:+.3f}, "
-                  f"{cm['delta_ece_ci'][1]:+.3f}] | "
-                  f"{'yes' if c.recommend_recalibration else 'no'} | {rho_txt} | "
-                  f"{dl['mean']:+.3f} [{dl['ci'][0]:+.3f}, {dl['ci'][1]:+.3f}] | "
-                  f"{len([r for r in p.subgroups.flagged() if r.cls == 'macro'])} macro / "
-                  f"{len(p.subgroups.flagged(True))} Holm | {len(rb)}/{len(p.robustness.macro())} "
-                  f"| {cpu:.0f} ({sec.get('calibration', 0):.0f}/{sec.get('explanation', 0):.0f}/"
-                  f"{sec.get('subgroups', 0):.0f}/{sec.get('robustness', 0):.0f}) | {wall:.0f} | "
-                  f"{load0[0]:.1f}-{load1[0]:.1f} |")
+        md.append(md_row(name, results["pairs"][name]))
         results["pairs"][name]["md_row"] = md[-1]
         print(md[-1], flush=True)
-        write(args, spec, results, md[:2])   # after every pair: a partial run still reports
+        write(args, spec, results, MD_HEAD)   # after every pair: a partial run still reports
 
 
 #: the demo-ready call (report section of the demo): one pair, lighter settings
@@ -217,7 +238,10 @@ def write(args, spec, results, md) -> None:
     if old.is_file():   # keep what another stage of this script measured
         import json
 
-        prev = json.loads(old.read_text()).get("results", {})
+        stored = json.loads(old.read_text())
+        prev = stored.get("results", {})
+        if args.demo_only:   # the config on file describes the pairs run: keep it
+            cfg = {**stored.get("config", {}), "demo_only_threads": args.threads}
         if "pairs" in results and "pairs" in prev:   # pairs measured earlier stay unless rerun
             results = {**results, "pairs": {**prev["pairs"], **results["pairs"]}}
         results = {**{k: v for k, v in prev.items() if k not in results}, **results}
@@ -226,14 +250,19 @@ def write(args, spec, results, md) -> None:
     save_result("changes", results, cfg)
     if not md:
         return
-    write_text(RESULTS / "changes.md",
-               f"# What compression changed: phantom {args.arch} 64 px (benchmarks/changes_bench.py)"
-               "\n\n" + "\n".join(md) + "\n\nLoad averages, per-measure seconds and every statistic: changes.json. Dense "
-               f"model: {args.arch} trained here for {args.epochs} epochs; pruned models: "
-               f"prune_structured(criterion={args.criterion!r}) with a {args.recovery_epochs}-"
-               f"epoch x {args.recovery_steps} batch recovery fine-tune. CPU s = process CPU "
-               f"time of the audit ({args.threads} torch threads, summed); wall s was measured "
-               "on a shared machine (load average column) and is an upper bound.\n")
+    write_text(RESULTS / "changes.md", md_text(args, md))
+
+
+def md_text(args, md) -> str:
+    return (f"# What compression changed: phantom {args.arch} 64 px (benchmarks/changes_bench.py)"
+            "\n\n" + "\n".join(md) + "\n\nLoad averages, per-measure seconds and every "
+            f"statistic: changes.json. Dense model: {args.arch} trained here for {args.epochs} "
+            f"epochs; pruned models: prune_structured(criterion={args.criterion!r}) with a "
+            f"{args.recovery_epochs}-epoch x {args.recovery_steps} batch recovery fine-tune. "
+            f"CPU s = process CPU time of the audit ({args.threads} torch threads, summed); wall "
+            "s was measured on a shared machine (load average column) and is an upper bound. "
+            "Empty Grad-CAM maps (ReLU of negative class evidence) are not scored; the CAM "
+            "layer is 2x2 at 64 px.\n")
 
 
 if __name__ == "__main__":
