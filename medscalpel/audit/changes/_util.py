@@ -94,9 +94,8 @@ def ci_excludes_zero(interval: Sequence[float]) -> int:
 
 
 def fast_copy(model: nn.Module) -> nn.Module:
-    """A frozen eval-mode copy of ``model`` in channels-last memory format (about 1.5x faster
-    convolutions on CPU for DenseNets) for the forward-only passes of the audit; the caller's
-    model is not touched."""
+    """A frozen eval-mode copy of ``model`` in channels-last memory format (faster convolutions
+    on CPU) for the forward-only passes of the audit; the caller's model is not touched."""
     import copy
 
     fast = copy.deepcopy(model).eval()
