@@ -14,6 +14,9 @@ CPU ratio old / new per alternation with its spread.
 
     OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE nice -n 10 .venv/bin/python benchmarks/changes_speed.py
     -> benchmarks/results/changes_speed.json
+    OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE nice -n 10 .venv/bin/python benchmarks/changes_speed.py \
+        --arch densenet121 --work none --n-images 500 --codes new --repeats 1 \
+        --name changes_speed_densenet121     # the target on the heavier architecture
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ def old_module(commit: str, tmp: Path):
     pkg = tmp / "changes_old"
     pkg.mkdir()
     for f in FILES:
-        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:medscalpel/audit/changes/{f}"],
+        src = subprocess.run(["git", "-C", str(ROOT), "show",
+                              f"{commit}:medscalpel/audit/changes/{f}"],
                              check=True, capture_output=True, text=True).stdout
         (pkg / f).write_text(src.replace("medscalpel.audit.changes", "changes_old"))
     sys.path.insert(0, str(tmp))
@@ -77,6 +81,8 @@ def main() -> None:
     ap.add_argument("--n-images", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--codes", default="old,new", help="which implementations to run, in order")
+    ap.add_argument("--name", default="changes_speed", help="result file stem")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     te = open_dataset(f"phantom?n=6000&size={args.size}&seed=0", split="test",
@@ -86,7 +92,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         old = old_module(args.old, Path(tmp))
         for r in range(args.repeats):
-            for tag, mod in (("old", old), ("new", new_changes)):
+            for tag, mod in [(c, {"old": old, "new": new_changes}[c])
+                             for c in args.codes.split(",")]:
                 load0 = os.getloadavg()
                 t0, c0 = time.perf_counter(), time.process_time()
                 res = mod.audit_changes(dense, {"x4": comp}, te, n_images=args.n_images,
@@ -96,8 +103,9 @@ def main() -> None:
                              "loadavg_after": os.getloadavg(), "seconds": res.pairs[0].seconds,
                              "headline": res.pairs[0].headline()})
                 print(tag, runs[-1]["cpu_s"], runs[-1]["wall_s"], flush=True)
-    ratios = [o["cpu_s"] / n["cpu_s"] for o, n in zip(runs[0::2], runs[1::2])]
-    save_result("changes_speed", {
+    olds, news = [r for r in runs if r["code"] == "old"], [r for r in runs if r["code"] == "new"]
+    ratios = [o["cpu_s"] / n["cpu_s"] for o, n in zip(olds, news)] or [float("nan")]
+    save_result(args.name, {
         "pair": origin, "n_images": args.n_images, "torch_threads": args.threads,
         "runs": runs, "cpu_ratio_old_over_new": ratios,
         "cpu_ratio_median": float(np.median(ratios)),
