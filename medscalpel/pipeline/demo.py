@@ -526,8 +526,9 @@ def _stage_reports(c: _Context) -> dict[str, Any]:
                     image_ids=[test.ids[int(i)] for i in order], zones=zones,
                     progress=c.progress)
     rep = experiment_report(c.out, c.out / "reports" / "experiment.html")
-    return {"experiment_report": "reports/experiment.html",
-            "sections": getattr(rep, "sections", None)}
+    # section keys only: the Section objects hold the page's embedded figures (megabytes)
+    return {"experiment_report": ARTIFACTS["experiment_report"].path,
+            "sections_present": [s.key for s in rep.sections if s.present]}
 
 
 STAGES: list[tuple[str, Callable[[_Context], dict[str, Any]]]] = [
