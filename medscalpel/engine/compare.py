@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -414,7 +415,8 @@ def _macro(classes: list[ClassDelta], boots: list[dict[str, list]], n_boot: int,
                 np.isfinite(vals).any() else float("nan")
         out[f"delta_{m}"] = out[f"{m}_new"] - out[f"{m}_ref"]
         if n_boot and scored:
-            with np.errstate(invalid="ignore"), _quiet():
+            with np.errstate(invalid="ignore"), \
+                    warnings.catch_warnings(action="ignore", category=RuntimeWarning):
                 ref = np.nanmean(np.stack([np.concatenate(boots[j][f"ref_{m}"])
                                            for j in scored]), axis=0)
                 new = np.nanmean(np.stack([np.concatenate(boots[j][f"new_{m}"])
@@ -423,17 +425,3 @@ def _macro(classes: list[ClassDelta], boots: list[dict[str, list]], n_boot: int,
         else:
             out[f"delta_{m}_ci"] = (float("nan"), float("nan"))
     return out
-
-
-class _quiet:
-    """Silence numpy's 'Mean of empty slice' for replicates where a class has no positive."""
-
-    def __enter__(self):
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        self._w.__exit__(*exc)

@@ -14,6 +14,7 @@ few such intervals arise by chance, so Holm-adjusted p-values are reported besid
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -277,7 +278,8 @@ def _subgroup_rows(attr, level, mask, ref, new, t, pr, pn, w, whole, n_boot, see
                                  p_two_sided(diff), flagged=bool(cint[1] < 0)))
     m = cmp.macro
     scored = [i for i, cd in enumerate(cmp.classes) if np.isfinite(cd.delta_auroc)]
-    with np.errstate(invalid="ignore"), _quiet():
+    with np.errstate(invalid="ignore"), \
+            warnings.catch_warnings(action="ignore", category=RuntimeWarning):
         sub = np.nanmean(np.stack([sub_reps[i] for i in scored]), 0) if scored else np.zeros(0)
         wh = np.nanmean(np.stack([whole_reps[i] for i in scored]), 0) if scored else np.zeros(0)
     point_whole = np.nanmean([_point_delta(t[:, i], pr[:, i], pn[:, i]) for i in scored]
@@ -296,15 +298,3 @@ def _subgroup_rows(attr, level, mask, ref, new, t, pr, pn, w, whole, n_boot, see
 def _point_delta(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
     keep = np.isfinite(y)
     return float(_delta_reps(y, a, b, np.ones((1, y.size)), keep)[0])
-
-
-class _quiet:
-    def __enter__(self):
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        self._w.__exit__(*exc)
