@@ -233,6 +233,8 @@ def _row(c: _Context, name: str, model, dense, test_images: torch.Tensor,
         "latency_ms": lat["b_ms"],
         "dense_latency_ms": lat["a_ms"],
         "speedup": lat["ratio"],
+        "latency_spread": lat["spread"],  # of the per-round ratios; noisy above 20%
+        "latency_noisy": lat["noisy"],
         "macro_auroc": m["auroc_new"],
         "macro_auroc_ci": _new_ci(c, model),
         "delta_macro_auroc": m["delta_auroc"],

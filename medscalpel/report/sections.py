@@ -283,6 +283,11 @@ def _compression(run: RunFiles, sec: Section) -> None:
     for i, r in enumerate(d.get("rows") or []):
         if isinstance(r, dict):
             add(r, "rows", i)
+    noisy = [r.get("method") for r in rows if r.get("latency_noisy")]
+    if noisy:
+        sec.notes.append(f"Latency ratios of {', '.join(map(str, noisy))} varied by more than "
+                         "20% between alternated rounds (machine load): treat those speedups as "
+                         "noisy and measure again on an idle machine.")
     sec.fact("compressed models", text(str(len(rows))))
     sec.tables.append(t)
     from medscalpel.report.figures import pareto_figure
