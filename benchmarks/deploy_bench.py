@@ -94,13 +94,13 @@ def _calib(tr, n: int) -> torch.Tensor:
 
 def _recovery_train(model, teacher, tr, va, args):
     """The same recovery for every pruned model: distillation from the dense model,
-    ``--recovery-steps`` steps of batch 32 (engine.train + structured.distillation_loss)."""
-    from medscalpel.compress.structured import distillation_loss
+    ``--recovery-steps`` steps of batch 32 (engine.train + distill.teacher_loss)."""
+    from medscalpel.compress.distill import teacher_loss
 
     cfg = TrainConfig(epochs=1, batch_size=32, lr=5e-4, seed=0,
                       max_steps_per_epoch=args.recovery_steps, warmup_epochs=0.1)
-    res = train(model, tr, va, config=cfg, loss_fn=distillation_loss(copy.deepcopy(teacher),
-                                                                     model.card.task),
+    res = train(model, tr, va, config=cfg,
+                loss_fn=teacher_loss(copy.deepcopy(teacher).eval(), model.card.task),
                 inplace=True)
     return res.model.eval(), res.to_dict()
 

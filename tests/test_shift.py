@@ -74,6 +74,32 @@ def test_threshold_recalibration_restores_a_planted_shift():
         assert abs(a["specificity"] - i["specificity"]) < 0.02
 
 
+def test_logit_maps_go_onto_the_internal_scale_at_the_internal_prevalence():
+    """A rare class (10%) and an offset shift (+1.5 logits): a map fitted on the class-balanced
+    k-shot sample alone makes probabilities of a 50%-positive sample, not the scores the stored
+    threshold was tuned on; reweighted to the internal prevalence and composed with the same map
+    on the internal set, the offset is undone."""
+    internal = planted(3000, seed=3, prev=0.1)
+    external = planted(6000, shift=1.5, seed=4, prev=0.1)
+    thr = [0.3, 0.3]
+    res, rec = recalibrate_site(None, internal, external, k=20, method="offset",
+                                thresholds=thr, n_boot=0, seed=0)
+    # exact map is z - 1.5: the fitted offset is within ~0.5 of it on a 40-image sample
+    assert np.allclose(rec.scale_, 1.0) and np.all(np.abs(rec.bias_ + 1.5) < 0.5)
+    for i, b, a in zip(res.internal, res.before, res.after):
+        assert b["specificity"] < i["specificity"] - 0.3
+        assert abs(a["specificity"] - i["specificity"]) < 0.15
+    assert rec.reference_["n"] == 3000 and rec.prevalence == pytest.approx(
+        internal.targets().mean(0).tolist())
+    assert any("internal score scale" in n for n in res.notes)
+    # a large sample recovers the planted map with platt too (slope ~1, offset ~-1.5)
+    big, rec_big = recalibrate_site(None, internal, external, k=300, method="platt",
+                                    thresholds=thr, n_boot=0)
+    assert np.all(np.abs(rec_big.scale_ - 1) < 0.2) and np.all(np.abs(rec_big.bias_ + 1.5) < 0.4)
+    w = SiteRecalibrator.from_dict(rec.to_dict())
+    assert np.array_equal(w.decide(external), rec.decide(external))
+
+
 def test_recalibrator_checks():
     p = planted(100, seed=5)
     with pytest.raises(ConfigError, match="'method' parameter of SiteRecalibrator"):
@@ -183,6 +209,10 @@ def test_site_shift_flow_and_cli(tmp_path):
         rep.validation.internal["n"]
     assert (tmp_path / "ss" / "reliability.png").is_file()
     assert SiteShiftReport.from_dict(rep.to_dict()).to_dict() == rep.to_dict()
+    # the router ran on the site: one row per class (at least), saved beside the report
+    assert rep.router and {r["class"] for r in rep.router} == set(names)
+    assert (tmp_path / "ss" / "router").is_dir()
+    assert any("treatment router on the new site" in n for n in rep.notes)
     model_dir = save_model(m, tmp_path / "model")
     runner = CliRunner()
     r = runner.invoke(app, ["predict", "--model", str(model_dir), "--data", spec,

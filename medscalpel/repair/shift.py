@@ -12,6 +12,13 @@ internally. Three tools:
   - ``youden``: per class, Youden's J on the sample (a new operating point);
   - ``temperature``: one temperature on all logits (NLL on the sample), thresholds kept;
   - ``platt``: per class ``a * logit + b`` (logistic regression on the sample), thresholds kept;
+  - ``offset``: per class ``logit + b`` (Platt with the internal slope held: one parameter per
+    class, the low-variance choice for k = 20), thresholds kept.
+
+  The logit maps are fitted on the sample AND on the internal set and compose to
+  ``g_int^-1(g_ext(z))``: the new site's scores go onto the internal score scale, on which the
+  stored thresholds were tuned; the class-balanced sample is reweighted to the internal
+  prevalence (:func:`prevalence_weights`).
 
   :func:`recalibrate_site` draws the sample (:func:`sample_k_shot`), fits, and reports the
   operating point before / after with bootstrap CIs on the REST of the external set (never on
@@ -46,7 +53,8 @@ from medscalpel.validation import check_in, check_range
 logger = logging.getLogger(__name__)
 
 SCHEMA = 1
-METHODS = ("threshold", "youden", "temperature", "platt")
+METHODS = ("threshold", "youden", "temperature", "platt", "offset")
+AFFINE = ("temperature", "platt", "offset")  # logit maps; the thresholds are kept
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -139,18 +147,49 @@ def operating_point(preds: Predictions, thresholds: np.ndarray, n_boot: int = 0,
 
 
 # ----------------------------------------------------------------------------- estimator
-def _nll_temperature(z: np.ndarray, t: np.ndarray, task: str) -> float:
+def prevalence_weights(t: np.ndarray, prevalence: np.ndarray | None, task: str) -> np.ndarray:
+    """Weights that give a labelled sample the class prevalence ``prevalence`` ([K]).
+
+    A k-shot sample holds k positives and k negatives per class, so its prevalence (~50%) is
+    not the site's; a probability fitted on it is too high for a rare class, and a stored
+    threshold then flags nearly everyone. Weighting positives by ``pi / p_sample`` and negatives
+    by ``(1 - pi) / (1 - p_sample)`` (the prior-shift correction of Saerens et al. 2002) fits
+    the calibration map at prevalence ``pi``. Multi-label: ``[N, K]`` weights per cell;
+    multi-class: ``[N]`` weights per row by its class. ``None`` -> all ones.
+
+    >>> t = np.array([[1.], [1.], [0.], [0.]])
+    >>> prevalence_weights(t, np.array([0.1]), "multilabel").ravel().tolist()
+    [0.2, 0.2, 1.8, 1.8]
+    """
+    if prevalence is None:
+        return np.ones(t.shape[0] if task != "multilabel" else t.shape)
+    pi = np.clip(np.asarray(prevalence, float), 1e-6, 1 - 1e-6)
+    if task == "multilabel":
+        known = np.isfinite(t)
+        y = np.where(known, t, 0.0) > 0.5
+        ps = np.clip((y & known).sum(0) / np.maximum(known.sum(0), 1), 1e-6, 1 - 1e-6)
+        w = np.where(y, pi / ps, (1 - pi) / (1 - ps))
+        return np.where(known, w, 0.0)
+    c = t.argmax(1)
+    ps = np.clip(np.bincount(c, minlength=t.shape[1]) / max(len(c), 1), 1e-6, None)
+    return (pi / ps)[c]
+
+
+def _nll_temperature(z: np.ndarray, t: np.ndarray, task: str,
+                     w: np.ndarray | None = None) -> float:
     from scipy.optimize import minimize_scalar
+
+    w = np.ones(t.shape[0] if task != "multilabel" else t.shape) if w is None else w
 
     def nll(log_t: float) -> float:
         s = z / np.exp(log_t)
         if task == "multilabel":
             known = np.isfinite(t)
-            y, s = t[known], s[known]
-            return float(np.mean(np.logaddexp(0, s) - y * s))
+            y, s, ww = t[known], s[known], w[known]
+            return float(np.sum(ww * (np.logaddexp(0, s) - y * s)) / np.sum(ww))
         s = s - s.max(1, keepdims=True)
         lse = np.log(np.exp(s).sum(1))
-        return float(np.mean(lse - s[np.arange(len(s)), t.argmax(1)]))
+        return float(np.sum(w * (lse - s[np.arange(len(s)), t.argmax(1)])) / np.sum(w))
 
     res = minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded")
     return float(np.exp(res.x))
@@ -181,6 +220,11 @@ class SiteRecalibrator:
             ``temperature`` or ``platt`` (see the module docstring).
         classes: class names to recalibrate (default all); the others keep their threshold.
         min_per_class: positives AND negatives each recalibrated class needs in the sample.
+        prevalence: ``[K]`` class prevalence the recalibrated probabilities should reflect
+            (``temperature`` / ``platt``; the sample is reweighted to it, see
+            :func:`prevalence_weights`). :func:`recalibrate_site` passes the INTERNAL prevalence
+            (the stored thresholds were tuned at it; assumes no label shift between sites).
+            ``None``: the sample's own prevalence (k positives and k negatives: ~50%).
 
     Attributes (after :meth:`fit`): ``thresholds_`` ``[K]``, ``temperature_`` (float),
     ``scale_`` / ``bias_`` ``[K]`` (logit transform, identity unless ``platt``),
@@ -189,19 +233,26 @@ class SiteRecalibrator:
     """
 
     def __init__(self, method: str = "threshold", classes: Sequence[str] | None = None,
-                 min_per_class: int = 5):
+                 min_per_class: int = 5, prevalence: Sequence[float] | None = None):
         self.method = method
         self.classes = classes
         self.min_per_class = min_per_class
+        self.prevalence = None if prevalence is None else [float(p) for p in prevalence]
 
     def fit(self, sample: Predictions, thresholds: Sequence[float] | np.ndarray,
-            target: Sequence[dict[str, Any]] | None = None) -> "SiteRecalibrator":
+            target: Sequence[dict[str, Any]] | None = None,
+            reference: Predictions | None = None) -> "SiteRecalibrator":
         """Fit on the labelled ``sample`` of the new site.
 
         Args:
             thresholds: the stored per-class thresholds (the starting point).
             target: per class ``{"sensitivity", "specificity"}`` to restore (``threshold``
                 method; e.g. :func:`operating_point` on the internal set).
+            reference: labelled INTERNAL predictions (``temperature`` / ``platt``). Given, the
+                same map is fitted on them and the new site's scores are mapped onto the
+                internal score scale (``g_int^-1(g_ext(z))``), on which the stored thresholds
+                were tuned; without it the scores become calibrated probabilities of the
+                sample, which only suits thresholds chosen on calibrated probabilities.
         """
         check_in(self.method, "method", "SiteRecalibrator", METHODS)
         check_range(self.min_per_class, "min_per_class", "SiteRecalibrator", 1, integer=True)
@@ -223,21 +274,39 @@ class SiteRecalibrator:
                               "internal operating point, e.g. operating_point(internal, thr)).")
         z = sample.logits.astype(np.float64)
         t = sample.targets().astype(np.float64)
+        if self.prevalence is not None and len(self.prevalence) != k:
+            raise ConfigError(f"SiteRecalibrator: {len(self.prevalence)} prevalences for {k} "
+                              "classes.")
+        w = prevalence_weights(t, None if self.prevalence is None
+                               else np.asarray(self.prevalence), sample.task)
         self.temperature_ = 1.0
         self.scale_, self.bias_ = np.ones(k), np.zeros(k)
-        if self.method == "temperature":
-            self.temperature_ = _nll_temperature(z, t, sample.task)
-            self.scale_ = np.full(k, 1.0 / self.temperature_)
-        elif self.method == "platt":
-            if sample.task != "multilabel":
-                raise ConfigError("SiteRecalibrator(method='platt') applies per-class sigmoid "
-                                  "outputs (multi-label); use 'temperature' or 'threshold'.")
-            from sklearn.linear_model import LogisticRegression
-
-            for j in idx:
-                known = np.isfinite(t[:, j])
-                lr = LogisticRegression(C=1.0).fit(z[known, j:j + 1], t[known, j] > 0.5)
-                self.scale_[j], self.bias_[j] = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+        self.reference_ = None
+        if self.method in AFFINE:
+            if self.method in ("platt", "offset") and sample.task != "multilabel":
+                raise ConfigError(f"SiteRecalibrator(method={self.method!r}) applies per-class "
+                                  "sigmoid outputs (multi-label); use 'temperature' or "
+                                  "'threshold'.")
+            if reference is None:
+                a_e, b_e, t_e = self._affine(z, t, w, sample.task, idx)
+                self.scale_[idx], self.bias_[idx], self.temperature_ = a_e[idx], b_e[idx], t_e
+            else:  # to the INTERNAL score scale: g_int^-1(g_ext(z)), both at one prevalence
+                if tuple(reference.class_names) != tuple(sample.class_names):
+                    raise DataError("SiteRecalibrator.fit: reference classes "
+                                    f"{list(reference.class_names)} differ from the sample's.")
+                zr = reference.logits.astype(np.float64)
+                tr = reference.targets().astype(np.float64)
+                wr = prevalence_weights(tr, None if self.prevalence is None
+                                        else np.asarray(self.prevalence), reference.task)
+                a_i, b_i, t_i = self._affine(zr, tr, wr, reference.task, idx,
+                                             method="platt" if self.method == "offset" else None)
+                a_e, b_e, t_e = self._affine(z, t, w, sample.task, idx,
+                                             slope=a_i if self.method == "offset" else None)
+                self.scale_[idx] = a_e[idx] / a_i[idx]
+                self.bias_[idx] = (b_e[idx] - b_i[idx]) / a_i[idx]
+                self.temperature_ = t_e / t_i
+                self.reference_ = {"n": reference.n, "scale": a_i.tolist(),
+                                   "bias": b_i.tolist(), "temperature": t_i}
         elif self.method in ("threshold", "youden"):
             p = sample.probs().astype(np.float64)
             pos_col = _positive_column(sample)
@@ -261,6 +330,39 @@ class SiteRecalibrator:
         self.n_fit_ = sample.n
         return self
 
+    def _affine(self, z: np.ndarray, t: np.ndarray, w: np.ndarray, task: str,
+                idx: list[int], method: str | None = None, slope: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Per-class ``a * logit + b`` fitted by weighted NLL: one temperature (``a = 1 / T``,
+        ``b = 0``), Platt (a logistic regression per class) or ``offset`` (``b`` only, the
+        slope held at ``slope``, default 1)."""
+        method = method or self.method
+        k = z.shape[1]
+        a, b = np.ones(k), np.zeros(k)
+        if method == "temperature":
+            temp = _nll_temperature(z, t, task, w)
+            return np.full(k, 1.0 / temp), b, temp
+        if method == "offset":
+            from scipy.optimize import minimize_scalar
+
+            a = np.ones(k) if slope is None else np.asarray(slope, float).copy()
+            for j in idx:
+                known = np.isfinite(t[:, j])
+                s, y, ww = a[j] * z[known, j], t[known, j], w[known, j]
+                nll = lambda c, s=s, y=y, ww=ww: float(np.sum(  # noqa: E731
+                    ww * (np.logaddexp(0, s + c) - y * (s + c))))
+                b[j] = float(minimize_scalar(nll, bounds=(-50.0, 50.0), method="bounded").x)
+            return a, b, 1.0
+        from sklearn.linear_model import LogisticRegression
+
+        for j in idx:
+            known = np.isfinite(t[:, j])
+            # C=100: nearly unpenalized (a default C=1 shrinks the slope of a 40-image sample)
+            lr = LogisticRegression(C=100.0).fit(z[known, j:j + 1], t[known, j] > 0.5,
+                                                 sample_weight=w[known, j])
+            a[j], b[j] = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+        return a, b, 1.0
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "thresholds_"):
             raise ConfigError("This SiteRecalibrator is not fitted yet: call fit() first.")
@@ -279,7 +381,8 @@ class SiteRecalibrator:
 
     def get_params(self) -> dict[str, Any]:
         return {"method": self.method, "classes": None if self.classes is None else
-                list(self.classes), "min_per_class": self.min_per_class}
+                list(self.classes), "min_per_class": self.min_per_class,
+                "prevalence": self.prevalence}
 
     def to_dict(self) -> dict[str, Any]:
         self._check_fitted()
@@ -287,7 +390,7 @@ class SiteRecalibrator:
                 "thresholds": self.thresholds_.tolist(), "temperature": self.temperature_,
                 "scale": self.scale_.tolist(), "bias": self.bias_.tolist(),
                 "recalibrated": list(self.recalibrated_), "target": self.target_,
-                "n_fit": self.n_fit_}
+                "n_fit": self.n_fit_, "reference": self.reference_}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SiteRecalibrator":
@@ -298,6 +401,7 @@ class SiteRecalibrator:
         r.recalibrated_ = tuple(d["recalibrated"])
         r.target_ = d.get("target")
         r.n_fit_ = int(d["n_fit"])
+        r.reference_ = d.get("reference")
         return r
 
 
@@ -367,7 +471,8 @@ class SiteRecalibration:
 def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *, k: int = 20,
                      method: str = "threshold", classes: Sequence[str] | None = None,
                      thresholds: Sequence[float] | None = None, tolerance: float = 0.05,
-                     n_boot: int = 1000, seed: int = 0, confidence: float = 0.95
+                     n_boot: int = 1000, seed: int = 0, confidence: float = 0.95,
+                     prevalence: str | Sequence[float] = "internal"
                      ) -> tuple[SiteRecalibration, SiteRecalibrator]:
     """Draw ``k`` labelled images per class of the external site, recalibrate on them and
     measure the operating point on the rest of the external set.
@@ -380,6 +485,10 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
         k: labelled images per class (positives and negatives each, multi-label).
         classes: classes to recalibrate (default all; each needs ``k`` positives and negatives).
         tolerance: what "restored" means: |after - internal| <= tolerance for sens and spec.
+        prevalence: what ``temperature`` / ``platt`` fit their probabilities at (the k-shot
+            sample is class-balanced, not the site): ``internal`` (default: the internal set's
+            prevalence; assumes no label shift) or ``[K]`` numbers (a known site prevalence).
+            The internal reference fit is weighted to the same prevalence.
 
     Raises:
         DataError: too few labelled images (the message gives the minimum).
@@ -399,7 +508,15 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
                         "images; nothing is left to measure on. Use more images or lower k.")
     sample, rest = external.select(fit_rows), external.select(rest_mask)
     target = operating_point(internal, thr, n_boot, seed, confidence)
-    rec = SiteRecalibrator(method, classes, min_per_class=min(k, 5)).fit(sample, thr, target)
+    if isinstance(prevalence, str):
+        check_in(prevalence, "prevalence", "recalibrate_site", ("internal",))
+        prev, prev_label = np.nanmean(internal.targets().astype(np.float64), axis=0), "internal"
+    else:
+        prev, prev_label = np.asarray(prevalence, float), "given"
+    rec = SiteRecalibrator(method, classes, min_per_class=min(k, 5),
+                           prevalence=None if method not in AFFINE
+                           else prev.tolist()).fit(sample, thr, target,
+                                                   reference=internal)
     before = operating_point(rest, thr, n_boot, seed + 1, confidence)
     after = operating_point(rec.transform(rest), rec.thresholds_, n_boot, seed + 1, confidence)
     restored = {}
@@ -415,6 +532,12 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
                f"{k} labelled images per class cannot bring them within {tolerance}")
     notes = (f"fitted on {len(fit_rows)} external images, measured on the other {rest.n}",
              "the point estimates are compared; see the CIs for their uncertainty")
+    if method in AFFINE:
+        notes += ((f"site scores mapped onto the internal score scale ({method} fitted on "
+                   f"the sample and on the {internal.n} internal images, both at the "
+                   f"{prev_label} prevalence"
+                   + ("; the class-balanced k-shot sample reweighted, which assumes the new "
+                      "site has the internal prevalence)" if prev_label == "internal" else ")")),)
     res = SiteRecalibration(
         method=method, k=k, n_fit=int(len(fit_rows)), n_rest=int(rest.n),
         fit_ids=tuple(sample.ids), thresholds_before=tuple(float(x) for x in thr),

@@ -49,20 +49,25 @@ class SiteShiftReport:
     classes: tuple[str, ...]
     seconds: float
     notes: tuple[str, ...]
+    #: the treatment router on the new site (fit: the same k-shot sample; judged and reported on
+    #: the rest): its per-class table (:meth:`TriageResult.table`), or None when not run
+    router: tuple[dict[str, Any], ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA, "kind": "site_shift",
                 "internal_data": self.internal_data, "external_data": self.external_data,
                 "validation": self.validation.to_dict(), "shift": self.shift.to_dict(),
                 "recalibration": self.recalibration.to_dict(), "ood": self.ood,
-                "classes": list(self.classes), "seconds": self.seconds, "notes": list(self.notes)}
+                "classes": list(self.classes), "seconds": self.seconds, "notes": list(self.notes),
+                "router": None if self.router is None else list(self.router)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SiteShiftReport":
         return cls(d["internal_data"], d["external_data"],
                    ExternalValidation.from_dict(d["validation"]), ShiftCheck.from_dict(d["shift"]),
                    SiteRecalibration.from_dict(d["recalibration"]), d["ood"],
-                   tuple(d["classes"]), float(d["seconds"]), tuple(d["notes"]))
+                   tuple(d["classes"]), float(d["seconds"]), tuple(d["notes"]),
+                   None if d.get("router") is None else tuple(d["router"]))
 
 
 def auto_classes(preds: Predictions, k: int) -> list[str]:
@@ -78,7 +83,8 @@ def run_site_shift(model: MedClassifier, internal_data: str, external_data: str,
                    train_split: str = "train", k: int = 20, method: str = "threshold",
                    classes: list[str] | str | None = "auto", n_boot: int = 200, seed: int = 0,
                    batch_size: int = 128, out_dir: str | os.PathLike | None = None,
-                   progress: bool | None = False) -> SiteShiftReport:
+                   progress: bool | None = False, route: bool = True,
+                   route_budget: float = 3.0) -> SiteShiftReport:
     """Validate ``model`` on ``external_data``, check the shift, recalibrate with ``k`` labelled
     external images per class, and (``out_dir``) write ``site_shift.json`` and
     ``reliability.png``.
@@ -90,6 +96,10 @@ def run_site_shift(model: MedClassifier, internal_data: str, external_data: str,
         classes: classes to recalibrate: ``auto`` = those with ``2 k`` positives and negatives in
             the external set (listed in the notes), ``None`` = all (too few -> error).
         n_boot: bootstrap replicates of every CI.
+        route: also run the treatment router on the new site: fitted on the SAME k-shot sample,
+            judged and reported on the rest of the site (threshold calibration, Platt
+            recalibration of a row, row retraining; cost budget ``route_budget``); with
+            ``out_dir`` its result is saved under ``router/``.
     """
     t0 = time.perf_counter()
     pp = model.card.preprocess
@@ -114,6 +124,20 @@ def run_site_shift(model: MedClassifier, internal_data: str, external_data: str,
     check = shift_check(p_int, p_ext, f_int, f_ext, train_features=f_train)
     recal, _ = recalibrate_site(model, p_int, p_ext, k=k, method=method,
                                 classes=classes or None, n_boot=n_boot, seed=seed)
+    router = None
+    if route:
+        from medscalpel.repair.triage import triage
+
+        fit_mask = np.isin(np.asarray(f_ext.ids), np.asarray(recal.fit_ids))
+        stored = [float(t) for t in recal.thresholds_before]
+        tri = triage(f_ext.select(np.flatnonzero(fit_mask)),
+                     f_ext.select(np.flatnonzero(~fit_mask)), thresholds=stored,
+                     budget=route_budget, seed=seed)
+        router = tuple(tri.table())
+        if out_dir is not None:
+            tri.save(Path(out_dir) / "router", model=model)
+        notes.append(f"treatment router on the new site: fitted on the {int(fit_mask.sum())} "
+                     f"k-shot images, judged and reported on the other {int((~fit_mask).sum())}")
     scorer = OODScorer().fit(f_train, calibration=f_int)
     ood = {"threshold_95": scorer.threshold_95_, "threshold_99": scorer.threshold_99_,
            "share_internal_above_99": float(scorer.flags(f_int).mean()),
@@ -123,7 +147,7 @@ def run_site_shift(model: MedClassifier, internal_data: str, external_data: str,
                           external_data=f"{external_data} [{external_split}]",
                           validation=validation, shift=check, recalibration=recal, ood=ood,
                           classes=tuple(classes or ()), seconds=round(time.perf_counter() - t0, 2),
-                          notes=tuple(notes))
+                          notes=tuple(notes), router=router)
     if out_dir is not None:
         out = Path(out_dir)
         write_json(out / "site_shift.json", rep.to_dict())

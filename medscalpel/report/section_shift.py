@@ -58,6 +58,16 @@ def render_site_shift(run: RunFiles, sec: Section) -> None:
                     cls="good" if rec["restored"][c["name"]] else "bad"))
     if rt.rows:
         sec.tables.append(rt)
+    if d.get("router"):
+        tt = Table(["class", "issues on the k-shot sample", "treatment", "status", "cost",
+                    "held-out gain", "chosen"], key="site_router",
+                   title="Treatment router on the new site (fitted on the k-shot sample, "
+                         "judged on the rest)")
+        for j, r in enumerate(d["router"]):
+            tt.add(text(r["class"]), text(r["issues"]), text(r["treatment"]), text(r["status"]),
+                   num(r.get("cost"), pointer(rel, "router", j, "cost"), 2), text(r["gain"]),
+                   text(r["chosen"] or "-"))
+        sec.tables.append(tt)
     sec.notes.extend(str(n) for n in d.get("notes") or [])
 
 
