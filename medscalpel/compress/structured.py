@@ -296,17 +296,30 @@ def _one_shot(model: nn.Module, images: torch.Tensor, targets, crit: Criterion, 
     return m
 
 
+#: ratio searches of local pruning, by (architecture, input, target, settings): see _solve_ratio
+_RATIO_CACHE: dict[tuple, tuple[float, list[dict[str, float]]]] = {}
+
+
 def _solve_ratio(model: nn.Module, images: torch.Tensor, targets, crit: Criterion,
                  target_speedup: float, global_pruning: bool, max_layer_ratio: float,
                  ignored_names: Sequence[str], round_to: int | None, task: str, batch_size: int,
                  macs_before: int, progress: bool | None) -> tuple[float, list[dict[str, float]]]:
-    """Bisection on the channel ratio until MACs_before / MACs_after reaches ``target_speedup``.
+    """False position on the channel ratio until MACs_before / MACs_after reaches ``target_speedup``.
 
     With local pruning the channel counts do not depend on the scores, so L1 is used for the
     search; with global pruning the criterion itself is used (attribution scores computed once).
     """
+    key = None
     if not global_pruning:
         search_crit: Criterion = L1Criterion()
+        # local pruning: the channel counts, hence the MACs, depend on the architecture and the
+        # ratio only, not on the weights or the criterion: one search serves every criterion
+        key = (tuple((n, tuple(p.shape)) for n, p in model.named_parameters()),
+               tuple(images.shape[1:]), float(target_speedup), float(max_layer_ratio),
+               tuple(ignored_names), round_to)
+        if key in _RATIO_CACHE:
+            r, trace = _RATIO_CACHE[key]
+            return r, [dict(t, cached=True) for t in trace]
     elif isinstance(crit, RelevanceCriterion):
         crit.prepare(model, images, targets, task=task, batch_size=batch_size, progress=progress)
         search_crit = ScoresCriterion(crit.scores)
@@ -329,17 +342,38 @@ def _solve_ratio(model: nn.Module, images: torch.Tensor, targets, crit: Criterio
             f"The 'target_speedup' of {OWNER} ({target_speedup:g}x) cannot be reached: pruning "
             f"{hi:.0%} of the channels of every group gives only {s_hi:.2f}x fewer MACs. Ask for "
             "a smaller speedup, or raise max_layer_ratio.")
+    # false position (Illinois) on log(speedup) against u = -log(1 - ratio): MACs of a layer
+    # pruned on both sides fall like (1 - r)^2, so log(speedup) is close to linear in u and the
+    # search needs ~3 prunings instead of ~10 bisection steps (each one traces the graph)
+    u = lambda r: -math.log1p(-min(r, 0.999999))  # noqa: E731
+    lt = math.log(target_speedup)
+    f_lo, f_hi = -lt, math.log(s_hi) - lt          # speedup(0) = 1
+    side = 0
+    if math.exp(f_hi) - 1 < 0.01:
+        return hi, trace
     for _ in track(range(14), "search ratio", progress=progress):
-        mid = 0.5 * (lo + hi)
-        s = speedup(mid)
-        if s >= target_speedup:
-            hi = mid
-            if s / target_speedup - 1 < 0.01:
+        u_lo, u_hi = u(lo), u(hi)
+        um = u_hi - f_hi * (u_hi - u_lo) / (f_hi - f_lo) if f_hi != f_lo else 0.5 * (u_lo + u_hi)
+        mid = min(max(1.0 - math.exp(-um), lo + 0.02 * (hi - lo)), hi - 0.02 * (hi - lo))
+        fm = math.log(speedup(mid)) - lt
+        if fm >= 0:
+            hi, f_hi = mid, fm
+            if side == 1:
+                f_lo /= 2  # Illinois: the stale end point's value is halved
+            side = 1
+            if math.exp(fm) - 1 < 0.01:
                 break
         else:
-            lo = mid
-        if hi - lo < 1e-3:
+            lo, f_lo = mid, fm
+            if side == -1:
+                f_hi /= 2
+            side = -1
+        if hi - lo < 0.01:  # 1% of the channels: MACs move in channel-sized steps anyway
             break
+    if key is not None:
+        if len(_RATIO_CACHE) > 32:
+            _RATIO_CACHE.clear()
+        _RATIO_CACHE[key] = (hi, trace)
     return hi, trace
 
 
