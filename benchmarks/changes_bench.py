@@ -156,7 +156,16 @@ def main() -> None:
     ap.add_argument("--train-only", action="store_true", help="train / prune, no audit")
     ap.add_argument("--demo-only", action="store_true", help="only time the demo-ready call")
     ap.add_argument("--md-only", action="store_true", help="rebuild changes.md from changes.json")
+    ap.add_argument("--pair", nargs=2, metavar=("DENSE", "COMPRESSED"), default=None,
+                    help="audit a pair of saved model dirs instead (e.g. the Kermany densenet121 "
+                         "and its pruned model of deploy_bench.py) on --data [test]")
+    ap.add_argument("--data", default=None, help="dataset spec of --pair")
+    ap.add_argument("--pair-name", default=None, help="row name of --pair")
     args = ap.parse_args()
+    if args.pair:
+        torch.set_num_threads(args.threads)
+        pair_call(args)
+        return
     if args.md_only:   # rebuild changes.md from the stored audits (no computation)
         stored = json.loads((RESULTS / "changes.json").read_text())
         write_text(RESULTS / "changes.md", md_text(argparse.Namespace(**stored["config"]), [
@@ -199,6 +208,41 @@ def main() -> None:
         results["pairs"][name]["md_row"] = md[-1]
         print(md[-1], flush=True)
         write(args, spec, results, MD_HEAD)   # after every pair: a partial run still reports
+
+
+def pair_call(args) -> None:
+    """``--pair``: the full audit of two saved models on ``--data`` [test]; stored under
+    ``results.other_pairs[--pair-name]`` of changes.json (its own markdown table below)."""
+    dense, comp = load_model(args.pair[0]).eval(), load_model(args.pair[1]).eval()
+    te = open_dataset(args.data, split="test", preprocess=dense.card.preprocess)
+    name = args.pair_name or Path(args.pair[1]).name
+    load0 = os.getloadavg()
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = audit_changes(dense, {name: comp}, te, n_images=args.n_images, n_boot=args.n_boot,
+                        progress=False)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    load1 = os.getloadavg()
+    res.save(Path(args.work) / "audit" / name)
+    p = res.pairs[0]
+    from medscalpel.compress.measure import count_macs
+
+    x = te.image(0)[None]
+    entry = {"dense_dir": args.pair[0], "compressed_dir": args.pair[1], "data": args.data,
+             "arch": dense.card.arch, "size": dense.card.preprocess.size,
+             "speedup_macs": count_macs(dense, x) / count_macs(comp, x), "n_images": res.n,
+             "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+             "within_target_wall_s_300": bool(wall <= 300), "seconds": p.seconds,
+             "torch_threads": torch.get_num_threads(), "loadavg_before": load0,
+             "loadavg_after": load1, "headline": p.headline(), "audit": p.to_dict()}
+    entry["md_row"] = md_row(name, entry)
+    print(entry["md_row"], flush=True)
+    stored = json.loads((RESULTS / "changes.json").read_text())
+    results = stored["results"]
+    results.setdefault("other_pairs", {})[name] = entry
+    save_result("changes", results, stored["config"])
+    cfg = argparse.Namespace(**stored["config"])
+    write_text(RESULTS / "changes.md", md_text(cfg, [
+        *MD_HEAD, *(v["md_row"] for v in results["pairs"].values())]))
 
 
 #: the demo-ready call (report section of the demo): one pair, lighter settings
@@ -254,6 +298,27 @@ def write(args, spec, results, md) -> None:
 
 
 def md_text(args, md) -> str:
+    other = _other_pairs_md()
+    return other and _md_text(args, md) + other or _md_text(args, md)
+
+
+def _other_pairs_md() -> str:
+    f = RESULTS / "changes.json"
+    pairs = json.loads(f.read_text())["results"].get("other_pairs") if f.is_file() else None
+    if not pairs:
+        return ""
+    lines = ["", "## Other pairs (``--pair``: saved models audited on their own data)", "",
+             *MD_HEAD]
+    lines += [v["md_row"] for v in pairs.values()]
+    lines += [""] + [f"- {k}: {v['arch']} at {v['size']} px, {v['data']} [test], "
+                     f"{v['n_images']} images; dense {v['dense_dir']}, compressed "
+                     f"{v['compressed_dir']}; audit wall {v['wall_s']:.0f} s on "
+                     f"{v['torch_threads']} threads (load {v['loadavg_before'][0]:.1f}-"
+                     f"{v['loadavg_after'][0]:.1f})" for k, v in pairs.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _md_text(args, md) -> str:
     return (f"# What compression changed: phantom {args.arch} 64 px (benchmarks/changes_bench.py)"
             "\n\n" + "\n".join(md) + "\n\nLoad averages, per-measure seconds and every "
             f"statistic: changes.json. Dense model: {args.arch} trained here for {args.epochs} "
