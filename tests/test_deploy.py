@@ -236,3 +236,19 @@ def test_cli_round_trip_and_exit_2(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "no variant meets the accuracy floor" in err and "best: " in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_openvino_int8_accuracy_control_runs_on_our_metric(model, tmp_path):
+    """NNCF's quantize_with_accuracy_control driven by our per-class metric: it builds, keeps
+    parity within the int8 bound, records the control settings, and is measured like any
+    variant; without labelled calibration images it is unavailable with the reason."""
+    res = deploy(model, _ds("test"), tmp_path / "ac", calib_data=_ds("train", seed=1),
+                 variants=["openvino:int8-ac"], batches=(1,), rounds=1, repeats=1, n_boot=50,
+                 n_calib=32, progress=False)
+    v = {x.name: x for x in res.variants}["openvino:int8-ac"]
+    assert v.status in ("go", "no-go"), v.reasons
+    assert v.info["accuracy_control"]["max_drop"] == 0.01
+    assert "per-class" in v.info["accuracy_control"]["metric"]
+    assert v.parity_rel <= 0.5 and v.comparison["n"] == 64
+    rt = RUNTIMES.create("openvino:int8-ac", threads=1)
+    assert "validation images" in rt.available()
