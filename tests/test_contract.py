@@ -107,6 +107,30 @@ def test_sparsify_fold_and_distill_through_the_contract(setup):
     assert "accuracy_delta" in card.lineage[-1]
 
 
+def test_calib_labels_make_attribution_criteria_score_the_positive_classes(setup, monkeypatch):
+    """With calib_labels the lrp criterion scores each calibration image's positive classes
+    only (the seed's recipe), not every class of every image: fewer (image, class) pairs."""
+    from dataclasses import replace
+
+    import medscalpel.explain.relevance as rel
+
+    m, inputs = setup
+    seen = []
+    real = rel.channel_relevance
+
+    def spy(model, images, targets=None, **kw):
+        out = real(model, images, targets, **kw)
+        seen.append(out.n_pairs)
+        return out
+
+    monkeypatch.setattr(rel, "channel_relevance", spy)
+    labels = inputs.train.labels[:32]
+    for inp in (inputs, replace(inputs, calib_labels=labels)):
+        compress("prune", m, replace(inp, evaluate=None), criterion="lrp", ratio=0.3,
+                 measure_latency=False, n_boot=0)
+    assert seen == [32 * 3, int((np.asarray(labels) > 0.5).sum())] and seen[1] < seen[0]
+
+
 def test_missing_inputs_name_the_fix():
     m = create_model("vgg_tiny", num_classes=3, img_size=IMG)
     with pytest.raises(ConfigError, match="Compressor 'tolerance' needs calib, heldout"):

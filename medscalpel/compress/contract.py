@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,6 +61,10 @@ class CompressionInputs:
 
     Attributes:
         calib: calibration images ``[N, C, H, W]`` (channel analysis, scores, tracing).
+        calib_labels: their labels (``[N, K]`` multi-label or ``[N]`` class indices): the
+            attribution criteria (lrp, ig, backtrace) then score each image's POSITIVE classes
+            (the seed's recipe; without labels every class of every image: K times the work)
+            and Taylor uses them as its loss targets.
         heldout: held-out images (verification only, never for decisions).
         heldout_labels: their labels (tolerance mode reports delta macro AUROC with them).
         train, val, test: datasets for methods that train (sparsify, prune recovery, distill).
@@ -68,6 +73,7 @@ class CompressionInputs:
     """
 
     calib: torch.Tensor | None = None
+    calib_labels: Any = None
     heldout: torch.Tensor | None = None
     heldout_labels: Any = None
     train: Any = None
@@ -273,6 +279,8 @@ def _sparsify_fold(model: nn.Module, inputs: CompressionInputs, *, ratio: float,
                                      "(criteria: l1, l2, bn_scale, taylor, lrp, ig, backtrace)")
 def _prune(model: nn.Module, inputs: CompressionInputs, **kw: Any) -> CompressionResult:
     inputs.need("prune", "calib")
+    if inputs.calib_labels is not None and kw.get("calib_targets") is None:
+        kw["calib_targets"] = torch.as_tensor(np.asarray(inputs.calib_labels))
     r = prune_structured(model, inputs.calib, train_ds=inputs.train, val_ds=inputs.val, **kw)
     if r.model is None:
         raise ConfigError("COMPRESSORS['prune'] got dry_run=True: a dry run has no model; call "

@@ -658,8 +658,10 @@ def prune_structured(
         recovery: fine-tune after each step (needs ``train_ds``); see :class:`RecoveryConfig`.
         train_ds, val_ds: datasets for the recovery fine-tune (val for early stopping).
         ignored_layers: layers (names or modules) never pruned; the classifier always is.
-        calib_targets: labels of ``calib_images`` for the Taylor criterion (default: the
-            model's own hard predictions).
+        calib_targets: labels of ``calib_images``: the Taylor criterion's loss targets
+            (default: the model's own hard predictions) and, for the attribution criteria
+            (lrp, ig, backtrace), the classes scored per image (its positive classes; default:
+            every class of every image, K times the work).
         max_layer_ratio: no layer loses more than this fraction of its channels.
         round_to: keep channel counts multiples of this and at least this (hardware-friendly
             widths; also on DenseNet concatenation groups). Default in the measured modes: the

@@ -422,6 +422,9 @@ def _macro(classes: list[ClassDelta], boots: list[dict[str, list]], n_boot: int,
                 new = np.nanmean(np.stack([np.concatenate(boots[j][f"new_{m}"])
                                            for j in scored]), axis=0)
             out[f"delta_{m}_ci"] = _ci(new - ref, confidence)
+            # each model's own macro CI from the same (paired) replicates
+            out[f"{m}_ref_ci"], out[f"{m}_new_ci"] = _ci(ref, confidence), _ci(new, confidence)
         else:
             out[f"delta_{m}_ci"] = (float("nan"), float("nan"))
+            out[f"{m}_ref_ci"] = out[f"{m}_new_ci"] = (float("nan"), float("nan"))
     return out

@@ -29,8 +29,6 @@ from medscalpel.compress.measure import (count_macs, count_parameters, latency_p
                                          max_abs_logit_delta)
 from medscalpel.compress.structured import RecoveryConfig
 from medscalpel.engine.compare import compare_predictions
-from medscalpel.engine.metrics import evaluate
-from medscalpel.engine.predict import predict
 from medscalpel.errors import ConfigError, DataError, VerificationError
 from medscalpel.layout import ARTIFACTS, write_artifact
 from medscalpel.repair.shift_flow import run_site_shift, summary_lines
@@ -61,6 +59,9 @@ class DemoProfile:
     sparsify_epochs: int = 2
     student: str = "resnet_tiny"
     distill_epochs: int = 2
+    #: where teacher and students look (distill stage): Score-CAM (seed 004) costs one forward
+    #: pass per feature channel per image and class; Grad-CAM one backward pass
+    distill_saliency: str = "scorecam"
     n_cam: int = 4
     n_clinical: int = 3
     n_boot: int = 200
@@ -79,13 +80,14 @@ PROFILES: dict[str, DemoProfile] = {
                          batch_size=32, sweep_ratios=(0.0, 0.5, 0.9), prune_criteria=("l1", "lrp"),
                          prune_speedup=1.5, recovery_epochs=0, sparsify_epochs=1, calib_images=32,
                          heldout_images=32, distill_epochs=1, n_cam=2, n_clinical=2, n_boot=50,
-                         shift_k=5, changes_images=60, changes_faithfulness=8),
+                         shift_k=5, changes_images=60, changes_faithfulness=8,
+                         distill_saliency="gradcam"),
     # make demo: budgeted for <= 5 minutes on this project's 2-core CPU (AVX2) with the
     # shift, deploy and changes stages: fewer images and epochs, one sparsify and one distill
     # epoch, two pruning criteria (magnitude and attribution-guided)
     "quick": DemoProfile("quick", n_images=3000, size=64, arch="densenet_small", epochs=6,
                          batch_size=64, n_boot=200, sparsify_epochs=1, distill_epochs=1,
-                         prune_criteria=("l1", "lrp")),
+                         prune_criteria=("l1", "lrp"), distill_saliency="gradcam"),
     # closer to the issues' numbers: 20,000 images, densenet121, a full ratio grid
     "full": DemoProfile("full", n_images=20000, size=64, arch="densenet121", epochs=6,
                         sweep_ratios=tuple(np.round(np.arange(0, 0.96, 0.05), 2)),
@@ -144,9 +146,14 @@ class _Context:
         return self.datasets[split]
 
     def images(self, split: str, n: int, seed: int = 0) -> torch.Tensor:
+        return self.labelled_images(split, n, seed)[0]
+
+    def labelled_images(self, split: str, n: int, seed: int = 0) -> tuple[torch.Tensor, Any]:
         from medscalpel.engine.predict import collect_images
 
-        return collect_images(self.ds(split), n, seed=seed)[0]
+        ds = self.ds(split)
+        x, idx = collect_images(ds, n, seed=seed)
+        return x, np.asarray(ds.labels)[idx]
 
 
 # ----------------------------------------------------------------------------- stages
@@ -236,18 +243,13 @@ def _row(c: _Context, name: str, model, dense, test_images: torch.Tensor,
         "latency_spread": lat["spread"],  # of the per-round ratios; noisy above 20%
         "latency_noisy": lat["noisy"],
         "macro_auroc": m["auroc_new"],
-        "macro_auroc_ci": _new_ci(c, model),
+        "macro_auroc_ci": [float(v) for v in m["auroc_new_ci"]],  # same paired replicates
         "delta_macro_auroc": m["delta_auroc"],
         "delta_macro_auroc_ci": list(m["delta_auroc_ci"]),
         "max_abs_delta_logit": max_abs_logit_delta(dense, model, test_images),
         "model_dir": str(model_dir) if model_dir else None,
         **(extra or {}),
     }
-
-
-def _new_ci(c: _Context, model) -> list[float] | None:
-    ev = evaluate(predict(model, c.ds("test"), progress=False), n_boot=c.p.n_boot, seed=c.seed)
-    return ev.macro.get("auroc_ci")
 
 
 def _compress_plan(c: _Context) -> list[tuple[str, str, dict[str, Any]]]:
@@ -270,12 +272,14 @@ def _stage_compress(c: _Context) -> dict[str, Any]:
     d = c.out / "compress"
     dense = c.model
     test_images = c.images("test", c.p.heldout_images, seed=c.seed + 1)
+    calib, calib_labels = c.labelled_images("train", c.p.calib_images, seed=c.seed)
     inputs = CompressionInputs(
-        calib=c.images("train", c.p.calib_images, seed=c.seed),
+        calib=calib, calib_labels=calib_labels,
         heldout=c.images("val", c.p.heldout_images, seed=c.seed), train=c.ds("train"),
         val=c.ds("val"), evaluate=c.ds("test"))
     rows: list[dict[str, Any]] = []
-    self_cmp = compare_predictions(c.preds["test"], c.preds["test"], n_boot=0)
+    self_cmp = compare_predictions(c.preds["test"], c.preds["test"], n_boot=c.p.n_boot,
+                                   seed=c.seed)
     dense_row = _row(c, "dense", dense, dense, test_images, self_cmp,
                      c.out / "calibrate" / "model")
     for name, method, settings in _compress_plan(c):
@@ -318,8 +322,10 @@ def _export_best(c: _Context, d: Path, rows: list[dict[str, Any]], dense,
     best = max((r for r in rows if r.get("method", "").startswith("structured")
                 and not r.get("refused")), key=lambda r: r["macro_auroc"], default=None)
     if best is not None:
+        # batch 1 only, few repeats: the deploy stage is the runtime comparison
         ex = export_onnx(load_model(best["model_dir"]), d / "export" / "model.onnx",
-                         reference=dense, real_images=test_images[:8])
+                         reference=dense, real_images=test_images[:8], batch_sizes=(1,),
+                         repeats=5)
         write_json(d / "export" / "export.json", ex.to_dict())
 
 
@@ -498,7 +504,8 @@ def _stage_distill(c: _Context) -> dict[str, Any]:
     cfg = DistillConfig(train=TrainConfig(epochs=c.p.distill_epochs, batch_size=c.p.batch_size,
                                           lr=c.p.lr, seed=c.seed,
                                           max_steps_per_epoch=c.p.max_steps_per_epoch),
-                        n_boot=c.p.n_boot, saliency_images=min(8, c.p.n_cam * 2))
+                        n_boot=c.p.n_boot, saliency_images=min(8, c.p.n_cam * 2),
+                        saliency_method=c.p.distill_saliency)
     res = distill(c.model, c.p.student, c.ds("train"), c.ds("val"), c.ds("test"), cfg,
                   progress=c.progress)
     res.save(c.out / "distill")
