@@ -277,6 +277,23 @@ def stage_compare(args) -> None:
         rows.append(row)
     load_end = list(os.getloadavg())
     numbers = _targets(rows, dep)
+    # "at equal or better accuracy" judged PAIRED: the recommended variant against each peer on
+    # the same images (a CI of the difference that holds 0 = no measurable accuracy difference)
+    by_label = {b[0]: b[4] for b in built}
+    rec_label = next(b[0] for b in built if b[0].startswith("medscalpel recommended"))
+    for key, peer in (("torch_pruning_uniform", "Torch-Pruning MagnitudePruner uniform 0.5, "
+                                                "torch eager"),
+                      ("ort_int8_docs", "ONNX Runtime int8, docs recipe (dense)"),
+                      ("openvino_nncf_int8", "OpenVINO + NNCF default int8 (dense)")):
+        c = compare_predictions(by_label[peer], by_label[rec_label], n_boot=1000, seed=0)
+        lo, hi = c.macro["delta_auroc_ci"]
+        faster = rows[[r["variant"] for r in rows].index(rec_label)]["b1_ms"] < rows[
+            [r["variant"] for r in rows].index(peer)]["b1_ms"]
+        numbers["targets"][f"vs_{key}"] = {
+            "macro_delta_auroc_rec_minus_peer": c.macro["delta_auroc"],
+            "ci": [lo, hi], "faster_b1": bool(faster),
+            "accuracy": "better" if lo > 0 else ("worse" if hi < 0 else
+                                                 "no measurable difference (CI holds 0)")}
     numbers.update({"rows": rows, "peak": peak, "loadavg": {"start": load_start, "end": load_end},
                     "under_load": max(load_start[0], load_end[0]) > 0.5 * (os.cpu_count() or 1),
                     "deploy_recommended": dep.recommended, "deploy_reason": dep.reason,
@@ -360,7 +377,15 @@ def _markdown(numbers: dict, config: dict) -> str:
                      f"{f(r['macro_delta_auroc'], 4)} [{f(ci[0], 4)}, {f(ci[1], 4)}] | "
                      f"{'yes' if r['meets_floor'] else 'no'} |")
     lines += ["", "Targets: " + ", ".join(f"{k} = {f(v, 3)}"
-                                         for k, v in numbers["targets"].items()), "",
+                                         for k, v in numbers["targets"].items()
+                                         if not k.startswith("vs_")), ""]
+    for k, v in numbers["targets"].items():
+        if k.startswith("vs_"):
+            lines.append(f"- recommended {k.replace('_', ' ')} (paired, same images): "
+                         f"{'faster' if v['faster_b1'] else 'NOT faster'} at batch 1; macro "
+                         f"dAUROC (recommended - peer) {v['macro_delta_auroc_rec_minus_peer']:+.4f} "
+                         f"[{v['ci'][0]:+.4f}, {v['ci'][1]:+.4f}]: {v['accuracy']}")
+    lines += ["",
               f"compress deploy recommended {numbers['deploy_recommended']}: "
               f"{numbers['deploy_reason']}.", "", "compress deploy variants (pruned model):", ""]
     lines += [f"- {v['name']}: {v['status']}, b1 {f(v['b1_ms'], 2)} ms"
