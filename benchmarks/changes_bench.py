@@ -128,8 +128,9 @@ def md_row(name: str, entry: dict) -> str:
             f"{cm['delta_ece']:+.3f} [{cm['delta_ece_ci'][0]:+.3f}, "
             f"{cm['delta_ece_ci'][1]:+.3f}] | "
             f"{'yes' if c.recommend_recalibration else 'no'} | {rho_txt} | {dl_txt} | "
-            f"{len([r for r in p.subgroups.flagged() if r.cls == 'macro'])} macro / "
-            f"{len(p.subgroups.flagged())} any class / {len(p.subgroups.flagged(True))} Holm | "
+            + (f"{len([r for r in p.subgroups.flagged() if r.cls == 'macro'])} macro / "
+               f"{len(p.subgroups.flagged())} any class / {len(p.subgroups.flagged(True))} Holm"
+               if p.subgroups is not None else "not measured (no attributes)") + " | "
             f"{len(rb)}/{len(p.robustness.macro())} | {entry['cpu_s']:.0f} "
             f"({sec.get('calibration', 0):.0f}/{sec.get('explanation', 0):.0f}/"
             f"{sec.get('subgroups', 0):.0f}/{sec.get('robustness', 0):.0f}) | "
@@ -218,8 +219,12 @@ def pair_call(args) -> None:
     name = args.pair_name or Path(args.pair[1]).name
     load0 = os.getloadavg()
     t0, c0 = time.perf_counter(), time.process_time()
+    from medscalpel.audit.changes import MEASURES
+
+    # a folder dataset carries no per-image attributes: the subgroup measure is skipped, stated
+    measures = [m for m in MEASURES if m != "subgroups" or hasattr(te, "attributes")]
     res = audit_changes(dense, {name: comp}, te, n_images=args.n_images, n_boot=args.n_boot,
-                        progress=False)
+                        measures=measures, progress=False)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     load1 = os.getloadavg()
     res.save(Path(args.work) / "audit" / name)
@@ -233,7 +238,9 @@ def pair_call(args) -> None:
              "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
              "within_target_wall_s_300": bool(wall <= 300), "seconds": p.seconds,
              "torch_threads": torch.get_num_threads(), "loadavg_before": load0,
-             "loadavg_after": load1, "headline": p.headline(), "audit": p.to_dict()}
+             "loadavg_after": load1, "headline": p.headline(), "audit": p.to_dict(),
+             "measures": measures, "skipped": [] if "subgroups" in measures else
+             ["subgroups: the dataset carries no per-image attributes (sex, age, view)"]}
     entry["md_row"] = md_row(name, entry)
     print(entry["md_row"], flush=True)
     stored = json.loads((RESULTS / "changes.json").read_text())
