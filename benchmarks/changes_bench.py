@@ -103,22 +103,25 @@ def md_row(name: str, entry: dict) -> str:
     """One markdown row from a stored pair entry (also used by ``--md-only``)."""
     p = PairChanges.from_dict(entry["audit"])
     c, e = p.calibration, p.explanation
-    rho = [v["spearman"]["mean"] for v in e.classes.values()
-           if v["spearman"]["mean"] == v["spearman"]["mean"]]
-    scored = sum(int(v["spearman"]["n"]) for v in e.classes.values())
-    total = e.n_similarity * len(e.classes)
-    rho_txt = (f"{np.median(rho):.2f} ({scored}/{total} pairs)" if rho
-               else f"not scored (0/{total} image x class pairs with two non-empty maps)")
-    if e.meta.get("cam_grid"):
-        rho_txt += f"; CAM grid {'x'.join(map(str, e.meta['cam_grid']['ref']))}"
-    dl = e.faithfulness.get("deletion", {})
-    if dl and dl["delta"]["n"]:
-        dl_txt = (f"{dl['delta']['mean']:+.3f} [{dl['delta']['ci'][0]:+.3f}, "
-                  f"{dl['delta']['ci'][1]:+.3f}]")
+    if e is None:   # a deployed runtime artifact: no gradients (the reason is in 'skipped')
+        rho_txt = dl_txt = "not measured (runtime artifact, no gradients)"
     else:
-        em = dl.get("empty_maps", {})
-        dl_txt = (f"not scored (empty maps: dense {em.get('ref')}/{e.n_faithfulness}, "
-                  f"compressed {em.get('new')}/{e.n_faithfulness})")
+        rho = [v["spearman"]["mean"] for v in e.classes.values()
+               if v["spearman"]["mean"] == v["spearman"]["mean"]]
+        scored = sum(int(v["spearman"]["n"]) for v in e.classes.values())
+        total = e.n_similarity * len(e.classes)
+        rho_txt = (f"{np.median(rho):.2f} ({scored}/{total} pairs)" if rho
+                   else f"not scored (0/{total} image x class pairs with two non-empty maps)")
+        if e.meta.get("cam_grid"):
+            rho_txt += f"; CAM grid {'x'.join(map(str, e.meta['cam_grid']['ref']))}"
+        dl = e.faithfulness.get("deletion", {})
+        if dl and dl["delta"]["n"]:
+            dl_txt = (f"{dl['delta']['mean']:+.3f} [{dl['delta']['ci'][0]:+.3f}, "
+                      f"{dl['delta']['ci'][1]:+.3f}]")
+        else:
+            em = dl.get("empty_maps", {})
+            dl_txt = (f"not scored (empty maps: dense {em.get('ref')}/{e.n_faithfulness}, "
+                      f"compressed {em.get('new')}/{e.n_faithfulness})")
     cm = c.macro
     rb = [x for x in p.robustness.macro() if x.less_robust]
     sec, load0, load1 = p.seconds, entry["loadavg_before"], entry["loadavg_after"]
@@ -162,6 +165,9 @@ def main() -> None:
                          "and its pruned model of deploy_bench.py) on --data [test]")
     ap.add_argument("--data", default=None, help="dataset spec of --pair")
     ap.add_argument("--pair-name", default=None, help="row name of --pair")
+    ap.add_argument("--pair-runtime", default=None,
+                    help="audit --pair's COMPRESSED model as run by this deploy runtime (e.g. "
+                         "openvino:int8; 32 calibration images of the train split)")
     args = ap.parse_args()
     if args.pair:
         torch.set_num_threads(args.threads)
@@ -217,6 +223,18 @@ def pair_call(args) -> None:
     dense, comp = load_model(args.pair[0]).eval(), load_model(args.pair[1]).eval()
     te = open_dataset(args.data, split="test", preprocess=dense.card.preprocess)
     name = args.pair_name or Path(args.pair[1]).name
+    comp_torch, build = comp, {}
+    if args.pair_runtime:
+        from medscalpel.compress.served import runtime_model
+        from medscalpel.engine.predict import collect_images
+
+        tr = open_dataset(args.data, split="train", preprocess=dense.card.preprocess)
+        t0 = time.perf_counter()
+        comp = runtime_model(comp_torch, args.pair_runtime,
+                             collect_images(tr, 32, seed=1)[0], threads=args.threads)
+        build = {"runtime": args.pair_runtime, "build_wall_s": round(time.perf_counter() - t0, 1),
+                 "parity": comp.parity, "calib": "32 images of the train split (seed 1)"}
+        name = args.pair_name or f"{Path(args.pair[1]).name}@{args.pair_runtime}"
     load0 = os.getloadavg()
     t0, c0 = time.perf_counter(), time.process_time()
     from medscalpel.audit.changes import MEASURES
@@ -234,13 +252,15 @@ def pair_call(args) -> None:
     x = te.image(0)[None]
     entry = {"dense_dir": args.pair[0], "compressed_dir": args.pair[1], "data": args.data,
              "arch": dense.card.arch, "size": dense.card.preprocess.size,
-             "speedup_macs": count_macs(dense, x) / count_macs(comp, x), "n_images": res.n,
+             "speedup_macs": count_macs(dense, x) / count_macs(comp_torch, x), "n_images": res.n,
+             **({"runtime_build": build} if build else {}),
              "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
              "within_target_wall_s_300": bool(wall <= 300), "seconds": p.seconds,
              "torch_threads": torch.get_num_threads(), "loadavg_before": load0,
              "loadavg_after": load1, "headline": p.headline(), "audit": p.to_dict(),
-             "measures": measures, "skipped": [] if "subgroups" in measures else
-             ["subgroups: the dataset carries no per-image attributes (sex, age, view)"]}
+             "measures": measures, "skipped": ([] if "subgroups" in measures else
+             ["subgroups: the dataset carries no per-image attributes (sex, age, view)"])
+             + [f"{k}: {v}" for k, v in p.skipped.items()]}
     entry["md_row"] = md_row(name, entry)
     print(entry["md_row"], flush=True)
     stored = json.loads((RESULTS / "changes.json").read_text())
@@ -319,7 +339,11 @@ def _other_pairs_md() -> str:
     lines += [v["md_row"] for v in pairs.values()]
     lines += [""] + [f"- {k}: {v['arch']} at {v['size']} px, {v['data']} [test], "
                      f"{v['n_images']} images; dense {v['dense_dir']}, compressed "
-                     f"{v['compressed_dir']}; audit wall {v['wall_s']:.0f} s on "
+                     f"{v['compressed_dir']}"
+                     + (f" run on {v['runtime_build']['runtime']} (parity max |delta logit| "
+                        f"{v['runtime_build']['parity']['max_abs_delta_logit']:.3g}, built in "
+                        f"{v['runtime_build']['build_wall_s']:.0f} s)"
+                        if v.get("runtime_build") else "") + f"; audit wall {v['wall_s']:.0f} s on "
                      f"{v['torch_threads']} threads (load {v['loadavg_before'][0]:.1f}-"
                      f"{v['loadavg_after'][0]:.1f})" for k, v in pairs.items()]
     return "\n".join(lines) + "\n"

@@ -94,10 +94,11 @@ def _calib(tr, n: int) -> torch.Tensor:
 
 def _recovery_train(model, teacher, tr, va, args):
     """The same recovery for every pruned model: distillation from the dense model,
-    ``--recovery-steps`` steps of batch 32 (engine.train + distill.teacher_loss)."""
+    ``--recovery-epochs`` epochs of at most ``--recovery-steps`` steps of batch 32 each
+    (engine.train + distill.teacher_loss; a step cap above the epoch length is the epoch)."""
     from medscalpel.compress.distill import teacher_loss
 
-    cfg = TrainConfig(epochs=1, batch_size=32, lr=5e-4, seed=0,
+    cfg = TrainConfig(epochs=args.recovery_epochs, batch_size=32, lr=5e-4, seed=0,
                       max_steps_per_epoch=args.recovery_steps, warmup_epochs=0.1)
     res = train(model, tr, va, config=cfg,
                 loss_fn=teacher_loss(copy.deepcopy(teacher).eval(), model.card.task),
@@ -309,13 +310,14 @@ def stage_compare(args) -> None:
               "patient_regex": PATIENT_REGEX, "threads": 1, "rounds": args.rounds,
               "repeats": args.repeats, "batches": [1, 8], "prune_ratio": args.ratio,
               "round_to": 16, "recovery_steps": args.recovery_steps,
+              "recovery_epochs": args.recovery_epochs,
               "epochs": args.epochs, "max_steps": args.max_steps}
     if args.smoke:
         write_json(work / "deploy_smoke.json", {"results": numbers, "config": config})
         write_text(work / "deploy_smoke.md", _markdown(numbers, config))
         return
-    save_result("deploy", numbers, config)
-    write_text(RESULTS / "deploy.md", _markdown(numbers, config))
+    save_result(args.name, numbers, config)
+    write_text(RESULTS / f"{args.name}.md", _markdown(numbers, config))
 
 
 def _median_ms(fn, repeats: int = 3) -> float:
@@ -403,7 +405,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-steps", type=int, default=25)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ratio", type=float, default=0.75, help="medscalpel prune ratio")
-    ap.add_argument("--recovery-steps", type=int, default=20)
+    ap.add_argument("--recovery-steps", type=int, default=20,
+                    help="recovery steps per epoch (capped by the epoch length)")
+    ap.add_argument("--recovery-epochs", type=int, default=1)
+    ap.add_argument("--dense", default=None,
+                    help="reuse the dense model of another work directory (linked as WORK/dense)")
+    ap.add_argument("--name", default="deploy",
+                    help="result name: benchmarks/results/NAME.{json,md}")
     ap.add_argument("--n-images", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
@@ -414,6 +422,11 @@ def main(argv: list[str] | None = None) -> None:
                                                                      3, 2)
         args.epochs, args.n_images = 1, 48
     torch.set_num_threads(args.threads)
+    if args.dense:
+        link = Path(args.work) / "dense"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(Path(args.dense).resolve() / "dense")
     stages = ["train", "prune", "deploy", "compare"] if args.stage == "all" else [args.stage]
     for s in stages:
         globals()[f"stage_{s}"](args)

@@ -61,7 +61,7 @@ def train_model(spec: str, arch: str, epochs: int, out: Path):
 
 def phantom(args) -> dict:
     spec_a = f"phantom?n={args.n}&size=64"
-    spec_b = spec_a + "&site=B"
+    spec_b = spec_a + f"&site={args.site}"
     model = train_model(spec_a, args.arch, args.epochs,
                         REPO / "runs" / "shift_bench" / f"{args.arch}_n{args.n}_e{args.epochs}")
     pp = model.card.preprocess
@@ -156,8 +156,10 @@ def markdown(res: dict) -> str:
     d = v["macro"]["delta"]
     lines.append(f"| delta (ext-int) | {dci(d['auroc'])} | {dci(d['ece'])} | "
                  f"{dci(d['sensitivity'])} | {dci(d['specificity'])} |")
+    site = p["spec_external"].split("site=")[-1].split()[0]
     lines += ["", f"k-shot recalibration (k={p['k']} per class) of the classes with enough "
-              f"site-B labels ({', '.join(p['classes'])}); sens/spec on the rest of site B "
+              f"site-{site} labels ({', '.join(p['classes'])}); sens/spec on the rest of site "
+              f"{site} "
               "(first seed, 95% CI); gaps = after - internal over "
               f"{p['recalibration']['threshold']['n_seeds']} seeds of the k-shot draw (median "
               "[min, max]).", "",
@@ -217,14 +219,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--skip-kermany", action="store_true")
+    ap.add_argument("--site", default="B", help="the phantom's external site (B, C)")
+    ap.add_argument("--name", default="shift", help="result name: benchmarks/results/NAME.*")
     args = ap.parse_args()
     t0 = time.perf_counter()
     res = {"phantom": phantom(args)}
     res["kermany"] = {"skipped": "--skip-kermany"} if args.skip_kermany else kermany()
     res["seconds"] = round(time.perf_counter() - t0, 1)
-    save_result("shift", res, vars(args))
+    save_result(args.name, res, vars(args))
     md = markdown(res)
-    (RESULTS / "shift.md").write_text(md)
+    (RESULTS / f"{args.name}.md").write_text(md)
     print(md)
 
 

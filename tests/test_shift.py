@@ -184,7 +184,21 @@ def test_phantom_site_b_is_planted_and_deterministic():
     assert 0.025 < sd < 0.05  # the planted detector noise (0.04, minus rounding/clipping)
     assert np.array_equal(apply_site(xa, "A"), xa)
     with pytest.raises(ConfigError, match="'site' parameter of the 'phantom' adapter"):
-        open_dataset(spec + "&site=C", "test")
+        open_dataset(spec + "&site=D", "test")
+
+
+def test_phantom_site_c_changes_intensities_not_geometry():
+    spec = "phantom?n=60&size=32&seed=0"
+    a = open_dataset(spec, "test", Preprocess(size=32))
+    c = open_dataset(spec + "&site=C", "test", Preprocess(size=32))
+    xa = np.stack([a.load_raw(i) for i in range(len(a))]).astype(float)
+    xc = np.stack([c.load_raw(i) for i in range(len(c))]).astype(float)
+    prof = SITES["C"]
+    assert prof.fov == 1.0 and prof.marker == 0.0 and not prof.identity
+    # same geometry: the pixels stay strongly correlated image by image; brighter mid-tones
+    r = [np.corrcoef(xa[i].ravel(), xc[i].ravel())[0, 1] for i in range(len(xa))]
+    assert min(r) > 0.9 and xc.mean() > xa.mean()
+    assert np.array_equal(xc, apply_site(xa.astype(np.uint8), "C", c.rows))
 
 
 def test_site_shift_flow_and_cli(tmp_path):

@@ -12,16 +12,18 @@ from medscalpel.runs import RunDir
 
 
 def find_models(path: Path) -> list[Path]:
-    """A model directory (holding ``model.json``) or every model directory under ``path`` (a
-    sweep / run directory), sorted."""
+    """A model directory (holding ``model.json``), a served artifact (``serve/`` of ``compress
+    deploy``, holding ``serve.json``) or every model directory under ``path`` (a sweep / run
+    directory), sorted."""
     from medscalpel.errors import DataError
 
-    if (path / "model.json").is_file():
+    if (path / "model.json").is_file() or (path / "serve.json").is_file():
         return [path]
     if not path.is_dir():
         raise DataError(f"{path} is neither a model directory (with model.json) nor a folder "
                         "holding model directories.")
-    found = sorted(p.parent for p in path.rglob("model.json"))
+    found = sorted({p.parent for p in path.rglob("model.json")}
+                   | {p.parent for p in path.rglob("serve.json")})
     if not found:
         raise DataError(f"No model directory (model.json) under {path}; give the compressed "
                         "model's folder or a sweep/run directory that holds them.")
@@ -30,8 +32,9 @@ def find_models(path: Path) -> list[Path]:
 
 def changes(
     dense: Path = typer.Argument(..., help="The dense (reference) model directory."),
-    compressed: list[Path] = typer.Argument(..., help="Compressed model directories, or a sweep "
-                                            "/ run directory holding several."),
+    compressed: list[Path] = typer.Argument(None, help="Compressed model directories, served "
+                                            "artifacts (compress deploy's serve/), or a sweep / "
+                                            "run directory holding several."),
     data: str = typer.Option(..., help="Dataset spec, e.g. 'phantom?n=2000&size=64' or "
                              "'nih:/data/nih'."),
     out: Path = typer.Option(Path("runs/audit-changes"), help="Run directory to create "
@@ -49,23 +52,50 @@ def changes(
     corruptions: list[str] = typer.Option([], help="Corruptions (repeatable; default: all)."),
     severities: list[int] = typer.Option([1, 2, 3], help="Corruption severities (1-3)."),
     seed: int = typer.Option(0, help="Seed of the image choice and the bootstrap."),
+    runtime: list[str] = typer.Option([], help="Also audit the dense model and each compressed "
+                                      "one as run by this deploy runtime (repeatable, e.g. "
+                                      "openvino:int8, onnxruntime:int8-u8s8): pairs "
+                                      "'NAME@RUNTIME'. Explanations are not measured on them "
+                                      "(no gradients)."),
+    n_calib: int = typer.Option(32, help="Calibration images of --runtime (from --calib-split)."),
+    calib_split: str = typer.Option("train", help="Split of --data the --runtime calibration "
+                                    "images come from."),
+    threads: int = typer.Option(2, help="Threads of a --runtime variant or served artifact."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Calibration drift (ECE/Brier, sens/spec at the dense model's thresholds), explanation
     drift and faithfulness, per-subgroup delta AUROC, and robustness to CXR corruptions, each
     with CIs. Nothing is written unless the whole audit succeeds."""
     from medscalpel.audit.changes import audit_changes
+    from medscalpel.compress.served import load_served, runtime_model
     from medscalpel.data import open_dataset
+    from medscalpel.engine.predict import collect_images
+    from medscalpel.errors import ConfigError
     from medscalpel.models import load_model
 
+    compressed = list(compressed or [])
+    if not compressed and not runtime:
+        raise ConfigError("audit changes: nothing to compare with the dense model; give "
+                          "compressed model directories or --runtime (e.g. openvino:int8).")
     ref = load_model(dense)
     dirs = [d for c in compressed for d in find_models(c) if d.resolve() != dense.resolve()]
     models = {}
     for d in dirs:
-        name = d.name if d.name not in models else str(d)
-        models[name] = load_model(d)
+        name = (d.parent.name if d.name == "serve" else d.name)
+        name = name if name not in models else str(d)
+        models[name] = (load_served(d, threads) if (d / "serve.json").is_file()
+                        else load_model(d))
     ds = open_dataset(data, split=split, preprocess=ref.card.preprocess)
-    config = {"dense": str(dense), "compressed": [str(d) for d in dirs], "data": data,
+    if runtime:
+        cal_ds = open_dataset(data, split=calib_split, preprocess=ref.card.preprocess)
+        calib = collect_images(cal_ds, n_calib, seed=1)[0]
+        torch_models = {"dense": ref, **{k: m for k, m in models.items()
+                                        if getattr(m, "supports_gradients", True)}}
+        for rt in runtime:
+            for k, m in torch_models.items():
+                models[f"{k}@{rt}"] = runtime_model(m, rt, calib, threads=threads)
+    config = {"dense": str(dense), "compressed": [str(d) for d in dirs], "runtime": list(runtime),
+              "n_calib": n_calib, "calib_split": calib_split, "data": data,
               "split": split, "measures": list(measures), "n_images": n_images,
               "n_boot": n_boot, "attributes": list(attributes), "min_subgroup": min_subgroup,
               "n_faithfulness": n_faithfulness, "corruptions": list(corruptions),

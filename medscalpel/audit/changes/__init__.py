@@ -65,6 +65,7 @@ class PairChanges:
     robustness: RobustnessChange | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     figures: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)   # measure -> why it was not run
 
     def headline(self) -> list[str]:
         """One line per measure: what changed, with its CI."""
@@ -96,12 +97,13 @@ class PairChanges:
             lr = [c for c in self.robustness.macro() if c.less_robust]
             out.append(f"robustness: compressed significantly less robust in {len(lr)} of "
                        f"{len(self.robustness.macro())} corruption x severity cells (macro)")
+        out += [f"{k}: not measured ({why})" for k, why in sorted(self.skipped.items())]
         return out
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "candidate_id": self.candidate_id,
                              "seconds": dict(self.seconds), "figures": dict(self.figures),
-                             "headline": self.headline()}
+                             "skipped": dict(self.skipped), "headline": self.headline()}
         for k in MEASURES:
             v = getattr(self, k)
             d[k] = None if v is None else v.to_dict()
@@ -113,7 +115,8 @@ class PairChanges:
                  "subgroups": SubgroupChange, "robustness": RobustnessChange}
         kw = {k: (None if d.get(k) is None else t.from_dict(d[k])) for k, t in types.items()}
         return cls(name=d["name"], candidate_id=d.get("candidate_id", ""),
-                   seconds=dict(d.get("seconds", {})), figures=dict(d.get("figures", {})), **kw)
+                   seconds=dict(d.get("seconds", {})), figures=dict(d.get("figures", {})),
+                   skipped=dict(d.get("skipped", {})), **kw)
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,16 @@ def _classes(model: nn.Module) -> tuple[str, ...] | None:
     return tuple(card.class_names) if card is not None else None
 
 
+def no_gradients(model: nn.Module) -> str | None:
+    """Why gradient explanations cannot run on ``model`` (a deployed runtime artifact), or
+    None."""
+    if getattr(model, "supports_gradients", True):
+        return None
+    kind = getattr(model, "name", type(model).__name__)
+    return (f"{kind} runtime artifact: no gradients, so no Grad-CAM; audit the torch model it "
+            "was built from for explanation drift")
+
+
 def check_same_classes(dense: nn.Module, pairs: list[tuple[str, nn.Module]], data: Any) -> None:
     """Refuse models whose class lists differ from each other or from the data."""
     want = tuple(data.class_names)
@@ -304,8 +317,13 @@ def audit_changes(
         new = mk(model)
         res: dict[str, Any] = {}
         sec: dict[str, float] = {}
+        skipped: dict[str, str] = {}
         for measure in measures:
             t0 = time.perf_counter()
+            if measure == "explanation" and (no_gradients(dense) or no_gradients(model)):
+                skipped[measure] = no_gradients(dense) or no_gradients(model) or ""
+                logger.info("changes %s/%s skipped: %s", name, measure, skipped[measure])
+                continue
             if measure == "calibration":
                 res[measure] = calibration_change(
                     ref, new, thresholds=thr, n_boot=n_boot, seed=seed,
@@ -325,7 +343,8 @@ def audit_changes(
                     clean_logits=(ref.logits, new.logits), progress=progress)
             sec[measure] = round(time.perf_counter() - t0, 2)
             logger.info("changes %s/%s: %.1f s", name, measure, sec[measure])
-        out.append(PairChanges(name=name, candidate_id=new.model_id, seconds=sec, **res))
+        out.append(PairChanges(name=name, candidate_id=new.model_id, seconds=sec,
+                               skipped=skipped, **res))
     return ChangesAudit(
         pairs=tuple(out), reference_id=ref.model_id, class_names=tuple(data.class_names),
         data={"spec": getattr(data, "spec", ""), "split": getattr(data, "split", ""),

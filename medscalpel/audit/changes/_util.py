@@ -95,9 +95,12 @@ def ci_excludes_zero(interval: Sequence[float]) -> int:
 
 def fast_copy(model: nn.Module) -> nn.Module:
     """A frozen eval-mode copy of ``model`` in channels-last memory format (faster convolutions
-    on CPU) for the forward-only passes of the audit; the caller's model is not touched."""
+    on CPU) for the forward-only passes of the audit; the caller's model is not touched. A
+    deployed runtime artifact (no parameters, ``supports_gradients`` False) is returned as is."""
     import copy
 
+    if not getattr(model, "supports_gradients", True):
+        return model
     fast = copy.deepcopy(model).eval()
     for p in fast.parameters():
         p.requires_grad_(False)
@@ -118,7 +121,8 @@ def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> np.nda
 
 @torch.inference_mode()
 def _logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
-    dev = next(model.parameters()).device
+    first = next(model.parameters(), None)   # a deployed runtime artifact has none
+    dev = first.device if first is not None else torch.device("cpu")
     out = [model(x[s:s + batch_size].to(dev)).float().cpu().numpy()
            for s in range(0, int(x.shape[0]), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -11,6 +11,10 @@ sees the same pixels):
 4. a burned-in marker: a bright square of ``marker`` of the side in the top-right corner (a
    laterality / site marker that site A never shows).
 
+Site ``C`` is a milder scanner: the same field of view and no marker, only another display curve
+(gamma, contrast, brightness) and a little detector noise, the change a new detector or LUT of
+the same vendor brings; it moves a model's scores more than its ranking.
+
 Ground truth: labels and patients are unchanged, so an A-vs-B difference in a model's numbers is
 caused by the scanner only. :data:`SITES` holds the profiles; :func:`apply_site` is the transform;
 the ``phantom`` adapter takes ``site=B`` (e.g. ``phantom?n=2000&size=64&site=B``).
@@ -52,6 +56,7 @@ SITES: dict[str, SiteProfile] = {
     "A": SiteProfile("A"),
     "B": SiteProfile("B", fov=0.85, gamma=0.7, contrast=0.8, brightness=0.05, noise=0.04,
                      marker=0.1, seed=20231),
+    "C": SiteProfile("C", gamma=0.8, contrast=0.9, brightness=0.04, noise=0.015, seed=20232),
 }
 
 
