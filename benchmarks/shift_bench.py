@@ -182,7 +182,7 @@ def markdown(res: dict) -> str:
                 f"[{g['spec_gap_range'][0]:+.3f}, {g['spec_gap_range'][1]:+.3f}] | "
                 f"{g['restored_share']:.0%} |")
     lines += ["", f"Label-free check: shifted = {p['shift_check']['shifted']}; OOD (internal "
-              f"99th percentile): {p['ood']['share_external_above_99']:.0%} of site-B vs "
+              f"99th percentile): {p['ood']['share_external_above_99']:.0%} of site-{site} vs "
               f"{p['ood']['share_internal_above_99']:.0%} of site-A test images. "
               f"`run_site_shift` wall time: {p['run_site_shift_seconds']} s (load average "
               f"{', '.join(f'{x:.1f}' for x in p['load_average'])})."]
