@@ -553,12 +553,15 @@ def stage_table(args) -> None:
     lines += ["", "| dataset | method | params | removed | nonzero removed | MACs x | CPU x (b1) "
               "| CPU x (b32) | dAUROC [95% CI] | max dlogit |",
               "|---|---|---|---|---|---|---|---|---|---|"]
+    def _x(v) -> str:   # a deferred latency (no `latency` pass yet) is said, not printed as nan
+        return "not measured" if v is None or v != v else f"{v:.2f}"
+
     for r in rows:
         lo, hi = r["delta_auroc_ci95"]
         lines.append(f"| {r['dataset']} | {r['method']} | {r['params']:,} | "
                      f"{r['params_removed']:.1%} | {r['nonzero_removed']:.1%} | "
                      f"{r['macs_speedup']:.2f} | "
-                     f"{r['cpu_speedup']:.2f} | {r['cpu_speedup_b32']:.2f} | "
+                     f"{_x(r['cpu_speedup'])} | {_x(r['cpu_speedup_b32'])} | "
                      f"{r['delta_auroc']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
                      f"{r['max_abs_delta_logit']:.2e} |")
     for ds_name, rc in rankcorr.items():
