@@ -188,14 +188,9 @@ def load_served(path: str | os.PathLike, threads: int = 1) -> nn.Module:
         xml = [f for f in files if f.endswith(".xml")]
         if not xml or not (p / xml[0]).is_file():
             raise DataError(f"{meta_path}: no OpenVINO IR (.xml) {xml or files} in {p}.")
-        from medscalpel.compress.runtimes import openvino
+        from medscalpel.compress.runtimes import compile_openvino
 
-        ov = openvino()
-        hint = {"fp32": "f32", "bf16": "bf16"}.get(precision)
-        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": int(threads),
-                                  "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-        config["INFERENCE_PRECISION_HINT"] = hint or "f32"
-        compiled = ov.Core().compile_model(str(p / xml[0]), "CPU", config)
+        compiled = compile_openvino(p / xml[0], "bf16" if precision == "bf16" else "f32", threads)
         request = compiled.create_infer_request()
 
         def run_ov(x: np.ndarray) -> np.ndarray:

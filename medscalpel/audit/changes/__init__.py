@@ -318,10 +318,11 @@ def audit_changes(
         res: dict[str, Any] = {}
         sec: dict[str, float] = {}
         skipped: dict[str, str] = {}
+        why_not = no_gradients(dense) or no_gradients(model)
         for measure in measures:
             t0 = time.perf_counter()
-            if measure == "explanation" and (no_gradients(dense) or no_gradients(model)):
-                skipped[measure] = no_gradients(dense) or no_gradients(model) or ""
+            if measure == "explanation" and why_not:
+                skipped[measure] = why_not
                 logger.info("changes %s/%s skipped: %s", name, measure, skipped[measure])
                 continue
             if measure == "calibration":
