@@ -275,3 +275,25 @@ def test_predict_image_files_folder_and_glob(tmp_path, folder, capsys):
         run(["predict", "--model", str(tmp_path / "m"), "--data", f"{folder}/*.nothing",
              "--out", str(tmp_path / "p9")])
     assert ex.value.code == 2 and "No image file" in capsys.readouterr().err
+
+
+def test_train_acquisition_augmentation_is_recorded_and_bad_profile_refused(tmp_path, folder):
+    spec = f"folder:{folder}?dedup=true&val_fraction=0.25&test_fraction=0.25"
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--data", spec, "--arch", "vgg_tiny", "--size", "24",
+                              "--epochs", "1", "--batch-size", "8", "--n-boot", "10",
+                              "--augment-profile", "acquisition", "--out", str(out)])
+    _ok(res)
+    card = json.loads((out / "model" / "model.json").read_text())
+    aug = card["training"]["augment"]
+    assert aug["gamma"] == 0.4 and aug["noise"] == 0.05 and aug["scale"] == [0.9, 1.15]
+    res = runner.invoke(app, ["train", "--data", spec, "--arch", "vgg_tiny", "--no-augment",
+                              "--out", str(tmp_path / "plain"), "--epochs", "1", "--size", "24"])
+    _ok(res)
+    assert json.loads((tmp_path / "plain" / "model" / "model.json").read_text()
+                      )["training"]["augment"] is None
+    bad = tmp_path / "bad"
+    res = runner.invoke(app, ["train", "--data", spec, "--arch", "vgg_tiny",
+                              "--augment-profile", "heavy", "--out", str(bad)])
+    assert res.exit_code != 0 and "Unknown augmentation profile 'heavy'" in str(res.exception)
+    assert not bad.exists()

@@ -64,3 +64,25 @@ def test_fit_seed_fixes_the_initial_weights_too(tmp_path):
     assert runs[0].keys() == runs[1].keys()
     for k in runs[0]:
         assert torch.equal(runs[0][k], runs[1][k]), k
+
+
+def test_acquisition_augmentation_is_seeded_and_changes_the_display_curve():
+    x = torch.full((1, 32, 32), 0.25)
+    x[:, 8:24, 8:24] = 0.75
+    light, acq = Augment(), Augment.preset("acquisition")
+    assert light.gamma == 0.0 and light.noise == 0.0 and Augment.preset("light") == light
+    a = acq(x.clone(), torch.Generator().manual_seed(5))
+    b = acq(x.clone(), torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+    # over draws the ratio of the two tissue levels varies (gamma) and noise appears
+    draws = [acq(x.clone(), torch.Generator().manual_seed(s)) for s in range(40)]
+    flat_sd = [float(d[:, 26:30, 26:30].std()) for d in draws]
+    assert max(flat_sd) > 0.02  # detector noise in a flat region
+    plain = [light(x.clone(), torch.Generator().manual_seed(s)) for s in range(40)]
+    assert max(float(d[:, 26:30, 26:30].std()) for d in plain) < 1e-3
+    import pytest
+
+    from medscalpel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Unknown augmentation profile"):
+        Augment.preset("heavy")

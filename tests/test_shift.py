@@ -13,8 +13,8 @@ from medscalpel.engine.predict import Features
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
 from medscalpel.repair.shift import (OODScorer, SiteRecalibration, SiteRecalibrator,
-                                     operating_point, recalibrate_site, sample_k_shot,
-                                     shift_check)
+                                     k_shot_draws, operating_point, recalibrate_site,
+                                     sample_k_shot, shift_check)
 
 
 def planted(n, shift=0.0, scale=1.0, seed=0, k=2, prev=0.3):
@@ -31,7 +31,12 @@ def test_sample_k_shot_counts_and_refusal():
     rows = sample_k_shot(p, k=20, seed=0)
     t = p.targets()[rows]
     assert ((t > 0.5).sum(0) >= 20).all() and ((t < 0.5).sum(0) >= 20).all()
-    assert len(rows) < 80 and len(set(rows)) == len(rows)
+    assert len(rows) <= 80 and len(set(rows)) == len(rows)
+    rows2, use = k_shot_draws(p, k=20, seed=0)
+    assert np.array_equal(rows, rows2) and use.shape == (len(rows), 2)
+    for j in range(2):  # each class: exactly its own k positives and k negatives
+        tj = t[use[:, j], j]
+        assert (tj > 0.5).sum() == 20 and (tj < 0.5).sum() == 20
     assert np.array_equal(rows, sample_k_shot(p, k=20, seed=0))
     assert not np.array_equal(rows, sample_k_shot(p, k=20, seed=1))
     few = planted(40, seed=2, prev=0.2)
@@ -42,6 +47,34 @@ def test_sample_k_shot_counts_and_refusal():
     mc = Predictions(np.zeros((9, 3), np.float32), np.array([0, 0, 0, 1, 1, 1, 2, 2, 2]),
                      ids=tuple("abcdefghi"), class_names=("x", "y", "z"), task="multiclass")
     assert len(sample_k_shot(mc, k=2)) == 6
+
+
+def correlated(n, seed):
+    """Two findings that co-occur (c1 mostly in c0-positive images); c0's score also rises with
+    c1 (a sicker image), so c1's positives are NOT a random sample of c0's negatives."""
+    rng = np.random.default_rng(seed)
+    y0 = rng.random(n) < 0.25
+    y1 = np.where(y0, rng.random(n) < 0.6, rng.random(n) < 0.08)
+    z0 = 2.0 * y0 + 1.5 * y1 - 1.5 + rng.normal(0, 1, n)
+    z1 = 2.0 * y1 + 0.5 * y0 - 1.5 + rng.normal(0, 1, n)
+    return Predictions(np.stack([z0, z1], 1).astype(np.float32),
+                       np.stack([y0, y1], 1).astype(np.float32),
+                       ids=tuple(f"c{seed}_{i}" for i in range(n)), class_names=("c0", "c1"),
+                       task="multilabel")
+
+
+def test_k_shot_fit_is_unbiased_with_correlated_findings():
+    """No shift at all (the site IS the internal set): over many k-shot draws the re-fitted
+    threshold must restore the internal sensitivity on average. Reusing c1's positives as c0's
+    negatives (the sicker images) would raise c0's cut and lose sensitivity every time."""
+    p = correlated(4000, seed=11)
+    gaps = []
+    for seed in range(30):
+        res, _ = recalibrate_site(None, p, p, k=20, method="threshold", thresholds=[0.5, 0.5],
+                                  n_boot=0, seed=seed)
+        gaps.append([a["sensitivity"] - i["sensitivity"]
+                     for i, a in zip(res.internal, res.after)])
+    assert np.all(np.abs(np.mean(gaps, 0)) < 0.04), np.mean(gaps, 0)
 
 
 def test_threshold_recalibration_restores_a_planted_shift():
@@ -245,3 +278,51 @@ def test_site_shift_flow_and_cli(tmp_path):
                             "--internal", str(tmp_path / "p"), "--external", spec + "&site=B",
                             "--external-split", "test", "--k", "50"])
     assert r.exit_code != 0 and "Too few labelled images" in str(r.exception)
+
+
+def test_quantile_is_label_free_and_restores_a_monotone_shift():
+    """A monotone score shift at the same prevalence: the label-free quantile cut restores the
+    internal operating point without the k-shot noise, and the labels of the site are not read."""
+    internal = planted(3000, seed=21)
+    external = planted(6000, shift=1.5, scale=0.7, seed=22)  # squeezed and shifted scores
+    res, rec = recalibrate_site(None, internal, external, k=20, method="quantile",
+                                thresholds=[0.5, 0.5], n_boot=0, seed=0)
+    for i, b, a in zip(res.internal, res.before, res.after):
+        assert b["specificity"] < i["specificity"] - 0.2
+        assert abs(a["sensitivity"] - i["sensitivity"]) < 0.04
+        assert abs(a["specificity"] - i["specificity"]) < 0.04
+    assert all(res.restored.values()) and any("LABEL-FREE" in n for n in res.notes)
+    # the same cut whatever the site's labels say (they are never read)
+    shuffled = Predictions(external.logits, external.labels[::-1].copy(), external.ids,
+                           external.class_names, task="multilabel")
+    rec2 = SiteRecalibrator("quantile").fit(external.select(range(100)), [0.5, 0.5],
+                                            reference=internal, unlabeled=shuffled)
+    assert np.allclose(rec2.thresholds_, rec.thresholds_)
+    # best possible gap: a planted monotone shift keeps the ranking, so some cut restores it
+    assert all(g < 0.03 for g in res.best_possible_gap.values())
+    with pytest.raises(ConfigError, match="needs reference= .* and unlabeled="):
+        SiteRecalibrator("quantile").fit(external.select(range(100)), [0.5, 0.5])
+    mc = Predictions(np.random.default_rng(0).normal(size=(60, 3)).astype(np.float32),
+                     np.repeat([0, 1, 2], 20), ids=tuple(f"m{i}" for i in range(60)),
+                     class_names=("x", "y", "z"), task="multiclass")
+    with pytest.raises(ConfigError, match="decides by argmax"):
+        SiteRecalibrator("quantile").fit(mc, [0.5] * 3, reference=mc, unlabeled=mc)
+
+
+def test_verdict_separates_lost_ranking_from_k_shot_noise():
+    """A site where class c0's scores carry no information: no threshold restores it, and the
+    verdict says to retrain rather than to label more images."""
+    internal = planted(3000, seed=31)
+    external = planted(3000, seed=32)
+    rng = np.random.default_rng(0)
+    z = external.logits.copy()
+    z[:, 0] = rng.normal(0, 1, len(z))  # ranking of c0 destroyed
+    broken = Predictions(z, external.labels, external.ids, external.class_names,
+                         task="multilabel")
+    res, _ = recalibrate_site(None, internal, broken, k=20, method="threshold",
+                              thresholds=[0.5, 0.5], n_boot=0, seed=0)
+    assert res.best_possible_gap["c0"] > 0.2 and res.best_possible_gap["c1"] < 0.05
+    assert not res.restored["c0"] and "for ['c0'] NO threshold on this site would" in res.verdict
+    back = SiteRecalibration.from_dict(res.to_dict())
+    assert back.best_possible_gap == res.best_possible_gap
+    assert res.table()[0]["best possible gap"] == f"{res.best_possible_gap['c0']:.3f}"

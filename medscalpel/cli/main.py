@@ -149,23 +149,29 @@ def train(
     seed: int = typer.Option(0), device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(0, help="DataLoader worker processes."),
     augment: bool = typer.Option(True, help="Light CXR augmentation on the train split."),
+    augment_profile: str = typer.Option(
+        "light", help="Augmentation profile: 'light' (pose, exposure) or 'acquisition' (also "
+                      "another scanner's field of view, display curve and noise; for models that "
+                      "must hold up at other sites)."),
     pretrained: bool = typer.Option(False, help="Start from ImageNet weights (needs internet)."),
     n_boot: int = typer.Option(N_BOOT, help=N_BOOT_HELP),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     resume: bool = typer.Option(False, help="Resume an interrupted run in --out."),
 ) -> None:
     """Train a zoo model on a dataset (train split; early stopping on val; test metrics)."""
-    from medscalpel.engine.api import fit
+    from medscalpel.engine.api import as_augment, fit
     from medscalpel.engine.train import TrainConfig
     from medscalpel.runs import RunDir, write_json
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                       patience=patience, pos_weight=pos_weight, seed=seed, device=device,
                       num_workers=workers)
-    config = {"data": data, "arch": arch, "size": size, "channels": channels, **cfg.to_dict()}
+    aug = as_augment(augment_profile if augment else False)  # a bad name fails before any write
+    config = {"data": data, "arch": arch, "size": size, "channels": channels, **cfg.to_dict(),
+              **({"augment_profile": augment_profile} if augment_profile != "light" else {})}
     with RunDir(out, command="train", config=config, seed=seed, data={"spec": data},
                 overwrite=overwrite, resume=resume, identity=config if resume else None) as run:
-        res = fit(data, arch, run.path, cfg, size=size, channels=channels, augment=augment,
+        res = fit(data, arch, run.path, cfg, size=size, channels=channels, augment=aug,
                   pretrained=pretrained, n_boot=n_boot)
         write_json(run.path / "train.json", res.to_dict())
         if res.test is not None:

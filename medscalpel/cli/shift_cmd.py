@@ -19,7 +19,7 @@ def recalibrate_site(
     external_split: str = typer.Option("all", help="Split of the new site's dataset."),
     k: int = typer.Option(20, help="Labelled images per class used to recalibrate."),
     method: str = typer.Option("threshold", help="threshold | youden | temperature | platt | "
-                               "offset"),
+                               "offset | quantile (label-free: the site's unlabelled scores)"),
     classes: Optional[str] = typer.Option(None, help="Comma-separated classes to recalibrate "
                                                      "(default all)."),
     tolerance: float = typer.Option(0.05, help="'Restored' = sens and spec within this of the "

@@ -25,13 +25,46 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Augment:
-    """Light augmentation for chest X-rays (applied on tensors in [0, 1])."""
+    """Light augmentation for chest X-rays (applied on tensors in [0, 1]).
+
+    Geometry (rotation, scale, translation), then an intensity change: ``x ** g`` with ``g``
+    log-uniform in ``[exp(-gamma), exp(gamma)]`` (a display / detector curve; off at 0), contrast
+    and brightness around the image mean, and Gaussian noise of a standard deviation drawn in
+    ``[0, noise]`` (off at 0). :meth:`preset` names the two profiles medscalpel uses.
+    """
 
     rotation_deg: float = 7.0
     scale: tuple[float, float] = (0.92, 1.08)
     translate: float = 0.04
     brightness: float = 0.08
     contrast: float = 0.12
+    gamma: float = 0.0
+    noise: float = 0.0
+
+    #: named profiles: ``light`` (the default: small pose and exposure changes) and
+    #: ``acquisition`` (also another scanner's field of view, display curve and detector noise:
+    #: zoom up to 1.15x, gamma 0.67-1.49, contrast +-25%, brightness +-0.1, noise sd <= 0.05)
+    PRESETS = ("light", "acquisition")
+
+    @classmethod
+    def preset(cls, name: str) -> "Augment":
+        """An :class:`Augment` by profile name (see :data:`PRESETS`).
+
+        >>> Augment.preset("acquisition").gamma
+        0.4
+        """
+        key = str(name).strip().lower()
+        if key == "light":
+            return cls()
+        if key == "acquisition":
+            return cls(scale=(0.9, 1.15), brightness=0.1, contrast=0.25, gamma=0.4, noise=0.05)
+        raise ConfigError(f"Unknown augmentation profile {name!r}; use one of "
+                          f"{', '.join(cls.PRESETS)}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["scale"] = list(self.scale)
+        return d
 
     def __call__(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         # img: [C, H, W] in [0, 1]
@@ -46,10 +79,15 @@ class Augment:
         grid = F.affine_grid(theta, [1, *img.shape], align_corners=False)
         out = F.grid_sample(img[None], grid, mode="bilinear", padding_mode="border",
                             align_corners=False)[0]
+        if self.gamma:
+            out = out.clamp(0.0, 1.0) ** float(np.exp(u(-self.gamma, self.gamma)))
         c = 1.0 + u(-self.contrast, self.contrast)
         b = u(-self.brightness, self.brightness)
         mean = out.mean()
         out = (out - mean) * c + mean + b
+        if self.noise:
+            sd = u(0.0, self.noise)
+            out = out + sd * torch.randn(out.shape, generator=generator, dtype=out.dtype)
         return out.clamp_(0.0, 1.0)
 
 

@@ -46,7 +46,7 @@ def fit(
     config: TrainConfig | None = None,
     size: int = 64,
     channels: int = 1,
-    augment: bool = True,
+    augment: bool | str | Augment = True,
     pretrained: bool = False,
     eval_split: str | None = "test",
     n_boot: int = 200,
@@ -61,8 +61,8 @@ def fit(
     """
     cfg = (config or TrainConfig()).validate()
     pp = Preprocess(size=size, channels=channels)
-    train_ds = open_dataset(data, split="train", preprocess=pp.with_augment(Augment() if augment
-                                                                            else None))
+    aug = as_augment(augment)
+    train_ds = open_dataset(data, split="train", preprocess=pp.with_augment(aug))
     val_ds = open_dataset(data, split="val", preprocess=pp)
     if model is None:
         seed_everything(cfg.seed)  # the initial weights are part of what the seed fixes
@@ -83,6 +83,7 @@ def fit(
             test.extra["split_warning"] = split_warning(test_ds)
     card = make_card(result.model, train_ds.class_names, train_ds.task, pp,
                      training={**cfg.to_dict(), "data": data, "best_epoch": result.best_epoch,
+                               "augment": None if aug is None else aug.to_dict(),
                                "seconds": result.seconds, "pretrained": pretrained},
                      metrics={"val_" + cfg.monitor: result.best_metric,
                               **({f"{eval_split}_macro_auroc": test.macro["auroc"]} if test else {})},
@@ -93,6 +94,22 @@ def fit(
                      data={"train": train_ds.describe(), "val": val_ds.describe(),
                            "split_unit": train_ds.meta.get("split_unit"),
                            "split_warning": split_warning(train_ds)})
+
+
+def as_augment(augment: bool | str | Augment | None) -> Augment | None:
+    """``True`` -> the light profile, ``False`` / ``None`` -> none, a profile name (``light``,
+    ``acquisition``; see :meth:`Augment.preset`) or an :class:`Augment` as is.
+
+    >>> as_augment("acquisition").noise, as_augment(False)
+    (0.05, None)
+    """
+    if augment is None or augment is False:
+        return None
+    if augment is True:
+        return Augment()
+    if isinstance(augment, Augment):
+        return augment
+    return Augment.preset(augment)
 
 
 def choose_split(card: Any, data: str, split: str | None) -> tuple[str, str]:

@@ -13,7 +13,11 @@ internally. Three tools:
   - ``temperature``: one temperature on all logits (NLL on the sample), thresholds kept;
   - ``platt``: per class ``a * logit + b`` (logistic regression on the sample), thresholds kept;
   - ``offset``: per class ``logit + b`` (Platt with the internal slope held: one parameter per
-    class, the low-variance choice for k = 20), thresholds kept.
+    class, the low-variance choice for k = 20), thresholds kept;
+  - ``quantile`` (LABEL-FREE): per class the threshold that flags the same share of the site's
+    UNLABELLED images as the stored threshold flags internally. No k-shot noise (it uses every
+    site image's score, never a label) but it assumes the site has the internal prevalence and
+    ranking; the labelled sample is then only the check.
 
   The logit maps are fitted on the sample AND on the internal set and compose to
   ``g_int^-1(g_ext(z))``: the new site's scores go onto the internal score scale, on which the
@@ -53,7 +57,7 @@ from medscalpel.validation import check_in, check_range
 logger = logging.getLogger(__name__)
 
 SCHEMA = 1
-METHODS = ("threshold", "youden", "temperature", "platt", "offset")
+METHODS = ("threshold", "youden", "temperature", "platt", "offset", "quantile")
 AFFINE = ("temperature", "platt", "offset")  # logit maps; the thresholds are kept
 
 
@@ -65,11 +69,26 @@ def _class_rows(preds: Predictions, j: int) -> tuple[np.ndarray, np.ndarray]:
 
 def sample_k_shot(preds: Predictions, k: int = 20, classes: Sequence[str] | None = None,
                   seed: int = 0) -> np.ndarray:
-    """Rows of a labelled sample holding at least ``k`` positives AND ``k`` negatives of every
-    class in ``classes`` (default: all), and as few images as that needs (seeded).
+    """Rows of a labelled sample holding ``k`` random positives AND ``k`` random negatives of
+    every class in ``classes`` (default: all), seeded; see :func:`k_shot_draws` (which also says
+    which rows were drawn for which class)."""
+    return k_shot_draws(preds, k, classes, seed)[0]
 
-    Multi-class: ``k`` images of each class. Multi-label: classes from the rarest up, random
-    positives are added until each has ``k``, then negatives likewise.
+
+def k_shot_draws(preds: Predictions, k: int = 20, classes: Sequence[str] | None = None,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A k-shot labelled sample and, per class, the rows drawn FOR it.
+
+    Multi-class: ``k`` random images of each class. Multi-label: per class, ``k`` images drawn
+    uniformly from its positives and ``k`` from its negatives, independently of the other
+    classes; the sample is the union (an image drawn twice is labelled once). A class is fitted
+    on ITS draws only (``use[:, j]``): with correlated findings, the other classes' positives
+    are sicker than a random negative of class ``j``, so reusing them as its negatives would
+    bias its specificity (and a fitted threshold or offset) upwards.
+
+    Returns:
+        ``rows`` (sorted, unique) and ``use`` ``[len(rows), K]`` bool: row ``i`` of the sample
+        counts for class ``j``'s fit.
 
     Raises:
         DataError: a class has fewer than ``k`` positive or negative labelled images; the message
@@ -91,18 +110,22 @@ def sample_k_shot(preds: Predictions, k: int = 20, classes: Sequence[str] | None
             f"rest), but {', '.join(short)}. Label more images of the new site, lower k, or "
             f"restrict classes= to those with enough: {ok}.")
     rng = np.random.default_rng(seed)
-    chosen: set[int] = set()
-    t = preds.targets()
-    order = sorted(idx, key=lambda j: min(s.size for s in _class_rows(preds, j)))
-    for side in (1.0, 0.0):
-        for j in order:
-            rows = np.flatnonzero(t[:, j] == side)
-            have = sum(1 for r in chosen if t[r, j] == side)
-            if have >= k:
-                continue
-            free = rng.permutation([r for r in rows if r not in chosen])
-            chosen.update(int(r) for r in free[:k - have])
-    return np.array(sorted(chosen), dtype=np.int64)
+    drawn: dict[int, set[int]] = {}
+    for j in idx:
+        pos, neg = _class_rows(preds, j)
+        if preds.task != "multilabel":
+            neg = neg[:0]  # multi-class: k images of the class; the others come with theirs
+        for side in (pos, neg):
+            for r in rng.choice(side, size=min(k, side.size), replace=False):
+                drawn.setdefault(int(r), set()).add(j)
+    rows = np.array(sorted(drawn), dtype=np.int64)
+    use = np.zeros((rows.size, preds.num_classes), bool)
+    for i, r in enumerate(rows):
+        if preds.task == "multilabel":
+            use[i, sorted(drawn[r])] = True
+        else:
+            use[i, :] = True
+    return rows, use
 
 
 def _class_index(preds: Predictions, classes: Sequence[str] | None) -> list[int]:
@@ -212,6 +235,18 @@ def _match_cut(y: np.ndarray, p: np.ndarray, sens: float, spec: float) -> float:
     return float(0.5 * cuts[i])
 
 
+def _rate_cut(p: np.ndarray, rate: float) -> float:
+    """A threshold that calls ``rate`` of the scores ``p`` positive (``p >= cut``): midway
+    between the ``m``-th and ``m+1``-th highest scores, ``m = round(rate * n)``."""
+    s = np.sort(np.asarray(p, np.float64))[::-1]
+    m = int(round(rate * s.size))
+    if m <= 0:
+        return float(np.nextafter(s[0], np.inf)) if s.size else 0.5
+    if m >= s.size:
+        return float(s[-1])
+    return float(0.5 * (s[m - 1] + s[m]))
+
+
 class SiteRecalibrator:
     """Re-fit a model's operating point on a labelled sample of a new site (estimator contract).
 
@@ -241,7 +276,8 @@ class SiteRecalibrator:
 
     def fit(self, sample: Predictions, thresholds: Sequence[float] | np.ndarray,
             target: Sequence[dict[str, Any]] | None = None,
-            reference: Predictions | None = None) -> "SiteRecalibrator":
+            reference: Predictions | None = None,
+            unlabeled: Predictions | None = None) -> "SiteRecalibrator":
         """Fit on the labelled ``sample`` of the new site.
 
         Args:
@@ -253,6 +289,8 @@ class SiteRecalibrator:
                 internal score scale (``g_int^-1(g_ext(z))``), on which the stored thresholds
                 were tuned; without it the scores become calibrated probabilities of the
                 sample, which only suits thresholds chosen on calibrated probabilities.
+            unlabeled: the new site's predictions whose LABELS are not used (``quantile``: the
+                site's score distribution); needs ``reference`` too.
         """
         check_in(self.method, "method", "SiteRecalibrator", METHODS)
         check_range(self.min_per_class, "min_per_class", "SiteRecalibrator", 1, integer=True)
@@ -272,6 +310,14 @@ class SiteRecalibrator:
         if self.method == "threshold" and target is None:
             raise ConfigError("SiteRecalibrator(method='threshold').fit needs target= (the "
                               "internal operating point, e.g. operating_point(internal, thr)).")
+        if self.method == "quantile" and (reference is None or unlabeled is None):
+            raise ConfigError("SiteRecalibrator(method='quantile').fit needs reference= (the "
+                              "internal predictions) and unlabeled= (the new site's scores).")
+        if self.method == "quantile" and sample.task != "multilabel" and \
+                _positive_column(sample) is None:
+            raise ConfigError("SiteRecalibrator(method='quantile') needs per-class decisions "
+                              "(multi-label or binary); this multi-class model decides by argmax: "
+                              "use 'temperature'.")
         z = sample.logits.astype(np.float64)
         t = sample.targets().astype(np.float64)
         if self.prevalence is not None and len(self.prevalence) != k:
@@ -307,6 +353,16 @@ class SiteRecalibrator:
                 self.temperature_ = t_e / t_i
                 self.reference_ = {"n": reference.n, "scale": a_i.tolist(),
                                    "bias": b_i.tolist(), "temperature": t_i}
+        elif self.method == "quantile":
+            p_int = reference.probs().astype(np.float64)
+            p_new = unlabeled.probs().astype(np.float64)
+            pos_col = _positive_column(sample)
+            for j in idx:
+                if pos_col is not None and j != pos_col:
+                    continue
+                q = float(np.mean(p_int[:, j] >= thr[j]))  # the internal positive-call rate
+                thr[j] = _rate_cut(p_new[:, j], q)
+            self.reference_ = {"n": reference.n, "n_unlabeled": unlabeled.n}
         elif self.method in ("threshold", "youden"):
             p = sample.probs().astype(np.float64)
             pos_col = _positive_column(sample)
@@ -434,6 +490,7 @@ class SiteRecalibration:
     tolerance: float
     verdict: str
     notes: tuple[str, ...] = field(default_factory=tuple)
+    best_possible_gap: dict[str, float | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -464,7 +521,8 @@ class SiteRecalibration:
                          f"{i['sensitivity']:.3f}/{i['specificity']:.3f}",
                          "external before": f"{b['sensitivity']:.3f}/{b['specificity']:.3f}",
                          "after": f"{a['sensitivity']:.3f}/{a['specificity']:.3f}",
-                         "restored": self.restored[a["name"]]})
+                         "restored": self.restored[a["name"]],
+                         "best possible gap": _fmt_gap(self.best_possible_gap.get(a["name"]))})
         return rows
 
 
@@ -500,13 +558,16 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
                         "(medscalpel.engine.external.map_class_names).")
     thr = (np.asarray(thresholds, float) if thresholds is not None
            else stored_thresholds(model, internal.num_classes)[0])
-    fit_rows = sample_k_shot(external, k, classes, seed)
+    fit_rows, use = k_shot_draws(external, k, classes, seed)
     rest_mask = np.ones(external.n, bool)
     rest_mask[fit_rows] = False
     if not rest_mask.any():
         raise DataError(f"recalibrate_site: the {k}-shot sample uses all {external.n} external "
                         "images; nothing is left to measure on. Use more images or lower k.")
     sample, rest = external.select(fit_rows), external.select(rest_mask)
+    if sample.task == "multilabel":  # each class fits on its own random draws only
+        sample = replace(sample, labels=np.where(use, sample.labels, np.nan).astype(
+            sample.labels.dtype))
     target = operating_point(internal, thr, n_boot, seed, confidence)
     if isinstance(prevalence, str):
         check_in(prevalence, "prevalence", "recalibrate_site", ("internal",))
@@ -516,7 +577,8 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
     rec = SiteRecalibrator(method, classes, min_per_class=min(k, 5),
                            prevalence=None if method not in AFFINE
                            else prev.tolist()).fit(sample, thr, target,
-                                                   reference=internal)
+                                                   reference=internal,
+                                                   unlabeled=external)
     before = operating_point(rest, thr, n_boot, seed + 1, confidence)
     after = operating_point(rec.transform(rest), rec.thresholds_, n_boot, seed + 1, confidence)
     restored = {}
@@ -524,14 +586,30 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
         if a["name"] in rec.recalibrated_:
             restored[a["name"]] = bool(abs(a["sensitivity"] - i["sensitivity"]) <= tolerance and
                                        abs(a["specificity"] - i["specificity"]) <= tolerance)
+    best = best_possible_gap(rest, target, list(restored))
     n_ok = sum(restored.values())
+    failed = [c for c, ok in restored.items() if not ok]
+    lost = [c for c in failed if best.get(c) is not None and best[c] > tolerance]
     verdict = (f"restored: all {n_ok} recalibrated classes within {tolerance} of the internal "
                "sensitivity and specificity" if n_ok == len(restored) else
-               f"NOT restored for {len(restored) - n_ok} of {len(restored)} classes "
-               f"({[c for c, ok in restored.items() if not ok]}): {method} recalibration with "
-               f"{k} labelled images per class cannot bring them within {tolerance}")
+               f"NOT restored for {len(failed)} of {len(restored)} classes ({failed}): {method} "
+               f"recalibration with {k} labelled images per class did not bring them within "
+               f"{tolerance}"
+               + (f"; for {lost} NO threshold on this site would (the ranking itself is lost "
+                  "there: retrain, e.g. with the 'acquisition' augmentation profile or images "
+                  "of the site)" if lost else "")
+               + ("; the others are within reach of some threshold: label more images of the "
+                  "site (a larger k) or try another method" if len(lost) < len(failed) else ""))
     notes = (f"fitted on {len(fit_rows)} external images, measured on the other {rest.n}",
-             "the point estimates are compared; see the CIs for their uncertainty")
+             "the point estimates are compared; see the CIs for their uncertainty",
+             "best_possible_gap: per class the smallest max(|sens - internal|, |spec - "
+             "internal|) ANY threshold reaches on the rest (its labels used: an upper bound on "
+             "what any per-class recalibration can restore, not a method)")
+    if method == "quantile":
+        notes += (f"quantile: LABEL-FREE, thresholds set on the scores (not the labels) of all "
+                  f"{external.n} site images, the rest included, so that each class flags the "
+                  "share of images it flags internally; assumes the internal prevalence and "
+                  "ranking at the site",)
     if method in AFFINE:
         notes += ((f"site scores mapped onto the internal score scale ({method} fitted on "
                    f"the sample and on the {internal.n} internal images, both at the "
@@ -542,8 +620,55 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
         method=method, k=k, n_fit=int(len(fit_rows)), n_rest=int(rest.n),
         fit_ids=tuple(sample.ids), thresholds_before=tuple(float(x) for x in thr),
         recalibrator=rec.to_dict(), internal=tuple(target), before=tuple(before),
-        after=tuple(after), restored=restored, tolerance=tolerance, verdict=verdict, notes=notes)
+        after=tuple(after), restored=restored, tolerance=tolerance, verdict=verdict, notes=notes,
+        best_possible_gap=best)
     return res, rec
+
+
+def _fmt_gap(g: float | None) -> str:
+    return "n/a" if g is None else f"{g:.3f}"
+
+
+def best_possible_gap(preds: Predictions, target: Sequence[dict[str, Any]],
+                      classes: Sequence[str]) -> dict[str, float | None]:
+    """Per class, the smallest ``max(|sens - target sens|, |spec - target spec|)`` that ANY
+    threshold reaches on the labelled ``preds``.
+
+    Every recalibration here (a threshold, or a monotone logit map and the stored threshold) is
+    one cut on the class's score, so this bounds them all: above the tolerance, the site's
+    ranking no longer allows the internal operating point and only retraining can restore it.
+    Multi-class with more than two classes decides by argmax (no per-class cut): ``None``.
+
+    >>> p = Predictions(np.array([[-2.], [-1.], [1.], [2.]], np.float32),
+    ...                 np.array([[0.], [0.], [1.], [1.]], np.float32), ids=tuple("abcd"),
+    ...                 class_names=("c",), task="multilabel")
+    >>> best_possible_gap(p, [{"name": "c", "sensitivity": 1.0, "specificity": 1.0}], ["c"])
+    {'c': 0.0}
+    """
+    from medscalpel.repair.calibrate import cut_table
+
+    out: dict[str, float | None] = {}
+    t, prob = preds.targets(), preds.probs().astype(np.float64)
+    pos_col = _positive_column(preds)
+    for c in classes:
+        j = list(preds.class_names).index(c)
+        if preds.task != "multilabel" and pos_col is None:
+            out[c] = None
+            continue
+        col, mirror = (j, False) if pos_col is None else (pos_col, j != pos_col)
+        known = np.isfinite(t[:, col])
+        y = t[known, col] > 0.5
+        if y.all() or not y.any():
+            out[c] = None
+            continue
+        tab = cut_table(y, prob[known, col])
+        se, sp = tab.tp / max(tab.npos, 1), tab.tn / max(tab.nneg, 1)
+        if mirror:  # the other class of a binary decision: its sens is the positive's spec
+            se, sp = sp, se
+        row = next(r for r in target if r["name"] == c)
+        out[c] = float(np.min(np.maximum(np.abs(se - row["sensitivity"]),
+                                         np.abs(sp - row["specificity"]))))
+    return out
 
 
 # ----------------------------------------------------------------------------- label-free check

@@ -47,15 +47,20 @@ def render_site_shift(run: RunFiles, sec: Section) -> None:
                   num(s["sensitivity"], p("sensitivity")),
                   num(s["specificity"], p("specificity")))
     sec.tables.append(t)
+    best = rec.get("best_possible_gap") or {}
     rt = Table(["class", "internal sens / spec", "external before", "external after",
-                "restored (within " + f"{rec['tolerance']:g})"], key="site_recalibration",
+                "restored (within " + f"{rec['tolerance']:g})",
+                "best any threshold reaches (gap)"], key="site_recalibration",
                title=f"{rec['method']} recalibration, k = {rec['k']} (measured on the rest)")
     for j, (a, b, c) in enumerate(zip(rec["internal"], rec["before"], rec["after"])):
         if c["name"] not in rec["restored"]:
             continue
+        g = best.get(c["name"])
         rt.add(text(c["name"]), _pair(a), _pair(b), _pair(c),
                text("yes" if rec["restored"][c["name"]] else "no",
-                    cls="good" if rec["restored"][c["name"]] else "bad"))
+                    cls="good" if rec["restored"][c["name"]] else "bad"),
+               num(g, pointer(rel, "recalibration", "best_possible_gap", c["name"]), 3)
+               if g is not None else text("n/a"))
     if rt.rows:
         sec.tables.append(rt)
     if d.get("router"):
