@@ -143,6 +143,17 @@ def summarise_recal(runs: list[dict], classes: list[str]) -> dict:
                              "best_possible_gap_median": None if None in best
                              else float(np.median(best))}
     out["restored_share_all"] = float(np.mean([all(r["restored"].values()) for r in runs]))
+    # macro over the recalibrated classes, per draw: the mean sens / spec after vs internal
+    for key in ("sensitivity", "specificity"):
+        gaps = []
+        for r in runs:
+            i = {x["name"]: x[key] for x in r["internal"]}
+            a = {x["name"]: x[key] for x in r["after"]}
+            gaps.append(float(np.mean([a[c] - i[c] for c in classes])))
+        out[f"macro_{key}_gaps"] = gaps
+    out["macro_restored_share"] = float(np.mean(
+        [abs(a) <= 0.05 and abs(b) <= 0.05 for a, b in
+         zip(out["macro_sensitivity_gaps"], out["macro_specificity_gaps"])]))
     return out
 
 
@@ -155,7 +166,13 @@ def target_summary(recal: dict, control: dict, classes: list[str], k: int) -> di
     for m, r in recal.items():
         typical = all(abs(r["classes"][c]["sens_gap_median"]) <= 0.05 and
                       abs(r["classes"][c]["spec_gap_median"]) <= 0.05 for c in classes)
+        macro = (abs(float(np.median(r["macro_sensitivity_gaps"]))) <= 0.05 and
+                 abs(float(np.median(r["macro_specificity_gaps"]))) <= 0.05)
         out["methods"][m] = {"typical_draw_restored": typical,
+                             "macro_typical_draw_restored": macro,
+                             "macro_share_of_draws_restored": r["macro_restored_share"],
+                             "macro_sens_gap_median": float(np.median(r["macro_sensitivity_gaps"])),
+                             "macro_spec_gap_median": float(np.median(r["macro_specificity_gaps"])),
                              "share_of_draws_all_restored": r["restored_share_all"],
                              "control_share_of_draws_all_restored":
                                  control[m]["restored_share_all"]}
@@ -164,6 +181,11 @@ def target_summary(recal: dict, control: dict, classes: list[str], k: int) -> di
     out["best_method"] = best
     out["met_in_typical_draw"] = out["methods"][best]["typical_draw_restored"]
     out["met_in_every_draw"] = out["methods"][best]["share_of_draws_all_restored"] == 1.0
+    mbest = max(out["methods"], key=lambda m: (out["methods"][m]["macro_share_of_draws_restored"],
+                                               out["methods"][m]["macro_typical_draw_restored"]))
+    out["macro_best_method"] = mbest
+    out["macro_met_in_typical_draw"] = out["methods"][mbest]["macro_typical_draw_restored"]
+    out["macro_share_of_draws_restored"] = out["methods"][mbest]["macro_share_of_draws_restored"]
     return out
 
 
@@ -239,7 +261,15 @@ def markdown(res: dict) -> str:
                               f"(no-shift control {v['control_share_of_draws_all_restored']:.0%})"
                               for m, v in t["methods"].items())
                   + f". Best: **{t['best_method']}**, met in the typical draw: "
-                  f"**{t['met_in_typical_draw']}**, in every draw: **{t['met_in_every_draw']}**."]
+                  f"**{t['met_in_typical_draw']}**, in every draw: **{t['met_in_every_draw']}**.",
+                  "", "Macro reading (mean sens / spec over the recalibrated classes, after - "
+                  "internal, median over draws; share of draws with both within 0.05): "
+                  + "; ".join(f"{m}: {v['macro_sens_gap_median']:+.3f} / "
+                              f"{v['macro_spec_gap_median']:+.3f}, "
+                              f"{v['macro_share_of_draws_restored']:.0%}"
+                              for m, v in t["methods"].items())
+                  + f". Best: **{t['macro_best_method']}** (restored in "
+                  f"{t['macro_share_of_draws_restored']:.0%} of draws)."]
     lines += ["", f"Label-free check: shifted = {p['shift_check']['shifted']}; OOD (internal "
               f"99th percentile): {p['ood']['share_external_above_99']:.0%} of site-{site} vs "
               f"{p['ood']['share_internal_above_99']:.0%} of site-A test images. "
@@ -273,6 +303,40 @@ def fmt_ci(c) -> str:
     return f"[{c[0]:.3f}, {c[1]:.3f}]"
 
 
+def summary(names: list[str]) -> str:
+    """One row per result file: what the shift costs, whether ANY threshold could restore each
+    class (best_possible_gap), and what k-shot recalibration restores (macro and per class),
+    next to the no-shift control."""
+    import json
+
+    rows = ["| model (training augmentation) | site | macro AUROC internal -> external | "
+            "stored thresholds: macro sens / spec gap | classes any threshold restores | "
+            "method | macro sens / spec gap after (median of draws) | macro restored (share of "
+            "draws) | per class restored (share of class-draws) [no-shift control] |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        d = json.loads((RESULTS / f"{name}.json").read_text())["results"]["phantom"]
+        v, cl = d["validation"]["macro"], d["classes"]
+        site = d["spec_external"].split("site=")[-1].split()[0]
+        bg = [d["recalibration"]["threshold"]["classes"][c]["best_possible_gap_median"]
+              for c in cl]
+        head = (f"| {d['arch']} {d['epochs']} ep ({d.get('augment', 'light')}) | {site} | "
+                f"{v['internal']['auroc']:.3f} -> {v['external']['auroc']:.3f} | "
+                f"{v['delta']['sensitivity']['value']:+.3f} / "
+                f"{v['delta']['specificity']['value']:+.3f} | "
+                f"{sum(g <= 0.05 for g in bg)} of {len(cl)} (worst {max(bg):.3f}) |")
+        for i, m in enumerate(("threshold", "offset", "temperature", "quantile")):
+            t = d["target"]["methods"][m]
+            r, c = d["recalibration"][m], d["control_no_shift"][m]
+            per = np.mean([r["classes"][x]["restored_share"] for x in cl])
+            per_c = np.mean([c["classes"][x]["restored_share"] for x in cl])
+            rows.append((head if i == 0 else "| | | | | |")
+                        + f" {m} | {t['macro_sens_gap_median']:+.3f} / "
+                        f"{t['macro_spec_gap_median']:+.3f} | "
+                        f"{t['macro_share_of_draws_restored']:.0%} | {per:.0%} [{per_c:.0%}] |")
+    return "\n".join(rows) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="densenet_small")
@@ -291,7 +355,15 @@ def main() -> None:
     ap.add_argument("--skip-kermany", action="store_true")
     ap.add_argument("--site", default="B", help="the phantom's external site (B, C)")
     ap.add_argument("--name", default="shift", help="result name: benchmarks/results/NAME.*")
+    ap.add_argument("--summary", default="",
+                    help="comma-separated result names: write benchmarks/results/shift_summary.md "
+                         "from them (no measurement) and stop")
     args = ap.parse_args()
+    if args.summary:
+        md = summary([n for n in args.summary.split(",") if n])
+        (RESULTS / "shift_summary.md").write_text(md)
+        print(md)
+        return
     if args.train_only:
         tag = "" if args.augment == "light" else f"_{args.augment}"
         train_model(f"phantom?n={args.n}&size=64", args.arch, args.epochs,

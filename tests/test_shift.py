@@ -326,3 +326,19 @@ def test_verdict_separates_lost_ranking_from_k_shot_noise():
     back = SiteRecalibration.from_dict(res.to_dict())
     assert back.best_possible_gap == res.best_possible_gap
     assert res.table()[0]["best possible gap"] == f"{res.best_possible_gap['c0']:.3f}"
+
+
+def test_macro_gap_is_reported_next_to_the_per_class_verdict():
+    internal = planted(3000, seed=41)
+    external = planted(3000, shift=1.0, seed=42)
+    res, _ = recalibrate_site(None, internal, external, k=20, method="threshold",
+                              thresholds=[0.5, 0.5], n_boot=0, seed=0)
+    want_se = np.mean([a["sensitivity"] - i["sensitivity"]
+                       for i, a in zip(res.internal, res.after)])
+    assert res.macro["sensitivity_gap"] == pytest.approx(want_se)
+    assert res.macro["n_classes"] == 2
+    assert res.macro["restored"] == (abs(res.macro["sensitivity_gap"]) <= 0.05 and
+                                     abs(res.macro["specificity_gap"]) <= 0.05)
+    if not all(res.restored.values()):
+        assert "macro over these classes" in res.verdict
+    assert SiteRecalibration.from_dict(res.to_dict()).macro == res.macro

@@ -491,6 +491,7 @@ class SiteRecalibration:
     verdict: str
     notes: tuple[str, ...] = field(default_factory=tuple)
     best_possible_gap: dict[str, float | None] = field(default_factory=dict)
+    macro: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -587,6 +588,7 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
             restored[a["name"]] = bool(abs(a["sensitivity"] - i["sensitivity"]) <= tolerance and
                                        abs(a["specificity"] - i["specificity"]) <= tolerance)
     best = best_possible_gap(rest, target, list(restored))
+    macro = macro_gap(target, after, list(restored), tolerance)
     n_ok = sum(restored.values())
     failed = [c for c, ok in restored.items() if not ok]
     lost = [c for c in failed if best.get(c) is not None and best[c] > tolerance]
@@ -599,7 +601,11 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
                   "there: retrain, e.g. with the 'acquisition' augmentation profile or images "
                   "of the site)" if lost else "")
                + ("; the others are within reach of some threshold: label more images of the "
-                  "site (a larger k) or try another method" if len(lost) < len(failed) else ""))
+                  "site (a larger k) or try another method" if len(lost) < len(failed) else "")
+               + (f"; macro over these classes: sensitivity {macro['sensitivity_gap']:+.3f}, "
+                  f"specificity {macro['specificity_gap']:+.3f} vs internal ("
+                  + ("within" if macro["restored"] else "NOT within") + f" {tolerance})"
+                  if restored and n_ok < len(restored) else ""))
     notes = (f"fitted on {len(fit_rows)} external images, measured on the other {rest.n}",
              "the point estimates are compared; see the CIs for their uncertainty",
              "best_possible_gap: per class the smallest max(|sens - internal|, |spec - "
@@ -621,8 +627,28 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
         fit_ids=tuple(sample.ids), thresholds_before=tuple(float(x) for x in thr),
         recalibrator=rec.to_dict(), internal=tuple(target), before=tuple(before),
         after=tuple(after), restored=restored, tolerance=tolerance, verdict=verdict, notes=notes,
-        best_possible_gap=best)
+        best_possible_gap=best, macro=macro)
     return res, rec
+
+
+def macro_gap(internal: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]],
+              classes: Sequence[str], tolerance: float = 0.05) -> dict[str, Any]:
+    """Mean sensitivity and specificity over ``classes``, after minus internal, and whether both
+    are within ``tolerance`` (the macro operating point; per-class gaps of opposite sign cancel,
+    which is why the per-class verdict comes first).
+
+    >>> i = [{"name": "a", "sensitivity": .8, "specificity": .9}]
+    >>> macro_gap(i, [{"name": "a", "sensitivity": .76, "specificity": .93}], ["a"])["restored"]
+    True
+    """
+    if not classes:
+        return {}
+    pick = lambda rows, key: float(np.mean([r[key] for r in rows  # noqa: E731
+                                            if r["name"] in classes]))
+    se = pick(after, "sensitivity") - pick(internal, "sensitivity")
+    sp = pick(after, "specificity") - pick(internal, "specificity")
+    return {"sensitivity_gap": se, "specificity_gap": sp, "n_classes": len(classes),
+            "restored": bool(abs(se) <= tolerance and abs(sp) <= tolerance)}
 
 
 def _fmt_gap(g: float | None) -> str:

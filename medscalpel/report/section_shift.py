@@ -35,6 +35,12 @@ def render_site_shift(run: RunFiles, sec: Section) -> None:
         3))
     ok = bool(rec["restored"]) and all(rec["restored"].values())
     sec.fact("recalibration", text(rec["verdict"], cls="good" if ok else "bad"))
+    mac = rec.get("macro") or {}
+    if mac:
+        sec.fact("macro sensitivity after - internal", num(
+            mac["sensitivity_gap"], pointer(rel, "recalibration", "macro", "sensitivity_gap")))
+        sec.fact("macro specificity after - internal", num(
+            mac["specificity_gap"], pointer(rel, "recalibration", "macro", "specificity_gap")))
     sec.fact("thresholds", text(val.get("threshold_source")))
     t = Table(["class", "set", "AUROC", "95% CI", "ECE", "sensitivity", "specificity"],
               key="site_validation", title="Internal vs external site, at the stored thresholds")
