@@ -15,9 +15,19 @@ class, so no acquisition difference with both classes can be defined (see docs/v
 instead the benchmark measures the leakage the old image-wise default had: how many test images
 had a patient in train under the image-wise split vs the patient-wise default.
 
-Run:  nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/shift_bench.py
-      [--arch densenet_small --n 6000 --epochs 4 --seeds 10 --n-boot 1000]
-Writes benchmarks/results/shift.json and shift.md.
+With ``--eval-n N`` the internal and external sets are EVERY image of a fresh phantom
+population (``seed=--eval-seed``: synthetic patients never seen in training) instead of the
+training phantom's test split; every recalibration is repeated with site A as the "new" site (the
+no-shift control: what the k-shot fit alone allows), and each class carries
+``best_possible_gap`` (what ANY threshold could reach). ``--augment acquisition`` trains with the
+scanner-type augmentation profile. ``--summary a,b,...`` writes shift_summary.md from result
+files without measuring.
+
+Run (docs/validation.md lists the four runs):
+      nice -n 5 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/shift_bench.py --n 12000
+      --epochs 6 --eval-n 20000 --seeds 10 --n-boot 500 [--augment acquisition] [--site C]
+      [--skip-kermany] [--name NAME]
+Writes benchmarks/results/NAME.json and NAME.md (default NAME: shift).
 """
 
 from __future__ import annotations
