@@ -320,9 +320,13 @@ def audit_forgettability(
     comp = [i for i in range(len(sw.levels)) if i != ref and sw.levels[i] > sw.reference_level]
     if not comp:
         comp = [i for i in range(len(sw.levels)) if i != ref]
-    with np.errstate(invalid="ignore"):
-        mean_rel = np.nanmean(med_ap[comp], axis=0) if np.isfinite(med_ap[comp]).any() \
-            else np.full(sw.num_classes, np.nan)
+    # a class whose AP is undefined at every compared level (no positive in a tiny eval set)
+    # stays NaN, without numpy's "Mean of empty slice" warning
+    finite = np.isfinite(med_ap[comp])
+    mean_rel = np.full(sw.num_classes, np.nan)
+    cols = finite.any(axis=0)
+    if cols.any():
+        mean_rel[cols] = np.nanmean(med_ap[comp][:, cols], axis=0)
     eval_targets = sw.targets().astype(np.float64)
     if train_labels is not None:
         label_mat = _label_matrix(train_labels, sw.class_names)
