@@ -74,6 +74,14 @@ class CutTable:
     def tn(self) -> np.ndarray:
         return self.nneg - self.fp
 
+    @property
+    def sensitivity(self) -> np.ndarray:
+        return self.tp / max(self.npos, 1)
+
+    @property
+    def specificity(self) -> np.ndarray:
+        return self.tn / max(self.nneg, 1)
+
 
 def cut_table(y: np.ndarray, s: np.ndarray) -> CutTable:
     """Confusion counts for every distinct cut point of ``s`` (labels ``y`` in {0, 1})."""

@@ -223,8 +223,7 @@ def _match_cut(y: np.ndarray, p: np.ndarray, sens: float, spec: float) -> float:
     from medscalpel.repair.calibrate import cut_table
 
     tab = cut_table(y, p)
-    se = tab.tp / max(tab.npos, 1)
-    sp = tab.tn / max(tab.nneg, 1)
+    se, sp = tab.sensitivity, tab.specificity
     cost = (se - sens) ** 2 + (sp - spec) ** 2
     i = int(np.argmin(cost))
     cuts = tab.cuts
@@ -688,7 +687,7 @@ def best_possible_gap(preds: Predictions, target: Sequence[dict[str, Any]],
             out[c] = None
             continue
         tab = cut_table(y, prob[known, col])
-        se, sp = tab.tp / max(tab.npos, 1), tab.tn / max(tab.nneg, 1)
+        se, sp = tab.sensitivity, tab.specificity
         if mirror:  # the other class of a binary decision: its sens is the positive's spec
             se, sp = sp, se
         row = next(r for r in target if r["name"] == c)
