@@ -426,7 +426,7 @@ def run_cells(
                        "cannot resume it. Use a new --out (the grid is recomputed).")
     executor = dict(executor or {"executor": "serial"})
     cfg = {"n_cells": len(cells), **executor, **(config or {})}
-    with RunDir(out, command=command, config=cfg, identity=ident, resume=True,
+    with RunDir(out, command=command, config=cfg, identity=ident, in_place=True,
                 data={"identity_hash": ihash}) as run:
         cdir = run.path / CELLS
         cdir.mkdir(parents=True, exist_ok=True)

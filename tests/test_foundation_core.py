@@ -74,10 +74,10 @@ def test_rundir_atomic(tmp_path):
 
 def test_rundir_resume_identity(tmp_path):
     out = tmp_path / "sweep"
-    with RunDir(out, command="s", identity={"data": "h1"}, resume=True):
+    with RunDir(out, command="s", identity={"data": "h1"}, in_place=True):
         pass
     with pytest.raises(RunError, match="different data"):
-        with RunDir(out, command="s", identity={"data": "h2"}, resume=True):
+        with RunDir(out, command="s", identity={"data": "h2"}, in_place=True):
             pass
 
 

@@ -1,6 +1,6 @@
-"""No lost work: kill -9 a grid or a plain training run midway, rerun the same command (with
---resume for training), and get the result of an uninterrupted run; a changed dataset is
-refused instead of mixed."""
+"""No lost work: kill -9 a grid or a plain training run midway, rerun the same command (no
+flag), and get the result of an uninterrupted run; a changed dataset is refused instead of
+mixed."""
 
 from __future__ import annotations
 
@@ -66,17 +66,17 @@ def data(cls):
 
 CFG = TrainConfig(epochs=6, batch_size=16, lr=3e-3, seed=1, device="cpu", patience=10)
 
-def run(cls, out, resume):
-    """What 'medscalpel train --out OUT [--resume]' does: a RunDir (built under a hidden
-    .partial name unless resumed in place) with the checkpoint in RUN/checkpoint."""
+def run(cls, out):
+    """What 'medscalpel train --out OUT' does: a resumable RunDir (built under a hidden
+    .partial name, adopted by the next identical run) with the checkpoint in RUN/checkpoint."""
     torch.manual_seed(1)
     model = create_model("densenet_tiny", 3, 1, 32)
-    with RunDir(out, command="train", config={"epochs": CFG.epochs}, resume=resume) as run:
+    with RunDir(out, command="train", config={"epochs": CFG.epochs}, resumable=True) as run:
         return train(model, data(cls), None, CFG, checkpoint_dir=run.path / "checkpoint",
                      progress=False)
 
 if __name__ == "__main__":
-    res = run(SlowArrays, sys.argv[1], sys.argv[3] == "resume")
+    res = run(SlowArrays, sys.argv[1])
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in res.model.state_dict().items()}, sys.argv[2])
     print(json.dumps({"resumed_from": res.resumed_from,
@@ -90,7 +90,8 @@ def _start(script: Path, *args: str, cwd: Path | None = None) -> subprocess.Pope
                             start_new_session=True)  # its own process group: kill -9 it all
 
 
-def _kill_when(proc: subprocess.Popen, ready, timeout: float = 60.0) -> None:
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 60.0,
+               sig: int = signal.SIGKILL) -> None:
     t0 = time.time()
     while not ready():
         if proc.poll() is not None:
@@ -100,9 +101,12 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 60.0) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail("the run made no progress to kill")
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # kill -9: the driver and its workers
+    os.killpg(proc.pid, sig)  # kill -9 (or Ctrl-C): the driver and its workers
     proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:  # Ctrl-C: KeyboardInterrupt unwinds through the run directory
+        assert proc.returncode != 0 and "KeyboardInterrupt" in proc.communicate()[1]
 
 
 def _finish(proc_args, timeout=120, cwd: Path | None = None) -> dict:
@@ -170,33 +174,37 @@ def test_kill9_grid_midway_then_resume(setup, tmp_path):
         write_csv_dataset(root / "data")  # restore for other tests of the module
 
 
-def test_kill9_plain_training_after_epoch_1_then_resume(tmp_path):
-    """A killed plain run (no --resume) keeps its checkpoint in the run's final location, and
-    --resume continues from the last finished epoch; the result equals an uninterrupted run."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_kill9_plain_training_after_epoch_1_then_resume(tmp_path, sig):
+    """A killed plain run keeps its checkpoint in its private .partial folder; the SAME command
+    run again (no flag) adopts it and continues from the last finished epoch; the result equals
+    an uninterrupted run and nothing is left beside the finished run directory."""
     script = tmp_path / "train_script.py"
     script.write_text(TRAIN_SCRIPT)
     out = tmp_path / "run"
-    ckpt = out / "checkpoint"
 
     def epochs_done():
-        try:
-            return json.loads((ckpt / "state.json").read_text())["epoch"] + 1
-        except (OSError, ValueError, KeyError):
-            return 0
+        for p in tmp_path.glob(".run.*.partial"):
+            try:
+                return json.loads((p / "checkpoint" / "state.json").read_text())["epoch"] + 1
+            except (OSError, ValueError, KeyError):
+                return 0
+        return 0
 
     # a relative --out, as users type it: the run is built in ./.run.XXXX.partial
     proc = _start(script, "run", tmp_path / "w.safetensors", "plain", cwd=tmp_path)
-    _kill_when(proc, lambda: epochs_done() >= 1)
+    _kill_when(proc, lambda: epochs_done() >= 1, sig=sig)
     done = epochs_done()
     assert 1 <= done < 6
-    partial = list(tmp_path.glob(".run.*.partial"))  # the plain run was built there...
-    assert len(partial) == 1 and not (partial[0] / "checkpoint").exists()  # ...not its state
-    with pytest.raises(RunError, match="already exists and is not empty"):
-        RunDir(out, command="train").__enter__()  # a plain rerun does not silently restart
-    res = _finish([script, "run", tmp_path / "w.safetensors", "resume"], timeout=300,
+    partial = list(tmp_path.glob(".run.*.partial"))
+    assert len(partial) == 1 and (partial[0] / "checkpoint" / "state.json").is_file()
+    assert not out.exists()  # nothing under the final name while it was not finished
+    res = _finish([script, "run", tmp_path / "w.safetensors", "plain"], timeout=300,
                   cwd=tmp_path)
     assert res["resumed_from"] >= done and len(res["losses"]) == 6
+    ckpt = out / "checkpoint"
     assert json.loads((ckpt / "state.json").read_text())["epoch"] == 5
+    assert not list(tmp_path.glob(".run.*"))  # the orphan was adopted, not left behind
     # equal to an uninterrupted plain run in this process (same data); its checkpoint ends in
     # the finished run directory and nothing is left beside it
     sys.modules.pop("train_script", None)
@@ -209,7 +217,7 @@ def test_kill9_plain_training_after_epoch_1_then_resume(tmp_path):
     from safetensors.torch import load_file
 
     torch.set_num_threads(1)
-    ref = train_script.run(ArrayDataset, tmp_path / "ref", False)
+    ref = train_script.run(ArrayDataset, tmp_path / "ref")
     assert json.loads((tmp_path / "ref" / "checkpoint" / "state.json").read_text())["epoch"] == 5
     assert not list(tmp_path.glob(".ref.*"))
     assert res["losses"] == [h["train_loss"] for h in ref.history]

@@ -156,9 +156,13 @@ def train(
     pretrained: bool = typer.Option(False, help="Start from ImageNet weights (needs internet)."),
     n_boot: int = typer.Option(N_BOOT, help=N_BOOT_HELP),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
-    resume: bool = typer.Option(False, help="Resume an interrupted run in --out."),
+    resume: bool = typer.Option(False, hidden=True,
+                                help="Deprecated: an interrupted run resumes by itself."),
 ) -> None:
-    """Train a zoo model on a dataset (train split; early stopping on val; test metrics)."""
+    """Train a zoo model on a dataset (train split; early stopping on val; test metrics).
+
+    An interrupted run (Ctrl-C, kill -9, power loss) resumes from its last finished epoch when
+    the same command is run again."""
     from medscalpel.engine.api import as_augment, fit
     from medscalpel.engine.train import TrainConfig
     from medscalpel.runs import RunDir, write_json
@@ -170,7 +174,7 @@ def train(
     config = {"data": data, "arch": arch, "size": size, "channels": channels, **cfg.to_dict(),
               **({"augment_profile": augment_profile} if augment_profile != "light" else {})}
     with RunDir(out, command="train", config=config, seed=seed, data={"spec": data},
-                overwrite=overwrite, resume=resume, identity=config if resume else None) as run:
+                overwrite=overwrite, resumable=True) as run:
         res = fit(data, arch, run.path, cfg, size=size, channels=channels, augment=aug,
                   pretrained=pretrained, n_boot=n_boot)
         write_json(run.path / "train.json", res.to_dict())
@@ -503,8 +507,8 @@ def run(argv: list[str] | None = None) -> None:
                           markup=False, soft_wrap=True)
         sys.exit(2)
     except (KeyboardInterrupt, Abort):
-        err_console.print("error: interrupted; a run directory being built was removed (re-run "
-                          "the command, with --resume where the command has it).",
+        err_console.print("error: interrupted; nothing was written under --out (a resumable "
+                          "command such as train keeps its work and resumes when run again).",
                           highlight=False, markup=False, soft_wrap=True)
         sys.exit(130)
     except Exception as exc:  # a bug: say so in one line, keep the traceback for debugging

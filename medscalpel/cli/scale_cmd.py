@@ -165,7 +165,8 @@ def train(
     patience: int = typer.Option(3), seed: int = typer.Option(0),
     augment: bool = typer.Option(False, help="Light augmentation (per-process draws)."),
     n_boot: int = typer.Option(N_BOOT, help=N_BOOT_HELP),
-    resume: bool = typer.Option(False, help="Resume an interrupted run in --out."),
+    resume: bool = typer.Option(False, hidden=True,
+                                help="Deprecated: an interrupted run resumes by itself."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
 ) -> None:
     """Data-parallel training (DistributedDataParallel): same optimisation as 'train' at the
@@ -180,7 +181,7 @@ def train(
     config = {"data": data, "arch": arch, "size": size, "channels": channels,
               "augment": augment, "ddp": settings.to_dict(), **cfg.to_dict()}
     with RunDir(out, command="scale train", config=config, seed=seed, data={"spec": data},
-                overwrite=overwrite, resume=resume, identity=config if resume else None) as run:
+                overwrite=overwrite, resumable=True) as run:
         res = fit_ddp(data, arch, run.path, cfg, world_size=world_size, size=size,
                       channels=channels, augment=augment, n_boot=n_boot, settings=settings)
         write_json(run.path / "train.json", res.to_dict())

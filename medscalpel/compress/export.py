@@ -31,7 +31,7 @@ from torch import nn
 
 from medscalpel.compress.measure import cpu_latency, eval_mode
 from medscalpel.errors import ConfigError, ModelError, VerificationError
-from medscalpel.runs import write_json
+from medscalpel.runs import cpu_flags, write_json
 from medscalpel.validation import check_in, check_range
 
 logger = logging.getLogger(__name__)
@@ -202,18 +202,6 @@ class _Calib:
 
     def rewind(self):
         self.i = 0
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags of this machine (``/proc/cpuinfo``; empty where unreadable)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def has_vnni(flags: set[str] | None = None) -> bool:

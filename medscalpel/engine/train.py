@@ -13,7 +13,6 @@ import copy
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,7 @@ from medscalpel.engine.predict import check_compatible, make_loader, predict
 from medscalpel.errors import ConfigError, RunError
 from medscalpel.models.classifier import MedClassifier
 from medscalpel.progress import LiveStatus
-from medscalpel.runs import atomic_path, final_path, read_json, write_json
+from medscalpel.runs import atomic_path, read_json, write_json
 from medscalpel.validation import check_in, check_range
 
 logger = logging.getLogger(__name__)
@@ -140,38 +139,19 @@ def _set_trainable(model: MedClassifier, which: str) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def stable_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """Where per-epoch checkpoints of ``path`` are kept while training runs: ``path`` with any
-    run directory under construction (``.NAME.XXXX.partial``, see :class:`~medscalpel.runs.
-    RunDir`) replaced by its final name. A killed plain run thus leaves its checkpoint in the
-    run's final location, where ``--resume`` (a RunDir built in place) finds it.
-
-    Example:
-        >>> stable_checkpoint_dir("/runs/.r1.ab12cd.partial/checkpoint").as_posix()
-        '/runs/r1/checkpoint'
-        >>> stable_checkpoint_dir(".r1.ab12cd.partial/checkpoint").as_posix()
-        'r1/checkpoint'
-    """
-    path = Path(path)
-    out = Path()
-    for part in path.parts:
-        out = final_path(out / part)
-    return out
-
-
 class _Checkpointer:
     """Per-epoch state for resume: weights (safetensors) + optimiser/scheduler (weights_only).
 
-    State is read from ``directory`` and written to :func:`stable_checkpoint_dir` of it (the
-    same place unless ``directory`` lies in a run directory under construction); at the end of
-    training :meth:`finish` moves it into ``directory``. Each epoch's files carry the epoch in
-    their names and ``state.json`` (written last, atomically) names them, so a kill at any
-    moment leaves a consistent last finished epoch.
+    State is read from and written to ``directory`` (inside the run's private ``.partial``
+    folder while a command runs: an interrupted run keeps it there and the next identical run
+    adopts that folder, see :class:`~medscalpel.runs.RunDir`). Each epoch's files carry the
+    epoch in their names and ``state.json`` (written last, atomically) names them, so a kill at
+    any moment leaves a consistent last finished epoch.
     """
 
     def __init__(self, directory: Path | None):
         self.dir = directory
-        self.write_dir = stable_checkpoint_dir(directory) if directory is not None else None
+        self.write_dir = directory
 
     def save(self, epoch: int, model, best_state, opt, sched, history, best_epoch, best_metric,
              bad_epochs, identity: dict[str, Any]) -> None:
@@ -229,23 +209,6 @@ class _Checkpointer:
         return (state, load_file(str(self.dir / files["last"])),
                 load_file(str(self.dir / files["best"])),
                 torch.load(self.dir / files["optim"], map_location="cpu", weights_only=True))
-
-    def finish(self) -> None:
-        """Move the checkpoint from its stable place into ``directory`` (when they differ), so
-        that a finished run holds it; empty folders left behind are removed."""
-        if self.dir is None or self.write_dir is None or self.write_dir == self.dir:
-            return
-        if not self.write_dir.is_dir():
-            return
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(self.write_dir), str(self.dir))
-        common = Path(os.path.commonpath([self.write_dir, self.dir]))
-        p = self.write_dir.parent
-        while p != common and common in p.parents and p.is_dir() and not any(p.iterdir()):
-            p.rmdir()
-            p = p.parent
 
 
 def lr_lambda_for(cfg: TrainConfig, n_train: int) -> tuple[Callable[[int], float], int]:
@@ -350,7 +313,7 @@ def run_epochs(model: MedClassifier, net: nn.Module, params: list[nn.Parameter],
     """The one training loop of :func:`train` and
     :func:`~medscalpel.engine.distributed.train_ddp`: AdamW + warm-up/cosine schedule, resume
     from the last finished epoch, per-epoch validation, early stopping on ``cfg.monitor`` with
-    the best weights kept, per-epoch checkpoints (:func:`stable_checkpoint_dir`).
+    the best weights kept, per-epoch checkpoints in ``checkpoint_dir``.
 
     Args:
         model: the model (its state is what is checkpointed and validated).
@@ -429,8 +392,6 @@ def run_epochs(model: MedClassifier, net: nn.Module, params: list[nn.Parameter],
                       bad_epochs, identity)
             stop = bad_epochs >= cfg.patience
         stopped = hooks.stop(stop)
-    if hooks.is_main:
-        ckpt.finish()
     return EpochsOutcome(history, best_state, best_epoch, float(best_metric), start_epoch,
                          round(time.perf_counter() - t0, 2), step_losses)
 
@@ -449,10 +410,9 @@ def train(
 
     Args:
         checkpoint_dir: where per-epoch state is kept; rerunning with the same directory resumes
-            after the last finished epoch (and refuses a different model/data/config). Inside a
-            run directory under construction (a plain ``train``), the state is written to the
-            run's final location while training runs (:func:`stable_checkpoint_dir`), so a
-            killed run resumes with ``--resume``; it is moved into ``checkpoint_dir`` at the end.
+            after the last finished epoch (and refuses a different model/data/config). In a
+            command's run directory it lies in the private ``.partial`` folder, which a rerun of
+            the same command adopts after an interruption (no flag needed).
         loss_fn: replaces the default loss (BCE / CE), e.g. for distillation.
         inplace: train the given model object instead of a copy.
 
