@@ -251,8 +251,12 @@ def stage_compare(args) -> None:
                                                                          args.repeats))
             for k, (fn, _) in peaks.items():
                 peak_t[k].append(_median_ms(fn))
-    peak = {f"{k}_gmacs": peaks[k][1] / (statistics.median(v) / 1e3) / 1e9
-            for k, v in peak_t.items()}
+    sizes = {k: peaks[k][1] / (statistics.median(v) / 1e3) / 1e9 for k, v in peak_t.items()}
+    peak = {"sizes_gmacs": sizes}
+    for prec in ("fp32", "int8"):  # the fastest GEMM size per precision is the peak
+        rates = [v for k, v in sizes.items() if k.startswith(prec + "@")]
+        if rates:
+            peak[f"{prec}_gmacs"] = max(rates)
     macs = {w: count_macs(m, ex) for _, w, m, _, _, _ in built}
     params = {w: count_parameters(m) for _, w, m, _, _, _ in built}
     med = {k: statistics.median(v) for k, v in times.items()}

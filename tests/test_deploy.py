@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from medscalpel.cli.main import app
 from medscalpel.compress.deploy import DEFAULT_VARIANTS, DeployResult, deploy
 from medscalpel.compress.runtimes import (RUNTIMES, OrtFp32, TorchEager, openvino_capabilities)
+from medscalpel.compress.timing import speed_ratio
 from medscalpel.data import ArrayDataset, Preprocess
 from medscalpel.errors import ConfigError, MissingExtraError, VerificationError
 from medscalpel.models.checkpoint import load_model, make_card, save_model
@@ -107,8 +108,8 @@ def test_every_available_runtime_has_parity(model, tmp_path):
             continue
         tol = 1e-3 if v.precision == "fp32" else (0.05 if v.precision == "bf16" else 0.5)
         assert v.parity_rel <= tol and v.parity_abs >= 0
-        assert set(v.latency) == {"b1", "b4"} and all(
-            len(v.latency[b]["rounds_ms"]) == 2 for b in v.latency)
+        assert set(v.latency) == {"b1", "b4"} and all(  # 2 rounds, or 4 when re-measured
+            len(v.latency[b]["rounds_ms"]) in (2, 4) for b in v.latency)
         assert v.comparison["n"] == 64 and v.macro_delta_auroc is not None
         assert v.speedup_vs_torch["b1"] > 0 and 0 < v.peak_fraction["b1"]
     assert by["torch:fp32"].parity_abs == 0.0 and by["torch:fp32"].macro_delta_auroc == 0.0
@@ -117,9 +118,17 @@ def test_every_available_runtime_has_parity(model, tmp_path):
     assert by["onnxruntime:int8-u8s8"].info["activation"] == "u8"
     assert by["onnxruntime:int8-s8s8"].info["activation"] == "s8"
     assert by["openvino:fp32"].info["precision_used"].lower().endswith(("f32", "float32"))
-    # the recommendation is the fastest go variant at batch 1
+    # the recommendation is the fastest go variant at batch 1, unless a faster one is not
+    # DECISIVELY faster (per-round ratio interval holds 1, or noisy): then the higher precision
     go = [v for v in res.variants if v.go]
-    assert res.recommended == min(go, key=lambda v: v.median_ms(1)).name
+    rec = by[res.recommended]
+    assert rec.go
+    for w in go:
+        if w.median_ms(1) < rec.median_ms(1):
+            sr = speed_ratio(rec.latency["b1"]["rounds_ms"], w.latency["b1"]["rounds_ms"])
+            assert sr.outcome != "faster" and "not decisively faster" in res.reason
+    assert rec.speed["b1"]["vs_torch"]["rounds"] or rec.name == "torch:fp32"
+    assert res.machine["cpu"]["model"] and "theoretical" in res.peak
     # files: deploy.json round trip, exports, the served artifact and its contract
     d = tmp_path / "d"
     assert DeployResult.load(d).to_dict() == DeployResult.from_dict(res.to_dict()).to_dict()
@@ -135,7 +144,7 @@ def test_planted_slow_inaccurate_and_nonconforming_variants_are_refused(model, t
     slow, rows, wrong = SlowTorch(1), RowPerturbedTorch(1), WrongOnnx(1)
     res = deploy(model, _ds("test"), tmp_path / "d", calib_data=_ds("train", seed=1),
                  variants=["torch:fp32", "onnxruntime:fp32", slow, rows, wrong], batches=(1,),
-                 rounds=3, repeats=3, n_boot=100, progress=False)
+                 rounds=5, repeats=3, n_boot=100, progress=False)  # 5 rounds: 94% interval
     by = {v.name: v for v in res.variants}
     s = by["planted_slow:fp32"]
     assert s.status == "no-go" and any("slower than torch fp32" in r for r in s.reasons)

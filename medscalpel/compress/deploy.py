@@ -52,6 +52,7 @@ from medscalpel.compress.deploy_timing import benchmark_variants, peak_gemms
 from medscalpel.compress.measure import count_macs, count_parameters
 from medscalpel.compress.runtimes import (RUNTIMES, OpenVinoInt8AccuracyControl, Runtime,
                                           cpu_features)
+from medscalpel.compress.timing import SpeedRatio, speed_ratio
 from medscalpel.data.base import split_warning
 from medscalpel.engine.compare import compare_predictions
 from medscalpel.engine.metrics import auroc
@@ -59,7 +60,7 @@ from medscalpel.engine.predict import collect_images
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, MedScalpelError, MissingExtraError, VerificationError
 from medscalpel.progress import track
-from medscalpel.runs import RunDir, package_versions, write_json
+from medscalpel.runs import RunDir, machine_info, package_versions, write_json
 from medscalpel.validation import check_range
 
 logger = logging.getLogger(__name__)
@@ -250,10 +251,25 @@ def _check_accuracy(v: _Variant, images, ref_logits, ref_preds, data, idx, batch
 
 
 # ----------------------------------------------------------------------------- decide
+_PRECISION_RANK = {"fp32": 0, "bf16": 1}  # int8 variants rank 2: most accuracy risk
+
+
+def _speed(v: _Variant, other: _Variant, b: int) -> SpeedRatio | None:
+    """How much faster ``v`` is than ``other`` at batch ``b``: per-round ratios of one
+    alternated run (``None`` when either was not timed)."""
+    if not v.times.get(b) or not other.times.get(b) or len(v.times[b]) != len(other.times[b]):
+        return None
+    return speed_ratio(other.times[b], v.times[b])
+
+
 def _decide(vs: list[_Variant], batches, floor_macro, floor_class, vnni: bool) -> None:
+    """Accuracy floor, then speed: a variant is no-go when it is DECISIVELY slower than torch
+    fp32 (or a reduced precision than its own runtime's fp32): the whole interval of its
+    per-round speed ratio below 1. Within timing noise it stays eligible and the tie rule of
+    :func:`_recommend` decides."""
     b0 = batches[0]
-    med = {v.rt.name: statistics.median(v.times[b0]) for v in vs if v.times.get(b0)}
-    ref_ms = med.get(REFERENCE)
+    by_name = {v.rt.name: v for v in vs}
+    ref = by_name.get(REFERENCE)
     for v in vs:
         if v.status != "go":
             continue
@@ -261,29 +277,60 @@ def _decide(vs: list[_Variant], batches, floor_macro, floor_class, vnni: bool) -
                                                                                            [])
         if not ok:
             v.fail("no-go", "failed floor: " + "; ".join(why))
-        ms = med.get(v.rt.name)
-        if ms is not None and ref_ms is not None and v.rt.name != REFERENCE and ms > ref_ms:
-            v.fail("no-go", f"slower than torch fp32 at batch {b0} ({ms:.3g} vs "
-                            f"{ref_ms:.3g} ms)")
-        fp32 = med.get(f"{v.rt.runtime}:fp32")
-        if v.rt.precision != "fp32" and ms is not None and fp32 is not None and ms > fp32:
+        sr = _speed(v, ref, b0) if ref is not None and v is not ref else None
+        if sr is not None and sr.outcome == "slower":
+            v.fail("no-go", f"slower than torch fp32 at batch {b0}: {sr.describe()}")
+        fp32 = by_name.get(f"{v.rt.runtime}:fp32")
+        sf = _speed(v, fp32, b0) if fp32 is not None and v.rt.precision != "fp32" else None
+        if sf is not None and sf.outcome == "slower":
             hw = "" if vnni or not v.rt.precision.startswith("int8") else \
                 " (no VNNI on this CPU: int8 runs on the AVX2 path)"
-            v.fail("no-go", f"{v.rt.precision} slower than {v.rt.runtime} fp32 at batch {b0} "
-                            f"({ms:.3g} vs {fp32:.3g} ms){hw}")
+            v.fail("no-go", f"{v.rt.precision} slower than {v.rt.runtime} fp32 at batch {b0}: "
+                            f"{sf.describe()}{hw}")
+
+
+def _noisy(live: list[_Variant], b0: int) -> list[str]:
+    ref = next((v for v in live if v.rt.name == REFERENCE), None)
+    if ref is None:
+        return []
+    out = []
+    for v in live:
+        sr = _speed(v, ref, b0) if v is not ref else None
+        if sr is not None and sr.noisy:
+            out.append(v.rt.name)
+    return out
+
+
+def _rank(v: _Variant) -> int:
+    return _PRECISION_RANK.get(v.rt.precision, 2)
 
 
 def _recommend(vs: list[_Variant], b0: int) -> tuple[_Variant | None, str]:
+    """The fastest ``go`` variant, unless other ``go`` variants are indistinguishable from it
+    within timing noise (the per-round ratio's interval holds 1 or the rounds are noisy):
+    among those the highest precision is served (fp32 > bf16 > int8), so that a noisy run does
+    not flip the recommendation to a riskier precision it has not shown to be faster."""
     go = [v for v in vs if v.status == "go" and v.times.get(b0)]
     if not go:
         return None, ""
-    best = min(go, key=lambda v: statistics.median(v.times[b0]))
+    fastest = min(go, key=lambda v: statistics.median(v.times[b0]))
+    ties = [v for v in go if v is fastest
+            or (_speed(fastest, v, b0) is not None and _speed(fastest, v, b0).outcome != "faster")]
+    best = min(ties, key=lambda v: (_rank(v), statistics.median(v.times[b0])))
     ref = next(v for v in vs if v.rt.name == REFERENCE)
-    sp = statistics.median(ref.times[b0]) / statistics.median(best.times[b0])
+    sr = _speed(best, ref, b0)
     m = best.comparison.macro["delta_auroc"] if best.comparison else 0.0
-    return best, (f"fastest variant meeting the floor at batch {b0}: {sp:.2f}x torch fp32 "
-                  f"eager, macro dAUROC {m:+.4f}, parity {best.parity[1]:.2g} of the logit "
-                  "scale")
+    speed = sr.describe() if sr is not None else "1.00x (it is the reference)"
+    reason = (f"fastest variant meeting the floor at batch {b0}: {speed} torch fp32 eager, "
+              f"macro dAUROC {m:+.4f}, parity {best.parity[1]:.2g} of the logit scale")
+    if best is not fastest:
+        reason += (f"; {fastest.rt.name} had the lowest median but is not decisively faster "
+                   f"({_speed(fastest, best, b0).describe()}), so the higher precision is "
+                   "served")
+    elif len(ties) > 1:
+        others = ", ".join(v.rt.name for v in ties if v is not best)
+        reason += f"; within timing noise of: {others}"
+    return best, reason
 
 
 def _floor_error(vs: list[_Variant], floor_macro, floor_class) -> VerificationError:
@@ -304,7 +351,7 @@ def _floor_error(vs: list[_Variant], floor_macro, floor_class) -> VerificationEr
 def _variant_result(v: _Variant, ref: _Variant, vs: list[_Variant], batches, macs, peak,
                     ) -> VariantResult:
     rt = v.rt
-    lat, sp_t, sp_f, rate, frac = {}, {}, {}, {}, {}
+    lat, sp_t, sp_f, rate, frac, theo, speed = {}, {}, {}, {}, {}, {}, {}
     fp32 = next((w for w in vs if w.rt.name == f"{rt.runtime}:fp32"), None)
     peak_key = "int8" if rt.precision.startswith("int8") and peak.get("int8_gmacs") else "fp32"
     for b in batches:
@@ -315,12 +362,23 @@ def _variant_result(v: _Variant, ref: _Variant, vs: list[_Variant], batches, mac
         key = f"b{b}"
         lat[key] = {"median_ms": med, "min_ms": min(t), "max_ms": max(t),
                     "spread": (max(t) - min(t)) / med, "rounds_ms": list(t)}
-        if ref.times.get(b):
-            sp_t[key] = statistics.median(ref.times[b]) / med
-        if fp32 is not None and fp32 is not v and fp32.times.get(b):
-            sp_f[key] = statistics.median(fp32.times[b]) / med
+        ev: dict[str, Any] = {}
+        st = _speed(v, ref, b)
+        if st is not None:
+            sp_t[key] = st.ratio
+            ev["vs_torch"] = st.to_dict()
+        sf = _speed(v, fp32, b) if fp32 is not None and fp32 is not v else None
+        if sf is not None:
+            sp_f[key] = sf.ratio
+            ev["vs_fp32"] = sf.to_dict()
+        if ev:
+            speed[key] = ev
         rate[key] = macs * b / (med / 1000.0) / 1e9
-        frac[key] = rate[key] / peak[f"{peak_key}_gmacs"]
+        if peak.get(f"{peak_key}_gmacs"):
+            frac[key] = rate[key] / peak[f"{peak_key}_gmacs"]
+        bound = peak.get("theoretical", {}).get(f"{peak_key}_gmacs")
+        if bound:
+            theo[key] = rate[key] / bound
     files = [f for f in rt.files if f.exists()]
     return VariantResult(
         name=rt.name, runtime=rt.runtime, precision=rt.precision, status=v.status,
@@ -329,6 +387,7 @@ def _variant_result(v: _Variant, ref: _Variant, vs: list[_Variant], batches, mac
         parity_rel=v.parity[1] if v.parity else None, parity_tolerance=rt.tolerance,
         comparison=v.comparison.to_dict() if v.comparison is not None else None,
         mac_rate=rate, peak_fraction=frac, peak_used=f"{peak_key} matmul" if rate else "",
+        theoretical_fraction=theo, speed=speed,
         prepare_seconds=v.prepare_s, file_bytes=sum(f.stat().st_size for f in files) or None,
         info=dict(rt.info))
 
@@ -433,6 +492,16 @@ def deploy(
                                 n_boot, seed)
         live = [v for v in vs if v.status == "go"]
         peak = benchmark_variants(live, images, batches, rounds, warmup, repeats, threads, progress)
+        noisy = _noisy(live, batches[0])
+        if noisy:  # once: more rounds, appended to the same aligned series
+            logger.warning("timing of %s was noisy; measuring %d more rounds", ", ".join(noisy),
+                           rounds)
+            peak = benchmark_variants(live, images, batches, rounds, warmup, repeats, threads,
+                                      progress)
+            still = _noisy(live, batches[0])
+            notes.append(f"timing was noisy ({', '.join(noisy)}): re-measured with {rounds} more "
+                         "rounds" + (f"; still noisy: {', '.join(still)} (their speed verdicts "
+                                     "are undecided)" if still else ""))
         feats = cpu_features()
         _decide(vs, batches, floor_macro, floor_class, feats["vnni"])
         chosen, reason = _recommend(vs, batches[0])
@@ -479,7 +548,7 @@ def _finish(model, shape, vs, chosen, reason, workdir, out, data, calib_src, ima
             recommended=chosen.rt.name, reason=reason, peak=peak, cpu=feats,
             loadavg={"start": load_start, "end": load_end}, under_load=under_load,
             serve={"dir": "serve", "files": files, "exports": exports, **meta},
-            notes=tuple(notes), versions=_versions(),
+            notes=tuple(notes), versions=_versions(), machine=machine_info(),
             seconds=round(time.perf_counter() - t0, 3))
         result.save(run.path)
     return result

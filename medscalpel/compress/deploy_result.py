@@ -34,7 +34,14 @@ class VariantResult:
         comparison: :class:`~medscalpel.engine.compare.PairedComparison` as a dict (per-class and
             macro delta AUROC with paired bootstrap CIs), or ``None``.
         mac_rate: effective GMAC/s per batch key (model MACs x batch / latency).
-        peak_fraction: ``mac_rate`` / the peak measured in this run for this precision.
+        peak_fraction: ``mac_rate`` / the peak measured in this run for this precision (the
+            fastest GEMM of a size sweep at the same threads; above 1 the GEMM was no peak).
+        theoretical_fraction: ``mac_rate`` / the theoretical bound from the CPU's features and
+            nominal clock (``DeployResult.peak["theoretical"]`` states its assumptions).
+        speed: per batch key, ``vs_torch`` and ``vs_fp32``:
+            :class:`~medscalpel.compress.timing.SpeedRatio` dicts (per-round ratios of one
+            alternated run, their median, order-statistic interval, spread, noisy, outcome).
+            ``speedup_vs_torch`` / ``speedup_vs_fp32`` are their medians.
     """
 
     name: str
@@ -52,6 +59,8 @@ class VariantResult:
     mac_rate: dict[str, float] = field(default_factory=dict)
     peak_fraction: dict[str, float] = field(default_factory=dict)
     peak_used: str = ""
+    theoretical_fraction: dict[str, float] = field(default_factory=dict)
+    speed: dict[str, dict[str, Any]] = field(default_factory=dict)
     prepare_seconds: float | None = None
     file_bytes: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -131,6 +140,7 @@ class DeployResult:
     notes: tuple[str, ...] = ()
     versions: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    machine: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA
 
     def variant(self, name: str) -> VariantResult:
@@ -153,11 +163,17 @@ class DeployResult:
                 row[f"b{b} spread"] = v.latency.get(f"b{b}", {}).get("spread")
                 row[f"b{b} x torch"] = v.speedup_vs_torch.get(f"b{b}")
             b0 = f"b{self.batches[0]}"
+            st = v.speed.get(b0, {}).get("vs_torch")
+            row[f"{b0} x torch interval"] = (None if st is None else
+                                             f"[{st['low']:.2f}, {st['high']:.2f}] "
+                                             f"{st['outcome']}")
             row.update({"x fp32 same rt": v.speedup_vs_fp32.get(b0), "parity rel": v.parity_rel,
                         "macro dAUROC": v.macro_delta_auroc,
                         "worst class dAUROC": v.worst_class_delta_auroc,
                         f"{b0} % peak": (None if v.peak_fraction.get(b0) is None
                                          else 100 * v.peak_fraction[b0]),
+                        f"{b0} % theoretical": (None if v.theoretical_fraction.get(b0) is None
+                                                else 100 * v.theoretical_fraction[b0]),
                         "why": "; ".join(v.reasons)})
             rows.append(row)
         return rows
@@ -175,9 +191,19 @@ class DeployResult:
                f"Load average (1/5/15 min) start {self.loadavg.get('start')}, end "
                f"{self.loadavg.get('end')}" + (" — latencies MEASURED UNDER LOAD."
                                                if self.under_load else "."), "",
-               f"Peak fp32 matmul: {_f(self.peak.get('fp32_gmacs'))} GMAC/s"
+               f"CPU: {self.machine.get('cpu', {}).get('model', 'not recorded')} (features: "
+               f"{', '.join(self.machine.get('cpu', {}).get('features', [])) or 'not recorded'}"
+               "); every speed below holds for this CPU only.", "",
+               f"Peak fp32 GEMM: {_f(self.peak.get('fp32_gmacs'))} GMAC/s"
                + (f"; int8: {_f(self.peak.get('int8_gmacs'))} GMAC/s"
-                  if self.peak.get("int8_gmacs") else ""), "",
+                  if self.peak.get("int8_gmacs") else "")
+               + f" ({self.peak.get('method', 'one size')}); theoretical fp32 bound "
+               f"{_f(self.peak.get('theoretical', {}).get('fp32_gmacs'))} GMAC/s "
+               f"({self.peak.get('theoretical', {}).get('assumption', 'not computed')}).", "",
+               "Speed ratios are medians of per-round ratios of one alternated run with an "
+               "order-statistic interval; a variant is no-go for speed only when decisively "
+               "slower, and variants within timing noise of the fastest are served by "
+               "precision (fp32 > bf16 > int8).", "",
                "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(_f(r[k]) for k in head) + " |" for r in rows]
         out += ["", f"**Recommended:** {self.recommended or 'none'}: {self.reason}"]

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from medscalpel.compress.measure import cpu_latency, eval_mode
+from medscalpel.compress.timing import median_ms
 from medscalpel.errors import ConfigError, ModelError, VerificationError
 from medscalpel.runs import cpu_flags, write_json
 from medscalpel.validation import check_in, check_range
@@ -154,14 +155,7 @@ def ort_latency(session, example: torch.Tensor, batch_size: int, warmup: int = 3
     """Median ms of one onnxruntime run at ``batch_size`` (after ``warmup`` runs)."""
     x = example[:1].float().cpu().numpy()
     x = np.ascontiguousarray(np.repeat(x, batch_size, axis=0))
-    for _ in range(warmup):
-        session.run(None, {INPUT: x})
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        session.run(None, {INPUT: x})
-        times.append((time.perf_counter() - t0) * 1000.0)
-    return float(statistics.median(times))
+    return median_ms(lambda: session.run(None, {INPUT: x}), warmup, repeats)
 
 
 def _torch_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> np.ndarray:

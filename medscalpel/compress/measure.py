@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import statistics
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -27,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from medscalpel.compress.timing import median_ms, speed_ratio
 from medscalpel.errors import ConfigError
 from medscalpel.validation import check_range
 
@@ -97,9 +96,6 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
 
 logger = logging.getLogger(__name__)
 
-#: spread of the per-round latency ratios above which a measurement is flagged noisy
-NOISY_SPREAD = 0.2
-
 
 def cpu_latency(model: nn.Module, example_inputs: torch.Tensor, batch_size: int = 1,
                 warmup: int = 3, repeats: int = 10) -> float:
@@ -113,15 +109,8 @@ def cpu_latency(model: nn.Module, example_inputs: torch.Tensor, batch_size: int 
     check_range(warmup, "warmup", "cpu_latency", 0, integer=True)
     x = example_inputs[:1].float().cpu()
     x = x.expand(batch_size, *x.shape[1:]).contiguous()
-    times: list[float] = []
     with eval_mode(model), torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - t0) * 1000.0)
-    return float(statistics.median(times))
+        return median_ms(lambda: model(x), warmup, repeats)
 
 
 def latency_pair(model_a: nn.Module, model_b: nn.Module, example_inputs: torch.Tensor,
@@ -131,28 +120,28 @@ def latency_pair(model_a: nn.Module, model_b: nn.Module, example_inputs: torch.T
     affects both alike): the one latency protocol of medscalpel.
 
     Returns:
-        medians in ms (``a_ms``, ``b_ms``), ``ratio = a / b`` (> 1 means ``b`` is faster), the
-        per-round ratios, their ``spread`` ((max - min) / median of the round ratios) and
-        ``noisy`` (spread > :data:`NOISY_SPREAD`: a warning is logged; repeat on an idle machine
-        before trusting the ratio), and the 1-minute load average when it was measured.
+        medians in ms (``a_ms``, ``b_ms``), ``ratio``: the median of the per-round ratios
+        ``a / b`` (> 1 means ``b`` is faster), the per-round ratios, their order-statistic
+        interval (``ratio_low``, ``ratio_high``, ``ratio_confidence``), ``spread`` ((max - min)
+        / median of the round ratios), ``noisy`` (spread > :data:`~medscalpel.compress.timing.
+        NOISY_SPREAD`: a warning is logged; repeat on an idle machine before trusting the
+        ratio), ``outcome`` (:class:`~medscalpel.compress.timing.SpeedRatio`: ``faster`` /
+        ``slower`` / ``undecided`` for ``b``) and the 1-minute load average.
     """
     a_t, b_t = [], []
     for _ in range(rounds):
         a_t.append(cpu_latency(model_a, example_inputs, batch_size, warmup, repeats))
         b_t.append(cpu_latency(model_b, example_inputs, batch_size, warmup, repeats))
-    a, b = float(statistics.median(a_t)), float(statistics.median(b_t))
-    ratio = a / b if b > 0 else float("nan")
-    per_round = [x / y if y > 0 else float("nan") for x, y in zip(a_t, b_t)]
-    spread = ((max(per_round) - min(per_round)) / ratio
-              if len(per_round) > 1 and ratio > 0 else 0.0)
-    noisy = bool(spread > NOISY_SPREAD)
-    if noisy:
+    sr = speed_ratio(a_t, b_t)
+    if sr.noisy:
         logger.warning("latency ratio %.2f varies by %.0f%% between %d alternated rounds "
-                       "(load average %.1f): measure again on an idle machine", ratio,
-                       100 * spread, rounds, os.getloadavg()[0])
-    return {"a_ms": a, "b_ms": b, "ratio": ratio, "batch_size": batch_size,
-            "round_ratios": per_round, "spread": float(spread), "noisy": noisy,
-            "rounds": rounds, "load_average": float(os.getloadavg()[0])}
+                       "(load average %.1f): measure again on an idle machine", sr.ratio,
+                       100 * sr.spread, rounds, os.getloadavg()[0])
+    return {"a_ms": sr.reference_ms, "b_ms": sr.candidate_ms, "ratio": sr.ratio,
+            "batch_size": batch_size, "round_ratios": list(sr.rounds), "ratio_low": sr.low,
+            "ratio_high": sr.high, "ratio_confidence": sr.confidence, "spread": sr.spread,
+            "noisy": sr.noisy, "outcome": sr.outcome, "rounds": rounds,
+            "load_average": float(os.getloadavg()[0])}
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from torch import nn
 
 from medscalpel.compress.export import (INPUT, cpu_flags, export_onnx_file, has_vnni,
                                         ort_session, quantize_onnx)
+from medscalpel.compress.timing import median_ms
 from medscalpel.errors import ConfigError, MissingExtraError, optional_import
 from medscalpel.registry import Registry
 
@@ -377,17 +378,7 @@ def vector_width() -> int:
 
 def time_runtime(rt: Runtime, x: np.ndarray, warmup: int = 2, repeats: int = 5) -> float:
     """Median ms of ``rt.run(x)`` over ``repeats`` runs after ``warmup`` runs."""
-    import statistics
-    import time
-
-    for _ in range(warmup):
-        rt.run(x)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        rt.run(x)
-        ts.append((time.perf_counter() - t0) * 1000.0)
-    return float(statistics.median(ts))
+    return median_ms(lambda: rt.run(x), warmup, repeats)
 
 
 def runtime_latency(model: nn.Module, runtime: str, example: torch.Tensor, batch_size: int = 1,
