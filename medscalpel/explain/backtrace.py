@@ -101,7 +101,7 @@ from medscalpel.explain.attributions import (ATTRIBUTIONS, Attribution, Attribut
 from medscalpel.explain.canonizers import (ChannelAffine, OutOfPlaceActivations,
                                            ResidualBlockCanonizer, canonizers_for, is_resnet,
                                            unsupported_leaves)
-from medscalpel.explain.lrp import rule_relevance
+from medscalpel.explain.rule_session import RuleSession
 from medscalpel.validation import check_in
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def build_composite(model: nn.Module, zero_bias: bool = False,
     return LayerMapComposite(layer_map=layer_map, canonizers=canonizers)
 
 
-class BacktraceSession:
+class BacktraceSession(RuleSession):
     """A private copy of a model with the DL-Backtrace composite registered.
 
     Used by :class:`Backtrace` and by :func:`medscalpel.explain.relevance.channel_relevance`.
@@ -210,7 +210,11 @@ class BacktraceSession:
         bn_rule: ``"pass"`` or ``"fold"`` (see the module docstring).
     """
 
+    owner = "backtrace"
+    hint = "use bn_rule='pass' or method='ig', and report the architecture."
+
     def __init__(self, model: nn.Module, zero_bias: bool = False, bn_rule: str = "pass"):
+        super().__init__()
         check_in(bn_rule, "bn_rule", "backtrace", BN_RULES)
         check_backtrace_support(model)
         self.reference = prepare_model_copy(model)
@@ -219,31 +223,6 @@ class BacktraceSession:
                          "start": "target logit", "mode": "default",
                          "arch": getattr(model, "arch", type(model).__name__)}
         self.composite = build_composite(self.work, zero_bias=zero_bias, bn_rule=bn_rule)
-        self.max_canonizer_diff = 0.0
-        self._active = False
-
-    def __enter__(self) -> "BacktraceSession":
-        self.composite.register(self.work)
-        self._active = True
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.composite.remove()
-        self._active = False
-
-    def relevance(self, x: torch.Tensor, target: torch.Tensor,
-                  capture: list[str] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Propagate ``R = f_t(x)`` back to the input.
-
-        Returns:
-            ``(input_relevance [N, C, H, W], target_logit [N], {layer: relevance at its
-            output})``; layers whose output does not reach the logit are absent.
-        """
-        if not self._active:
-            raise RuntimeError("BacktraceSession.relevance must be called inside 'with session:'.")
-        return rule_relevance(self, x, target, capture, "backtrace",
-                              "use bn_rule='pass' or method='ig', and report the architecture.")
 
 
 @ATTRIBUTIONS.register("backtrace", help="DL-Backtrace (native torch): relevance split over "

@@ -27,16 +27,16 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 from torch import nn
 
-from medscalpel.errors import ModelError, VerificationError
+from medscalpel.errors import ModelError
 from medscalpel.explain.attributions import (ATTRIBUTIONS, Attribution, AttributionResult,
                                              check_inputs, num_classes_of, prepare_model_copy,
                                              resolve_targets)
 from medscalpel.explain.canonizers import ChannelAffine, canonizers_for, unsupported_leaves
+from medscalpel.explain.rule_session import RuleSession
 from medscalpel.validation import check_in, check_range
 
 logger = logging.getLogger(__name__)
@@ -45,8 +45,6 @@ COMPOSITES = ("epsilon_plus_flat", "epsilon_plus", "epsilon_gamma_box", "epsilon
               "epsilon_alpha2_beta1_flat", "epsilon")
 BN_RULES = ("pass", "epsilon")
 
-#: canonized forward must reproduce the model's logits within this (relative to max(1, |logit|))
-CANONIZER_TOLERANCE = 1e-4
 
 
 def check_lrp_support(model: nn.Module, owner: str = "lrp") -> None:
@@ -112,7 +110,7 @@ def build_composite(name: str = "epsilon_plus_flat", epsilon: float = 1e-6,
                canonizers=canonizers)
 
 
-class LRPSession:
+class LRPSession(RuleSession):
     """A canonized private copy of a model with an LRP composite registered.
 
     Used by :func:`lrp` and by :func:`medscalpel.explain.relevance.channel_relevance`. Always use
@@ -125,10 +123,15 @@ class LRPSession:
             then passed through and ResNet additions duplicate relevance).
     """
 
+    owner = "lrp"
+    hint = ("its BatchNorm folding does not fit this model. Report the architecture, or use "
+            "method='ig'.")
+
     def __init__(self, model: nn.Module, composite: str = "epsilon_plus_flat",
                  epsilon: float = 1e-6, zero_bias: bool = False, bn_rule: str = "pass",
                  low: float | torch.Tensor | None = None, high: float | torch.Tensor | None = None,
                  canonize: bool = True):
+        super().__init__()
         check_range(epsilon, "epsilon", "lrp", 0.0)
         check_lrp_support(model)
         self.reference = prepare_model_copy(model)
@@ -142,86 +145,6 @@ class LRPSession:
         cans = canonizers_for(self.work) if canonize else []
         self.composite = build_composite(composite, epsilon=epsilon, zero_bias=zero_bias,
                                          bn_rule=bn_rule, low=low, high=high, canonizers=cans)
-        self.max_canonizer_diff = 0.0
-        self._active = False
-
-    def __enter__(self) -> "LRPSession":
-        self.composite.register(self.work)
-        self._active = True
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.composite.remove()
-        self._active = False
-
-    def modules(self) -> dict[str, nn.Module]:
-        """Named modules of the canonized copy (names are the caller's model's names)."""
-        return dict(self.work.named_modules())
-
-    def relevance(self, x: torch.Tensor, target: torch.Tensor,
-                  capture: list[str] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Propagate ``R = f_t(x)`` back to the input.
-
-        Returns:
-            ``(input_relevance [N, C, H, W], target_logit [N], {layer: relevance at its output})``.
-        """
-        if not self._active:
-            raise RuntimeError("LRPSession.relevance must be called inside 'with session:'.")
-        return rule_relevance(self, x, target, capture, "lrp",
-                              "its BatchNorm folding does not fit this model. Report the "
-                              "architecture, or use method='ig'.")
-
-
-def rule_relevance(session: Any, x: torch.Tensor, target: torch.Tensor,
-                   capture: list[str] | None, owner: str, hint: str
-                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """One relevance pass of a rule-based session (LRP, DL-Backtrace): the rules live in the
-    zennit composite registered on ``session.work`` (a canonized copy); the backward pass starts
-    from ``R = f_t(x)`` at the target logit and returns the input relevance, the target logit of
-    the unmodified ``session.reference`` and the relevance at the output of each ``capture``
-    layer (layers whose output does not reach the logit are absent).
-
-    Raises:
-        ModelError: a ``capture`` layer is not in the model.
-        VerificationError: the canonized copy changed the target logit beyond
-            ``CANONIZER_TOLERANCE`` x its scale (``hint`` says what to do).
-    """
-    captured: dict[str, torch.Tensor] = {}
-    handles = []
-    mods = dict(session.work.named_modules())
-
-    def make_hook(layer: str):
-        def fwd_hook(_m, _inp, out):
-            if isinstance(out, torch.Tensor) and out.requires_grad:
-                out.register_hook(lambda g, layer=layer: captured.__setitem__(layer, g))
-        return fwd_hook
-
-    try:
-        for layer in capture or []:
-            if layer not in mods:
-                raise ModelError(f"{owner}: layer '{layer}' not found in the model.")
-            handles.append(mods[layer].register_forward_hook(make_hook(layer)))
-        with torch.enable_grad():
-            xin = x.detach().clone().requires_grad_(True)
-            out = session.work(xin)
-            logit = out.gather(1, target.view(-1, 1)).squeeze(1)
-            start = torch.zeros_like(out)
-            start.scatter_(1, target.view(-1, 1), logit.detach().view(-1, 1))
-            (rel,) = torch.autograd.grad(out, xin, grad_outputs=start)
-    finally:
-        for h in handles:
-            h.remove()
-    with torch.no_grad():
-        ref = session.reference(x).gather(1, target.view(-1, 1)).squeeze(1)
-    diff = float((ref - logit.detach()).abs().max())
-    scale = max(1.0, float(ref.abs().max()))
-    session.max_canonizer_diff = max(session.max_canonizer_diff, diff)
-    if diff > CANONIZER_TOLERANCE * scale:
-        raise VerificationError(
-            f"{owner}: the canonized {session.settings['arch']} changed the target logit by "
-            f"{diff:.3g} (tolerance {CANONIZER_TOLERANCE * scale:.3g}); {hint}")
-    return rel.detach(), ref.detach(), captured
 
 
 def relative_delta(total: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
