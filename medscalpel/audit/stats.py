@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
+from medscalpel.engine.metrics import bootstrap_ci
 from medscalpel.errors import DataError
 from medscalpel.validation import check_fraction, check_range
 
@@ -42,6 +43,8 @@ class Correlation:
         pearson_ci: paired-bootstrap percentile CI of r.
         spearman_rho, spearman_p: Spearman's rho and p-value (``scipy.stats.spearmanr``).
         spearman_ci: paired-bootstrap percentile CI of rho.
+        pearson_ci_dropped, spearman_ci_dropped: bootstrap resamples left out of each CI because
+            the coefficient was undefined on them (a constant resample).
         slope, intercept: least-squares line ``y = slope * x + intercept`` (for plots).
         x_name, y_name: what was correlated.
         reason: why the coefficients are NaN (too few pairs, a constant input), else empty.
@@ -61,6 +64,8 @@ class Correlation:
     n_boot: int = 0
     confidence: float = 0.95
     reason: str = ""
+    pearson_ci_dropped: int = 0
+    spearman_ci_dropped: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -116,18 +121,14 @@ def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _boot_ci(x: np.ndarray, y: np.ndarray, fn, n_boot: int, confidence: float,
-             rng: np.random.Generator) -> tuple[float, float]:
+             rng: np.random.Generator) -> tuple[tuple[float, float], int]:
     """Paired percentile bootstrap; resamples where a coefficient is undefined (a constant
-    resample) are dropped rather than turning the whole interval into NaN."""
+    resample) are dropped rather than turning the whole interval into NaN, and counted (the
+    second value)."""
     idx = rng.integers(0, x.size, size=(n_boot, x.size))
     with np.errstate(invalid="ignore", divide="ignore"):
         reps = fn(x[idx], y[idx], axis=1)
-    reps = reps[np.isfinite(reps)]
-    if reps.size < 10:
-        return (NAN, NAN)
-    alpha = 1.0 - confidence
-    lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
-    return (float(lo), float(hi))
+    return bootstrap_ci(reps, confidence)
 
 
 def correlate(
@@ -182,8 +183,10 @@ def correlate(
     out.slope, out.intercept = float(lr.slope), float(lr.intercept)
     if n_boot:
         rng = np.random.default_rng(seed)
-        out.pearson_ci = _boot_ci(x, y, _pearson_axis, n_boot, confidence, rng)
-        out.spearman_ci = _boot_ci(x, y, _spearman_axis, n_boot, confidence, rng)
+        out.pearson_ci, out.pearson_ci_dropped = _boot_ci(x, y, _pearson_axis, n_boot,
+                                                          confidence, rng)
+        out.spearman_ci, out.spearman_ci_dropped = _boot_ci(x, y, _spearman_axis, n_boot,
+                                                            confidence, rng)
     return out
 
 

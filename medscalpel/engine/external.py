@@ -5,14 +5,18 @@ operating point. :func:`external_validation` puts the internal and the external 
 by side, per class:
 
 * AUROC and AP with bootstrap CIs (ranking);
-* calibration: expected calibration error (ECE, equal-width bins, one-vs-rest per class) with
-  bootstrap CIs and the reliability-diagram bins (:func:`plot_reliability` draws them);
+* calibration: expected calibration error (ECE, equal-width bins, one-vs-rest per class:
+  :func:`medscalpel.engine.metrics.weighted_ece`) with bootstrap CIs and the reliability-diagram
+  bins (:func:`plot_reliability` draws them);
 * sensitivity, specificity and F1 AT THE STORED thresholds (the model card's; ``0.5`` labelled
   as the default when the card has none): what a deployed model would do. Multi-class: a binary
   model decides its second class when that probability reaches its threshold (0.5 = argmax);
   with more classes the decision is the argmax;
 * the deltas external - internal with CIs. The two sets hold different images, so the bootstrap
   is UNPAIRED: each side is resampled on its own and the replicate differences give the CI.
+  Every CI says how many replicates it dropped (``*_ci_dropped``, a delta's ``dropped``): a
+  resample without a positive of a rare class leaves the class's AUROC / AP / sensitivity
+  undefined, and the interval then describes only the resamples that had one.
 
 :func:`compression_shift` asks whether compression loses more on the external set than on the
 internal one (per class, paired CIs on each set from
@@ -44,6 +48,7 @@ import numpy as np
 from medscalpel.data.base import CXRDataset, split_warning
 from medscalpel.engine.compare import (PairedComparison, compare_predictions, weighted_ap,
                                        weighted_auroc)
+from medscalpel.engine.metrics import bootstrap_ci, calibration_bins, weighted_ece
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
 from medscalpel.runs import read_json, write_json
@@ -164,22 +169,6 @@ def _weights(n: int, n_boot: int, rng: np.random.Generator):
         done += b
 
 
-def _bin_index(p: np.ndarray, bins: int) -> np.ndarray:
-    return np.minimum((p * bins).astype(int), bins - 1)
-
-
-def weighted_ece(y: np.ndarray, p: np.ndarray, w: np.ndarray, bins: int = 10) -> np.ndarray:
-    """ECE (equal-width bins, weighted by count) of one class under weights ``[B, n]`` ->
-    ``[B]``: ``sum_b |sum_{i in b} w_i (p_i - y_i)| / sum_i w_i``."""
-    onehot = np.eye(bins)[_bin_index(p, bins)]  # [n, bins]
-    gap = w @ (onehot * (p - y.astype(np.float64))[:, None])  # [B, bins]
-    tot = w.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.abs(gap).sum(1) / tot
-    out[tot == 0] = np.nan
-    return out
-
-
 def _rates(y: np.ndarray, d: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
     tp = w @ (y & d).astype(np.float64)
     fp = w @ (~y & d).astype(np.float64)
@@ -198,16 +187,18 @@ def _class_values(y, p, d, w, bins) -> dict[str, np.ndarray]:
 
 
 def _ci(v: np.ndarray, confidence: float) -> list[float]:
-    v = v[np.isfinite(v)]
-    if v.size < 10:
-        return [float("nan"), float("nan")]
-    a = (1.0 - confidence) / 2.0
-    return [float(np.quantile(v, a)), float(np.quantile(v, 1.0 - a))]
+    return list(bootstrap_ci(v, confidence)[0])
+
+
+def _dropped(v: np.ndarray) -> int:
+    """Bootstrap replicates left out of a CI because the statistic was undefined (NaN)."""
+    return bootstrap_ci(v)[1]
 
 
 def reliability_bins(y: np.ndarray, p: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
-    """Per non-empty bin: ``{"lo", "hi", "n", "mean_pred", "observed"}``."""
-    idx = _bin_index(p, bins)
+    """Per non-empty bin of :func:`~medscalpel.engine.metrics.calibration_bins`: ``{"lo", "hi",
+    "n", "mean_pred", "observed"}``."""
+    idx = calibration_bins(p, bins)
     out = []
     for b in range(bins):
         m = idx == b
@@ -253,12 +244,16 @@ def _site(preds: Predictions, thr: np.ndarray, n_boot: int, seed: int, confidenc
         for m in SITE_METRICS:
             row[m] = point[j][m]
             row[f"{m}_ci"] = _ci(boot[j][m], confidence)
+            row[f"{m}_ci_dropped"] = _dropped(boot[j][m])
         classes.append(row)
     macro_boot = {m: _nanmean_rows([b[m] for b in boot]) for m in SITE_METRICS}
     macro: dict[str, Any] = {}
     for m in SITE_METRICS:
         macro[m] = _nanmean([c[m] for c in classes])
         macro[f"{m}_ci"] = _ci(macro_boot[m], confidence)
+        macro[f"{m}_ci_dropped"] = _dropped(macro_boot[m])
+        macro[f"{m}_ci_replicates_missing_a_class"] = _missing_a_class(
+            [b[m] for b, c in zip(boot, classes) if np.isfinite(c[m])])
     if correct is not None:
         macro["accuracy"] = float(correct.mean())
         macro_boot["accuracy"] = np.concatenate(acc_reps) if acc_reps else np.zeros(0)
@@ -285,11 +280,22 @@ def _nanmean_rows(arrs: list[np.ndarray]) -> np.ndarray:
         return np.where(cnt > 0, np.where(ok, stack, 0.0).sum(0) / cnt, np.nan)
 
 
+def _missing_a_class(arrs: list[np.ndarray]) -> int:
+    """Replicates whose macro mean left out a class scored on the full set (that class
+    undefined on the resample, e.g. no positive drawn)."""
+    if not arrs or arrs[0].size == 0:
+        return 0
+    return int((~np.isfinite(np.stack(arrs))).any(0).sum())
+
+
 def _delta(a: float, b: float, ra: np.ndarray, rb: np.ndarray, confidence: float
            ) -> dict[str, Any]:
-    """external - internal, CI from independent replicates of each side (unpaired)."""
-    ci = _ci(rb - ra, confidence) if ra.size and rb.size else [float("nan")] * 2
-    return {"value": b - a, "ci": ci}
+    """external - internal, CI from independent replicates of each side (unpaired); ``dropped``:
+    replicate pairs left out because either side was undefined (NaN)."""
+    if ra.size and rb.size:
+        ci, dropped = bootstrap_ci(rb - ra, confidence)
+        return {"value": b - a, "ci": list(ci), "dropped": dropped}
+    return {"value": b - a, "ci": [float("nan")] * 2, "dropped": 0}
 
 
 # ----------------------------------------------------------------------------- result

@@ -50,6 +50,48 @@ def average_precision(y: np.ndarray, s: np.ndarray) -> float:
     return float(np.sum((recall - prev) * precision))
 
 
+def calibration_bins(p: np.ndarray, n_bins: int = 10) -> np.ndarray:
+    """Bin index of each probability in ``n_bins`` EQUAL-WIDTH bins ``[k/n, (k+1)/n)`` (the
+    last bin closed at 1): ``min(floor(p * n_bins), n_bins - 1)``. The one binning of every ECE
+    and reliability diagram in medscalpel."""
+    return np.minimum((np.asarray(p, np.float64) * n_bins).astype(np.int64), n_bins - 1)
+
+
+def weighted_ece(y: np.ndarray, p: np.ndarray, w: np.ndarray, n_bins: int = 10) -> np.ndarray:
+    """Expected calibration error of probabilities ``p`` for 0/1 outcomes ``y`` under image
+    weights ``w`` ``[B, n]`` (one bootstrap replicate per row) -> ``[B]``.
+
+    ``ECE = sum_b |sum_{i in b} w_i (p_i - y_i)| / sum_i w_i`` over the equal-width bins of
+    :func:`calibration_bins`, i.e. each bin's ``|mean p - mean y|`` weighted by its share of the
+    (weighted) images (Naeini et al. 2015; Guo et al. 2017 for the top-label form, see
+    :func:`expected_calibration_error`). NaN for a replicate with no weight.
+    """
+    y = np.asarray(y, np.float64)
+    p = np.asarray(p, np.float64)
+    w = np.atleast_2d(np.asarray(w, np.float64))
+    if p.size == 0:
+        return np.full(w.shape[0], float("nan"))
+    onehot = np.zeros((p.size, n_bins))
+    onehot[np.arange(p.size), calibration_bins(p, n_bins)] = 1.0
+    gap = w @ (onehot * (p - y)[:, None])       # [B, bins]
+    tot = w.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.abs(gap).sum(1) / tot
+    out[tot == 0] = np.nan
+    return out
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
+    """ECE of one binary outcome (see :func:`weighted_ece`; every image weight 1). For the
+    top-label ECE of a multi-class model pass ``y = (argmax == label)`` and ``p = max prob``.
+
+    >>> expected_calibration_error(np.array([1, 0, 0, 1]), np.array([0.75, 0.75, 0.25, 0.25]))
+    0.25
+    """
+    p = np.asarray(p, np.float64)
+    return float(weighted_ece(y, p, np.ones((1, p.size)), n_bins)[0])
+
+
 def confusion_at(y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     y = np.asarray(y, bool)
     pred = np.asarray(pred, bool)
@@ -115,11 +157,31 @@ class EvalResult:
                 for c in self.classes]
 
 
+def bootstrap_ci(reps: np.ndarray, confidence: float = 0.95, min_finite: int = 10
+                 ) -> tuple[tuple[float, float], int]:
+    """Percentile interval of the FINITE bootstrap replicates and how many were dropped.
+
+    A replicate is NaN where its statistic is undefined on that resample (a rare class or a
+    small subgroup drawn without a positive); such replicates are left out, and the count says
+    so, because an interval over the survivors describes resamples that HAD positives.
+    Fewer than ``min_finite`` finite replicates: ``(NaN, NaN)``.
+
+    >>> (lo, hi), dropped = bootstrap_ci(np.r_[np.arange(101.0), np.nan, np.nan], 0.9)
+    >>> round(lo, 9), round(hi, 9), dropped
+    (5.0, 95.0, 2)
+    """
+    v = np.asarray(reps, np.float64).ravel()
+    ok = np.isfinite(v)
+    dropped = int(v.size - ok.sum())
+    if ok.sum() < min_finite:
+        return (float("nan"), float("nan")), dropped
+    a = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(v[ok], [a, 1.0 - a])
+    return (float(lo), float(hi)), dropped
+
+
 def _ci(values: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
-    v = values[np.isfinite(values)]
-    if v.size < 10:
-        return (float("nan"), float("nan"))
-    return (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2)))
+    return bootstrap_ci(values, 1.0 - alpha)[0]
 
 
 def _stratified_boot(y: np.ndarray, s: np.ndarray, n_boot: int, rng: np.random.Generator,
@@ -220,6 +282,7 @@ def _macro(preds, probs, targets, classes, n_boot, rng, alpha) -> dict[str, Any]
     if n_boot and valid:
         au = np.empty(n_boot)
         aps = np.empty(n_boot)
+        partial = np.zeros(n_boot, bool)
         n = preds.n
         for b in range(n_boot):
             idx = rng.integers(0, n, n)
@@ -232,6 +295,11 @@ def _macro(preds, probs, targets, classes, n_boot, rng, alpha) -> dict[str, Any]
                 a_vals.append(auroc(y, s))
                 p_vals.append(average_precision(y, s))
             au[b], aps[b] = _nanmean(a_vals), _nanmean(p_vals)
-        out["auroc_ci"] = list(_ci(au, alpha))
-        out["ap_ci"] = list(_ci(aps, alpha))
+            partial[b] = not np.isfinite(a_vals).all()
+        for key, reps in (("auroc", au), ("ap", aps)):
+            interval, dropped = bootstrap_ci(reps, 1.0 - alpha)
+            out[f"{key}_ci"] = list(interval)
+            out[f"{key}_ci_dropped"] = dropped
+        # a resample without a positive of a rare class leaves that class out of ITS macro mean
+        out["ci_replicates_missing_a_class"] = int(partial.sum())
     return out

@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 
+from medscalpel.engine.metrics import expected_calibration_error as binary_ece
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError, ModelError
 from medscalpel.registry import Registry
@@ -506,47 +508,72 @@ def _nll(logits: np.ndarray, y: np.ndarray, t: float) -> float:
     return float(-np.mean(logp[np.arange(len(y)), y]))
 
 
-def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
-    """ECE of the top-class confidence: sum over equal-width bins of |accuracy - confidence|
-    weighted by the bin's share of images."""
-    conf = probs.max(axis=1)
-    hit = probs.argmax(axis=1) == y
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            ece += m.mean() * abs(hit[m].mean() - conf[m].mean())
-    return float(ece)
+#: equal-width bins of the top-label ECE of temperature scaling (Guo et al. 2017 use 15)
+TOP_LABEL_ECE_BINS = 15
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray,
+                               bins: int = TOP_LABEL_ECE_BINS) -> float:
+    """Top-label ECE of a multi-class model: :func:`medscalpel.engine.metrics.
+    expected_calibration_error` of the outcome "argmax is right" against the top-class
+    confidence (the same equal-width binning as every ECE in medscalpel)."""
+    probs = np.asarray(probs, np.float64)
+    hit = probs.argmax(axis=1) == np.asarray(y)
+    return binary_ece(hit, probs.max(axis=1), bins)
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, lo: float = 0.05,
-                    hi: float = 20.0, iters: int = 100) -> float:
-    """The temperature T > 0 minimising the mean negative log-likelihood of
-    ``softmax(logits / T)`` (golden-section search on log T; the NLL is convex in 1/T)."""
+                    hi: float = 20.0, *, task: str = "multiclass",
+                    weights: np.ndarray | None = None) -> float:
+    """The temperature T in ``[lo, hi]`` minimising the (weighted) mean negative
+    log-likelihood of ``softmax(logits / T)`` (multi-class) or ``sigmoid(logits / T)`` over the
+    known cells (multi-label, NaN labels skipped): ``scipy.optimize.minimize_scalar``
+    (bounded Brent) on log T. The one temperature fit of medscalpel (site recalibration uses it
+    too).
+
+    Args:
+        logits: ``[N, K]``.
+        labels: multi-class: class indices ``[N]`` or one-hot ``[N, K]``; multi-label: ``[N, K]``
+            0/1 with NaN for unknown.
+        task: ``multiclass`` or ``multilabel``.
+        weights: per-row ``[N]`` (multi-class) or per-cell ``[N, K]`` (multi-label) weights;
+            None: all ones.
+
+    >>> z = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])
+    >>> round(fit_temperature(z, np.array([0, 1, 1, 0])), 2)   # half right: no confidence
+    20.0
+    """
+    check_in(task, "task", "fit_temperature", ("multiclass", "multilabel"))
     z = np.asarray(logits, np.float64)
-    y = np.asarray(labels, np.int64)
-    a, b = np.log(lo), np.log(hi)
-    g = (np.sqrt(5) - 1) / 2
-    c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = _nll(z, y, np.exp(c)), _nll(z, y, np.exp(d))
-    for _ in range(iters):
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - g * (b - a)
-            fc = _nll(z, y, np.exp(c))
-        else:
-            a, c, fc = c, d, fd
-            d = a + g * (b - a)
-            fd = _nll(z, y, np.exp(d))
-    return float(np.exp((a + b) / 2))
+    t = np.asarray(labels, np.float64)
+    if task == "multiclass":
+        y = t.argmax(1) if t.ndim == 2 else t.astype(np.int64)
+        w = np.ones(z.shape[0]) if weights is None else np.asarray(weights, np.float64)
+
+        def nll(log_t: float) -> float:
+            s = z / np.exp(log_t)
+            s = s - s.max(1, keepdims=True)
+            lse = np.log(np.exp(s).sum(1))
+            return float(np.sum(w * (lse - s[np.arange(len(s)), y])) / np.sum(w))
+    else:
+        known = np.isfinite(t)
+        w = np.ones(t.shape) if weights is None else np.asarray(weights, np.float64)
+        zk, yk, wk = z[known], t[known], w[known]
+
+        def nll(log_t: float) -> float:
+            s = zk / np.exp(log_t)
+            return float(np.sum(wk * (np.logaddexp(0, s) - yk * s)) / np.sum(wk))
+
+    res = minimize_scalar(nll, bounds=(np.log(lo), np.log(hi)), method="bounded",
+                          options={"xatol": 1e-6})
+    return float(np.exp(res.x))
 
 
 @dataclass(frozen=True)
 class TemperatureResult:
     """Temperature scaling of a multi-class model: fitted on one split, measured (NLL, ECE,
-    accuracy: unchanged by construction) before and after on another."""
+    accuracy: unchanged by construction) before and after on another. ``ece`` is the top-label
+    ECE over ``ece_bins`` equal-width bins (:func:`expected_calibration_error`)."""
 
     temperature: float
     class_names: tuple[str, ...]
@@ -558,6 +585,7 @@ class TemperatureResult:
     after: dict[str, float]
     held_out: bool
     schema_version: int = SCHEMA
+    ece_bins: int = TOP_LABEL_ECE_BINS
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
         return np.asarray(logits, np.float64) / self.temperature
@@ -571,7 +599,8 @@ class TemperatureResult:
                 "temperature": self.temperature, "class_names": list(self.class_names),
                 "fit_split": self.fit_split, "eval_split": self.eval_split,
                 "n_fit": self.n_fit, "n_eval": self.n_eval, "before": dict(self.before),
-                "after": dict(self.after), "held_out": self.held_out}
+                "after": dict(self.after), "held_out": self.held_out,
+                "ece_bins": self.ece_bins}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TemperatureResult":
@@ -581,7 +610,8 @@ class TemperatureResult:
         return cls(temperature=float(d["temperature"]), class_names=tuple(d["class_names"]),
                    fit_split=d["fit_split"], eval_split=d["eval_split"], n_fit=int(d["n_fit"]),
                    n_eval=int(d["n_eval"]), before=dict(d["before"]), after=dict(d["after"]),
-                   held_out=bool(d["held_out"]))
+                   held_out=bool(d["held_out"]),
+                   ece_bins=int(d.get("ece_bins", TOP_LABEL_ECE_BINS)))
 
 
 def calibrate_temperature(fit_preds: Predictions,

@@ -51,6 +51,7 @@ from medscalpel.engine.external import decisions, stored_thresholds
 from medscalpel.engine.predict import Features
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
+from medscalpel.repair.calibrate import fit_temperature
 from medscalpel.runs import read_json, write_json
 from medscalpel.validation import check_in, check_range
 
@@ -200,22 +201,16 @@ def prevalence_weights(t: np.ndarray, prevalence: np.ndarray | None, task: str) 
 
 def _nll_temperature(z: np.ndarray, t: np.ndarray, task: str,
                      w: np.ndarray | None = None) -> float:
-    from scipy.optimize import minimize_scalar
+    return fit_temperature(z, t, float(np.exp(-3.0)), float(np.exp(3.0)), task=task, weights=w)
 
-    w = np.ones(t.shape[0] if task != "multilabel" else t.shape) if w is None else w
 
-    def nll(log_t: float) -> float:
-        s = z / np.exp(log_t)
-        if task == "multilabel":
-            known = np.isfinite(t)
-            y, s, ww = t[known], s[known], w[known]
-            return float(np.sum(ww * (np.logaddexp(0, s) - y * s)) / np.sum(ww))
-        s = s - s.max(1, keepdims=True)
-        lse = np.log(np.exp(s).sum(1))
-        return float(np.sum(w * (lse - s[np.arange(len(s)), t.argmax(1)])) / np.sum(w))
-
-    res = minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded")
-    return float(np.exp(res.x))
+def _above(score: float) -> float:
+    """A cut that calls nothing at or below ``score`` positive (``p >= cut`` is False) in float32
+    AND float64: the next float32 above it. Probabilities are stored as float32
+    (:meth:`Predictions.probs`), so a score that rounds to exactly 1.0 must not meet a
+    "nothing positive" cut; the cut may therefore exceed 1 (a cut of 1.0 would call p = 1.0
+    positive)."""
+    return float(np.nextafter(np.float32(score), np.float32(np.inf)))
 
 
 def _match_cut(y: np.ndarray, p: np.ndarray, sens: float, spec: float) -> float:
@@ -228,7 +223,7 @@ def _match_cut(y: np.ndarray, p: np.ndarray, sens: float, spec: float) -> float:
     i = int(np.argmin(cost))
     cuts = tab.cuts
     if i == 0:
-        return float(min(1.0, np.nextafter(cuts[1], np.inf))) if cuts.size > 1 else 0.5
+        return _above(cuts[1]) if cuts.size > 1 else 0.5
     if i + 1 < cuts.size:
         return float(0.5 * (cuts[i] + cuts[i + 1]))
     return float(0.5 * cuts[i])
@@ -240,7 +235,7 @@ def _rate_cut(p: np.ndarray, rate: float) -> float:
     s = np.sort(np.asarray(p, np.float64))[::-1]
     m = int(round(rate * s.size))
     if m <= 0:
-        return float(np.nextafter(s[0], np.inf)) if s.size else 0.5
+        return _above(s[0]) if s.size else 0.5
     if m >= s.size:
         return float(s[-1])
     return float(0.5 * (s[m - 1] + s[m]))

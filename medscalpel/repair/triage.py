@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from medscalpel.engine.metrics import auroc
+from medscalpel.engine.metrics import auroc, expected_calibration_error
 from medscalpel.engine.predict import Features
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
@@ -182,18 +182,9 @@ ISSUE_METRIC = {"low_recall": ("youden", True, 0.01), "low_precision": ("f1", Tr
 
 
 def ece_binary(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error of one class (equal-width bins, weighted by count)."""
-    y = np.asarray(y, float)
-    p = np.asarray(p, float)
-    if p.size == 0:
-        return float("nan")
-    idx = np.minimum((p * bins).astype(int), bins - 1)
-    err = 0.0
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            err += m.sum() * abs(p[m].mean() - y[m].mean())
-    return float(err / p.size)
+    """Expected calibration error of one class (equal-width bins, weighted by count):
+    :func:`medscalpel.engine.metrics.expected_calibration_error`."""
+    return expected_calibration_error(y, p, bins)
 
 
 def class_metrics(logits: np.ndarray, labels: np.ndarray, task: str, k: int, threshold: float,

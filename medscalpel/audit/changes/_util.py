@@ -37,6 +37,12 @@ def ci(reps: np.ndarray, confidence: float) -> tuple[float, float]:
     return (float(lo), float(hi))
 
 
+def n_dropped(reps: np.ndarray) -> int:
+    """Bootstrap replicates :func:`ci` leaves out (non-finite: the statistic was undefined on
+    that resample, e.g. a subgroup or rare class drawn without a positive)."""
+    return int((~np.isfinite(np.asarray(reps, np.float64))).sum())
+
+
 def p_two_sided(reps: np.ndarray) -> float:
     """Bootstrap p-value of ``H0: statistic = 0``: twice the smaller tail share (with the +1
     correction), capped at 1; NaN with fewer than 10 finite replicates."""
@@ -65,11 +71,12 @@ def holm(p: Sequence[float]) -> list[float]:
 
 def mean_with_ci(values: np.ndarray, w: np.ndarray, confidence: float) -> dict[str, Any]:
     """Mean of per-image ``values`` (NaN ignored) with the bootstrap CI under weights ``w``
-    ``[B, n]`` and the bootstrap p-value of mean = 0 (meaningful for paired differences)."""
+    ``[B, n]`` and the bootstrap p-value of mean = 0 (meaningful for paired differences);
+    ``dropped``: replicates that drew none of the scored images (undefined, left out)."""
     v = np.asarray(values, np.float64)
     ok = np.isfinite(v)
     out: dict[str, Any] = {"mean": float(v[ok].mean()) if ok.any() else NAN, "n": int(ok.sum()),
-                           "ci": [NAN, NAN], "p": NAN}
+                           "ci": [NAN, NAN], "p": NAN, "dropped": 0}
     if ok.sum() >= 2 and len(w):
         ww = w[:, ok]
         den = ww.sum(1)
@@ -77,6 +84,7 @@ def mean_with_ci(values: np.ndarray, w: np.ndarray, confidence: float) -> dict[s
             reps = (ww @ v[ok]) / den
         out["ci"] = list(ci(reps, confidence))
         out["p"] = p_two_sided(reps)
+        out["dropped"] = n_dropped(reps)
     return out
 
 

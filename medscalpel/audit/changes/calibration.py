@@ -1,11 +1,11 @@
 """Calibration drift: what compression did to the meaning of a probability.
 
 Per class, for the dense (reference) and the compressed (candidate) model on the same images:
-expected calibration error (ECE, equal-width bins, absolute gap weighted by bin mass) and the
-Brier score, each with a bootstrap CI, and their paired deltas (candidate - reference) with CIs
-and bootstrap p-values; one resample of images is applied to both models. Sensitivity and
-specificity are re-measured AT THE DENSE MODEL'S STORED THRESHOLDS (a compressed model dropped
-into a deployed pipeline keeps them) through
+expected calibration error (ECE, equal-width bins, absolute gap weighted by bin mass:
+:func:`medscalpel.engine.metrics.weighted_ece`) and the Brier score, each with a bootstrap CI,
+and their paired deltas (candidate - reference) with CIs and bootstrap p-values; one resample
+of images is applied to both models. Sensitivity and specificity are re-measured AT THE DENSE
+MODEL'S STORED THRESHOLDS (a compressed model dropped into a deployed pipeline keeps them) through
 :func:`medscalpel.engine.compare.compare_predictions`. Re-calibration is recommended when a
 class's ECE rises significantly (CI of the delta above 0) or its sensitivity / specificity at the
 stored threshold moves significantly (CI of the delta excludes 0).
@@ -36,6 +36,7 @@ import numpy as np
 from medscalpel.audit.changes._util import (NAN, boot_weights, ci, ci_excludes_zero, num,
                                             p_two_sided)
 from medscalpel.engine.compare import compare_predictions
+from medscalpel.engine.metrics import calibration_bins, weighted_ece
 from medscalpel.engine.predictions import Predictions
 from medscalpel.validation import check_fraction, check_range
 
@@ -152,28 +153,15 @@ class CalibrationChange:
 
 
 # ----------------------------------------------------------------------------- kernels
-def _bins(p: np.ndarray, n_bins: int) -> np.ndarray:
-    return np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
-
-
-def weighted_ece(p: np.ndarray, y: np.ndarray, w: np.ndarray, n_bins: int) -> np.ndarray:
-    """ECE of probabilities ``p`` for 0/1 labels ``y`` under image weights ``w`` ``[B, n]``:
-    ``sum_b |sum_{i in b} w_i (p_i - y_i)| / sum_i w_i`` -> ``[B]``."""
-    onehot = np.zeros((p.size, n_bins))
-    onehot[np.arange(p.size), _bins(p, n_bins)] = 1.0
-    gap = (w * (p - y)[None, :]) @ onehot
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.abs(gap).sum(1) / w.sum(1)
-
-
 def weighted_brier(p: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         return (w @ ((p - y) ** 2)) / w.sum(1)
 
 
 def reliability_bins(p: np.ndarray, y: np.ndarray, n_bins: int) -> dict[str, list[float]]:
-    """Mean confidence, observed frequency and count per non-empty bin."""
-    b = _bins(p, n_bins)
+    """Mean confidence, observed frequency and count per non-empty bin of
+    :func:`~medscalpel.engine.metrics.calibration_bins`."""
+    b = calibration_bins(p, n_bins)
     conf, acc, count = [], [], []
     for k in range(n_bins):
         m = b == k
@@ -228,9 +216,9 @@ def calibration_change(
         y, a, b = t[known, j].astype(np.float64), pr[known, j], pn[known, j]
         w = w_all[:, known]
         ones = np.ones((1, y.size))
-        e_r, e_n = weighted_ece(a, y, ones, n_bins)[0], weighted_ece(b, y, ones, n_bins)[0]
+        e_r, e_n = weighted_ece(y, a, ones, n_bins)[0], weighted_ece(y, b, ones, n_bins)[0]
         b_r, b_n = weighted_brier(a, y, ones)[0], weighted_brier(b, y, ones)[0]
-        er, en = weighted_ece(a, y, w, n_bins), weighted_ece(b, y, w, n_bins)
+        er, en = weighted_ece(y, a, w, n_bins), weighted_ece(y, b, w, n_bins)
         br, bn = weighted_brier(a, y, w), weighted_brier(b, y, w)
         for k, v in (("ece_ref", er), ("ece_new", en), ("brier_ref", br), ("brier_new", bn)):
             reps_macro[k].append(v)

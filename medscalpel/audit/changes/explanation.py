@@ -5,11 +5,14 @@ looked, and do its maps still explain its outputs?
   correlation of the pixels, IoU of the top-``frac`` pixels and pointing-game agreement (the
   compressed map's peak inside the dense map's top-``frac`` region).
 * Faithfulness of each model's own maps (explained class = the dense model's most probable
-  class of the image): deletion and insertion AUC (the class probability as the top pixels are
-  replaced by the mean image / inserted into a blurred image; deletion lower = more faithful,
-  insertion higher) and a ROAD-style remove-and-debias score (pixels removed by noisy linear
-  imputation so the removal itself leaks no shape; ``road = mean over fractions of p(LeRF) -
-  p(MoRF)``, higher = more faithful).
+  class of the image): deletion and insertion AUC (the class's log-odds as the top pixels are
+  replaced by the mean image / inserted into a blurred image, each image's curve min-max
+  normalised over its own span; deletion lower = more faithful, insertion higher) and a
+  ROAD-style remove-and-debias score (pixels removed by noisy linear imputation so the removal
+  itself leaks no shape; ``road = mean over fractions of s(LeRF) - s(MoRF)`` over the span of
+  the image's deletion curve, higher = more faithful). The log-odds
+  scale makes the scores invariant to the model's confidence (a temperature-scaled copy scores
+  the same; see :mod:`medscalpel.audit.changes.faithfulness`).
 * With ground-truth masks (the phantom): energy of the map inside the finding's mask and the
   pointing game, and the share of energy on the chest tube (a shortcut), per model.
 
@@ -39,15 +42,16 @@ from torch import nn
 
 from medscalpel.audit.changes._util import (NAN, boot_weights, fast_copy, logits_of,
                                             mean_with_ci)
-from medscalpel.audit.changes.faithfulness import (ROAD_FRACTIONS, deletion_insertion,
+from medscalpel.audit.changes.faithfulness import (FLAT, MEASURES, ROAD_FRACTIONS,
+                                                   deletion_insertion, flat_images,
                                                    road_scores, top_mask)
 from medscalpel.errors import ConfigError, DataError, ModelError
 from medscalpel.progress import track
-from medscalpel.validation import check_fraction, check_range
+from medscalpel.validation import check_fraction, check_in, check_range
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = 1
+SCHEMA = 2   # 2: faithfulness on the normalised log-odds scale (1: raw probabilities)
 
 
 # ----------------------------------------------------------------------------- maps
@@ -144,7 +148,9 @@ class ExplanationChange:
         classes: per class name: ``spearman``, ``iou``, ``pointing`` (similarity) and, with
             masks, ``mask_energy`` / ``mask_pointing`` / ``tube_energy`` as
             ``{"ref": stat, "new": stat, "delta": stat}``.
-        faithfulness: ``deletion``, ``insertion``, ``road`` as ``{"ref", "new", "delta"}``.
+        faithfulness: ``deletion``, ``insertion``, ``road`` as ``{"ref", "new", "delta"}``
+            (plus ``empty_maps`` and ``flat_images`` counts per model); the scale they are on
+            is ``meta["faithfulness_measure"]``.
     """
 
     classes: dict[str, dict[str, Any]]
@@ -242,6 +248,7 @@ def explanation_change(
     n_faithfulness: int = 100,
     steps: int = 8,
     road_fractions: Sequence[float] = ROAD_FRACTIONS,
+    faithfulness_measure: str = "normalised",
     multiclass: bool = False,
     n_boot: int = 1000,
     seed: int = 0,
@@ -262,6 +269,9 @@ def explanation_change(
         n_faithfulness: images (the first ones) for deletion / insertion / ROAD.
         steps: deletion / insertion steps.
         road_fractions: removed fractions of the ROAD score.
+        faithfulness_measure: ``normalised`` (log-odds, per image between the clean and the
+            fully perturbed image: invariant to the model's confidence) or ``probability``
+            (raw RISE probability AUCs: confidence-dependent, for comparison only).
 
     Raises:
         ModelError: the models explain different numbers of classes.
@@ -270,6 +280,7 @@ def explanation_change(
     check_fraction(frac, "frac", "explanation_change")
     check_range(n_faithfulness, "n_faithfulness", "explanation_change", 0, integer=True)
     check_range(steps, "steps", "explanation_change", 2, 100, integer=True)
+    check_in(faithfulness_measure, "faithfulness_measure", "explanation_change", MEASURES)
     k_ref, k_new = int(dense.classifier.out_features), int(compressed.classifier.out_features)
     if k_ref != k_new or k_ref != len(class_names):
         raise ModelError(f"explanation_change: the dense model has {k_ref} outputs, the "
@@ -336,9 +347,11 @@ def explanation_change(
     if nf and keep_ref:
         pre = (np.concatenate(keep_ref), np.concatenate(keep_new), cls)
     faith = _faithfulness(dense, compressed, images[:nf], steps, tuple(road_fractions),
-                          multiclass, seed, confidence, n_boot, batch_size, pre)
+                          multiclass, seed, confidence, n_boot, batch_size, pre,
+                          faithfulness_measure)
     meta = {"method": "gradcam", "classes": [class_names[c] for c in cls],
             "explained_class_for_faithfulness": "the dense model's most probable class",
+            "faithfulness_measure": _MEASURE_NOTE[faithfulness_measure],
             "cam_grid": grid,
             "empty_maps": "a Grad-CAM map that is zero everywhere is excluded (NaN) from "
                           "every score; counts per class in classes[...]['empty_maps']"}
@@ -371,12 +384,24 @@ def _cam_grid(model: nn.Module, x: torch.Tensor) -> list[int]:
     return [int(f.shape[-2]), int(f.shape[-1])]
 
 
+_MEASURE_NOTE = {
+    "normalised": "normalised: the explained class's log-odds (sigmoid: logit; softmax: margin "
+                  "over the best other class), each image's curve min-max normalised over its "
+                  "own span (ROAD: divided by the span of the image's deletion curve); "
+                  "invariant to a scale / shift of the logits; an image whose span is <= "
+                  f"{FLAT:g} x the median span is 'flat' and not scored",
+    "probability": "probability: raw class probability AUCs (RISE); NOT comparable between "
+                   "models of different confidence (a logit-scaled copy scores differently)",
+}
+
+
 def _faithfulness(dense, compressed, x, steps, fractions, multiclass, seed, confidence, n_boot,
-                  batch_size, pre=None) -> dict[str, Any]:
+                  batch_size, pre=None, measure="normalised") -> dict[str, Any]:
     """Deletion / insertion / ROAD of each model's own map of the explained class. Images whose
     map is empty (all zero) get NaN for that model: a ranking of equal pixels is no
-    explanation, so it is not scored. ``pre``: (dense maps, compressed maps, classes) already
-    computed for these images."""
+    explanation, so it is not scored; so do (normalised measure) images whose clean and fully
+    perturbed outputs do not differ (:func:`flat_images`). ``pre``: (dense maps, compressed
+    maps, classes) already computed for these images."""
     m = int(x.shape[0])
     if m == 0:
         return {}
@@ -385,6 +410,7 @@ def _faithfulness(dense, compressed, x, steps, fractions, multiclass, seed, conf
     w = boot_weights(m, n_boot, seed + 5)
     scores: dict[str, dict[str, np.ndarray]] = {"deletion": {}, "insertion": {}, "road": {}}
     empty: dict[str, int] = {}
+    flat: dict[str, dict[str, int]] = {"deletion": {}, "insertion": {}, "road": {}}
     fast = {"ref": fast_copy(dense), "new": fast_copy(compressed)}
     for key, model in (("ref", dense), ("new", compressed)):
         if pre is not None and set(int(t) for t in target) <= set(pre[2]):
@@ -396,22 +422,30 @@ def _faithfulness(dense, compressed, x, steps, fractions, multiclass, seed, conf
         blank = maps.reshape(m, -1).max(1) <= 0
         empty[key] = int(blank.sum())
         clean = logits_of(fast[key], x, batch_size)
-        d, ins = deletion_insertion(fast[key], x, maps, target, steps=steps,
-                                    multiclass=multiclass, batch_size=batch_size,
-                                    clean_logits=clean)
+        d, ins, cd, ci_ = deletion_insertion(fast[key], x, maps, target, steps=steps,
+                                             multiclass=multiclass, batch_size=batch_size,
+                                             clean_logits=clean, measure=measure,
+                                             return_curves=True)
+        ranges = cd.max(1) - cd.min(1)
         r = road_scores(fast[key], x, maps, target, fractions=fractions,
-                        multiclass=multiclass, seed=seed, batch_size=batch_size)
+                        multiclass=multiclass, seed=seed, batch_size=batch_size,
+                        measure=measure, ranges=ranges)
+        ends = {"deletion": ranges, "insertion": ci_.max(1) - ci_.min(1), "road": ranges}
         for name, v in (("deletion", d), ("insertion", ins), ("road", r)):
             v = v.astype(np.float64)
             v[blank] = NAN
             scores[name][key] = v
+            flat[name][key] = (int((flat_images(ends[name]) & ~blank).sum())
+                               if measure == "normalised" else 0)
     out = {k: _paired(v["ref"], v["new"], w, confidence) for k, v in scores.items()}
     for k in out:
         out[k]["empty_maps"] = dict(empty)
+        out[k]["flat_images"] = dict(flat[k])
         if out[k]["delta"]["n"] == 0:
             out[k]["reason"] = (f"every explained image has an empty Grad-CAM map in one model "
-                                f"(dense {empty['ref']}/{m}, compressed {empty['new']}/{m}); "
-                                "nothing to delete or insert in order")
+                                f"(dense {empty['ref']}/{m}, compressed {empty['new']}/{m}) "
+                                f"or a flat output (dense {flat[k]['ref']}/{m}, compressed "
+                                f"{flat[k]['new']}/{m}); nothing to delete or insert in order")
     return out
 
 

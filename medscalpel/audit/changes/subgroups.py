@@ -21,7 +21,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from medscalpel.audit.changes._util import NAN, boot_weights, ci, holm, num, p_two_sided
+from medscalpel.audit.changes._util import (NAN, boot_weights, ci, holm, n_dropped, num,
+                                            p_two_sided)
 from medscalpel.engine.compare import compare_predictions, weighted_auroc
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import DataError
@@ -80,6 +81,8 @@ class SubgroupDelta:
     contrast_p_holm: float = NAN
     flagged: bool = False               # contrast CI below 0
     flagged_holm: bool = False          # ... and Holm-adjusted p < 1 - confidence
+    contrast_ci_dropped: int = 0        # replicates left out of contrast_ci (undefined: no
+    #                                     positive or no negative of the class drawn)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -90,7 +93,8 @@ class SubgroupDelta:
         for k, v in d.items():
             if k.endswith("_ci"):
                 out[k] = tuple(num(x) for x in v)
-            elif k in ("attribute", "level", "cls", "flagged", "flagged_holm", "n", "n_pos"):
+            elif k in ("attribute", "level", "cls", "flagged", "flagged_holm", "n", "n_pos",
+                       "contrast_ci_dropped"):
                 out[k] = v
             else:
                 out[k] = num(v)
@@ -275,7 +279,8 @@ def _subgroup_rows(attr, level, mask, ref, new, t, pr, pn, w, whole, n_boot, see
         out.append(SubgroupDelta(attr, str(level), cd.name, int(mask.sum()), cd.n_pos,
                                  cd.auroc_ref, cd.auroc_new, cd.delta_auroc,
                                  tuple(cd.delta_auroc_ci), float(contrast), cint,
-                                 p_two_sided(diff), flagged=bool(cint[1] < 0)))
+                                 p_two_sided(diff), flagged=bool(cint[1] < 0),
+                                 contrast_ci_dropped=n_dropped(diff)))
     m = cmp.macro
     scored = [i for i, cd in enumerate(cmp.classes) if np.isfinite(cd.delta_auroc)]
     with np.errstate(invalid="ignore"), \
@@ -291,7 +296,7 @@ def _subgroup_rows(attr, level, mask, ref, new, t, pr, pn, w, whole, n_boot, see
                              num(m["auroc_new"]), num(m["delta_auroc"]),
                              tuple(num(x) for x in m["delta_auroc_ci"]),
                              float(num(m["delta_auroc"]) - point_whole), cint, p_two_sided(diff),
-                             flagged=bool(cint[1] < 0)))
+                             flagged=bool(cint[1] < 0), contrast_ci_dropped=n_dropped(diff)))
     return out
 
 
