@@ -15,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,deploy]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,deploy,dicom]"
 	@touch $(STAMP)
 
 demo: $(STAMP)

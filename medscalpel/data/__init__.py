@@ -8,5 +8,6 @@ __all__ = ["ArrayDataset", "Augment", "CXRDataset", "DATASETS", "DatasetSpec", "
            "SubsetDataset", "open_dataset", "split_by_patient"]
 
 # file-format adapters register themselves with DATASETS on import
-from medscalpel.data import chexpert, csvfile, folder, medmnist, mimic_lt, nih, nih_lt  # noqa: E402,F401
+from medscalpel.data import (chexpert, csvfile, dicom, folder, medmnist, mimic_lt,  # noqa: E402,F401
+                             nih, nih_lt)
 from medscalpel.data.phantom import adapter as _phantom_adapter  # noqa: E402,F401

@@ -160,6 +160,8 @@ class CXRDataset(Dataset):
             "class_names": self.class_names,
             "preprocess": self.preprocess.to_dict(),
             "skipped": self.skip_report.to_dict(),
+            # bit depths / unreadable / tiny files found by medscalpel.data.scan (when scanned)
+            "pixels": self.meta.get("pixels"),
         }
 
     def content_hash(self) -> str:

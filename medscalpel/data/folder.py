@@ -21,6 +21,12 @@ a patient go to the same split; files without a patient id are split one image a
 warning says so once and ``dataset.meta["split_unit"]`` records it (see
 :func:`~medscalpel.data.base.split_warning`). In a spec string write ``+`` as ``%2B``.
 
+Unreadable images: ``train`` checks every file of the splits it uses before it starts
+(:func:`medscalpel.data.scan.require_readable`) and names the bad ones; ``skip_corrupt=true``
+drops them when the dataset is opened (each file decoded once; they are listed in
+``dataset.skip_report``). Pixels are read at their real bit depth
+(:func:`medscalpel.data.io.read_image`).
+
 Example:
     >>> ds = open_dataset("folder:/data/kermany/train?dedup=true", split="test")  # doctest: +SKIP
 """

@@ -6,13 +6,16 @@ Examples: ``nih:/data/nih``, ``folder:/data/kermany/train?dedup=true``,
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
 from medscalpel.data.base import CXRDataset
+from medscalpel.data.io import IMAGE_EXTENSIONS
 from medscalpel.data.transforms import Preprocess
-from medscalpel.errors import ConfigError
+from medscalpel.errors import ConfigError, DataError, MedScalpelError
 from medscalpel.registry import Registry
 
 #: adapter name -> factory ``(root, split, preprocess, **options) -> CXRDataset``
@@ -41,7 +44,8 @@ class DatasetSpec:
         adapter = adapter.strip().lower()
         import medscalpel.data  # noqa: F401  (registers the adapters)
 
-        DATASETS.get(adapter)  # raises with the valid names
+        if adapter not in DATASETS:
+            raise _not_a_spec(spec, adapter)
         options: dict[str, Any] = {}
         for k, v in parse_qsl(query, keep_blank_values=True):
             options[k] = _coerce(v)
@@ -52,6 +56,24 @@ class DatasetSpec:
         if self.options:
             s += "?" + "&".join(f"{k}={v}" for k, v in self.options.items())
         return s
+
+
+def _not_a_spec(spec: str, adapter: str) -> MedScalpelError:
+    """The error for a spec whose adapter is unknown: a path that does not exist (``missing.png``,
+    ``scans/``) gets a :class:`DataError` saying so; an unknown adapter name (``foldr:/data``)
+    the registry's list of valid names."""
+    valid = ", ".join(DATASETS.names())
+    named_adapter = ":" in spec and len(adapter) > 1 and re.fullmatch(r"[a-z][a-z0-9_-]*", adapter)
+    path = Path(spec).expanduser()
+    if not named_adapter and (any(ch in spec for ch in "/\\*[") or path.suffix):
+        where = f"looked in {path.absolute().parent}"
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            return DataError(f"No such image file: '{spec}' ({where}). Check the path.")
+        return DataError(f"No such file or folder: '{spec}' ({where}). Check the path; a "
+                         f"dataset spec starts with an adapter name ({valid}), e.g. "
+                         "'folder:/data/kermany/train'.")
+    hint = "" if named_adapter else f" (No file or folder named '{spec}' exists either.)"
+    return ConfigError(f"Unknown dataset adapter '{adapter}'. Valid names: {valid}.{hint}")
 
 
 def _coerce(v: str) -> Any:

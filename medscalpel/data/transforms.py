@@ -1,9 +1,10 @@
 """Preprocessing the field expects for chest X-rays, recorded with the model.
 
-Raw images are grey (``[H, W]``, uint8 or float in [0, 1]); they are resized, optionally
-augmented with light CXR-appropriate transforms (small rotation, scale, brightness/contrast;
-never vertical flips, and no horizontal flips either: laterality matters in a CXR), normalised
-and repeated to the number of input channels the model takes.
+Raw images are grey (``[H, W]``, uint8 or float in [0, 1]; uint16 / uint32 / int32 samples are
+scaled by their real bit depth, see :func:`medscalpel.data.io.scale_samples`); they are resized,
+optionally augmented with light CXR-appropriate transforms (small rotation, scale,
+brightness/contrast; never vertical flips, and no horizontal flips either: laterality matters in
+a CXR), normalised and repeated to the number of input channels the model takes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medscalpel.data.io import scale_samples
 from medscalpel.errors import ConfigError
 
 GREY_MEAN = 0.5
@@ -139,8 +141,12 @@ class Preprocess:
         arr = np.asarray(raw)
         if arr.dtype == np.uint8:
             t = torch.from_numpy(arr.astype(np.float32) / 255.0)
-        elif arr.dtype == np.uint16:
-            t = torch.from_numpy(arr.astype(np.float32) / 65535.0)
+        elif arr.dtype in (np.uint16, np.uint32, np.int32):
+            # deeper samples (uint16, Pillow's int32): their real bit depth is the smallest of
+            # 8/10/12/14/16 bits that holds the maximum, as for a 16-bit PNG without sBIT (12-bit
+            # data is not divided by 65535); file readers return float32 in [0, 1] already
+            out = scale_samples(arr, 8 * arr.dtype.itemsize)[0]
+            t = torch.from_numpy(out.astype(np.float32) / 255.0 if out.dtype == np.uint8 else out)
         else:
             t = torch.from_numpy(arr.astype(np.float32, copy=False))
         if t.ndim == 2:

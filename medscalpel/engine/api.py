@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from medscalpel.data.base import CXRDataset, split_warning
+from medscalpel.data.dicom_read import file_ids
+from medscalpel.data.scan import readable_image_files, require_readable, split_file_query
 from medscalpel.data.spec import open_dataset
 from medscalpel.data.transforms import Augment, Preprocess
 from medscalpel.engine.external import ExternalValidation, RelabeledDataset, external_validation
@@ -64,6 +66,8 @@ def fit(
     aug = as_augment(augment)
     train_ds = open_dataset(data, split="train", preprocess=pp.with_augment(aug))
     val_ds = open_dataset(data, split="val", preprocess=pp)
+    test_ds = open_dataset(data, split=eval_split, preprocess=pp) if eval_split else None
+    pixels = require_readable(train_ds, val_ds, test_ds, progress=progress)  # before training
     if model is None:
         seed_everything(cfg.seed)  # the initial weights are part of what the seed fixes
         model = create_model(arch, num_classes=train_ds.num_classes, in_chans=channels,
@@ -73,8 +77,7 @@ def fit(
     result = train(model, train_ds, val_ds, cfg, checkpoint_dir=out_dir / "checkpoint",
                    progress=progress)
     test = None
-    if eval_split:
-        test_ds = open_dataset(data, split=eval_split, preprocess=pp)
+    if test_ds is not None:
         trained = result.model
         trained.card = model.card
         test = evaluate(predict(trained, test_ds, progress=progress), n_boot=n_boot, seed=cfg.seed)
@@ -93,7 +96,8 @@ def fit(
     return FitResult(model_dir=out_dir / "model", train=result, test=test,
                      data={"train": train_ds.describe(), "val": val_ds.describe(),
                            "split_unit": train_ds.meta.get("split_unit"),
-                           "split_warning": split_warning(train_ds)})
+                           "split_warning": split_warning(train_ds),
+                           "pixels": pixels.to_dict() if pixels is not None else None})
 
 
 def as_augment(augment: bool | str | Augment | None) -> Augment | None:
@@ -153,6 +157,7 @@ def image_paths(data: str) -> list[Path] | None:
     adapter = head.split(":", 1)[0].strip().lower()
     if adapter in DATASETS.names() and (":" in head or not Path(head).exists()):
         return None  # a dataset spec such as 'folder:/x' or 'phantom?n=8'
+    data = split_file_query(data)[0]  # 'scans/*.png?skip_corrupt=true': predict_spec reads it
     if any(ch in data for ch in "*?["):
         files = [Path(f) for f in sorted(glob.glob(data, recursive=True))
                  if f.lower().endswith(IMAGE_EXTENSIONS) and Path(f).is_file()]
@@ -188,7 +193,7 @@ class ImageFiles(CXRDataset):
 
         super().__init__(preprocess, spec=spec, split="all")
         self.paths = [Path(p) for p in paths]
-        names = [str(p) for p in self.paths]
+        names = file_ids(self.paths)  # DICOM files: pseudonyms (names can hold identifiers)
         labels = (np.full((len(names), len(class_names)), np.nan, np.float32)
                   if task == "multilabel" else np.zeros(len(names), np.int64))
         self._set_tables(names, labels, class_names, task)
@@ -233,17 +238,29 @@ def predict_spec(model_dir: str | os.PathLike, data: str, split: str | None = "t
         if split not in (None, "", "auto", "all"):
             raise DataError(f"--split {split}: image files have no splits; drop --split (or "
                             "use a dataset spec).")
-        return _predict_files(model, paths, data, batch_size, progress)
+        paths, skipped = readable_image_files(paths, data, progress=progress)
+        preds = _predict_files(model, paths, data, batch_size, progress)
+        return replace(preds, meta={**preds.meta, "n_total": len(paths) + len(skipped),
+                                    "skipped": len(skipped)})
     split, reason = choose_split(model.card, data, split)
     ds = open_dataset(data, split=split, preprocess=model.card.preprocess)
     n_total = len(ds) if split == "all" else len(open_dataset(data, split="all",
                                                               preprocess=model.card.preprocess))
-    if class_map or list(ds.class_names) != list(model.card.class_names):
+    unlabelled = bool(ds.meta.get("unlabelled"))  # e.g. a dicom: folder without a label CSV
+    if unlabelled:
+        ds = ds.with_classes(list(model.card.class_names), model.card.task)
+    elif class_map or list(ds.class_names) != list(model.card.class_names):
         ds = RelabeledDataset(ds, model.card.class_names, class_map)
     preds = predict(model, ds, batch_size=batch_size, progress=progress)
     meta = {**preds.meta, "split_unit": ds.meta.get("split_unit"), "n_used": len(ds),
             "n_total": n_total, "split_reason": reason,
             "skipped": ds.skip_report.count}
+    if unlabelled:
+        import numpy as np
+
+        meta.update(unlabelled=True, split_reason=f"{reason}; no labels (unknown)")
+        if ds.task != "multilabel":
+            preds = replace(preds, labels=np.full(preds.n, -1, np.int64))
     if class_map:
         meta["class_map"] = dict(class_map)
     return replace(preds, meta=meta)

@@ -1,0 +1,336 @@
+"""Reading one DICOM radiograph, and the pseudonyms that keep patient identifiers inside.
+
+Pixels (:func:`read_dicom`), in the order DICOM PS3.3 C.11 prescribes:
+
+1. the stored values, unused high bits masked (``BitsStored`` of ``BitsAllocated``; pydicom);
+2. the Modality LUT: ``RescaleSlope`` / ``RescaleIntercept`` or a Modality LUT Sequence
+   (:func:`pydicom.pixels.apply_modality_lut`);
+3. the VOI LUT: a VOI LUT Sequence item or a window center / width pair, the first one unless
+   ``window`` picks another (:func:`pydicom.pixels.apply_voi_lut`; LINEAR, LINEAR_EXACT and
+   SIGMOID windows); ``voi=False`` skips it;
+4. scaled to ``[0, 1]`` by the output range DICOM defines for that step: the VOI LUT's entry
+   bits, the window's output range (the stored range through the rescale, as pydicom computes
+   it), or without a VOI the stored range ``[0, 2**BitsStored - 1]`` through the rescale (no
+   per-image min/max stretch, so brightness means the same in every image);
+5. MONOCHROME1 (white = low values) inverted, so bone is bright in every image.
+
+Compressed transfer syntaxes (JPEG, JPEG-LS, JPEG 2000, RLE) decode through pydicom's plugins
+(``pip install 'medscalpel[dicom]'`` brings python-gdcm and pylibjpeg-openjpeg). Refused, with a
+one-line :class:`~medscalpel.errors.DataError` naming the file: multi-frame images, colour
+(``SamplesPerPixel`` != 1 or a photometric interpretation other than MONOCHROME1/2), files
+without pixel data, and modalities other than chest radiography (``CR``, ``DX``, ``DR``; pass
+``modalities=None`` to accept any).
+
+Pseudonyms (:func:`pseudonym`): ``img-<16 hex>`` / ``pt-<16 hex>``, an HMAC-SHA256 of the
+identifier keyed by a secret salt (:func:`load_salt`): the ``MEDSCALPEL_DICOM_SALT``
+environment variable when set, else a random 256-bit salt created once per user in
+``~/.config/medscalpel/dicom-salt`` (mode 0600; ``MEDSCALPEL_DICOM_SALT_FILE`` moves it). The
+salt is never written to a run directory: only its fingerprint (:func:`key_id`), so two runs can
+tell whether their pseudonyms are comparable. The same user (or anyone sharing the secret) gets
+the same ids for the same images, so predictions of the same data pair up across runs; without
+the secret, an id cannot be turned back into the identifier, even for short patient numbers.
+
+Example:
+    >>> img = read_dicom("/site/scans/1.2.826.0.1.dcm")  # doctest: +SKIP
+    >>> img.dtype, float(img.min()) >= 0.0, float(img.max()) <= 1.0  # doctest: +SKIP
+    (dtype('float32'), True, True)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medscalpel.errors import ConfigError, DataError, optional_import
+
+#: file name endings read as DICOM (compared in lower case)
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+#: modalities of chest radiographs: computed / digital radiography (``DR`` is not a DICOM
+#: modality but some vendors write it)
+RADIOGRAPHY = ("CR", "DX", "DR")
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+SALT_ENV = "MEDSCALPEL_DICOM_SALT"
+SALT_FILE_ENV = "MEDSCALPEL_DICOM_SALT_FILE"
+#: the shortest salt accepted from the environment (a short secret can be guessed)
+MIN_SALT_CHARS = 16
+PREFIXES = {"image": "img", "patient": "pt", "file": "file"}
+
+
+def is_dicom_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a DICOM file by its ending (``.dcm``, ``.dicom``)."""
+    return str(path).lower().endswith(DICOM_EXTENSIONS)
+
+
+def _pydicom():
+    return optional_import("pydicom", "dicom", "reading DICOM files")
+
+
+# ----------------------------------------------------------------------------- headers
+def read_header(path: str | os.PathLike) -> Any:
+    """The DICOM dataset of ``path`` without loading its pixel data (values over 1 KB are
+    deferred), or :class:`DataError` naming the file when it is not readable DICOM."""
+    pydicom = _pydicom()
+    try:
+        return pydicom.dcmread(str(path), defer_size="1 KB")
+    except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError, KeyError,
+            TypeError) as exc:
+        raise DataError(f"Cannot read DICOM file {path}: {exc}. It is corrupt, truncated or "
+                        "not DICOM; remove it or add ?skip_corrupt=true to the dataset spec."
+                        ) from exc
+
+
+def check_radiograph(ds: Any, path: str | os.PathLike,
+                     modalities: Sequence[str] | None = RADIOGRAPHY) -> None:
+    """Refuse what is not one grey radiograph: no pixel data, several frames, colour, or (when
+    ``modalities`` is given) another modality. The message names the file and the fix."""
+    if "PixelData" not in ds:
+        raise DataError(f"DICOM file {path} holds no pixel data (a report, structured report or "
+                        "presentation state?); remove it from the image folder.")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise DataError(f"DICOM file {path} is multi-frame ({frames} frames); a chest "
+                        "radiograph has one frame. Export the frame you want as its own file.")
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if spp != 1 or photometric not in MONOCHROME:
+        what = photometric or "no photometric interpretation"
+        raise DataError(f"DICOM file {path} is a colour image ({what}, {spp} samples per "
+                        "pixel); only grey MONOCHROME1/2 radiographs are read.")
+    modality = str(ds.get("Modality", "")).strip().upper()
+    if modalities is not None and modality not in {m.upper() for m in modalities}:
+        raise DataError(f"DICOM file {path} has modality {modality or '(none)'!r}, not a chest "
+                        f"radiograph ({', '.join(modalities)}). Remove it, or add "
+                        "?modalities=any to the dataset spec to read it anyway.")
+
+
+def view_position(ds: Any) -> str:
+    """The view position tag (0018,5101) in upper case (``PA``, ``AP``, ``LL``, ...); ``""``
+    when absent."""
+    return str(ds.get("ViewPosition", "") or "").strip().upper()
+
+
+def n_voi(ds: Any) -> int:
+    """How many VOI transforms a file offers: VOI LUT Sequence items, else window pairs."""
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        return len(ds.VOILUTSequence)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        from pydicom.multival import MultiValue
+
+        return len(ds.WindowCenter) if isinstance(ds.WindowCenter, MultiValue) else 1
+    return 0
+
+
+# ----------------------------------------------------------------------------- pixels
+def _stored_range(ds: Any) -> tuple[float, float]:
+    """The range of the Modality LUT's output (PS3.3 C.11.1; as pydicom's windowing)."""
+    if ds.get("ModalityLUTSequence"):
+        bits = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
+        return 0.0, float(2 ** bits - 1)
+    bits = int(ds.BitsStored)
+    if int(ds.get("PixelRepresentation", 0)) == 0:
+        lo, hi = 0.0, float(2 ** bits - 1)
+    else:
+        lo, hi = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        a, b = lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)
+        lo, hi = min(a, b), max(a, b)
+    return lo, hi
+
+
+def decode(ds: Any, path: str | os.PathLike = "", window: int = 0, voi: bool = True
+           ) -> np.ndarray:
+    """The pixels of a checked DICOM dataset as float32 ``[H, W]`` in ``[0, 1]`` (see the
+    module docstring for the steps).
+
+    Args:
+        window: which VOI LUT / window pair to apply (0 = the first).
+        voi: apply the VOI LUT / window; ``False`` shows the full stored range.
+
+    Raises:
+        DataError: the pixels cannot be decoded (a compressed syntax without its plugin: the
+            message names the extra) or ``window`` is beyond the file's windows.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - every decoder failure names the file
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", str(syntax))
+        raise DataError(f"Cannot decode the pixels of DICOM file {path} (transfer syntax "
+                        f"{name}): {str(exc).splitlines()[0]}. Install the decoders with "
+                        "pip install 'medscalpel[dicom]', or remove the file.") from exc
+    if stored.ndim != 2:
+        raise DataError(f"DICOM file {path}: pixel array of shape {stored.shape}; one grey "
+                        "frame [rows, columns] is expected.")
+    values = np.asarray(apply_modality_lut(stored, ds))
+    lo, hi = _stored_range(ds)
+    n = n_voi(ds) if voi else 0
+    if n:
+        if not 0 <= int(window) < n:
+            raise DataError(f"DICOM file {path} offers {n} VOI window(s)/LUT(s); window={window} "
+                            f"does not exist (use 0 to {n - 1}, or voi=false).")
+        lut = "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0
+        if lut and values.dtype.kind == "f":  # a LUT is indexed by whole values
+            values = np.rint(values).astype(np.int64)
+        values = apply_voi_lut(values, ds, index=int(window), prefer_lut=True)
+        if lut:
+            bits = int(ds.VOILUTSequence[int(window)].LUTDescriptor[2])
+            lo, hi = 0.0, float(2 ** bits - 1)
+    values = np.asarray(values, dtype=np.float64)
+    if hi <= lo:
+        raise DataError(f"DICOM file {path}: empty output range [{lo}, {hi}] (check "
+                        "BitsStored / RescaleSlope).")
+    out = np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    if str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1":
+        out = 1.0 - out
+    return out
+
+
+def read_dicom(path: str | os.PathLike, window: int = 0, voi: bool = True,
+               modalities: Sequence[str] | None = RADIOGRAPHY) -> np.ndarray:
+    """Read one DICOM radiograph as float32 ``[H, W]`` in ``[0, 1]`` (bright = dense).
+
+    Args:
+        window: which VOI LUT / window center-width pair (0 = the first).
+        voi: apply it (``False``: the full stored range).
+        modalities: accepted modalities; ``None`` accepts any.
+
+    Raises:
+        DataError: missing, unreadable, not one grey frame, another modality, or not decodable;
+            the message names the file.
+        MissingExtraError: pydicom is not installed (``pip install 'medscalpel[dicom]'``).
+    """
+    pydicom = _pydicom()
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"DICOM file not found: {path}. Check the dataset root and the id.")
+    try:
+        ds = pydicom.dcmread(str(path))
+    except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError, KeyError,
+            TypeError) as exc:
+        raise DataError(f"Cannot read DICOM file {path}: {exc}. It is corrupt, truncated or "
+                        "not DICOM; remove it or add ?skip_corrupt=true to the dataset spec."
+                        ) from exc
+    check_radiograph(ds, path, modalities)
+    return decode(ds, path, window=window, voi=voi)
+
+
+# ----------------------------------------------------------------------------- pseudonyms
+def salt_path() -> Path:
+    """Where the per-user salt lives: ``$MEDSCALPEL_DICOM_SALT_FILE``, else
+    ``$XDG_CONFIG_HOME/medscalpel/dicom-salt`` (``~/.config`` by default)."""
+    given = os.environ.get(SALT_FILE_ENV)
+    if given:
+        return Path(given).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "medscalpel" / "dicom-salt"
+
+
+def load_salt() -> tuple[bytes, str]:
+    """The secret salt of the pseudonyms and where it came from (``env`` / ``file``).
+
+    ``MEDSCALPEL_DICOM_SALT`` (at least :data:`MIN_SALT_CHARS` characters) wins; else the
+    per-user salt file, created with 32 random bytes (mode 0600) the first time. Creation is
+    atomic (written aside, then hard-linked into place), so parallel runs agree on one salt.
+
+    Raises:
+        ConfigError: the environment salt is too short, or the salt file is empty / unreadable.
+    """
+    env = os.environ.get(SALT_ENV)
+    if env is not None:
+        if len(env) < MIN_SALT_CHARS:
+            raise ConfigError(f"The {SALT_ENV} environment variable must hold at least "
+                              f"{MIN_SALT_CHARS} characters (a random secret; e.g. "
+                              "python -c 'import secrets; print(secrets.token_hex(32))'). Got "
+                              f"{len(env)} characters instead.")
+        return env.encode(), "env"
+    path = salt_path()
+    if not path.is_file():
+        _create_salt(path)
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Cannot read the DICOM pseudonym salt file {path}: {exc}. Fix its "
+                          f"permissions, or set {SALT_ENV}.") from exc
+    if len(text) < MIN_SALT_CHARS:
+        raise ConfigError(f"The DICOM pseudonym salt file {path} holds {len(text)} characters; "
+                          f"it needs at least {MIN_SALT_CHARS}. Delete it to make a new one (ids "
+                          "made with the old salt will no longer match).")
+    return text.encode(), "file"
+
+
+def _create_salt(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def pseudonym(value: str, kind: str, salt: bytes) -> str:
+    """``<prefix>-<16 hex>``: HMAC-SHA256 of ``kind`` and ``value`` keyed by ``salt``.
+
+    >>> pseudonym("PAT-001", "patient", b"0123456789abcdef")
+    'pt-d041fa47d59f22b2'
+    """
+    if kind not in PREFIXES:
+        raise ConfigError(f"The 'kind' parameter of pseudonym must be one of "
+                          f"{sorted(PREFIXES)}. Got {kind!r} instead.")
+    digest = hmac.new(salt, f"{kind}\x00{value}".encode(), hashlib.sha256).hexdigest()
+    return f"{PREFIXES[kind]}-{digest[:16]}"
+
+
+def key_id(salt: bytes) -> str:
+    """A fingerprint of the salt (8 hex): equal fingerprints = comparable pseudonyms. It does
+    not reveal the salt."""
+    return hmac.new(salt, b"medscalpel-dicom-key-id", hashlib.sha256).hexdigest()[:8]
+
+
+def file_image_id(path: str | os.PathLike, salt: bytes | None = None) -> str:
+    """The pseudonymous id of one DICOM file given by path (``predict`` / ``report clinical``
+    on files): the pseudonym of its SOPInstanceUID, else of its resolved path."""
+    salt = load_salt()[0] if salt is None else salt
+    uid = ""
+    try:
+        uid = str(read_header(path).get("SOPInstanceUID", "") or "").strip()
+    except DataError:
+        uid = ""
+    if uid:
+        return pseudonym(uid, "image", salt)
+    return pseudonym(Path(path).resolve().as_posix(), "file", salt)
+
+
+def file_ids(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Ids of image files given by path: :func:`file_image_id` pseudonyms for DICOM files (their
+    names can hold identifiers), the path as given for the others."""
+    salt = load_salt()[0] if any(is_dicom_path(p) for p in paths) else b""
+    return [file_image_id(p, salt) if is_dicom_path(p) else str(p) for p in paths]
+
+
+def deidentified_inputs(paths: Sequence[str | os.PathLike]
+                        ) -> tuple[list[Any], list[str], list[str]]:
+    """Image files for a per-image report without their DICOM files' paths: ``(items, ids,
+    recorded)``. A DICOM file becomes its decoded pixels (so no report names its path), its
+    pseudonym as id and as what the run records; another file stays its path, with its file
+    name as id (as before)."""
+    ids = file_ids(paths)
+    items: list[Any] = [read_dicom(p) if is_dicom_path(p) else str(p) for p in paths]
+    named = [i if is_dicom_path(p) else Path(p).name for p, i in zip(paths, ids)]
+    recorded = [i if is_dicom_path(p) else str(p) for p, i in zip(paths, ids)]
+    return items, named, recorded
