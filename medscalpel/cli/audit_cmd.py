@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt
-from medscalpel.runs import RunDir
 
 
 def forgettability(
@@ -30,6 +29,7 @@ def forgettability(
     """Forgettability curves per class (median and IQR over seeds), first 20%-drop level, delta
     AP at the highest level, their correlation with log prevalence, and FCD between classes."""
     from medscalpel.audit.forgettability import audit_forgettability
+    from medscalpel.runs import RunDir
 
     train_labels = None
     if train_data is not None:
@@ -77,6 +77,7 @@ def pies(
     """Pruning-identified exemplars: images whose compressed predictions disagree most with the
     dense model's, and which classes / how many findings are over-represented among them."""
     from medscalpel.audit.pies import find_pies, pie_gallery
+    from medscalpel.runs import RunDir
 
     config = {"sweep_dir": str(sweep_dir), "ratio": ratio, "quantile": quantile, "score": score,
               "method": method, "data": data, "split": split, "n_boot": n_boot}

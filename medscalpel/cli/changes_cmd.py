@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 
 from medscalpel.cli.common import console, print_table
-from medscalpel.runs import RunDir
 
 
 def find_models(path: Path) -> list[Path]:
@@ -72,6 +71,7 @@ def changes(
     from medscalpel.engine.predict import collect_images
     from medscalpel.errors import ConfigError
     from medscalpel.models import load_model
+    from medscalpel.runs import RunDir
 
     compressed = list(compressed or [])
     if not compressed and not runtime:

@@ -5,17 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 
 from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt, print_table
-from medscalpel.compress.contract import CompressionInputs, compress
 from medscalpel.errors import ConfigError
-from medscalpel.runs import RunDir, write_json
 
 
 def parse_ratios(text: str) -> list[float]:
     """``"0:0.95:0.05"`` (start:stop:step, stop included) or ``"0,0.5,0.9"``."""
+    import numpy as np
+
     text = text.strip()
     try:
         if ":" in text:
@@ -128,9 +127,11 @@ def prune(
     with lineage), optionally iterative with recovery fine-tune / distillation."""
     if calib_old is not None:  # the older name of --n-calib
         calib = calib_old
+    from medscalpel.compress.contract import CompressionInputs, compress
     from medscalpel.compress.structured import RecoveryConfig, prune_structured
     from medscalpel.engine.predict import collect_images
     from medscalpel.models.checkpoint import load_model
+    from medscalpel.runs import RunDir, write_json
 
     m = load_model(model)
     train_ds = _open(data, "train", m)
@@ -206,6 +207,7 @@ def export(
     optional int8 quantization with its delta macro AUROC."""
     from medscalpel.compress.export import export_onnx
     from medscalpel.models.checkpoint import load_model
+    from medscalpel.runs import RunDir, write_json
 
     m = load_model(model)
     ref = load_model(reference) if reference is not None else None

@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
+from rich.table import Table
+
 from medscalpel.cli.common import console, fmt, one_of
-from medscalpel.runs import RunDir
 
 
 def stats(
@@ -24,11 +25,10 @@ def stats(
     """Label statistics of a dataset: prevalence per class, co-occurrence counts, Jaccard
     matrix and the pairs of findings that never occur together. Prints a table and writes
     JSON plus two heatmap PNGs into a new run directory."""
-    from rich.table import Table
+    from medscalpel.data.stats import dataset_statistics
+    from medscalpel.runs import RunDir
 
     spec = one_of(spec, spec_arg, "--data", "SPEC", "the dataset spec")
-
-    from medscalpel.data.stats import dataset_statistics
 
     with RunDir(out, command="data stats", config={"spec": spec, "split": split},
                 overwrite=overwrite) as run:

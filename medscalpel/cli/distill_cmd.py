@@ -10,7 +10,6 @@ import typer
 
 from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, one_of, console, fmt, print_table
 from medscalpel.errors import ConfigError
-from medscalpel.runs import RunDir, write_json
 
 
 def _preprocess(model_dir: str, size: int, channels: int):
@@ -95,6 +94,7 @@ def distill(
     similarity)."""
     from medscalpel.compress.distill import DistillConfig, distill as run_distill
     from medscalpel.engine.train import TrainConfig
+    from medscalpel.runs import RunDir
 
     teacher = one_of(teacher, teacher_arg, "--model", "TEACHER", "the teacher model")
     pre = _preprocess(teacher, size, channels)
@@ -150,6 +150,7 @@ def students(
     """Hardware-aware student choice: measure candidates' CPU latency here, proxy-distil those
     within the budget, pick the most accurate."""
     from medscalpel.compress.student_search import choose_student
+    from medscalpel.runs import RunDir, write_json
 
     teacher = one_of(teacher, teacher_arg, "--model", "TEACHER", "the teacher model")
     pre = _preprocess(str(teacher), 64, 1)

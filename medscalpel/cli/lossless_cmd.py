@@ -8,19 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-import torch
 import typer
 
 from medscalpel.cli.common import N_BOOT, one_of
-from medscalpel.compress.contract import CompressionInputs, compress
-from medscalpel.data import open_dataset
 from medscalpel.errors import ConfigError
-from medscalpel.models.checkpoint import load_model
-from medscalpel.runs import RunDir
 
 
-def _images(ds, n: int, seed: int) -> tuple[torch.Tensor, np.ndarray, list[int]]:
+def _images(ds, n: int, seed: int):
+    """``n`` images of ``ds`` (a seeded choice, sorted): (tensor, labels, indices)."""
+    import numpy as np
+    import torch
+
     rng = np.random.default_rng(seed)
     idx = sorted(rng.permutation(len(ds))[:n].tolist()) if n < len(ds) else list(range(len(ds)))
     x = torch.stack([ds.image(i) for i in idx])
@@ -77,6 +75,11 @@ def lossless(
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
 ) -> None:
     """Compress a model without changing its outputs (or with a reported tolerance)."""
+    from medscalpel.compress.contract import CompressionInputs, compress
+    from medscalpel.data import open_dataset
+    from medscalpel.models.checkpoint import load_model
+    from medscalpel.runs import RunDir
+
     model_dir = one_of(model_dir, model_arg, "--model", "MODEL", "the model directory")
     data_spec = one_of(data_spec, data_arg, "--data", "DATA", "the dataset spec")
     if calib_old is not None:

@@ -198,22 +198,55 @@ def predict(
     batch_size: int = typer.Option(64),
     overwrite: bool = typer.Option(False),
 ) -> None:
-    """Predict a dataset split with a saved model -> a Predictions artifact."""
-    from medscalpel.engine.api import predict_spec, usage_line
+    """Predict a dataset split with a saved model -> a Predictions artifact, and a per-image
+    table of probabilities and findings (the first rows printed, all in predictions.csv)."""
+    from medscalpel.engine.api import _card, predict_spec, usage_line
+    from medscalpel.engine.findings import FILENAME as FINDINGS_CSV
+    from medscalpel.engine.findings import findings_table
     from medscalpel.runs import RunDir, write_json
 
+    card = _card(model)
     with RunDir(out, command="predict", config={"model": str(model), "data": data, "split": split},
                 data={"spec": data, "split": split}, overwrite=overwrite) as run:
         preds = predict_spec(model, data, split, batch_size)
         preds.save(run.path / "predictions.npz")
         write_json(run.path / "predictions.json", preds.to_dict())
+        table = findings_table(preds, card.thresholds if preds.task == "multilabel" else None)
+        table.save_csv(run.path / FINDINGS_CSV)
         run.data.update(split=preds.split, split_unit=preds.meta.get("split_unit"),
                         n_used=preds.meta.get("n_used"), n_total=preds.meta.get("n_total"))
     console.print(f"used {usage_line(preds)}", highlight=False)
+    _print_findings(table, out / FINDINGS_CSV)
     if preds.meta.get("unlabelled"):
         console.print("note: the images have no labels: the predictions' labels are unknown "
                       "(NaN), so 'evaluate' has nothing to score them against.", highlight=False)
     console.print(f"{preds.n} predictions -> {out / 'predictions.npz'}")
+
+
+#: image rows 'predict' prints (the rest are in the CSV)
+PREDICT_ROWS = 10
+#: class probabilities a printed row shows (highest first) when there are more classes
+PREDICT_TOP = 3
+
+
+def _print_findings(table, csv_path: Path) -> None:
+    """The first rows of a FindingsTable: every probability when the classes fit a terminal,
+    else the highest few; then where the whole table is."""
+    names = table.class_names
+    rows = []
+    for r in table.rows[:PREDICT_ROWS]:
+        row = {"id": r["id"]}
+        if len(names) <= 5:
+            row.update({c: r[c] for c in names})
+        else:
+            top = sorted(names, key=lambda c: -r[c])[:PREDICT_TOP]
+            row["highest probabilities"] = ", ".join(f"{c} {r[c]:.3f}" for c in top)
+        row["findings"] = r["findings"]
+        rows.append(row)
+    print_table(rows, f"findings at {table.threshold_source}")
+    rest = len(table.rows) - len(rows)
+    console.print(f"{'all ' if rest <= 0 else f'{rest} more rows; all '}{len(table.rows)} rows "
+                  f"(every class's probability and the findings) -> {csv_path}", highlight=False)
 
 
 @app.command()
@@ -222,8 +255,9 @@ def features(
     data: str = typer.Option(..., help="Dataset spec."),
     split: str = typer.Option("auto", help="Split: train | val | test | all | auto (as in "
                                            "predict)."),
-    out: Path = typer.Option(..., help="Features .npz file to write (what 'repair retrain' "
-                                       "and 'repair surgery --features' read)."),
+    out: Path = typer.Option(..., metavar="FILE.npz", help="Features file to write, ending in "
+                                       ".npz (what 'repair retrain' and 'repair surgery "
+                                       "--features' read)."),
     batch_size: int = typer.Option(64, help="Batch size."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
@@ -269,7 +303,8 @@ def evaluate(
                                                       "with --model and report it next to these "
                                                       "(internal) predictions."),
     external_split: str = typer.Option("all", help="Split of the external set (default: all)."),
-    reference: Optional[Path] = typer.Option(None, help="Reference predictions.npz (e.g. of the "
+    reference: Optional[Path] = typer.Option(None, metavar="PREDICTIONS",
+                                             help="Reference predictions.npz (e.g. of the "
                                                         "dense model): paired comparison of "
                                                         "PREDICTIONS against it on the common "
                                                         "images (deltas with bootstrap CIs)."),

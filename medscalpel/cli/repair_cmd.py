@@ -8,7 +8,10 @@ from typing import Optional
 import typer
 
 from medscalpel.cli.common import console, load_predictions, one_of, print_table
-from medscalpel.runs import RunDir, write_json
+
+
+#: where 'repair triage' writes the learned cost matrix without --costs (inside --out)
+COSTS_FILE = "treatment_costs.json"
 
 
 def _load_data(path: Path):
@@ -47,16 +50,39 @@ def calibrate(
                                          "OUT/model."),
     out: Path = typer.Option(Path("runs/repair-calibrate"), help="Run directory to create."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    guarantee: Optional[str] = typer.Option(None, help="Certified thresholds instead of point "
+                                            "ones: 'recall>=0.90' (with confidence 1-alpha), "
+                                            "'E[recall]>=0.90' (in expectation), "
+                                            "'precision>=0.8' or 'fnr<=0.1' (multi-label set); "
+                                            "written to guarantee.json."),
+    alpha: float = typer.Option(0.1, help="With --guarantee: the allowed probability that the "
+                                "guarantee fails."),
+    patients: Optional[Path] = typer.Option(None, help="With --guarantee: CSV with columns "
+                                            "'id' and 'patient' (image id -> patient id); "
+                                            "patients are counted and --holdout splits by "
+                                            "patient."),
+    holdout: Optional[float] = typer.Option(None, help="With --guarantee and no --eval: the "
+                                            "share of patients of FIT held out to re-check the "
+                                            "guarantee (split by patient; seeded by --seed)."),
+    seed: int = typer.Option(0, help="Seed of the --holdout split."),
 ) -> None:
     """Calibrate decisions, fitted on one split and measured on another. Multi-label: per-class
     thresholds (Youden's J, F1-optimal or a target sensitivity) vs 0.5 (F1, recall, precision).
     Two-class: the operating point of the positive class (same methods) vs argmax. More
-    classes: temperature scaling (NLL and ECE before/after; accuracy unchanged)."""
+    classes: temperature scaling (NLL and ECE before/after; accuracy unchanged). With
+    --guarantee: per-class thresholds with a finite-sample guarantee (conformal), re-checked on
+    --eval or a --holdout of patients."""
     from medscalpel.errors import ConfigError
     from medscalpel.models.checkpoint import load_model
     from medscalpel.repair.calibrate import (binary_view, calibrate_temperature,
                                              calibrate_thresholds)
+    from medscalpel.runs import RunDir, write_json
 
+    if guarantee is not None:
+        return _calibrate_guarantee(fit, evaluate_on, guarantee, alpha, patients, holdout, seed,
+                                    positive, model, out, overwrite)
+    if holdout is not None or patients is not None:
+        raise ConfigError("--holdout and --patients apply with --guarantee only.")
     fit_p = load_predictions(fit)
     eval_p = load_predictions(evaluate_on) if evaluate_on else None
     kind = ("thresholds" if fit_p.task == "multilabel" else
@@ -101,6 +127,85 @@ def calibrate(
     console.print(f"written to {out}")
 
 
+def _read_patients(path: Path) -> dict[str, str]:
+    """image id -> patient id from a CSV with columns 'id' and 'patient'."""
+    import csv
+
+    from medscalpel.errors import DataError
+
+    if not Path(path).is_file():
+        raise DataError(f"--patients: file not found: {path} (a CSV with columns 'id' and "
+                        "'patient').")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        cols = reader.fieldnames or []
+        if "id" not in cols or "patient" not in cols:
+            raise DataError(f"--patients {path}: needs the columns 'id' and 'patient'; it has "
+                            f"{cols}.")
+        return {r["id"]: r["patient"] for r in reader if r.get("id")}
+
+
+def _calibrate_guarantee(fit: Path, evaluate_on: Optional[Path], guarantee: str, alpha: float,
+                         patients: Optional[Path], holdout: Optional[float], seed: int,
+                         positive: Optional[str], model: Optional[Path], out: Path,
+                         overwrite: bool) -> None:
+    """``repair calibrate --guarantee``: certify on FIT (or its calibration part), re-check on
+    --eval or on the held-out patients; writes guarantee.json (+ guarantee_check.json)."""
+    from medscalpel.errors import ConfigError
+    from medscalpel.layout import write_artifact
+    from medscalpel.repair.calibrate import binary_view
+    from medscalpel.repair.conformal import (calibrate_guarantee, parse_guarantee,
+                                             patient_split, recertify)
+    from medscalpel.runs import RunDir
+
+    spec = parse_guarantee(guarantee)  # a bad spec fails before anything is read
+    if model is not None:
+        raise ConfigError("repair calibrate --guarantee does not write a model yet: drop "
+                          "--model (the certified thresholds are in guarantee.json).")
+    if holdout is not None and evaluate_on is not None:
+        raise ConfigError("Give --eval or --holdout, not both: the guarantee is re-checked on "
+                          "one held-out set.")
+    fit_p = load_predictions(fit)
+    eval_p = load_predictions(evaluate_on) if evaluate_on else None
+    if fit_p.task == "multiclass":
+        if fit_p.num_classes != 2:
+            raise ConfigError(f"--guarantee needs multi-label or two-class predictions; these "
+                              f"are multi-class with {fit_p.num_classes} classes.")
+        fit_p = binary_view(fit_p, positive)
+        eval_p = binary_view(eval_p, positive) if eval_p is not None else None
+    elif positive is not None:
+        raise ConfigError("--positive applies to two-class predictions only.")
+    pmap = _read_patients(patients) if patients else None
+    pid = (lambda p: [pmap.get(i) for i in p.ids]) if pmap is not None else (lambda p: None)
+    cal_p, chk_p, unit = fit_p, eval_p, None
+    if holdout is not None:
+        sp = patient_split(fit_p, pid(fit_p), holdout, seed)
+        cal_p, chk_p, unit = fit_p.select(sp.calibration), fit_p.select(sp.held_out), sp.unit
+    cfg = {"fit": str(fit), "eval": str(evaluate_on) if evaluate_on else None,
+           "guarantee": spec.text, "alpha": alpha, "patients": str(patients) if patients
+           else None, "holdout": holdout, "seed": seed, "positive": positive,
+           "split_unit": unit}
+    with RunDir(out, command="repair calibrate", config=cfg, overwrite=overwrite) as run:
+        result = calibrate_guarantee(cal_p, spec, alpha, patient_ids=pid(cal_p))
+        write_artifact(run.path, "guarantee", result)
+        check = recertify(result, chk_p, patient_ids=pid(chk_p)) if chk_p is not None else None
+        if check is not None:
+            write_artifact(run.path, "guarantee_check", check)
+    pat = f", {result.n_patients} patients" if result.n_patients is not None else ""
+    print_table(result.table(), title=f"{spec.text}: certified on {result.n_images} images"
+                f"{pat} ({cal_p.split}{', split by ' + unit if unit else ''})")
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    if check is not None:
+        print_table(check.table(), title=f"re-check on {check.n_images} held-out images: "
+                    f"{check.outcome.upper()} ({check.correction}, confidence "
+                    f"{check.confidence:.3f})")
+    else:
+        console.print("not re-checked: give --eval or --holdout for a held-out check",
+                      highlight=False)
+    console.print(f"written to {out}")
+
+
 def surgery(
     model_arg: Optional[Path] = typer.Argument(None, hidden=True, metavar="MODEL"),
     model: Optional[Path] = typer.Option(None, "--model", help="Model directory to correct."),
@@ -119,10 +224,13 @@ def surgery(
     confounder: Optional[str] = typer.Option(None, help="With --data: select the false "
                                              "positives carrying this confounder flag "
                                              "(e.g. chest_tube)."),
-    delta_prob: Optional[float] = typer.Option(None, help="Required fall of the targets' "
-                                               "probability."),
-    criterion: str = typer.Option("mean", help="mean or each (for --delta-prob)."),
-    below_threshold: bool = typer.Option(False, help="Require every target below threshold."),
+    delta_prob: Optional[float] = typer.Option(None, help="Goal: required fall of the targets' "
+                                               "probability (give this or "
+                                               "--below-threshold)."),
+    criterion: str = typer.Option("mean", help="mean or each (for --delta-prob: the mean "
+                                  "target or each target must fall by it)."),
+    below_threshold: bool = typer.Option(False, help="Goal: every target below threshold "
+                                         "(give this or --delta-prob)."),
     tp_loss_budget: int = typer.Option(0, help="Validation true positives that may be lost."),
     adjust_bias: bool = typer.Option(False, help="Allow moving the class bias too."),
     max_weights: int = typer.Option(32, help="Most weights the search may zero."),
@@ -133,14 +241,27 @@ def surgery(
     """Zero the fewest weights of one classifier row that remove the given false positives
     while no validation true positive falls below threshold; verify that every other class's
     logits are bit-identical; save the corrected model (OUT/model) with lineage."""
+    from medscalpel.data.spec import open_dataset
     from medscalpel.engine.predict import Features
     from medscalpel.errors import ConfigError
     from medscalpel.models.checkpoint import load_model
     from medscalpel.repair.surgery import surgery_from_rule, surgical_correction
+    from medscalpel.runs import RunDir
+    from medscalpel.validation import check_in
 
     model = one_of(model, model_arg, "--model", "MODEL", "the model directory")
     dataset = one_of(dataset, dataset_old, "--data", "--dataset", "the dataset spec",
                      required=False)
+    # the library's own checks name its Python arguments: check the flags here first
+    if below_threshold == (delta_prob is not None):
+        raise ConfigError("repair surgery: give exactly one goal: --delta-prob X (the fall in "
+                          "the targets' probability) or --below-threshold.")
+    check_in(criterion, "--criterion", "medscalpel repair surgery", ("mean", "each"))
+    if dataset is not None and confounder is None:
+        raise ConfigError("repair surgery: --data needs --confounder NAME to select the false "
+                          "positives.")
+    if dataset is None and features is None:
+        raise ConfigError("repair surgery: give --features (or --data with --confounder).")
 
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in dict(
         model=model, target_class=target_class, features=features, val=val, fp_ids=fp_ids,
@@ -154,19 +275,11 @@ def surgery(
         m = load_model(model)
         model_out = None if dry_run else run.path / "model"
         if dataset is not None:
-            if confounder is None:
-                raise ConfigError("repair surgery: --data needs --confounder NAME to select "
-                                  "the false positives.")
-            from medscalpel.data.spec import open_dataset
-
             ds = open_dataset(dataset, split=split, preprocess=m.card.preprocess)
             vf = Features.load(val) if val else None
             result = surgery_from_rule(m, ds, confounder, target_class, val=vf,
                                        out_dir=model_out, **kw)
         else:
-            if features is None:
-                raise ConfigError("repair surgery: give --features (or --data with "
-                                  "--confounder).")
             ids = [s.strip() for s in fp_ids.read_text().splitlines() if s.strip()] \
                 if fp_ids else None
             tf = Features.load(features)
@@ -207,6 +320,7 @@ def retrain(
     from medscalpel.engine.predict import Features
     from medscalpel.models.checkpoint import load_model
     from medscalpel.repair.retrain import finetune_classifier, reoptimize_classifier
+    from medscalpel.runs import RunDir, write_json
     from medscalpel.validation import check_in
 
     check_in(method, "method", "repair retrain", ("finetune", "reoptimize"))
@@ -243,8 +357,10 @@ def triage(
                                          "starting point; the repaired model goes to OUT/model."),
     budget: float = typer.Option(5.0, help="Largest cost (units) a treatment may have to be run; "
                                  "dearer ones are proposed with an estimated cost."),
-    costs: Path = typer.Option(Path("runs/treatment_costs.json"), help="Cost matrix JSON, "
-                               "loaded if present and updated with the measured costs."),
+    costs: Optional[Path] = typer.Option(None, metavar="FILE.json", help="Cost matrix JSON "
+                                         "shared between runs: loaded if present and updated "
+                                         "in place with the measured costs (default: a fresh "
+                                         "matrix, written to OUT/treatment_costs.json)."),
     out: Path = typer.Option(Path("runs/repair-triage"), help="Run directory to create."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
@@ -253,14 +369,16 @@ def triage(
     decision_log.json / decision_log.md."""
     from medscalpel.models.checkpoint import load_model
     from medscalpel.repair.triage import triage as run_triage
+    from medscalpel.runs import RunDir
 
     cfg = {"fit": str(fit), "held_out": str(held_out), "model": str(model) if model else None,
-           "budget": budget, "costs": str(costs)}
+           "budget": budget, "costs": str(costs) if costs is not None else None}
     with RunDir(out, command="repair triage", config=cfg, overwrite=overwrite) as run:
         m = load_model(model) if model else None
         thr = m.card.effective_thresholds() if m is not None and m.card is not None else None
         result = run_triage(_load_data(fit), _load_data(held_out), thresholds=thr, budget=budget,
-                            cost_path=costs)
+                            cost_path=costs if costs is not None
+                            else run.path / COSTS_FILE)
         result.save(run.path, model=m)
     console.print(result.markdown())
     console.print(f"written to {out}")

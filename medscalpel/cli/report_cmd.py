@@ -9,7 +9,6 @@ from typing import List, Optional
 import typer
 
 from medscalpel.cli.common import console
-from medscalpel.runs import RunDir, write_json
 
 
 def clinical(
@@ -47,9 +46,11 @@ def clinical(
     evidence, the channels behind each finding, where the model looked (lung zones when the CAM
     resolution allows + overlay). Self-contained HTML and JSON."""
     from medscalpel.data.cooccurrence import ExclusionRule
+    from medscalpel.data.dicom_read import deidentified_inputs
     from medscalpel.errors import ConfigError
     from medscalpel.models.checkpoint import load_model
     from medscalpel.report.clinical import clinical_report
+    from medscalpel.runs import RunDir, write_json
 
     if jaccard_exclusion is not None:
         raise ConfigError("--jaccard-exclusion was removed: a low Jaccard index only says that "
@@ -60,13 +61,14 @@ def clinical(
     rule = ExclusionRule(max_lift_upper=max_lift_upper, min_expected=min_expected,
                          min_images=min_images)
     mode = "hide" if hide_exclusive else "flag"
-    cfg = {"model": str(model), "images": [str(i) for i in images],
+    items, image_ids, recorded = deidentified_inputs(images)  # DICOM: no path, a pseudonym
+    cfg = {"model": str(model), "images": recorded,
            "stats": str(stats) if stats else None,
            "calibration": str(calibration) if calibration else None, "conflicts": mode,
            "exclusion_rule": rule.to_dict(), "min_cam_size": min_cam_size,
            "cam_method": cam_method, "top_channels": top_channels}
     with RunDir(out, command="report clinical", config=cfg, overwrite=overwrite) as run:
-        reports = clinical_report(load_model(model), [str(i) for i in images], run.path,
+        reports = clinical_report(load_model(model), items, run.path, image_ids=image_ids,
                                   label_stats=stats, cam_method=cam_method,
                                   top_channels=top_channels, conflicts=mode,
                                   exclusion_rule=rule, calibration=calibration,
@@ -99,15 +101,26 @@ def experiment(
     run_dir: Path = typer.Argument(..., help="A run directory: a demo run, or the --out of a "
                                    "single command (train, evaluate, compress deploy, audit "
                                    "changes, ...)."),
-    out: Optional[Path] = typer.Option(None, help="HTML file to write (default "
-                                       "RUN_DIR/report.html); a JSON summary is written beside "
-                                       "it."),
+    out: Optional[Path] = typer.Option(None, metavar="FILE.html", help="HTML file to write, "
+                                       "with a JSON summary beside it. Without --out both go "
+                                       "INTO the input run directory (RUN_DIR/report.html, "
+                                       "RUN_DIR/report.json)."),
 ) -> None:
     """One self-contained HTML page from a run directory: every section whose declared
     artifact (medscalpel/layout.py) the run holds, at its demo path or where a single command
     writes it; sections not run say so."""
     from medscalpel.report.experiment import experiment_report
+    from medscalpel.runs import write_json
 
+    from medscalpel.errors import ConfigError
+
+    if out is not None and out.suffix.lower() not in (".html", ".htm"):
+        raise ConfigError(f"The '--out' parameter of medscalpel report experiment must be an "
+                          f"HTML file name ending in .html. Got {str(out)!r} instead (e.g. "
+                          f"{out.with_suffix('.html') if out.suffix else out / 'report.html'}).")
+    if out is None:
+        console.print(f"no --out: writing into the input run directory {run_dir}",
+                      highlight=False)
     rep = experiment_report(run_dir, out)
     write_json(Path(rep.html_path).with_suffix(".json"), rep.to_dict())
     d = rep.to_dict()

@@ -8,13 +8,14 @@ from typing import Optional
 import typer
 
 from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, load_predictions, print_table
-from medscalpel.runs import RunDir, write_json
 
 
 def recalibrate_site(
     model: Path = typer.Option(..., help="Model directory (its stored thresholds are the start)."),
-    internal: Path = typer.Option(..., help="The model's internal (test) predictions .npz or run "
-                                            "directory: the operating point to restore."),
+    internal: Path = typer.Option(..., metavar="PREDICTIONS",
+                                  help="The model's internal (test) predictions: a "
+                                       "predictions .npz or the run directory holding it; the "
+                                       "operating point to restore."),
     external: str = typer.Option(..., help="Dataset spec of the new site (labelled)."),
     external_split: str = typer.Option("all", help="Split of the new site's dataset."),
     k: int = typer.Option(20, help="Labelled images per class used to recalibrate."),
@@ -39,6 +40,7 @@ def recalibrate_site(
     from medscalpel.models.checkpoint import load_model, save_model
     from medscalpel.repair.shift import recalibrate_site as run_recal
     from medscalpel.repair.shift import recalibrated_model
+    from medscalpel.runs import RunDir, write_json
 
     cmap = {}
     for it in class_map:
