@@ -1,0 +1,722 @@
+"""Per-class decision thresholds with finite-sample guarantees (conformal risk control).
+
+:mod:`medscalpel.repair.calibrate` picks point thresholds (Youden, F1, a target sensitivity) on
+one split: a "sensitivity 0.90" threshold gives anything from about 0.8 to 0.97 on the next
+patients and nothing says how often. The thresholds here come with a statement that holds for a
+new draw of patients from the same population, given only that calibration and future images are
+exchangeable (i.i.d.) draws from it:
+
+``recall>=T`` (high probability; Learn then Test / RCPS)
+    For one class, with ``n`` calibration positives, predict "present" when the logit reaches the
+    ``k``-th smallest positive score, ``k`` the largest with ``P(Binomial(n, 1-T) <= k-1) <=
+    alpha``. Equivalently: the largest threshold whose one-sided Clopper-Pearson upper
+    confidence bound on the miss rate (``k-1`` misses of ``n``) is ``<= 1 - T``. Then
+    ``P(recall >= T) >= 1 - alpha`` over the calibration draw (recall = the population recall
+    at the chosen threshold). Ties in the scores only make it more conservative. References:
+    Angelopoulos, Bates, Candes, Jordan, Lei, "Learn then Test: Calibrating Predictive
+    Algorithms to Achieve Risk Control" (2021, arXiv:2110.01052); Bates, Angelopoulos, Lei,
+    Malik, Jordan, "Distribution-Free, Risk-Controlling Prediction Sets" (RCPS, J. ACM 2021,
+    arXiv:2101.02703). Certifiable at all only when ``T**n <= alpha`` (no miss allowed), i.e.
+    ``n >= ceil(log(alpha) / log(T))`` positives: 22 for ``T = 0.9, alpha = 0.1``.
+
+``E[recall]>=T`` (in expectation; Conformal Risk Control)
+    The miss indicator of a positive is a loss bounded by 1, monotone in the threshold; CRC
+    (Angelopoulos, Bates, Fisch, Lei, Schuster, "Conformal Risk Control", 2022,
+    arXiv:2208.02814) takes the largest threshold with ``(n R_n(t) + 1) / (n + 1) <= 1 - T``:
+    the ``k``-th smallest positive score with ``k = floor((1-T)(n+1))`` (the (n+1)-corrected
+    split-conformal quantile). Then ``E[recall] >= T`` where the expectation is over the
+    calibration draw AND the new positive; a given calibration set may fall short. Needs
+    ``n >= ceil(1/(1-T)) - 1`` positives (9 for ``T = 0.9``).
+
+``precision>=T`` (high probability; Learn then Test, fixed-sequence testing)
+    A FIXED, data-independent grid of logit thresholds (default ``12`` down to ``-12`` in steps
+    of ``0.05``) is tested from the top: at threshold ``t`` the null is "population precision
+    < T"; given the ``N_t`` calibration images flagged, the true positives among them are
+    Binomial(``N_t``, precision(t)), so ``p_t = P(Binomial(N_t, T) >= TP_t)`` is a valid
+    p-value. Fixed-sequence testing rejects while ``p_t <= alpha`` and returns the lowest
+    rejected threshold: ``P(precision >= T) >= 1 - alpha``. Assumptions: i.i.d. images from one
+    population; the grid is fixed in advance; the leading grid points that flag fewer than
+    ``n_min = ceil(log(alpha) / log(T))`` calibration images are skipped (no count there could
+    reject, they would only stop the sequence). That data-dependent start keeps the error rate
+    when P(present | score) is non-decreasing in the score (a score that ranks, so precision
+    falls as the threshold falls); if the top of the score range held mostly negatives it could
+    be optimistic. Needs at least ``n_min`` positives (all flagged images positive).
+
+``fnr<=a`` (multi-label set false-negative rate, in expectation; CRC)
+    One shared probability threshold ``lambda`` for every class; the set of an image is
+    ``{classes with probability >= lambda}``; its loss is the share of its TRUE labels missed.
+    Over the ``n`` calibration images with at least one (known) positive label, CRC takes the
+    largest ``lambda`` with ``(n R_n(lambda) + 1)/(n + 1) <= a``: ``E[missed / true labels] <=
+    a`` for a new image with at least one finding (CRC paper, section on multi-label FNR).
+    Needs ``n >= ceil(1/a) - 1`` such images.
+
+Thresholds act on LOGITS (``logit >= threshold_logit``; the probability threshold is its
+sigmoid, stored alongside). The stored logit is the largest float32 below the calibration score
+chosen as the cut: the same decisions on float32 logits, and exactly the analysed rule.
+
+Patients: the binomial arguments count images as independent draws. Pass ``patient_ids`` to
+report how many patients the calibration images came from (several images of one patient are
+correlated, so the stated confidence is then approximate) and use :func:`patient_split` (built
+on :func:`medscalpel.data.base.split_by_patient`) to keep the calibration and the held-out
+check apart by PATIENT.
+
+:func:`recertify` asks whether a stored guarantee still holds for another model (compressed,
+int8) or another site on held-out labelled data: pass / fail / undecided with the observed rate,
+its Clopper-Pearson interval (Bonferroni over the certified rows) and the counts.
+
+Example:
+    >>> import numpy as np
+    >>> from medscalpel.engine.predictions import Predictions
+    >>> rng = np.random.default_rng(0)
+    >>> y = (rng.random((400, 1)) < 0.3).astype(np.float32)
+    >>> z = 2.0 * y + rng.normal(size=(400, 1))
+    >>> p = Predictions(z, y, ids=tuple(map(str, range(400))), class_names=("x",),
+    ...                 task="multilabel")
+    >>> g = calibrate_guarantee(p, "recall>=0.9", alpha=0.1)
+    >>> g.classes[0].certified, g.classes[0].guarantee
+    (True, 'recall >= 0.90 with 90% confidence')
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import beta as beta_dist
+from scipy.stats import binom
+
+from medscalpel.data.base import split_by_patient
+from medscalpel.engine.predictions import Predictions
+from medscalpel.errors import ConfigError, DataError
+from medscalpel.runs import read_json, write_json
+from medscalpel.validation import check_range
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = 1
+FILENAME = "guarantee.json"
+#: guarantee kinds: (wording of the rate, comparison, high-probability?)
+KINDS = {"recall": ("recall", ">=", True), "recall_mean": ("recall", ">=", False),
+         "precision": ("precision", ">=", True), "fnr": ("set false-negative rate", "<=", False)}
+#: the default fixed logit grid of the precision test (from the top)
+DEFAULT_GRID = np.round(np.arange(12.0, -12.0 - 1e-9, -0.05), 10)
+_SPEC = re.compile(r"^\s*(E\[\s*recall\s*\]|recall|precision|fnr)\s*(>=|<=)\s*"
+                   r"([0-9]*\.?[0-9]+)\s*$", re.IGNORECASE)
+_EPS = 1e-9
+
+
+class GuaranteeSpecError(ConfigError):
+    """A ``--guarantee`` text that cannot be parsed (one line naming the valid forms)."""
+
+
+# ----------------------------------------------------------------------------- spec
+@dataclass(frozen=True)
+class GuaranteeSpec:
+    """What to guarantee: ``kind`` (``recall``, ``recall_mean``, ``precision``, ``fnr``) and the
+    level (a recall / precision floor, or the FNR ceiling for ``fnr``)."""
+
+    kind: str
+    target: float
+
+    @property
+    def text(self) -> str:
+        name = {"recall": "recall", "recall_mean": "E[recall]", "precision": "precision",
+                "fnr": "fnr"}[self.kind]
+        return f"{name}{KINDS[self.kind][1]}{self.target:g}"
+
+    @property
+    def high_probability(self) -> bool:
+        return KINDS[self.kind][2]
+
+
+def parse_guarantee(text: str | GuaranteeSpec) -> GuaranteeSpec:
+    """``'recall>=0.90'`` (with probability 1 - alpha), ``'E[recall]>=0.90'`` (in expectation),
+    ``'precision>=0.8'`` or ``'fnr<=0.1'`` (multi-label set, in expectation).
+
+    Example:
+        >>> parse_guarantee("recall>=0.9")
+        GuaranteeSpec(kind='recall', target=0.9)
+    """
+    if isinstance(text, GuaranteeSpec):
+        return text
+    forms = "'recall>=0.90', 'E[recall]>=0.90', 'precision>=0.8' or 'fnr<=0.1'"
+    m = _SPEC.match(str(text))
+    if not m:
+        raise GuaranteeSpecError(f"Cannot read the guarantee {text!r}: write one of {forms} "
+                                 "(a level strictly between 0 and 1).")
+    name, op, level = m.group(1).lower().replace(" ", ""), m.group(2), float(m.group(3))
+    kind = {"e[recall]": "recall_mean"}.get(name, name)
+    if op != KINDS[kind][1]:
+        raise GuaranteeSpecError(f"Cannot read the guarantee {text!r}: {name} takes "
+                                 f"'{KINDS[kind][1]}' (one of {forms}).")
+    if not 0.0 < level < 1.0:
+        raise GuaranteeSpecError(f"Cannot read the guarantee {text!r}: the level must be "
+                                 f"strictly between 0 and 1; got {level:g}.")
+    return GuaranteeSpec(kind, level)
+
+
+# ----------------------------------------------------------------------------- minimum n
+def min_positives(kind: str, target: float, alpha: float | None = None) -> int:
+    """The fewest calibration positives (images with a finding, for ``fnr``) for which the
+    guarantee can be certified at all.
+
+    * ``recall`` / ``precision`` with probability ``1 - alpha``: zero errors allowed, so
+      ``target**n <= alpha``: ``n >= ceil(log(alpha) / log(target))``.
+    * ``recall_mean`` (CRC): ``floor((1 - target)(n + 1)) >= 1``: ``n >= ceil(1/(1-target)) - 1``.
+    * ``fnr`` (CRC) with ceiling ``a = target``: ``n >= ceil(1/a) - 1``.
+
+    Example:
+        >>> min_positives("recall", 0.9, 0.1), min_positives("recall_mean", 0.9)
+        (22, 9)
+    """
+    if kind in ("recall", "precision"):
+        if alpha is None:
+            raise ConfigError(f"min_positives: the '{kind}' guarantee needs alpha.")
+        return int(math.ceil(math.log(alpha) / math.log(target) - _EPS))
+    eps = 1.0 - target if kind == "recall_mean" else target
+    return max(int(math.ceil(1.0 / eps - _EPS)) - 1, 1)
+
+
+# ----------------------------------------------------------------------------- kernels
+def recall_order_statistic(n_pos: int, target: float, alpha: float | None) -> int:
+    """``k`` (1-based) such that the ``k``-th smallest positive score is the threshold; 0 when
+    nothing can be certified. ``alpha=None``: CRC (in expectation); else the binomial /
+    Clopper-Pearson rule with confidence ``1 - alpha``."""
+    if n_pos <= 0:
+        return 0
+    eps = 1.0 - target
+    if alpha is None:
+        return int(min(math.floor(eps * (n_pos + 1) + _EPS), n_pos))
+    ks = np.arange(1, n_pos + 1)
+    ok = binom.cdf(ks - 1, n_pos, eps) <= alpha + 1e-12
+    return int(ks[ok].max()) if ok.any() else 0
+
+
+def clopper_pearson(x: int, n: int, confidence: float) -> tuple[float, float]:
+    """Two-sided exact (Clopper-Pearson) interval of a binomial proportion ``x / n``."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    a = 1.0 - confidence
+    lo = 0.0 if x <= 0 else float(beta_dist.ppf(a / 2, x, n - x + 1))
+    hi = 1.0 if x >= n else float(beta_dist.ppf(1 - a / 2, x + 1, n - x))
+    return lo, hi
+
+
+def miss_rate_upper_bound(misses: int, n: int, alpha: float) -> float:
+    """One-sided Clopper-Pearson upper bound (confidence ``1 - alpha``) on a miss rate."""
+    return 1.0 if misses >= n else float(beta_dist.ppf(1 - alpha, misses + 1, n - misses))
+
+
+def _just_below(cut: float) -> float:
+    """The largest float32 below ``cut`` (a float32 logit): ``logit >= threshold`` makes the
+    same decisions as ``logit >= cut`` on float32 logits, and the guarantee is the one proved
+    for the order statistic itself (a midpoint lower down would only waste recall budget)."""
+    return float(np.nextafter(np.float32(cut), np.float32(-np.inf)))
+
+
+def _sigmoid(z: float) -> float:
+    return float(1.0 / (1.0 + math.exp(-z))) if z > -700 else 0.0
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class ClassGuarantee:
+    """The certified threshold of one class (or of the whole label set, for ``fnr``).
+
+    Attributes:
+        name: the class name (``all classes`` for the set FNR).
+        kind, target, alpha: what was asked (``alpha`` None for in-expectation kinds).
+        certified: whether the guarantee could be given; ``reason`` says why not.
+        threshold_logit, threshold_prob: the decision rule ``logit >= threshold_logit``
+            (None when not certified).
+        n_images, n_positives, n_patients, n_patients_positive: calibration data of this row
+            (patients None when unknown).
+        min_positives: the fewest positives for which the guarantee is certifiable at all.
+        guarantee: the wording, e.g. ``recall >= 0.90 with 90% confidence``.
+        calibration: what the threshold does on the calibration data (misses, recall,
+            flagged share, precision, and the bound or p-value behind the certificate).
+    """
+
+    name: str
+    kind: str
+    target: float
+    alpha: float | None
+    certified: bool
+    threshold_logit: float | None
+    threshold_prob: float | None
+    n_images: int
+    n_positives: int
+    n_patients: int | None
+    n_patients_positive: int | None
+    min_positives: int
+    guarantee: str
+    reason: str = ""
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ClassGuarantee":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass(frozen=True)
+class GuaranteeResult:
+    """Certified thresholds of every class for one guarantee, with their calibration data."""
+
+    spec: str
+    kind: str
+    target: float
+    alpha: float | None
+    class_names: tuple[str, ...]
+    classes: tuple[ClassGuarantee, ...]
+    n_images: int
+    n_patients: int | None
+    split: str = ""
+    model_id: str = ""
+    notes: tuple[str, ...] = ()
+    schema_version: int = SCHEMA
+
+    @property
+    def shared(self) -> bool:
+        """True for the set FNR: one threshold for every class."""
+        return self.kind == "fnr"
+
+    def thresholds_logit(self, fill: float = float("nan")) -> np.ndarray:
+        """``[K]`` logit thresholds (``fill`` where not certified)."""
+        if self.shared:
+            t = self.classes[0].threshold_logit
+            return np.full(len(self.class_names), fill if t is None else t, float)
+        return np.array([fill if c.threshold_logit is None else c.threshold_logit
+                         for c in self.classes], float)
+
+    def thresholds_prob(self, fill: float = float("nan")) -> np.ndarray:
+        z = self.thresholds_logit(np.nan)
+        out = np.array([fill if not np.isfinite(v) else _sigmoid(v) for v in z], float)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, "kind_of_result": "guarantee",
+                "spec": self.spec, "kind": self.kind, "target": self.target,
+                "alpha": self.alpha, "class_names": list(self.class_names),
+                "classes": [c.to_dict() for c in self.classes], "n_images": self.n_images,
+                "n_patients": self.n_patients, "split": self.split, "model_id": self.model_id,
+                "notes": list(self.notes)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GuaranteeResult":
+        if d.get("schema_version") != SCHEMA or d.get("kind_of_result") != "guarantee":
+            raise DataError(f"Not a guarantee result of schema {SCHEMA}: schema_version="
+                            f"{d.get('schema_version')!r}, kind_of_result="
+                            f"{d.get('kind_of_result')!r}.")
+        return cls(spec=d["spec"], kind=d["kind"], target=float(d["target"]),
+                   alpha=None if d["alpha"] is None else float(d["alpha"]),
+                   class_names=tuple(d["class_names"]),
+                   classes=tuple(ClassGuarantee.from_dict(c) for c in d["classes"]),
+                   n_images=int(d["n_images"]), n_patients=d["n_patients"],
+                   split=d.get("split", ""), model_id=d.get("model_id", ""),
+                   notes=tuple(d.get("notes", ())))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        return write_json(path / FILENAME if path.suffix != ".json" else path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "GuaranteeResult":
+        path = Path(path)
+        return cls.from_dict(read_json(path / FILENAME if path.is_dir() else path))
+
+    def table(self) -> list[dict[str, Any]]:
+        rows = []
+        for c in self.classes:
+            cal = c.calibration
+            rows.append({"class": c.name, "certified": "yes" if c.certified else "NO",
+                         "thr (prob)": c.threshold_prob, "thr (logit)": c.threshold_logit,
+                         "positives": c.n_positives, "min": c.min_positives,
+                         "cal rate": cal.get("rate"), "flagged": cal.get("flagged_share"),
+                         "guarantee / reason": c.guarantee if c.certified else c.reason})
+        return rows
+
+
+# ----------------------------------------------------------------------------- per class
+def _wording(kind: str, target: float, alpha: float | None) -> str:
+    rate, op, hp = KINDS[kind]
+    tail = f"with {100 * (1 - alpha):.0f}% confidence" if hp else "in expectation"
+    return f"{rate} {op} {target:.2f} {tail}"
+
+
+def _counts(y: np.ndarray, z: np.ndarray, thr: float) -> dict[str, Any]:
+    d = z >= thr
+    tp, fp = int(np.sum(y & d)), int(np.sum(~y & d))
+    npos = int(y.sum())
+    return {"tp": tp, "fp": fp, "misses": npos - tp, "recall": tp / npos if npos else None,
+            "precision": tp / (tp + fp) if tp + fp else None,
+            "flagged_share": float(d.mean()) if d.size else None}
+
+
+def _recall_row(y, z, kind, target, alpha) -> tuple[float | None, dict[str, Any], str]:
+    pos = np.sort(z[y])
+    n = pos.size
+    k = recall_order_statistic(n, target, alpha if kind == "recall" else None)
+    if k == 0:
+        return None, {}, ""
+    thr = _just_below(float(pos[k - 1]))
+    cal = _counts(y, z, thr)
+    cal["rate"] = cal["recall"]
+    cal["order_statistic"] = k
+    if kind == "recall":
+        cal["miss_rate_upper_bound"] = miss_rate_upper_bound(k - 1, n, alpha)
+        cal["binomial_p"] = float(binom.cdf(k - 1, n, 1.0 - target))
+    else:
+        cal["crc_bound"] = (cal["misses"] + 1) / (n + 1)
+    return thr, cal, ""
+
+
+def _precision_row(y, z, target, alpha, grid) -> tuple[float | None, dict[str, Any], str]:
+    zs = np.sort(z)
+    n_flag = zs.size - np.searchsorted(zs, grid, side="left")
+    ps = np.sort(z[y])
+    tp = ps.size - np.searchsorted(ps, grid, side="left")
+    # the top of the grid where fewer images are flagged than any test could reject with
+    # (target**N > alpha even if all are positive) is skipped: it can only stop the sequence
+    n_min = min_positives("precision", target, alpha)
+    if not (n_flag >= n_min).any():
+        return None, {"tests": 0}, (f"no grid threshold flags the {n_min} calibration images "
+                                    "a precision test needs")
+    start = int(np.argmax(n_flag >= n_min))
+    pv = binom.sf(tp[start:] - 1, n_flag[start:], target)  # P(Binomial(N_t, T) >= TP_t)
+    fails = np.flatnonzero(pv > alpha)
+    n_rej = int(fails[0]) if fails.size else pv.size  # fixed sequence: stop at the first
+    tested = min(n_rej + 1, pv.size)
+    stopped = float(pv[n_rej]) if n_rej < pv.size else None
+    if n_rej == 0:
+        return None, {"tests": tested}, (
+            f"precision >= {target:.2f} is not supported at the first tested grid threshold "
+            f"(logit {grid[start]:g}: {tp[start]}/{n_flag[start]} "
+            f"positive, p = {stopped:.3g} > alpha = {alpha:g})")
+    i = start + n_rej - 1
+    thr = float(grid[i])
+    cal = _counts(y, z, thr)
+    cal.update(rate=cal["precision"], p_value=float(pv[n_rej - 1]), tests=tested,
+               stopped_p_value=stopped)
+    return thr, cal, ""
+
+
+def _pids(patient_ids, n) -> list[str | None] | None:
+    if patient_ids is None:
+        return None
+    pids = [None if p is None or str(p) == "" else str(p) for p in patient_ids]
+    if len(pids) != n:
+        raise DataError(f"patient_ids: {len(pids)} ids for {n} predictions; give one per "
+                        "image, in the Predictions' order.")
+    return pids
+
+
+def _n_patients(pids, rows) -> int | None:
+    if pids is None:
+        return None
+    return len({pids[i] if pids[i] is not None else f"__row{i}" for i in rows})
+
+
+def _as_multilabel(preds: Predictions, owner: str) -> Predictions:
+    if not isinstance(preds, Predictions):
+        raise DataError(f"{owner}: give a Predictions; got {type(preds).__name__}.")
+    if preds.task != "multilabel":
+        raise ConfigError(f"{owner}: per-class guarantees apply to multi-label predictions; "
+                          f"these are {preds.task}. For a two-class model use "
+                          "medscalpel.repair.calibrate.binary_view(preds) first.")
+    return preds
+
+
+def calibrate_guarantee(preds: Predictions, guarantee: str | GuaranteeSpec,
+                        alpha: float = 0.1, patient_ids: Sequence[str | None] | None = None,
+                        grid: Sequence[float] | None = None) -> GuaranteeResult:
+    """Certified per-class thresholds (or one shared threshold for ``fnr``) on calibration
+    ``preds`` (see the module docstring for each guarantee and its assumptions).
+
+    Args:
+        preds: multi-label calibration Predictions (NaN labels are ignored per class).
+        guarantee: ``'recall>=0.9'``, ``'E[recall]>=0.9'``, ``'precision>=0.8'``,
+            ``'fnr<=0.1'`` or a :class:`GuaranteeSpec`.
+        alpha: the allowed probability that the guarantee fails (high-probability kinds);
+            recorded as None for the in-expectation kinds, which do not use it.
+        patient_ids: one patient id per image (None where unknown): the patient counts.
+        grid: the fixed logit grid of the precision test (default :data:`DEFAULT_GRID`),
+            tested in the given order (highest threshold first).
+
+    A class with too few positives is returned with ``certified=False`` and the reason (the
+    minimum number needed).
+    """
+    spec = parse_guarantee(guarantee)
+    preds = _as_multilabel(preds, "calibrate_guarantee")
+    check_range(alpha, "alpha", "calibrate_guarantee", 0.0, 1.0, low_inclusive=False,
+                high_inclusive=False)
+    pids = _pids(patient_ids, preds.n)
+    a = alpha if spec.high_probability else None
+    g = DEFAULT_GRID if grid is None else np.asarray(grid, float)
+    if g.ndim != 1 or g.size == 0 or np.any(np.diff(g) >= 0):
+        raise ConfigError("calibrate_guarantee: the 'grid' must be a non-empty strictly "
+                          "DECREASING sequence of logit thresholds (tested from the top).")
+    z_all = preds.logits.astype(np.float64)
+    lab = preds.targets()
+    if spec.kind == "fnr":
+        rows = (_fnr_row(z_all, lab, spec.target, pids),)
+    else:
+        rows = tuple(_class_row(name, z_all[:, j], lab[:, j], spec, a, g, pids)
+                     for j, name in enumerate(preds.class_names))
+    n_pat = _n_patients(pids, range(preds.n))
+    notes = []
+    if pids is None:
+        notes.append("patients unknown: the calibration images are counted as independent "
+                     "draws")
+    elif n_pat is not None and n_pat < preds.n:
+        notes.append(f"{preds.n} images from {n_pat} patients: images of one patient are "
+                     "correlated, so the stated confidence treats them as independent "
+                     "(approximate)")
+    if spec.kind == "precision":
+        notes.append("precision: fixed-sequence test over a fixed logit grid from "
+                     f"{g[0]:g} to {g[-1]:g} ({g.size} points), started where enough images "
+                     "are flagged to test; assumes P(present | score) non-decreasing in the "
+                     "score")
+    notes.append("assumes the calibration and future images are exchangeable draws from one "
+                 "population (same site, same model); re-certify after any change "
+                 "(medscalpel.repair.conformal.recertify)")
+    return GuaranteeResult(spec=spec.text, kind=spec.kind, target=spec.target, alpha=a,
+                           class_names=tuple(preds.class_names), classes=rows,
+                           n_images=preds.n, n_patients=n_pat, split=preds.split,
+                           model_id=preds.model_id, notes=tuple(notes))
+
+
+def _class_row(name, z, lab, spec, alpha, grid, pids) -> ClassGuarantee:
+    known = np.isfinite(lab)
+    rows = np.flatnonzero(known)
+    y = lab[known] > 0.5
+    z = z[known]
+    npos = int(y.sum())
+    nmin = min_positives(spec.kind, spec.target, alpha)
+    base = dict(name=name, kind=spec.kind, target=spec.target, alpha=alpha,
+                n_images=int(known.sum()), n_positives=npos, n_patients=_n_patients(pids, rows),
+                n_patients_positive=_n_patients(pids, rows[y]), min_positives=nmin,
+                guarantee=_wording(spec.kind, spec.target, alpha))
+    if npos < nmin:
+        return ClassGuarantee(certified=False, threshold_logit=None, threshold_prob=None,
+                              reason=f"too few positives: {npos} < {nmin} needed for "
+                                     f"{base['guarantee']}", **base)
+    if spec.kind == "precision":
+        thr, cal, why = _precision_row(y, z, spec.target, alpha, grid)
+    else:
+        thr, cal, why = _recall_row(y, z, spec.kind, spec.target, alpha)
+    if thr is None:
+        return ClassGuarantee(certified=False, threshold_logit=None, threshold_prob=None,
+                              reason=why or "not certifiable", calibration=cal, **base)
+    return ClassGuarantee(certified=True, threshold_logit=thr, threshold_prob=_sigmoid(thr),
+                          calibration=cal, **base)
+
+
+def _fnr_row(z_all, lab, a, pids) -> ClassGuarantee:
+    """One shared probability threshold: CRC on the per-image false-negative proportion."""
+    pos = np.nan_to_num(lab, nan=0.0) > 0.5
+    n_true = pos.sum(1)
+    img = np.flatnonzero(n_true > 0)
+    n = img.size
+    nmin = min_positives("fnr", a)
+    base = dict(name="all classes", kind="fnr", target=a, alpha=None,
+                n_images=int(z_all.shape[0]), n_positives=n,
+                n_patients=_n_patients(pids, range(z_all.shape[0])),
+                n_patients_positive=_n_patients(pids, img), min_positives=nmin,
+                guarantee=_wording("fnr", a, None))
+    if n < nmin:
+        return ClassGuarantee(certified=False, threshold_logit=None, threshold_prob=None,
+                              reason=f"too few images with a finding: {n} < {nmin} needed for "
+                                     f"{base['guarantee']}", **base)
+    ii, jj = np.nonzero(pos[img])
+    s = z_all[img][ii, jj]  # logits of the true labels (the sigmoid keeps their order)
+    w = 1.0 / n_true[img][ii]
+    order = np.argsort(s, kind="mergesort")
+    s, w = s[order], w[order]
+    cum = np.r_[0.0, np.cumsum(w)]
+    below = cum[np.searchsorted(s, s, side="left")]  # weight of labels strictly below s[m]
+    ok = below <= a * (n + 1) - 1 + _EPS
+    m = int(np.flatnonzero(ok).max())
+    thr = _just_below(float(s[m]))
+    risk = _set_fnr(z_all[img], pos[img], thr)
+    cal = {"rate": risk, "fnr": risk, "crc_bound": (n * risk + 1) / (n + 1),
+           "flagged_share": float((z_all >= thr).mean()), "labels": int(pos.sum())}
+    return ClassGuarantee(certified=True, threshold_logit=thr, threshold_prob=_sigmoid(thr),
+                          calibration=cal, **base)
+
+
+def _set_fnr(z: np.ndarray, pos: np.ndarray, thr: float) -> float:
+    """Mean over images (each with >= 1 true label) of missed / true labels."""
+    missed = (pos & (z < thr)).sum(1)
+    return float(np.mean(missed / pos.sum(1))) if z.shape[0] else float("nan")
+
+
+# ----------------------------------------------------------------------------- patient split
+@dataclass(frozen=True)
+class PatientSplit:
+    """Rows of a calibration part and a held-out part, kept apart by patient."""
+
+    calibration: np.ndarray
+    held_out: np.ndarray
+    unit: str  # patient / image / mixed
+    n_patients: tuple[int | None, int | None]
+
+
+def patient_split(n_or_preds: int | Predictions, patient_ids: Sequence[str | None] | None,
+                  held_out: float = 0.5, seed: int = 0) -> PatientSplit:
+    """Split rows into calibration and held-out by PATIENT (``held_out`` of the patients go to
+    the held-out part) with :func:`medscalpel.data.base.split_by_patient`; rows without a
+    patient id (or all rows, when ``patient_ids`` is None) are their own patient, and ``unit``
+    says so (``image`` / ``mixed``)."""
+    n = n_or_preds.n if isinstance(n_or_preds, Predictions) else int(n_or_preds)
+    check_range(held_out, "held_out", "patient_split", 0.0, 1.0, low_inclusive=False,
+                high_inclusive=False)
+    pids = _pids(patient_ids, n) if patient_ids is not None else [None] * n
+    cal, held = split_by_patient(pids, held_out, seed)
+    known = sum(p is not None for p in pids)
+    unit = "patient" if known == n and n else ("image" if known == 0 else "mixed")
+    if patient_ids is None:
+        return PatientSplit(cal, held, unit, (None, None))
+    return PatientSplit(cal, held, unit, (_n_patients(pids, cal), _n_patients(pids, held)))
+
+
+# ----------------------------------------------------------------------------- recertify
+@dataclass(frozen=True)
+class Recertification:
+    """Does a stored guarantee hold for new predictions (another model or site)?
+
+    ``outcome`` is ``pass`` (the interval lies on the right side of the level), ``fail`` (on
+    the wrong side) or ``undecided``; per row the observed rate, its Clopper-Pearson interval
+    (Hoeffding for the set FNR) at confidence ``1 - alpha / m`` (Bonferroni over the ``m``
+    certified rows), the counts and the margin observed - level. The outcome is a plain field:
+    :mod:`medscalpel.engine.decision` (paired non-inferiority of a delta from bootstrap or
+    normal evidence) was uncommitted work in progress when this was written and has no exact
+    one-sample binomial test against a fixed level; moving onto its Verdict is open.
+    """
+
+    spec: str
+    outcome: str
+    alpha: float
+    correction: str
+    confidence: float
+    rows: tuple[dict[str, Any], ...]
+    n_images: int
+    n_patients: int | None
+    model_id: str
+    certified_model_id: str
+    notes: tuple[str, ...] = ()
+    schema_version: int = SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, "kind_of_result": "recertification",
+                "spec": self.spec, "outcome": self.outcome, "alpha": self.alpha,
+                "correction": self.correction, "confidence": self.confidence,
+                "rows": [dict(r) for r in self.rows], "n_images": self.n_images,
+                "n_patients": self.n_patients, "model_id": self.model_id,
+                "certified_model_id": self.certified_model_id, "notes": list(self.notes)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recertification":
+        if d.get("schema_version") != SCHEMA or d.get("kind_of_result") != "recertification":
+            raise DataError(f"Not a recertification result of schema {SCHEMA}.")
+        return cls(spec=d["spec"], outcome=d["outcome"], alpha=float(d["alpha"]),
+                   correction=d["correction"], confidence=float(d["confidence"]),
+                   rows=tuple(d["rows"]), n_images=int(d["n_images"]),
+                   n_patients=d["n_patients"], model_id=d["model_id"],
+                   certified_model_id=d["certified_model_id"], notes=tuple(d.get("notes", ())))
+
+    def table(self) -> list[dict[str, Any]]:
+        return [{"class": r["name"], "outcome": r["outcome"], "observed": r.get("observed"),
+                 "CI": tuple(r["ci"]) if r.get("ci") else None, "n": r.get("n"),
+                 "level": r["level"], "margin": r.get("margin")} for r in self.rows]
+
+
+def _decide(lo: float, hi: float, level: float, higher_is_better: bool) -> str:
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "undecided"
+    if higher_is_better:
+        return "pass" if lo >= level else "fail" if hi < level else "undecided"
+    return "pass" if hi <= level else "fail" if lo > level else "undecided"
+
+
+def recertify(result: GuaranteeResult, new_preds: Predictions, alpha: float | None = None,
+              patient_ids: Sequence[str | None] | None = None) -> Recertification:
+    """Check a stored guarantee on held-out labelled predictions of a (new) model or site.
+
+    Each certified row's threshold is applied to ``new_preds``; the observed recall
+    (precision; set FNR) gets an exact Clopper-Pearson interval (Hoeffding for the set FNR, a
+    mean of [0, 1] losses) at confidence ``1 - alpha/m``, Bonferroni over the ``m`` certified
+    rows. Per row: ``pass`` when the whole interval meets the level, ``fail`` when none of it
+    does, else ``undecided``. Overall: ``fail`` if any row fails, ``pass`` if all pass, else
+    ``undecided``. For an in-expectation guarantee this tests the recall / FNR at the stored
+    threshold (the quantity whose mean CRC bounds).
+
+    Args:
+        alpha: the error allowed for the whole family (default: the guarantee's alpha, 0.1 for
+            in-expectation kinds).
+        patient_ids: of ``new_preds``, to report the patient count.
+    """
+    new_preds = _as_multilabel(new_preds, "recertify")
+    if tuple(new_preds.class_names) != tuple(result.class_names):
+        raise DataError(f"recertify: the new predictions' classes {new_preds.class_names[:3]}"
+                        f"... are not the certified ones {result.class_names[:3]}...")
+    a = alpha if alpha is not None else (result.alpha if result.alpha is not None else 0.1)
+    check_range(a, "alpha", "recertify", 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+    pids = _pids(patient_ids, new_preds.n)
+    certified = [c for c in result.classes if c.certified]
+    m = max(len(certified), 1)
+    conf = 1.0 - a / m
+    z_all = new_preds.logits.astype(np.float64)
+    lab = new_preds.targets()
+    rows = []
+    for c in result.classes:
+        row: dict[str, Any] = {"name": c.name, "level": c.target, "threshold_logit":
+                               c.threshold_logit}
+        if not c.certified:
+            rows.append({**row, "outcome": "undecided", "reason": "not certified: " + c.reason})
+            continue
+        if c.kind == "fnr":
+            pos = np.nan_to_num(lab, nan=0.0) > 0.5
+            img = pos.sum(1) > 0
+            n = int(img.sum())
+            obs = _set_fnr(z_all[img], pos[img], c.threshold_logit) if n else float("nan")
+            half = math.sqrt(math.log(2.0 / (1.0 - conf)) / (2 * n)) if n else float("nan")
+            lo, hi = max(obs - half, 0.0), min(obs + half, 1.0)
+            better_high, x = False, None
+        else:
+            j = result.class_names.index(c.name)
+            known = np.isfinite(lab[:, j])
+            y = lab[known, j] > 0.5
+            cnt = _counts(y, z_all[known, j], c.threshold_logit)
+            if c.kind == "precision":
+                x, n = cnt["tp"], cnt["tp"] + cnt["fp"]
+            else:
+                x, n = cnt["tp"], int(y.sum())
+            obs = x / n if n else float("nan")
+            lo, hi = clopper_pearson(x, n, conf)
+            better_high = True
+        outcome = _decide(lo, hi, c.target, better_high) if n else "undecided"
+        rows.append({**row, "outcome": outcome, "observed": obs, "ci": [lo, hi], "n": n,
+                     "successes": x, "margin": (obs - c.target) if np.isfinite(obs) else None,
+                     "reason": "" if n else "no positives (flagged images) to check on"})
+    outs = [r["outcome"] for r in rows if r["threshold_logit"] is not None]
+    overall = ("fail" if "fail" in outs else "pass" if outs and all(o == "pass" for o in outs)
+               else "undecided")
+    notes = []
+    if not certified:
+        notes.append("nothing was certified: nothing to re-certify")
+    return Recertification(spec=result.spec, outcome=overall, alpha=a,
+                           correction=f"bonferroni over {m} certified row(s)",
+                           confidence=conf, rows=tuple(rows), n_images=new_preds.n,
+                           n_patients=_n_patients(pids, range(new_preds.n)),
+                           model_id=new_preds.model_id, certified_model_id=result.model_id,
+                           notes=tuple(notes))
