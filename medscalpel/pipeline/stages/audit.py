@@ -1,0 +1,119 @@
+"""Audit stages: the site shift (external validation, label-free shift check, k-shot
+recalibration), forgettability and PIEs of the sparsity sweep, and what compression changed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from medscalpel.audit.changes import audit_changes
+from medscalpel.audit.forgettability import audit_forgettability
+from medscalpel.audit.pies import find_pies, pie_gallery, pie_ground_truth_tests
+from medscalpel.errors import DataError
+from medscalpel.pipeline.stage import Stage, StageContext, register_stage
+from medscalpel.pipeline.stages.compress import best_compressed
+from medscalpel.repair.shift_flow import run_site_shift, summary_lines
+
+
+@dataclass(frozen=True)
+class ShiftSettings:
+    shift_k: int = 20  # labelled site-B images per class for the k-shot recalibration
+    n_boot: int = 200
+
+
+@register_stage
+class ShiftStage(Stage):
+    """Site shift with ground truth: validate on the phantom's scanner B, check the shift
+    without labels, recalibrate with k labelled site-B images per class (measured on the
+    rest)."""
+
+    name = "shift"
+    reads = ("calibrated_card",)
+    writes = ("site_shift",)
+    Settings = ShiftSettings
+
+    def run(self, ctx: StageContext, s: ShiftSettings) -> dict[str, Any]:
+        site_b = ctx.spec + ("&" if "?" in ctx.spec else "?") + "site=B"
+        try:
+            rep = run_site_shift(ctx.model, ctx.spec, site_b, k=s.shift_k, n_boot=s.n_boot,
+                                 seed=ctx.seed, train_split="val",
+                                 out_dir=ctx.dir_of("site_shift"))
+        except DataError as exc:  # e.g. too few labelled site-B images per class (micro)
+            return {"status": "skipped", "reason": str(exc)}
+        return {"lines": summary_lines(rep), "verdict": rep.recalibration.verdict}
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    sweep_ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.65, 0.8, 0.9, 0.95)
+    n_boot: int = 200
+
+
+@register_stage
+class AuditStage(Stage):
+    """Forgettability curves / FCD and pruning-identified exemplars of the L1 sweep, the PIEs
+    tested against the phantom's per-image ground truth."""
+
+    name = "audit"
+    reads = ("sweep_index", "phantom_data")
+    writes = ("forgettability", "pies")
+    Settings = AuditSettings
+
+    def run(self, ctx: StageContext, s: AuditSettings) -> dict[str, Any]:
+        sweep = ctx.dir_of("sweep_index")
+        fg = audit_forgettability(sweep, train_labels=ctx.ds("train").labels, method="l1",
+                                  n_boot=s.n_boot, seed=ctx.seed, progress=ctx.progress)
+        fg.save(ctx.dir_of("forgettability"))
+        ratio = max(r for r in s.sweep_ratios if r <= 0.9)
+        pies = find_pies(sweep, ratio=ratio, method="l1", n_boot=s.n_boot, seed=ctx.seed)
+        pdir = ctx.dir_of("pies")
+        pies.save(pdir)
+        pie_gallery(ctx.ds("test"), pies, pdir / "pie_gallery.png")
+        gtr = pie_ground_truth_tests(pies, _ground_truth_table(ctx.phantom))
+        gtr.save(pdir)
+        return {"pie_ratio": ratio, "n_pies": pies.to_dict().get("n_pies"),
+                "ground_truth": {k: v for k, v in gtr.to_dict().items()
+                                 if isinstance(v, (int, float, str, bool))}}
+
+
+def _ground_truth_table(phantom):
+    """Per image: acquisition quality, whether a label was flipped, mean finding severity."""
+    gt = phantom.gt.copy()
+    sev = phantom.severity()
+    clean = phantom.clean_labels()
+    with np.errstate(invalid="ignore"):
+        mean_sev = np.where(clean.sum(1) > 0,
+                            (sev * clean).sum(1) / np.maximum(clean.sum(1), 1), np.nan)
+    return gt[["id", "quality"]].assign(label_noise=gt["n_flipped"].to_numpy() > 0,
+                                       severity=mean_sev)
+
+
+@dataclass(frozen=True)
+class ChangesSettings:
+    changes_images: int = 200  # test images of the what-compression-changed audit
+    changes_faithfulness: int = 32  # images of its deletion / insertion / ROAD measures
+    n_boot: int = 200
+
+
+@register_stage
+class ChangesStage(Stage):
+    """What compression changed (calibration, explanations, subgroups, robustness) for the
+    best structured model against the dense one."""
+
+    name = "changes"
+    reads = ("compress",)
+    writes = ("changes",)
+    Settings = ChangesSettings
+
+    def run(self, ctx: StageContext, s: ChangesSettings) -> dict[str, Any]:
+        best = best_compressed(ctx)
+        if best is None:
+            return {"status": "skipped", "reason": "no structured model in the compression table"}
+        res = audit_changes(ctx.model, {best[0]: best[1]}, ctx.ds("test"),
+                            n_images=s.changes_images, n_boot=s.n_boot, seed=ctx.seed,
+                            n_faithfulness=s.changes_faithfulness, severities=(2,),
+                            progress=ctx.progress)
+        res.save(ctx.dir_of("changes"))
+        return {"model": best[0], "pairs": len(res.pairs)}
