@@ -16,6 +16,7 @@ def test_demo_micro(tmp_path):
     names = [s.name for s in res.stages]
     assert names == ["phantom", "stats", "baseline", "calibrate", "shift", "compress", "deploy",
                      "sweep", "audit", "changes", "explain", "repair", "distill", "reports"]
+    # a stage may say it skipped (and why); in the micro profile every stage runs
     assert all(s.status == "ok" for s in res.stages) and len(lines) == len(names)
     demo = json.loads((out / "demo.json").read_text())
     assert demo["profile"] == "micro" and len(demo["stages"]) == len(names)
@@ -31,7 +32,33 @@ def test_demo_micro(tmp_path):
     card = json.loads((out / "calibrate" / "model" / "model.json").read_text())
     assert card["thresholds"] is not None and len(card["thresholds"]) == 14
     _artifacts_read_back(out, names)
+    _same_declared_artifacts_as_before_the_stage_registry(out)
     _report_reads_every_section_cleanly(out)
+
+
+#: the declared artifacts of a micro demo run at a4c875b + the run-directory fix, before the
+#: demo became a list of registered stages (issue S: "behaviour unchanged")
+BEFORE_STAGES = {
+    "baseline_card", "baseline_metrics", "baseline_train", "calibrated_card", "calibration",
+    "cams", "changes", "clinical_index", "compress", "demo", "deploy", "distill",
+    "experiment_report", "export", "features:shifted", "features:test", "features:val",
+    "forgettability", "label_stats", "manifest", "phantom_data", "phantom_preview", "pies",
+    "polarity", "predictions:shifted", "predictions:test", "predictions:val", "site_shift",
+    "surgery", "sweep_index", "triage"}
+
+
+def _same_declared_artifacts_as_before_the_stage_registry(out):
+    from medscalpel.layout import ARTIFACTS
+
+    present = set()
+    for key, a in ARTIFACTS.items():
+        if "{" in a.path:
+            present |= {f"{key}:{s}" for s in ("val", "test", "shifted")
+                        if a.exists(out, split=s)}
+        elif a.exists(out):
+            present.add(key)
+    # the demo runs outside a RunDir here: no manifest; everything else as before
+    assert present | {"manifest"} == BEFORE_STAGES, sorted(present ^ BEFORE_STAGES)
 
 
 def _artifacts_read_back(out, stages):

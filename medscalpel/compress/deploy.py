@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medscalpel.compress.deploy_cam import explain_variant
 from medscalpel.compress.deploy_result import DeployResult, VariantResult
 from medscalpel.compress.deploy_serve import copy_exports, serve_metadata, write_serve
 from medscalpel.compress.deploy_timing import benchmark_variants, peak_gemms
@@ -427,6 +428,7 @@ def deploy(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool | None = None,
+    explain: bool = True,
 ) -> DeployResult:
     """Benchmark every available runtime x precision and write the fastest acceptable one.
 
@@ -446,6 +448,10 @@ def deploy(
         floor_macro, floor_class: accuracy floor on macro / every class delta AUROC.
         threads: intra-op threads of every runtime (default: torch's current setting).
         n_boot: paired bootstrap replicates of the delta AUROC CIs.
+        explain: serve the chosen variant with a second output, the class activation maps
+            (:mod:`~medscalpel.compress.deploy_cam`: checked against Grad-CAM, its latency
+            cost measured); the logits-only artifact is kept in ``serve/logits_only``. Models
+            whose head is not GAP + linear (ViTs, VGG's FC head) get none, stated.
 
     Returns:
         The :class:`DeployResult` (also in ``out/deploy.json``).
@@ -500,16 +506,25 @@ def deploy(
                                       progress)
             still = _noisy(live, batches[0])
             notes.append(f"timing was noisy ({', '.join(noisy)}): re-measured with {rounds} more "
-                         "rounds" + (f"; still noisy: {', '.join(still)} (their speed verdicts "
-                                     "are undecided)" if still else ""))
+                         "rounds" + (f"; still noisy: {', '.join(still)} (their speed-ups are "
+                                     "uncertain in size: quote them with their intervals)"
+                                     if still else ""))
         feats = cpu_features()
         _decide(vs, batches, floor_macro, floor_class, feats["vnni"])
         chosen, reason = _recommend(vs, batches[0])
         if chosen is None:
             raise _floor_error(vs, floor_macro, floor_class)
+        if explain:
+            kw = ac_kwargs if isinstance(chosen.rt, OpenVinoInt8AccuracyControl) else None
+            cam_rt, cam_info = explain_variant(chosen.rt, model, images, ref_logits, calib,
+                                               workdir / "cam", threads, rounds, repeats, warmup,
+                                               kw)
+        else:
+            cam_rt, cam_info = None, {"status": "off", "reason": "explain=False: logits only"}
         result = _finish(model, shape, vs, chosen, reason, workdir, out, data, calib_src,
                          images, calib, batches, rounds, repeats, threads, floor_macro,
-                         floor_class, peak, feats, load_start, notes, overwrite, t0)
+                         floor_class, peak, feats, load_start, notes, overwrite, t0,
+                         cam_rt, cam_info)
     finally:
         torch.set_num_threads(prev)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -518,7 +533,7 @@ def deploy(
 
 def _finish(model, shape, vs, chosen, reason, workdir, out, data, calib_src, images, calib,
             batches, rounds, repeats, threads, floor_macro, floor_class, peak, feats,
-            load_start, notes, overwrite, t0) -> DeployResult:
+            load_start, notes, overwrite, t0, cam_rt=None, cam_info=None) -> DeployResult:
     """Assemble the DeployResult and write the run directory atomically."""
     macs = count_macs(model, images[:1])
     ref = next(v for v in vs if v.rt.name == REFERENCE)
@@ -534,8 +549,8 @@ def _finish(model, shape, vs, chosen, reason, workdir, out, data, calib_src, ima
     with RunDir(Path(out), command="compress deploy", config=config, overwrite=overwrite,
                 data={"eval": data.content_hash(), "calib": calib_src.content_hash()}) as run:
         exports = copy_exports(workdir, run.path)
-        files = write_serve(run.path / "serve", model, chosen, shape)
-        meta = serve_metadata(model, shape, chosen_res, files)
+        files = write_serve(run.path / "serve", model, chosen, shape, cam_rt)
+        meta = serve_metadata(model, shape, chosen_res, files, cam_info)
         write_json(run.path / "serve" / "serve.json", meta)
         result = DeployResult(
             model_id=getattr(card, "model_id", "") or getattr(model, "arch", "model"),
@@ -549,6 +564,7 @@ def _finish(model, shape, vs, chosen, reason, workdir, out, data, calib_src, ima
             loadavg={"start": load_start, "end": load_end}, under_load=under_load,
             serve={"dir": "serve", "files": files, "exports": exports, **meta},
             notes=tuple(notes), versions=_versions(), machine=machine_info(),
+            explanation=dict(cam_info or {}),
             seconds=round(time.perf_counter() - t0, 3))
         result.save(run.path)
     return result

@@ -99,6 +99,24 @@ class VariantResult:
         return cls(**kw)
 
 
+def explanation_line(e: dict[str, Any]) -> str:
+    """One sentence on the served artifact's CAM output (deploy.md, the CLI, the report)."""
+    status = e.get("status", "off")
+    if status != "served":
+        return f"{status}: {e.get('reason', '')}".strip()
+    cost = e.get("latency_cost", {})
+    agree = e.get("served_vs_torch_fp32", {})
+    eq = e.get("gradcam_equivalence", {})
+    return (f"served (output 'cam', {e.get('support', {}).get('layer', '')} "
+            f"{e.get('support', {}).get('map_shape')}); latency cost at batch 1 "
+            f"{100 * cost.get('cost', float('nan')):+.1f}% [{100 * cost.get('low', float('nan')):+.1f}, "
+            f"{100 * cost.get('high', float('nan')):+.1f}] vs target <= "
+            f"{100 * cost.get('target', 0.05):.0f}%: {cost.get('outcome', 'not measured')}; "
+            f"served vs torch fp32 CAM: median Spearman {_f(agree.get('median_spearman'))}, max "
+            f"|delta| {_f(agree.get('max_abs_delta_maps'))}; torch CAM vs Grad-CAM max |delta| "
+            f"{_f(eq.get('max_abs_delta'))} on {eq.get('images', 0)} images")
+
+
 @dataclass(frozen=True)
 class DeployResult:
     """What ``deploy`` measured and chose (``deploy.json``).
@@ -141,6 +159,9 @@ class DeployResult:
     versions: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     machine: dict[str, Any] = field(default_factory=dict)
+    #: the served artifact's CAM output: status (served / torch / not available / refused /
+    #: off), why, the head check, agreement with Grad-CAM and torch fp32, latency cost
+    explanation: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA
 
     def variant(self, name: str) -> VariantResult:
@@ -207,6 +228,7 @@ class DeployResult:
                "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(_f(r[k]) for k in head) + " |" for r in rows]
         out += ["", f"**Recommended:** {self.recommended or 'none'}: {self.reason}"]
+        out += ["", "**Explanation output:** " + explanation_line(self.explanation)]
         out += [f"- {n}" for n in self.notes]
         return "\n".join(out) + "\n"
 

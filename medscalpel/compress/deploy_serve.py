@@ -17,12 +17,20 @@ OWNER = "deploy"
 
 
 def serve_metadata(model: nn.Module, shape, variant: VariantResult,
-                   files: list[str]) -> dict[str, Any]:
+                   files: list[str], explanation: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
     """The contract a server needs: runtime, precision, files, input name/shape/layout,
-    normalisation, class names, task and decision thresholds (from the ModelCard)."""
+    normalisation, class names, task and decision thresholds (from the ModelCard), and the
+    outputs: ``logits`` and, when the artifact explains itself, ``cam`` (``explanation`` says
+    what it is and how it was checked)."""
     card = getattr(model, "card", None)
     inp = dict(card.input) if card is not None else {}
+    served_cam = (explanation or {}).get("status") == "served"
     return {"schema_version": 1, "runtime": variant.runtime, "precision": variant.precision,
+            "outputs": ["logits", "cam"] if served_cam else ["logits"],
+            "explanation": explanation or {"status": "off"},
+            "logits_only_files": ([f for f in files if f.startswith("logits_only/")]
+                                  if served_cam else files),
             "variant": variant.name, "files": files, "input_name": "images",
             "output_name": "logits", "input_shape": ["batch", *[int(s) for s in shape]],
             "layout": "NCHW", "mean": inp.get("mean"), "std": inp.get("std"), "input": inp,
@@ -33,20 +41,31 @@ def serve_metadata(model: nn.Module, shape, variant: VariantResult,
             "output": "logits (sigmoid per class for multilabel, softmax for multiclass)"}
 
 
-def write_serve(dest: Path, model: nn.Module, chosen, shape) -> list[str]:
+def _copy_files(files: list[Path], dest: Path) -> list[str]:
     dest.mkdir(parents=True, exist_ok=True)
+    names = []
+    for f in files:
+        target = "model" + "".join(f.suffixes[-1:])  # model.onnx / model.xml / model.bin
+        shutil.copy2(f, dest / target)
+        names.append(target)
+    return names
+
+
+def write_serve(dest: Path, model: nn.Module, chosen, shape, cam_rt=None) -> list[str]:
+    """Copy the served artifact into ``dest``: the one with the CAM output when ``cam_rt`` was
+    built (and the logits-only one in ``dest/logits_only``), else the logits-only one."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if cam_rt is not None:
+        names = _copy_files(cam_rt.serve_files(), dest)
+        plain = _copy_files(chosen.rt.serve_files(), dest / "logits_only")
+        return names + [f"logits_only/{n}" for n in plain]
     if chosen.rt.runtime.startswith("torch"):
         if getattr(model, "card", None) is None:
             raise ConfigError(f"{OWNER}: serving a torch variant needs a model with a ModelCard "
                               "(load it with load_model or set model.card).")
         save_model(model, dest)
         return sorted(p.name for p in dest.iterdir())
-    names = []
-    for f in chosen.rt.serve_files():
-        target = "model" + "".join(f.suffixes[-1:])  # model.onnx / model.xml / model.bin
-        shutil.copy2(f, dest / target)
-        names.append(target)
-    return names
+    return _copy_files(chosen.rt.serve_files(), dest)
 
 
 def copy_exports(workdir: Path, dest: Path) -> list[str]:

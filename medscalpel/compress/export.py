@@ -102,7 +102,10 @@ def _input_shape(model: nn.Module, dataset, real_images, input_size) -> tuple[in
 
 def export_onnx_file(model: nn.Module, path: str | os.PathLike, shape: Sequence[int],
                      opset: int = 17) -> None:
-    """Write ``model`` (eval mode, dynamic batch) to ``path`` atomically; checked by onnx."""
+    """Write ``model`` (eval mode, dynamic batch) to ``path`` atomically; checked by onnx. A
+    model with several outputs names them in ``model.output_names`` (e.g.
+    :class:`~medscalpel.compress.cam_head.CamHead`: logits and class activation maps); the
+    first is always the logits."""
     import onnx
 
     path = Path(path)
@@ -115,9 +118,11 @@ def export_onnx_file(model: nn.Module, path: str | os.PathLike, shape: Sequence[
             # the TorchScript exporter is used because the dynamo exporter needs onnxscript
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            outputs = list(getattr(model, "output_names", (OUTPUT,)))
             torch.onnx.export(model, (x,), str(tmp), dynamo=False, opset_version=opset,
-                              input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+                              input_names=[INPUT], output_names=outputs,
+                              dynamic_axes={INPUT: {0: "batch"},
+                                            **{o: {0: "batch"} for o in outputs}},
                               do_constant_folding=True)
         onnx.checker.check_model(str(tmp))
         os.replace(tmp, path)

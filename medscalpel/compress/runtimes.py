@@ -88,6 +88,10 @@ class Runtime:
     def run(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def run_outputs(self, x: np.ndarray) -> list[np.ndarray]:
+        """Every output of the artifact (logits first; e.g. class activation maps second)."""
+        return [self.run(x)]
+
     def remove_files(self) -> None:
         for f in self.files:
             if f.is_dir():
@@ -125,8 +129,13 @@ class TorchEager(Runtime):
         self.run(example[:1].numpy())
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        return self.run_outputs(x)[0]
+
+    def run_outputs(self, x: np.ndarray) -> list[np.ndarray]:
         with torch.inference_mode():
-            return self.model(self._input(torch.from_numpy(np.ascontiguousarray(x)))).float().numpy()
+            out = self.model(self._input(torch.from_numpy(np.ascontiguousarray(x))))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return [o.float().numpy() for o in outs]
 
 
 @_register
@@ -182,6 +191,9 @@ class OrtFp32(Runtime):
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {INPUT: np.ascontiguousarray(x, np.float32)})[0]
+
+    def run_outputs(self, x: np.ndarray) -> list[np.ndarray]:
+        return list(self.session.run(None, {INPUT: np.ascontiguousarray(x, np.float32)}))
 
 
 class _OrtInt8(OrtFp32):
@@ -265,6 +277,10 @@ class OpenVinoFp32(Runtime):
     def run(self, x: np.ndarray) -> np.ndarray:
         res = self.request.infer({0: np.ascontiguousarray(x, np.float32)})
         return np.asarray(res[self.compiled.output(0)], dtype=np.float32).copy()
+
+    def run_outputs(self, x: np.ndarray) -> list[np.ndarray]:
+        res = self.request.infer({0: np.ascontiguousarray(x, np.float32)})
+        return [np.asarray(res[o], dtype=np.float32).copy() for o in self.compiled.outputs]
 
 
 @_register
