@@ -261,3 +261,11 @@ def test_openvino_int8_accuracy_control_runs_on_our_metric(model, tmp_path):
     assert v.parity_rel <= 0.5 and v.comparison["n"] == 64
     rt = RUNTIMES.create("openvino:int8-ac", threads=1)
     assert "validation images" in rt.available()
+
+
+def test_precision_family_int8_keeps_every_int8_variant():
+    from medscalpel.compress.deploy import _select
+
+    names = [r.name for r in _select(None, None, ["fp32", "int8"], 1, {})]
+    assert {"onnxruntime:int8-u8s8", "onnxruntime:int8-s8s8", "openvino:int8"} <= set(names)
+    assert "openvino:bf16" not in names and "openvino:int8-ac" not in names

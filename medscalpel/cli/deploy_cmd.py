@@ -50,10 +50,17 @@ def deploy(
     n_boot: int = typer.Option(1000, help="Paired bootstrap replicates for the CIs."),
     seed: int = typer.Option(0, help="Seed of the image choice and the bootstrap."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    explain: bool = typer.Option(True, help="Serve the artifact with a second output, the "
+                                            "class activation maps (checked against Grad-CAM, "
+                                            "latency cost measured); --no-explain: logits "
+                                            "only. When CAMs are served, the logits-only "
+                                            "artifact is kept beside them in "
+                                            "serve/logits_only."),
 ) -> None:
     """Export (ONNX, OpenVINO IR), benchmark runtimes x precisions alternated in one run, check
     parity and per-class delta AUROC, and serve the fastest variant meeting the floor."""
     from medscalpel.compress.deploy import deploy as run_deploy
+    from medscalpel.compress.deploy_result import explanation_line
     from medscalpel.data import open_dataset
     from medscalpel.models.checkpoint import load_model
 
@@ -65,11 +72,12 @@ def deploy(
                      precisions=_list(precisions), batches=_batches(batch), rounds=rounds,
                      repeats=repeats, n_images=n_images, n_calib=n_calib,
                      floor_macro=floor_macro, floor_class=floor_class, threads=threads,
-                     n_boot=n_boot, seed=seed, overwrite=overwrite)
+                     n_boot=n_boot, seed=seed, overwrite=overwrite, explain=explain)
     console.print(res.markdown(), markup=False, highlight=False)
     chosen = res.chosen
     console.print(f"recommended: {res.recommended} ({res.reason}); served from "
                   f"{out / 'serve'} ({', '.join(res.serve['files'])})", markup=False)
+    console.print(f"explanation output: {explanation_line(res.explanation)}", markup=False)
     if chosen is not None and chosen.comparison is not None:
         m_ = chosen.comparison["macro"]
         console.print(f"macro dAUROC {fmt(m_.get('delta_auroc'), 4)} CI "

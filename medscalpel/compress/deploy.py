@@ -131,9 +131,10 @@ def _select(variants, runtimes, precisions, threads, extra_kwargs) -> list[Runti
     if runtimes is not None:
         names_or_rts = [n for n in names_or_rts if not isinstance(n, str)
                         or n.split(":")[0] in runtimes]
-    if precisions is not None:
+    if precisions is not None:  # 'int8' names its family: int8, int8-u8s8, int8-s8s8
         names_or_rts = [n for n in names_or_rts if not isinstance(n, str)
-                        or n.split(":")[1] in precisions]
+                        or any(n.split(":")[1] == p or n.split(":")[1].startswith(p + "-")
+                               for p in precisions)]
     out: list[Runtime] = []
     for item in names_or_rts:
         if isinstance(item, Runtime):
