@@ -24,6 +24,11 @@ Example:
     >>> c = compare_predictions(a, b, n_boot=0)
     >>> round(c.macro["delta_auroc"], 4)
     -0.1667
+
+Decisions go through :meth:`PairedComparison.verdict` (:mod:`medscalpel.engine.decision`):
+pass / fail / undecided per class and macro, with Holm across them, from the bootstrap replicate
+deltas that :func:`compare_predictions` keeps (in memory, not in the JSON) or from the paired
+DeLong covariance of the AUROC deltas (stored in the JSON).
 """
 
 from __future__ import annotations
@@ -32,16 +37,17 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from medscalpel.engine.decision import UnitInput, Verdict, decide, delong_covariance
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
 from medscalpel.runs import read_json, write_json
-from medscalpel.validation import check_range
+from medscalpel.validation import check_in, check_range
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +113,11 @@ def _rate(hit: np.ndarray, mask: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
-def _class_metrics(y: np.ndarray, s: np.ndarray, decided: np.ndarray,
-                   w: np.ndarray) -> dict[str, np.ndarray]:
-    return {"auroc": weighted_auroc(y, s, w), "ap": weighted_ap(y, s, w),
-            "sens": _rate(decided, y, w), "spec": _rate(~decided, ~y, w)}
+def _class_metrics(y: np.ndarray, s: np.ndarray, decided: np.ndarray, w: np.ndarray,
+                   metrics: Sequence[str] = METRICS) -> dict[str, np.ndarray]:
+    fns = {"auroc": lambda: weighted_auroc(y, s, w), "ap": lambda: weighted_ap(y, s, w),
+           "sens": lambda: _rate(decided, y, w), "spec": lambda: _rate(~decided, ~y, w)}
+    return {m: fns[m]() for m in metrics}
 
 
 # ----------------------------------------------------------------------------- results
@@ -139,6 +146,10 @@ class ClassDelta:
     delta_spec_ci: tuple[float, float]
     threshold: float | None = None
     reason: str = ""
+    #: bootstrap replicates whose AUROC delta is undefined (a resample without a positive or a
+    #: negative image of the class): left out of the CIs above and counted here (AP / sens /
+    #: spec lose a subset of them); :meth:`PairedComparison.verdict` counts them against a pass
+    n_nan_replicates: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -153,6 +164,7 @@ class ClassDelta:
                   (_num(v) if isinstance(v, (int, float)) or v is None else v))
               for k, v in d.items() if k in cls.__dataclass_fields__}
         kw["n_pos"], kw["n_neg"] = int(d["n_pos"]), int(d["n_neg"])
+        kw["n_nan_replicates"] = int(d.get("n_nan_replicates", 0))
         return cls(**kw)
 
 
@@ -183,13 +195,26 @@ class PairedComparison:
     n_unmatched: int = 0
     schema_version: int = SCHEMA
     meta: dict[str, Any] = field(default_factory=dict)
+    #: paired DeLong of the AUROC deltas: ``delta_auroc`` ``[k]`` and ``cov`` ``[k, k]`` (NaN for
+    #: classes with < 2 positive or negative images); empty when not computed
+    delong: dict[str, Any] = field(default_factory=dict)
+    #: bootstrap replicate deltas (candidate - reference) per metric, ``[k, n_boot]``, NaN kept;
+    #: in memory only (not written to the JSON): a loaded comparison decides by DeLong
+    replicates: dict[str, np.ndarray] | None = field(default=None, compare=False, repr=False)
 
     # -- verdicts
     def meets_floor(self, macro: float = -0.005, per_class: float = -0.01,
-                    metric: str = "auroc") -> tuple[bool, list[str]]:
-        """Whether the candidate keeps macro delta >= ``macro`` and every scored class's delta
-        >= ``per_class`` (point estimates); the reasons when not."""
-        reasons = []
+                    metric: str = "auroc") -> tuple[bool | None, list[str]]:
+        """The legacy point-estimate rule: macro delta >= ``macro`` and every class's delta >=
+        ``per_class``. Prefer :meth:`verdict` (intervals, Holm, minimum evidence).
+
+        Returns:
+            ``(ok, reasons)``: ``ok`` is False when a checked delta is below its floor, None
+            (falsy: not shown to meet it) when nothing failed but some classes could not be
+            checked (undefined delta: no positive or negative image), True otherwise. Every
+            unchecked class is named in ``reasons``.
+        """
+        reasons, unchecked = [], []
         dm = self.macro.get(f"delta_{metric}")
         if dm is None or not math.isfinite(dm):
             reasons.append(f"macro delta {metric.upper()} is undefined")
@@ -197,10 +222,101 @@ class PairedComparison:
             reasons.append(f"macro delta {metric.upper()} {dm:+.4f} < floor {macro:+.4f}")
         for c in self.classes:
             d = getattr(c, f"delta_{metric}")
-            if math.isfinite(d) and d < per_class:
+            if not math.isfinite(d):
+                unchecked.append(f"{c.name}: not checked, delta {metric.upper()} undefined"
+                                 f" ({c.reason or 'NaN'})")
+            elif d < per_class:
                 reasons.append(f"{c.name}: delta {metric.upper()} {d:+.4f} < floor "
                                f"{per_class:+.4f}")
-        return (not reasons), reasons
+        if reasons:
+            return False, reasons + unchecked
+        return (None if unchecked else True), unchecked
+
+    def verdict(self, margin: float = 0.01, *, macro_margin: float | None = None,
+                metric: str = "auroc", method: str = "bootstrap", level: float | None = None,
+                correction: str = "holm", min_pos: int = 10, min_neg: int = 10,
+                accepted_unscorable: Sequence[str] | bool = (), macro: bool = True) -> Verdict:
+        """Non-inferiority verdict (pass / fail / undecided) per class and for the macro mean.
+
+        Args:
+            margin: per-class margin ``m`` (pass needs ``delta >= -m`` shown by the interval).
+            macro_margin: margin of the macro unit (default ``margin``).
+            metric: one of auroc / ap / sens / spec (``method="delong"``: auroc only).
+            method: ``"bootstrap"`` (the kept paired replicates; intervals at any level) or
+                ``"delong"`` (paired DeLong, normal approximation; also after :meth:`load`).
+            level: two-sided confidence of the family (default: this comparison's).
+            correction, min_pos, min_neg, accepted_unscorable: see
+                :func:`medscalpel.engine.decision.decide`.
+            macro: add the mean over the scorable classes as a unit (its replicates are the
+                mean of the class replicates, so a NaN class replicate makes it NaN: counted).
+
+        Raises:
+            ConfigError: an unknown metric / method, or DeLong for another metric than AUROC.
+            DataError: the evidence the method needs is not available.
+        """
+        check_in(metric, "metric", "PairedComparison.verdict", METRICS)
+        check_in(method, "method", "PairedComparison.verdict", ("bootstrap", "delong"))
+        level = self.confidence if level is None else level
+        if method == "delong":
+            units, how = self._delong_units(metric, min_pos, min_neg, macro, macro_margin)
+        else:
+            units, how = self._bootstrap_units(metric, min_pos, min_neg, macro, macro_margin)
+        return decide(units, margin=margin, metric=metric, level=level, correction=correction,
+                      min_pos=min_pos, min_neg=min_neg, accepted_unscorable=accepted_unscorable,
+                      method=how, meta={"split": self.split, "reference_id": self.reference_id,
+                                        "candidate_id": self.candidate_id})
+
+    def _class_units(self, metric: str) -> list[dict[str, Any]]:
+        return [dict(name=c.name, estimate=float(getattr(c, f"delta_{metric}")), n=self.n,
+                     n_pos=c.n_pos, n_neg=c.n_neg, kind="class") for c in self.classes]
+
+    def _scorable(self, min_pos: int, min_neg: int, ok: Sequence[bool]) -> list[int]:
+        return [j for j, c in enumerate(self.classes)
+                if c.n_pos >= min_pos and c.n_neg >= min_neg and ok[j]]
+
+    def _bootstrap_units(self, metric: str, min_pos: int, min_neg: int, macro: bool,
+                         macro_margin: float | None) -> tuple[list[UnitInput], str]:
+        if self.replicates is None or metric not in self.replicates or not self.n_boot:
+            raise DataError(f"PairedComparison.verdict: no bootstrap replicates of '{metric}' are "
+                            "kept (a loaded comparison, n_boot=0, or the metric not in "
+                            "boot_metrics); recompute it with compare_predictions(n_boot>=1000) "
+                            "or use method='delong'.")
+        reps = self.replicates[metric]
+        kw = self._class_units(metric)
+        units = [UnitInput(replicates=reps[j], **kw[j]) for j in range(len(kw))]
+        sel = self._scorable(min_pos, min_neg, [math.isfinite(k["estimate"]) for k in kw])
+        if macro and sel:
+            with np.errstate(invalid="ignore"):
+                mean_reps = reps[sel].mean(0)      # NaN in any class stays NaN (counted)
+            units.append(UnitInput("macro", float(np.mean([kw[j]["estimate"] for j in sel])),
+                                   self.n, replicates=mean_reps, kind="macro",
+                                   margin=macro_margin, note=self._macro_note(sel)))
+        return units, f"paired bootstrap, {self.n_boot} replicates (seed {self.seed})"
+
+    def _delong_units(self, metric: str, min_pos: int, min_neg: int, macro: bool,
+                      macro_margin: float | None) -> tuple[list[UnitInput], str]:
+        if metric != "auroc":
+            raise ConfigError(f"The 'method' parameter of PairedComparison.verdict must be "
+                              f"'bootstrap' for metric '{metric}' (DeLong is for AUROC). Got "
+                              "'delong' instead.")
+        if not self.delong:
+            raise DataError("PairedComparison.verdict: no DeLong statistics in this comparison "
+                            "(an older file); use method='bootstrap' on a fresh comparison.")
+        cov = np.asarray(self.delong["cov"], np.float64)
+        kw = self._class_units(metric)
+        se = np.sqrt(np.diag(cov))
+        units = [UnitInput(se=float(se[j]), **kw[j]) for j in range(len(kw))]
+        sel = self._scorable(min_pos, min_neg, np.isfinite(se))
+        if macro and sel:
+            var = float(cov[np.ix_(sel, sel)].sum()) / len(sel) ** 2
+            units.append(UnitInput("macro", float(np.mean([kw[j]["estimate"] for j in sel])),
+                                   self.n, se=math.sqrt(max(var, 0.0)), kind="macro",
+                                   margin=macro_margin, note=self._macro_note(sel)))
+        return units, "paired DeLong (normal approximation)"
+
+    def _macro_note(self, sel: list[int]) -> str:
+        return (f"mean over {len(sel)} of {len(self.classes)} classes (those with enough "
+                "positive and negative images)")
 
     def table(self) -> list[dict[str, Any]]:
         """Rows for a CLI table: one per class, then the macro row."""
@@ -227,7 +343,9 @@ class PairedComparison:
 
     # -- io
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "classes"}
+        d = {f.name: getattr(self, f.name) for f in fields(self)
+             if f.name not in ("classes", "replicates")}
+        d["meta"], d["delong"] = dict(self.meta), dict(self.delong)
         d["classes"] = [c.to_dict() for c in self.classes]
         d["macro"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.macro.items()}
         return d
@@ -244,7 +362,8 @@ class PairedComparison:
                    classes=tuple(ClassDelta.from_dict(c) for c in d["classes"]), macro=macro,
                    n_boot=int(d["n_boot"]), seed=int(d["seed"]),
                    confidence=float(d["confidence"]), threshold_source=d["threshold_source"],
-                   n_unmatched=int(d.get("n_unmatched", 0)), meta=dict(d.get("meta", {})))
+                   n_unmatched=int(d.get("n_unmatched", 0)), meta=dict(d.get("meta", {})),
+                   delong=dict(d.get("delong", {})))
 
     def save(self, path: str | os.PathLike) -> Path:
         p = Path(path)
@@ -317,7 +436,8 @@ def _replicate_weights(n: int, n_boot: int, rng: np.random.Generator):
 
 def compare_predictions(reference: Predictions, candidate: Predictions, *, n_boot: int = 1000,
                         seed: int = 0, thresholds: Sequence[float] | None = None,
-                        confidence: float = 0.95) -> PairedComparison:
+                        confidence: float = 0.95,
+                        boot_metrics: Sequence[str] = METRICS) -> PairedComparison:
     """Per-class and macro deltas (candidate - reference) with paired bootstrap CIs.
 
     Args:
@@ -330,12 +450,19 @@ def compare_predictions(reference: Predictions, candidate: Predictions, *, n_boo
             0.5; multi-class uses the argmax). Pass the reference model's stored thresholds to
             see what a deployed pipeline would do with the candidate.
         confidence: CI level.
+        boot_metrics: the metrics that get bootstrap CIs (and replicates for
+            :meth:`PairedComparison.verdict`); the others keep their point values and NaN CIs
+            (recorded in ``meta["boot_metrics"]``). E.g. ``("auroc",)``: a third of the time.
 
     Raises:
         DataError: different class lists or tasks, or no common image.
+        ConfigError: an unknown metric in ``boot_metrics``.
     """
     check_range(n_boot, "n_boot", "compare_predictions", 0, integer=True)
     check_range(confidence, "confidence", "compare_predictions", 0.5, 0.999)
+    boot_metrics = tuple(boot_metrics)
+    for m in boot_metrics:
+        check_in(m, "boot_metrics", "compare_predictions", METRICS)
     ref, cand, unmatched = _align(reference, candidate)
     thr, thr_source = _thresholds(ref, thresholds)
     n, k = ref.n, ref.num_classes
@@ -352,7 +479,7 @@ def compare_predictions(reference: Predictions, candidate: Predictions, *, n_boo
         fc = _class_metrics(y, pc[known, j], dc[known, j], ones[:, known])
         point.append({"known": known, "y": y, "ref": {m: float(fr[m][0]) for m in METRICS},
                       "new": {m: float(fc[m][0]) for m in METRICS}})
-        boots.append({f"{side}_{m}": [] for side in ("ref", "new") for m in METRICS})
+        boots.append({f"{side}_{m}": [] for side in ("ref", "new") for m in boot_metrics})
     acc_boot = {"ref": [], "new": []}
     rng = np.random.default_rng(seed)
     if n_boot:
@@ -362,13 +489,14 @@ def compare_predictions(reference: Predictions, candidate: Predictions, *, n_boo
                 known, y = point[j]["known"], point[j]["y"]
                 wk = w[:, known]
                 for side, p, d in (("ref", pr, dr), ("new", pc, dc)):
-                    vals = _class_metrics(y, p[known, j], d[known, j], wk)
-                    for m in METRICS:
+                    vals = _class_metrics(y, p[known, j], d[known, j], wk, boot_metrics)
+                    for m in boot_metrics:
                         boots[j][f"{side}_{m}"].append(vals[m])
             if y_mc is not None:
                 for side, p in (("ref", pr), ("new", pc)):
                     acc_boot[side].append((w @ (p.argmax(1) == y_mc)) / n)
     classes = []
+    reps = {m: np.full((k, n_boot), np.nan) for m in boot_metrics}
     for j, name in enumerate(ref.class_names):
         y = point[j]["y"]
         npos, nneg = int(y.sum()), int((~y).sum())
@@ -378,11 +506,14 @@ def compare_predictions(reference: Predictions, candidate: Predictions, *, n_boo
         for m in METRICS:
             a, b = point[j]["ref"][m], point[j]["new"][m]
             kw[f"{m}_ref"], kw[f"{m}_new"], kw[f"delta_{m}"] = a, b, b - a
-            if n_boot:
+            if n_boot and m in boot_metrics:
                 diff = np.concatenate(boots[j][f"new_{m}"]) - np.concatenate(boots[j][f"ref_{m}"])
+                reps[m][j] = diff
                 kw[f"delta_{m}_ci"] = _ci(diff, confidence)
             else:
                 kw[f"delta_{m}_ci"] = (float("nan"), float("nan"))
+        kw["n_nan_replicates"] = (int(np.isnan(reps["auroc"][j]).sum())
+                                  if n_boot and "auroc" in reps else 0)
         classes.append(ClassDelta(name=name, n_pos=npos, n_neg=nneg,
                                   threshold=None if ref.task == "multiclass" else float(thr[j]),
                                   reason=reason, **kw))
@@ -401,20 +532,33 @@ def compare_predictions(reference: Predictions, candidate: Predictions, *, n_boo
                             candidate_id=cand.model_id, classes=tuple(classes), macro=macro,
                             n_boot=n_boot, seed=seed, confidence=confidence,
                             threshold_source="argmax" if ref.task == "multiclass" else thr_source,
-                            n_unmatched=unmatched)
+                            n_unmatched=unmatched, delong=_delong(t, pr, pc),
+                            meta={"boot_metrics": list(boot_metrics)},
+                            replicates=reps if n_boot else None)
+
+
+def _delong(t: np.ndarray, pr: np.ndarray, pc: np.ndarray) -> dict[str, Any]:
+    """Paired DeLong deltas and covariance of the per-class AUROCs (for verdict(method=...))."""
+    delta, cov = delong_covariance(t, pr, pc)
+    return {"delta_auroc": delta.tolist(), "cov": cov.tolist()}
 
 
 def _macro(classes: list[ClassDelta], boots: list[dict[str, list]], n_boot: int,
            confidence: float) -> dict[str, Any]:
     scored = [j for j, c in enumerate(classes) if not c.reason]
     out: dict[str, Any] = {"n_classes_scored": len(scored)}
+    if n_boot and scored and boots[scored[0]].get("ref_auroc"):
+        # replicates in which some scored class had no positive / negative image: the macro
+        # CIs below average over the classes that were defined in each such replicate
+        undefined = np.stack([np.isnan(np.concatenate(boots[j]["ref_auroc"])) for j in scored])
+        out["n_replicates_with_undefined_class"] = int(undefined.any(0).sum())
     for m in METRICS:
         for side in ("ref", "new"):
             vals = [getattr(classes[j], f"{m}_{side}") for j in scored]
             out[f"{m}_{side}"] = float(np.nanmean(vals)) if scored and \
                 np.isfinite(vals).any() else float("nan")
         out[f"delta_{m}"] = out[f"{m}_new"] - out[f"{m}_ref"]
-        if n_boot and scored:
+        if n_boot and scored and f"ref_{m}" in boots[scored[0]]:
             with np.errstate(invalid="ignore"), \
                     warnings.catch_warnings(action="ignore", category=RuntimeWarning):
                 ref = np.nanmean(np.stack([np.concatenate(boots[j][f"ref_{m}"])

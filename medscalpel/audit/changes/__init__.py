@@ -94,9 +94,7 @@ class PairChanges:
             out.append(f"subgroups: {len([r for r in fl if r.cls == 'macro'])} subgroup(s) lose "
                        f"significantly more than the whole (macro), {len(fl)} flag(s) in all")
         if self.robustness is not None:
-            lr = [c for c in self.robustness.macro() if c.less_robust]
-            out.append(f"robustness: compressed significantly less robust in {len(lr)} of "
-                       f"{len(self.robustness.macro())} corruption x severity cells (macro)")
+            out.append(self.robustness.headline())
         out += [f"{k}: not measured ({why})" for k, why in sorted(self.skipped.items())]
         return out
 

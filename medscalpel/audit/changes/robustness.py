@@ -13,6 +13,12 @@ all from one joint resample of the images (the same multinomial image counts for
 corruption, severity and model), which also gives the compressed-vs-dense AUROC delta under the
 corruption; the AUROC kernel is :func:`medscalpel.engine.compare.weighted_auroc` (vectorised over
 replicates). All severities of one corruption go through each model in one batched pass.
+
+"Less robust" is a family-wise claim: a cell is flagged when the decision primitive
+(:func:`medscalpel.engine.decision.decide`, margin 0) shows ``relative < 0`` with Holm across the
+family (the macro cells are one family, the per-class cells another), at one-sided
+``(1 - confidence) / 2``. The old count of cells whose uncorrected interval lies below 0 is kept
+as ``less_robust_uncorrected``, a labelled secondary number.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,6 +38,7 @@ from torch import nn
 from medscalpel.audit.changes._util import (NAN, boot_weights, ci, fast_copy, logits_of,
                                             num, p_two_sided)
 from medscalpel.engine.compare import weighted_auroc
+from medscalpel.engine.decision import UnitInput, Verdict, decide
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
 from medscalpel.progress import track
@@ -40,7 +47,7 @@ from medscalpel.validation import check_fraction, check_range
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = 1
+SCHEMA = 2   # 2: less_robust is Holm-corrected; less_robust_uncorrected, level_adj, verdicts
 
 #: name -> ``fn(grey [N, H, W] in [0, 1], level, rng) -> grey``; :data:`LEVELS` holds the
 #: parameter of severities 1, 2, 3.
@@ -180,7 +187,9 @@ class RobustnessCell:
     relative_p: float
     delta_auroc: float                 # compressed - dense under the corruption
     delta_auroc_ci: tuple[float, float]
-    less_robust: bool                  # relative CI below 0
+    less_robust: bool                  # relative < 0 shown with Holm across the cell family
+    less_robust_uncorrected: bool = False   # the uncorrected relative CI lies below 0
+    level_adj: float = NAN             # one-sided Holm level the cell was judged at
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -191,8 +200,8 @@ class RobustnessCell:
         for k, v in d.items():
             if k.endswith("_ci"):
                 out[k] = tuple(num(x) for x in v)
-            elif k in ("corruption", "cls", "less_robust"):
-                out[k] = v
+            elif k in ("corruption", "cls", "less_robust", "less_robust_uncorrected"):
+                out[k] = bool(v) if k.startswith("less") else v
             elif k == "severity":
                 out[k] = int(v)
             else:
@@ -214,6 +223,9 @@ class RobustnessChange:
     confidence: float
     schema_version: int = SCHEMA
     meta: dict[str, Any] = field(default_factory=dict)
+    #: the "less robust" decisions, one Verdict per family ("macro", "per_class"); empty for a
+    #: schema-1 file, whose flags are uncorrected
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
 
     def macro(self) -> list[RobustnessCell]:
         return [c for c in self.cells if c.cls == "macro"]
@@ -221,25 +233,54 @@ class RobustnessChange:
     def less_robust(self) -> list[RobustnessCell]:
         return [c for c in self.cells if c.less_robust]
 
+    @property
+    def correction(self) -> str:
+        return ("holm" if self.verdicts else
+                "none (schema-1 file: flags from uncorrected intervals)")
+
+    def headline(self) -> str:
+        """One line: Holm-corrected "less robust" count of the macro cells, the uncorrected
+        count beside it as a labelled secondary number."""
+        cells = self.macro()
+        k = sum(c.less_robust for c in cells)
+        if not self.verdicts:
+            return (f"robustness: compressed less robust in {k} of {len(cells)} corruption x "
+                    f"severity cells (macro; uncorrected {self.confidence:.0%} intervals, "
+                    "schema-1 file)")
+        v = self.verdicts["macro"]
+        u = sum(c.less_robust_uncorrected for c in cells)
+        return (f"robustness: compressed significantly less robust in {k} of {len(cells)} "
+                f"corruption x severity cells (macro; Holm over {v.n_tests} cells, one-sided "
+                f"alpha {v.alpha:g}); without correction ({self.confidence:.0%} intervals): "
+                f"{u} of {len(cells)}")
+
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "cells"}
+        d = {k: v for k, v in asdict(self).items() if k not in ("cells", "verdicts")}
         d["cells"] = [c.to_dict() for c in self.cells]
         d["corruptions"] = list(self.corruptions)
+        d["verdicts"] = {k: v.to_dict() for k, v in self.verdicts.items()}
+        d["correction"] = self.correction
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RobustnessChange":
-        return cls(cells=tuple(RobustnessCell.from_dict(c) for c in d["cells"]),
+        cells = tuple(RobustnessCell.from_dict(c) for c in d["cells"])
+        if int(d.get("schema_version", 1)) < 2:    # flags were uncorrected intervals
+            cells = tuple(replace(c, less_robust_uncorrected=c.less_robust) for c in cells)
+        return cls(cells=cells,
                    clean=dict(d["clean"]), corruptions=tuple(d["corruptions"]),
                    levels={k: list(v) for k, v in d["levels"].items()}, n=int(d["n"]),
                    n_boot=int(d["n_boot"]), seed=int(d["seed"]),
-                   confidence=float(d["confidence"]), meta=dict(d.get("meta", {})))
+                   confidence=float(d["confidence"]), meta=dict(d.get("meta", {})),
+                   schema_version=int(d.get("schema_version", 1)),
+                   verdicts={k: Verdict.from_dict(v) for k, v in d.get("verdicts", {}).items()})
 
     def table(self) -> list[dict[str, Any]]:
         return [{"corruption": c.corruption, "severity": c.severity, "AUROC dense": c.auroc_ref,
                  "AUROC compressed": c.auroc_new, "drop dense": c.drop_ref,
                  "drop compressed": c.drop_new, "relative": c.relative,
-                 "relative CI": c.relative_ci, "less robust": c.less_robust}
+                 "relative CI": c.relative_ci, "less robust (Holm)": c.less_robust,
+                 "less robust (uncorrected)": c.less_robust_uncorrected}
                 for c in self.macro()]
 
 
@@ -307,6 +348,7 @@ def robustness_change(
     # all severities of a corruption in one pass when they fit (~0.5 GB of float32 input)
     group = len(sevs) if images.numel() * len(sevs) <= 2 ** 27 else 1
     cells: list[RobustnessCell] = []
+    rel_reps: list[np.ndarray] = []
     fast_r, fast_n = fast_copy(dense), fast_copy(compressed)
     for name in track(names, "robustness", progress=progress):
         for g in range(0, len(sevs), group):
@@ -315,10 +357,13 @@ def robustness_change(
             zr, zn = logits_of(fast_r, x, batch_size), logits_of(fast_n, x, batch_size)
             for i, sev in enumerate(part):
                 cr, cn = pred(zr[i * n:(i + 1) * n]), pred(zn[i * n:(i + 1) * n])
-                cells += _cells(name, sev, t, cr, cn, base, w, confidence)
+                new, reps = _cells(name, sev, t, cr, cn, base, w, confidence)
+                cells += new
+                rel_reps += reps
     clean = _clean(base, w, confidence)
+    cells, verdicts = _flag(cells, rel_reps, t, n, confidence)
     return RobustnessChange(
-        cells=tuple(cells), clean=clean, corruptions=tuple(names),
+        cells=tuple(cells), verdicts=verdicts, clean=clean, corruptions=tuple(names),
         levels={c: list(LEVELS[c]) for c in names},
         n=template.n, n_boot=n_boot, seed=seed, confidence=confidence,
         meta={"severities": sevs, "bootstrap": "one joint resample of the images (seed + 3) "
@@ -358,11 +403,51 @@ def _clean(base, w, confidence) -> dict[str, Any]:
             "delta_auroc_ci": list(ci(reps, confidence))}
 
 
-def _cells(name, sev, t, cr, cn, base, w, confidence) -> list[RobustnessCell]:
-    """Per class and macro cells; every CI from the same replicates ``w`` as the clean AUROCs,
-    so drops, relative robustness and the compressed-vs-dense delta are all paired."""
+def _flag(cells: list[RobustnessCell], rel_reps: list[np.ndarray], t: np.ndarray, n: int,
+          confidence: float) -> tuple[list[RobustnessCell], dict[str, Verdict]]:
+    """Holm across each family of cells (macro; per class) through the decision primitive:
+    "less robust" = the verdict's *fail* of ``relative >= 0`` (margin 0)."""
+    known = np.isfinite(t)
+    pos = {j: int((t[known[:, j], j] > 0.5).sum()) for j in range(t.shape[1])}
+    neg = {j: int(known[:, j].sum()) - pos[j] for j in range(t.shape[1])}
+    out = list(cells)
+    verdicts: dict[str, Verdict] = {}
+    for family, keep in (("macro", lambda c: c.cls == "macro"),
+                         ("per_class", lambda c: c.cls != "macro")):
+        idx = [i for i, c in enumerate(cells) if keep(c)]
+        if not idx:
+            continue
+        units = []
+        for i in idx:
+            c = cells[i]
+            j = _class_index(cells, c)
+            units.append(UnitInput(f"{c.corruption}/s{c.severity}/{c.cls}", c.relative, n,
+                                   n_pos=None if j is None else pos[j],
+                                   n_neg=None if j is None else neg[j],
+                                   replicates=rel_reps[i], kind="cell"))
+        v = decide(units, margin=0.0, metric="relative robustness (drop compressed - drop "
+                   "dense, AUROC)", level=confidence,
+                   method=f"paired bootstrap, {len(rel_reps[idx[0]])} replicates")
+        verdicts[family] = v
+        for i, u in zip(idx, v.units):
+            out[i] = replace(cells[i], less_robust=u.outcome == "fail", level_adj=u.level_adj)
+    return out, verdicts
+
+
+def _class_index(cells: list[RobustnessCell], c: RobustnessCell) -> int | None:
+    if c.cls == "macro":
+        return None
+    names = list(dict.fromkeys(x.cls for x in cells if x.cls != "macro"))
+    return names.index(c.cls)
+
+
+def _cells(name, sev, t, cr, cn, base, w, confidence
+           ) -> tuple[list[RobustnessCell], list[np.ndarray]]:
+    """Per class and macro cells and their relative-robustness replicates; every CI from the
+    same replicates ``w`` as the clean AUROCs, so drops, relative robustness and the
+    compressed-vs-dense delta are all paired."""
     cur = _aurocs(t, cr.probs(), cn.probs(), w)
-    out = []
+    out, reps = [], []
     acc: dict[str, list] = {k: [] for k in ("dr", "dn", "rel", "d", "dr_p", "dn_p", "ar", "an")}
     for j, cname in enumerate(cr.class_names):
         (ar, ar_b), (an, an_b) = cur["ref"][j], cur["new"][j]
@@ -373,7 +458,8 @@ def _cells(name, sev, t, cr, cn, base, w, confidence) -> list[RobustnessCell]:
         out.append(RobustnessCell(name, sev, cname, ar, an, ar - br, ci(dr_b, confidence),
                                   an - bn, ci(dn_b, confidence), (an - bn) - (ar - br), rel_ci,
                                   p_two_sided(rel_b), an - ar, ci(d_b, confidence),
-                                  bool(rel_ci[1] < 0)))
+                                  False, less_robust_uncorrected=bool(rel_ci[1] < 0)))
+        reps.append(rel_b)
         if np.isfinite(ar) and np.isfinite(an):
             for k, v in (("dr", dr_b), ("dn", dn_b), ("rel", rel_b), ("d", d_b)):
                 acc[k].append(v)
@@ -388,8 +474,9 @@ def _cells(name, sev, t, cr, cn, base, w, confidence) -> list[RobustnessCell]:
         out.append(RobustnessCell(name, sev, "macro", ar, an, dr, ci(mean("dr"), confidence), dn,
                                   ci(mean("dn"), confidence), dn - dr, rel_ci,
                                   p_two_sided(rel_b), an - ar, ci(mean("d"), confidence),
-                                  bool(rel_ci[1] < 0)))
-    return out
+                                  False, less_robust_uncorrected=bool(rel_ci[1] < 0)))
+        reps.append(rel_b)
+    return out, reps
 
 
 # ----------------------------------------------------------------------------- figure
