@@ -227,4 +227,6 @@ def test_cli_calibrate_binary_and_multiclass(tmp_path, capsys):
     with pytest.raises(SystemExit) as ex:
         run(["repair", "calibrate", str(tmp_path / "mc.npz"), "--model", str(tmp_path),
              "--out", str(tmp_path / "cal4")])
-    assert ex.value.code == 2 and "drop --model" in capsys.readouterr().err
+    # --model writes the temperature operating point into the model's card now (issue Q;
+    # tests/test_operating_point.py); a folder without a model is one clean error
+    assert ex.value.code == 2 and "No weights" in capsys.readouterr().err

@@ -150,8 +150,10 @@ def test_planted_slow_inaccurate_and_nonconforming_variants_are_refused(model, t
     assert s.status == "no-go" and any("slower than torch fp32" in r for r in s.reasons)
     assert s.parity_abs == 0.0  # refused for speed alone
     r = by["planted_rows:int8"]
-    assert r.status == "no-go" and any(x.startswith("failed floor") and "c: delta AUROC" in x
+    assert r.status == "no-go" and any(x.startswith("failed floor (internal)") and
+                                       "loss beyond the margin shown in c " in x
                                        for x in r.reasons)
+    assert r.verdicts["internal"]["outcome"] == "fail"
     assert r.worst_class_delta_auroc < -0.01
     w = by["planted_onnx:fp32"]
     assert w.status == "refused" and "failed parity" in w.reasons[0]
@@ -172,14 +174,44 @@ def test_planted_slow_inaccurate_and_nonconforming_variants_are_refused(model, t
     assert dict(sec.facts)["recommended"].text == res.recommended
 
 
-def test_floor_no_variant_meets_it(model, tmp_path):
+def test_floor_not_shown_serves_the_reference(model, tmp_path):
     rows = RowPerturbedTorch(1)
-    with pytest.raises(VerificationError, match=r"no variant meets the accuracy floor .*best: "
-                                                r"onnxruntime:fp32 with macro dAUROC \+0\.0000"):
-        deploy(model, _ds("test"), tmp_path / "d", variants=["onnxruntime:fp32", rows],
-               batches=(1,), rounds=1, repeats=1, n_boot=0, floor_macro=0.01, progress=False)
-    assert not (tmp_path / "d").exists()  # nothing half-written
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".d.")]
+    # 16 images: no class has 10 positives and 10 negatives, so no floor can be SHOWN met:
+    # every variant is undecided and the reference itself (nothing to verify) is served
+    res = deploy(model, _ds("test", n=16), tmp_path / "d", variants=["onnxruntime:fp32", rows],
+                 batches=(1,), rounds=1, repeats=1, n_boot=100, progress=False)
+    by = {v.name: v for v in res.variants}
+    assert by["onnxruntime:fp32"].status == "undecided"
+    assert "no unit could be tested" in by["onnxruntime:fp32"].reasons[0]
+    assert by["planted_rows:int8"].status == "undecided"
+    assert res.recommended == "torch:fp32" and "the reference itself is served" in res.reason
+    with pytest.raises(ConfigError, match="floor_macro"):  # a floor is a loss bound (<= 0)
+        deploy(model, _ds("test", n=16), tmp_path / "e", variants=["onnxruntime:fp32"],
+               floor_macro=0.01, progress=False)
+    assert not (tmp_path / "e").exists()  # nothing half-written
+
+
+def test_accuracy_verdicts_decide_go_undecided_and_external(model, tmp_path):
+    """A variant is served only when its paired intervals SHOW the floor is met, on the
+    evaluation set and on the external set; accepting unscorable classes is recorded."""
+    rows = RowPerturbedTorch(1)
+    res = deploy(model, _ds("test", n=96), tmp_path / "d", calib_data=_ds("train", seed=1),
+                 variants=["torch:fp32", "onnxruntime:fp32", rows], batches=(1,), rounds=5,
+                 repeats=2, n_boot=200, progress=False, accept_unscorable=True,
+                 external_data=_ds("test", n=96, seed=7))
+    by = {v.name: v for v in res.variants}
+    ort = by["onnxruntime:fp32"]
+    assert set(ort.verdicts) == {"internal", "external"}
+    assert ort.verdicts["internal"]["outcome"] in ("pass", "undecided")
+    planted = by["planted_rows:int8"]
+    assert planted.status in ("no-go", "undecided")
+    assert planted.verdicts["internal"]["outcome"] in ("fail", "undecided")
+    rec = by[res.recommended]
+    assert all(d["outcome"] == "pass" for d in rec.verdicts.values()) and rec.go
+    assert res.external["n_images"] == 96 and "external" in (tmp_path / "d" / "deploy.md"
+                                                             ).read_text()
+    back = DeployResult.load(tmp_path / "d")
+    assert back.variant("onnxruntime:fp32").verdicts == ort.verdicts
 
 
 def test_missing_runtime_names_the_extra(model, tmp_path, monkeypatch):
@@ -243,7 +275,7 @@ def test_cli_round_trip_and_exit_2(tmp_path, monkeypatch, capsys):
         run()  # the console entry point: MedScalpelError -> one line + exit 2
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "no variant meets the accuracy floor" in err and "best: " in err
+    assert "floor" in err and "[-1, 0]" in err and "Got 0.5" in err  # a loss bound, <= 0
     assert not (tmp_path / "bad").exists()
 
 

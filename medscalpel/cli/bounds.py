@@ -95,8 +95,9 @@ BOUNDS: dict[str, Constraint] = {
     "--budget": NON_NEGATIVE,
     "--delta-prob": OPEN_FRACTION,
     "--drop-threshold": _real(0.0, 1.0, open_low=True),
-    "--floor-macro": _real(-1.0, 1.0),
-    "--floor-class": _real(-1.0, 1.0),
+    "--floor-macro": _real(-1.0, 0.0),  # a non-inferiority margin: the loss allowed
+    "--floor-class": _real(-1.0, 0.0),
+    "--min-positives": _int(1, 100000),
     "--label-noise": _real(0.0, 0.5),
     "--tube-pos": FRACTION,
     "--tube-neg": FRACTION,

@@ -182,10 +182,15 @@ def prune(
     print_table(result.comparison.table(), f"accuracy: pruned vs unpruned on '{eval_split}' "
                 f"({result.comparison.n} images, paired bootstrap)")
     console.print(result.comparison.summary(), highlight=False)
-    ok, why = result.comparison.meets_floor()
-    if not ok:
-        console.print("[yellow]accuracy loss beyond the default floor (macro -0.005, class "
-                      f"-0.01): {'; '.join(why[:4])}[/yellow]")
+    from rich.markup import escape
+
+    cmp = result.comparison
+    verdict = cmp.verdict(margin=0.01, macro_margin=0.005,
+                          method="bootstrap" if cmp.replicates is not None and cmp.n_boot
+                          else "delong")
+    colour = {"pass": "green", "fail": "red"}.get(verdict.outcome, "yellow")
+    console.print(f"[{colour}]accuracy vs the default floor (macro -0.005, class -0.01; paired "
+                  f"intervals, Holm): {escape(verdict.summary())}[/{colour}]", highlight=False)
 
 
 def export(

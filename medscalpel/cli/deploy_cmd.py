@@ -50,6 +50,17 @@ def deploy(
     n_boot: int = typer.Option(1000, help="Paired bootstrap replicates for the CIs."),
     seed: int = typer.Option(0, help="Seed of the image choice and the bootstrap."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    external: Optional[str] = typer.Option(None, metavar="SPEC", help="A second site's "
+                                           "labelled dataset spec (same classes): every "
+                                           "variant must also be shown to meet the floor "
+                                           "there (all of its images, as 'evaluate "
+                                           "--external' uses them)."),
+    accept_unscorable: bool = typer.Option(False, help="Accept classes with fewer than "
+                                           "--min-positives positive or negative evaluation "
+                                           "images unchecked (named in every verdict); "
+                                           "without it they leave verdicts undecided."),
+    min_positives: int = typer.Option(10, help="Positive (and negative) images a class needs "
+                                      "for its floor to be checked."),
     explain: bool = typer.Option(True, help="Serve the artifact with a second output, the "
                                             "class activation maps (checked against Grad-CAM, "
                                             "latency cost measured); --no-explain: logits "
@@ -68,11 +79,15 @@ def deploy(
     pre = m.card.preprocess if m.card is not None else None
     ds = open_dataset(data, split=split, preprocess=pre)
     calib = open_dataset(data, split="train", preprocess=pre) if split != "train" else None
+    # the whole external site, as 'evaluate --external' uses it (none of it was seen)
+    ext = open_dataset(external, split="all", preprocess=pre) if external is not None else None
     res = run_deploy(m, ds, out, calib_data=calib, runtimes=_list(runtimes),
                      precisions=_list(precisions), batches=_batches(batch), rounds=rounds,
                      repeats=repeats, n_images=n_images, n_calib=n_calib,
                      floor_macro=floor_macro, floor_class=floor_class, threads=threads,
-                     n_boot=n_boot, seed=seed, overwrite=overwrite, explain=explain)
+                     n_boot=n_boot, seed=seed, overwrite=overwrite, explain=explain,
+                     external_data=ext, accept_unscorable=accept_unscorable,
+                     min_positives=min_positives)
     console.print(res.markdown(), markup=False, highlight=False)
     chosen = res.chosen
     console.print(f"recommended: {res.recommended} ({res.reason}); served from "

@@ -16,11 +16,26 @@ OUT = typer.Option(..., help="Run directory to create.")
 
 
 def _open(model_dir: Path, data: str, split: str):
+    """The model and its data, refused (ModelError naming both) when the model's classes,
+    task or input channels do not match the data's: explanations of one class would otherwise
+    be drawn for another class's images."""
     from medscalpel.data.spec import open_dataset
     from medscalpel.models import load_model
 
     model = load_model(model_dir)
-    return model, open_dataset(data, split=split, preprocess=model.card.preprocess)
+    ds = open_dataset(data, split=split, preprocess=model.card.preprocess)
+    _require_match(model, model_dir, ds, data)
+    return model, ds
+
+
+def _require_match(model, model_dir: Path, ds, data: str) -> None:
+    from medscalpel.engine.predict import check_compatible
+    from medscalpel.errors import ModelError
+
+    try:
+        check_compatible(model, ds)
+    except ModelError as exc:
+        raise ModelError(f"--model {model_dir} does not fit --data {data}: {exc}") from None
 
 
 def _class_index(model, name: str) -> int:
@@ -186,7 +201,8 @@ def polarity(
     from medscalpel.runs import RunDir, write_json
 
     m = load_model(model)
-    ds = open_dataset(data, split=split)
+    ds = open_dataset(data, split=split, preprocess=m.card.preprocess)
+    _require_match(m, model, ds, data)
     w = m.classifier.weight.detach().numpy()
     with RunDir(out, command="audit polarity", config={"model": str(model), "data": data,
                                                        "quantile": quantile},

@@ -211,7 +211,9 @@ def predict(
         preds = predict_spec(model, data, split, batch_size)
         preds.save(run.path / "predictions.npz")
         write_json(run.path / "predictions.json", preds.to_dict())
-        table = findings_table(preds, card.thresholds if preds.task == "multilabel" else None)
+        op = card.decision_point()
+        table = findings_table(preds, card.thresholds if preds.task == "multilabel" else None,
+                               operating_point=op if op.calibrated else None)
         table.save_csv(run.path / FINDINGS_CSV)
         run.data.update(split=preds.split, split_unit=preds.meta.get("split_unit"),
                         n_used=preds.meta.get("n_used"), n_total=preds.meta.get("n_total"))
@@ -331,6 +333,9 @@ def evaluate(
                            _parse_class_map(class_map), out, n_boot, seed, overwrite)
         return
     res = evaluate_file(predictions, model, n_boot=n_boot, seed=seed)
+    op = _stored_operating_point(predictions, model)
+    if op is not None:
+        res.extra["operating_point"] = op.to_dict()
     print_table(res.table(), f"{res.split} ({res.n} images)")
     m = res.macro
     console.print(f"macro AUROC {fmt(m['auroc'])} {fmt(tuple(m.get('auroc_ci', ())) or None)}  "
@@ -344,12 +349,43 @@ def evaluate(
             console.print(f"[yellow]{c.name}: NaN ({c.reason})[/yellow]")
     if res.extra.get("split_warning"):
         console.print(f"[yellow]warning: {res.extra['split_warning']}[/yellow]")
+    if op is not None:
+        _print_stored_operating_point(op)
     if out is not None:
         with RunDir(out, command="evaluate", config={"predictions": str(predictions),
                                                      "n_boot": n_boot}, seed=seed,
                     data={"split_unit": res.extra.get("split_unit")},
                     overwrite=overwrite) as run:
             write_json(run.path / "metrics.json", res.to_dict())
+
+
+def _stored_operating_point(predictions: Path, model: Optional[Path]):
+    """The model card's operating point measured on these predictions (sens/spec with CIs),
+    or None without --model or when the model decides by the uncalibrated default (the
+    table above is already at 0.5 / argmax then)."""
+    from medscalpel.engine.api import _card, load_predictions
+    from medscalpel.repair.calibrate import measure_operating_point
+
+    if model is None:
+        return None
+    op = _card(model).decision_point()
+    if not op.calibrated and op.temperature == 1.0:
+        return None
+    preds = load_predictions(predictions)
+    if tuple(preds.class_names) != tuple(op.class_names):
+        raise MedScalpelError(f"--model {model} predicts {list(op.class_names)[:4]} but the "
+                              f"predictions are of {list(preds.class_names)[:4]}.")
+    return measure_operating_point(op, preds, held_out=preds.split != op.fitted_on.get("split"))
+
+
+def _print_stored_operating_point(op) -> None:
+    on = op.measured_on
+    rows = [{"class": r["class"], "sens": r["sensitivity"],
+             "sens 95% CI": tuple(r["sensitivity_ci"]), "spec": r["specificity"],
+             "spec 95% CI": tuple(r["specificity_ci"]), "pos": r["n_pos"], "neg": r["n_neg"]}
+            for r in op.measured]
+    print_table(rows, f"at the model's operating point ({on.get('ci')} "
+                      f"{on.get('confidence', 0.95):.0%} CIs): {op.describe()}")
 
 
 def _evaluate_reference(predictions: Path, reference: Path, model: Optional[Path],

@@ -45,8 +45,10 @@ def calibrate(
     positive: Optional[str] = typer.Option(None, help="Two-class model: the positive class "
                                            "whose operating point is fitted (default: the "
                                            "second class)."),
-    model: Optional[Path] = typer.Option(None, help="Model directory (multi-label): a copy "
-                                         "with the thresholds in model.json is written to "
+    model: Optional[Path] = typer.Option(None, help="Model directory: a copy deciding by the "
+                                         "fitted operating point (multi-label thresholds, the "
+                                         "two-class cut, or the temperature; with "
+                                         "--guarantee the certified thresholds) is written to "
                                          "OUT/model."),
     out: Path = typer.Option(Path("runs/repair-calibrate"), help="Run directory to create."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
@@ -75,43 +77,55 @@ def calibrate(
     from medscalpel.errors import ConfigError
     from medscalpel.models.checkpoint import load_model
     from medscalpel.repair.calibrate import (binary_view, calibrate_temperature,
-                                             calibrate_thresholds)
-    from medscalpel.runs import RunDir, write_json
+                                             calibrate_thresholds, measure_operating_point,
+                                             save_with_operating_point,
+                                             temperature_operating_point,
+                                             threshold_operating_point)
+    from medscalpel.runs import RunDir, hash_file, write_json
 
     if guarantee is not None:
         return _calibrate_guarantee(fit, evaluate_on, guarantee, alpha, patients, holdout, seed,
                                     positive, model, out, overwrite)
     if holdout is not None or patients is not None:
         raise ConfigError("--holdout and --patients apply with --guarantee only.")
-    fit_p = load_predictions(fit)
+    fit_p = load_predictions(fit).require_labels("fitting thresholds", str(fit))
     eval_p = load_predictions(evaluate_on) if evaluate_on else None
     kind = ("thresholds" if fit_p.task == "multilabel" else
             "binary" if fit_p.num_classes == 2 else "temperature")
-    if model is not None and kind != "thresholds":
-        raise ConfigError(f"repair calibrate --model writes thresholds into a multi-label "
-                          f"model's card; these predictions are {fit_p.task} with "
-                          f"{fit_p.num_classes} classes: drop --model (the result is in "
-                          "calibration.json).")
     if positive is not None and kind != "binary":
         raise ConfigError("--positive applies to two-class predictions only.")
+    m = load_model(model) if model else None
+    if m is not None and tuple(m.card.class_names) != tuple(fit_p.class_names):
+        raise ConfigError(f"--model {model} predicts {list(m.card.class_names)[:4]} but the "
+                          f"predictions are of {list(fit_p.class_names)[:4]}: give the "
+                          "predictions of this model.")
     cfg = {"fit": str(fit), "eval": str(evaluate_on) if evaluate_on else None, "method": method,
            "target_sensitivity": target_sensitivity, "model": str(model) if model else None,
            "kind": kind, "positive": positive}
+    source = f"sha256:{hash_file(fit)[:16]} ({Path(fit).name})"
+    names = tuple(fit_p.class_names)
     with RunDir(out, command="repair calibrate", config=cfg, overwrite=overwrite) as run:
         if kind == "temperature":
             result = calibrate_temperature(fit_p, eval_p)
+            op = temperature_operating_point(result, fit_p, source=source)
         else:
-            m = load_model(model) if model else None
+            fit_v = binary_view(fit_p, positive) if kind == "binary" else fit_p
+            eval_v = binary_view(eval_p, positive) if kind == "binary" and eval_p is not None \
+                else eval_p
+            result = calibrate_thresholds(fit_v, eval_v, method, target_sensitivity)
+            op = threshold_operating_point(result.calibrator, fit_v, names, source=source)
             if kind == "binary":
-                fit_p = binary_view(fit_p, positive)
-                eval_p = binary_view(eval_p, positive) if eval_p is not None else None
-            result = calibrate_thresholds(fit_p, eval_p, method, target_sensitivity, model=m,
-                                          model_out=run.path / "model" if m is not None
-                                          else None)
-            result.model_dir = str(out / "model") if m is not None else None
-            if kind == "binary":
-                result.extra["binary"] = fit_p.meta["binary_view"]
-        write_json(run.path / "calibration.json", result.to_dict())
+                bv = fit_v.meta["binary_view"]
+                result.extra["binary"] = {"positive": bv["positive"], "negative": bv["negative"]}
+        if eval_p is not None:
+            op = measure_operating_point(op, eval_p, held_out=not (
+                set(fit_p.ids) & set(eval_p.ids)))
+        if m is not None:
+            save_with_operating_point(m, run.path / "model", op, source=source)
+        d = result.to_dict()
+        d["operating_point"] = op.to_dict()
+        d["model_dir"] = str(out / "model") if m is not None else None
+        write_json(run.path / "calibration.json", d)
     if kind == "temperature":
         print_table(result.table(), title=f"temperature scaling: T = {result.temperature:.3f} "
                     f"(fit on {result.fit_split}, measured on {result.eval_split}"
@@ -124,7 +138,28 @@ def calibrate(
                           "0.5 is the argmax.", highlight=False)
         if result.evaluation is not None:
             print_table(result.evaluation.table(), title=f"thresholds ({method}) vs 0.5")
+    _print_operating_point(op)
+    if m is not None:
+        console.print(f"model deciding by this operating point -> {out / 'model'}",
+                      highlight=False)
     console.print(f"written to {out}")
+
+
+def _print_operating_point(op) -> None:
+    """The operating point in one line, and its measured sens/spec with CIs per class."""
+    console.print(f"operating point: {op.describe()}", highlight=False)
+    if op.measured:
+        rows = [{"class": r["class"], "sens": r["sensitivity"],
+                 "sens 95% CI": tuple(r["sensitivity_ci"]), "spec": r["specificity"],
+                 "spec 95% CI": tuple(r["specificity_ci"]), "pos": r["n_pos"],
+                 "neg": r["n_neg"]} for r in op.measured]
+        on = op.measured_on
+        print_table(rows, title=f"at the operating point on split '{on.get('split')}' "
+                    f"({on.get('n_images')} images{'' if on.get('held_out') else ', NOT held out'}"
+                    f"; {on.get('ci')} {on.get('confidence', 0.95):.0%} CIs)")
+    else:
+        console.print("not measured: give --eval (another split) for its sensitivity and "
+                      "specificity", highlight=False)
 
 
 def _read_patients(path: Path) -> dict[str, str]:
@@ -153,20 +188,24 @@ def _calibrate_guarantee(fit: Path, evaluate_on: Optional[Path], guarantee: str,
     --eval or on the held-out patients; writes guarantee.json (+ guarantee_check.json)."""
     from medscalpel.errors import ConfigError
     from medscalpel.layout import write_artifact
-    from medscalpel.repair.calibrate import binary_view
+    from medscalpel.models.checkpoint import load_model
+    from medscalpel.repair.calibrate import (binary_view, guarantee_operating_point,
+                                             save_with_operating_point)
     from medscalpel.repair.conformal import (calibrate_guarantee, parse_guarantee,
                                              patient_split, recertify)
-    from medscalpel.runs import RunDir
+    from medscalpel.runs import RunDir, hash_file
 
     spec = parse_guarantee(guarantee)  # a bad spec fails before anything is read
-    if model is not None:
-        raise ConfigError("repair calibrate --guarantee does not write a model yet: drop "
-                          "--model (the certified thresholds are in guarantee.json).")
     if holdout is not None and evaluate_on is not None:
         raise ConfigError("Give --eval or --holdout, not both: the guarantee is re-checked on "
                           "one held-out set.")
-    fit_p = load_predictions(fit)
+    fit_p = load_predictions(fit).require_labels("certifying a guarantee", str(fit))
     eval_p = load_predictions(evaluate_on) if evaluate_on else None
+    m = load_model(model) if model is not None else None
+    names, task = tuple(fit_p.class_names), fit_p.task
+    if m is not None and tuple(m.card.class_names) != names:
+        raise ConfigError(f"--model {model} predicts {list(m.card.class_names)[:4]} but the "
+                          f"predictions are of {list(names)[:4]}.")
     if fit_p.task == "multiclass":
         if fit_p.num_classes != 2:
             raise ConfigError(f"--guarantee needs multi-label or two-class predictions; these "
@@ -191,6 +230,13 @@ def _calibrate_guarantee(fit: Path, evaluate_on: Optional[Path], guarantee: str,
         check = recertify(result, chk_p, patient_ids=pid(chk_p)) if chk_p is not None else None
         if check is not None:
             write_artifact(run.path, "guarantee_check", check)
+        op = None
+        if m is not None:
+            op = guarantee_operating_point(
+                result, names, task, kept=m.card.effective_thresholds(),
+                source=f"sha256:{hash_file(fit)[:16]} ({Path(fit).name})",
+                check=None if check is None else check.to_dict())
+            save_with_operating_point(m, run.path / "model", op)
     pat = f", {result.n_patients} patients" if result.n_patients is not None else ""
     print_table(result.table(), title=f"{spec.text}: certified on {result.n_images} images"
                 f"{pat} ({cal_p.split}{', split by ' + unit if unit else ''})")
@@ -203,6 +249,9 @@ def _calibrate_guarantee(fit: Path, evaluate_on: Optional[Path], guarantee: str,
     else:
         console.print("not re-checked: give --eval or --holdout for a held-out check",
                       highlight=False)
+    if op is not None:
+        console.print(f"operating point: {op.describe()}", highlight=False)
+        console.print(f"model deciding by it -> {out / 'model'}", highlight=False)
     console.print(f"written to {out}")
 
 

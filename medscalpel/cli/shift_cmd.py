@@ -32,9 +32,11 @@ def recalibrate_site(
                                                                  "(recalibration.json, model/)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
-    """Re-fit thresholds / temperature on k labelled images per class of a new site; measure
-    sensitivity and specificity (with CIs) on the rest of that site against the internal ones;
-    write a recalibrated model copy."""
+    """Re-fit thresholds / temperature on k labelled images per class of a new site (drawn by
+    patient when the dataset knows patients); measure sensitivity and specificity (with CIs) on
+    the rest of that site (no image of a drawn patient) against the internal ones; write a
+    recalibrated model copy whose card carries the site's operating point."""
+    from medscalpel.data.spec import open_dataset
     from medscalpel.engine.api import predict_spec, usage_line
     from medscalpel.errors import MedScalpelError
     from medscalpel.models.checkpoint import load_model, save_model
@@ -56,15 +58,23 @@ def recalibrate_site(
     int_preds = load_predictions(internal)
     ext = predict_spec(model, external, external_split, class_map=cmap or None)
     console.print(f"new site: used {usage_line(ext)}")
+    ds = open_dataset(external, split=ext.split, preprocess=m.card.preprocess)
+    patients = dict(zip(ds.ids, ds.patient_ids))
     res, rec = run_recal(m, int_preds, ext, k=k, method=method, classes=names,
-                         tolerance=tolerance, n_boot=n_boot, seed=seed)
+                         tolerance=tolerance, n_boot=n_boot, seed=seed, patient_ids=patients)
     with RunDir(out, command="repair recalibrate-site", config=cfg, seed=seed,
                 data={"spec": external, "split": ext.split, "n_used": ext.meta.get("n_used"),
                       "n_total": ext.meta.get("n_total")}, overwrite=overwrite) as run:
         write_json(run.path / "recalibration.json", res.to_dict())
-        save_model(recalibrated_model(m, rec, site=external), run.path / "model")
+        rm = recalibrated_model(m, rec, site=external, result=res, split=ext.split)
+        save_model(rm, run.path / "model")
     print_table(res.table(), f"{method} recalibration, k={k}: sens/spec on the rest of the site")
     for note in res.notes:
         console.print(note)
     console.print(res.verdict)
+    console.print(f"k-shot drawn by {res.split_unit}"
+                  + (f" ({res.n_fit_patients} patients; {res.n_excluded_same_patient} images of "
+                     "theirs kept out of the rest)" if res.split_unit == "patient" else
+                     " (the dataset records no patients)"), highlight=False)
+    console.print(f"operating point: {rm.card.operating_point.describe()}", highlight=False)
     console.print(f"written to {out} (recalibrated model in {out / 'model'})")

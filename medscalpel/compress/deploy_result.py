@@ -15,9 +15,10 @@ SCHEMA = 1
 DEPLOY_JSON = "deploy.json"
 DEPLOY_MD = "deploy.md"
 
-#: statuses: ``go`` (may be served), ``no-go`` (measured, not recommended), ``refused`` (failed
+#: statuses: ``go`` (may be served), ``no-go`` (measured, not recommended), ``undecided`` (the
+#: accuracy floor was neither shown met nor shown missed: not served), ``refused`` (failed
 #: parity: artifact removed), ``error`` (export / compile failed), ``unavailable`` (not here)
-STATUSES = ("go", "no-go", "refused", "error", "unavailable")
+STATUSES = ("go", "no-go", "undecided", "refused", "error", "unavailable")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,10 @@ class VariantResult:
     peak_used: str = ""
     theoretical_fraction: dict[str, float] = field(default_factory=dict)
     speed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the accuracy verdicts (:class:`~medscalpel.engine.decision.Verdict` dicts): "internal"
+    #: (the evaluation split) and "external" (the second site, when given)
+    verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    external_comparison: dict[str, Any] | None = None
     prepare_seconds: float | None = None
     file_bytes: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -162,6 +167,8 @@ class DeployResult:
     #: the served artifact's CAM output: status (served / torch / not available / refused /
     #: off), why, the head check, agreement with Grad-CAM and torch fp32, latency cost
     explanation: dict[str, Any] = field(default_factory=dict)
+    #: the external (second-site) set every variant was also judged on: split, n_images, spec
+    external: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA
 
     def variant(self, name: str) -> VariantResult:
@@ -189,6 +196,8 @@ class DeployResult:
                                              f"[{st['low']:.2f}, {st['high']:.2f}] "
                                              f"{st['outcome']}")
             row.update({"x fp32 same rt": v.speedup_vs_fp32.get(b0), "parity rel": v.parity_rel,
+                        "accuracy verdict": " / ".join(
+                            f"{k} {d.get('outcome')}" for k, d in v.verdicts.items()) or None,
                         "macro dAUROC": v.macro_delta_auroc,
                         "worst class dAUROC": v.worst_class_delta_auroc,
                         f"{b0} % peak": (None if v.peak_fraction.get(b0) is None
@@ -206,9 +215,13 @@ class DeployResult:
                f"Input {list(self.input_shape)}, {self.macs / 1e6:.1f} M MACs, "
                f"{self.params:,} parameters; {self.threads} thread(s); {self.rounds} alternated "
                f"rounds x {self.repeats} repeats; accuracy on {self.n_images} images of split "
-               f"'{self.split}' (calibration: {self.n_calib} images of '{self.calib_split}'). "
+               f"'{self.split}' (calibration: {self.n_calib} images of '{self.calib_split}')"
+               + (f"; external: {self.external.get('n_images')} images of "
+                  f"{self.external.get('spec') or self.external.get('split')}"
+                  if self.external else "; no external set (internal floor only)") + ". "
                f"Floor: macro dAUROC >= {self.floor['macro']:+g}, every class >= "
-               f"{self.floor['per_class']:+g}.", "",
+               f"{self.floor['per_class']:+g}, shown by paired intervals (Holm over classes + "
+               "macro); an undecided verdict is never served.", "",
                f"Load average (1/5/15 min) start {self.loadavg.get('start')}, end "
                f"{self.loadavg.get('end')}" + (" — latencies MEASURED UNDER LOAD."
                                                if self.under_load else "."), "",

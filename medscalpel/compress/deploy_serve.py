@@ -20,11 +20,14 @@ def serve_metadata(model: nn.Module, shape, variant: VariantResult,
                    files: list[str], explanation: dict[str, Any] | None = None
                    ) -> dict[str, Any]:
     """The contract a server needs: runtime, precision, files, input name/shape/layout,
-    normalisation, class names, task and decision thresholds (from the ModelCard), and the
+    normalisation, class names, task and decision thresholds (from the ModelCard), the
+    operating point the decisions follow (``operating_point``: the card's, or the one derived
+    from its thresholds / the uncalibrated default, which says so), and the
     outputs: ``logits`` and, when the artifact explains itself, ``cam`` (``explanation`` says
     what it is and how it was checked)."""
     card = getattr(model, "card", None)
     inp = dict(card.input) if card is not None else {}
+    op = card.decision_point() if card is not None else None
     served_cam = (explanation or {}).get("status") == "served"
     return {"schema_version": 1, "runtime": variant.runtime, "precision": variant.precision,
             "outputs": ["logits", "cam"] if served_cam else ["logits"],
@@ -37,6 +40,7 @@ def serve_metadata(model: nn.Module, shape, variant: VariantResult,
             "class_names": list(card.class_names) if card is not None else None,
             "task": card.task if card is not None else None,
             "thresholds": card.effective_thresholds() if card is not None else None,
+            "operating_point": op.to_dict() if op is not None else None,
             "model_id": card.model_id if card is not None else None,
             "output": "logits (sigmoid per class for multilabel, softmax for multiclass)"}
 

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from medscalpel.errors import ConfigError, DataError, ModelError, VerificationError
+from medscalpel.errors import (ConfigError, DataError, MedScalpelError, ModelError,
+                               VerificationError)
 from medscalpel.models.checkpoint import ModelCard
 
 if TYPE_CHECKING:
@@ -154,7 +155,14 @@ def load_served(path: str | os.PathLike, threads: int = 1) -> nn.Module:
     if not meta_path.is_file():
         raise DataError(f"{meta_path} not found: give the serve/ folder (or the run directory) "
                         "written by `medscalpel compress deploy`.")
-    meta = read_json(meta_path)
+    try:
+        meta = read_json(meta_path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{meta_path} is not a text JSON file ({exc.reason}); re-run `medscalpel "
+                        "compress deploy` to write it again.") from exc
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path} must hold a JSON object (the serve contract); got "
+                        f"{type(meta).__name__}. Re-run `medscalpel compress deploy`.")
     missing = [k for k in ("runtime", "precision", "files", "class_names", "task", "input")
                if meta.get(k) in (None, [], "")]
     if missing:
@@ -165,20 +173,37 @@ def load_served(path: str | os.PathLike, threads: int = 1) -> nn.Module:
         from medscalpel.models import load_model
 
         return load_model(p)
-    card = ModelCard(arch=f"{runtime}:{precision} artifact", class_names=tuple(meta["class_names"]),
-                     task=str(meta["task"]), input=dict(meta["input"]),
-                     thresholds=tuple(meta["thresholds"]) if meta.get("thresholds") else None,
-                     lineage=({"method": f"served {runtime}:{precision}",
-                               "parent": meta.get("model_id") or "", "source": str(p)},),
-                     model_id=f"{meta.get('model_id') or 'served'}@{runtime}:{precision}")
+    if not isinstance(meta["files"], list) or not isinstance(meta["input"], dict):
+        raise DataError(f"{meta_path}: 'files' must be a list of file names and 'input' an "
+                        "object (size, channels, mean, std); re-run `medscalpel compress deploy`.")
+    try:
+        card = ModelCard(arch=f"{runtime}:{precision} artifact",
+                         class_names=tuple(meta["class_names"]), task=str(meta["task"]),
+                         input=dict(meta["input"]),
+                         thresholds=tuple(meta["thresholds"]) if meta.get("thresholds") else None,
+                         lineage=({"method": f"served {runtime}:{precision}",
+                                   "parent": meta.get("model_id") or "", "source": str(p)},),
+                         model_id=f"{meta.get('model_id') or 'served'}@{runtime}:{precision}")
+    except MedScalpelError:
+        raise
+    except (TypeError, ValueError, KeyError) as exc:
+        raise DataError(f"{meta_path}: not a serve contract this medscalpel can read "
+                        f"({type(exc).__name__}: {exc}); re-run `medscalpel compress deploy`."
+                        ) from exc
     if runtime == "onnxruntime":
         onnx = [f for f in files if f.endswith(".onnx")]
         if not onnx or not (p / onnx[0]).is_file():
             raise DataError(f"{meta_path}: no ONNX file {onnx or files} in {p}.")
         from medscalpel.compress.export import ort_session
 
-        sess = ort_session(p / onnx[0], threads)
+        try:
+            sess = ort_session(p / onnx[0], threads)
+        except (MedScalpelError, ImportError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own (pybind) types
+            raise _unloadable(p / onnx[0], "onnxruntime", exc) from exc
         name = sess.get_inputs()[0].name
+        _check_outputs(p / onnx[0], [o.shape for o in sess.get_outputs()][:1], card)
 
         def run(x: np.ndarray) -> np.ndarray:
             return sess.run(None, {name: x})[0]
@@ -190,8 +215,14 @@ def load_served(path: str | os.PathLike, threads: int = 1) -> nn.Module:
             raise DataError(f"{meta_path}: no OpenVINO IR (.xml) {xml or files} in {p}.")
         from medscalpel.compress.runtimes import compile_openvino
 
-        compiled = compile_openvino(p / xml[0], "bf16" if precision == "bf16" else "f32", threads)
-        request = compiled.create_infer_request()
+        try:
+            compiled = compile_openvino(p / xml[0], "bf16" if precision == "bf16" else "f32",
+                                        threads)
+            request = compiled.create_infer_request()
+        except (MedScalpelError, ImportError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own types
+            raise _unloadable(p / xml[0], "OpenVINO", exc) from exc
 
         def run_ov(x: np.ndarray) -> np.ndarray:
             res = request.infer({0: x})
@@ -200,6 +231,26 @@ def load_served(path: str | os.PathLike, threads: int = 1) -> nn.Module:
         return RuntimeModel(run_ov, card, runtime, precision, keep=(compiled, request))
     raise DataError(f"{meta_path}: unknown runtime {runtime!r} (expected torch, onnxruntime or "
                     "openvino).")
+
+
+def _unloadable(path: Path, runtime: str, exc: BaseException) -> DataError:
+    """The error for a served model file the runtime cannot load (damaged, truncated, not a
+    model): names the file, what the runtime said and how to get a good one."""
+    said = " ".join(str(exc).split())[:300] or type(exc).__name__
+    return DataError(f"{path} cannot be loaded by {runtime} ({type(exc).__name__}: {said}). The "
+                     "file is damaged or not a model: re-run `medscalpel compress deploy` to "
+                     "write the served artifact again.")
+
+
+def _check_outputs(path: Path, shapes: list[Any], card: ModelCard) -> None:
+    """Refuse a served graph whose (static) logits width differs from serve.json's classes."""
+    if not shapes or not shapes[0]:
+        return
+    width = shapes[0][-1]
+    if isinstance(width, int) and width != len(card.class_names):
+        raise ModelError(f"{path} outputs {width} logits per image but serve.json names "
+                         f"{len(card.class_names)} classes; the file belongs to another model. "
+                         "Re-run `medscalpel compress deploy`.")
 
 
 __all__ = ["RuntimeModel", "load_served", "runtime_model"]

@@ -35,7 +35,8 @@ import pandas as pd
 from medscalpel.data.base import CXRDataset, record_split_unit, split_by_patient
 from medscalpel.data.labels import (ImageFileDataset, binary_labels, check_common, csv_row,
                                     finish, read_table, require_columns, require_dir,
-                                    resolve_inside, select_split, split_list_option)
+                                    require_some_labels, resolve_inside, select_split,
+                                    split_list_option)
 from medscalpel.data.spec import DATASETS
 from medscalpel.data.transforms import Preprocess
 from medscalpel.errors import ConfigError, DataError
@@ -108,6 +109,7 @@ def open_csv(root: str | None, split: str = "train", preprocess: Preprocess | No
             require_columns(df, cols, csv_path, "label CSV")
         class_names = list(cols)
         labels = binary_labels(df, cols, csv_path, blank=np.nan)
+        require_some_labels(labels, class_names, csv_path, len(df))
     else:
         names = df[label_col]
         blank = names.isna() | names.astype(str).str.strip().eq("")

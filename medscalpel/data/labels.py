@@ -136,6 +136,54 @@ def binary_labels(df: pd.DataFrame, columns: Sequence[str], path: str | os.PathL
     return out
 
 
+def require_some_labels(labels: np.ndarray, class_names: Sequence[str], path: str | os.PathLike,
+                        n_rows: int) -> None:
+    """Refuse a label table in which a class column holds no label at all (every cell blank or
+    NaN): such a column is no label column, and training on it learns nothing (loss 0).
+
+    Raises:
+        DataError: naming the file and every empty column, and how to fix it.
+    """
+    known = np.isfinite(labels).any(axis=0) if labels.size else np.zeros(len(class_names), bool)
+    empty = [c for c, k in zip(class_names, known) if not k]
+    if not empty:
+        return
+    keep = [c for c, k in zip(class_names, known) if k]
+    if not keep:
+        raise DataError(
+            f"{path}: no label in any of its {n_rows} row(s): every cell of the label column(s) "
+            f"{list(class_names)} is blank or NaN. Fill in 0/1 labels (1 = finding present); "
+            "to predict unlabelled images, pass the image files or their folder to "
+            "'medscalpel predict --data'.")
+    raise DataError(
+        f"{path}: the label column(s) {empty} hold no label in any of the {n_rows} row(s) "
+        f"(every cell blank or NaN). Fill them in, or leave them out with "
+        f"label_cols={','.join(keep)}.")
+
+
+def require_known_labels(ds: "CXRDataset", purpose: str) -> list[str]:
+    """Refuse a dataset split with no known label at all (every label NaN: ``purpose``, e.g.
+    ``training``, would learn nothing, loss 0); warn for single classes without a known label
+    (that class is not learned) and return their names.
+
+    Raises:
+        DataError: naming the dataset, the split and how to fix it.
+    """
+    if ds.task != "multilabel" or len(ds) == 0:
+        return []
+    known = np.isfinite(np.asarray(ds.labels, dtype=np.float64)).any(axis=0)
+    empty = [c for c, k in zip(ds.class_names, known) if not k]
+    if empty and len(empty) == ds.num_classes:
+        raise DataError(
+            f"The '{ds.split}' split of {ds.spec!r} has no known label in any of its {len(ds)} "
+            f"image(s) (every label blank / NaN): {purpose} needs labels. Fill in 0/1 labels, "
+            "or give a split / dataset that has them.")
+    if empty:
+        logger.warning("the '%s' split of %r has no known label for %s: %s does not learn or "
+                       "measure them", ds.split, ds.spec, empty, purpose)
+    return empty
+
+
 def parse_finding_labels(values: Sequence[Any], class_names: Sequence[str], path: str | os.PathLike,
                          column: str = "Finding Labels", sep: str = "|",
                          no_finding: str = "No Finding") -> np.ndarray:

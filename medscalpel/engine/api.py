@@ -246,6 +246,8 @@ def predict_spec(model_dir: str | os.PathLike, data: str, split: str | None = "t
     ds = open_dataset(data, split=split, preprocess=model.card.preprocess)
     n_total = len(ds) if split == "all" else len(open_dataset(data, split="all",
                                                               preprocess=model.card.preprocess))
+    dups = _duplicates_removed(ds.meta)  # dropped before any split: part of the total
+    n_total += dups
     unlabelled = bool(ds.meta.get("unlabelled"))  # e.g. a dicom: folder without a label CSV
     if unlabelled:
         ds = ds.with_classes(list(model.card.class_names), model.card.task)
@@ -254,7 +256,7 @@ def predict_spec(model_dir: str | os.PathLike, data: str, split: str | None = "t
     preds = predict(model, ds, batch_size=batch_size, progress=progress)
     meta = {**preds.meta, "split_unit": ds.meta.get("split_unit"), "n_used": len(ds),
             "n_total": n_total, "split_reason": reason,
-            "skipped": ds.skip_report.count}
+            "skipped": ds.skip_report.count, "duplicates_removed": dups}
     if unlabelled:
         import numpy as np
 
@@ -266,12 +268,23 @@ def predict_spec(model_dir: str | os.PathLike, data: str, split: str | None = "t
     return replace(preds, meta=meta)
 
 
+def _duplicates_removed(meta: dict) -> int:
+    """Byte-identical copies an adapter dropped (folder: ``meta["dedup"]``; dicom: top level)."""
+    dedup = meta.get("dedup")
+    n = dedup.get("duplicates_removed") if isinstance(dedup, dict) else \
+        meta.get("duplicates_removed")
+    return int(n or 0)
+
+
 def usage_line(preds: Predictions) -> str:
     """``"120 of 600 images of <spec> (split 'test': why)"`` from :func:`predict_spec`'s meta."""
     m = preds.meta
     used, total = m.get("n_used", preds.n), m.get("n_total")
     line = (f"{used} of {total} images" if total is not None else f"{used} images") + \
         f" of {m.get('dataset', '?')} ({m.get('split_reason', 'split ' + repr(preds.split))}"
+    if m.get("duplicates_removed"):
+        line += (f"; {m['duplicates_removed']} duplicate image file(s) dropped (byte-identical "
+                 "copies)")
     if m.get("skipped"):
         line += f"; {m['skipped']} unreadable file(s) skipped"
     warn = split_warning(preds)

@@ -260,8 +260,21 @@ def _site(preds: Predictions, thr: np.ndarray, n_boot: int, seed: int, confidenc
         macro["accuracy_ci"] = _ci(macro_boot["accuracy"], confidence)
     site = {"n": n, "split": preds.split, "model_id": preds.model_id,
             "dataset": preds.meta.get("dataset"), "split_warning": split_warning(preds),
-            "decision": rule, "classes": classes, "macro": macro}
+            "decision": rule, "classes": classes, "macro": macro, **usage(preds)}
     return site, boot, macro_boot
+
+
+def usage(preds: Predictions) -> dict[str, int | None]:
+    """How many images of the dataset the predictions cover and why the others are not there,
+    from the Predictions' meta (:func:`medscalpel.engine.api.predict_spec`): ``n_used``,
+    ``n_total`` (files before de-duplication; ``None`` when not recorded),
+    ``duplicates_removed`` (byte-identical copies dropped) and ``skipped`` (unreadable)."""
+    m = preds.meta
+    total = m.get("n_total")
+    return {"n_used": int(m.get("n_used", preds.n)),
+            "n_total": int(total) if total is not None else None,
+            "duplicates_removed": int(m.get("duplicates_removed") or 0),
+            "skipped": int(m.get("skipped") or 0)}
 
 
 def _nanmean(vals: Sequence[float]) -> float:
@@ -410,6 +423,8 @@ def external_validation(model: Any, internal: Predictions, external: Predictions
     if internal.task != external.task:
         raise DataError(f"The internal predictions are {internal.task} but the external ones are "
                         f"{external.task}; they must come from the same model.")
+    internal.require_labels("external validation", "the internal predictions")
+    external.require_labels("external validation", "the external set")
     external = _conform(external, internal.class_names, class_map)
     k = internal.num_classes
     if thresholds is not None:
@@ -441,6 +456,10 @@ def external_validation(model: Any, internal: Predictions, external: Predictions
     for side, s in (("internal", si), ("external", se)):
         if s["split_warning"]:
             notes.append(f"{side} set: {s['split_warning']}")
+        if s["duplicates_removed"]:
+            notes.append(f"{side} set: {s['duplicates_removed']} byte-identical duplicate "
+                         f"image file(s) dropped before prediction (used {s['n_used']} of "
+                         f"{s['n_total']} files)")
     if class_map:
         notes.append(f"external classes mapped: {dict(class_map)}")
     return ExternalValidation(

@@ -51,6 +51,14 @@ class Predictions:
                             f"{len(self.class_names)} classes.")
         if logits.shape[0] != len(self.ids):
             raise DataError(f"Predictions: {logits.shape[0]} rows of logits but {len(self.ids)} ids.")
+        nan = np.isnan(logits)
+        if nan.any():
+            i, j = (int(v) for v in np.argwhere(nan)[0])
+            raise DataError(
+                f"Predictions: {int(nan.sum())} of {logits.size} logits are NaN (first: image "
+                f"{self.ids[i]!r}, class {self.class_names[j]!r}); no metric, threshold or "
+                "report can be computed from them. A NaN logit means the model diverged or the "
+                "file was damaged: predict again with a model whose outputs are finite.")
         labels = np.asarray(self.labels)
         if self.task == "multilabel":
             labels = labels.astype(np.float32)
@@ -92,6 +100,25 @@ class Predictions:
         out = np.zeros_like(self.logits)
         out[np.arange(self.n), self.labels] = 1.0
         return out
+
+    def known_labels(self) -> np.ndarray:
+        """Boolean ``[N, K]``: where a label is known (multi-class: a row with a class index
+        ``>= 0`` is known in every column)."""
+        if self.task == "multilabel":
+            return np.isfinite(self.labels)
+        return np.repeat((self.labels >= 0)[:, None], self.num_classes, axis=1)
+
+    def require_labels(self, purpose: str, source: str = "") -> "Predictions":
+        """``self``, or :class:`DataError` when not one image has a known label (predictions
+        of unlabelled images, or labels that are all NaN): ``purpose`` (e.g. ``"fitting
+        thresholds"``) needs labels. ``source`` names the file in the message."""
+        if self.n and self.known_labels().any():
+            return self
+        where = f"{source}: " if source else ""
+        raise DataError(
+            f"{where}the predictions of {self.n} image(s) carry no known label (every label is "
+            f"unknown / NaN); {purpose} needs labelled predictions. Predict a labelled dataset "
+            "spec (e.g. 'csv:labels.csv' with 0/1 columns), not bare image files.")
 
     def select(self, rows: np.ndarray | list[int]) -> "Predictions":
         rows = np.asarray(rows)
@@ -148,7 +175,10 @@ class Predictions:
                        class_names=tuple(meta["class_names"]), task=meta["task"],
                        split=meta.get("split", ""), model_id=meta.get("model_id", ""),
                        meta=meta.get("meta", {}))
-        except DataError:
+        except DataError as exc:
+            msg = str(exc)
+            if msg.startswith("Predictions: "):  # name the file the bad content came from
+                raise DataError(f"{path}: {msg[len('Predictions: '):]}") from None
             raise
         except (ValueError, KeyError, TypeError, OSError, json.JSONDecodeError) as exc:
             raise DataError(f"{path} is not a medscalpel Predictions file: {exc}.") from exc

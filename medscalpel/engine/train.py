@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from medscalpel.data.base import CXRDataset
+from medscalpel.data.labels import require_known_labels
 from medscalpel.engine.device import resolve_device
 from medscalpel.engine.metrics import evaluate
 from medscalpel.engine.predict import check_compatible, make_loader, predict
@@ -422,6 +423,7 @@ def train(
     cfg = (config or TrainConfig()).validate()
     check_compatible(model, train_ds)
     train_ds.require_nonempty()
+    require_known_labels(train_ds, "training")
     if val_ds is not None:
         check_compatible(model, val_ds)
         val_ds.require_nonempty()

@@ -29,6 +29,7 @@ from medscalpel import __version__
 from medscalpel.data.transforms import Preprocess
 from medscalpel.errors import CheckpointError, ModelError
 from medscalpel.models.classifier import MedClassifier
+from medscalpel.models.operating_point import OperatingPoint, derive_operating_point, task_of
 from medscalpel.runs import atomic_path, hash_bytes, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,15 @@ CARD_SCHEMA = 1
 
 @dataclass(frozen=True)
 class ModelCard:
-    """What a model is and how to feed it (``model.json``)."""
+    """What a model is and how to feed it (``model.json``).
+
+    ``operating_point`` (:class:`~medscalpel.models.operating_point.OperatingPoint`) is how its
+    outputs become decisions; ``thresholds`` is that point's per-class view (kept for older
+    readers): the two never disagree. Set both with :meth:`with_operating_point`; a card whose
+    ``thresholds`` were changed without it (``replace(card, thresholds=...)``) re-derives its
+    operating point from the new thresholds (the thresholds are what the model decides by), with
+    a note, and a card without an operating point derives one on :meth:`decision_point`.
+    """
 
     arch: str
     class_names: tuple[str, ...]
@@ -56,6 +65,44 @@ class ModelCard:
     created: str = ""
     medscalpel_version: str = __version__
     schema_version: int = CARD_SCHEMA
+    operating_point: OperatingPoint | None = None
+
+    def __post_init__(self) -> None:
+        op = self.operating_point
+        if op is None:
+            return
+        if tuple(op.class_names) != tuple(self.class_names):
+            raise CheckpointError(f"The operating point is of classes {list(op.class_names)[:4]} "
+                                  f"but the model's are {list(self.class_names)[:4]}.")
+        expected = task_of(self.task, len(self.class_names))
+        if op.task != expected and not (expected == "binary" and op.task == "multiclass"):
+            raise CheckpointError(f"A {op.task} operating point does not fit a {self.task} "
+                                  f"model with {len(self.class_names)} classes ({expected}).")
+        view = op.class_thresholds()
+        if view is None:
+            return
+        if self.thresholds is None:
+            object.__setattr__(self, "thresholds", tuple(view))
+        elif len(self.thresholds) != len(view) or not all(
+                abs(float(a) - float(b)) <= 1e-12 for a, b in zip(self.thresholds, view)):
+            object.__setattr__(self, "operating_point", derive_operating_point(
+                self.task, self.class_names, self.thresholds, self.lineage,
+                note=f"the card's thresholds were changed after its operating point "
+                     f"({op.method}) was set; this one is derived from the new thresholds"))
+
+    def decision_point(self) -> OperatingPoint:
+        """The operating point the model decides by: the stored one, else derived from the
+        card's thresholds and lineage (the default 0.5 / argmax when it has none)."""
+        if self.operating_point is not None:
+            return self.operating_point
+        return derive_operating_point(self.task, self.class_names, self.thresholds,
+                                      self.lineage)
+
+    def with_operating_point(self, op: OperatingPoint) -> "ModelCard":
+        """A copy deciding by ``op`` (``thresholds`` set to its per-class view)."""
+        view = op.class_thresholds()
+        return replace(self, operating_point=op,
+                       thresholds=tuple(view) if view is not None else self.thresholds)
 
     @property
     def preprocess(self) -> Preprocess:
@@ -77,6 +124,8 @@ class ModelCard:
         d["class_names"] = list(self.class_names)
         d["thresholds"] = None if self.thresholds is None else list(self.thresholds)
         d["lineage"] = list(self.lineage)
+        d["operating_point"] = None if self.operating_point is None \
+            else self.operating_point.to_dict()
         return d
 
     @classmethod
@@ -94,6 +143,12 @@ class ModelCard:
         if kw.get("thresholds") is not None:
             kw["thresholds"] = tuple(float(t) for t in kw["thresholds"])
         kw["lineage"] = tuple(kw.get("lineage", ()))
+        if kw.get("operating_point") is not None:
+            try:
+                kw["operating_point"] = OperatingPoint.from_dict(kw["operating_point"])
+            except (KeyError, TypeError, ValueError, ModelError) as exc:
+                raise CheckpointError(f"{source}: its operating_point cannot be read ({exc}); "
+                                      "the card is damaged.") from exc
         return cls(**kw)
 
 

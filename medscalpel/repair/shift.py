@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from medscalpel.engine.external import decisions, stored_thresholds
 from medscalpel.engine.predict import Features
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
+from medscalpel.models.operating_point import OperatingPoint, task_of
 from medscalpel.repair.calibrate import fit_temperature
 from medscalpel.runs import read_json, write_json
 from medscalpel.validation import check_in, check_range
@@ -69,16 +70,66 @@ def _class_rows(preds: Predictions, j: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sample_k_shot(preds: Predictions, k: int = 20, classes: Sequence[str] | None = None,
-                  seed: int = 0) -> np.ndarray:
+                  seed: int = 0, patient_ids: Sequence[str | None] | None = None) -> np.ndarray:
     """Rows of a labelled sample holding ``k`` random positives AND ``k`` random negatives of
     every class in ``classes`` (default: all), seeded; see :func:`k_shot_draws` (which also says
-    which rows were drawn for which class)."""
-    return k_shot_draws(preds, k, classes, seed)[0]
+    which rows were drawn for which class, and how patients are drawn)."""
+    return k_shot_draws(preds, k, classes, seed, patient_ids)[0]
+
+
+def patient_ids_of(preds: Predictions,
+                   patient_ids: Sequence[str | None] | Mapping[str, str | None] | None = None
+                   ) -> list[str | None] | None:
+    """Patient id per row of ``preds``: ``patient_ids`` (a list aligned with the rows, or image
+    id -> patient id), else ``preds.meta['patient_ids']`` (either form); None when unknown or
+    when no row has one."""
+    src = patient_ids if patient_ids is not None else preds.meta.get("patient_ids")
+    if src is None:
+        return None
+    if isinstance(src, Mapping):
+        out = [src.get(i) for i in preds.ids]
+    else:
+        out = list(src)
+        if len(out) != preds.n:
+            raise DataError(f"{len(out)} patient ids for {preds.n} predictions; give one per "
+                            "image (aligned with the predictions' ids) or an id -> patient map.")
+    out = [None if p is None or str(p) == "" else str(p) for p in out]
+    return out if any(p is not None for p in out) else None
+
+
+def _patient_keys(pids: Sequence[str | None]) -> np.ndarray:
+    """Patient key per row; a row without a patient id is its own patient."""
+    return np.array([p if p is not None else f"__row{i}" for i, p in enumerate(pids)],
+                    dtype=object)
+
+
+def _draw_by_patient(rows: np.ndarray, keys: np.ndarray, k: int, taken: set,
+                     rng: np.random.Generator) -> list[int]:
+    """``k`` rows of ``rows`` from ``k`` distinct patients, drawn at random (patients in random
+    order, one random image of each); patients already ``taken`` first (their other images are
+    out of the rest anyway) only when they come up in that order, so the draw stays random."""
+    by: dict[Any, list[int]] = {}
+    for r in rows:
+        by.setdefault(keys[r], []).append(int(r))
+    order = list(by)
+    rng.shuffle(order)
+    picked = []
+    for pk in order[:k]:
+        cand = by[pk]
+        picked.append(int(cand[int(rng.integers(len(cand)))]))
+        taken.add(pk)
+    return picked
 
 
 def k_shot_draws(preds: Predictions, k: int = 20, classes: Sequence[str] | None = None,
-                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 seed: int = 0, patient_ids: Sequence[str | None] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """A k-shot labelled sample and, per class, the rows drawn FOR it.
+
+    With ``patient_ids`` (one per row; None where unknown: that row is its own patient) the
+    draw is BY PATIENT: each side of each class draws ``k`` distinct patients at random and one
+    random image of each, and :func:`recalibrate_site` then keeps every image of a drawn patient
+    out of the rest it measures on. Without them, images are drawn.
 
     Multi-class: ``k`` random images of each class. Multi-label: per class, ``k`` images drawn
     uniformly from its positives and ``k`` from its negatives, independently of the other
@@ -97,27 +148,40 @@ def k_shot_draws(preds: Predictions, k: int = 20, classes: Sequence[str] | None 
     """
     check_range(k, "k", "sample_k_shot", 1, integer=True)
     idx = _class_index(preds, classes)
+    keys = None if patient_ids is None else _patient_keys(patient_ids)
+    if keys is not None and len(keys) != preds.n:
+        raise DataError(f"k_shot_draws: {len(keys)} patient ids for {preds.n} predictions.")
+
+    def count(rows: np.ndarray) -> int:
+        return rows.size if keys is None else len(set(keys[rows]))
+
+    unit = "images" if keys is None else "patients"
     short = []
     for j in idx:
         pos, neg = _class_rows(preds, j)
-        if pos.size < k or neg.size < k:
-            short.append(f"{preds.class_names[j]} ({pos.size} pos / {neg.size} neg)")
+        if count(pos) < k or count(neg) < k:
+            short.append(f"{preds.class_names[j]} ({count(pos)} pos / {count(neg)} neg "
+                         f"{unit})")
     if short:
         ok = [preds.class_names[j] for j in range(preds.num_classes)
-              if min(s.size for s in _class_rows(preds, j)) >= k]
+              if min(count(s) for s in _class_rows(preds, j)) >= k]
         raise DataError(
-            f"Too few labelled images for {k}-shot recalibration: each class needs at least {k} "
-            f"positive and {k} negative images (minimum {k} per side; more to keep a held-out "
+            f"Too few labelled images for {k}-shot recalibration"
+            f"{'' if keys is None else ' (drawn by patient)'}: each class needs at least {k} "
+            f"positive and {k} negative {unit} (minimum {k} per side; more to keep a held-out "
             f"rest), but {', '.join(short)}. Label more images of the new site, lower k, or "
             f"restrict classes= to those with enough: {ok}.")
     rng = np.random.default_rng(seed)
     drawn: dict[int, set[int]] = {}
+    taken: set = set()
     for j in idx:
         pos, neg = _class_rows(preds, j)
         if preds.task != "multilabel":
             neg = neg[:0]  # multi-class: k images of the class; the others come with theirs
         for side in (pos, neg):
-            for r in rng.choice(side, size=min(k, side.size), replace=False):
+            picks = (rng.choice(side, size=min(k, side.size), replace=False) if keys is None
+                     else _draw_by_patient(side, keys, k, taken, rng))
+            for r in picks:
                 drawn.setdefault(int(r), set()).add(j)
     rows = np.array(sorted(drawn), dtype=np.int64)
     use = np.zeros((rows.size, preds.num_classes), bool)
@@ -486,6 +550,14 @@ class SiteRecalibration:
     notes: tuple[str, ...] = field(default_factory=tuple)
     best_possible_gap: dict[str, float | None] = field(default_factory=dict)
     macro: dict[str, Any] = field(default_factory=dict)
+    #: ``patient`` (the k-shot sample drawn by patient; the rest holds no image of a drawn
+    #: patient) or ``image`` (no patient ids known: images drawn)
+    split_unit: str = "image"
+    n_fit_patients: int | None = None
+    #: images left out of the rest because their patient was drawn into the sample
+    n_excluded_same_patient: int = 0
+    #: per class positives / negatives each class was fitted on (its own draws)
+    fit_counts: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -525,7 +597,8 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
                      method: str = "threshold", classes: Sequence[str] | None = None,
                      thresholds: Sequence[float] | None = None, tolerance: float = 0.05,
                      n_boot: int = 1000, seed: int = 0, confidence: float = 0.95,
-                     prevalence: str | Sequence[float] = "internal"
+                     prevalence: str | Sequence[float] = "internal",
+                     patient_ids: Sequence[str | None] | Mapping[str, str | None] | None = None
                      ) -> tuple[SiteRecalibration, SiteRecalibrator]:
     """Draw ``k`` labelled images per class of the external site, recalibrate on them and
     measure the operating point on the rest of the external set.
@@ -542,6 +615,9 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
             sample is class-balanced, not the site): ``internal`` (default: the internal set's
             prevalence; assumes no label shift) or ``[K]`` numbers (a known site prevalence).
             The internal reference fit is weighted to the same prevalence.
+        patient_ids: the external images' patients (one per row, or image id -> patient id;
+            default ``external.meta['patient_ids']``). Known, the sample is drawn BY PATIENT
+            (:func:`k_shot_draws`) and no image of a drawn patient is measured on.
 
     Raises:
         DataError: too few labelled images (the message gives the minimum).
@@ -553,9 +629,17 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
                         "(medscalpel.engine.external.map_class_names).")
     thr = (np.asarray(thresholds, float) if thresholds is not None
            else stored_thresholds(model, internal.num_classes)[0])
-    fit_rows, use = k_shot_draws(external, k, classes, seed)
+    pids = patient_ids_of(external, patient_ids)
+    fit_rows, use = k_shot_draws(external, k, classes, seed, pids)
     rest_mask = np.ones(external.n, bool)
     rest_mask[fit_rows] = False
+    n_fit_patients, n_same = None, 0
+    if pids is not None:
+        keys = _patient_keys(pids)
+        drawn = set(keys[fit_rows])
+        same = rest_mask & np.array([kk in drawn for kk in keys])
+        n_same, n_fit_patients = int(same.sum()), len(drawn)
+        rest_mask &= ~same
     if not rest_mask.any():
         raise DataError(f"recalibrate_site: the {k}-shot sample uses all {external.n} external "
                         "images; nothing is left to measure on. Use more images or lower k.")
@@ -600,7 +684,11 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
                   f"specificity {macro['specificity_gap']:+.3f} vs internal ("
                   + ("within" if macro["restored"] else "NOT within") + f" {tolerance})"
                   if restored and n_ok < len(restored) else ""))
-    notes = (f"fitted on {len(fit_rows)} external images, measured on the other {rest.n}",
+    notes = ((f"fitted on {len(fit_rows)} external images, measured on the other {rest.n}"
+              if pids is None else
+              f"fitted on {len(fit_rows)} external images of {n_fit_patients} patients (drawn "
+              f"by patient), measured on {rest.n} images of other patients ({n_same} more "
+              "images of the drawn patients left out of both)"),
              "the point estimates are compared; see the CIs for their uncertainty",
              "best_possible_gap: per class the smallest max(|sens - internal|, |spec - "
              "internal|) ANY threshold reaches on the rest (its labels used: an upper bound on "
@@ -621,8 +709,20 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
         fit_ids=tuple(sample.ids), thresholds_before=tuple(float(x) for x in thr),
         recalibrator=rec.to_dict(), internal=tuple(target), before=tuple(before),
         after=tuple(after), restored=restored, tolerance=tolerance, verdict=verdict, notes=notes,
-        best_possible_gap=best, macro=macro)
+        best_possible_gap=best, macro=macro,
+        split_unit="image" if pids is None else "patient", n_fit_patients=n_fit_patients,
+        n_excluded_same_patient=n_same, fit_counts=_fit_counts(sample))
     return res, rec
+
+
+def _fit_counts(sample: Predictions) -> dict[str, Any]:
+    """Positives / negatives per class that each class was fitted on (its own draws)."""
+    t = sample.targets()
+    known = np.isfinite(t)
+    return {"positives": {c: int(((t[:, j] > 0.5) & known[:, j]).sum())
+                          for j, c in enumerate(sample.class_names)},
+            "negatives": {c: int(((t[:, j] < 0.5) & known[:, j]).sum())
+                          for j, c in enumerate(sample.class_names)}}
 
 
 def macro_gap(internal: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]],
@@ -816,10 +916,55 @@ def _feat(f: Features | np.ndarray) -> np.ndarray:
     return np.asarray(f.features if isinstance(f, Features) else f, np.float64)
 
 
-def recalibrated_model(model: Any, recalibrator: SiteRecalibrator, site: str = ""):
+def site_operating_point(card: Any, recalibrator: SiteRecalibrator, site: str = "",
+                         result: SiteRecalibration | None = None, split: str = ""
+                         ) -> OperatingPoint:
+    """The site's operating point of a model recalibrated by ``recalibrator`` (its logit map
+    folded into the weights, so the temperature here is 1): per-class thresholds (multi-label),
+    the positive (second) class's cut (two-class), argmax (multi-class); method ``site k-shot
+    <method>``; fitted on the k-shot sample (images, patients when drawn by patient, positives /
+    negatives per class, site); measured: ``result.after`` (sensitivity / specificity with
+    bootstrap CIs on the rest of the site) when ``result`` is given."""
+    recalibrator._check_fitted()
+    names = tuple(card.class_names)
+    thr = [float(t) for t in recalibrator.thresholds_]
+    task = task_of(card.task, len(names))
+    fitted: dict[str, Any] = {"site": site, "split": split, "n_images": recalibrator.n_fit_,
+                              "params": recalibrator.get_params()}
+    notes = []
+    if recalibrator.method in AFFINE:
+        notes.append(f"the {recalibrator.method} logit map is folded into the classifier's "
+                     "weights: the probabilities are already recalibrated (temperature 1 here)")
+    measured, on = (), {}
+    if result is not None:
+        fitted.update(n_patients=result.n_fit_patients, split_unit=result.split_unit,
+                      **result.fit_counts)
+        measured = tuple({"class": r["name"], "sensitivity": r["sensitivity"],
+                          "sensitivity_ci": list(r.get("sensitivity_ci") or [None, None]),
+                          "specificity": r["specificity"],
+                          "specificity_ci": list(r.get("specificity_ci") or [None, None]),
+                          "n_pos": r["n_pos"], "n_neg": r["n_neg"]} for r in result.after)
+        on = {"split": f"rest of {site or 'the site'}" + (f" [{split}]" if split else ""),
+              "n_images": result.n_rest, "held_out": True, "ci": "bootstrap (images)",
+              "confidence": 0.95, "excluded_same_patient": result.n_excluded_same_patient}
+    method = f"site k-shot {recalibrator.method}"
+    if task == "multilabel":
+        op = OperatingPoint(task, names, thresholds=tuple(thr), method=method, fitted_on=fitted,
+                            notes=tuple(notes))
+    elif task == "binary":
+        op = OperatingPoint(task, names, positive=1, cut=thr[1], method=method,
+                            fitted_on=fitted, notes=tuple(notes))
+    else:
+        op = OperatingPoint(task, names, method=method, fitted_on=fitted, notes=tuple(notes))
+    return op.with_measurement(measured, on) if measured else op
+
+
+def recalibrated_model(model: Any, recalibrator: SiteRecalibrator, site: str = "",
+                       result: SiteRecalibration | None = None, split: str = ""):
     """A COPY of ``model`` that makes the recalibrated decisions by itself: the logit transform
-    (``scale_ * z + bias_``) folded exactly into the final linear layer, the recalibrated
-    thresholds in its card, and a ``site_recalibration`` lineage step."""
+    (``scale_ * z + bias_``) folded exactly into the final linear layer, the site's operating
+    point (:func:`site_operating_point`; thresholds in its card), and a ``site_recalibration``
+    lineage step."""
     import copy
 
     import torch
@@ -832,8 +977,9 @@ def recalibrated_model(model: Any, recalibrator: SiteRecalibrator, site: str = "
         lin.weight.mul_(s[:, None])
         lin.bias.mul_(s).add_(torch.as_tensor(recalibrator.bias_, dtype=lin.bias.dtype))
     card = model.card
-    m.card = replace(card, thresholds=tuple(float(t) for t in recalibrator.thresholds_)
-                     ).with_lineage("site_recalibration", parent=card.model_id, site=site,
-                                    recalibration=recalibrator.get_params(),
-                                    n_fit=recalibrator.n_fit_)
+    op = site_operating_point(card, recalibrator, site, result, split)
+    new = card.with_operating_point(op)
+    m.card = new.with_lineage("site_recalibration", parent=card.model_id, site=site,
+                              recalibration=recalibrator.get_params(),
+                              n_fit=recalibrator.n_fit_)
     return m

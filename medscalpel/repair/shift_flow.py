@@ -122,22 +122,28 @@ def run_site_shift(model: MedClassifier, internal_data: str, external_data: str,
                      f"{classes}; the others keep their stored thresholds")
     validation = external_validation(model, p_int, p_ext, n_boot=n_boot, seed=seed)
     check = shift_check(p_int, p_ext, f_int, f_ext, train_features=f_train)
+    patients = dict(zip(ds_ext.ids, ds_ext.patient_ids))
     recal, _ = recalibrate_site(model, p_int, p_ext, k=k, method=method,
-                                classes=classes or None, n_boot=n_boot, seed=seed)
+                                classes=classes or None, n_boot=n_boot, seed=seed,
+                                patient_ids=patients)
     router = None
     if route:
         from medscalpel.repair.triage import triage
 
         fit_mask = np.isin(np.asarray(f_ext.ids), np.asarray(recal.fit_ids))
+        # the rest holds no image of a patient drawn into the sample (as in recalibrate_site)
+        drawn = {patients.get(i) for i in recal.fit_ids} - {None}
+        rest_mask = ~fit_mask & ~np.array([patients.get(i) in drawn for i in f_ext.ids], bool)
         stored = [float(t) for t in recal.thresholds_before]
         tri = triage(f_ext.select(np.flatnonzero(fit_mask)),
-                     f_ext.select(np.flatnonzero(~fit_mask)), thresholds=stored,
+                     f_ext.select(np.flatnonzero(rest_mask)), thresholds=stored,
                      budget=route_budget, seed=seed)
         router = tuple(tri.table())
         if out_dir is not None:
             tri.save(Path(out_dir) / "router", model=model)
         notes.append(f"treatment router on the new site: fitted on the {int(fit_mask.sum())} "
-                     f"k-shot images, judged and reported on the other {int((~fit_mask).sum())}")
+                     f"k-shot images, judged and reported on {int(rest_mask.sum())} images of "
+                     "other patients")
     scorer = OODScorer().fit(f_train, calibration=f_int)
     ood = {"threshold_95": scorer.threshold_95_, "threshold_99": scorer.threshold_99_,
            "share_internal_above_99": float(scorer.flags(f_int).mean()),

@@ -2,11 +2,15 @@
 
 For every image the report gives
 
-* every finding whose probability reaches its threshold, with the probability, the threshold,
-  the margin above it in log-odds and the threshold's **operating point**: where the threshold
-  came from (calibrated on which split, by which method, or the default 0.5) and, when a
-  calibration result is given, the sensitivity / specificity at that threshold on its
-  evaluation split. A model without calibrated thresholds is announced at the top of the page;
+* every finding the model's **operating point** calls
+  (:class:`~medscalpel.models.operating_point.OperatingPoint`, ``card.decision_point()``):
+  multi-label, each class whose probability reaches its threshold; two-class, the positive class
+  only when its probability reaches the cut (below it: no finding, the decision is the other
+  class); multi-class, the argmax. Each with the probability, the cut, the margin
+  ``log-odds(p) - log-odds(cut)`` (multi-class: ``log(p) - log(p of the runner-up)``), where the
+  cut came from (fitted on which split / site, by which method, or "0.5 (not calibrated)") and
+  its sensitivity / specificity with CIs (measured with the operating point, or from a given
+  calibration result). A model without a calibrated operating point is announced at the top;
 * **conflict flags**: when two reported findings are mutually exclusive *by evidence* in the
   training labels (:mod:`medscalpel.data.cooccurrence`: co-occurrence significantly below
   independence, with enough expected co-occurrences and enough images), both findings carry a
@@ -15,8 +19,9 @@ For every image the report gives
   at the top and lists what was hidden. A low Jaccard index is never used: it only says that
   one finding is rare;
 * channel-level evidence: the penultimate channels that contribute most to each finding's logit
-  on this image (``W[k, c] * f_c(x)``), and which other findings each of them pushes (+W) or
-  pulls (-W) (:mod:`medscalpel.explain.channels`);
+  on this image (``W[k, c] * f_c(x)``, signed), and which other findings each of them pushes
+  (+W) or pulls (-W) (:mod:`medscalpel.explain.channels`); a share of the logit is given only
+  for a channel that pushes the same way as the total, the others are marked "against";
 * where the model looked: the CAM of each finding as an overlay, and in lung-zone words ("right
   lower zone"; the patient's right is the image's left) only when the CAM's own resolution (the
   CAM layer's map, before upsampling) is at least ``min_cam_size`` x ``min_cam_size``
@@ -56,6 +61,7 @@ import torch
 from medscalpel.data.cooccurrence import CooccurrenceEvidence, ExclusionRule
 from medscalpel.data.stats import LabelStats
 from medscalpel.errors import DataError, ModelError
+from medscalpel.models.operating_point import STORED_METHOD, OperatingPoint
 from medscalpel.progress import track
 from medscalpel.report.html import DECISION_SUPPORT, png_data_uri, render, safe_filename, write_html
 from medscalpel.runs import read_json, write_json
@@ -64,6 +70,8 @@ from medscalpel.validation import check_in, check_range
 logger = logging.getLogger(__name__)
 
 SCHEMA = 2  # 2: conflict flags (evidence), operating points, resolution; no Jaccard exclusion
+#: how the JSON names the per-finding margin of an operating point
+MARGIN_FIELD = "margin_logodds"
 RANK_BY = ("margin", "probability")
 CONFLICT_MODES = ("flag", "hide")
 #: smallest CAM map side (cells) at which lung-zone words are given
@@ -73,6 +81,11 @@ NOT_CALIBRATED = ("No calibrated thresholds: every finding uses the default thre
                   "was not chosen for this model or for any clinical operating point. Calibrate "
                   "the thresholds on a validation split ('medscalpel repair calibrate') before "
                   "relying on these findings.")
+#: the notice of a multi-class model without a calibrated operating point
+NOT_CALIBRATED_ARGMAX = ("No calibrated operating point: the finding is the argmax class of "
+                         "uncalibrated softmax probabilities. Calibrate the model on a "
+                         "validation split ('medscalpel repair calibrate --model') before "
+                         "relying on these probabilities.")
 
 
 def _f(v: Any) -> float:
@@ -85,16 +98,20 @@ def _j(v: Any) -> Any:
 
 # ----------------------------------------------------------------------------- results
 @dataclass(frozen=True)
-class OperatingPoint:
-    """Where a class's threshold came from and how it performs.
+class ClassOperatingPoint:
+    """One class's view of the model's operating point in a report: its cut, where it came
+    from and how it performs.
 
     Attributes:
-        threshold: the decision threshold (probability).
+        threshold: the probability cut (NaN where the class has none: the other class of a
+            two-class model, decided by the positive class's cut; a multi-class argmax).
         origin: ``calibrated``, ``calibration_fallback`` (calibration kept the default because
             the fitting split had no positive or no negative) or ``default``.
-        description: the origin in words, e.g. ``calibrated on split 'val' (youden)``.
+        description: the origin in words, e.g. ``calibrated on split 'val' (youden)`` or
+            ``0.5 (not calibrated)``.
         fit_split, method: the calibration's fitting split and method ("" when unknown).
-        sensitivity, specificity: at this threshold on ``split`` (NaN when unavailable).
+        sensitivity, specificity: at this operating point on ``split`` (NaN when unavailable),
+            with their CIs (``sensitivity_ci`` / ``specificity_ci``; NaN when not given).
         split: the split those were measured on; n_pos / n_neg: its positives / negatives.
         note: e.g. that the measurement split is the fitting split (optimistic).
     """
@@ -110,26 +127,33 @@ class OperatingPoint:
     n_pos: int = 0
     n_neg: int = 0
     note: str = ""
+    sensitivity_ci: tuple[float, float] = (float("nan"), float("nan"))
+    specificity_ci: tuple[float, float] = (float("nan"), float("nan"))
 
     @property
     def measured(self) -> bool:
         return math.isfinite(self.sensitivity) or math.isfinite(self.specificity)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "origin": self.origin,
+        return {"threshold": _j(self.threshold), "origin": self.origin,
                 "description": self.description, "fit_split": self.fit_split,
                 "method": self.method, "sensitivity": _j(self.sensitivity),
-                "specificity": _j(self.specificity), "split": self.split, "n_pos": self.n_pos,
-                "n_neg": self.n_neg, "note": self.note}
+                "sensitivity_ci": [_j(float(v)) for v in self.sensitivity_ci],
+                "specificity": _j(self.specificity),
+                "specificity_ci": [_j(float(v)) for v in self.specificity_ci],
+                "split": self.split, "n_pos": self.n_pos, "n_neg": self.n_neg, "note": self.note}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "OperatingPoint":
-        return cls(threshold=float(d["threshold"]), origin=str(d["origin"]),
+    def from_dict(cls, d: Mapping[str, Any]) -> "ClassOperatingPoint":
+        nan2 = (None, None)
+        return cls(threshold=_f(d.get("threshold")), origin=str(d["origin"]),
                    description=str(d.get("description", "")),
                    fit_split=str(d.get("fit_split", "")), method=str(d.get("method", "")),
                    sensitivity=_f(d.get("sensitivity")), specificity=_f(d.get("specificity")),
                    split=str(d.get("split", "")), n_pos=int(d.get("n_pos", 0)),
-                   n_neg=int(d.get("n_neg", 0)), note=str(d.get("note", "")))
+                   n_neg=int(d.get("n_neg", 0)), note=str(d.get("note", "")),
+                   sensitivity_ci=tuple(_f(v) for v in (d.get("sensitivity_ci") or nan2)),
+                   specificity_ci=tuple(_f(v) for v in (d.get("specificity_ci") or nan2)))
 
 
 @dataclass(frozen=True)
@@ -167,8 +191,10 @@ class ReportedFinding:
 
     Attributes:
         class_index, name: the class.
-        probability, threshold: the model's probability and the decision threshold.
-        margin: ``logit - logit(threshold)`` (log-odds above the decision boundary).
+        probability, threshold: the probability (by the operating point: after its temperature)
+            and the cut (NaN for a multi-class argmax).
+        margin: ``log-odds(probability) - log-odds(threshold)``: how far above the cut, in
+            log-odds (multi-class: ``log(p) - log(p of the runner-up class)``).
         location: where the CAM points, in words (``"right lower zone"``), or
             ``"map too coarse to localise"``.
         zone_fractions: share of the CAM mass per zone (largest first, at most four; empty when
@@ -190,7 +216,7 @@ class ReportedFinding:
     logit_minus_bias: float = float("nan")
     channels: tuple[dict[str, Any], ...] = ()
     conflicts: tuple[Conflict, ...] = ()
-    operating_point: OperatingPoint | None = None
+    operating_point: ClassOperatingPoint | None = None
     localised: bool = True
 
     @property
@@ -199,8 +225,8 @@ class ReportedFinding:
 
     def to_dict(self) -> dict[str, Any]:
         return {"class_index": self.class_index, "class": self.name,
-                "probability": self.probability, "threshold": self.threshold,
-                "margin_logodds": self.margin, "location": self.location,
+                "probability": self.probability, "threshold": _j(self.threshold),
+                "margin_logodds": _j(self.margin), "location": self.location,
                 "localised": self.localised, "zone_fractions": dict(self.zone_fractions),
                 "logit_minus_bias": _j(self.logit_minus_bias), "channels": list(self.channels),
                 "flagged": self.flagged, "conflicts": [c.to_dict() for c in self.conflicts],
@@ -211,13 +237,13 @@ class ReportedFinding:
     def from_dict(cls, d: Mapping[str, Any]) -> "ReportedFinding":
         op = d.get("operating_point")
         return cls(class_index=int(d["class_index"]), name=str(d["class"]),
-                   probability=float(d["probability"]), threshold=float(d["threshold"]),
-                   margin=float(d["margin_logodds"]), location=str(d.get("location", "")),
+                   probability=float(d["probability"]), threshold=_f(d.get("threshold")),
+                   margin=_f(d.get("margin_logodds")), location=str(d.get("location", "")),
                    zone_fractions=dict(d.get("zone_fractions", {})),
                    logit_minus_bias=_f(d.get("logit_minus_bias")),
                    channels=tuple(d.get("channels", ())),
                    conflicts=tuple(Conflict.from_dict(c) for c in d.get("conflicts", ())),
-                   operating_point=None if op is None else OperatingPoint.from_dict(op),
+                   operating_point=None if op is None else ClassOperatingPoint.from_dict(op),
                    localised=bool(d.get("localised", True)))
 
 
@@ -234,12 +260,12 @@ class ExcludedFinding:
     excluded_by: str
     evidence: dict[str, Any]
     reason: str
-    operating_point: OperatingPoint | None = None
+    operating_point: ClassOperatingPoint | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"class_index": self.class_index, "class": self.name,
-                "probability": self.probability, "threshold": self.threshold,
-                "margin_logodds": self.margin, "hidden": True, "excluded_by": self.excluded_by,
+                "probability": self.probability, "threshold": _j(self.threshold),
+                "margin_logodds": _j(self.margin), "hidden": True, "excluded_by": self.excluded_by,
                 "evidence": self.evidence, "lift": self.evidence.get("lift"),
                 "jaccard": self.evidence.get("jaccard"), "reason": self.reason,
                 "operating_point": None if self.operating_point is None
@@ -249,10 +275,10 @@ class ExcludedFinding:
     def from_dict(cls, d: Mapping[str, Any]) -> "ExcludedFinding":
         op = d.get("operating_point")
         return cls(class_index=int(d["class_index"]), name=str(d["class"]),
-                   probability=float(d["probability"]), threshold=float(d["threshold"]),
-                   margin=float(d["margin_logodds"]), excluded_by=str(d["excluded_by"]),
+                   probability=float(d["probability"]), threshold=_f(d.get("threshold")),
+                   margin=_f(d.get("margin_logodds")), excluded_by=str(d["excluded_by"]),
                    evidence=dict(d.get("evidence", {})), reason=str(d.get("reason", "")),
-                   operating_point=None if op is None else OperatingPoint.from_dict(op))
+                   operating_point=None if op is None else ClassOperatingPoint.from_dict(op))
 
 
 @dataclass
@@ -279,6 +305,9 @@ class ClinicalReport:
     rank_by: str
     warnings: list[str] = field(default_factory=list)
     disclaimer: str = DECISION_SUPPORT
+    #: the class the operating point decides for (two-class and multi-class models; "" for
+    #: multi-label, whose decisions are the findings)
+    decision: str = ""
     created: str = ""
     overlay_png: bytes | None = field(default=None, repr=False)
     html_path: str | None = None
@@ -294,7 +323,7 @@ class ClinicalReport:
                 "probabilities": self.probabilities, "model": self.model,
                 "cam_method": self.cam_method, "zones_source": self.zones_source,
                 "rank_by": self.rank_by, "warnings": list(self.warnings),
-                "created": self.created, "html": self.html_path}
+                "decision": self.decision, "created": self.created, "html": self.html_path}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ClinicalReport":
@@ -312,12 +341,14 @@ class ClinicalReport:
                    resolution=dict(d["resolution"]), rank_by=str(d.get("rank_by", "margin")),
                    warnings=list(d.get("warnings", [])),
                    disclaimer=str(d.get("disclaimer", DECISION_SUPPORT)),
+                   decision=str(d.get("decision", "")),
                    created=str(d.get("created", "")), html_path=d.get("html"))
 
     def summary(self) -> str:
         """One line: findings with probability, location and flags, or "no finding"."""
         if not self.findings:
-            return "no finding above its threshold"
+            return "no finding above its threshold" + (f" (decision: {self.decision})"
+                                                       if self.decision else "")
         parts = []
         for f in self.findings:
             s = f"{f.name} ({f.probability:.2f}, {f.location or 'location n/a'})"
@@ -348,6 +379,20 @@ def logit_margin(logit: float, threshold: float) -> float:
     """``logit - log(t / (1 - t))``: how far a logit lies above the threshold, in log-odds."""
     t = min(max(float(threshold), 1e-7), 1 - 1e-7)
     return float(logit) - math.log(t / (1 - t))
+
+
+def signed_channel(row: Mapping[str, Any], logit_minus_bias: float) -> dict[str, Any]:
+    """A channel row with its direction: ``for`` (its contribution has the sign of the class
+    logit minus bias, which is positive) or ``against``. ``share`` (of logit minus bias) is kept
+    only for a channel ``for`` a positive total; otherwise None, because a share of a negative
+    or opposite total reads as support it is not. The signed ``mean_contribution`` stays."""
+    out = dict(row)
+    c = float(out.get("mean_contribution", float("nan")))
+    total = float(logit_minus_bias)
+    out["direction"] = "for" if c > 0 else "against" if c < 0 else "none"
+    if not (math.isfinite(total) and total > 0 and c > 0):
+        out["share"] = None
+    return out
 
 
 def resolve_evidence(label_stats: Any, class_names: Sequence[str],
@@ -478,89 +523,201 @@ def exclusion_plan(candidates: Sequence[int], strength: Sequence[float],
 
 
 # ----------------------------------------------------------------------------- operating points
+#: what a calibration file must hold to be one
+_CALIBRATION_KEYS = ("calibrator", "operating_point", "temperature")
+
+
 def _calibration_dict(calibration: Any) -> dict[str, Any] | None:
+    """The calibration as a dict: a CalibrationResult / TemperatureResult, their dict or the
+    ``calibration.json`` that ``repair calibrate`` writes; anything else is one DataError."""
     if calibration is None:
         return None
     if isinstance(calibration, (str, os.PathLike)):
-        return read_json(calibration)
-    if isinstance(calibration, Mapping):
-        return dict(calibration)
-    if hasattr(calibration, "to_dict"):
-        return calibration.to_dict()
-    raise DataError(f"clinical_report: calibration is a {type(calibration).__name__}; give a "
-                    "CalibrationResult, its dict or a calibration.json path.")
+        try:
+            d = read_json(calibration)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{calibration} is not a JSON file (binary content); give the "
+                            "calibration.json written by 'medscalpel repair calibrate'.") from exc
+        where = str(calibration)
+    elif isinstance(calibration, Mapping):
+        d, where = dict(calibration), "the calibration"
+    elif hasattr(calibration, "to_dict"):
+        d, where = calibration.to_dict(), type(calibration).__name__
+    else:
+        raise DataError(f"clinical_report: calibration is a {type(calibration).__name__}; give a "
+                        "CalibrationResult, its dict or a calibration.json path.")
+    if not isinstance(d, Mapping) or not any(k in d for k in _CALIBRATION_KEYS):
+        raise DataError(f"{where} is not a calibration result (it has none of "
+                        f"{list(_CALIBRATION_KEYS)}); give the calibration.json written by "
+                        "'medscalpel repair calibrate'.")
+    return dict(d)
 
 
-def _lineage_calibration(card: Any) -> dict[str, Any]:
-    steps = [s for s in (getattr(card, "lineage", ()) or ())
-             if isinstance(s, Mapping) and s.get("method") == "threshold_calibration"]
-    return dict(steps[-1]) if steps else {}
+def _same_rule(a: OperatingPoint, b: OperatingPoint) -> bool:
+    """Whether two operating points make the same decisions (same classes, task, cuts and
+    temperature)."""
+    def close(x: Any, y: Any) -> bool:
+        return (x is None and y is None) or (x is not None and y is not None and (
+            x == y or abs(float(x) - float(y)) <= 1e-9))
+
+    return (a.task == b.task and a.class_names == b.class_names and a.positive == b.positive
+            and close(a.cut, b.cut) and close(a.temperature, b.temperature)
+            and len(a.thresholds) == len(b.thresholds)
+            and all(close(x, y) for x, y in zip(a.thresholds, b.thresholds)))
 
 
-def operating_points(card: Any, class_names: Sequence[str], thresholds: Sequence[float],
-                     calibration: Any = None) -> tuple[list[OperatingPoint], dict[str, Any]]:
-    """Per class: the threshold's origin and, from ``calibration``, its sensitivity and
-    specificity; plus the report-level summary (``calibrated``, ``notice``, ...).
+def _calibration_classes(cal: Mapping[str, Any], names: list[str]) -> None:
+    """Refuse a calibration of other classes than the model's (a two-class calibration names
+    only its positive class: it must be one of the model's two)."""
+    calr = cal.get("calibrator") or {}
+    cal_names = list(calr.get("class_names") or cal.get("class_names") or names)
+    binary = cal.get("binary") or {}
+    if binary and len(cal_names) == 1:
+        ok = cal_names[0] in names and len(names) == 2
+    else:
+        ok = cal_names == names
+    op = cal.get("operating_point")
+    if op and list(op.get("class_names") or []) != names:
+        ok = False
+        cal_names = list(op.get("class_names") or [])
+    if not ok:
+        raise DataError(f"clinical_report: the calibration is of other classes "
+                        f"({cal_names[:3]}...) than the model's ({names[:3]}...); pass the "
+                        "calibration.json written for this model.")
+
+
+def _describe_origin(op: OperatingPoint, j: int) -> tuple[str, str]:
+    """(origin, description) of class ``j``'s cut."""
+    name = op.class_names[j]
+    cut = op.cut_of(j)
+    if op.task == "binary" and j != op.positive:
+        pos = op.class_names[op.positive]
+        rule = f"decided when p({pos}) < {float(op.cut):.4g}"
+    else:
+        rule = ""
+    if not op.calibrated:
+        if op.task == "multiclass":
+            return "default", "argmax (not calibrated)"
+        return "default", rule + " (not calibrated)" if rule else f"{cut:g} (not calibrated)"
+    if name in op.fallback:
+        return "calibration_fallback", (f"default {cut:g}: calibration could not fit this class "
+                                        "(no positive or no negative)")
+    f = op.fitted_on or {}
+    method = "" if op.method == STORED_METHOD else op.method
+    if f.get("site"):
+        n = f.get("n_images")
+        desc = f"calibrated at site {f['site']}" + (f" ({method}" + (f", {n} images" if n else "")
+                                                    + (f", {f['n_patients']} patients"
+                                                       if f.get("n_patients") else "") + ")"
+                                                    if method else "")
+    elif f.get("split"):
+        desc = f"calibrated on split '{f['split']}'" + (f" ({method})" if method else "")
+    else:
+        desc = "calibrated (split not recorded)" + (f" ({method})" if method else "")
+    if op.task == "multiclass":
+        desc = "argmax" + (f" after temperature {op.temperature:.3g}" if op.temperature != 1.0
+                           else "") + f", {desc}"
+    elif rule:
+        desc = f"{rule}, {desc}"
+    return "calibrated", desc
+
+
+def _from_measured(cop: ClassOperatingPoint, row: Mapping[str, Any], on: Mapping[str, Any],
+                   fit_split: str) -> ClassOperatingPoint:
+    from dataclasses import replace
+
+    split = str(on.get("split", ""))
+    note = "" if on.get("held_out", True) and not (split and split == fit_split) else \
+        "measured on the images the operating point was fitted on (optimistic)"
+    return replace(cop, sensitivity=_f(row.get("sensitivity")),
+                   specificity=_f(row.get("specificity")),
+                   sensitivity_ci=tuple(_f(v) for v in row.get("sensitivity_ci") or (None, None)),
+                   specificity_ci=tuple(_f(v) for v in row.get("specificity_ci") or (None, None)),
+                   split=split, n_pos=int(row.get("n_pos", 0) or 0),
+                   n_neg=int(row.get("n_neg", 0) or 0), note=note)
+
+
+def model_operating_point(card: Any, class_names: Sequence[str], task: str = "multilabel"
+                          ) -> OperatingPoint:
+    """The operating point the report decides by: the card's (``decision_point()``: stored, or
+    derived from its thresholds), the uncalibrated default without a card."""
+    if card is not None and hasattr(card, "decision_point"):
+        return card.decision_point()
+    return OperatingPoint.default(task, list(class_names))
+
+
+def operating_points(card: Any, class_names: Sequence[str], thresholds: Sequence[float] | None
+                     = None, calibration: Any = None
+                     ) -> tuple[list[ClassOperatingPoint], dict[str, Any]]:
+    """Per class: the cut's origin and its sensitivity / specificity; plus the report-level
+    summary (``calibrated``, ``notice``, ``rule``, ...).
+
+    The cut and its origin come from the model's operating point (``card.decision_point()``).
+    The sensitivity / specificity come, in this order, from the operating point's own
+    measurement, from ``calibration``'s operating point when it makes the same decisions, or
+    from ``calibration``'s evaluation rows at a threshold equal to the class's cut (the
+    calibrated one or the 0.5 baseline); otherwise they are not shown and a note says why.
 
     Args:
         card: the model's card (``None``: defaults).
-        class_names, thresholds: the model's classes and effective thresholds.
+        class_names: the model's classes.
+        thresholds: unused (kept for callers of the older signature: the cuts are the
+            operating point's).
         calibration: a :class:`~medscalpel.repair.calibrate.CalibrationResult`, its dict or a
-            ``calibration.json`` path. Its evaluation gives sensitivity (recall) and specificity
-            per class at the calibrated thresholds (or at the baseline 0.5 for a model without
-            them) on the evaluation split; thresholds that match neither are not measured.
+            ``calibration.json`` path (multi-label, two-class or temperature).
 
     Raises:
-        DataError: a calibration of other classes than the model's.
+        DataError: a calibration of other classes than the model's; a file that is not a
+            calibration result.
     """
     names = [str(c) for c in class_names]
-    calibrated = card is not None and getattr(card, "thresholds", None) is not None
-    step = _lineage_calibration(card) if calibrated else {}
+    op = model_operating_point(card, names, getattr(card, "task", "multilabel"))
     cal = _calibration_dict(calibration)
-    calr = (cal or {}).get("calibrator") or {}
-    # the calibration file describes these thresholds only when its thresholds are the model's
-    own = calibrated and len(calr.get("thresholds") or []) == len(names) and np.allclose(
-        calr["thresholds"], [float(t) for t in thresholds], rtol=0, atol=1e-9)
-    mine = cal if own else {}
-    fit_split = str(step.get("fit_split") or (mine or {}).get("fit_split") or "")
-    method = str((step.get("method_params") or {}).get("method")
-                 or (calr.get("params", {}).get("method") if own else "") or "")
-    fallback = set(step.get("fallback") or (calr.get("fallback") if own else None) or [])
-    ev = (cal or {}).get("evaluation") or None
     notes: list[str] = []
+    cal_op = None
     if cal is not None:
-        cal_names = list(((cal.get("calibrator") or {}).get("class_names")) or names)
-        if cal_names != names:
-            raise DataError(f"clinical_report: the calibration is of other classes "
-                            f"({cal_names[:3]}...) than the model's ({names[:3]}...); pass the "
-                            "calibration.json written for this model.")
-        if ev is None:
+        _calibration_classes(cal, names)
+        if cal.get("operating_point"):
+            cal_op = OperatingPoint.from_dict(cal["operating_point"])
+        if not (cal.get("evaluation") or (cal_op is not None and cal_op.measured)):
             notes.append("the calibration result has no evaluation: sensitivity and "
                          "specificity are not shown")
+    fit_split = str((op.fitted_on or {}).get("split") or (cal or {}).get("fit_split") or "")
+    ev = (cal or {}).get("evaluation") or None
     rows = {r.get("class"): r for r in (ev or {}).get("classes", [])}
+    same = cal_op is not None and _same_rule(cal_op, op) and bool(cal_op.measured)
     ops = []
-    for j, (name, t) in enumerate(zip(names, thresholds)):
-        if not calibrated:
-            origin, desc = "default", f"default {t:g} (no calibrated thresholds)"
-        elif name in fallback:
-            origin, desc = "calibration_fallback", (f"default {t:g}: calibration could not fit "
-                                                    "this class (no positive or no negative)")
-        else:
-            origin = "calibrated"
-            desc = (f"calibrated on split '{fit_split}'" if fit_split else
-                    "calibrated (split not recorded)") + (f" ({method})" if method else "")
-        ops.append(_measured(OperatingPoint(float(t), origin, desc, fit_split, method),
-                             rows.get(name), ev, fit_split, notes))
-    summary = {"calibrated": bool(calibrated), "notice": None if calibrated else NOT_CALIBRATED,
-               "fit_split": fit_split, "method": method,
-               "evaluation_split": str((ev or {}).get("split", "")),
-               "evaluation_n": int((ev or {}).get("n", 0) or 0),
+    for j, name in enumerate(names):
+        origin, desc = _describe_origin(op, j)
+        cut = op.cut_of(j)
+        cop = ClassOperatingPoint(float("nan") if cut is None else float(cut), origin, desc,
+                                  fit_split, "" if op.method in (STORED_METHOD, "default")
+                                  else op.method)
+        if op.measured_row(j) is not None:
+            cop = _from_measured(cop, op.measured_row(j), op.measured_on, fit_split)
+        elif same and cal_op.measured_row(j) is not None:
+            cop = _from_measured(cop, cal_op.measured_row(j), cal_op.measured_on, fit_split)
+        elif cut is not None:
+            cop = _measured(cop, rows.get(name), ev, fit_split, notes)
+        ops.append(cop)
+    notice = None
+    if not op.calibrated:
+        notice = NOT_CALIBRATED_ARGMAX if op.task == "multiclass" else NOT_CALIBRATED
+    summary = {"calibrated": op.calibrated, "notice": notice, "fit_split": fit_split,
+               "method": op.method, "rule": op.describe(), "task": op.task,
+               "margin_definition": op.margin_name,
+               "operating_point": op.to_dict(),
+               "evaluation_split": str((ev or {}).get("split", "") or
+                                       (op.measured_on or {}).get("split", "")),
+               "evaluation_n": int((ev or {}).get("n", 0) or
+                                   (op.measured_on or {}).get("n_images", 0) or 0),
                "measured": any(o.measured for o in ops), "notes": notes}
     return ops, summary
 
 
-def _measured(op: OperatingPoint, row: Mapping[str, Any] | None, ev: Mapping[str, Any] | None,
-              fit_split: str, notes: list[str]) -> OperatingPoint:
+def _measured(op: ClassOperatingPoint, row: Mapping[str, Any] | None,
+              ev: Mapping[str, Any] | None, fit_split: str,
+              notes: list[str]) -> ClassOperatingPoint:
     from dataclasses import replace
 
     if row is None or ev is None:
@@ -698,6 +855,7 @@ class _Setup:
     evidence: CooccurrenceEvidence | None
     mode: str
     rank_by: str
+    op: OperatingPoint
 
 
 @dataclass
@@ -708,6 +866,7 @@ class _Scores:
     logits: np.ndarray
     probs: np.ndarray
     margins: np.ndarray
+    decided: np.ndarray
 
 
 def _validate(model: Any, images: Any, image_ids: Sequence[str] | None, zones: Any,
@@ -735,43 +894,45 @@ def _validate(model: Any, images: Any, image_ids: Sequence[str] | None, zones: A
     card = getattr(model, "card", None)
     k = int(model.classifier.out_features)
     names = list(card.class_names) if card is not None else [f"class{i}" for i in range(k)]
-    thresholds = card.effective_thresholds() if card is not None else [0.5] * k
-    if len(names) != k or len(thresholds) != k:
-        raise ModelError(f"clinical_report: the card has {len(names)} class names and "
-                         f"{len(thresholds)} thresholds but the model has {k} outputs.")
+    if len(names) != k:
+        raise ModelError(f"clinical_report: the card has {len(names)} class names but the "
+                         f"model has {k} outputs.")
+    op = model_operating_point(card, names)
+    # the per-class cut (NaN where a class has none: binary's other class, argmax)
+    thresholds = [float("nan") if op.cut_of(j) is None else float(op.cut_of(j))
+                  for j in range(k)]
     evidence = resolve_evidence(label_stats, names, exclusion_rule)
     return _Setup(x=x, ids=ids, sources=sources, card=card, names=names,
                   task=card.task if card is not None else "multilabel",
-                  thresholds=[float(t) for t in thresholds], evidence=evidence, mode=conflicts,
-                  rank_by=rank_by)
+                  thresholds=thresholds, evidence=evidence, mode=conflicts,
+                  rank_by=rank_by, op=op)
 
 
 def _gather(model: Any, s: _Setup) -> _Scores:
-    """Step 2: one forward pass: channel contributions, logits, probabilities, margins."""
+    """Step 2: one forward pass: channel contributions, logits, and by the operating point the
+    probabilities (float64, after its temperature), decisions and margins (log-odds of the
+    probability minus log-odds of the cut)."""
     from medscalpel.explain.channels import channel_contributions_from_model
 
     cc = channel_contributions_from_model(model, s.x, ids=s.ids, progress=False)
-    logits = cc.logits()
-    if s.task == "multiclass":
-        z = logits - logits.max(1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-    else:
-        probs = 1.0 / (1.0 + np.exp(-logits))
-    margins = np.array([[logit_margin(logits[i, j], s.thresholds[j])
-                         for j in range(len(s.names))] for i in range(len(s.ids))])
-    return _Scores(cc=cc, logits=logits, probs=probs, margins=margins)
+    logits = np.asarray(cc.logits(), np.float64)
+    probs = s.op.probabilities(logits)
+    return _Scores(cc=cc, logits=logits, probs=probs, margins=s.op.margin(probs),
+                   decided=s.op.decide(probs))
 
 
 def _plans(s: _Setup, sc: _Scores) -> list[tuple[list[int], list[dict[str, Any]],
                                                   dict[int, list[Conflict]]]]:
-    """Step 3: per image, the findings above threshold, their conflict flags and (hide mode)
-    the hidden ones. A multi-class model reports its one argmax class: no conflicts."""
+    """Step 3: per image, the findings the operating point calls, their conflict flags and
+    (hide mode) the hidden ones. Two-class: the positive class only when its probability
+    reaches the cut (else no finding: the decision is the other class); multi-class: the argmax
+    class; neither has conflicts."""
     out = []
     for i in range(len(s.ids)):
-        if s.task == "multiclass":
-            cands = [int(np.argmax(sc.probs[i]))]
+        if s.op.task == "binary":
+            cands = [s.op.positive] if sc.decided[i, s.op.positive] else []
         else:
-            cands = [j for j in range(len(s.names)) if sc.probs[i, j] >= s.thresholds[j]]
+            cands = [int(j) for j in np.flatnonzero(sc.decided[i])]
         strength = [sc.margins[i, j] if s.rank_by == "margin" else sc.probs[i, j] for j in cands]
         ev = s.evidence if s.task != "multiclass" else None
         out.append(exclusion_plan(cands, strength, ev, s.names, s.mode))
@@ -826,13 +987,15 @@ def _cams(model: Any, s: _Setup, plans: list, cam_method: str,
 
 
 def _render(model: Any, s: _Setup, sc: _Scores, i: int, plan: tuple, cams: Mapping,
-            ops: list[OperatingPoint], shared: Mapping[str, Any], zone: Any,
+            ops: list[ClassOperatingPoint], shared: Mapping[str, Any], zone: Any,
             top_channels: int) -> ClinicalReport:
     """Step 6: one image's report (findings, hidden findings, table, overlay)."""
     from medscalpel.report.figures import clinical_overlay_png
 
     listed, hidden, flags = plan
     zi, zsource, warns = _zones_for(model, s.x[i], zone)
+    decision = "" if s.op.task == "multilabel" else \
+        s.names[int(np.flatnonzero(sc.decided[i])[0])]
     res = shared["resolution"]
     warns = list(shared["warnings"]) + warns
     findings = []
@@ -843,7 +1006,8 @@ def _render(model: Any, s: _Setup, sc: _Scores, i: int, plan: tuple, cams: Mappi
             class_index=j, name=s.names[j], probability=float(sc.probs[i, j]),
             threshold=s.thresholds[j], margin=float(sc.margins[i, j]), location=loc,
             zone_fractions=fr, logit_minus_bias=float(tc.mean_logit_minus_bias),
-            channels=tuple(r.to_dict() for r in tc.rows), conflicts=tuple(flags.get(j, ())),
+            channels=tuple(signed_channel(r.to_dict(), float(tc.mean_logit_minus_bias))
+                           for r in tc.rows), conflicts=tuple(flags.get(j, ())),
             operating_point=ops[j], localised=bool(res["localisable"])))
     excluded = [ExcludedFinding(
         class_index=h["index"], name=s.names[h["index"]],
@@ -854,10 +1018,14 @@ def _render(model: Any, s: _Setup, sc: _Scores, i: int, plan: tuple, cams: Mappi
     status = {f.class_index: "reported, flagged" if f.conflicts else "reported"
               for f in findings}
     status.update({e.class_index: "hidden (hide option)" for e in excluded})
+    if decision and s.op.task == "binary" and not findings:
+        status[s.names.index(decision)] = f"decided (p({s.names[s.op.positive]}) below its cut)"
+    below = "not the argmax" if s.op.task == "multiclass" else "below threshold"
     table = [{"class_index": j, "class": s.names[j], "probability": float(sc.probs[i, j]),
-              "threshold": s.thresholds[j], "margin_logodds": float(sc.margins[i, j]),
-              "threshold_origin": ops[j].origin,
-              "status": status.get(j, "below threshold")} for j in range(len(s.names))]
+              "threshold": _j(s.thresholds[j]), "margin_logodds": _j(float(sc.margins[i, j])),
+              "threshold_origin": ops[j].origin, "threshold_description": ops[j].description,
+              "status": status.get(j, "not called" if s.op.task == "binary" else below)}
+             for j in range(len(s.names))]
     table.sort(key=lambda r: -r["probability"])
     overlay = None
     if findings:
@@ -870,7 +1038,8 @@ def _render(model: Any, s: _Setup, sc: _Scores, i: int, plan: tuple, cams: Mappi
         probabilities=table, model=shared["model"], cam_method=shared["cam_method"],
         zones_source=zsource if res["localisable"] else f"not used ({COARSE})",
         exclusion=shared["exclusion"], operating=shared["operating"], resolution=res,
-        rank_by=s.rank_by, warnings=warns, created=shared["created"], overlay_png=overlay)
+        rank_by=s.rank_by, warnings=warns, created=shared["created"], overlay_png=overlay,
+        decision=decision)
 
 
 # ----------------------------------------------------------------------------- main
@@ -932,7 +1101,12 @@ def clinical_report(
                   rank_by, top_channels, min_cam_size, exclusion_rule)
     sc = _gather(model, s)
     plans = _plans(s, sc)
-    ops, operating = operating_points(s.card, s.names, s.thresholds, calibration)
+    ops, operating = operating_points(s.card, s.names, None, calibration)
+    if s.op.task != "multilabel":
+        operating["notes"].append(
+            "softmax model: the channel evidence below decomposes the finding's own class "
+            "logit; its log-odds (the margin's scale) is that logit minus the "
+            + ("other class's logit" if s.op.task == "binary" else "log-sum-exp of the others"))
     resolution = cam_resolution(model, s.x, min_cam_size)
     cams = _cams(model, s, plans, cam_method, progress)
     exclusion = _exclusion_info(s)
@@ -942,8 +1116,9 @@ def clinical_report(
               "model": {"arch": getattr(model, "arch", type(model).__name__),
                         "model_id": getattr(s.card, "model_id", "") if s.card is not None
                         else "", "task": s.task, "class_names": s.names,
-                        "thresholds": s.thresholds,
+                        "thresholds": [_j(t) for t in s.thresholds],
                         "thresholds_calibrated": operating["calibrated"],
+                        "operating_point": s.op.describe(),
                         "input_size": resolution["input_size"]}}
     reports = [_render(model, s, sc, i, plans[i], cams, ops, shared,
                        zones[i] if zones is not None else None, top_channels)

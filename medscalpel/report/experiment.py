@@ -1,5 +1,10 @@
 """The experiment report: one self-contained HTML page from a demo run directory.
 
+The page opens with a headline (:mod:`medscalpel.report.headline`: what was compressed, how
+much faster, what it cost internally and externally, what it forgot, what is undecided or not
+measured), then one section per stage. A folder holding no artifact any section renders is
+refused (:class:`DataError`, nothing written).
+
 Each section reads its own JSON / PNG files from the run directory (layout below; every file is
 optional). A section whose files are absent says "not run in this profile"; a file that cannot
 be read or has an unexpected shape shows a note instead of breaking the page. Numbers are
@@ -43,7 +48,7 @@ from typing import Any
 from medscalpel.errors import DataError
 from medscalpel.layout import ARTIFACTS, artifact, read_artifact
 from medscalpel.report import html as H
-from medscalpel.report.html import Cell, Figure, text
+from medscalpel.report.html import Cell, Figure, Table, text
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +104,7 @@ class ExperimentReport:
     sections: list[Section]
     profile: str
     created: str
+    headline: Any = None
 
     def section(self, key: str) -> Section:
         for s in self.sections:
@@ -111,7 +117,8 @@ class ExperimentReport:
                 "html": self.html_path, "profile": self.profile, "created": self.created,
                 "sections": [s.to_dict() for s in self.sections],
                 "present": [s.key for s in self.sections if s.present],
-                "not_run": [s.key for s in self.sections if not s.present]}
+                "not_run": [s.key for s in self.sections if not s.present],
+                "headline": self.headline.to_dict() if self.headline is not None else None}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -215,6 +222,26 @@ def expected_files(expected: list[str]) -> list[str]:
     return [ARTIFACTS[e].path if e in ARTIFACTS else e for e in expected]
 
 
+def _no_artifacts_message(root: Path) -> str:
+    """Why a folder gets no report: it holds no artifact any section renders."""
+    looked = ", ".join(ARTIFACTS[k].path for k in ("demo", "baseline_metrics", "compress",
+                                                   "deploy", "changes", "site_shift"))
+    msg = (f"No medscalpel artifacts in {root}: none of the files the experiment report renders "
+           f"is there (looked for {looked}, ... as declared in medscalpel/layout.py). ")
+    man = root / ARTIFACTS["manifest"].path
+    command = None
+    if man.is_file():
+        try:
+            command = json.loads(man.read_text(encoding="utf-8")).get("command")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            command = None
+    if command:
+        return msg + (f"It is the run directory of '{command}', whose results the report does "
+                      f"not render: 'medscalpel show {root}' prints them.")
+    return msg + ("Pass the --out directory of 'medscalpel demo' or of a single command "
+                  "(train, evaluate, compress deploy, audit changes, ...).")
+
+
 def experiment_report(run_dir: str | os.PathLike, out_html: str | os.PathLike | None = None,
                       clinical_examples: int = 5,
                       title: str = "medscalpel experiment report") -> ExperimentReport:
@@ -230,7 +257,8 @@ def experiment_report(run_dir: str | os.PathLike, out_html: str | os.PathLike | 
         An :class:`ExperimentReport` (which sections were found, from which files).
 
     Raises:
-        DataError: ``run_dir`` is not a directory.
+        DataError: ``run_dir`` is not a directory, or holds no artifact any section renders
+            (nothing is written then).
     """
     from medscalpel import __version__
     from medscalpel.validation import check_range
@@ -260,6 +288,11 @@ def experiment_report(run_dir: str | os.PathLike, out_html: str | os.PathLike | 
                              "this medscalpel version.")
             sec.badge, sec.badge_cls = "incomplete", "bad"
         sections.append(sec)
+    if not any(s.present for s in sections):
+        raise DataError(_no_artifacts_message(root))
+    from medscalpel.report.headline import build_headline  # it reads through RunFiles
+
+    headline = build_headline(run)
     demo = {}
     if (root / "demo.json").is_file():
         try:
@@ -271,7 +304,7 @@ def experiment_report(run_dir: str | os.PathLike, out_html: str | os.PathLike | 
     from medscalpel.runs import final_path
 
     html = H.render("experiment.html.j2", title=title, run_dir=str(final_path(root)),
-                    profile=profile,
+                    profile=profile, headline=headline,
                     created=created, sections=sections, version=__version__)
     H.write_html(out, html)
-    return ExperimentReport(str(root), str(out), sections, profile, created)
+    return ExperimentReport(str(root), str(out), sections, profile, created, headline)

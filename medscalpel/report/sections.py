@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medscalpel.errors import DataError
+from medscalpel.layout import ARTIFACTS
 from medscalpel.report import html as H
 from medscalpel.report.experiment import Link, RunFiles, Section, pointer
 from medscalpel.report.html import Cell, Figure, Table, ci, num, pct, text
@@ -105,15 +106,20 @@ def _overview(run: RunFiles, sec: Section) -> None:
         sec.fact("medscalpel", text(vers.get("medscalpel")))
         sec.fact("torch", text(vers.get("torch")))
         sec.fact("git commit", text((man.get("git_commit") or "")[:12] or None))
-    fig = run.figure("data/phantom_preview.png", sec, "phantom images (contact sheet)")
-    if fig:
-        sec.figures.append(fig)
 
 
 def _dataset(run: RunFiles, sec: Section) -> None:
     rel, d = run.doc("label_stats", sec)
-    if not isinstance(d, dict):
-        return
+    if isinstance(d, dict):
+        _label_stats(run, sec, rel, d)
+    # the contact sheet of the images sits here, below the headline and the statistics
+    preview = run.figure(ARTIFACTS["phantom_preview"].path, sec, "phantom images (contact sheet)")
+    if preview:
+        sec.present = True
+        sec.figures.append(preview)
+
+
+def _label_stats(run: RunFiles, sec: Section, rel: str, d: dict[str, Any]) -> None:
     sec.present = True
     names = d.get("class_names") or []
     sec.fact("images", num(d.get("n"), pointer(rel, "n"), 0, "int"))
