@@ -301,3 +301,27 @@ def test_precision_family_int8_keeps_every_int8_variant():
     names = [r.name for r in _select(None, None, ["fp32", "int8"], 1, {})]
     assert {"onnxruntime:int8-u8s8", "onnxruntime:int8-s8s8", "openvino:int8"} <= set(names)
     assert "openvino:bf16" not in names and "openvino:int8-ac" not in names
+
+
+def test_model_without_card_is_refused_before_any_work(tmp_path, monkeypatch):
+    import time as _time
+
+    m = create_model("vgg_tiny", num_classes=3, img_size=32)  # no card
+    t0 = _time.perf_counter()
+    with pytest.raises(ConfigError, match="no ModelCard.*load_model"):
+        deploy(m, _ds("test", n=16), tmp_path / "d", variants=["onnxruntime:fp32"],
+               progress=False)
+    assert _time.perf_counter() - t0 < 5 and not (tmp_path / "d").exists()
+
+
+def test_quick_deploy_records_what_it_left_out(model, tmp_path, monkeypatch):
+    import importlib.util
+
+    from medscalpel.compress import deploy as D
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(D.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "openvino" else real(name, *a))
+    res = D.quick_deploy(model, _ds("test"), tmp_path / "q", progress=False)
+    assert not any(v.name.startswith("openvino") for v in res.variants)
+    assert any("not measured: openvino:fp32" in n for n in res.notes)

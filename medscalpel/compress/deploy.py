@@ -21,7 +21,9 @@ Example:
     >>> ds = ArrayDataset(rng.random((16, 32, 32)).astype(np.float32),
     ...                   (rng.random((16, 2)) > .5).astype(np.float32), ["a", "b"],
     ...                   "multilabel", preprocess=Preprocess(size=32), split="test")
+    >>> from medscalpel.models.checkpoint import make_card
     >>> m = create_model("vgg_tiny", num_classes=2, img_size=32)
+    >>> m.card = make_card(m, ["a", "b"], "multilabel", Preprocess(size=32))
     >>> r = deploy(m, ds, tempfile.mkdtemp() + "/d", variants=["torch:fp32", "onnxruntime:fp32"],
     ...            batches=(1,), rounds=1, repeats=1, n_boot=0, progress=False)
     >>> r.recommended in ("torch:fp32", "onnxruntime:fp32")
@@ -488,6 +490,7 @@ def deploy(
     external_data=None,
     accept_unscorable: bool | Sequence[str] = False,
     min_positives: int = 10,
+    notes: Sequence[str] = (),
 ) -> DeployResult:
     """Benchmark every available runtime x precision and write the fastest acceptable one.
 
@@ -514,6 +517,7 @@ def deploy(
         accept_unscorable: classes with fewer than ``min_positives`` positive or negative
             evaluation images cannot be checked and leave a verdict undecided; ``True`` (or
             class names) accepts them unchecked, recorded in each verdict.
+        notes: the caller's own notes for the result (e.g. what it left out).
         threads: intra-op threads of every runtime (default: torch's current setting).
         n_boot: paired bootstrap replicates of the delta AUROC CIs.
         explain: serve the chosen variant with a second output, the class activation maps
@@ -532,6 +536,10 @@ def deploy(
     t0 = time.perf_counter()
     batches = tuple(int(b) for b in batches)
     _validate(batches, rounds, repeats, warmup, n_images, n_calib, floor_macro, floor_class)
+    if getattr(model, "card", None) is None:  # before any work: serving needs the contract
+        raise ConfigError(f"{OWNER}: the model has no ModelCard (class names, task, input, "
+                          "thresholds), which the served artifact's serve.json is made of; "
+                          "load it with load_model(dir) or set model.card = make_card(...).")
     threads = int(threads or torch.get_num_threads())
     load_start = list(os.getloadavg())
     model = copy.deepcopy(model).eval().cpu().float()
@@ -540,7 +548,7 @@ def deploy(
     calib_src = calib_data if calib_data is not None else data
     calib, cidx = collect_images(calib_src, n_calib, seed=seed + 1)
     ac_kwargs: dict[str, Any] = {}
-    notes = [n for n in (split_warning(data),) if n]
+    notes = [n for n in (split_warning(data), *notes) if n]
     if external_data is not None:
         if list(external_data.class_names) != list(data.class_names):
             raise ConfigError(f"{OWNER}: the external set's classes {list(external_data.class_names)}"
@@ -671,9 +679,12 @@ def quick_deploy(model: nn.Module, data, out: str | os.PathLike, calib_data=None
     left to the full command."""
     names = [n for n in QUICK_VARIANTS
              if not n.startswith("openvino") or importlib.util.find_spec("openvino")]
+    left_out = [n for n in QUICK_VARIANTS if n not in names]
     return deploy(model, data, out, calib_data=calib_data, variants=names, batches=(1,),
                   rounds=5, repeats=3, warmup=1, n_images=64, n_calib=16, n_boot=200,
-                  overwrite=overwrite, progress=progress, accept_unscorable=True)
+                  overwrite=overwrite, progress=progress, accept_unscorable=True,
+                  notes=[f"not measured: {', '.join(left_out)} (OpenVINO is not installed: pip "
+                         "install 'medscalpel[deploy]')"] if left_out else [])
 
 
 __all__ = ["DEFAULT_VARIANTS", "QUICK_VARIANTS", "quick_deploy", "DeployResult", "VariantResult", "deploy", "peak_gemms",
