@@ -396,3 +396,25 @@ def test_calibrate_refuses_unlabelled_predictions(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "carry no known label" in out.stderr and out.stderr.count("error:") == 1
     assert not (tmp_path / "cal").exists()
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("arch", "vgg_nope", r"'arch' must be one of the zoo's architectures"),
+    ("size", "sixty-four", r"'input.size' must be a positive integer; got 'sixty-four'"),
+    ("task", "regression", r"'task' must be 'multilabel' or 'multiclass'"),
+])
+def test_hand_edited_model_card_is_refused_with_the_field_named(tmp_path, field, value, match):
+    from medscalpel.data import Preprocess
+    from medscalpel.errors import CheckpointError
+    from medscalpel.models import create_model, load_model, make_card, save_model
+
+    m = create_model("vgg_tiny", num_classes=2, img_size=32)
+    save_model(m, tmp_path / "m", make_card(m, ["a", "b"], "multilabel", Preprocess(size=32)))
+    card = json.loads((tmp_path / "m" / "model.json").read_text())
+    if field == "size":
+        card["input"]["size"] = value
+    else:
+        card[field] = value
+    (tmp_path / "m" / "model.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match=match):
+        load_model(tmp_path / "m")

@@ -137,6 +137,7 @@ class ModelCard:
         if d.get("schema_version", 1) > CARD_SCHEMA:
             raise CheckpointError(f"{source} has schema version {d['schema_version']}, newer than "
                                   f"this medscalpel ({CARD_SCHEMA}); upgrade medscalpel.")
+        _check_card_fields(d, source)
         known = {f for f in cls.__dataclass_fields__}
         kw = {k: v for k, v in d.items() if k in known}
         kw["class_names"] = tuple(kw["class_names"])
@@ -150,6 +151,42 @@ class ModelCard:
                 raise CheckpointError(f"{source}: its operating_point cannot be read ({exc}); "
                                       "the card is damaged.") from exc
         return cls(**kw)
+
+
+def _check_card_fields(d: dict[str, Any], source: str) -> None:
+    """The fields a model is rebuilt from, with types that build it (a hand-edited card fails
+    here with the field named, not later inside the model constructor)."""
+    from medscalpel.models.zoo import ARCHS
+
+    def bad(field: str, what: str, got: Any) -> CheckpointError:
+        return CheckpointError(f"{source}: '{field}' must be {what}; got {got!r}. Fix the field "
+                               "or re-save the model with medscalpel (save_model).")
+
+    if not isinstance(d.get("arch"), str) or d["arch"] not in ARCHS:
+        raise bad("arch", f"one of the zoo's architectures ({', '.join(ARCHS.names())})",
+                  d.get("arch"))
+    names = d.get("class_names")
+    if not isinstance(names, (list, tuple)) or not names or \
+            not all(isinstance(n, str) for n in names):
+        raise bad("class_names", "a non-empty list of strings", names)
+    if d.get("task") not in ("multilabel", "multiclass"):
+        raise bad("task", "'multilabel' or 'multiclass'", d.get("task"))
+    inp = d.get("input")
+    if not isinstance(inp, dict):
+        raise bad("input", "an object (size, channels, mean, std)", inp)
+    for k in ("size", "channels"):
+        v = inp.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise bad(f"input.{k}", "a positive integer", v)
+    for k in ("mean", "std"):
+        v = inp.get(k)
+        if v is not None and not (isinstance(v, (int, float)) or (
+                isinstance(v, list) and all(isinstance(x, (int, float)) for x in v))):
+            raise bad(f"input.{k}", "a number or a list of numbers", v)
+    th = d.get("thresholds")
+    if th is not None and (not isinstance(th, list) or len(th) != len(names) or
+                           not all(isinstance(t, (int, float)) for t in th)):
+        raise bad("thresholds", f"null or {len(names)} numbers (one per class)", th)
 
 
 def make_card(model: MedClassifier, class_names: list[str] | tuple[str, ...], task: str,
