@@ -102,3 +102,40 @@ def test_demo_unknown_profile(tmp_path):
     with pytest.raises(ConfigError, match="Unknown demo profile 'huge'. Valid names: micro"):
         run_demo(tmp_path / "x", "huge")
     assert set(PROFILES) == {"micro", "quick", "full"}
+
+
+def test_interrupted_demo_resumes_after_its_last_finished_stage(tmp_path, monkeypatch):
+    """Ctrl-C during the 'sweep' stage of a resumable run: the rerun of the same command adopts
+    the run's .partial folder, skips the finished stages and completes; another profile is
+    refused instead of mixed."""
+    import medscalpel.pipeline.demo as D
+    from medscalpel.errors import RunError
+    from medscalpel.runs import RunDir
+
+    out = tmp_path / "demo"
+    real = D.run_stage
+
+    def interrupt_at_sweep(name, ctx, settings):
+        if name == "sweep":
+            raise KeyboardInterrupt
+        return real(name, ctx, settings)
+
+    quick = dict(n_images=240, epochs=1, sweep_ratios=(0.0, 0.5), changes_images=40,
+                 changes_faithfulness=4, distill_epochs=1)
+    config = {**D.PROFILES["micro"].to_dict(), **quick}
+    monkeypatch.setattr(D, "run_stage", interrupt_at_sweep)
+    with pytest.raises(KeyboardInterrupt):
+        with RunDir(out, command="demo", config=config, resumable=True) as run:
+            run_demo(run.path, "micro", progress=False, **quick)
+    (partial,) = tmp_path.glob(".demo.*.partial")
+    done = [s["name"] for s in json.loads((partial / "demo.json").read_text())["stages"]]
+    assert done == ["phantom", "stats", "baseline", "calibrate", "shift", "compress", "deploy"]
+    monkeypatch.setattr(D, "run_stage", real)
+    lines = []
+    with RunDir(out, command="demo", config=config, resumable=True) as run:
+        assert run.adopted == partial
+        res = run_demo(run.path, "micro", progress=False, log=lines.append, **quick)
+    assert sum("done before" in ln for ln in lines) == 7 and len(res.stages) == 14
+    assert (out / "reports" / "experiment.html").is_file() and not list(tmp_path.glob(".demo.*"))
+    with pytest.raises(RunError, match="other settings"):
+        run_demo(out, "micro", progress=False, epochs=2)

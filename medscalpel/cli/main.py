@@ -188,7 +188,9 @@ def train(
 
 @app.command()
 def predict(
-    model: Path = typer.Option(..., help="Model directory (model.safetensors + model.json)."),
+    model: Path = typer.Option(..., help="Model directory (model.safetensors + model.json), or "
+                                         "a served artifact: the run directory of 'compress "
+                                         "deploy' or its serve/ folder."),
     data: str = typer.Option(..., help="Dataset spec, or unlabelled images: one image file, a "
                                        "folder of images or a quoted glob ('/scans/*.png')."),
     split: str = typer.Option("auto", help="Split to predict: train | val | test | all | auto "
@@ -200,15 +202,18 @@ def predict(
 ) -> None:
     """Predict a dataset split with a saved model -> a Predictions artifact, and a per-image
     table of probabilities and findings (the first rows printed, all in predictions.csv)."""
-    from medscalpel.engine.api import _card, predict_spec, usage_line
+    from medscalpel.compress.served import load_any, provenance
+    from medscalpel.engine.api import predict_spec, usage_line
     from medscalpel.engine.findings import FILENAME as FINDINGS_CSV
     from medscalpel.engine.findings import findings_table
     from medscalpel.runs import RunDir, write_json
 
-    card = _card(model)
-    with RunDir(out, command="predict", config={"model": str(model), "data": data, "split": split},
+    m = load_any(model)
+    card, art = m.card, provenance(m)
+    with RunDir(out, command="predict", config={"model": str(model), "data": data, "split": split,
+                                                "artifact": art},
                 data={"spec": data, "split": split}, overwrite=overwrite) as run:
-        preds = predict_spec(model, data, split, batch_size)
+        preds = predict_spec(m, data, split, batch_size)
         preds.save(run.path / "predictions.npz")
         write_json(run.path / "predictions.json", preds.to_dict())
         op = card.decision_point()
@@ -218,11 +223,21 @@ def predict(
         run.data.update(split=preds.split, split_unit=preds.meta.get("split_unit"),
                         n_used=preds.meta.get("n_used"), n_total=preds.meta.get("n_total"))
     console.print(f"used {usage_line(preds)}", highlight=False)
+    if art is not None:
+        console.print(f"model: {artifact_line(art)}", highlight=False)
     _print_findings(table, out / FINDINGS_CSV)
     if preds.meta.get("unlabelled"):
         console.print("note: the images have no labels: the predictions' labels are unknown "
                       "(NaN), so 'evaluate' has nothing to score them against.", highlight=False)
     console.print(f"{preds.n} predictions -> {out / 'predictions.npz'}")
+
+
+def artifact_line(art: dict) -> str:
+    """One line naming a served artifact: runtime:precision, file, sha256 prefix, CPU."""
+    cpu = (art.get("cpu") or {}).get("model") or "?"
+    sha = (art.get("sha256") or "?")[:12]
+    return (f"served {art.get('runtime')}:{art.get('precision')} artifact {art.get('file')} "
+            f"(sha256 {sha}...) on {cpu}")
 
 
 #: image rows 'predict' prints (the rest are in the CSV)
@@ -299,8 +314,10 @@ def _parse_class_map(items: list[str]) -> dict[str, str] | None:
 @app.command()
 def evaluate(
     predictions: Path = typer.Argument(..., help="predictions.npz (or a directory holding it)."),
-    model: Optional[Path] = typer.Option(None, help="Model directory whose calibrated thresholds "
-                                                    "to use (default 0.5)."),
+    model: Optional[Path] = typer.Option(None, help="Model directory (or served artifact: a "
+                                                    "'compress deploy' run or its serve/) "
+                                                    "whose calibrated thresholds to use "
+                                                    "(default 0.5)."),
     external: Optional[str] = typer.Option(None, help="Dataset spec of an EXTERNAL set: predict it "
                                                       "with --model and report it next to these "
                                                       "(internal) predictions."),
@@ -332,7 +349,13 @@ def evaluate(
         _evaluate_external(predictions, model, external, external_split,
                            _parse_class_map(class_map), out, n_boot, seed, overwrite)
         return
-    res = evaluate_file(predictions, model, n_boot=n_boot, seed=seed)
+    from medscalpel.compress.served import card_of
+
+    res = evaluate_file(predictions, card_of(model) if model is not None else None,
+                        n_boot=n_boot, seed=seed)
+    if res.extra.get("artifact"):
+        console.print(f"predictions made by the {artifact_line(res.extra['artifact'])}",
+                      highlight=False)
     op = _stored_operating_point(predictions, model)
     if op is not None:
         res.extra["operating_point"] = op.to_dict()
@@ -363,12 +386,13 @@ def _stored_operating_point(predictions: Path, model: Optional[Path]):
     """The model card's operating point measured on these predictions (sens/spec with CIs),
     or None without --model or when the model decides by the uncalibrated default (the
     table above is already at 0.5 / argmax then)."""
-    from medscalpel.engine.api import _card, load_predictions
+    from medscalpel.compress.served import card_of
+    from medscalpel.engine.api import load_predictions
     from medscalpel.repair.calibrate import measure_operating_point
 
     if model is None:
         return None
-    op = _card(model).decision_point()
+    op = card_of(model).decision_point()
     if not op.calibrated and op.temperature == 1.0:
         return None
     preds = load_predictions(predictions)
@@ -397,9 +421,9 @@ def _evaluate_reference(predictions: Path, reference: Path, model: Optional[Path
     cand, ref = load_predictions(predictions), load_predictions(reference)
     thresholds = None
     if model is not None:
-        from medscalpel.engine.api import _card
+        from medscalpel.compress.served import card_of
 
-        card = _card(model)
+        card = card_of(model)
         if card.task != "multiclass" and card.thresholds is not None:
             thresholds = card.effective_thresholds()
     cmp = compare_predictions(ref, cand, n_boot=n_boot, seed=seed, thresholds=thresholds)
@@ -428,8 +452,13 @@ def _evaluate_external(predictions: Path, model: Optional[Path], external: str,
     if model is None:
         raise MedScalpelError("evaluate --external needs --model (the model that made the "
                               "internal predictions): it predicts the external set.")
-    res, ext = validate_external(predictions, model, external, external_split, class_map,
-                                 n_boot=n_boot, seed=seed)
+    from medscalpel.compress.served import load_any
+
+    res, ext = validate_external(predictions, load_any(model), external, external_split,
+                                 class_map, n_boot=n_boot, seed=seed)
+    if ext.meta.get("artifact"):
+        console.print(f"external set predicted by the {artifact_line(ext.meta['artifact'])}",
+                      highlight=False)
     console.print(f"external set: used {usage_line(ext)}")
     print_table(res.table(), f"internal ({res.internal['n']}) vs external ({res.external['n']}) "
                              f"at {res.threshold_source} thresholds")
@@ -451,7 +480,8 @@ def _evaluate_external(predictions: Path, model: Optional[Path], external: str,
                           "n_total": ext.meta.get("n_total"),
                           "split_unit": ext.meta.get("split_unit")},
                     overwrite=overwrite) as run:
-            write_json(run.path / FILENAME, res.to_dict())
+            art = ext.meta.get("artifact")
+            write_json(run.path / FILENAME, {**res.to_dict(), **({"artifact": art} if art else {})})
             ext.save(run.path / "external_predictions.npz")
             plot_reliability(res, run.path / "reliability.png")
         console.print(f"-> {out / FILENAME}, {out / 'reliability.png'}")
@@ -495,7 +525,8 @@ def demo(
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
 ) -> None:
     """The main job: phantom -> baseline -> calibrate -> compress -> sweep -> audit -> explain ->
-    repair -> distil -> experiment report, on the embedded phantom dataset."""
+    repair -> distil -> experiment report, on the embedded phantom dataset. An interrupted run
+    resumes after its last finished stage when the same command is run again."""
     from medscalpel.pipeline.demo import PROFILES, run_demo
     from medscalpel.runs import RunDir
 
@@ -504,7 +535,7 @@ def demo(
                               f"{', '.join(PROFILES)}.")
     console.print(f"medscalpel demo ({profile} profile) -> {out}")
     with RunDir(out, command="demo", config=PROFILES[profile].to_dict(), seed=seed,
-                data={"spec": "phantom"}, overwrite=overwrite) as run:
+                data={"spec": "phantom"}, overwrite=overwrite, resumable=True) as run:
         res = run_demo(run.path, profile, seed=seed, log=console.print)
     console.print(f"done in {res.seconds / 60:.1f} min; open {out / 'reports' / 'experiment.html'}")
 

@@ -11,6 +11,7 @@ and is timed in ``demo.json``.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -21,10 +22,10 @@ from typing import Any
 import numpy as np
 
 import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
-from medscalpel.errors import ConfigError
+from medscalpel.errors import ConfigError, RunError
 from medscalpel.pipeline.stage import (STAGES, StageContext, StageRecord, run_stage,
                                        settings_from)
-from medscalpel.runs import write_json
+from medscalpel.runs import dumps_json, read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -127,9 +128,13 @@ def run_demo(out: str | os.PathLike, profile: str | DemoProfile = "quick", seed:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(out, seed=seed, size=profile.size, progress=progress)
-    records: list[StageRecord] = []
-    t_all = time.perf_counter()
+    records = _finished_stages(out, profile)
+    t_all = time.perf_counter() - sum(r.seconds for r in records)
     for i, name in enumerate(DEMO_STAGES, 1):
+        if i <= len(records):
+            if log is not None:
+                log(f"[{i}/{len(DEMO_STAGES)}] {name:<10} done before (resumed run)")
+            continue
         rec = run_stage(name, ctx, settings_from(STAGES.get(name).Settings, profile))
         records.append(rec)
         write_json(out / "demo.json", DemoResult(out, profile, records,
@@ -137,3 +142,23 @@ def run_demo(out: str | os.PathLike, profile: str | DemoProfile = "quick", seed:
         if log is not None:
             log(f"[{i}/{len(DEMO_STAGES)}] {name:<10} {rec.seconds:7.1f} s")
     return DemoResult(out, profile, records, time.perf_counter() - t_all)
+
+
+def _finished_stages(out: Path, profile: DemoProfile) -> list[StageRecord]:
+    """The stages an interrupted run of the same profile finished (``demo.json`` is rewritten
+    after each stage, so a stage listed there completed): a resumed demo starts after them.
+    A ``demo.json`` of other settings is refused rather than mixed."""
+    path = out / "demo.json"
+    if not path.is_file():
+        return []
+    doc = read_json(path)
+    if json.loads(dumps_json(doc.get("settings"))) != json.loads(dumps_json(profile.to_dict())):
+        raise RunError(f"{out} holds a demo run with other settings (demo.json); use a new --out "
+                       "or the same profile.")
+    done: list[StageRecord] = []
+    for name, rec in zip(DEMO_STAGES, doc.get("stages", [])):
+        if rec.get("name") != name or rec.get("status") not in ("ok", "skipped"):
+            break
+        done.append(StageRecord(name, float(rec.get("seconds", 0.0)), rec["status"],
+                                {**(rec.get("summary") or {}), "resumed": True}))
+    return done

@@ -95,8 +95,8 @@ class StageContext:
         self._model = None
         self.preds: dict[str, Any] = _FromArtifact(self, "predictions", Predictions.load)
         self.features: dict[str, Any] = _FromArtifact(self, "features", Features.load)
-        self.thresholds: list[float] | None = None
-        self.compress_rows: list[dict[str, Any]] = []
+        self._thresholds: list[float] | None = None
+        self._compress_rows: list[dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ shared objects
     @property
@@ -117,6 +117,36 @@ class StageContext:
     @model.setter
     def model(self, value) -> None:
         self._model = value
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """The current model's decision thresholds (set by 'calibrate', else its card's)."""
+        if self._thresholds is None:
+            try:
+                card = self.model.card
+            except RunError:  # no model yet
+                return None
+            self._thresholds = card.effective_thresholds() if card is not None else None
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, value) -> None:
+        self._thresholds = value
+
+    @property
+    def compress_rows(self) -> list[dict[str, Any]]:
+        """The rows of this run's compression table ('compress' stage), [] before it ran."""
+        if self._compress_rows is None:
+            if not ARTIFACTS["compress"].exists(self.out):
+                return []
+            from medscalpel.layout import read_artifact
+
+            self._compress_rows = list(read_artifact(self.out, "compress").rows)
+        return self._compress_rows
+
+    @compress_rows.setter
+    def compress_rows(self, value) -> None:
+        self._compress_rows = list(value)
 
     @property
     def phantom(self):

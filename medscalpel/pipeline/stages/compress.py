@@ -157,12 +157,7 @@ def best_structured_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def best_compressed(ctx: StageContext) -> tuple[str, Any] | None:
     """(name, model) of the most accurate structured model of this run's compression table."""
-    if not ctx.compress_rows:
-        from medscalpel.layout import ARTIFACTS, read_artifact
-
-        if ARTIFACTS["compress"].exists(ctx.out):
-            ctx.compress_rows = list(read_artifact(ctx.out, "compress").rows)
-    best = best_structured_row(ctx.compress_rows)
+    best = best_structured_row(ctx.compress_rows)  # loaded from compress.json when needed
     return None if best is None else (best["method"], load_model(best["model_dir"]))
 
 
@@ -185,8 +180,9 @@ class DeployStage(Stage):
         best = best_compressed(ctx)
         if best is None:
             return {"status": "skipped", "reason": "no structured model in the compression table"}
+        # overwrite: a resumed run replaces what its own interrupted attempt left there
         res = quick_deploy(best[1], ctx.ds("test"), ctx.dir_of("deploy"),
-                           calib_data=ctx.ds("train"), progress=ctx.progress)
+                           calib_data=ctx.ds("train"), progress=ctx.progress, overwrite=True)
         return {"model": best[0], "recommendation": res.to_dict().get("recommendation")}
 
 
