@@ -67,6 +67,7 @@ def changes(
     with CIs. Nothing is written unless the whole audit succeeds."""
     from medscalpel.audit.changes import audit_changes
     from medscalpel.compress.served import load_served, runtime_model
+    from medscalpel.engine.api import model_provenance as provenance
     from medscalpel.data import open_dataset
     from medscalpel.engine.predict import collect_images
     from medscalpel.errors import ConfigError
@@ -99,7 +100,9 @@ def changes(
               "split": split, "measures": list(measures), "n_images": n_images,
               "n_boot": n_boot, "attributes": list(attributes), "min_subgroup": min_subgroup,
               "n_faithfulness": n_faithfulness, "corruptions": list(corruptions),
-              "severities": list(severities)}
+              "severities": list(severities),
+              "artifacts": {k: provenance(m) for k, m in models.items()
+                            if provenance(m) is not None}}
     with RunDir(out, command="audit changes", config=config, seed=seed,
                 overwrite=overwrite) as run:
         result = audit_changes(ref, models, ds, measures=measures, n_images=n_images,

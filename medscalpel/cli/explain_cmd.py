@@ -15,14 +15,21 @@ DATA = typer.Option(..., help="Dataset spec, e.g. 'phantom:/runs/ph' or 'nih:/da
 OUT = typer.Option(..., help="Run directory to create.")
 
 
-def _open(model_dir: Path, data: str, split: str):
+def _open(model_dir: Path, data: str, split: str, served_ok: bool = False):
     """The model and its data, refused (ModelError naming both) when the model's classes,
     task or input channels do not match the data's: explanations of one class would otherwise
-    be drawn for another class's images."""
+    be drawn for another class's images. ``served_ok``: a served artifact (a 'compress deploy'
+    run or its serve/) is accepted; else it is refused with the reason (no gradients)."""
+    from medscalpel.compress.served import is_served, load_any
     from medscalpel.data.spec import open_dataset
-    from medscalpel.models import load_model
+    from medscalpel.errors import ModelError
 
-    model = load_model(model_dir)
+    if is_served(model_dir) and not served_ok:
+        raise ModelError(f"--model {model_dir} is a served artifact (compress deploy): it has no "
+                         "gradients or weights to explain; this command needs the torch model "
+                         "directory (only 'explain cam' runs on a served artifact, through its "
+                         "CAM output).")
+    model = load_any(model_dir)
     ds = open_dataset(data, split=split, preprocess=model.card.preprocess)
     _require_match(model, model_dir, ds, data)
     return model, ds
@@ -59,33 +66,52 @@ def _positives(ds, k: int, n: int, seed: int) -> list[int]:
 
 
 def cam(
-    model: Path = MODEL, data: str = DATA, out: Path = OUT,
+    model: Path = typer.Option(..., help="Model directory (model.safetensors + model.json), or a "
+                               "served artifact ('compress deploy' run or its serve/): its own "
+                               "CAM output gives Grad-CAM (other methods need the torch model)."),
+    data: str = DATA, out: Path = OUT,
     target: str = typer.Option(..., "--class", help="Class to explain (one target per class)."),
     split: str = typer.Option("test"),
     n: int = typer.Option(8, "--n-images", "--n", help="Images (positives first)."),
     method: str = typer.Option("gradcam", help="gradcam | gradcam++ | scorecam"),
     seed: int = typer.Option(0), overwrite: bool = typer.Option(False),
 ) -> None:
-    """Class activation maps of one class on a few images, with the lung-zone reading."""
+    """Class activation maps of one class on a few images, with the lung-zone reading. On a
+    served artifact, Grad-CAM from the artifact's own CAM output, labelled with its precision."""
     import torch
 
+    from medscalpel.engine.api import model_provenance as provenance
+    from medscalpel.errors import ConfigError, ModelError
     from medscalpel.explain.cams import compute_cam
     from medscalpel.explain.figures import cam_overlay_figure
     from medscalpel.runs import RunDir, write_json
 
-    m, ds = _open(model, data, split)
+    m, ds = _open(model, data, split, served_ok=True)
+    art = provenance(m)
+    if not getattr(m, "supports_gradients", True):   # refused before any work, with why
+        if method != "gradcam":
+            raise ConfigError(f"--method {method}: the served {m.name} artifact has no "
+                              "gradients; its CAM output is Grad-CAM (equal to it for a "
+                              "global-average-pool + linear head), so only --method gradcam "
+                              "runs on it. Give the torch model directory for other methods.")
+        if m.cam_refusal() is not None:
+            raise ModelError(f"explain cam: {m.cam_refusal()}.")
     k = _class_index(m, target)
     idx = _positives(ds, k, n, seed)
     images = torch.stack([ds.image(i) for i in idx])
     with RunDir(out, command="explain cam", config={"model": str(model), "data": data,
-                                                    "class": target, "method": method},
+                                                    "class": target, "method": method,
+                                                    "artifact": art},
                 seed=seed, overwrite=overwrite) as run:
         res = compute_cam(m, images, k, method=method, ids=[ds.ids[i] for i in idx])
         res.save(run.path / "cams.npz")
         cam_overlay_figure(ds.preprocess.denormalize(images).numpy(), res,
-                           run.path / f"{method}.png")
-        write_json(run.path / "cams.json", res.to_dict())
-    console.print(f"{len(idx)} {method} maps of '{target}' -> {out}")
+                           run.path / f"{method}.png",
+                           title=res.meta.get("label"))
+        write_json(run.path / "cams.json", {**res.to_dict(), "artifact": art}
+                   if art is not None and "artifact" not in res.meta else res.to_dict())
+    how = f" ({res.meta['label']})" if res.meta.get("label") else ""
+    console.print(f"{len(idx)} {method} maps of '{target}'{how} -> {out}", highlight=False)
 
 
 def attribute(

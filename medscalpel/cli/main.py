@@ -202,7 +202,8 @@ def predict(
 ) -> None:
     """Predict a dataset split with a saved model -> a Predictions artifact, and a per-image
     table of probabilities and findings (the first rows printed, all in predictions.csv)."""
-    from medscalpel.compress.served import load_any, provenance
+    from medscalpel.compress.served import artifact_line, load_any
+    from medscalpel.engine.api import model_provenance as provenance
     from medscalpel.engine.api import predict_spec, usage_line
     from medscalpel.engine.findings import FILENAME as FINDINGS_CSV
     from medscalpel.engine.findings import findings_table
@@ -230,14 +231,6 @@ def predict(
         console.print("note: the images have no labels: the predictions' labels are unknown "
                       "(NaN), so 'evaluate' has nothing to score them against.", highlight=False)
     console.print(f"{preds.n} predictions -> {out / 'predictions.npz'}")
-
-
-def artifact_line(art: dict) -> str:
-    """One line naming a served artifact: runtime:precision, file, sha256 prefix, CPU."""
-    cpu = (art.get("cpu") or {}).get("model") or "?"
-    sha = (art.get("sha256") or "?")[:12]
-    return (f"served {art.get('runtime')}:{art.get('precision')} artifact {art.get('file')} "
-            f"(sha256 {sha}...) on {cpu}")
 
 
 #: image rows 'predict' prints (the rest are in the CSV)
@@ -349,7 +342,7 @@ def evaluate(
         _evaluate_external(predictions, model, external, external_split,
                            _parse_class_map(class_map), out, n_boot, seed, overwrite)
         return
-    from medscalpel.compress.served import card_of
+    from medscalpel.compress.served import artifact_line, card_of
 
     res = evaluate_file(predictions, card_of(model) if model is not None else None,
                         n_boot=n_boot, seed=seed)
@@ -452,7 +445,7 @@ def _evaluate_external(predictions: Path, model: Optional[Path], external: str,
     if model is None:
         raise MedScalpelError("evaluate --external needs --model (the model that made the "
                               "internal predictions): it predicts the external set.")
-    from medscalpel.compress.served import load_any
+    from medscalpel.compress.served import artifact_line, load_any
 
     res, ext = validate_external(predictions, load_any(model), external, external_split,
                                  class_map, n_boot=n_boot, seed=seed)

@@ -14,7 +14,9 @@ from medscalpel.cli.common import console
 def clinical(
     images: List[Path] = typer.Argument(..., help="Chest X-ray image files (PNG, JPEG, ...)."),
     model: Path = typer.Option(..., "--model", "-m", help="Model directory (model.json + "
-                               "model.safetensors), ideally with calibrated thresholds."),
+                               "model.safetensors), ideally with calibrated thresholds, or a "
+                               "served artifact ('compress deploy' run or its serve/): its "
+                               "logits and its own CAM output (Grad-CAM), no channel evidence."),
     stats: Optional[Path] = typer.Option(None, help="stats.json of the TRAINING labels "
                                          "('medscalpel data stats', same label set as the "
                                          "model): enables the evidence-based conflict check."),
@@ -47,8 +49,9 @@ def clinical(
     resolution allows + overlay). Self-contained HTML and JSON."""
     from medscalpel.data.cooccurrence import ExclusionRule
     from medscalpel.data.dicom_read import deidentified_inputs
-    from medscalpel.errors import ConfigError
-    from medscalpel.models.checkpoint import load_model
+    from medscalpel.compress.served import artifact_line, load_any
+    from medscalpel.engine.api import model_provenance as provenance
+    from medscalpel.errors import ConfigError, ModelError
     from medscalpel.report.clinical import clinical_report
     from medscalpel.runs import RunDir, write_json
 
@@ -58,6 +61,16 @@ def clinical(
                           "come from the co-occurrence evidence (--max-lift-upper, "
                           "--min-expected, --min-images) and are flagged; add --hide-exclusive "
                           "to hide the weaker finding.")
+    m = load_any(model)
+    art = provenance(m)
+    if not getattr(m, "supports_gradients", True):   # refused before any work, with why
+        if cam_method != "gradcam":
+            raise ConfigError(f"--cam-method {cam_method}: the served {m.name} artifact has no "
+                              "gradients; its CAM output is Grad-CAM, so only --cam-method "
+                              "gradcam runs on it. Give the torch model directory for other "
+                              "methods.")
+        if m.cam_refusal() is not None:
+            raise ModelError(f"report clinical: {m.cam_refusal()}.")
     rule = ExclusionRule(max_lift_upper=max_lift_upper, min_expected=min_expected,
                          min_images=min_images)
     mode = "hide" if hide_exclusive else "flag"
@@ -66,15 +79,20 @@ def clinical(
            "stats": str(stats) if stats else None,
            "calibration": str(calibration) if calibration else None, "conflicts": mode,
            "exclusion_rule": rule.to_dict(), "min_cam_size": min_cam_size,
-           "cam_method": cam_method, "top_channels": top_channels}
+           "cam_method": cam_method, "top_channels": top_channels, "artifact": art}
     with RunDir(out, command="report clinical", config=cfg, overwrite=overwrite) as run:
-        reports = clinical_report(load_model(model), items, run.path, image_ids=image_ids,
+        reports = clinical_report(m, items, run.path, image_ids=image_ids,
                                   label_stats=stats, cam_method=cam_method,
                                   top_channels=top_channels, conflicts=mode,
                                   exclusion_rule=rule, calibration=calibration,
                                   min_cam_size=min_cam_size)
         write_json(run.path / "clinical.json", {"reports": [r.to_dict() for r in reports]})
     _print_clinical(reports)
+    if art is not None and not getattr(m, "supports_gradients", True):
+        console.print(f"model: {artifact_line(art)}; maps: {m.label()}; no channel evidence "
+                      "(the served graph has no penultimate features)", highlight=False)
+    elif art is not None:
+        console.print(f"model: {artifact_line(art)}", highlight=False)
     console.print(f"written to {out / 'index.html'}")
 
 

@@ -3,8 +3,14 @@ behind an ``nn.Module`` that returns logits.
 
 Audits that need only predictions (accuracy, calibration, subgroups, robustness) can then run on
 the int8 artifact a server would load, not on the float32 model it came from. The module has no
-parameters and no gradients (``supports_gradients = False``): gradient explanations (Grad-CAM,
-IG, LRP) cannot run on it, and :func:`medscalpel.audit.changes.audit_changes` says so instead.
+parameters and no gradients (``supports_gradients = False``): gradient explanations (IG, LRP,
+Grad-CAM++, Score-CAM) cannot run on it. When the served graph carries the class activation map
+output ``cam`` (``compress deploy`` with a GAP + linear head, see
+:mod:`medscalpel.compress.cam_head`), :meth:`RuntimeModel.cams` returns the maps the runtime
+itself computed (``[N, K, h, w]``, pre-ReLU; Grad-CAM = ReLU(cam) min-max scaled): ``explain
+cam``, ``report clinical`` and ``audit changes`` use them. Every loaded artifact names itself
+(:attr:`RuntimeModel.artifact`: runtime, precision, file and its sha256, the CPU it ran on) so
+every result written from it says what produced it.
 
 - :func:`runtime_model` builds a variant of a torch model (export, quantise on calibration
   images, compile) and checks its parity with the torch model on those images;
@@ -36,9 +42,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from medscalpel.compress.cam_head import cam_maps
 from medscalpel.errors import (ConfigError, DataError, MedScalpelError, ModelError,
                                VerificationError)
 from medscalpel.models.checkpoint import ModelCard
+from medscalpel.models.operating_point import OperatingPoint
+from medscalpel.runs import cpu_info, hash_file, read_json
 
 if TYPE_CHECKING:
     from medscalpel.compress.runtimes import Runtime
@@ -51,25 +60,51 @@ class RuntimeModel(nn.Module):
 
     Attributes: ``card`` (class names, task, thresholds, input; lineage names the runtime),
     ``runtime`` / ``precision``, ``parity`` (max |delta logit| vs the torch model when built by
-    :func:`runtime_model`), ``supports_gradients`` (False).
+    :func:`runtime_model`), ``supports_gradients`` (False), ``artifact`` (provenance: runtime,
+    precision, file, sha256, CPU; see :func:`artifact_info`), ``cam_info`` (the served CAM
+    output: layer, definition, how it was checked; ``status`` is ``served`` when it exists).
     """
 
     supports_gradients = False
 
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], card: ModelCard, runtime: str,
-                 precision: str, parity: dict[str, Any] | None = None, keep: Any = None):
+                 precision: str, parity: dict[str, Any] | None = None, keep: Any = None, *,
+                 run_all: Callable[[np.ndarray], list[np.ndarray]] | None = None,
+                 cam_info: dict[str, Any] | None = None,
+                 artifact: dict[str, Any] | None = None):
         super().__init__()
         self._run = run
+        self._run_all = run_all
         self.card = card
         self.runtime, self.precision = runtime, precision
         self.arch = card.arch
         self.num_classes = len(card.class_names)
+        self.in_chans = int(card.input.get("channels", 1))
         self.parity = dict(parity or {})
+        self.cam_info = dict(cam_info or {"status": "not available",
+                                          "reason": "the artifact was built without a CAM "
+                                                    "output"})
+        self.artifact = dict(artifact or {"runtime": runtime, "precision": precision,
+                                          "cpu": cpu_info()})
         self._keep = keep   # the runtime object / files the session needs alive
 
     @property
     def name(self) -> str:
         return f"{self.runtime}:{self.precision}"
+
+    @property
+    def has_cams(self) -> bool:
+        """Whether the artifact returns class activation maps beside the logits."""
+        return self._run_all is not None and self.cam_info.get("status") == "served"
+
+    def cam_refusal(self) -> str | None:
+        """Why this artifact cannot give CAMs (None when it can)."""
+        if self.has_cams:
+            return None
+        why = self.cam_info.get("reason") or f"status {self.cam_info.get('status', '?')!r}"
+        return (f"the {self.name} runtime artifact has no CAM output ({why}) and no gradients; "
+                "explain the torch model it was built from, or re-run `medscalpel compress "
+                "deploy` with --explain on a model with a global-average-pool + linear head")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
@@ -78,8 +113,101 @@ class RuntimeModel(nn.Module):
         y = self._run(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32))
         return torch.from_numpy(np.asarray(y, dtype=np.float32)).to(x.device)
 
+    def logits_and_cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[N, K]`` and raw class activation maps ``[N, K, h, w]`` from ONE run of the
+        artifact (``cam[n, k] = sum_c W[k, c] A[n, c]`` at :attr:`cam_layer`, pre-ReLU)."""
+        refusal = self.cam_refusal()
+        if refusal is not None:
+            raise ModelError(f"{OWNER}: {refusal}.")
+        outs = self._run_all(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32))
+        if len(outs) < 2 or np.asarray(outs[1]).ndim != 4:
+            raise ModelError(f"{OWNER}: the {self.name} artifact returned {len(outs)} output(s) "
+                             f"but serve.json declares a CAM output; re-run `medscalpel compress "
+                             "deploy`.")
+        logits = torch.from_numpy(np.asarray(outs[0], dtype=np.float32)).to(x.device)
+        return logits, torch.from_numpy(np.asarray(outs[1], dtype=np.float32)).to(x.device)
+
+    def cams(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw class activation maps ``[N, K, h, w]`` the served runtime computed (see
+        :meth:`logits_and_cams`); :class:`ModelError` naming why when it has none."""
+        return self.logits_and_cams(x)[1]
+
+    def gradcam_maps(self, x: torch.Tensor, targets: list[int]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Grad-CAM maps ``[N, H, W]`` in [0, 1] at the input resolution from the served CAM
+        output, one class per image, scaled exactly as pytorch-grad-cam scales its Grad-CAM
+        (:func:`~medscalpel.compress.cam_head.cam_maps`), and the explained logit of each
+        image ``[N]``; both from one run of the artifact."""
+        logits, raw = self.logits_and_cams(x)
+        maps = cam_maps(raw.numpy(), targets, (int(x.shape[2]), int(x.shape[3])))
+        z = logits.numpy()
+        return maps, np.asarray([z[i, int(t)] for i, t in enumerate(targets)], np.float32)
+
+    def label(self) -> str:
+        """How a map from this artifact is labelled: ``Grad-CAM (served onnxruntime:int8 CAM
+        output)``."""
+        return f"Grad-CAM (served {self.name} CAM output)"
+
+    @property
+    def cam_layer(self) -> str:
+        """The layer the served CAMs are taken at (from serve.json), or ''."""
+        return str((self.cam_info.get("support") or {}).get("layer") or "")
+
+    def provenance(self) -> dict[str, Any]:
+        """What produced a result: :attr:`artifact` plus the CAM output's status."""
+        return {**self.artifact, "cam_output": self.cam_info.get("status", "not available")}
+
     def extra_repr(self) -> str:
         return f"{self.name}, {self.num_classes} classes"
+
+
+def artifact_info(files: list[Path], runtime: str, precision: str, source: str | None = None,
+                  **extra: Any) -> dict[str, Any]:
+    """Provenance of a runtime artifact for every result written from it: runtime, precision,
+    the model file (its name and sha256, and every file's sha256), the folder it was loaded
+    from and the CPU model / features it runs on (:func:`medscalpel.runs.cpu_info`)."""
+    main = files[0] if files else None
+    return {"runtime": runtime, "precision": precision,
+            "file": main.name if main is not None else None,
+            "sha256": hash_file(main) if main is not None and main.is_file() else None,
+            "files": {f.name: hash_file(f) for f in files if f.is_file()},
+            "source": source, "cpu": cpu_info(), **extra}
+
+
+def is_served(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a served artifact: a ``serve/`` folder holding ``serve.json`` or a
+    deploy run directory holding ``serve/serve.json``."""
+    p = Path(path)
+    return (p / "serve.json").is_file() or (p / "serve" / "serve.json").is_file()
+
+
+def load_any(path: str | os.PathLike, threads: int = 1) -> nn.Module:
+    """A medscalpel model directory (:func:`medscalpel.models.load_model`) or a served artifact
+    (:func:`load_served`: ``RUN`` or ``RUN/serve`` of ``compress deploy``)."""
+    if is_served(path):
+        return load_served(path, threads)
+    from medscalpel.models import load_model
+
+    return load_model(path)
+
+
+def card_of(path: str | os.PathLike) -> ModelCard:
+    """The ModelCard of a model directory or of a served artifact (its serve.json), without
+    loading weights or a runtime."""
+    if is_served(path):
+        return read_serve(path)[2]
+    from medscalpel.models.checkpoint import _resolve
+
+    _, card_path = _resolve(path)
+    return ModelCard.from_dict(read_json(card_path), source=str(card_path))
+
+
+def artifact_line(art: dict[str, Any]) -> str:
+    """One line naming a served artifact: runtime:precision, file, sha256 prefix, CPU model."""
+    cpu = (art.get("cpu") or {}).get("model") or "?"
+    sha = (art.get("sha256") or "?")[:12]
+    return (f"served {art.get('runtime')}:{art.get('precision')} artifact {art.get('file')} "
+            f"(sha256 {sha}...) on {cpu}")
 
 
 def _card(model: nn.Module) -> ModelCard:
@@ -136,7 +264,10 @@ def runtime_model(model: nn.Module, runtime: "str | Runtime", calib: torch.Tenso
     new_card = card.with_lineage(f"runtime {runtime}", card.model_id, runtime=rt.runtime,
                                  precision=rt.precision, parity=parity)
     new_card = replace(new_card, model_id=f"{card.model_id or card.arch}@{runtime}")
-    out = RuntimeModel(rt.run, new_card, rt.runtime, rt.precision, parity=parity, keep=rt)
+    art = artifact_info([Path(f) for f in rt.serve_files()], rt.runtime, rt.precision,
+                        source=f"built in memory from {card.model_id or card.arch}")
+    out = RuntimeModel(rt.run, new_card, rt.runtime, rt.precision, parity=parity, keep=rt,
+                       artifact=art)
     if own:
         weakref.finalize(out, shutil.rmtree, str(wd), True)
     return out
@@ -145,9 +276,79 @@ def runtime_model(model: nn.Module, runtime: "str | Runtime", calib: torch.Tenso
 def load_served(path: str | os.PathLike, threads: int = 1) -> nn.Module:
     """The model ``compress deploy`` served in ``path`` (its ``serve/`` folder, or the deploy
     run directory holding it): a torch model for a torch variant, else a :class:`RuntimeModel`
-    running the ONNX / OpenVINO file named in ``serve.json``."""
-    from medscalpel.runs import read_json
+    running the ONNX / OpenVINO file named in ``serve.json`` (a torch model names its served
+    weights in ``model.artifact``), with its CAM output when
+    ``serve.json`` declares one (``outputs`` holds ``cam``) and its provenance
+    (:attr:`RuntimeModel.artifact`)."""
+    p, meta, card = read_serve(path)
+    meta_path = p / "serve.json"
+    runtime, precision, files = str(meta["runtime"]), str(meta["precision"]), list(meta["files"])
+    if runtime.startswith("torch"):   # the torch model itself: gradients, every explanation
+        from medscalpel.models.checkpoint import WEIGHTS, load_model
 
+        model = load_model(p)
+        model.artifact = artifact_info([p / WEIGHTS], runtime, precision, source=str(p),
+                                       variant=meta.get("variant"), model_id=meta.get("model_id"),
+                                       cam_output="torch: Grad-CAM by autograd")
+        return model
+    if runtime == "onnxruntime":
+        onnx = [f for f in files if f.endswith(".onnx")]
+        if not onnx or not (p / onnx[0]).is_file():
+            raise DataError(f"{meta_path}: no ONNX file {onnx or files} in {p}.")
+        from medscalpel.compress.export import ort_session
+
+        try:
+            sess = ort_session(p / onnx[0], threads)
+        except (MedScalpelError, ImportError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own (pybind) types
+            raise _unloadable(p / onnx[0], "onnxruntime", exc) from exc
+        name = sess.get_inputs()[0].name
+        _check_outputs(p / onnx[0], [o.shape for o in sess.get_outputs()][:1], card)
+
+        def run_all(x: np.ndarray) -> list[np.ndarray]:
+            return list(sess.run(None, {name: x}))
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return sess.run(["logits"] if has_logits else None, {name: x})[0]
+
+        outputs = [o.name for o in sess.get_outputs()]
+        has_logits = "logits" in outputs
+        return _served_model(run, run_all, len(outputs), card, meta, p, [p / onnx[0]], sess)
+    if runtime == "openvino":
+        xml = [f for f in files if f.endswith(".xml")]
+        if not xml or not (p / xml[0]).is_file():
+            raise DataError(f"{meta_path}: no OpenVINO IR (.xml) {xml or files} in {p}.")
+        from medscalpel.compress.runtimes import compile_openvino
+
+        try:
+            compiled = compile_openvino(p / xml[0], "bf16" if precision == "bf16" else "f32",
+                                        threads)
+            request = compiled.create_infer_request()
+        except (MedScalpelError, ImportError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own types
+            raise _unloadable(p / xml[0], "OpenVINO", exc) from exc
+
+        def run_ov(x: np.ndarray) -> np.ndarray:
+            res = request.infer({0: x})
+            return np.asarray(res[compiled.output(0)], dtype=np.float32).copy()
+
+        def run_ov_all(x: np.ndarray) -> list[np.ndarray]:
+            res = request.infer({0: x})
+            return [np.asarray(res[o], dtype=np.float32).copy() for o in compiled.outputs]
+
+        ov_files = [p / xml[0]] + [p / f for f in files if f.endswith(".bin")
+                                   and not f.startswith("logits_only/")]
+        return _served_model(run_ov, run_ov_all, len(compiled.outputs), card, meta, p, ov_files,
+                             (compiled, request))
+    raise DataError(f"{meta_path}: unknown runtime {runtime!r} (expected torch, onnxruntime or "
+                    "openvino).")
+
+
+def read_serve(path: str | os.PathLike) -> tuple[Path, dict[str, Any], ModelCard]:
+    """The serve/ folder, its ``serve.json`` and the ModelCard it describes (class names, task,
+    thresholds, input), without loading the runtime; DataError naming what is missing."""
     p = Path(path)
     if (p / "serve" / "serve.json").is_file():
         p = p / "serve"
@@ -168,11 +369,12 @@ def load_served(path: str | os.PathLike, threads: int = 1) -> nn.Module:
     if missing:
         raise DataError(f"{meta_path}: missing {missing}; re-run `medscalpel compress deploy` to "
                         "write a complete serve.json.")
-    runtime, precision, files = str(meta["runtime"]), str(meta["precision"]), list(meta["files"])
+    runtime, precision = str(meta["runtime"]), str(meta["precision"])
     if runtime.startswith("torch"):
-        from medscalpel.models import load_model
+        from medscalpel.models.checkpoint import _resolve
 
-        return load_model(p)
+        _, card_path = _resolve(p)
+        return p, meta, ModelCard.from_dict(read_json(card_path), source=str(card_path))
     if not isinstance(meta["files"], list) or not isinstance(meta["input"], dict):
         raise DataError(f"{meta_path}: 'files' must be a list of file names and 'input' an "
                         "object (size, channels, mean, std); re-run `medscalpel compress deploy`.")
@@ -183,54 +385,44 @@ def load_served(path: str | os.PathLike, threads: int = 1) -> nn.Module:
                          thresholds=tuple(meta["thresholds"]) if meta.get("thresholds") else None,
                          lineage=({"method": f"served {runtime}:{precision}",
                                    "parent": meta.get("model_id") or "", "source": str(p)},),
-                         model_id=f"{meta.get('model_id') or 'served'}@{runtime}:{precision}")
+                         model_id=f"{meta.get('model_id') or 'served'}@{runtime}:{precision}",
+                         operating_point=(OperatingPoint.from_dict(meta["operating_point"])
+                                          if isinstance(meta.get("operating_point"), dict)
+                                          else None))
     except MedScalpelError:
         raise
     except (TypeError, ValueError, KeyError) as exc:
         raise DataError(f"{meta_path}: not a serve contract this medscalpel can read "
                         f"({type(exc).__name__}: {exc}); re-run `medscalpel compress deploy`."
                         ) from exc
-    if runtime == "onnxruntime":
-        onnx = [f for f in files if f.endswith(".onnx")]
-        if not onnx or not (p / onnx[0]).is_file():
-            raise DataError(f"{meta_path}: no ONNX file {onnx or files} in {p}.")
-        from medscalpel.compress.export import ort_session
+    return p, meta, card
 
-        try:
-            sess = ort_session(p / onnx[0], threads)
-        except (MedScalpelError, ImportError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own (pybind) types
-            raise _unloadable(p / onnx[0], "onnxruntime", exc) from exc
-        name = sess.get_inputs()[0].name
-        _check_outputs(p / onnx[0], [o.shape for o in sess.get_outputs()][:1], card)
 
-        def run(x: np.ndarray) -> np.ndarray:
-            return sess.run(None, {name: x})[0]
-
-        return RuntimeModel(run, card, runtime, precision, keep=sess)
-    if runtime == "openvino":
-        xml = [f for f in files if f.endswith(".xml")]
-        if not xml or not (p / xml[0]).is_file():
-            raise DataError(f"{meta_path}: no OpenVINO IR (.xml) {xml or files} in {p}.")
-        from medscalpel.compress.runtimes import compile_openvino
-
-        try:
-            compiled = compile_openvino(p / xml[0], "bf16" if precision == "bf16" else "f32",
-                                        threads)
-            request = compiled.create_infer_request()
-        except (MedScalpelError, ImportError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own types
-            raise _unloadable(p / xml[0], "OpenVINO", exc) from exc
-
-        def run_ov(x: np.ndarray) -> np.ndarray:
-            res = request.infer({0: x})
-            return np.asarray(res[compiled.output(0)], dtype=np.float32).copy()
-
-        return RuntimeModel(run_ov, card, runtime, precision, keep=(compiled, request))
-    raise DataError(f"{meta_path}: unknown runtime {runtime!r} (expected torch, onnxruntime or "
-                    "openvino).")
+def _served_model(run: Callable, run_all: Callable, n_outputs: int, card: ModelCard,
+                  meta: dict[str, Any], folder: Path, files: list[Path], keep: Any
+                  ) -> RuntimeModel:
+    """A :class:`RuntimeModel` of a loaded serve/ folder: the CAM output when serve.json
+    declares it (refused when the graph does not return it), the artifact's provenance."""
+    runtime, precision = str(meta["runtime"]), str(meta["precision"])
+    outputs = meta.get("outputs") if isinstance(meta.get("outputs"), list) else ["logits"]
+    expl = meta.get("explanation") if isinstance(meta.get("explanation"), dict) else {}
+    cam_info = dict(expl) or {"status": "not available",
+                              "reason": "serve.json has no 'explanation' block (written before "
+                                        "served CAMs existed)"}
+    if "cam" in outputs:
+        if n_outputs < 2:
+            raise ModelError(f"{folder / 'serve.json'} declares a 'cam' output but "
+                             f"{files[0].name} returns {n_outputs} output; the files do not "
+                             "belong together. Re-run `medscalpel compress deploy`.")
+        cam_info["status"] = "served"
+    elif cam_info.get("status") == "served":
+        cam_info["status"] = "not available"
+        cam_info["reason"] = "serve.json's outputs do not list 'cam'"
+    art = artifact_info(files, runtime, precision, source=str(folder),
+                        variant=meta.get("variant"), model_id=meta.get("model_id"))
+    return RuntimeModel(run, card, runtime, precision, keep=keep,
+                        run_all=run_all if cam_info.get("status") == "served" else None,
+                        cam_info=cam_info, artifact=art)
 
 
 def _unloadable(path: Path, runtime: str, exc: BaseException) -> DataError:
@@ -253,4 +445,5 @@ def _check_outputs(path: Path, shapes: list[Any], card: ModelCard) -> None:
                          "Re-run `medscalpel compress deploy`.")
 
 
-__all__ = ["RuntimeModel", "load_served", "runtime_model"]
+__all__ = ["RuntimeModel", "artifact_info", "artifact_line", "card_of", "is_served", "load_any",
+           "load_served", "read_serve", "runtime_model"]

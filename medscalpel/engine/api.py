@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from medscalpel.data.base import CXRDataset, split_warning
 from medscalpel.data.dicom_read import file_ids
 from medscalpel.data.scan import readable_image_files, require_readable, split_file_query
@@ -20,7 +22,7 @@ from medscalpel.engine.predict import predict
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import DataError
 from medscalpel.engine.train import TrainConfig, TrainResult, seed_everything, train
-from medscalpel.models.checkpoint import load_model, make_card, save_model
+from medscalpel.models.checkpoint import ModelCard, load_model, make_card, save_model
 from medscalpel.models.classifier import MedClassifier
 from medscalpel.models.zoo import create_model
 
@@ -217,13 +219,16 @@ def _predict_files(model: MedClassifier, paths: list[Path], data: str, batch_siz
     return replace(preds, labels=labels, split="images", meta=meta)
 
 
-def predict_spec(model_dir: str | os.PathLike, data: str, split: str | None = "test",
+def predict_spec(model_dir: str | os.PathLike | Any, data: str, split: str | None = "test",
                  batch_size: int = 64, progress: bool | None = None,
                  class_map: dict[str, str] | None = None) -> Predictions:
     """Load a model directory and predict a split of a dataset spec with the model's own
     preprocessing (size, channels, normalisation from model.json).
 
     Args:
+        model_dir: a model directory, or a model already loaded (e.g. a served artifact from
+            :func:`medscalpel.compress.served.load_any`); a model that names its artifact
+            (``model.provenance()``) has it recorded in the Predictions' ``meta["artifact"]``.
         split: the split; ``None`` / ``auto`` chooses (see :func:`choose_split`).
         class_map: dataset class name -> model class name when the names differ (an external
             set); see :func:`medscalpel.engine.external.map_class_names`.
@@ -232,7 +237,29 @@ def predict_spec(model_dir: str | os.PathLike, data: str, split: str | None = "t
     :func:`medscalpel.data.base.split_warning`), ``n_used`` / ``n_total`` (images predicted /
     images in the whole dataset) and ``split_reason``.
     """
-    model = load_model(model_dir)
+    model = _as_model(model_dir)
+    preds = _predict_spec(model, data, split, batch_size, progress, class_map)
+    art = model_provenance(model)
+    return replace(preds, meta={**preds.meta, "artifact": art}) if art is not None else preds
+
+
+def _as_model(model: str | os.PathLike | Any) -> Any:
+    return model if isinstance(model, nn.Module) else load_model(model)
+
+
+def model_provenance(model: Any) -> dict[str, Any] | None:
+    """The artifact a loaded model runs (runtime, precision, file sha256, CPU) when it names
+    one (a served runtime artifact's ``provenance()``, a served torch model's ``artifact``),
+    else None (a model directory)."""
+    fn = getattr(model, "provenance", None)
+    if callable(fn):
+        return fn()
+    art = getattr(model, "artifact", None)
+    return dict(art) if isinstance(art, dict) else None
+
+
+def _predict_spec(model: Any, data: str, split: str | None, batch_size: int,
+                  progress: bool | None, class_map: dict[str, str] | None) -> Predictions:
     paths = image_paths(data)
     if paths is not None:
         if split not in (None, "", "auto", "all"):
@@ -328,7 +355,7 @@ def load_predictions(path: str | os.PathLike) -> Predictions:
                         f"{exc}); {how}.") from exc
 
 
-def validate_external(predictions: str | os.PathLike, model_dir: str | os.PathLike,
+def validate_external(predictions: str | os.PathLike, model_dir: str | os.PathLike | Any,
                       external: str, external_split: str = "all",
                       class_map: dict[str, str] | None = None, n_boot: int = 1000, seed: int = 0,
                       batch_size: int = 64, progress: bool | None = None
@@ -341,7 +368,8 @@ def validate_external(predictions: str | os.PathLike, model_dir: str | os.PathLi
         ``(result, external_predictions)``.
     """
     internal = load_predictions(predictions)
-    model_card = _card(model_dir)
+    model_dir = _as_model(model_dir)
+    model_card = model_dir.card
     ext = predict_spec(model_dir, external, external_split, batch_size=batch_size,
                        progress=progress, class_map=class_map)
     res = external_validation(model_card, internal, ext, n_boot=n_boot, seed=seed)
@@ -356,18 +384,24 @@ def _card(model_dir: str | os.PathLike):
     return ModelCard.from_dict(read_json(card_path), source=str(card_path))
 
 
-def evaluate_file(predictions: str | os.PathLike, model_dir: str | os.PathLike | None = None,
+def evaluate_file(predictions: str | os.PathLike,
+                  model_dir: str | os.PathLike | ModelCard | None = None,
                   n_boot: int = 1000, seed: int = 0) -> EvalResult:
     """Evaluate a saved Predictions file; per-class thresholds come from ``model_dir``'s card
-    when given (else 0.5)."""
+    (a model directory, or a :class:`ModelCard` such as a served artifact's) when given (else
+    0.5). The artifact that made the predictions (their ``meta["artifact"]``, when a served
+    artifact predicted them) is named in the result's ``extra["artifact"]``."""
     preds = load_predictions(predictions)
     if preds.meta.get("unlabelled"):
         raise DataError(f"{predictions} holds predictions of unlabelled image files: there "
                         "are no labels to evaluate against (predict a labelled dataset spec).")
     thresholds = None
     if model_dir is not None:
-        thresholds = _card(model_dir).effective_thresholds()
+        card = model_dir if isinstance(model_dir, ModelCard) else _card(model_dir)
+        thresholds = card.effective_thresholds()
     res = evaluate(preds, thresholds=thresholds, n_boot=n_boot, seed=seed)
+    if preds.meta.get("artifact"):
+        res.extra["artifact"] = preds.meta["artifact"]
     warn = split_warning(preds)
     if warn:  # every report of test numbers states a leaky split
         res.extra["split_warning"] = warn

@@ -315,6 +315,8 @@ def compute_cam(
                         f"{getattr(images, 'shape', type(images).__name__)}.")
     if images.shape[0] == 0:
         raise DataError("compute_cam got 0 images.")
+    if is_served_model(model):
+        return _served_cam(model, images, targets, method, batch_size, progress, ids)
     if not hasattr(model, "cam_layer") or not hasattr(model, "classifier"):
         raise ModelError(f"compute_cam needs a MedClassifier (with cam_layer() and classifier); "
                          f"got {type(model).__name__}. Build it with medscalpel.models.zoo or "
@@ -366,6 +368,57 @@ def compute_cam(
                      logits=logits,
                      meta={"arch": getattr(model, "arch", type(model).__name__),
                            "model_id": getattr(getattr(model, "card", None), "model_id", ""),
+                           "seconds": round(time.time() - t0, 3)})
+
+
+def is_served_model(model: nn.Module) -> bool:
+    """A deployed runtime artifact (:class:`medscalpel.compress.served.RuntimeModel`): no
+    gradients, maybe a CAM output of its own."""
+    return not getattr(model, "supports_gradients", True) and hasattr(model, "gradcam_maps")
+
+
+def _served_cam(model: nn.Module, images: torch.Tensor, targets: int | Sequence[int],
+                method: str, batch_size: int, progress: bool | None,
+                ids: Sequence[str] | None) -> CamResult:
+    """Grad-CAM from a served artifact's own CAM output (the class activation map of its
+    global-average-pool + linear head, which equals Grad-CAM at that layer after the same
+    scaling); every other method is refused: the artifact has no gradients."""
+    name = getattr(model, "name", type(model).__name__)
+    if method != "gradcam":
+        raise ConfigError(f"compute_cam: method '{method}' needs gradients, which the served "
+                          f"{name} artifact does not have; its CAM output is Grad-CAM (for a "
+                          "global-average-pool + linear head the class activation map equals "
+                          "Grad-CAM at that layer), so only method='gradcam' runs on it. Use "
+                          "the torch model for other methods.")
+    refusal = model.cam_refusal()
+    if refusal is not None:
+        raise ModelError(f"compute_cam: {refusal}.")
+    in_chans = int(getattr(model, "in_chans", images.shape[1]))
+    if images.shape[1] != in_chans:
+        raise DataError(f"compute_cam: images have {images.shape[1]} channels but the served "
+                        f"{name} artifact takes {in_chans}; preprocess with its serve.json input.")
+    n = int(images.shape[0])
+    tlist = _resolve_targets(targets, n, int(model.num_classes))
+    if ids is not None and len(ids) != n:
+        raise DataError(f"compute_cam: {n} images but {len(ids)} ids.")
+    maps = np.zeros((n, images.shape[2], images.shape[3]), np.float32)
+    logits = np.zeros(n, np.float32)
+    t0 = time.time()
+    for s in track(list(range(0, n, batch_size)), f"{method} maps (served)", progress=progress):
+        x = images[s:s + batch_size].detach().float()
+        m, z = model.gradcam_maps(x, tlist[s:s + len(x)])
+        maps[s:s + len(x)], logits[s:s + len(x)] = m, z
+    card = getattr(model, "card", None)
+    return CamResult(maps=np.nan_to_num(maps, nan=0.0), method=method, targets=tuple(tlist),
+                     class_names=tuple(_class_names(model, int(model.num_classes))),
+                     layer=str(getattr(model, "cam_layer", "")), ids=tuple(ids or ()),
+                     logits=logits,
+                     meta={"arch": getattr(model, "arch", type(model).__name__),
+                           "model_id": getattr(card, "model_id", ""),
+                           "source": "served CAM output", "label": model.label(),
+                           "precision": getattr(model, "precision", None),
+                           "artifact": model.provenance(),
+                           "cam_definition": model.cam_info.get("definition"),
                            "seconds": round(time.time() - t0, 3)})
 
 

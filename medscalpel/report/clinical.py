@@ -751,10 +751,13 @@ def cam_resolution(model: Any, x: torch.Tensor, min_cam_size: int = MIN_CAM_SIZE
     from medscalpel.explain.cams import preserved_model_state
 
     h_in, w_in = (int(v) for v in x.shape[-2:])
-    with preserved_model_state(model), torch.no_grad():
-        model.eval()
-        fm = model.feature_map(x[:1])
-    h, w = (int(v) for v in fm.shape[-2:])
+    if _served(model):   # the served artifact's own CAM output: its grid
+        h, w = (int(v) for v in model.cams(x[:1]).shape[-2:])
+    else:
+        with preserved_model_state(model), torch.no_grad():
+            model.eval()
+            fm = model.feature_map(x[:1])
+        h, w = (int(v) for v in fm.shape[-2:])
     ok = min(h, w) >= min_cam_size
     note = "" if ok else (f"the CAM map is {h}x{w} cells (input {h_in}x{w_in}): {COARSE}; "
                           f"lung-zone words need at least {min_cam_size}x{min_cam_size}. The "
@@ -885,14 +888,18 @@ def _validate(model: Any, images: Any, image_ids: Sequence[str] | None, zones: A
     check_in(rank_by, "rank_by", "clinical_report", RANK_BY)
     check_range(top_channels, "top_channels", "clinical_report", 1, integer=True)
     check_range(min_cam_size, "min_cam_size", "clinical_report", 1, integer=True)
-    if not isinstance(getattr(model, "classifier", None), torch.nn.Linear):
+    if _served(model):
+        refusal = model.cam_refusal()
+        if refusal is not None:
+            raise ModelError(f"clinical_report: {refusal}.")
+    elif not isinstance(getattr(model, "classifier", None), torch.nn.Linear):
         raise ModelError(f"clinical_report needs a MedClassifier; got {type(model).__name__}. "
                          "Load it with medscalpel.models.load_model.")
     x, ids, sources = _load_inputs(model, images, image_ids)
     if zones is not None and len(zones) != x.shape[0]:
         raise DataError(f"clinical_report: {x.shape[0]} images but {len(zones)} zone maps.")
     card = getattr(model, "card", None)
-    k = int(model.classifier.out_features)
+    k = int(model.num_classes) if _served(model) else int(model.classifier.out_features)
     names = list(card.class_names) if card is not None else [f"class{i}" for i in range(k)]
     if len(names) != k:
         raise ModelError(f"clinical_report: the card has {len(names)} class names but the "
@@ -914,8 +921,13 @@ def _gather(model: Any, s: _Setup) -> _Scores:
     probability minus log-odds of the cut)."""
     from medscalpel.explain.channels import channel_contributions_from_model
 
-    cc = channel_contributions_from_model(model, s.x, ids=s.ids, progress=False)
-    logits = np.asarray(cc.logits(), np.float64)
+    if _served(model):   # no penultimate features leave the served graph: logits only
+        cc = None
+        with torch.no_grad():
+            logits = model(s.x).numpy().astype(np.float64)
+    else:
+        cc = channel_contributions_from_model(model, s.x, ids=s.ids, progress=False)
+        logits = np.asarray(cc.logits(), np.float64)
     probs = s.op.probabilities(logits)
     return _Scores(cc=cc, logits=logits, probs=probs, margins=s.op.margin(probs),
                    decided=s.op.decide(probs))
@@ -1001,13 +1013,17 @@ def _render(model: Any, s: _Setup, sc: _Scores, i: int, plan: tuple, cams: Mappi
     findings = []
     for j in listed:
         loc, fr = _localise(cams[(i, j)], zi, res)
-        tc = sc.cc.top_channels(j, n=top_channels, rows=[i], rows_desc=s.ids[i])
+        if sc.cc is not None:
+            tc = sc.cc.top_channels(j, n=top_channels, rows=[i], rows_desc=s.ids[i])
+            lmb = float(tc.mean_logit_minus_bias)
+            chans = tuple(signed_channel(r.to_dict(), lmb) for r in tc.rows)
+        else:   # a served artifact: no channel evidence (stated in the report's model block)
+            lmb, chans = float("nan"), ()
         findings.append(ReportedFinding(
             class_index=j, name=s.names[j], probability=float(sc.probs[i, j]),
             threshold=s.thresholds[j], margin=float(sc.margins[i, j]), location=loc,
-            zone_fractions=fr, logit_minus_bias=float(tc.mean_logit_minus_bias),
-            channels=tuple(signed_channel(r.to_dict(), float(tc.mean_logit_minus_bias))
-                           for r in tc.rows), conflicts=tuple(flags.get(j, ())),
+            zone_fractions=fr, logit_minus_bias=lmb,
+            channels=chans, conflicts=tuple(flags.get(j, ())),
             operating_point=ops[j], localised=bool(res["localisable"])))
     excluded = [ExcludedFinding(
         class_index=h["index"], name=s.names[h["index"]],
@@ -1119,13 +1135,30 @@ def clinical_report(
                         "thresholds": [_j(t) for t in s.thresholds],
                         "thresholds_calibrated": operating["calibrated"],
                         "operating_point": s.op.describe(),
-                        "input_size": resolution["input_size"]}}
+                        "input_size": resolution["input_size"], **_served_block(model)}}
     reports = [_render(model, s, sc, i, plans[i], cams, ops, shared,
                        zones[i] if zones is not None else None, top_channels)
                for i in track(range(len(s.ids)), "clinical reports", progress=progress)]
     if out_dir is not None:
         write_clinical_reports(reports, out_dir)
     return reports
+
+
+def _served(model: Any) -> bool:
+    """A served runtime artifact (no gradients, no weights; maybe its own CAM output)."""
+    return not getattr(model, "supports_gradients", True) and hasattr(model, "cam_refusal")
+
+
+def _served_block(model: Any) -> dict[str, Any]:
+    """What a report made by a served artifact says about it: the artifact (runtime,
+    precision, file sha256, CPU), the label of its maps, and why channel evidence is absent."""
+    if not _served(model):   # a served torch model names its weights (load_served)
+        art = getattr(model, "artifact", None)
+        return {"artifact": dict(art)} if isinstance(art, dict) else {}
+    return {"artifact": model.provenance(), "cam_label": model.label(),
+            "channel_evidence": "not available: the served graph returns logits and class "
+                                "activation maps only, no penultimate features or classifier "
+                                "weights; run the report on the torch model for channels"}
 
 
 def _shared_warnings(operating: Mapping[str, Any], exclusion: Mapping[str, Any],

@@ -214,8 +214,11 @@ def _classes(model: nn.Module) -> tuple[str, ...] | None:
 def no_gradients(model: nn.Module) -> str | None:
     """Why gradient explanations cannot run on ``model`` (a deployed runtime artifact), or
     None."""
-    if getattr(model, "supports_gradients", True):
-        return None
+    if getattr(model, "supports_gradients", True) or getattr(model, "has_cams", False):
+        return None  # a served artifact with a CAM output explains itself (issue T)
+    refusal = getattr(model, "cam_refusal", None)
+    if callable(refusal):
+        return refusal()
     kind = getattr(model, "name", type(model).__name__)
     return (f"{kind} runtime artifact: no gradients, so no Grad-CAM; audit the torch model it "
             "was built from for explanation drift")

@@ -62,7 +62,14 @@ def class_cams(model: nn.Module, images: torch.Tensor, classes: Sequence[int],
     Per class: weights = spatial mean of d logit / d A over the CAM layer's map A, map =
     ReLU(sum_c weight_c A_c), min-max scaled, bilinearly resized (as ``grad-cam`` does). The
     model is left unchanged (modes, ``requires_grad``, hooks restored).
+
+    A served artifact with a CAM output (:func:`served_cams`: no gradients, its runtime
+    computes ``cam_k = sum_c W[k, c] A_c``) gives the same maps from that output: for its
+    global-average-pool + linear head the Grad-CAM weights are ``W[k] / (h w)``, so
+    ``ReLU(cam_k / (h w))`` is Grad-CAM, scaled here exactly as the torch maps are.
     """
+    if served_cams(model):
+        return _served_class_cams(model, images, classes, batch_size)
     if not hasattr(model, "cam_layer"):
         raise ModelError(f"class_cams needs a MedClassifier with cam_layer(); got "
                          f"{type(model).__name__}.")
@@ -95,12 +102,7 @@ def class_cams(model: nn.Module, images: torch.Tensor, classes: Sequence[int],
             for j, g in enumerate(grads):
                 g = reshape(g) if reshape is not None else g
                 cam = torch.relu((g.mean(dim=(2, 3), keepdim=True) * act).sum(1))
-                flat = cam.flatten(1)
-                cam = (cam - flat.min(1)[0][:, None, None])
-                cam = cam / (1e-7 + cam.flatten(1).max(1)[0][:, None, None])
-                up = F.interpolate(cam[:, None].float(), size=(h, w), mode="bilinear",
-                                   align_corners=False)[:, 0]
-                out[s:s + len(up), j] = up.cpu().numpy()
+                out[s:s + len(cam), j] = _scale_maps(cam, h, w)
             store.clear()
     finally:
         handle.remove()
@@ -109,6 +111,48 @@ def class_cams(model: nn.Module, images: torch.Tensor, classes: Sequence[int],
         for p, req in flags:
             p.requires_grad_(req)
     return np.nan_to_num(out, nan=0.0)
+
+
+def _scale_maps(cam: torch.Tensor, h: int, w: int) -> np.ndarray:
+    """ReLU'd maps ``[n, h', w']`` -> ``[n, h, w]``: min-max per map, bilinear resize."""
+    flat = cam.flatten(1)
+    cam = (cam - flat.min(1)[0][:, None, None])
+    cam = cam / (1e-7 + cam.flatten(1).max(1)[0][:, None, None])
+    up = F.interpolate(cam[:, None].float(), size=(h, w), mode="bilinear",
+                       align_corners=False)[:, 0]
+    return up.cpu().numpy()
+
+
+def served_cams(model: nn.Module) -> bool:
+    """Whether ``model`` is a served artifact whose graph returns class activation maps
+    (:class:`medscalpel.compress.served.RuntimeModel` with ``has_cams``)."""
+    return (not getattr(model, "supports_gradients", True)
+            and bool(getattr(model, "has_cams", False)))
+
+
+def _served_class_cams(model: nn.Module, images: torch.Tensor, classes: Sequence[int],
+                       batch_size: int) -> np.ndarray:
+    n, h, w = int(images.shape[0]), int(images.shape[-2]), int(images.shape[-1])
+    out = np.zeros((n, len(classes), h, w), np.float32)
+    for s in range(0, n, batch_size):
+        raw = model.cams(images[s:s + batch_size])          # [b, K, h', w'], pre-ReLU
+        area = float(raw.shape[-2] * raw.shape[-1])
+        for j, k in enumerate(classes):
+            out[s:s + len(raw), j] = _scale_maps(torch.relu(raw[:, int(k)] / area), h, w)
+    return np.nan_to_num(out, nan=0.0)
+
+
+def _n_outputs(model: nn.Module) -> int:
+    clf = getattr(model, "classifier", None)
+    return int(clf.out_features) if clf is not None else int(model.num_classes)
+
+
+def _map_source(model: nn.Module) -> dict[str, Any]:
+    """Where a model's maps come from, for the result: torch autograd, or the served artifact
+    (label with its precision, provenance)."""
+    if served_cams(model):
+        return {"maps": model.label(), "artifact": model.provenance()}
+    return {"maps": "Grad-CAM (torch autograd at the CAM layer)"}
 
 
 def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -281,7 +325,11 @@ def explanation_change(
     check_range(n_faithfulness, "n_faithfulness", "explanation_change", 0, integer=True)
     check_range(steps, "steps", "explanation_change", 2, 100, integer=True)
     check_in(faithfulness_measure, "faithfulness_measure", "explanation_change", MEASURES)
-    k_ref, k_new = int(dense.classifier.out_features), int(compressed.classifier.out_features)
+    for m in (dense, compressed):
+        if not getattr(m, "supports_gradients", True) and not served_cams(m):
+            why = m.cam_refusal() if hasattr(m, "cam_refusal") else "no gradients"
+            raise ModelError(f"explanation_change: {why}.")
+    k_ref, k_new = _n_outputs(dense), _n_outputs(compressed)
     if k_ref != k_new or k_ref != len(class_names):
         raise ModelError(f"explanation_change: the dense model has {k_ref} outputs, the "
                          f"compressed {k_new}, the data {len(class_names)} classes; they must "
@@ -353,6 +401,7 @@ def explanation_change(
             "explained_class_for_faithfulness": "the dense model's most probable class",
             "faithfulness_measure": _MEASURE_NOTE[faithfulness_measure],
             "cam_grid": grid,
+            "map_source": {"ref": _map_source(dense), "new": _map_source(compressed)},
             "empty_maps": "a Grad-CAM map that is zero everywhere is excluded (NaN) from "
                           "every score; counts per class in classes[...]['empty_maps']"}
     coarse = [k for k, g in grid.items() if min(g) < 4]
@@ -373,6 +422,8 @@ def explanation_change(
 
 def _cam_grid(model: nn.Module, x: torch.Tensor) -> list[int]:
     """Spatial size ``[h, w]`` of the model's CAM layer output for input like ``x``."""
+    if served_cams(model):
+        return [int(d) for d in model.cams(x).shape[-2:]]
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
