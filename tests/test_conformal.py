@@ -280,7 +280,9 @@ def test_recertify_pass_fail_undecided():
     assert ok.outcome == "pass" and ok.rows[0]["n"] == 5000
     lo, hi = ok.rows[0]["ci"]
     assert lo >= 0.9 and lo <= ok.rows[0]["observed"] <= hi
-    assert (lo, hi) == clopper_pearson(ok.rows[0]["successes"], 5000, ok.confidence)
+    tail = ok.rows[0]["level_adj"]  # one-sided Holm level of the row (1 row: alpha / 2)
+    assert tail == pytest.approx(0.05)
+    assert (lo, hi) == pytest.approx(clopper_pearson(ok.rows[0]["successes"], 5000, 1 - 2 * tail))
     # a "compressed" model whose positives lost 0.8 logit: recall at thr falls well below
     bad = recertify(r, _preds(z2 - 0.8 * y2, y2, split="new", model_id="int8"))
     assert bad.outcome == "fail" and bad.rows[0]["ci"][1] < 0.9
@@ -294,17 +296,18 @@ def test_recertify_pass_fail_undecided():
         recertify(r, _preds(z2, y2, names=("other",)))
 
 
-def test_recertify_bonferroni_and_uncertified_rows():
+def test_recertify_holm_and_uncertified_rows():
     rng = np.random.default_rng(9)
     z = np.c_[np.r_[rng.normal(MU, 1, 300), rng.normal(0, 1, 300)],
               np.r_[rng.normal(MU, 1, 10), rng.normal(0, 1, 590)]]
     y = np.c_[np.r_[np.ones(300), np.zeros(300)], np.r_[np.ones(10), np.zeros(590)]]
     r = calibrate_guarantee(_preds(z, y), "recall>=0.9", 0.1)
     out = recertify(r, _preds(z, y, split="new"), alpha=0.1)
-    assert out.correction == "bonferroni over 1 certified row(s)"
+    assert out.correction.startswith("holm over 1 certified row(s)")
     assert out.confidence == pytest.approx(0.9)
-    assert out.rows[1]["outcome"] == "undecided" and out.rows[1]["reason"].startswith(
-        "not certified: too few positives")
+    assert out.rows[1]["outcome"] == "unscorable" and out.rows[1]["reason"].startswith(
+        "not tested: not certified: too few positives")
+    assert out.verdict.accepted_unscorable == ("c1",)
 
 
 # ----------------------------------------------------------------------------- CLI

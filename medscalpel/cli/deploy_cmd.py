@@ -67,11 +67,16 @@ def deploy(
                                             "only. When CAMs are served, the logits-only "
                                             "artifact is kept beside them in "
                                             "serve/logits_only."),
+    require_guarantee: bool = typer.Option(False, help="When the model card carries a "
+                                           "guarantee (repair calibrate --guarantee --model), "
+                                           "serve only variants whose re-certification PASSES "
+                                           "(an undecided one is not served); a failing one is "
+                                           "never served. Refused for a card without one."),
 ) -> None:
     """Export (ONNX, OpenVINO IR), benchmark runtimes x precisions alternated in one run, check
     parity and per-class delta AUROC, and serve the fastest variant meeting the floor."""
     from medscalpel.compress.deploy import deploy as run_deploy
-    from medscalpel.compress.deploy_result import explanation_line
+    from medscalpel.compress.deploy_result import explanation_line, guarantee_lines
     from medscalpel.data import open_dataset
     from medscalpel.models.checkpoint import load_model
 
@@ -87,12 +92,13 @@ def deploy(
                      floor_macro=floor_macro, floor_class=floor_class, threads=threads,
                      n_boot=n_boot, seed=seed, overwrite=overwrite, explain=explain,
                      external_data=ext, accept_unscorable=accept_unscorable,
-                     min_positives=min_positives)
+                     min_positives=min_positives, require_guarantee=require_guarantee)
     console.print(res.markdown(), markup=False, highlight=False)
     chosen = res.chosen
     console.print(f"recommended: {res.recommended} ({res.reason}); served from "
                   f"{out / 'serve'} ({', '.join(res.serve['files'])})", markup=False)
     console.print(f"explanation output: {explanation_line(res.explanation)}", markup=False)
+    console.print(f"guarantee: {guarantee_lines(res)[0]}", markup=False)
     if chosen is not None and chosen.comparison is not None:
         m_ = chosen.comparison["macro"]
         console.print(f"macro dAUROC {fmt(m_.get('delta_auroc'), 4)} CI "

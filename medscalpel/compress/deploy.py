@@ -64,6 +64,9 @@ from medscalpel.engine.predict import collect_images
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, MedScalpelError, MissingExtraError, VerificationError
 from medscalpel.progress import track
+from medscalpel.repair.calibrate import binary_view
+from medscalpel.repair.card_guarantee import guarantee_of_card
+from medscalpel.repair.conformal import GuaranteeResult, Recertification, recertify
 from medscalpel.runs import RunDir, dumps_json, machine_info, package_versions, write_json
 from medscalpel.validation import check_range
 
@@ -90,6 +93,9 @@ class _Variant:
         self.comparison = None
         self.verdicts: dict[str, Any] = {}  # "internal" / "external": Verdict
         self.ext_comparison = None
+        self.preds: Predictions | None = None        # its own logits on the evaluation images
+        self.ext_preds: Predictions | None = None    # ... and on the external set
+        self.recert: dict[str, Recertification] = {}  # "internal" / "external"
         self.prepare_s: float | None = None
 
     def fail(self, status: str, reason: str) -> None:
@@ -257,13 +263,14 @@ def _check_accuracy(v: _Variant, images, ref_logits, ref_preds, data, idx, batch
                           f"the logit scale > {v.rt.tolerance:g}; its files were removed")
         v.rt.remove_files()
         return
-    v.comparison = compare_predictions(ref_preds, _predictions(logits, data, idx, v.rt.name),
-                                       n_boot=n_boot, seed=seed, boot_metrics=("auroc",))
+    v.preds = _predictions(logits, data, idx, v.rt.name)
+    v.comparison = compare_predictions(ref_preds, v.preds, n_boot=n_boot, seed=seed,
+                                       boot_metrics=("auroc",))
     if external is not None:
         _, ext_ref, ext_data, ext_idx = external
-        v.ext_comparison = compare_predictions(
-            ext_ref, _predictions(ext_logits, ext_data, ext_idx, v.rt.name), n_boot=n_boot,
-            seed=seed, boot_metrics=("auroc",))
+        v.ext_preds = _predictions(ext_logits, ext_data, ext_idx, v.rt.name)
+        v.ext_comparison = compare_predictions(ext_ref, v.ext_preds, n_boot=n_boot, seed=seed,
+                                               boot_metrics=("auroc",))
 
 
 def accuracy_verdict(comparison, floor_macro: float, floor_class: float, n_boot: int,
@@ -275,6 +282,25 @@ def accuracy_verdict(comparison, floor_macro: float, floor_class: float, n_boot:
                               method="bootstrap" if n_boot else "delong",
                               min_pos=min_pos, min_neg=min_pos,
                               accepted_unscorable=accept_unscorable)
+
+
+# ----------------------------------------------------------------------------- guarantee
+def _recertify(v: _Variant, g: GuaranteeResult, positive: str | None,
+               require: bool) -> None:
+    """Re-certify ``g`` on the variant's own logits (evaluation set, and external set when
+    measured): a fail is no-go, undecided blocks only when ``require``."""
+    for where, preds in (("internal", v.preds), ("external", v.ext_preds)):
+        if preds is None:
+            continue
+        view = binary_view(preds, positive) if positive is not None else preds
+        rc = recertify(g, view)
+        v.recert[where] = rc
+        if rc.outcome == "fail":
+            v.fail("no-go", f"guarantee {g.spec} FAILS ({where}): {rc.verdict.reason}")
+        elif rc.outcome == "undecided" and require:
+            v.fail("undecided", f"guarantee {g.spec} not re-certified ({where}, "
+                                f"--require-guarantee): {rc.verdict.reason}; "
+                                f"{rc.min_k.get('statement', '')}")
 
 
 # ----------------------------------------------------------------------------- decide
@@ -290,13 +316,17 @@ def _speed(v: _Variant, other: _Variant, b: int) -> SpeedRatio | None:
 
 
 def _decide(vs: list[_Variant], batches, floor_macro, floor_class, vnni: bool, n_boot: int = 0,
-            accept_unscorable: bool | Sequence[str] = False, min_pos: int = 10) -> None:
+            accept_unscorable: bool | Sequence[str] = False, min_pos: int = 10,
+            guarantee: tuple[GuaranteeResult, str | None] | None = None,
+            require_guarantee: bool = False) -> None:
     """Accuracy, then speed. Accuracy: the variant's non-inferiority verdict on the evaluation
     set (and on the external set when given) must PASS: a fail is no-go, an undecided verdict
     (intervals straddling the floor, or classes with too few positives to check) is
-    ``undecided``, never served. Speed: no-go when DECISIVELY slower than torch fp32 (or a
-    reduced precision than its own runtime's fp32): the whole interval of its per-round speed
-    ratio below 1. Within timing noise it stays eligible and the tie rule of
+    ``undecided``, never served. Guarantee (when the card carries one): every variant that
+    passes the floor is re-certified on its own logits; a fail is no-go, an undecided
+    re-certification blocks only with ``require_guarantee``. Speed: no-go when DECISIVELY
+    slower than torch fp32 (or a reduced precision than its own runtime's fp32): the whole
+    interval of its per-round speed ratio below 1. Within timing noise it stays eligible and the tie rule of
     :func:`_recommend` decides."""
     b0 = batches[0]
     by_name = {v.rt.name: v for v in vs}
@@ -317,6 +347,8 @@ def _decide(vs: list[_Variant], batches, floor_macro, floor_class, vnni: bool, n
                 v.fail("no-go", f"failed floor ({where}): {verdict.reason}")
             elif verdict.outcome == "undecided":
                 v.fail("undecided", f"floor not shown ({where}): {verdict.reason}")
+        if guarantee is not None and v.status == "go":
+            _recertify(v, guarantee[0], guarantee[1], require_guarantee)
         sr = _speed(v, ref, b0) if ref is not None and v is not ref else None
         if sr is not None and sr.outcome == "slower":
             v.fail("no-go", f"slower than torch fp32 at batch {b0}: {sr.describe()}")
@@ -382,6 +414,19 @@ def _recommend(vs: list[_Variant], b0: int) -> tuple[_Variant | None, str]:
 
 
 def _floor_error(vs: list[_Variant], floor_macro, floor_class) -> VerificationError:
+    broken = [v.rt.name for v in vs if any(r.outcome == "fail" for r in v.recert.values())]
+    if broken:
+        return VerificationError(f"{OWNER}: no variant can be served: the model card's guarantee "
+                                 f"FAILS for {', '.join(broken)} (see each variant's "
+                                 "recertification), and no other variant was shown to meet the "
+                                 "floor and keep it.")
+    unsure = [v.rt.name for v in vs if v.status == "undecided"
+              and any(r.outcome == "undecided" for r in v.recert.values())]
+    if unsure:
+        return VerificationError(f"{OWNER}: no variant can be served with --require-guarantee: "
+                                 f"the model card's guarantee could not be re-certified "
+                                 f"(undecided) for {', '.join(unsure)}: "
+                                 f"{next(v for v in vs if v.rt.name == unsure[0]).reasons[-1]}")
     judged = [v for v in vs if v.verdicts]
     if not judged:
         return VerificationError(f"{OWNER}: no variant could be measured; see the reasons.")
@@ -440,6 +485,7 @@ def _variant_result(v: _Variant, ref: _Variant, vs: list[_Variant], batches, mac
         # as JSON holds them (NaN -> null), so that a loaded deploy.json equals the result
         comparison=_as_json(v.comparison),
         verdicts={k: _as_json(vd) for k, vd in v.verdicts.items()},
+        recertification={k: _as_json(rc) for k, rc in v.recert.items()},
         external_comparison=_as_json(v.ext_comparison),
         mac_rate=rate, peak_fraction=frac, peak_used=f"{peak_key} matmul" if rate else "",
         theoretical_fraction=theo, speed=speed,
@@ -491,6 +537,7 @@ def deploy(
     accept_unscorable: bool | Sequence[str] = False,
     min_positives: int = 10,
     notes: Sequence[str] = (),
+    require_guarantee: bool = False,
 ) -> DeployResult:
     """Benchmark every available runtime x precision and write the fastest acceptable one.
 
@@ -518,6 +565,11 @@ def deploy(
             evaluation images cannot be checked and leave a verdict undecided; ``True`` (or
             class names) accepts them unchecked, recorded in each verdict.
         notes: the caller's own notes for the result (e.g. what it left out).
+        require_guarantee: when the card's operating point carries a guarantee
+            (``repair calibrate --guarantee --model``) every variant that meets the floor is
+            re-certified on its own logits (evaluation and external sets): a FAIL is always
+            no-go; with ``require_guarantee`` an undecided re-certification is too (and a card
+            without a guarantee is refused before any work).
         threads: intra-op threads of every runtime (default: torch's current setting).
         n_boot: paired bootstrap replicates of the delta AUROC CIs.
         explain: serve the chosen variant with a second output, the class activation maps
@@ -540,6 +592,12 @@ def deploy(
         raise ConfigError(f"{OWNER}: the model has no ModelCard (class names, task, input, "
                           "thresholds), which the served artifact's serve.json is made of; "
                           "load it with load_model(dir) or set model.card = make_card(...).")
+    g, positive, g_notes = guarantee_of_card(model.card)
+    if require_guarantee and g is None:
+        raise ConfigError(f"{OWNER}: require_guarantee, but the model card's operating point "
+                          "carries no guarantee (certify one with 'repair calibrate --guarantee "
+                          "... --model DIR').")
+    g_info = _guarantee_info(g, g_notes, require_guarantee)
     threads = int(threads or torch.get_num_threads())
     load_start = list(os.getloadavg())
     model = copy.deepcopy(model).eval().cpu().float()
@@ -601,7 +659,7 @@ def deploy(
                                      if still else ""))
         feats = cpu_features()
         _decide(vs, batches, floor_macro, floor_class, feats["vnni"], n_boot, accept_unscorable,
-                min_positives)
+                min_positives, None if g is None else (g, positive), require_guarantee)
         chosen, reason = _recommend(vs, batches[0])
         if chosen is None:
             raise _floor_error(vs, floor_macro, floor_class)
@@ -615,7 +673,7 @@ def deploy(
         result = _finish(model, shape, vs, chosen, reason, workdir, out, data, calib_src,
                          images, calib, batches, rounds, repeats, threads, floor_macro,
                          floor_class, peak, feats, load_start, notes, overwrite, t0,
-                         cam_rt, cam_info, external)
+                         cam_rt, cam_info, external, g_info)
     finally:
         torch.set_num_threads(prev)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -625,7 +683,7 @@ def deploy(
 def _finish(model, shape, vs, chosen, reason, workdir, out, data, calib_src, images, calib,
             batches, rounds, repeats, threads, floor_macro, floor_class, peak, feats,
             load_start, notes, overwrite, t0, cam_rt=None, cam_info=None,
-            external=None) -> DeployResult:
+            external=None, guarantee=None) -> DeployResult:
     """Assemble the DeployResult and write the run directory atomically."""
     macs = count_macs(model, images[:1])
     ref = next(v for v in vs if v.rt.name == REFERENCE)
@@ -659,9 +717,27 @@ def _finish(model, shape, vs, chosen, reason, workdir, out, data, calib_src, ima
             explanation=dict(cam_info or {}),
             external=({"split": external[2].split, "n_images": int(external[0].shape[0]),
                        "spec": getattr(external[2], "spec", None)} if external else {}),
+            guarantee=dict(guarantee or {}),
             seconds=round(time.perf_counter() - t0, 3))
         result.save(run.path)
     return result
+
+
+def _guarantee_info(g: GuaranteeResult | None, notes: list[str], require: bool
+                    ) -> dict[str, Any]:
+    """deploy.json's ``guarantee``: what was re-certified, or that there was nothing."""
+    if g is None:
+        return {"status": "none", "reason": "the model card's operating point carries no "
+                                            "guarantee: nothing to re-certify"}
+    return {"status": "re-certified", "spec": g.spec, "alpha": g.alpha,
+            "certified_on": {"split": g.split, "n_images": g.n_images,
+                             "n_patients": g.n_patients, "model_id": g.model_id},
+            "certified_classes": [c.name for c in g.classes if c.certified],
+            "require_guarantee": require, "notes": notes,
+            "rule": "every variant meeting the floor is re-certified on its own logits at the "
+                    "card's thresholds (exact one-sample tests, Holm over the certified rows): "
+                    "fail -> no-go; undecided -> " + ("not served (--require-guarantee)" if
+                                                      require else "reported, not blocking")}
 
 
 #: the demo's quick stage: the fp32 runtimes (int8 calibration alone took 43 s of a 121 s

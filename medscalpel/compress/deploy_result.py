@@ -66,6 +66,10 @@ class VariantResult:
     #: (the evaluation split) and "external" (the second site, when given)
     verdicts: dict[str, dict[str, Any]] = field(default_factory=dict)
     external_comparison: dict[str, Any] | None = None
+    #: the model card's guarantee re-certified on this variant's own logits
+    #: (:class:`~medscalpel.repair.conformal.Recertification` dicts): "internal" / "external";
+    #: empty when the card carries no guarantee or the variant did not meet the floor
+    recertification: dict[str, dict[str, Any]] = field(default_factory=dict)
     prepare_seconds: float | None = None
     file_bytes: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -122,6 +126,33 @@ def explanation_line(e: dict[str, Any]) -> str:
             f"{_f(eq.get('max_abs_delta'))} on {eq.get('images', 0)} images")
 
 
+def guarantee_lines(res: "DeployResult") -> list[str]:
+    """The guarantee's headline, then one line per variant and set (deploy.md, the CLI)."""
+    g = res.guarantee or {}
+    if g.get("status") != "re-certified":
+        return [g.get("reason") or "not recorded (deploy.json written before guarantees were "
+                                   "re-certified)"]
+    on = g.get("certified_on", {})
+    head = (f"{g.get('spec')} (alpha {g.get('alpha')}), certified on {on.get('n_images')} "
+            f"images of '{on.get('split')}'; {g.get('rule')}"
+            + "".join(f"; {n}" for n in g.get("notes") or ()))
+    lines = [head]
+    for v in res.variants:
+        if not v.recertification:
+            lines.append(f"{v.name}: not re-certified ({v.status}: it did not meet the floor "
+                         "or was not measured)")
+            continue
+        for where, d in v.recertification.items():
+            rows = "; ".join(
+                f"{r['name']} {r['outcome']} {_f(r.get('observed'))} "
+                f"[{_f((r.get('ci') or [None])[0])}, {_f((r.get('ci') or [None, None])[1])}] "
+                f"of {r.get('n')}" for r in d.get("rows", ()) if r.get("n") is not None)
+            lines.append(f"{v.name} ({where}, {d.get('n_images')} images): "
+                         f"{str(d.get('outcome')).upper()}: {rows}; "
+                         f"{(d.get('min_k') or {}).get('statement', '')}")
+    return lines
+
+
 @dataclass(frozen=True)
 class DeployResult:
     """What ``deploy`` measured and chose (``deploy.json``).
@@ -169,6 +200,9 @@ class DeployResult:
     explanation: dict[str, Any] = field(default_factory=dict)
     #: the external (second-site) set every variant was also judged on: split, n_images, spec
     external: dict[str, Any] = field(default_factory=dict)
+    #: the model card's guarantee: ``status`` (re-certified / none), spec, where it was
+    #: certified, the rule applied to the variants
+    guarantee: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA
 
     def variant(self, name: str) -> VariantResult:
@@ -198,6 +232,9 @@ class DeployResult:
             row.update({"x fp32 same rt": v.speedup_vs_fp32.get(b0), "parity rel": v.parity_rel,
                         "accuracy verdict": " / ".join(
                             f"{k} {d.get('outcome')}" for k, d in v.verdicts.items()) or None,
+                        "guarantee": " / ".join(
+                            f"{k} {d.get('outcome')}" for k, d in v.recertification.items())
+                        or None,
                         "macro dAUROC": v.macro_delta_auroc,
                         "worst class dAUROC": v.worst_class_delta_auroc,
                         f"{b0} % peak": (None if v.peak_fraction.get(b0) is None
@@ -241,6 +278,8 @@ class DeployResult:
                "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(_f(r[k]) for k in head) + " |" for r in rows]
         out += ["", f"**Recommended:** {self.recommended or 'none'}: {self.reason}"]
+        out += ["", "**Guarantee:** " + guarantee_lines(self)[0]]
+        out += [f"- {line}" for line in guarantee_lines(self)[1:]]
         out += ["", "**Explanation output:** " + explanation_line(self.explanation)]
         out += [f"- {n}" for n in self.notes]
         return "\n".join(out) + "\n"
@@ -291,4 +330,5 @@ def _f(v: Any) -> str:
     return str(v)
 
 
-__all__ = ["DEPLOY_JSON", "DEPLOY_MD", "DeployResult", "STATUSES", "VariantResult"]
+__all__ = ["DEPLOY_JSON", "DEPLOY_MD", "DeployResult", "STATUSES", "VariantResult",
+           "guarantee_lines"]
