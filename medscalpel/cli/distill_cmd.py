@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, one_of, console, fmt, print_table
 from medscalpel.errors import ConfigError
@@ -118,10 +119,23 @@ def distill(
     print_table(res.table(), "teacher vs students (test split)")
     d = res.students["distilled"]
     sal = res.saliency.get("distilled", {}).get("overall", {})
+    tg = res.targets
+    sp = tg["speed"]
     console.print(f"distilled {d['arch']}: {d['param_ratio']:.3f} of the teacher's parameters, "
-                  f"CPU speedup x{fmt(d['speedup'], 2)}, AUROC drop {fmt(d['auroc_drop'], 4)}, "
-                  f"saliency Pearson {fmt(sal.get('pearson_mean'))}; targets met: "
-                  f"{res.targets['all_met']}; written to {out}")
+                  f"CPU speedup x{fmt(d['speedup'], 2)} (median of {sp['rounds']} rounds, "
+                  f"x{fmt(sp['min'], 2)} .. x{fmt(sp['max'], 2)}), AUROC drop "
+                  f"{fmt(d['auroc_drop'], 4)} (point estimate), saliency Pearson "
+                  f"{fmt(sal.get('pearson_mean'))}", highlight=False)
+    colour = {"pass": "green", "fail": "red"}.get(tg["outcome"], "yellow")
+    console.print(f"[{colour}]student acceptance: {tg['outcome']} ({tg['reason']})[/{colour}]",
+                  highlight=False)
+    console.print(f"  params: {tg['param_ratio']['outcome']}: {tg['param_ratio']['reason']}",
+                  highlight=False)
+    console.print(f"  speed (x{tg['min_speedup']:g}): {sp['outcome']}: {sp['reason']}",
+                  highlight=False)
+    console.print(f"  AUROC (non-inferiority, paired): {escape(tg['auroc_summary'])}",
+                  highlight=False)
+    console.print(f"written to {out}")
 
 
 def students(

@@ -36,8 +36,8 @@ def _load_data(path: Path):
 
 
 def calibrate(
-    fit: Path = typer.Argument(..., help="Predictions (.npz) to fit the thresholds on "
-                               "(validation split)."),
+    fit: Optional[Path] = typer.Argument(None, help="Predictions (.npz) to fit the thresholds "
+                                         "on (validation split); not with --recertify."),
     evaluate_on: Optional[Path] = typer.Option(None, "--eval", help="Predictions (.npz) of "
                                                "another split to evaluate the thresholds on."),
     method: str = typer.Option("youden", help="youden, f1 or sensitivity."),
@@ -67,13 +67,22 @@ def calibrate(
                                             "share of patients of FIT held out to re-check the "
                                             "guarantee (split by patient; seeded by --seed)."),
     seed: int = typer.Option(0, help="Seed of the --holdout split."),
+    recertify_model: Optional[Path] = typer.Option(None, "--recertify", metavar="MODEL_DIR",
+                                                   help="Check the guarantee stored in this "
+                                                   "model's card on the labelled predictions "
+                                                   "of --eval (a compressed model, another "
+                                                   "site): pass / fail / undecided per class "
+                                                   "and the minimum labelled images a site "
+                                                   "needs; writes guarantee_check.json. "
+                                                   "--alpha is the family error of the check."),
 ) -> None:
     """Calibrate decisions, fitted on one split and measured on another. Multi-label: per-class
     thresholds (Youden's J, F1-optimal or a target sensitivity) vs 0.5 (F1, recall, precision).
     Two-class: the operating point of the positive class (same methods) vs argmax. More
     classes: temperature scaling (NLL and ECE before/after; accuracy unchanged). With
     --guarantee: per-class thresholds with a finite-sample guarantee (conformal), re-checked on
-    --eval or a --holdout of patients."""
+    --eval or a --holdout of patients. With --recertify MODEL_DIR --eval PREDS: re-check the
+    guarantee a model card carries on new labelled predictions."""
     from medscalpel.errors import ConfigError
     from medscalpel.models.checkpoint import load_model
     from medscalpel.repair.calibrate import (binary_view, calibrate_temperature,
@@ -83,6 +92,12 @@ def calibrate(
                                              threshold_operating_point)
     from medscalpel.runs import RunDir, hash_file, write_json
 
+    if recertify_model is not None:
+        return _recertify_card(recertify_model, fit, evaluate_on, guarantee, holdout, model,
+                               alpha, patients, positive, out, overwrite)
+    if fit is None:
+        raise ConfigError("Give the predictions to fit on (FIT), or --recertify MODEL_DIR "
+                          "--eval PREDS to check a stored guarantee.")
     if guarantee is not None:
         return _calibrate_guarantee(fit, evaluate_on, guarantee, alpha, patients, holdout, seed,
                                     positive, model, out, overwrite)
@@ -252,6 +267,62 @@ def _calibrate_guarantee(fit: Path, evaluate_on: Optional[Path], guarantee: str,
     if op is not None:
         console.print(f"operating point: {op.describe()}", highlight=False)
         console.print(f"model deciding by it -> {out / 'model'}", highlight=False)
+    console.print(f"written to {out}")
+
+
+def _recertify_card(model_dir: Path, fit: Optional[Path], evaluate_on: Optional[Path],
+                    guarantee: Optional[str], holdout: Optional[float], model: Optional[Path],
+                    alpha: float, patients: Optional[Path], positive: Optional[str], out: Path,
+                    overwrite: bool) -> None:
+    """``repair calibrate --recertify MODEL_DIR --eval PREDS``: the card's guarantee re-checked
+    on PREDS (exact one-sample tests, Holm); writes guarantee_check.json."""
+    import dataclasses
+
+    from medscalpel.errors import ConfigError
+    from medscalpel.layout import write_artifact
+    from medscalpel.models.checkpoint import load_model
+    from medscalpel.repair.calibrate import binary_view
+    from medscalpel.repair.card_guarantee import guarantee_of_card
+    from medscalpel.repair.conformal import recertify
+    from medscalpel.runs import RunDir, hash_file
+
+    clash = [n for n, v in (("FIT", fit), ("--guarantee", guarantee), ("--holdout", holdout),
+                            ("--model", model), ("--positive", positive)) if v is not None]
+    if clash:
+        raise ConfigError(f"--recertify checks the guarantee stored in MODEL_DIR's card on "
+                          f"--eval; drop {', '.join(clash)}.")
+    if evaluate_on is None:
+        raise ConfigError("--recertify needs --eval PREDS: labelled predictions of the model "
+                          "(or site) to re-check the guarantee on.")
+    m = load_model(model_dir)
+    g, pos, notes = guarantee_of_card(m.card)
+    if g is None:
+        raise ConfigError(f"--recertify {model_dir}: its model card's operating point carries "
+                          "no guarantee (certify one with 'repair calibrate FIT --guarantee "
+                          "recall>=0.90 --model DIR').")
+    preds = load_predictions(evaluate_on).require_labels("re-certifying a guarantee",
+                                                         str(evaluate_on))
+    if tuple(preds.class_names) != tuple(m.card.class_names):
+        raise ConfigError(f"--eval {evaluate_on} is of classes {list(preds.class_names)[:4]}, "
+                          f"the model's are {list(m.card.class_names)[:4]}.")
+    view = binary_view(preds, pos) if pos is not None else preds
+    pmap = _read_patients(patients) if patients else None
+    pids = [pmap.get(i) for i in view.ids] if pmap is not None else None
+    cfg = {"recertify": str(model_dir), "eval": str(evaluate_on), "alpha": alpha,
+           "patients": str(patients) if patients else None, "guarantee": g.spec,
+           "eval_sha256": hash_file(evaluate_on)[:16]}
+    with RunDir(out, command="repair calibrate", config=cfg, overwrite=overwrite) as run:
+        check = recertify(g, view, alpha=alpha, patient_ids=pids)
+        if notes:
+            check = dataclasses.replace(check, notes=(*check.notes, *notes))
+        write_artifact(run.path, "guarantee_check", check)
+    print_table(check.table(), title=f"{g.spec} (certified on {g.n_images} images of "
+                f"'{g.split}') re-checked on {check.n_images} images of '{preds.split}' "
+                f"({preds.model_id or 'model'}): {check.outcome.upper()} ({check.correction})")
+    console.print(f"verdict: {check.verdict.summary()}", highlight=False, markup=False)
+    console.print(f"minimum k: {check.min_k['statement']}", highlight=False, markup=False)
+    for note in check.notes:
+        console.print(f"note: {note}", highlight=False, markup=False)
     console.print(f"written to {out}")
 
 
@@ -429,5 +500,13 @@ def triage(
                             cost_path=costs if costs is not None
                             else run.path / COSTS_FILE)
         result.save(run.path, model=m)
-    console.print(result.markdown())
+    console.print(result.markdown(), highlight=False, markup=False)
+    for c in result.classes:
+        for a in c.attempts:
+            if a.get("outcome") is not None:
+                console.print(f"{c.name} / {a['treatment']}: helped? {a['outcome']} "
+                              f"({a['reason']}) [{a['verdict_summary']}]", highlight=False,
+                              markup=False)
+    console.print(f"'helped' = a paired verdict on {result.settings['n_selection']} selection "
+                  "images (pass / fail / undecided; undecided is not kept)", highlight=False)
     console.print(f"written to {out}")

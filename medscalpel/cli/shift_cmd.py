@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, load_predictions, print_table
 
@@ -71,7 +72,14 @@ def recalibrate_site(
     print_table(res.table(), f"{method} recalibration, k={k}: sens/spec on the rest of the site")
     for note in res.notes:
         console.print(note)
-    console.print(res.verdict)
+    colour = {"pass": "green", "fail": "red"}.get(res.restored_verdict.get("outcome"), "yellow")
+    console.print(f"[{colour}]{escape(res.verdict)}[/{colour}]", highlight=False)
+    if res.restored_verdict:
+        console.print(f"evidence: {res.restored_verdict['method']}; "
+                      f"{res.restored_verdict['correction']} over "
+                      f"{res.restored_verdict['n_tests']} one-sided tests at alpha "
+                      f"{res.restored_verdict['alpha']:g}; per-unit estimates, intervals and "
+                      "counts in recalibration.json (restored_verdict)", highlight=False)
     console.print(f"k-shot drawn by {res.split_unit}"
                   + (f" ({res.n_fit_patients} patients; {res.n_excluded_same_patient} images of "
                      "theirs kept out of the rest)" if res.split_unit == "patient" else

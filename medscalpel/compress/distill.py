@@ -50,8 +50,10 @@ from torch import nn
 
 from medscalpel.compress.measure import collect_logits, count_macs, count_parameters, cpu_latency
 from medscalpel.data.base import CXRDataset
+from medscalpel.compress.distill_accept import TARGETS, acceptance, auroc_verdict
 from medscalpel.engine.metrics import evaluate
 from medscalpel.engine.predict import check_compatible, collect_images, predict
+from medscalpel.engine.predictions import Predictions
 from medscalpel.engine.train import TrainConfig, TrainResult, seed_everything, train
 from medscalpel.errors import ConfigError, DataError, ModelError
 from medscalpel.explain.compare import compare_saliency
@@ -451,14 +453,22 @@ def teacher_divergence(student: MedClassifier, teacher: MedClassifier, images: t
     return float(soft_divergence(s, t, task, temperature))
 
 
-def latency_table(models: dict[str, nn.Module], example: torch.Tensor, repeats: int = 10,
-                  rounds: int = 3, warmup: int = 3) -> dict[str, float]:
-    """Batch-1 CPU latency (median ms) of several models measured in turns in the same run, so
-    that the shared machine's load affects all of them alike."""
+def latency_rounds(models: dict[str, nn.Module], example: torch.Tensor, repeats: int = 10,
+                   rounds: int = 3, warmup: int = 3) -> dict[str, list[float]]:
+    """Batch-1 CPU latency (median ms of ``repeats`` passes) of several models, per round: the
+    models are measured in turns within each round, so that the shared machine's load affects
+    all of them alike and a per-round ratio compares like with like."""
     times: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(rounds):
         for name, m in models.items():
             times[name].append(cpu_latency(m, example, 1, warmup, repeats))
+    return times
+
+
+def latency_table(models: dict[str, nn.Module], example: torch.Tensor, repeats: int = 10,
+                  rounds: int = 3, warmup: int = 3) -> dict[str, float]:
+    """Median over rounds of :func:`latency_rounds`."""
+    times = latency_rounds(models, example, repeats, rounds, warmup)
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
@@ -523,10 +533,6 @@ class DistillConfig:
                 "latency_repeats": self.latency_repeats, "latency_rounds": self.latency_rounds}
 
 
-#: targets of point 6 of the issue
-TARGETS = {"max_param_ratio": 0.1, "min_speedup": 5.0, "max_auroc_drop": 0.01}
-
-
 @dataclass
 class DistillResult:
     """Teacher vs student(s) on the same data and budget.
@@ -538,7 +544,10 @@ class DistillResult:
             ``auroc_drop`` (teacher - student macro AUROC), ``divergence`` from the teacher on the
             test images and the training history.
         saliency: per student, the teacher-student :class:`SaliencyComparison` summary.
-        targets: whether the distilled student met the issue's targets (see :data:`TARGETS`).
+        targets: whether the distilled student is accepted (see :func:`acceptance`): the
+            targets, ``param_ratio`` (an exact count), ``speed`` (per-round ratios),
+            ``auroc`` (a :class:`~medscalpel.engine.decision.Verdict` dict) and the overall
+            ``outcome`` (pass / fail / undecided) with its ``reason``.
         model: the distilled student (best validation weights, with its card); not serialised.
     """
 
@@ -735,27 +744,32 @@ def _measure_students(t_model: MedClassifier, runs: dict[str, TrainResult],
                       test_ds: CXRDataset, cfg: DistillConfig
                       ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
     """Step 4: test metrics, size, latency (in turns, same run) and divergence of the teacher
-    and every student, and whether the distilled student meets :data:`TARGETS`."""
+    and every student, and whether the distilled student meets :data:`TARGETS` (a verdict:
+    :func:`acceptance`)."""
     task = test_ds.task
     example = test_ds.image(0)[None]
-    t_metrics, _ = _metrics(t_model, test_ds, cfg.n_boot, cfg.train.seed)
-    lat = latency_table({"teacher": t_model, **{k: r.model for k, r in runs.items()}}, example,
-                        cfg.latency_repeats, cfg.latency_rounds)
+    t_metrics, t_preds = _metrics(t_model, test_ds, cfg.n_boot, cfg.train.seed)
+    lat_rounds = latency_rounds({"teacher": t_model, **{k: r.model for k, r in runs.items()}},
+                                example, cfg.latency_repeats, cfg.latency_rounds)
+    lat = {k: float(np.median(v)) for k, v in lat_rounds.items()}
+    preds: dict[str, Predictions] = {}
     t_params = count_parameters(t_model)
     teacher_info = {"arch": t_model.arch, "model_id": _teacher_id(t_model),
                     "parameters": t_params, "macs": count_macs(t_model, example),
-                    "latency_ms": lat["teacher"], "metrics": t_metrics["macro"],
+                    "latency_ms": lat["teacher"], "latency_rounds_ms": lat_rounds["teacher"],
+                    "metrics": t_metrics["macro"],
                     "per_class": t_metrics["per_class"], "trained_here": None}
     n_div = min(len(test_ds), 256)
     div_images, _ = collect_images(test_ds, n_div, seed=cfg.train.seed)
     students: dict[str, dict[str, Any]] = {}
     for name, r in runs.items():
         m = r.model
-        met, _ = _metrics(m, test_ds, cfg.n_boot, cfg.train.seed)
+        met, preds[name] = _metrics(m, test_ds, cfg.n_boot, cfg.train.seed)
         params = count_parameters(m)
         students[name] = {
             "arch": m.arch, "parameters": params, "macs": count_macs(m, example),
-            "latency_ms": lat[name], "param_ratio": params / t_params,
+            "latency_ms": lat[name], "latency_rounds_ms": lat_rounds[name],
+            "param_ratio": params / t_params,
             "speedup": lat["teacher"] / lat[name] if lat[name] > 0 else float("nan"),
             "metrics": met["macro"], "per_class": met["per_class"],
             "auroc_drop": t_metrics["macro"]["auroc"] - met["macro"]["auroc"],
@@ -764,11 +778,8 @@ def _measure_students(t_model: MedClassifier, runs: dict[str, TrainResult],
             "train": {"history": r.history, "best_epoch": r.best_epoch, "seconds": r.seconds,
                       **({"distill": r.extra["distill"]} if "distill" in r.extra else {})}}
     d = students["distilled"]
-    targets = {**TARGETS, "param_ratio_met": bool(d["param_ratio"] <= TARGETS["max_param_ratio"]),
-               "speedup_met": bool(d["speedup"] >= TARGETS["min_speedup"]),
-               "auroc_met": bool(d["auroc_drop"] <= TARGETS["max_auroc_drop"])}
-    targets["all_met"] = bool(targets["param_ratio_met"] and targets["speedup_met"]
-                              and targets["auroc_met"])
+    targets = acceptance(d, lat_rounds["teacher"], lat_rounds["distilled"],
+                         auroc_verdict(t_preds, preds["distilled"], cfg.n_boot, cfg.train.seed))
     return teacher_info, students, targets
 
 
@@ -826,5 +837,6 @@ def _data_info(train_ds: CXRDataset, val_ds: CXRDataset | None, test_ds: CXRData
 
 
 __all__ = ["DistillConfig", "DistillLoss", "DistillResult", "TARGETS", "TeacherObjective",
-           "attention_map", "distill", "distill_train", "latency_table", "resolve_model",
-           "soft_divergence", "teacher_divergence"]
+           "acceptance", "attention_map", "distill", "distill_train", "latency_rounds",
+           "latency_table", "resolve_model", "soft_divergence",
+           "teacher_divergence"]

@@ -53,6 +53,7 @@ from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
 from medscalpel.models.operating_point import OperatingPoint, task_of
 from medscalpel.repair.calibrate import fit_temperature
+from medscalpel.repair.restored import class_outcomes, more_images_of, restored_verdict
 from medscalpel.runs import read_json, write_json
 from medscalpel.validation import check_in, check_range
 
@@ -530,8 +531,11 @@ class SiteRecalibration:
 
     ``internal``: the internal operating point (per class, with CIs). ``before`` / ``after``:
     the external operating point on the REST (images not used to fit) at the stored / the
-    recalibrated thresholds. ``restored``: per recalibrated class whether |after - internal| <=
-    ``tolerance`` for both sensitivity and specificity; ``verdict`` says it in words.
+    recalibrated thresholds. ``restored_verdict``: the TOST verdict (two independent sets)
+    (:mod:`medscalpel.repair.restored`) that |after - internal| <= ``tolerance`` for both
+    sensitivity and specificity, Holm over every class; ``outcomes``: per class pass / fail /
+    undecided; ``restored``: per class whether that outcome is pass (shown restored; False for
+    fail AND undecided); ``verdict`` says it in words.
     """
 
     method: str
@@ -558,6 +562,11 @@ class SiteRecalibration:
     n_excluded_same_patient: int = 0
     #: per class positives / negatives each class was fitted on (its own draws)
     fit_counts: dict[str, Any] = field(default_factory=dict)
+    #: per recalibrated class the verdict's outcome: pass / fail / undecided
+    outcomes: dict[str, str] = field(default_factory=dict)
+    #: the TOST :class:`~medscalpel.engine.decision.Verdict` of "restored" (its dict; its
+    #: units carry estimate, interval at the Holm level, n and positives / negatives)
+    restored_verdict: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -588,7 +597,7 @@ class SiteRecalibration:
                          f"{i['sensitivity']:.3f}/{i['specificity']:.3f}",
                          "external before": f"{b['sensitivity']:.3f}/{b['specificity']:.3f}",
                          "after": f"{a['sensitivity']:.3f}/{a['specificity']:.3f}",
-                         "restored": self.restored[a["name"]],
+                         "restored": self.outcomes.get(a["name"], "no verdict (older file)"),
                          "best possible gap": _fmt_gap(self.best_possible_gap.get(a["name"]))})
         return rows
 
@@ -610,7 +619,10 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
         external: labelled predictions of the new site (the sample is drawn from them).
         k: labelled images per class (positives and negatives each, multi-label).
         classes: classes to recalibrate (default all; each needs ``k`` positives and negatives).
-        tolerance: what "restored" means: |after - internal| <= tolerance for sens and spec.
+        tolerance: what "restored" means: |after - internal| <= tolerance for sens and spec,
+            shown by a verdict (:mod:`medscalpel.repair.restored`: two one-sided tests per rate,
+            Holm, >= 10 positives and negatives; pass / fail / undecided per class).
+        confidence: level of the CIs and of the verdict.
         prevalence: what ``temperature`` / ``platt`` fit their probabilities at (the k-shot
             sample is class-balanced, not the site): ``internal`` (default: the internal set's
             prevalence; assumes no label shift) or ``[K]`` numbers (a known site prevalence).
@@ -660,36 +672,23 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
                                                    unlabeled=external)
     before = operating_point(rest, thr, n_boot, seed + 1, confidence)
     after = operating_point(rec.transform(rest), rec.thresholds_, n_boot, seed + 1, confidence)
-    restored = {}
-    for i, a in zip(target, after):
-        if a["name"] in rec.recalibrated_:
-            restored[a["name"]] = bool(abs(a["sensitivity"] - i["sensitivity"]) <= tolerance and
-                                       abs(a["specificity"] - i["specificity"]) <= tolerance)
-    best = best_possible_gap(rest, target, list(restored))
-    macro = macro_gap(target, after, list(restored), tolerance)
-    n_ok = sum(restored.values())
-    failed = [c for c, ok in restored.items() if not ok]
-    lost = [c for c in failed if best.get(c) is not None and best[c] > tolerance]
-    verdict = (f"restored: all {n_ok} recalibrated classes within {tolerance} of the internal "
-               "sensitivity and specificity" if n_ok == len(restored) else
-               f"NOT restored for {len(failed)} of {len(restored)} classes ({failed}): {method} "
-               f"recalibration with {k} labelled images per class did not bring them within "
-               f"{tolerance}"
-               + (f"; for {lost} NO threshold on this site would (the ranking itself is lost "
-                  "there: retrain, e.g. with the 'acquisition' augmentation profile or images "
-                  "of the site)" if lost else "")
-               + ("; the others are within reach of some threshold: label more images of the "
-                  "site (a larger k) or try another method" if len(lost) < len(failed) else "")
-               + (f"; macro over these classes: sensitivity {macro['sensitivity_gap']:+.3f}, "
-                  f"specificity {macro['specificity_gap']:+.3f} vs internal ("
-                  + ("within" if macro["restored"] else "NOT within") + f" {tolerance})"
-                  if restored and n_ok < len(restored) else ""))
+    names = [a["name"] for a in after if a["name"] in rec.recalibrated_]
+    verdict_obj = restored_verdict(target, after, names, tolerance, level=confidence) \
+        if names else None
+    outcomes = class_outcomes(verdict_obj, names, tolerance) if verdict_obj else {}
+    restored = {c: o == "pass" for c, o in outcomes.items()}
+    best = best_possible_gap(rest, target, names)
+    macro = macro_gap(target, after, names, tolerance)
+    verdict = _restored_text(verdict_obj, outcomes, best, macro, method, k, tolerance)
     notes = ((f"fitted on {len(fit_rows)} external images, measured on the other {rest.n}"
               if pids is None else
               f"fitted on {len(fit_rows)} external images of {n_fit_patients} patients (drawn "
               f"by patient), measured on {rest.n} images of other patients ({n_same} more "
               "images of the drawn patients left out of both)"),
-             "the point estimates are compared; see the CIs for their uncertainty",
+             "restored = a verdict (pass / fail / undecided): two one-sided tests per rate that "
+             "sensitivity and specificity on the rest are within the tolerance of the internal "
+             "ones, Holm over every test, >= 10 positives and negatives per class; the macro gap "
+             "is a point estimate beside it",
              "best_possible_gap: per class the smallest max(|sens - internal|, |spec - "
              "internal|) ANY threshold reaches on the rest (its labels used: an upper bound on "
              "what any per-class recalibration can restore, not a method)")
@@ -709,10 +708,56 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
         fit_ids=tuple(sample.ids), thresholds_before=tuple(float(x) for x in thr),
         recalibrator=rec.to_dict(), internal=tuple(target), before=tuple(before),
         after=tuple(after), restored=restored, tolerance=tolerance, verdict=verdict, notes=notes,
+        outcomes=outcomes,
+        restored_verdict=verdict_obj.to_dict() if verdict_obj is not None else {},
         best_possible_gap=best, macro=macro,
         split_unit="image" if pids is None else "patient", n_fit_patients=n_fit_patients,
         n_excluded_same_patient=n_same, fit_counts=_fit_counts(sample))
     return res, rec
+
+
+def _restored_text(v: Any, outcomes: dict[str, str], best: dict[str, float | None],
+                   macro: dict[str, Any], method: str, k: int, tolerance: float) -> str:
+    """The recalibration verdict in words: pass / fail / undecided per class, then advice."""
+    if v is None:
+        return "undecided: no class was recalibrated"
+    by = {o: [c for c, x in outcomes.items() if x == o] for o in ("pass", "fail", "undecided")}
+    head = (f"restored ({v.outcome}): " if v.outcome == "pass" else
+            f"NOT restored ({v.outcome}): ")
+    if v.outcome == "pass":
+        return (head + f"all {len(by['pass'])} recalibrated classes shown within {tolerance} of "
+                "the internal sensitivity and specificity (two one-sided tests per rate, Holm "
+                f"over {v.n_tests})")
+    parts = []
+    if by["pass"]:
+        parts.append(f"restored (pass) for {by['pass']}")
+    if by["fail"]:
+        parts.append(f"NOT restored (fail, shown) for {len(by['fail'])} of {len(outcomes)} "
+                     f"classes ({by['fail']}): {method} recalibration with {k} labelled images "
+                     f"per class did not bring them within {tolerance}")
+    if by["undecided"]:
+        more = [m for m in (more_images_of(v, c, tolerance) for c in by["undecided"])
+                if m is not None]
+        parts.append(f"undecided for {by['undecided']}: the rest of the site cannot show "
+                     f"them within {tolerance} or outside it"
+                     + (f" (~{max(more)} more images would likely decide, an estimate)"
+                        if more else ""))
+    open_ = by["fail"] + by["undecided"]
+    lost = [c for c in open_ if best.get(c) is not None and best[c] > tolerance]
+    txt = head + "; ".join(parts)
+    if lost:
+        txt += (f"; for {lost} NO threshold on this site would (the ranking itself is lost "
+                "there: retrain, e.g. with the 'acquisition' augmentation profile or images of "
+                "the site)")
+    if by["fail"] and len(lost) < len(open_):
+        txt += ("; the others are within reach of some threshold: label more images of the "
+                "site (a larger k) or try another method")
+    if macro:
+        txt += (f"; macro over these classes (point estimates): sensitivity "
+                f"{macro['sensitivity_gap']:+.3f}, specificity {macro['specificity_gap']:+.3f} "
+                "vs internal (" + ("within" if macro["restored"] else "NOT within")
+                + f" {tolerance})")
+    return txt
 
 
 def _fit_counts(sample: Predictions) -> dict[str, Any]:

@@ -19,15 +19,18 @@ helps on held-out data, and learn what each treatment really costs.
 
 **Treatment** (per class with issues): the treatments that treat one of its open issues are
 tried in order of current cost (:class:`CostMatrix`); each is fitted on the fit split and its
-effect measured on the **held-out** split, with its wall time. An attempt **helped** when the
-held-out value of at least one of the class's issue metrics improved by at least its
-``min_gain`` (recall issue: Youden's J; precision: F1; miscalibration: ECE; false-positive
-cluster / confounder: specificity; low AUROC: AUROC), no issue metric got worse by more than its
-``min_gain``, the class's held-out AUROC fell by at most ``max_auroc_drop`` (0.01) and its recall by
-at most ``max_recall_drop`` (0.05). The held-out data is split once (seeded) into a
-**selection** part, on which "helped" is judged, and an untouched **report** part
-(``report_fraction``, default half), on which the before/after numbers of every class are
-reported: judging and reporting on the same images would overstate the gains (selection bias).
+effect measured on the **held-out** split, with its wall time. An attempt **helped** when its
+paired verdict (:mod:`medscalpel.repair.helped`; pass / fail / undecided, Holm, minimum
+evidence) shows on the held-out images that the metric of the issue it is tried for improved by
+at least its ``min_gain`` (recall issue: Youden's J; precision: F1; miscalibration: ECE;
+false-positive cluster / confounder: specificity; low AUROC: AUROC), that the class's AUROC fell
+by at most ``max_auroc_drop`` (0.01) and (false-positive issues) its recall by at most
+``max_recall_drop`` (0.05). A point estimate decides nothing: an attempt the images cannot judge
+is ``undecided`` and not kept (the other open issues' metrics are side effects: only a loss
+shown there blocks). The held-out data is split once (seeded) into a **selection** part, on
+which "helped" is judged, and an untouched **report** part (``report_fraction``, default half),
+on which the before/after numbers of every class are reported: judging and reporting on the
+same images would overstate the gains (selection bias).
 A helpful attempt is kept (the next one starts from it) and the
 class is re-diagnosed on the fit split; the router escalates to the next treatment while issues
 remain. Treatments that need images (augmentation, full retraining) or whose current cost
@@ -57,6 +60,9 @@ from medscalpel.engine.metrics import auroc, expected_calibration_error
 from medscalpel.engine.predict import Features
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
+from medscalpel.repair.helped import (ISSUE_METRIC, boot_weights, class_arrays, evidence_text,
+                                      helped_record, helped_verdict, needed_metrics,
+                                      paired_deltas)
 from medscalpel.repair.treatments import (ISSUES, TREATMENTS, Attempt, RepairState, Treatment,
                                           initial_costs)
 from medscalpel.runs import read_json, write_json, write_text
@@ -173,12 +179,6 @@ class DiagnosisCriteria:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-#: the held-out metric each issue is judged by: (metric, higher_is_better, min_gain)
-ISSUE_METRIC = {"low_recall": ("youden", True, 0.01), "low_precision": ("f1", True, 0.01),
-                "miscalibrated": ("ece", False, 0.01), "fp_cluster": ("specificity", True, 0.005),
-                "confounder": ("specificity", True, 0.005), "low_auroc": ("auroc", True, 0.005)}
 
 
 def ece_binary(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
@@ -324,6 +324,7 @@ class TriageResult:
                              "cost": a.get("cost"), "seconds": a.get("seconds"),
                              "gain": "; ".join(f"{k} {v:+.3f}" for k, v in a.get("gain", {}).items()
                                                if v is not None and np.isfinite(v)) or "-",
+                             "evidence": evidence_text(a),
                              "chosen": "yes" if a["treatment"] in c.chosen else ""})
         return rows
 
@@ -390,6 +391,9 @@ class TreatmentRouter:
         min_gain: overrides of the per-issue minimal gains (:data:`ISSUE_METRIC`).
         report_fraction: share of the held-out images kept untouched for the reported
             numbers (the rest judges "helped"); seeded by ``seed``.
+        n_boot, level, min_pos, min_neg: the paired verdict of "helped" (bootstrap replicates
+            of the selection images, two-sided confidence of the family, minimum positive /
+            negative selection images of the class; see :mod:`medscalpel.repair.helped`).
 
     Attributes (after :meth:`fit`): ``costs_`` (CostMatrix), ``state_`` (RepairState),
     ``issues_`` (class -> issues on the fit split), ``fit_metrics_``.
@@ -406,7 +410,8 @@ class TreatmentRouter:
                  treatment_params: dict[str, dict[str, Any]] | None = None,
                  max_auroc_drop: float = 0.01, max_recall_drop: float = 0.05,
                  min_gain: dict[str, float] | None = None, report_fraction: float = 0.5,
-                 seed: int = 0):
+                 seed: int = 0, n_boot: int = 1000, level: float = 0.95, min_pos: int = 10,
+                 min_neg: int = 10):
         self.costs = costs
         self.budget = budget
         self.criteria = criteria
@@ -418,6 +423,10 @@ class TreatmentRouter:
         self.min_gain = min_gain
         self.report_fraction = report_fraction
         self.seed = seed
+        self.n_boot = n_boot
+        self.level = level
+        self.min_pos = min_pos
+        self.min_neg = min_neg
 
     # ------------------------------------------------------------------ fit
     def _cost_matrix(self) -> CostMatrix:
@@ -445,6 +454,10 @@ class TreatmentRouter:
         check_range(self.budget, "budget", o, 0)
         check_fraction(self.max_auroc_drop, "max_auroc_drop", o, allow_one=True)
         check_fraction(self.max_recall_drop, "max_recall_drop", o, allow_one=True)
+        check_range(self.n_boot, "n_boot", o, 10, integer=True)
+        check_range(self.level, "level", o, 0.5, 1.0, low_inclusive=False, high_inclusive=False)
+        check_range(self.min_pos, "min_pos", o, 0, integer=True)
+        check_range(self.min_neg, "min_neg", o, 0, integer=True)
         if not isinstance(data, (Features, Predictions)):
             raise DataError(f"{o}.fit: data must be Features or Predictions; got "
                             f"{type(data).__name__}.")
@@ -475,32 +488,25 @@ class TreatmentRouter:
         return self
 
     # ------------------------------------------------------------------ run
-    def _gain(self, kind: str, before: dict, after: dict) -> float:
-        metric, higher, _ = ISSUE_METRIC[kind]
-        d = after[metric] - before[metric]
-        return float(d if higher else -d)
-
     def _min_gain(self, kind: str) -> float:
         return float((self.min_gain or {}).get(kind, ISSUE_METRIC[kind][2]))
 
-    def _helped(self, kinds: list[str], before: dict, after: dict) -> tuple[bool, str]:
-        gains = {kd: self._gain(kd, before, after) for kd in kinds}
-        if any(not np.isfinite(g) for g in gains.values()):
-            return False, "metric undefined on the held-out split"
-        if before["auroc"] - after["auroc"] > self.max_auroc_drop:
-            return False, (f"held-out AUROC fell by {before['auroc'] - after['auroc']:.4f} "
-                           f"(> {self.max_auroc_drop})")
-        fp_kinds = {"fp_cluster", "confounder", "low_precision"}
-        if set(kinds) <= fp_kinds and np.isfinite(before["recall"]) and \
-                before["recall"] - after["recall"] > self.max_recall_drop:
-            return False, f"held-out recall fell by {before['recall'] - after['recall']:.4f}"
-        worse = [kd for kd, g in gains.items() if g < -self._min_gain(kd)]
-        if worse:
-            return False, f"worse on {', '.join(worse)}"
-        better = [kd for kd, g in gains.items() if g >= self._min_gain(kd)]
-        if not better:
-            return False, "no issue metric improved by its minimal gain on held-out data"
-        return True, f"improved {', '.join(better)}"
+    def _helped(self, kinds: list[str], primary: str, j: int, cur_state: RepairState,
+                new_state: RepairState, part: Features | Predictions,
+                flags: np.ndarray | None, before: dict, after: dict,
+                weights: np.ndarray) -> dict[str, Any]:
+        """The paired verdicts of one attempt on the selection images (:func:`helped_verdict`)."""
+        bins = self.criteria_.ece_bins
+        ab = class_arrays(cur_state.logits(part), part.labels, part.task, j,
+                          float(cur_state.thresholds[j]), flags)
+        aa = class_arrays(new_state.logits(part), part.labels, part.task, j,
+                          float(new_state.thresholds[j]), flags)
+        deltas = paired_deltas(ab, aa, weights, needed_metrics(kinds, primary), bins)
+        return helped_verdict(kinds, primary, before, after, deltas, self._min_gain,
+                              max_auroc_drop=self.max_auroc_drop,
+                              max_recall_drop=self.max_recall_drop, n=len(part.ids),
+                              n_boot=self.n_boot, seed=self.seed, level=self.level,
+                              min_pos=self.min_pos, min_neg=self.min_neg)
 
     def _split_held_out(self, held_out: Features | Predictions) -> tuple[np.ndarray, np.ndarray]:
         """Seeded split of the held-out rows into (selection, report) parts."""
@@ -534,6 +540,7 @@ class TreatmentRouter:
                             "split must be Features too (changed weights need features).")
         sel_rows, rep_rows = self._split_held_out(held_out)
         selection, report = held_out.select(sel_rows), held_out.select(rep_rows)
+        weights = boot_weights(len(sel_rows), self.n_boot, self.seed)
         flags = dict(confounders or {})
         sel_flags = {k: np.asarray(v)[sel_rows] for k, v in flags.items()}
         rep_flags = {k: np.asarray(v)[rep_rows] for k, v in flags.items()}
@@ -544,13 +551,16 @@ class TreatmentRouter:
         for j, cname in enumerate(fit.class_names):
             issues = self.issues_[cname]
 
-            def held_metrics(st: RepairState, kinds: list[str], part=selection,
-                             part_flags=sel_flags) -> dict[str, float]:
+            def part_flags_of(part_flags=sel_flags) -> np.ndarray | None:
                 conf = [i.get("confounder") for i in self.issues_[cname]
                         if i["kind"] == "confounder"]
-                fl = part_flags.get(conf[0]) if conf and conf[0] in part_flags else None
+                return part_flags.get(conf[0]) if conf and conf[0] in part_flags else None
+
+            def held_metrics(st: RepairState, kinds: list[str], part=selection,
+                             part_flags=sel_flags) -> dict[str, float]:
                 return class_metrics(st.logits(part), part.labels, part.task, j,
-                                     float(st.thresholds[j]), self.criteria_.ece_bins, fl)
+                                     float(st.thresholds[j]), self.criteria_.ece_bins,
+                                     part_flags_of(part_flags))
 
             before = held_metrics(state, [])
             rep_before = held_metrics(state, [], report, rep_flags)
@@ -602,11 +612,13 @@ class TreatmentRouter:
                 rec["gain"] = {ISSUE_METRIC[kd][0]: after[ISSUE_METRIC[kd][0]] -
                                cur[ISSUE_METRIC[kd][0]] for kd in kinds_all}
                 rec["gain"]["auroc"] = after["auroc"] - cur["auroc"]
-                helped, why = self._helped(open_kinds, cur, after)
-                rec.update(status="helped" if helped else "no gain", reason=why,
-                           selection_after=after)
+                primary = next(kd for kd in open_kinds if kd in tr.treats)
+                verdict = self._helped(open_kinds, primary, j, state, att.state, selection,
+                                       part_flags_of(), cur, after, weights)
+                rec.update(selection_after=after, **helped_record(verdict))
+                rec["evidence"] = evidence_text(rec)
                 attempts.append(rec)
-                if helped:
+                if verdict["outcome"] == "pass":
                     state, cur = att.state, after
                     chosen.append(name)
                     cur_issues, _ = diagnose_class(state.logits(fit), fit, j,
@@ -630,7 +642,12 @@ class TreatmentRouter:
                       "reported_on": "report part of the held-out split (untouched by the "
                                      "choice)", "max_auroc_drop": self.max_auroc_drop,
                       "max_recall_drop": self.max_recall_drop,
-                      "min_gain": {k: self._min_gain(k) for k in ISSUES}},
+                      "min_gain": {k: self._min_gain(k) for k in ISSUES},
+                      "helped_rule": "paired verdict on the selection part: improvement of the "
+                                     "treated issue's metric >= its min_gain shown, guards "
+                                     "non-inferior; Holm; undecided is not kept",
+                      "n_boot": self.n_boot, "level": self.level, "min_pos": self.min_pos,
+                      "min_neg": self.min_neg},
             seconds=round(time.perf_counter() - t_start, 3), state=state)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from medscalpel.report.experiment import RunFiles, Section, pointer
 from medscalpel.report.html import Table, ci, num, text
+from medscalpel.report.verdict_view import outcome_cell, verdict_line, verdict_table
 
 
 def render_site_shift(run: RunFiles, sec: Section) -> None:
@@ -33,13 +34,18 @@ def render_site_shift(run: RunFiles, sec: Section) -> None:
     sec.fact("external images above the internal 99th OOD percentile", num(
         d["ood"].get("share_external_above_99"), pointer(rel, "ood", "share_external_above_99"),
         3))
-    ok = bool(rec["restored"]) and all(rec["restored"].values())
-    sec.fact("recalibration", text(rec["verdict"], cls="good" if ok else "bad"))
+    rv = rec.get("restored_verdict") or {}
+    if rv:
+        sec.fact("recalibration restored?", outcome_cell(rv.get("outcome"), rec["verdict"]))
+        sec.notes.append(f"Site recalibration, restored verdict: {verdict_line(rv)}")
+    else:
+        sec.fact("recalibration (older file: point estimates, no verdict)",
+                 text(rec["verdict"], cls="muted"))
     mac = rec.get("macro") or {}
     if mac:
-        sec.fact("macro sensitivity after - internal", num(
+        sec.fact("macro sensitivity after - internal (point estimate)", num(
             mac["sensitivity_gap"], pointer(rel, "recalibration", "macro", "sensitivity_gap")))
-        sec.fact("macro specificity after - internal", num(
+        sec.fact("macro specificity after - internal (point estimate)", num(
             mac["specificity_gap"], pointer(rel, "recalibration", "macro", "specificity_gap")))
     sec.fact("thresholds", text(val.get("threshold_source")))
     t = Table(["class", "set", "AUROC", "95% CI", "ECE", "sensitivity", "specificity"],
@@ -55,7 +61,7 @@ def render_site_shift(run: RunFiles, sec: Section) -> None:
     sec.tables.append(t)
     best = rec.get("best_possible_gap") or {}
     rt = Table(["class", "internal sens / spec", "external before", "external after",
-                "restored (within " + f"{rec['tolerance']:g})",
+                "restored? (within " + f"{rec['tolerance']:g}, TOST verdict)",
                 "best any threshold reaches (gap)"], key="site_recalibration",
                title=f"{rec['method']} recalibration, k = {rec['k']} (measured on the rest)")
     for j, (a, b, c) in enumerate(zip(rec["internal"], rec["before"], rec["after"])):
@@ -63,23 +69,37 @@ def render_site_shift(run: RunFiles, sec: Section) -> None:
             continue
         g = best.get(c["name"])
         rt.add(text(c["name"]), _pair(a), _pair(b), _pair(c),
-               text("yes" if rec["restored"][c["name"]] else "no",
-                    cls="good" if rec["restored"][c["name"]] else "bad"),
+               _restored_cell(rec, c["name"]),
                num(g, pointer(rel, "recalibration", "best_possible_gap", c["name"]), 3)
                if g is not None else text("n/a"))
     if rt.rows:
         sec.tables.append(rt)
+    vt = verdict_table(rel, rv, ("recalibration", "restored_verdict"), "site_restored_verdict",
+                       "Restored? Two one-sided tests per rate (after - internal within the "
+                       "tolerance), Holm over all of them")
+    if vt is not None:
+        sec.tables.append(vt)
     if d.get("router"):
         tt = Table(["class", "issues on the k-shot sample", "treatment", "status", "cost",
-                    "held-out gain", "chosen"], key="site_router",
+                    "held-out gain (point estimate)", "helped? verdict", "chosen"],
+                   key="site_router",
                    title="Treatment router on the new site (fitted on the k-shot sample, "
                          "judged on the rest)")
         for j, r in enumerate(d["router"]):
             tt.add(text(r["class"]), text(r["issues"]), text(r["treatment"]), text(r["status"]),
                    num(r.get("cost"), pointer(rel, "router", j, "cost"), 2), text(r["gain"]),
-                   text(r["chosen"] or "-"))
+                   text(r.get("evidence") or "-"), text(r["chosen"] or "-"))
         sec.tables.append(tt)
     sec.notes.extend(str(n) for n in d.get("notes") or [])
+
+
+def _restored_cell(rec: dict[str, Any], name: str):
+    """The class's verdict outcome; an older file's point-estimate flag is labelled so."""
+    out = (rec.get("outcomes") or {}).get(name)
+    if out is not None:
+        return outcome_cell(out)
+    flag = rec["restored"][name]
+    return text(f"{'yes' if flag else 'no'} (point estimate, no verdict)", cls="muted")
 
 
 def _pair(r: dict[str, Any]):

@@ -23,6 +23,7 @@ from medscalpel.report.html import Cell, Figure, Table, ci, num, pct, text
 from medscalpel.report.changes_section import render_changes
 from medscalpel.report.deploy_section import render_deployment
 from medscalpel.report.section_shift import render_site_shift
+from medscalpel.report.verdict_view import outcome_cell, verdict_line, verdict_table
 
 
 def _drawn(sec: Section, draw: Callable[[], bytes], caption: str, source: str) -> None:
@@ -666,8 +667,11 @@ def _repair(run: RunFiles, sec: Section) -> None:
             sec.fact("triage: judged on / reported on", text(
                 f"{n_sel} selection images / {n_rep} untouched report images"))
         t = Table(["class", "issues", "treatment", "status", "cost", "seconds",
-                   "gain (selection part)", "chosen"], key="triage",
-                  title="Treatment decisions (triage log; 'helped' judged on the selection part)")
+                   "gain (selection part, point estimate)",
+                   "helped? verdict (gain and interval at its Holm level)", "chosen"],
+                  key="triage",
+                  title="Treatment decisions (triage log; 'helped' is a paired verdict on the "
+                        "selection part: pass / fail / undecided)")
         for i, c in enumerate(tr.get("classes") or []):
             if not isinstance(c, dict):
                 continue
@@ -676,7 +680,8 @@ def _repair(run: RunFiles, sec: Section) -> None:
             atts = c.get("attempts") or []
             if not atts:
                 t.add(text(c.get("class")), text(issues), text("none"),
-                      text("no issue", cls="muted"), text(""), text(""), text(""), text(""))
+                      text("no issue", cls="muted"), text(""), text(""), text(""), text(""),
+                      text(""))
             for a_i, a in enumerate(atts):
                 if not isinstance(a, dict):
                     continue
@@ -688,8 +693,13 @@ def _repair(run: RunFiles, sec: Section) -> None:
                 t.add(text(c.get("class")), text(issues), text(a.get("treatment")),
                       text(st, cls="good" if st == "helped" else ("bad" if st == "failed" else "")),
                       num(a.get("cost"), p("cost"), 2), num(a.get("seconds"), p("seconds"), 3),
-                      text(g), text("yes" if a.get("treatment") in (c.get("chosen") or []) else "",
-                                    cls="good"))
+                      text(g), outcome_cell(a.get("outcome"),
+                                            str(a.get("evidence") or "").split(": ", 1)[-1])
+                      if a.get("outcome") else text("no verdict (older log)" if st in
+                                                    ("helped", "no gain") else None,
+                                                    cls="muted"),
+                      text("yes" if a.get("treatment") in (c.get("chosen") or []) else "",
+                           cls="good"))
         sec.tables.append(t)
         rt = Table(["class", "chosen", "metric", "before", "after", "\u0394"], key="triage_report",
                    title="Effect of the chosen treatments on the untouched report part")
@@ -723,6 +733,34 @@ def _repair(run: RunFiles, sec: Section) -> None:
         if run.exists("repair/triage/decision_log.md"):
             sec.links.append(Link(run.href("repair/triage/decision_log.md"), "decision_log.md",
                                   "the same log as a Markdown table"))
+
+
+def _distill_acceptance(rel: str, tg: dict[str, Any], sec: Section) -> None:
+    """The student's acceptance: one outcome and the evidence of each check (a verdict, never
+    a point estimate; an older file without verdicts is labelled as such)."""
+    if "outcome" not in tg:
+        if "all_met" in tg:
+            sec.fact("targets (older file: point estimates only, no verdict)",
+                     text("point estimates within targets" if tg.get("all_met") is True else
+                          "point estimates not within targets", cls="muted"))
+        return
+    sec.fact("student acceptance", outcome_cell(tg.get("outcome"), str(tg.get("reason") or "")))
+    par = tg.get("param_ratio") if isinstance(tg.get("param_ratio"), dict) else {}
+    sec.fact("parameters", outcome_cell(par.get("outcome"), str(par.get("reason") or "")))
+    sp = tg.get("speed") if isinstance(tg.get("speed"), dict) else {}
+    sec.fact("speed (per-round ratios)", outcome_cell(sp.get("outcome"),
+                                                     str(sp.get("reason") or "")))
+    if isinstance(sp.get("ratios"), list) and sp["ratios"]:
+        sec.fact("speedup per round", text(", ".join(H.fmt_num(r, 2) for r in sp["ratios"])))
+    au = tg.get("auroc") if isinstance(tg.get("auroc"), dict) else None
+    if au is not None:
+        sec.fact("AUROC non-inferiority", outcome_cell(au.get("outcome")))
+        sec.notes.append(f"Distilled student, AUROC verdict: {verdict_line(au)}")
+        vt = verdict_table(rel, au, ("targets", "auroc"), "distill_auroc_verdict",
+                           "Distilled student vs teacher: AUROC non-inferiority per class and "
+                           "macro (paired, same test images)")
+        if vt is not None:
+            sec.tables.append(vt)
 
 
 def _distill(run: RunFiles, sec: Section) -> None:
@@ -761,11 +799,10 @@ def _distill(run: RunFiles, sec: Section) -> None:
                        ("max_auroc_drop", "target AUROC drop \u2264")):
         if H.is_number(tg.get(key)):
             sec.fact(label, num(tg[key], pointer(rel, "targets", key), 2))
-    if "all_met" in tg:
-        sec.fact("all targets met", _yes_no(tg.get("all_met")))
+    _distill_acceptance(rel, tg, sec)
     dist = _get(d, "students", "distilled")
     if isinstance(dist, dict) and H.is_number(dist.get("auroc_drop")):
-        sec.fact("AUROC drop (distilled)", num(dist["auroc_drop"],
+        sec.fact("AUROC drop (distilled, point estimate)", num(dist["auroc_drop"],
                                                pointer(rel, "students", "distilled", "auroc_drop"),
                                                4, "signed"))
     sal = d.get("saliency")
