@@ -343,9 +343,13 @@ def _cost_external(d: _Docs) -> HeadlineItem:
     restored = rec.get("restored")
     if isinstance(restored, dict) and restored:
         ok = sum(bool(v) for v in restored.values())
+        outcomes = rec.get("outcomes") or {}
+        open_ = sum(1 for v in outcomes.values() if v == "undecided")
         it.t(f"; {rec.get('method', 'k-shot')} recalibration with k = ")
         it.c(num(rec.get("k"), d.p("site_shift", "recalibration", "k"), 0, "int"))
-        it.t(f" labelled external images per class restored {ok} of {len(restored)} classes",
+        it.t(f" labelled external images per class: restored (shown) in {ok} of "
+             f"{len(restored)} classes" + (f", undecided in {open_}" if open_ else "")
+             + ("" if outcomes else " (point-estimate flag of an older file)"),
              cls="good" if ok == len(restored) else "bad")
     if d["compress"] is not None:
         it.t("; the compressed models were not measured on the external site", cls="muted")
@@ -431,7 +435,11 @@ def _open(d: _Docs) -> HeadlineItem:
     s = d["site_shift"]
     restored = _get(s, "recalibration", "restored")
     if isinstance(restored, dict):
-        no = [k for k, v in restored.items() if not v]
+        outcomes = _get(s, "recalibration", "outcomes") or {}
+        undecided = [k for k, v in outcomes.items() if v == "undecided"]
+        no = [k for k, v in restored.items() if not v and k not in undecided]
+        if undecided:
+            found.append(f"external recalibration undecided for {', '.join(undecided)}")
         if no:
             found.append(f"external recalibration not restored for {', '.join(no)}")
     ch = d["changes"]
