@@ -147,6 +147,10 @@ ARTIFACTS: dict[str, Artifact] = dict([
        "one row per compressed model: params, MACs, latency, paired accuracy delta"),
     _a("export", "compress/export/export.json", "compress", None, ("onnx_path",),
        "ONNX export of the best structured model: parity and latency"),
+    _a("external_comparison", "external_comparison.json", "compress prune", None,
+       ("spec", "comparison", "verdict"),
+       "compressed vs unpruned on a second site (compress prune --external): paired deltas "
+       "and the non-inferiority verdict"),
     _a("deploy", "compress/deploy/deploy.json", "deploy",
        "medscalpel.compress.deploy_result:DeployResult", (),
        "runtime x precision benchmark, parity, accuracy floor, recommendation",

@@ -165,6 +165,20 @@ def test_cli_prune_prints_and_saves_the_paired_accuracy_delta(tmp_path):
     back = load_model(tmp_path / "pr" / "model")
     assert "accuracy_delta" in back.card.lineage[-1]
     assert (tmp_path / "pr" / "prune.json").is_file()
+    assert "internal: accuracy vs the default floor" in r.output
+    # the same verdict on a second site (the phantom's scanner B)
+    r = CliRunner().invoke(app, ["compress", "prune", str(tmp_path / "m"), "--data",
+                                 f"phantom:{tmp_path / 'ph'}", "--ratio", "0.3", "--calib", "8",
+                                 "--n-boot", "50", "--external",
+                                 f"phantom:{tmp_path / 'ph'}?site=B", "--out",
+                                 str(tmp_path / "pe")])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    from medscalpel.layout import read_artifact
+
+    ext = read_artifact(tmp_path / "pe", "external_comparison")
+    assert ext["spec"].endswith("site=B") and ext["comparison"]["n"] == 120
+    assert ext["verdict"]["outcome"] in ("pass", "fail", "undecided")
+    assert "external: accuracy vs the default floor" in r.output
 
 
 def test_latency_protocol_reports_round_ratios_and_spread(caplog, monkeypatch):

@@ -120,6 +120,10 @@ def prune(
     n_boot: int = typer.Option(N_BOOT, help=N_BOOT_HELP),
     eval_split: str = typer.Option("test", help="Split of --data the pruned and the unpruned "
                                    "model are compared on (paired, same images)."),
+    external: Optional[str] = typer.Option(None, metavar="SPEC", help="A second site's "
+                                           "labelled dataset spec (same classes): the pruned "
+                                           "and the unpruned model are also compared on all "
+                                           "of its images, with the same verdict."),
     seed: int = typer.Option(0, help="Seed of the calibration choice and recovery."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
@@ -160,6 +164,7 @@ def prune(
                       f"{res.params_after:,}, MACs x{res.speedup_macs:.2f}; nothing pruned")
         return
     eval_ds = _open(data, eval_split, m)
+    ext_ds = _open(external, "all", m) if external is not None else None  # before any work
     inputs = CompressionInputs(calib=images, train=train_ds, val=val_ds, evaluate=eval_ds)
     with RunDir(out, command="compress prune", config=config, seed=seed,
                 data={"train": train_ds.content_hash(), eval_split: eval_ds.content_hash()},
@@ -168,6 +173,8 @@ def prune(
         result.save(run.path)
         res = result.report
         write_json(run.path / "prune.json", res.to_dict())
+        ext_verdict = (_external_floor(m, result.model, ext_ds, external, run.path, n_boot, seed)
+                       if ext_ds is not None else None)
     lat = res.latency["ratio"] if res.latency else None
     spread = (f" (spread {res.latency['spread']:.0%} over {res.latency['rounds']} alternated "
               "rounds" + ("; NOISY: measure again on an idle machine)" if res.latency["noisy"]
@@ -188,9 +195,31 @@ def prune(
     verdict = cmp.verdict(margin=0.01, macro_margin=0.005,
                           method="bootstrap" if cmp.replicates is not None and cmp.n_boot
                           else "delong")
-    colour = {"pass": "green", "fail": "red"}.get(verdict.outcome, "yellow")
-    console.print(f"[{colour}]accuracy vs the default floor (macro -0.005, class -0.01; paired "
-                  f"intervals, Holm): {escape(verdict.summary())}[/{colour}]", highlight=False)
+    for where, vd in (("internal", verdict), ("external", ext_verdict)):
+        if vd is None:
+            continue
+        colour = {"pass": "green", "fail": "red"}.get(vd.outcome, "yellow")
+        console.print(f"[{colour}]{where}: accuracy vs the default floor (macro -0.005, class "
+                      f"-0.01; paired intervals, Holm): {escape(vd.summary())}[/{colour}]",
+                      highlight=False)
+
+
+def _external_floor(dense, pruned, ext_ds, spec: str, run_path: Path, n_boot: int, seed: int):
+    """The pruned vs the unpruned model on every image of a second site: paired deltas and the
+    same non-inferiority verdict as on the evaluation split (declared artifact
+    ``external_comparison``)."""
+    from medscalpel.engine.compare import compare_predictions
+    from medscalpel.engine.predict import predict
+    from medscalpel.layout import write_artifact
+
+    cmp = compare_predictions(predict(dense, ext_ds, progress=False),
+                              predict(pruned, ext_ds, progress=False), n_boot=n_boot, seed=seed)
+    verdict = cmp.verdict(margin=0.01, macro_margin=0.005,
+                          method="bootstrap" if cmp.replicates is not None and cmp.n_boot
+                          else "delong")
+    write_artifact(run_path, "external_comparison",
+                   {"spec": spec, "comparison": cmp.to_dict(), "verdict": verdict.to_dict()})
+    return verdict
 
 
 def export(
