@@ -435,3 +435,41 @@ def test_cli_outputs_hold_no_planted_phi(tmp_path, monkeypatch, capsys):
     assert not {k: v for k, v in leaks.items() if v}, leaks
     for text in printed:
         assert not [n for n in needles if n.decode().lower() in text.lower()], text
+
+
+def test_keep_identifiers_is_marked_at_the_top_of_every_report(tmp_path, monkeypatch, capsys):
+    """--keep-identifiers (report clinical) and keep_identifiers=true (a dicom: spec) are the
+    user's opt-in: the clinical pages, their index and the experiment report say so first."""
+    import torch
+
+    from medscalpel.cli.main import run
+    from medscalpel.data import Preprocess
+    from medscalpel.models import create_model, make_card, save_model
+    from medscalpel.report.experiment import identifiers_kept_in
+
+    rng = np.random.default_rng(2)
+    plain = tmp_path / "scans"
+    for k in range(2):
+        write_dcm(plain / f"{PHI['PatientID']}_{k}.dcm", rng.integers(0, 4000, (24, 24)), **PHI)
+    torch.manual_seed(0)
+    m = create_model("vgg_tiny", 2, 1, 24)
+    save_model(m, tmp_path / "model", make_card(m, ["NORMAL", "PNEUMONIA"], "multiclass",
+                                                Preprocess(size=24, channels=1)))
+    files = [str(p) for p in sorted(plain.glob("*.dcm"))]
+    for flag, out in (([], tmp_path / "anon"), (["--keep-identifiers"], tmp_path / "kept")):
+        args = ["report", "clinical", *files, "--model", str(tmp_path / "model"), "--out",
+                str(out), *flag]
+        monkeypatch.setattr(sys, "argv", ["medscalpel", *args])
+        with pytest.raises(SystemExit) as ex:
+            run(args)
+        capsys.readouterr()
+        assert ex.value.code == 0
+    for page in ["index.html", *[p.name for p in (tmp_path / "kept").glob("*.html")]]:
+        html = (tmp_path / "kept" / page).read_text()
+        assert "IDENTIFIERS KEPT" in html, page
+    assert PHI["PatientID"] in (tmp_path / "kept" / "clinical.json").read_text()
+    assert not any("IDENTIFIERS KEPT" in p.read_text() for p in (tmp_path / "anon").glob("*.html"))
+    assert PHI["PatientID"] not in (tmp_path / "anon" / "clinical.json").read_text()
+    # the experiment report marks every run under it whose manifest shows the opt-in
+    assert identifiers_kept_in(tmp_path) == ["kept"]
+    assert identifiers_kept_in(tmp_path / "anon") == []

@@ -42,6 +42,10 @@ def clinical(
     out: Path = typer.Option(Path("runs/report-clinical"), help="Run directory to create: one "
                              "HTML + JSON per image and index.html."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    keep_identifiers: bool = typer.Option(False, "--keep-identifiers", help="Name DICOM images "
+                                          "by their file names and record their paths (default: "
+                                          "salted pseudonyms, no identifier in any output); "
+                                          "marked at the top of every report page."),
 ) -> None:
     """Decision-support report per image: every finding above its threshold (with the
     threshold's origin and operating point), conflicts flagged with the training-label
@@ -74,18 +78,20 @@ def clinical(
     rule = ExclusionRule(max_lift_upper=max_lift_upper, min_expected=min_expected,
                          min_images=min_images)
     mode = "hide" if hide_exclusive else "flag"
-    items, image_ids, recorded = deidentified_inputs(images)  # DICOM: no path, a pseudonym
+    # DICOM: no path, a pseudonym (unless the user opts in)
+    items, image_ids, recorded = deidentified_inputs(images, keep_identifiers)
     cfg = {"model": str(model), "images": recorded,
            "stats": str(stats) if stats else None,
            "calibration": str(calibration) if calibration else None, "conflicts": mode,
            "exclusion_rule": rule.to_dict(), "min_cam_size": min_cam_size,
-           "cam_method": cam_method, "top_channels": top_channels, "artifact": art}
+           "cam_method": cam_method, "top_channels": top_channels, "artifact": art,
+           "keep_identifiers": keep_identifiers}
     with RunDir(out, command="report clinical", config=cfg, overwrite=overwrite) as run:
         reports = clinical_report(m, items, run.path, image_ids=image_ids,
                                   label_stats=stats, cam_method=cam_method,
                                   top_channels=top_channels, conflicts=mode,
                                   exclusion_rule=rule, calibration=calibration,
-                                  min_cam_size=min_cam_size)
+                                  min_cam_size=min_cam_size, identifiers_kept=keep_identifiers)
         write_json(run.path / "clinical.json", {"reports": [r.to_dict() for r in reports]})
     _print_clinical(reports)
     if art is not None and not getattr(m, "supports_gradients", True):

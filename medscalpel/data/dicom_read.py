@@ -323,12 +323,16 @@ def file_ids(paths: Sequence[str | os.PathLike]) -> list[str]:
     return [file_image_id(p, salt) if is_dicom_path(p) else str(p) for p in paths]
 
 
-def deidentified_inputs(paths: Sequence[str | os.PathLike]
+def deidentified_inputs(paths: Sequence[str | os.PathLike], keep_identifiers: bool = False
                         ) -> tuple[list[Any], list[str], list[str]]:
     """Image files for a per-image report without their DICOM files' paths: ``(items, ids,
     recorded)``. A DICOM file becomes its decoded pixels (so no report names its path), its
     pseudonym as id and as what the run records; another file stays its path, with its file
-    name as id (as before)."""
+    name as id (as before). ``keep_identifiers=True`` (the user's explicit opt-in) names every
+    file by its own name and records its path."""
+    if keep_identifiers:
+        items_k: list[Any] = [read_dicom(p) if is_dicom_path(p) else str(p) for p in paths]
+        return items_k, [Path(p).name for p in paths], [str(p) for p in paths]
     ids = file_ids(paths)
     items: list[Any] = [read_dicom(p) if is_dicom_path(p) else str(p) for p in paths]
     named = [i if is_dicom_path(p) else Path(p).name for p, i in zip(paths, ids)]

@@ -51,7 +51,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +309,9 @@ class ClinicalReport:
     #: multi-label, whose decisions are the findings)
     decision: str = ""
     created: str = ""
+    #: the report names the images by their own file names / patient identifiers because the
+    #: user asked for it (``--keep-identifiers``): marked at the top of the page
+    identifiers_kept: bool = False
     overlay_png: bytes | None = field(default=None, repr=False)
     html_path: str | None = None
     json_path: str | None = None
@@ -323,7 +326,8 @@ class ClinicalReport:
                 "probabilities": self.probabilities, "model": self.model,
                 "cam_method": self.cam_method, "zones_source": self.zones_source,
                 "rank_by": self.rank_by, "warnings": list(self.warnings),
-                "decision": self.decision, "created": self.created, "html": self.html_path}
+                "decision": self.decision, "created": self.created, "html": self.html_path,
+                "identifiers_kept": self.identifiers_kept}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ClinicalReport":
@@ -342,7 +346,8 @@ class ClinicalReport:
                    warnings=list(d.get("warnings", [])),
                    disclaimer=str(d.get("disclaimer", DECISION_SUPPORT)),
                    decision=str(d.get("decision", "")),
-                   created=str(d.get("created", "")), html_path=d.get("html"))
+                   created=str(d.get("created", "")), html_path=d.get("html"),
+                   identifiers_kept=bool(d.get("identifiers_kept", False)))
 
     def summary(self) -> str:
         """One line: findings with probability, location and flags, or "no finding"."""
@@ -624,7 +629,6 @@ def _describe_origin(op: OperatingPoint, j: int) -> tuple[str, str]:
 
 def _from_measured(cop: ClassOperatingPoint, row: Mapping[str, Any], on: Mapping[str, Any],
                    fit_split: str) -> ClassOperatingPoint:
-    from dataclasses import replace
 
     split = str(on.get("split", ""))
     note = "" if on.get("held_out", True) and not (split and split == fit_split) else \
@@ -718,7 +722,6 @@ def operating_points(card: Any, class_names: Sequence[str], thresholds: Sequence
 def _measured(op: ClassOperatingPoint, row: Mapping[str, Any] | None,
               ev: Mapping[str, Any] | None, fit_split: str,
               notes: list[str]) -> ClassOperatingPoint:
-    from dataclasses import replace
 
     if row is None or ev is None:
         return op
@@ -1076,6 +1079,7 @@ def clinical_report(
     exclusion_rule: ExclusionRule | None = None,
     calibration: Any = None,
     min_cam_size: int = MIN_CAM_SIZE,
+    identifiers_kept: bool = False,
 ) -> list[ClinicalReport]:
     """Decision-support reports of ``images`` by ``model``.
 
@@ -1139,6 +1143,8 @@ def clinical_report(
     reports = [_render(model, s, sc, i, plans[i], cams, ops, shared,
                        zones[i] if zones is not None else None, top_channels)
                for i in track(range(len(s.ids)), "clinical reports", progress=progress)]
+    if identifiers_kept:
+        reports = [replace(r, identifiers_kept=True) for r in reports]
     if out_dir is not None:
         write_clinical_reports(reports, out_dir)
     return reports
@@ -1195,9 +1201,12 @@ def write_clinical_reports(reports: Sequence[ClinicalReport], out_dir: str | os.
     first = reports[0] if reports else None
     notice = first.operating.get("notice") if first is not None else None
     mode = first.exclusion.get("mode") if first is not None else "flag"
+    kept = any(r.identifiers_kept for r in reports)
     write_json(out / "index.json", {"schema_version": SCHEMA, "kind": "clinical_index",
                                     "disclaimer": DECISION_SUPPORT, "operating_notice": notice,
-                                    "conflicts": mode, "reports": rows})
+                                    "conflicts": mode, "identifiers_kept": kept,
+                                    "reports": rows})
     return write_html(out / "index.html", render("clinical_index.html.j2", title=title,
                                                  rows=rows, disclaimer=DECISION_SUPPORT,
-                                                 notice=notice, mode=mode))
+                                                 notice=notice, mode=mode,
+                                                 identifiers_kept=kept))

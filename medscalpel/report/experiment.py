@@ -242,6 +242,29 @@ def _no_artifacts_message(root: Path) -> str:
                   "(train, evaluate, compress deploy, audit changes, ...).")
 
 
+def identifiers_kept_in(root: Path, limit: int = 500) -> list[str]:
+    """The runs under ``root`` whose manifest shows the user opted in to identifiers (a
+    ``dicom:`` spec with ``keep_identifiers=true`` or ``--keep-identifiers``): the report marks
+    them at its top."""
+    from medscalpel.data.dicom import identifiers_kept
+
+    found = []
+    for i, man in enumerate(sorted(root.rglob("manifest.json"))):
+        if i >= limit:
+            break
+        try:
+            doc = json.loads(man.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        cfg = doc.get("config") if isinstance(doc, dict) else None
+        values = list(cfg.values()) if isinstance(cfg, dict) else []
+        values += list((doc.get("data") or {}).values()) if isinstance(doc.get("data"), dict) else []
+        if (isinstance(cfg, dict) and cfg.get("keep_identifiers") is True) or any(
+                isinstance(v, str) and identifiers_kept(v) for v in values):
+            found.append(str(man.parent.relative_to(root)) or ".")
+    return found
+
+
 def experiment_report(run_dir: str | os.PathLike, out_html: str | os.PathLike | None = None,
                       clinical_examples: int = 5,
                       title: str = "medscalpel experiment report") -> ExperimentReport:
@@ -303,8 +326,9 @@ def experiment_report(run_dir: str | os.PathLike, out_html: str | os.PathLike | 
     created = time.strftime("%Y-%m-%d %H:%M:%S")
     from medscalpel.runs import final_path
 
+    kept = identifiers_kept_in(root)
     html = H.render("experiment.html.j2", title=title, run_dir=str(final_path(root)),
-                    profile=profile, headline=headline,
+                    profile=profile, headline=headline, identifiers_kept=kept,
                     created=created, sections=sections, version=__version__)
     H.write_html(out, html)
     return ExperimentReport(str(root), str(out), sections, profile, created, headline)
