@@ -368,11 +368,11 @@ def test_audit_changes_end_to_end_on_the_phantom(phantom_test, tmp_path):
                                      "robustness": "hot_robustness.png"}
     assert all((path.parent / f).is_file() for f in back.pairs[0].figures.values())
     # the report section reads the typed result, every number with its JSON pointer
-    from medscalpel.report.changes_section import render_changes
-    from medscalpel.report.experiment import RunFiles, Section, resolve_pointer
+    from medscalpel.report.page import RunFiles, Section, resolve_pointer
+    from medscalpel.report.sections.changes import ChangesSection
 
     sec = Section("changes", "What compression changed")
-    render_changes(RunFiles(tmp_path / "run", tmp_path / "report.html"), sec)
+    ChangesSection().render(RunFiles(tmp_path / "run", tmp_path / "report.html"), sec)
     assert sec.present and len(sec.figures) == 3
     assert [t.key for t in sec.tables] == ["changes_calibration", "changes_subgroups",
                                            "changes_robustness", "changes_explanation"]
@@ -380,7 +380,7 @@ def test_audit_changes_end_to_end_on_the_phantom(phantom_test, tmp_path):
     cell = sec.tables[0].rows[0][3]
     assert cell.value == pytest.approx(resolve_pointer(doc, cell.src))
     empty = Section("changes", "x")
-    render_changes(RunFiles(tmp_path / "nothing", tmp_path / "r.html"), empty)
+    ChangesSection().render(RunFiles(tmp_path / "nothing", tmp_path / "r.html"), empty)
     assert not empty.present
     assert back.pairs[0].calibration.macro["delta_ece"] == pytest.approx(
         p.calibration.macro["delta_ece"])

@@ -160,14 +160,14 @@ def test_planted_slow_inaccurate_and_nonconforming_variants_are_refused(model, t
     assert not wrong.files and not list(tmp_path.rglob("wrong.onnx"))  # its file was removed
     assert res.recommended in ("torch:fp32", "onnxruntime:fp32")
     # the report's Deployment section reads the typed result from the run layout
-    from medscalpel.report.deploy_section import render_deployment
-    from medscalpel.report.experiment import RunFiles, Section
+    from medscalpel.report.page import RunFiles, Section
+    from medscalpel.report.sections.deployment import DeploymentSection
 
     run = tmp_path / "run"
     (run / "compress").mkdir(parents=True)
     (tmp_path / "d").rename(run / "compress" / "deploy")
     sec = Section("deployment", "Deployment")
-    render_deployment(RunFiles(run, run / "reports" / "experiment.html"), sec)
+    DeploymentSection().render(RunFiles(run, run / "reports" / "experiment.html"), sec)
     assert sec.present and sec.badge == "go" and len(sec.tables[0].rows) == 5
     row = {r[0].text: r for r in sec.tables[0].rows}["planted_slow:fp32"]
     assert row[1].text == "no-go" and "slower than torch fp32" in row[-1].text

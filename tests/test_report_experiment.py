@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from medscalpel.report.experiment import experiment_report, pointer, resolve_pointer
-from medscalpel.report.sections import SECTIONS
+from medscalpel.report.sections import page_sections
 from medscalpel.report.figures import pareto_front
 from medscalpel.layout import write_artifact
 from medscalpel.runs import write_json
@@ -276,7 +276,7 @@ def full_run(tmp_path_factory) -> tuple[Path, object, str]:
 def test_every_section_present_and_numbers_match_json(full_run):
     run, rep, html = full_run
     p = parse(html)
-    assert [s[0] for s in SECTIONS] == list(p.sections)
+    assert [cls.key for cls in page_sections()] == list(p.sections)
     # deployment and what-compression-changed are built from real runs in tests/test_demo.py
     real_only = {"deployment", "changes"}
     assert all(v["present"] == "yes" for k, v in p.sections.items() if k not in real_only), \

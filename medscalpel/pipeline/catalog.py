@@ -1,5 +1,6 @@
 """The registries as markdown tables: docs/architecture.md holds them between
-``<!-- generated: NAME -->`` and ``<!-- /generated -->`` markers, written by
+``<!-- generated: NAME -->`` and ``<!-- /generated -->`` markers (stages, report sections,
+artifacts, compressors, runtimes, dataset adapters), written by
 ``scripts/architecture_tables.py`` and checked by ``tests/test_stages.py``, so the architecture
 page cannot go stale."""
 
@@ -15,6 +16,7 @@ from medscalpel.compress.runtimes import RUNTIMES
 from medscalpel.data.spec import DATASETS
 from medscalpel.layout import ARTIFACTS
 from medscalpel.pipeline.stage import STAGES
+from medscalpel.report.sections import page_sections
 
 _BLOCK = re.compile(r"(<!-- generated: (\w+) -->\n)(.*?)(<!-- /generated -->)", re.S)
 
@@ -43,6 +45,15 @@ def stages_table() -> str:
     return "\n".join(rows)
 
 
+def sections_table() -> str:
+    rows = ["| section | title | renders | also reads | module |", "|---|---|---|---|---|"]
+    for cls in page_sections():
+        module = cls.__module__.removeprefix("medscalpel.report.sections.")
+        rows.append(f"| {cls.key} | {_cell(cls.title)} | {_cell(', '.join(cls.renders))} | "
+                    f"{', '.join(cls.also_reads) or '-'} | `{module}.py` |")
+    return "\n".join(rows)
+
+
 def _registry_table(reg, what: str) -> str:
     rows = [f"| {what} | what |", "|---|---|"]
     rows += [f"| {n} | {_cell(h)} |" for n, h in reg.describe().items()]
@@ -52,6 +63,7 @@ def _registry_table(reg, what: str) -> str:
 TABLES = {
     "artifacts": artifacts_table,
     "stages": stages_table,
+    "sections": sections_table,
     "compressors": lambda: _registry_table(COMPRESSORS, "compressor"),
     "runtimes": lambda: _registry_table(RUNTIMES, "runtime variant"),
     "datasets": lambda: _registry_table(DATASETS, "dataset adapter"),

@@ -24,7 +24,7 @@ from typing import Any
 from medscalpel.errors import DataError
 from medscalpel.layout import artifact, read_artifact
 from medscalpel.report import html as H
-from medscalpel.report.experiment import RunFiles, pointer
+from medscalpel.report.page import RunFiles, pointer
 from medscalpel.report.html import Cell, ci, num, pct
 
 #: the artifacts the headline reads, in the order of its lines

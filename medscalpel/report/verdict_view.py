@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from medscalpel.report.experiment import pointer
+from medscalpel.report.page import pointer
 from medscalpel.report.html import Cell, Table, num, text
 
 #: CSS class of each outcome

@@ -17,55 +17,64 @@ from typing import Any
 from medscalpel.audit.changes import ChangesAudit
 from medscalpel.errors import DataError
 from medscalpel.layout import ARTIFACTS
-from medscalpel.report.experiment import RunFiles, Section, pointer
 from medscalpel.report.html import Table, ci, num, text
+from medscalpel.report.page import RunFiles, Section, pointer
+from medscalpel.report.sections.base import ReportSection, register_section
 
 REL = ARTIFACTS["changes"].path                  # audit/changes/changes.json
 REL_DIR = str(PurePosixPath(REL).parent)
 
 
-def render_changes(run: RunFiles, sec: Section) -> None:
-    """Fill ``sec`` from ``audit/changes/changes.json``; leaves it absent when the file is not
-    there."""
-    d = run.json(REL, sec)
-    if d is None:
-        return
-    sec.present = True
-    try:
-        audit = ChangesAudit.from_dict(d)
-    except (KeyError, TypeError, ValueError, DataError) as exc:
-        sec.notes.append(f"{REL} is not a changes audit this version can read: {exc}")
-        sec.badge, sec.badge_cls = "unreadable file", "bad"
-        return
-    sec.intro = (f"What compression changed beyond accuracy, on {audit.n} images of "
-                 f"{audit.data.get('spec', '?')} / {audit.data.get('split', '?')} "
-                 f"({audit.n_boot} paired bootstrap replicates per CI).")
-    sec.fact("images audited", num(audit.n, pointer(REL, "n"), 0, "int"))
-    sec.fact("measures", ", ".join(audit.measures))
-    any_flag = False
-    for i, p in enumerate(audit.pairs):
-        base = ("pairs", i)
-        for line in p.headline():
-            sec.fact(f"{p.name}: {line.split(':', 1)[0]}", line.split(":", 1)[1].strip())
-        if p.calibration is not None:
-            any_flag |= p.calibration.recommend_recalibration
-            sec.tables.append(_calibration(p, base))
-        if p.subgroups is not None:
-            any_flag |= bool(p.subgroups.flagged())
-            sec.tables.append(_subgroups(p, base))
-            sec.notes.append(f"{p.name}: {p.subgroups.note}")
-            sec.notes += [f"{p.name}: skipped {s}" for s in p.subgroups.skipped]
-        if p.robustness is not None:
-            any_flag |= bool(p.robustness.less_robust())
-            sec.tables.append(_robustness(p, base))
-        if p.explanation is not None:
-            sec.tables.append(_explanation(p, base))
-        for key, rel in sorted(p.figures.items()):
-            fig = run.figure(f"{REL_DIR}/{rel}", sec, f"{p.name}: {key}")
-            if fig:
-                sec.figures.append(fig)
-    sec.badge, sec.badge_cls = (("changes found", "bad") if any_flag
-                                else ("no significant change", "good"))
+@register_section
+class ChangesSection(ReportSection):
+    """What compression changed."""
+
+    key = "changes"
+    title = "What compression changed"
+    renders = ("changes",)
+    order = 90
+
+    def render(self, run: RunFiles, sec: Section) -> None:
+        """Fill ``sec`` from ``audit/changes/changes.json``; leaves it absent when the file is not
+        there."""
+        d = self.json(run, REL, sec)
+        if d is None:
+            return
+        sec.present = True
+        try:
+            audit = ChangesAudit.from_dict(d)
+        except (KeyError, TypeError, ValueError, DataError) as exc:
+            self.unreadable(sec, f"{REL} is not a changes audit this version can read: {exc}")
+            return
+        sec.intro = (f"What compression changed beyond accuracy, on {audit.n} images of "
+                     f"{audit.data.get('spec', '?')} / {audit.data.get('split', '?')} "
+                     f"({audit.n_boot} paired bootstrap replicates per CI).")
+        sec.fact("images audited", num(audit.n, pointer(REL, "n"), 0, "int"))
+        sec.fact("measures", ", ".join(audit.measures))
+        any_flag = False
+        for i, p in enumerate(audit.pairs):
+            base = ("pairs", i)
+            for line in p.headline():
+                sec.fact(f"{p.name}: {line.split(':', 1)[0]}", line.split(":", 1)[1].strip())
+            if p.calibration is not None:
+                any_flag |= p.calibration.recommend_recalibration
+                sec.tables.append(_calibration(p, base))
+            if p.subgroups is not None:
+                any_flag |= bool(p.subgroups.flagged())
+                sec.tables.append(_subgroups(p, base))
+                sec.notes.append(f"{p.name}: {p.subgroups.note}")
+                sec.notes += [f"{p.name}: skipped {s}" for s in p.subgroups.skipped]
+            if p.robustness is not None:
+                any_flag |= bool(p.robustness.less_robust())
+                sec.tables.append(_robustness(p, base))
+            if p.explanation is not None:
+                sec.tables.append(_explanation(p, base))
+            for key, rel in sorted(p.figures.items()):
+                fig = self.figure(run, f"{REL_DIR}/{rel}", sec, f"{p.name}: {key}")
+                if fig:
+                    sec.figures.append(fig)
+        sec.badge, sec.badge_cls = (("changes found", "bad") if any_flag
+                                    else ("no significant change", "good"))
 
 
 def _calibration(p: Any, base: tuple[Any, ...]) -> Table:
