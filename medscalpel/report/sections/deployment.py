@@ -4,13 +4,14 @@ with latency ratios, parity, delta AUROC, go / no-go and the recommendation with
 
 from __future__ import annotations
 
-from medscalpel.compress.deploy_result import DeployResult
+from medscalpel.compress.deploy_result import DeployResult, explanation_line
 from medscalpel.report.html import Table, ci, num, pct, text
 from medscalpel.report.page import RunFiles, Section, pointer
 from medscalpel.report.sections.base import ReportSection, register_section
 
-_STATUS_CLS = {"go": "good", "no-go": "bad", "refused": "bad", "error": "bad",
-               "unavailable": "muted"}
+_STATUS_CLS = {"go": "good", "no-go": "bad", "undecided": "warn", "refused": "bad",
+               "error": "bad", "unavailable": "muted"}
+_OUTCOME_CLS = {"pass": "good", "fail": "bad", "undecided": "warn"}
 
 
 @register_section
@@ -33,8 +34,9 @@ class DeploymentSection(ReportSection):
         cols = ["variant", "status"]
         for b in res.batches:
             cols += [f"batch {b} ms", f"batch {b} x torch fp32"]
-        cols += ["x own fp32", "parity (rel.)", "macro \u0394AUROC", "paired 95% CI",
-                 "worst class \u0394AUROC", f"% of peak ({b0})", "why"]
+        cols += [f"{b0} x torch: interval low", "high", "x own fp32", "parity (rel.)", "accuracy verdict",
+                 "macro \u0394AUROC", "paired 95% CI", "worst class \u0394AUROC",
+                 f"% of peak ({b0})", "why"]
         t = Table(cols, key="deploy", title=(
             f"Runtimes x precisions on {res.n_images} images of split '{res.split}' "
             f"({res.rounds} alternated rounds; {res.threads} thread(s)"
@@ -49,8 +51,21 @@ class DeploymentSection(ReportSection):
                               3),
                           num(v.speedup_vs_torch.get(key), p("speedup_vs_torch", key), 2, "ratio")]
             macro = (v.comparison or {}).get("macro", {})
-            cells += [num(v.speedup_vs_fp32.get(b0), p("speedup_vs_fp32", b0), 2, "ratio"),
+            st = v.speed.get(b0, {}).get("vs_torch")
+            verdicts = " / ".join(f"{k}: {d.get('outcome')}" for k, d in v.verdicts.items())
+            worst = next((d.get("outcome") for d in v.verdicts.values()
+                          if d.get("outcome") == "fail"), None) or next(
+                (d.get("outcome") for d in v.verdicts.values()
+                 if d.get("outcome") == "undecided"), "pass" if v.verdicts else None)
+            cells += [num(st["low"], p("speed", b0, "vs_torch", "low"), 2, "ratio")
+                      if st else text("-"),
+                      num(st["high"], p("speed", b0, "vs_torch", "high"), 2, "ratio")
+                      if st else text("-"),
+                      num(v.speedup_vs_fp32.get(b0), p("speedup_vs_fp32", b0), 2, "ratio"),
                       num(v.parity_rel, p("parity_rel"), 2, "sci"),
+                      text(verdicts or ("reference (the model itself)"
+                                        if v.name == "torch:fp32" else "-"),
+                           cls=_OUTCOME_CLS.get(worst, "")),
                       num(macro.get("delta_auroc"), p("comparison", "macro", "delta_auroc"), 4,
                           "signed"),
                       ci(macro.get("delta_auroc_ci"), p("comparison", "macro", "delta_auroc_ci")),
@@ -73,6 +88,13 @@ class DeploymentSection(ReportSection):
                                                 pointer(rel, "peak", "fp32_gmacs"), 1))
         sec.fact("served",
                  text(f"{res.serve.get('dir')}/ ({', '.join(res.serve.get('files', []))})"))
+        sec.fact("explanation output", text(explanation_line(res.explanation)))
+        sec.fact("external set", text(
+            f"{res.external.get('n_images')} images of {res.external.get('spec') or res.external.get('split')}"
+            if res.external else "none: the floor was checked on the evaluation split only"))
+        sec.fact("CPU", text(f"{res.machine.get('cpu', {}).get('model', 'not recorded')} "
+                             f"({', '.join(res.machine.get('cpu', {}).get('features', []))}): "
+                             "the speeds hold for this CPU only"))
         if res.under_load:
             sec.notes.append(f"Latencies measured under load (load average "
                              f"{res.loadavg.get('start')} -> {res.loadavg.get('end')}); compare "
