@@ -158,7 +158,8 @@ def package_versions() -> dict[str, str]:
     from importlib import metadata
 
     names = ["medscalpel", "torch", "torchvision", "timm", "numpy", "scikit-learn", "torch-pruning",
-             "captum", "grad-cam", "zennit", "onnx", "onnxruntime", "openvino", "nncf"]
+             "captum", "grad-cam", "zennit", "onnx", "onnxruntime", "openvino", "nncf",
+             "scipy", "pydicom"]
     out: dict[str, str] = {"python": platform.python_version()}
     for n in names:
         try:
