@@ -197,24 +197,35 @@ def predict(
                                            "(auto: 'test' of the dataset the model was trained "
                                            "on, else 'all')."),
     out: Path = typer.Option(..., help="Run directory to create (predictions.npz inside)."),
-    batch_size: int = typer.Option(64),
+    batch_size: int = typer.Option(64, help="Images per model call (the runtime gets whole "
+                                             "batches)."),
+    threads: Optional[int] = typer.Option(None, help="Inference threads (a served runtime's "
+                                                     "session; torch intra-op threads)."),
+    workers: Optional[int] = typer.Option(None, help="Processes decoding images ahead of the "
+                                                     "model (bulk path; default: half the CPUs, "
+                                                     "0: none). A served artifact, --threads or "
+                                                     "--workers selects the bulk path."),
     overwrite: bool = typer.Option(False),
 ) -> None:
     """Predict a dataset split with a saved model -> a Predictions artifact, and a per-image
     table of probabilities and findings (the first rows printed, all in predictions.csv)."""
-    from medscalpel.compress.served import artifact_line, load_any
+    from medscalpel.compress.served import artifact_line, is_served, load_any
     from medscalpel.engine.api import model_provenance as provenance
     from medscalpel.engine.api import predict_spec, usage_line
+    from medscalpel.engine.bulk import BulkSettings
     from medscalpel.engine.findings import FILENAME as FINDINGS_CSV
     from medscalpel.engine.findings import findings_table
     from medscalpel.runs import RunDir, write_json
 
-    m = load_any(model)
+    settings = BulkSettings(batch_size, workers, threads).validate()  # before loading
+    bulk = settings if is_served(model) or threads is not None or workers is not None else None
+    m = load_any(model, threads=threads or 1)
     card, art = m.card, provenance(m)
     with RunDir(out, command="predict", config={"model": str(model), "data": data, "split": split,
-                                                "artifact": art},
+                                                "artifact": art, "batch_size": batch_size,
+                                                "bulk": bulk.to_dict() if bulk else None},
                 data={"spec": data, "split": split}, overwrite=overwrite) as run:
-        preds = predict_spec(m, data, split, batch_size)
+        preds = predict_spec(m, data, split, batch_size, bulk=bulk)
         preds.save(run.path / "predictions.npz")
         write_json(run.path / "predictions.json", preds.to_dict())
         op = card.decision_point()
@@ -226,6 +237,11 @@ def predict(
     console.print(f"used {usage_line(preds)}", highlight=False)
     if art is not None:
         console.print(f"model: {artifact_line(art)}", highlight=False)
+    if preds.meta.get("bulk"):
+        b = preds.meta["bulk"]
+        console.print(f"bulk: {b['images_per_s']} images/s ({b['model']}, batch {b['batch_size']},"
+                      f" {b['workers']} decoding worker(s), threads {b['threads'] or 'default'})",
+                      highlight=False)
     _print_findings(table, out / FINDINGS_CSV)
     if preds.meta.get("unlabelled"):
         console.print("note: the images have no labels: the predictions' labels are unknown "

@@ -16,6 +16,7 @@ from medscalpel.data.dicom_read import file_ids
 from medscalpel.data.scan import readable_image_files, require_readable, split_file_query
 from medscalpel.data.spec import open_dataset
 from medscalpel.data.transforms import Augment, Preprocess
+from medscalpel.engine.bulk import BulkSettings, bulk_predict
 from medscalpel.engine.external import ExternalValidation, RelabeledDataset, external_validation
 from medscalpel.engine.metrics import EvalResult, evaluate
 from medscalpel.engine.predict import predict
@@ -207,12 +208,12 @@ class ImageFiles(CXRDataset):
 
 
 def _predict_files(model: MedClassifier, paths: list[Path], data: str, batch_size: int,
-                   progress: bool | None) -> Predictions:
+                   progress: bool | None, bulk: BulkSettings | None = None) -> Predictions:
     import numpy as np
 
     card = model.card
     ds = ImageFiles(paths, list(card.class_names), card.task, card.preprocess, spec=data)
-    preds = predict(model, ds, batch_size=batch_size, progress=progress)
+    preds = _run_predict(model, ds, batch_size, progress, bulk)
     labels = preds.labels if card.task == "multilabel" else np.full(preds.n, -1, np.int64)
     meta = {**preds.meta, "n_used": len(ds), "n_total": len(paths), "unlabelled": True,
             "split_reason": "image files: no labels (NaN), nothing to evaluate against"}
@@ -221,7 +222,8 @@ def _predict_files(model: MedClassifier, paths: list[Path], data: str, batch_siz
 
 def predict_spec(model_dir: str | os.PathLike | Any, data: str, split: str | None = "test",
                  batch_size: int = 64, progress: bool | None = None,
-                 class_map: dict[str, str] | None = None) -> Predictions:
+                 class_map: dict[str, str] | None = None,
+                 bulk: BulkSettings | None = None) -> Predictions:
     """Load a model directory and predict a split of a dataset spec with the model's own
     preprocessing (size, channels, normalisation from model.json).
 
@@ -238,7 +240,7 @@ def predict_spec(model_dir: str | os.PathLike | Any, data: str, split: str | Non
     images in the whole dataset) and ``split_reason``.
     """
     model = _as_model(model_dir)
-    preds = _predict_spec(model, data, split, batch_size, progress, class_map)
+    preds = _predict_spec(model, data, split, batch_size, progress, class_map, bulk)
     art = model_provenance(model)
     return replace(preds, meta={**preds.meta, "artifact": art}) if art is not None else preds
 
@@ -258,15 +260,25 @@ def model_provenance(model: Any) -> dict[str, Any] | None:
     return dict(art) if isinstance(art, dict) else None
 
 
+def _run_predict(model: Any, ds: CXRDataset, batch_size: int, progress: bool | None,
+                 bulk: BulkSettings | None) -> Predictions:
+    """The in-process loop, or the bulk path when ``bulk`` is given."""
+    if bulk is None:
+        return predict(model, ds, batch_size=batch_size, progress=progress)
+    return bulk_predict(model, ds, bulk.batch_size, bulk.workers, bulk.threads, bulk.chunk,
+                        progress=progress)
+
+
 def _predict_spec(model: Any, data: str, split: str | None, batch_size: int,
-                  progress: bool | None, class_map: dict[str, str] | None) -> Predictions:
+                  progress: bool | None, class_map: dict[str, str] | None,
+                  bulk: BulkSettings | None = None) -> Predictions:
     paths = image_paths(data)
     if paths is not None:
         if split not in (None, "", "auto", "all"):
             raise DataError(f"--split {split}: image files have no splits; drop --split (or "
                             "use a dataset spec).")
         paths, skipped = readable_image_files(paths, data, progress=progress)
-        preds = _predict_files(model, paths, data, batch_size, progress)
+        preds = _predict_files(model, paths, data, batch_size, progress, bulk)
         return replace(preds, meta={**preds.meta, "n_total": len(paths) + len(skipped),
                                     "skipped": len(skipped)})
     split, reason = choose_split(model.card, data, split)
@@ -280,7 +292,7 @@ def _predict_spec(model: Any, data: str, split: str | None, batch_size: int,
         ds = ds.with_classes(list(model.card.class_names), model.card.task)
     elif class_map or list(ds.class_names) != list(model.card.class_names):
         ds = RelabeledDataset(ds, model.card.class_names, class_map)
-    preds = predict(model, ds, batch_size=batch_size, progress=progress)
+    preds = _run_predict(model, ds, batch_size, progress, bulk)
     meta = {**preds.meta, "split_unit": ds.meta.get("split_unit"), "n_used": len(ds),
             "n_total": n_total, "split_reason": reason,
             "skipped": ds.skip_report.count, "duplicates_removed": dups}
