@@ -233,7 +233,8 @@ def export(
     split: str = typer.Option("test", help="Split of --data."),
     quantize: Optional[str] = typer.Option(None, help="int8 quantization: dynamic or static."),
     batch_sizes: str = typer.Option("1,32", help="Latency batch sizes."),
-    opset: int = typer.Option(17, help="ONNX opset."),
+    opset: int = typer.Option(18, help="ONNX opset (>= 18: the dynamo exporter; lower: "
+                              "the TorchScript one, recorded in export.json)."),
     repeats: int = typer.Option(10, help="Timed repeats per measurement."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
@@ -260,4 +261,6 @@ def export(
     console.print(f"ONNX parity: random {fmt(res.parity['random'], 8)}, real "
                   f"{fmt(res.parity['real'], 8)}; speedup vs reference "
                   + ", ".join(f"{k} {v:.2f}" for k, v in res.speedup.items()))
+    console.print(f"ONNX exporter: {res.exporter['exporter']} ({res.exporter['reason']}), "
+                  f"opset {res.opset}")
     console.print(f"written to {out}")

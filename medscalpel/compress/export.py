@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from importlib import metadata
 import os
 import statistics
 import tempfile
@@ -54,6 +55,10 @@ class ExportResult:
             reference), measured alternately in this run.
         quantization: int8 path, mode, parity vs float32 ONNX, delta macro AUROC (with a
             dataset), or ``None``.
+        opset: the opset the file declares.
+        exporter: which torch exporter wrote the file (``dynamo`` or ``torchscript``), why,
+            and whether it was a fallback after a dynamo failure (with the error); the
+            reference's under ``reference``. See :func:`export_onnx_file`.
     """
 
     onnx_path: str
@@ -68,9 +73,11 @@ class ExportResult:
     threads: int = 1
     seconds: float = 0.0
     versions: dict[str, str] = field(default_factory=dict)
+    exporter: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": 1, **{k: v for k, v in self.__dict__.items()}}
+        # schema 2: + exporter (which torch exporter wrote the file, why); opset as written
+        return {"schema_version": 2, **{k: v for k, v in self.__dict__.items()}}
 
     def save(self, path: str | os.PathLike) -> Path:
         return write_json(path, self.to_dict())
@@ -100,39 +107,145 @@ def _input_shape(model: nn.Module, dataset, real_images, input_size) -> tuple[in
                       "real images or a dataset.")
 
 
+#: the dynamo-based exporter (``torch.onnx.export(dynamo=True)``, needs onnxscript) writes opset
+#: 18 and later; a lower opset goes through the TorchScript exporter (the dynamo exporter's
+#: down-conversion to 17 fails on some zoo graphs, e.g. densenet_tiny's ReduceMean axes, and then
+#: leaves the file at 18).
+DYNAMO_MIN_OPSET = 18
+DEFAULT_OPSET = 18
+
+#: architectures exported with the TorchScript exporter, with the reason (the dynamo exporter's
+#: error). Empty: every zoo architecture (densenet121/_tiny/_small, resnet18/50/_tiny, vgg19_bn,
+#: vgg_tiny, mobilenetv3_small/large_100, efficientnet_b0, deit_tiny, visformer_small, vit_test)
+#: and CamHead exports with the dynamo exporter at torch 2.14.1 / onnxscript 0.7.2
+#: (tests/test_export_dynamo.py checks the parity per architecture). An architecture that fails
+#: later goes here with the error it raised.
+TORCHSCRIPT_ARCHS: dict[str, str] = {}
+
+EXPORTERS = ("auto", "dynamo", "torchscript")
+
+
+def _arch(model: nn.Module) -> str:
+    inner = getattr(model, "model", None)  # CamHead wraps the classifier
+    return str(getattr(model, "arch", None) or getattr(inner, "arch", None)
+               or type(model).__name__)
+
+
+def choose_exporter(model: nn.Module, opset: int, exporter: str = "auto") -> tuple[str, str]:
+    """``(exporter, reason)``: the explicit choice (``"dynamo"`` or ``"torchscript"``), else
+    the TorchScript exporter for an opset below :data:`DYNAMO_MIN_OPSET` or an architecture in
+    :data:`TORCHSCRIPT_ARCHS`, the dynamo exporter otherwise."""
+    check_in(exporter, "exporter", "export_onnx_file", EXPORTERS)
+    if exporter != "auto":
+        return exporter, "requested"
+    if opset < DYNAMO_MIN_OPSET:
+        return "torchscript", (f"opset {opset} requested; the dynamo exporter writes opset "
+                               f">= {DYNAMO_MIN_OPSET}")
+    arch = _arch(model)
+    if arch in TORCHSCRIPT_ARCHS:
+        return "torchscript", f"{arch}: {TORCHSCRIPT_ARCHS[arch]}"
+    return "dynamo", "default"
+
+
+def _export_dynamo(model: nn.Module, tmp: Path, shape: Sequence[int], opset: int,
+                   outputs: list[str]) -> None:
+    # batch 2 in the example: torch.export specialises a dimension of size 1
+    x = torch.zeros(2, *shape)
+    program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset,
+                                input_names=[INPUT], output_names=outputs,
+                                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                optimize=True, verbose=False, report=False)
+    program.save(str(tmp), external_data=False)
+    _strip_node_metadata(tmp)
+
+
+def _strip_node_metadata(path: Path) -> None:
+    """Drop the dynamo exporter's per-node ``metadata_props`` (Python stack traces with this
+    machine's file paths, FX node text: over half of a small model's file); the graph, the
+    weights and the model-level metadata stay."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    for node in [*proto.graph.node, *(n for f in proto.functions for n in f.node)]:
+        del node.metadata_props[:]
+    onnx.save(proto, str(path))
+
+
+def _export_torchscript(model: nn.Module, tmp: Path, shape: Sequence[int], opset: int,
+                        outputs: list[str]) -> None:
+    x = torch.zeros(1, *shape)
+    with warnings.catch_warnings():
+        # the deprecation warning of the TorchScript exporter: this path is chosen on purpose
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(model, (x,), str(tmp), dynamo=False, opset_version=opset,
+                          input_names=[INPUT], output_names=outputs,
+                          dynamic_axes={INPUT: {0: "batch"},
+                                        **{o: {0: "batch"} for o in outputs}},
+                          do_constant_folding=True)
+
+
 def export_onnx_file(model: nn.Module, path: str | os.PathLike, shape: Sequence[int],
-                     opset: int = 17) -> None:
+                     opset: int = DEFAULT_OPSET, exporter: str = "auto") -> dict[str, Any]:
     """Write ``model`` (eval mode, dynamic batch) to ``path`` atomically; checked by onnx. A
     model with several outputs names them in ``model.output_names`` (e.g.
     :class:`~medscalpel.compress.cam_head.CamHead`: logits and class activation maps); the
-    first is always the logits."""
+    first is always the logits.
+
+    The dynamo-based exporter is used unless :func:`choose_exporter` picks the TorchScript one
+    (opset < 18, an architecture in :data:`TORCHSCRIPT_ARCHS`, or ``exporter="torchscript"``).
+    With ``exporter="auto"``, a dynamo failure falls back to the TorchScript exporter, logged as
+    a warning and recorded with the error (``fallback: True``).
+
+    Returns:
+        ``{"exporter", "reason", "fallback", "opset", "dynamo_error"}``: which exporter wrote
+        the file, why, and the opset the file declares.
+    """
     import onnx
 
     path = Path(path)
-
+    arch = _arch(model)
+    chosen, reason = choose_exporter(model, opset, exporter)
     path.parent.mkdir(parents=True, exist_ok=True)
-    x = torch.zeros(1, *shape)
     tmp = path.with_name(f".{path.name}.tmp")
+    info: dict[str, Any] = {"exporter": chosen, "reason": reason, "fallback": False,
+                            "opset": None, "dynamo_error": None}
     try:
-        with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
-            # the TorchScript exporter is used because the dynamo exporter needs onnxscript
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            outputs = list(getattr(model, "output_names", (OUTPUT,)))
-            torch.onnx.export(model, (x,), str(tmp), dynamo=False, opset_version=opset,
-                              input_names=[INPUT], output_names=outputs,
-                              dynamic_axes={INPUT: {0: "batch"},
-                                            **{o: {0: "batch"} for o in outputs}},
-                              do_constant_folding=True)
+        outputs = list(getattr(model, "output_names", (OUTPUT,)))
+        with eval_mode(model), torch.no_grad():
+            if chosen == "dynamo":
+                try:
+                    _export_dynamo(model, tmp, shape, opset, outputs)
+                except Exception as exc:  # noqa: BLE001 - recorded and logged, never silent
+                    if exporter != "auto":
+                        raise
+                    err = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+                    logger.warning("%s: the dynamo ONNX exporter failed on %s (%s); falling "
+                                   "back to the TorchScript exporter", OWNER, arch, err)
+                    if tmp.exists():
+                        tmp.unlink()
+                    info.update(exporter="torchscript", fallback=True, dynamo_error=err,
+                                reason=f"fallback: the dynamo exporter failed ({err})")
+                    _export_torchscript(model, tmp, shape, opset, outputs)
+            else:
+                _export_torchscript(model, tmp, shape, opset, outputs)
         onnx.checker.check_model(str(tmp))
+        declared = onnx.load(str(tmp), load_external_data=False).opset_import
+        info["opset"] = next((int(o.version) for o in declared if o.domain in ("", "ai.onnx")),
+                             None)
         os.replace(tmp, path)
     except Exception as exc:
         if tmp.exists():
             tmp.unlink()
         if isinstance(exc, (ConfigError, ModelError)):
             raise
-        raise ModelError(f"{OWNER}: exporting {getattr(model, 'arch', type(model).__name__)} to "
-                         f"ONNX (opset {opset}) failed: {type(exc).__name__}: {exc}.") from exc
+        raise ModelError(f"{OWNER}: exporting {arch} to ONNX (opset {opset}, "
+                         f"{info['exporter']} exporter) failed: {type(exc).__name__}: "
+                         f"{exc}.") from exc
+    if info["exporter"] == "torchscript" and not info["fallback"]:
+        logger.info("%s: %s exported with the TorchScript exporter (%s)", OWNER, arch,
+                    info["reason"])
+    return info
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None):
@@ -286,7 +399,7 @@ def export_onnx(
     model: nn.Module,
     out_path: str | os.PathLike,
     batch_sizes: Sequence[int] = (1, 32),
-    opset: int = 17,
+    opset: int = DEFAULT_OPSET,
     reference: nn.Module | None = None,
     dataset=None,
     real_images: torch.Tensor | None = None,
@@ -307,7 +420,7 @@ def export_onnx(
         model: the (compressed) model to export.
         out_path: the ``.onnx`` file to write.
         batch_sizes: batch sizes for the latency table.
-        opset: ONNX opset.
+        opset: ONNX opset (>= 18 for the dynamo exporter; lower uses the TorchScript one).
         reference: the dense model to compare latency with (measured alternately with
             ``model``, ``rounds`` times, in this process). ``None``: no ratio.
         dataset: real images for parity / calibration, and the split on which the int8 model's
@@ -359,7 +472,7 @@ def export_onnx(
     gen = torch.Generator().manual_seed(seed)
     rand = torch.randn(4, *shape, generator=gen)
 
-    export_onnx_file(model, out_path, shape, opset)
+    exporter = export_onnx_file(model, out_path, shape, opset)
     sess = ort_session(out_path, threads)
     parity = {"random": float(np.abs(ort_run(sess, rand) - _torch_logits(model, rand)).max()),
               "real": None}
@@ -379,7 +492,7 @@ def export_onnx(
         if reference is not None:
             reference = copy.deepcopy(reference).eval().cpu()
             ref_path = Path(tmpdir) / "reference.onnx"
-            export_onnx_file(reference, ref_path, shape, opset)
+            exporter["reference"] = export_onnx_file(reference, ref_path, shape, opset)
             ref_sess = ort_session(ref_path, threads)
 
         quant: dict[str, Any] | None = None
@@ -413,12 +526,23 @@ def export_onnx(
         shutil.rmtree(tmpdir, ignore_errors=True)
 
     return ExportResult(
-        onnx_path=str(out_path), opset=opset, input_shape=[int(s) for s in shape], parity=parity,
+        onnx_path=str(out_path), opset=int(exporter["opset"] or opset), exporter=exporter,
+        input_shape=[int(s) for s in shape], parity=parity,
         latency=rows, speedup=speedup, file_bytes=out_path.stat().st_size, quantization=quant,
         reference=getattr(getattr(reference, "card", None), "model_id", None)
         or (getattr(reference, "arch", None) if reference is not None else None),
         threads=threads, seconds=round(time.perf_counter() - t0, 3),
-        versions={"torch": torch.__version__, "onnxruntime": onnxruntime.__version__})
+        versions=_versions(onnxruntime.__version__))
+
+
+def _versions(ort_version: str) -> dict[str, str]:
+    out = {"torch": torch.__version__, "onnxruntime": ort_version}
+    for name in ("onnx", "onnxscript"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def _latency_table(model, reference, sess, ref_sess, q_sess, example, batch_sizes, warmup,
@@ -454,5 +578,6 @@ def _latency_table(model, reference, sess, ref_sess, q_sess, example, batch_size
     return rows, speedup
 
 
-__all__ = ["ExportResult", "cpu_flags", "export_onnx", "export_onnx_file", "has_vnni",
-           "ort_latency", "ort_run", "ort_session", "quantize_onnx"]
+__all__ = ["DYNAMO_MIN_OPSET", "ExportResult", "TORCHSCRIPT_ARCHS", "choose_exporter",
+           "cpu_flags", "export_onnx", "export_onnx_file", "has_vnni", "ort_latency", "ort_run",
+           "ort_session", "quantize_onnx"]
