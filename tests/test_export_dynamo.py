@@ -159,3 +159,16 @@ def test_cli_export_names_the_exporter(tmp_path):
         meta = json.loads((out / "export.json").read_text())
         assert meta["exporter"]["exporter"] == exporter
         assert meta["opset"] == (18 if opset is None else 17)
+
+
+def test_preferred_exporter_applies_to_auto_exports_only_and_is_recorded(tmp_path):
+    from medscalpel.compress.export import export_onnx_file, preferred_exporter
+    from medscalpel.models.zoo import create_model
+
+    m = create_model("vgg_tiny", num_classes=2, img_size=32).eval()
+    with preferred_exporter("torchscript", "a time budget"):
+        rec = export_onnx_file(m, tmp_path / "a.onnx", (1, 32, 32))
+        explicit = export_onnx_file(m, tmp_path / "b.onnx", (1, 32, 32), exporter="dynamo")
+    assert rec["exporter"] == "torchscript" and "a time budget" in rec["reason"]
+    assert explicit["exporter"] == "dynamo"
+    assert export_onnx_file(m, tmp_path / "c.onnx", (1, 32, 32))["exporter"] == "dynamo"

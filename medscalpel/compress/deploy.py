@@ -53,6 +53,7 @@ from medscalpel.compress.deploy_cam import explain_variant
 from medscalpel.compress.deploy_result import DeployResult, VariantResult
 from medscalpel.compress.deploy_serve import copy_exports, serve_metadata, write_serve
 from medscalpel.compress.deploy_timing import benchmark_variants, peak_gemms
+from medscalpel.compress.export import preferred_exporter
 from medscalpel.compress.measure import count_macs, count_parameters
 from medscalpel.compress.runtimes import (RUNTIMES, OpenVinoInt8AccuracyControl, Runtime,
                                           cpu_features)
@@ -740,6 +741,11 @@ def _guarantee_info(g: GuaranteeResult | None, notes: list[str], require: bool
                                                       require else "reported, not blocking")}
 
 
+#: why the budgeted paths (quick_deploy, the demo's export) keep the TorchScript exporter
+DEMO_EXPORTER_REASON = ("the demo's time budget: the dynamo exporter took 2-35 s per model where "
+                        "the TorchScript one took 0.1-4 s (benchmarks/results/"
+                        "export_exporters.json); same parity")
+
 #: the demo's quick stage: the fp32 runtimes (int8 calibration alone took 43 s of a 121 s
 #: quick run on densenet121 at 64 px under load average 11 on 2 cores), one batch, few rounds
 QUICK_VARIANTS = ("torch:fp32", "onnxruntime:fp32", "openvino:fp32")
@@ -756,11 +762,14 @@ def quick_deploy(model: nn.Module, data, out: str | os.PathLike, calib_data=None
     names = [n for n in QUICK_VARIANTS
              if not n.startswith("openvino") or importlib.util.find_spec("openvino")]
     left_out = [n for n in QUICK_VARIANTS if n not in names]
-    return deploy(model, data, out, calib_data=calib_data, variants=names, batches=(1,),
+    with preferred_exporter("torchscript", DEMO_EXPORTER_REASON):
+        return deploy(model, data, out, calib_data=calib_data, variants=names, batches=(1,),
                   rounds=5, repeats=3, warmup=1, n_images=64, n_calib=16, n_boot=200,
-                  overwrite=overwrite, progress=progress, accept_unscorable=True,
-                  notes=[f"not measured: {', '.join(left_out)} (OpenVINO is not installed: pip "
-                         "install 'medscalpel[deploy]')"] if left_out else [])
+                      overwrite=overwrite, progress=progress, accept_unscorable=True,
+                      notes=([f"not measured: {', '.join(left_out)} (OpenVINO is not "
+                              "installed: pip install 'medscalpel[deploy]')"] if left_out else [])
+                      + [f"ONNX files exported with the TorchScript exporter: "
+                         f"{DEMO_EXPORTER_REASON}"])
 
 
 __all__ = ["DEFAULT_VARIANTS", "QUICK_VARIANTS", "quick_deploy", "DeployResult", "VariantResult", "deploy", "peak_gemms",

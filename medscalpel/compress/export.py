@@ -13,16 +13,18 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import logging
-from importlib import metadata
 import os
 import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -131,13 +133,36 @@ def _arch(model: nn.Module) -> str:
                or type(model).__name__)
 
 
+#: a caller's preference for ``exporter="auto"`` exports in its block (see
+#: :func:`preferred_exporter`): ``(exporter, reason)`` or ``None``
+_PREFERRED: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "medscalpel_preferred_exporter", default=None)
+
+
+@contextlib.contextmanager
+def preferred_exporter(exporter: str, reason: str) -> Iterator[None]:
+    """Within the block, ``exporter="auto"`` exports use ``exporter``, recorded with
+    ``reason`` (e.g. the demo's time budget: the dynamo exporter takes 2-35 s per model where
+    the TorchScript one takes 0.1-4 s)."""
+    check_in(exporter, "exporter", "preferred_exporter", EXPORTERS)
+    token = _PREFERRED.set((exporter, reason))
+    try:
+        yield
+    finally:
+        _PREFERRED.reset(token)
+
+
 def choose_exporter(model: nn.Module, opset: int, exporter: str = "auto") -> tuple[str, str]:
-    """``(exporter, reason)``: the explicit choice (``"dynamo"`` or ``"torchscript"``), else
-    the TorchScript exporter for an opset below :data:`DYNAMO_MIN_OPSET` or an architecture in
-    :data:`TORCHSCRIPT_ARCHS`, the dynamo exporter otherwise."""
+    """``(exporter, reason)``: the explicit choice (``"dynamo"`` or ``"torchscript"``), else a
+    caller's :func:`preferred_exporter`, else the TorchScript exporter for an opset below
+    :data:`DYNAMO_MIN_OPSET` or an architecture in :data:`TORCHSCRIPT_ARCHS`, the dynamo
+    exporter otherwise."""
     check_in(exporter, "exporter", "export_onnx_file", EXPORTERS)
     if exporter != "auto":
         return exporter, "requested"
+    pref = _PREFERRED.get()
+    if pref is not None and pref[0] != "auto":
+        return pref[0], f"preferred by the caller: {pref[1]}"
     if opset < DYNAMO_MIN_OPSET:
         return "torchscript", (f"opset {opset} requested; the dynamo exporter writes opset "
                                f">= {DYNAMO_MIN_OPSET}")

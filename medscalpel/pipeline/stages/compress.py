@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from medscalpel.compress.contract import CompressionInputs, CompressionTable, compress
-from medscalpel.compress.deploy import quick_deploy
-from medscalpel.compress.export import export_onnx
+from medscalpel.compress.deploy import DEMO_EXPORTER_REASON, quick_deploy
+from medscalpel.compress.export import export_onnx, preferred_exporter
 from medscalpel.compress.measure import (count_macs, count_parameters, latency_pair,
                                          max_abs_logit_delta)
 from medscalpel.compress.structured import RecoveryConfig
@@ -144,8 +144,9 @@ def _export_best(ctx: StageContext, rows: list[dict[str, Any]], dense,
     if best is not None:
         # batch 1 only, few repeats: the deploy stage is the runtime comparison
         d = ctx.dir_of("export")
-        ex = export_onnx(load_model(best["model_dir"]), d / "model.onnx", reference=dense,
-                         real_images=test_images[:8], batch_sizes=(1,), repeats=5)
+        with preferred_exporter("torchscript", DEMO_EXPORTER_REASON):
+            ex = export_onnx(load_model(best["model_dir"]), d / "model.onnx", reference=dense,
+                             real_images=test_images[:8], batch_sizes=(1,), repeats=5)
         write_artifact(ctx.out, "export", ex.to_dict())
 
 
