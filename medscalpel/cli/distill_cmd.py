@@ -113,8 +113,11 @@ def distill(
     config = {"teacher": teacher, "student": student, "data": data, **cfg.to_dict()}
     with RunDir(out, command="compress distill", config=config, seed=seed,
                 data={"train": train_ds.content_hash(), "val": val_ds.content_hash(),
-                      "test": test_ds.content_hash()}, overwrite=overwrite) as run:
-        res = run_distill(teacher, student, train_ds, val_ds, test_ds, cfg)
+                      "test": test_ds.content_hash()}, overwrite=overwrite,
+                resumable=True) as run:
+        # per-epoch state of every training: an interrupted run resumes when run again
+        res = run_distill(teacher, student, train_ds, val_ds, test_ds, cfg,
+                          checkpoint_dir=run.path / "checkpoint")
         res.save(run.path)
     print_table(res.table(), "teacher vs students (test split)")
     d = res.students["distilled"]
