@@ -80,22 +80,15 @@ def cam(
     served artifact, Grad-CAM from the artifact's own CAM output, labelled with its precision."""
     import torch
 
+    from medscalpel.compress.served import require_served_cams
     from medscalpel.engine.api import model_provenance as provenance
-    from medscalpel.errors import ConfigError, ModelError
     from medscalpel.explain.cams import compute_cam
     from medscalpel.explain.figures import cam_overlay_figure
     from medscalpel.runs import RunDir, write_json
 
     m, ds = _open(model, data, split, served_ok=True)
     art = provenance(m)
-    if not getattr(m, "supports_gradients", True):   # refused before any work, with why
-        if method != "gradcam":
-            raise ConfigError(f"--method {method}: the served {m.name} artifact has no "
-                              "gradients; its CAM output is Grad-CAM (equal to it for a "
-                              "global-average-pool + linear head), so only --method gradcam "
-                              "runs on it. Give the torch model directory for other methods.")
-        if m.cam_refusal() is not None:
-            raise ModelError(f"explain cam: {m.cam_refusal()}.")
+    require_served_cams(m, method, "--method", "explain cam")  # before any work, with why
     k = _class_index(m, target)
     idx = _positives(ds, k, n, seed)
     images = torch.stack([ds.image(i) for i in idx])

@@ -53,9 +53,9 @@ def clinical(
     resolution allows + overlay). Self-contained HTML and JSON."""
     from medscalpel.data.cooccurrence import ExclusionRule
     from medscalpel.data.dicom_read import deidentified_inputs
-    from medscalpel.compress.served import artifact_line, load_any
+    from medscalpel.compress.served import artifact_line, load_any, require_served_cams
     from medscalpel.engine.api import model_provenance as provenance
-    from medscalpel.errors import ConfigError, ModelError
+    from medscalpel.errors import ConfigError
     from medscalpel.report.clinical import clinical_report
     from medscalpel.runs import RunDir, write_json
 
@@ -67,14 +67,7 @@ def clinical(
                           "to hide the weaker finding.")
     m = load_any(model)
     art = provenance(m)
-    if not getattr(m, "supports_gradients", True):   # refused before any work, with why
-        if cam_method != "gradcam":
-            raise ConfigError(f"--cam-method {cam_method}: the served {m.name} artifact has no "
-                              "gradients; its CAM output is Grad-CAM, so only --cam-method "
-                              "gradcam runs on it. Give the torch model directory for other "
-                              "methods.")
-        if m.cam_refusal() is not None:
-            raise ModelError(f"report clinical: {m.cam_refusal()}.")
+    require_served_cams(m, cam_method, "--cam-method", "report clinical")  # before any work
     rule = ExclusionRule(max_lift_upper=max_lift_upper, min_expected=min_expected,
                          min_images=min_images)
     mode = "hide" if hide_exclusive else "flag"

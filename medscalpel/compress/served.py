@@ -445,5 +445,20 @@ def _check_outputs(path: Path, shapes: list[Any], card: ModelCard) -> None:
                          "Re-run `medscalpel compress deploy`.")
 
 
-__all__ = ["RuntimeModel", "artifact_info", "artifact_line", "card_of", "is_served", "load_any",
+def require_served_cams(model: Any, method: str, flag: str, owner: str) -> None:
+    """Refuse, before any work, what a served artifact cannot explain: a method other than
+    Grad-CAM (its CAM output IS Grad-CAM for a GAP + linear head; it has no gradients), or an
+    artifact exported without a CAM output. A model with gradients passes."""
+    if getattr(model, "supports_gradients", True):
+        return
+    if method != "gradcam":
+        raise ConfigError(f"{flag} {method}: the served {model.name} artifact has no gradients; "
+                          "its CAM output is Grad-CAM (equal to it for a global-average-pool + "
+                          f"linear head), so only {flag} gradcam runs on it. Give the torch model "
+                          "directory for other methods.")
+    if model.cam_refusal() is not None:
+        raise ModelError(f"{owner}: {model.cam_refusal()}.")
+
+
+__all__ = ["require_served_cams", "RuntimeModel", "artifact_info", "artifact_line", "card_of", "is_served", "load_any",
            "load_served", "read_serve", "runtime_model"]
