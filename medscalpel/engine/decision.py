@@ -439,16 +439,21 @@ def _accepted(accepted: Sequence[str] | bool, names: list[str]) -> tuple[str, ..
     return tuple(accepted)
 
 
+def unit_outcome(passed: bool, failed: bool, lv_pass: float, lv_fail: float
+                 ) -> tuple[str, float]:
+    """A tested unit's outcome and the (Holm-adjusted) level its interval is shown at."""
+    if passed:
+        return "pass", lv_pass
+    if failed:
+        return "fail", lv_fail
+    return "undecided", min(lv_pass, lv_fail)
+
+
 def _unit(u: UnitInput, base: dict[str, Any], tails: tuple[float, float], passed: bool,
           failed: bool, lv_pass: float, lv_fail: float) -> UnitVerdict:
     m = base["margin"]
     se = _se(u)
-    if passed:
-        outcome, lvl = "pass", lv_pass
-    elif failed:
-        outcome, lvl = "fail", lv_fail
-    else:
-        outcome, lvl = "undecided", min(lv_pass, lv_fail)
+    outcome, lvl = unit_outcome(passed, failed, lv_pass, lv_fail)
     lo, hi = _interval(u, lvl)
     ci = f"[{lo:+.4f}, {hi:+.4f}] at {lvl:.3g} per tail"
     more = None

@@ -48,7 +48,8 @@ import numpy as np
 from scipy.stats import beta as beta_dist
 from scipy.stats import binom
 
-from medscalpel.engine.decision import (POWER, NAN, UnitVerdict, Verdict, _verdict, holm)
+from medscalpel.engine.decision import (NAN, POWER, UnitVerdict, Verdict, _verdict, holm,
+                                        unit_outcome)
 from medscalpel.errors import ConfigError
 from medscalpel.validation import check_range
 
@@ -251,12 +252,7 @@ def _note(u: RateUnit, ci: tuple[float, float]) -> str:
 
 def _unit(u: RateUnit, base: dict[str, Any], p: tuple[float, float], passed: bool,
           failed: bool, lv_pass: float, lv_fail: float) -> UnitVerdict:
-    if passed:
-        outcome, lvl = "pass", lv_pass
-    elif failed:
-        outcome, lvl = "fail", lv_fail
-    else:
-        outcome, lvl = "undecided", min(lv_pass, lv_fail)
+    outcome, lvl = unit_outcome(passed, failed, lv_pass, lv_fail)
     rlo, rhi = rate_interval(u, lvl)
     lo, hi = ((rlo - u.level, rhi - u.level) if u.higher_is_better
               else (u.level - rhi, u.level - rlo))
