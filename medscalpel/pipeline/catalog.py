@@ -55,8 +55,11 @@ def sections_table() -> str:
 
 
 def _registry_table(reg, what: str) -> str:
+    """The entries medscalpel itself registers (a test or a user may register more at run
+    time: they are not the library's)."""
     rows = [f"| {what} | what |", "|---|---|"]
-    rows += [f"| {n} | {_cell(h)} |" for n, h in reg.describe().items()]
+    rows += [f"| {n} | {_cell(h)} |" for n, h in reg.describe().items()
+             if getattr(reg.get(n), "__module__", "").startswith("medscalpel.")]
     return "\n".join(rows)
 
 
