@@ -36,11 +36,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, save_result  # noqa: E402
 
-from medscalpel.compress.deploy import DEFAULT_VARIANTS  # noqa: E402
-from medscalpel.compress.deploy_serve import serve_metadata, write_serve  # noqa: E402
+from medscalpel.deploy.flow import DEFAULT_VARIANTS  # noqa: E402
+from medscalpel.deploy.serve import serve_metadata, write_serve  # noqa: E402
 from medscalpel.compress.measure import count_macs, count_parameters  # noqa: E402
-from medscalpel.compress.runtimes import RUNTIMES, cpu_features  # noqa: E402
-from medscalpel.compress.served import load_any  # noqa: E402
+from medscalpel.deploy.runtimes import RUNTIMES, cpu_features  # noqa: E402
+from medscalpel.deploy.served import load_any  # noqa: E402
 from medscalpel.compress.structured import prune_structured  # noqa: E402
 from medscalpel.data import Preprocess  # noqa: E402
 from medscalpel.engine.api import predict_spec  # noqa: E402

@@ -225,7 +225,7 @@ def pair_call(args) -> None:
     name = args.pair_name or Path(args.pair[1]).name
     comp_torch, build = comp, {}
     if args.pair_runtime:
-        from medscalpel.compress.served import runtime_model
+        from medscalpel.deploy.served import runtime_model
         from medscalpel.engine.predict import collect_images
 
         tr = open_dataset(args.data, split="train", preprocess=dense.card.preprocess)

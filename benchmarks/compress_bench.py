@@ -446,7 +446,7 @@ def stage_export(ds: str, args) -> None:
     """Deployment check of chosen cells: ONNX export, onnxruntime parity and batch-1/32
     latency of torch and onnxruntime against the dense model (same run), int8 (dynamic) with
     its delta macro AUROC on the test split. Run alone on an idle machine."""
-    from medscalpel.compress.export import export_onnx
+    from medscalpel.deploy.export import export_onnx
 
     dense, _ = load_dense(ds, args)
     _, _, te = datasets(ds, args)

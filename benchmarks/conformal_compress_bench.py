@@ -68,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, save_result  # noqa: E402
 
-from medscalpel.compress.served import runtime_model  # noqa: E402
+from medscalpel.deploy.served import runtime_model  # noqa: E402
 from medscalpel.compress.structured import RecoveryConfig, prune_structured  # noqa: E402
 from medscalpel.data.spec import open_dataset  # noqa: E402
 from medscalpel.engine.api import fit  # noqa: E402

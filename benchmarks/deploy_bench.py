@@ -38,10 +38,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, save_result  # noqa: E402
 
-from medscalpel.compress.deploy import DeployResult, deploy  # noqa: E402
-from medscalpel.compress.export import export_onnx_file, ort_session  # noqa: E402
+from medscalpel.deploy.flow import DeployResult, deploy  # noqa: E402
+from medscalpel.deploy.export import export_onnx_file, ort_session  # noqa: E402
 from medscalpel.compress.measure import count_macs, count_parameters  # noqa: E402
-from medscalpel.compress.runtimes import RUNTIMES, Runtime, cpu_features  # noqa: E402
+from medscalpel.deploy.runtimes import RUNTIMES, Runtime, cpu_features  # noqa: E402
 from medscalpel.compress.structured import RecoveryConfig, prune_structured  # noqa: E402
 from medscalpel.data import Preprocess, open_dataset  # noqa: E402
 from medscalpel.engine.compare import compare_predictions  # noqa: E402
@@ -214,8 +214,8 @@ def _entries(work: Path, rec: str) -> list[tuple[str, str, Any, Runtime]]:
 
 
 def stage_compare(args) -> None:
-    from medscalpel.compress.deploy import peak_gemms, run_batched
-    from medscalpel.compress.runtimes import time_runtime
+    from medscalpel.deploy.flow import peak_gemms, run_batched
+    from medscalpel.deploy.runtimes import time_runtime
 
     work = Path(args.work)
     dep = DeployResult.load(work / "deploy")

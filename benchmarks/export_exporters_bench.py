@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, save_result  # noqa: E402
 
-from medscalpel.compress.cam_head import CamHead  # noqa: E402
-from medscalpel.compress.export import export_onnx_file, ort_session  # noqa: E402
+from medscalpel.deploy.cam_head import CamHead  # noqa: E402
+from medscalpel.deploy.export import export_onnx_file, ort_session  # noqa: E402
 from medscalpel.models.zoo import ARCHS, create_model  # noqa: E402
 
 SIZES = {"deit_tiny": 224, "visformer_small": 224, "densenet121": 64, "densenet_small": 64,
@@ -68,7 +68,7 @@ def _one(model, size: int, exporter: str, tmp: Path) -> dict[str, Any]:
     try:
         import openvino as ov
 
-        from medscalpel.compress.runtimes import compile_openvino
+        from medscalpel.deploy.runtimes import compile_openvino
 
         compiled = compile_openvino(ov.Core().read_model(str(path)), "f32", 1)
         x = torch.randn(3, 1, size, size, generator=gen)

@@ -152,7 +152,7 @@ ARTIFACTS: dict[str, Artifact] = dict([
        "compressed vs unpruned on a second site (compress prune --external): paired deltas "
        "and the non-inferiority verdict"),
     _a("deploy", "compress/deploy/deploy.json", "deploy",
-       "medscalpel.compress.deploy_result:DeployResult", (),
+       "medscalpel.deploy.result:DeployResult", (),
        "runtime x precision benchmark, parity, accuracy floor, recommendation",
        ("deploy.json",)),
     _a("sweep_index", "sweep/index.json", "sweep", "medscalpel.cells:CellIndex", (),

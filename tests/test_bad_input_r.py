@@ -160,7 +160,7 @@ def test_require_labels_refuses_unlabelled_predictions():
 
 # ----------------------------------------------------------------------------- 3. served
 def test_audit_changes_on_garbage_served_model(base, tmp_path, capsys, monkeypatch):
-    from medscalpel.compress.served import load_served
+    from medscalpel.deploy.served import load_served
 
     serve = tmp_path / "deploy" / "serve"
     serve.mkdir(parents=True)
@@ -184,8 +184,8 @@ def test_served_onnx_of_another_model_is_refused(base, tmp_path):
     """A loadable ONNX file whose logits width differs from serve.json's classes."""
     import torch
 
-    from medscalpel.compress.export import export_onnx_file
-    from medscalpel.compress.served import load_served
+    from medscalpel.deploy.export import export_onnx_file
+    from medscalpel.deploy.served import load_served
     from medscalpel.errors import ModelError
     from medscalpel.models import create_model
 
@@ -283,8 +283,8 @@ def test_evaluate_external_counts_dropped_duplicates(tmp_path, capsys, monkeypat
 # ----------------------------------------------------------------------------- 8. headline
 def _deploy(root: Path, outcome_rounds: tuple[float, ...]) -> None:
     """A deploy.json through the real result types (SpeedRatio from per-round times)."""
-    from medscalpel.compress.deploy_result import DeployResult, VariantResult
-    from medscalpel.compress.timing import speed_ratio
+    from medscalpel.deploy.result import DeployResult, VariantResult
+    from medscalpel.deploy.timing import speed_ratio
     from medscalpel.layout import write_artifact
 
     ref = [4.0] * len(outcome_rounds)

@@ -11,9 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from medscalpel.cli.main import app
-from medscalpel.compress.deploy_serve import serve_metadata, write_serve
-from medscalpel.compress.runtimes import RUNTIMES
-from medscalpel.compress.served import load_served
+from medscalpel.deploy.serve import serve_metadata, write_serve
+from medscalpel.deploy.runtimes import RUNTIMES
+from medscalpel.deploy.served import load_served
 from medscalpel.data import Preprocess, open_dataset
 from medscalpel.data.phantom import generate_phantom
 from medscalpel.engine.api import predict_spec

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from medscalpel.compress.cam_head import CamHead, cam_maps, cam_support, rank_agreement
-from medscalpel.compress.deploy import deploy
-from medscalpel.compress.runtimes import RUNTIMES
+from medscalpel.deploy.cam_head import CamHead, cam_maps, cam_support, rank_agreement
+from medscalpel.deploy.flow import deploy
+from medscalpel.deploy.runtimes import RUNTIMES
 from medscalpel.data import ArrayDataset, Preprocess
 from medscalpel.explain.cams import compute_cam
 from medscalpel.models.checkpoint import make_card

@@ -13,9 +13,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from medscalpel.cli.main import app
-from medscalpel.compress.deploy import DEFAULT_VARIANTS, DeployResult, deploy
-from medscalpel.compress.runtimes import (RUNTIMES, OrtFp32, TorchEager, openvino_capabilities)
-from medscalpel.compress.timing import speed_ratio
+from medscalpel.deploy.flow import DEFAULT_VARIANTS, DeployResult, deploy
+from medscalpel.deploy.runtimes import (RUNTIMES, OrtFp32, TorchEager, openvino_capabilities)
+from medscalpel.deploy.timing import speed_ratio
 from medscalpel.data import ArrayDataset, Preprocess
 from medscalpel.errors import ConfigError, MissingExtraError, VerificationError
 from medscalpel.models.checkpoint import load_model, make_card, save_model
@@ -261,7 +261,7 @@ def test_cli_round_trip_and_exit_2(tmp_path, monkeypatch, capsys):
     if back.recommended == "torch:fp32":
         assert load_model(served).card.class_names == ("NORMAL", "PNEUMONIA")
     else:
-        from medscalpel.compress.export import ort_run, ort_session
+        from medscalpel.deploy.export import ort_run, ort_session
 
         x = torch.rand(2, 1, 32, 32)
         with torch.no_grad():
@@ -296,7 +296,7 @@ def test_openvino_int8_accuracy_control_runs_on_our_metric(model, tmp_path):
 
 
 def test_precision_family_int8_keeps_every_int8_variant():
-    from medscalpel.compress.deploy import _select
+    from medscalpel.deploy.flow import _select
 
     names = [r.name for r in _select(None, None, ["fp32", "int8"], 1, {})]
     assert {"onnxruntime:int8-u8s8", "onnxruntime:int8-s8s8", "openvino:int8"} <= set(names)
@@ -317,7 +317,7 @@ def test_model_without_card_is_refused_before_any_work(tmp_path, monkeypatch):
 def test_quick_deploy_records_what_it_left_out(model, tmp_path, monkeypatch):
     import importlib.util
 
-    from medscalpel.compress import deploy as D
+    from medscalpel.deploy import flow as D
 
     real = importlib.util.find_spec
     monkeypatch.setattr(D.importlib.util, "find_spec",

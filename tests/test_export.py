@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from medscalpel.compress import export as export_mod
-from medscalpel.compress.export import export_onnx
+from medscalpel.deploy import export as export_mod
+from medscalpel.deploy.export import export_onnx
 from medscalpel.compress.structured import prune_structured
 from medscalpel.data import ArrayDataset, Preprocess
 from medscalpel.errors import ConfigError, VerificationError

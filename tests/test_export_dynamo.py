@@ -15,9 +15,9 @@ import torch
 from typer.testing import CliRunner
 
 from medscalpel.cli.main import app
-from medscalpel.compress import export as export_mod
-from medscalpel.compress.cam_head import CamHead
-from medscalpel.compress.export import export_onnx, export_onnx_file, ort_session
+from medscalpel.deploy import export as export_mod
+from medscalpel.deploy.cam_head import CamHead
+from medscalpel.deploy.export import export_onnx, export_onnx_file, ort_session
 from medscalpel.errors import ConfigError, ModelError
 from medscalpel.data import Preprocess
 from medscalpel.models import make_card, save_model
@@ -60,7 +60,7 @@ def _check_runtimes(path, model, size, n_out):
             assert g.shape == r.shape and g.shape[0] == b
             assert float(np.abs(g - r).max()) <= TOL
     ov = pytest.importorskip("openvino", reason="OpenVINO is the 'deploy' extra")
-    from medscalpel.compress.runtimes import compile_openvino
+    from medscalpel.deploy.runtimes import compile_openvino
 
     compiled = compile_openvino(ov.Core().read_model(str(path)), "f32", 1)
     x = torch.randn(3, 1, size, size, generator=gen)
@@ -162,7 +162,7 @@ def test_cli_export_names_the_exporter(tmp_path):
 
 
 def test_preferred_exporter_applies_to_auto_exports_only_and_is_recorded(tmp_path):
-    from medscalpel.compress.export import export_onnx_file, preferred_exporter
+    from medscalpel.deploy.export import export_onnx_file, preferred_exporter
     from medscalpel.models.zoo import create_model
 
     m = create_model("vgg_tiny", num_classes=2, img_size=32).eval()

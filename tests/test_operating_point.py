@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from medscalpel.cli.main import run
-from medscalpel.compress.deploy_serve import serve_metadata
+from medscalpel.deploy.serve import serve_metadata
 from medscalpel.data.transforms import Preprocess
 from medscalpel.engine.findings import findings_table
 from medscalpel.engine.predictions import Predictions

@@ -15,7 +15,7 @@ import pytest
 import torch
 from scipy.stats import binom
 
-from medscalpel.compress.deploy import DeployResult, deploy
+from medscalpel.deploy.flow import DeployResult, deploy
 from medscalpel.data import ArrayDataset, Preprocess
 from medscalpel.engine.decision import Verdict
 from medscalpel.engine.predict import predict

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from medscalpel.audit.changes import ChangesAudit, audit_changes
 from medscalpel.cli.main import app
-from medscalpel.compress.deploy_serve import serve_metadata, write_serve
-from medscalpel.compress.runtimes import OrtFp32
-from medscalpel.compress.served import RuntimeModel, load_served, runtime_model
+from medscalpel.deploy.serve import serve_metadata, write_serve
+from medscalpel.deploy.runtimes import OrtFp32
+from medscalpel.deploy.served import RuntimeModel, load_served, runtime_model
 from medscalpel.data import Preprocess, open_dataset
 from medscalpel.data.phantom import generate_phantom
 from medscalpel.errors import DataError, ModelError, VerificationError
@@ -95,7 +95,7 @@ def test_changes_audit_on_an_int8_artifact_skips_only_explanations(dense, phanto
 
 def _served_dir(dense, x, dest, runtime="onnxruntime:fp32"):
     """A serve/ folder written by deploy's own writer for a built runtime variant."""
-    from medscalpel.compress.runtimes import RUNTIMES
+    from medscalpel.deploy.runtimes import RUNTIMES
 
     rt = RUNTIMES.create(runtime, threads=1)
     rt.prepare(dense, x[:1], x, dest.parent / "work")

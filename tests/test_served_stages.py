@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 from medscalpel.audit.changes import audit_changes
 from medscalpel.audit.changes.explanation import class_cams
 from medscalpel.cli.main import app, run
-from medscalpel.compress.deploy_cam import explain_variant
-from medscalpel.compress.deploy_serve import serve_metadata, write_serve
-from medscalpel.compress.runtimes import RUNTIMES
-from medscalpel.compress.served import load_any, load_served
+from medscalpel.deploy.cam import explain_variant
+from medscalpel.deploy.serve import serve_metadata, write_serve
+from medscalpel.deploy.runtimes import RUNTIMES
+from medscalpel.deploy.served import load_any, load_served
 from medscalpel.data import Preprocess, open_dataset
 from medscalpel.data.phantom import generate_phantom
 from medscalpel.errors import ConfigError, ModelError

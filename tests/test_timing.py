@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from medscalpel.compress.timing import median_interval, speed_ratio, time_ms
+from medscalpel.deploy.timing import median_interval, speed_ratio, time_ms
 
 
 def test_median_interval_coverage_matches_brute_force():

@@ -66,7 +66,7 @@ def changes(
     drift and faithfulness, per-subgroup delta AUROC, and robustness to CXR corruptions, each
     with CIs. Nothing is written unless the whole audit succeeds."""
     from medscalpel.audit.changes import audit_changes
-    from medscalpel.compress.served import load_served, runtime_model
+    from medscalpel.deploy.served import load_served, runtime_model
     from medscalpel.engine.api import model_provenance as provenance
     from medscalpel.data import open_dataset
     from medscalpel.engine.predict import collect_images

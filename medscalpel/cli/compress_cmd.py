@@ -240,7 +240,7 @@ def export(
 ) -> None:
     """ONNX export with onnxruntime parity, CPU latency vs the dense model (same run) and
     optional int8 quantization with its delta macro AUROC."""
-    from medscalpel.compress.export import export_onnx
+    from medscalpel.deploy.export import export_onnx
     from medscalpel.models.checkpoint import load_model
     from medscalpel.runs import RunDir, write_json
 

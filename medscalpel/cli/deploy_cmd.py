@@ -1,5 +1,5 @@
 """``medscalpel compress deploy``: benchmark every CPU runtime x precision and write the fastest
-variant that keeps the accuracy (a thin wrapper over :func:`medscalpel.compress.deploy.deploy`)."""
+variant that keeps the accuracy (a thin wrapper over :func:`medscalpel.deploy.flow.deploy`)."""
 
 from __future__ import annotations
 
@@ -75,8 +75,8 @@ def deploy(
 ) -> None:
     """Export (ONNX, OpenVINO IR), benchmark runtimes x precisions alternated in one run, check
     parity and per-class delta AUROC, and serve the fastest variant meeting the floor."""
-    from medscalpel.compress.deploy import deploy as run_deploy
-    from medscalpel.compress.deploy_result import explanation_line, guarantee_lines
+    from medscalpel.deploy.flow import deploy as run_deploy
+    from medscalpel.deploy.result import explanation_line, guarantee_lines
     from medscalpel.data import open_dataset
     from medscalpel.models.checkpoint import load_model
 

@@ -20,7 +20,7 @@ def _open(model_dir: Path, data: str, split: str, served_ok: bool = False):
     task or input channels do not match the data's: explanations of one class would otherwise
     be drawn for another class's images. ``served_ok``: a served artifact (a 'compress deploy'
     run or its serve/) is accepted; else it is refused with the reason (no gradients)."""
-    from medscalpel.compress.served import is_served, load_any
+    from medscalpel.deploy.served import is_served, load_any
     from medscalpel.data.spec import open_dataset
     from medscalpel.errors import ModelError
 
@@ -80,7 +80,7 @@ def cam(
     served artifact, Grad-CAM from the artifact's own CAM output, labelled with its precision."""
     import torch
 
-    from medscalpel.compress.served import require_served_cams
+    from medscalpel.deploy.served import require_served_cams
     from medscalpel.engine.api import model_provenance as provenance
     from medscalpel.explain.cams import compute_cam
     from medscalpel.explain.figures import cam_overlay_figure

@@ -209,7 +209,7 @@ def predict(
 ) -> None:
     """Predict a dataset split with a saved model -> a Predictions artifact, and a per-image
     table of probabilities and findings (the first rows printed, all in predictions.csv)."""
-    from medscalpel.compress.served import artifact_line, is_served, load_any
+    from medscalpel.deploy.served import artifact_line, is_served, load_any
     from medscalpel.engine.api import model_provenance as provenance
     from medscalpel.engine.api import predict_spec, usage_line
     from medscalpel.engine.bulk import BulkSettings
@@ -358,7 +358,7 @@ def evaluate(
         _evaluate_external(predictions, model, external, external_split,
                            _parse_class_map(class_map), out, n_boot, seed, overwrite)
         return
-    from medscalpel.compress.served import artifact_line, card_of
+    from medscalpel.deploy.served import artifact_line, card_of
 
     res = evaluate_file(predictions, card_of(model) if model is not None else None,
                         n_boot=n_boot, seed=seed)
@@ -395,7 +395,7 @@ def _stored_operating_point(predictions: Path, model: Optional[Path]):
     """The model card's operating point measured on these predictions (sens/spec with CIs),
     or None without --model or when the model decides by the uncalibrated default (the
     table above is already at 0.5 / argmax then)."""
-    from medscalpel.compress.served import card_of
+    from medscalpel.deploy.served import card_of
     from medscalpel.engine.api import load_predictions
     from medscalpel.repair.calibrate import measure_operating_point
 
@@ -430,7 +430,7 @@ def _evaluate_reference(predictions: Path, reference: Path, model: Optional[Path
     cand, ref = load_predictions(predictions), load_predictions(reference)
     thresholds = None
     if model is not None:
-        from medscalpel.compress.served import card_of
+        from medscalpel.deploy.served import card_of
 
         card = card_of(model)
         if card.task != "multiclass" and card.thresholds is not None:
@@ -461,7 +461,7 @@ def _evaluate_external(predictions: Path, model: Optional[Path], external: str,
     if model is None:
         raise MedScalpelError("evaluate --external needs --model (the model that made the "
                               "internal predictions): it predicts the external set.")
-    from medscalpel.compress.served import artifact_line, load_any
+    from medscalpel.deploy.served import artifact_line, load_any
 
     res, ext = validate_external(predictions, load_any(model), external, external_split,
                                  class_map, n_boot=n_boot, seed=seed)

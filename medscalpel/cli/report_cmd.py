@@ -53,7 +53,7 @@ def clinical(
     resolution allows + overlay). Self-contained HTML and JSON."""
     from medscalpel.data.cooccurrence import ExclusionRule
     from medscalpel.data.dicom_read import deidentified_inputs
-    from medscalpel.compress.served import artifact_line, load_any, require_served_cams
+    from medscalpel.deploy.served import artifact_line, load_any, require_served_cams
     from medscalpel.engine.api import model_provenance as provenance
     from medscalpel.errors import ConfigError
     from medscalpel.report.clinical import clinical_report

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from medscalpel.compress.timing import median_ms, speed_ratio
+from medscalpel.deploy.timing import median_ms, speed_ratio
 from medscalpel.errors import ConfigError
 from medscalpel.validation import check_range
 
@@ -123,9 +123,9 @@ def latency_pair(model_a: nn.Module, model_b: nn.Module, example_inputs: torch.T
         medians in ms (``a_ms``, ``b_ms``), ``ratio``: the median of the per-round ratios
         ``a / b`` (> 1 means ``b`` is faster), the per-round ratios, their order-statistic
         interval (``ratio_low``, ``ratio_high``, ``ratio_confidence``), ``spread`` ((max - min)
-        / median of the round ratios), ``noisy`` (spread > :data:`~medscalpel.compress.timing.
+        / median of the round ratios), ``noisy`` (spread > :data:`~medscalpel.deploy.timing.
         NOISY_SPREAD`: a warning is logged; repeat on an idle machine before trusting the
-        ratio), ``outcome`` (:class:`~medscalpel.compress.timing.SpeedRatio`: ``faster`` /
+        ratio), ``outcome`` (:class:`~medscalpel.deploy.timing.SpeedRatio`: ``faster`` /
         ``slower`` / ``undecided`` for ``b``) and the 1-minute load average.
     """
     a_t, b_t = [], []

@@ -41,7 +41,7 @@ from medscalpel.compress.importance import (Criterion, L1Criterion, RelevanceCri
                                             ScoresCriterion, make_criterion)
 from medscalpel.compress.measure import (count_macs, count_parameters, latency_pair,
                                          max_abs_logit_delta)
-from medscalpel.compress.runtimes import RUNTIMES, runtime_latency, vector_width
+from medscalpel.deploy.runtimes import RUNTIMES, runtime_latency, vector_width
 from medscalpel.errors import ConfigError, ModelError
 from medscalpel.progress import track
 from medscalpel.runs import write_json
@@ -675,7 +675,7 @@ def prune_structured(
             ``runtime`` at ``latency_batch`` is at most this.
         target_speedup_measured: instead of ``ratio``: search the ratio whose measured latency
             in ``runtime`` is this many times lower than the dense model's (timed alternately).
-        runtime: a :data:`~medscalpel.compress.runtimes.RUNTIMES` variant for the measured
+        runtime: a :data:`~medscalpel.deploy.runtimes.RUNTIMES` variant for the measured
             modes (default ``onnxruntime:fp32``).
 
     Returns:

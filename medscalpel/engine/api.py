@@ -229,7 +229,7 @@ def predict_spec(model_dir: str | os.PathLike | Any, data: str, split: str | Non
 
     Args:
         model_dir: a model directory, or a model already loaded (e.g. a served artifact from
-            :func:`medscalpel.compress.served.load_any`); a model that names its artifact
+            :func:`medscalpel.deploy.served.load_any`); a model that names its artifact
             (``model.provenance()``) has it recorded in the Predictions' ``meta["artifact"]``.
         split: the split; ``None`` / ``auto`` chooses (see :func:`choose_split`).
         class_map: dataset class name -> model class name when the names differ (an external

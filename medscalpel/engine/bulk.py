@@ -112,7 +112,7 @@ def bulk_predict(model: Any, dataset: CXRDataset, batch_size: int = 64,
 
     Args:
         model: a torch :class:`~medscalpel.models.classifier.MedClassifier` or a served
-            runtime model (:func:`medscalpel.compress.served.load_any`).
+            runtime model (:func:`medscalpel.deploy.served.load_any`).
         batch_size: images the model gets per call (whole batches; the last may be smaller).
         workers: decoding processes (``None``: :func:`default_workers`; 0: none).
         threads: torch intra-op threads for a torch model (restored afterwards); a served

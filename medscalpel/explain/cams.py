@@ -372,7 +372,7 @@ def compute_cam(
 
 
 def is_served_model(model: nn.Module) -> bool:
-    """A deployed runtime artifact (:class:`medscalpel.compress.served.RuntimeModel`): no
+    """A deployed runtime artifact (:class:`medscalpel.deploy.served.RuntimeModel`): no
     gradients, maybe a CAM output of its own."""
     return not getattr(model, "supports_gradients", True) and hasattr(model, "gradcam_maps")
 

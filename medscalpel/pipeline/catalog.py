@@ -12,7 +12,7 @@ from pathlib import Path
 
 import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
 from medscalpel.compress.contract import COMPRESSORS
-from medscalpel.compress.runtimes import RUNTIMES
+from medscalpel.deploy.runtimes import RUNTIMES
 from medscalpel.data.spec import DATASETS
 from medscalpel.layout import ARTIFACTS
 from medscalpel.pipeline.stage import STAGES

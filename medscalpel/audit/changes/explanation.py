@@ -125,7 +125,7 @@ def _scale_maps(cam: torch.Tensor, h: int, w: int) -> np.ndarray:
 
 def served_cams(model: nn.Module) -> bool:
     """Whether ``model`` is a served artifact whose graph returns class activation maps
-    (:class:`medscalpel.compress.served.RuntimeModel` with ``has_cams``)."""
+    (:class:`medscalpel.deploy.served.RuntimeModel` with ``has_cams``)."""
     return (not getattr(model, "supports_gradients", True)
             and bool(getattr(model, "has_cams", False)))
 

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from medscalpel.compress.contract import CompressionInputs, CompressionTable, compress
-from medscalpel.compress.deploy import DEMO_EXPORTER_REASON, quick_deploy
-from medscalpel.compress.export import export_onnx, preferred_exporter
+from medscalpel.deploy.flow import DEMO_EXPORTER_REASON, quick_deploy
+from medscalpel.deploy.export import export_onnx, preferred_exporter
 from medscalpel.compress.measure import (count_macs, count_parameters, latency_pair,
                                          max_abs_logit_delta)
 from medscalpel.compress.structured import RecoveryConfig

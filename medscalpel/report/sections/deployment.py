@@ -1,10 +1,10 @@
 """The experiment report's "Deployment" section: the runtime x precision table of
-``compress/deploy/deploy.json`` (a typed :class:`~medscalpel.compress.deploy_result.DeployResult`)
+``compress/deploy/deploy.json`` (a typed :class:`~medscalpel.deploy.result.DeployResult`)
 with latency ratios, parity, delta AUROC, go / no-go and the recommendation with its reason."""
 
 from __future__ import annotations
 
-from medscalpel.compress.deploy_result import DeployResult, explanation_line
+from medscalpel.deploy.result import DeployResult, explanation_line
 from medscalpel.report.html import Table, ci, num, pct, text
 from medscalpel.report.page import RunFiles, Section, pointer
 from medscalpel.report.sections.base import ReportSection, register_section

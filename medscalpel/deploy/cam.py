@@ -1,5 +1,5 @@
 """The served artifact explains itself (issue T): ``deploy`` rebuilds the chosen runtime
-variant from :class:`~medscalpel.compress.cam_head.CamHead`, so the served graph returns the
+variant from :class:`~medscalpel.deploy.cam_head.CamHead`, so the served graph returns the
 class activation maps beside the logits, and measures what that costs and how faithful the
 maps are:
 
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from medscalpel.compress.cam_head import CamHead, cam_maps, cam_support, rank_agreement
-from medscalpel.compress.runtimes import RUNTIMES, Runtime
-from medscalpel.compress.timing import MIN_CONFIDENCE, median_ms, speed_ratio
+from medscalpel.deploy.cam_head import CamHead, cam_maps, cam_support, rank_agreement
+from medscalpel.deploy.runtimes import RUNTIMES, Runtime
+from medscalpel.deploy.timing import MIN_CONFIDENCE, median_ms, speed_ratio
 
 logger = logging.getLogger(__name__)
 

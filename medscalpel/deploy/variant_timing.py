@@ -1,4 +1,4 @@
-"""Timing for :func:`medscalpel.compress.deploy.deploy`: variants alternated in rounds, and
+"""Timing for :func:`medscalpel.deploy.flow.deploy`: variants alternated in rounds, and
 the fp32 / int8 GEMM peaks timed in the same rounds (the denominator of each variant's
 efficiency), beside the theoretical bound from the CPU's features and clock.
 
@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from medscalpel.compress.export import ort_session
-from medscalpel.compress.timing import median_ms
+from medscalpel.deploy.export import ort_session
+from medscalpel.deploy.timing import median_ms
 from medscalpel.progress import track
 from medscalpel.runs import cpu_flags
 

@@ -1,4 +1,4 @@
-"""CPU runtimes x precisions for :func:`medscalpel.compress.deploy.deploy`.
+"""CPU runtimes x precisions for :func:`medscalpel.deploy.flow.deploy`.
 
 Each variant is a small :class:`Runtime` subclass registered in :data:`RUNTIMES` under
 ``"<runtime>:<precision>"``: it says whether it can run here (:meth:`Runtime.available`),
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from medscalpel.compress.export import (INPUT, cpu_flags, export_onnx_file, has_vnni,
+from medscalpel.deploy.export import (INPUT, cpu_flags, export_onnx_file, has_vnni,
                                         ort_session, quantize_onnx)
-from medscalpel.compress.timing import median_ms
+from medscalpel.deploy.timing import median_ms
 from medscalpel.errors import ConfigError, MissingExtraError, optional_import
 from medscalpel.registry import Registry
 

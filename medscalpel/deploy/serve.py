@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from medscalpel.compress.deploy_result import VariantResult
+from medscalpel.deploy.result import VariantResult
 from medscalpel.errors import ConfigError
 from medscalpel.models.checkpoint import save_model
 

@@ -1,4 +1,4 @@
-"""Result types of :func:`medscalpel.compress.deploy.deploy`: one :class:`VariantResult` per
+"""Result types of :func:`medscalpel.deploy.flow.deploy`: one :class:`VariantResult` per
 runtime x precision and the :class:`DeployResult` (``deploy.json``) with its markdown table."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ STATUSES = ("go", "no-go", "undecided", "refused", "error", "unavailable")
 
 @dataclass(frozen=True)
 class VariantResult:
-    """One runtime x precision as measured by :func:`~medscalpel.compress.deploy.deploy`.
+    """One runtime x precision as measured by :func:`~medscalpel.deploy.flow.deploy`.
 
     Attributes:
         latency: per batch key ``"b1"``, ``"b8"``: ``median_ms`` over the rounds, ``min_ms``,
@@ -40,7 +40,7 @@ class VariantResult:
         theoretical_fraction: ``mac_rate`` / the theoretical bound from the CPU's features and
             nominal clock (``DeployResult.peak["theoretical"]`` states its assumptions).
         speed: per batch key, ``vs_torch`` and ``vs_fp32``:
-            :class:`~medscalpel.compress.timing.SpeedRatio` dicts (per-round ratios of one
+            :class:`~medscalpel.deploy.timing.SpeedRatio` dicts (per-round ratios of one
             alternated run, their median, order-statistic interval, spread, noisy, outcome).
             ``speedup_vs_torch`` / ``speedup_vs_fp32`` are their medians.
     """

@@ -6,7 +6,7 @@ the int8 artifact a server would load, not on the float32 model it came from. Th
 parameters and no gradients (``supports_gradients = False``): gradient explanations (IG, LRP,
 Grad-CAM++, Score-CAM) cannot run on it. When the served graph carries the class activation map
 output ``cam`` (``compress deploy`` with a GAP + linear head, see
-:mod:`medscalpel.compress.cam_head`), :meth:`RuntimeModel.cams` returns the maps the runtime
+:mod:`medscalpel.deploy.cam_head`), :meth:`RuntimeModel.cams` returns the maps the runtime
 itself computed (``[N, K, h, w]``, pre-ReLU; Grad-CAM = ReLU(cam) min-max scaled): ``explain
 cam``, ``report clinical`` and ``audit changes`` use them. Every loaded artifact names itself
 (:attr:`RuntimeModel.artifact`: runtime, precision, file and its sha256, the CPU it ran on) so
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medscalpel.compress.cam_head import cam_maps
+from medscalpel.deploy.cam_head import cam_maps
 from medscalpel.errors import (ConfigError, DataError, MedScalpelError, ModelError,
                                VerificationError)
 from medscalpel.models.checkpoint import ModelCard
@@ -50,7 +50,7 @@ from medscalpel.models.operating_point import OperatingPoint
 from medscalpel.runs import cpu_info, hash_file, read_json
 
 if TYPE_CHECKING:
-    from medscalpel.compress.runtimes import Runtime
+    from medscalpel.deploy.runtimes import Runtime
 
 OWNER = "runtime_model"
 
@@ -136,7 +136,7 @@ class RuntimeModel(nn.Module):
                      ) -> tuple[np.ndarray, np.ndarray]:
         """Grad-CAM maps ``[N, H, W]`` in [0, 1] at the input resolution from the served CAM
         output, one class per image, scaled exactly as pytorch-grad-cam scales its Grad-CAM
-        (:func:`~medscalpel.compress.cam_head.cam_maps`), and the explained logit of each
+        (:func:`~medscalpel.deploy.cam_head.cam_maps`), and the explained logit of each
         image ``[N]``; both from one run of the artifact."""
         logits, raw = self.logits_and_cams(x)
         maps = cam_maps(raw.numpy(), targets, (int(x.shape[2]), int(x.shape[3])))
@@ -221,13 +221,13 @@ def _card(model: nn.Module) -> ModelCard:
 def runtime_model(model: nn.Module, runtime: "str | Runtime", calib: torch.Tensor, *,
                   threads: int = 1,
                   workdir: str | os.PathLike | None = None) -> RuntimeModel:
-    """Build ``runtime`` (a :data:`~medscalpel.compress.runtimes.RUNTIMES` name, e.g.
-    ``"openvino:int8"``, or a :class:`~medscalpel.compress.runtimes.Runtime`) from the torch ``model`` with ``calib`` (normalised images ``[N, C,
+    """Build ``runtime`` (a :data:`~medscalpel.deploy.runtimes.RUNTIMES` name, e.g.
+    ``"openvino:int8"``, or a :class:`~medscalpel.deploy.runtimes.Runtime`) from the torch ``model`` with ``calib`` (normalised images ``[N, C,
     H, W]``) as calibration and parity images; refuse it (:class:`VerificationError`) when its
     max |delta logit| on them exceeds the precision's parity tolerance relative to the logit
     scale. The artifact lives in ``workdir`` (default: a temporary folder removed with the
     returned model)."""
-    from medscalpel.compress.runtimes import RUNTIMES
+    from medscalpel.deploy.runtimes import RUNTIMES
 
     card = _card(model)
     if calib.ndim != 4 or calib.shape[0] < 1:
@@ -295,7 +295,7 @@ def load_served(path: str | os.PathLike, threads: int = 1) -> nn.Module:
         onnx = [f for f in files if f.endswith(".onnx")]
         if not onnx or not (p / onnx[0]).is_file():
             raise DataError(f"{meta_path}: no ONNX file {onnx or files} in {p}.")
-        from medscalpel.compress.export import ort_session
+        from medscalpel.deploy.export import ort_session
 
         try:
             sess = ort_session(p / onnx[0], threads)
@@ -319,7 +319,7 @@ def load_served(path: str | os.PathLike, threads: int = 1) -> nn.Module:
         xml = [f for f in files if f.endswith(".xml")]
         if not xml or not (p / xml[0]).is_file():
             raise DataError(f"{meta_path}: no OpenVINO IR (.xml) {xml or files} in {p}.")
-        from medscalpel.compress.runtimes import compile_openvino
+        from medscalpel.deploy.runtimes import compile_openvino
 
         try:
             compiled = compile_openvino(p / xml[0], "bf16" if precision == "bf16" else "f32",

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from medscalpel.compress.measure import cpu_latency, eval_mode
-from medscalpel.compress.timing import median_ms
+from medscalpel.deploy.timing import median_ms
 from medscalpel.errors import ConfigError, ModelError, VerificationError
 from medscalpel.runs import cpu_flags, write_json
 from medscalpel.validation import check_in, check_range
@@ -214,7 +214,7 @@ def export_onnx_file(model: nn.Module, path: str | os.PathLike, shape: Sequence[
                      opset: int = DEFAULT_OPSET, exporter: str = "auto") -> dict[str, Any]:
     """Write ``model`` (eval mode, dynamic batch) to ``path`` atomically; checked by onnx. A
     model with several outputs names them in ``model.output_names`` (e.g.
-    :class:`~medscalpel.compress.cam_head.CamHead`: logits and class activation maps); the
+    :class:`~medscalpel.deploy.cam_head.CamHead`: logits and class activation maps); the
     first is always the logits.
 
     The dynamo-based exporter is used unless :func:`choose_exporter` picks the TorchScript one

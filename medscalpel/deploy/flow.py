@@ -2,7 +2,7 @@
 the fastest one that keeps the accuracy.
 
 ``deploy`` exports the model (ONNX; OpenVINO IR), builds each variant of
-:data:`~medscalpel.compress.runtimes.RUNTIMES` (torch eager / channels-last / compile, ONNX
+:data:`~medscalpel.deploy.runtimes.RUNTIMES` (torch eager / channels-last / compile, ONNX
 Runtime fp32 / int8 U8S8 / int8 S8S8, OpenVINO fp32 / bf16 / int8 via NNCF), checks parity
 against torch float32 (a variant over its tolerance is refused and its files removed), compares
 per-class and macro AUROC with paired bootstrap CIs on a real split
@@ -49,15 +49,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from medscalpel.compress.deploy_cam import explain_variant
-from medscalpel.compress.deploy_result import DeployResult, VariantResult
-from medscalpel.compress.deploy_serve import copy_exports, serve_metadata, write_serve
-from medscalpel.compress.deploy_timing import benchmark_variants, peak_gemms
-from medscalpel.compress.export import preferred_exporter
+from medscalpel.deploy.cam import explain_variant
+from medscalpel.deploy.result import DeployResult, VariantResult
+from medscalpel.deploy.serve import copy_exports, serve_metadata, write_serve
+from medscalpel.deploy.variant_timing import benchmark_variants, peak_gemms
+from medscalpel.deploy.export import preferred_exporter
 from medscalpel.compress.measure import count_macs, count_parameters
-from medscalpel.compress.runtimes import (RUNTIMES, OpenVinoInt8AccuracyControl, Runtime,
+from medscalpel.deploy.runtimes import (RUNTIMES, OpenVinoInt8AccuracyControl, Runtime,
                                           cpu_features)
-from medscalpel.compress.timing import SpeedRatio, speed_ratio
+from medscalpel.deploy.timing import SpeedRatio, speed_ratio
 from medscalpel.data.base import split_warning
 from medscalpel.engine.compare import compare_predictions
 from medscalpel.engine.metrics import auroc
@@ -574,7 +574,7 @@ def deploy(
         threads: intra-op threads of every runtime (default: torch's current setting).
         n_boot: paired bootstrap replicates of the delta AUROC CIs.
         explain: serve the chosen variant with a second output, the class activation maps
-            (:mod:`~medscalpel.compress.deploy_cam`: checked against Grad-CAM, its latency
+            (:mod:`~medscalpel.deploy.cam`: checked against Grad-CAM, its latency
             cost measured); the logits-only artifact is kept in ``serve/logits_only``. Models
             whose head is not GAP + linear (ViTs, VGG's FC head) get none, stated.
 
