@@ -46,6 +46,11 @@ def clinical(
                                           "by their file names and record their paths (default: "
                                           "salted pseudonyms, no identifier in any output); "
                                           "marked at the top of every report page."),
+    dicom_sr: bool = typer.Option(False, "--dicom-sr", help="Also write each DICOM image's "
+                                  "report as a DICOM Structured Report (<name>.sr.dcm, "
+                                  "highdicom) referencing the source image; no patient "
+                                  "name / ID / birth date / accession number copied unless "
+                                  "--keep-identifiers. Needs the [dicom] extra."),
 ) -> None:
     """Decision-support report per image: every finding above its threshold (with the
     threshold's origin and operating point), conflicts flagged with the training-label
@@ -65,6 +70,10 @@ def clinical(
                           "come from the co-occurrence evidence (--max-lift-upper, "
                           "--min-expected, --min-images) and are flagged; add --hide-exclusive "
                           "to hide the weaker finding.")
+    if dicom_sr:  # before any work: DICOM inputs and highdicom
+        from medscalpel.report.dicom_sr import require_sr_inputs
+
+        require_sr_inputs(images)
     m = load_any(model)
     art = provenance(m)
     require_served_cams(m, cam_method, "--cam-method", "report clinical")  # before any work
@@ -78,7 +87,7 @@ def clinical(
            "calibration": str(calibration) if calibration else None, "conflicts": mode,
            "exclusion_rule": rule.to_dict(), "min_cam_size": min_cam_size,
            "cam_method": cam_method, "top_channels": top_channels, "artifact": art,
-           "keep_identifiers": keep_identifiers}
+           "keep_identifiers": keep_identifiers, "dicom_sr": dicom_sr}
     with RunDir(out, command="report clinical", config=cfg, overwrite=overwrite) as run:
         reports = clinical_report(m, items, run.path, image_ids=image_ids,
                                   label_stats=stats, cam_method=cam_method,
@@ -86,7 +95,15 @@ def clinical(
                                   exclusion_rule=rule, calibration=calibration,
                                   min_cam_size=min_cam_size, identifiers_kept=keep_identifiers)
         write_json(run.path / "clinical.json", {"reports": [r.to_dict() for r in reports]})
+        srs = []
+        if dicom_sr:
+            from medscalpel.report.dicom_sr import write_clinical_srs
+
+            srs = write_clinical_srs(reports, images, run.path, keep_identifiers)
     _print_clinical(reports)
+    if dicom_sr:
+        console.print(f"DICOM SR: {len(srs)} of {len(images)} image(s) (the DICOM ones)",
+                      highlight=False)
     if art is not None and not getattr(m, "supports_gradients", True):
         console.print(f"model: {artifact_line(art)}; maps: {m.label()}; no channel evidence "
                       "(the served graph has no penultimate features)", highlight=False)

@@ -19,20 +19,34 @@ column decides, and when it has no ``val`` rows, ``val`` is carved from train by
 or a table without such a column splits by ROW (image): a warning says so once and
 ``dataset.meta["split_unit"]`` records it. ``all`` = every row.
 
+Tables of DICOM files (every path a ``.dcm`` / ``.dicom``) are identified as the ``dicom``
+adapter identifies them (:mod:`medscalpel.data.dicom_read`): image ids are ``img-<16 hex>``
+pseudonyms of the SOPInstanceUID (never the path, which can hold identifiers), and patients are
+the PatientID tag (``patient_col=auto``, the default; a column named with ``patient_col=`` is
+used instead, ``none`` splits by image), pseudonymised as ``pt-<16 hex>``; the split is drawn
+on the real values. Every row's header is read (and checked) when the dataset is opened
+(``skip_corrupt=true`` skips unusable or missing files, listed by pseudonym).
+``keep_identifiers=true`` keeps the paths as written and the raw patient ids; ``salt_file=``
+names the experiment's own salt; ``meta`` records ``identifiers``, ``id_source``, ``key_id``
+and ``salt_source``. A table that mixes DICOM and other image files is refused
+(:func:`~medscalpel.data.dicom_read.dicom_only`).
+
 Example:
     >>> ds = open_dataset("csv:/data/study/labels.csv?patient_col=pid", split="val")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import re
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from medscalpel.data.base import CXRDataset, record_split_unit, split_by_patient
+from medscalpel.data.base import CXRDataset, Task, record_split_unit, split_by_patient
+from medscalpel.data.dicom_read import (RADIOGRAPHY, DicomFile, dataset_salt, dicom_only,
+                                        identifiers, identity_meta, read_headers)
 from medscalpel.data.labels import (ImageFileDataset, binary_labels, check_common, csv_row,
                                     finish, read_table, require_columns, require_dir,
                                     require_some_labels, resolve_inside, select_split,
@@ -56,7 +70,8 @@ def open_csv(root: str | None, split: str = "train", preprocess: Preprocess | No
              task: str = "multilabel", label_col: str = "label", classes: str | None = None,
              patient_col: str | None = "auto", split_col: str | None = None,
              val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
-             colour: bool = False, skip_corrupt: bool = False) -> CXRDataset:
+             colour: bool = False, keep_identifiers: bool = False, salt_file: str | None = None,
+             skip_corrupt: bool = False) -> CXRDataset:
     """Open a generic label CSV (see the module docstring).
 
     Args:
@@ -73,6 +88,7 @@ def open_csv(root: str | None, split: str = "train", preprocess: Preprocess | No
         split_col: column of split names.
         val_fraction, test_fraction, seed: the seeded patient-wise carving (see above).
         colour: keep RGB for colour data (needs ``Preprocess(colour=True)``).
+        keep_identifiers, salt_file: DICOM tables only, as the ``dicom`` adapter's.
         skip_corrupt: drop missing/unreadable images (recorded in ``dataset.skip_report``).
     """
     check_common("csv", split, val_fraction, seed)
@@ -85,6 +101,7 @@ def open_csv(root: str | None, split: str = "train", preprocess: Preprocess | No
     csv_path = given if given.is_file() else given / file
     base = csv_path.parent
     header = read_table(csv_path, (), what="label CSV", nrows=0).columns
+    patient_arg = patient_col
     patient_col = resolve_patient_col(patient_col, list(header), csv_path)
     required = [path_col] + [c for c in (patient_col, split_col) if c]
     if task == "multiclass":
@@ -139,6 +156,15 @@ def open_csv(root: str | None, split: str = "train", preprocess: Preprocess | No
         text = raw.astype(str).str.strip()
         patients = [None if (pd.isna(v) or t == "") else t for v, t in zip(raw, text)]
 
+    if dicom_only(paths, f"The label CSV {csv_path}"):
+        given = patient_col if _named(patient_arg) else (None if _off(patient_arg) else "tag")
+        return _open_dicom_rows(df, csv_path, paths, ids, labels, class_names, task, given,
+                                split, split_col, preprocess, keep_identifiers, salt_file,
+                                skip_corrupt, (val_fraction, test_fraction, seed))
+    if keep_identifiers or salt_file:
+        raise ConfigError(f"The 'keep_identifiers' and 'salt_file' options of the 'csv' adapter "
+                          f"are for tables of DICOM files; {csv_path} names none. Remove them.")
+
     # ---- split
     rows = _split_rows(df, split, split_col, patients, val_fraction, test_fraction, seed,
                        csv_path)
@@ -150,6 +176,62 @@ def open_csv(root: str | None, split: str = "train", preprocess: Preprocess | No
     record_split_unit(ds, patients, basis=f"{basis}, patient column {patient_col!r}",
                       key=f"csv:{csv_path}")
     return finish(ds, skip_corrupt)
+
+
+def _off(patient_col: str | None) -> bool:
+    return patient_col is None or str(patient_col).strip().lower() in ("", "none", "false")
+
+
+def _named(patient_col: str | None) -> bool:
+    """Whether the user named a patient column (not ``auto``, not off)."""
+    return not _off(patient_col) and str(patient_col).strip().lower() != "auto"
+
+
+def _open_dicom_rows(df: pd.DataFrame, csv_path: Path, paths: list[Path], rels: list[str],
+                     labels: np.ndarray, class_names: list[str], task: Task,
+                     patient: str | None, split: str, split_col: str | None,
+                     preprocess: Preprocess | None, keep: bool, salt_file: str | None,
+                     skip: bool, fractions: tuple[float, float, int]) -> CXRDataset:
+    """A label CSV of DICOM files, identified as the ``dicom`` adapter identifies them: ids
+    from the SOPInstanceUID and patients from the PatientID tag (``patient="tag"``; a column
+    the user named, or ``None`` for none), pseudonymised unless ``keep``; the split is drawn
+    on the real values. Headers are read (and checked) for every row before the split."""
+    salt, source = dataset_salt(keep, salt_file)
+    found, skipped = read_headers(paths, rels, RADIOGRAPHY, 0, skip, what="csv", salt=salt)
+    files: list[DicomFile | None] = []
+    it = iter(found)
+    nxt = next(it, None)
+    for p, r in zip(paths, rels):  # found is the rows that were read, in order
+        if nxt is not None and (nxt.path, nxt.rel) == (Path(p), r):
+            files.append(nxt)
+            nxt = next(it, None)
+        else:
+            files.append(None)
+    if patient != "tag":
+        column = [None] * len(df) if patient is None else [
+            None if (pd.isna(v) or str(v).strip() == "") else str(v).strip()
+            for v in df[patient]]
+        files = [replace(f, patient=c) if f is not None else None
+                 for f, c in zip(files, column)]
+    patients = [f.patient if f is not None else None for f in files]
+    val_fraction, test_fraction, seed = fractions
+    rows = [int(i) for i in _split_rows(df, split, split_col, patients, val_fraction,
+                                        test_fraction, seed, csv_path) if files[i] is not None]
+    chosen = [files[i] for i in rows]
+    ids, pids = identifiers(chosen, salt, keep)  # type: ignore[arg-type]
+    name = "PatientID" if patient == "tag" else (f"column {patient!r}" if patient else "none")
+    meta = {"file": str(csv_path), "seed": seed,
+            "patient_col": None if patient == "tag" else patient,
+            **identity_meta(keep, salt, source, patient=name)}
+    ds = ImageFileDataset("csv", [f.path for f in chosen], ids, labels[rows], class_names,
+                          task, pids, preprocess, split, meta=meta)
+    ds.skip_report.skipped.extend(skipped)
+    basis = f"split column {split_col!r}" if split_col else "seeded split"
+    # the split unit is counted on the real ids: the same patients as the pseudonyms
+    record_split_unit(ds, [p for f, p in zip(files, patients) if f is not None],
+                      basis=f"{basis}, patient = {'DICOM ' if patient == 'tag' else ''}{name}",
+                      key=f"csv:{csv_path}")
+    return finish(ds, skip_corrupt=False)  # unusable headers were skipped above
 
 
 def resolve_patient_col(patient_col: str | None, columns: list[str], csv_path: Path

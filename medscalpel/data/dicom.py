@@ -27,13 +27,17 @@ the patients; ``all`` = every image. The split is drawn on the real PatientIDs, 
 depend on the pseudonym salt.
 
 Identifiers: image ids are ``img-<16 hex>`` pseudonyms of the SOPInstanceUID and patient ids
-``pt-<16 hex>`` pseudonyms of the PatientID (HMAC-SHA256 keyed by the per-user secret salt of
-:func:`medscalpel.data.dicom_read.load_salt`); file names never become ids, since they can hold
-names or IDs too. Patient names, birth dates, accession numbers and the other tags are never read
-into the dataset. ``keep_identifiers=true`` opts out: ids are the files' paths relative to the
-root and patient ids the raw PatientIDs; ``meta["identifiers"]`` records ``kept`` (else
-``pseudonymised``) and ``meta["key_id"]`` the salt's fingerprint (equal fingerprints =
-comparable ids). :func:`identifiers_kept` tells a report from the spec string.
+``pt-<16 hex>`` pseudonyms of the PatientID (HMAC-SHA256 keyed by the secret salt of
+:func:`medscalpel.data.dicom_read.load_salt`: per user, or ``salt_file=`` for one experiment's
+own); file names never become ids, since they can hold names or IDs too. Patient names, birth
+dates, accession numbers and the other tags are never read into the dataset.
+``keep_identifiers=true`` opts out: ids are the files' paths relative to the root and patient
+ids the raw PatientIDs. ``meta["identifiers"]`` records ``kept`` (else ``pseudonymised``),
+``meta["id_source"]`` what the ids are made of, ``meta["key_id"]`` the salt's fingerprint
+(equal fingerprints = comparable ids) and ``meta["salt_source"]`` where the salt came from.
+The ``folder`` and ``csv`` adapters identify ``.dcm`` files the same way
+(:mod:`medscalpel.data.dicom_read` holds the shared steps). :func:`identifiers_kept` tells a
+report from the spec string.
 
 Example:
     >>> spec = "dicom:/site/scans?labels=labels.csv&views=PA,AP"
@@ -45,7 +49,6 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +57,13 @@ import pandas as pd
 
 from medscalpel.data.base import CXRDataset, Task, record_split_unit, split_by_patient
 from medscalpel.data.csvfile import PATIENT_COLUMN
-from medscalpel.data.dicom_read import (DICOM_EXTENSIONS, RADIOGRAPHY, check_radiograph, key_id,
-                                        load_salt, n_voi, pseudonym, read_dicom, read_header,
-                                        view_position)
+from medscalpel.data.dicom_read import (DICOM_EXTENSIONS, RADIOGRAPHY, DicomFile, dataset_salt,
+                                        identifiers, identity_meta, read_dicom, read_headers)
 from medscalpel.data.labels import (binary_labels, check_common, csv_row, read_table,
                                     require_columns, require_dir, select_split, split_list_option)
 from medscalpel.data.spec import DATASETS, DatasetSpec
 from medscalpel.data.transforms import Preprocess
 from medscalpel.errors import ConfigError, DataError
-from medscalpel.progress import track
 from medscalpel.validation import check_fraction, check_in, check_range
 
 logger = logging.getLogger(__name__)
@@ -70,18 +71,6 @@ logger = logging.getLogger(__name__)
 UID_KEY = "SOPInstanceUID"
 PATH_KEY = "path"
 UNKNOWN_VIEW = "unknown"
-
-
-@dataclass(frozen=True)
-class DicomFile:
-    """What the adapter keeps of one file's header (no name, date or accession number)."""
-
-    path: Path
-    rel: str
-    uid: str
-    patient: str | None
-    view: str
-    n_voi: int
 
 
 class DicomDataset(CXRDataset):
@@ -129,8 +118,8 @@ def open_dicom(root: str | None, split: str = "train", preprocess: Preprocess | 
                label_cols: str | None = None, label_col: str = "label",
                classes: str | None = None, views: str | None = None,
                modalities: str = "CR,DX,DR", window: int = 0, voi: bool = True,
-               keep_identifiers: bool = False, val_fraction: float = 0.1,
-               test_fraction: float = 0.2, seed: int = 0,
+               keep_identifiers: bool = False, salt_file: str | None = None,
+               val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0,
                skip_corrupt: bool = False) -> CXRDataset:
     """Open a folder of DICOM radiographs (see the module docstring).
 
@@ -145,6 +134,8 @@ def open_dicom(root: str | None, split: str = "train", preprocess: Preprocess | 
         window: which VOI LUT / window center-width pair (0 = the first).
         voi: apply the VOI LUT / window (``false``: the full stored range).
         keep_identifiers: ids = file paths and raw PatientIDs instead of pseudonyms.
+        salt_file: this experiment's own salt file (created the first time; keep it out of
+            run directories) instead of the per-user salt (:func:`load_salt`).
         val_fraction, test_fraction, seed: the seeded patient-wise split.
         skip_corrupt: skip unusable files (counted in ``dataset.skip_report``) instead of
             stopping at the first.
@@ -161,16 +152,15 @@ def open_dicom(root: str | None, split: str = "train", preprocess: Preprocess | 
         raise DataError(f"{base} is a file; the 'dicom' adapter takes a folder of DICOM files "
                         "(one file: give its path to 'medscalpel predict --data').")
     accepted = _modalities(modalities)
-    salt, salt_source = (b"", "none") if keep_identifiers else load_salt()
-    files, skipped = scan(base, accepted, window if voi else None, skip_corrupt)
+    salt, salt_source = dataset_salt(keep_identifiers, salt_file)
+    files, skipped = scan(base, accepted, window if voi else None, skip_corrupt, salt=salt)
     files, n_dup = _unique(files)
     view_counts = Counter(f.view or UNKNOWN_VIEW for f in files)
     wanted = _views(views)
     if wanted is not None:
         files = [f for f in files if (f.view or UNKNOWN_VIEW) in wanted]
     meta: dict[str, Any] = {
-        "root": str(base), "identifiers": "kept" if keep_identifiers else "pseudonymised",
-        "key_id": None if keep_identifiers else key_id(salt), "salt_source": salt_source,
+        "root": str(base), **identity_meta(keep_identifiers, salt, salt_source),
         "n_files": len(files) + n_dup + len(skipped), "duplicates_removed": n_dup,
         "views": dict(sorted(view_counts.items())), "views_kept": wanted,
         "modalities": list(accepted) if accepted else "any", "window": window, "voi": voi,
@@ -197,18 +187,26 @@ def open_dicom(root: str | None, split: str = "train", preprocess: Preprocess | 
     return ds.require_nonempty()
 
 
+#: the adapters that read DICOM files and take ``keep_identifiers``
+KEEPS_IDENTIFIERS = ("dicom", "folder", "csv")
+
+
 def identifiers_kept(spec: str) -> bool:
-    """Whether a dataset spec string asks the ``dicom`` adapter to keep identifiers
-    (``keep_identifiers=true``): a report made from its predictions must say so.
+    """Whether a dataset spec string asks a DICOM-reading adapter (:data:`KEEPS_IDENTIFIERS`)
+    to keep identifiers (``keep_identifiers=true``): a report made from its predictions must
+    say so.
 
     >>> identifiers_kept("dicom:/s?keep_identifiers=true"), identifiers_kept("dicom:/s")
     (True, False)
+    >>> identifiers_kept("csv:/s/labels.csv?keep_identifiers=true")
+    True
     """
     try:
         parsed = DatasetSpec.parse(spec)
     except Exception:  # noqa: BLE001 - an unparsable spec is not a dicom spec
         return False
-    return parsed.adapter == "dicom" and parsed.options.get("keep_identifiers") is True
+    return (parsed.adapter in KEEPS_IDENTIFIERS
+            and parsed.options.get("keep_identifiers") is True)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -238,45 +236,19 @@ def list_dicom_files(base: Path) -> list[Path]:
 
 
 def scan(base: Path, modalities: tuple[str, ...] | None, window: int | None, skip: bool,
-         progress: bool | None = None) -> tuple[list[DicomFile], list[tuple[str, str]]]:
-    """Read every file's header (not its pixels) and check it is one grey radiograph.
+         progress: bool | None = None, salt: bytes | None = None
+         ) -> tuple[list[DicomFile], list[tuple[str, str]]]:
+    """Read the header of every DICOM file under ``base`` (:func:`read_headers`).
 
-    Returns:
-        ``(files, skipped)``; ``skipped`` holds ``(file pseudonym, reason)`` pairs (with
-        ``skip``); without ``skip`` the first bad file raises :class:`DataError` naming it.
+    Raises:
+        DataError: no DICOM file under ``base``; without ``skip``, the first bad file.
     """
     paths = list_dicom_files(base)
     if not paths:
         raise DataError(f"No DICOM file ({', '.join(DICOM_EXTENSIONS)}) under {base}. Point the "
                         "'dicom' spec at the folder that holds the exported images.")
-    files, skipped = [], []
-    salt = None
-    for p in track(paths, "reading DICOM headers", progress=progress):
-        rel = p.relative_to(base).as_posix()
-        try:
-            ds = read_header(p)
-            check_radiograph(ds, p, modalities)
-            nv = n_voi(ds)
-            if window is not None and nv and window >= nv:
-                raise DataError(f"DICOM file {p} offers {nv} VOI window(s)/LUT(s); window="
-                                f"{window} does not exist (use 0 to {nv - 1}, or voi=false).")
-        except DataError as exc:
-            if not skip:
-                raise
-            salt = salt if salt is not None else load_salt()[0]
-            skipped.append((pseudonym(rel, "file", salt), _reason(str(exc), p)))
-            continue
-        pid = str(ds.get("PatientID", "") or "").strip() or None
-        files.append(DicomFile(p, rel, str(ds.get("SOPInstanceUID", "") or "").strip(), pid,
-                               view_position(ds), nv))
-    if skipped:
-        logger.warning("dicom: skipped %d unusable file(s) of %d", len(skipped), len(paths))
-    return files, skipped
-
-
-def _reason(message: str, path: Path) -> str:
-    """An error message without the file's path (the path can hold identifiers)."""
-    return message.replace(str(path), "<file>")
+    rels = [p.relative_to(base).as_posix() for p in paths]
+    return read_headers(paths, rels, modalities, window, skip, progress, what="dicom", salt=salt)
 
 
 def _unique(files: list[DicomFile]) -> tuple[list[DicomFile], int]:
@@ -293,18 +265,6 @@ def _unique(files: list[DicomFile]) -> tuple[list[DicomFile], int]:
         logger.warning("dicom: %d file(s) repeat an image (same SOPInstanceUID) and were left "
                        "out", len(files) - len(out))
     return out, len(files) - len(out)
-
-
-def identifiers(files: list[DicomFile], salt: bytes, keep: bool
-                ) -> tuple[list[str], list[str | None]]:
-    """Image and patient ids: pseudonyms (SOPInstanceUID, else the relative path; PatientID),
-    or with ``keep`` the relative paths and raw PatientIDs."""
-    if keep:
-        return [f.rel for f in files], [f.patient for f in files]
-    ids = [pseudonym(f.uid, "image", salt) if f.uid else pseudonym(f.rel, "file", salt)
-           for f in files]
-    pids = [pseudonym(f.patient, "patient", salt) if f.patient else None for f in files]
-    return ids, pids
 
 
 def split_rows(patients: list[str | None], split: str, val_fraction: float,

@@ -22,13 +22,22 @@ without pixel data, and modalities other than chest radiography (``CR``, ``DX``,
 ``modalities=None`` to accept any).
 
 Pseudonyms (:func:`pseudonym`): ``img-<16 hex>`` / ``pt-<16 hex>``, an HMAC-SHA256 of the
-identifier keyed by a secret salt (:func:`load_salt`): the ``MEDSCALPEL_DICOM_SALT``
-environment variable when set, else a random 256-bit salt created once per user in
-``~/.config/medscalpel/dicom-salt`` (mode 0600; ``MEDSCALPEL_DICOM_SALT_FILE`` moves it). The
-salt is never written to a run directory: only its fingerprint (:func:`key_id`), so two runs can
-tell whether their pseudonyms are comparable. The same user (or anyone sharing the secret) gets
-the same ids for the same images, so predictions of the same data pair up across runs; without
-the secret, an id cannot be turned back into the identifier, even for short patient numbers.
+identifier keyed by a secret salt (:func:`load_salt`): a dataset spec's ``salt_file=`` (one
+experiment's own salt), else the ``MEDSCALPEL_DICOM_SALT`` environment variable, else the file
+``MEDSCALPEL_DICOM_SALT_FILE`` names, else a random 256-bit salt created once per user in
+``~/.config/medscalpel/dicom-salt`` (salt files are created with mode 0600). The salt is never
+written to a run directory: only its fingerprint (:func:`key_id`) and its source, so two runs
+can tell whether their pseudonyms are comparable. The same salt gives the same ids for the same
+images, so predictions of the same data pair up across runs; exports made with different salts
+cannot be linked; without the secret, an id cannot be turned back into the identifier, even for
+short patient numbers.
+
+Dataset files (the steps the ``dicom``, ``folder`` and ``csv`` adapters share, one
+implementation): :func:`read_headers` (every file's header checked, UIDs / PatientID / view
+kept, unusable files refused or skipped by pseudonym), :func:`identifiers` (image and patient
+ids: pseudonyms, or the paths and raw PatientIDs when kept), :func:`identity_meta` (what the
+dataset's meta records about them), :func:`dataset_salt` and :func:`dicom_only` (a dataset is
+all DICOM or has none: a mix is refused).
 
 Example:
     >>> img = read_dicom("/site/scans/1.2.826.0.1.dcm")  # doctest: +SKIP
@@ -40,15 +49,20 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medscalpel.errors import ConfigError, DataError, optional_import
+from medscalpel.progress import track
+
+logger = logging.getLogger(__name__)
 
 #: file name endings read as DICOM (compared in lower case)
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -60,6 +74,9 @@ SALT_ENV = "MEDSCALPEL_DICOM_SALT"
 SALT_FILE_ENV = "MEDSCALPEL_DICOM_SALT_FILE"
 #: the shortest salt accepted from the environment (a short secret can be guessed)
 MIN_SALT_CHARS = 16
+#: where :func:`load_salt` found the salt: a spec's ``salt_file=`` option, the
+#: ``MEDSCALPEL_DICOM_SALT`` variable, the ``MEDSCALPEL_DICOM_SALT_FILE`` file, the per-user file
+SALT_SOURCES = ("spec", "env", "file", "user")
 PREFIXES = {"image": "img", "patient": "pt", "file": "file"}
 
 
@@ -235,16 +252,26 @@ def salt_path() -> Path:
     return Path(base) / "medscalpel" / "dicom-salt"
 
 
-def load_salt() -> tuple[bytes, str]:
-    """The secret salt of the pseudonyms and where it came from (``env`` / ``file``).
+def load_salt(salt_file: str | os.PathLike | None = None) -> tuple[bytes, str]:
+    """The secret salt of the pseudonyms and where it came from (:data:`SALT_SOURCES`).
 
-    ``MEDSCALPEL_DICOM_SALT`` (at least :data:`MIN_SALT_CHARS` characters) wins; else the
-    per-user salt file, created with 32 random bytes (mode 0600) the first time. Creation is
-    atomic (written aside, then hard-linked into place), so parallel runs agree on one salt.
+    In this order: ``salt_file`` (a dataset spec's ``salt_file=`` option: one experiment's own
+    salt, ``spec``); the ``MEDSCALPEL_DICOM_SALT`` environment variable (at least
+    :data:`MIN_SALT_CHARS` characters, ``env``); the file ``MEDSCALPEL_DICOM_SALT_FILE`` names
+    (``file``); the per-user salt file (``user``). A salt file that does not exist yet is
+    created with 32 random bytes (mode 0600). Creation is atomic (written aside, then
+    hard-linked into place), so parallel runs agree on one salt.
+
+    The salt is per user (or per experiment, opted in), never per run: the pseudonyms are the
+    image ids, which the data hashes that a resumed ``train`` and compress sweeps / grids
+    compare, and which ``evaluate --reference`` / ``Predictions.align`` pair up; a new salt in
+    every run would change them all (docs/dicom.md, *The salt*).
 
     Raises:
         ConfigError: the environment salt is too short, or the salt file is empty / unreadable.
     """
+    if salt_file is not None and str(salt_file).strip():
+        return _read_salt_file(Path(str(salt_file).strip()).expanduser(), "spec"), "spec"
     env = os.environ.get(SALT_ENV)
     if env is not None:
         if len(env) < MIN_SALT_CHARS:
@@ -253,7 +280,15 @@ def load_salt() -> tuple[bytes, str]:
                               "python -c 'import secrets; print(secrets.token_hex(32))'). Got "
                               f"{len(env)} characters instead.")
         return env.encode(), "env"
-    path = salt_path()
+    source = "file" if os.environ.get(SALT_FILE_ENV) else "user"
+    return _read_salt_file(salt_path(), source), source
+
+
+def _read_salt_file(path: Path, source: str) -> bytes:
+    """The salt in ``path`` (made first when it does not exist)."""
+    if path.is_dir():
+        raise ConfigError(f"The DICOM pseudonym salt file {path} is a folder; name a file (it is "
+                          "created, with a random secret, the first time).")
     if not path.is_file():
         _create_salt(path)
     try:
@@ -265,7 +300,7 @@ def load_salt() -> tuple[bytes, str]:
         raise ConfigError(f"The DICOM pseudonym salt file {path} holds {len(text)} characters; "
                           f"it needs at least {MIN_SALT_CHARS}. Delete it to make a new one (ids "
                           "made with the old salt will no longer match).")
-    return text.encode(), "file"
+    return text.encode()
 
 
 def _create_salt(path: Path) -> None:
@@ -338,3 +373,125 @@ def deidentified_inputs(paths: Sequence[str | os.PathLike], keep_identifiers: bo
     named = [i if is_dicom_path(p) else Path(p).name for p, i in zip(paths, ids)]
     recorded = [i if is_dicom_path(p) else str(p) for p, i in zip(paths, ids)]
     return items, named, recorded
+
+
+# ----------------------------------------------------------------------------- dataset files
+@dataclass(frozen=True)
+class DicomFile:
+    """What an adapter keeps of one file's header (no name, date or accession number).
+
+    Attributes:
+        path: the file; rel: its id when identifiers are kept (its path relative to the
+        dataset root, or as a label CSV wrote it); uid: SOPInstanceUID (``""`` when absent);
+        patient: PatientID (``None`` when absent); view: ViewPosition (``""`` when absent);
+        n_voi: how many VOI windows / LUTs it offers.
+    """
+
+    path: Path
+    rel: str
+    uid: str
+    patient: str | None
+    view: str
+    n_voi: int
+
+
+def dicom_only(paths: Sequence[str | os.PathLike], where: str) -> bool:
+    """Whether a dataset's image files are DICOM (``True``) or none is (``False``).
+
+    A mix is refused: a DICOM file is identified by its tags (pseudonymised SOPInstanceUID,
+    patient = PatientID), another image by its path and file name, and a patient's PNG and
+    DICOM images cannot be recognised as one patient (nor a PNG copy of a DICOM as the same
+    image), so a mixed dataset could put one patient in train and test.
+
+    Raises:
+        DataError: both kinds are present; the message counts them and names an example of each.
+    """
+    dcm = [p for p in paths if is_dicom_path(p)]
+    if not dcm:
+        return False
+    if len(dcm) == len(paths):
+        return True
+    other = next(p for p in paths if not is_dicom_path(p))
+    raise DataError(f"{where} mixes {len(dcm)} DICOM file(s) (e.g. {dcm[0]}) with "
+                    f"{len(paths) - len(dcm)} other image file(s) (e.g. {other}). Their patients "
+                    "cannot be matched (DICOM: the PatientID tag; others: the file name), so the "
+                    "split could not keep a patient in one split. Convert them to one format, or "
+                    "give them as two datasets.")
+
+
+def read_headers(paths: Sequence[Path], rels: Sequence[str],
+                 modalities: Sequence[str] | None = RADIOGRAPHY, window: int | None = 0,
+                 skip: bool = False, progress: bool | None = None, what: str = "dataset",
+                 salt: bytes | None = None) -> tuple[list[DicomFile], list[tuple[str, str]]]:
+    """Read every file's header (not its pixels) and check it is one grey radiograph.
+
+    Args:
+        rels: each file's id when identifiers are kept (see :class:`DicomFile`).
+        modalities: accepted modalities (``None``: any).
+        window: the VOI window the dataset will apply (``None``: no VOI): refused when a file
+            does not offer it.
+        skip: skip unusable files instead of raising.
+        salt: what skipped files' pseudonyms are keyed by (default / empty: :func:`load_salt`).
+
+    Returns:
+        ``(files, skipped)``; ``skipped`` holds ``(file pseudonym, reason)`` pairs (with
+        ``skip``); without ``skip`` the first bad file raises :class:`DataError` naming it.
+    """
+    files: list[DicomFile] = []
+    skipped: list[tuple[str, str]] = []
+    for p, rel in track(list(zip(paths, rels)), "reading DICOM headers", progress=progress):
+        try:
+            if not Path(p).is_file():
+                raise DataError(f"DICOM file not found: {p}. Check the dataset root and the "
+                                "label file.")
+            ds = read_header(p)
+            check_radiograph(ds, p, modalities)
+            nv = n_voi(ds)
+            if window is not None and nv and window >= nv:
+                raise DataError(f"DICOM file {p} offers {nv} VOI window(s)/LUT(s); window="
+                                f"{window} does not exist (use 0 to {nv - 1}, or voi=false).")
+        except DataError as exc:
+            if not skip:
+                raise
+            salt = salt or load_salt()[0]
+            skipped.append((pseudonym(rel, "file", salt), str(exc).replace(str(p), "<file>")))
+            continue
+        pid = str(ds.get("PatientID", "") or "").strip() or None
+        files.append(DicomFile(Path(p), rel, str(ds.get("SOPInstanceUID", "") or "").strip(),
+                               pid, view_position(ds), nv))
+    if skipped:
+        logger.warning("%s: skipped %d unusable DICOM file(s) of %d", what, len(skipped),
+                       len(paths))
+    return files, skipped
+
+
+def dataset_salt(keep_identifiers: bool, salt_file: str | None = None) -> tuple[bytes, str]:
+    """The salt an adapter pseudonymises with and its source; ``(b"", "none")`` when the user
+    keeps identifiers (nothing is hashed)."""
+    return (b"", "none") if keep_identifiers else load_salt(salt_file)
+
+
+def identifiers(files: Sequence[DicomFile], salt: bytes, keep: bool
+                ) -> tuple[list[str], list[str | None]]:
+    """Image and patient ids: pseudonyms (SOPInstanceUID, else the file's ``rel``; PatientID),
+    or with ``keep`` the ``rel`` paths and raw PatientIDs."""
+    if keep:
+        return [f.rel for f in files], [f.patient for f in files]
+    ids = [pseudonym(f.uid, "image", salt) if f.uid else pseudonym(f.rel, "file", salt)
+           for f in files]
+    pids = [pseudonym(f.patient, "patient", salt) if f.patient else None for f in files]
+    return ids, pids
+
+
+def identity_meta(keep: bool, salt: bytes, salt_source: str, patient: str = "PatientID"
+                  ) -> dict[str, Any]:
+    """What a DICOM dataset's meta records about its ids: ``identifiers`` (``kept`` /
+    ``pseudonymised``), ``id_source`` (which values the image and patient ids are made of),
+    ``key_id`` (the salt's fingerprint; equal = comparable pseudonyms) and ``salt_source``."""
+    if keep:
+        source = {"image": "file path", "patient": patient}
+    else:
+        source = {"image": "pseudonym of SOPInstanceUID (of the file path without one)",
+                  "patient": f"pseudonym of {patient}"}
+    return {"identifiers": "kept" if keep else "pseudonymised", "id_source": source,
+            "key_id": None if keep else key_id(salt), "salt_source": salt_source}

@@ -21,6 +21,17 @@ a patient go to the same split; files without a patient id are split one image a
 warning says so once and ``dataset.meta["split_unit"]`` records it (see
 :func:`~medscalpel.data.base.split_warning`). In a spec string write ``+`` as ``%2B``.
 
+DICOM folders (every image a ``.dcm`` / ``.dicom`` file) are identified as the ``dicom``
+adapter identifies them (:mod:`medscalpel.data.dicom_read`): image ids are ``img-<16 hex>``
+pseudonyms of the SOPInstanceUID and patient ids ``pt-<16 hex>`` pseudonyms of the PatientID
+(never the file names, which can hold identifiers), the split is drawn on the real PatientIDs,
+copies of one SOPInstanceUID are kept once (``dedup``), headers are checked when the dataset is
+opened (``skip_corrupt=true`` skips unusable files, listed by pseudonym) and
+``keep_identifiers=true`` / ``salt_file=`` work as there; ``meta`` records ``identifiers``,
+``id_source``, ``key_id`` and ``salt_source``. A folder that mixes DICOM and other image files
+is refused (:func:`~medscalpel.data.dicom_read.dicom_only`: the two kinds' patients cannot be
+matched).
+
 Unreadable images: ``train`` checks every file of the splits it uses before it starts
 (:func:`medscalpel.data.scan.require_readable`) and names the bad ones; ``skip_corrupt=true``
 drops them when the dataset is opened (each file decoded once; they are listed in
@@ -42,6 +53,8 @@ from typing import Any
 import numpy as np
 
 from medscalpel.data.base import CXRDataset, record_split_unit
+from medscalpel.data.dicom_read import (RADIOGRAPHY, dataset_salt, dicom_only, identifiers,
+                                        identity_meta, read_headers)
 from medscalpel.data.io import IMAGE_EXTENSIONS
 from medscalpel.data.labels import (ImageFileDataset, check_common, finish, require_dir,
                                     split_list_option)
@@ -82,8 +95,14 @@ def file_sha256(path: Path) -> str:
 
 
 def deduplicate(paths: list[Path], labels: np.ndarray, names: list[str],
-                progress: bool | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                progress: bool | None = None, keys: list[str | None] | None = None
+                ) -> tuple[np.ndarray, dict[str, Any]]:
     """Rows to keep after removing byte-identical copies, and a report.
+
+    Args:
+        names: each row's id, as the report's examples name it.
+        keys: what makes two rows one image (DICOM files: their SOPInstanceUID); a ``None``
+            key, or no ``keys``, falls back to the sha256 of the file's bytes.
 
     Returns:
         ``(keep_indices, report)``; the report counts files, duplicate groups, removed copies
@@ -91,7 +110,8 @@ def deduplicate(paths: list[Path], labels: np.ndarray, names: list[str],
     """
     groups: dict[str, list[int]] = {}
     for i in track(range(len(paths)), "hashing images", progress=progress):
-        groups.setdefault(file_sha256(paths[i]), []).append(i)
+        key = keys[i] if keys is not None else None
+        groups.setdefault(f"uid:{key}" if key else file_sha256(paths[i]), []).append(i)
     keep, dup_groups, conflicts = [], [], []
     for members in groups.values():
         if len(members) == 1:
@@ -175,7 +195,8 @@ def patients_from_names(names: list[str], patient_regex: str | None) -> list[str
 def open_folder(root: str | None, split: str = "train", preprocess: Preprocess | None = None,
                 dedup: bool = True, val_fraction: float = 0.1, test_fraction: float = 0.2,
                 seed: int = 0, colour: bool = False, classes: str | None = None,
-                patient_regex: str | None = "auto", skip_corrupt: bool = False) -> CXRDataset:
+                patient_regex: str | None = "auto", keep_identifiers: bool = False,
+                salt_file: str | None = None, skip_corrupt: bool = False) -> CXRDataset:
     """Open a class-per-subfolder image collection (see the module docstring).
 
     Args:
@@ -187,7 +208,9 @@ def open_folder(root: str | None, split: str = "train", preprocess: Preprocess |
         colour: keep RGB (colour data such as LC25000); needs ``Preprocess(colour=True)``.
         classes: comma-separated class folder names to use, in this order.
         patient_regex: regex whose first group in a file name is the patient id; ``auto``
-            (default) = :data:`KERMANY_PATIENT`; ``none`` = split by image.
+            (default) = :data:`KERMANY_PATIENT`; ``none`` = split by image. Not for DICOM
+            folders (their patient is the PatientID tag).
+        keep_identifiers, salt_file: DICOM folders only, as the ``dicom`` adapter's.
         skip_corrupt: drop unreadable images (recorded in ``dataset.skip_report``).
     """
     check_common("folder", split, val_fraction, seed)
@@ -223,19 +246,71 @@ def open_folder(root: str | None, split: str = "train", preprocess: Preprocess |
     ids = [p.relative_to(base).as_posix() for p in paths]
     meta: dict[str, Any] = {"root": str(base), "dedup": None, "val_fraction": val_fraction,
                             "test_fraction": test_fraction, "seed": seed}
+    if dicom_only(paths, f"The folder {base}"):
+        return _open_dicom_folder(base, paths, ids, y, wanted, split, preprocess, meta,
+                                  dedup, patient_regex, keep_identifiers, salt_file,
+                                  skip_corrupt)
+    if keep_identifiers or salt_file:
+        raise ConfigError(f"The 'keep_identifiers' and 'salt_file' options of the 'folder' "
+                          f"adapter are for DICOM folders; {base} holds no .dcm file. Remove "
+                          "them.")
     if dedup:
         keep, report = deduplicate(paths, y, ids)
         meta["dedup"] = report
         paths, y, ids = [paths[i] for i in keep], y[keep], [ids[i] for i in keep]
     patients = patients_from_names([p.name for p in paths], patient_regex)
-    all_patients = list(patients)
-    if split != "all":
-        groups = [pid if pid is not None else f"__file:{ids[i]}" for i, pid in enumerate(patients)]
-        rows = stratified_group_split(y, groups, val_fraction, test_fraction, seed)[split]
-        paths, y, ids = [paths[i] for i in rows], y[rows], [ids[i] for i in rows]
-        patients = [patients[i] for i in rows]
-    ds = ImageFileDataset("folder", paths, ids, y, wanted, "multiclass", patients, preprocess,
+    rows = _split(y, ids, patients, split, val_fraction, test_fraction, seed)
+    ds = ImageFileDataset("folder", [paths[i] for i in rows], [ids[i] for i in rows], y[rows],
+                          wanted, "multiclass", [patients[i] for i in rows], preprocess,
                           split, colour=colour, meta=meta)
-    record_split_unit(ds, all_patients, basis=f"patient_regex={patient_regex}",
+    record_split_unit(ds, patients, basis=f"patient_regex={patient_regex}",
                       key=f"folder:{base}")
     return finish(ds, skip_corrupt)
+
+
+def _split(y: np.ndarray, ids: list[str], patients: list[str | None], split: str,
+           val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """Rows of ``split``: the class-stratified split of whole patients (rows without one as
+    single images)."""
+    if split == "all":
+        return np.arange(len(ids))
+    groups = [pid if pid is not None else f"__file:{ids[i]}" for i, pid in enumerate(patients)]
+    return stratified_group_split(y, groups, val_fraction, test_fraction, seed)[split]
+
+
+def _open_dicom_folder(base: Path, paths: list[Path], rels: list[str], y: np.ndarray,
+                       classes: list[str], split: str, preprocess: Preprocess | None,
+                       meta: dict[str, Any], dedup: bool, patient_regex: str | None,
+                       keep: bool, salt_file: str | None, skip: bool) -> CXRDataset:
+    """A class-per-subfolder collection of DICOM files, identified as the ``dicom`` adapter
+    identifies them: ids and patients from the SOPInstanceUID / PatientID tags (pseudonymised
+    unless ``keep``), the split drawn on the real PatientIDs, copies of one SOPInstanceUID kept
+    once. Headers are read (and checked) before the split."""
+    if str(patient_regex).strip().lower() != "auto":
+        raise ConfigError(f"The 'patient_regex' option of the 'folder' adapter reads patients "
+                          f"from file names; the DICOM files of {base} take their patient from "
+                          "the PatientID tag. Remove the option.")
+    salt, source = dataset_salt(keep, salt_file)
+    files, skipped = read_headers(paths, rels, RADIOGRAPHY, 0, skip, what="folder", salt=salt)
+    index = {p: i for i, p in enumerate(paths)}
+    y = y[[index[f.path] for f in files]]
+    ids, pids = identifiers(files, salt, keep)
+    meta.update(identity_meta(keep, salt, source), n_files=len(paths))
+    if dedup:
+        keep_rows, report = deduplicate([f.path for f in files], y, ids,
+                                        keys=[f.uid or None for f in files])
+        report["key"] = "SOPInstanceUID (sha256 of the bytes without one)"
+        meta["dedup"] = report
+        files, y = [files[i] for i in keep_rows], y[keep_rows]
+        ids, pids = [ids[i] for i in keep_rows], [pids[i] for i in keep_rows]
+    patients = [f.patient for f in files]
+    rows = _split(y, ids, patients, split, meta["val_fraction"], meta["test_fraction"],
+                  meta["seed"])
+    ds = ImageFileDataset("folder", [files[i].path for i in rows], [ids[i] for i in rows],
+                          y[rows], classes, "multiclass", [pids[i] for i in rows], preprocess,
+                          split, meta=meta)
+    ds.skip_report.skipped.extend(skipped)
+    # the split unit is counted on the real ids: the same patients as the pseudonyms
+    record_split_unit(ds, patients, basis="class-stratified split, patient = DICOM PatientID",
+                      key=f"folder:{base}")
+    return finish(ds, skip_corrupt=False)  # unusable headers were skipped above
