@@ -125,7 +125,8 @@ def build_variant(model_dir: Path, name: str, dest: Path, calib: torch.Tensor,
         ref = model(calib).numpy()
     got = rt.run(calib.numpy())
     files = write_serve(dest, model, types.SimpleNamespace(rt=rt), (1, SIZE, SIZE))
-    variant = types.SimpleNamespace(runtime=rt.runtime, precision=rt.precision, name=rt.name)
+    variant = types.SimpleNamespace(runtime=rt.runtime, precision=rt.precision, name=rt.name,
+                                    info=rt.info)
     (dest / "serve.json").write_text(json.dumps(serve_metadata(model, (1, SIZE, SIZE), variant,
                                                                files)))
     info = {"status": "built", "build_seconds": round(time.perf_counter() - t0, 1),

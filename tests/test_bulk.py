@@ -51,7 +51,8 @@ def served(dense, phantom, tmp_path_factory):
     rt = RUNTIMES.create("onnxruntime:fp32", threads=1)
     rt.prepare(dense, x[:1], x, dest.parent / "work")
     files = write_serve(dest, dense, types.SimpleNamespace(rt=rt), tuple(x.shape[1:]))
-    variant = types.SimpleNamespace(runtime=rt.runtime, precision=rt.precision, name=rt.name)
+    variant = types.SimpleNamespace(runtime=rt.runtime, precision=rt.precision, name=rt.name,
+                                    info=rt.info)
     (dest / "serve.json").write_text(json.dumps(
         serve_metadata(dense, tuple(x.shape[1:]), variant, files)))
     return dest

@@ -31,6 +31,7 @@ def test_demo_micro(tmp_path):
     assert "lossless" in methods and "structured-l1" in methods
     card = json.loads((out / "calibrate" / "model" / "model.json").read_text())
     assert card["thresholds"] is not None and len(card["thresholds"]) == 14
+    _served_cams_labelled(out)
     _artifacts_read_back(out, names)
     _same_declared_artifacts_as_before_the_stage_registry(out)
     _report_reads_every_section_cleanly(out)
@@ -59,6 +60,27 @@ def _same_declared_artifacts_as_before_the_stage_registry(out):
             present.add(key)
     # the demo runs outside a RunDir here: no manifest; everything else as before
     assert present | {"manifest"} == BEFORE_STAGES, sorted(present ^ BEFORE_STAGES)
+
+
+def _served_cams_labelled(out):
+    """The explain stage also explains the artifact deploy serves (issue T), labelled with its
+    runtime and precision, and the report shows that figure under that label."""
+    cams = json.loads((out / "explain" / "cams" / "cams.json").read_text())
+    deploy = json.loads((out / "compress" / "deploy" / "deploy.json").read_text())
+    served = cams["served"]
+    art = served["artifact"]
+    if deploy["recommended"].startswith("torch"):
+        assert served["status"] == "served" and art is None
+        return
+    assert art["runtime"] + ":" + art["precision"] == deploy["recommended"] and art["sha256"]
+    if deploy["explanation"]["status"] == "served":
+        assert served["status"] == "served" and deploy["recommended"] in served["label"]
+        assert (out / "explain" / "cams" / served["figure"]).is_file()
+        assert len(served["spearman_vs_dense_gradcam"]) == len(cams["images"])
+        html = (out / "reports" / "experiment.html").read_text()
+        assert served["label"] in html and "CAMs of the served artifact" in html
+    else:
+        assert served["status"] == "not available" and served["reason"]
 
 
 def _artifacts_read_back(out, stages):

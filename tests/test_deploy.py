@@ -118,6 +118,15 @@ def test_every_available_runtime_has_parity(model, tmp_path):
     assert by["onnxruntime:int8-u8s8"].info["activation"] == "u8"
     assert by["onnxruntime:int8-s8s8"].info["activation"] == "s8"
     assert by["openvino:fp32"].info["precision_used"].lower().endswith(("f32", "float32"))
+    # every ONNX-based variant names the exporter that wrote its graph (one shared export)
+    exported = [v for v in res.variants
+                if v.status != "unavailable" and not v.runtime.startswith("torch")]
+    assert exported and {v.info["export"]["exporter"] for v in exported} <= {"dynamo",
+                                                                             "torchscript"}
+    assert len({v.info["export"]["exporter"] for v in exported}) == 1
+    assert res.serve["export"] == (by[res.recommended].info.get("export")
+                                   if res.serve["explanation"]["status"] != "served"
+                                   else res.serve["explanation"]["export"])
     # the recommendation is the fastest go variant at batch 1, unless a faster one is not
     # DECISIVELY faster (per-round ratio interval holds 1, or noisy): then the higher precision
     go = [v for v in res.variants if v.go]

@@ -228,7 +228,8 @@ def test_multiclass_temperature_stored_and_served(tmp_path, capsys, monkeypatch)
     e = np.exp(z[150].astype(np.float64) / op.temperature)
     assert t.rows[0]["a"] == pytest.approx(float(e[0] / e.sum()), abs=1e-9)
     # serve.json carries the operating point
-    variant = types.SimpleNamespace(runtime="torch", precision="fp32", name="torch:fp32")
+    variant = types.SimpleNamespace(runtime="torch", precision="fp32", name="torch:fp32",
+                                    info={})
     meta = serve_metadata(m, (1, 32, 32), variant, ["model.safetensors"])
     assert meta["operating_point"]["temperature"] == op.temperature
     assert meta["operating_point"]["method"] == "temperature"

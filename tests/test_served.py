@@ -101,7 +101,8 @@ def _served_dir(dense, x, dest, runtime="onnxruntime:fp32"):
     rt.prepare(dense, x[:1], x, dest.parent / "work")
     chosen = types.SimpleNamespace(rt=rt)
     files = write_serve(dest, dense, chosen, tuple(x.shape[1:]))
-    variant = types.SimpleNamespace(runtime=rt.runtime, precision=rt.precision, name=rt.name)
+    variant = types.SimpleNamespace(runtime=rt.runtime, precision=rt.precision, name=rt.name,
+                                    info=rt.info)
     (dest / "serve.json").write_text(__import__("json").dumps(
         serve_metadata(dense, tuple(x.shape[1:]), variant, files)))
     return dest

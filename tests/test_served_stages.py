@@ -62,7 +62,8 @@ def _serve(model, images, out, name="onnxruntime:fp32"):
                                    threads=1, rounds=5, repeats=1, warmup=1)
     files = write_serve(out / "serve", model, types.SimpleNamespace(rt=plain),
                         tuple(images.shape[1:]), cam_rt)
-    variant = types.SimpleNamespace(runtime=plain.runtime, precision=plain.precision, name=name)
+    variant = types.SimpleNamespace(runtime=plain.runtime, precision=plain.precision, name=name,
+                                    info=plain.info)
     meta = serve_metadata(model, tuple(images.shape[1:]), variant, files, info)
     (out / "serve" / "serve.json").write_text(json.dumps(meta))
     return out
@@ -155,11 +156,15 @@ def test_predict_and_evaluate_on_a_served_run(runs, phantom, tmp_path):
     assert metrics["extra"]["artifact"]["sha256"] == art["sha256"]
 
     r = cli.invoke(app, ["evaluate", str(tmp_path / "p"), "--model", str(runs.run), "--external",
-                         phantom, "--n-boot", "20", "--out", str(tmp_path / "x")])
+                         phantom, "--n-boot", "20", "--workers", "0", "--batch-size", "7",
+                         "--out", str(tmp_path / "x")])
     assert r.exit_code == 0, r.output
     assert "external set predicted by the served onnxruntime:fp32" in " ".join(r.output.split())
+    assert "bulk:" in r.output  # a served model predicts the external set on the bulk path
     ext = json.loads((tmp_path / "x" / "external.json").read_text())
     assert ext["artifact"]["sha256"] == art["sha256"]
+    xp = Predictions.load(tmp_path / "x" / "external_predictions.npz")
+    assert xp.meta["bulk"]["batch_size"] == 7 and xp.meta["bulk"]["workers"] == 0
 
 
 def _refused(argv, capsys) -> str:
@@ -284,7 +289,7 @@ def test_a_served_torch_variant_keeps_gradients_and_names_its_weights(runs, phan
     write_serve(tmp_path / "t" / "serve", runs.dense, types.SimpleNamespace(rt=torch_rt),
                 (1, SIZE, SIZE))
     meta = serve_metadata(runs.dense, (1, SIZE, SIZE), types.SimpleNamespace(
-        runtime="torch", precision="fp32", name="torch:fp32"), ["model.safetensors"],
+        runtime="torch", precision="fp32", name="torch:fp32", info={}), ["model.safetensors"],
         {"status": "torch", "reason": "Grad-CAM by autograd"})
     (tmp_path / "t" / "serve" / "serve.json").write_text(json.dumps(meta))
     cli = CliRunner()

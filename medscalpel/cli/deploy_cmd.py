@@ -76,7 +76,7 @@ def deploy(
     """Export (ONNX, OpenVINO IR), benchmark runtimes x precisions alternated in one run, check
     parity and per-class delta AUROC, and serve the fastest variant meeting the floor."""
     from medscalpel.deploy.flow import deploy as run_deploy
-    from medscalpel.deploy.result import explanation_line, guarantee_lines
+    from medscalpel.deploy.result import explanation_line, export_line, guarantee_lines
     from medscalpel.data import open_dataset
     from medscalpel.models.checkpoint import load_model
 
@@ -98,6 +98,7 @@ def deploy(
     console.print(f"recommended: {res.recommended} ({res.reason}); served from "
                   f"{out / 'serve'} ({', '.join(res.serve['files'])})", markup=False)
     console.print(f"explanation output: {explanation_line(res.explanation)}", markup=False)
+    console.print(f"exported by: {export_line(res.serve.get('export'))}", markup=False)
     console.print(f"guarantee: {guarantee_lines(res)[0]}", markup=False)
     if chosen is not None and chosen.comparison is not None:
         m_ = chosen.comparison["macro"]

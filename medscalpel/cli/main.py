@@ -342,6 +342,12 @@ def evaluate(
                                                   "external.json + reliability.png)."),
     n_boot: int = typer.Option(N_BOOT, help=N_BOOT_HELP),
     seed: int = typer.Option(0),
+    batch_size: int = typer.Option(64, help="With --external: images per model call."),
+    threads: Optional[int] = typer.Option(None, help="With --external: inference threads."),
+    workers: Optional[int] = typer.Option(None, help="With --external: processes decoding "
+                                                     "images ahead of the model (bulk path, as "
+                                                     "in 'predict'; a served --model, --threads "
+                                                     "or --workers selects it)."),
     overwrite: bool = typer.Option(False),
 ) -> None:
     """Per-class AUROC, AP, sensitivity/specificity/F1 with bootstrap 95% CIs; with --external,
@@ -355,8 +361,11 @@ def evaluate(
         _evaluate_reference(predictions, reference, model, out, n_boot, seed, overwrite)
         return
     if external is not None:
+        from medscalpel.engine.bulk import BulkSettings
+
+        settings = BulkSettings(batch_size, workers, threads).validate()  # before loading
         _evaluate_external(predictions, model, external, external_split,
-                           _parse_class_map(class_map), out, n_boot, seed, overwrite)
+                           _parse_class_map(class_map), out, n_boot, seed, overwrite, settings)
         return
     from medscalpel.deploy.served import artifact_line, card_of
 
@@ -453,7 +462,8 @@ def _evaluate_reference(predictions: Path, reference: Path, model: Optional[Path
 
 def _evaluate_external(predictions: Path, model: Optional[Path], external: str,
                        external_split: str, class_map: dict[str, str] | None,
-                       out: Optional[Path], n_boot: int, seed: int, overwrite: bool) -> None:
+                       out: Optional[Path], n_boot: int, seed: int, overwrite: bool,
+                       settings=None) -> None:
     from medscalpel.engine.api import usage_line, validate_external
     from medscalpel.engine.external import FILENAME, plot_reliability
     from medscalpel.runs import RunDir, write_json
@@ -461,14 +471,23 @@ def _evaluate_external(predictions: Path, model: Optional[Path], external: str,
     if model is None:
         raise MedScalpelError("evaluate --external needs --model (the model that made the "
                               "internal predictions): it predicts the external set.")
-    from medscalpel.deploy.served import artifact_line, load_any
+    from medscalpel.deploy.served import artifact_line, is_served, load_any
 
-    res, ext = validate_external(predictions, load_any(model), external, external_split,
-                                 class_map, n_boot=n_boot, seed=seed)
+    bulk = settings if settings is not None and (
+        is_served(model) or settings.threads is not None or settings.workers is not None) \
+        else None
+    res, ext = validate_external(predictions, load_any(model, threads=(settings.threads if
+                                                                      settings else None) or 1),
+                                 external, external_split, class_map, n_boot=n_boot, seed=seed,
+                                 batch_size=settings.batch_size if settings else 64, bulk=bulk)
     if ext.meta.get("artifact"):
         console.print(f"external set predicted by the {artifact_line(ext.meta['artifact'])}",
                       highlight=False)
     console.print(f"external set: used {usage_line(ext)}")
+    if ext.meta.get("bulk"):
+        b = ext.meta["bulk"]
+        console.print(f"bulk: {b['images_per_s']} images/s ({b['model']}, batch "
+                      f"{b['batch_size']}, {b['workers']} decoding worker(s))", highlight=False)
     print_table(res.table(), f"internal ({res.internal['n']}) vs external ({res.external['n']}) "
                              f"at {res.threshold_source} thresholds")
     mi, me, md = res.macro["internal"], res.macro["external"], res.macro["delta"]

@@ -92,6 +92,7 @@ def explain_variant(chosen: Runtime, model, images: torch.Tensor, ref_logits: np
         return None, {**info, "status": "not available",
                       "reason": f"{chosen.name} could not build the CAM graph: "
                                 f"{type(exc).__name__}: {str(exc)[:200]}"}
+    info["export"] = rt.info.get("export")  # how the served CAM graph was exported
     served_maps = cam_maps(outs[1], targets, size)
     rho = rank_agreement(served_maps, fp32_maps)
     scale = max(float(np.abs(ref_logits).max()), 1e-6)

@@ -108,6 +108,16 @@ class VariantResult:
         return cls(**kw)
 
 
+def export_line(export: dict[str, Any] | None) -> str:
+    """Which torch ONNX exporter wrote the served graph, and why (``serve.json``'s ``export``)."""
+    if not export:
+        return "not exported (a torch variant is served, or a deploy from before this was kept)"
+    line = f"torch's {export.get('exporter')} ONNX exporter, opset {export.get('opset')}"
+    reason = export.get("reason")
+    return line + (f" ({reason})" if reason else "") + (
+        " -- a FALLBACK after the dynamo exporter failed" if export.get("fallback") else "")
+
+
 def explanation_line(e: dict[str, Any]) -> str:
     """One sentence on the served artifact's CAM output (deploy.md, the CLI, the report)."""
     status = e.get("status", "off")
@@ -280,6 +290,7 @@ class DeployResult:
         out += ["", f"**Recommended:** {self.recommended or 'none'}: {self.reason}"]
         out += ["", "**Guarantee:** " + guarantee_lines(self)[0]]
         out += [f"- {line}" for line in guarantee_lines(self)[1:]]
+        out += ["", "**Exported by:** " + export_line(self.serve.get("export"))]
         out += ["", "**Explanation output:** " + explanation_line(self.explanation)]
         out += [f"- {n}" for n in self.notes]
         return "\n".join(out) + "\n"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import os
 import shutil
@@ -171,6 +172,24 @@ class TorchCompile(TorchEager):
 
 
 # ----------------------------------------------------------------------------- onnxruntime
+#: beside the shared ONNX file of a work folder: how it was exported (which exporter, why)
+EXPORT_INFO = "export_info.json"
+
+
+def onnx_once(model: nn.Module, example: torch.Tensor, workdir: str | Path, filename: str
+              ) -> tuple[Path, dict[str, Any]]:
+    """The fp32 ONNX file every ONNX-based variant of one work folder starts from, exported on
+    first use, and how it was exported (:func:`export_onnx_file`'s record: exporter, reason,
+    fallback, opset), kept beside it so that variants built later report the same record."""
+    path = Path(workdir) / "onnx" / filename
+    side = path.with_name(EXPORT_INFO)
+    if not path.exists():
+        info = export_onnx_file(model, path, tuple(example.shape[1:]))
+        side.write_text(json.dumps(info, default=str))
+    return path, (json.loads(side.read_text()) if side.is_file() else
+                  {"exporter": "unknown", "reason": f"{path} existed before this run"})
+
+
 @_register
 class OrtFp32(Runtime):
     """ONNX Runtime CPU, float32 (graph optimisation ORT_ENABLE_ALL)."""
@@ -179,9 +198,7 @@ class OrtFp32(Runtime):
     filename = "model.onnx"
 
     def _build(self, model, example, calib, workdir) -> Path:
-        path = Path(workdir) / "onnx" / self.filename
-        if not path.exists():
-            export_onnx_file(model, path, tuple(example.shape[1:]))
+        path, self.info["export"] = onnx_once(model, example, workdir, self.filename)
         return path
 
     def prepare(self, model, example, calib, workdir) -> None:
@@ -204,7 +221,7 @@ class _OrtInt8(OrtFp32):
         if calib is None:
             raise ConfigError(f"{self.name} needs calibration images (the training split).")
         out = fp32.with_name(f"model.{self.precision}.onnx")
-        self.info = quantize_onnx(fp32, out, "static", calib, activation=self.activation)
+        self.info.update(quantize_onnx(fp32, out, "static", calib, activation=self.activation))
         self.info["vnni"] = has_vnni()
         return out
 
@@ -254,8 +271,8 @@ class OpenVinoFp32(Runtime):
     def _ir(self, model, example, workdir) -> Path:
         ov = openvino()
         xml = Path(workdir) / "openvino" / "model.xml"
+        onnx_path, self.info["export"] = onnx_once(model, example, workdir, OrtFp32.filename)
         if not xml.exists():
-            onnx_path = OrtFp32._build(OrtFp32(self.threads), model, example, None, workdir)
             ov_model = ov.convert_model(str(onnx_path))
             xml.parent.mkdir(parents=True, exist_ok=True)
             ov.save_model(ov_model, str(xml), compress_to_fp16=False)

@@ -24,7 +24,8 @@ def serve_metadata(model: nn.Module, shape, variant: VariantResult,
     operating point the decisions follow (``operating_point``: the card's, or the one derived
     from its thresholds / the uncalibrated default, which says so), and the
     outputs: ``logits`` and, when the artifact explains itself, ``cam`` (``explanation`` says
-    what it is and how it was checked)."""
+    what it is and how it was checked), and ``export``: which torch ONNX exporter wrote the
+    served graph and why."""
     card = getattr(model, "card", None)
     inp = dict(card.input) if card is not None else {}
     op = card.decision_point() if card is not None else None
@@ -35,6 +36,9 @@ def serve_metadata(model: nn.Module, shape, variant: VariantResult,
             "logits_only_files": ([f for f in files if f.startswith("logits_only/")]
                                   if served_cam else files),
             "variant": variant.name, "files": files, "input_name": "images",
+            # which torch ONNX exporter wrote the served graph, and why (None: a torch variant)
+            "export": ((explanation or {}).get("export") if served_cam
+                       else variant.info.get("export")),
             "output_name": "logits", "input_shape": ["batch", *[int(s) for s in shape]],
             "layout": "NCHW", "mean": inp.get("mean"), "std": inp.get("std"), "input": inp,
             "class_names": list(card.class_names) if card is not None else None,

@@ -370,11 +370,14 @@ def load_predictions(path: str | os.PathLike) -> Predictions:
 def validate_external(predictions: str | os.PathLike, model_dir: str | os.PathLike | Any,
                       external: str, external_split: str = "all",
                       class_map: dict[str, str] | None = None, n_boot: int = 1000, seed: int = 0,
-                      batch_size: int = 64, progress: bool | None = None
+                      batch_size: int = 64, progress: bool | None = None,
+                      bulk: BulkSettings | None = None
                       ) -> tuple[ExternalValidation, Predictions]:
     """Predict the external dataset ``external`` (split ``all`` by default) with the model and
     put its numbers next to the internal ``predictions`` file at the model's stored thresholds
-    (see :func:`medscalpel.engine.external.external_validation`).
+    (see :func:`medscalpel.engine.external.external_validation`). ``bulk`` runs the external
+    set through :func:`~medscalpel.engine.bulk.bulk_predict` (decoding workers, whole batches,
+    logits streamed to disk), as ``predict`` does.
 
     Returns:
         ``(result, external_predictions)``.
@@ -383,7 +386,7 @@ def validate_external(predictions: str | os.PathLike, model_dir: str | os.PathLi
     model_dir = _as_model(model_dir)
     model_card = model_dir.card
     ext = predict_spec(model_dir, external, external_split, batch_size=batch_size,
-                       progress=progress, class_map=class_map)
+                       progress=progress, class_map=class_map, bulk=bulk)
     res = external_validation(model_card, internal, ext, n_boot=n_boot, seed=seed)
     return res, ext
 

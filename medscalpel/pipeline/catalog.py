@@ -39,8 +39,9 @@ def stages_table() -> str:
     for name in STAGES.names():
         cls = STAGES.get(name)
         writes = [*cls.writes, *(f"({w})" for w in cls.may_write)]
+        reads = [*cls.reads, *(f"({r})" for r in cls.may_read)]
         settings = ", ".join(f.name for f in fields(cls.Settings)) or "-"
-        rows.append(f"| {name} | {', '.join(cls.reads) or '-'} | {', '.join(writes)} | "
+        rows.append(f"| {name} | {', '.join(reads) or '-'} | {', '.join(writes)} | "
                     f"{settings} | {_cell(STAGES.describe()[name])} |")
     return "\n".join(rows)
 

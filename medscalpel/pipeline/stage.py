@@ -197,13 +197,16 @@ class Stage:
 
     ``reads`` / ``writes`` hold artifact keys, optionally with one placeholder value after a
     colon per file (``"predictions:split=test"``); ``may_write`` the artifacts it writes only
-    in some runs (e.g. an export when a structured model exists): declared, not required.
+    in some runs (e.g. an export when a structured model exists): declared, not required;
+    ``may_read`` the artifacts it uses when an earlier stage wrote them (e.g. the served
+    artifact of ``deploy``, which skips without a structured model): declared, not required.
     """
 
     name: ClassVar[str] = ""
     reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
     may_write: ClassVar[tuple[str, ...]] = ()
+    may_read: ClassVar[tuple[str, ...]] = ()
     Settings: ClassVar[type] = type(None)
     help: ClassVar[str] = ""
 
@@ -217,7 +220,7 @@ STAGES: Registry[type[Stage]] = Registry("stage")
 def register_stage(cls: type[Stage]) -> type[Stage]:
     """Class decorator: register a :class:`Stage` under its ``name`` (its declared artifacts
     must exist in the layout)."""
-    for ref in (*cls.reads, *cls.writes, *cls.may_write):
+    for ref in (*cls.reads, *cls.may_read, *cls.writes, *cls.may_write):
         key, _ = _parse_ref(ref)
         if key not in ARTIFACTS:
             raise ConfigError(f"Stage '{cls.name}' declares the unknown artifact '{key}'; "

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from medscalpel.deploy.cam_head import rank_agreement
+from medscalpel.deploy.served import is_served, load_any
 from medscalpel.explain.cams import compute_cam
 from medscalpel.explain.figures import cam_overlay_figure, polarity_table_figure
 from medscalpel.explain.polarity import compare_stages, polarity_analysis
@@ -38,6 +40,7 @@ class ExplainStage(Stage):
 
     name = "explain"
     reads = ("calibrated_card", "predictions:split=test", "compress")
+    may_read = ("deploy",)
     writes = ("cams", "polarity")
     Settings = ExplainSettings
 
@@ -90,5 +93,38 @@ def _cams(ctx: StageContext, s: ExplainSettings) -> list[dict[str, Any]]:
     cdir = ctx.dir_of("cams")
     cam_overlay_figure(grey, cam, cdir / "gradcam.png", zones=zones,
                        title="Grad-CAM (true positives) with lung zones")
-    write_artifact(ctx.out, "cams", {"method": "gradcam", "images": summary})
+    served = _served_cams(ctx, imgs, [k for _, k in picks], [test.ids[i] for i in idx], cam,
+                          zones, grey)
+    write_artifact(ctx.out, "cams", {"method": "gradcam", "images": summary,
+                                     **({"served": served} if served else {})})
     return summary
+
+
+#: the figure of the served artifact's CAMs, beside the dense model's gradcam.png
+SERVED_FIGURE = "served_gradcam.png"
+
+
+def _served_cams(ctx: StageContext, imgs: torch.Tensor, targets: list[int], ids: list[str],
+                 dense_cam, zones, grey) -> dict[str, Any] | None:
+    """The same images explained by the artifact ``deploy`` serves (issue T): its own CAM
+    output (no gradients) when it has one, labelled with runtime and precision, and each map's
+    Spearman rank agreement with the dense torch model's Grad-CAM. ``None`` when this run
+    served nothing (deploy skipped)."""
+    where = ctx.dir_of("deploy")
+    if not is_served(where):
+        return None
+    model = load_any(where)
+    art = model.provenance() if hasattr(model, "provenance") else None
+    if getattr(model, "cam_refusal", lambda: None)() is not None:
+        return {"status": "not available", "reason": model.cam_refusal(), "artifact": art}
+    cam = compute_cam(model, imgs, targets, method="gradcam", progress=ctx.progress, ids=ids)
+    label = model.label() if hasattr(model, "label") else "Grad-CAM of the served torch model"
+    cam_overlay_figure(grey, cam, ctx.dir_of("cams") / SERVED_FIGURE, zones=zones,
+                       title=label)
+    rho = rank_agreement(np.asarray(cam.maps), np.asarray(dense_cam.maps))
+    return {"status": "served", "label": label, "artifact": art, "figure": SERVED_FIGURE,
+            "spearman_vs_dense_gradcam": [None if not np.isfinite(r) else float(r)
+                                          for r in rho],
+            "note": "the served artifact is the compressed model deploy chose (runtime and "
+                    "precision in 'artifact'); the reference is the DENSE torch model's "
+                    "Grad-CAM, so the agreement measures compression + serving together"}

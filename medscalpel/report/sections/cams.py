@@ -4,6 +4,7 @@ zone reports.
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from medscalpel.report import html as H
@@ -29,8 +30,12 @@ class CamsSection(ReportSection):
         if not pngs and not jsons:
             return
         sec.present = True
+        served = self._served(run, f"{base}/cams.json", sec) if "cams.json" in jsons else {}
         for png in pngs:
-            fig = self.figure(run, png, sec, Path(png).stem.replace("_", " "))
+            caption = Path(png).stem.replace("_", " ")
+            if served.get("figure") and Path(png).name == served["figure"]:
+                caption = served.get("label") or caption  # runtime and precision named
+            fig = self.figure(run, png, sec, caption)
             if fig:
                 sec.figures.append(fig)
         for name in jsons:
@@ -51,3 +56,28 @@ class CamsSection(ReportSection):
             if H.is_number(n_fb):
                 sec.fact(f"atlas fallbacks ({name})",
                          num(n_fb, pointer(rel, "n_atlas_fallback"), 0, "int"))
+
+    def _served(self, run: RunFiles, rel: str, sec: Section) -> dict:
+        """Facts on the CAMs of the served artifact (issue T): which artifact (runtime,
+        precision, file hash), or why it has none; their rank agreement with the dense
+        Grad-CAM."""
+        d = self.json(run, rel, sec)
+        served = d.get("served") if isinstance(d, dict) else None
+        if not isinstance(served, dict):
+            return {}
+        art = served.get("artifact") or {}
+        where = (f"{art.get('runtime')}:{art.get('precision')} {art.get('file')} (sha256 "
+                 f"{str(art.get('sha256'))[:12]}...)" if art else "the served torch model")
+        if served.get("status") != "served":
+            sec.fact("CAMs of the served artifact",
+                     text(f"none: {served.get('reason')} ({where})"))
+            return served
+        sec.fact("CAMs of the served artifact", text(f"{served.get('label')}: {where}"))
+        rho = [r for r in served.get("spearman_vs_dense_gradcam") or [] if H.is_number(r)]
+        if rho:
+            sec.fact("served CAM vs dense Grad-CAM (Spearman, median)",
+                     num(float(statistics.median(rho)),
+                         pointer(rel, "served", "spearman_vs_dense_gradcam"), 3))
+        if served.get("note"):
+            sec.notes.append(served["note"])
+        return served

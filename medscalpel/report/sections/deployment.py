@@ -4,7 +4,7 @@ with latency ratios, parity, delta AUROC, go / no-go and the recommendation with
 
 from __future__ import annotations
 
-from medscalpel.deploy.result import DeployResult, explanation_line
+from medscalpel.deploy.result import DeployResult, explanation_line, export_line
 from medscalpel.report.html import Table, ci, num, pct, text
 from medscalpel.report.page import RunFiles, Section, pointer
 from medscalpel.report.sections.base import ReportSection, register_section
@@ -89,6 +89,7 @@ class DeploymentSection(ReportSection):
         sec.fact("served",
                  text(f"{res.serve.get('dir')}/ ({', '.join(res.serve.get('files', []))})"))
         sec.fact("explanation output", text(explanation_line(res.explanation)))
+        sec.fact("exported by", text(export_line(res.serve.get("export"))))
         sec.fact("external set", text(
             f"{res.external.get('n_images')} images of {res.external.get('spec') or res.external.get('split')}"
             if res.external else "none: the floor was checked on the evaluation split only"))
