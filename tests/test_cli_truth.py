@@ -318,3 +318,71 @@ def test_predict_prints_and_writes_per_image_findings(tmp_path, capsys, monkeypa
     np.testing.assert_allclose(got, probs, atol=1e-6)
     expected = ["; ".join(c for c, v in zip("ab", row) if v >= 0.5) or "none" for row in probs]
     assert [r["findings"] for r in table] == expected
+
+
+# ----------------------------------------------------------------------------- deprecations
+def _hidden_spellings():
+    """(command path, old spelling) of every hidden parameter and hidden command of the CLI."""
+    import typer
+
+    from medscalpel.cli.main import app
+
+    found = set()
+
+    def walk(c, path):
+        if hasattr(c, "commands"):
+            for n, sub in c.commands.items():
+                if getattr(sub, "hidden", False):
+                    found.add((" ".join(path + [n]), " ".join(path + [n])))
+                walk(sub, path + [n])
+            return
+        for p in c.params:
+            if getattr(p, "hidden", False):
+                old = p.opts[0] if p.opts[0].startswith("-") else p.metavar
+                found.add((" ".join(path), old))
+
+    walk(typer.main.get_command(app), [])
+    return found
+
+
+def test_every_old_spelling_is_in_the_one_deprecation_table_and_back():
+    from medscalpel.cli.deprecations import DEPRECATIONS, _version
+
+    hidden = _hidden_spellings()
+    table = {(c, e.old) for e in DEPRECATIONS for c in e.commands}
+    assert hidden and hidden == table, (sorted(hidden - table), sorted(table - hidden))
+    for e in DEPRECATIONS:
+        assert _version(e.removed_in) >= _version(e.since) and (e.new or e.note), e
+
+
+def test_an_old_spelling_warns_with_its_removal_version_and_a_removed_one_fails(tmp_path,
+                                                                                 capsys):
+    from medscalpel.cli.main import run
+
+    with pytest.raises(SystemExit) as ok:
+        run(["data", "phantom", "--n", "40", "--size", "32", "--out", str(tmp_path / "p")])
+    assert ok.value.code == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--n (data phantom) is deprecated since 0.1.0 and will be removed in 0.2.0: use " \
+           "--n-images" in err
+    assert len(list((tmp_path / "p").glob("*.npz"))) >= 1  # the old spelling still works
+    with pytest.raises(SystemExit) as ex:
+        run(["report", "clinical", "x.png", "--model", str(tmp_path / "m"),
+             "--jaccard-exclusion", "0.1", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and "--jaccard-exclusion (report clinical) was removed in 0.1.0" \
+        in " ".join(err.split())
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_old_audit_polarity_command_warns(monkeypatch):
+    from medscalpel.cli import deprecations, explain_cmd
+
+    calls = []
+    monkeypatch.setattr(deprecations, "used", lambda old, cmd: calls.append((old, cmd)))
+    wrapped = deprecations.old_command("audit polarity", lambda **kw: kw)
+    assert wrapped(a=1) == {"a": 1} and calls == [("audit polarity", "audit polarity")]
+    import inspect
+
+    w = deprecations.old_command("audit polarity", explain_cmd.polarity)
+    assert inspect.signature(w) == inspect.signature(explain_cmd.polarity)

@@ -11,6 +11,7 @@ from rich.table import Table
 from typer._click.exceptions import UsageError  # typer vendors click: its usage-error class
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
+from medscalpel.cli import deprecations
 from medscalpel.cli.bounds import constraint_for
 from medscalpel.errors import ConfigError
 from medscalpel.validation import Interval
@@ -258,9 +259,13 @@ def finish_app(app: Any) -> None:
 
 # ----------------------------------------------------------------------------- aliases
 def one_of(option: Any, alias: Any, flag: str, alias_name: str, what: str,
-           required: bool = True) -> Any:
-    """The value of ``flag`` or of its older (hidden) spelling ``alias_name``: giving both with
-    different values, or neither when ``required``, is a one-line ConfigError."""
+           required: bool = True, *, command: str) -> Any:
+    """The value of ``flag`` or of its older (hidden) spelling ``alias_name`` of ``command``
+    (an entry of :data:`medscalpel.cli.deprecations.DEPRECATIONS`: using it warns, or fails
+    from its removal version): giving both with different values, or neither when
+    ``required``, is a one-line ConfigError."""
+    if alias is not None:
+        deprecations.used(alias_name, command)
     if option is not None and alias is not None and option != alias:
         raise ConfigError(f"{what} given twice ({flag} {option} and {alias_name} {alias}); "
                           f"give it once with {flag}.")

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from medscalpel.cli import deprecations
 from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt, print_table
 from medscalpel.errors import ConfigError
 
@@ -129,8 +130,7 @@ def prune(
 ) -> None:
     """Structured channel pruning on Torch-Pruning dependency graphs (physically smaller model
     with lineage), optionally iterative with recovery fine-tune / distillation."""
-    if calib_old is not None:  # the older name of --n-calib
-        calib = calib_old
+    calib = deprecations.renamed(calib, calib_old, "--calib", "compress prune")
     from medscalpel.compress.contract import CompressionInputs, compress
     from medscalpel.compress.structured import RecoveryConfig, prune_structured
     from medscalpel.engine.predict import collect_images

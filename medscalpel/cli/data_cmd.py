@@ -28,7 +28,7 @@ def stats(
     from medscalpel.data.stats import dataset_statistics
     from medscalpel.runs import RunDir
 
-    spec = one_of(spec, spec_arg, "--data", "SPEC", "the dataset spec")
+    spec = one_of(spec, spec_arg, "--data", "SPEC", "the dataset spec", command="data stats")
 
     with RunDir(out, command="data stats", config={"spec": spec, "split": split},
                 overwrite=overwrite) as run:

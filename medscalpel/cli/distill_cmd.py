@@ -97,7 +97,8 @@ def distill(
     from medscalpel.engine.train import TrainConfig
     from medscalpel.runs import RunDir
 
-    teacher = one_of(teacher, teacher_arg, "--model", "TEACHER", "the teacher model")
+    teacher = one_of(teacher, teacher_arg, "--model", "TEACHER", "the teacher model",
+                     command="compress distill")
     pre = _preprocess(teacher, size, channels)
     train_ds, val_ds, test_ds = _open_splits(data, pre, augment)
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
@@ -169,7 +170,8 @@ def students(
     from medscalpel.compress.student_search import choose_student
     from medscalpel.runs import RunDir, write_json
 
-    teacher = one_of(teacher, teacher_arg, "--model", "TEACHER", "the teacher model")
+    teacher = one_of(teacher, teacher_arg, "--model", "TEACHER", "the teacher model",
+                     command="compress students")
     pre = _preprocess(str(teacher), 64, 1)
     train_ds, val_ds, _ = _open_splits(data, pre, augment=False)
     names = [c.strip() for c in candidates.split(",") if c.strip()]

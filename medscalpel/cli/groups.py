@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import typer
 
+from medscalpel.cli import deprecations
+
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
     from medscalpel.cli import (audit_cmd, changes_cmd, compress_cmd, data_cmd, distill_cmd, explain_cmd,
@@ -46,7 +48,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
     audit_app.command("forgettability")(audit_cmd.forgettability)
     audit_app.command("pies")(audit_cmd.pies)
     # polarity lives in explain (module, outputs); the audit name stays as a hidden alias
-    audit_app.command("polarity", hidden=True)(explain_cmd.polarity)
+    audit_app.command("polarity", hidden=True)(
+        deprecations.old_command("audit polarity", explain_cmd.polarity))
     audit_app.command("changes")(changes_cmd.changes)
     app.add_typer(audit_app, name="audit")
 

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from medscalpel.cli import deprecations
 from medscalpel.cli.common import N_BOOT, one_of
 from medscalpel.errors import ConfigError
 
@@ -80,12 +81,14 @@ def lossless(
     from medscalpel.models.checkpoint import load_model
     from medscalpel.runs import RunDir
 
-    model_dir = one_of(model_dir, model_arg, "--model", "MODEL", "the model directory")
-    data_spec = one_of(data_spec, data_arg, "--data", "DATA", "the dataset spec")
-    if calib_old is not None:
-        calib_images = calib_old
-    if heldout_old is not None:
-        heldout_images = heldout_old
+    model_dir = one_of(model_dir, model_arg, "--model", "MODEL", "the model directory",
+                       command="compress lossless")
+    data_spec = one_of(data_spec, data_arg, "--data", "DATA", "the dataset spec",
+                       command="compress lossless")
+    calib_images = deprecations.renamed(calib_images, calib_old, "--calib-images",
+                                        "compress lossless")
+    heldout_images = deprecations.renamed(heldout_images, heldout_old, "--heldout-images",
+                                          "compress lossless")
     if tolerance is not None and sparsify_ratio is not None:
         raise ConfigError("Use either --tolerance or --sparsify-ratio, not both.")
     model = load_model(model_dir)

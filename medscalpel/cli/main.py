@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from medscalpel import __version__
+from medscalpel.cli import deprecations
 from medscalpel.cli.common import (N_BOOT, N_BOOT_HELP, console, err_console, finish_app, fmt,
                                    print_table)
 from medscalpel.errors import MedScalpelError
@@ -82,7 +83,7 @@ def models_import(
     from medscalpel.models.checkpoint import foreign_input, import_foreign, save_model
     from medscalpel.runs import RunDir
 
-    data = one_of(data, like, "--data", "--like", "the dataset spec")
+    data = one_of(data, like, "--data", "--like", "the dataset spec", command="models import")
     found = foreign_input(checkpoint)
     notes = []
     if channels is None:
@@ -163,6 +164,7 @@ def train(
 
     An interrupted run (Ctrl-C, kill -9, power loss) resumes from its last finished epoch when
     the same command is run again."""
+    deprecations.renamed(None, resume or None, "--resume", "train")
     from medscalpel.engine.api import as_augment, fit
     from medscalpel.engine.train import TrainConfig
     from medscalpel.runs import RunDir, write_json
@@ -533,7 +535,8 @@ def predictions_import(
     from medscalpel.engine.importer import import_predictions
     from medscalpel.runs import RunDir, write_json
 
-    labels = one_of(labels, labels_old, "--data", "--labels", "the dataset spec of the labels")
+    labels = one_of(labels, labels_old, "--data", "--labels", "the dataset spec of the labels",
+                    command="predictions import")
 
     with RunDir(out, command="predictions import", config={"csv": str(csv), "labels": labels},
                 data={"spec": labels}, overwrite=overwrite) as run:

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from medscalpel.cli import deprecations
 from medscalpel.cli.common import console, print_table
 
 
@@ -28,8 +29,7 @@ def phantom(
     label noise, shortcuts and per-image ground truth."""
     from dataclasses import replace
 
-    if n_old is not None:
-        n = n_old
+    n = deprecations.renamed(n, n_old, "--n", "data phantom")
 
     from medscalpel.data.phantom import ShortcutConfig, generate_phantom
     from medscalpel.runs import RunDir

@@ -369,9 +369,10 @@ def surgery(
     from medscalpel.runs import RunDir
     from medscalpel.validation import check_in
 
-    model = one_of(model, model_arg, "--model", "MODEL", "the model directory")
+    model = one_of(model, model_arg, "--model", "MODEL", "the model directory",
+                   command="repair surgery")
     dataset = one_of(dataset, dataset_old, "--data", "--dataset", "the dataset spec",
-                     required=False)
+                     required=False, command="repair surgery")
     # the library's own checks name its Python arguments: check the flags here first
     if below_threshold == (delta_prob is not None):
         raise ConfigError("repair surgery: give exactly one goal: --delta-prob X (the fall in "

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from medscalpel.cli import deprecations
 from medscalpel.cli.common import console
 
 
@@ -64,12 +65,7 @@ def clinical(
     from medscalpel.report.clinical import clinical_report
     from medscalpel.runs import RunDir, write_json
 
-    if jaccard_exclusion is not None:
-        raise ConfigError("--jaccard-exclusion was removed: a low Jaccard index only says that "
-                          "one finding is rare, so no finding is excluded on it. Conflicts now "
-                          "come from the co-occurrence evidence (--max-lift-upper, "
-                          "--min-expected, --min-images) and are flagged; add --hide-exclusive "
-                          "to hide the weaker finding.")
+    deprecations.renamed(None, jaccard_exclusion, "--jaccard-exclusion", "report clinical")
     if dicom_sr:  # before any work: DICOM inputs and highdicom
         from medscalpel.report.dicom_sr import require_sr_inputs
 

@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 
+from medscalpel.cli import deprecations
 from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt, one_of
 from medscalpel.errors import ConfigError
 
@@ -79,7 +80,7 @@ def prune(
     from medscalpel.pipeline.grid import run_prune_grid
 
     models = one_of(models or None, models_arg or None, "--model", "MODELS",
-                    "the model directories")
+                    "the model directories", command="scale prune")
 
     res = run_prune_grid([str(m) for m in models], data, out, split=split,
                          ratios=_floats(ratios, "ratios"), methods=_names(methods, "methods"),
@@ -114,7 +115,8 @@ def distill(
     """Distillation grid (students x temperatures x soft weights x seeds) on a pool or Ray."""
     from medscalpel.pipeline.grid import run_distill_grid
 
-    teacher = one_of(teacher, teacher_arg, "--model", "TEACHER", "the teacher model")
+    teacher = one_of(teacher, teacher_arg, "--model", "TEACHER", "the teacher model",
+                     command="scale distill")
 
     res = run_distill_grid(str(teacher), data, _names(students, "students"), out,
                            temperatures=_floats(temperatures, "temperatures"),
@@ -171,6 +173,7 @@ def train(
 ) -> None:
     """Data-parallel training (DistributedDataParallel): same optimisation as 'train' at the
     same global batch; resumable per epoch."""
+    deprecations.renamed(None, resume or None, "--resume", "scale train")
     from medscalpel.engine.distributed import DDPSettings, fit_ddp
     from medscalpel.engine.train import TrainConfig
     from medscalpel.runs import RunDir, write_json
