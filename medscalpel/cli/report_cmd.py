@@ -61,7 +61,6 @@ def clinical(
     from medscalpel.data.dicom_read import deidentified_inputs
     from medscalpel.deploy.served import artifact_line, load_any, require_served_cams
     from medscalpel.engine.api import model_provenance as provenance
-    from medscalpel.errors import ConfigError
     from medscalpel.report.clinical import clinical_report
     from medscalpel.runs import RunDir, write_json
 
