@@ -67,6 +67,12 @@ class Artifact:
     def path_in(self, run_dir: str | os.PathLike, **fmt: Any) -> Path:
         return Path(run_dir) / self.relpath(**fmt)
 
+    @property
+    def command_path(self) -> str:
+        """Where the single command that makes this artifact writes it in ITS run directory
+        (``compress prune --out RUN`` -> ``RUN/prune.json``): the first alias, else ``path``."""
+        return self.aliases[0] if self.aliases else self.path
+
     def exists(self, run_dir: str | os.PathLike, **fmt: Any) -> bool:
         return self.path_in(run_dir, **fmt).exists()
 
@@ -115,12 +121,13 @@ ARTIFACTS: dict[str, Artifact] = dict([
     _a("phantom_preview", "data/phantom_preview.png", "phantom", None, (),
        "contact sheet of phantom images"),
     _a("label_stats", "data/stats/stats.json", "stats", "medscalpel.data.stats:LabelStats", (),
-       "label statistics of the training split (prevalence, co-occurrence, evidence)"),
+       "label statistics of the training split (prevalence, co-occurrence, evidence)",
+       ("stats.json",)),
     _a("baseline_metrics", "baseline/metrics.json", "baseline", None,
        ("classes", "macro", "split", "n"), "EvalResult of the dense model on the test split",
        ("metrics.json",)),
     _a("baseline_train", "baseline/train.json", "baseline", None, ("history",),
-       "training history", ("train.json",)),
+       "training history"),
     _a("baseline_card", "baseline/model/model.json", "baseline",
        "medscalpel.models.checkpoint:ModelCard", (), "the dense model's card",
        ("model/model.json",)),
@@ -158,9 +165,10 @@ ARTIFACTS: dict[str, Artifact] = dict([
     _a("sweep_index", "sweep/index.json", "sweep", "medscalpel.cells:CellIndex", (),
        "the unstructured sparsity sweep: one typed cell per (model, method, seed, ratio)"),
     _a("forgettability", "audit/forgettability/forgettability.json", "audit", None,
-       ("class_names", "levels", "table"), "forgettability curves and FCD"),
+       ("class_names", "levels", "table"), "forgettability curves and FCD",
+       ("forgettability.json",)),
     _a("pies", "audit/pies/pies.json", "audit", None, ("n_pies",),
-       "pruning-identified exemplars"),
+       "pruning-identified exemplars", ("pies.json",)),
     _a("changes", "audit/changes/changes.json", "changes",
        "medscalpel.audit.changes:ChangesAudit", (),
        "what compression changed: calibration, explanations, subgroups, robustness",
@@ -171,7 +179,7 @@ ARTIFACTS: dict[str, Artifact] = dict([
        ("class_names", "counts"), "polarized classifier channels", ("polarity.json",)),
     _a("surgery", "repair/surgery/surgery.json", "repair", None,
        ("success", "goal", "false_positives_still_above_threshold"),
-       "surgical correction of one classifier row (with every goal tried)"),
+       "surgical correction of one classifier row (with every goal tried)", ("surgery.json",)),
     _a("triage", "repair/triage/decision_log.json", "repair", None,
        ("classes", "settings"), "the treatment router's decision log",
        ("decision_log.json",)),
@@ -181,6 +189,40 @@ ARTIFACTS: dict[str, Artifact] = dict([
        ("site_shift.json",)),
     _a("distill", "distill/distill.json", "distill", None,
        ("teacher", "students", "config"), "knowledge distillation", ("distill.json",)),
+    # results of single commands, at the top of their own run directory
+    _a("fit", "train.json", "train", None, ("model_dir", "train", "test"),
+       "what 'train' / 'scale train' did: model directory, training history, test metrics"),
+    _a("predictions_meta", "predictions.json", "predict", None, ("class_names", "n"),
+       "what 'predict' / 'predictions import' predicted (predictions.npz beside it)"),
+    _a("external", "external.json", "evaluate --external", None, ("internal", "external"),
+       "internal vs external set at the stored operating point"),
+    _a("compression_report", "report.json", "compress METHOD", None,
+       ("method", "settings", "verification", "params_before", "params_after"),
+       "what one compressor did (model/ beside it): the compressor's own report"),
+    _a("prune", "prune.json", "compress prune", None, ("params_before", "params_after"),
+       "structured pruning: what was removed, MACs, latency, accuracy"),
+    _a("onnx_export", "export.json", "compress export", None, ("onnx_path", "parity"),
+       "ONNX export of one model: parity and latency"),
+    _a("students", "students.json", "compress students", None, ("chosen", "candidates"),
+       "candidate students under a latency budget"),
+    _a("cam_result", "cams.json", "explain cam", None, ("method",),
+       "CAMs of one class on a few images (and the artifact that made them)"),
+    _a("attribution", "attribution.json", "explain attribute", None, ("method",),
+       "attributions (IG, LRP, backtrace) of one class on a few images"),
+    _a("channels", "channels.json", "explain channels", None, ("class", "rows"),
+       "the classifier channels that carry one class's evidence"),
+    _a("comparison", "comparison.json", "explain compare", None, ("classes",),
+       "teacher vs student saliency agreement (explain compare), or a paired comparison with a "
+       "reference (evaluate --reference)"),
+    _a("polarity_stages", "stages.json", "audit polarity", None, ("stages",),
+       "polarized channels across model stages (--compare-with)"),
+    _a("retrain", "retrain.json", "repair retrain", None,
+       ("method", "auroc_before", "auroc_after"),
+       "partial retraining of the classifier: AUROC before / after"),
+    _a("recalibration", "recalibration.json", "repair recalibrate-site", None, ("kind",),
+       "k-shot recalibration for a new site"),
+    _a("clinical_reports", "clinical.json", "report clinical", None, ("reports",),
+       "per-image clinical reports of 'report clinical'"),
     _a("clinical_index", "reports/clinical/index.json", "reports", None, ("reports",),
        "index of the per-image clinical reports"),
     _a("experiment_report", "reports/experiment.html", "reports", None, (),
@@ -194,10 +236,15 @@ def artifact(key: str) -> Artifact:
     return ARTIFACTS[key]
 
 
-def write_artifact(run_dir: str | os.PathLike, key: str, obj: Any, **fmt: Any) -> Path:
+def write_artifact(run_dir: str | os.PathLike, key: str, obj: Any, *, command: bool = False,
+                   **fmt: Any) -> Path:
     """Write a JSON artifact (an object with ``to_dict()`` or a dict) atomically, checking it
-    against its declaration first."""
+    against its declaration first: at its declared ``path`` in an experiment's run directory,
+    or (``command=True``) at its :attr:`Artifact.command_path` in the run directory of the
+    single command that made it."""
     a = artifact(key)
+    if command:
+        a = Artifact(a.key, a.command_path, a.stage, a.type_path, a.keys, a.description)
     if not a.is_json:
         raise DataError(f"write_artifact: '{key}' ({a.path}) is not a JSON artifact; write it "
                         f"to artifact('{key}').path_in(run_dir) with its own writer.")

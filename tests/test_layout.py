@@ -57,7 +57,7 @@ def test_typed_artifact_refuses_another_type_and_reads_typed(tmp_path):
 
 
 def test_errors_name_the_fix(tmp_path):
-    with pytest.raises(DataError, match="Unknown artifact 'nope'. Valid names: baseline_card"):
+    with pytest.raises(DataError, match="Unknown artifact 'nope'. Valid names: attribution, baseline_card"):
         artifact("nope")
     with pytest.raises(DataError, match="did not run in this run directory"):
         read_artifact(tmp_path, "distill")

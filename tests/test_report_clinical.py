@@ -404,5 +404,5 @@ def test_cli_clinical(model, tmp_path, planted):
     res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "r3"),
                                           "--jaccard-exclusion", "0.01"])
     assert res.exit_code != 0 and isinstance(res.exception, ConfigError)
-    assert "--jaccard-exclusion was removed" in str(res.exception)
+    assert "--jaccard-exclusion (report clinical) was removed" in str(res.exception)
     assert not (tmp_path / "r3").exists()

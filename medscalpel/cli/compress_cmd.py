@@ -135,7 +135,8 @@ def prune(
     from medscalpel.compress.structured import RecoveryConfig, prune_structured
     from medscalpel.engine.predict import collect_images
     from medscalpel.models.checkpoint import load_model
-    from medscalpel.runs import RunDir, write_json
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
 
     m = load_model(model)
     train_ds = _open(data, "train", m)
@@ -159,7 +160,7 @@ def prune(
                     data={"train": train_ds.content_hash()}, overwrite=overwrite) as run:
             res = prune_structured(m, images, train_ds=train_ds, val_ds=val_ds, dry_run=True,
                                    **settings)
-            write_json(run.path / "prune.json", res.to_dict())
+            write_artifact(run.path, "prune", res, command=True)
         console.print(f"{criterion} (dry run): params {res.params_before:,} -> "
                       f"{res.params_after:,}, MACs x{res.speedup_macs:.2f}; nothing pruned")
         return
@@ -172,7 +173,7 @@ def prune(
         result = compress("prune", m, inputs, n_boot=n_boot, **settings)
         result.save(run.path)
         res = result.report
-        write_json(run.path / "prune.json", res.to_dict())
+        write_artifact(run.path, "prune", res, command=True)
         ext_verdict = (_external_floor(m, result.model, ext_ds, external, run.path, n_boot, seed)
                        if ext_ds is not None else None)
     lat = res.latency["ratio"] if res.latency else None
@@ -242,7 +243,8 @@ def export(
     optional int8 quantization with its delta macro AUROC."""
     from medscalpel.deploy.export import export_onnx
     from medscalpel.models.checkpoint import load_model
-    from medscalpel.runs import RunDir, write_json
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
 
     m = load_model(model)
     ref = load_model(reference) if reference is not None else None
@@ -257,7 +259,7 @@ def export(
         res.onnx_path = str(out / "model.onnx")
         if res.quantization:
             res.quantization["path"] = str(out / Path(res.quantization["path"]).name)
-        write_json(run.path / "export.json", res.to_dict())
+        write_artifact(run.path, "onnx_export", res, command=True)
     console.print(f"ONNX parity: random {fmt(res.parity['random'], 8)}, real "
                   f"{fmt(res.parity['real'], 8)}; speedup vs reference "
                   + ", ".join(f"{k} {v:.2f}" for k, v in res.speedup.items()))

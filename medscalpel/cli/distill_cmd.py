@@ -168,7 +168,8 @@ def students(
     """Hardware-aware student choice: measure candidates' CPU latency here, proxy-distil those
     within the budget, pick the most accurate."""
     from medscalpel.compress.student_search import choose_student
-    from medscalpel.runs import RunDir, write_json
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
 
     teacher = one_of(teacher, teacher_arg, "--model", "TEACHER", "the teacher model",
                      command="compress students")
@@ -185,6 +186,6 @@ def students(
         res = choose_student(names, latency_budget_ms, (train_ds, val_ds), str(teacher),
                              proxy_epochs=proxy_epochs, proxy_steps=proxy_steps, soft_weight=soft_weight,
                              temperature=temperature, lr=lr, batch_size=batch_size, seed=seed)
-        write_json(run.path / "students.json", res.to_dict())
+        write_artifact(run.path, "students", res, command=True)
     print_table(res.table(), f"candidates (teacher {res.teacher['latency_ms']:.2f} ms)")
     console.print(f"chosen: {res.chosen}; written to {out}")

@@ -84,7 +84,8 @@ def cam(
     from medscalpel.engine.api import model_provenance as provenance
     from medscalpel.explain.cams import compute_cam
     from medscalpel.explain.figures import cam_overlay_figure
-    from medscalpel.runs import RunDir, write_json
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
 
     m, ds = _open(model, data, split, served_ok=True)
     art = provenance(m)
@@ -101,8 +102,9 @@ def cam(
         cam_overlay_figure(ds.preprocess.denormalize(images).numpy(), res,
                            run.path / f"{method}.png",
                            title=res.meta.get("label"))
-        write_json(run.path / "cams.json", {**res.to_dict(), "artifact": art}
-                   if art is not None and "artifact" not in res.meta else res.to_dict())
+        write_artifact(run.path, "cam_result", {**res.to_dict(), "artifact": art}
+                       if art is not None and "artifact" not in res.meta else res.to_dict(),
+                       command=True)
     how = f" ({res.meta['label']})" if res.meta.get("label") else ""
     console.print(f"{len(idx)} {method} maps of '{target}'{how} -> {out}", highlight=False)
 
@@ -120,7 +122,8 @@ def attribute(
     import torch
 
     from medscalpel.explain.attributions import attribute as run_attribution
-    from medscalpel.runs import RunDir, write_json
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
 
     m, ds = _open(model, data, split)
     k = _class_index(m, target)
@@ -131,7 +134,8 @@ def attribute(
                 seed=seed, overwrite=overwrite) as run:
         res = run_attribution(method, m, images, k)
         res.save(run.path / "attributions.safetensors")
-        write_json(run.path / "attribution.json", {**res.to_dict(), "ids": [ds.ids[i] for i in idx]})
+        write_artifact(run.path, "attribution",
+                       {**res.to_dict(), "ids": [ds.ids[i] for i in idx]}, command=True)
     console.print(f"{method}: max |delta| {float(res.delta.abs().max()):.2e} "
                   f"({res.delta_definition}) -> {out}")
 
@@ -149,7 +153,8 @@ def channels(
     from medscalpel.engine.predict import collect_images
     from medscalpel.explain.channels import channel_contributions_from_model
     from medscalpel.explain.figures import channel_bar_figure
-    from medscalpel.runs import RunDir, write_json
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
 
     m, ds = _open(model, data, split)
     k = _class_index(m, target)
@@ -166,7 +171,7 @@ def channels(
     with RunDir(out, command="explain channels", config={"model": str(model), "data": data,
                                                          "class": target, "fp_only": fp_only},
                 seed=seed, overwrite=overwrite) as run:
-        write_json(run.path / "channels.json", table.to_dict())
+        write_artifact(run.path, "channels", table, command=True)
         channel_bar_figure(table, run.path / "channels.png")
     print_table([{k2: v for k2, v in r.items() if not isinstance(v, (list, dict))}
                  for r in table.to_dict()["rows"]], f"top channels of {target}")
@@ -184,7 +189,8 @@ def compare(
     """Per-class saliency similarity (Pearson, top-k% IoU) between a teacher and a student."""
     from medscalpel.engine.predict import collect_images
     from medscalpel.explain.compare import compare_saliency
-    from medscalpel.runs import RunDir, write_json
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
 
     t, ds = _open(teacher, data, split)
     s, ds_s = _open(student, data, split)
@@ -196,7 +202,7 @@ def compare(
                 seed=seed, overwrite=overwrite) as run:
         res = compare_saliency(t, s, images, list(range(t.num_classes)), method=method,
                                student_images=s_images, ids=[ds.ids[i] for i in idx])
-        write_json(run.path / "comparison.json", res.to_dict())
+        write_artifact(run.path, "comparison", res, command=True)
     console.print(f"saliency comparison ({method}) of {len(idx)} images -> {out}")
 
 
@@ -217,7 +223,8 @@ def polarity(
     from medscalpel.data.spec import open_dataset
     from medscalpel.explain.figures import polarity_table_figure
     from medscalpel.models import load_model
-    from medscalpel.runs import RunDir, write_json
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
 
     m = load_model(model)
     ds = open_dataset(data, split=split, preprocess=m.card.preprocess)
@@ -228,13 +235,13 @@ def polarity(
                 seed=seed, overwrite=overwrite) as run:
         res = polarity_analysis(w, ds.labels_multihot(), list(m.card.class_names),
                                 rule=QuantileRule(q=quantile), n_null=n_null, seed=seed)
-        write_json(run.path / "polarity.json", res.to_dict())
+        write_artifact(run.path, "polarity", res, command=True)
         polarity_table_figure(res, run.path / "polarity.png")
         if compare_with:
             weights = {"model": w}
             for p in compare_with:
                 weights[p.name] = load_model(p).classifier.weight.detach().numpy()
-            write_json(run.path / "stages.json",
+            write_artifact(run.path, "polarity_stages",
                        compare_stages(weights, ds.labels_multihot(), list(m.card.class_names),
                                       rule=QuantileRule(q=quantile), n_null=n_null,
                                       seed=seed).to_dict())

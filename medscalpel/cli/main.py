@@ -167,7 +167,8 @@ def train(
     deprecations.renamed(None, resume or None, "--resume", "train")
     from medscalpel.engine.api import as_augment, fit
     from medscalpel.engine.train import TrainConfig
-    from medscalpel.runs import RunDir, write_json
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                       patience=patience, pos_weight=pos_weight, seed=seed, device=device,
@@ -179,9 +180,9 @@ def train(
                 overwrite=overwrite, resumable=True) as run:
         res = fit(data, arch, run.path, cfg, size=size, channels=channels, augment=aug,
                   pretrained=pretrained, n_boot=n_boot)
-        write_json(run.path / "train.json", res.to_dict())
+        write_artifact(run.path, "fit", res, command=True)
         if res.test is not None:
-            write_json(run.path / "metrics.json", res.test.to_dict())
+            write_artifact(run.path, "baseline_metrics", res.test, command=True)
     if res.test is not None:
         print_table(res.test.table(), f"test metrics ({arch})")
         console.print(f"macro AUROC {fmt(res.test.macro['auroc'])}")
@@ -217,7 +218,8 @@ def predict(
     from medscalpel.engine.bulk import BulkSettings
     from medscalpel.engine.findings import FILENAME as FINDINGS_CSV
     from medscalpel.engine.findings import findings_table
-    from medscalpel.runs import RunDir, write_json
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
 
     settings = BulkSettings(batch_size, workers, threads).validate()  # before loading
     bulk = settings if is_served(model) or threads is not None or workers is not None else None
@@ -229,7 +231,7 @@ def predict(
                 data={"spec": data, "split": split}, overwrite=overwrite) as run:
         preds = predict_spec(m, data, split, batch_size, bulk=bulk)
         preds.save(run.path / "predictions.npz")
-        write_json(run.path / "predictions.json", preds.to_dict())
+        write_artifact(run.path, "predictions_meta", preds, command=True)
         op = card.decision_point()
         table = findings_table(preds, card.thresholds if preds.task == "multilabel" else None,
                                operating_point=op if op.calibrated else None)
@@ -355,7 +357,8 @@ def evaluate(
     """Per-class AUROC, AP, sensitivity/specificity/F1 with bootstrap 95% CIs; with --external,
     the same model on an external set next to the internal numbers."""
     from medscalpel.engine.api import evaluate_file
-    from medscalpel.runs import RunDir, write_json
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
 
     if reference is not None:
         if external is not None:
@@ -399,7 +402,7 @@ def evaluate(
                                                      "n_boot": n_boot}, seed=seed,
                     data={"split_unit": res.extra.get("split_unit")},
                     overwrite=overwrite) as run:
-            write_json(run.path / "metrics.json", res.to_dict())
+            write_artifact(run.path, "baseline_metrics", res, command=True)
 
 
 def _stored_operating_point(predictions: Path, model: Optional[Path]):
@@ -468,7 +471,8 @@ def _evaluate_external(predictions: Path, model: Optional[Path], external: str,
                        settings=None) -> None:
     from medscalpel.engine.api import usage_line, validate_external
     from medscalpel.engine.external import FILENAME, plot_reliability
-    from medscalpel.runs import RunDir, write_json
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
 
     if model is None:
         raise MedScalpelError("evaluate --external needs --model (the model that made the "
@@ -511,7 +515,8 @@ def _evaluate_external(predictions: Path, model: Optional[Path], external: str,
                           "split_unit": ext.meta.get("split_unit")},
                     overwrite=overwrite) as run:
             art = ext.meta.get("artifact")
-            write_json(run.path / FILENAME, {**res.to_dict(), **({"artifact": art} if art else {})})
+            write_artifact(run.path, "external",
+                           {**res.to_dict(), **({"artifact": art} if art else {})}, command=True)
             ext.save(run.path / "external_predictions.npz")
             plot_reliability(res, run.path / "reliability.png")
         console.print(f"-> {out / FILENAME}, {out / 'reliability.png'}")
@@ -533,7 +538,8 @@ def predictions_import(
     """Import predictions made elsewhere into a Predictions artifact."""
     from medscalpel.cli.common import one_of
     from medscalpel.engine.importer import import_predictions
-    from medscalpel.runs import RunDir, write_json
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
 
     labels = one_of(labels, labels_old, "--data", "--labels", "the dataset spec of the labels",
                     command="predictions import")
@@ -543,7 +549,7 @@ def predictions_import(
         preds = import_predictions(csv, labels, id_column=id_column, values=values, split=split,
                                    allow_missing=allow_missing)
         preds.save(run.path / "predictions.npz")
-        write_json(run.path / "predictions.json", preds.to_dict())
+        write_artifact(run.path, "predictions_meta", preds, command=True)
     console.print(f"imported {preds.n} predictions x {preds.num_classes} classes -> {out}")
 
 

@@ -441,7 +441,8 @@ def retrain(
     from medscalpel.engine.predict import Features
     from medscalpel.models.checkpoint import load_model
     from medscalpel.repair.retrain import finetune_classifier, reoptimize_classifier
-    from medscalpel.runs import RunDir, write_json
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
     from medscalpel.validation import check_in
 
     check_in(method, "method", "repair retrain", ("finetune", "reoptimize"))
@@ -461,7 +462,7 @@ def retrain(
         result.save(run.path / "model" if m is not None else run.path)
         if m is not None:
             result.model_dir = str(out / "model")
-            write_json(run.path / "retrain.json", result.to_dict())
+            write_artifact(run.path, "retrain", result, command=True)
     rows = [{"class": c, "AUROC before": result.auroc_before[c],
              "AUROC after": result.auroc_after[c]} for c in result.auroc_before]
     print_table(rows, title=f"{result.method}: {result.trainable_params} trainable params, "

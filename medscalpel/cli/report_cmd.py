@@ -62,7 +62,8 @@ def clinical(
     from medscalpel.deploy.served import artifact_line, load_any, require_served_cams
     from medscalpel.engine.api import model_provenance as provenance
     from medscalpel.report.clinical import clinical_report
-    from medscalpel.runs import RunDir, write_json
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
 
     deprecations.renamed(None, jaccard_exclusion, "--jaccard-exclusion", "report clinical")
     if dicom_sr:  # before any work: DICOM inputs and highdicom
@@ -89,7 +90,8 @@ def clinical(
                                   top_channels=top_channels, conflicts=mode,
                                   exclusion_rule=rule, calibration=calibration,
                                   min_cam_size=min_cam_size, identifiers_kept=keep_identifiers)
-        write_json(run.path / "clinical.json", {"reports": [r.to_dict() for r in reports]})
+        write_artifact(run.path, "clinical_reports", {"reports": [r.to_dict() for r in reports]},
+                       command=True)
         srs = []
         if dicom_sr:
             from medscalpel.report.dicom_sr import write_clinical_srs

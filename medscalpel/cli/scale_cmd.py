@@ -176,7 +176,8 @@ def train(
     deprecations.renamed(None, resume or None, "--resume", "scale train")
     from medscalpel.engine.distributed import DDPSettings, fit_ddp
     from medscalpel.engine.train import TrainConfig
-    from medscalpel.runs import RunDir, write_json
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                       patience=patience, seed=seed, device="cpu" if backend == "gloo" else "auto")
@@ -187,9 +188,9 @@ def train(
                 overwrite=overwrite, resumable=True) as run:
         res = fit_ddp(data, arch, run.path, cfg, world_size=world_size, size=size,
                       channels=channels, augment=augment, n_boot=n_boot, settings=settings)
-        write_json(run.path / "train.json", res.to_dict())
+        write_artifact(run.path, "fit", res, command=True)
         if res.test is not None:
-            write_json(run.path / "metrics.json", res.test.to_dict())
+            write_artifact(run.path, "baseline_metrics", res.test, command=True)
     if res.test is not None:
         console.print(f"macro AUROC {fmt(res.test.macro['auroc'])}")
     console.print(f"model saved to {out / 'model'}")

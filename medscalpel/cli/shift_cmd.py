@@ -43,7 +43,8 @@ def recalibrate_site(
     from medscalpel.models.checkpoint import load_model, save_model
     from medscalpel.repair.shift import recalibrate_site as run_recal
     from medscalpel.repair.shift import recalibrated_model
-    from medscalpel.runs import RunDir, write_json
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
 
     cmap = {}
     for it in class_map:
@@ -66,7 +67,7 @@ def recalibrate_site(
     with RunDir(out, command="repair recalibrate-site", config=cfg, seed=seed,
                 data={"spec": external, "split": ext.split, "n_used": ext.meta.get("n_used"),
                       "n_total": ext.meta.get("n_total")}, overwrite=overwrite) as run:
-        write_json(run.path / "recalibration.json", res.to_dict())
+        write_artifact(run.path, "recalibration", res, command=True)
         rm = recalibrated_model(m, rec, site=external, result=res, split=ext.split)
         save_model(rm, run.path / "model")
     print_table(res.table(), f"{method} recalibration, k={k}: sens/spec on the rest of the site")

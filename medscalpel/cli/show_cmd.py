@@ -1,9 +1,9 @@
 """``medscalpel show RUN``: print any run directory's results again, as tables.
 
-Reads the manifest, every artifact declared in :mod:`medscalpel.layout` that the directory
-holds (typed artifacts through their ``table()`` when they have one), and the results that
-single commands write at the top of their run directory (train.json, metrics.json,
-report.json, deploy.json, external.json, comparison.json, calibration.json, ...)."""
+Reads the manifest and every artifact declared in :mod:`medscalpel.layout` that the directory
+holds, at its declared path or where the single command that makes it writes it
+(:attr:`~medscalpel.layout.Artifact.command_path`, e.g. ``prune.json`` of ``compress prune``);
+typed artifacts through their ``table()`` when they have one."""
 
 from __future__ import annotations
 
@@ -13,13 +13,6 @@ from typing import Any
 import typer
 
 from medscalpel.cli.common import console, fmt, print_table
-
-#: results single commands write at the top of their run directory, in the order shown
-KNOWN = ("train.json", "metrics.json", "comparison.json", "external.json", "report.json",
-         "prune.json", "export.json", "deploy.json", "distill.json", "students.json",
-         "calibration.json", "retrain.json", "surgery.json", "decision_log.json",
-         "site_shift.json", "stats.json", "predictions.json", "changes.json", "polarity.json",
-         "forgettability.json", "pies.json", "cams.json", "attributions.json")
 
 MAX_ROWS = 40
 MAX_COLS = 8
@@ -143,8 +136,11 @@ def show(
     for key, a in ARTIFACTS.items():
         if not a.is_json or "{" in a.path or key == "manifest":
             continue
-        p = a.path_in(run_dir)
-        if not p.is_file():
+        rel = a.locate(run_dir)  # its declared path, or where a single command writes it
+        if rel is None:
+            continue
+        p = run_dir / rel
+        if p.resolve() in done:
             continue
         try:
             obj = read_artifact(run_dir, key)
@@ -153,24 +149,13 @@ def show(
             continue
         done.add(p.resolve())
         rows = _typed_table(obj)
-        title = f"{key} ({a.path}): {a.description}"
+        title = f"{key} ({rel}): {a.description}" if rel == a.path else rel
         if rows is not None:
             print_table(rows[:MAX_ROWS], title)
             shown += 1
         else:
             shown += render(obj.to_dict() if hasattr(obj, "to_dict") else obj, title)
-    for name in KNOWN:
-        p = run_dir / name
-        if p.is_file() and p.resolve() not in done:
-            try:
-                doc = read_json(p)
-            except DataError as exc:
-                console.print(f"[yellow]{name}: not shown ({exc})[/yellow]")
-                continue
-            done.add(p.resolve())
-            shown += render(doc, name)
     if shown == 0:
-        known = ", ".join(KNOWN[:6])
-        raise DataError(f"{run_dir} holds no result medscalpel knows (a manifest.json, an "
-                        f"artifact of medscalpel/layout.py, or {known}, ...).")
+        raise DataError(f"{run_dir} holds no result medscalpel knows (a manifest.json or an "
+                        "artifact declared in medscalpel/layout.py: `medscalpel show -h`).")
 
