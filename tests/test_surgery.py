@@ -198,7 +198,7 @@ def test_ladder_records_every_goal_and_marks_a_fallback_partial():
 def test_success_is_decided_in_the_model_dtype_not_float64():
     """A target whose float64 margin is a hair below the threshold but whose float32 logit
     rounds onto it is still decided positive by the float32 model: not a success."""
-    from medscalpel.repair.surgery import _verify_in_model_dtype
+    from medscalpel.repair.surgery.correct import _verify_in_model_dtype
 
     thr_logit = float(torch.logit(torch.tensor(0.5)))  # 0.0
     z0 = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float32)

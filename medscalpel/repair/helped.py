@@ -33,7 +33,7 @@ import numpy as np
 from medscalpel.engine.compare import weighted_auroc
 from medscalpel.engine.decision import UnitInput, decide
 from medscalpel.engine.metrics import weighted_ece
-from medscalpel.repair.surgery import _label_k, _sigmoid, margins
+from medscalpel.repair.surgery.helpers import label_k, margins, sigmoid
 
 #: the held-out metric each issue is judged by: (metric, higher_is_better, min_gain)
 ISSUE_METRIC = {"low_recall": ("youden", True, 0.01), "low_precision": ("f1", True, 0.01),
@@ -55,7 +55,7 @@ def class_arrays(logits: np.ndarray, labels: np.ndarray, task: str, k: int, thre
     :func:`medscalpel.repair.triage.class_metrics`): ``known`` rows, ``y``, ``p``, ``dec`` and
     ``neg_spec`` (the negatives the reported specificity is over: the flagged ones when
     ``flags`` is given and some flagged negative exists)."""
-    y = _label_k(labels, k, task)
+    y = label_k(labels, k, task)
     known = np.isfinite(y)
     yk = y[known] > 0.5
     pm, dm = margins(logits, k, task, threshold)
@@ -64,7 +64,7 @@ def class_arrays(logits: np.ndarray, labels: np.ndarray, task: str, k: int, thre
         f = np.asarray(flags, bool)[known]
         if (~yk & f).any():
             neg_spec = ~yk & f
-    return {"known": known, "y": yk, "p": _sigmoid(pm)[known], "dec": dm[known] >= 0,
+    return {"known": known, "y": yk, "p": sigmoid(pm)[known], "dec": dm[known] >= 0,
             "neg_spec": neg_spec}
 
 

@@ -51,12 +51,12 @@ SCHEMA = 1
 def per_class_auroc(logits: np.ndarray, labels: np.ndarray, task: str,
                     class_names: Sequence[str]) -> dict[str, float]:
     """AUROC of every class (NaN labels ignored; NaN when a class lacks positives/negatives)."""
-    from medscalpel.repair.surgery import _label_k, class_probs
+    from medscalpel.repair.surgery.helpers import class_probs, label_k
 
     probs = class_probs(logits, task)
     out = {}
     for j, n in enumerate(class_names):
-        y = _label_k(labels, j, task)
+        y = label_k(labels, j, task)
         known = np.isfinite(y)
         out[n] = auroc(y[known] > 0.5, probs[known, j])
     return out

@@ -95,14 +95,14 @@ class Treatment:
 
 def _refit_threshold(state: RepairState, k: int, fit, method: str = "youden") -> float:
     from medscalpel.repair.calibrate import best_cut
-    from medscalpel.repair.surgery import _label_k, _sigmoid
+    from medscalpel.repair.surgery.helpers import label_k, sigmoid
 
-    y = _label_k(fit.labels, k, fit.task)
+    y = label_k(fit.labels, k, fit.task)
     known = np.isfinite(y)
     yk = y[known] > 0.5
     if yk.all() or not yk.any():
         return float(state.thresholds[k])
-    p = _sigmoid(state.logits(fit)[known, k])
+    p = sigmoid(state.logits(fit)[known, k])
     return best_cut(yk, p, method)[0]
 
 
@@ -157,9 +157,9 @@ class PlattRecalibration(Treatment):
     def apply(self, state, k, fit, issues):
         from sklearn.linear_model import LogisticRegression
 
-        from medscalpel.repair.surgery import _label_k
+        from medscalpel.repair.surgery.helpers import label_k
 
-        y = _label_k(fit.labels, k, fit.task)
+        y = label_k(fit.labels, k, fit.task)
         known = np.isfinite(y)
         yk = y[known] > 0.5
         if yk.all() or not yk.any():

@@ -190,13 +190,13 @@ def ece_binary(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
 def class_metrics(logits: np.ndarray, labels: np.ndarray, task: str, k: int, threshold: float,
                   bins: int = 10, flags: np.ndarray | None = None) -> dict[str, float]:
     """Recall, precision, F1, specificity, Youden's J, AUROC, ECE, Brier of class ``k``."""
-    from medscalpel.repair.surgery import _label_k, margins, _sigmoid
+    from medscalpel.repair.surgery.helpers import label_k, margins, sigmoid
 
-    y = _label_k(labels, k, task)
+    y = label_k(labels, k, task)
     known = np.isfinite(y)
     yk = y[known] > 0.5
     pm, dm = margins(logits, k, task, threshold)
-    p, dec = _sigmoid(pm)[known], dm[known] >= 0
+    p, dec = sigmoid(pm)[known], dm[known] >= 0
     tp, fp = int(np.sum(yk & dec)), int(np.sum(~yk & dec))
     fn, tn = int(np.sum(yk & ~dec)), int(np.sum(~yk & ~dec))
     rec = tp / (tp + fn) if tp + fn else float("nan")
@@ -219,7 +219,7 @@ def diagnose_class(logits: np.ndarray, data: Features | Predictions, k: int, thr
                    confounders: dict[str, np.ndarray] | None = None
                    ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Issues of class ``k`` on ``data`` (a list of dicts: kind, value, limit, detail)."""
-    from medscalpel.repair.surgery import _label_k, margins
+    from medscalpel.repair.surgery.helpers import label_k, margins
 
     c = criteria
     m = class_metrics(logits, data.labels, data.task, k, threshold, c.ece_bins)
@@ -236,7 +236,7 @@ def diagnose_class(logits: np.ndarray, data: Features | Predictions, k: int, thr
                        "brier": m["brier"]})
     if np.isfinite(m["auroc"]) and m["auroc"] < c.min_auroc:
         issues.append({"kind": "low_auroc", "value": m["auroc"], "limit": c.min_auroc})
-    y = _label_k(data.labels, k, data.task)
+    y = label_k(data.labels, k, data.task)
     _, dm = margins(logits, k, data.task, threshold)
     dec = dm >= 0
     fp_rows = np.flatnonzero((y == 0) & dec)

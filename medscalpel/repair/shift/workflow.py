@@ -18,7 +18,8 @@ from medscalpel.errors import DataError
 from medscalpel.repair.restored import class_outcomes, more_images_of, restored_verdict
 from medscalpel.runs import read_json, write_json
 from medscalpel.validation import check_in, check_range
-from medscalpel.repair.shift.estimator import AFFINE, SCHEMA, SiteRecalibrator, _positive_column, operating_point
+from medscalpel.repair.shift.estimator import (AFFINE, SCHEMA, SiteRecalibrator,
+                                               _positive_column, operating_point)
 from medscalpel.repair.shift.sampling import _patient_keys, k_shot_draws, patient_ids_of
 
 logger = logging.getLogger(__name__)
