@@ -41,10 +41,11 @@ Holm over the certified classes, alpha two-sided) of the guarantee that variant 
 one for a, b, d; the variant's own for c, e), on the variant's TEST-half predictions. For b and
 d also :func:`recertify` of the dense guarantee on the variant's CALIBRATION-half predictions:
 the check a deployer would run before shipping the compressed model at the dense thresholds
-(the test half then says what that verdict was worth). ``recertify`` takes ~4 s a call here
-(its re-certification plan runs exact binomial power searches per class), so it runs on the
-first ``--recert-splits`` splits only (default 24; the same patient splits as the rates); the
-JSON and the markdown state that count.
+(the test half then says what that verdict was worth). ``recertify`` runs on the first
+``--recert-splits`` splits only (default 24; the same patient splits as the rates); the JSON and
+the markdown state that count. (It took ~4 s a call here when the stored results were made,
+dominated by its planning numbers' brute-force power search; that search is now exact without
+the brute force, see benchmarks/recertify_speed.py.)
 
 Run:  nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/conformal_compress_bench.py
       [--splits 500] [--recovery-epochs 2] [--name conformal_compress]
@@ -394,7 +395,7 @@ def main() -> None:
     ap.add_argument("--max-layer-ratio", type=float, default=0.8,
                     help="0.8, not the library's 0.9: see the module docstring")
     ap.add_argument("--recert-splits", type=int, default=24,
-                    help="recertify runs on the first this many splits only (~4 s a call)")
+                    help="recertify runs on the first this many splits only")
     ap.add_argument("--fallback-speedup", type=float, default=2.5,
                     help="used (and labelled) when --speedup cannot be reached; 0 = fail")
     ap.add_argument("--n-calib", type=int, default=256)

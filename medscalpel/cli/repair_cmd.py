@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -75,6 +76,14 @@ def calibrate(
                                                    "and the minimum labelled images a site "
                                                    "needs; writes guarantee_check.json. "
                                                    "--alpha is the family error of the check."),
+    transfer_to: Optional[Path] = typer.Option(None, "--transfer-to", metavar="NEW_PREDS",
+                                               help="With --recertify MODEL_DIR FIT: carry "
+                                               "the card's guarantee (certified on the "
+                                               "labelled FIT) to the site of NEW_PREDS "
+                                               "WITHOUT its labels, under pure label shift: "
+                                               "recall kept, precision re-certified at the "
+                                               "estimated prevalence, after a label-free "
+                                               "check; writes label_shift_transfer.json."),
 ) -> None:
     """Calibrate decisions, fitted on one split and measured on another. Multi-label: per-class
     thresholds (Youden's J, F1-optimal or a target sensitivity) vs 0.5 (F1, recall, precision).
@@ -92,6 +101,13 @@ def calibrate(
                                              threshold_operating_point)
     from medscalpel.runs import RunDir, hash_file, write_json
 
+    if transfer_to is not None:
+        if recertify_model is None:
+            raise ConfigError("--transfer-to needs --recertify MODEL_DIR (the card whose "
+                              "guarantee to carry) and FIT (the predictions it was certified "
+                              "on).")
+        return _transfer_card(recertify_model, fit, transfer_to, evaluate_on, guarantee,
+                              holdout, model, positive, out, overwrite)
     if recertify_model is not None:
         return _recertify_card(recertify_model, fit, evaluate_on, guarantee, holdout, model,
                                alpha, patients, positive, out, overwrite)
@@ -322,6 +338,67 @@ def _recertify_card(model_dir: Path, fit: Optional[Path], evaluate_on: Optional[
     console.print(f"verdict: {check.verdict.summary()}", highlight=False, markup=False)
     console.print(f"minimum k: {check.min_k['statement']}", highlight=False, markup=False)
     for note in check.notes:
+        console.print(f"note: {note}", highlight=False, markup=False)
+    console.print(f"written to {out}")
+
+
+def _transfer_card(model_dir: Path, fit: Optional[Path], new_preds: Path,
+                   evaluate_on: Optional[Path], guarantee: Optional[str],
+                   holdout: Optional[float], model: Optional[Path], positive: Optional[str],
+                   out: Path, overwrite: bool) -> None:
+    """``repair calibrate --recertify MODEL_DIR FIT --transfer-to NEW``: the card's guarantee
+    carried to NEW's site without its labels (medscalpel.repair.label_shift); writes
+    label_shift_transfer.json."""
+    from medscalpel.errors import ConfigError
+    from medscalpel.layout import write_artifact
+    from medscalpel.models.checkpoint import load_model
+    from medscalpel.repair.calibrate import binary_view
+    from medscalpel.repair.card_guarantee import guarantee_of_card
+    from medscalpel.repair.label_shift import transfer_guarantee
+    from medscalpel.runs import RunDir, hash_file
+
+    clash = [n for n, v in (("--eval", evaluate_on), ("--guarantee", guarantee),
+                            ("--holdout", holdout), ("--model", model),
+                            ("--positive", positive)) if v is not None]
+    if clash:
+        raise ConfigError(f"--transfer-to carries the guarantee of MODEL_DIR's card to "
+                          f"NEW_PREDS; drop {', '.join(clash)}.")
+    if fit is None:
+        raise ConfigError("--transfer-to needs FIT: the labelled predictions the card's "
+                          "guarantee was certified on.")
+    m = load_model(model_dir)
+    g, pos, notes = guarantee_of_card(m.card)
+    if g is None:
+        raise ConfigError(f"--recertify {model_dir}: its model card's operating point carries "
+                          "no guarantee (certify one with 'repair calibrate FIT --guarantee "
+                          "recall>=0.90 --model DIR').")
+    cal = load_predictions(fit).require_labels("carrying a guarantee", str(fit))
+    new = load_predictions(new_preds)
+    for p, name in ((cal, str(fit)), (new, str(new_preds))):
+        if tuple(p.class_names) != tuple(m.card.class_names):
+            raise ConfigError(f"{name} is of classes {list(p.class_names)[:4]}, the model's "
+                              f"are {list(m.card.class_names)[:4]}.")
+    if pos is not None:
+        cal, new = binary_view(cal, pos), binary_view(new, pos)
+    cfg = {"recertify": str(model_dir), "fit": str(fit), "transfer_to": str(new_preds),
+           "guarantee": g.spec, "fit_sha256": hash_file(fit)[:16],
+           "transfer_to_sha256": hash_file(new_preds)[:16]}
+    with RunDir(out, command="repair calibrate", config=cfg, overwrite=overwrite) as run:
+        t = transfer_guarantee(g, cal, new, site=new.split)
+        if notes:
+            t = dataclasses.replace(t, notes=(*t.notes, *notes))
+        write_artifact(run.path, "label_shift_transfer", t)
+    rows = [{"class": r["name"], "status": r["status"], "prevalence (cal)":
+             r.get("prior_calibration"), "prevalence (EM)": r.get("prior_em"),
+             "BBSE interval": tuple(r["prior_bbse_interval"]) if r.get("prior_bbse_interval")
+             else None, "check p": r.get("check_p_value"),
+             "threshold (logit)": r.get("new_threshold_logit", r.get("threshold_logit"))}
+            for r in t.rows]
+    print_table(rows, title=f"{g.spec} carried to '{t.site}' ({t.n_new_images} images, labels "
+                f"not used): {t.outcome.upper()}")
+    console.print(t.summary(), highlight=False, markup=False)
+    console.print(f"assumption: {t.assumption}", highlight=False, markup=False)
+    for note in t.notes:
         console.print(f"note: {note}", highlight=False, markup=False)
     console.print(f"written to {out}")
 

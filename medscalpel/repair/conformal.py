@@ -64,7 +64,10 @@ check apart by PATIENT.
 int8) or another site on held-out labelled data: a :class:`~medscalpel.engine.decision.Verdict`
 (pass / fail / undecided) from exact one-sample binomial tests of the observed rate against the
 certified level, Holm over the certified rows, with the counts, the intervals and the minimum
-number of labelled images per class a new site needs (:func:`recertification_plan`).
+number of labelled images per class a new site needs (:func:`recertification_plan`). Without
+labels, under pure label shift, :func:`medscalpel.repair.label_shift.transfer_guarantee` carries
+recall guarantees over unchanged and re-certifies precision at the new site's estimated
+prevalence, after a label-free check that the shift is a label shift.
 
 Example:
     >>> import numpy as np

@@ -40,11 +40,13 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.special import ndtri
 from scipy.stats import beta as beta_dist
 from scipy.stats import binom
 
@@ -154,34 +156,198 @@ def trials_for_power(level: float, rate: float, tail: float, power: float = POWE
     """The fewest binomial trials with which the exact one-sided test at ``tail`` decides
     (pass when ``rate > level``, fail when ``rate < level``) with probability ``>= power`` if
     the true rate is ``rate``; ``None`` when ``rate == level`` or more than ``max_trials`` would
-    be needed. An estimate: it assumes the rate stays as given."""
+    be needed. An estimate: it assumes the rate stays as given.
+
+    Exact (the first ``n`` of the saw-toothed power curve, no normal approximation) without
+    evaluating every ``n``. The test's critical count of misses moves in steps; between two
+    steps (a "run") the power moves one way only, so each run has one candidate ``n``
+    (:func:`_run_hits`). Runs are visited in blocks; a block whose upper bound on the power
+    (:func:`_block_bounds`) stays below ``power`` is skipped whole. Results are cached.
+
+    >>> trials_for_power(0.9, 0.97, 0.05), trials_for_power(0.9, 0.85, 0.05)
+    (76, 270)
+    """
     if not (math.isfinite(rate) and 0 <= rate <= 1) or rate == level:
         return None
-    lo = 1
-    for hi in (1024, 16384, max_trials):  # most answers are small: search in growing blocks
-        hi = min(hi, max_trials)
-        if lo > hi:
-            break
-        n = np.arange(lo, hi + 1)
-        pw = _power(n, level, rate, tail)
-        ok = np.flatnonzero(pw >= power)
-        if ok.size:
-            return int(n[ok[0]])
-        lo = hi + 1
+    return _trials_for_power(float(level), float(rate), float(tail), float(power),
+                             int(max_trials))
+
+
+@functools.lru_cache(maxsize=4096)
+def _trials_for_power(level: float, rate: float, tail: float, power: float,
+                      max_trials: int) -> int | None:
+    passing = rate > level
+    first, last = (0, _allowed_misses(level, tail, max_trials)) if passing else (
+        1, _needed_misses(level, tail, max_trials))
+    if last < first:
+        return None
+    knots = _knots(first, last + 1)
+    done, chunk, width = 0, 64, 256
+    while done < knots.size - 1:  # blocks in order, bounded a chunk at a time
+        edges = knots[done:min(done + chunk, knots.size - 1) + 1]
+        hot = np.flatnonzero(_block_bounds(edges, passing, level, rate, tail, max_trials)
+                             >= power)
+        i = 0
+        while i < hot.size:  # contiguous hot blocks, evaluated together, ~width runs a time
+            j = i
+            while (j + 1 < hot.size and hot[j + 1] == hot[j] + 1
+                   and edges[hot[j + 1] + 1] - edges[hot[i]] <= width):
+                j += 1
+            found = _run_hits(int(edges[hot[i]]), int(edges[hot[j] + 1]), passing, level,
+                              rate, tail, power, max_trials)
+            if found is not None:
+                return found
+            i, width = j + 1, width * 2
+        done, chunk = done + edges.size - 1, chunk * 4
     return None
 
 
-def _power(n: np.ndarray, level: float, rate: float, tail: float) -> np.ndarray:
-    """Chance that the exact one-sided test at ``tail`` with ``n`` trials decides (pass when
-    ``rate > level``, fail when below) if the true rate is ``rate``."""
-    if rate > level:  # smallest x with P_T(X >= x) < tail, then P_rate(X >= x)
-        x = np.floor(binom.isf(tail, n, level)).astype(np.int64) + 1
-        x = np.where(binom.sf(x - 1, n, level) >= tail, x + 1, x)
-        return binom.sf(x - 1, n, rate)
-    # largest x with P_T(X <= x) < tail, then P_rate(X <= x)
-    x = np.ceil(binom.ppf(tail, n, level)).astype(np.int64) - 1
-    x = np.where(binom.cdf(x, n, level) >= tail, x - 1, x)
-    return np.where(x >= 0, binom.cdf(x, n, rate), 0.0)
+def _knots(first: int, stop: int) -> np.ndarray:
+    """Block edges over the runs ``[first, stop)``: every run up to 256, then blocks of about
+    an eighth of a standard deviation of the miss count (``sqrt(k) / 8``, at least 8)."""
+    edges = _all_knots(max(stop, 256))
+    return np.r_[first, edges[(edges > first) & (edges < stop)], stop].astype(np.int64)
+
+
+@functools.lru_cache(maxsize=8)
+def _all_knots(stop: int) -> np.ndarray:
+    out = list(range(257))
+    k = 256
+    while k < stop:
+        k += max(8, math.isqrt(k) // 8)
+        out.append(k)
+    return np.asarray(out, np.int64)
+
+
+def _approx_n(m: np.ndarray, y: float, q: float) -> np.ndarray:
+    """A guess of the real ``n`` where ``P(Binomial(n, q) <= m) = y``: the normal quantile with
+    continuity and skewness (Cornish-Fisher) corrections, ``m + 1/2 - (z**2 - 1)(1 - 2q)/6 =
+    nq + z sqrt(nq(1-q))``, solved for ``sqrt(n)``. Exact answers start from it
+    (:func:`_first_true`)."""
+    z, sd = float(ndtri(y)), math.sqrt(q * (1.0 - q))
+    k = np.asarray(m, float) + 0.5 - (z * z - 1.0) * (1.0 - 2.0 * q) / 6.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = (-z * sd + np.sqrt(z * z * sd * sd + 4.0 * q * k)) / (2.0 * q)
+    return s * s
+
+
+def _allowed_misses(level: float, tail: float, n: int) -> int:
+    """The misses the pass test allows with ``n`` trials (-1: even none passes): ``n - x`` for
+    the smallest ``x`` with ``P_level(X >= x) < tail``."""
+    ns = np.array([n], np.int64)
+    x = _first_true(lambda x, r: binom.sf(x - 1, ns[r], level) < tail,
+                    np.floor(binom.isf(tail, ns, level)) + 1, np.zeros(1, np.int64), n + 1)
+    return int(n - x[0])
+
+
+def _needed_misses(level: float, tail: float, n: int) -> int:
+    """The misses the fail test needs with ``n`` trials (``n + 1``: no count fails): ``n - x``
+    for the largest ``x`` with ``P_level(X <= x) < tail``."""
+    ns = np.array([n], np.int64)
+    x = _first_true(lambda x, r: binom.cdf(x, ns[r], level) >= tail, binom.ppf(tail, ns, level),
+                    np.zeros(1, np.int64), n) - 1
+    return int(n - x[0])
+
+
+def _first_true(pred, guess: np.ndarray, lo: np.ndarray, hi: int) -> np.ndarray:
+    """Per element, the smallest integer ``n`` in ``[lo, hi]`` with ``pred(n, rows)`` true
+    (``hi + 1`` when there is none), for a ``pred`` monotone in ``n`` (False ... True);
+    ``rows`` selects the elements ``n`` belongs to. ``guess`` need not be right (NaN allowed):
+    bracket around it with doubling steps, then bisect; each step evaluates ``pred`` once,
+    vectorised over the elements still unsettled."""
+    guess = np.asarray(guess, float)
+    lo = np.broadcast_to(np.asarray(lo, np.int64), guess.shape)
+    out = np.full(guess.shape, hi + 1, np.int64)
+    idx = np.flatnonzero(pred(np.full(guess.shape, hi, np.int64), slice(None)))
+    low = lo[idx]
+    g = guess[idx]
+    g = np.clip(np.where(np.isfinite(g), np.ceil(np.nan_to_num(g)), low), low, hi)
+    g = g.astype(np.int64)
+    t = pred(g, idx)
+    a, b = np.where(t, g - 1, g), g.copy()  # pred(a) false (or a < lo); pred(b) true if t
+    rows, step = np.flatnonzero(~t), 1
+    while rows.size:  # gallop up from a false guess
+        b[rows] = np.minimum(a[rows] + step, hi)
+        hit = pred(b[rows], idx[rows])
+        a[rows[~hit]] = b[rows[~hit]]
+        rows, step = rows[~hit], step * 2
+    rows, step = np.flatnonzero(t & (a >= low)), 1
+    while rows.size:  # gallop down from a true guess
+        hit = pred(a[rows], idx[rows])
+        rows = rows[hit]
+        b[rows] = a[rows]
+        a[rows] = np.maximum(a[rows] - step, low[rows] - 1)
+        rows, step = rows[a[rows] >= low[rows]], step * 2
+    rows = np.flatnonzero(b - a > 1)
+    while rows.size:  # bisect
+        mid = (a[rows] + b[rows]) // 2
+        hit = pred(mid, idx[rows])
+        b[rows[hit]], a[rows[~hit]] = mid[hit], mid[~hit]
+        rows = rows[b[rows] - a[rows] > 1]
+    out[idx] = b
+    return out
+
+
+def _pass_starts(m: np.ndarray, level: float, tail: float, cap: int) -> np.ndarray:
+    """``n_m``: the first ``n`` whose pass test allows ``m`` misses, i.e. with
+    ``P_level(X >= n - m) < tail`` (``cap + 1`` beyond ``cap``)."""
+    return _first_true(lambda n, r: binom.sf(n - m[r] - 1, n, level) < tail,
+                       _approx_n(m, tail, 1.0 - level), m + 1, cap)
+
+
+def _fail_ends(c: np.ndarray, level: float, tail: float, cap: int) -> np.ndarray:
+    """``N_c``: the first ``n`` whose fail test needs more than ``c`` misses, i.e. with
+    ``P_level(X <= n - c) >= tail`` (``cap + 1`` beyond ``cap``)."""
+    return _first_true(lambda n, r: binom.cdf(n - c[r], n, level) >= tail,
+                       _approx_n(c - 1, 1.0 - tail, 1.0 - level), np.maximum(c, 1), cap)
+
+
+def _run_hits(k1: int, k2: int, passing: bool, level: float, rate: float, tail: float,
+              power: float, max_trials: int) -> int | None:
+    """The first ``n`` with power ``>= power`` in the runs ``[k1, k2)``, or None.
+
+    Pass side (``rate > level``): with ``n`` trials ``m(n)`` misses are allowed, non-decreasing
+    in ``n``; run ``m`` is ``[n_m, n_{m+1})``. Within it the power ``P_rate(X >= n - m)``
+    FALLS as ``n`` grows, so its candidate is ``n_m`` (empty runs skipped).
+
+    Fail side (``rate < level``): with ``n`` trials ``c(n)`` misses or more fail the unit,
+    non-decreasing in ``n``; run ``c`` is ``[N_{c-1}, N_c)`` (``N_0 = 1``: every test needs a
+    miss). Within it the power ``P_rate(X <= n - c)`` RISES with ``n``, first reaching
+    ``power`` at ``M_c``: its candidate is ``max(N_{c-1}, M_c)`` if that is still in the run.
+    """
+    cap = max_trials + 1
+    if passing:
+        m = np.arange(k1, k2 + 1, dtype=np.int64)  # the last one closes the last run
+        n_m = _pass_starts(m, level, tail, cap)
+        start, m = n_m[:-1], m[:-1]
+        ok = (n_m[1:] > start) & (start <= max_trials)
+        ok &= binom.sf(start - m - 1, start, rate) >= power
+        hit = np.flatnonzero(ok)
+        return int(start[hit[0]]) if hit.size else None
+    c = np.arange(k1 - 1, k2, dtype=np.int64)  # the first one opens the first run
+    big_n = _fail_ends(c, level, tail, cap)
+    start, end, c = big_n[:-1], big_n[1:], c[1:]
+    m_c = _first_true(lambda n, r: binom.cdf(n - c[r], n, rate) >= power,
+                      _approx_n(c - 1, 1.0 - power, 1.0 - rate), np.maximum(c, 1), cap)
+    cand = np.maximum(start, m_c)
+    hit = np.flatnonzero((cand < end) & (cand <= max_trials))
+    return int(cand[hit[0]]) if hit.size else None
+
+
+def _block_bounds(knots: np.ndarray, passing: bool, level: float, rate: float, tail: float,
+                  max_trials: int) -> np.ndarray:
+    """Per block of runs ``[a, b)`` (consecutive knots): an upper bound on the power at every
+    ``n`` of its runs. Pass side: ``n >= n_a`` and at most ``b - 1`` misses allowed, so
+    ``P_rate(X >= n_a - (b - 1))``. Fail side: ``n < N_{b-1}`` and at least ``a`` misses
+    needed, so ``P_rate(X <= n - a)`` at the largest such ``n`` (the power rises with ``n`` at a
+    fixed count). A block of one run gets its candidate's exact power (pass side)."""
+    a, b = knots[:-1], knots[1:]
+    cap = max_trials + 1
+    if passing:
+        n = _pass_starts(a, level, tail, cap)
+        return np.where(n <= max_trials, binom.sf(n - b, n, rate), 0.0)
+    n = np.minimum(_fail_ends(b - 1, level, tail, cap) - 1, max_trials)
+    return np.where(n >= 1, binom.cdf(n - a, n, rate), 0.0)
 
 
 # ----------------------------------------------------------------------------- verdict
