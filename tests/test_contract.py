@@ -52,7 +52,7 @@ def setup():
 
 def test_registry_lists_every_compressor():
     assert set(COMPRESSORS.names()) == {"lossless", "lossless-empirical", "tolerance",
-                                        "sparsify-fold", "prune", "distill"}
+                                        "sparsify-fold", "prune", "distill", "ofa"}
     with pytest.raises(ConfigError, match="Unknown compressor 'zip'. Valid names: distill"):
         compress("zip", torch.nn.Linear(1, 1), CompressionInputs())
 

@@ -53,6 +53,7 @@ BOUNDS: dict[str, Constraint] = {
     "--patience": _int(1, 10_000),
     "--steps": _int(1, 10_000_000),
     "--proxy-steps": _int(1, 10_000_000),
+    "--search-subnets": _int(0, 100_000),
     "--max-steps-per-epoch": _int(1, 10_000_000),
     "--n-boot": _int(0, 100_000),
     "--n-perm": _int(0, 1_000_000),

@@ -56,8 +56,10 @@ def distill(
                              "'folder:/data/kermany/train?dedup=true'."),
     student: str = typer.Option("mobilenetv3_small_100", help="Student: a zoo architecture "
                                 "(mobilenetv3_small_100, mobilenetv3_large_100, efficientnet_b0, "
-                                "resnet18, resnet_tiny, densenet_tiny, ...) or a model directory "
-                                "(e.g. a structurally pruned teacher from 'compress prune')."),
+                                "resnet18, resnet_tiny, densenet_tiny, ...), a model directory "
+                                "(e.g. a structurally pruned teacher from 'compress prune'), or "
+                                "'ofa': one once-for-all supernet, one subnet per "
+                                "--latency-budget."),
     out: Path = typer.Option(Path("runs/compress-distill"), help="Run directory to create "
                              "(model/, student_alone/, distill.json, manifest.json)."),
     soft_weight: float = typer.Option(0.5, help="Weight of the teacher's soft targets in [0, 1] "
@@ -89,18 +91,48 @@ def distill(
     seed: int = typer.Option(0, help="Seed of both students' training."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    latency_budget: str = typer.Option("", help="--student ofa: comma list of batch-1 latency "
+                                       "budgets in ms (one subnet each) on the deploy runtime."),
+    deploy_run: Optional[Path] = typer.Option(None, help="--student ofa: a 'compress deploy' run "
+                                              "(deploy.json / serve.json) whose runtime and "
+                                              "threads measure the subnets."),
+    runtime: str = typer.Option("", help="--student ofa: runtime:precision measuring the "
+                                "subnets (default: the --deploy-run's, else onnxruntime:fp32)."),
+    phase_epochs: str = typer.Option("4,2,2,2", help="--student ofa: epochs of the progressive "
+                                     "shrinking phases largest,kernel,depth,width (in place of "
+                                     "--epochs)."),
+    search_subnets: int = typer.Option(40, help="--student ofa: random subnets measured before "
+                                       "the evolutionary search."),
 ) -> None:
     """Knowledge distillation: teacher -> compact student with hybrid supervision, compared
     with the student trained alone (params, MACs, CPU speedup, AUROC/AP with CIs, Score-CAM
-    similarity)."""
+    similarity); or (--student ofa) one once-for-all supernet and one subnet per latency
+    budget."""
     from medscalpel.compress.distill import DistillConfig, distill as run_distill
     from medscalpel.engine.train import TrainConfig
     from medscalpel.runs import RunDir
 
     teacher = one_of(teacher, teacher_arg, "--model", "TEACHER", "the teacher model",
                      command="compress distill")
+    if (student == "ofa") != bool(latency_budget.strip()):
+        raise ConfigError("--student ofa and --latency-budget MS[,MS...] go together (one subnet "
+                          "per budget); other students take no budget.")
+    if student == "ofa" and (feature_weight > 0 or attention_weight > 0):
+        raise ConfigError("--student ofa distils logits only (DistillLoss soft + hard terms); "
+                          "--feature-weight and --attention-weight must stay 0.")
     pre = _preprocess(teacher, size, channels)
     train_ds, val_ds, test_ds = _open_splits(data, pre, augment)
+    if student == "ofa":
+        from medscalpel.cli.ofa_cmd import run_ofa
+
+        run_ofa(teacher, data, train_ds, val_ds, test_ds, out, latency_budget, deploy_run,
+                runtime, phase_epochs, search_subnets, lr, batch_size, soft_weight, temperature,
+                max_steps_per_epoch,
+                TrainConfig(epochs=teacher_epochs, batch_size=batch_size, lr=teacher_lr,
+                            seed=seed, device=device, max_steps_per_epoch=max_steps_per_epoch),
+                n_boot, saliency_images, saliency_method, _class_list(saliency_classes), seed,
+                device, overwrite)
+        return
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                        max_steps_per_epoch=max_steps_per_epoch, patience=max(3, epochs))
     cfg = DistillConfig(soft_weight=soft_weight, temperature=temperature, feature_weight=feature_weight,

@@ -40,12 +40,14 @@ from torch import nn
 from medscalpel.compress.distill import DistillConfig, distill
 from medscalpel.compress.lossless import fold_lossless
 from medscalpel.compress.measure import count_macs, count_parameters
+from medscalpel.compress.ofa.flow import OFAConfig, distill_ofa
+from medscalpel.compress.ofa.search import LatencySpec
 from medscalpel.compress.reconstruct import compress_with_tolerance
 from medscalpel.compress.sparsify import sparsify_and_fold
 from medscalpel.compress.structured import prune_structured
 from medscalpel.engine.compare import PairedComparison, compare_predictions
 from medscalpel.engine.predict import predict
-from medscalpel.errors import ConfigError, DataError, ModelError
+from medscalpel.errors import ConfigError, DataError, ModelError, VerificationError
 from medscalpel.registry import Registry
 from medscalpel.runs import write_json
 
@@ -323,6 +325,42 @@ def _distill(model: nn.Module, inputs: CompressionInputs, *, student: Any,
     return CompressionResult(r.model, "distill", settings, verification, p0, p1, m0, m1, r,
                              parent=getattr(model, "card", None),
                              own_card=getattr(r.model, "card", None))
+
+
+@COMPRESSORS.register("ofa", help="once-for-all: an elastic supernet distilled from the model, "
+                                  "the most accurate subnet within a latency budget measured on "
+                                  "a deploy runtime")
+def _ofa(model: nn.Module, inputs: CompressionInputs, *, latency_budget_ms: float,
+         config: OFAConfig | None = None, latency: LatencySpec | None = None,
+         **kw: Any) -> CompressionResult:
+    inputs.need("ofa", "train", "val")
+    test = inputs.test if inputs.test is not None else inputs.evaluate
+    if test is None:
+        inputs.need("ofa", "test")
+    r = distill_ofa(model, inputs.train, inputs.val, test, (float(latency_budget_ms),), config,
+                    latency, **kw)
+    s = r.subnets[0]
+    if not s["met"]:  # a refusal, not a model over the budget
+        raise VerificationError(f"ofa: {s['reason']}")
+    sub = r.models[s["label"]]
+    verification = {"budget_ms": s["budget_ms"], "latency_ms": s["confirm_latency_ms"],
+                    "latency_rounds_ms": s["confirm_rounds_ms"],
+                    "runtime": r.search.latency.runtime,
+                    "threads": r.search.latency.threads, "met": True,
+                    "test_auroc": s["test_auroc"], "delta_auroc_vs_teacher": s["delta_auroc"],
+                    "delta_auroc_ci": s["delta_auroc_ci"],
+                    "guarantee": "a new model: accuracy is measured, nothing is preserved",
+                    "exact": False}
+    settings = {"latency_budget_ms": float(latency_budget_ms),
+                "runtime": r.search.latency.runtime, "supernet_id": r.supernet.supernet_id,
+                "subnet": s["candidate"]["key"],
+                "phase_epochs": list(r.config.train.phase_epochs),
+                "soft_weight": r.config.train.soft_weight,
+                "temperature": r.config.train.temperature}
+    p0, p1, m0, m1 = _counts(model, sub, test.image(0)[None])
+    return CompressionResult(sub, "ofa", settings, verification, p0, p1, m0, m1, r,
+                             parent=getattr(model, "card", None),
+                             own_card=getattr(sub, "card", None))
 
 
 # ----------------------------------------------------------------------------- the table

@@ -20,6 +20,7 @@ from torchvision.models import vgg as tv_vgg
 
 from medscalpel.errors import ModelError
 from medscalpel.models.classifier import MedClassifier
+from medscalpel.models.ofa_subnet import DEFAULT_BLOCKS, build_ofa_subnet
 from medscalpel.registry import Registry
 from medscalpel.validation import check_range
 
@@ -299,6 +300,20 @@ def vit_test(num_classes: int = 14, in_chans: int = 1, img_size: int = 32,
     return _timm("vit_tiny_patch16_224", "vit_test", num_classes, in_chans, img_size, pretrained,
                  cam_layer="backbone.model.blocks.1.norm1", token_model=True, patch_size=8,
                  embed_dim=32, depth=2, num_heads=2)
+
+
+@ARCHS.register("ofa_subnet", help="A once-for-all subnet extracted from an elastic supernet "
+                                   "('compress distill --student ofa'), rebuilt from arch_kwargs")
+def ofa_subnet(num_classes: int = 14, in_chans: int = 1, img_size: int = 64,
+               pretrained: bool = False, stem_width: int = 16,
+               blocks: list[dict[str, Any]] | None = None, head_width: int = 64,
+               stem_stride: int = 2) -> MedClassifier:
+    if pretrained:
+        raise ModelError("ofa_subnet has no pretrained weights: its weights come from a trained "
+                         "supernet (medscalpel.compress.ofa).")
+    return build_ofa_subnet(num_classes, in_chans, stem_width,
+                            blocks if blocks else [dict(b) for b in DEFAULT_BLOCKS], head_width,
+                            stem_stride)
 
 
 def create_model(arch: str, num_classes: int, in_chans: int = 1, img_size: int = 224,

@@ -64,6 +64,7 @@ class CompressSettings:
     sparsify_ratio: float = 0.5
     sparsify_epochs: int = 2
     n_boot: int = 200
+    ofa_budget_ms: float = 0.0  # > 0: add a once-for-all subnet within this latency budget
 
 
 def compress_plan(s: CompressSettings, progress: bool | None
@@ -80,6 +81,9 @@ def compress_plan(s: CompressSettings, progress: bool | None
             "criterion": crit, "target_speedup": s.prune_speedup,
             "recovery": RecoveryConfig(epochs=s.recovery_epochs, batch_size=s.batch_size),
             "progress": progress, "measure_latency": False}))
+    if s.ofa_budget_ms > 0:
+        plan.append(("ofa", "ofa", {"latency_budget_ms": s.ofa_budget_ms,
+                                    "progress": progress}))
     return plan
 
 
