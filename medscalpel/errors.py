@@ -3,6 +3,8 @@ message says what went wrong, where (file, row, layer) and how to fix it."""
 
 from __future__ import annotations
 
+import importlib
+
 
 class MedScalpelError(Exception):
     """Base class of every error medscalpel raises for bad input or failed checks."""
@@ -47,7 +49,6 @@ class MissingExtraError(MedScalpelError, ImportError):
 
 def optional_import(module: str, extra: str, feature: str = ""):
     """Import an optional dependency or raise :class:`MissingExtraError` naming the extra."""
-    import importlib
 
     try:
         return importlib.import_module(module)

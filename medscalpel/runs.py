@@ -24,12 +24,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from medscalpel.errors import RunError
+from medscalpel.errors import DataError, RunError
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +108,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    from medscalpel.errors import DataError
 
     path = Path(path)
     if not path.is_file():
@@ -155,7 +156,6 @@ def hash_array(arr: np.ndarray) -> str:
 
 # ----------------------------------------------------------------------------- environment
 def package_versions() -> dict[str, str]:
-    from importlib import metadata
 
     names = ["medscalpel", "torch", "torchvision", "timm", "numpy", "scikit-learn", "torch-pruning",
              "captum", "grad-cam", "zennit", "onnx", "onnxruntime", "openvino", "nncf",
@@ -205,7 +205,6 @@ def cpu_info() -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    import torch
 
     info = {
         "platform": platform.platform(),

@@ -338,7 +338,6 @@ def test_lasso_design_matrix_is_bounded_over_all_consumers(monkeypatch):
     """A group read by many consumers (a DenseNet transition feeds every layer of the next
     block) shares one row budget: the design matrix stays within ``max_design`` rows."""
     import numpy as np
-    import sklearn.linear_model
 
     from medscalpel.compress.reconstruct import _lasso_order
 
@@ -351,7 +350,9 @@ def test_lasso_design_matrix_is_bounded_over_all_consumers(monkeypatch):
         coefs[0, 9:] = 1.0
         return None, coefs, None
 
-    monkeypatch.setattr(sklearn.linear_model, "lasso_path", fake_lasso_path)
+    import medscalpel.compress.reconstruct as reconstruct
+
+    monkeypatch.setattr(reconstruct, "lasso_path", fake_lasso_path)
     g = torch.Generator().manual_seed(0)
     blocks = [(torch.randn(1000, 4, generator=g, dtype=torch.float64),
                torch.randn(50, 4, generator=g, dtype=torch.float64),

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
+from matplotlib import cm, colors
 
 if TYPE_CHECKING:  # pragma: no cover  (annotations only: the result modules call these plots)
     from medscalpel.audit.fcd import FCDResult
@@ -69,7 +69,6 @@ def plot_forgettability_curves(res: "ForgettabilityResult", path: str | os.PathL
 def plot_forgettability_overview(res: "ForgettabilityResult", path: str | os.PathLike) -> Path:
     """All median AP curves in one panel, coloured by log prevalence."""
     plt = _plt()
-    from matplotlib import cm, colors
 
     logp = res.log_prevalence
     ok = np.isfinite(logp)

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medscalpel.audit import figures as figs
 from medscalpel.audit.fcd import FCDResult, fcd_analysis
 from medscalpel.audit.stats import Correlation, correlate
 from medscalpel.audit.sweepio import Sweep, SweepLike, as_sweep
@@ -35,6 +37,7 @@ from medscalpel.engine.metrics import auroc, average_precision
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import DataError
 from medscalpel.progress import track
+from medscalpel.runs import write_json
 from medscalpel.validation import check_fraction, check_range
 
 logger = logging.getLogger(__name__)
@@ -76,7 +79,6 @@ def relative_change(metric: np.ndarray, ref_index: int = 0) -> np.ndarray:
 
 def _nanquantile(x: np.ndarray, q: float) -> np.ndarray:
     with np.errstate(invalid="ignore"):
-        import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -246,8 +248,6 @@ class ForgettabilityResult:
 
     def save(self, out_dir: str | os.PathLike, figures: bool = True) -> dict[str, Path]:
         """Write ``forgettability.json`` and the figures (PNG) into ``out_dir``."""
-        from medscalpel.audit import figures as figs
-        from medscalpel.runs import write_json
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -33,9 +33,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medscalpel.audit import figures as figs
+from medscalpel.audit.figures import plot_pie_gallery
 from medscalpel.audit.stats import fisher_2x2, mann_whitney, rowwise_spearman, share_ratio
 from medscalpel.audit.sweepio import SweepLike, as_sweep
 from medscalpel.errors import ConfigError, DataError
+from medscalpel.runs import atomic_path, write_json
 from medscalpel.validation import check_fraction, check_in, check_range
 
 logger = logging.getLogger(__name__)
@@ -165,8 +168,6 @@ class PieResult:
 
     def save(self, out_dir: str | os.PathLike, figures: bool = True) -> dict[str, Path]:
         """Write ``pies.json``, ``pies.csv`` (every image's score) and the figures."""
-        from medscalpel.audit import figures as figs
-        from medscalpel.runs import atomic_path, write_json
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -329,7 +330,6 @@ def pie_gallery(dataset: Any, pie_result: PieResult, path: str | os.PathLike,
         ids: which images (default: the PIEs, worst first).
         max_images: at most this many.
     """
-    from medscalpel.audit.figures import plot_pie_gallery
 
     check_range(max_images, "max_images", "pie_gallery", 1, integer=True)
     if not hasattr(dataset, "ids"):
@@ -388,7 +388,6 @@ class PieGroundTruthResult:
                                         "(subtler, harder)"}}
 
     def save(self, out_dir: str | os.PathLike) -> Path:
-        from medscalpel.runs import write_json
 
         return write_json(Path(out_dir) / "pie_ground_truth.json", self.to_dict())
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from medscalpel.errors import ModelError
@@ -115,7 +116,6 @@ def build_channel_graph(model: nn.Module, example: torch.Tensor,
         example: one example input batch.
         ignored: layers whose *output* channels must not be removed (the classifier).
     """
-    import torch_pruning as tp
 
     names = {m: n for n, m in model.named_modules()}
     order = {m: i for i, m in enumerate(names)}
@@ -234,7 +234,6 @@ class ParamCounter:
     """
 
     def __init__(self, model: nn.Module, graph: ChannelGraph):
-        import torch_pruning as tp
 
         self.sizes = {g.index: g.size for g in graph.groups}
         self.mods: dict[nn.Module, dict[str, set[int]]] = {}

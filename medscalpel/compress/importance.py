@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from medscalpel.errors import ConfigError, ModelError
@@ -76,7 +77,6 @@ class L1Criterion(Criterion):
     p = 1
 
     def importance(self):
-        import torch_pruning as tp
 
         return tp.importance.GroupMagnitudeImportance(p=self.p)
 
@@ -96,7 +96,6 @@ class BNScaleCriterion(Criterion):
     name = "bn_scale"
 
     def importance(self):
-        import torch_pruning as tp
 
         return tp.importance.BNScaleImportance()
 
@@ -146,7 +145,6 @@ class TaylorCriterion(Criterion):
         model.zero_grad(set_to_none=True)
 
     def importance(self):
-        import torch_pruning as tp
 
         return tp.importance.GroupTaylorImportance()
 
@@ -165,7 +163,6 @@ class ChannelScoreImportance:
     """
 
     def __init__(self, names: Mapping[nn.Module, str], scores: Mapping[str, torch.Tensor]):
-        import torch_pruning as tp
 
         self.names = dict(names)
         self.scores = {k: torch.as_tensor(v).detach().float().abs().flatten()
@@ -176,7 +173,6 @@ class ChannelScoreImportance:
 
     @staticmethod
     def _is_out_fn(fn) -> bool:
-        import torch_pruning as tp
 
         return fn in (tp.pruner.function.prune_conv_out_channels,
                       tp.pruner.function.prune_linear_out_channels,

@@ -52,29 +52,30 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch_pruning as tp
 from scipy.linalg import solve_triangular
 from torch import nn
 
+from medscalpel.compress import provable as pv
 from medscalpel.compress.graph import (ChannelGraph, Site, add_output_offset, build_channel_graph,
                                        site_rows)
 from medscalpel.compress.measure import (Images, collect_logits, count_macs, count_parameters,
                                          eval_mode, first_batch, iter_images, latency_pair,
                                          max_abs_logit_delta)
+from medscalpel.compress.plans import GroupPlan, LosslessPlan, SiteFold
 from medscalpel.errors import ConfigError, ModelError, VerificationError
 from medscalpel.progress import track
-from medscalpel.runs import read_json, write_json
-from medscalpel.validation import check_range
+from medscalpel.runs import write_json
+from medscalpel.validation import check_in, check_range
 
 logger = logging.getLogger(__name__)
 
-PLAN_SCHEMA = 1
-KINDS = ("dead", "constant", "dependent")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -149,108 +150,6 @@ def collect_site_stats(model: nn.Module, sites: dict[str, Site], images: Images,
             for h in handles:
                 h.remove()
     return stats, n_images
-
-
-# ----------------------------------------------------------------------------- plan data
-@dataclass(frozen=True)
-class SiteFold:
-    """How one consumer absorbs one removed input channel: ``u[channel] = sum coefs * u[basis]
-    + intercept`` (indices in the consumer's original input numbering)."""
-
-    site: str
-    channel: int
-    kind: str
-    basis: tuple[int, ...] = ()
-    coefs: tuple[float, ...] = ()
-    intercept: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"site": self.site, "channel": self.channel, "kind": self.kind,
-                "basis": list(self.basis), "coefs": list(self.coefs), "intercept": self.intercept}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SiteFold":
-        return cls(d["site"], int(d["channel"]), d["kind"], tuple(int(i) for i in d["basis"]),
-                   tuple(float(c) for c in d["coefs"]), float(d["intercept"]))
-
-
-@dataclass(frozen=True)
-class GroupPlan:
-    """The channels of one producer layer (and everything tied to it) to remove."""
-
-    layer: str
-    size: int
-    removed: tuple[int, ...] = ()
-    kinds: tuple[str, ...] = ()
-    supported: bool = True
-    reason: str = ""
-    consumers: tuple[str, ...] = ()
-
-    def counts(self) -> dict[str, int]:
-        return {k: sum(1 for x in self.kinds if x == k) for k in KINDS}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "size": self.size, "removed": list(self.removed),
-                "kinds": list(self.kinds), "supported": self.supported, "reason": self.reason,
-                "consumers": list(self.consumers), **self.counts()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GroupPlan":
-        return cls(d["layer"], int(d["size"]), tuple(int(i) for i in d["removed"]),
-                   tuple(d["kinds"]), bool(d.get("supported", True)), d.get("reason", ""),
-                   tuple(d.get("consumers", ())))
-
-
-@dataclass(frozen=True)
-class LosslessPlan:
-    """What :func:`apply_plan` will do: per producer layer the channels to remove and, per
-    consumer, the folding coefficients. JSON-serialisable (``save``/``load``)."""
-
-    arch: str
-    input_shape: tuple[int, ...]
-    groups: tuple[GroupPlan, ...]
-    folds: tuple[SiteFold, ...]
-    sites: tuple[dict[str, Any], ...] = ()
-    settings: dict[str, Any] = field(default_factory=dict)
-    n_calib: int = 0
-    schema_version: int = PLAN_SCHEMA
-
-    @property
-    def removed_channels(self) -> int:
-        return sum(len(g.removed) for g in self.groups)
-
-    def counts(self) -> dict[str, int]:
-        out = {k: 0 for k in KINDS}
-        for g in self.groups:
-            for k, v in g.counts().items():
-                out[k] += v
-        out["removed"] = self.removed_channels
-        out["total"] = sum(g.size for g in self.groups)
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": self.schema_version, "arch": self.arch,
-                "input_shape": list(self.input_shape), "n_calib": self.n_calib,
-                "settings": dict(self.settings), "counts": self.counts(),
-                "groups": [g.to_dict() for g in self.groups],
-                "folds": [f.to_dict() for f in self.folds], "sites": list(self.sites)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LosslessPlan":
-        if d.get("schema_version", 1) > PLAN_SCHEMA:
-            raise ModelError(f"Lossless plan schema {d['schema_version']} is newer than this "
-                             f"medscalpel ({PLAN_SCHEMA}); upgrade medscalpel.")
-        return cls(d["arch"], tuple(int(i) for i in d["input_shape"]),
-                   tuple(GroupPlan.from_dict(g) for g in d["groups"]),
-                   tuple(SiteFold.from_dict(f) for f in d["folds"]),
-                   tuple(d.get("sites", ())), dict(d.get("settings", {})), int(d.get("n_calib", 0)))
-
-    def save(self, path: str | os.PathLike) -> Path:
-        return write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "LosslessPlan":
-        return cls.from_dict(read_json(path))
 
 
 # ----------------------------------------------------------------------------- planning
@@ -421,7 +320,6 @@ def apply_plan(model: nn.Module, plan: LosslessPlan, inplace: bool = False) -> n
 
     Returns a new model (the input is left unchanged unless ``inplace=True``).
     """
-    import torch_pruning as tp
 
     out = model if inplace else copy.deepcopy(model)
     was_training = out.training
@@ -590,8 +488,6 @@ def fold_lossless(model: nn.Module, calib: Images | None = None, heldout: Images
     Raises:
         VerificationError: the folded model's logits differ by more than ``atol``.
     """
-    from medscalpel.compress import provable as pv
-    from medscalpel.validation import check_in
 
     check_in(mode, "mode", "fold_lossless", MODES)
     check_range(atol, "atol", "fold_lossless", 0.0)

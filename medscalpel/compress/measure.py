@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+import torch_pruning as tp
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -87,7 +88,6 @@ def count_parameters(model: nn.Module) -> int:
 def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
     """Multiply-accumulate operations of one forward pass on ``example_inputs`` (counted by
     Torch-Pruning's ``count_ops_and_params``, which follows the actual tensor shapes)."""
-    import torch_pruning as tp
 
     with eval_mode(model), torch.no_grad():
         macs, _ = tp.utils.count_ops_and_params(model, example_inputs)

@@ -50,6 +50,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from medscalpel.compress.graph import ChannelGraph, build_channel_graph
+from medscalpel.compress.plans import GroupPlan, LosslessPlan, SiteFold
 from medscalpel.errors import ModelError
 from medscalpel.progress import track
 from medscalpel.validation import check_range
@@ -481,7 +482,6 @@ def plan_provable(model: nn.Module, example: torch.Tensor, weight_rtol: float = 
         A :class:`~medscalpel.compress.lossless.LosslessPlan` with ``settings["mode"] ==
         "provable"`` and ``n_calib == 0``.
     """
-    from medscalpel.compress.lossless import GroupPlan, LosslessPlan, SiteFold
 
     check_range(weight_rtol, "weight_rtol", "plan_provable", 0.0, 1.0)
     if not hasattr(model, "classifier") or not isinstance(model.classifier, nn.Linear):

@@ -22,6 +22,7 @@ change in macro AUROC on held-out data, whatever they are.
 from __future__ import annotations
 
 import copy
+import heapq
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,9 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch_pruning as tp
+from sklearn.linear_model import lasso_path
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from medscalpel.compress.graph import add_output_offset, build_channel_graph
+from medscalpel.compress.graph import ParamCounter, add_output_offset, build_channel_graph
 from medscalpel.compress.measure import (Images, collect_logits, count_macs, count_parameters,
                                          eval_mode, first_batch, iter_images, latency_pair)
 from medscalpel.errors import ConfigError, ModelError
@@ -88,7 +92,6 @@ class ToleranceResult:
 def macro_auroc(logits: np.ndarray, labels: np.ndarray) -> float | None:
     """Macro AUROC over the classes that have both outcomes (NaN labels ignored); multi-class
     int labels are scored one-vs-rest on the logits."""
-    from sklearn.metrics import roc_auc_score
 
     labels = np.asarray(labels)
     if labels.ndim == 1:
@@ -119,9 +122,6 @@ def allocate_keep(model: nn.Module, example: torch.Tensor, target_ratio: float
     Returns:
         (layer -> channels kept, parameters before, predicted parameters after).
     """
-    import heapq
-
-    from medscalpel.compress.graph import ParamCounter
 
     graph = build_channel_graph(model, example, ignored=[model.classifier])
     pc = ParamCounter(model, graph)
@@ -218,7 +218,6 @@ def _lasso_order(blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, li
     ``T`` the target that the group's channels must explain ``[R, O]``, ``idx`` the consumer's
     input channel of each group channel and ``k`` the kernel size (columns per channel).
     """
-    from sklearn.linear_model import lasso_path
 
     cols, targets = [], []
     # ``max_design`` bounds the whole design matrix (rows x group channels), shared by the
@@ -372,7 +371,6 @@ def compress_with_tolerance(model: nn.Module, calib: Images, heldout: Images,
         inplace: modify ``model`` itself.
         progress: progress bars.
     """
-    import torch_pruning as tp
 
     check_fraction(target_ratio, "target_ratio", "compress_with_tolerance")
     check_range(max_rows, "max_rows", "compress_with_tolerance", 16, integer=True)

@@ -29,9 +29,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from medscalpel.compress.graph import ParamCounter, build_channel_graph
+from medscalpel.compress.lossless import fold_lossless
+from medscalpel.compress.measure import max_abs_logit_delta
+from medscalpel.compress.provable import input_range_of
+from medscalpel.compress.reconstruct import macro_auroc
+from medscalpel.engine.predict import make_loader, predict
+from medscalpel.engine.train import default_loss, seed_everything
 from medscalpel.errors import ConfigError, ModelError
 from medscalpel.progress import track
 from medscalpel.runs import write_json
@@ -49,7 +56,6 @@ class _Channel:
 
 def _channels(model: nn.Module, example: torch.Tensor) -> tuple[list[_Channel], ParamCounter,
                                                                   dict[int, int], dict[int, str]]:
-    import torch_pruning as tp
 
     graph = build_channel_graph(model, example, ignored=[model.classifier])
     pc = ParamCounter(model, graph)
@@ -152,8 +158,6 @@ def classification_metrics(model: nn.Module, dataset, batch_size: int = 64
                            ) -> dict[str, float | None]:
     """Accuracy (multi-class: argmax; multi-label: sigmoid > 0.5 over known labels) and macro
     AUROC of ``model`` on ``dataset``."""
-    from medscalpel.compress.reconstruct import macro_auroc
-    from medscalpel.engine.predict import predict
 
     p = predict(model, dataset, batch_size=batch_size, device="cpu", progress=False)
     logits, labels = np.asarray(p.logits), np.asarray(p.labels)
@@ -192,8 +196,6 @@ def sparsify_channels(model: nn.Module, train_ds, val_ds=None, target_ratio: flo
         seed: seed of the data order.
         progress: progress bars.
     """
-    from medscalpel.engine.predict import make_loader
-    from medscalpel.engine.train import default_loss, seed_everything
 
     o = "sparsify_channels"
     check_fraction(target_ratio, "target_ratio", o)
@@ -351,8 +353,6 @@ def sparsify_and_fold(model: nn.Module, train_ds, val_ds, heldout: torch.Tensor,
         latency: measure CPU latency in the fold report.
         progress: progress bars.
     """
-    from medscalpel.compress.lossless import fold_lossless
-    from medscalpel.compress.measure import max_abs_logit_delta
 
     sp = sparsify_channels(model, train_ds, val_ds, target_ratio, epochs, progress=progress,
                            **sparsify_kw)
@@ -372,6 +372,5 @@ def sparsify_and_fold(model: nn.Module, train_ds, val_ds, heldout: torch.Tensor,
 
 
 def _range(model: nn.Module) -> tuple[float, float]:
-    from medscalpel.compress.provable import input_range_of
 
     return input_range_of(model)

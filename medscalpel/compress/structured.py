@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from medscalpel.compress.distill import teacher_loss
@@ -42,7 +43,9 @@ from medscalpel.compress.importance import (Criterion, L1Criterion, RelevanceCri
 from medscalpel.compress.measure import (count_macs, count_parameters, latency_pair,
                                          max_abs_logit_delta)
 from medscalpel.deploy.runtimes import RUNTIMES, runtime_latency, vector_width
+from medscalpel.engine.train import TrainConfig, train
 from medscalpel.errors import ConfigError, ModelError
+from medscalpel.models.checkpoint import save_model
 from medscalpel.progress import track
 from medscalpel.runs import write_json
 from medscalpel.validation import check_range
@@ -150,7 +153,6 @@ class PruneResult:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the pruned model (``model.safetensors`` + ``model.json`` with lineage) and
         ``prune.json`` into ``directory``."""
-        from medscalpel.models.checkpoint import save_model
 
         if self.model is None:
             raise ModelError("This PruneResult is a dry run: there is no pruned model to save. "
@@ -240,7 +242,6 @@ def _rounded_pruned(n_pruned: int, current: int, round_to: int) -> int:
 
 
 def _rounding_pruner_class():
-    import torch_pruning as tp
 
     class RoundingPruner(tp.pruner.BasePruner):
         def _round_to(self, n_pruned, current_channels, round_to):  # noqa: D401 - TP hook
@@ -252,7 +253,6 @@ def _rounding_pruner_class():
 def _make_pruner(model: nn.Module, example: torch.Tensor, importance, ratio: float,
                  global_pruning: bool, steps: int, max_layer_ratio: float,
                  ignored: list[nn.Module], round_to: int | None):
-    import torch_pruning as tp
 
     was_training = model.training
     model.eval()
@@ -389,7 +389,6 @@ def remove_channels(model: nn.Module, removals: Mapping[str, Sequence[int]],
     Raises:
         ModelError: a layer is unknown, is the classifier, or would lose every channel.
     """
-    import torch_pruning as tp
 
     model = model if inplace else copy.deepcopy(model)
     clf = getattr(model, "classifier", None)
@@ -736,7 +735,6 @@ def prune_structured(
 def _recover(model: nn.Module, train_ds, val_ds, rec: RecoveryConfig, epochs: int,
              teacher: nn.Module | None, task: str, step: int,
              progress: bool | None) -> dict[str, Any]:
-    from medscalpel.engine.train import TrainConfig, train
 
     cfg = TrainConfig(epochs=epochs, batch_size=rec.batch_size, lr=rec.lr,
                       weight_decay=rec.weight_decay, seed=rec.seed + step, device=rec.device,

@@ -32,9 +32,11 @@ from typing import Any
 import torch
 
 from medscalpel.compress.distill import (DistillLoss, ModelLike, distill_train, latency_table,
-                                         resolve_model)
+                                         resolve_model, teacher_divergence)
 from medscalpel.compress.measure import count_macs, count_parameters
 from medscalpel.data.base import CXRDataset, split_by_patient
+from medscalpel.engine.metrics import evaluate
+from medscalpel.engine.predict import collect_images, predict
 from medscalpel.engine.train import TrainConfig
 from medscalpel.errors import ConfigError, DataError
 from medscalpel.models.classifier import MedClassifier
@@ -191,9 +193,6 @@ def choose_student(
     cfg = TrainConfig(epochs=proxy_epochs, lr=lr, batch_size=batch_size, seed=seed,
                       max_steps_per_epoch=proxy_steps, patience=proxy_epochs,
                       warmup_epochs=0.0).validate()
-    from medscalpel.compress.distill import teacher_divergence
-    from medscalpel.engine.metrics import evaluate
-    from medscalpel.engine.predict import collect_images, predict
 
     val_images, _ = collect_images(val_ds, min(len(val_ds), 128), seed=seed)
     trained: dict[str, MedClassifier] = {}

@@ -13,7 +13,7 @@ Labels:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from medscalpel.data.transforms import Preprocess
 from medscalpel.errors import DataError
+from medscalpel.runs import hash_array, hash_strings
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,6 @@ class CXRDataset(Dataset):
 
     def content_hash(self) -> str:
         """A hash of ids, labels and class names: detects a changed dataset between runs."""
-        from medscalpel.runs import hash_array, hash_strings
 
         return hash_strings([hash_strings(self.ids), hash_array(np.nan_to_num(self.labels, nan=-1)),
                              hash_strings(self.class_names), self.task])

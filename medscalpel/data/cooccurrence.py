@@ -56,8 +56,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import chi2, hypergeom
 
 from medscalpel.errors import DataError
+from medscalpel.runs import read_json, write_json
 from medscalpel.validation import check_in, check_range
 
 SCHEMA_VERSION = 1
@@ -287,13 +289,11 @@ class CooccurrenceEvidence:
                    approximate=bool(d.get("approximate", False)))
 
     def save(self, path: str | os.PathLike) -> Path:
-        from medscalpel.runs import write_json
 
         return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CooccurrenceEvidence":
-        from medscalpel.runs import read_json
 
         return cls.from_dict(read_json(path))
 
@@ -306,7 +306,6 @@ def poisson_ci(observed: int, confidence: float = 0.95) -> tuple[float, float]:
         >>> tuple(round(v, 3) for v in poisson_ci(0))
         (0.0, 3.689)
     """
-    from scipy.stats import chi2
 
     alpha = 1.0 - confidence
     lo = 0.0 if observed == 0 else float(chi2.ppf(alpha / 2, 2 * observed) / 2)
@@ -324,7 +323,6 @@ def pair_evidence(a: str, b: str, n: int, count_a: int, count_b: int, observed: 
         >>> round(p.expected, 1), p.exclusive
         (27.0, False)
     """
-    from scipy.stats import hypergeom
 
     n, ca, cb, o = int(n), int(count_a), int(count_b), int(observed)
     if not (0 <= o <= min(ca, cb) and max(ca, cb) <= n):

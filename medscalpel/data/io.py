@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -300,7 +301,6 @@ def _read_png16_colour(path: Path, im: Image.Image, header: dict[str, Any]
                        ) -> tuple[np.ndarray, PixelInfo]:
     """16-bit RGB / RGBA / grey+alpha PNG: Pillow keeps only the high byte, so decode with
     OpenCV (a dependency of grad-cam, imported here because only these rare files need it)."""
-    import cv2
 
     raw = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if raw is None:

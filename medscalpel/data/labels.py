@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from medscalpel.data.base import CXRDataset, Task, split_by_patient
 from medscalpel.data.io import read_image
@@ -318,7 +319,6 @@ def drop_missing(ds: ImageFileDataset, skip: bool, fix: str = "") -> None:
 def drop_unreadable(ds: ImageFileDataset, progress: bool | None = None) -> None:
     """Decode every image with PIL once; drop the unreadable ones and record them (with the
     reason) in ``ds.skip_report``."""
-    from PIL import Image
 
     keep = np.ones(len(ds.paths), dtype=bool)
     for i in track(range(len(ds.paths)), f"checking {ds.name} images", progress=progress):

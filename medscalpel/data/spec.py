@@ -6,12 +6,14 @@ Examples: ``nih:/data/nih``, ``folder:/data/kermany/train?dedup=true``,
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
+import medscalpel.data  # noqa: F401  (registers the adapters)
 from medscalpel.data.base import CXRDataset
 from medscalpel.data.io import IMAGE_EXTENSIONS
 from medscalpel.data.transforms import Preprocess
@@ -42,7 +44,6 @@ class DatasetSpec:
         else:
             adapter, root = spec, None
         adapter = adapter.strip().lower()
-        import medscalpel.data  # noqa: F401  (registers the adapters)
 
         if adapter not in DATASETS:
             raise _not_a_spec(spec, adapter)
@@ -111,7 +112,6 @@ def open_dataset(
         >>> from medscalpel.data import open_dataset
         >>> ds = open_dataset("phantom?n=8&size=32", split="all")  # doctest: +SKIP
     """
-    import medscalpel.data  # noqa: F401  (registers the adapters)
 
     parsed = spec if isinstance(spec, DatasetSpec) else DatasetSpec.parse(spec)
     opts = {**parsed.options, **options}
@@ -139,7 +139,6 @@ def _kind(annotation: Any, default: Any) -> str | None:
 def _check_options(adapter: str, factory, opts: dict[str, Any]) -> dict[str, Any]:
     """Refuse unknown options and values of the wrong kind (``?dedup=maybe`` is not a
     yes/no answer); returns the options converted to the adapter's types."""
-    import inspect
 
     params = inspect.signature(factory).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):

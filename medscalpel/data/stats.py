@@ -39,10 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from medscalpel.data.cooccurrence import (CooccurrenceEvidence, ExclusionRule, count_matrices,
                                           evidence_from_counts)
+from medscalpel.data.spec import open_dataset
 from medscalpel.errors import DataError
+from medscalpel.runs import atomic_path, read_json, write_json
+from medscalpel.validation import check_in
 
 SCHEMA_VERSION = 2  # 2: pair_known, pos_known, evidence
 
@@ -136,25 +140,19 @@ class LabelStats:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON (NaN -> null) atomically."""
-        from medscalpel.runs import write_json
 
         return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LabelStats":
-        from medscalpel.runs import read_json
 
         return cls.from_dict(read_json(path))
 
     # ------------------------------------------------------------------ figures
     def plot_heatmap(self, path: str | os.PathLike, which: str = "jaccard") -> Path:
         """Save a heatmap PNG of the ``jaccard`` or ``cooccurrence`` matrix."""
-        from medscalpel.validation import check_in
 
         check_in(which, "which", "LabelStats.plot_heatmap", ("jaccard", "cooccurrence"))
-        from matplotlib.figure import Figure
-
-        from medscalpel.runs import atomic_path
 
         mat = self.jaccard_matrix() if which == "jaccard" else self.cooccurrence_matrix()
         k = len(self.class_names)
@@ -258,7 +256,6 @@ def dataset_statistics(spec: str, split: str = "all",
     Example:
         >>> s = dataset_statistics("nih:/data/nih?labels_only=true", "all", "runs/stats")  # doctest: +SKIP
     """
-    from medscalpel.data.spec import open_dataset
 
     ds = open_dataset(spec, split=split)
     stats = label_statistics(ds.labels, ds.class_names, spec=ds.spec, split=split,

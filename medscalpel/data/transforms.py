@@ -9,7 +9,7 @@ a CXR), normalised and repeated to the number of input channels the model takes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -132,7 +132,6 @@ class Preprocess:
                               f"mean={self.mean}, std={self.std}.")
 
     def with_augment(self, augment: Augment | None = Augment()) -> "Preprocess":
-        from dataclasses import replace
 
         return replace(self, augment=augment)
 

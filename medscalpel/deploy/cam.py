@@ -26,6 +26,7 @@ import torch
 from medscalpel.deploy.cam_head import CamHead, cam_maps, cam_support, rank_agreement
 from medscalpel.deploy.runtimes import RUNTIMES, Runtime
 from medscalpel.deploy.timing import MIN_CONFIDENCE, median_ms, speed_ratio
+from medscalpel.explain.cams import compute_cam
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ def _torch_gradcam_delta(model, images: torch.Tensor, targets: list[int],
                          fp32_maps: np.ndarray, raw: np.ndarray) -> dict[str, Any]:
     """Torch fp32 CAM vs pytorch-grad-cam Grad-CAM on images whose map is not degenerate
     (a map whose positive part is below 1e-3 of its scale is float noise after min-max)."""
-    from medscalpel.explain.cams import compute_cam
 
     g = compute_cam(model, images, targets, method="gradcam", progress=False).maps
     sel = np.stack([raw[i, t] for i, t in enumerate(targets)])

@@ -31,6 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from pytorch_grad_cam.utils.image import scale_cam_image
+from scipy.stats import spearmanr
 from torch import nn
 
 from medscalpel.errors import ModelError
@@ -120,7 +122,6 @@ def cam_maps(raw: np.ndarray, targets: Sequence[int], size: tuple[int, int]) -> 
     ReLU, then pytorch-grad-cam's own scaling (min-max per image, bilinear resize, min-max
     again as it does when it aggregates layers), so a served map and the torch Grad-CAM of the
     same class compare one to one."""
-    from pytorch_grad_cam.utils.image import scale_cam_image
 
     raw = np.asarray(raw, np.float32)
     sel = np.stack([raw[i, int(t)] for i, t in enumerate(targets)])
@@ -131,7 +132,6 @@ def cam_maps(raw: np.ndarray, targets: Sequence[int], size: tuple[int, int]) -> 
 
 def rank_agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman rank correlation per image between two stacks of maps ``[N, H, W]``."""
-    from scipy.stats import spearmanr
 
     out = []
     for x, y in zip(a, b):

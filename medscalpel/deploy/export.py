@@ -29,11 +29,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime
+import onnxruntime as ort
 import torch
+from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                      quantize_dynamic, quantize_static)
 from torch import nn
 
 from medscalpel.compress.measure import cpu_latency, eval_mode
 from medscalpel.deploy.timing import median_ms
+from medscalpel.engine.metrics import evaluate
+from medscalpel.engine.predict import make_loader
+from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, ModelError, VerificationError
 from medscalpel.runs import cpu_flags, write_json
 from medscalpel.validation import check_in, check_range
@@ -188,7 +196,6 @@ def _strip_node_metadata(path: Path) -> None:
     """Drop the dynamo exporter's per-node ``metadata_props`` (Python stack traces with this
     machine's file paths, FX node text: over half of a small model's file); the graph, the
     weights and the model-level metadata stay."""
-    import onnx
 
     proto = onnx.load(str(path))
     for node in [*proto.graph.node, *(n for f in proto.functions for n in f.node)]:
@@ -226,7 +233,6 @@ def export_onnx_file(model: nn.Module, path: str | os.PathLike, shape: Sequence[
         ``{"exporter", "reason", "fallback", "opset", "dynamo_error"}``: which exporter wrote
         the file, why, and the opset the file declares.
     """
-    import onnx
 
     path = Path(path)
     arch = _arch(model)
@@ -275,7 +281,6 @@ def export_onnx_file(model: nn.Module, path: str | os.PathLike, shape: Sequence[
 
 def ort_session(path: str | os.PathLike, threads: int | None = None):
     """An onnxruntime CPU session with ``threads`` intra-op threads (default: torch's)."""
-    import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(threads or torch.get_num_threads())
@@ -308,15 +313,12 @@ def _torch_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> np
 
 
 def _dataset_logits(session, dataset, batch_size: int = 64) -> np.ndarray:
-    from medscalpel.engine.predict import make_loader
 
     outs = [ort_run(session, x, batch_size) for x, _ in make_loader(dataset, batch_size)]
     return np.concatenate(outs)
 
 
 def _macro_auroc(logits: np.ndarray, dataset) -> float:
-    from medscalpel.engine.metrics import evaluate
-    from medscalpel.engine.predictions import Predictions
 
     p = Predictions(logits, dataset.labels, tuple(dataset.ids), tuple(dataset.class_names),
                     dataset.task, dataset.split)
@@ -389,8 +391,6 @@ def _quantize(fp32: Path, mode: str, calib: torch.Tensor | None) -> Path:
 
 def _quantize_files(fp32: Path, out: Path, mode: str, calib: torch.Tensor | None,
                     activation: str, reduce_range: bool) -> None:
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_dynamic, quantize_static)
 
     src = fp32
     with tempfile.TemporaryDirectory() as tmp:
@@ -462,7 +462,6 @@ def export_onnx(
     Returns:
         An :class:`ExportResult`.
     """
-    import onnxruntime
 
     t0 = time.perf_counter()
     if not batch_sizes:

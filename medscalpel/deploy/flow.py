@@ -42,6 +42,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +50,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from medscalpel.deploy.cam import explain_variant
-from medscalpel.deploy.result import DeployResult, VariantResult
-from medscalpel.deploy.serve import copy_exports, serve_metadata, write_serve
-from medscalpel.deploy.variant_timing import benchmark_variants, peak_gemms
-from medscalpel.deploy.export import preferred_exporter
 from medscalpel.compress.measure import count_macs, count_parameters
-from medscalpel.deploy.runtimes import (RUNTIMES, OpenVinoInt8AccuracyControl, Runtime,
-                                          cpu_features)
-from medscalpel.deploy.timing import SpeedRatio, speed_ratio
 from medscalpel.data.base import split_warning
+from medscalpel.deploy.cam import explain_variant
+from medscalpel.deploy.export import preferred_exporter
+from medscalpel.deploy.result import DeployResult, VariantResult
+from medscalpel.deploy.runtimes import RUNTIMES, OpenVinoInt8AccuracyControl, Runtime, cpu_features
+from medscalpel.deploy.serve import copy_exports, serve_metadata, write_serve
+from medscalpel.deploy.timing import SpeedRatio, speed_ratio
+from medscalpel.deploy.variant_timing import benchmark_variants, peak_gemms
 from medscalpel.engine.compare import compare_predictions
 from medscalpel.engine.metrics import auroc
 from medscalpel.engine.predict import collect_images
@@ -499,7 +499,6 @@ def _as_json(obj: Any) -> Any:
 
 
 def _versions() -> dict[str, str]:
-    from importlib import metadata
 
     out = package_versions()
     for n in ("openvino", "nncf"):

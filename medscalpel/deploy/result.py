@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from medscalpel.errors import DataError
-from medscalpel.runs import read_json, write_json
+from medscalpel.runs import read_json, write_json, write_text
 
 SCHEMA = 1
 DEPLOY_JSON = "deploy.json"
@@ -320,7 +320,6 @@ class DeployResult:
         return cls(**kw)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        from medscalpel.runs import write_text
 
         directory = Path(directory)
         write_json(directory / DEPLOY_JSON, self.to_dict())

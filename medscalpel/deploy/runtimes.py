@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,10 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from medscalpel.deploy.export import (INPUT, cpu_flags, export_onnx_file, has_vnni,
-                                        ort_session, quantize_onnx)
+from medscalpel.deploy.export import (INPUT, cpu_flags, export_onnx_file, has_vnni, ort_session,
+                                      quantize_onnx)
 from medscalpel.deploy.timing import median_ms
-from medscalpel.errors import ConfigError, MissingExtraError, optional_import
+from medscalpel.errors import ConfigError, optional_import
 from medscalpel.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -418,7 +419,6 @@ def runtime_latency(model: nn.Module, runtime: str, example: torch.Tensor, batch
                     threads: int = 1, warmup: int = 2, repeats: int = 5) -> float:
     """Median batch latency (ms) of ``model`` in a registered runtime variant (e.g.
     ``"onnxruntime:fp32"``, ``"openvino:fp32"``), built in a temporary directory."""
-    import tempfile
 
     rt = RUNTIMES.create(runtime, threads=threads)
     reason = rt.available()

@@ -43,9 +43,10 @@ import torch
 from torch import nn
 
 from medscalpel.deploy.cam_head import cam_maps
-from medscalpel.errors import (ConfigError, DataError, MedScalpelError, ModelError,
-                               VerificationError)
-from medscalpel.models.checkpoint import ModelCard
+from medscalpel.deploy.runtimes import RUNTIMES
+from medscalpel.errors import ConfigError, DataError, MedScalpelError, ModelError, VerificationError
+from medscalpel.models import load_model
+from medscalpel.models.checkpoint import ModelCard, _resolve
 from medscalpel.models.operating_point import OperatingPoint
 from medscalpel.runs import cpu_info, hash_file, read_json
 
@@ -186,7 +187,6 @@ def load_any(path: str | os.PathLike, threads: int = 1) -> nn.Module:
     (:func:`load_served`: ``RUN`` or ``RUN/serve`` of ``compress deploy``)."""
     if is_served(path):
         return load_served(path, threads)
-    from medscalpel.models import load_model
 
     return load_model(path)
 
@@ -196,7 +196,6 @@ def card_of(path: str | os.PathLike) -> ModelCard:
     loading weights or a runtime."""
     if is_served(path):
         return read_serve(path)[2]
-    from medscalpel.models.checkpoint import _resolve
 
     _, card_path = _resolve(path)
     return ModelCard.from_dict(read_json(card_path), source=str(card_path))
@@ -227,7 +226,6 @@ def runtime_model(model: nn.Module, runtime: "str | Runtime", calib: torch.Tenso
     max |delta logit| on them exceeds the precision's parity tolerance relative to the logit
     scale. The artifact lives in ``workdir`` (default: a temporary folder removed with the
     returned model)."""
-    from medscalpel.deploy.runtimes import RUNTIMES
 
     card = _card(model)
     if calib.ndim != 4 or calib.shape[0] < 1:

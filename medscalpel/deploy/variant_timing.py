@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
 from medscalpel.deploy.export import ort_session
 from medscalpel.deploy.timing import median_ms
@@ -29,9 +31,6 @@ logger = logging.getLogger(__name__)
 
 def _ort_int8_gemm(n: int, threads: int):
     """An onnxruntime MatMulInteger (uint8 x int8, the U8S8 kernel of quantised convs)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
 
     rng = np.random.default_rng(0)
     b = numpy_helper.from_array(rng.integers(-128, 127, (n, n), dtype=np.int8), "B")

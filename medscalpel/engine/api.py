@@ -3,29 +3,35 @@ dataset spec, predict, evaluate. Each returns a dataclass with ``to_dict()``."""
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
+import medscalpel.data  # noqa: F401  (registers the adapters)
 from medscalpel.data.base import CXRDataset, split_warning
 from medscalpel.data.dicom_read import file_ids
+from medscalpel.data.io import IMAGE_EXTENSIONS, read_image
 from medscalpel.data.scan import readable_image_files, require_readable, split_file_query
-from medscalpel.data.spec import open_dataset
+from medscalpel.data.spec import DATASETS, DatasetSpec, open_dataset
 from medscalpel.data.transforms import Augment, Preprocess
 from medscalpel.engine.bulk import BulkSettings, bulk_predict
 from medscalpel.engine.external import ExternalValidation, RelabeledDataset, external_validation
 from medscalpel.engine.metrics import EvalResult, evaluate
 from medscalpel.engine.predict import predict
 from medscalpel.engine.predictions import Predictions
-from medscalpel.errors import DataError
 from medscalpel.engine.train import TrainConfig, TrainResult, seed_everything, train
-from medscalpel.models.checkpoint import ModelCard, load_model, make_card, save_model
+from medscalpel.errors import DataError
+from medscalpel.models.checkpoint import ModelCard, _resolve, load_model, make_card, save_model
 from medscalpel.models.classifier import MedClassifier
 from medscalpel.models.zoo import create_model
+from medscalpel.runs import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +145,6 @@ def choose_split(card: Any, data: str, split: str | None) -> tuple[str, str]:
 
 
 def _same_spec(a: str, b: str) -> bool:
-    from medscalpel.data.spec import DatasetSpec
 
     try:
         return str(DatasetSpec.parse(a)) == str(DatasetSpec.parse(b))
@@ -150,11 +155,6 @@ def _same_spec(a: str, b: str) -> bool:
 def image_paths(data: str) -> list[Path] | None:
     """The image files ``data`` names when it is one image file, a folder holding image files
     or a glob (``/scans/*.png``), not a dataset spec; None for a dataset spec."""
-    import glob
-
-    import medscalpel.data  # noqa: F401  (registers the adapters)
-    from medscalpel.data.io import IMAGE_EXTENSIONS
-    from medscalpel.data.spec import DATASETS
 
     head = data.split("?", 1)[0].strip()
     adapter = head.split(":", 1)[0].strip().lower()
@@ -192,7 +192,6 @@ class ImageFiles(CXRDataset):
 
     def __init__(self, paths: list[Path], class_names: list[str], task: str,
                  preprocess: Preprocess | None = None, spec: str = "images"):
-        import numpy as np
 
         super().__init__(preprocess, spec=spec, split="all")
         self.paths = [Path(p) for p in paths]
@@ -202,14 +201,12 @@ class ImageFiles(CXRDataset):
         self._set_tables(names, labels, class_names, task)
 
     def load_raw(self, index: int):
-        from medscalpel.data.io import read_image
 
         return read_image(self.paths[index], colour=self.preprocess.channels == 3)
 
 
 def _predict_files(model: MedClassifier, paths: list[Path], data: str, batch_size: int,
                    progress: bool | None, bulk: BulkSettings | None = None) -> Predictions:
-    import numpy as np
 
     card = model.card
     ds = ImageFiles(paths, list(card.class_names), card.task, card.preprocess, spec=data)
@@ -334,9 +331,6 @@ def load_predictions(path: str | os.PathLike) -> Predictions:
     """:meth:`Predictions.load` whose every failure (missing file, a folder without
     predictions.npz, pickled or non-numeric arrays, missing entries) is one DataError naming
     the file."""
-    import zipfile
-
-    import numpy as np
 
     p = Path(path)
     target = p / "predictions.npz" if p.is_dir() else p
@@ -392,8 +386,6 @@ def validate_external(predictions: str | os.PathLike, model_dir: str | os.PathLi
 
 
 def _card(model_dir: str | os.PathLike):
-    from medscalpel.models.checkpoint import ModelCard, _resolve
-    from medscalpel.runs import read_json
 
     _, card_path = _resolve(model_dir)
     return ModelCard.from_dict(read_json(card_path), source=str(card_path))

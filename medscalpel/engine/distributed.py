@@ -31,21 +31,30 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+import medscalpel.errors as errors
 from medscalpel.data.base import CXRDataset
+from medscalpel.data.spec import open_dataset
+from medscalpel.data.transforms import Augment, Preprocess
+from medscalpel.engine.api import FitResult
 from medscalpel.engine.metrics import evaluate
 from medscalpel.engine.predict import check_compatible, make_loader, predict
 from medscalpel.engine.train import (LossFn, TrainConfig, TrainHooks, TrainResult, _pos_weight,
                                      _set_trainable, default_loss, lr_lambda_for, run_epochs,
                                      seed_everything, train_identity)
 from medscalpel.errors import ConfigError, MedScalpelError, RunError
+from medscalpel.models.checkpoint import make_card, save_model
 from medscalpel.models.classifier import MedClassifier
+from medscalpel.models.zoo import create_model
 from medscalpel.runs import read_json, write_json
 from medscalpel.validation import check_in, check_range
 
@@ -162,7 +171,6 @@ def _ddp_loop(rank: int, world: int, model: MedClassifier, train_ds: CXRDataset,
               progress: bool | None) -> dict[str, Any] | None:
     """One rank's training (the process group is initialised): the one training loop with
     :class:`DDPHooks`. Rank 0 returns the outcome."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
                        if dist.get_backend() == "nccl" else "cpu")
@@ -237,7 +245,6 @@ def _worker(rank: int, world: int, init_file: str, result_dir: str, backend: str
             progress) -> None:
     torch.set_num_threads(ddp.threads_per_rank)
     os.environ.setdefault("MEDSCALPEL_PROGRESS", "0")
-    from datetime import timedelta
 
     try:
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
@@ -260,7 +267,6 @@ def _worker(rank: int, world: int, init_file: str, result_dir: str, backend: str
 
 
 def _reraise(result_dir: str, world: int, exc: BaseException) -> None:
-    import medscalpel.errors as errors
 
     first = getattr(exc, "error_index", None)  # the process that failed first: the cause
     order = ([first] if first is not None else []) + [r for r in range(world) if r != first]
@@ -338,7 +344,6 @@ def train_ddp(
                                    start_method=start)
         except (tmp_mp.ProcessRaisedException, tmp_mp.ProcessExitedException) as exc:
             _reraise(work, world_size, exc)
-        from safetensors.torch import load_file
 
         out = read_json(Path(work) / "result.json")
         out["best_state"] = load_file(str(Path(work) / "best.safetensors"))
@@ -363,7 +368,6 @@ def train_ddp_from_env(
 
         torchrun --nnodes 2 --nproc-per-node 4 --rdzv-endpoint head:29500 my_train.py
     """
-    from datetime import timedelta
 
     cfg = (config or TrainConfig()).validate()
     s = (settings or DDPSettings()).validate()
@@ -400,11 +404,6 @@ def fit_ddp(data: str, arch: str, out_dir: str | os.PathLike, config: TrainConfi
     ``augment`` is off by default: random augmentation draws per process, so it is not equal to
     one process (the optimisation still is, batch for batch).
     """
-    from medscalpel.data.spec import open_dataset
-    from medscalpel.data.transforms import Augment, Preprocess
-    from medscalpel.engine.api import FitResult
-    from medscalpel.models.checkpoint import make_card, save_model
-    from medscalpel.models.zoo import create_model
 
     cfg = (config or TrainConfig()).validate()
     pp = Preprocess(size=size, channels=channels)

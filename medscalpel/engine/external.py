@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import norm
 
 from medscalpel.data.base import CXRDataset, split_warning
 from medscalpel.engine.compare import (PairedComparison, compare_predictions, weighted_ap,
@@ -51,6 +52,7 @@ from medscalpel.engine.compare import (PairedComparison, compare_predictions, we
 from medscalpel.engine.metrics import bootstrap_ci, calibration_bins, weighted_ece
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
+from medscalpel.plotting import pyplot, save_figure
 from medscalpel.runs import read_json, write_json
 from medscalpel.validation import check_range
 
@@ -495,7 +497,6 @@ def plot_reliability(result: ExternalValidation, path: str | os.PathLike,
     """Reliability diagrams (observed frequency vs mean predicted probability per bin) of the
     internal and the external set, one panel per class (the ``max_classes`` with the largest
     external ECE), the ECE in each legend."""
-    from medscalpel.plotting import pyplot, save_figure
 
     plt = pyplot()
     order = sorted(range(len(result.class_names)),
@@ -553,7 +554,6 @@ def compression_shift(dense_internal: Predictions, compressed_internal: Predicti
     """Compressed vs dense on the internal AND the external set (paired CIs on each via
     :func:`~medscalpel.engine.compare.compare_predictions`), and per class how much more the
     compressed model loses externally."""
-    from scipy.stats import norm
 
     ci = compare_predictions(dense_internal, compressed_internal, n_boot=n_boot, seed=seed,
                              thresholds=thresholds, confidence=confidence)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from medscalpel.errors import DataError
-from medscalpel.runs import atomic_path
+from medscalpel.runs import atomic_path, dumps_json
 
 SCHEMA = 1
 
@@ -152,7 +152,6 @@ class Predictions:
         meta = {"schema_version": SCHEMA, "ids": list(self.ids), "class_names": list(self.class_names),
                 "task": self.task, "split": self.split, "model_id": self.model_id,
                 "meta": self.meta}
-        from medscalpel.runs import dumps_json
 
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:

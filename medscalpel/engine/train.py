@@ -13,6 +13,7 @@ import copy
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medscalpel.data.base import CXRDataset
@@ -99,7 +101,6 @@ class TrainResult:
 
 
 def seed_everything(seed: int) -> None:
-    import random
 
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -158,7 +159,6 @@ class _Checkpointer:
              bad_epochs, identity: dict[str, Any]) -> None:
         if self.write_dir is None:
             return
-        from safetensors.torch import save_file
 
         d = self.write_dir
         d.mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,6 @@ class _Checkpointer:
     def load(self, identity: dict[str, Any]):
         if self.dir is None or not (self.dir / "state.json").is_file():
             return None
-        from safetensors.torch import load_file
 
         state = read_json(self.dir / "state.json")
         if state.get("identity") != identity:

@@ -33,12 +33,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from captum.attr import IntegratedGradients as CaptumIG
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medscalpel.errors import ConfigError, DataError, ModelError
 from medscalpel.registry import Registry
 from medscalpel.runs import atomic_path
-from medscalpel.validation import check_range
+from medscalpel.validation import check_in, check_range
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +93,6 @@ class AttributionResult:
 
     def save(self, path: str | Path) -> Path:
         """Write the maps (safetensors) and :meth:`to_dict` (``.json`` beside it)."""
-        from safetensors.torch import save_file
 
         path = Path(path)
         if path.suffix != ".safetensors":
@@ -110,7 +111,6 @@ class AttributionResult:
     @classmethod
     def load(cls, path: str | Path) -> "AttributionResult":
         """Read a result written by :meth:`save`."""
-        from safetensors.torch import load_file
 
         path = Path(path)
         if path.suffix != ".safetensors":
@@ -309,7 +309,6 @@ class IntegratedGradients(Attribution):
         if internal_batch_size is not None:
             check_range(internal_batch_size, "internal_batch_size", owner, 1, integer=True)
         self.internal_batch_size = internal_batch_size
-        from medscalpel.validation import check_in
 
         self.method = check_in(method, "method", owner, ["gausslegendre", "riemann_trapezoid",
                                                          "riemann_left", "riemann_right",
@@ -317,7 +316,6 @@ class IntegratedGradients(Attribution):
         self.baseline = baseline
 
     def attribute(self, inputs: torch.Tensor, target: int | torch.Tensor) -> AttributionResult:
-        from captum.attr import IntegratedGradients as CaptumIG
 
         x, t = self._prepare(inputs, target)
         base = _baseline_tensor(self.baseline, x, "IntegratedGradients")

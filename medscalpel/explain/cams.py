@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import pytorch_grad_cam
 import torch
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget as target_cls
 from torch import nn
 
 from medscalpel.errors import ConfigError, DataError, ModelError
@@ -52,7 +54,6 @@ CAMS: Registry[Any] = Registry("CAM method")
 
 
 def _gradcam_module():
-    import pytorch_grad_cam  # a core dependency, imported on first use (slow to import)
 
     return pytorch_grad_cam
 
@@ -334,7 +335,6 @@ def compute_cam(
     layer = model.cam_layer()
     reshape = getattr(model, "cam_reshape", None)
     # grad-cam is imported on first use (slow to import), as in _gradcam_module
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget as target_cls
     device = next(model.parameters()).device
     maps = np.zeros((n, images.shape[2], images.shape[3]), np.float32)
     logits = np.zeros(n, np.float32)

@@ -36,8 +36,11 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
+from torchvision.models.resnet import BasicBlock, Bottleneck
 from zennit.canonizers import Canonizer
 from zennit.core import collect_leaves
+from zennit.layer import Sum
 from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
 
 from medscalpel.errors import ModelError
@@ -210,7 +213,6 @@ class OutOfPlaceActivations(Canonizer):
 
 
 def _densenet_types():
-    from torchvision.models.densenet import _DenseBlock, _DenseLayer, _Transition
 
     return _DenseBlock, _DenseLayer, _Transition
 
@@ -221,7 +223,6 @@ def is_densenet(model: nn.Module) -> bool:
 
 
 def is_resnet(model: nn.Module) -> bool:
-    from torchvision.models.resnet import BasicBlock, Bottleneck
 
     return any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules())
 
@@ -350,7 +351,6 @@ def canonizers_for(model: nn.Module) -> list[Canonizer]:
 
 # leaf module types LRP knows how to handle (with the canonizers above)
 def supported_leaf_types() -> tuple[type, ...]:
-    from zennit.layer import Sum
 
     return (nn.Conv1d, nn.Conv2d, nn.Linear, *_BN, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d,
             nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout, nn.Identity,

@@ -32,10 +32,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
+from medscalpel.data.base import CXRDataset
 from medscalpel.errors import ConfigError, DataError, ModelError
+from medscalpel.explain.polarity import QuantileRule, make_rule
 from medscalpel.progress import track
 from medscalpel.validation import check_fraction, check_in, check_range
 
@@ -94,7 +97,6 @@ class TopChannels:
         return [r.channel for r in self.rows]
 
     def to_frame(self):
-        import pandas as pd
 
         return pd.DataFrame([{**r.to_dict(),
                               "pushes": ", ".join(f"{c} ({w:+.3f})" for c, w in r.pushes),
@@ -254,7 +256,6 @@ class ChannelContributions:
                 class row, the same rule as the polarity analysis).
             rows_desc: a label for the selected images stored with the table.
         """
-        from medscalpel.explain.polarity import QuantileRule, make_rule
 
         k = self.class_index(k)
         check_range(n, "n", "top_channels", 1, integer=True)
@@ -365,7 +366,6 @@ def channel_contributions_from_model(model: nn.Module, images: Any, batch_size: 
         raise ModelError(f"channel_contributions_from_model needs a MedClassifier (features() and "
                          f"an nn.Linear classifier); got {type(model).__name__}.")
     check_range(batch_size, "batch_size", "channel_contributions_from_model", 1, integer=True)
-    from medscalpel.data.base import CXRDataset
 
     class_names = getattr(getattr(model, "card", None), "class_names", None)
     if isinstance(images, CXRDataset):

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from medscalpel.errors import DataError
-
-
+from medscalpel.explain.polarity import CATEGORIES
+from medscalpel.explain.regions import ZONE_NAMES, describe_location
 from medscalpel.plotting import pyplot as _plt  # noqa: E402
 from medscalpel.plotting import save_figure as _save  # noqa: E402
 
@@ -34,14 +35,12 @@ def _grey(image: Any) -> np.ndarray:
 
 
 def _draw_zones(ax, zones, shape) -> None:
-    from medscalpel.explain.regions import ZONE_NAMES
 
     z = zones.resized(shape)
     ax.contour(z.label_map, levels=np.arange(len(ZONE_NAMES) - 1) + 0.5, colors="white",
                linewidths=0.7, alpha=0.9)
     short = {"right_upper": "RU", "right_middle": "RM", "right_lower": "RL", "left_upper": "LU",
              "left_middle": "LM", "left_lower": "LL", "cardiac": "C", "mediastinal": "M"}
-    from scipy import ndimage as ndi
 
     for name, tag in short.items():
         m = z.mask(name)
@@ -61,7 +60,6 @@ def cam_overlay_figure(images: Any, cams: Any, path: str | os.PathLike, zones: A
         zones: optional list of :class:`~medscalpel.explain.regions.LungZones` (one per image).
         max_images: at most this many images (the first ones).
     """
-    from medscalpel.explain.regions import describe_location
 
     plt = _plt()
     n = min(max_images, cams.n)
@@ -133,7 +131,6 @@ def channel_bar_figure(table: Any, path: str | os.PathLike, max_others: int = 3)
 def polarity_table_figure(result: Any, path: str | os.PathLike, level: str = "channels") -> Path:
     """Seed 000's category table (observed) with each null model's expected counts, the share of
     perfect + legitimate pairs and its empirical p-value."""
-    from medscalpel.explain.polarity import CATEGORIES
 
     plt = _plt()
     df = result.table(level)

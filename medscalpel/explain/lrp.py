@@ -30,6 +30,8 @@ import logging
 
 import torch
 from torch import nn
+from zennit import composites as zc
+from zennit.rules import Epsilon, Pass
 
 from medscalpel.errors import ModelError
 from medscalpel.explain.attributions import (ATTRIBUTIONS, Attribution, AttributionResult,
@@ -80,8 +82,6 @@ def build_composite(name: str = "epsilon_plus_flat", epsilon: float = 1e-6,
         canonizers: zennit canonizers to apply first (``None``: none).
         stabilizer: stabiliser of the other rules.
     """
-    from zennit import composites as zc
-    from zennit.rules import Epsilon, Pass
 
     check_in(name, "composite", "lrp", COMPOSITES)
     check_in(bn_rule, "bn_rule", "lrp", BN_RULES)

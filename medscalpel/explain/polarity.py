@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from medscalpel.data.cooccurrence import (VERDICTS, CooccurrenceEvidence, ExclusionRule,
                                           cooccurrence_evidence)
@@ -406,7 +407,6 @@ class PolarityResult:
 
     def table(self, level: str = "triples"):
         """pandas DataFrame: categories x (observed, expected under each null model)."""
-        import pandas as pd
 
         obs = self.counts(level)
         data = {"observed": [obs[c] for c in CATEGORIES]}
@@ -633,7 +633,6 @@ class StagePolarity:
 
     def table(self, level: str = "channels"):
         """pandas DataFrame: one row per stage, observed counts and the null expectations."""
-        import pandas as pd
 
         rows = []
         for stage, r in self.results.items():

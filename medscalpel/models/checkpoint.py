@@ -16,6 +16,7 @@ import copy
 import json
 import logging
 import os
+import pickle
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from torch import nn
 
 from medscalpel import __version__
@@ -30,6 +33,7 @@ from medscalpel.data.transforms import Preprocess
 from medscalpel.errors import CheckpointError, ModelError
 from medscalpel.models.classifier import MedClassifier
 from medscalpel.models.operating_point import OperatingPoint, derive_operating_point, task_of
+from medscalpel.models.zoo import ARCHS, create_model
 from medscalpel.runs import atomic_path, hash_bytes, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -156,7 +160,6 @@ class ModelCard:
 def _check_card_fields(d: dict[str, Any], source: str) -> None:
     """The fields a model is rebuilt from, with types that build it (a hand-edited card fails
     here with the field named, not later inside the model constructor)."""
-    from medscalpel.models.zoo import ARCHS
 
     def bad(field: str, what: str, got: Any) -> CheckpointError:
         return CheckpointError(f"{source}: '{field}' must be {what}; got {got!r}. Fix the field "
@@ -206,7 +209,6 @@ def save_model(model: MedClassifier, directory: str | os.PathLike,
 
     Returns the directory. The card's ``model_id`` becomes a hash of the weights.
     """
-    from safetensors.torch import save as st_save
 
     card = card or model.card
     if card is None:
@@ -254,7 +256,6 @@ def _resolve(path: str | os.PathLike) -> tuple[Path, Path]:
 
 def load_model(path: str | os.PathLike, map_location: str = "cpu") -> MedClassifier:
     """Load a medscalpel model directory (or its ``model.json``/``model.safetensors``)."""
-    from safetensors.torch import load_file
 
     w, c = _resolve(path)
     card = ModelCard.from_dict(read_json(c), source=str(c))
@@ -272,7 +273,6 @@ def load_model(path: str | os.PathLike, map_location: str = "cpu") -> MedClassif
 
 
 def build_from_card(card: ModelCard) -> MedClassifier:
-    from medscalpel.models.zoo import create_model
 
     kw = dict(card.arch_kwargs)
     in_chans = int(kw.pop("in_chans", card.input.get("channels", 1)))
@@ -341,7 +341,6 @@ _OLD_DENSENET = re.compile(
 
 def read_foreign_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a ``.pt/.pth/.pth.tar`` state dict without unpickling code."""
-    import pickle
 
     path = Path(path)
     if not path.is_file():
@@ -429,7 +428,6 @@ def import_foreign(path: str | os.PathLike, arch: str, class_names: list[str], t
     ``preprocess.channels`` is refused unless ``adapt_channels`` (then 3 -> 1 sums the filters'
     channels and 1 -> 3 spreads them evenly, which changes what the model computes on colour
     input: say so where you use it)."""
-    from medscalpel.models.zoo import create_model
 
     state = read_foreign_state_dict(path)
     model = create_model(arch, num_classes=len(class_names), in_chans=preprocess.channels,

@@ -26,8 +26,11 @@ import concurrent.futures as cf
 import logging
 import multiprocessing as mp
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+import torch
 
 from medscalpel.errors import ConfigError, MedScalpelError, RunError, optional_import
 from medscalpel.progress import track
@@ -66,14 +69,12 @@ def _raise_cell_error(index: int, cell: Any, exc: BaseException) -> None:
 
 
 def _init_worker(threads: int) -> None:  # runs in each local worker process
-    import torch
 
     torch.set_num_threads(threads)
     os.environ.setdefault("MEDSCALPEL_PROGRESS", "0")
 
 
 def _cuda_initialized() -> bool:
-    import sys
 
     torch = sys.modules.get("torch")
     return bool(torch is not None and torch.cuda.is_initialized())

@@ -37,12 +37,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from medscalpel.cells import CellIndex, canonical, cell_id, check_cells, identity_hash, run_cells
+from medscalpel.compress.distill import teacher_loss
 from medscalpel.compress.sweep import prune_cell_result
+from medscalpel.data import open_dataset
+from medscalpel.engine.metrics import evaluate
+from medscalpel.engine.predict import Features, predict
+from medscalpel.engine.predictions import Predictions
+from medscalpel.engine.train import TrainConfig, train
 from medscalpel.errors import ConfigError, DataError
+from medscalpel.models.checkpoint import WEIGHTS, load_model, make_card
+from medscalpel.models.zoo import ARCHS, create_model
 from medscalpel.pipeline.executors import get_executor, imap_cells
 from medscalpel.registry import Registry
+from medscalpel.repair.triage import triage
 from medscalpel.runs import hash_file
 from medscalpel.validation import check_in, check_range
 
@@ -99,7 +109,6 @@ def run_grid(
 
 # ----------------------------------------------------------------------------- identity
 def _model_hash(path: str) -> str:
-    from medscalpel.models.checkpoint import WEIGHTS
 
     p = Path(path)
     w = p / WEIGHTS if p.is_dir() else p
@@ -110,7 +119,6 @@ def _model_hash(path: str) -> str:
 
 
 def _data_hash(spec: str, split: str, preprocess=None) -> str:
-    from medscalpel.data import open_dataset
 
     return open_dataset(spec, split=split, preprocess=preprocess).content_hash()[:16]
 
@@ -188,7 +196,6 @@ def distill_grid(teacher: str | os.PathLike, data: str, students: Sequence[str],
     """Cells of a distillation grid: students x temperatures x soft weights x seeds; each trains a
     student on ``train`` (early stopping on ``val``) and evaluates on ``split``."""
     owner = "distill_grid"
-    from medscalpel.models.zoo import ARCHS
 
     if not students:
         raise ConfigError(f"The 'students' parameter of {owner} must not be empty.")
@@ -222,20 +229,17 @@ def triage_grid(fit: str | os.PathLike, held_out: str | os.PathLike,
 # ----------------------------------------------------------------------------- cell functions
 @functools.lru_cache(maxsize=8)
 def _cached_model(path: str):
-    from medscalpel.models.checkpoint import load_model
 
     return load_model(path)
 
 
 @functools.lru_cache(maxsize=8)
 def _cached_data(spec: str, split: str, model_path: str):
-    from medscalpel.data import open_dataset
 
     return open_dataset(spec, split=split, preprocess=_cached_model(model_path).card.preprocess)
 
 
 def _metrics(preds) -> dict[str, Any]:
-    from medscalpel.engine.metrics import evaluate
 
     ev = evaluate(preds, n_boot=0)
     return {"macro_auroc": ev.macro.get("auroc"), "macro_ap": ev.macro.get("ap"),
@@ -243,7 +247,6 @@ def _metrics(preds) -> dict[str, Any]:
 
 
 def _strip_seconds(preds):
-    from medscalpel.engine.predictions import Predictions
 
     meta = {k: v for k, v in preds.meta.items() if k != "seconds"}
     return Predictions(preds.logits, preds.labels, preds.ids, preds.class_names, preds.task,
@@ -266,19 +269,12 @@ def distill_cell(cell: dict[str, Any]) -> dict[str, Any]:
     """Train ``cell['student']`` from ``cell['teacher']`` on ``data``'s train split (early
     stopping on val) with :func:`medscalpel.compress.distill.teacher_loss` (the one
     distillation loss); evaluate student and teacher on ``split``."""
-    from medscalpel.compress.distill import teacher_loss
-    from medscalpel.data import open_dataset
-    from medscalpel.engine.predict import predict
-    from medscalpel.engine.train import TrainConfig, train
-    from medscalpel.models.checkpoint import make_card
-    from medscalpel.models.zoo import create_model
 
     teacher = _cached_model(cell["teacher"])
     pp = teacher.card.preprocess
     tr = open_dataset(cell["data"], split="train", preprocess=pp)
     va = open_dataset(cell["data"], split="val", preprocess=pp)
     te = _cached_data(cell["data"], cell.get("split", "test"), cell["teacher"])
-    import torch
 
     torch.manual_seed(int(cell["seed"]))
     student = create_model(cell["student"], num_classes=tr.num_classes, in_chans=pp.channels,
@@ -299,8 +295,6 @@ def distill_cell(cell: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_scores(path: str):
-    from medscalpel.engine.predict import Features
-    from medscalpel.engine.predictions import Predictions
 
     with np.load(path, allow_pickle=False) as z:
         is_features = "features" in z.files
@@ -310,7 +304,6 @@ def _load_scores(path: str):
 @CELL_FNS.register("triage", help="the cost-aware treatment router on saved features")
 def triage_cell(cell: dict[str, Any]) -> dict[str, Any]:
     """Run :func:`medscalpel.repair.triage.triage` with the cell's budget and guards."""
-    from medscalpel.repair.triage import triage
 
     res = triage(_load_scores(cell["fit"]), _load_scores(cell["held_out"]),
                  budget=float(cell["budget"]), max_auroc_drop=float(cell["max_auroc_drop"]),

@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 from medscalpel.data.phantom import PhantomData
-from medscalpel.engine.predict import Features
+from medscalpel.data.spec import open_dataset
+from medscalpel.data.transforms import Preprocess
+from medscalpel.engine.predict import Features, collect_images
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, RunError
 from medscalpel.layout import ARTIFACTS, artifact
@@ -82,7 +84,6 @@ class StageContext:
 
     def __init__(self, out: str | os.PathLike, seed: int = 0, size: int = 64,
                  progress: bool | None = None):
-        from medscalpel.data.transforms import Preprocess
 
         self.out = Path(out)
         self.seed = seed
@@ -164,7 +165,6 @@ class StageContext:
         self._phantom = value
 
     def ds(self, split: str):
-        from medscalpel.data.spec import open_dataset
 
         if not self.spec and ARTIFACTS["phantom_data"].exists(self.out):
             self.spec = f"phantom:{self.dir_of('phantom_data')}"
@@ -178,7 +178,6 @@ class StageContext:
         return self.labelled_images(split, n, seed)[0]
 
     def labelled_images(self, split: str, n: int, seed: int = 0) -> tuple[torch.Tensor, Any]:
-        from medscalpel.engine.predict import collect_images
 
         ds = self.ds(split)
         x, idx = collect_images(ds, n, seed=seed)

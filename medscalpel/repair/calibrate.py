@@ -40,6 +40,7 @@ from scipy.optimize import minimize_scalar
 from medscalpel.engine.metrics import expected_calibration_error as binary_ece
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError, ModelError
+from medscalpel.models.checkpoint import save_model
 from medscalpel.models.operating_point import OperatingPoint
 from medscalpel.registry import Registry
 from medscalpel.repair.conformal import clopper_pearson
@@ -589,7 +590,6 @@ def save_with_operating_point(model, directory: str | os.PathLike, op: Operating
     """Save a copy of ``model`` into ``directory`` deciding by ``op`` (``model.json``'s
     ``operating_point`` and ``thresholds``) with an ``operating_point`` lineage step; the
     weights (hence ``model_id``) are unchanged and the caller's model is not modified."""
-    from medscalpel.models.checkpoint import save_model
 
     if model.card is None:
         raise ModelError("save_with_operating_point: the model has no ModelCard (load it with "
@@ -641,7 +641,6 @@ def save_with_thresholds(model, directory: str | os.PathLike, calibrator: Thresh
     The weights are unchanged (the weights hash, hence ``model_id``, stays the same); the card
     gains the thresholds and a lineage step. The caller's model is not modified.
     """
-    from medscalpel.models.checkpoint import save_model
 
     if model.card is None:
         raise ModelError("save_with_thresholds: the model has no ModelCard (load it with "

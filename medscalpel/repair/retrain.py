@@ -32,13 +32,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
 from torch import nn
 
+from medscalpel.engine.device import resolve_device
 from medscalpel.engine.metrics import auroc
-from medscalpel.engine.predict import Features
+from medscalpel.engine.predict import Features, check_compatible, make_loader, predict
+from medscalpel.engine.train import default_loss, seed_everything
 from medscalpel.errors import ConfigError, DataError, ModelError
 from medscalpel.models.classifier import MedClassifier
 from medscalpel.progress import track
+from medscalpel.repair.surgery import class_index
+from medscalpel.repair.surgery.helpers import class_probs, label_k
 from medscalpel.runs import write_json
 from medscalpel.validation import check_in, check_range
 
@@ -51,7 +57,6 @@ SCHEMA = 1
 def per_class_auroc(logits: np.ndarray, labels: np.ndarray, task: str,
                     class_names: Sequence[str]) -> dict[str, float]:
     """AUROC of every class (NaN labels ignored; NaN when a class lacks positives/negatives)."""
-    from medscalpel.repair.surgery.helpers import class_probs, label_k
 
     probs = class_probs(logits, task)
     out = {}
@@ -68,7 +73,6 @@ def _macro(d: dict[str, float], names: Sequence[str] | None = None) -> float:
 
 
 def _rows(classes: Sequence[int | str] | None, names: Sequence[str], owner: str) -> list[int]:
-    from medscalpel.repair.surgery import class_index
 
     if classes is None:
         return list(range(len(names)))
@@ -348,8 +352,6 @@ def reoptimize_classifier(
     the choice and the chosen ``C`` is refitted on all of ``train``. A class without both labels
     in the training rows keeps its old row.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import log_loss
 
     owner = "reoptimize_classifier"
     _check_feats(train, [val, held_out], owner)
@@ -515,9 +517,6 @@ def finetune_last_block(
     statistics are kept); the trained block is in train mode. The caller's model is not changed.
     Per-class AUROC before / after is measured on ``held_out_ds`` (or ``train_ds``).
     """
-    from medscalpel.engine.device import resolve_device
-    from medscalpel.engine.predict import check_compatible, make_loader, predict
-    from medscalpel.engine.train import default_loss, seed_everything
 
     owner = "finetune_last_block"
     check_range(epochs, "epochs", owner, 1, integer=True)

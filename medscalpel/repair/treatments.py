@@ -18,10 +18,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 
 from medscalpel.engine.predict import Features
 from medscalpel.engine.predictions import Predictions
 from medscalpel.registry import Registry
+from medscalpel.repair.calibrate import best_cut
+from medscalpel.repair.retrain import finetune_classifier, reoptimize_classifier
+from medscalpel.repair.surgery import surgical_correction
+from medscalpel.repair.surgery.helpers import label_k, sigmoid
 
 #: issue kinds the diagnosis can report (see :mod:`medscalpel.repair.triage`)
 ISSUES = ("low_recall", "low_precision", "miscalibrated", "fp_cluster", "confounder",
@@ -94,8 +99,6 @@ class Treatment:
 
 
 def _refit_threshold(state: RepairState, k: int, fit, method: str = "youden") -> float:
-    from medscalpel.repair.calibrate import best_cut
-    from medscalpel.repair.surgery.helpers import label_k, sigmoid
 
     y = label_k(fit.labels, k, fit.task)
     known = np.isfinite(y)
@@ -155,9 +158,6 @@ class PlattRecalibration(Treatment):
         return why
 
     def apply(self, state, k, fit, issues):
-        from sklearn.linear_model import LogisticRegression
-
-        from medscalpel.repair.surgery.helpers import label_k
 
         y = label_k(fit.labels, k, fit.task)
         known = np.isfinite(y)
@@ -193,7 +193,6 @@ class SurgicalCorrection(Treatment):
     typical_seconds = 2.0
 
     def apply(self, state, k, fit, issues):
-        from medscalpel.repair.surgery import surgical_correction
 
         feats = state.features_view(fit)
         rows = sorted({r for i in issues for r in i.get("rows", [])})
@@ -231,7 +230,6 @@ class PartialRetraining(Treatment):
     typical_seconds = 5.0
 
     def apply(self, state, k, fit, issues):
-        from medscalpel.repair.retrain import finetune_classifier
 
         feats = state.features_view(fit)
         r = finetune_classifier(feats, feats, classes=[k], steps=self.params.get("steps", 300),
@@ -258,7 +256,6 @@ class FReoptimization(Treatment):
     typical_seconds = 30.0
 
     def apply(self, state, k, fit, issues):
-        from medscalpel.repair.retrain import reoptimize_classifier
 
         if fit.task != "multilabel":
             return Attempt(None, {}, "a per-row refit applies to multi-label models; refit the "

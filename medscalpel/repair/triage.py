@@ -61,8 +61,8 @@ from medscalpel.engine.predict import Features
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
 from medscalpel.repair.helped import (ISSUE_METRIC, boot_weights, class_arrays, evidence_text,
-                                      helped_record, helped_verdict, needed_metrics,
-                                      paired_deltas)
+                                      helped_record, helped_verdict, needed_metrics, paired_deltas)
+from medscalpel.repair.surgery.helpers import label_k, margins, sigmoid
 from medscalpel.repair.treatments import (ISSUES, TREATMENTS, Attempt, RepairState, Treatment,
                                           initial_costs)
 from medscalpel.runs import read_json, write_json, write_text
@@ -190,7 +190,6 @@ def ece_binary(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
 def class_metrics(logits: np.ndarray, labels: np.ndarray, task: str, k: int, threshold: float,
                   bins: int = 10, flags: np.ndarray | None = None) -> dict[str, float]:
     """Recall, precision, F1, specificity, Youden's J, AUROC, ECE, Brier of class ``k``."""
-    from medscalpel.repair.surgery.helpers import label_k, margins, sigmoid
 
     y = label_k(labels, k, task)
     known = np.isfinite(y)
@@ -219,7 +218,6 @@ def diagnose_class(logits: np.ndarray, data: Features | Predictions, k: int, thr
                    confounders: dict[str, np.ndarray] | None = None
                    ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Issues of class ``k`` on ``data`` (a list of dicts: kind, value, limit, detail)."""
-    from medscalpel.repair.surgery.helpers import label_k, margins
 
     c = criteria
     m = class_metrics(logits, data.labels, data.task, k, threshold, c.ece_bins)

@@ -54,8 +54,7 @@ from medscalpel.errors import DataError
 from medscalpel.layout import ARTIFACTS
 from medscalpel.report import html as H
 from medscalpel.report.headline import build_headline
-from medscalpel.report.page import (Link, ReportOptions, RunFiles, Section, pointer,
-                                    resolve_pointer)
+from medscalpel.report.page import Link, ReportOptions, RunFiles, Section, pointer, resolve_pointer
 from medscalpel.report.sections import page_sections
 from medscalpel.runs import final_path
 
@@ -114,7 +113,6 @@ def identifiers_kept_in(root: Path, limit: int = 500) -> list[str]:
     """The runs under ``root`` whose manifest shows the user opted in to identifiers (a
     ``dicom:`` spec with ``keep_identifiers=true`` or ``--keep-identifiers``): the report marks
     them at its top."""
-    from medscalpel.data.dicom import identifiers_kept
 
     found = []
     for i, man in enumerate(sorted(root.rglob("manifest.json"))):

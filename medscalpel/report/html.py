@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import base64
+import io
 import math
 import os
 import re
@@ -26,6 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from markupsafe import Markup, escape
 
 from medscalpel.errors import DataError
@@ -64,7 +66,6 @@ def png_data_uri(png: bytes | str | os.PathLike) -> str:
 
 def figure_png(fig, dpi: int = 110) -> bytes:
     """PNG bytes of a matplotlib figure (the figure is closed)."""
-    import io
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
@@ -199,7 +200,6 @@ class Figure:
 # ----------------------------------------------------------------------------- rendering
 @lru_cache(maxsize=1)
 def _environment():
-    import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                              autoescape=True, undefined=jinja2.StrictUndefined,

@@ -7,6 +7,7 @@ same resampling: one multinomial image-count vector per replicate, applied to ev
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -105,7 +106,6 @@ def fast_copy(model: nn.Module) -> nn.Module:
     """A frozen eval-mode copy of ``model`` in channels-last memory format (faster convolutions
     on CPU) for the forward-only passes of the audit; the caller's model is not touched. A
     deployed runtime artifact (no parameters, ``supports_gradients`` False) is returned as is."""
-    import copy
 
     if not getattr(model, "supports_gradients", True):
         return model

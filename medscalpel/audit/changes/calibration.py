@@ -33,11 +33,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from medscalpel.audit.changes._util import (NAN, boot_weights, ci, ci_excludes_zero, num,
-                                            p_two_sided)
+from medscalpel.audit.changes._util import NAN, boot_weights, ci, ci_excludes_zero, num, p_two_sided
 from medscalpel.engine.compare import compare_predictions
 from medscalpel.engine.metrics import calibration_bins, weighted_ece
 from medscalpel.engine.predictions import Predictions
+from medscalpel.plotting import pyplot, save_figure
 from medscalpel.validation import check_fraction, check_range
 
 logger = logging.getLogger(__name__)
@@ -277,7 +277,6 @@ def plot_reliability(res: CalibrationChange, path: str | os.PathLike, max_classe
                      ) -> Path:
     """Reliability diagrams, one panel per class: dense (blue) and compressed (red) observed
     frequency against mean confidence per bin, the diagonal = perfect calibration."""
-    from medscalpel.plotting import pyplot, save_figure
 
     plt = pyplot()
     names = [c.name for c in res.classes][:max_classes]

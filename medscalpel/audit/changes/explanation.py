@@ -40,12 +40,12 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 from torch import nn
 
-from medscalpel.audit.changes._util import (NAN, boot_weights, fast_copy, logits_of,
-                                            mean_with_ci)
+from medscalpel.audit.changes._util import NAN, boot_weights, fast_copy, logits_of, mean_with_ci
 from medscalpel.audit.changes.faithfulness import (FLAT, MEASURES, ROAD_FRACTIONS,
-                                                   deletion_insertion, flat_images,
-                                                   road_scores, top_mask)
+                                                   deletion_insertion, flat_images, road_scores,
+                                                   top_mask)
 from medscalpel.errors import ConfigError, DataError, ModelError
+from medscalpel.plotting import pyplot, save_figure
 from medscalpel.progress import track
 from medscalpel.validation import check_fraction, check_in, check_range
 
@@ -513,7 +513,6 @@ def _target_maps(model: nn.Module, x: torch.Tensor, target: np.ndarray, batch_si
 def plot_explanation(res: ExplanationChange, path: str | os.PathLike) -> Path:
     """Left: per-class similarity (Spearman, IoU, pointing) with CIs. Right: faithfulness of
     both models (deletion, insertion, ROAD) with CIs."""
-    from medscalpel.plotting import pyplot, save_figure
 
     plt = pyplot()
     names = list(res.classes)

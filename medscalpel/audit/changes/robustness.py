@@ -33,14 +33,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
-from medscalpel.audit.changes._util import (NAN, boot_weights, ci, fast_copy, logits_of,
-                                            num, p_two_sided)
+from medscalpel.audit.changes._util import (NAN, boot_weights, ci, fast_copy, logits_of, num,
+                                            p_two_sided)
 from medscalpel.engine.compare import weighted_auroc
 from medscalpel.engine.decision import UnitInput, Verdict, decide
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
+from medscalpel.plotting import pyplot, save_figure
 from medscalpel.progress import track
 from medscalpel.registry import Registry
 from medscalpel.validation import check_fraction, check_range
@@ -102,7 +104,6 @@ def _gamma(g: torch.Tensor, level: float, rng: np.random.Generator) -> torch.Ten
 
 @CORRUPTIONS.register("jpeg", help="JPEG compression (PIL)")
 def _jpeg(g: torch.Tensor, level: float, rng: np.random.Generator) -> torch.Tensor:
-    from PIL import Image
 
     out = []
     for img in (g.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy():
@@ -483,7 +484,6 @@ def _cells(name, sev, t, cr, cn, base, w, confidence
 def plot_robustness(res: RobustnessChange, path: str | os.PathLike) -> Path:
     """One panel per corruption: macro AUROC of dense (blue) and compressed (red) against
     severity (0 = clean), the relative-robustness CI in the title."""
-    from medscalpel.plotting import pyplot, save_figure
 
     plt = pyplot()
     names = list(res.corruptions)

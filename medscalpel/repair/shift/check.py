@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.stats import ks_2samp
+from sklearn.covariance import LedoitWolf, ShrunkCovariance
 
 from medscalpel.engine.predict import Features
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
-from medscalpel.validation import check_in, check_range
 from medscalpel.repair.shift.estimator import SCHEMA
+from medscalpel.validation import check_in, check_range
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,6 @@ def shift_check(internal: Predictions, external: Predictions,
                 train_features: Features | None = None, alpha: float = 0.01) -> ShiftCheck:
     """Compare score distributions (and features) of an internal and an external set without
     labels. ``train_features`` (default ``internal_features``) fit the OOD reference."""
-    from scipy.stats import ks_2samp
 
     check_range(alpha, "alpha", "shift_check", 0.0, 1.0, low_inclusive=False)
     if tuple(internal.class_names) != tuple(external.class_names):
@@ -104,7 +105,6 @@ class OODScorer:
 
     def fit(self, features: Features | np.ndarray,
             calibration: Features | np.ndarray | None = None) -> "OODScorer":
-        from sklearn.covariance import LedoitWolf, ShrunkCovariance
 
         x = _feat(features)
         if x.shape[0] < 2:

@@ -10,13 +10,14 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 
 from medscalpel.engine.external import decisions
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
-from medscalpel.repair.calibrate import fit_temperature
-from medscalpel.validation import check_in, check_range
+from medscalpel.repair.calibrate import cut_table, fit_temperature
 from medscalpel.repair.shift.sampling import _class_index, _class_rows
+from medscalpel.validation import check_in, check_range
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,6 @@ def _above(score: float) -> float:
 
 def _match_cut(y: np.ndarray, p: np.ndarray, sens: float, spec: float) -> float:
     """The threshold whose (sensitivity, specificity) on ``(y, p)`` is closest to the target."""
-    from medscalpel.repair.calibrate import cut_table
 
     tab = cut_table(y, p)
     se, sp = tab.sensitivity, tab.specificity
@@ -289,7 +289,6 @@ class SiteRecalibrator:
                     ww * (np.logaddexp(0, s + c) - y * (s + c))))
                 b[j] = float(minimize_scalar(nll, bounds=(-50.0, 50.0), method="bounded").x)
             return a, b, 1.0
-        from sklearn.linear_model import LogisticRegression
 
         for j in idx:
             known = np.isfinite(t[:, j])

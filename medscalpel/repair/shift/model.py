@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
+import torch
 
 from medscalpel.models.operating_point import OperatingPoint, task_of
 from medscalpel.repair.shift.estimator import AFFINE, SiteRecalibrator
@@ -62,9 +64,6 @@ def recalibrated_model(model: Any, recalibrator: SiteRecalibrator, site: str = "
     (``scale_ * z + bias_``) folded exactly into the final linear layer, the site's operating
     point (:func:`site_operating_point`; thresholds in its card), and a ``site_recalibration``
     lineage step."""
-    import copy
-
-    import torch
 
     recalibrator._check_fitted()
     m = copy.deepcopy(model)

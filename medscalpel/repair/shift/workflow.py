@@ -15,12 +15,13 @@ import numpy as np
 from medscalpel.engine.external import stored_thresholds
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import DataError
+from medscalpel.repair.calibrate import cut_table
 from medscalpel.repair.restored import class_outcomes, more_images_of, restored_verdict
+from medscalpel.repair.shift.estimator import (AFFINE, SCHEMA, SiteRecalibrator, _positive_column,
+                                               operating_point)
+from medscalpel.repair.shift.sampling import _patient_keys, k_shot_draws, patient_ids_of
 from medscalpel.runs import read_json, write_json
 from medscalpel.validation import check_in, check_range
-from medscalpel.repair.shift.estimator import (AFFINE, SCHEMA, SiteRecalibrator,
-                                               _positive_column, operating_point)
-from medscalpel.repair.shift.sampling import _patient_keys, k_shot_draws, patient_ids_of
 
 logger = logging.getLogger(__name__)
 
@@ -311,7 +312,6 @@ def best_possible_gap(preds: Predictions, target: Sequence[dict[str, Any]],
     >>> best_possible_gap(p, [{"name": "c", "sensitivity": 1.0, "specificity": 1.0}], ["c"])
     {'c': 0.0}
     """
-    from medscalpel.repair.calibrate import cut_table
 
     out: dict[str, float | None] = {}
     t, prob = preds.targets(), preds.probs().astype(np.float64)

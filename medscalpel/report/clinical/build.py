@@ -17,16 +17,20 @@ import torch
 
 from medscalpel.data.cooccurrence import CooccurrenceEvidence, ExclusionRule
 from medscalpel.errors import DataError, ModelError
+from medscalpel.explain.cams import compute_cam, preserved_model_state
+from medscalpel.explain.channels import channel_contributions_from_model
+from medscalpel.explain.regions import ZONE_PHRASES, describe_location, estimate_lung_field
 from medscalpel.models.operating_point import OperatingPoint
 from medscalpel.progress import track
+from medscalpel.report.clinical.evidence import exclusion_plan, resolve_evidence, signed_channel
+from medscalpel.report.clinical.operating import model_operating_point, operating_points
+from medscalpel.report.clinical.results import (COARSE, CONFLICT_MODES, MIN_CAM_SIZE, RANK_BY,
+                                                SCHEMA, ClassOperatingPoint, ClinicalReport,
+                                                Conflict, ExcludedFinding, ReportedFinding, _j)
+from medscalpel.report.figures import clinical_overlay_png
 from medscalpel.report.html import DECISION_SUPPORT, render, safe_filename, write_html
 from medscalpel.runs import write_json
 from medscalpel.validation import check_in, check_range
-from medscalpel.report.clinical.evidence import exclusion_plan, resolve_evidence, signed_channel
-from medscalpel.report.clinical.operating import model_operating_point, operating_points
-from medscalpel.report.clinical.results import (
-    COARSE, CONFLICT_MODES, ClassOperatingPoint, ClinicalReport, Conflict, ExcludedFinding,
-    MIN_CAM_SIZE, RANK_BY, ReportedFinding, SCHEMA, _j)
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +40,6 @@ def cam_resolution(model: Any, x: torch.Tensor, min_cam_size: int = MIN_CAM_SIZE
                    ) -> dict[str, Any]:
     """Model input size, CAM map size (the CAM layer's own grid, before upsampling) and whether
     that map can support lung-zone words (``min(h, w) >= min_cam_size``)."""
-    from medscalpel.explain.cams import preserved_model_state
 
     h_in, w_in = (int(v) for v in x.shape[-2:])
     if _served(model):   # the served artifact's own CAM output: its grid
@@ -119,7 +122,6 @@ def _display(model: Any, x: torch.Tensor) -> np.ndarray:
 
 
 def _zones_for(model: Any, x: torch.Tensor, given: Any) -> tuple[Any, str, list[str]]:
-    from medscalpel.explain.regions import estimate_lung_field
 
     if given is not None:
         return given, getattr(given, "source", "given"), []
@@ -207,7 +209,6 @@ def _gather(model: Any, s: _Setup) -> _Scores:
     """Step 2: one forward pass: channel contributions, logits, and by the operating point the
     probabilities (float64, after its temperature), decisions and margins (log-odds of the
     probability minus log-odds of the cut)."""
-    from medscalpel.explain.channels import channel_contributions_from_model
 
     if _served(model):   # no penultimate features leave the served graph: logits only
         cc = None
@@ -260,7 +261,6 @@ def _exclusion_info(s: _Setup) -> dict[str, Any]:
 
 def _localise(cam: np.ndarray, zi: Any, res: Mapping[str, Any]) -> tuple[str, dict[str, float]]:
     """Step 5: zone words for one CAM, only when its resolution supports them."""
-    from medscalpel.explain.regions import ZONE_PHRASES, describe_location
 
     if not res["localisable"]:
         h, w = res["cam_size"]
@@ -276,7 +276,6 @@ def _localise(cam: np.ndarray, zi: Any, res: Mapping[str, Any]) -> tuple[str, di
 def _cams(model: Any, s: _Setup, plans: list, cam_method: str,
           progress: bool | None) -> dict[tuple[int, int], np.ndarray]:
     """One CAM pass for every (image, listed finding)."""
-    from medscalpel.explain.cams import compute_cam
 
     pairs = [(i, j) for i, (listed, _, _) in enumerate(plans) for j in listed]
     if not pairs:
@@ -290,7 +289,6 @@ def _render(model: Any, s: _Setup, sc: _Scores, i: int, plan: tuple, cams: Mappi
             ops: list[ClassOperatingPoint], shared: Mapping[str, Any], zone: Any,
             top_channels: int) -> ClinicalReport:
     """Step 6: one image's report (findings, hidden findings, table, overlay)."""
-    from medscalpel.report.figures import clinical_overlay_png
 
     listed, hidden, flags = plan
     zi, zsource, warns = _zones_for(model, s.x[i], zone)
