@@ -1,0 +1,148 @@
+"""What the served CAM output costs (issue T, item 1): DenseNet121 at 224 px, batch 1, dense and
+structurally pruned, on every served runtime variant this machine builds.
+
+For each (model, variant) the variant is built twice, as ``compress deploy`` builds it: the
+logits-only artifact and the artifact with the second output ``cam`` (deploy's own
+:func:`medscalpel.deploy.cam.explain_variant`). Reported per row, as deploy stores it:
+
+- ``latency_cost``: batch-1 latency with the CAM output / without - 1, the median of per-round
+  ratios from ONE alternated run (``--rounds`` rounds, order flipped every round) with the
+  order-statistic interval; outcome ``pass`` when the whole interval is <= 5 %, ``fail`` when it
+  is all above, else ``undecided``;
+- the CAM's equivalence to pytorch-grad-cam's Grad-CAM in torch fp32 (max |delta| of [0, 1]
+  maps), and the served CAM's Spearman rank agreement with the torch fp32 CAM (bf16 / int8 are
+  not bit-equal: their rank agreement is the statement).
+
+The models are the bulk benchmark's (:mod:`bulk_bench`): RANDOM-INIT weights (speed does not
+depend on training; the CAM agreement numbers are for these weights, not a trained model's).
+Images: seeded random 224 px inputs.
+
+    nice -n 10 .venv/bin/python benchmarks/cam_cost_bench.py [--rounds 9] > /tmp/cam_cost.log 2>&1
+
+writes benchmarks/results/cam_cost.json and cam_cost.md (after every row, ``complete`` marks
+whether every planned row ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bulk_bench import SERVED, SIZE, build_models  # noqa: E402
+from common import RESULTS, save_result  # noqa: E402
+
+from medscalpel.deploy.cam import CAM_COST_TARGET, explain_variant  # noqa: E402
+from medscalpel.deploy.runtimes import RUNTIMES  # noqa: E402
+from medscalpel.models.checkpoint import load_model  # noqa: E402
+from medscalpel.runs import cpu_info  # noqa: E402
+
+
+def _row(model, name: str, images: torch.Tensor, calib: torch.Tensor, work: Path,
+         threads: int, rounds: int, repeats: int, warmup: int) -> dict[str, Any]:
+    rt = RUNTIMES.create(name, threads=threads)
+    why = rt.available()
+    if why:
+        return {"status": "unavailable", "reason": why}
+    wd = work / name.replace(":", "_")
+    shutil.rmtree(wd, ignore_errors=True)
+    wd.mkdir(parents=True)
+    t0 = time.perf_counter()
+    try:
+        rt.prepare(model, images[:1], calib, wd / "plain")
+        with torch.inference_mode():
+            ref = model(images).numpy()
+        cam_rt, info = explain_variant(rt, model, images, ref, calib, wd / "cam", threads,
+                                       rounds, repeats, warmup)
+    finally:
+        shutil.rmtree(wd, ignore_errors=True)
+    info["build_and_measure_seconds"] = round(time.perf_counter() - t0, 1)
+    return info
+
+
+def markdown(res: dict[str, Any], config: dict[str, Any]) -> str:
+    lines = ["# Latency cost of the served CAM output (cam_cost.json)", "",
+             f"DenseNet121 at {SIZE} px, random init, batch 1, {config['threads']} runtime "
+             f"threads, {config['rounds']} alternated rounds x {config['repeats']} calls; CPU: "
+             f"{res['cpu']}. Load average at start / end: {res.get('load_start')} / "
+             f"{res.get('load_end')}. Complete: {res['complete']}.", "",
+             "| model | variant | plain ms | with CAM ms | cost (median) | interval | "
+             "confidence | outcome (<= 5 %) | CAM vs Grad-CAM fp32 max abs delta | "
+             "served vs fp32 CAM Spearman (median / min) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in res["rows"].items():
+        m, v = key.split(" ", 1)
+        lc = r.get("latency_cost")
+        if not lc:
+            lines.append(f"| {m} | {v} | - | - | - | - | - | {r.get('status')}: "
+                         f"{str(r.get('reason', ''))[:80]} | - | - |")
+            continue
+        ge = (r.get("gradcam_equivalence") or {}).get("max_abs_delta")
+        sv = r.get("served_vs_torch_fp32") or {}
+        lines.append(
+            f"| {m} | {v} | {lc['plain_ms']:.2f} | {lc['cam_ms']:.2f} | {lc['cost']:+.1%} | "
+            f"[{lc['low']:+.1%}, {lc['high']:+.1%}] | {lc['confidence']:.3f} | "
+            f"{lc['outcome']}{' (noisy)' if lc['noisy'] else ''} | "
+            f"{'-' if ge is None else f'{ge:.2e}'} | "
+            f"{sv.get('median_spearman', float('nan')):.3f} / "
+            f"{sv.get('min_spearman', float('nan')):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="/tmp/medscalpel_bulk_bench")
+    ap.add_argument("--models", nargs="+", default=["dense", "pruned"])
+    ap.add_argument("--variants", nargs="+", default=SERVED)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--ratio", type=float, default=0.6)
+    ap.add_argument("--name", default="cam_cost")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    models = build_models(work, args.ratio)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(16, 1, SIZE, SIZE, generator=g)
+    calib = torch.rand(16, 1, SIZE, SIZE, generator=g)
+    config = {**{k: v for k, v in vars(args).items()}, "size": SIZE,
+              "cam_cost_target": CAM_COST_TARGET,
+              "command": "nice -n 10 .venv/bin/python benchmarks/cam_cost_bench.py " +
+                         " ".join(sys.argv[1:])}
+    c = cpu_info()
+    res: dict[str, Any] = {"cpu": f"{c.get('model', '?')} ({c.get('logical_cpus')} logical CPUs"
+                                  f"; {', '.join(c.get('features', []))})",
+                           "models": models, "rows": {}, "complete": False,
+                           "load_start": [round(x, 2) for x in os.getloadavg()]}
+    for mname in args.models:
+        model = load_model(Path(models[mname]["dir"])).eval()
+        for v in args.variants:
+            print(f"{mname} {v} ...", flush=True)
+            try:
+                res["rows"][f"{mname} {v}"] = _row(model, v, images, calib, work / "cam_cost",
+                                                   args.threads, args.rounds, args.repeats,
+                                                   args.warmup)
+            except Exception as exc:  # noqa: BLE001 - a variant this machine cannot build
+                res["rows"][f"{mname} {v}"] = {"status": "failed",
+                                               "reason": f"{type(exc).__name__}: {exc}"}
+            print(f"{mname} {v}: {res['rows'][f'{mname} {v}'].get('latency_cost')}", flush=True)
+            res["load_end"] = [round(x, 2) for x in os.getloadavg()]
+            save_result(args.name, res, config)
+            (RESULTS / f"{args.name}.md").write_text(markdown(res, config))
+    res["complete"] = len(res["rows"]) == len(args.models) * len(args.variants)
+    save_result(args.name, res, config)
+    (RESULTS / f"{args.name}.md").write_text(markdown(res, config))
+
+
+if __name__ == "__main__":
+    main()
