@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -171,7 +170,3 @@ def max_abs_logit_delta(model_a: nn.Module, model_b: nn.Module, images: Images,
         raise ConfigError("max_abs_logit_delta: the image data is empty.")
     return worst
 
-
-def size_summary(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, Any]:
-    """Parameters and MACs of a model (one dict, for reports)."""
-    return {"parameters": count_parameters(model), "macs": count_macs(model, example_inputs)}

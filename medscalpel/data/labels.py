@@ -342,14 +342,6 @@ def finish(ds: ImageFileDataset, skip_corrupt: bool, fix: str = "") -> ImageFile
     return ds.require_nonempty()
 
 
-def find_one(root: Path, names: Sequence[str], what: str, fix: str) -> Path:
-    """The first of ``names`` that exists under ``root``; :class:`DataError` otherwise."""
-    for n in names:
-        if (root / n).is_file():
-            return root / n
-    raise DataError(f"No {what} found in {root}: looked for {', '.join(names)}. {fix}")
-
-
 def split_list_option(value: Any) -> list[str] | None:
     """A comma-separated option (or a list) as a list of stripped names; ``None`` stays."""
     if value is None or value == "":

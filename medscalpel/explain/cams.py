@@ -421,10 +421,3 @@ def _served_cam(model: nn.Module, images: torch.Tensor, targets: int | Sequence[
                            "cam_definition": model.cam_info.get("definition"),
                            "seconds": round(time.time() - t0, 3)})
 
-
-def compute_class_cams(model: nn.Module, images: torch.Tensor, classes: Sequence[int],
-                       method: str = "gradcam", batch_size: int = 16,
-                       progress: bool | None = None, **kw: Any) -> dict[int, CamResult]:
-    """One :class:`CamResult` per class in ``classes`` (every image explained for each class)."""
-    return {int(k): compute_cam(model, images, int(k), method=method, batch_size=batch_size,
-                                progress=progress, **kw) for k in classes}

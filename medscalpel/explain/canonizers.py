@@ -32,7 +32,6 @@ Every canonizer restores the module exactly on ``remove()``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -369,8 +368,3 @@ def unsupported_leaves(model: nn.Module) -> list[tuple[str, str]]:
             bad.append((names.get(id(leaf), "?"), type(leaf).__name__))
     return bad
 
-
-def iter_bn_names(model: nn.Module) -> Iterable[str]:
-    for n, m in model.named_modules():
-        if isinstance(m, _BN):
-            yield n

@@ -12,8 +12,6 @@ that holds pickled code is refused.
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import os
 import pickle
@@ -467,11 +465,3 @@ def import_foreign(path: str | os.PathLike, arch: str, class_names: list[str], t
     model.eval()
     return model
 
-
-def clone_model(model: MedClassifier) -> MedClassifier:
-    """A deep copy (the caller's model is never changed as a side effect)."""
-    return copy.deepcopy(model)
-
-
-def card_json(card: ModelCard) -> str:
-    return json.dumps(card.to_dict(), indent=2)

@@ -183,9 +183,3 @@ def summary_lines(rep: SiteShiftReport) -> list[str]:
              f"{rep.recalibration.verdict}"]
     return lines + [f"note: {n}" for n in rep.notes]
 
-
-def macro_op(rows: tuple[dict[str, Any], ...], names: set[str]) -> dict[str, float]:
-    """Mean sensitivity / specificity over the named classes."""
-    sel = [r for r in rows if r["name"] in names]
-    return {m: float(np.mean([r[m] for r in sel])) if sel else float("nan")
-            for m in ("sensitivity", "specificity")}

@@ -79,11 +79,6 @@ def p4(t: np.ndarray) -> np.ndarray:
     return t2 * t2
 
 
-def fpow(t: np.ndarray, p: float) -> np.ndarray:
-    """``|t| ** p`` for a fractional ``p``, floored away from the denormal range."""
-    return np.maximum(np.abs(t), F32(1e-3)) ** F32(p)
-
-
 def col(a: np.ndarray) -> np.ndarray:
     """Per-image parameter vector ``[B]`` -> broadcastable ``[B, 1, 1]``."""
     return np.asarray(a, dtype=F32)[:, None, None]
