@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-import medscalpel.data  # noqa: F401  (registers the adapters)
 from medscalpel.data.base import CXRDataset
 from medscalpel.data.io import IMAGE_EXTENSIONS
 from medscalpel.data.transforms import Preprocess
@@ -22,6 +21,14 @@ from medscalpel.registry import Registry
 
 #: adapter name -> factory ``(root, split, preprocess, **options) -> CXRDataset``
 DATASETS: Registry[CXRDataset] = Registry("dataset adapter")
+
+
+def _register_adapters() -> None:
+    """Register every built-in adapter before a spec is looked up. The adapters import this
+    module (for :data:`DATASETS`), and the package ``medscalpel.data`` imports them; so the
+    package is imported here, at first use, not at this module's top (that would be an import
+    cycle): the one deliberate in-function import of the data layer."""
+    import medscalpel.data  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ class DatasetSpec:
         else:
             adapter, root = spec, None
         adapter = adapter.strip().lower()
-
+        _register_adapters()
         if adapter not in DATASETS:
             raise _not_a_spec(spec, adapter)
         options: dict[str, Any] = {}
@@ -112,7 +119,7 @@ def open_dataset(
         >>> from medscalpel.data import open_dataset
         >>> ds = open_dataset("phantom?n=8&size=32", split="all")  # doctest: +SKIP
     """
-
+    _register_adapters()
     parsed = spec if isinstance(spec, DatasetSpec) else DatasetSpec.parse(spec)
     opts = {**parsed.options, **options}
     factory = DATASETS.get(parsed.adapter)

@@ -95,9 +95,10 @@ from zennit.rules import NoMod, Pass
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution
 
 from medscalpel.errors import ModelError
-from medscalpel.explain.attributions import (ATTRIBUTIONS, Attribution, AttributionResult,
-                                             check_inputs, num_classes_of, prepare_model_copy,
-                                             resolve_targets)
+from medscalpel.explain.attribution_base import (ATTRIBUTIONS, Attribution,
+                                                 AttributionResult, check_inputs,
+                                                 num_classes_of, prepare_model_copy,
+                                                 resolve_targets)
 from medscalpel.explain.canonizers import (ChannelAffine, OutOfPlaceActivations,
                                            ResidualBlockCanonizer, canonizers_for, is_resnet,
                                            unsupported_leaves)

@@ -34,9 +34,10 @@ from zennit import composites as zc
 from zennit.rules import Epsilon, Pass
 
 from medscalpel.errors import ModelError
-from medscalpel.explain.attributions import (ATTRIBUTIONS, Attribution, AttributionResult,
-                                             check_inputs, num_classes_of, prepare_model_copy,
-                                             resolve_targets)
+from medscalpel.explain.attribution_base import (ATTRIBUTIONS, Attribution,
+                                                 AttributionResult, check_inputs,
+                                                 num_classes_of, prepare_model_copy,
+                                                 resolve_targets)
 from medscalpel.explain.canonizers import ChannelAffine, canonizers_for, unsupported_leaves
 from medscalpel.explain.rule_session import RuleSession
 from medscalpel.validation import check_in, check_range

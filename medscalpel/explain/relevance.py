@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 from medscalpel.errors import ConfigError, DataError, ModelError
-from medscalpel.explain.attributions import (check_inputs, num_classes_of, prepare_model_copy)
+from medscalpel.explain.attribution_base import (check_inputs, num_classes_of,
+                                                 prepare_model_copy)
 from medscalpel.progress import track
 from medscalpel.runs import atomic_path
 from medscalpel.validation import check_in, check_range
