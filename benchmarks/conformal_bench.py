@@ -37,8 +37,16 @@ Sources:
   ``test`` patients; one class (PNEUMONIA vs NORMAL, :func:`~medscalpel.repair.calibrate.
   binary_view`). Skipped with a reason when the data is absent.
 
+Population mode (``--population``, benchmarks/conformal_population.py): the same phantom model
+and targets, but each draw's thresholds (``ltt_recall``, ``crc_recall``, ``sensitivity``,
+``youden``) are calibrated on a patient-wise draw from a separate phantom pool of the
+calibration half's size and scored on a large fresh phantom POPULATION: the quantity the
+high-probability guarantee bounds, without a test half's noise. Writes
+conformal_population.json / .md.
+
 Run:  nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/conformal_bench.py
       [--splits 500] [--sources phantom,nih] [--name conformal]
+      (population: --population [--pop-chunks 10 --pool-chunks 10 --chunk-n 20000])
       (Kermany: --sources kermany --precision 0.95 --name conformal_kermany; its prevalence
       is about 0.74, so the default precision target 0.5 would be met by flagging everyone)
 Writes benchmarks/results/NAME.json and NAME.md.
@@ -56,6 +64,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import conformal_population as cp  # noqa: E402
 from common import RESULTS, save_result  # noqa: E402
 
 from medscalpel.engine.predictions import Predictions  # noqa: E402
@@ -70,12 +79,11 @@ RECALL_METHODS = ("ltt_recall", "crc_recall", "sensitivity", "youden")
 
 
 # ----------------------------------------------------------------------------- sources
-def phantom_source(args) -> tuple[Predictions, list[str], dict]:
-    from medscalpel.data.spec import open_dataset
+def phantom_model(args) -> tuple[Path, str, float]:
+    """The phantom source's model directory (trained once, then cached), its training spec and
+    the seconds training took here (0 when cached)."""
     from medscalpel.engine.api import fit
-    from medscalpel.engine.predict import predict
     from medscalpel.engine.train import TrainConfig
-    from medscalpel.models.checkpoint import load_model
 
     cache = REPO / "runs" / "conformal_bench" / f"{args.arch}_n{args.n}_e{args.epochs}"
     spec = f"phantom?n={args.n}&size=64"
@@ -83,7 +91,15 @@ def phantom_source(args) -> tuple[Predictions, list[str], dict]:
     if not (cache / "model" / "model.json").is_file():
         cfg = TrainConfig(epochs=args.epochs, batch_size=64, seed=0, patience=args.epochs)
         fit(spec, args.arch, cache, cfg, size=64, channels=1, eval_split=None, progress=False)
-    train_s = time.perf_counter() - t0
+    return cache, spec, time.perf_counter() - t0
+
+
+def phantom_source(args) -> tuple[Predictions, list[str], dict]:
+    from medscalpel.data.spec import open_dataset
+    from medscalpel.engine.predict import predict
+    from medscalpel.models.checkpoint import load_model
+
+    cache, spec, train_s = phantom_model(args)
     ev = f"phantom?n={args.eval_n}&size=64&seed={args.eval_seed}"
     pfile, idfile = cache / f"eval_{args.eval_n}_{args.eval_seed}.npz", cache / "patients.json"
     if pfile.is_file() and idfile.is_file():
@@ -388,11 +404,36 @@ def main() -> None:
     ap.add_argument("--kermany-size", type=int, default=64)
     ap.add_argument("--kermany-epochs", type=int, default=8)
     ap.add_argument("--kermany-test-fraction", type=float, default=0.4)
-    ap.add_argument("--name", default="conformal")
+    ap.add_argument("--name", default=None,
+                    help="result name (default: conformal, or conformal_population)")
+    ap.add_argument("--population", action="store_true",
+                    help="phantom only: score each draw's thresholds on a large fresh phantom "
+                         "population instead of a test half (benchmarks/conformal_population.py)")
+    ap.add_argument("--chunk-n", type=int, default=20000,
+                    help="--population: images per generated phantom")
+    ap.add_argument("--pop-chunks", type=int, default=10,
+                    help="--population: phantoms in the population")
+    ap.add_argument("--pop-seed", type=int, default=101)
+    ap.add_argument("--pool-chunks", type=int, default=10,
+                    help="--population: phantoms in the calibration pool")
+    ap.add_argument("--pool-seed", type=int, default=201)
+    ap.add_argument("--cal-patients", type=int, default=0,
+                    help="--population: patients per calibration draw (0: as many as the "
+                         "test-half benchmark's calibration half)")
     args = ap.parse_args()
+    if args.name is None:
+        args.name = "conformal_population" if args.population else "conformal"
     import torch
 
     torch.set_num_threads(1)
+    if args.population:
+        res = cp.run(args, phantom_model, phantom_source)
+        path = save_result(args.name, res, vars(args))
+        md = cp.markdown(res, args)
+        (RESULTS / f"{args.name}.md").write_text(md + "\n", encoding="utf-8")
+        print(md)
+        print(f"\nwritten {path}")
+        return
     t0 = time.perf_counter()
     res = {s: run_source(s, args) for s in args.sources.split(",")}
     res["seconds"] = round(time.perf_counter() - t0, 1)
