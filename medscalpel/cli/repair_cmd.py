@@ -286,6 +286,22 @@ def _calibrate_guarantee(fit: Path, evaluate_on: Optional[Path], guarantee: str,
     console.print(f"written to {out}")
 
 
+def _card_guarantee(model_dir: Path, flag: str):
+    """The model of ``model_dir`` and the guarantee its card's operating point carries
+    (``(model, guarantee, positive, notes)``); a one-line error naming ``flag`` when none."""
+    from medscalpel.errors import ConfigError
+    from medscalpel.models import load_model
+    from medscalpel.repair.card_guarantee import guarantee_of_card
+
+    m = load_model(model_dir)
+    g, pos, notes = guarantee_of_card(m.card)
+    if g is None:
+        raise ConfigError(f"{flag} {model_dir}: its model card's operating point carries "
+                          "no guarantee (certify one with 'repair calibrate FIT --guarantee "
+                          "recall>=0.90 --model DIR').")
+    return m, g, pos, notes
+
+
 def _recertify_card(model_dir: Path, fit: Optional[Path], evaluate_on: Optional[Path],
                     guarantee: Optional[str], holdout: Optional[float], model: Optional[Path],
                     alpha: float, patients: Optional[Path], positive: Optional[str], out: Path,
@@ -296,9 +312,7 @@ def _recertify_card(model_dir: Path, fit: Optional[Path], evaluate_on: Optional[
 
     from medscalpel.errors import ConfigError
     from medscalpel.layout import write_artifact
-    from medscalpel.models.checkpoint import load_model
     from medscalpel.repair.calibrate import binary_view
-    from medscalpel.repair.card_guarantee import guarantee_of_card
     from medscalpel.repair.conformal import recertify
     from medscalpel.runs import RunDir, hash_file
 
@@ -310,12 +324,7 @@ def _recertify_card(model_dir: Path, fit: Optional[Path], evaluate_on: Optional[
     if evaluate_on is None:
         raise ConfigError("--recertify needs --eval PREDS: labelled predictions of the model "
                           "(or site) to re-check the guarantee on.")
-    m = load_model(model_dir)
-    g, pos, notes = guarantee_of_card(m.card)
-    if g is None:
-        raise ConfigError(f"--recertify {model_dir}: its model card's operating point carries "
-                          "no guarantee (certify one with 'repair calibrate FIT --guarantee "
-                          "recall>=0.90 --model DIR').")
+    m, g, pos, notes = _card_guarantee(model_dir, "--recertify")
     preds = load_predictions(evaluate_on).require_labels("re-certifying a guarantee",
                                                          str(evaluate_on))
     if tuple(preds.class_names) != tuple(m.card.class_names):
@@ -351,9 +360,7 @@ def _transfer_card(model_dir: Path, fit: Optional[Path], new_preds: Path,
     label_shift_transfer.json."""
     from medscalpel.errors import ConfigError
     from medscalpel.layout import write_artifact
-    from medscalpel.models.checkpoint import load_model
     from medscalpel.repair.calibrate import binary_view
-    from medscalpel.repair.card_guarantee import guarantee_of_card
     from medscalpel.repair.label_shift import transfer_guarantee
     from medscalpel.runs import RunDir, hash_file
 
@@ -366,12 +373,7 @@ def _transfer_card(model_dir: Path, fit: Optional[Path], new_preds: Path,
     if fit is None:
         raise ConfigError("--transfer-to needs FIT: the labelled predictions the card's "
                           "guarantee was certified on.")
-    m = load_model(model_dir)
-    g, pos, notes = guarantee_of_card(m.card)
-    if g is None:
-        raise ConfigError(f"--recertify {model_dir}: its model card's operating point carries "
-                          "no guarantee (certify one with 'repair calibrate FIT --guarantee "
-                          "recall>=0.90 --model DIR').")
+    m, g, pos, notes = _card_guarantee(model_dir, "--transfer-to")
     cal = load_predictions(fit).require_labels("carrying a guarantee", str(fit))
     new = load_predictions(new_preds)
     for p, name in ((cal, str(fit)), (new, str(new_preds))):
