@@ -101,7 +101,8 @@ def phantom_source(args) -> tuple[Predictions, list[str], dict]:
 
     cache, spec, train_s = phantom_model(args)
     ev = f"phantom?n={args.eval_n}&size=64&seed={args.eval_seed}"
-    pfile, idfile = cache / f"eval_{args.eval_n}_{args.eval_seed}.npz", cache / "patients.json"
+    key = f"{args.eval_n}_{args.eval_seed}"  # the predictions and their patient ids, one key
+    pfile, idfile = cache / f"eval_{key}.npz", cache / f"patients_{key}.json"
     if pfile.is_file() and idfile.is_file():
         preds = Predictions.load(pfile)
         pids = json.loads(idfile.read_text())
