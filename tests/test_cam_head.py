@@ -111,3 +111,18 @@ def test_deploy_serves_cams_and_a_logits_only_artifact(tmp_path):
                  batches=(1,), rounds=5, repeats=2, n_boot=0, progress=False, explain=False)
     assert off.explanation["status"] == "off"
     assert not (tmp_path / "off" / "serve" / "logits_only").exists()
+
+
+def test_a_failed_cam_cost_points_to_the_logits_only_artifact():
+    from medscalpel.deploy.result import explanation_line
+
+    e = {"status": "served", "support": {"layer": "backbone.features", "map_shape": [7, 7]},
+         "latency_cost": {"cost": 0.104, "low": 0.072, "high": 0.162, "target": 0.05,
+                          "outcome": "fail"},
+         "served_vs_torch_fp32": {"median_spearman": 1.0, "max_abs_delta_maps": 0.01},
+         "gradcam_equivalence": {"max_abs_delta": 3e-6, "images": 16}}
+    line = explanation_line(e)
+    assert "+10.4% [+7.2, +16.2]" in line and ": fail" in line
+    assert "serve/logits_only/" in line and "--no-explain" in line
+    e["latency_cost"]["outcome"] = "pass"
+    assert "logits_only" not in explanation_line(e)

@@ -133,7 +133,10 @@ def explanation_line(e: dict[str, Any]) -> str:
             f"{100 * cost.get('target', 0.05):.0f}%: {cost.get('outcome', 'not measured')}; "
             f"served vs torch fp32 CAM: median Spearman {_f(agree.get('median_spearman'))}, max "
             f"|delta| {_f(agree.get('max_abs_delta_maps'))}; torch CAM vs Grad-CAM max |delta| "
-            f"{_f(eq.get('max_abs_delta'))} on {eq.get('images', 0)} images")
+            f"{_f(eq.get('max_abs_delta'))} on {eq.get('images', 0)} images"
+            + ("; the CAM output costs more latency than the target: serve/logits_only/ holds "
+               "the same variant without it (or deploy again with --no-explain)"
+               if cost.get("outcome") == "fail" else ""))
 
 
 def guarantee_lines(res: "DeployResult") -> list[str]:
