@@ -38,15 +38,15 @@ Sources:
   binary_view`). Skipped with a reason when the data is absent.
 
 Population mode (``--population``, benchmarks/conformal_population.py): the same phantom model
-and targets, but each draw's thresholds (``ltt_recall``, ``crc_recall``, ``sensitivity``,
-``youden``) are calibrated on a patient-wise draw from a separate phantom pool of the
-calibration half's size and scored on a large fresh phantom POPULATION: the quantity the
-high-probability guarantee bounds, without a test half's noise. Writes
-conformal_population.json / .md.
+and targets, but each draw's thresholds (``ltt_recall``, also on one image per patient,
+``crc_recall``, ``sensitivity``, ``youden``) are calibrated on an INDEPENDENT draw (a group
+of disjoint patients of one of ``--chunk-seeds`` fresh phantoms; ``--parts`` groups a phantom)
+and scored on the POPULATION of all the other phantoms: the quantity the high-probability
+guarantee bounds, without a test half's noise. Writes conformal_population.json / .md.
 
 Run:  nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/conformal_bench.py
       [--splits 500] [--sources phantom,nih] [--name conformal]
-      (population: --population [--pop-chunks 10 --pool-chunks 10 --chunk-n 20000])
+      (population: --population [--chunk-seeds 101-110,201-210,301-330 --parts 2,4,10])
       (Kermany: --sources kermany --precision 0.95 --name conformal_kermany; its prevalence
       is about 0.74, so the default precision target 0.5 would be met by flagging everyone)
 Writes benchmarks/results/NAME.json and NAME.md.
@@ -117,13 +117,13 @@ def phantom_source(args) -> tuple[Predictions, list[str], dict]:
                          "eval_spec": f"{ev} [all]", "train_and_predict_s": round(train_s, 1)}
 
 
-def kermany_source(args) -> tuple[Predictions, list[str], dict]:
-    from medscalpel.data.spec import open_dataset
+def kermany_model(args) -> tuple[Path, str, float]:
+    """The Kermany source's model directory (trained PATIENT-wise once, then cached), its
+    ``folder:`` spec and the seconds training took here (0 when cached); FileNotFoundError
+    when the real data is absent. Also the dense model of conformal_compress_bench.py
+    ``--source kermany``."""
     from medscalpel.engine.api import fit
-    from medscalpel.engine.predict import predict
     from medscalpel.engine.train import TrainConfig
-    from medscalpel.models.checkpoint import load_model
-    from medscalpel.repair.calibrate import binary_view
 
     if not KERMANY.is_dir():
         raise FileNotFoundError(f"real data not available: {KERMANY}")
@@ -131,12 +131,22 @@ def kermany_source(args) -> tuple[Predictions, list[str], dict]:
             f"&test_fraction={args.kermany_test_fraction}&seed=0")
     cache = (REPO / "runs" / "conformal_bench" / f"kermany_{args.kermany_arch}_"
              f"{args.kermany_size}_e{args.kermany_epochs}_t{args.kermany_test_fraction:g}")
+    if (cache / "model" / "model.json").is_file():
+        return cache, spec, 0.0
     t0 = time.perf_counter()
-    if not (cache / "model" / "model.json").is_file():
-        cfg = TrainConfig(epochs=args.kermany_epochs, batch_size=64, seed=0, patience=3)
-        fit(spec, args.kermany_arch, cache, cfg, size=args.kermany_size, channels=1,
-            eval_split=None, progress=False)
-    train_s = time.perf_counter() - t0
+    cfg = TrainConfig(epochs=args.kermany_epochs, batch_size=64, seed=0, patience=3)
+    fit(spec, args.kermany_arch, cache, cfg, size=args.kermany_size, channels=1,
+        eval_split=None, progress=False)
+    return cache, spec, time.perf_counter() - t0
+
+
+def kermany_source(args) -> tuple[Predictions, list[str], dict]:
+    from medscalpel.data.spec import open_dataset
+    from medscalpel.engine.predict import predict
+    from medscalpel.models.checkpoint import load_model
+    from medscalpel.repair.calibrate import binary_view
+
+    cache, spec, train_s = kermany_model(args)
     pfile, idfile = cache / "test_preds.npz", cache / "test_patients.json"
     model = load_model(cache / "model")
     ds = open_dataset(spec, split="test", preprocess=model.card.preprocess)
@@ -412,15 +422,11 @@ def main() -> None:
                          "population instead of a test half (benchmarks/conformal_population.py)")
     ap.add_argument("--chunk-n", type=int, default=20000,
                     help="--population: images per generated phantom")
-    ap.add_argument("--pop-chunks", type=int, default=10,
-                    help="--population: phantoms in the population")
-    ap.add_argument("--pop-seed", type=int, default=101)
-    ap.add_argument("--pool-chunks", type=int, default=10,
-                    help="--population: phantoms in the calibration pool")
-    ap.add_argument("--pool-seed", type=int, default=201)
-    ap.add_argument("--cal-patients", type=int, default=0,
-                    help="--population: patients per calibration draw (0: as many as the "
-                         "test-half benchmark's calibration half)")
+    ap.add_argument("--chunk-seeds", default="101-110,201-210,301-330",
+                    help="--population: seeds of the phantoms (each predicted once, cached)")
+    ap.add_argument("--parts", default="2,4,10",
+                    help="--population: designs, as calibration draws per phantom (2: half "
+                         "a phantom, the test-half benchmark's calibration size)")
     args = ap.parse_args()
     if args.name is None:
         args.name = "conformal_population" if args.population else "conformal"
@@ -428,7 +434,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     if args.population:
-        res = cp.run(args, phantom_model, phantom_source)
+        res = cp.run(args, phantom_model)
         path = save_result(args.name, res, vars(args))
         md = cp.markdown(res, args)
         (RESULTS / f"{args.name}.md").write_text(md + "\n", encoding="utf-8")

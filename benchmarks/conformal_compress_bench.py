@@ -47,10 +47,24 @@ the markdown state that count. (It took ~4 s a call here when the stored results
 dominated by its planning numbers' brute-force power search; that search is now exact without
 the brute force, see benchmarks/recertify_speed.py.)
 
+``--source kermany``: the same on real chest X-rays. The DENSE model is the Kermany model of
+``benchmarks/conformal_bench.py``'s ``kermany_source`` (``resnet_tiny`` at 64 px, 8 epochs,
+trained on the folder adapter's PATIENT-wise split of ``<shared data>/kermany-pneumonia/train``,
+byte-identical files dropped; its cached run ``runs/conformal_bench/kermany_resnet_tiny_64_e8_t0.4``
+is reused, or trained with the same recipe); pruned, fine-tuned (on its ``train`` patients,
+early stopping on its ``val`` patients) and served int8 exactly as above, with the calibration
+images drawn from its training patients. Every variant predicts the held-out ``test`` patients
+(about 2,000 images); the two-class logits are read as one PNEUMONIA column
+(:func:`~medscalpel.repair.calibrate.binary_view`: PNEUMONIA positive, logit ``l_PNEUMONIA -
+l_NORMAL``). Splits, guarantees and re-certification as above: recall only (precision is not
+certified in this benchmark; ``conformal_kermany.md`` certifies ``precision>=0.95`` on the
+dense model). Skipped with a reason (no result written) when the data is absent.
+
 Run:  nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/conformal_compress_bench.py
-      [--splits 500] [--recovery-epochs 2] [--name conformal_compress]
-Writes benchmarks/results/NAME.json and NAME.md; caches the pruned model and the predictions
-under runs/conformal_compress_bench/.
+      [--source phantom|kermany] [--splits 500] [--recovery-epochs 2] [--name NAME]
+Writes benchmarks/results/NAME.json and NAME.md (NAME defaults to conformal_compress, or
+conformal_compress_kermany); caches the pruned model's predictions under
+runs/conformal_compress_bench/.
 """
 
 from __future__ import annotations
@@ -67,6 +81,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import conformal_bench as cb  # noqa: E402
 from common import RESULTS, save_result  # noqa: E402
 
 from medscalpel.deploy.served import runtime_model  # noqa: E402
@@ -78,6 +93,7 @@ from medscalpel.engine.predictions import Predictions  # noqa: E402
 from medscalpel.engine.train import TrainConfig  # noqa: E402
 from medscalpel.errors import ConfigError  # noqa: E402
 from medscalpel.models.checkpoint import load_model  # noqa: E402
+from medscalpel.repair.calibrate import binary_view  # noqa: E402
 from medscalpel.repair.conformal import calibrate_guarantee, patient_split, recertify  # noqa: E402
 from medscalpel.runs import write_json  # noqa: E402
 
@@ -88,7 +104,10 @@ OUTCOMES = ("pass", "fail", "undecided")
 
 # ----------------------------------------------------------------------------- models
 def dense_model(args):
-    """The cached conformal_bench phantom model (trained with its recipe when absent)."""
+    """The cached conformal_bench model of the source (trained with its recipe when absent)."""
+    if args.source == "kermany":
+        cache, _, train_s = cb.kermany_model(args)
+        return load_model(cache / "model"), cache, train_s > 0
     cache = REPO / "runs" / "conformal_bench" / f"{args.arch}_n{args.n}_e{args.epochs}"
     if not (cache / "model" / "model.json").is_file():
         cfg = TrainConfig(epochs=args.epochs, batch_size=64, seed=0, patience=args.epochs)
@@ -101,13 +120,17 @@ def dense_model(args):
 
 
 def eval_predictions(model, name: str, work: Path, args) -> tuple[Predictions, list[str]]:
+    """Predictions of ``model`` on the evaluation images (the phantom population, or Kermany's
+    held-out patients read as the PNEUMONIA column), cached under ``work``."""
     pfile = work / f"preds_{name}.npz"
     idfile = work / "patients.json"
     if pfile.is_file() and idfile.is_file():
         return Predictions.load(pfile), json.loads(idfile.read_text())
-    ds = open_dataset(args.eval_spec, split="all", preprocess=model.card.preprocess)
+    ds = open_dataset(args.eval_spec, split=args.eval_split, preprocess=model.card.preprocess)
     t0 = time.perf_counter()
     preds = predict(model, ds, batch_size=128, device="cpu", progress=False)
+    if args.source == "kermany":
+        preds = binary_view(preds, "PNEUMONIA")
     print(f"predicted {name} on {preds.n} images in {time.perf_counter() - t0:.0f} s",
           flush=True)
     pids = [str(p) for p in ds.patient_ids]
@@ -117,7 +140,8 @@ def eval_predictions(model, name: str, work: Path, args) -> tuple[Predictions, l
 
 
 def build_variants(args) -> tuple[dict[str, Predictions], list[str], dict]:
-    work = REPO / "runs" / "conformal_compress_bench" / f"rec{args.recovery_epochs}"
+    work = (REPO / "runs" / "conformal_compress_bench"
+            / f"{'kermany_' if args.source == 'kermany' else ''}rec{args.recovery_epochs}")
     work.mkdir(parents=True, exist_ok=True)
     info_file = work / "variants.json"
     dense, cache, trained = dense_model(args)
@@ -127,8 +151,14 @@ def build_variants(args) -> tuple[dict[str, Predictions], list[str], dict]:
     calib, _ = collect_images(train_ds, args.n_calib, seed=0)
     info: dict = json.loads(info_file.read_text()) if info_file.is_file() else {}
     info["dense"] = {"model_dir": str(cache.relative_to(REPO)), "trained_here": trained,
-                     "train_spec": args.train_spec, "arch": args.arch, "epochs": args.epochs}
+                     "train_spec": args.train_spec_shown, "arch": args.arch,
+                     "epochs": args.epochs}
     preds = {}
+    if args.source == "kermany":  # its patient-wise and no-leak checks, and its cached preds
+        _, _, kinfo = cb.kermany_source(args)
+        info["dense"].update(auroc_held_out=kinfo["auroc_held_out"],
+                             split_unit=kinfo["split_unit"], dedup=kinfo["dedup"],
+                             n_train_images=kinfo["n_train_images"])
     preds["dense"], pids = eval_predictions(dense, "dense", work, args)
     if not (work / "preds_pruned.npz").is_file():
         val_ds = open_dataset(args.train_spec, split="val", preprocess=pp)
@@ -307,10 +337,21 @@ def markdown(r: dict, args) -> str:
         f" MACs) and int8: {args.splits} patient-wise "
         "50/50 splits\n",
         f"Guarantee `recall>={args.target}` with confidence {1 - args.alpha:.0%} (Learn then "
-        "Test, per class), certified on the calibration half. Phantom: "
-        f"`{args.eval_spec}` ({r['n_images']} images, {r['n_patients']} patients, "
-        f"{len(r['class_names'])} classes), dense model `{args.arch}` trained on "
-        f"`{args.train_spec}` ({args.epochs} epochs). Pruned: L1 structured, target "
+        "Test, per class), certified on the calibration half. "
+        + (f"Phantom: `{args.eval_spec_shown}` ({r['n_images']} images, {r['n_patients']} "
+           f"patients, {len(r['class_names'])} classes), dense model `{args.arch}` trained on "
+           f"`{args.train_spec_shown}` ({args.epochs} epochs). "
+           if args.source == "phantom" else
+           f"Kermany (real chest X-rays): the held-out test patients of "
+           f"`{args.train_spec_shown}` ({r['n_images']} images, {r['n_patients']} patients; "
+           "binary, PNEUMONIA positive, read as one column: logit l_PNEUMONIA - l_NORMAL), "
+           f"dense model `{args.arch}` at {args.kermany_size} px, {args.epochs} epochs, "
+           f"trained on {info['dense'].get('n_train_images')} images of its train patients "
+           f"(split unit: {(info['dense'].get('split_unit') or {}).get('unit')}; AUROC on the "
+           f"held-out patients {_f(info['dense'].get('auroc_held_out'))}; cached in "
+           f"`{info['dense']['model_dir']}`). Precision is not certified here (recall only; "
+           "conformal_kermany.md certifies precision>=0.95 on the dense model). ")
+        + "Pruned: L1 structured, target "
         f"x{pr.get('requested_speedup')} MACs"
         + (f" (**{pr['fallback']}**)" if pr.get("fallback") else "")
         + f" (achieved x{_f(pr.get('speedup_macs'), 2)}, params {pr.get('params_before')} -> "
@@ -331,7 +372,8 @@ def markdown(r: dict, args) -> str:
         "the thresholds in use, on the variant's test-half predictions; for the @dense "
         "variants also on the variant's calibration-half predictions (the check before "
         "shipping the variant at the dense thresholds). Produced by "
-        "benchmarks/conformal_compress_bench.py.\n",
+        f"`benchmarks/conformal_compress_bench.py --source {args.source}`; machine (CPU model "
+        f"and flags), versions and config in {args.name}.json.\n",
         "| variant | certified share | recall >= T share (macro) | worst class | all classes "
         "| mean recall | recall p10 | mean precision | flagged share | recertify on test half "
         f"(pass / fail / undecided; first {r['variants']['dense']['recertify_splits']} splits) "
@@ -399,10 +441,32 @@ def main() -> None:
     ap.add_argument("--fallback-speedup", type=float, default=2.5,
                     help="used (and labelled) when --speedup cannot be reached; 0 = fail")
     ap.add_argument("--n-calib", type=int, default=256)
-    ap.add_argument("--name", default="conformal_compress")
+    ap.add_argument("--source", choices=("phantom", "kermany"), default="phantom")
+    ap.add_argument("--kermany-size", type=int, default=64)
+    ap.add_argument("--kermany-epochs", type=int, default=8)
+    ap.add_argument("--kermany-test-fraction", type=float, default=0.4)
+    ap.add_argument("--name", default=None, help="default: conformal_compress, or "
+                    "conformal_compress_kermany")
     args = ap.parse_args()
-    args.train_spec = f"phantom?n={args.n}&size=64"
-    args.eval_spec = f"phantom?n={args.eval_n}&size=64&seed={args.eval_seed}"
+    if args.name is None:
+        args.name = "conformal_compress" + ("_kermany" if args.source == "kermany" else "")
+    if args.source == "kermany":  # conformal_bench.py's Kermany recipe
+        if not cb.KERMANY.is_dir():
+            print(f"kermany: skipped (real data not available: {cb.KERMANY}); nothing "
+                  "written", flush=True)
+            return
+        args.kermany_arch, args.epochs = args.arch, args.kermany_epochs
+        args.train_spec = (f"folder:{cb.KERMANY}?dedup=true&patient_regex=auto&val_fraction"
+                           f"=0.1&test_fraction={args.kermany_test_fraction}&seed=0")
+        args.eval_spec, args.eval_split = args.train_spec, "test"
+        args.train_spec_shown = args.train_spec.replace(
+            str(cb.KERMANY), "<shared data>/kermany-pneumonia/train")
+        args.eval_spec_shown = args.train_spec_shown + " [test]"
+    else:
+        args.train_spec = f"phantom?n={args.n}&size=64"
+        args.eval_spec = f"phantom?n={args.eval_n}&size=64&seed={args.eval_seed}"
+        args.eval_split = "all"
+        args.train_spec_shown, args.eval_spec_shown = args.train_spec, args.eval_spec
     torch.manual_seed(0)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -426,7 +490,9 @@ def main() -> None:
            "build_seconds": round(t1 - t0, 1),
            "split_seconds": round(t2 - t1, 1),
            "recertify_seconds": round(time.perf_counter() - t2, 1)}
-    path = save_result(args.name, res, vars(args))
+    config = {**vars(args), "train_spec": args.train_spec_shown,
+              "eval_spec": args.eval_spec_shown}
+    path = save_result(args.name, res, config)
     md = markdown(res, args)
     (RESULTS / f"{args.name}.md").write_text(md, encoding="utf-8")
     print(md)

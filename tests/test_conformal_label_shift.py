@@ -10,6 +10,7 @@ mixture distance on a dense grid).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -161,6 +162,37 @@ def test_precision_row_of_a_transfer_states_the_new_threshold():
     assert _precision(c.threshold_logit, 0.2) >= 0.7
 
 
+def test_precision_is_recertified_over_the_certification_grid():
+    """A precision guarantee certified over a custom grid (points off the default's 0.05
+    lattice) is re-certified over THAT grid, also after a JSON round trip (a model card); a
+    result without a recorded grid falls back to the default with a note."""
+    rng = np.random.default_rng(4)
+    cal, new = _site(rng, 1500, 0.5, "cal"), _site(rng, 2500, 0.2, "new")
+    grid = np.round(np.arange(4.013, -4.0, -0.25), 3)
+    g = calibrate_guarantee(cal, "precision>=0.7", 0.1, grid=grid)
+    assert g.grid == tuple(grid) and g.classes[0].threshold_logit in grid
+    back = type(g).from_dict(g.to_dict())
+    assert back.grid == g.grid
+    t = transfer_guarantee(back, cal, new, n_boot=39)
+    thr = t.rows[0]["new_threshold_logit"]
+    assert t.transferable and thr is not None and thr > g.classes[0].threshold_logit
+    assert np.any(np.isclose(grid, thr, rtol=0, atol=1e-12))  # a point of the original grid
+    assert not np.any(np.isclose(DEFAULT_GRID, thr, rtol=0, atol=1e-9))
+    assert t.guarantee.grid == g.grid
+    assert any("the certification's grid: 33 logit thresholds" in n for n in t.notes)
+    # the same search as re-certifying by hand over the original grid
+    y, z = cal.labels[:, 0] > 0.5, cal.logits[:, 0].astype(float)
+    lo = bbse_prior(z, y, new.logits[:, 0], 0.1)["lower"]
+    assert thr == _precision_at_prior(y, z, 0.7, 0.1, lo, grid)[0]
+    old = dataclasses.replace(back, grid=())  # stored before the grid was recorded
+    t_old = transfer_guarantee(old, cal, new, n_boot=39)
+    assert any("the default grid" in n for n in t_old.notes)
+    assert np.any(np.isclose(DEFAULT_GRID, t_old.rows[0]["new_threshold_logit"], atol=1e-9))
+    assert calibrate_guarantee(cal, "recall>=0.9", 0.1).grid == ()
+    with pytest.raises(Exception, match="DECREASING"):
+        transfer_guarantee(g, cal, new, n_boot=39, grid=grid[::-1])
+
+
 def test_covariate_shift_is_not_transferable_and_states_k():
     rng = np.random.default_rng(5)
     cal = _site(rng, 1500, 0.3, "cal")
@@ -243,6 +275,42 @@ def test_cli_transfer_writes_the_transfer(tmp_path, capsys):
     assert isinstance(t, LabelShiftTransfer) and t.spec == g.spec and t.n_new_images == 200
     assert t.outcome.upper() in out.out and "assumption: pure label shift" in out.out
     assert t.rows[0]["prior_calibration"] == pytest.approx(0.5)
+    # the carried guarantee is the operating point of OUT/model (and so of deploy's serve.json)
+    assert t.transferable and "model deciding by it" in out.out
+    from types import SimpleNamespace
+
+    from medscalpel.deploy.serve import serve_metadata
+    from medscalpel.models.checkpoint import load_model
+    from medscalpel.repair.card_guarantee import guarantee_of_card
+
+    moved = load_model(tmp_path / "tr" / "model")
+    op = moved.card.decision_point()
+    assert op.guarantee == t.guarantee.to_dict() and op.guarantee["split"] == "site2"
+    assert op.fitted_on["transfer"]["outcome"] == "transferred"
+    assert op.fitted_on["transfer"]["rows"] == {"x": "carried over unchanged"}
+    assert "labels not used" in op.fitted_on["source"]
+    back, pos, _ = guarantee_of_card(moved.card)
+    assert pos is None and back.to_dict() == t.guarantee.to_dict()
+    assert moved.card.effective_thresholds()[0] == pytest.approx(g.classes[0].threshold_prob)
+    # the same weights (model_id is not compared: save_model's hash covers the safetensors
+    # header, whose metadata order is not fixed, so equal weights can hash differently)
+    so, sm = load_model(tmp_path / "model").state_dict(), moved.state_dict()
+    assert so.keys() == sm.keys() and all(torch.equal(so[k], sm[k]) for k in so)
+    served = serve_metadata(moved, (1, 16, 16), SimpleNamespace(
+        runtime="torch", precision="fp32", name="torch:fp32", info={}), ["model.pt"])
+    assert served["operating_point"]["guarantee"]["split"] == "site2"
+    # a guarantee that does not transfer (the set FNR) writes no model
+    gf = calibrate_guarantee(cal, "fnr<=0.2")
+    m.card = m.card.with_operating_point(guarantee_operating_point(gf, ["x"], "multilabel"))
+    save_model(m, tmp_path / "model_fnr")
+    with pytest.raises(SystemExit) as ex:
+        run(["repair", "calibrate", str(tmp_path / "cal.npz"), "--recertify",
+             str(tmp_path / "model_fnr"), "--transfer-to", str(tmp_path / "site2.npz"),
+             "--out", str(tmp_path / "tr_fnr")])
+    out = capsys.readouterr()
+    assert ex.value.code == 0, out.err
+    assert "NOT TRANSFERABLE" in out.out and "no model written" in out.out
+    assert not (tmp_path / "tr_fnr" / "model").exists()
     for args, msg in (([], "needs FIT"),
                       ([str(tmp_path / "cal.npz"), "--eval", str(tmp_path / "cal.npz")],
                        "drop --eval")):

@@ -83,7 +83,10 @@ def calibrate(
                                                "WITHOUT its labels, under pure label shift: "
                                                "recall kept, precision re-certified at the "
                                                "estimated prevalence, after a label-free "
-                                               "check; writes label_shift_transfer.json."),
+                                               "check; writes label_shift_transfer.json and, "
+                                               "when it transfers, OUT/model: a copy of "
+                                               "MODEL_DIR whose card carries the carried "
+                                               "guarantee as its operating point."),
 ) -> None:
     """Calibrate decisions, fitted on one split and measured on another. Multi-label: per-class
     thresholds (Youden's J, F1-optimal or a target sensitivity) vs 0.5 (F1, recall, precision).
@@ -357,10 +360,13 @@ def _transfer_card(model_dir: Path, fit: Optional[Path], new_preds: Path,
                    out: Path, overwrite: bool) -> None:
     """``repair calibrate --recertify MODEL_DIR FIT --transfer-to NEW``: the card's guarantee
     carried to NEW's site without its labels (medscalpel.repair.label_shift); writes
-    label_shift_transfer.json."""
+    label_shift_transfer.json and, when it transfers, OUT/model: MODEL_DIR deciding by the
+    carried guarantee (its operating point holds it, as ``--guarantee --model`` writes it, so
+    deploy's serve.json carries it too)."""
     from medscalpel.errors import ConfigError
     from medscalpel.layout import write_artifact
-    from medscalpel.repair.calibrate import binary_view
+    from medscalpel.repair.calibrate import (binary_view, guarantee_operating_point,
+                                             save_with_operating_point)
     from medscalpel.repair.label_shift import transfer_guarantee
     from medscalpel.runs import RunDir, hash_file
 
@@ -390,6 +396,17 @@ def _transfer_card(model_dir: Path, fit: Optional[Path], new_preds: Path,
         if notes:
             t = dataclasses.replace(t, notes=(*t.notes, *notes))
         write_artifact(run.path, "label_shift_transfer", t)
+        op = None
+        if t.transferable and t.guarantee is not None:
+            op = guarantee_operating_point(
+                t.guarantee, m.card.class_names, m.card.task,
+                kept=m.card.effective_thresholds(),
+                source=f"sha256:{hash_file(new_preds)[:16]} ({Path(new_preds).name}), its "
+                       "labels not used",
+                transfer={"outcome": t.outcome, "site": t.site, "assumption": t.assumption,
+                          "from_split": g.split, "n_new_images": t.n_new_images,
+                          "rows": {r["name"]: r["status"] for r in t.rows}})
+            save_with_operating_point(m, run.path / "model", op)
     rows = [{"class": r["name"], "status": r["status"], "prevalence (cal)":
              r.get("prior_calibration"), "prevalence (EM)": r.get("prior_em"),
              "BBSE interval": tuple(r["prior_bbse_interval"]) if r.get("prior_bbse_interval")
@@ -402,6 +419,12 @@ def _transfer_card(model_dir: Path, fit: Optional[Path], new_preds: Path,
     console.print(f"assumption: {t.assumption}", highlight=False, markup=False)
     for note in t.notes:
         console.print(f"note: {note}", highlight=False, markup=False)
+    if op is not None:
+        console.print(f"operating point: {op.describe()}", highlight=False, markup=False)
+        console.print(f"model deciding by it -> {out / 'model'}", highlight=False, markup=False)
+    else:
+        console.print("no model written: the guarantee did not transfer (the card of "
+                      f"{model_dir} is unchanged)", highlight=False, markup=False)
     console.print(f"written to {out}")
 
 

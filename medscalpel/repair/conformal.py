@@ -58,7 +58,13 @@ Patients: the binomial arguments count images as independent draws. Pass ``patie
 report how many patients the calibration images came from (several images of one patient are
 correlated, so the stated confidence is then approximate) and use :func:`patient_split` (built
 on :func:`medscalpel.data.base.split_by_patient`) to keep the calibration and the held-out
-check apart by PATIENT.
+check apart by PATIENT. Pass ``groups=patient_ids`` to certify on ONE image per patient
+(:func:`one_per_group`; a random positive image of each positive patient for recall): the
+argument then counts independent patients, and the guarantee is about a random image of a
+random patient. On real follow-up films this matters: on the NIH CheXNet predictions the
+misses of one patient's images are strongly correlated (design effect 1.47 to 6.29 over the
+classes, benchmarks/results/conformal_population.md), so an image-level certificate there
+counts several times more independent draws than it has.
 
 :func:`recertify` asks whether a stored guarantee still holds for another model (compressed,
 int8) or another site on held-out labelled data: a :class:`~medscalpel.engine.decision.Verdict`
@@ -283,6 +289,9 @@ class GuaranteeResult:
     split: str = ""
     model_id: str = ""
     notes: tuple[str, ...] = ()
+    #: the fixed logit grid the precision test ran over, highest first (precision only; empty
+    #: for the other kinds and for results stored before it was recorded)
+    grid: tuple[float, ...] = ()
     schema_version: int = SCHEMA
 
     @property
@@ -309,7 +318,7 @@ class GuaranteeResult:
                 "alpha": self.alpha, "class_names": list(self.class_names),
                 "classes": [c.to_dict() for c in self.classes], "n_images": self.n_images,
                 "n_patients": self.n_patients, "split": self.split, "model_id": self.model_id,
-                "notes": list(self.notes)}
+                "notes": list(self.notes), **({"grid": list(self.grid)} if self.grid else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GuaranteeResult":
@@ -323,7 +332,8 @@ class GuaranteeResult:
                    classes=tuple(ClassGuarantee.from_dict(c) for c in d["classes"]),
                    n_images=int(d["n_images"]), n_patients=d["n_patients"],
                    split=d.get("split", ""), model_id=d.get("model_id", ""),
-                   notes=tuple(d.get("notes", ())))
+                   notes=tuple(d.get("notes", ())),
+                   grid=tuple(float(v) for v in d.get("grid") or ()))
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -362,8 +372,11 @@ def _counts(y: np.ndarray, z: np.ndarray, thr: float) -> dict[str, Any]:
             "flagged_share": float(d.mean()) if d.size else None}
 
 
-def _recall_row(y, z, kind, target, alpha) -> tuple[float | None, dict[str, Any], str]:
-    pos = np.sort(z[y])
+def _recall_row(y, z, kind, target, alpha, pos=None
+                ) -> tuple[float | None, dict[str, Any], str]:
+    """The order-statistic threshold of the positive scores ``pos`` (default: ``z[y]``); the
+    calibration counts are of every image."""
+    pos = np.sort(z[y] if pos is None else np.asarray(pos, np.float64))
     n = pos.size
     k = recall_order_statistic(n, target, alpha if kind == "recall" else None)
     if k == 0:
@@ -376,7 +389,7 @@ def _recall_row(y, z, kind, target, alpha) -> tuple[float | None, dict[str, Any]
         cal["miss_rate_upper_bound"] = miss_rate_upper_bound(k - 1, n, alpha)
         cal["binomial_p"] = float(binom.cdf(k - 1, n, 1.0 - target))
     else:
-        cal["crc_bound"] = (cal["misses"] + 1) / (n + 1)
+        cal["crc_bound"] = (int(np.sum(pos < thr)) + 1) / (n + 1)
     return thr, cal, ""
 
 
@@ -438,7 +451,9 @@ def _as_multilabel(preds: Predictions, owner: str) -> Predictions:
 
 def calibrate_guarantee(preds: Predictions, guarantee: str | GuaranteeSpec,
                         alpha: float = 0.1, patient_ids: Sequence[str | None] | None = None,
-                        grid: Sequence[float] | None = None) -> GuaranteeResult:
+                        grid: Sequence[float] | None = None,
+                        groups: Sequence[str | None] | None = None,
+                        seed: int = 0) -> GuaranteeResult:
     """Certified per-class thresholds (or one shared threshold for ``fnr``) on calibration
     ``preds`` (see the module docstring for each guarantee and its assumptions).
 
@@ -450,7 +465,17 @@ def calibrate_guarantee(preds: Predictions, guarantee: str | GuaranteeSpec,
             recorded as None for the in-expectation kinds, which do not use it.
         patient_ids: one patient id per image (None where unknown): the patient counts.
         grid: the fixed logit grid of the precision test (default :data:`DEFAULT_GRID`),
-            tested in the given order (highest threshold first).
+            tested in the given order (highest threshold first); recorded in the result
+            (``grid``), so a re-certification at a new site tests the same candidates.
+        groups: patient ids, one per image (None: its own patient): certify on ONE image per
+            patient (:func:`one_per_group`, drawn with ``seed``) among the images the
+            certificate counts (a class's positives for recall; its labelled images for
+            precision; the images with a finding for the set FNR), so the binomial / CRC
+            argument counts independent patients instead of correlated images. The guarantee
+            is then about a random such image of a random patient (patients weigh equally,
+            whatever their number of images); the patients are also counted as with
+            ``patient_ids`` (which defaults to ``groups``). Off by default.
+        seed: the draw of the one image per patient (with ``groups``).
 
     A class with too few positives is returned with ``certified=False`` and the reason (the
     minimum number needed).
@@ -459,7 +484,8 @@ def calibrate_guarantee(preds: Predictions, guarantee: str | GuaranteeSpec,
     preds = _as_multilabel(preds, "calibrate_guarantee")
     check_range(alpha, "alpha", "calibrate_guarantee", 0.0, 1.0, low_inclusive=False,
                 high_inclusive=False)
-    pids = _pids(patient_ids, preds.n)
+    pids = _pids(patient_ids if patient_ids is not None else groups, preds.n)
+    gids = _pids(groups, preds.n)
     a = alpha if spec.high_probability else None
     g = DEFAULT_GRID if grid is None else np.asarray(grid, float)
     if g.ndim != 1 or g.size == 0 or np.any(np.diff(g) >= 0):
@@ -468,13 +494,18 @@ def calibrate_guarantee(preds: Predictions, guarantee: str | GuaranteeSpec,
     z_all = preds.logits.astype(np.float64)
     lab = preds.targets()
     if spec.kind == "fnr":
-        rows = (_fnr_row(z_all, lab, spec.target, pids),)
+        rows = (_fnr_row(z_all, lab, spec.target, pids, gids, seed),)
     else:
-        rows = tuple(_class_row(name, z_all[:, j], lab[:, j], spec, a, g, pids)
+        rows = tuple(_class_row(name, z_all[:, j], lab[:, j], spec, a, g, pids,
+                                None if gids is None else (gids, [seed, j]))
                      for j, name in enumerate(preds.class_names))
     n_pat = _n_patients(pids, range(preds.n))
     notes = []
-    if pids is None:
+    if gids is not None:
+        notes.append("certified on ONE image per patient (groups, seed "
+                     f"{seed}): the certificate counts patients, independent draws; it is "
+                     "about a random image of a random patient (patients weigh equally)")
+    elif pids is None:
         notes.append("patients unknown: the calibration images are counted as independent "
                      "draws")
     elif n_pat is not None and n_pat < preds.n:
@@ -492,28 +523,65 @@ def calibrate_guarantee(preds: Predictions, guarantee: str | GuaranteeSpec,
     return GuaranteeResult(spec=spec.text, kind=spec.kind, target=spec.target, alpha=a,
                            class_names=tuple(preds.class_names), classes=rows,
                            n_images=preds.n, n_patients=n_pat, split=preds.split,
-                           model_id=preds.model_id, notes=tuple(notes))
+                           model_id=preds.model_id, notes=tuple(notes),
+                           grid=tuple(float(v) for v in g) if spec.kind == "precision"
+                           else ())
 
 
-def _class_row(name, z, lab, spec, alpha, grid, pids) -> ClassGuarantee:
+def one_per_group(rows: np.ndarray, groups: Sequence[str | None], seed: Any = 0
+                  ) -> np.ndarray:
+    """One uniformly random row of ``rows`` per group (``groups[row]``; None: the row is its own
+    group), drawn with ``seed``; returned in increasing order.
+
+    Example:
+        >>> one_per_group(np.arange(5), ["a", "a", None, "b", "b"], seed=0).size
+        3
+    """
+    rows = np.asarray(rows, np.int64)
+    if rows.size == 0:
+        return rows
+    order = np.random.default_rng(seed).permutation(rows.size)
+    keys = np.array([f"r{r}" if groups[r] is None else f"g{groups[r]}" for r in rows[order]])
+    _, first = np.unique(keys, return_index=True)
+    return np.sort(rows[order][first])
+
+
+def _class_row(name, z, lab, spec, alpha, grid, pids, per_patient=None) -> ClassGuarantee:
+    """One class's certificate; ``per_patient = (groups, seed)``: on one image per patient
+    among the positives (recall) or the labelled images (precision)."""
     known = np.isfinite(lab)
     rows = np.flatnonzero(known)
     y = lab[known] > 0.5
     z = z[known]
     npos = int(y.sum())
     nmin = min_positives(spec.kind, spec.target, alpha)
+    use = None
+    if per_patient is not None:  # positions (into the known rows) the certificate counts
+        gids, seed = per_patient
+        among = np.flatnonzero(y) if spec.kind != "precision" else np.arange(rows.size)
+        use = np.searchsorted(rows, one_per_group(rows[among], gids, seed))
+    n_used = npos if use is None else int(y[use].sum())
+    wording = _wording(spec.kind, spec.target, alpha) + ("" if use is None else
+                                                         ", counted by patient")
     base = dict(name=name, kind=spec.kind, target=spec.target, alpha=alpha,
-                n_images=int(known.sum()), n_positives=npos, n_patients=_n_patients(pids, rows),
+                n_images=int(known.sum()), n_positives=n_used,
+                n_patients=_n_patients(pids, rows),
                 n_patients_positive=_n_patients(pids, rows[y]), min_positives=nmin,
-                guarantee=_wording(spec.kind, spec.target, alpha))
-    if npos < nmin:
+                guarantee=wording)
+    if n_used < nmin:
+        unit = "positives" if use is None else "positive patients (one image each)"
         return ClassGuarantee(certified=False, threshold_logit=None, threshold_prob=None,
-                              reason=f"too few positives: {npos} < {nmin} needed for "
+                              reason=f"too few {unit}: {n_used} < {nmin} needed for "
                                      f"{base['guarantee']}", **base)
     if spec.kind == "precision":
-        thr, cal, why = _precision_row(y, z, spec.target, alpha, grid)
+        yy, zz = (y, z) if use is None else (y[use], z[use])
+        thr, cal, why = _precision_row(yy, zz, spec.target, alpha, grid)
     else:
-        thr, cal, why = _recall_row(y, z, spec.kind, spec.target, alpha)
+        thr, cal, why = _recall_row(y, z, spec.kind, spec.target, alpha,
+                                    None if use is None else z[use])
+    if use is not None and cal:
+        cal.update(unit="patient (one image each)", images_used=int(use.size),
+                   positive_images=npos)
     if thr is None:
         return ClassGuarantee(certified=False, threshold_logit=None, threshold_prob=None,
                               reason=why or "not certifiable", calibration=cal, **base)
@@ -521,18 +589,21 @@ def _class_row(name, z, lab, spec, alpha, grid, pids) -> ClassGuarantee:
                           calibration=cal, **base)
 
 
-def _fnr_row(z_all, lab, a, pids) -> ClassGuarantee:
-    """One shared probability threshold: CRC on the per-image false-negative proportion."""
+def _fnr_row(z_all, lab, a, pids, gids=None, seed=0) -> ClassGuarantee:
+    """One shared probability threshold: CRC on the per-image false-negative proportion
+    (``gids``: on one image per patient among the images with a finding)."""
     pos = np.nan_to_num(lab, nan=0.0) > 0.5
     n_true = pos.sum(1)
-    img = np.flatnonzero(n_true > 0)
+    every = np.flatnonzero(n_true > 0)
+    img = every if gids is None else one_per_group(every, gids, seed)
     n = img.size
     nmin = min_positives("fnr", a)
     base = dict(name="all classes", kind="fnr", target=a, alpha=None,
                 n_images=int(z_all.shape[0]), n_positives=n,
                 n_patients=_n_patients(pids, range(z_all.shape[0])),
-                n_patients_positive=_n_patients(pids, img), min_positives=nmin,
-                guarantee=_wording("fnr", a, None))
+                n_patients_positive=_n_patients(pids, every), min_positives=nmin,
+                guarantee=_wording("fnr", a, None) + ("" if gids is None else
+                                                      ", counted by patient"))
     if n < nmin:
         return ClassGuarantee(certified=False, threshold_logit=None, threshold_prob=None,
                               reason=f"too few images with a finding: {n} < {nmin} needed for "

@@ -354,8 +354,9 @@ def transfer_guarantee(result: GuaranteeResult, calibration: Predictions, new: P
         n_boot: bootstrap replicates of the check (seeded by ``seed``).
         shift: a :func:`~medscalpel.repair.shift.shift_check` of calibration vs new, with
             penultimate features; its feature-space finding counts as covariate shift.
-        grid: the fixed logit grid of the precision re-certification (default: the
-            calibration's :data:`~medscalpel.repair.conformal.DEFAULT_GRID`).
+        grid: the fixed logit grid of the precision re-certification (default: the grid
+            the original certification tested, ``result.grid``; :data:`~medscalpel.repair.
+            conformal.DEFAULT_GRID` only for a result that recorded none, with a note).
     """
     calibration = _as_multilabel(calibration, "transfer_guarantee")
     new = _as_multilabel(new, "transfer_guarantee")
@@ -369,7 +370,7 @@ def transfer_guarantee(result: GuaranteeResult, calibration: Predictions, new: P
     if n_boot < 19:
         raise ConfigError(f"The 'n_boot' parameter of transfer_guarantee must be >= 19 (a "
                           f"p-value below 0.05 needs them). Got {n_boot} instead.")
-    g = DEFAULT_GRID if grid is None else np.asarray(grid, float)
+    g, grid_note = _grid_of(result, grid)
     a = result.alpha if result.alpha is not None else 0.1
     zc, lab, zn = (calibration.logits.astype(np.float64), calibration.targets(),
                    new.logits.astype(np.float64))
@@ -401,6 +402,8 @@ def transfer_guarantee(result: GuaranteeResult, calibration: Predictions, new: P
     notes = [f"the new site's labels were not used ({new.n} images)",
              "the label-shift check cannot prove label shift: it finds departures from it "
              "that change the score distribution of a class, with limited power"]
+    if grid_note:
+        notes.append(grid_note)
     if shift is not None:
         notes.append("shift_check's score KS tests (reported there) are not used here: a "
                      "prevalence change alone moves the score distribution")
@@ -408,6 +411,7 @@ def transfer_guarantee(result: GuaranteeResult, calibration: Predictions, new: P
     if ok:
         new_g = dataclasses.replace(
             result, classes=tuple(new_rows), split=site or new.split,
+            grid=tuple(float(v) for v in g) if result.kind == "precision" else result.grid,
             notes=result.notes + (f"carried to {site or new.split or 'a new site'} without "
                                   "labels under pure label shift (medscalpel.repair."
                                   "label_shift)",))
@@ -415,6 +419,25 @@ def transfer_guarantee(result: GuaranteeResult, calibration: Predictions, new: P
                               rows=tuple(rows), covariate_shift=tuple(reasons),
                               guarantee=new_g, min_k=plan, check_alpha=check_alpha,
                               n_new_images=new.n, site=site or new.split, notes=tuple(notes))
+
+
+def _grid_of(result: GuaranteeResult, grid: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """The precision re-certification's logit grid and a note saying where it came from
+    (empty when the result certifies no precision)."""
+    if grid is not None:
+        g, src = np.asarray(grid, float), "the grid given (not the certification's)"
+        if g.ndim != 1 or g.size == 0 or np.any(np.diff(g) >= 0):
+            raise ConfigError("transfer_guarantee: the 'grid' must be a non-empty strictly "
+                              "DECREASING sequence of logit thresholds (tested from the top).")
+    elif result.grid:
+        g, src = np.asarray(result.grid, float), "the certification's grid"
+    else:
+        g, src = DEFAULT_GRID, ("the default grid (the certification recorded none: stored "
+                                "before the grid was kept)")
+    if result.kind != "precision":
+        return g, ""
+    return g, (f"precision re-certified over {src}: {g.size} logit thresholds from {g[0]:g} "
+               f"to {g[-1]:g}")
 
 
 def _class_transfer(c: ClassGuarantee, data: tuple[np.ndarray, ...] | None, alpha: float,
