@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from medscalpel.deploy.cam import _op_counts, prediction_graph_identity
 from medscalpel.deploy.cam_head import CamHead, cam_maps, cam_support, rank_agreement
 from medscalpel.deploy.flow import deploy
 from medscalpel.deploy.runtimes import RUNTIMES
@@ -58,7 +59,8 @@ def test_heads_that_are_not_gap_linear_get_no_cam():
     assert not sup.ok and "not global average pooling" in sup.reason
 
 
-@pytest.mark.parametrize("name", ["onnxruntime:fp32", "openvino:fp32", "onnxruntime:int8-u8s8"])
+@pytest.mark.parametrize("name", ["onnxruntime:fp32", "openvino:fp32", "onnxruntime:int8-u8s8",
+                                  "openvino:int8"])
 def test_every_runtime_carries_the_cam_output(name, tmp_path):
     m = _model("resnet_tiny", 64)
     x = torch.rand(8, 1, 64, 64)
@@ -70,7 +72,25 @@ def test_every_runtime_carries_the_cam_output(name, tmp_path):
     rt.prepare(CamHead(m), x[:1], x, tmp_path)
     out_logits, out_cam = rt.run_outputs(x.numpy())
     assert out_cam.shape == tuple(raw.shape)
-    np.testing.assert_array_equal(rt.run(x.numpy()), out_logits)  # logits stay output 0
+    pred = rt.run(x.numpy())   # the prediction path: logits only
+    if name == "openvino:int8":  # the plugin fuses the graph without the CAM branch differently
+        assert np.abs(pred - out_logits).max() <= rt.tolerance * np.abs(out_logits).max()
+    else:
+        np.testing.assert_array_equal(pred, out_logits)  # logits stay output 0
+    # a prediction runs the logits-only subgraph: the CAM nodes are not in what it runs
+    if name.startswith("onnxruntime"):
+        assert [o.name for o in rt.predict_session.get_outputs()] == ["logits"]
+        assert [o.name for o in rt.session.get_outputs()] == ["logits", "cam"]
+    else:
+        assert len(rt.predict_compiled.outputs) == 1 and len(rt.compiled.outputs) == 2
+    # ... and it executes the same ops as the logits-only artifact: no cost by construction
+    plain = RUNTIMES.create(name, threads=1)
+    plain.prepare(m, x[:1], x, tmp_path / "plain")
+    same = prediction_graph_identity(plain, rt)
+    assert same["same_ops_as_logits_only"] is True and same["op_count_differences"] == {}
+    assert same["n_ops"] > 5
+    # the comparison can tell: the whole CAM graph has ops the logits-only graph lacks
+    assert _op_counts(rt, predict=False)[0] != _op_counts(plain, predict=False)[0]
     if name.endswith("fp32"):
         assert np.abs(out_cam - raw.numpy()).max() < 1e-4
     else:  # int8: not equal; the rank agreement of the maps is what is stated
@@ -98,9 +118,14 @@ def test_deploy_serves_cams_and_a_logits_only_artifact(tmp_path):
     assert (serve / "model.onnx").is_file() and (serve / "logits_only" / "model.onnx").is_file()
     assert e["gradcam_equivalence"]["max_abs_delta"] < 1e-4
     assert e["served_vs_torch_fp32"]["max_abs_delta_maps"] < 1e-4
-    cost = e["latency_cost"]
-    assert cost["outcome"] in ("pass", "fail", "undecided") and cost["rounds"] >= 5
-    assert cost["low"] <= cost["cost"] <= cost["high"]
+    for key, call in (("latency_cost", "prediction (logits only)"),
+                      ("maps_latency_cost", "logits and maps")):
+        cost = e[key]
+        assert cost["call"] == call and cost["rounds"] >= 5
+        assert cost["outcome"] in ("pass", "fail", "undecided")
+        assert cost["low"] <= cost["cost"] <= cost["high"]
+    # predictions run the logits-only subgraph: the same logits as the whole graph
+    assert e["prediction_path"]["max_abs_delta_vs_whole_graph"] < 1e-5
     import onnx
 
     outs = [o.name for o in onnx.load(str(serve / "model.onnx")).graph.output]
@@ -126,3 +151,11 @@ def test_a_failed_cam_cost_points_to_the_logits_only_artifact():
     assert "serve/logits_only/" in line and "--no-explain" in line
     e["latency_cost"]["outcome"] = "pass"
     assert "logits_only" not in explanation_line(e)
+    # both calls are named when deploy measured both; only the prediction's failure points away
+    e["maps_latency_cost"] = {"cost": 0.104, "low": 0.072, "high": 0.162, "target": 0.05,
+                              "outcome": "fail"}
+    e["latency_cost"] = {"cost": 0.001, "low": -0.02, "high": 0.03, "target": 0.05,
+                         "outcome": "pass"}
+    line = explanation_line(e)
+    assert "of a prediction (logits-only subgraph) +0.1% [-2.0, +3.0]" in line
+    assert "returning the maps +10.4% [+7.2, +16.2]" in line and "logits_only" not in line

@@ -85,7 +85,11 @@ def runs(phantom, tmp_path_factory):
 def test_runtime_model_exposes_cams_and_names_its_artifact(runs):
     rm = load_served(runs.run)            # the run directory: its serve/ is found
     assert rm.has_cams and rm.cam_refusal() is None
+    # predictions run the logits-only subgraph; the whole graph opens when maps are asked for
+    pred_session, whole = rm._keep
+    assert [o.name for o in pred_session.get_outputs()] == ["logits"] and whole == []
     cams = rm.cams(runs.x[:3])
+    assert [o.name for o in whole[0].get_outputs()] == ["logits", "cam"]
     assert tuple(cams.shape[:2]) == (3, runs.ds.num_classes) and cams.ndim == 4
     assert rm.cam_layer == runs.dense.cam_layer_name
     assert "sum_c W[k, c]" in rm.cam_info["definition"]

@@ -279,15 +279,33 @@ def export_onnx_file(model: nn.Module, path: str | os.PathLike, shape: Sequence[
     return info
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None):
-    """An onnxruntime CPU session with ``threads`` intra-op threads (default: torch's)."""
+def ort_session(path: str | os.PathLike | bytes, threads: int | None = None):
+    """An onnxruntime CPU session with ``threads`` intra-op threads (default: torch's) of an
+    ONNX file, or of a serialized model (``bytes``, e.g. :func:`logits_only_onnx`)."""
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(threads or torch.get_num_threads())
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so,
+                                providers=["CPUExecutionProvider"])
+
+
+def logits_only_onnx(path: str | os.PathLike) -> tuple[bytes | None, list[str]]:
+    """The prediction path of an ONNX file with several outputs (e.g. ``logits`` + the CAM
+    output): the subgraph that computes only its FIRST output (the logits), serialized, so a
+    session of it never runs the nodes only the other outputs need; ``None`` when the file has
+    one output. Also returns the file's output names."""
+    proto = onnx.load(str(path))
+    names = [o.name for o in proto.graph.output]
+    if len(names) < 2:
+        return None, names
+    inputs = [i.name for i in proto.graph.input
+              if i.name not in {t.name for t in proto.graph.initializer}]
+    sub = onnx.utils.Extractor(proto).extract_model(inputs, names[:1])
+    sub.ir_version = proto.ir_version  # make_model would stamp the newest IR version
+    return sub.SerializeToString(), names
 
 
 def ort_run(session, x: torch.Tensor | np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -603,5 +621,5 @@ def _latency_table(model, reference, sess, ref_sess, q_sess, example, batch_size
 
 
 __all__ = ["DYNAMO_MIN_OPSET", "ExportResult", "TORCHSCRIPT_ARCHS", "choose_exporter",
-           "cpu_flags", "export_onnx", "export_onnx_file", "has_vnni", "ort_latency", "ort_run",
-           "ort_session", "quantize_onnx"]
+           "cpu_flags", "export_onnx", "export_onnx_file", "has_vnni", "logits_only_onnx",
+           "ort_latency", "ort_run", "ort_session", "quantize_onnx"]

@@ -124,19 +124,28 @@ def explanation_line(e: dict[str, Any]) -> str:
     if status != "served":
         return f"{status}: {e.get('reason', '')}".strip()
     cost = e.get("latency_cost", {})
+    maps = e.get("maps_latency_cost")
     agree = e.get("served_vs_torch_fp32", {})
     eq = e.get("gradcam_equivalence", {})
+
+    def pct(c: dict[str, Any]) -> str:
+        return (f"{100 * c.get('cost', float('nan')):+.1f}% [{100 * c.get('low', float('nan')):+.1f}"
+                f", {100 * c.get('high', float('nan')):+.1f}] vs target <= "
+                f"{100 * c.get('target', 0.05):.0f}%: {c.get('outcome', 'not measured')}")
+
+    # deploy.json from before the prediction path ran the logits-only subgraph: one cost, of a
+    # call returning the maps
+    costs = (f"latency cost at batch 1 of a prediction (logits-only subgraph) {pct(cost)}; of a "
+             f"call returning the maps {pct(maps)}" if maps else
+             f"latency cost at batch 1 {pct(cost)}")
     return (f"served (output 'cam', {e.get('support', {}).get('layer', '')} "
-            f"{e.get('support', {}).get('map_shape')}); latency cost at batch 1 "
-            f"{100 * cost.get('cost', float('nan')):+.1f}% [{100 * cost.get('low', float('nan')):+.1f}, "
-            f"{100 * cost.get('high', float('nan')):+.1f}] vs target <= "
-            f"{100 * cost.get('target', 0.05):.0f}%: {cost.get('outcome', 'not measured')}; "
+            f"{e.get('support', {}).get('map_shape')}); {costs}; "
             f"served vs torch fp32 CAM: median Spearman {_f(agree.get('median_spearman'))}, max "
             f"|delta| {_f(agree.get('max_abs_delta_maps'))}; torch CAM vs Grad-CAM max |delta| "
             f"{_f(eq.get('max_abs_delta'))} on {eq.get('images', 0)} images"
-            + ("; the CAM output costs more latency than the target: serve/logits_only/ holds "
-               "the same variant without it (or deploy again with --no-explain)"
-               if cost.get("outcome") == "fail" else ""))
+            + ("; the CAM output costs predictions more latency than the target: "
+               "serve/logits_only/ holds the same variant without it (or deploy again with "
+               "--no-explain)" if cost.get("outcome") == "fail" else ""))
 
 
 def guarantee_lines(res: "DeployResult") -> list[str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import logging
@@ -33,8 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from medscalpel.deploy.export import (INPUT, cpu_flags, export_onnx_file, has_vnni, ort_session,
-                                      quantize_onnx)
+from medscalpel.deploy.export import (INPUT, cpu_flags, export_onnx_file, has_vnni,
+                                      logits_only_onnx, ort_session, quantize_onnx)
 from medscalpel.deploy.timing import median_ms
 from medscalpel.errors import ConfigError, optional_import
 from medscalpel.registry import Registry
@@ -206,9 +207,13 @@ class OrtFp32(Runtime):
         path = self._build(model, example, calib, workdir)
         self.files = [path]
         self.session = ort_session(path, self.threads)
+        # a graph with more outputs than the logits (the CAM output) predicts through its
+        # logits-only subgraph: predictions never run what only the maps need
+        sub, _ = logits_only_onnx(path)
+        self.predict_session = self.session if sub is None else ort_session(sub, self.threads)
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {INPUT: np.ascontiguousarray(x, np.float32)})[0]
+        return self.predict_session.run(None, {INPUT: np.ascontiguousarray(x, np.float32)})[0]
 
     def run_outputs(self, x: np.ndarray) -> list[np.ndarray]:
         return list(self.session.run(None, {INPUT: np.ascontiguousarray(x, np.float32)}))
@@ -242,10 +247,30 @@ class OrtInt8S8S8(_OrtInt8):
 
 
 # ----------------------------------------------------------------------------- OpenVINO
+@functools.lru_cache(maxsize=1)
+def openvino_core() -> Any:
+    """The process's one ``openvino.Core``: every read and compile goes through it (two compiled
+    models of one runtime, each from its own Core, crashed the process later, in a subprocess
+    call, after they were collected)."""
+    return openvino().Core()
+
+
 def openvino_capabilities() -> list[str]:
     """The OpenVINO CPU plugin's OPTIMIZATION_CAPABILITIES (e.g. FP32, BF16, INT8)."""
-    ov = openvino()
-    return [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+    return [str(c) for c in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+def logits_only_openvino(xml: str | os.PathLike) -> Any | None:
+    """The prediction path of an OpenVINO IR with several outputs (e.g. ``logits`` + the CAM
+    output): the model read from ``xml`` keeping only its FIRST result (nodes no result needs
+    are not compiled), or ``None`` when it has one output."""
+    model = openvino_core().read_model(str(xml))
+    if len(model.outputs) < 2:
+        return None
+    for result in list(model.get_results())[1:]:
+        model.remove_result(result)
+    model.validate_nodes_and_infer_types()
+    return model
 
 
 def compile_openvino(model: Any, hint: str, threads: int):
@@ -253,7 +278,7 @@ def compile_openvino(model: Any, hint: str, threads: int):
     precision (``"f32"`` / ``"bf16"``; never left to the plugin), latency-oriented."""
     config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": int(threads),
               "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-    return openvino().Core().compile_model(model if not isinstance(model, Path) else str(model),
+    return openvino_core().compile_model(model if not isinstance(model, Path) else str(model),
                                            "CPU", config)
 
 
@@ -282,7 +307,7 @@ class OpenVinoFp32(Runtime):
     def _model(self, model, example, calib, workdir):
         xml = self._ir(model, example, workdir)
         self.files = [xml, xml.with_suffix(".bin")]
-        return openvino().Core().read_model(str(xml))
+        return openvino_core().read_model(str(xml))
 
     def prepare(self, model, example, calib, workdir) -> None:
         ov_model = self._model(model, example, calib, workdir)
@@ -291,10 +316,16 @@ class OpenVinoFp32(Runtime):
         used = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         self.info.update({"inference_precision_hint": self.hint, "precision_used": used})
         self.request = self.compiled.create_infer_request()
+        # several outputs (the CAM output): predictions run the logits-only copy of the graph
+        sub = logits_only_openvino(self.files[0])
+        self.predict_compiled = (self.compiled if sub is None else
+                                 compile_openvino(sub, self.hint, self.threads))
+        self.predict_request = (self.request if sub is None else
+                                self.predict_compiled.create_infer_request())
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        res = self.request.infer({0: np.ascontiguousarray(x, np.float32)})
-        return np.asarray(res[self.compiled.output(0)], dtype=np.float32).copy()
+        res = self.predict_request.infer({0: np.ascontiguousarray(x, np.float32)})
+        return np.asarray(res[self.predict_compiled.output(0)], dtype=np.float32).copy()
 
     def run_outputs(self, x: np.ndarray) -> list[np.ndarray]:
         res = self.request.infer({0: np.ascontiguousarray(x, np.float32)})
@@ -435,6 +466,6 @@ def runtime_latency(model: nn.Module, runtime: str, example: torch.Tensor, batch
             torch.set_num_threads(prev)
 
 
-__all__ = ["PARITY_TOLERANCE", "RUNTIMES", "Runtime", "cpu_features",
-           "openvino", "openvino_capabilities", "nncf", "runtime_latency",
+__all__ = ["PARITY_TOLERANCE", "RUNTIMES", "Runtime", "compile_openvino", "cpu_features",
+           "logits_only_openvino", "openvino", "openvino_core", "openvino_capabilities", "nncf", "runtime_latency",
            "time_runtime", "vector_width"]

@@ -43,7 +43,9 @@ import torch
 from torch import nn
 
 from medscalpel.deploy.cam_head import cam_maps
-from medscalpel.deploy.runtimes import RUNTIMES
+from medscalpel.deploy.export import logits_only_onnx, ort_session
+from medscalpel.deploy.runtimes import (RUNTIMES, compile_openvino, logits_only_openvino,
+                                        openvino_core)
 from medscalpel.errors import ConfigError, DataError, MedScalpelError, ModelError, VerificationError
 from medscalpel.models import load_model
 from medscalpel.models.checkpoint import ModelCard, _resolve
@@ -293,53 +295,79 @@ def load_served(path: str | os.PathLike, threads: int = 1) -> nn.Module:
         onnx = [f for f in files if f.endswith(".onnx")]
         if not onnx or not (p / onnx[0]).is_file():
             raise DataError(f"{meta_path}: no ONNX file {onnx or files} in {p}.")
-        from medscalpel.deploy.export import ort_session
+        full: list[Any] = []   # the session of the whole graph, opened when maps are asked for
+
+        def session(what: Path | bytes) -> Any:
+            try:
+                return ort_session(what, threads)
+            except (MedScalpelError, ImportError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own (pybind) types
+                raise _unloadable(p / onnx[0], "onnxruntime", exc) from exc
 
         try:
-            sess = ort_session(p / onnx[0], threads)
-        except (MedScalpelError, ImportError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own (pybind) types
-            raise _unloadable(p / onnx[0], "onnxruntime", exc) from exc
+            sub, outputs = logits_only_onnx(p / onnx[0])
+        except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and its own types
+            raise _unloadable(p / onnx[0], "onnx", exc) from exc
+        # predictions run the logits-only subgraph; the whole graph only when maps are asked for
+        sess = session(sub if sub is not None else p / onnx[0])
         name = sess.get_inputs()[0].name
         _check_outputs(p / onnx[0], [o.shape for o in sess.get_outputs()][:1], card)
 
         def run_all(x: np.ndarray) -> list[np.ndarray]:
-            return list(sess.run(None, {name: x}))
+            if not full:
+                full.append(sess if sub is None else session(p / onnx[0]))
+            return list(full[0].run(None, {name: x}))
 
         def run(x: np.ndarray) -> np.ndarray:
-            return sess.run(["logits"] if has_logits else None, {name: x})[0]
+            return sess.run(None, {name: x})[0]
 
-        outputs = [o.name for o in sess.get_outputs()]
-        has_logits = "logits" in outputs
-        return _served_model(run, run_all, len(outputs), card, meta, p, [p / onnx[0]], sess)
+        return _served_model(run, run_all, len(outputs), card, meta, p, [p / onnx[0]],
+                             (sess, full))
     if runtime == "openvino":
         xml = [f for f in files if f.endswith(".xml")]
         if not xml or not (p / xml[0]).is_file():
             raise DataError(f"{meta_path}: no OpenVINO IR (.xml) {xml or files} in {p}.")
-        from medscalpel.deploy.runtimes import compile_openvino
+        hint = "bf16" if precision == "bf16" else "f32"
+        full: list[Any] = []   # (compiled, request) of the whole graph, when maps are asked for
+
+        def compiled_request(model: Any) -> tuple[Any, Any]:
+            try:
+                compiled = compile_openvino(model, hint, threads)
+                return compiled, compiled.create_infer_request()
+            except (MedScalpelError, ImportError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own
+                raise _unloadable(p / xml[0], "OpenVINO", exc) from exc
 
         try:
-            compiled = compile_openvino(p / xml[0], "bf16" if precision == "bf16" else "f32",
-                                        threads)
-            request = compiled.create_infer_request()
+            ov_model = openvino_core().read_model(str(p / xml[0]))
         except (MedScalpelError, ImportError):
             raise
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own types
             raise _unloadable(p / xml[0], "OpenVINO", exc) from exc
+        n_outputs = len(ov_model.outputs)
+        # predictions run the logits-only copy; the whole graph only when maps are asked for
+        sub = logits_only_openvino(p / xml[0])
+        compiled, request = compiled_request(sub if sub is not None else ov_model)
+        if sub is None:
+            full.append((compiled, request))
 
         def run_ov(x: np.ndarray) -> np.ndarray:
             res = request.infer({0: x})
             return np.asarray(res[compiled.output(0)], dtype=np.float32).copy()
 
         def run_ov_all(x: np.ndarray) -> list[np.ndarray]:
-            res = request.infer({0: x})
-            return [np.asarray(res[o], dtype=np.float32).copy() for o in compiled.outputs]
+            if not full:
+                full.append(compiled_request(ov_model))
+            whole, req = full[0]
+            res = req.infer({0: x})
+            return [np.asarray(res[o], dtype=np.float32).copy() for o in whole.outputs]
 
         ov_files = [p / xml[0]] + [p / f for f in files if f.endswith(".bin")
                                    and not f.startswith("logits_only/")]
-        return _served_model(run_ov, run_ov_all, len(compiled.outputs), card, meta, p, ov_files,
-                             (compiled, request))
+        return _served_model(run_ov, run_ov_all, n_outputs, card, meta, p, ov_files,
+                             (compiled, request, full))
     raise DataError(f"{meta_path}: unknown runtime {runtime!r} (expected torch, onnxruntime or "
                     "openvino).")
 
