@@ -338,6 +338,25 @@ def test_cli_guarantee(tmp_path, capsys):
     chk = read_artifact(tmp_path / "g", "guarantee_check")
     assert isinstance(chk, Recertification) and chk.outcome in ("pass", "undecided")
     assert g.n_images + chk.n_images == 800
+    # two images a patient: the image-level certificate says so and points to --per-patient
+    assert "further images of a patient already counted" in " ".join(out.out.split())
+    with pytest.raises(SystemExit) as ex:
+        run(["repair", "calibrate", str(tmp_path / "fit.npz"), "--guarantee", "recall>=0.90",
+             "--patients", str(tmp_path / "pat.csv"), "--per-patient", "--out",
+             str(tmp_path / "pp")])
+    out = capsys.readouterr()
+    assert ex.value.code == 0, out.err
+    assert "further images of a patient" not in out.out
+    pp = read_artifact(tmp_path / "pp", "guarantee")
+    full = calibrate_guarantee(_preds(z, y, ("a", "b")), "recall>=0.90", 0.1)
+    # certified on one image per patient: half the positives of class a (2 images a patient)
+    assert pp.classes[0].n_positives < full.classes[0].n_positives
+    with pytest.raises(SystemExit) as ex:
+        run(["repair", "calibrate", str(tmp_path / "fit.npz"), "--guarantee", "recall>=0.90",
+             "--per-patient", "--out", str(tmp_path / "nop")])
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and "--per-patient needs --patients" in err
+    assert not (tmp_path / "nop").exists()
     with pytest.raises(SystemExit) as ex:
         run(["repair", "calibrate", str(tmp_path / "fit.npz"), "--guarantee", "recall>0.9",
              "--out", str(tmp_path / "bad")])

@@ -64,6 +64,11 @@ def calibrate(
                                             "'id' and 'patient' (image id -> patient id); "
                                             "patients are counted and --holdout splits by "
                                             "patient."),
+    per_patient: bool = typer.Option(False, "--per-patient",
+                                     help="With --guarantee and --patients: certify on ONE "
+                                          "random image per patient (seeded by --seed), so the "
+                                          "certificate counts independent patients, not "
+                                          "correlated follow-up images of one patient."),
     holdout: Optional[float] = typer.Option(None, help="With --guarantee and no --eval: the "
                                             "share of patients of FIT held out to re-check the "
                                             "guarantee (split by patient; seeded by --seed)."),
@@ -119,9 +124,9 @@ def calibrate(
                           "--eval PREDS to check a stored guarantee.")
     if guarantee is not None:
         return _calibrate_guarantee(fit, evaluate_on, guarantee, alpha, patients, holdout, seed,
-                                    positive, model, out, overwrite)
-    if holdout is not None or patients is not None:
-        raise ConfigError("--holdout and --patients apply with --guarantee only.")
+                                    positive, model, out, overwrite, per_patient)
+    if holdout is not None or patients is not None or per_patient:
+        raise ConfigError("--holdout, --patients and --per-patient apply with --guarantee only.")
     fit_p = load_predictions(fit).require_labels("fitting thresholds", str(fit))
     eval_p = load_predictions(evaluate_on) if evaluate_on else None
     kind = ("thresholds" if fit_p.task == "multilabel" else
@@ -217,7 +222,7 @@ def _read_patients(path: Path) -> dict[str, str]:
 def _calibrate_guarantee(fit: Path, evaluate_on: Optional[Path], guarantee: str, alpha: float,
                          patients: Optional[Path], holdout: Optional[float], seed: int,
                          positive: Optional[str], model: Optional[Path], out: Path,
-                         overwrite: bool) -> None:
+                         overwrite: bool, per_patient: bool = False) -> None:
     """``repair calibrate --guarantee``: certify on FIT (or its calibration part), re-check on
     --eval or on the held-out patients; writes guarantee.json (+ guarantee_check.json)."""
     from medscalpel.errors import ConfigError
@@ -248,6 +253,9 @@ def _calibrate_guarantee(fit: Path, evaluate_on: Optional[Path], guarantee: str,
         eval_p = binary_view(eval_p, positive) if eval_p is not None else None
     elif positive is not None:
         raise ConfigError("--positive applies to two-class predictions only.")
+    if per_patient and patients is None:
+        raise ConfigError("--per-patient needs --patients CSV (columns 'id' and 'patient'): "
+                          "without patient ids every image is its own patient.")
     pmap = _read_patients(patients) if patients else None
     pid = (lambda p: [pmap.get(i) for i in p.ids]) if pmap is not None else (lambda p: None)
     cal_p, chk_p, unit = fit_p, eval_p, None
@@ -257,9 +265,10 @@ def _calibrate_guarantee(fit: Path, evaluate_on: Optional[Path], guarantee: str,
     cfg = {"fit": str(fit), "eval": str(evaluate_on) if evaluate_on else None,
            "guarantee": spec.text, "alpha": alpha, "patients": str(patients) if patients
            else None, "holdout": holdout, "seed": seed, "positive": positive,
-           "split_unit": unit}
+           "split_unit": unit, "per_patient": per_patient}
     with RunDir(out, command="repair calibrate", config=cfg, overwrite=overwrite) as run:
-        result = calibrate_guarantee(cal_p, spec, alpha, patient_ids=pid(cal_p))
+        result = calibrate_guarantee(cal_p, spec, alpha, patient_ids=pid(cal_p),
+                                     groups=pid(cal_p) if per_patient else None, seed=seed)
         write_artifact(run.path, "guarantee", result)
         check = recertify(result, chk_p, patient_ids=pid(chk_p)) if chk_p is not None else None
         if check is not None:
@@ -276,6 +285,16 @@ def _calibrate_guarantee(fit: Path, evaluate_on: Optional[Path], guarantee: str,
                 f"{pat} ({cal_p.split}{', split by ' + unit if unit else ''})")
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)
+    if pmap is not None and not per_patient:
+        ids = [i for i in pid(cal_p) if i is not None]
+        repeated = len(ids) - len(set(ids))
+        if repeated:
+            console.print(f"note: {repeated} of {len(ids)} calibration images are further "
+                          "images of a patient already counted; the certificate counts images "
+                          "as independent (real follow-up films are correlated: on NIH "
+                          "ChestX-ray14 the design effect was 1.5-6.3, "
+                          "benchmarks/results/conformal_population.md). --per-patient "
+                          "certifies on one image per patient.", highlight=False)
     if check is not None:
         print_table(check.table(), title=f"re-check on {check.n_images} held-out images: "
                     f"{check.outcome.upper()} ({check.correction}, confidence "
