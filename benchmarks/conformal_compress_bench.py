@@ -35,7 +35,10 @@ e. ``int8@recert``: the int8 served model certified on the calibration half.
 
 On the test half, per class: realised recall, precision, flagged share. Per variant: the share
 of (certified class, split) pairs whose test-half recall reached T (macro over classes, and
-the worst class), mean recall, its 10th percentile, precision, flagged share; and the outcome of
+the worst class), and for the variants certified on their own scores (a, c, e) its exact
+exchangeable expectation with a Poisson-binomial consistency check
+(:func:`medscalpel.repair.conformal.expected_test_share`, ``conformal_bench.null_summary``;
+issue 29), mean recall, its 10th percentile, precision, flagged share; and the outcome of
 :func:`~medscalpel.repair.conformal.recertify` (pass / fail / undecided; exact binomial tests,
 Holm over the certified classes, alpha two-sided) of the guarantee that variant uses (the dense
 one for a, b, d; the variant's own for c, e), on the variant's TEST-half predictions. For b and
@@ -100,6 +103,8 @@ from medscalpel.runs import write_json  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("dense", "pruned@dense", "pruned@recert", "int8@dense", "int8@recert")
 OUTCOMES = ("pass", "fail", "undecided")
+#: variants certified on their own calibration scores: the exchangeable test-half law applies
+SELF_CERTIFIED = ("dense", "pruned@recert", "int8@recert")
 
 
 # ----------------------------------------------------------------------------- models
@@ -262,6 +267,8 @@ def one_split(preds: dict[str, Predictions], pids: list[str], seed: int, args,
             out["recert_test"][v] = recertify(g[thr_of], te[model]).outcome
     for v in ("pruned@dense", "int8@dense") if with_recert else ():
         out["recert_cal"][v] = recertify(g["dense"], cal[use[v][0]]).outcome
+    # n, k, m, J of the self-certified variants: their test-half share's exchangeable law
+    out["null"] = {v: cb._null_counts(g[use[v][0]], te[use[v][0]]) for v in SELF_CERTIFIED}
     # how far the variant's own certified thresholds moved from the dense ones (logits)
     out["thr_shift"] = {m: g[m].thresholds_logit() - g["dense"].thresholds_logit()
                         for m in ("pruned", "int8")}
@@ -315,6 +322,25 @@ def summarise(runs: list[dict], names: tuple[str, ...], args) -> dict:
             entry["test_all_ge_target_given_cal_verdict"] = {
                 o: (float(np.mean([a for a, c in zip(allr, rc) if c == o]))
                     if o in rc else None) for o in OUTCOMES}
+        if v in SELF_CERTIFIED:
+            ex = cb.null_summary([r["null"][v] for r in runs], names, T)
+            entry["exchangeable"] = ex
+            exp = [c["expected"] for c in ex if c["expected"] is not None]
+            macro["expected_share_exchangeable"] = float(np.mean(exp)) if exp else None
+            macro["classes_inconsistent"] = int(sum(c["consistent"] is False for c in ex))
+            macro["classes_inconsistent_holm"] = cb.holm_rejections(
+                [c["p_two_sided"] for c in ex if c["p_two_sided"] is not None])
+            macro["classes_below_expectation_holm"] = cb.holm_rejections(
+                [c["p_low"] for c in ex if c["p_low"] is not None], 0.025)
+            ts = [c["tie_splits_share"] for c in ex if c["tie_splits_share"] is not None]
+            macro["tie_splits_share"] = float(np.mean(ts)) if ts else None
+        else:  # thresholds from the dense model's scores, rates of another model's
+            entry["exchangeable"] = None
+            macro["expected_share_exchangeable"] = None
+            macro["classes_inconsistent"] = None
+            macro["classes_inconsistent_holm"] = None
+            macro["classes_below_expectation_holm"] = None
+            macro["tie_splits_share"] = None
         res[v] = entry
     shift = {}
     for m in ("pruned", "int8"):
@@ -364,9 +390,28 @@ def markdown(r: dict, args) -> str:
         f"{_f(r['auroc']['pruned'])}, int8 {_f(r['auroc']['int8'])}.\n",
         "Recall >= T share: over (certified class, split) pairs, the share whose TEST-half "
         "recall reached the target (macro over classes; worst class). The guarantee promises "
-        f">= {1 - args.alpha:.2f} for the POPULATION recall; the finite test half adds its own "
-        "noise, so even a valid guarantee shows a lower share here (the dense row is the "
-        "reference; see conformal.md). All classes: share of splits where every certified "
+        f">= {1 - args.alpha:.2f} for the POPULATION recall, not for a finite test half. "
+        "Expected (exchangeable): for a variant certified on its OWN calibration scores, the "
+        "exact share a valid certificate shows on test halves if calibration and test "
+        "positives are exchangeable: per split and class P(J <= allowed misses), J the test "
+        "positives below the k-th smallest calibration positive, negative-hypergeometric "
+        "(medscalpel.repair.conformal.expected_test_share), averaged over the certified "
+        "(class, split) pairs (macro over classes). It is what random splits of this ONE "
+        "held-out set produce by design (the law depends only on ranks): the splits are not "
+        "independent draws from the population, and agreement says nothing about the "
+        "population recall. Tied logits (int8 outputs are quantised) only remove misses: "
+        "where test positives tie with the cut the expectation is a LOWER bound and a share "
+        "above it is expected (column: share of (class, split) pairs with such a tie, mean "
+        "over classes). Inconsistent: classes whose observed share falls outside what "
+        "that law allows (two-sided Poisson-binomial p < 0.05; then the count surviving Holm "
+        "over the classes; then those BELOW the expectation, one-sided Holm at 0.025), treating "
+        "the splits as "
+        "independent given the held-out set, exact for image-wise splits; patient-wise ones "
+        "keep a patient's images together, and alike scores within a patient widen J and pull "
+        "the share below the expectation: conformal.md / conformal_kermany.md give the "
+        "image-wise control and the variance ratio). Not defined (-) for the @dense variants: "
+        "their thresholds come from another model's scores, so the gap to the dense row is "
+        "the compression's effect. All classes: share of splits where every certified "
         "class reached T at once. recertify: outcome of `medscalpel.repair.conformal."
         f"recertify` (exact binomial, Holm over the certified classes, alpha {args.alpha}) of "
         "the thresholds in use, on the variant's test-half predictions; for the @dense "
@@ -374,11 +419,12 @@ def markdown(r: dict, args) -> str:
         "shipping the variant at the dense thresholds). Produced by "
         f"`benchmarks/conformal_compress_bench.py --source {args.source}`; machine (CPU model "
         f"and flags), versions and config in {args.name}.json.\n",
-        "| variant | certified share | recall >= T share (macro) | worst class | all classes "
-        "| mean recall | recall p10 | mean precision | flagged share | recertify on test half "
+        "| variant | certified share | recall >= T share (macro) | expected (exchangeable) "
+        "| inconsistent classes: p < 0.05, Holm, below (Holm) | share of splits with a tie at the cut "
+        "| worst class | all classes | mean recall | recall p10 | mean precision | flagged share | recertify on test half "
         f"(pass / fail / undecided; first {r['variants']['dense']['recertify_splits']} splits) "
         "| recertify on cal half (pass / fail / undecided; same splits) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|"]
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in VARIANTS:
         e = r["variants"][v]
         a = e["macro"]
@@ -386,6 +432,10 @@ def markdown(r: dict, args) -> str:
         rc = e.get("recertify_on_calibration_half")
         lines.append(
             f"| {v} | {_f(a['certified_share'])} | {_f(a['recall_ge_target_share'])} | "
+            f"{_f(a['expected_share_exchangeable'])} | "
+            + ("- | - | " if a["classes_inconsistent"] is None else
+               f"{a['classes_inconsistent']}, {a['classes_inconsistent_holm']}, "
+               f"{a['classes_below_expectation_holm']} | {_f(a['tie_splits_share'])} | ") +
             f"{_f(a['recall_ge_target_share_worst_class'])} | "
             f"{_f(a['all_certified_classes_ge_target_share'])} | {_f(a['recall_mean'])} | "
             f"{_f(a['recall_p10'])} | {_f(a['precision_mean'])} | "
@@ -410,14 +460,23 @@ def markdown(r: dict, args) -> str:
         lines.append(f"{v}: share of splits where every certified class reached T on the test "
                      "half, by the calibration-half recertify verdict: "
                      + ", ".join(f"{o} {_f(g[o])}" for o in OUTCOMES) + ".\n")
-    lines.append("Per class, recall >= T share on the test half (mean recall):\n")
+    lines.append("Per class, recall >= T share on the test half / its exchangeable expectation "
+                 "(Poisson-binomial p; mean recall):\n")
     lines.append("| class | " + " | ".join(VARIANTS) + " |")
     lines.append("|---|" + "---|" * len(VARIANTS))
     for j, n in enumerate(r["class_names"]):
         cells = []
         for v in VARIANTS:
             c = r["variants"][v]["classes"][j]
-            cells.append(f"{_f(c['recall_ge_target_share'])} ({_f(c['recall_mean'])})")
+            ex = r["variants"][v]["exchangeable"]
+            null = "" if ex is None else (f" / {_f(ex[j]['expected'])} "
+                                          f"(p {cb._p(ex[j]['p_two_sided'])}"
+                                          + ("" if ex[j]["consistent"] in (None, True)
+                                             else ", **inconsistent**")
+                                          + (", ties: lower bound"
+                                             if ex[j].get("tie_splits_share") else "") + ";")
+            cells.append(f"{_f(c['recall_ge_target_share'])}{null}"
+                         f"{' (' if ex is None else ' '}{_f(c['recall_mean'])})")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
