@@ -97,3 +97,22 @@ def test_damaged_safetensors(tmp_path):
     (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(CheckpointError, match="damaged or not safetensors"):
         load_model(tmp_path / "m")
+
+
+def test_model_id_is_a_hash_of_the_weights_equal_across_processes(tmp_path):
+    import subprocess
+    import sys
+
+    from medscalpel.models.checkpoint import weights_id
+
+    code = ("import torch; from medscalpel.models.checkpoint import weights_id; "
+            "torch.manual_seed(0); print(weights_id({'b': torch.rand(3), 'a': torch.ones(2, 2, "
+            "dtype=torch.bfloat16), 'e': torch.zeros(0)}))")
+    ids = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() for _ in range(3)}
+    torch.manual_seed(0)
+    state = {"b": torch.rand(3), "a": torch.ones(2, 2, dtype=torch.bfloat16), "e": torch.zeros(0)}
+    assert ids == {weights_id(state)} and len(weights_id(state)) == 16
+    changed = dict(state, b=state["b"] + 1e-6)
+    assert weights_id(changed) != weights_id(state)
+    assert weights_id({"a2": state["a"]}) != weights_id({"a": state["a"]})

@@ -12,6 +12,7 @@ that holds pickled code is refused.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
@@ -32,7 +33,7 @@ from medscalpel.errors import CheckpointError, ModelError
 from medscalpel.models.classifier import MedClassifier
 from medscalpel.models.operating_point import OperatingPoint, derive_operating_point, task_of
 from medscalpel.models.zoo import ARCHS, create_model
-from medscalpel.runs import atomic_path, hash_bytes, read_json, write_json
+from medscalpel.runs import atomic_path, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ def save_model(model: MedClassifier, directory: str | os.PathLike,
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = st_save(state, metadata={"format": "pt", "medscalpel": __version__})
-    card = replace(card, model_id=hash_bytes(blob)[:16], num_parameters=model.num_parameters(),
+    card = replace(card, model_id=weights_id(state), num_parameters=model.num_parameters(),
                    arch_kwargs=dict(model.arch_kwargs),
                    created=card.created or time.strftime("%Y-%m-%dT%H:%M:%S"))
     with atomic_path(directory / WEIGHTS) as tmp:
@@ -224,6 +225,18 @@ def save_model(model: MedClassifier, directory: str | os.PathLike,
     write_json(directory / CARD, card.to_dict())
     model.card = card
     return directory
+
+
+def weights_id(state: dict[str, torch.Tensor]) -> str:
+    """The ``model_id`` of a state dict: a hash of its tensors (sorted names, dtypes, shapes and
+    bytes), so equal weights get equal ids. (Not the hash of the safetensors file: its header's
+    metadata is written in a per-process hash order, so one state gave two different files.)"""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def check_finite(model: nn.Module, where: str) -> None:
