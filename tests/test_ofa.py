@@ -330,3 +330,130 @@ def test_cli_refuses_bad_ofa_options_in_one_line(argv, message, capsys, tmp_path
     assert ex.value.code == 2
     assert message in err and err.strip().startswith("error:")
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- dominance
+def _pair(name, faster_rounds, reps, rounds=12, other="student", delta=None):
+    """A pair whose candidate is 2x faster in ``faster_rounds`` of ``rounds`` rounds (2x
+    slower in the rest) with the given AUROC replicates."""
+    from medscalpel.compress.ofa.dominance import PairInput
+
+    cand = [1.0] * faster_rounds + [4.0] * (rounds - faster_rounds)
+    reps = np.asarray(reps, np.float64)
+    return PairInput(name, other, float(np.nanmean(reps) if delta is None else delta), reps,
+                     n=400, candidate_ms=cand, other_ms=[2.0] * rounds)
+
+
+def _reps(k_low, value_low=-1.0, value_high=0.1, b=999):
+    """``b`` replicates of which ``k_low`` sit at ``value_low`` (below any margin)."""
+    return np.r_[np.full(k_low, value_low), np.full(b - k_low, value_high)]
+
+
+def test_sign_test_is_the_exact_binomial_tail():
+    from medscalpel.compress.ofa.dominance import sign_test
+
+    assert sign_test([2.0] * 5) == (5, 1 / 32, 1.0)
+    k, pf, ps = sign_test([2.0, 2.0, 2.0, 0.5, 1.0])     # a tie counts against both claims
+    assert k == 3 and pf == pytest.approx(0.5) and ps == pytest.approx(31 / 32)
+
+
+def test_dominance_outcomes_and_their_reasons():
+    from medscalpel.compress.ofa.dominance import decide_dominance
+
+    rng = np.random.default_rng(0)
+    pairs = [_pair("better", 12, rng.normal(0.03, 0.005, 2000)),
+             _pair("worse", 0, rng.normal(-0.03, 0.005, 2000), other="s2"),
+             _pair("faster_less_accurate", 12, rng.normal(-0.05, 0.005, 2000), other="s3"),
+             _pair("few_rounds", 3, rng.normal(0.03, 0.005, 2000), rounds=3, other="s4")]
+    v = decide_dominance(pairs, margin=0.01)
+    assert v.pair("better", "student").outcome == "dominates"
+    assert v.pair("worse", "s2").outcome == "dominated"
+    slow = v.pair("faster_less_accurate", "s3")
+    assert slow.outcome == "undecided" and "not shown AUROC >= -0.01" in slow.reason
+    few = v.pair("few_rounds", "s4")
+    assert few.outcome == "undecided" and "3 rounds cannot reach" in few.reason
+    assert few.p_faster == pytest.approx(1 / 8)
+    b = v.pair("better", "student")
+    # the interval is at the pair's Holm level and agrees with the outcome
+    assert b.auroc_ci_low >= -0.01 and b.level_adj < 0.025
+    assert b.rounds_candidate_faster == 12 and b.speed_ratio == pytest.approx(2.0)
+    assert v.n_tests == 4 and v.alpha == pytest.approx(0.025)
+    assert v.count("dominates") == 1 and v.count("undecided") == 2
+
+
+def test_holm_decides_where_bonferroni_does_not():
+    from medscalpel.compress.ofa.dominance import decide_dominance
+
+    # AUROC p-values (1 + k) / 1000: 0.01 and 0.02; the sign tests (2**-12) are far smaller
+    pairs = [_pair("a", 12, _reps(9), delta=0.05), _pair("b", 12, _reps(19), other="s2",
+                                                          delta=0.05)]
+    holm = decide_dominance(pairs, margin=0.01, correction="holm")
+    bonf = decide_dominance(pairs, margin=0.01, correction="bonferroni")
+    assert [p.p_dominates for p in holm.pairs] == pytest.approx([0.01, 0.02])
+    assert [p.outcome for p in holm.pairs] == ["dominates", "dominates"]
+    assert [p.outcome for p in bonf.pairs] == ["dominates", "undecided"]
+    assert [p.level_adj for p in holm.pairs] == pytest.approx([0.0125, 0.025])
+
+
+def test_nan_replicates_count_against_and_missing_evidence_is_unscorable():
+    from medscalpel.compress.ofa.dominance import PairInput, decide_dominance
+
+    reps = np.r_[np.full(100, np.nan), np.full(899, 0.2)]
+    nan_pair = _pair("nan", 12, reps, delta=0.2)
+    none = PairInput("none", "student", 0.1, None, n=10, candidate_ms=[1.0] * 12,
+                     other_ms=[2.0] * 12)
+    v = decide_dominance([nan_pair, none], margin=0.01)
+    p = v.pair("nan", "student")
+    assert p.p_auroc_noninferior == pytest.approx(101 / 1000) and p.n_nan_replicates == 100
+    assert p.outcome == "undecided"
+    u = v.pair("none", "student")
+    assert u.outcome == "unscorable" and "no AUROC bootstrap replicates" in u.reason
+    assert v.n_tests == 1
+
+
+def test_pair_input_takes_the_paired_comparison_with_the_other_as_reference():
+    from medscalpel.compress.ofa.dominance import macro_replicates, pair_input
+    from medscalpel.engine.compare import compare_predictions
+    from medscalpel.engine.predictions import Predictions
+
+    rng = np.random.default_rng(1)
+    y = (rng.random((120, 2)) < 0.4).astype(np.float32)
+    good = y * 2.0 + rng.normal(0, 1.0, y.shape)
+    bad = y * 0.5 + rng.normal(0, 1.0, y.shape)
+    ids = tuple(f"i{i}" for i in range(120))
+
+    def preds(z, mid):
+        return Predictions(z.astype(np.float32), y, ids=ids, class_names=("a", "b"),
+                           task="multilabel", model_id=mid)
+
+    c = compare_predictions(preds(bad, "student"), preds(good, "ofa"), n_boot=200, seed=0)
+    delta, reps, note = macro_replicates(c)
+    assert delta == pytest.approx(c.macro["delta_auroc"]) and delta > 0
+    assert reps.shape == (200,) and "2 of 2 classes" in note
+    p = pair_input("ofa", "student", c, [1.0] * 5, [2.0] * 5)
+    assert p.auroc_delta == pytest.approx(delta) and p.n == 120
+    with pytest.raises(DataError, match="no class has"):
+        macro_replicates(c, min_pos=1000)
+    with pytest.raises(DataError, match="keeps no AUROC bootstrap replicates"):
+        macro_replicates(compare_predictions(preds(bad, "s"), preds(good, "o"), n_boot=0))
+
+
+def test_dominance_round_trip_and_refusals():
+    from medscalpel.compress.ofa.dominance import DominanceVerdict, decide_dominance
+
+    rng = np.random.default_rng(2)
+    v = decide_dominance([_pair("a", 12, rng.normal(0.03, 0.005, 500))], margin=0.02,
+                         meta={"split": "test"})
+    d = json.loads(json.dumps(v.to_dict()))
+    back = DominanceVerdict.from_dict(d)
+    assert back.to_dict() == v.to_dict() and back.pairs[0].outcome == "dominates"
+    assert "1 dominates of 1 pair(s)" in d["summary"]
+    with pytest.raises(DataError, match="schema_version"):
+        DominanceVerdict.from_dict({**d, "schema_version": 99})
+    p = _pair("a", 12, rng.normal(0.03, 0.005, 500))
+    with pytest.raises(ConfigError, match="unique"):
+        decide_dominance([p, p])
+    with pytest.raises(ConfigError, match="'correction' parameter"):
+        decide_dominance([p], correction="none")
+    with pytest.raises(ConfigError, match="'margin' parameter"):
+        decide_dominance([p], margin=-0.1)

@@ -6,5 +6,8 @@ budget measured on the deployment runtime.
   extraction of a subnet as a standalone ``ofa_subnet`` model;
 * :mod:`~medscalpel.compress.ofa.train`: progressive shrinking, resumable;
 * :mod:`~medscalpel.compress.ofa.search`: latency-budgeted search and :func:`distill_ofa`
-  (train, search, extract, evaluate).
+  (train, search, extract, evaluate);
+* :mod:`~medscalpel.compress.ofa.dominance`: does a subnet dominate a student on (latency,
+  AUROC)? dominates / dominated / undecided per pair from one alternated timing run (sign test)
+  and the paired bootstrap of the AUROC difference, Holm or Bonferroni over the pairs.
 """
