@@ -51,15 +51,24 @@ from medscalpel.models.checkpoint import load_model  # noqa: E402
 from medscalpel.runs import cpu_info  # noqa: E402
 
 
-def _row(model, name: str, images: torch.Tensor, calib: torch.Tensor, work: Path,
-         threads: int, rounds: int, repeats: int, warmup: int) -> dict[str, Any]:
+def _runtime(name: str, threads: int, work: Path) -> tuple[Any, Path | None, dict[str, Any]]:
+    """A fresh runtime of variant ``name`` and an empty work folder for it, or the reason it
+    cannot run here (then the folder is None)."""
     rt = RUNTIMES.create(name, threads=threads)
     why = rt.available()
     if why:
-        return {"status": "unavailable", "reason": why}
+        return rt, None, {"status": "unavailable", "reason": why}
     wd = work / name.replace(":", "_")
     shutil.rmtree(wd, ignore_errors=True)
     wd.mkdir(parents=True)
+    return rt, wd, {}
+
+
+def _row(model, name: str, images: torch.Tensor, calib: torch.Tensor, work: Path,
+         threads: int, rounds: int, repeats: int, warmup: int) -> dict[str, Any]:
+    rt, wd, refused = _runtime(name, threads, work)
+    if wd is None:
+        return refused
     t0 = time.perf_counter()
     try:
         rt.prepare(model, images[:1], calib, wd / "plain")
@@ -77,12 +86,9 @@ def _graphs_row(model, name: str, images: torch.Tensor, calib: torch.Tensor, wor
                 threads: int) -> dict[str, Any]:
     """``--graphs-only``: build the logits-only and the CAM artifact and compare what a
     prediction executes (:func:`prediction_graph_identity`), without timing."""
-    rt = RUNTIMES.create(name, threads=threads)
-    why = rt.available()
-    if why:
-        return {"status": "unavailable", "reason": why}
-    wd = work / name.replace(":", "_")
-    shutil.rmtree(wd, ignore_errors=True)
+    rt, wd, refused = _runtime(name, threads, work)
+    if wd is None:
+        return refused
     try:
         rt.prepare(model, images[:1], calib, wd / "plain")
         cam = RUNTIMES.create(name, threads=threads)
