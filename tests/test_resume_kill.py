@@ -84,10 +84,17 @@ if __name__ == "__main__":
 '''
 
 
+def _sigint_default() -> None:
+    # a shell without job control starts background jobs with SIGINT ignored, and children
+    # inherit that: the Ctrl-C case must test the run, not how the test suite was launched
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(script: Path, *args: str, cwd: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen([PY, str(script), *map(str, args)], env=ENV, cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group: kill -9 it all
+                            start_new_session=True,  # its own process group: kill -9 it all
+                            preexec_fn=_sigint_default)
 
 
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 60.0,
