@@ -50,13 +50,15 @@ from typing import Any
 import numpy as np
 
 from medscalpel.errors import ConfigError, DataError, RunError
+from medscalpel.layout import artifact, write_artifact_at
 from medscalpel.progress import track
 from medscalpel.runs import RunDir, atomic_path, dumps_json, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
-INDEX = "index.json"
+#: the index file of a grid directory (declared in medscalpel/layout.py)
+INDEX = artifact("sweep_index").filename
 CELLS = "cells"
 #: index files of the two engines that came before this one (no longer read)
 LEGACY_INDEXES = ("sweep.json", "grid.json")
@@ -253,7 +255,7 @@ class CellIndex:
         return cls.from_dict(read_json(index), out_dir=out_dir)
 
     def save(self) -> Path:
-        return write_json(Path(self.out_dir) / INDEX, self.to_dict())
+        return write_artifact_at(self.out_dir, "sweep_index", self)
 
     # ------------------------------------------------------------------ views
     def results(self) -> list[dict[str, Any]]:
@@ -378,6 +380,66 @@ def _earlier_cells(cells_dir: Path, requested: set[str], ihash: str) -> list[Cel
     return kept
 
 
+def _refuse_legacy(out: Path) -> None:
+    """A directory of the engines before this one (``sweep.json`` / ``grid.json``, no
+    ``index.json``) cannot be resumed: refuse it with the fix."""
+    legacy = [n for n in LEGACY_INDEXES if (out / n).is_file()]
+    if legacy and not (out / INDEX).is_file():
+        raise RunError(f"{out} was written by an older medscalpel ({legacy[0]}); this version "
+                       "cannot resume it. Use a new --out (the grid is recomputed).")
+
+
+def _found_cells(cells_dir: Path, cells: list[dict[str, Any]], ids: list[str], ihash: str
+                 ) -> dict[int, Cell]:
+    """The requested cells already finished on disk, by their position in ``cells``."""
+    done: dict[int, Cell] = {}
+    for i, (c, cid) in enumerate(zip(cells, ids)):
+        found = _read_done(cells_dir, cid, c, ihash)
+        if found is not None:
+            done[i] = found
+    return done
+
+
+@dataclass
+class _Grid:
+    """A grid being run: what its results depend on, the cells finished so far (requested ones
+    by position, earlier runs' others) and the :class:`CellIndex` they make."""
+
+    out: Path
+    command: str
+    n_cells: int
+    ident: dict[str, Any]
+    ihash: str
+    executor: dict[str, Any]
+    config: dict[str, Any]
+    t0: float
+    done: dict[int, Cell] = field(default_factory=dict)
+    earlier: list[Cell] = field(default_factory=list)
+    n_skipped: int = 0
+
+    def index(self) -> CellIndex:
+        finished = tuple(self.done[i] for i in range(self.n_cells) if i in self.done) \
+            + tuple(self.earlier)
+        return CellIndex(str(self.out), self.command, finished,
+                         sum(c.computed for c in self.done.values()), self.n_skipped,
+                         self.ident, self.ihash, self.executor, dict(self.config),
+                         round(time.perf_counter() - self.t0, 3))
+
+
+def _compute(grid: _Grid, cells_dir: Path, cells: list[dict[str, Any]], ids: list[str],
+             todo: list[int], cell_fn: CellFn, run_imap: ImapFn, index_every_s: float) -> None:
+    """Run the cells at positions ``todo`` through the executor, write each as it finishes and
+    rewrite the index at most every ``index_every_s`` seconds."""
+    fn = functools.partial(_timed_call, cell_fn)
+    last = time.monotonic()
+    for j, (res, secs) in run_imap(fn, [cells[i] for i in todo]):
+        i = todo[j]
+        grid.done[i] = write_cell(cells_dir, ids[i], cells[i], res, secs, grid.ihash)
+        if time.monotonic() - last >= index_every_s:
+            grid.index().save()
+            last = time.monotonic()
+
+
 def run_cells(
     cells: Sequence[dict[str, Any]],
     cell_fn: CellFn,
@@ -420,48 +482,27 @@ def run_cells(
     ident = json.loads(dumps_json({"cell_fn": fn_name(cell_fn), **(identity or {})}))
     ihash = identity_hash(ident)
     out = Path(out_dir)
-    legacy = [n for n in LEGACY_INDEXES if (out / n).is_file()]
-    if legacy and not (out / INDEX).is_file():
-        raise RunError(f"{out} was written by an older medscalpel ({legacy[0]}); this version "
-                       "cannot resume it. Use a new --out (the grid is recomputed).")
+    _refuse_legacy(out)
     executor = dict(executor or {"executor": "serial"})
     cfg = {"n_cells": len(cells), **executor, **(config or {})}
     with RunDir(out, command=command, config=cfg, identity=ident, in_place=True,
                 data={"identity_hash": ihash}) as run:
         cdir = run.path / CELLS
         cdir.mkdir(parents=True, exist_ok=True)
-        done: dict[int, Cell] = {}
-        for i, (c, cid) in enumerate(zip(cells, ids)):
-            found = _read_done(cdir, cid, c, ihash)
-            if found is not None:
-                done[i] = found
-        earlier = _earlier_cells(cdir, set(ids), ihash)
-        n_skipped = len(done)
-        todo = [i for i in range(len(cells)) if i not in done]
+        done = _found_cells(cdir, cells, ids, ihash)
+        grid = _Grid(out, command, len(cells), ident, ihash, executor, dict(config or {}), t0,
+                     done=done, earlier=_earlier_cells(cdir, set(ids), ihash),
+                     n_skipped=len(done))
+        todo = [i for i in range(len(cells)) if i not in grid.done]
         logger.info("grid %s: %d cells, %d finished earlier, %d to run", out, len(cells),
-                    n_skipped, len(todo))
-
-        def index() -> CellIndex:
-            finished = tuple(done[i] for i in range(len(cells)) if i in done) + tuple(earlier)
-            return CellIndex(str(out), command, finished, sum(c.computed for c in done.values()),
-                             n_skipped, ident, ihash, executor, dict(config or {}),
-                             round(time.perf_counter() - t0, 3))
-
+                    grid.n_skipped, len(todo))
         if todo:
-            fn = functools.partial(_timed_call, cell_fn)
             run_imap = imap or (lambda f, cs: track(serial_imap(f, cs), command,
                                                     total=len(cs), progress=progress))
-            last = time.monotonic()
-            for j, (res, secs) in run_imap(fn, [cells[i] for i in todo]):
-                i = todo[j]
-                done[i] = write_cell(cdir, ids[i], cells[i], res, secs, ihash)
-                if time.monotonic() - last >= index_every_s:
-                    index().save()
-                    last = time.monotonic()
-        result = index()
+            _compute(grid, cdir, cells, ids, todo, cell_fn, run_imap, index_every_s)
+        result = grid.index()
         result.save()
     return result
-
 
 __all__ = ["CELLS", "INDEX", "SCHEMA_VERSION", "Cell", "CellIndex", "canonical", "cell_id",
            "check_cells", "fn_name", "identity_hash", "run_cells", "serial_imap", "write_cell"]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medscalpel import __version__
 from medscalpel.errors import DataError
 from medscalpel.runs import read_json, write_json
 
@@ -50,8 +51,6 @@ class Artifact:
     type_path: str | None = None
     keys: tuple[str, ...] = ()
     description: str = ""
-    # where single-command runs write the same artifact (e.g. 'evaluate --out' -> metrics.json)
-    aliases: tuple[str, ...] = ()
 
     @property
     def is_json(self) -> bool:
@@ -64,22 +63,28 @@ class Artifact:
             raise DataError(f"Artifact '{self.key}' ({self.path}) needs the placeholder "
                             f"{exc.args[0]!r}; pass {exc.args[0]}=...") from None
 
+    @property
+    def filename(self) -> str:
+        """The artifact's file name (the last part of ``path``): what a library function that is
+        given its output folder names the file (the stage passes ``ctx.dir_of(key)``)."""
+        return self.path.rsplit("/", 1)[-1]
+
     def path_in(self, run_dir: str | os.PathLike, **fmt: Any) -> Path:
         return Path(run_dir) / self.relpath(**fmt)
 
-    @property
-    def command_path(self) -> str:
-        """Where the single command that makes this artifact writes it in ITS run directory
-        (``compress prune --out RUN`` -> ``RUN/prune.json``): the first alias, else ``path``."""
-        return self.aliases[0] if self.aliases else self.path
+    def dir_in(self, run_dir: str | os.PathLike, **fmt: Any) -> Path:
+        """The folder of this artifact in ``run_dir``: what a stage or command passes to a
+        library function that is given its output folder."""
+        return self.path_in(run_dir, **fmt).parent
 
     def exists(self, run_dir: str | os.PathLike, **fmt: Any) -> bool:
         return self.path_in(run_dir, **fmt).exists()
 
     def locate(self, run_dir: str | os.PathLike, **fmt: Any) -> str | None:
-        """The relative path where ``run_dir`` holds this artifact: its declared path, else the
-        first alias that exists (a single-command run), else ``None``."""
-        for rel in (self.relpath(**fmt), *self.aliases):
+        """The relative path where ``run_dir`` holds this artifact: its declared path, else
+        where a single command of medscalpel < 0.2 wrote it (:data:`LEGACY_PATHS`, read only,
+        until its ``removed_in`` version), else ``None``."""
+        for rel in (self.relpath(**fmt), *legacy_paths(self.key)):
             if (Path(run_dir) / rel).is_file():
                 return rel
         return None
@@ -105,9 +110,8 @@ class Artifact:
 
 
 def _a(key: str, path: str, stage: str, type_path: str | None = None,
-       keys: tuple[str, ...] = (), description: str = "",
-       aliases: tuple[str, ...] = ()) -> tuple[str, Artifact]:
-    return key, Artifact(key, path, stage, type_path, keys, description, aliases)
+       keys: tuple[str, ...] = (), description: str = "") -> tuple[str, Artifact]:
+    return key, Artifact(key, path, stage, type_path, keys, description)
 
 
 #: every artifact of a run directory, by key
@@ -121,16 +125,13 @@ ARTIFACTS: dict[str, Artifact] = dict([
     _a("phantom_preview", "data/phantom_preview.png", "phantom", None, (),
        "contact sheet of phantom images"),
     _a("label_stats", "data/stats/stats.json", "stats", "medscalpel.data.stats:LabelStats", (),
-       "label statistics of the training split (prevalence, co-occurrence, evidence)",
-       ("stats.json",)),
+       "label statistics of the training split (prevalence, co-occurrence, evidence)"),
     _a("baseline_metrics", "baseline/metrics.json", "baseline", None,
-       ("classes", "macro", "split", "n"), "EvalResult of the dense model on the test split",
-       ("metrics.json",)),
+       ("classes", "macro", "split", "n"), "EvalResult of the dense model on the test split"),
     _a("baseline_train", "baseline/train.json", "baseline", None, ("history",),
        "training history"),
     _a("baseline_card", "baseline/model/model.json", "baseline",
-       "medscalpel.models.checkpoint:ModelCard", (), "the dense model's card",
-       ("model/model.json",)),
+       "medscalpel.models.checkpoint:ModelCard", (), "the dense model's card"),
     _a("predictions", "baseline/predictions/{split}.npz", "baseline", None, (),
        "Predictions of the dense model per split"),
     _a("features", "baseline/predictions/{split}_features.npz", "baseline", None, (),
@@ -138,21 +139,18 @@ ARTIFACTS: dict[str, Artifact] = dict([
     _a("calibrated_card", "calibrate/model/model.json", "calibrate",
        "medscalpel.models.checkpoint:ModelCard", (),
        "the card of the model with its calibrated thresholds (the model the later stages use)"),
-    _a("calibration", "calibrate/calibration.json", "calibrate", None,
-       ("fit_split", "calibrator", "evaluation"), "threshold calibration on the validation split",
-       ("calibration.json",)),
+    _a("calibration", "calibrate/calibration.json", "calibrate", None, ("fit_split",),
+       "threshold calibration (calibrator, evaluation) or temperature scaling of the model "
+       "(repair calibrate; the demo fits thresholds on the validation split)"),
     _a("guarantee", "calibrate/guarantee.json", "repair calibrate",
        "medscalpel.repair.conformal:GuaranteeResult", (),
-       "per-class thresholds with a finite-sample guarantee (repair calibrate --guarantee)",
-       ("guarantee.json",)),
+       "per-class thresholds with a finite-sample guarantee (repair calibrate --guarantee)"),
     _a("guarantee_check", "calibrate/guarantee_check.json", "repair calibrate",
        "medscalpel.repair.conformal:Recertification", (),
-       "the guarantee re-checked on held-out images: pass / fail / undecided",
-       ("guarantee_check.json",)),
+       "the guarantee re-checked on held-out images: pass / fail / undecided"),
     _a("label_shift_transfer", "calibrate/label_shift_transfer.json", "repair calibrate",
        "medscalpel.repair.label_shift:LabelShiftTransfer", (),
-       "the guarantee carried to a new site without labels (pure label shift), or why not",
-       ("label_shift_transfer.json",)),
+       "the guarantee carried to a new site without labels (pure label shift), or why not"),
     _a("compress", "compress/compress.json", "compress",
        "medscalpel.compress.contract:CompressionTable", (),
        "one row per compressed model: params, MACs, latency, paired accuracy delta"),
@@ -162,38 +160,42 @@ ARTIFACTS: dict[str, Artifact] = dict([
        ("spec", "comparison", "verdict"),
        "compressed vs unpruned on a second site (compress prune --external): paired deltas "
        "and the non-inferiority verdict"),
-    _a("deploy", "compress/deploy/deploy.json", "deploy",
+    _a("deploy", "deploy/deploy.json", "deploy",
        "medscalpel.deploy.result:DeployResult", (),
-       "runtime x precision benchmark, parity, accuracy floor, recommendation",
-       ("deploy.json",)),
+       "runtime x precision benchmark, parity, accuracy floor, recommendation"),
     _a("sweep_index", "sweep/index.json", "sweep", "medscalpel.cells:CellIndex", (),
        "the unstructured sparsity sweep: one typed cell per (model, method, seed, ratio)"),
     _a("forgettability", "audit/forgettability/forgettability.json", "audit", None,
-       ("class_names", "levels", "table"), "forgettability curves and FCD",
-       ("forgettability.json",)),
+       ("class_names", "levels", "table"), "forgettability curves and FCD"),
     _a("pies", "audit/pies/pies.json", "audit", None, ("n_pies",),
-       "pruning-identified exemplars", ("pies.json",)),
+       "pruning-identified exemplars"),
     _a("changes", "audit/changes/changes.json", "changes",
        "medscalpel.audit.changes:ChangesAudit", (),
-       "what compression changed: calibration, explanations, subgroups, robustness",
-       ("changes.json",)),
+       "what compression changed: calibration, explanations, subgroups, robustness"),
     _a("cams", "explain/cams/cams.json", "explain", None, ("method", "images"),
        "CAMs of example images with lung-zone reports"),
     _a("polarity", "explain/polarity/polarity.json", "explain", None,
-       ("class_names", "counts"), "polarized classifier channels", ("polarity.json",)),
+       ("class_names", "counts"), "polarized classifier channels"),
+    _a("polarity_stages", "explain/polarity/stages.json", "explain", None, ("stages",),
+       "polarized channels across model stages (the demo's compressed models; explain "
+       "polarity --compare-with)"),
     _a("surgery", "repair/surgery/surgery.json", "repair", None,
        ("success", "goal", "false_positives_still_above_threshold"),
-       "surgical correction of one classifier row (with every goal tried)", ("surgery.json",)),
+       "surgical correction of one classifier row (with every goal tried)"),
     _a("triage", "repair/triage/decision_log.json", "repair", None,
-       ("classes", "settings"), "the treatment router's decision log",
-       ("decision_log.json",)),
+       ("classes", "settings"), "the treatment router's decision log"),
     _a("site_shift", "shift/site_shift.json", "shift",
        "medscalpel.repair.shift_flow:SiteShiftReport", (),
-       "internal vs external site, shift check, k-shot recalibration",
-       ("site_shift.json",)),
+       "internal vs external site, shift check, k-shot recalibration"),
     _a("distill", "distill/distill.json", "distill", None,
-       ("teacher", "students", "config"), "knowledge distillation", ("distill.json",)),
+       ("teacher", "students", "config"), "knowledge distillation"),
     # results of single commands, at the top of their own run directory
+    _a("model", "model/model.json", "any command that makes a model",
+       "medscalpel.models.checkpoint:ModelCard", (),
+       "the card of the model a single command made (train, compress, repair, ...): "
+       "give its folder to --model"),
+    _a("metrics", "metrics.json", "evaluate / train", None, ("classes", "macro", "split", "n"),
+       "EvalResult of one model on one split (evaluate; train's test split)"),
     _a("fit", "train.json", "train", None, ("model_dir", "train", "test"),
        "what 'train' / 'scale train' did: model directory, training history, test metrics"),
     _a("predictions_meta", "predictions.json", "predict", None, ("class_names", "n"),
@@ -218,8 +220,6 @@ ARTIFACTS: dict[str, Artifact] = dict([
     _a("comparison", "comparison.json", "explain compare", None, ("classes",),
        "teacher vs student saliency agreement (explain compare), or a paired comparison with a "
        "reference (evaluate --reference)"),
-    _a("polarity_stages", "stages.json", "audit polarity", None, ("stages",),
-       "polarized channels across model stages (--compare-with)"),
     _a("retrain", "retrain.json", "repair retrain", None,
        ("method", "auroc_before", "auroc_after"),
        "partial retraining of the classifier: AUROC before / after"),
@@ -234,31 +234,65 @@ ARTIFACTS: dict[str, Artifact] = dict([
 ])
 
 
+#: where single commands of medscalpel < 0.2 wrote artifacts that now sit at their declared
+#: path (``compress deploy --out RUN`` wrote ``RUN/deploy.json``): read, never written, until
+#: :data:`LEGACY_REMOVED_IN`, so that ``show`` and the report still open older run directories
+LEGACY_PATHS: dict[str, str] = {
+    "label_stats": "stats.json", "calibration": "calibration.json",
+    "guarantee": "guarantee.json", "guarantee_check": "guarantee_check.json",
+    "label_shift_transfer": "label_shift_transfer.json", "deploy": "deploy.json",
+    "forgettability": "forgettability.json", "pies": "pies.json", "changes": "changes.json",
+    "polarity": "polarity.json", "surgery": "surgery.json", "triage": "decision_log.json",
+    "site_shift": "site_shift.json", "distill": "distill.json",
+    "polarity_stages": "stages.json",
+}
+LEGACY_SINCE, LEGACY_REMOVED_IN = "0.1.0", "0.2.0"
+
+
+def legacy_paths(key: str) -> tuple[str, ...]:
+    """The old location of artifact ``key`` (:data:`LEGACY_PATHS`), until its removal."""
+    def v(x: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in x.split(".")[:3])
+
+    if key not in LEGACY_PATHS or v(__version__) >= v(LEGACY_REMOVED_IN):
+        return ()
+    return (LEGACY_PATHS[key],)
+
+
 def artifact(key: str) -> Artifact:
     if key not in ARTIFACTS:
         raise DataError(f"Unknown artifact '{key}'. Valid names: {', '.join(sorted(ARTIFACTS))}.")
     return ARTIFACTS[key]
 
 
-def write_artifact(run_dir: str | os.PathLike, key: str, obj: Any, *, command: bool = False,
-                   **fmt: Any) -> Path:
-    """Write a JSON artifact (an object with ``to_dict()`` or a dict) atomically, checking it
-    against its declaration first: at its declared ``path`` in an experiment's run directory,
-    or (``command=True``) at its :attr:`Artifact.command_path` in the run directory of the
-    single command that made it."""
+def write_artifact(run_dir: str | os.PathLike, key: str, obj: Any, **fmt: Any) -> Path:
+    """Write a JSON artifact (an object with ``to_dict()`` or a dict) atomically at its declared
+    ``path`` in ``run_dir``, checking it against its declaration first. The demo's stages and
+    the single commands write the same relative paths."""
     a = artifact(key)
-    if command:
-        a = Artifact(a.key, a.command_path, a.stage, a.type_path, a.keys, a.description)
+    return write_json(a.path_in(run_dir, **fmt), _checked_doc(a, obj, a.relpath(**fmt)))
+
+
+def _checked_doc(a: Artifact, obj: Any, where: str) -> Any:
+    """The JSON document of ``obj`` after checking it against artifact ``a``'s declaration."""
     if not a.is_json:
-        raise DataError(f"write_artifact: '{key}' ({a.path}) is not a JSON artifact; write it "
-                        f"to artifact('{key}').path_in(run_dir) with its own writer.")
+        raise DataError(f"'{a.key}' ({a.path}) is not a JSON artifact; write it to "
+                        f"artifact('{a.key}').path_in(run_dir) with its own writer.")
     t = a.result_type()
     if t is not None and not isinstance(obj, t):
-        raise DataError(f"write_artifact: '{key}' holds a {t.__name__}; got "
-                        f"{type(obj).__name__}.")
+        raise DataError(f"Artifact '{a.key}' holds a {t.__name__}; got {type(obj).__name__}.")
     doc = obj.to_dict() if hasattr(obj, "to_dict") else obj
-    a.check(doc, f"writing {a.relpath(**fmt)}")
-    return write_json(a.path_in(run_dir, **fmt), doc)
+    a.check(doc, f"writing {where}")
+    return doc
+
+
+def write_artifact_at(folder: str | os.PathLike, key: str, obj: Any, **fmt: Any) -> Path:
+    """Write a JSON artifact, checked as :func:`write_artifact` does, as ``folder/<its file
+    name>``: for a library function that is given its output folder (a stage passes
+    ``ctx.dir_of(key)``, so the file lands at its declared path)."""
+    a = artifact(key)
+    name = a.filename.format(**fmt)
+    return write_json(Path(folder) / name, _checked_doc(a, obj, name))
 
 
 def read_artifact(run_dir: str | os.PathLike, key: str, **fmt: Any) -> Any:

@@ -283,6 +283,83 @@ def help_seconds(tree: Path, runs: int, argv: tuple[str, ...] = ("-h",)) -> dict
             "cpus": os.cpu_count()}
 
 
+#: what a command calls when it runs a registered unit: a stage (run_command / run_stage /
+#: run_demo) or a compressor (compress = COMPRESSORS[method])
+_REGISTERED_RUNNERS = {"run_command", "run_stage", "run_demo", "compress"}
+
+_COMMANDS_SNIPPET = r"""
+import ast, inspect, json, textwrap
+import typer
+from medscalpel.cli.main import app
+RUNNERS = set(json.loads(__import__("sys").argv[1]))
+
+def calls(fn):
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError):
+        return set()
+    return {n.func.id if isinstance(n.func, ast.Name) else n.func.attr
+            for n in ast.walk(tree) if isinstance(n, ast.Call)
+            and isinstance(n.func, (ast.Name, ast.Attribute))}
+
+def through_registry(fn):
+    seen, todo = set(), [fn]
+    mod = inspect.getmodule(fn)
+    while todo:  # the command and the module-level helpers of its own module it calls
+        f = todo.pop()
+        names = calls(f)
+        if names & RUNNERS:
+            return True
+        for n in names - seen:
+            seen.add(n)
+            g = getattr(mod, n, None)
+            if inspect.isfunction(g) and inspect.getmodule(g) is mod:
+                todo.append(g)
+    return False
+
+out = {}
+def walk(cmd, path):
+    if hasattr(cmd, "commands"):  # a group (typer vendors its own click)
+        for name, sub in cmd.commands.items():
+            if not getattr(sub, "hidden", False):
+                walk(sub, path + [name])
+    elif cmd.callback is not None:
+        fn = inspect.unwrap(cmd.callback)
+        out[" ".join(path)] = through_registry(fn)
+walk(typer.main.get_command(app), [])
+print(json.dumps(out))
+"""
+
+
+def commands_through_registries(tree: Path) -> dict[str, Any]:
+    """Which CLI commands run a registered stage or compressor (issue S: a command = parse
+    options + run one stage), by reading each command's source and its module's helpers."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    r = subprocess.run([sys.executable, "-c", _COMMANDS_SNIPPET,
+                        json.dumps(sorted(_REGISTERED_RUNNERS))], cwd=tree, env=env,
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"listing the commands of {tree} failed: {r.stderr[-800:]}")
+    by_cmd = json.loads(r.stdout.strip().splitlines()[-1])
+    yes = sorted(c for c, v in by_cmd.items() if v)
+    return {"commands": len(by_cmd), "through_registries": len(yes), "which": yes,
+            "not": sorted(c for c, v in by_cmd.items() if not v)}
+
+
+def artifact_aliases(tree: Path) -> int:
+    """Second locations that commands write an artifact to (layout.py's ``aliases``)."""
+    text = (tree / "medscalpel" / "layout.py").read_text(encoding="utf-8")
+    mod = ast.parse(text)
+    n = 0
+    for node in ast.walk(mod):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_a":
+            if len(node.args) >= 7:
+                n += len(getattr(node.args[6], "elts", ()))
+            n += sum(len(getattr(k.value, "elts", ())) for k in node.keywords
+                     if k.arg == "aliases")
+    return n
+
+
 def measure(tree: Path, runs: int) -> dict[str, Any]:
     mods = _sources(tree)
     cycles = strongly_connected(import_graph(mods))
@@ -292,6 +369,8 @@ def measure(tree: Path, runs: int) -> dict[str, Any]:
         "imports_in_functions": imports_in_functions(mods),
         "import_cycles": {"count": len(cycles), "components": cycles},
         **long_files_and_functions(tree, mods),
+        "artifact_aliases": artifact_aliases(tree),
+        "commands_through_registries": commands_through_registries(tree),
         "help_seconds": help_seconds(tree, runs),
         "command_help_seconds": {"command": "medscalpel compress prune -h",
                                  **help_seconds(tree, runs, ("compress", "prune", "-h"))},
@@ -312,6 +391,10 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
             "  modules in them": sum(map(len, m["import_cycles"]["components"])),
             "files > 600 lines": m["files_over_600_lines"]["count"],
             "functions > 80 lines": m["functions_over_80_lines"]["count"],
+            "artifact aliases (a second path commands write)": m["artifact_aliases"],
+            "CLI commands running a registered stage / compressor":
+                f"{m['commands_through_registries']['through_registries']} of "
+                f"{m['commands_through_registries']['commands']}",
             "medscalpel -h median s": m["help_seconds"]["median"],
             "medscalpel compress prune -h median s": m["command_help_seconds"]["median"]}
 

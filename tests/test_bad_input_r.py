@@ -325,7 +325,7 @@ def test_headline_opens_the_report_and_every_number_points_into_its_artifact(rep
     cells = parse(head).cells
     assert check_cells_against_json(run_dir, cells) >= 20
     srcs = {c["attrs"]["data-src"].split("#")[0] for c in cells}
-    assert {"compress/compress.json", "compress/deploy/deploy.json", "shift/site_shift.json",
+    assert {"compress/compress.json", "deploy/deploy.json", "shift/site_shift.json",
             "audit/forgettability/forgettability.json", "audit/pies/pies.json",
             "baseline/model/model.json"} <= srcs
     hl = {i["key"]: i for i in rep.to_dict()["headline"]["items"]}

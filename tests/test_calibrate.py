@@ -212,7 +212,7 @@ def test_cli_calibrate_binary_and_multiclass(tmp_path, capsys):
              "--out", str(tmp_path / "cal2")])
     assert ex.value.code == 0, capsys.readouterr().err
     assert "positive class PNEUMONIA (vs NORMAL)" in capsys.readouterr().out
-    d = json.loads((tmp_path / "cal2" / "calibration.json").read_text())
+    d = json.loads((tmp_path / "cal2" / "calibrate" / "calibration.json").read_text())
     assert d["binary"] == {"positive": "PNEUMONIA", "negative": "NORMAL"}
     thr = d["calibrator"]["thresholds"][0]
     assert 0.0 < thr < 1.0
@@ -222,7 +222,7 @@ def test_cli_calibrate_binary_and_multiclass(tmp_path, capsys):
         run(["repair", "calibrate", str(tmp_path / "mc.npz"), "--out", str(tmp_path / "cal3")])
     assert ex.value.code == 0
     assert "NOT held out" in capsys.readouterr().out
-    d = json.loads((tmp_path / "cal3" / "calibration.json").read_text())
+    d = json.loads((tmp_path / "cal3" / "calibrate" / "calibration.json").read_text())
     assert d["method"] == "temperature" and d["temperature"] > 1.0
     with pytest.raises(SystemExit) as ex:
         run(["repair", "calibrate", str(tmp_path / "mc.npz"), "--model", str(tmp_path),

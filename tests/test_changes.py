@@ -444,10 +444,10 @@ def test_cli_audit_changes_sweep_dir_and_bad_input(tmp_path):
             "--measures", "subgroups", "--min-subgroup", "5"]
     r = runner.invoke(app, args + ["--out", str(tmp_path / "out")])
     assert r.exit_code == 0, r.output + repr(r.exception)
-    res = ChangesAudit.load(tmp_path / "out" / "changes.json")
+    res = ChangesAudit.load(tmp_path / "out" / "audit" / "changes" / "changes.json")
     assert [p.name for p in res.pairs] == ["a", "b"] and res.n == 40
     assert res.pairs[0].explanation is None and res.pairs[0].subgroups is not None
-    assert (tmp_path / "out" / "a_reliability.png").is_file()
+    assert (tmp_path / "out" / "audit" / "changes" / "a_reliability.png").is_file()
     # a compressed model with another label set: a clear error, nothing written
     other = create_model("densenet_tiny", 3, 1, 64)
     save_model(other, tmp_path / "other", make_card(other, ["x", "y", "z"], "multilabel",

@@ -48,10 +48,17 @@ def test_cam_attribute_channels_compare_polarity(env, tmp_path):
                             str(root / "resnet_tiny"), "--data", spec, "--n", "4", "--method",
                             "gradcam", "--out", str(tmp_path / "cmp")]))
     assert (tmp_path / "cmp" / "comparison.json").is_file()
-    _ok(runner.invoke(app, ["audit", "polarity", "--model", model, "--data", spec, "--n-null",
-                            "20", "--out", str(tmp_path / "pol")]))
-    pol = json.loads((tmp_path / "pol" / "polarity.json").read_text())
-    assert pol
+    _ok(runner.invoke(app, ["explain", "polarity", "--model", model, "--data", spec, "--n-null",
+                            "20", "--compare-with", str(root / "resnet_tiny"), "--out",
+                            str(tmp_path / "pol")]))
+    # the 'polarity' stage, at the paths the demo's explain stage writes
+    pdir = tmp_path / "pol" / "explain" / "polarity"
+    pol = json.loads((pdir / "polarity.json").read_text())
+    assert pol["class_names"] and (pdir / "polarity.png").is_file()
+    stages = json.loads((pdir / "stages.json").read_text())
+    assert list(stages["stages"]) == ["model", "resnet_tiny"]
+    man = json.loads((tmp_path / "pol" / "manifest.json").read_text())
+    assert man["command"] == "audit polarity" and man["config"]["data"] == spec
 
 
 def test_unknown_class_is_clear(env, tmp_path):

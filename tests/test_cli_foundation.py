@@ -221,8 +221,10 @@ def test_show_prints_any_run(tmp_path, capsys):
     assert ex.value.code == 0
     assert "evaluate" in out and "complete" in out  # the manifest
     compact = "".join(out.split())
-    assert "metrics.json:macro" in compact and f"{metrics['macro']['auroc']:.3f}" in out
-    assert "metrics.json:classes" in compact
+    # the declared artifact 'metrics', titled with its key, path and description
+    assert "metrics(metrics.json):" in compact
+    assert "split):macro" in compact and f"{metrics['macro']['auroc']:.3f}" in out
+    assert "split):classes" in compact
     d = tmp_path / "demo_like"
     write_artifact(d, "calibration", {"fit_split": "val", "calibrator": {"method": "youden"},
                                       "evaluation": {"macro": {"f1": 0.75}}})

@@ -253,8 +253,8 @@ def test_triage_writes_its_costs_inside_out(tmp_path, capsys, monkeypatch):
     code, out, err = _run(["repair", "triage", fit, held, "--out", tmp_path / "tri"], capsys,
                           monkeypatch, work)
     assert code == 0, err
-    assert (tmp_path / "tri" / "treatment_costs.json").is_file()
-    assert list(work.iterdir()) == []  # no runs/treatment_costs.json beside the user
+    assert (tmp_path / "tri" / "repair" / "triage" / "costs.json").is_file()
+    assert list(work.iterdir()) == []  # no runs/costs.json beside the user
 
 
 def test_findings_table_thresholds_are_stated():

@@ -10,8 +10,9 @@ import pytest
 from scipy.stats import norm
 
 from medscalpel.engine.predictions import Predictions
-from medscalpel.repair.conformal import (GuaranteeResult, _just_below, calibrate_guarantee,
-                                         one_per_group, recall_order_statistic)
+from medscalpel.repair.conformal import (GuaranteeResult, calibrate_guarantee, one_per_group,
+                                         recall_order_statistic)
+from medscalpel.repair.conformal.spec import _just_below
 
 
 def _preds(z, y, names=("a",)):

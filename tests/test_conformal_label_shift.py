@@ -275,7 +275,7 @@ def test_cli_transfer_writes_the_transfer(tmp_path, capsys):
     assert isinstance(t, LabelShiftTransfer) and t.spec == g.spec and t.n_new_images == 200
     assert t.outcome.upper() in out.out and "assumption: pure label shift" in out.out
     assert t.rows[0]["prior_calibration"] == pytest.approx(0.5)
-    # the carried guarantee is the operating point of OUT/model (and so of deploy's serve.json)
+    # the carried guarantee is the operating point of OUT/calibrate/model (and so of deploy's serve.json)
     assert t.transferable and "model deciding by it" in out.out
     from types import SimpleNamespace
 
@@ -283,7 +283,7 @@ def test_cli_transfer_writes_the_transfer(tmp_path, capsys):
     from medscalpel.models.checkpoint import load_model
     from medscalpel.repair.card_guarantee import guarantee_of_card
 
-    moved = load_model(tmp_path / "tr" / "model")
+    moved = load_model(tmp_path / "tr" / "calibrate" / "model")
     op = moved.card.decision_point()
     assert op.guarantee == t.guarantee.to_dict() and op.guarantee["split"] == "site2"
     assert op.fitted_on["transfer"]["outcome"] == "transferred"
@@ -310,7 +310,7 @@ def test_cli_transfer_writes_the_transfer(tmp_path, capsys):
     out = capsys.readouterr()
     assert ex.value.code == 0, out.err
     assert "NOT TRANSFERABLE" in out.out and "no model written" in out.out
-    assert not (tmp_path / "tr_fnr" / "model").exists()
+    assert not (tmp_path / "tr_fnr" / "calibrate" / "model").exists()
     for args, msg in (([], "needs FIT"),
                       ([str(tmp_path / "cal.npz"), "--eval", str(tmp_path / "cal.npz")],
                        "drop --eval")):

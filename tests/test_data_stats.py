@@ -107,8 +107,9 @@ def test_cli_stats(tmp_path):
     res = CliRunner().invoke(app, [spec, "--split", "all", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "prevalence" in res.output and "0.6000" in res.output
-    names = sorted(p.name for p in out.iterdir())
-    assert names == ["cooccurrence.png", "jaccard.png", "manifest.json", "stats.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["data", "manifest.json"]
+    names = sorted(p.name for p in (out / "data" / "stats").iterdir())
+    assert names == ["cooccurrence.png", "jaccard.png", "stats.json"]
     man = json.loads((out / "manifest.json").read_text())
     assert man["command"] == "data stats" and man["data"]["n_images"] == 5
     assert len(man["data"]["content_hash"]) == 64
@@ -153,6 +154,6 @@ def test_cli_stats_writes_evidence(tmp_path):
     spec = _csv_dataset(tmp_path / "d")
     res = CliRunner().invoke(app, [spec, "--out", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
-    d = json.loads((tmp_path / "run" / "stats.json").read_text())
+    d = json.loads((tmp_path / "run" / "data" / "stats" / "stats.json").read_text())
     assert d["schema_version"] == 2 and d["evidence"]["kind"] == "cooccurrence_evidence"
     assert d["evidence"]["enough_images"] is False and len(d["evidence"]["pairs"]) == 3

@@ -4,6 +4,7 @@ the CLI round trip and the missing-extra path."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -174,7 +175,7 @@ def test_planted_slow_inaccurate_and_nonconforming_variants_are_refused(model, t
 
     run = tmp_path / "run"
     (run / "compress").mkdir(parents=True)
-    (tmp_path / "d").rename(run / "compress" / "deploy")
+    (tmp_path / "d").rename(run / "deploy")
     sec = Section("deployment", "Deployment")
     DeploymentSection().render(RunFiles(run, run / "reports" / "experiment.html"), sec)
     assert sec.present and sec.badge == "go" and len(sec.tables[0].rows) == 5
@@ -263,10 +264,19 @@ def test_cli_round_trip_and_exit_2(tmp_path, monkeypatch, capsys):
     res = runner.invoke(app, args + ["--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "recommended:" in res.output and "| onnxruntime:fp32 |" in res.output
-    back = DeployResult.load(tmp_path / "out")
+    # the command's run directory holds the deploy artifact where the demo's stage writes it
+    from medscalpel.deploy.served import serve_folder
+    from medscalpel.layout import read_artifact
+
+    back = read_artifact(tmp_path / "out", "deploy")
+    assert isinstance(back, DeployResult)
+    assert DeployResult.load(tmp_path / "out" / "deploy").to_dict() == back.to_dict()
     assert back.recommended in ("torch:fp32", "onnxruntime:fp32") and back.batches == (1, 2)
     assert back.split == "test" and back.calib_split == "train"
-    served = tmp_path / "out" / "serve"
+    served = tmp_path / "out" / "deploy" / "serve"
+    assert serve_folder(tmp_path / "out") == served  # `audit changes DENSE OUT` finds it
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["command"] == \
+        "compress deploy"
     if back.recommended == "torch:fp32":
         assert load_model(served).card.class_names == ("NORMAL", "PNEUMONIA")
     else:

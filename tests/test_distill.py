@@ -380,12 +380,12 @@ def test_cli_distill_and_students(tmp_path):
                             "--saliency-images", "1", "--saliency-method", "gradcam",
                             "--n-boot", "0", "--soft-weight", "0.7", "--temperature", "2"])
     assert r.exit_code == 0, r.output
-    d = DistillResult.load_dict(out)
+    d = DistillResult.load_dict(out / "distill")
     assert d["config"]["soft_weight"] == 0.7 and d["teacher"]["trained_here"]["epochs_run"] == 1
-    assert (out / "manifest.json").is_file() and (out / "student_alone" / "model.json").is_file()
-    m = load_model(out / "model")
+    assert (out / "manifest.json").is_file() and (out / "distill" / "student_alone" / "model.json").is_file()
+    m = load_model(out / "distill" / "model")
     assert m.arch == "resnet_tiny" and m.card.class_names == ("NORMAL", "PNEUMONIA")
-    r = runner.invoke(app, ["students", str(out / "model"), "--data", f"medmnist:{npz}",
+    r = runner.invoke(app, ["students", str(out / "distill" / "model"), "--data", f"medmnist:{npz}",
                             "--candidates", "densenet_tiny,resnet_tiny", "--latency-budget-ms",
                             "1000", "--out", str(tmp_path / "st"), "--proxy-steps", "1",
                             "--batch-size", "16"])

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from medscalpel.cli.main import app
 from medscalpel.deploy import export as export_mod
+from medscalpel.deploy.export import onnx_file as onnx_file_mod
 from medscalpel.deploy.cam_head import CamHead
 from medscalpel.deploy.export import export_onnx, export_onnx_file, ort_session
 from medscalpel.errors import ConfigError, ModelError
@@ -131,7 +132,8 @@ def test_dynamo_failure_falls_back_with_the_error(tmp_path, monkeypatch, caplog)
     def broken(*a, **k):
         raise ImportError("No module named 'onnxscript'")
 
-    monkeypatch.setattr(export_mod, "_export_dynamo", broken)
+    # export_onnx_file looks _export_dynamo up in the module that writes ONNX files
+    monkeypatch.setattr(onnx_file_mod, "_export_dynamo", broken)
     with caplog.at_level(logging.WARNING, logger=export_mod.__name__):
         info = export_onnx_file(m, tmp_path / "m.onnx", (1, 32, 32))
     assert info["exporter"] == "torchscript" and info["fallback"] is True

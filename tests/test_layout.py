@@ -71,3 +71,30 @@ def test_architecture_doc_lists_every_artifact():
     doc = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
     for key, a in ARTIFACTS.items():
         assert f"| {key} | `{a.path}` |" in doc, f"docs/architecture.md lacks the row of {key}"
+
+
+def test_one_path_per_artifact_and_legacy_paths_read_only(tmp_path, monkeypatch):
+    import medscalpel.layout as layout
+    from medscalpel.layout import LEGACY_PATHS, legacy_paths, write_artifact_at
+
+    # no artifact has a second location that commands write (issue S: no aliases)
+    assert not hasattr(ARTIFACTS["pies"], "aliases")
+    assert all(len(legacy_paths(k)) <= 1 for k in ARTIFACTS)
+    assert set(LEGACY_PATHS) <= set(ARTIFACTS)
+    # write_artifact writes the declared path; a library function given its folder writes the
+    # same relative path through write_artifact_at
+    p = write_artifact(tmp_path / "a", "pies", {"n_pies": 3})
+    assert p == tmp_path / "a" / "audit" / "pies" / "pies.json"
+    q = write_artifact_at(ARTIFACTS["pies"].dir_in(tmp_path / "b"), "pies", {"n_pies": 3})
+    assert q.relative_to(tmp_path / "b") == p.relative_to(tmp_path / "a")
+    # a run directory of medscalpel < 0.2 (a command wrote pies.json at its top) is still read
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "pies.json").write_text('{"n_pies": 5}')
+    assert ARTIFACTS["pies"].locate(old) == "pies.json"
+    assert read_artifact(old, "pies")["n_pies"] == 5
+    # ... until the version that removes the legacy locations
+    monkeypatch.setattr(layout, "__version__", layout.LEGACY_REMOVED_IN)
+    assert legacy_paths("pies") == () and ARTIFACTS["pies"].locate(old) is None
+    with pytest.raises(DataError, match="does not exist"):
+        read_artifact(old, "pies")

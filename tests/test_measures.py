@@ -175,9 +175,10 @@ def test_every_caller_uses_the_one_ece():
     # audit/changes/calibration.py
     cc = calibration_change(a, a, n_boot=0)
     assert [c.ece_ref for c in cc.classes] == pytest.approx(want, abs=1e-12)
-    # repair/triage.py
+    # repair/triage/diagnosis.py
     assert triage.ece_binary(y[:, 0], pa[:, 0]) == pytest.approx(want[0], abs=1e-12)
-    # repair/calibrate.py: top-label ECE of a multi-class model = ECE of (argmax right, max p)
+    # repair/calibrate/multiclass.py: top-label ECE of a multi-class model = ECE of
+    # (argmax right, max p)
     probs = rng.dirichlet(np.ones(4), 200)
     lab = rng.integers(0, 4, 200)
     assert calibrate.expected_calibration_error(probs, lab) == pytest.approx(

@@ -142,7 +142,7 @@ def test_binary_calibrate_model_then_clinical_decides_by_the_cut(tmp_path, capsy
     code, out, err = _cli(["repair", "calibrate", "val.npz", "--eval", "test.npz", "--model",
                            "model", "--out", "cal"], capsys, monkeypatch, tmp_path)
     assert code == 0, err
-    m = load_model(tmp_path / "cal" / "model")
+    m = load_model(tmp_path / "cal" / "calibrate" / "model")
     op = m.card.operating_point
     assert op.task == "binary" and op.class_names[op.positive] == "PNEUMONIA"
     assert op.cut == pytest.approx(0.90, abs=1e-6) and op.method == "youden"
@@ -182,7 +182,7 @@ def test_binary_calibrate_model_then_clinical_decides_by_the_cut(tmp_path, capsy
 
     save(m, tmp_path / "cal_model_set")
     code, out, err = _cli(["report", "clinical", "cxr.png", "--model", "cal_model_set",
-                           "--calibration", "cal/calibration.json", "--out", "rep"], capsys,
+                           "--calibration", "cal/calibrate/calibration.json", "--out", "rep"], capsys,
                           monkeypatch, tmp_path)
     assert code == 0, err
     rep = json.loads(next((tmp_path / "rep").glob("cxr*.json")).read_text())
@@ -217,8 +217,8 @@ def test_multiclass_temperature_stored_and_served(tmp_path, capsys, monkeypatch)
     code, out, err = _cli(["repair", "calibrate", "val.npz", "--eval", "test.npz", "--model",
                            "model", "--out", "cal"], capsys, monkeypatch, tmp_path)
     assert code == 0, err
-    cal = json.loads((tmp_path / "cal" / "calibration.json").read_text())
-    m = load_model(tmp_path / "cal" / "model")
+    cal = json.loads((tmp_path / "cal" / "calibrate" / "calibration.json").read_text())
+    m = load_model(tmp_path / "cal" / "calibrate" / "model")
     op = m.card.operating_point
     assert op.task == "multiclass" and op.method == "temperature"
     assert op.temperature == pytest.approx(cal["temperature"]) and op.temperature > 1.5

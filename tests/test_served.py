@@ -153,7 +153,7 @@ def test_cli_audit_changes_runtime_and_served(dense, phantom, tmp_path):
             "--calib-split", "all", "--n-faithfulness", "4"]
     r = runner.invoke(app, args + ["--out", str(tmp_path / "out")])
     assert r.exit_code == 0, r.output + repr(r.exception)
-    res = ChangesAudit.load(tmp_path / "out")
+    res = ChangesAudit.load(tmp_path / "out" / "audit" / "changes")
     names = [p.name for p in res.pairs]
     assert names == ["dep", "dense@onnxruntime:int8-u8s8"]
     for p in res.pairs:

@@ -267,7 +267,7 @@ def test_audit_changes_cli_on_a_served_run(runs, phantom, tmp_path):
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     art = manifest["config"]["artifacts"]["run"]
     assert art["runtime"] == "onnxruntime" and art["sha256"]
-    changes = json.loads((tmp_path / "a" / "changes.json").read_text())
+    changes = json.loads((tmp_path / "a" / "audit" / "changes" / "changes.json").read_text())
     pair = changes["pairs"][0]
     assert "explanation" not in pair.get("skipped", {})
     assert pair["explanation"]["meta"]["map_source"]["new"]["artifact"]["sha256"] == art["sha256"]

@@ -52,7 +52,11 @@ class _NoSettings:
 
 def test_contract_is_checked_around_a_stage(tmp_path):
     ctx = StageContext(tmp_path)
-    with pytest.raises(RunError, match=r"Stage 'stats' needs data/phantom/labels.csv"):
+    with pytest.raises(RunError, match=r"Stage 'audit' needs sweep/index.json, "
+                                       r"data/phantom/labels.csv"):
+        run_stage("audit", ctx, STAGES.get("audit").Settings())
+    # a stage that reads the dataset from a command's --data or the run's phantom: neither
+    with pytest.raises(RunError, match=r"No dataset in this run.*--data"):
         run_stage("stats", ctx, STAGES.get("stats").Settings())
 
     @register_stage

@@ -172,7 +172,7 @@ def test_registry_lists_all_criteria():
 
 # ----------------------------------------------------------------------------- round_to / latency
 def test_rounded_width_keeps_a_nonzero_multiple():
-    from medscalpel.compress.structured import _rounded_pruned
+    from medscalpel.compress.structured.channels import _rounded_pruned
 
     # Torch-Pruning floors the kept width: 128 channels at 90% kept 13 -> 0 -> group skipped
     assert _rounded_pruned(115, 128, 16) == 112  # keeps 16

@@ -136,3 +136,35 @@ def test_cli_ratio_parsing():
     assert parse_ratios("0.5,0.65,0.9") == [0.5, 0.65, 0.9]
     with pytest.raises(ConfigError, match="--ratios"):
         parse_ratios("a:b")
+
+
+def test_audit_commands_run_their_registered_stages(model, tmp_path):
+    """`audit forgettability` / `audit pies` run the stages the demo's 'audit' stage runs and
+    write the same relative paths (issue S); the manifest names the command."""
+    from typer.testing import CliRunner
+
+    from medscalpel.cli.main import app
+    from medscalpel.layout import ARTIFACTS, read_artifact
+
+    ds = _ds(n=40)
+    run_sweep([model], ds, tmp_path / "sweep", ratios=[0, 0.5, 0.9], methods=("l1",),
+              progress=False)
+    r = CliRunner().invoke(app, ["audit", "forgettability", str(tmp_path / "sweep"), "--n-boot",
+                                 "20", "--n-perm", "9", "--out", str(tmp_path / "f")])
+    assert r.exit_code == 0, r.output
+    f = read_artifact(tmp_path / "f", "forgettability")
+    assert ARTIFACTS["forgettability"].locate(tmp_path / "f") == ARTIFACTS["forgettability"].path
+    assert f["class_names"] == ["a", "b", "c"]
+    man = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert man["command"] == "audit forgettability" and man["config"]["n_perm"] == 9
+    r = CliRunner().invoke(app, ["audit", "pies", str(tmp_path / "sweep"), "--ratio", "0.9",
+                                 "--quantile", "0.1", "--n-boot", "20", "--out",
+                                 str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    assert read_artifact(tmp_path / "p", "pies")["n_pies"] == 4
+    assert ARTIFACTS["pies"].locate(tmp_path / "p") == "audit/pies/pies.json"
+    assert str(ARTIFACTS["pies"].dir_in(tmp_path / "p")) in r.output.replace("\n", "")
+    # a failing stage leaves nothing behind
+    r = CliRunner().invoke(app, ["audit", "pies", str(tmp_path / "nowhere"), "--out",
+                                 str(tmp_path / "bad")])
+    assert r.exit_code != 0 and not (tmp_path / "bad").exists()

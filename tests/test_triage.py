@@ -203,12 +203,12 @@ def test_cli_commands_smoke(tmp_path):
                          str(tmp_path / "heldp.npz"), "--model", str(tmp_path / "m"),
                          "--out", str(tmp_path / "cal")])
     assert res.exit_code == 0, res.output
-    assert load_model(tmp_path / "cal" / "model").card.thresholds is not None
+    assert load_model(tmp_path / "cal" / "calibrate" / "model").card.thresholds is not None
     res = r.invoke(app, ["triage", str(tmp_path / "fit.npz"), str(tmp_path / "held.npz"),
                          "--costs", str(tmp_path / "costs.json"), "--out", str(tmp_path / "tri"),
                          "--model", str(tmp_path / "m")])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "tri" / "decision_log.md").is_file() and (tmp_path / "costs.json").is_file()
+    assert (tmp_path / "tri" / "repair" / "triage" / "decision_log.md").is_file() and (tmp_path / "costs.json").is_file()
     res = r.invoke(app, ["retrain", str(tmp_path / "fit.npz"), "--held-out",
                          str(tmp_path / "held.npz"), "--classes", "b", "--steps", "50",
                          "--out", str(tmp_path / "rt")])
@@ -221,8 +221,8 @@ def test_cli_commands_smoke(tmp_path):
                          "--delta-prob", "0.01", "--adjust-bias", "--tp-loss-budget", "200",
                          "--out", str(tmp_path / "sg")])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "sg" / "surgery.json").is_file()
-    assert load_model(tmp_path / "sg" / "model").card.lineage[-1]["method"] == \
+    assert (tmp_path / "sg" / "repair" / "surgery" / "surgery.json").is_file()
+    assert load_model(tmp_path / "sg" / "repair" / "surgery").card.lineage[-1]["method"] == \
         "surgical_correction"
 
 

@@ -36,8 +36,8 @@ from medscalpel.audit.sweepio import Sweep, SweepLike, as_sweep
 from medscalpel.engine.metrics import auroc, average_precision
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import DataError
+from medscalpel.layout import write_artifact_at
 from medscalpel.progress import track
-from medscalpel.runs import write_json
 from medscalpel.validation import check_fraction, check_range
 
 logger = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ class ForgettabilityResult:
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        written = {"json": write_json(out / "forgettability.json", self.to_dict())}
+        written = {"json": write_artifact_at(out, "forgettability", self)}
         if figures:
             written["curves"] = figs.plot_forgettability_curves(self, out / "audit_curves.png")
             written["overview"] = figs.plot_forgettability_overview(
@@ -260,6 +260,57 @@ class ForgettabilityResult:
             written["fcd_heatmap"] = figs.plot_fcd_heatmap(self.fcd, out / "audit_fcd_heatmap.png")
             written["fcd_scatter"] = figs.plot_fcd_scatters(self.fcd, out / "audit_fcd_scatter.png")
         return written
+
+
+def _compared_levels(sw: Sweep, ref: int) -> list[int]:
+    """Indices of the compressed levels (above the reference; any other level when none is)."""
+    comp = [i for i in range(len(sw.levels)) if i != ref and sw.levels[i] > sw.reference_level]
+    if not comp:
+        comp = [i for i in range(len(sw.levels)) if i != ref]
+    return comp
+
+
+def _mean_rel_change(med_ap: np.ndarray, comp: list[int]) -> np.ndarray:
+    """Per class, the mean over the compared levels of the median relative AP change."""
+    # a class whose AP is undefined at every compared level (no positive in a tiny eval set)
+    # stays NaN, without numpy's "Mean of empty slice" warning
+    finite = np.isfinite(med_ap[comp])
+    mean_rel = np.full(med_ap.shape[1], np.nan)
+    cols = finite.any(axis=0)
+    if cols.any():
+        mean_rel[cols] = np.nanmean(med_ap[comp][:, cols], axis=0)
+    return mean_rel
+
+
+def _prevalence_labels(train_labels: Any, class_names: tuple[str, ...],
+                       eval_targets: np.ndarray) -> tuple[np.ndarray, str]:
+    """The label matrix prevalence and co-occurrence are measured on, and its source: the
+    training labels when given, else the evaluated split's targets."""
+    if train_labels is not None:
+        return _label_matrix(train_labels, class_names), "train"
+    return eval_targets, "evaluated split"
+
+
+def _never_dropping(first: np.ndarray, delta_max: np.ndarray, drop_threshold: float) -> int:
+    """How many classes never lose ``drop_threshold`` of their AP (left out of the
+    ``first_drop`` correlation; logged)."""
+    n_never = int(np.sum(~np.isfinite(first) & np.isfinite(delta_max)))
+    if n_never:
+        logger.info("%d classes never lose %.0f%% AP; they are left out of the first_drop "
+                    "correlation.", n_never, 100 * drop_threshold)
+    return n_never
+
+
+def _prevalence_correlations(summaries: dict[str, np.ndarray], prev: np.ndarray, n_boot: int,
+                             seed: int) -> dict[str, Correlation]:
+    """Each per-class summary's correlation with the log prevalence, keyed
+    ``<name>_vs_log_prevalence`` (a class of prevalence 0 is NaN)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logp = np.where(prev > 0, np.log(prev), np.nan)
+    return {f"{name}_vs_log_prevalence": correlate(values, logp, x_name=name,
+                                                   y_name="log_prevalence", n_boot=n_boot,
+                                                   seed=seed)
+            for name, values in summaries.items()}
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -317,35 +368,14 @@ def audit_forgettability(
     first = first_crossing(sw.levels, med_ap, drop_threshold, ref)
     delta_max = med_ap[top]
     abs_delta = _nanquantile(ap[:, top, :] - ap[:, ref, :], 0.5)
-    comp = [i for i in range(len(sw.levels)) if i != ref and sw.levels[i] > sw.reference_level]
-    if not comp:
-        comp = [i for i in range(len(sw.levels)) if i != ref]
-    # a class whose AP is undefined at every compared level (no positive in a tiny eval set)
-    # stays NaN, without numpy's "Mean of empty slice" warning
-    finite = np.isfinite(med_ap[comp])
-    mean_rel = np.full(sw.num_classes, np.nan)
-    cols = finite.any(axis=0)
-    if cols.any():
-        mean_rel[cols] = np.nanmean(med_ap[comp][:, cols], axis=0)
+    comp = _compared_levels(sw, ref)
+    mean_rel = _mean_rel_change(med_ap, comp)
     eval_targets = sw.targets().astype(np.float64)
-    if train_labels is not None:
-        label_mat = _label_matrix(train_labels, sw.class_names)
-        source = "train"
-    else:
-        label_mat = eval_targets
-        source = "evaluated split"
+    label_mat, source = _prevalence_labels(train_labels, sw.class_names, eval_targets)
     prev = prevalence_of(label_mat)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logp = np.where(prev > 0, np.log(prev), np.nan)
-    corr = {}
-    for name, values in (("first_drop", first), ("delta_at_max", delta_max),
-                         ("mean_rel_change", mean_rel)):
-        corr[f"{name}_vs_log_prevalence"] = correlate(
-            values, logp, x_name=name, y_name="log_prevalence", n_boot=n_boot, seed=seed)
-    n_never = int(np.sum(~np.isfinite(first) & np.isfinite(delta_max)))
-    if n_never:
-        logger.info("%d classes never lose %.0f%% AP; they are left out of the first_drop "
-                    "correlation.", n_never, 100 * drop_threshold)
+    corr = _prevalence_correlations({"first_drop": first, "delta_at_max": delta_max,
+                                     "mean_rel_change": mean_rel}, prev, n_boot, seed)
+    n_never = _never_dropping(first, delta_max, drop_threshold)
     fcd = fcd_analysis(med_ap[comp].T, sw.class_names, prev, label_mat,
                        levels=sw.levels[comp], label_source=source, n_boot=n_boot,
                        n_perm=n_perm, seed=seed)

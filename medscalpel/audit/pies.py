@@ -36,8 +36,9 @@ import pandas as pd
 from medscalpel.audit import figures as figs
 from medscalpel.audit.figures import plot_pie_gallery
 from medscalpel.audit.stats import fisher_2x2, mann_whitney, rowwise_spearman, share_ratio
-from medscalpel.audit.sweepio import SweepLike, as_sweep
+from medscalpel.audit.sweepio import Sweep, SweepLike, as_sweep
 from medscalpel.errors import ConfigError, DataError
+from medscalpel.layout import write_artifact_at
 from medscalpel.runs import atomic_path, write_json
 from medscalpel.validation import check_fraction, check_in, check_range
 
@@ -171,7 +172,7 @@ class PieResult:
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        written = {"json": write_json(out / "pies.json", self.to_dict())}
+        written = {"json": write_artifact_at(out, "pies", self)}
         df = pd.DataFrame({"id": self.ids, "score": self.scores, "pie": self.is_pie,
                            "flip": self.flips})
         with atomic_path(out / "pies.csv") as tmp:
@@ -198,6 +199,51 @@ def _overrep_rows(names: list[str], subset: np.ndarray, has: np.ndarray, n_boot:
                      "odds_ratio_ci": [float(r["odds_ratio_lo"][j]), float(r["odds_ratio_hi"][j])],
                      "fisher_p": float(r["fisher_p"][j])})
     return rows
+
+
+def _compressed_level(sw: Sweep, ratio: float) -> float:
+    """The sweep level of ``ratio``.
+
+    Raises:
+        ConfigError: it is the reference level (nothing compressed to compare).
+    """
+    level = sw.level(ratio)
+    if level == sw.reference_level:
+        raise ConfigError(f"ratio={ratio:g} is the sweep's reference level; choose a compressed "
+                          f"level: {', '.join(f'{v:g}' for v in sw.levels if v != level)}.")
+    return level
+
+
+def _decision_flips(task: str, dense: np.ndarray, comp: np.ndarray) -> np.ndarray:
+    """Per image: whether the compressed model decides differently (multi-class: another
+    argmax; multi-label: some class crosses 0.5)."""
+    if task == "multiclass":
+        return dense.argmax(1) != comp.argmax(1)
+    return ((dense >= 0.5) != (comp >= 0.5)).any(1)
+
+
+def _composition(sw: Sweep, is_pie: np.ndarray, pos: np.ndarray, dense: np.ndarray,
+                 comp: np.ndarray, flips: np.ndarray, n_boot: int, seed: int
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """What sets the PIEs apart beyond their classes: multi-label, the over-representation of
+    0 / 1 / 2 / >=3 findings and the mean number of findings; multi-class, the true class's
+    probability change and the decision flip rates. Returns ``(findings_rows, extra)``."""
+    findings_rows: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {}
+    if sw.task == "multilabel":
+        n_find = pos.sum(1)
+        bins = np.stack([n_find == 0, n_find == 1, n_find == 2, n_find >= 3], 1)
+        findings_rows = _overrep_rows(["0 findings", "1 finding", "2 findings", ">=3 findings"],
+                                      is_pie, bins, n_boot, seed + 1)
+        extra["mean_findings_pie"] = float(n_find[is_pie].mean())
+        extra["mean_findings_non_pie"] = float(n_find[~is_pie].mean())
+    else:
+        rows = np.arange(sw.n)
+        extra["mean_abs_delta_true_class_pie"] = float(
+            np.abs(dense[rows, sw.labels] - comp[rows, sw.labels])[is_pie].mean())
+        extra["flip_rate_pie"] = float(flips[is_pie].mean())
+        extra["flip_rate_non_pie"] = float(flips[~is_pie].mean())
+    return findings_rows, extra
 
 
 def find_pies(
@@ -244,10 +290,7 @@ def find_pies(
     check_in(score, "score", "find_pies", SCORES)
     check_range(n_boot, "n_boot", "find_pies", 0, integer=True)
     sw = as_sweep(sweep, method=method)
-    level = sw.level(ratio)
-    if level == sw.reference_level:
-        raise ConfigError(f"ratio={ratio:g} is the sweep's reference level; choose a compressed "
-                          f"level: {', '.join(f'{v:g}' for v in sw.levels if v != level)}.")
+    level = _compressed_level(sw, ratio)
     seeds = tuple(s for s in sw.seeds_at(level) if (s, sw.reference_level) in sw.cells)
     dense = sw.mean_probs(sw.reference_level, seeds)
     comp = sw.mean_probs(level, seeds)
@@ -262,28 +305,11 @@ def find_pies(
                         "PIE; use more images or a smaller quantile.")
     pie_scores = scores[is_pie]
     threshold = float(pie_scores.max() if not higher_is_worse else pie_scores.min())
-    if sw.task == "multiclass":
-        flips = dense.argmax(1) != comp.argmax(1)
-    else:
-        flips = ((dense >= 0.5) != (comp >= 0.5)).any(1)
+    flips = _decision_flips(sw.task, dense, comp)
     targets = sw.targets()
     pos = (np.nan_to_num(targets) > 0.5)
     class_rows = _overrep_rows(list(sw.class_names), is_pie, pos, n_boot, seed)
-    findings_rows: list[dict[str, Any]] = []
-    extra: dict[str, Any] = {}
-    if sw.task == "multilabel":
-        n_find = pos.sum(1)
-        bins = np.stack([n_find == 0, n_find == 1, n_find == 2, n_find >= 3], 1)
-        findings_rows = _overrep_rows(["0 findings", "1 finding", "2 findings", ">=3 findings"],
-                                      is_pie, bins, n_boot, seed + 1)
-        extra["mean_findings_pie"] = float(n_find[is_pie].mean())
-        extra["mean_findings_non_pie"] = float(n_find[~is_pie].mean())
-    else:
-        rows = np.arange(sw.n)
-        extra["mean_abs_delta_true_class_pie"] = float(
-            np.abs(dense[rows, sw.labels] - comp[rows, sw.labels])[is_pie].mean())
-        extra["flip_rate_pie"] = float(flips[is_pie].mean())
-        extra["flip_rate_non_pie"] = float(flips[~is_pie].mean())
+    findings_rows, extra = _composition(sw, is_pie, pos, dense, comp, flips, n_boot, seed)
     if n_undef:
         logger.info("%d images have a constant probability vector; their Spearman score is "
                     "undefined and set to 0.", n_undef)

@@ -6,15 +6,28 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
 
 from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt
+
+
+def _run(stage: str, out: Path, settings, command: str, config: dict, seed: int,
+         overwrite: bool):
+    """Run the registered stage of an audit command into a new run directory ``out``; its
+    result object."""
+    import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
+    from medscalpel.pipeline.stage import run_command
+
+    _, ctx = run_command(stage, out, settings, command=command, config=config, seed=seed,
+                         overwrite=overwrite)
+    return ctx.results[stage]
 
 
 def forgettability(
     sweep_dir: Path = typer.Argument(..., help="Output folder of 'medscalpel compress sweep' "
                                      "or 'medscalpel scale prune' (read through its index.json)."),
     out: Path = typer.Option(Path("runs/audit-forgettability"), help="Run directory to create "
-                             "(forgettability.json, audit_*.png, manifest.json)."),
+                             "(audit/forgettability/: forgettability.json, audit_*.png; manifest.json)."),
     method: Optional[str] = typer.Option(None, help="Sweep method to audit when the sweep holds "
                                          "several (e.g. l1, random)."),
     train_data: Optional[str] = typer.Option(None, help="Dataset spec whose 'train' split gives "
@@ -28,23 +41,16 @@ def forgettability(
 ) -> None:
     """Forgettability curves per class (median and IQR over seeds), first 20%-drop level, delta
     AP at the highest level, their correlation with log prevalence, and FCD between classes."""
-    from medscalpel.audit.forgettability import audit_forgettability
-    from medscalpel.runs import RunDir
+    from medscalpel.layout import artifact
+    from medscalpel.pipeline.stages.audit import ForgettabilitySettings
 
-    train_labels = None
-    if train_data is not None:
-        from medscalpel.data import open_dataset
-
-        train_labels = open_dataset(train_data, split="train")
     config = {"sweep_dir": str(sweep_dir), "method": method, "train_data": train_data,
               "drop_threshold": drop_threshold, "n_boot": n_boot, "n_perm": n_perm}
-    with RunDir(out, command="audit forgettability", config=config, seed=seed,
-                overwrite=overwrite) as run:
-        result = audit_forgettability(sweep_dir, train_labels=train_labels, out=run.path,
-                                      method=method, drop_threshold=drop_threshold,
-                                      n_boot=n_boot, n_perm=n_perm, seed=seed)
-    from rich.table import Table
-
+    settings = ForgettabilitySettings(sweep_dir=str(sweep_dir), method=method,
+                                      train_data=train_data, drop_threshold=drop_threshold,
+                                      n_boot=n_boot, n_perm=n_perm)
+    result = _run("forgettability", out, settings, "audit forgettability", config, seed,
+                  overwrite)
     table = Table(title=f"Forgettability ({result.method}, {len(result.seeds)} seeds, "
                         f"prevalence from {result.prevalence_source})")
     for col in ("class", "prevalence", "AP ref", "first 20% drop", "rel. ΔAP at max"):
@@ -55,20 +61,20 @@ def forgettability(
     console.print(table)
     for name, c in {**result.correlations, **result.fcd.correlations}.items():
         console.print(f"{name}: {c.label()}")
-    console.print(f"written to {out}")
+    console.print(f"written to {artifact('forgettability').dir_in(out)}")
 
 
 def pies(
     sweep_dir: Path = typer.Argument(..., help="Output folder of 'medscalpel compress sweep'."),
-    out: Path = typer.Option(Path("runs/audit-pies"), help="Run directory to create (pies.json, "
-                             "pies.csv, audit_pie_*.png, manifest.json)."),
+    out: Path = typer.Option(Path("runs/audit-pies"), help="Run directory to create "
+                             "(audit/pies/: pies.json, pies.csv, pie_gallery.png; manifest.json)."),
     ratio: float = typer.Option(0.9, help="Compressed level compared with the dense model."),
     quantile: float = typer.Option(0.05, help="Fraction of images flagged as PIEs."),
     score: str = typer.Option("auto", help="auto, spearman (multi-label), tvd or true_class "
                               "(multi-class)."),
     method: Optional[str] = typer.Option(None, help="Sweep method when the sweep holds several."),
     data: Optional[str] = typer.Option(None, help="Dataset spec of the evaluated images, to draw "
-                                       "the PIE gallery (audit_pie_gallery.png)."),
+                                       "the PIE gallery (audit/pies/pie_gallery.png)."),
     split: str = typer.Option("test", help="Split of --data the sweep was evaluated on."),
     n_boot: int = typer.Option(N_BOOT, help=N_BOOT_HELP),
     seed: int = typer.Option(0, help="Bootstrap seed."),
@@ -76,21 +82,15 @@ def pies(
 ) -> None:
     """Pruning-identified exemplars: images whose compressed predictions disagree most with the
     dense model's, and which classes / how many findings are over-represented among them."""
-    from medscalpel.audit.pies import find_pies, pie_gallery
-    from medscalpel.runs import RunDir
+    from medscalpel.layout import artifact
+    from medscalpel.pipeline.stages.audit import PiesSettings
 
     config = {"sweep_dir": str(sweep_dir), "ratio": ratio, "quantile": quantile, "score": score,
               "method": method, "data": data, "split": split, "n_boot": n_boot}
-    with RunDir(out, command="audit pies", config=config, seed=seed, overwrite=overwrite) as run:
-        result = find_pies(sweep_dir, ratio=ratio, quantile=quantile, score=score, method=method,
-                           n_boot=n_boot, seed=seed, out=run.path)
-        if data is not None:
-            from medscalpel.data import open_dataset
-
-            pie_gallery(open_dataset(data, split=split), result,
-                        run.path / "audit_pie_gallery.png")
-    from rich.table import Table
-
+    settings = PiesSettings(sweep_dir=str(sweep_dir), ratio=ratio, quantile=quantile,
+                            score=score, method=method, gallery_data=data, gallery_split=split,
+                            n_boot=n_boot)
+    result = _run("pies", out, settings, "audit pies", config, seed, overwrite)
     table = Table(title=f"PIEs at {result.level_name} {result.level:g}: {int(result.is_pie.sum())}"
                         f" of {len(result.ids)} images ({result.score_name})")
     for col in ("group", "PIEs with", "share PIE", "share all", "ratio", "95% CI", "Fisher p"):
@@ -100,4 +100,4 @@ def pies(
                       fmt(r["share_overall"]), fmt(r["ratio"], 2), fmt(tuple(r["ratio_ci"]), 2),
                       fmt(r["fisher_p"], 4))
     console.print(table)
-    console.print(f"written to {out}")
+    console.print(f"written to {artifact('pies').dir_in(out)}")

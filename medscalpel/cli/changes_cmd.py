@@ -37,7 +37,7 @@ def changes(
     data: str = typer.Option(..., help="Dataset spec, e.g. 'phantom?n=2000&size=64' or "
                              "'nih:/data/nih'."),
     out: Path = typer.Option(Path("runs/audit-changes"), help="Run directory to create "
-                             "(changes.json, *_reliability.png, *_explanation.png, "
+                             "(audit/changes/: changes.json, *_reliability.png, *_explanation.png, "
                              "*_robustness.png, manifest.json)."),
     split: str = typer.Option("test", help="Split of --data to audit on."),
     measures: list[str] = typer.Option(["calibration", "explanation", "subgroups",
@@ -71,6 +71,7 @@ def changes(
     from medscalpel.data import open_dataset
     from medscalpel.engine.predict import collect_images
     from medscalpel.errors import ConfigError
+    from medscalpel.layout import artifact
     from medscalpel.models import load_model
     from medscalpel.runs import RunDir
 
@@ -109,7 +110,7 @@ def changes(
                                n_boot=n_boot, seed=seed, attribute_names=attributes or None,
                                min_subgroup=min_subgroup, n_faithfulness=n_faithfulness,
                                corruptions=corruptions or None, severities=severities)
-        result.save(run.path)
+        result.save(artifact("changes").dir_in(run.path))
     for p in result.pairs:
         console.print(f"[bold]{p.name}[/bold] vs dense ({result.n} images of {data} / {split})")
         for line in p.headline():
@@ -123,4 +124,4 @@ def changes(
                 console.print(f"  skipped: {s}")
         if p.robustness is not None:
             print_table(p.robustness.table(), title=f"{p.name}: robustness (macro)")
-    console.print(f"written to {out}")
+    console.print(f"written to {artifact('changes').dir_in(out)}")

@@ -160,7 +160,7 @@ def prune(
                     data={"train": train_ds.content_hash()}, overwrite=overwrite) as run:
             res = prune_structured(m, images, train_ds=train_ds, val_ds=val_ds, dry_run=True,
                                    **settings)
-            write_artifact(run.path, "prune", res, command=True)
+            write_artifact(run.path, "prune", res)
         console.print(f"{criterion} (dry run): params {res.params_before:,} -> "
                       f"{res.params_after:,}, MACs x{res.speedup_macs:.2f}; nothing pruned")
         return
@@ -173,7 +173,7 @@ def prune(
         result = compress("prune", m, inputs, n_boot=n_boot, **settings)
         result.save(run.path)
         res = result.report
-        write_artifact(run.path, "prune", res, command=True)
+        write_artifact(run.path, "prune", res)
         ext_verdict = (_external_floor(m, result.model, ext_ds, external, run.path, n_boot, seed)
                        if ext_ds is not None else None)
     lat = res.latency["ratio"] if res.latency else None
@@ -259,7 +259,7 @@ def export(
         res.onnx_path = str(out / "model.onnx")
         if res.quantization:
             res.quantization["path"] = str(out / Path(res.quantization["path"]).name)
-        write_artifact(run.path, "onnx_export", res, command=True)
+        write_artifact(run.path, "onnx_export", res)
     console.print(f"ONNX parity: random {fmt(res.parity['random'], 8)}, real "
                   f"{fmt(res.parity['real'], 8)}; speedup vs reference "
                   + ", ".join(f"{k} {v:.2f}" for k, v in res.speedup.items()))

@@ -18,23 +18,23 @@ def stats(
                                        "'nih:/data/nih', 'folder:/data/kermany/train?dedup=true', "
                                        "'nih:/data/nih-labels?labels_only=true'."),
     split: str = typer.Option("all", help="Split to describe: train, val, test or all."),
-    out: Path = typer.Option(Path("runs/data-stats"), help="Run directory to create (stats.json, "
-                             "jaccard.png, cooccurrence.png, manifest.json)."),
+    out: Path = typer.Option(Path("runs/data-stats"), help="Run directory to create "
+                             "(data/stats/: stats.json, jaccard.png, cooccurrence.png)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Label statistics of a dataset: prevalence per class, co-occurrence counts, Jaccard
     matrix and the pairs of findings that never occur together. Prints a table and writes
     JSON plus two heatmap PNGs into a new run directory."""
-    from medscalpel.data.stats import dataset_statistics
-    from medscalpel.runs import RunDir
+    import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
+    from medscalpel.layout import artifact, read_artifact
+    from medscalpel.pipeline.stage import run_command
+    from medscalpel.pipeline.stages.data import StatsSettings
 
     spec = one_of(spec, spec_arg, "--data", "SPEC", "the dataset spec", command="data stats")
-
-    with RunDir(out, command="data stats", config={"spec": spec, "split": split},
-                overwrite=overwrite) as run:
-        result = dataset_statistics(spec, split, run.path)
-        run.data = {"spec": result.spec, "split": split, "content_hash": result.content_hash,
-                    "n_images": result.n}
+    run_command("stats", out, StatsSettings(split=split), command="data stats",
+                      config={"spec": spec, "split": split}, spec=spec, overwrite=overwrite,
+                      manifest_data=("spec", "split", "content_hash", "n_images"))
+    result = read_artifact(out, "label_stats")
     table = Table(title=f"{result.spec} [{split}]: {result.n} images, {result.task}")
     for col in ("class", "positives", "known", "prevalence"):
         table.add_column(col, justify="left" if col == "class" else "right")
@@ -48,4 +48,4 @@ def stats(
                       f"evidence: {len(ev.exclusive_pairs())}", highlight=False)
         for w in ev.warnings:
             console.print(f"note: {w}", highlight=False)
-    console.print(f"written to {out}")
+    console.print(f"written to {artifact('label_stats').dir_in(out)}")

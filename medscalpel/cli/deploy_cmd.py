@@ -31,8 +31,8 @@ def deploy(
     model: Path = typer.Option(..., help="Model directory (model.safetensors + model.json)."),
     data: str = typer.Option(..., help="Dataset spec; its --split gives parity and delta AUROC, "
                              "its train split the int8 calibration images."),
-    out: Path = typer.Option(..., help="Run directory to create (deploy.json, deploy.md, "
-                             "export/, serve/, manifest.json)."),
+    out: Path = typer.Option(..., help="Run directory to create (deploy/: deploy.json, "
+                             "deploy.md, export/, serve/; manifest.json)."),
     split: str = typer.Option("test", help="Split for parity and paired delta AUROC."),
     runtimes: Optional[str] = typer.Option(None, help="Comma list of runtimes (torch, "
                                            "torch_channels_last, torch_compile, onnxruntime, "
@@ -78,7 +78,9 @@ def deploy(
     from medscalpel.deploy.flow import deploy as run_deploy
     from medscalpel.deploy.result import explanation_line, export_line, guarantee_lines
     from medscalpel.data import open_dataset
+    from medscalpel.layout import artifact
     from medscalpel.models.checkpoint import load_model
+    from medscalpel.runs import RunDir
 
     m = load_model(model)
     pre = m.card.preprocess if m.card is not None else None
@@ -86,17 +88,25 @@ def deploy(
     calib = open_dataset(data, split="train", preprocess=pre) if split != "train" else None
     # the whole external site, as 'evaluate --external' uses it (none of it was seen)
     ext = open_dataset(external, split="all", preprocess=pre) if external is not None else None
-    res = run_deploy(m, ds, out, calib_data=calib, runtimes=_list(runtimes),
-                     precisions=_list(precisions), batches=_batches(batch), rounds=rounds,
-                     repeats=repeats, n_images=n_images, n_calib=n_calib,
-                     floor_macro=floor_macro, floor_class=floor_class, threads=threads,
-                     n_boot=n_boot, seed=seed, overwrite=overwrite, explain=explain,
-                     external_data=ext, accept_unscorable=accept_unscorable,
-                     min_positives=min_positives, require_guarantee=require_guarantee)
+    config = {"model": str(model), "data": data, "split": split,
+              "external": external}
+    # the run directory of the command holds the deploy artifact where the demo's deploy stage
+    # writes it (deploy/: deploy.json, serve/, ...)
+    with RunDir(out, command="compress deploy", config=config, seed=seed,
+                overwrite=overwrite) as run:
+        res = run_deploy(m, ds, artifact("deploy").dir_in(run.path), calib_data=calib,
+                         runtimes=_list(runtimes), precisions=_list(precisions),
+                         batches=_batches(batch), rounds=rounds, repeats=repeats,
+                         n_images=n_images, n_calib=n_calib, floor_macro=floor_macro,
+                         floor_class=floor_class, threads=threads, n_boot=n_boot, seed=seed,
+                         explain=explain, external_data=ext,
+                         accept_unscorable=accept_unscorable, min_positives=min_positives,
+                         require_guarantee=require_guarantee)
     console.print(res.markdown(), markup=False, highlight=False)
     chosen = res.chosen
     console.print(f"recommended: {res.recommended} ({res.reason}); served from "
-                  f"{out / 'serve'} ({', '.join(res.serve['files'])})", markup=False)
+                  f"{artifact('deploy').dir_in(out) / 'serve'} "
+                  f"({', '.join(res.serve['files'])})", markup=False)
     console.print(f"explanation output: {explanation_line(res.explanation)}", markup=False)
     console.print(f"exported by: {export_line(res.serve.get('export'))}", markup=False)
     console.print(f"guarantee: {guarantee_lines(res)[0]}", markup=False)

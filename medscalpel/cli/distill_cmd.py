@@ -61,7 +61,7 @@ def distill(
                                 "'ofa': one once-for-all supernet, one subnet per "
                                 "--latency-budget."),
     out: Path = typer.Option(Path("runs/compress-distill"), help="Run directory to create "
-                             "(model/, student_alone/, distill.json, manifest.json)."),
+                             "(distill/: distill.json, model/, student_alone/; manifest.json)."),
     soft_weight: float = typer.Option(0.5, help="Weight of the teacher's soft targets in [0, 1] "
                                       "(1 - it weighs the ground-truth loss; 0 = no teacher)."),
     temperature: float = typer.Option(4.0, help="Distillation temperature T (soft term scaled "
@@ -108,8 +108,10 @@ def distill(
     with the student trained alone (params, MACs, CPU speedup, AUROC/AP with CIs, Score-CAM
     similarity); or (--student ofa) one once-for-all supernet and one subnet per latency
     budget."""
-    from medscalpel.compress.distill import DistillConfig, distill as run_distill
+    from medscalpel.compress.contract import CompressionInputs, compress
+    from medscalpel.compress.distill import DistillConfig
     from medscalpel.engine.train import TrainConfig
+    from medscalpel.layout import artifact
     from medscalpel.runs import RunDir
 
     teacher = one_of(teacher, teacher_arg, "--model", "TEACHER", "the teacher model",
@@ -135,8 +137,8 @@ def distill(
         return
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                        max_steps_per_epoch=max_steps_per_epoch, patience=max(3, epochs))
-    cfg = DistillConfig(soft_weight=soft_weight, temperature=temperature, feature_weight=feature_weight,
-                        attention_weight=attention_weight, train=tcfg,
+    cfg = DistillConfig(soft_weight=soft_weight, temperature=temperature,
+                        feature_weight=feature_weight, attention_weight=attention_weight, train=tcfg,
                         teacher_train=TrainConfig(epochs=teacher_epochs, batch_size=batch_size,
                                                   lr=teacher_lr, seed=seed, device=device,
                                                   max_steps_per_epoch=max_steps_per_epoch),
@@ -149,9 +151,10 @@ def distill(
                       "test": test_ds.content_hash()}, overwrite=overwrite,
                 resumable=True) as run:
         # per-epoch state of every training: an interrupted run resumes when run again
-        res = run_distill(teacher, student, train_ds, val_ds, test_ds, cfg,
-                          checkpoint_dir=run.path / "checkpoint")
-        res.save(run.path)
+        inputs = CompressionInputs(train=train_ds, val=val_ds, test=test_ds)
+        res = compress("distill", teacher, inputs, student=student, config=cfg,
+                       checkpoint_dir=run.path / "checkpoint").report
+        res.save(artifact("distill").dir_in(run.path))
     print_table(res.table(), "teacher vs students (test split)")
     d = res.students["distilled"]
     sal = res.saliency.get("distilled", {}).get("overall", {})
@@ -171,7 +174,8 @@ def distill(
                   highlight=False)
     console.print(f"  AUROC (non-inferiority, paired): {escape(tg['auroc_summary'])}",
                   highlight=False)
-    console.print(f"written to {out}")
+    console.print(f"written to {artifact('distill').dir_in(out)} (the distilled student in "
+                  f"model/ there)")
 
 
 def students(
@@ -218,6 +222,6 @@ def students(
         res = choose_student(names, latency_budget_ms, (train_ds, val_ds), str(teacher),
                              proxy_epochs=proxy_epochs, proxy_steps=proxy_steps, soft_weight=soft_weight,
                              temperature=temperature, lr=lr, batch_size=batch_size, seed=seed)
-        write_artifact(run.path, "students", res, command=True)
+        write_artifact(run.path, "students", res)
     print_table(res.table(), f"candidates (teacher {res.teacher['latency_ms']:.2f} ms)")
     console.print(f"chosen: {res.chosen}; written to {out}")

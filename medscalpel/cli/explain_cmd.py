@@ -103,8 +103,7 @@ def cam(
                            run.path / f"{method}.png",
                            title=res.meta.get("label"))
         write_artifact(run.path, "cam_result", {**res.to_dict(), "artifact": art}
-                       if art is not None and "artifact" not in res.meta else res.to_dict(),
-                       command=True)
+                       if art is not None and "artifact" not in res.meta else res.to_dict())
     how = f" ({res.meta['label']})" if res.meta.get("label") else ""
     console.print(f"{len(idx)} {method} maps of '{target}'{how} -> {out}", highlight=False)
 
@@ -135,7 +134,7 @@ def attribute(
         res = run_attribution(method, m, images, k)
         res.save(run.path / "attributions.safetensors")
         write_artifact(run.path, "attribution",
-                       {**res.to_dict(), "ids": [ds.ids[i] for i in idx]}, command=True)
+                       {**res.to_dict(), "ids": [ds.ids[i] for i in idx]})
     console.print(f"{method}: max |delta| {float(res.delta.abs().max()):.2e} "
                   f"({res.delta_definition}) -> {out}")
 
@@ -171,7 +170,7 @@ def channels(
     with RunDir(out, command="explain channels", config={"model": str(model), "data": data,
                                                          "class": target, "fp_only": fp_only},
                 seed=seed, overwrite=overwrite) as run:
-        write_artifact(run.path, "channels", table, command=True)
+        write_artifact(run.path, "channels", table)
         channel_bar_figure(table, run.path / "channels.png")
     print_table([{k2: v for k2, v in r.items() if not isinstance(v, (list, dict))}
                  for r in table.to_dict()["rows"]], f"top channels of {target}")
@@ -202,7 +201,7 @@ def compare(
                 seed=seed, overwrite=overwrite) as run:
         res = compare_saliency(t, s, images, list(range(t.num_classes)), method=method,
                                student_images=s_images, ids=[ds.ids[i] for i in idx])
-        write_artifact(run.path, "comparison", res, command=True)
+        write_artifact(run.path, "comparison", res)
     console.print(f"saliency comparison ({method}) of {len(idx)} images -> {out}")
 
 
@@ -219,30 +218,20 @@ def polarity(
                                                                  "(e.g. lossless, pruned)."),
 ) -> None:
     """Polarized classifier channels vs label mutual exclusivity (Jaccard), with null models."""
-    from medscalpel.explain.polarity import QuantileRule, compare_stages, polarity_analysis
+    import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
     from medscalpel.data.spec import open_dataset
-    from medscalpel.explain.figures import polarity_table_figure
+    from medscalpel.layout import artifact
     from medscalpel.models import load_model
-    from medscalpel.layout import write_artifact
-    from medscalpel.runs import RunDir
+    from medscalpel.pipeline.stage import run_command
+    from medscalpel.pipeline.stages.explain import PolaritySettings
 
     m = load_model(model)
-    ds = open_dataset(data, split=split, preprocess=m.card.preprocess)
-    _require_match(m, model, ds, data)
-    w = m.classifier.weight.detach().numpy()
-    with RunDir(out, command="audit polarity", config={"model": str(model), "data": data,
-                                                       "quantile": quantile},
-                seed=seed, overwrite=overwrite) as run:
-        res = polarity_analysis(w, ds.labels_multihot(), list(m.card.class_names),
-                                rule=QuantileRule(q=quantile), n_null=n_null, seed=seed)
-        write_artifact(run.path, "polarity", res, command=True)
-        polarity_table_figure(res, run.path / "polarity.png")
-        if compare_with:
-            weights = {"model": w}
-            for p in compare_with:
-                weights[p.name] = load_model(p).classifier.weight.detach().numpy()
-            write_artifact(run.path, "polarity_stages",
-                       compare_stages(weights, ds.labels_multihot(), list(m.card.class_names),
-                                      rule=QuantileRule(q=quantile), n_null=n_null,
-                                      seed=seed).to_dict())
-    console.print(f"polarity analysis -> {out}")
+    _require_match(m, model, open_dataset(data, split=split, preprocess=m.card.preprocess),
+                   data)
+    settings = PolaritySettings(model=str(model), data=data, split=split, quantile=quantile,
+                                n_null=n_null,
+                                compare_with=tuple(str(p) for p in compare_with or ()))
+    run_command("polarity", out, settings, command="audit polarity",
+                config={"model": str(model), "data": data, "quantile": quantile}, seed=seed,
+                overwrite=overwrite)
+    console.print(f"polarity analysis -> {artifact('polarity').dir_in(out)}")

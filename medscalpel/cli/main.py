@@ -180,9 +180,9 @@ def train(
                 overwrite=overwrite, resumable=True) as run:
         res = fit(data, arch, run.path, cfg, size=size, channels=channels, augment=aug,
                   pretrained=pretrained, n_boot=n_boot)
-        write_artifact(run.path, "fit", res, command=True)
+        write_artifact(run.path, "fit", res)
         if res.test is not None:
-            write_artifact(run.path, "baseline_metrics", res.test, command=True)
+            write_artifact(run.path, "metrics", res.test)
     if res.test is not None:
         print_table(res.test.table(), f"test metrics ({arch})")
         console.print(f"macro AUROC {fmt(res.test.macro['auroc'])}")
@@ -231,7 +231,7 @@ def predict(
                 data={"spec": data, "split": split}, overwrite=overwrite) as run:
         preds = predict_spec(m, data, split, batch_size, bulk=bulk)
         preds.save(run.path / "predictions.npz")
-        write_artifact(run.path, "predictions_meta", preds, command=True)
+        write_artifact(run.path, "predictions_meta", preds)
         op = card.decision_point()
         table = findings_table(preds, card.thresholds if preds.task == "multilabel" else None,
                                operating_point=op if op.calibrated else None)
@@ -402,7 +402,7 @@ def evaluate(
                                                      "n_boot": n_boot}, seed=seed,
                     data={"split_unit": res.extra.get("split_unit")},
                     overwrite=overwrite) as run:
-            write_artifact(run.path, "baseline_metrics", res, command=True)
+            write_artifact(run.path, "metrics", res)
 
 
 def _stored_operating_point(predictions: Path, model: Optional[Path]):
@@ -516,7 +516,7 @@ def _evaluate_external(predictions: Path, model: Optional[Path], external: str,
                     overwrite=overwrite) as run:
             art = ext.meta.get("artifact")
             write_artifact(run.path, "external",
-                           {**res.to_dict(), **({"artifact": art} if art else {})}, command=True)
+                           {**res.to_dict(), **({"artifact": art} if art else {})})
             ext.save(run.path / "external_predictions.npz")
             plot_reliability(res, run.path / "reliability.png")
         console.print(f"-> {out / FILENAME}, {out / 'reliability.png'}")
@@ -549,7 +549,7 @@ def predictions_import(
         preds = import_predictions(csv, labels, id_column=id_column, values=values, split=split,
                                    allow_missing=allow_missing)
         preds.save(run.path / "predictions.npz")
-        write_artifact(run.path, "predictions_meta", preds, command=True)
+        write_artifact(run.path, "predictions_meta", preds)
     console.print(f"imported {preds.n} predictions x {preds.num_classes} classes -> {out}")
 
 

@@ -11,31 +11,6 @@ import typer
 from medscalpel.cli.common import console, load_predictions, one_of, print_table
 
 
-#: where 'repair triage' writes the learned cost matrix without --costs (inside --out)
-COSTS_FILE = "treatment_costs.json"
-
-
-def _load_data(path: Path):
-    """Features (``features`` array inside) or Predictions from an ``.npz``; anything else is
-    one DataError naming the file."""
-    import zipfile
-
-    import numpy as np
-
-    from medscalpel.engine.predict import Features
-    from medscalpel.errors import DataError
-
-    if not Path(path).is_file():
-        raise DataError(f"File not found: {path} (give a Features or Predictions .npz).")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            is_features = "features" in z.files
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path} is not a readable .npz file ({type(exc).__name__}); give a "
-                        "Features or Predictions file written by medscalpel.") from exc
-    return Features.load(path) if is_features else load_predictions(path)
-
-
 def calibrate(
     fit: Optional[Path] = typer.Argument(None, help="Predictions (.npz) to fit the thresholds "
                                          "on (validation split); not with --recertify."),
@@ -50,14 +25,14 @@ def calibrate(
                                          "fitted operating point (multi-label thresholds, the "
                                          "two-class cut, or the temperature; with "
                                          "--guarantee the certified thresholds) is written to "
-                                         "OUT/model."),
+                                         "OUT/calibrate/model."),
     out: Path = typer.Option(Path("runs/repair-calibrate"), help="Run directory to create."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     guarantee: Optional[str] = typer.Option(None, help="Certified thresholds instead of point "
                                             "ones: 'recall>=0.90' (with confidence 1-alpha), "
                                             "'E[recall]>=0.90' (in expectation), "
                                             "'precision>=0.8' or 'fnr<=0.1' (multi-label set); "
-                                            "written to guarantee.json."),
+                                            "written to calibrate/guarantee.json."),
     alpha: float = typer.Option(0.1, help="With --guarantee: the allowed probability that the "
                                 "guarantee fails."),
     patients: Optional[Path] = typer.Option(None, help="With --guarantee: CSV with columns "
@@ -88,8 +63,9 @@ def calibrate(
                                                "WITHOUT its labels, under pure label shift: "
                                                "recall kept, precision re-certified at the "
                                                "estimated prevalence, after a label-free "
-                                               "check; writes label_shift_transfer.json and, "
-                                               "when it transfers, OUT/model: a copy of "
+                                               "check; writes calibrate/label_shift_transfer.json "
+                                               "and, when it transfers, OUT/calibrate/model: a "
+                                               "copy of "
                                                "MODEL_DIR whose card carries the carried "
                                                "guarantee as its operating point."),
 ) -> None:
@@ -107,7 +83,8 @@ def calibrate(
                                              save_with_operating_point,
                                              temperature_operating_point,
                                              threshold_operating_point)
-    from medscalpel.runs import RunDir, hash_file, write_json
+    from medscalpel.layout import artifact, write_artifact
+    from medscalpel.runs import RunDir, hash_file
 
     if transfer_to is not None:
         if recertify_model is None:
@@ -160,11 +137,12 @@ def calibrate(
             op = measure_operating_point(op, eval_p, held_out=not (
                 set(fit_p.ids) & set(eval_p.ids)))
         if m is not None:
-            save_with_operating_point(m, run.path / "model", op, source=source)
+            save_with_operating_point(m, artifact("calibrated_card").dir_in(run.path), op,
+                                      source=source)
         d = result.to_dict()
         d["operating_point"] = op.to_dict()
-        d["model_dir"] = str(out / "model") if m is not None else None
-        write_json(run.path / "calibration.json", d)
+        d["model_dir"] = str(artifact("calibrated_card").dir_in(out)) if m is not None else None
+        write_artifact(run.path, "calibration", d)
     if kind == "temperature":
         print_table(result.table(), title=f"temperature scaling: T = {result.temperature:.3f} "
                     f"(fit on {result.fit_split}, measured on {result.eval_split}"
@@ -179,9 +157,9 @@ def calibrate(
             print_table(result.evaluation.table(), title=f"thresholds ({method}) vs 0.5")
     _print_operating_point(op)
     if m is not None:
-        console.print(f"model deciding by this operating point -> {out / 'model'}",
-                      highlight=False)
-    console.print(f"written to {out}")
+        console.print(f"model deciding by this operating point -> "
+                      f"{artifact('calibrated_card').dir_in(out)}", highlight=False)
+    console.print(f"written to {artifact('calibration').dir_in(out)}")
 
 
 def _print_operating_point(op) -> None:
@@ -224,9 +202,9 @@ def _calibrate_guarantee(fit: Path, evaluate_on: Optional[Path], guarantee: str,
                          positive: Optional[str], model: Optional[Path], out: Path,
                          overwrite: bool, per_patient: bool = False) -> None:
     """``repair calibrate --guarantee``: certify on FIT (or its calibration part), re-check on
-    --eval or on the held-out patients; writes guarantee.json (+ guarantee_check.json)."""
+    --eval or on the held-out patients; writes calibrate/guarantee.json (+ guarantee_check.json)."""
     from medscalpel.errors import ConfigError
-    from medscalpel.layout import write_artifact
+    from medscalpel.layout import artifact, write_artifact
     from medscalpel.models.checkpoint import load_model
     from medscalpel.repair.calibrate import (binary_view, guarantee_operating_point,
                                              save_with_operating_point)
@@ -279,7 +257,7 @@ def _calibrate_guarantee(fit: Path, evaluate_on: Optional[Path], guarantee: str,
                 result, names, task, kept=m.card.effective_thresholds(),
                 source=f"sha256:{hash_file(fit)[:16]} ({Path(fit).name})",
                 check=None if check is None else check.to_dict())
-            save_with_operating_point(m, run.path / "model", op)
+            save_with_operating_point(m, artifact("calibrated_card").dir_in(run.path), op)
     pat = f", {result.n_patients} patients" if result.n_patients is not None else ""
     print_table(result.table(), title=f"{spec.text}: certified on {result.n_images} images"
                 f"{pat} ({cal_p.split}{', split by ' + unit if unit else ''})")
@@ -304,7 +282,8 @@ def _calibrate_guarantee(fit: Path, evaluate_on: Optional[Path], guarantee: str,
                       highlight=False)
     if op is not None:
         console.print(f"operating point: {op.describe()}", highlight=False)
-        console.print(f"model deciding by it -> {out / 'model'}", highlight=False)
+        console.print(f"model deciding by it -> {artifact('calibrated_card').dir_in(out)}",
+                      highlight=False)
     console.print(f"written to {out}")
 
 
@@ -379,11 +358,11 @@ def _transfer_card(model_dir: Path, fit: Optional[Path], new_preds: Path,
                    out: Path, overwrite: bool) -> None:
     """``repair calibrate --recertify MODEL_DIR FIT --transfer-to NEW``: the card's guarantee
     carried to NEW's site without its labels (medscalpel.repair.label_shift); writes
-    label_shift_transfer.json and, when it transfers, OUT/model: MODEL_DIR deciding by the
-    carried guarantee (its operating point holds it, as ``--guarantee --model`` writes it, so
+    calibrate/label_shift_transfer.json and, when it transfers, OUT/calibrate/model: MODEL_DIR
+    deciding by the carried guarantee (its operating point holds it, as ``--guarantee --model`` writes it, so
     deploy's serve.json carries it too)."""
     from medscalpel.errors import ConfigError
-    from medscalpel.layout import write_artifact
+    from medscalpel.layout import artifact, write_artifact
     from medscalpel.repair.calibrate import (binary_view, guarantee_operating_point,
                                              save_with_operating_point)
     from medscalpel.repair.label_shift import transfer_guarantee
@@ -425,7 +404,7 @@ def _transfer_card(model_dir: Path, fit: Optional[Path], new_preds: Path,
                 transfer={"outcome": t.outcome, "site": t.site, "assumption": t.assumption,
                           "from_split": g.split, "n_new_images": t.n_new_images,
                           "rows": {r["name"]: r["status"] for r in t.rows}})
-            save_with_operating_point(m, run.path / "model", op)
+            save_with_operating_point(m, artifact("calibrated_card").dir_in(run.path), op)
     rows = [{"class": r["name"], "status": r["status"], "prevalence (cal)":
              r.get("prior_calibration"), "prevalence (EM)": r.get("prior_em"),
              "BBSE interval": tuple(r["prior_bbse_interval"]) if r.get("prior_bbse_interval")
@@ -440,7 +419,8 @@ def _transfer_card(model_dir: Path, fit: Optional[Path], new_preds: Path,
         console.print(f"note: {note}", highlight=False, markup=False)
     if op is not None:
         console.print(f"operating point: {op.describe()}", highlight=False, markup=False)
-        console.print(f"model deciding by it -> {out / 'model'}", highlight=False, markup=False)
+        console.print(f"model deciding by it -> {artifact('calibrated_card').dir_in(out)}",
+                      highlight=False, markup=False)
     else:
         console.print("no model written: the guarantee did not transfer (the card of "
                       f"{model_dir} is unchanged)", highlight=False, markup=False)
@@ -481,11 +461,12 @@ def surgery(
 ) -> None:
     """Zero the fewest weights of one classifier row that remove the given false positives
     while no validation true positive falls below threshold; verify that every other class's
-    logits are bit-identical; save the corrected model (OUT/model) with lineage."""
+    logits are bit-identical; save the corrected model (OUT/repair/surgery/) with lineage."""
     from medscalpel.data.spec import open_dataset
     from medscalpel.engine.predict import Features
     from medscalpel.errors import ConfigError
     from medscalpel.models.checkpoint import load_model
+    from medscalpel.layout import artifact
     from medscalpel.repair.surgery import surgery_from_rule, surgical_correction
     from medscalpel.runs import RunDir
     from medscalpel.validation import check_in
@@ -515,7 +496,8 @@ def surgery(
               dry_run=dry_run)
     with RunDir(out, command="repair surgery", config=cfg, overwrite=overwrite) as run:
         m = load_model(model)
-        model_out = None if dry_run else run.path / "model"
+        sdir = artifact("surgery").dir_in(run.path)
+        model_out = None if dry_run else sdir
         if dataset is not None:
             ds = open_dataset(dataset, split=split, preprocess=m.card.preprocess)
             vf = Features.load(val) if val else None
@@ -529,8 +511,8 @@ def surgery(
                                          val=Features.load(val) if val else None,
                                          out_dir=model_out, **kw)
         if result.model_dir is not None:
-            result.model_dir = str(out / "model")
-        result.save(run.path / "surgery.json")
+            result.model_dir = str(artifact("surgery").dir_in(out))
+        result.save(artifact("surgery").path_in(run.path))
     d = result.to_dict()
     console.print(f"{'OK' if result.success else 'FAILED'}: {result.message}")
     if result.success:
@@ -583,7 +565,7 @@ def retrain(
         result.save(run.path / "model" if m is not None else run.path)
         if m is not None:
             result.model_dir = str(out / "model")
-            write_artifact(run.path, "retrain", result, command=True)
+            write_artifact(run.path, "retrain", result)
     rows = [{"class": c, "AUROC before": result.auroc_before[c],
              "AUROC after": result.auroc_after[c]} for c in result.auroc_before]
     print_table(rows, title=f"{result.method}: {result.trainable_params} trainable params, "
@@ -597,32 +579,33 @@ def triage(
     held_out: Path = typer.Argument(..., help="Features or Predictions (.npz) of a separate "
                                     "split: where each treatment's effect is measured."),
     model: Optional[Path] = typer.Option(None, help="Model directory: its thresholds are the "
-                                         "starting point; the repaired model goes to OUT/model."),
+                                         "starting point; the repaired model goes to "
+                                         "OUT/repair/triage/model."),
     budget: float = typer.Option(5.0, help="Largest cost (units) a treatment may have to be run; "
                                  "dearer ones are proposed with an estimated cost."),
     costs: Optional[Path] = typer.Option(None, metavar="FILE.json", help="Cost matrix JSON "
                                          "shared between runs: loaded if present and updated "
                                          "in place with the measured costs (default: a fresh "
-                                         "matrix, written to OUT/treatment_costs.json)."),
+                                         "matrix, written to OUT/repair/triage/costs.json)."),
     out: Path = typer.Option(Path("runs/repair-triage"), help="Run directory to create."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Diagnose each class (recall, precision, calibration, false-positive clusters, AUROC), try
     treatments cheapest-first, keep what helps on held-out data, learn the costs; writes
     decision_log.json / decision_log.md."""
-    from medscalpel.models.checkpoint import load_model
-    from medscalpel.repair.triage import triage as run_triage
-    from medscalpel.runs import RunDir
+    import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
+    from medscalpel.layout import artifact
+    from medscalpel.pipeline.stage import run_command
+    from medscalpel.pipeline.stages.repair import TriageSettings
 
     cfg = {"fit": str(fit), "held_out": str(held_out), "model": str(model) if model else None,
            "budget": budget, "costs": str(costs) if costs is not None else None}
-    with RunDir(out, command="repair triage", config=cfg, overwrite=overwrite) as run:
-        m = load_model(model) if model else None
-        thr = m.card.effective_thresholds() if m is not None and m.card is not None else None
-        result = run_triage(_load_data(fit), _load_data(held_out), thresholds=thr, budget=budget,
-                            cost_path=costs if costs is not None
-                            else run.path / COSTS_FILE)
-        result.save(run.path, model=m)
+    settings = TriageSettings(fit=str(fit), held_out=str(held_out),
+                              model=str(model) if model else None, budget=budget,
+                              costs=str(costs) if costs is not None else None)
+    _, ctx = run_command("triage", out, settings, command="repair triage", config=cfg,
+                         overwrite=overwrite)
+    result = ctx.results["triage"]
     console.print(result.markdown(), highlight=False, markup=False)
     for c in result.classes:
         for a in c.attempts:
@@ -632,4 +615,4 @@ def triage(
                               markup=False)
     console.print(f"'helped' = a paired verdict on {result.settings['n_selection']} selection "
                   "images (pass / fail / undecided; undecided is not kept)", highlight=False)
-    console.print(f"written to {out}")
+    console.print(f"written to {artifact('triage').dir_in(out)}")

@@ -90,8 +90,7 @@ def clinical(
                                   top_channels=top_channels, conflicts=mode,
                                   exclusion_rule=rule, calibration=calibration,
                                   min_cam_size=min_cam_size, identifiers_kept=keep_identifiers)
-        write_artifact(run.path, "clinical_reports", {"reports": [r.to_dict() for r in reports]},
-                       command=True)
+        write_artifact(run.path, "clinical_reports", {"reports": [r.to_dict() for r in reports]})
         srs = []
         if dicom_sr:
             from medscalpel.report.dicom_sr import write_clinical_srs

@@ -188,9 +188,9 @@ def train(
                 overwrite=overwrite, resumable=True) as run:
         res = fit_ddp(data, arch, run.path, cfg, world_size=world_size, size=size,
                       channels=channels, augment=augment, n_boot=n_boot, settings=settings)
-        write_artifact(run.path, "fit", res, command=True)
+        write_artifact(run.path, "fit", res)
         if res.test is not None:
-            write_artifact(run.path, "baseline_metrics", res.test, command=True)
+            write_artifact(run.path, "metrics", res.test)
     if res.test is not None:
         console.print(f"macro AUROC {fmt(res.test.macro['auroc'])}")
     console.print(f"model saved to {out / 'model'}")

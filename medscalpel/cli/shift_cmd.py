@@ -67,7 +67,7 @@ def recalibrate_site(
     with RunDir(out, command="repair recalibrate-site", config=cfg, seed=seed,
                 data={"spec": external, "split": ext.split, "n_used": ext.meta.get("n_used"),
                       "n_total": ext.meta.get("n_total")}, overwrite=overwrite) as run:
-        write_artifact(run.path, "recalibration", res, command=True)
+        write_artifact(run.path, "recalibration", res)
         rm = recalibrated_model(m, rec, site=external, result=res, split=ext.split)
         save_model(rm, run.path / "model")
     print_table(res.table(), f"{method} recalibration, k={k}: sens/spec on the rest of the site")

@@ -1,8 +1,8 @@
 """``medscalpel show RUN``: print any run directory's results again, as tables.
 
 Reads the manifest and every artifact declared in :mod:`medscalpel.layout` that the directory
-holds, at its declared path or where the single command that makes it writes it
-(:attr:`~medscalpel.layout.Artifact.command_path`, e.g. ``prune.json`` of ``compress prune``);
+holds, at its declared path (the demo's stages and the single commands write the same paths;
+a run directory of medscalpel < 0.2 is read at :data:`~medscalpel.layout.LEGACY_PATHS`);
 typed artifacts through their ``table()`` when they have one."""
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def show(
     for key, a in ARTIFACTS.items():
         if not a.is_json or "{" in a.path or key == "manifest":
             continue
-        rel = a.locate(run_dir)  # its declared path, or where a single command writes it
+        rel = a.locate(run_dir)  # its declared path (or its legacy one)
         if rel is None:
             continue
         p = run_dir / rel

@@ -48,13 +48,15 @@ from medscalpel.compress.structured import prune_structured
 from medscalpel.engine.compare import PairedComparison, compare_predictions
 from medscalpel.engine.predict import predict
 from medscalpel.errors import ConfigError, DataError, ModelError, VerificationError
+from medscalpel.layout import artifact, write_artifact_at
+from medscalpel.models.checkpoint import save_model
 from medscalpel.registry import Registry
-from medscalpel.runs import write_json
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = 1
-REPORT = "report.json"
+#: file name of a compressor's own report beside ``model/`` (declared in medscalpel.layout)
+REPORT = artifact("compression_report").filename
 
 
 @dataclass
@@ -155,11 +157,9 @@ class CompressionResult:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """``model/`` (weights + card with lineage) and ``report.json`` in ``directory``."""
-        from medscalpel.models.checkpoint import save_model
-
         directory = Path(directory)
         save_model(self.model, directory / "model", self.lineage())
-        write_json(directory / REPORT, self.to_dict())
+        write_artifact_at(directory, "compression_report", self)
         return directory
 
 
@@ -304,7 +304,7 @@ def _prune(model: nn.Module, inputs: CompressionInputs, **kw: Any) -> Compressio
 
 
 @COMPRESSORS.register("distill", help="knowledge distillation into a compact student")
-def _distill(model: nn.Module, inputs: CompressionInputs, *, student: Any,
+def _distill(model: nn.Module | str | os.PathLike, inputs: CompressionInputs, *, student: Any,
              config: DistillConfig | None = None, **kw: Any) -> CompressionResult:
     inputs.need("distill", "train", "test")
     r = distill(model, student, inputs.train, inputs.val, inputs.test, config, **kw)
@@ -318,10 +318,10 @@ def _distill(model: nn.Module, inputs: CompressionInputs, *, student: Any,
     settings = {"student": r.students["distilled"].get("arch"),
                 "soft_weight": cfg.soft_weight, "temperature": cfg.temperature,
                 "feature_weight": cfg.feature_weight, "attention_weight": cfg.attention_weight}
-    x = _example(inputs)
-    if x is None:
-        x = inputs.test.image(0)[None]
-    p0, p1, m0, m1 = _counts(model, r.model, x)
+    # counted by distill() on the teacher it used (a model, a model directory, or an
+    # architecture it trained first) and on the student, on one test image
+    t, st = r.teacher, r.students["distilled"]
+    p0, p1, m0, m1 = t["parameters"], st["parameters"], t.get("macs"), st.get("macs")
     return CompressionResult(r.model, "distill", settings, verification, p0, p1, m0, m1, r,
                              parent=getattr(model, "card", None),
                              own_card=getattr(r.model, "card", None))
@@ -400,7 +400,8 @@ class CompressionTable:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CompressionTable":
         if int(d.get("schema_version", 0)) != SCHEMA:
-            raise DataError(f"compress.json has schema {d.get('schema_version')}, not {SCHEMA}: "
+            raise DataError(f"{artifact('compress').filename} has schema "
+                            f"{d.get('schema_version')}, not {SCHEMA}: "
                             "re-run the compression stage with this medscalpel.")
         return cls(dict(d["dense"]), tuple(dict(r) for r in d["rows"]),
                    dict(d.get("evaluated_on", {})))

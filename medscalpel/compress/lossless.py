@@ -7,7 +7,8 @@ them in activation statistics on calibration images; they hold on the data they 
 on, which the report states ("empirical").
 
 Empirical analysis: from the activations that each consumer layer *actually sees* on
-calibration images (after its own BatchNorm and ReLU), a channel is removable when, at every consumer that reads it, it is
+calibration images (after its own BatchNorm and ReLU), a channel is removable when, at every
+consumer that reads it, it is
 
 * **dead**: always exactly zero (contributes nothing);
 * **constant**: the same value everywhere, and the consumer is a Linear / unpadded conv (the
@@ -51,10 +52,6 @@ import copy
 import json
 import logging
 import math
-import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -65,13 +62,14 @@ from torch import nn
 from medscalpel.compress import provable as pv
 from medscalpel.compress.graph import (ChannelGraph, Site, add_output_offset, build_channel_graph,
                                        site_rows)
-from medscalpel.compress.measure import (Images, collect_logits, count_macs, count_parameters,
-                                         eval_mode, first_batch, iter_images, latency_pair,
-                                         max_abs_logit_delta)
+from medscalpel.compress.lossless_report import (GUARANTEES, LosslessReport, LosslessResult,
+                                                 _gating, _layer_rows, _measure_deltas,
+                                                 _random_fields, _verification_error)
+from medscalpel.compress.measure import (Images, count_macs, count_parameters, eval_mode,
+                                         first_batch, iter_images, latency_pair)
 from medscalpel.compress.plans import GroupPlan, LosslessPlan, SiteFold
-from medscalpel.errors import ConfigError, ModelError, VerificationError
+from medscalpel.errors import ConfigError, ModelError
 from medscalpel.progress import track
-from medscalpel.runs import write_json
 from medscalpel.validation import check_in, check_range
 
 logger = logging.getLogger(__name__)
@@ -367,82 +365,6 @@ def _fold_weights(out: nn.Module, graph: ChannelGraph, by_site: dict[str, list[S
         add_output_offset(graph.dg, module, offset.to(module.weight.dtype))
 
 
-# ----------------------------------------------------------------------------- results
-GUARANTEES = {
-    "provable": "provable: the removed channels are dead, constant or duplicate/proportional "
-                "for every finite input, derived from the weights alone (no data); the folded "
-                "model equals the original up to float32 rounding (checked on held-out and on "
-                "random wide-range inputs)",
-    "empirical": "empirical: channels were found dead, constant or linearly dependent on the "
-                 "calibration images only; the outputs were checked on the held-out images "
-                 "listed (max |delta logit| below), which is evidence, not a proof, for other "
-                 "inputs",
-}
-
-
-@dataclass
-class LosslessReport:
-    """What lossless folding found and what it achieved (same-run measurements)."""
-
-    arch: str
-    params_before: int
-    params_after: int
-    params_removed_pct: float
-    macs_before: int
-    macs_after: int
-    latency_ms_before: float | None
-    latency_ms_after: float | None
-    latency_ratio: float | None
-    latency_batch_size: int
-    max_abs_logit_delta: float  # absolute, on held-out images (NaN when none were given)
-    max_abs_logit_delta_calib: float | None
-    atol: float
-    verified: bool
-    n_calib: int
-    n_heldout: int
-    channels: dict[str, int]
-    layers: list[dict[str, Any]]
-    sites_without_dependency_test: list[str]
-    plan: LosslessPlan
-    mode: str = "empirical"
-    guarantee: str = GUARANTEES["empirical"]
-    max_abs_logit_delta_heldout: float | None = None
-    max_abs_logit_delta_random: float | None = None
-    random_logit_scale: float | None = None
-    n_random: int = 0
-    random_range: tuple[float, float] | None = None  # the random inputs' value range
-    # random inputs are gated RELATIVE to their logit scale: delta / scale <= random_rtol
-    random_relative_delta: float | None = None
-    random_rtol: float | None = None
-    schema_version: int = 3
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "plan"}
-        d["plan"] = self.plan.to_dict()
-        if d["random_range"] is not None:
-            d["random_range"] = list(d["random_range"])
-        return d
-
-    def summary(self) -> dict[str, Any]:
-        """The headline numbers (no plan, no per-layer table)."""
-        d = self.to_dict()
-        for k in ("plan", "layers"):
-            d.pop(k)
-        return d
-
-    def save(self, path: str | os.PathLike) -> Path:
-        return write_json(path, self.to_dict())
-
-
-@dataclass
-class LosslessResult:
-    model: nn.Module
-    report: LosslessReport
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.report.to_dict()
-
-
 MODES = ("provable", "empirical")
 
 
@@ -492,24 +414,8 @@ def fold_lossless(model: nn.Module, calib: Images | None = None, heldout: Images
     check_in(mode, "mode", "fold_lossless", MODES)
     check_range(atol, "atol", "fold_lossless", 0.0)
     check_range(random_inputs, "random_inputs", "fold_lossless", 0, integer=True)
-    if mode == "empirical":
-        if calib is None or heldout is None:
-            raise ConfigError("fold_lossless(mode='empirical') needs calibration images "
-                              "('calib') and held-out images ('heldout'); or use "
-                              "mode='provable', which needs no data.")
-        plan = plan_lossless(model, calib, rank_rtol, min_samples_ratio, batch_size,
-                             calib_images, dependent, progress)
-    else:
-        if calib is not None:
-            example = first_batch(calib, "fold_lossless")
-        elif heldout is not None:
-            example = first_batch(heldout, "fold_lossless")
-        elif input_shape is not None:
-            example = torch.zeros(tuple(input_shape))
-        else:
-            raise ConfigError("fold_lossless(mode='provable') needs the input shape: pass "
-                              "'input_shape' (1, C, H, W), or held-out images to verify on.")
-        plan = pv.plan_provable(model, example, weight_rtol, dependent, progress)
+    plan = _plan_for_mode(model, calib, heldout, mode, rank_rtol, min_samples_ratio, batch_size,
+                          calib_images, dependent, progress, input_shape, weight_rtol)
     reference = copy.deepcopy(model) if inplace else model
     folded = apply_plan(model, plan, inplace=inplace)
     example = torch.zeros(plan.input_shape)
@@ -517,54 +423,14 @@ def fold_lossless(model: nn.Module, calib: Images | None = None, heldout: Images
     rand = pv.random_inputs(plan.input_shape, random_inputs, lo, hi, seed) \
         if random_inputs else None
     with eval_mode(reference, folded):
-        d_held = max_abs_logit_delta(reference, folded, heldout, batch_size) \
-            if heldout is not None else None
-        d_rand = max_abs_logit_delta(reference, folded, rand, batch_size) \
-            if rand is not None else None
-        # random inputs span 3x the image range, so their logits can be large: float32 rounding
-        # (a changed summation order) then scales with them. Gate them relative to that scale.
-        rand_scale = max(1.0, float(collect_logits(reference, rand, batch_size).abs().max())) \
-            if rand is not None else 1.0
-        delta_calib = max_abs_logit_delta(reference, folded, _limited(calib, calib_images),
-                                          batch_size) if calib is not None else None
-        n_held = sum(x.shape[0] for x in iter_images(heldout, batch_size)) \
-            if heldout is not None else 0
+        d = _measure_deltas(reference, folded, heldout, rand, calib, calib_images, batch_size)
         counts = plan.counts()
-        gating = [(d, tol) for d, tol in (((d_held, atol), (d_rand, atol * rand_scale))
-                                          if mode == "provable" else ((d_held, atol),))
-                  if d is not None]
-        # the headline delta is the ABSOLUTE one on real (held-out) images; the random-input
-        # check is relative to its logit scale and is reported separately (never mixed in)
-        delta = d_held if d_held is not None else math.nan
-        if verify and not all(d <= tol for d, tol in gating):
-            what = (f"{n_held} held-out images" if mode == "empirical" else
-                    f"{n_held} held-out images and {random_inputs} random inputs")
-            hint = ("Use more and more varied calibration images (--calib-images), a stricter "
-                    "--rank-rtol, dependent=False (--no-dependent), mode='provable' (exact for "
-                    "every input), or --tolerance for lossy compression with a reported delta."
-                    if mode == "empirical" else
-                    "The provable analysis should never fail: report this as a bug with the "
-                    "model; meanwhile use a stricter weight_rtol (--weight-rtol 0) or "
-                    "dependent=False (--no-dependent).")
-            raise VerificationError(
-                f"Lossless folding ({mode}) of {plan.arch} changed the logits by max |delta| = "
-                f"{delta:.3g} on {what} (allowed atol = {atol:g}, on random inputs "
-                f"{atol:g} x their max |logit| {rand_scale:.3g}; held-out: "
-                f"{_fmt(d_held)}, random inputs: {_fmt(d_rand)}, calibration images: "
-                f"{_fmt(delta_calib)}). The {counts['removed']} channels found (dead "
-                f"{counts['dead']}, constant {counts['constant']}, dependent "
-                f"{counts['dependent']}) do not behave the same on these inputs. Nothing was "
-                f"saved. {hint}")
+        gating = _gating(d, mode, atol)
+        if verify and not all(x <= tol for x, tol in gating):
+            raise _verification_error(plan, mode, d, atol, random_inputs, counts)
         p0, p1 = count_parameters(reference), count_parameters(folded)
         m0, m1 = count_macs(reference, example), count_macs(folded, example)
         lat = latency_pair(reference, folded, example, latency_batch_size) if latency else None
-    layers = []
-    for g in plan.groups:
-        d = g.to_dict()
-        d.pop("removed")
-        d.pop("kinds")
-        d["removed"] = len(g.removed)
-        layers.append(d)
     report = LosslessReport(
         arch=plan.arch, params_before=p0, params_after=p1,
         params_removed_pct=100.0 * (p0 - p1) / p0 if p0 else 0.0,
@@ -572,27 +438,42 @@ def fold_lossless(model: nn.Module, calib: Images | None = None, heldout: Images
         latency_ms_before=lat["a_ms"] if lat else None,
         latency_ms_after=lat["b_ms"] if lat else None,
         latency_ratio=lat["ratio"] if lat else None, latency_batch_size=latency_batch_size,
-        max_abs_logit_delta=float(delta), max_abs_logit_delta_calib=delta_calib, atol=atol,
-        verified=bool(gating) and all(d <= tol for d, tol in gating), n_calib=plan.n_calib,
-        n_heldout=n_held, channels=counts, layers=layers,
+        max_abs_logit_delta=float(d.headline), max_abs_logit_delta_calib=d.calib, atol=atol,
+        verified=bool(gating) and all(x <= tol for x, tol in gating), n_calib=plan.n_calib,
+        n_heldout=d.n_held, channels=counts, layers=_layer_rows(plan),
         sites_without_dependency_test=[s["name"] for s in plan.sites
                                        if not s["dependency_tested"]],
-        plan=plan, mode=mode, guarantee=GUARANTEES[mode], max_abs_logit_delta_heldout=d_held,
-        max_abs_logit_delta_random=d_rand, random_logit_scale=rand_scale,
-        n_random=random_inputs if rand is not None else 0,
-        random_range=(lo - (hi - lo), hi + (hi - lo)) if rand is not None else None,
-        random_relative_delta=d_rand / rand_scale if d_rand is not None else None,
-        random_rtol=atol if (d_rand is not None and mode == "provable") else None)
+        plan=plan, mode=mode, guarantee=GUARANTEES[mode], **_random_fields(d, rand, lo, hi, mode,
+                                                                         random_inputs, atol))
     logger.info("lossless (%s): %s", mode,
                 json.dumps({k: report.channels[k] for k in report.channels}))
     return LosslessResult(folded, report)
 
 
-def _fmt(d: float | None) -> str:
-    return "n/a" if d is None else f"{d:.3g}"
+def _plan_for_mode(model: nn.Module, calib: Images | None, heldout: Images | None, mode: str,
+                   rank_rtol: float, min_samples_ratio: float, batch_size: int,
+                   calib_images: int | None, dependent: bool, progress: bool | None,
+                   input_shape: tuple[int, ...] | None, weight_rtol: float) -> LosslessPlan:
+    """Plan step of :func:`fold_lossless`: activation statistics on ``calib`` (empirical) or
+    the data-free analysis of the weights (provable, on an example of the input shape)."""
+    if mode == "empirical":
+        if calib is None or heldout is None:
+            raise ConfigError("fold_lossless(mode='empirical') needs calibration images "
+                              "('calib') and held-out images ('heldout'); or use "
+                              "mode='provable', which needs no data.")
+        return plan_lossless(model, calib, rank_rtol, min_samples_ratio, batch_size,
+                             calib_images, dependent, progress)
+    if calib is not None:
+        example = first_batch(calib, "fold_lossless")
+    elif heldout is not None:
+        example = first_batch(heldout, "fold_lossless")
+    elif input_shape is not None:
+        example = torch.zeros(tuple(input_shape))
+    else:
+        raise ConfigError("fold_lossless(mode='provable') needs the input shape: pass "
+                          "'input_shape' (1, C, H, W), or held-out images to verify on.")
+    return pv.plan_provable(model, example, weight_rtol, dependent, progress)
 
 
-def _limited(images: Images, limit: int | None) -> Images:
-    if limit is None:
-        return images
-    return list(iter_images(images, 64, limit))
+__all__ = ["GUARANTEES", "LosslessPlan", "LosslessReport", "LosslessResult", "MODES", "SiteStats",
+           "apply_plan", "collect_site_stats", "fold_lossless", "plan_lossless"]

@@ -8,12 +8,12 @@ consumer's weights on the kept channels by least squares, so that errors of earl
 corrected as one goes. The refit is a ridge regression shrunk toward the plain-removal weights,
 its strength chosen on calibration images held out of the fit (:func:`ridge_to_prior`): late
 layers can have about as many input columns as calibration rows, and an unregularised refit
-there interpolates the calibration rows and diverges on new images. In DenseNet a channel group feeds several consumers; their reconstruction
-problems are stacked (each normalised by its target's norm) so that one LASSO picks the channels
-for all of them. How many channels each layer keeps is allocated greedily (near-uniform kept
-fraction, :func:`allocate_keep`) with an exact parameter counter, so that the achieved
-reduction is within one channel's parameters of ``target_ratio`` (reported as
-``achieved_ratio`` beside ``target_ratio``).
+there interpolates the calibration rows and diverges on new images. In DenseNet a channel group
+feeds several consumers; their reconstruction problems are stacked (each normalised by its
+target's norm) so that one LASSO picks the channels for all of them. How many channels each
+layer keeps is allocated greedily (near-uniform kept fraction, :func:`allocate_keep`) with an
+exact parameter counter, so that the achieved reduction is within one channel's parameters of
+``target_ratio`` (reported as ``achieved_ratio`` beside ``target_ratio``).
 
 This is lossy by design: the report states the achieved max |delta logit| and, given labels, the
 change in macro AUROC on held-out data, whatever they are.
@@ -372,11 +372,7 @@ def compress_with_tolerance(model: nn.Module, calib: Images, heldout: Images,
         progress: progress bars.
     """
 
-    check_fraction(target_ratio, "target_ratio", "compress_with_tolerance")
-    check_range(max_rows, "max_rows", "compress_with_tolerance", 16, integer=True)
-    if target_ratio <= 0:
-        raise ConfigError("The 'target_ratio' parameter of compress_with_tolerance must be in "
-                          f"the range (0, 1). Got {target_ratio!r} instead.")
+    _check_tolerance_args(target_ratio, max_rows)
     ref = copy.deepcopy(model).eval()
     work = model if inplace else copy.deepcopy(model)
     was_training = work.training
@@ -391,58 +387,104 @@ def compress_with_tolerance(model: nn.Module, calib: Images, heldout: Images,
     layers = []
     kept_out: dict[str, list[int]] = {}   # original output channels still present per layer
     offsets: dict[str, torch.Tensor] = {}  # offsets folded into a following BN (original index)
-
-    def outs(name: str, mod: nn.Module) -> list[int]:
-        n = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
-        return kept_out.setdefault(name, list(range(n)))
-
     try:
         order = [cg.root for cg in build_channel_graph(work, example, ignored=[work.classifier])
                  .groups if cg.supported]
         for gi, root in enumerate(track(order, "reconstruct", progress=progress)):
-            graph = build_channel_graph(work, example, ignored=[work.classifier])
-            cg = next(g for g in graph.groups if g.root == root)
-            k = keep_counts.get(root, cg.size)
-            if k >= cg.size:
-                layers.append({"layer": root, "size": cg.size, "kept": cg.size})
-                continue
-            snames = list(cg.sites)
-            sources = {s: graph.sites[s].source for s in snames}
-            data = _capture(work, ref, snames, sources, calib, batch_size, calib_images,
-                            max_rows, seed + gi)
-            blocks = []
-            for s in snames:
-                X, Y, img = data[s]
-                mod = work.get_submodule(s)
-                Y = Y[:, outs(s, ref.get_submodule(s))]
-                data[s] = (X, Y, img)
-                W = mod.weight.detach().double().reshape(mod.weight.shape[0], -1)
-                ksz = W.shape[1] // graph.sites[s].channels
-                own = torch.zeros(W.shape[1], dtype=torch.bool)
-                for ci in cg.sites[s]:
-                    own[ci * ksz:(ci + 1) * ksz] = True
-                blocks.append((X, W, Y - X[:, ~own] @ W[:, ~own].T, cg.sites[s], ksz))
-            ranking = _lasso_order(blocks, cg.size)
-            keep = sorted(ranking[:k])
-            drop = sorted(set(range(cg.size)) - set(keep))
-            alphas = [_refit(work, ref, graph, s, data[s], {cg.sites[s][c] for c in drop},
-                             outs(s, ref.get_submodule(s)), offsets) for s in snames]
-            fn = tp.prune_conv_out_channels if isinstance(cg.module, nn.Conv2d) \
-                else tp.prune_linear_out_channels
-            group = graph.dg.get_pruning_group(cg.module, fn, idxs=drop)
-            for item in group:
-                h = item.dep.handler
-                if h == tp.prune_conv_out_channels or h == tp.prune_linear_out_channels:
-                    name = graph.names[item.dep.target.module]
-                    gone = {int(i) for i in item.idxs}
-                    kept_out[name] = [v for i, v in enumerate(outs(name, item.dep.target.module))
-                                      if i not in gone]
-            with torch.no_grad():
-                group.prune()
-            layers.append({"layer": root, "size": cg.size, "kept": k,
-                           "refit_alpha": dict(zip(snames, alphas))})
+            layers.append(_reconstruct_group(work, ref, example, root, keep_counts, kept_out,
+                                             offsets, calib, batch_size, calib_images, max_rows,
+                                             seed + gi))
     finally:
         work.train(was_training)
+    report = _tolerance_report(model, ref, work, example, calib, heldout, heldout_labels,
+                               batch_size, calib_images, latency, target_ratio, frac, p0,
+                               predicted, layers)
+    return ToleranceResult(work, report)
+
+
+def _check_tolerance_args(target_ratio: float, max_rows: int) -> None:
+    """Validate step of :func:`compress_with_tolerance`."""
+    check_fraction(target_ratio, "target_ratio", "compress_with_tolerance")
+    check_range(max_rows, "max_rows", "compress_with_tolerance", 16, integer=True)
+    if target_ratio <= 0:
+        raise ConfigError("The 'target_ratio' parameter of compress_with_tolerance must be in "
+                          f"the range (0, 1). Got {target_ratio!r} instead.")
+
+
+def _outs(kept_out: dict[str, list[int]], name: str, mod: nn.Module) -> list[int]:
+    """The original output channels of layer ``name`` still present (all, until pruned)."""
+    n = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
+    return kept_out.setdefault(name, list(range(n)))
+
+
+def _reconstruct_group(work: nn.Module, ref: nn.Module, example: torch.Tensor, root: str,
+                       keep_counts: dict[str, int], kept_out: dict[str, list[int]],
+                       offsets: dict[str, torch.Tensor], calib: Images, batch_size: int,
+                       calib_images: int | None, max_rows: int, seed: int) -> dict[str, Any]:
+    """One channel group, in production order: LASSO-select the channels it keeps, refit its
+    consumers on them, and prune the others. Returns the group's row of the report."""
+    graph = build_channel_graph(work, example, ignored=[work.classifier])
+    cg = next(g for g in graph.groups if g.root == root)
+    k = keep_counts.get(root, cg.size)
+    if k >= cg.size:
+        return {"layer": root, "size": cg.size, "kept": cg.size}
+    snames = list(cg.sites)
+    sources = {s: graph.sites[s].source for s in snames}
+    data = _capture(work, ref, snames, sources, calib, batch_size, calib_images, max_rows, seed)
+    blocks = _lasso_blocks(work, ref, graph, cg, data, kept_out)
+    ranking = _lasso_order(blocks, cg.size)
+    keep = sorted(ranking[:k])
+    drop = sorted(set(range(cg.size)) - set(keep))
+    alphas = [_refit(work, ref, graph, s, data[s], {cg.sites[s][c] for c in drop},
+                     _outs(kept_out, s, ref.get_submodule(s)), offsets) for s in snames]
+    _prune_group(graph, cg, drop, kept_out)
+    return {"layer": root, "size": cg.size, "kept": k, "refit_alpha": dict(zip(snames, alphas))}
+
+
+def _lasso_blocks(work: nn.Module, ref: nn.Module, graph, cg, data: dict[str, tuple],
+                  kept_out: dict[str, list[int]]) -> list[tuple]:
+    """The LASSO problem of each consumer of group ``cg`` (see :func:`_lasso_order`); the
+    reference outputs in ``data`` are narrowed to the consumers' surviving output channels."""
+    blocks = []
+    for s in cg.sites:
+        X, Y, img = data[s]
+        mod = work.get_submodule(s)
+        Y = Y[:, _outs(kept_out, s, ref.get_submodule(s))]
+        data[s] = (X, Y, img)
+        W = mod.weight.detach().double().reshape(mod.weight.shape[0], -1)
+        ksz = W.shape[1] // graph.sites[s].channels
+        own = torch.zeros(W.shape[1], dtype=torch.bool)
+        for ci in cg.sites[s]:
+            own[ci * ksz:(ci + 1) * ksz] = True
+        blocks.append((X, W, Y - X[:, ~own] @ W[:, ~own].T, cg.sites[s], ksz))
+    return blocks
+
+
+def _prune_group(graph, cg, drop: list[int], kept_out: dict[str, list[int]]) -> None:
+    """Remove channels ``drop`` of group ``cg`` physically, tracking which original output
+    channels every pruned layer keeps."""
+    fn = tp.prune_conv_out_channels if isinstance(cg.module, nn.Conv2d) \
+        else tp.prune_linear_out_channels
+    group = graph.dg.get_pruning_group(cg.module, fn, idxs=drop)
+    for item in group:
+        h = item.dep.handler
+        if h == tp.prune_conv_out_channels or h == tp.prune_linear_out_channels:
+            name = graph.names[item.dep.target.module]
+            gone = {int(i) for i in item.idxs}
+            kept_out[name] = [v for i, v in enumerate(_outs(kept_out, name,
+                                                            item.dep.target.module))
+                              if i not in gone]
+    with torch.no_grad():
+        group.prune()
+
+
+def _tolerance_report(model: nn.Module, ref: nn.Module, work: nn.Module, example: torch.Tensor,
+                      calib: Images, heldout: Images, heldout_labels: np.ndarray | None,
+                      batch_size: int, calib_images: int | None, latency: bool,
+                      target_ratio: float, frac: float, p0: int, predicted: int,
+                      layers: list[dict[str, Any]]) -> ToleranceReport:
+    """Verify step of :func:`compress_with_tolerance`: held-out logits, AUROC, sizes and latency
+    of the reference and the reconstructed model, measured in this run."""
     with eval_mode(work, ref):
         la, lb = collect_logits(ref, heldout, batch_size), collect_logits(work, heldout, batch_size)
         delta = float((la - lb).abs().max())
@@ -455,7 +497,7 @@ def compress_with_tolerance(model: nn.Module, calib: Images, heldout: Images,
         lat = latency_pair(ref, work, ex) if latency else None
         m0, m1 = count_macs(ref, ex), count_macs(work, ex)
     n_cal = sum(x.shape[0] for x in iter_images(calib, batch_size, calib_images))
-    report = ToleranceReport(
+    return ToleranceReport(
         arch=getattr(model, "arch", type(model).__name__), target_ratio=target_ratio,
         keep_fraction=frac, params_before=p0, params_after=p1,
         params_removed_pct=100.0 * (p0 - p1) / p0, macs_before=m0, macs_after=m1,
@@ -469,4 +511,3 @@ def compress_with_tolerance(model: nn.Module, calib: Images, heldout: Images,
         refits=sum(len(d.get("refit_alpha", {})) for d in layers),
         refits_plain_removal=sum(a is None for d in layers
                                  for a in d.get("refit_alpha", {}).values()))
-    return ToleranceResult(work, report)

@@ -197,6 +197,55 @@ def sparsify_channels(model: nn.Module, train_ds, val_ds=None, target_ratio: flo
         progress: progress bars.
     """
 
+    _check_sparsify_args(model, target_ratio, epochs, lr, lam, ramp, min_keep, batch_size)
+    train_ds.require_nonempty()
+    work = copy.deepcopy(model).cpu()
+    example = train_ds[0][0].unsqueeze(0).float()
+    work.eval()
+    chans, pc, sizes, roots = _channels(work, example)
+    if not chans:
+        raise ModelError(f"sparsify_channels: {getattr(model, 'arch', type(model).__name__)} "
+                         "has no BatchNorm-scaled channel groups to sparsify.")
+    seed_everything(seed)
+    opt = torch.optim.AdamW([p for p in work.parameters()], lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(train_ds) / batch_size)
+    if max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
+    sched = _Schedule(goal=target_ratio * pc.total, tau=lr * lam,
+                      ramp_steps=max(1, int(round(ramp * (steps_per_epoch * epochs)))),
+                      keep=dict(sizes),
+                      floor={g: max(1, math.ceil(min_keep * n)) for g, n in sizes.items()})
+    loss_f = default_loss(train_ds.task, None)
+    history: list[dict[str, Any]] = []
+    metrics_dense = classification_metrics(model, val_ds) if val_ds is not None else {}
+    try:
+        for epoch in range(epochs):
+            losses = _sparsify_epoch(work, train_ds, opt, loss_f, chans, pc, sched, epoch, epochs,
+                                     batch_size, steps_per_epoch, seed, progress)
+            history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+                            "zeroed": len(sched.zeroed), "removable_params":
+                                pc.total - pc.count(sched.keep)})
+    finally:
+        work.eval()
+    for k in sched.zeroed:
+        _zero(chans[k])
+    after = pc.count(sched.keep)
+    layers = [{"layer": roots[g], "size": n, "zeroed": n - sched.keep[g]}
+              for g, n in sizes.items()]
+    report = SparsifyReport(
+        arch=getattr(model, "arch", type(model).__name__), target_ratio=target_ratio,
+        params_before=pc.total, params_after_removal=after,
+        removable_ratio=(pc.total - after) / pc.total, channels_zeroed=len(sched.zeroed),
+        channels_total=len(chans), epochs=epochs, steps=sched.step, lam=lam, lr=lr,
+        layers=layers, metrics_dense=metrics_dense,
+        metrics_sparse=classification_metrics(work, val_ds) if val_ds is not None else {},
+        history=history)
+    return SparsifyResult(work, report)
+
+
+def _check_sparsify_args(model: nn.Module, target_ratio: float, epochs: int, lr: float,
+                         lam: float, ramp: float, min_keep: float, batch_size: int) -> None:
+    """Validate step of :func:`sparsify_channels`."""
     o = "sparsify_channels"
     check_fraction(target_ratio, "target_ratio", o)
     if not 0 < target_ratio < 1:
@@ -210,72 +259,53 @@ def sparsify_channels(model: nn.Module, train_ds, val_ds=None, target_ratio: flo
     check_range(batch_size, "batch_size", o, 1, integer=True)
     if not hasattr(model, "classifier"):
         raise ModelError(f"{o} needs a MedClassifier-like model with a 'classifier'.")
-    train_ds.require_nonempty()
-    work = copy.deepcopy(model).cpu()
-    example = train_ds[0][0].unsqueeze(0).float()
-    work.eval()
-    chans, pc, sizes, roots = _channels(work, example)
-    if not chans:
-        raise ModelError(f"{o}: {getattr(model, 'arch', type(model).__name__)} has no "
-                         "BatchNorm-scaled channel groups to sparsify.")
-    goal = target_ratio * pc.total
-    seed_everything(seed)
-    params = [p for p in work.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(train_ds) / batch_size)
-    if max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
-    total_steps = steps_per_epoch * epochs
-    ramp_steps = max(1, int(round(ramp * total_steps)))
-    loss_f = default_loss(train_ds.task, None)
-    zeroed: set[int] = set()
-    keep = dict(sizes)
-    floor = {g: max(1, math.ceil(min_keep * n)) for g, n in sizes.items()}
-    history: list[dict[str, Any]] = []
-    metrics_dense = classification_metrics(model, val_ds) if val_ds is not None else {}
-    step = 0
-    try:
-        for epoch in range(epochs):
-            gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-            loader = make_loader(train_ds, batch_size, shuffle=True, generator=gen,
-                                 drop_last=len(train_ds) > batch_size)
-            work.train()
-            losses = []
-            for bi, (x, y) in enumerate(track(loader, f"sparsify epoch {epoch + 1}/{epochs}",
-                                              total=steps_per_epoch, progress=progress)):
-                if bi >= steps_per_epoch:
-                    break
-                loss = loss_f(work(x.float()), y, x)
-                if not torch.isfinite(loss):
-                    raise ConfigError(f"{o}: the loss is not finite at epoch {epoch + 1}; lower "
-                                      "'lr'.")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                _shrink(chans, lr * lam)
-                _grow(chans, zeroed, keep, floor, pc, goal * min(1.0, step / ramp_steps))
-                for k in zeroed:
-                    _zero(chans[k])
-                losses.append(float(loss.detach()))
-            history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
-                            "zeroed": len(zeroed), "removable_params":
-                                pc.total - pc.count(keep)})
-    finally:
-        work.eval()
-    for k in zeroed:
-        _zero(chans[k])
-    after = pc.count(keep)
-    layers = [{"layer": roots[g], "size": n, "zeroed": n - keep[g]} for g, n in sizes.items()]
-    report = SparsifyReport(
-        arch=getattr(model, "arch", type(model).__name__), target_ratio=target_ratio,
-        params_before=pc.total, params_after_removal=after,
-        removable_ratio=(pc.total - after) / pc.total, channels_zeroed=len(zeroed),
-        channels_total=len(chans), epochs=epochs, steps=step, lam=lam, lr=lr, layers=layers,
-        metrics_dense=metrics_dense,
-        metrics_sparse=classification_metrics(work, val_ds) if val_ds is not None else {},
-        history=history)
-    return SparsifyResult(work, report)
+
+
+@dataclass
+class _Schedule:
+    """State of the sparsification schedule: the removable-parameter goal reached after
+    ``ramp_steps`` steps, the soft threshold ``tau`` per step, the zeroed channels and the
+    channels each group keeps (never below its ``floor``)."""
+
+    goal: float
+    tau: float
+    ramp_steps: int
+    keep: dict[int, int]
+    floor: dict[int, int]
+    zeroed: set[int] = field(default_factory=set)
+    step: int = 0
+
+
+def _sparsify_epoch(work: nn.Module, train_ds, opt: torch.optim.Optimizer, loss_f,
+                    chans: list[_Channel], pc: ParamCounter, sched: _Schedule, epoch: int,
+                    epochs: int, batch_size: int, steps_per_epoch: int, seed: int,
+                    progress: bool | None) -> list[float]:
+    """One training epoch: an optimiser step, the proximal shrink, the growing zeroed set held
+    at zero, per batch. Returns the batch losses."""
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    loader = make_loader(train_ds, batch_size, shuffle=True, generator=gen,
+                         drop_last=len(train_ds) > batch_size)
+    work.train()
+    losses = []
+    for bi, (x, y) in enumerate(track(loader, f"sparsify epoch {epoch + 1}/{epochs}",
+                                      total=steps_per_epoch, progress=progress)):
+        if bi >= steps_per_epoch:
+            break
+        loss = loss_f(work(x.float()), y, x)
+        if not torch.isfinite(loss):
+            raise ConfigError(f"sparsify_channels: the loss is not finite at epoch {epoch + 1}; "
+                              "lower 'lr'.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step += 1
+        _shrink(chans, sched.tau)
+        _grow(chans, sched.zeroed, sched.keep, sched.floor, pc,
+              sched.goal * min(1.0, sched.step / sched.ramp_steps))
+        for k in sched.zeroed:
+            _zero(chans[k])
+        losses.append(float(loss.detach()))
+    return losses
 
 
 def _grow(chans: list[_Channel], zeroed: set[int], keep: dict[int, int], floor: dict[int, int],

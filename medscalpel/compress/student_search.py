@@ -157,6 +157,49 @@ def choose_student(
     Raises:
         ConfigError: no candidate, a bad budget, or no candidate within the budget.
     """
+    train_ds, val_ds = _validate_search(candidates, latency_budget_ms, proxy_epochs,
+                                        proxy_steps, data, seed)
+    t_model = resolve_model(teacher, train_ds, "teacher")
+    if not isinstance(teacher, MedClassifier) and t_model.card is None:
+        raise ConfigError(f"choose_student: the teacher must be a trained model (a MedClassifier "
+                          f"or a model directory); {teacher!r} is an untrained architecture name.")
+    names = [_name(c, i) for i, c in enumerate(candidates)]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"choose_student: candidate names repeat ({names}); give each "
+                          "candidate once.")
+    models = {n: resolve_model(c, train_ds, "student") for n, c in zip(names, candidates)}
+    example = train_ds.image(0)[None]
+    rows, t_lat = _measure_candidates(t_model, models, example, latency_budget_ms,
+                                      latency_repeats, latency_rounds)
+    cfg = TrainConfig(epochs=proxy_epochs, lr=lr, batch_size=batch_size, seed=seed,
+                      max_steps_per_epoch=proxy_steps, patience=proxy_epochs,
+                      warmup_epochs=0.0).validate()
+    trained = _proxy_train(rows, models, t_model, train_ds, val_ds, cfg, soft_weight,
+                           temperature, latency_budget_ms, seed, progress)
+    best = max((r for r in rows if r.status == "trained"), key=_rank)
+    best.status = "chosen"
+    procedure = {"latency": {"batch_size": 1, "warmup": 3, "repeats": latency_repeats,
+                             "rounds": latency_rounds, "statistic": "median",
+                             "input_shape": list(example.shape),
+                             "threads": int(torch.get_num_threads())},
+                 "proxy": {"epochs": proxy_epochs, "steps_per_epoch": proxy_steps, "lr": lr,
+                           "batch_size": batch_size, "seed": seed, "soft_weight": soft_weight,
+                           "temperature": temperature, "n_train": len(train_ds),
+                           "n_val": len(val_ds), "score": "validation macro AUROC"}}
+    teacher_info = {"arch": t_model.arch, "parameters": count_parameters(t_model),
+                    "latency_ms": t_lat,
+                    "model_id": t_model.card.model_id if t_model.card is not None else ""}
+    src = dict(zip(names, candidates))[best.name]
+    return StudentSearchResult(rows=rows, chosen=best.name,
+                               latency_budget_ms=float(latency_budget_ms), teacher=teacher_info,
+                               procedure=procedure, model=trained[best.name], chosen_source=src)
+
+
+def _validate_search(candidates: Sequence[ModelLike], latency_budget_ms: float,
+                     proxy_epochs: int, proxy_steps: int | None,
+                     data: CXRDataset | tuple[CXRDataset, CXRDataset], seed: int
+                     ) -> tuple[CXRDataset, CXRDataset]:
+    """Step 0: check the settings; returns the (proxy train, proxy validation) data."""
     o = "choose_student"
     if not candidates:
         raise ConfigError(f"The 'candidates' parameter of {o} must list at least one student.")
@@ -164,16 +207,14 @@ def choose_student(
     check_range(proxy_epochs, "proxy_epochs", o, 1, integer=True)
     if proxy_steps is not None:
         check_range(proxy_steps, "proxy_steps", o, 1, integer=True)
-    train_ds, val_ds = _split(data, seed)
-    t_model = resolve_model(teacher, train_ds, "teacher")
-    if not isinstance(teacher, MedClassifier) and t_model.card is None:
-        raise ConfigError(f"{o}: the teacher must be a trained model (a MedClassifier or a model "
-                          f"directory); {teacher!r} is an untrained architecture name.")
-    names = [_name(c, i) for i, c in enumerate(candidates)]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{o}: candidate names repeat ({names}); give each candidate once.")
-    models = {n: resolve_model(c, train_ds, "student") for n, c in zip(names, candidates)}
-    example = train_ds.image(0)[None]
+    return _split(data, seed)
+
+
+def _measure_candidates(t_model: MedClassifier, models: dict[str, MedClassifier],
+                        example: torch.Tensor, latency_budget_ms: float, latency_repeats: int,
+                        latency_rounds: int) -> tuple[list[CandidateRow], float]:
+    """Steps 2-3: size and latency of every candidate, in turns with the teacher in this run;
+    returns the rows and the teacher's latency. Raises when none is within the budget."""
     lat = latency_table({"__teacher__": t_model, **models}, example, latency_repeats,
                         latency_rounds)
     t_lat = lat["__teacher__"]
@@ -183,17 +224,22 @@ def choose_student(
             name=n, arch=m.arch, parameters=count_parameters(m), macs=count_macs(m, example),
             latency_ms=lat[n], speedup=t_lat / lat[n] if lat[n] > 0 else float("nan"),
             within_budget=bool(lat[n] <= latency_budget_ms)))
-    inside = [r for r in rows if r.within_budget]
-    if not inside:
+    if not any(r.within_budget for r in rows):
         best = min(rows, key=lambda r: r.latency_ms)
         raise ConfigError(
-            f"{o}: no candidate is within the latency budget of {latency_budget_ms:g} ms on this "
-            f"machine (fastest: {best.name} at {best.latency_ms:.2f} ms). Raise the budget or add "
-            "smaller candidates.")
-    cfg = TrainConfig(epochs=proxy_epochs, lr=lr, batch_size=batch_size, seed=seed,
-                      max_steps_per_epoch=proxy_steps, patience=proxy_epochs,
-                      warmup_epochs=0.0).validate()
+            f"choose_student: no candidate is within the latency budget of "
+            f"{latency_budget_ms:g} ms on this machine (fastest: {best.name} at "
+            f"{best.latency_ms:.2f} ms). Raise the budget or add smaller candidates.")
+    return rows, t_lat
 
+
+def _proxy_train(rows: list[CandidateRow], models: dict[str, MedClassifier],
+                 t_model: MedClassifier, train_ds: CXRDataset, val_ds: CXRDataset,
+                 cfg: TrainConfig, soft_weight: float, temperature: float,
+                 latency_budget_ms: float, seed: int, progress: bool | None
+                 ) -> dict[str, MedClassifier]:
+    """Step 4: distil each candidate within the budget for the proxy budget and score it on
+    the validation data (its row is filled in); returns the proxy-trained models."""
     val_images, _ = collect_images(val_ds, min(len(val_ds), 128), seed=seed)
     trained: dict[str, MedClassifier] = {}
     for r in track(rows, "proxy training", progress=progress):
@@ -211,28 +257,13 @@ def choose_student(
         r.proxy_seconds = res.seconds
         r.status = "trained"
         trained[r.name] = res.model
+    return trained
 
-    def key(r: CandidateRow) -> tuple[float, float]:
-        a = r.proxy_auroc if math.isfinite(r.proxy_auroc) else -math.inf
-        return (a, -r.latency_ms)
 
-    best = max((r for r in rows if r.status == "trained"), key=key)
-    best.status = "chosen"
-    procedure = {"latency": {"batch_size": 1, "warmup": 3, "repeats": latency_repeats,
-                             "rounds": latency_rounds, "statistic": "median",
-                             "input_shape": list(example.shape),
-                             "threads": int(torch.get_num_threads())},
-                 "proxy": {"epochs": proxy_epochs, "steps_per_epoch": proxy_steps, "lr": lr,
-                           "batch_size": batch_size, "seed": seed, "soft_weight": soft_weight,
-                           "temperature": temperature, "n_train": len(train_ds),
-                           "n_val": len(val_ds), "score": "validation macro AUROC"}}
-    teacher_info = {"arch": t_model.arch, "parameters": count_parameters(t_model),
-                    "latency_ms": t_lat,
-                    "model_id": t_model.card.model_id if t_model.card is not None else ""}
-    src = dict(zip(names, candidates))[best.name]
-    return StudentSearchResult(rows=rows, chosen=best.name,
-                               latency_budget_ms=float(latency_budget_ms), teacher=teacher_info,
-                               procedure=procedure, model=trained[best.name], chosen_source=src)
+def _rank(r: CandidateRow) -> tuple[float, float]:
+    """Step 5: higher proxy AUROC first (NaN last), ties broken by lower latency."""
+    a = r.proxy_auroc if math.isfinite(r.proxy_auroc) else -math.inf
+    return (a, -r.latency_ms)
 
 
 __all__ = ["CandidateRow", "StudentSearchResult", "choose_student"]

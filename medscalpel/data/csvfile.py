@@ -113,48 +113,17 @@ def open_csv(root: str | None, split: str = "train", preprocess: Preprocess | No
 
     # ---- labels
     if task == "multilabel":
-        cols = split_list_option(label_cols)
-        if cols is None:
-            skip = {path_col, patient_col, split_col}
-            cols = [c for c in df.columns if c not in skip
-                    and pd.api.types.is_numeric_dtype(df[c])]
-            if not cols:
-                raise DataError(f"The label CSV {csv_path} has no numeric label columns besides "
-                                f"{path_col!r}; it has {list(df.columns)}. Add 0/1 columns or "
-                                "name them with label_cols=a,b,c.")
-        else:
-            require_columns(df, cols, csv_path, "label CSV")
-        class_names = list(cols)
-        labels = binary_labels(df, cols, csv_path, blank=np.nan)
-        require_some_labels(labels, class_names, csv_path, len(df))
+        class_names, labels = _multilabel_labels(df, label_cols, (path_col, patient_col,
+                                                                  split_col), csv_path)
     else:
-        names = df[label_col]
-        blank = names.isna() | names.astype(str).str.strip().eq("")
-        if blank.any():
-            i = int(np.flatnonzero(blank.to_numpy())[0])
-            raise DataError(f"{csv_path}, line {csv_row(i)}, column {label_col!r}: empty class "
-                            "name. Fill it in or remove the row.")
-        names = names.astype(str).str.strip()
-        class_names = split_list_option(classes) or sorted(names.unique())
-        index = {c: k for k, c in enumerate(class_names)}
-        bad = ~names.isin(list(index))
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(f"{csv_path}, line {csv_row(i)}, column {label_col!r}: unknown class "
-                            f"name {names.iloc[i]!r}; the classes are {class_names}. Fix the "
-                            "'classes' option or the row.")
-        labels = names.map(index).to_numpy(np.int64)
+        class_names, labels = _multiclass_labels(df, label_col, classes, csv_path)
 
     # ---- paths (inside the root only) and patients
     rels = df[path_col].fillna("").astype(str).tolist()
     paths = [resolve_inside(base, r, f"{csv_path}, line {csv_row(i)}, column {path_col!r}")
              for i, r in enumerate(rels)]
     ids = [r.strip().replace("\\", "/") for r in rels]
-    patients: list[str | None] = [None] * len(df)
-    if patient_col:  # a blank cell is an unknown patient (split as its own image), not "nan"
-        raw = df[patient_col]
-        text = raw.astype(str).str.strip()
-        patients = [None if (pd.isna(v) or t == "") else t for v, t in zip(raw, text)]
+    patients = _patient_cells(df, patient_col)
 
     if dicom_only(paths, f"The label CSV {csv_path}"):
         given = patient_col if _named(patient_arg) else (None if _off(patient_arg) else "tag")
@@ -176,6 +145,68 @@ def open_csv(root: str | None, split: str = "train", preprocess: Preprocess | No
     record_split_unit(ds, patients, basis=f"{basis}, patient column {patient_col!r}",
                       key=f"csv:{csv_path}")
     return finish(ds, skip_corrupt)
+
+
+def _multilabel_labels(df: pd.DataFrame, label_cols: str | None,
+                       other: tuple[str | None, ...], csv_path: Path
+                       ) -> tuple[list[str], np.ndarray]:
+    """Class names and 0/1 labels (blank: NaN) of a multi-label table: the ``label_cols``
+    given, else every numeric column that is not one of ``other`` (path, patient, split).
+
+    Raises:
+        DataError: no label column, a named column missing, a bad value, no label at all.
+    """
+    cols = split_list_option(label_cols)
+    if cols is None:
+        skip = set(other)
+        cols = [c for c in df.columns if c not in skip
+                and pd.api.types.is_numeric_dtype(df[c])]
+        if not cols:
+            raise DataError(f"The label CSV {csv_path} has no numeric label columns besides "
+                            f"{other[0]!r}; it has {list(df.columns)}. Add 0/1 columns or "
+                            "name them with label_cols=a,b,c.")
+    else:
+        require_columns(df, cols, csv_path, "label CSV")
+    class_names = list(cols)
+    labels = binary_labels(df, cols, csv_path, blank=np.nan)
+    require_some_labels(labels, class_names, csv_path, len(df))
+    return class_names, labels
+
+
+def _multiclass_labels(df: pd.DataFrame, label_col: str, classes: str | None, csv_path: Path
+                       ) -> tuple[list[str], np.ndarray]:
+    """Class names (``classes`` in order, else the sorted names found) and class indices of a
+    multi-class table's ``label_col``.
+
+    Raises:
+        DataError: an empty class name, or a name outside ``classes`` (the line is named).
+    """
+    names = df[label_col]
+    blank = names.isna() | names.astype(str).str.strip().eq("")
+    if blank.any():
+        i = int(np.flatnonzero(blank.to_numpy())[0])
+        raise DataError(f"{csv_path}, line {csv_row(i)}, column {label_col!r}: empty class "
+                        "name. Fill it in or remove the row.")
+    names = names.astype(str).str.strip()
+    class_names = split_list_option(classes) or sorted(names.unique())
+    index = {c: k for k, c in enumerate(class_names)}
+    bad = ~names.isin(list(index))
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{csv_path}, line {csv_row(i)}, column {label_col!r}: unknown class "
+                        f"name {names.iloc[i]!r}; the classes are {class_names}. Fix the "
+                        "'classes' option or the row.")
+    return class_names, names.map(index).to_numpy(np.int64)
+
+
+def _patient_cells(df: pd.DataFrame, patient_col: str | None) -> list[str | None]:
+    """Each row's patient id (stripped text); None without a patient column, and for a blank
+    cell (an unknown patient, split as its own image, not "nan")."""
+    if not patient_col:
+        return [None] * len(df)
+    raw = df[patient_col]
+    text = raw.astype(str).str.strip()
+    return [None if (pd.isna(v) or t == "") else t for v, t in zip(raw, text)]
 
 
 def _off(patient_col: str | None) -> bool:

@@ -45,6 +45,7 @@ from medscalpel.data.cooccurrence import (CooccurrenceEvidence, ExclusionRule, c
                                           evidence_from_counts)
 from medscalpel.data.spec import open_dataset
 from medscalpel.errors import DataError
+from medscalpel.layout import write_artifact_at
 from medscalpel.runs import atomic_path, read_json, write_json
 from medscalpel.validation import check_in
 
@@ -263,7 +264,7 @@ def dataset_statistics(spec: str, split: str = "all",
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        stats.save(out / "stats.json")
+        write_artifact_at(out, "label_stats", stats)
         stats.plot_heatmap(out / "jaccard.png", "jaccard")
         stats.plot_heatmap(out / "cooccurrence.png", "cooccurrence")
     return stats

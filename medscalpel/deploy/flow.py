@@ -34,15 +34,13 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import logging
 import os
 import shutil
-import statistics
 import tempfile
 import time
-from collections.abc import Sequence
-from importlib import metadata
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,135 +48,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from medscalpel.compress.measure import count_macs, count_parameters
-from medscalpel.data.base import split_warning
+from medscalpel.deploy.assemble import _finish, _guarantee_info
 from medscalpel.deploy.cam import explain_variant
+from medscalpel.deploy.decide import _decide, _floor_error, _noisy, _recommend, accuracy_verdict
 from medscalpel.deploy.export import preferred_exporter
+from medscalpel.deploy.plan import (DEFAULT_VARIANTS, OWNER, REFERENCE, _collect, _Inputs, _notes,
+                                    _Plan, _select, _validate, _Variant)
 from medscalpel.deploy.result import DeployResult, VariantResult
 from medscalpel.deploy.runtimes import RUNTIMES, OpenVinoInt8AccuracyControl, Runtime, cpu_features
-from medscalpel.deploy.serve import copy_exports, serve_metadata, write_serve
-from medscalpel.deploy.timing import SpeedRatio, speed_ratio
+from medscalpel.deploy.serve import serve_metadata
 from medscalpel.deploy.variant_timing import benchmark_variants, peak_gemms
 from medscalpel.engine.compare import compare_predictions
 from medscalpel.engine.metrics import auroc
-from medscalpel.engine.predict import collect_images
 from medscalpel.engine.predictions import Predictions
-from medscalpel.errors import ConfigError, MedScalpelError, MissingExtraError, VerificationError
+from medscalpel.errors import ConfigError, MedScalpelError, MissingExtraError
 from medscalpel.progress import track
-from medscalpel.repair.calibrate import binary_view
 from medscalpel.repair.card_guarantee import guarantee_of_card
-from medscalpel.repair.conformal import GuaranteeResult, Recertification, recertify
-from medscalpel.runs import RunDir, dumps_json, machine_info, package_versions, write_json
-from medscalpel.validation import check_range
+from medscalpel.repair.conformal import GuaranteeResult
 
 logger = logging.getLogger(__name__)
 
-OWNER = "deploy"
-#: every variant tried by default. Opt-in: ``openvino:int8-ac`` (re-validates many times) and
-#: ``torch_compile:fp32`` (compiling densenet_tiny at 64 px took 77 s on this 2-core CPU).
-DEFAULT_VARIANTS = ("torch:fp32", "torch_channels_last:fp32",
-                    "onnxruntime:fp32", "onnxruntime:int8-u8s8", "onnxruntime:int8-s8s8",
-                    "openvino:fp32", "openvino:bf16", "openvino:int8")
-REFERENCE = "torch:fp32"
 
-
-class _Variant:
-    """A runtime being measured (mutable bookkeeping inside one ``deploy`` call)."""
-
-    def __init__(self, rt: Runtime):
-        self.rt = rt
-        self.status = "go"
-        self.reasons: list[str] = []
-        self.times: dict[int, list[float]] = {}
-        self.parity: tuple[float, float] | None = None
-        self.comparison = None
-        self.verdicts: dict[str, Any] = {}  # "internal" / "external": Verdict
-        self.ext_comparison = None
-        self.preds: Predictions | None = None        # its own logits on the evaluation images
-        self.ext_preds: Predictions | None = None    # ... and on the external set
-        self.recert: dict[str, Recertification] = {}  # "internal" / "external"
-        self.prepare_s: float | None = None
-
-    def fail(self, status: str, reason: str) -> None:
-        self.status = status
-        self.reasons.append(reason)
-
-
-# ----------------------------------------------------------------------------- validate
-def _validate(batches, rounds, repeats, warmup, n_images, n_calib, floor_macro, floor_class):
-    if not batches:
-        raise ConfigError(f"The 'batches' parameter of {OWNER} must not be empty.")
-    for b in batches:
-        check_range(b, "batches", OWNER, 1, integer=True)
-    check_range(rounds, "rounds", OWNER, 1, integer=True)
-    check_range(repeats, "repeats", OWNER, 1, integer=True)
-    check_range(warmup, "warmup", OWNER, 0, integer=True)
-    check_range(n_images, "n_images", OWNER, 2, integer=True)
-    check_range(n_calib, "n_calib", OWNER, 1, integer=True)
-    # a floor is a non-inferiority margin: a loss of at most |floor| (0 asks for no loss)
-    check_range(floor_macro, "floor_macro", OWNER, -1.0, 0.0)
-    check_range(floor_class, "floor_class", OWNER, -1.0, 0.0)
-
-
-def _select(variants, runtimes, precisions, threads, extra_kwargs) -> list[Runtime]:
-    """Registered names (filtered by runtime / precision) and Runtime instances, the torch
-    fp32 reference first. Unknown names raise; an explicitly asked runtime whose extra is
-    missing raises :class:`MissingExtraError`."""
-    explicit = variants is not None or runtimes is not None
-    names_or_rts = list(variants) if variants is not None else list(DEFAULT_VARIANTS)
-    known_rt = {n.split(":")[0] for n in RUNTIMES.names()}
-    known_pr = {n.split(":")[1] for n in RUNTIMES.names()}
-    for r in runtimes or ():
-        if r not in known_rt:
-            raise ConfigError(f"Unknown runtime '{r}' for {OWNER}. Valid names: "
-                              f"{', '.join(sorted(known_rt))}.")
-    for p in precisions or ():
-        if p not in known_pr:
-            raise ConfigError(f"Unknown precision '{p}' for {OWNER}. Valid names: "
-                              f"{', '.join(sorted(known_pr))}.")
-    if variants is None:  # an opt-in variant joins when its own runtime / precision is named
-        default_pr = {n.split(":")[1] for n in DEFAULT_VARIANTS}
-        names_or_rts += [n for n in RUNTIMES.names() if n not in DEFAULT_VARIANTS and (
-            n.split(":")[0] in (runtimes or ())
-            or (n.split(":")[1] in (precisions or ()) and n.split(":")[1] not in default_pr))]
-    if runtimes is not None:
-        names_or_rts = [n for n in names_or_rts if not isinstance(n, str)
-                        or n.split(":")[0] in runtimes]
-    if precisions is not None:  # 'int8' names its family: int8, int8-u8s8, int8-s8s8
-        names_or_rts = [n for n in names_or_rts if not isinstance(n, str)
-                        or any(n.split(":")[1] == p or n.split(":")[1].startswith(p + "-")
-                               for p in precisions)]
-    out: list[Runtime] = []
-    for item in names_or_rts:
-        if isinstance(item, Runtime):
-            out.append(item)
-            continue
-        RUNTIMES.get(item)  # unknown names list the valid ones
-        kw = extra_kwargs if item == OpenVinoInt8AccuracyControl.runtime + ":" + \
-            OpenVinoInt8AccuracyControl.precision else {}
-        rt = RUNTIMES.create(item, threads=threads, **kw)
-        rt._explicit = explicit  # type: ignore[attr-defined]
-        out.append(rt)
-    if not any(r.name == REFERENCE for r in out):
-        out.insert(0, RUNTIMES.create(REFERENCE, threads=threads))
-    out.sort(key=lambda r: r.name != REFERENCE)
-    seen: set[str] = set()
-    for r in out:
-        if r.name in seen:
-            raise ConfigError(f"{OWNER}: variant '{r.name}' is listed twice.")
-        seen.add(r.name)
-    return out
-
-
-# ----------------------------------------------------------------------------- plan / build
-def _input_shape(model: nn.Module, data) -> tuple[int, int, int]:
-    card = getattr(model, "card", None)
-    if card is not None and card.input.get("size"):
-        return (int(card.input.get("channels", 1)), int(card.input["size"]),
-                int(card.input["size"]))
-    return tuple(data.image(0).shape)  # type: ignore[return-value]
-
-
+# ----------------------------------------------------------------------------- measure
 def _predictions(logits: np.ndarray, data, idx: list[int], name: str) -> Predictions:
     labels = np.asarray(data.labels)[idx]
     return Predictions(logits, labels, tuple(str(data.ids[i]) for i in idx),
@@ -274,270 +165,134 @@ def _check_accuracy(v: _Variant, images, ref_logits, ref_preds, data, idx, batch
                                                boot_metrics=("auroc",))
 
 
-def accuracy_verdict(comparison, floor_macro: float, floor_class: float, n_boot: int,
-                     accept_unscorable: bool | Sequence[str] = False, min_pos: int = 10):
-    """The non-inferiority verdict of one variant on one set: every class's delta AUROC >=
-    ``floor_class`` and the macro mean's >= ``floor_macro`` shown by the paired intervals, Holm
-    across them (paired bootstrap, or paired DeLong without replicates)."""
-    return comparison.verdict(margin=-floor_class, macro_margin=-floor_macro,
-                              method="bootstrap" if n_boot else "delong",
-                              min_pos=min_pos, min_neg=min_pos,
-                              accepted_unscorable=accept_unscorable)
+def _reference(model, data, inp: _Inputs, plan: _Plan, workdir: Path):
+    """torch fp32 logits and Predictions on the evaluation images and, when given, the
+    external set (``external``: images, reference predictions, dataset, indices)."""
+    ref_rt = RUNTIMES.create(REFERENCE, threads=plan.threads)
+    ref_rt.prepare(model, inp.images[:1], None, workdir)
+    ref_logits = run_batched(ref_rt, inp.images, max(plan.batches))
+    ref_preds = _predictions(ref_logits, data, inp.idx, REFERENCE)
+    external = None
+    if inp.external_data is not None:
+        ext_ref = _predictions(run_batched(ref_rt, inp.ext_images, max(plan.batches)),
+                               inp.external_data, inp.ext_idx, REFERENCE)
+        external = (inp.ext_images, ext_ref, inp.external_data, inp.ext_idx)
+    return ref_logits, ref_preds, external
 
 
-# ----------------------------------------------------------------------------- guarantee
-def _recertify(v: _Variant, g: GuaranteeResult, positive: str | None,
-               require: bool) -> None:
-    """Re-certify ``g`` on the variant's own logits (evaluation set, and external set when
-    measured): a fail is no-go, undecided blocks only when ``require``."""
-    for where, preds in (("internal", v.preds), ("external", v.ext_preds)):
-        if preds is None:
-            continue
-        view = binary_view(preds, positive) if positive is not None else preds
-        rc = recertify(g, view)
-        v.recert[where] = rc
-        if rc.outcome == "fail":
-            v.fail("no-go", f"guarantee {g.spec} FAILS ({where}): {rc.verdict.reason}")
-        elif rc.outcome == "undecided" and require:
-            v.fail("undecided", f"guarantee {g.spec} not re-certified ({where}, "
-                                f"--require-guarantee): {rc.verdict.reason}; "
-                                f"{rc.min_k.get('statement', '')}")
+def _ac_kwargs(model, inp: _Inputs, calib_data) -> dict[str, Any]:
+    """OpenVINO int8 accuracy-control inputs (labelled calibration images and the metric),
+    only when the calibration images come from their own labelled split."""
+    if calib_data is None:
+        return {}
+    with torch.inference_mode():
+        cal_ref = np.asarray(model(inp.calib).float())
+    labels = np.asarray(inp.calib_src.labels)[inp.cidx]
+    return {"validation": (inp.calib.numpy(), labels),
+            "metric": _ac_metric(labels, cal_ref, inp.calib_src.task)}
 
 
-# ----------------------------------------------------------------------------- decide
-_PRECISION_RANK = {"fp32": 0, "bf16": 1}  # int8 variants rank 2: most accuracy risk
+def _time(live: list[_Variant], images, plan: _Plan, notes: list[str]) -> dict[str, Any]:
+    """Time the live variants in alternated rounds; a noisy run is re-measured once with as
+    many more rounds (appended to the same aligned series), and that is noted."""
+    args = (live, images, plan.batches, plan.rounds, plan.warmup, plan.repeats, plan.threads,
+            plan.progress)
+    peak = benchmark_variants(*args)
+    noisy = _noisy(live, plan.batches[0])
+    if noisy:  # once: more rounds, appended to the same aligned series
+        logger.warning("timing of %s was noisy; measuring %d more rounds", ", ".join(noisy),
+                       plan.rounds)
+        peak = benchmark_variants(*args)
+        still = _noisy(live, plan.batches[0])
+        notes.append(f"timing was noisy ({', '.join(noisy)}): re-measured with {plan.rounds} "
+                     "more rounds" + (f"; still noisy: {', '.join(still)} (their speed-ups are "
+                                      "uncertain in size: quote them with their intervals)"
+                                      if still else ""))
+    return peak
 
 
-def _speed(v: _Variant, other: _Variant, b: int) -> SpeedRatio | None:
-    """How much faster ``v`` is than ``other`` at batch ``b``: per-round ratios of one
-    alternated run (``None`` when either was not timed)."""
-    if not v.times.get(b) or not other.times.get(b) or len(v.times[b]) != len(other.times[b]):
-        return None
-    return speed_ratio(other.times[b], v.times[b])
+def _measure(model, data, calib_data, inp: _Inputs, plan: _Plan, notes: list[str],
+             workdir: Path):
+    """Reference logits, then every selected variant built, checked (parity, accuracy) and
+    the live ones timed: ``(variants, reference logits, external, ac kwargs, peak)``."""
+    ref_logits, ref_preds, external = _reference(model, data, inp, plan, workdir)
+    ac_kwargs = _ac_kwargs(model, inp, calib_data)
+    vs = [_Variant(rt) for rt in _select(plan.variants, plan.runtimes, plan.precisions,
+                                         plan.threads, ac_kwargs)]
+    for v in track(vs, "build variants", progress=plan.progress):
+        _build(v, model, inp.images[:1], inp.calib, workdir)
+        if v.status == "go":
+            _check_accuracy(v, inp.images, ref_logits, ref_preds, data, inp.idx,
+                            max(plan.batches), plan.n_boot, plan.seed, external)
+    live = [v for v in vs if v.status == "go"]
+    peak = _time(live, inp.images, plan, notes)
+    return vs, ref_logits, external, ac_kwargs, peak
 
 
-def _decide(vs: list[_Variant], batches, floor_macro, floor_class, vnni: bool, n_boot: int = 0,
-            accept_unscorable: bool | Sequence[str] = False, min_pos: int = 10,
-            guarantee: tuple[GuaranteeResult, str | None] | None = None,
-            require_guarantee: bool = False) -> None:
-    """Accuracy, then speed. Accuracy: the variant's non-inferiority verdict on the evaluation
-    set (and on the external set when given) must PASS: a fail is no-go, an undecided verdict
-    (intervals straddling the floor, or classes with too few positives to check) is
-    ``undecided``, never served. Guarantee (when the card carries one): every variant that
-    passes the floor is re-certified on its own logits; a fail is no-go, an undecided
-    re-certification blocks only with ``require_guarantee``. Speed: no-go when DECISIVELY
-    slower than torch fp32 (or a reduced precision than its own runtime's fp32): the whole
-    interval of its per-round speed ratio below 1. Within timing noise it stays eligible and the tie rule of
-    :func:`_recommend` decides."""
-    b0 = batches[0]
-    by_name = {v.rt.name: v for v in vs}
-    ref = by_name.get(REFERENCE)
-    for v in vs:
-        if v.status != "go":
-            continue
-        # the reference IS the model: nothing to verify, so it stays servable whatever the
-        # evaluation set can show (its comparison with itself is kept for the record)
-        for where, cmp in (() if v is ref else
-                           (("internal", v.comparison), ("external", v.ext_comparison))):
-            if cmp is None:
-                continue
-            verdict = accuracy_verdict(cmp, floor_macro, floor_class, n_boot,
-                                       accept_unscorable, min_pos)
-            v.verdicts[where] = verdict
-            if verdict.outcome == "fail":
-                v.fail("no-go", f"failed floor ({where}): {verdict.reason}")
-            elif verdict.outcome == "undecided":
-                v.fail("undecided", f"floor not shown ({where}): {verdict.reason}")
-        if guarantee is not None and v.status == "go":
-            _recertify(v, guarantee[0], guarantee[1], require_guarantee)
-        sr = _speed(v, ref, b0) if ref is not None and v is not ref else None
-        if sr is not None and sr.outcome == "slower":
-            v.fail("no-go", f"slower than torch fp32 at batch {b0}: {sr.describe()}")
-        fp32 = by_name.get(f"{v.rt.runtime}:fp32")
-        sf = _speed(v, fp32, b0) if fp32 is not None and v.rt.precision != "fp32" else None
-        if sf is not None and sf.outcome == "slower":
-            hw = "" if vnni or not v.rt.precision.startswith("int8") else \
-                " (no VNNI on this CPU: int8 runs on the AVX2 path)"
-            v.fail("no-go", f"{v.rt.precision} slower than {v.rt.runtime} fp32 at batch {b0}: "
-                            f"{sf.describe()}{hw}")
+# ----------------------------------------------------------------------------- decide / serve
+def _card_guarantee(model, require_guarantee: bool):
+    """Before any work: the model's card (serving needs the contract) and the guarantee its
+    operating point carries: ``(guarantee or None, positive class, deploy.json's info)``."""
+    if getattr(model, "card", None) is None:  # before any work: serving needs the contract
+        raise ConfigError(f"{OWNER}: the model has no ModelCard (class names, task, input, "
+                          "thresholds), which the served artifact's serve.json is made of; "
+                          "load it with load_model(dir) or set model.card = make_card(...).")
+    g, positive, g_notes = guarantee_of_card(model.card)
+    if require_guarantee and g is None:
+        raise ConfigError(f"{OWNER}: require_guarantee, but the model card's operating point "
+                          "carries no guarantee (certify one with 'repair calibrate --guarantee "
+                          "... --model DIR').")
+    return g, positive, _guarantee_info(g, g_notes, require_guarantee)
 
 
-def _noisy(live: list[_Variant], b0: int) -> list[str]:
-    ref = next((v for v in live if v.rt.name == REFERENCE), None)
-    if ref is None:
-        return []
-    out = []
-    for v in live:
-        sr = _speed(v, ref, b0) if v is not ref else None
-        if sr is not None and sr.noisy:
-            out.append(v.rt.name)
-    return out
+def _choose(vs: list[_Variant], plan: _Plan, g: GuaranteeResult | None, positive: str | None):
+    """Judge every variant (:func:`~medscalpel.deploy.decide._decide`) and recommend one:
+    ``(cpu features, chosen variant, reason)``; raises when none can be served."""
+    feats = cpu_features()
+    _decide(vs, plan.batches, plan.floor_macro, plan.floor_class, feats["vnni"], plan.n_boot,
+            plan.accept_unscorable, plan.min_positives, None if g is None else (g, positive),
+            plan.require_guarantee)
+    chosen, reason = _recommend(vs, plan.batches[0])
+    if chosen is None:
+        raise _floor_error(vs, plan.floor_macro, plan.floor_class)
+    return feats, chosen, reason
 
 
-def _rank(v: _Variant) -> int:
-    return _PRECISION_RANK.get(v.rt.precision, 2)
+def _explain_chosen(explain: bool, chosen: _Variant, model, inp: _Inputs, ref_logits,
+                    ac_kwargs: dict[str, Any], workdir: Path, plan: _Plan):
+    """The chosen variant's class-activation-map runtime and its record, or why there is
+    none (``explain=False``)."""
+    if not explain:
+        return None, {"status": "off", "reason": "explain=False: logits only"}
+    kw = ac_kwargs if isinstance(chosen.rt, OpenVinoInt8AccuracyControl) else None
+    return explain_variant(chosen.rt, model, inp.images, ref_logits, inp.calib, workdir / "cam",
+                           plan.threads, plan.rounds, plan.repeats, plan.warmup, kw)
 
 
-def _recommend(vs: list[_Variant], b0: int) -> tuple[_Variant | None, str]:
-    """The fastest ``go`` variant, unless other ``go`` variants are indistinguishable from it
-    within timing noise (the per-round ratio's interval holds 1 or the rounds are noisy):
-    among those the highest precision is served (fp32 > bf16 > int8), so that a noisy run does
-    not flip the recommendation to a riskier precision it has not shown to be faster."""
-    go = [v for v in vs if v.status == "go" and v.times.get(b0)]
-    if not go:
-        return None, ""
-    fastest = min(go, key=lambda v: statistics.median(v.times[b0]))
-    ties = [v for v in go if v is fastest
-            or (_speed(fastest, v, b0) is not None and _speed(fastest, v, b0).outcome != "faster")]
-    best = min(ties, key=lambda v: (_rank(v), statistics.median(v.times[b0])))
-    ref = next(v for v in vs if v.rt.name == REFERENCE)
-    sr = _speed(best, ref, b0)
-    m = best.comparison.macro["delta_auroc"] if best.comparison else 0.0
-    speed = sr.describe() if sr is not None else "1.00x (it is the reference)"
-    shown = (" and ".join(f"{k} {best.verdicts[k].outcome}" for k in best.verdicts)
-             or "the reference itself")
-    reason = (f"fastest variant shown to meet the floor at batch {b0}: {speed} torch fp32 "
-              f"eager, macro dAUROC {m:+.4f} (verdict: {shown}), parity "
-              f"{best.parity[1]:.2g} of the logit scale")
-    if best is not fastest:
-        reason += (f"; {fastest.rt.name} had the lowest median but is not decisively faster "
-                   f"({_speed(fastest, best, b0).describe()}), so the higher precision is "
-                   "served")
-    elif len(ties) > 1:
-        others = ", ".join(v.rt.name for v in ties if v is not best)
-        reason += f"; within timing noise of: {others}"
-    if best is ref:
-        held = [v.rt.name for v in vs if v is not ref and v.status in ("undecided", "no-go")]
-        if held:
-            reason += (f"; no faster variant was shown to meet the floor ({', '.join(held)}: "
-                       "see their verdicts), so the reference itself is served")
-    return best, reason
-
-
-def _floor_error(vs: list[_Variant], floor_macro, floor_class) -> VerificationError:
-    broken = [v.rt.name for v in vs if any(r.outcome == "fail" for r in v.recert.values())]
-    if broken:
-        return VerificationError(f"{OWNER}: no variant can be served: the model card's guarantee "
-                                 f"FAILS for {', '.join(broken)} (see each variant's "
-                                 "recertification), and no other variant was shown to meet the "
-                                 "floor and keep it.")
-    unsure = [v.rt.name for v in vs if v.status == "undecided"
-              and any(r.outcome == "undecided" for r in v.recert.values())]
-    if unsure:
-        return VerificationError(f"{OWNER}: no variant can be served with --require-guarantee: "
-                                 f"the model card's guarantee could not be re-certified "
-                                 f"(undecided) for {', '.join(unsure)}: "
-                                 f"{next(v for v in vs if v.rt.name == unsure[0]).reasons[-1]}")
-    judged = [v for v in vs if v.verdicts]
-    if not judged:
-        return VerificationError(f"{OWNER}: no variant could be measured; see the reasons.")
-    undecided = [v for v in judged if v.status == "undecided"]
-    best = max(judged, key=lambda v: v.comparison.macro["delta_auroc"]
-               if v.comparison is not None else -np.inf)
-    lines = "; ".join(f"{k}: {vd.outcome} ({vd.reason})" for k, vd in best.verdicts.items())
-    hint = (" Classes with fewer than 10 positive or negative evaluation images cannot be "
-            "checked: use more images (--n-images), or accept them unchecked "
-            "(--accept-unscorable, stated in the result)." if undecided else
-            " Lower the floor or compress less.")
-    return VerificationError(
-        f"{OWNER}: no variant was shown to meet the accuracy floor (macro dAUROC >= "
-        f"{floor_macro:+g}, every class >= {floor_class:+g}, paired intervals, Holm); "
-        f"{len(undecided)} undecided; best: {best.rt.name}: {lines[:600]}.{hint}")
-
-
-# ----------------------------------------------------------------------------- results
-def _variant_result(v: _Variant, ref: _Variant, vs: list[_Variant], batches, macs, peak,
-                    ) -> VariantResult:
-    rt = v.rt
-    lat, sp_t, sp_f, rate, frac, theo, speed = {}, {}, {}, {}, {}, {}, {}
-    fp32 = next((w for w in vs if w.rt.name == f"{rt.runtime}:fp32"), None)
-    peak_key = "int8" if rt.precision.startswith("int8") and peak.get("int8_gmacs") else "fp32"
-    for b in batches:
-        t = v.times.get(b)
-        if not t:
-            continue
-        med = float(statistics.median(t))
-        key = f"b{b}"
-        lat[key] = {"median_ms": med, "min_ms": min(t), "max_ms": max(t),
-                    "spread": (max(t) - min(t)) / med, "rounds_ms": list(t)}
-        ev: dict[str, Any] = {}
-        st = _speed(v, ref, b)
-        if st is not None:
-            sp_t[key] = st.ratio
-            ev["vs_torch"] = st.to_dict()
-        sf = _speed(v, fp32, b) if fp32 is not None and fp32 is not v else None
-        if sf is not None:
-            sp_f[key] = sf.ratio
-            ev["vs_fp32"] = sf.to_dict()
-        if ev:
-            speed[key] = ev
-        rate[key] = macs * b / (med / 1000.0) / 1e9
-        if peak.get(f"{peak_key}_gmacs"):
-            frac[key] = rate[key] / peak[f"{peak_key}_gmacs"]
-        bound = peak.get("theoretical", {}).get(f"{peak_key}_gmacs")
-        if bound:
-            theo[key] = rate[key] / bound
-    files = [f for f in rt.files if f.exists()]
-    return VariantResult(
-        name=rt.name, runtime=rt.runtime, precision=rt.precision, status=v.status,
-        reasons=tuple(v.reasons), latency=lat, speedup_vs_torch=sp_t, speedup_vs_fp32=sp_f,
-        parity_abs=v.parity[0] if v.parity else None,
-        parity_rel=v.parity[1] if v.parity else None, parity_tolerance=rt.tolerance,
-        # as JSON holds them (NaN -> null), so that a loaded deploy.json equals the result
-        comparison=_as_json(v.comparison),
-        verdicts={k: _as_json(vd) for k, vd in v.verdicts.items()},
-        recertification={k: _as_json(rc) for k, rc in v.recert.items()},
-        external_comparison=_as_json(v.ext_comparison),
-        mac_rate=rate, peak_fraction=frac, peak_used=f"{peak_key} matmul" if rate else "",
-        theoretical_fraction=theo, speed=speed,
-        prepare_seconds=v.prepare_s, file_bytes=sum(f.stat().st_size for f in files) or None,
-        info=dict(rt.info))
-
-
-def _as_json(obj: Any) -> Any:
-    return None if obj is None else json.loads(dumps_json(obj))
-
-
-def _versions() -> dict[str, str]:
-
-    out = package_versions()
-    for n in ("openvino", "nncf"):
-        try:
-            out[n] = metadata.version(n)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
+@contextmanager
+def _workspace(threads: int) -> Iterator[Path]:
+    """A private temporary folder with torch's intra-op threads set to ``threads``; both are
+    restored / removed on exit."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    workdir = Path(tempfile.mkdtemp(prefix="medscalpel-deploy-"))
+    try:
+        yield workdir
+    finally:
+        torch.set_num_threads(prev)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- public API
 def deploy(
-    model: nn.Module,
-    data,
-    out: str | os.PathLike,
-    *,
-    calib_data=None,
-    variants: Sequence[str | Runtime] | None = None,
-    runtimes: Sequence[str] | None = None,
-    precisions: Sequence[str] | None = None,
-    batches: Sequence[int] = (1, 8),
-    rounds: int = 5,
-    repeats: int = 5,
-    warmup: int = 2,
-    n_images: int = 256,
-    n_calib: int = 64,
-    floor_macro: float = -0.005,
-    floor_class: float = -0.01,
-    threads: int | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
-    overwrite: bool = False,
-    progress: bool | None = None,
-    explain: bool = True,
-    external_data=None,
-    accept_unscorable: bool | Sequence[str] = False,
-    min_positives: int = 10,
-    notes: Sequence[str] = (),
-    require_guarantee: bool = False,
+    model: nn.Module, data, out: str | os.PathLike, *, calib_data=None,
+    variants: Sequence[str | Runtime] | None = None, runtimes: Sequence[str] | None = None,
+    precisions: Sequence[str] | None = None, batches: Sequence[int] = (1, 8), rounds: int = 5,
+    repeats: int = 5, warmup: int = 2, n_images: int = 256, n_calib: int = 64,
+    floor_macro: float = -0.005, floor_class: float = -0.01, threads: int | None = None,
+    n_boot: int = 1000, seed: int = 0, overwrite: bool = False, progress: bool | None = None,
+    explain: bool = True, external_data=None, accept_unscorable: bool | Sequence[str] = False,
+    min_positives: int = 10, notes: Sequence[str] = (), require_guarantee: bool = False,
 ) -> DeployResult:
     """Benchmark every available runtime x precision and write the fastest acceptable one.
 
@@ -588,156 +343,22 @@ def deploy(
     t0 = time.perf_counter()
     batches = tuple(int(b) for b in batches)
     _validate(batches, rounds, repeats, warmup, n_images, n_calib, floor_macro, floor_class)
-    if getattr(model, "card", None) is None:  # before any work: serving needs the contract
-        raise ConfigError(f"{OWNER}: the model has no ModelCard (class names, task, input, "
-                          "thresholds), which the served artifact's serve.json is made of; "
-                          "load it with load_model(dir) or set model.card = make_card(...).")
-    g, positive, g_notes = guarantee_of_card(model.card)
-    if require_guarantee and g is None:
-        raise ConfigError(f"{OWNER}: require_guarantee, but the model card's operating point "
-                          "carries no guarantee (certify one with 'repair calibrate --guarantee "
-                          "... --model DIR').")
-    g_info = _guarantee_info(g, g_notes, require_guarantee)
-    threads = int(threads or torch.get_num_threads())
+    g, positive, g_info = _card_guarantee(model, require_guarantee)
+    plan = _Plan(variants, runtimes, precisions, batches, rounds, repeats, warmup,
+                 int(threads or torch.get_num_threads()), n_boot, seed, progress, floor_macro,
+                 floor_class, accept_unscorable, min_positives, require_guarantee)
     load_start = list(os.getloadavg())
     model = copy.deepcopy(model).eval().cpu().float()
-    shape = _input_shape(model, data)
-    images, idx = collect_images(data, n_images, seed=seed)
-    calib_src = calib_data if calib_data is not None else data
-    calib, cidx = collect_images(calib_src, n_calib, seed=seed + 1)
-    ac_kwargs: dict[str, Any] = {}
-    notes = [n for n in (split_warning(data), *notes) if n]
-    if external_data is not None:
-        if list(external_data.class_names) != list(data.class_names):
-            raise ConfigError(f"{OWNER}: the external set's classes {list(external_data.class_names)}"
-                              f" differ from the evaluation set's {list(data.class_names)}; map "
-                              "them first (see 'medscalpel evaluate --external').")
-        ext_images, ext_idx = collect_images(external_data, n_images, seed=seed + 2)
-    if accept_unscorable:
-        notes.append("classes with too few positive or negative evaluation images were accepted "
-                     "unchecked (accept_unscorable): each verdict names them")
-    if calib_data is None:
-        notes.append("int8 calibration images came from the evaluation split (leaky): pass "
-                      "calib_data (the training split)")
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    workdir = Path(tempfile.mkdtemp(prefix="medscalpel-deploy-"))
-    try:
-        ref_rt = RUNTIMES.create(REFERENCE, threads=threads)
-        ref_rt.prepare(model, images[:1], None, workdir)
-        ref_logits = run_batched(ref_rt, images, max(batches))
-        ref_preds = _predictions(ref_logits, data, idx, REFERENCE)
-        external = None
-        if external_data is not None:
-            ext_ref = _predictions(run_batched(ref_rt, ext_images, max(batches)), external_data,
-                                   ext_idx, REFERENCE)
-            external = (ext_images, ext_ref, external_data, ext_idx)
-        if calib_data is not None:
-            with torch.inference_mode():
-                cal_ref = np.asarray(model(calib).float())
-            ac_kwargs = {"validation": (calib.numpy(), np.asarray(calib_src.labels)[cidx]),
-                         "metric": _ac_metric(np.asarray(calib_src.labels)[cidx], cal_ref,
-                                              calib_src.task)}
-        vs = [_Variant(rt) for rt in _select(variants, runtimes, precisions, threads, ac_kwargs)]
-        for v in track(vs, "build variants", progress=progress):
-            _build(v, model, images[:1], calib, workdir)
-            if v.status == "go":
-                _check_accuracy(v, images, ref_logits, ref_preds, data, idx, max(batches),
-                                n_boot, seed, external)
-        live = [v for v in vs if v.status == "go"]
-        peak = benchmark_variants(live, images, batches, rounds, warmup, repeats, threads, progress)
-        noisy = _noisy(live, batches[0])
-        if noisy:  # once: more rounds, appended to the same aligned series
-            logger.warning("timing of %s was noisy; measuring %d more rounds", ", ".join(noisy),
-                           rounds)
-            peak = benchmark_variants(live, images, batches, rounds, warmup, repeats, threads,
-                                      progress)
-            still = _noisy(live, batches[0])
-            notes.append(f"timing was noisy ({', '.join(noisy)}): re-measured with {rounds} more "
-                         "rounds" + (f"; still noisy: {', '.join(still)} (their speed-ups are "
-                                     "uncertain in size: quote them with their intervals)"
-                                     if still else ""))
-        feats = cpu_features()
-        _decide(vs, batches, floor_macro, floor_class, feats["vnni"], n_boot, accept_unscorable,
-                min_positives, None if g is None else (g, positive), require_guarantee)
-        chosen, reason = _recommend(vs, batches[0])
-        if chosen is None:
-            raise _floor_error(vs, floor_macro, floor_class)
-        if explain:
-            kw = ac_kwargs if isinstance(chosen.rt, OpenVinoInt8AccuracyControl) else None
-            cam_rt, cam_info = explain_variant(chosen.rt, model, images, ref_logits, calib,
-                                               workdir / "cam", threads, rounds, repeats, warmup,
-                                               kw)
-        else:
-            cam_rt, cam_info = None, {"status": "off", "reason": "explain=False: logits only"}
-        result = _finish(model, shape, vs, chosen, reason, workdir, out, data, calib_src,
-                         images, calib, batches, rounds, repeats, threads, floor_macro,
-                         floor_class, peak, feats, load_start, notes, overwrite, t0,
-                         cam_rt, cam_info, external, g_info)
-    finally:
-        torch.set_num_threads(prev)
-        shutil.rmtree(workdir, ignore_errors=True)
-    return result
-
-
-def _finish(model, shape, vs, chosen, reason, workdir, out, data, calib_src, images, calib,
-            batches, rounds, repeats, threads, floor_macro, floor_class, peak, feats,
-            load_start, notes, overwrite, t0, cam_rt=None, cam_info=None,
-            external=None, guarantee=None) -> DeployResult:
-    """Assemble the DeployResult and write the run directory atomically."""
-    macs = count_macs(model, images[:1])
-    ref = next(v for v in vs if v.rt.name == REFERENCE)
-    results = tuple(_variant_result(v, ref, vs, batches, macs, peak) for v in vs)
-    load_end = list(os.getloadavg())
-    cores = os.cpu_count() or 1
-    under_load = max(load_start[0], load_end[0]) > 0.5 * cores
-    chosen_res = next(r for r in results if r.name == chosen.rt.name)
-    card = getattr(model, "card", None)
-    config = {"variants": [v.rt.name for v in vs], "batches": list(batches), "rounds": rounds,
-              "repeats": repeats, "threads": threads, "floor_macro": floor_macro,
-              "floor_class": floor_class}
-    with RunDir(Path(out), command="compress deploy", config=config, overwrite=overwrite,
-                data={"eval": data.content_hash(), "calib": calib_src.content_hash()}) as run:
-        exports = copy_exports(workdir, run.path)
-        files = write_serve(run.path / "serve", model, chosen, shape, cam_rt)
-        meta = serve_metadata(model, shape, chosen_res, files, cam_info)
-        write_json(run.path / "serve" / "serve.json", meta)
-        result = DeployResult(
-            model_id=getattr(card, "model_id", "") or getattr(model, "arch", "model"),
-            arch=str(getattr(model, "arch", type(model).__name__)), input_shape=tuple(shape),
-            class_names=tuple(data.class_names), task=data.task, macs=macs,
-            params=count_parameters(model), batches=batches, rounds=rounds, repeats=repeats,
-            threads=threads, split=data.split, n_images=int(images.shape[0]),
-            n_calib=int(calib.shape[0]), calib_split=calib_src.split,
-            floor={"macro": floor_macro, "per_class": floor_class}, variants=results,
-            recommended=chosen.rt.name, reason=reason, peak=peak, cpu=feats,
-            loadavg={"start": load_start, "end": load_end}, under_load=under_load,
-            serve={"dir": "serve", "files": files, "exports": exports, **meta},
-            notes=tuple(notes), versions=_versions(), machine=machine_info(),
-            explanation=dict(cam_info or {}),
-            external=({"split": external[2].split, "n_images": int(external[0].shape[0]),
-                       "spec": getattr(external[2], "spec", None)} if external else {}),
-            guarantee=dict(guarantee or {}),
-            seconds=round(time.perf_counter() - t0, 3))
-        result.save(run.path)
-    return result
-
-
-def _guarantee_info(g: GuaranteeResult | None, notes: list[str], require: bool
-                    ) -> dict[str, Any]:
-    """deploy.json's ``guarantee``: what was re-certified, or that there was nothing."""
-    if g is None:
-        return {"status": "none", "reason": "the model card's operating point carries no "
-                                            "guarantee: nothing to re-certify"}
-    return {"status": "re-certified", "spec": g.spec, "alpha": g.alpha,
-            "certified_on": {"split": g.split, "n_images": g.n_images,
-                             "n_patients": g.n_patients, "model_id": g.model_id},
-            "certified_classes": [c.name for c in g.classes if c.certified],
-            "require_guarantee": require, "notes": notes,
-            "rule": "every variant meeting the floor is re-certified on its own logits at the "
-                    "card's thresholds (exact one-sample tests, Holm over the certified rows): "
-                    "fail -> no-go; undecided -> " + ("not served (--require-guarantee)" if
-                                                      require else "reported, not blocking")}
+    inp = _collect(model, data, calib_data, external_data, n_images, n_calib, seed)
+    notes = _notes(data, notes, accept_unscorable, calib_data)
+    with _workspace(plan.threads) as workdir:
+        vs, ref_logits, external, ac_kwargs, peak = _measure(model, data, calib_data, inp, plan,
+                                                             notes, workdir)
+        feats, chosen, reason = _choose(vs, plan, g, positive)
+        cam_rt, cam_info = _explain_chosen(explain, chosen, model, inp, ref_logits, ac_kwargs,
+                                           workdir, plan)
+        return _finish(model, inp, plan, vs, chosen, reason, workdir, out, data, peak, feats,
+                       load_start, notes, overwrite, t0, cam_rt, cam_info, external, g_info)
 
 
 #: why the budgeted paths (quick_deploy, the demo's export) keep the TorchScript exporter
@@ -771,5 +392,5 @@ def quick_deploy(model: nn.Module, data, out: str | os.PathLike, calib_data=None
                          f"{DEMO_EXPORTER_REASON}"])
 
 
-__all__ = ["DEFAULT_VARIANTS", "QUICK_VARIANTS", "quick_deploy", "DeployResult", "VariantResult", "deploy", "peak_gemms",
-           "run_batched", "serve_metadata"]
+__all__ = ["DEFAULT_VARIANTS", "QUICK_VARIANTS", "quick_deploy", "DeployResult", "VariantResult",
+           "accuracy_verdict", "deploy", "peak_gemms", "run_batched", "serve_metadata"]

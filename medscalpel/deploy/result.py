@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from medscalpel.errors import DataError
-from medscalpel.runs import read_json, write_json, write_text
+from medscalpel.layout import artifact, write_artifact_at
+from medscalpel.runs import read_json, write_text
 
 SCHEMA = 1
-DEPLOY_JSON = "deploy.json"
+DEPLOY_JSON = artifact("deploy").filename
 DEPLOY_MD = "deploy.md"
 
 #: statuses: ``go`` (may be served), ``no-go`` (measured, not recommended), ``undecided`` (the
@@ -152,8 +153,8 @@ def guarantee_lines(res: "DeployResult") -> list[str]:
     """The guarantee's headline, then one line per variant and set (deploy.md, the CLI)."""
     g = res.guarantee or {}
     if g.get("status") != "re-certified":
-        return [g.get("reason") or "not recorded (deploy.json written before guarantees were "
-                                   "re-certified)"]
+        return [g.get("reason") or f"not recorded ({DEPLOY_JSON} written before guarantees "
+                                   "were re-certified)"]
     on = g.get("certified_on", {})
     head = (f"{g.get('spec')} (alpha {g.get('alpha')}), certified on {on.get('n_images')} "
             f"images of '{on.get('split')}'; {g.get('rule')}"
@@ -317,12 +318,12 @@ class DeployResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DeployResult":
         if d.get("schema_version", 1) > SCHEMA:
-            raise DataError(f"deploy.json has schema version {d['schema_version']}, newer than "
+            raise DataError(f"{DEPLOY_JSON} has schema version {d['schema_version']}, newer than "
                             f"this medscalpel ({SCHEMA}); upgrade medscalpel.")
         known = {f.name for f in fields(cls)}
         missing = [k for k in ("variants", "recommended", "batches") if k not in d]
         if missing:
-            raise DataError(f"deploy.json lacks {missing}; it was not written by "
+            raise DataError(f"{DEPLOY_JSON} lacks {missing}; it was not written by "
                             "medscalpel compress deploy or is damaged.")
         kw = {k: v for k, v in d.items() if k in known}
         kw["variants"] = tuple(VariantResult.from_dict(v) for v in d["variants"])
@@ -332,11 +333,10 @@ class DeployResult:
         return cls(**kw)
 
     def save(self, directory: str | os.PathLike) -> Path:
-
         directory = Path(directory)
-        write_json(directory / DEPLOY_JSON, self.to_dict())
+        path = write_artifact_at(directory, "deploy", self)
         write_text(directory / DEPLOY_MD, self.markdown())
-        return directory / DEPLOY_JSON
+        return path
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "DeployResult":

@@ -47,8 +47,9 @@ from medscalpel.deploy.export import logits_only_onnx, ort_session
 from medscalpel.deploy.runtimes import (RUNTIMES, compile_openvino, logits_only_openvino,
                                         openvino_core)
 from medscalpel.errors import ConfigError, DataError, MedScalpelError, ModelError, VerificationError
+from medscalpel.layout import artifact
 from medscalpel.models import load_model
-from medscalpel.models.checkpoint import ModelCard, _resolve
+from medscalpel.models.checkpoint import WEIGHTS, ModelCard, _resolve
 from medscalpel.models.operating_point import OperatingPoint
 from medscalpel.runs import cpu_info, hash_file, read_json
 
@@ -177,11 +178,20 @@ def artifact_info(files: list[Path], runtime: str, precision: str, source: str |
             "source": source, "cpu": cpu_info(), **extra}
 
 
-def is_served(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a served artifact: a ``serve/`` folder holding ``serve.json`` or a
-    deploy run directory holding ``serve/serve.json``."""
+def serve_folder(path: str | os.PathLike) -> Path | None:
+    """The ``serve/`` folder ``path`` names: the folder itself (holding ``serve.json``), a
+    deploy folder holding ``serve/``, or a run directory holding the declared deploy artifact
+    (``compress deploy --out RUN`` and the demo: ``RUN/deploy/serve``); ``None`` when none."""
     p = Path(path)
-    return (p / "serve.json").is_file() or (p / "serve" / "serve.json").is_file()
+    for d in (p, p / "serve", artifact("deploy").dir_in(p) / "serve"):
+        if (d / "serve.json").is_file():
+            return d
+    return None
+
+
+def is_served(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a served artifact (see :func:`serve_folder`)."""
+    return serve_folder(path) is not None
 
 
 def load_any(path: str | os.PathLike, threads: int = 1) -> nn.Module:
@@ -223,8 +233,8 @@ def runtime_model(model: nn.Module, runtime: "str | Runtime", calib: torch.Tenso
                   threads: int = 1,
                   workdir: str | os.PathLike | None = None) -> RuntimeModel:
     """Build ``runtime`` (a :data:`~medscalpel.deploy.runtimes.RUNTIMES` name, e.g.
-    ``"openvino:int8"``, or a :class:`~medscalpel.deploy.runtimes.Runtime`) from the torch ``model`` with ``calib`` (normalised images ``[N, C,
-    H, W]``) as calibration and parity images; refuse it (:class:`VerificationError`) when its
+    ``"openvino:int8"``, or a :class:`~medscalpel.deploy.runtimes.Runtime`) from the torch
+    ``model`` with ``calib`` (normalised images ``[N, C, H, W]``) as calibration and parity images; refuse it (:class:`VerificationError`) when its
     max |delta logit| on them exceeds the precision's parity tolerance relative to the logit
     scale. The artifact lives in ``workdir`` (default: a temporary folder removed with the
     returned model)."""
@@ -284,100 +294,116 @@ def load_served(path: str | os.PathLike, threads: int = 1) -> nn.Module:
     meta_path = p / "serve.json"
     runtime, precision, files = str(meta["runtime"]), str(meta["precision"]), list(meta["files"])
     if runtime.startswith("torch"):   # the torch model itself: gradients, every explanation
-        from medscalpel.models.checkpoint import WEIGHTS, load_model
-
-        model = load_model(p)
-        model.artifact = artifact_info([p / WEIGHTS], runtime, precision, source=str(p),
-                                       variant=meta.get("variant"), model_id=meta.get("model_id"),
-                                       cam_output="torch: Grad-CAM by autograd")
-        return model
+        return _load_torch(p, meta, runtime, precision)
     if runtime == "onnxruntime":
-        onnx = [f for f in files if f.endswith(".onnx")]
-        if not onnx or not (p / onnx[0]).is_file():
-            raise DataError(f"{meta_path}: no ONNX file {onnx or files} in {p}.")
-        full: list[Any] = []   # the session of the whole graph, opened when maps are asked for
-
-        def session(what: Path | bytes) -> Any:
-            try:
-                return ort_session(what, threads)
-            except (MedScalpelError, ImportError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own (pybind) types
-                raise _unloadable(p / onnx[0], "onnxruntime", exc) from exc
-
-        try:
-            sub, outputs = logits_only_onnx(p / onnx[0])
-        except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and its own types
-            raise _unloadable(p / onnx[0], "onnx", exc) from exc
-        # predictions run the logits-only subgraph; the whole graph only when maps are asked for
-        sess = session(sub if sub is not None else p / onnx[0])
-        name = sess.get_inputs()[0].name
-        _check_outputs(p / onnx[0], [o.shape for o in sess.get_outputs()][:1], card)
-
-        def run_all(x: np.ndarray) -> list[np.ndarray]:
-            if not full:
-                full.append(sess if sub is None else session(p / onnx[0]))
-            return list(full[0].run(None, {name: x}))
-
-        def run(x: np.ndarray) -> np.ndarray:
-            return sess.run(None, {name: x})[0]
-
-        return _served_model(run, run_all, len(outputs), card, meta, p, [p / onnx[0]],
-                             (sess, full))
+        return _load_onnxruntime(p, meta, card, files, threads)
     if runtime == "openvino":
-        xml = [f for f in files if f.endswith(".xml")]
-        if not xml or not (p / xml[0]).is_file():
-            raise DataError(f"{meta_path}: no OpenVINO IR (.xml) {xml or files} in {p}.")
-        hint = "bf16" if precision == "bf16" else "f32"
-        full: list[Any] = []   # (compiled, request) of the whole graph, when maps are asked for
-
-        def compiled_request(model: Any) -> tuple[Any, Any]:
-            try:
-                compiled = compile_openvino(model, hint, threads)
-                return compiled, compiled.create_infer_request()
-            except (MedScalpelError, ImportError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own
-                raise _unloadable(p / xml[0], "OpenVINO", exc) from exc
-
-        try:
-            ov_model = openvino_core().read_model(str(p / xml[0]))
-        except (MedScalpelError, ImportError):
-            raise
-        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own types
-            raise _unloadable(p / xml[0], "OpenVINO", exc) from exc
-        n_outputs = len(ov_model.outputs)
-        # predictions run the logits-only copy; the whole graph only when maps are asked for
-        sub = logits_only_openvino(p / xml[0])
-        compiled, request = compiled_request(sub if sub is not None else ov_model)
-        if sub is None:
-            full.append((compiled, request))
-
-        def run_ov(x: np.ndarray) -> np.ndarray:
-            res = request.infer({0: x})
-            return np.asarray(res[compiled.output(0)], dtype=np.float32).copy()
-
-        def run_ov_all(x: np.ndarray) -> list[np.ndarray]:
-            if not full:
-                full.append(compiled_request(ov_model))
-            whole, req = full[0]
-            res = req.infer({0: x})
-            return [np.asarray(res[o], dtype=np.float32).copy() for o in whole.outputs]
-
-        ov_files = [p / xml[0]] + [p / f for f in files if f.endswith(".bin")
-                                   and not f.startswith("logits_only/")]
-        return _served_model(run_ov, run_ov_all, n_outputs, card, meta, p, ov_files,
-                             (compiled, request, full))
+        return _load_openvino(p, meta, card, files, precision, threads)
     raise DataError(f"{meta_path}: unknown runtime {runtime!r} (expected torch, onnxruntime or "
                     "openvino).")
+
+
+def _load_torch(p: Path, meta: dict[str, Any], runtime: str, precision: str) -> nn.Module:
+    """A served torch variant: the model itself, its served weights named in
+    ``model.artifact``."""
+    model = load_model(p)
+    model.artifact = artifact_info([p / WEIGHTS], runtime, precision, source=str(p),
+                                   variant=meta.get("variant"), model_id=meta.get("model_id"),
+                                   cam_output="torch: Grad-CAM by autograd")
+    return model
+
+
+def _load_onnxruntime(p: Path, meta: dict[str, Any], card: ModelCard, files: list[str],
+                      threads: int) -> RuntimeModel:
+    """A served ONNX file: predictions run its logits-only subgraph, the whole graph (with the
+    CAM output) is opened only when maps are asked for."""
+    onnx = [f for f in files if f.endswith(".onnx")]
+    if not onnx or not (p / onnx[0]).is_file():
+        raise DataError(f"{p / 'serve.json'}: no ONNX file {onnx or files} in {p}.")
+    full: list[Any] = []   # the session of the whole graph, opened when maps are asked for
+
+    def session(what: Path | bytes) -> Any:
+        try:
+            return ort_session(what, threads)
+        except (MedScalpelError, ImportError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own (pybind) types
+            raise _unloadable(p / onnx[0], "onnxruntime", exc) from exc
+
+    try:
+        sub, outputs = logits_only_onnx(p / onnx[0])
+    except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and its own types
+        raise _unloadable(p / onnx[0], "onnx", exc) from exc
+    # predictions run the logits-only subgraph; the whole graph only when maps are asked for
+    sess = session(sub if sub is not None else p / onnx[0])
+    name = sess.get_inputs()[0].name
+    _check_outputs(p / onnx[0], [o.shape for o in sess.get_outputs()][:1], card)
+
+    def run_all(x: np.ndarray) -> list[np.ndarray]:
+        if not full:
+            full.append(sess if sub is None else session(p / onnx[0]))
+        return list(full[0].run(None, {name: x}))
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return sess.run(None, {name: x})[0]
+
+    return _served_model(run, run_all, len(outputs), card, meta, p, [p / onnx[0]],
+                         (sess, full))
+
+
+def _load_openvino(p: Path, meta: dict[str, Any], card: ModelCard, files: list[str],
+                   precision: str, threads: int) -> RuntimeModel:
+    """A served OpenVINO IR: predictions run its logits-only copy, the whole graph (with the
+    CAM output) is compiled only when maps are asked for."""
+    xml = [f for f in files if f.endswith(".xml")]
+    if not xml or not (p / xml[0]).is_file():
+        raise DataError(f"{p / 'serve.json'}: no OpenVINO IR (.xml) {xml or files} in {p}.")
+    hint = "bf16" if precision == "bf16" else "f32"
+    full: list[Any] = []   # (compiled, request) of the whole graph, when maps are asked for
+
+    def compiled_request(model: Any) -> tuple[Any, Any]:
+        try:
+            compiled = compile_openvino(model, hint, threads)
+            return compiled, compiled.create_infer_request()
+        except (MedScalpelError, ImportError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own
+            raise _unloadable(p / xml[0], "OpenVINO", exc) from exc
+
+    try:
+        ov_model = openvino_core().read_model(str(p / xml[0]))
+    except (MedScalpelError, ImportError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError and its own types
+        raise _unloadable(p / xml[0], "OpenVINO", exc) from exc
+    n_outputs = len(ov_model.outputs)
+    # predictions run the logits-only copy; the whole graph only when maps are asked for
+    sub = logits_only_openvino(p / xml[0])
+    compiled, request = compiled_request(sub if sub is not None else ov_model)
+    if sub is None:
+        full.append((compiled, request))
+
+    def run_ov(x: np.ndarray) -> np.ndarray:
+        res = request.infer({0: x})
+        return np.asarray(res[compiled.output(0)], dtype=np.float32).copy()
+
+    def run_ov_all(x: np.ndarray) -> list[np.ndarray]:
+        if not full:
+            full.append(compiled_request(ov_model))
+        whole, req = full[0]
+        res = req.infer({0: x})
+        return [np.asarray(res[o], dtype=np.float32).copy() for o in whole.outputs]
+
+    ov_files = [p / xml[0]] + [p / f for f in files if f.endswith(".bin")
+                               and not f.startswith("logits_only/")]
+    return _served_model(run_ov, run_ov_all, n_outputs, card, meta, p, ov_files,
+                         (compiled, request, full))
 
 
 def read_serve(path: str | os.PathLike) -> tuple[Path, dict[str, Any], ModelCard]:
     """The serve/ folder, its ``serve.json`` and the ModelCard it describes (class names, task,
     thresholds, input), without loading the runtime; DataError naming what is missing."""
-    p = Path(path)
-    if (p / "serve" / "serve.json").is_file():
-        p = p / "serve"
+    p = serve_folder(path) or Path(path)
     meta_path = p / "serve.json"
     if not meta_path.is_file():
         raise DataError(f"{meta_path} not found: give the serve/ folder (or the run directory) "
@@ -397,8 +423,6 @@ def read_serve(path: str | os.PathLike) -> tuple[Path, dict[str, Any], ModelCard
                         "write a complete serve.json.")
     runtime, precision = str(meta["runtime"]), str(meta["precision"])
     if runtime.startswith("torch"):
-        from medscalpel.models.checkpoint import _resolve
-
         _, card_path = _resolve(p)
         return p, meta, ModelCard.from_dict(read_json(card_path), source=str(card_path))
     if not isinstance(meta["files"], list) or not isinstance(meta["input"], dict):
@@ -486,5 +510,5 @@ def require_served_cams(model: Any, method: str, flag: str, owner: str) -> None:
         raise ModelError(f"{owner}: {model.cam_refusal()}.")
 
 
-__all__ = ["require_served_cams", "RuntimeModel", "artifact_info", "artifact_line", "card_of", "is_served", "load_any",
-           "load_served", "read_serve", "runtime_model"]
+__all__ = ["require_served_cams", "RuntimeModel", "artifact_info", "artifact_line", "card_of",
+           "is_served", "serve_folder", "load_any", "load_served", "read_serve", "runtime_model"]

@@ -9,7 +9,8 @@ CIs would suggest.
 
 The bootstrap is vectorised: a replicate is a vector of multinomial image counts, and AUROC / AP
 are computed from per-tie-group weight sums in score order, so 1,000 replicates over 22,000
-images x 14 classes take seconds, not minutes. With unit weights the kernels equal
+images x 14 classes take seconds, not minutes. The kernels live in
+:mod:`medscalpel.engine.weighted`; with unit weights they equal
 :func:`medscalpel.engine.metrics.auroc` / ``average_precision`` (scikit-learn's definitions,
 ties grouped); the tests check it.
 
@@ -45,79 +46,20 @@ import numpy as np
 
 from medscalpel.engine.decision import UnitInput, Verdict, decide, delong_covariance
 from medscalpel.engine.predictions import Predictions
+from medscalpel.engine.weighted import METRICS, class_metrics, weighted_ap, weighted_auroc
 from medscalpel.errors import ConfigError, DataError
+from medscalpel.layout import artifact, write_artifact_at
 from medscalpel.runs import read_json, write_json
 from medscalpel.validation import check_in, check_range
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = 1
-FILENAME = "comparison.json"
-METRICS = ("auroc", "ap", "sens", "spec")
+FILENAME = artifact("comparison").filename
 _CHUNK = 64  # bootstrap replicates per vectorised block
 
-
-# ----------------------------------------------------------------------------- kernels
-def _groups(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ascending order of ``s`` and the start index of each run of tied scores in that order."""
-    order = np.argsort(s, kind="mergesort")
-    ss = s[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(ss)) + 1]
-    return order, starts
-
-
-def weighted_auroc(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """AUROC of scores ``s`` for labels ``y`` under image weights ``w`` ``[B, n]`` -> ``[B]``.
-
-    Ties count 1/2 (the Mann-Whitney statistic with weights); NaN where a replicate has no
-    positive or no negative weight.
-    """
-    y = np.asarray(y, bool)
-    order, starts = _groups(np.asarray(s, np.float64))
-    wo = np.asarray(w, np.float64)[:, order]
-    yo = y[order]
-    pos = np.add.reduceat(np.where(yo, wo, 0.0), starts, axis=1)
-    neg = np.add.reduceat(np.where(yo, 0.0, wo), starts, axis=1)
-    neg_below = np.cumsum(neg, axis=1) - neg
-    tot_p, tot_n = pos.sum(1), neg.sum(1)
-    num = (pos * (neg_below + 0.5 * neg)).sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = num / (tot_p * tot_n)
-    out[(tot_p == 0) | (tot_n == 0)] = np.nan
-    return out
-
-
-def weighted_ap(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Average precision (scikit-learn's step-wise definition, ties grouped) under weights."""
-    y = np.asarray(y, bool)
-    order, starts = _groups(-np.asarray(s, np.float64))  # descending scores
-    wo = np.asarray(w, np.float64)[:, order]
-    yo = y[order]
-    pos = np.add.reduceat(np.where(yo, wo, 0.0), starts, axis=1)
-    allw = np.add.reduceat(wo, starts, axis=1)
-    tp, n_at = np.cumsum(pos, axis=1), np.cumsum(allw, axis=1)
-    tot_p = pos.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(n_at > 0, tp / n_at, 0.0)
-        out = (pos * precision).sum(1) / tot_p
-    out[tot_p == 0] = np.nan
-    return out
-
-
-def _rate(hit: np.ndarray, mask: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Weighted share of ``hit`` among rows in ``mask``; NaN when ``mask`` has no weight."""
-    den = w @ mask.astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = (w @ (hit & mask).astype(np.float64)) / den
-    out[den == 0] = np.nan
-    return out
-
-
-def _class_metrics(y: np.ndarray, s: np.ndarray, decided: np.ndarray, w: np.ndarray,
-                   metrics: Sequence[str] = METRICS) -> dict[str, np.ndarray]:
-    fns = {"auroc": lambda: weighted_auroc(y, s, w), "ap": lambda: weighted_ap(y, s, w),
-           "sens": lambda: _rate(decided, y, w), "spec": lambda: _rate(~decided, ~y, w)}
-    return {m: fns[m]() for m in metrics}
+__all__ = ["FILENAME", "METRICS", "SCHEMA", "ClassDelta", "PairedComparison", "compare_predictions",
+           "weighted_ap", "weighted_auroc"]
 
 
 # ----------------------------------------------------------------------------- results
@@ -367,9 +309,9 @@ class PairedComparison:
 
     def save(self, path: str | os.PathLike) -> Path:
         p = Path(path)
-        p = p / FILENAME if p.suffix != ".json" else p
-        write_json(p, self.to_dict())
-        return p
+        if p.suffix != ".json":
+            return write_artifact_at(p, "comparison", self)
+        return write_json(p, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PairedComparison":
@@ -469,62 +411,20 @@ def compare_predictions(reference: Predictions, candidate: Predictions, *, n_boo
     t = ref.targets()
     pr, pc = ref.probs().astype(np.float64), cand.probs().astype(np.float64)
     dr, dc = _decisions(ref, thr), _decisions(cand, thr)
-    ones = np.ones((1, n))
-    point: list[dict[str, Any]] = []
-    boots: list[dict[str, np.ndarray]] = []
-    for j in range(k):
-        known = np.isfinite(t[:, j])
-        y = t[known, j] > 0.5
-        fr = _class_metrics(y, pr[known, j], dr[known, j], ones[:, known])
-        fc = _class_metrics(y, pc[known, j], dc[known, j], ones[:, known])
-        point.append({"known": known, "y": y, "ref": {m: float(fr[m][0]) for m in METRICS},
-                      "new": {m: float(fc[m][0]) for m in METRICS}})
-        boots.append({f"{side}_{m}": [] for side in ("ref", "new") for m in boot_metrics})
-    acc_boot = {"ref": [], "new": []}
+    point = _point_metrics(t, pr, pc, dr, dc)
+    boots = [{f"{side}_{m}": [] for side in ("ref", "new") for m in boot_metrics}
+             for _ in range(k)]
+    acc_boot: dict[str, list[np.ndarray]] = {"ref": [], "new": []}
     rng = np.random.default_rng(seed)
     if n_boot:
-        y_mc = ref.labels if ref.task == "multiclass" else None
-        for w in _replicate_weights(n, n_boot, rng):
-            for j in range(k):
-                known, y = point[j]["known"], point[j]["y"]
-                wk = w[:, known]
-                for side, p, d in (("ref", pr, dr), ("new", pc, dc)):
-                    vals = _class_metrics(y, p[known, j], d[known, j], wk, boot_metrics)
-                    for m in boot_metrics:
-                        boots[j][f"{side}_{m}"].append(vals[m])
-            if y_mc is not None:
-                for side, p in (("ref", pr), ("new", pc)):
-                    acc_boot[side].append((w @ (p.argmax(1) == y_mc)) / n)
-    classes = []
+        _bootstrap(ref, point, (pr, pc), (dr, dc), n_boot, rng, boot_metrics, boots, acc_boot)
     reps = {m: np.full((k, n_boot), np.nan) for m in boot_metrics}
-    for j, name in enumerate(ref.class_names):
-        y = point[j]["y"]
-        npos, nneg = int(y.sum()), int((~y).sum())
-        reason = (f"no positive images of '{name}'" if npos == 0 else
-                  f"no negative images of '{name}'" if nneg == 0 else "")
-        kw: dict[str, Any] = {}
-        for m in METRICS:
-            a, b = point[j]["ref"][m], point[j]["new"][m]
-            kw[f"{m}_ref"], kw[f"{m}_new"], kw[f"delta_{m}"] = a, b, b - a
-            if n_boot and m in boot_metrics:
-                diff = np.concatenate(boots[j][f"new_{m}"]) - np.concatenate(boots[j][f"ref_{m}"])
-                reps[m][j] = diff
-                kw[f"delta_{m}_ci"] = _ci(diff, confidence)
-            else:
-                kw[f"delta_{m}_ci"] = (float("nan"), float("nan"))
-        kw["n_nan_replicates"] = (int(np.isnan(reps["auroc"][j]).sum())
-                                  if n_boot and "auroc" in reps else 0)
-        classes.append(ClassDelta(name=name, n_pos=npos, n_neg=nneg,
-                                  threshold=None if ref.task == "multiclass" else float(thr[j]),
-                                  reason=reason, **kw))
+    classes = [_class_delta(name, point[j], boots[j], reps, j, n_boot, boot_metrics, confidence,
+                            None if ref.task == "multiclass" else float(thr[j]))
+               for j, name in enumerate(ref.class_names)]
     macro = _macro(classes, boots, n_boot, confidence)
     if ref.task == "multiclass":
-        a_ref = float(np.mean(pr.argmax(1) == ref.labels))
-        a_new = float(np.mean(pc.argmax(1) == ref.labels))
-        macro.update(accuracy_ref=a_ref, accuracy_new=a_new, delta_accuracy=a_new - a_ref,
-                     delta_accuracy_ci=_ci(np.concatenate(acc_boot["new"]) -
-                                           np.concatenate(acc_boot["ref"]), confidence)
-                     if n_boot else (float("nan"), float("nan")))
+        macro.update(_multiclass_accuracy(ref.labels, pr, pc, acc_boot, n_boot, confidence))
     if unmatched:
         logger.warning("compare_predictions: %d images are in only one of the two Predictions "
                        "and were left out", unmatched)
@@ -535,6 +435,81 @@ def compare_predictions(reference: Predictions, candidate: Predictions, *, n_boo
                             n_unmatched=unmatched, delong=_delong(t, pr, pc),
                             meta={"boot_metrics": list(boot_metrics)},
                             replicates=reps if n_boot else None)
+
+
+def _point_metrics(t: np.ndarray, pr: np.ndarray, pc: np.ndarray, dr: np.ndarray,
+                   dc: np.ndarray) -> list[dict[str, Any]]:
+    """Per class: the images with a known label, their labels and both models' point metrics
+    (every metric of :data:`METRICS`, unit weights)."""
+    ones = np.ones((1, t.shape[0]))
+    point: list[dict[str, Any]] = []
+    for j in range(t.shape[1]):
+        known = np.isfinite(t[:, j])
+        y = t[known, j] > 0.5
+        fr = class_metrics(y, pr[known, j], dr[known, j], ones[:, known])
+        fc = class_metrics(y, pc[known, j], dc[known, j], ones[:, known])
+        point.append({"known": known, "y": y, "ref": {m: float(fr[m][0]) for m in METRICS},
+                      "new": {m: float(fc[m][0]) for m in METRICS}})
+    return point
+
+
+def _bootstrap(ref: Predictions, point: list[dict[str, Any]],
+               probs: tuple[np.ndarray, np.ndarray], decided: tuple[np.ndarray, np.ndarray],
+               n_boot: int, rng: np.random.Generator, boot_metrics: tuple[str, ...],
+               boots: list[dict[str, list]], acc_boot: dict[str, list[np.ndarray]]) -> None:
+    """Append the paired bootstrap replicates (one resample of images for both models) of each
+    class's ``boot_metrics`` to ``boots`` and, multi-class, of the accuracy to ``acc_boot``."""
+    (pr, pc), (dr, dc) = probs, decided
+    n = ref.n
+    y_mc = ref.labels if ref.task == "multiclass" else None
+    for w in _replicate_weights(n, n_boot, rng):
+        for j in range(len(point)):
+            known, y = point[j]["known"], point[j]["y"]
+            wk = w[:, known]
+            for side, p, d in (("ref", pr, dr), ("new", pc, dc)):
+                vals = class_metrics(y, p[known, j], d[known, j], wk, boot_metrics)
+                for m in boot_metrics:
+                    boots[j][f"{side}_{m}"].append(vals[m])
+        if y_mc is not None:
+            for side, p in (("ref", pr), ("new", pc)):
+                acc_boot[side].append((w @ (p.argmax(1) == y_mc)) / n)
+
+
+def _class_delta(name: str, point: dict[str, Any], boots: dict[str, list],
+                 reps: dict[str, np.ndarray], j: int, n_boot: int, boot_metrics: tuple[str, ...],
+                 confidence: float, threshold: float | None) -> ClassDelta:
+    """One class's :class:`ClassDelta` from its point metrics and bootstrap replicates; stores
+    the replicate deltas in row ``j`` of ``reps``."""
+    y = point["y"]
+    npos, nneg = int(y.sum()), int((~y).sum())
+    reason = (f"no positive images of '{name}'" if npos == 0 else
+              f"no negative images of '{name}'" if nneg == 0 else "")
+    kw: dict[str, Any] = {}
+    for m in METRICS:
+        a, b = point["ref"][m], point["new"][m]
+        kw[f"{m}_ref"], kw[f"{m}_new"], kw[f"delta_{m}"] = a, b, b - a
+        if n_boot and m in boot_metrics:
+            diff = np.concatenate(boots[f"new_{m}"]) - np.concatenate(boots[f"ref_{m}"])
+            reps[m][j] = diff
+            kw[f"delta_{m}_ci"] = _ci(diff, confidence)
+        else:
+            kw[f"delta_{m}_ci"] = (float("nan"), float("nan"))
+    kw["n_nan_replicates"] = (int(np.isnan(reps["auroc"][j]).sum())
+                              if n_boot and "auroc" in reps else 0)
+    return ClassDelta(name=name, n_pos=npos, n_neg=nneg, threshold=threshold, reason=reason,
+                      **kw)
+
+
+def _multiclass_accuracy(labels: np.ndarray, pr: np.ndarray, pc: np.ndarray,
+                         acc_boot: dict[str, list[np.ndarray]], n_boot: int,
+                         confidence: float) -> dict[str, Any]:
+    """The macro entries of a multi-class comparison: both accuracies, their delta and its CI."""
+    a_ref = float(np.mean(pr.argmax(1) == labels))
+    a_new = float(np.mean(pc.argmax(1) == labels))
+    return dict(accuracy_ref=a_ref, accuracy_new=a_new, delta_accuracy=a_new - a_ref,
+                delta_accuracy_ci=_ci(np.concatenate(acc_boot["new"]) -
+                                      np.concatenate(acc_boot["ref"]), confidence)
+                if n_boot else (float("nan"), float("nan")))
 
 
 def _delong(t: np.ndarray, pr: np.ndarray, pc: np.ndarray) -> dict[str, Any]:

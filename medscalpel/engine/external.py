@@ -52,6 +52,7 @@ from medscalpel.engine.compare import (PairedComparison, compare_predictions, we
 from medscalpel.engine.metrics import bootstrap_ci, calibration_bins, weighted_ece
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
+from medscalpel.layout import artifact
 from medscalpel.plotting import pyplot, save_figure
 from medscalpel.runs import read_json, write_json
 from medscalpel.validation import check_range
@@ -59,7 +60,7 @@ from medscalpel.validation import check_range
 logger = logging.getLogger(__name__)
 
 SCHEMA = 1
-FILENAME = "external.json"
+FILENAME = artifact("external").filename
 #: per-class metrics of one site (all with bootstrap CIs)
 SITE_METRICS = ("auroc", "ap", "ece", "sensitivity", "specificity", "f1")
 _CHUNK = 64

@@ -50,23 +50,9 @@ def import_predictions(
     """
     check_in(values, "values", "import_predictions", ("probability", "logit"))
     path = Path(csv_path)
-    if not path.is_file():
-        raise DataError(f"Predictions CSV not found: {path}.")
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"Cannot parse {path} as CSV: {exc}.") from exc
-    if id_column not in df.columns:
-        raise DataError(f"{path} has no id column '{id_column}'. Its columns are "
-                        f"{list(df.columns)[:8]}...; pass --id-column.")
+    df = _read_scores_csv(path, id_column)
     ds = open_dataset(labels, split=labels_split)
-    cols = []
-    for name in ds.class_names:
-        c = _match_column(list(df.columns), name)
-        if c is None:
-            raise DataError(f"{path} has no column for class '{name}' (looked for '{name}', "
-                            f"'prob_{name}', 'logit_{name}'). Its columns: {list(df.columns)}.")
-        cols.append(c)
+    cols = _class_columns(df, ds.class_names, path)
     if df[id_column].duplicated().any():
         dup = df[id_column][df[id_column].duplicated()].iloc[0]
         raise DataError(f"{path}: image id {dup!r} appears more than once.")
@@ -80,6 +66,57 @@ def import_predictions(
     if not keep:
         raise DataError(f"{path} has no rows with a labelled image id (it has {len(df)} data "
                         "rows). Check the file and the --data dataset spec.")
+    logits = _to_logits(_numeric_scores(df, cols, keep, path), values, path)
+    rows = [pos[ids[k]] for k in keep]
+    return Predictions(logits=logits.astype(np.float32), labels=ds.labels[rows],
+                       ids=tuple(ids[k] for k in keep), class_names=tuple(ds.class_names),
+                       task=ds.task, split=split, model_id=model_id or path.stem,
+                       meta={"source": str(path), "labels": labels, "dropped": len(missing)})
+
+
+def _read_scores_csv(path: Path, id_column: str) -> pd.DataFrame:
+    """The predictions CSV as a table that has ``id_column``.
+
+    Raises:
+        DataError: the file is missing, not a CSV, or lacks the id column.
+    """
+    if not path.is_file():
+        raise DataError(f"Predictions CSV not found: {path}.")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"Cannot parse {path} as CSV: {exc}.") from exc
+    if id_column not in df.columns:
+        raise DataError(f"{path} has no id column '{id_column}'. Its columns are "
+                        f"{list(df.columns)[:8]}...; pass --id-column.")
+    return df
+
+
+def _class_columns(df: pd.DataFrame, class_names: list[str] | tuple[str, ...],
+                   path: Path) -> list[str]:
+    """The CSV column of each class, in class order (:func:`_match_column`).
+
+    Raises:
+        DataError: a class without a column.
+    """
+    cols = []
+    for name in class_names:
+        c = _match_column(list(df.columns), name)
+        if c is None:
+            raise DataError(f"{path} has no column for class '{name}' (looked for '{name}', "
+                            f"'prob_{name}', 'logit_{name}'). Its columns: {list(df.columns)}.")
+        cols.append(c)
+    return cols
+
+
+def _numeric_scores(df: pd.DataFrame, cols: list[str], keep: list[int], path: Path
+                    ) -> np.ndarray:
+    """The scores ``[len(keep), len(cols)]`` of the kept rows as float64 (``df``'s class
+    columns are converted to numbers in place).
+
+    Raises:
+        DataError: a value that is not a number (named by line and column), or not finite.
+    """
     for c in cols:
         numeric = pd.to_numeric(df[c], errors="coerce")
         bad = numeric.isna()
@@ -92,17 +129,21 @@ def import_predictions(
     if not np.isfinite(scores).all():
         row = int(np.argwhere(~np.isfinite(scores))[0][0])
         raise DataError(f"{path}: non-finite score in data row {keep[row] + 1}.")
-    if values == "probability":
-        if scores.min() < 0 or scores.max() > 1:
-            raise DataError(f"{path}: probabilities outside [0, 1]; if the columns hold "
-                            "logits, add --values logit (Python: values='logit').")
-        eps = 1e-7
-        p = np.clip(scores, eps, 1 - eps)
-        logits = np.log(p) - np.log1p(-p)
-    else:
-        logits = scores
-    rows = [pos[ids[k]] for k in keep]
-    return Predictions(logits=logits.astype(np.float32), labels=ds.labels[rows],
-                       ids=tuple(ids[k] for k in keep), class_names=tuple(ds.class_names),
-                       task=ds.task, split=split, model_id=model_id or path.stem,
-                       meta={"source": str(path), "labels": labels, "dropped": len(missing)})
+    return scores
+
+
+def _to_logits(scores: np.ndarray, values: str, path: Path) -> np.ndarray:
+    """Logits of the scores: probabilities (clipped to [1e-7, 1 - 1e-7]) through the logit
+    function, logits unchanged.
+
+    Raises:
+        DataError: a probability outside [0, 1].
+    """
+    if values != "probability":
+        return scores
+    if scores.min() < 0 or scores.max() > 1:
+        raise DataError(f"{path}: probabilities outside [0, 1]; if the columns hold "
+                        "logits, add --values logit (Python: values='logit').")
+    eps = 1e-7
+    p = np.clip(scores, eps, 1 - eps)
+    return np.log(p) - np.log1p(-p)

@@ -305,6 +305,65 @@ def _validate(model: MedClassifier, val_ds: CXRDataset, cfg: TrainConfig, dev) -
     return {"val_auroc": ev.macro["auroc"], "val_ap": ev.macro["ap"], "val_loss": float(vl)}
 
 
+def _train_steps(net: nn.Module, params: list[nn.Parameter], batches: Any, n_steps: int,
+                 loss_f: LossFn, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LambdaLR, scaler: torch.amp.GradScaler,
+                 hooks: TrainHooks, cfg: TrainConfig, dev: torch.device, use_amp: bool,
+                 epoch: int, bar: LiveStatus) -> list[float]:
+    """One epoch's optimiser steps (at most ``n_steps`` batches); returns the reported loss of
+    each step.
+
+    Raises:
+        ConfigError: the loss is not finite (training diverged).
+    """
+    losses: list[float] = []
+    for step, (x, y) in enumerate(batches):
+        if step >= n_steps:
+            break
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        weight = hooks.loss_weight(y)
+        with torch.autocast(dev.type, enabled=use_amp):
+            logits = net(x)
+            loss = loss_f(logits.float(), y, x) * weight
+        reported = hooks.step_loss(loss.detach().clone())
+        if not torch.isfinite(reported):
+            raise ConfigError(f"Training diverged at epoch {epoch + 1}, step {step}: the "
+                              "loss is not finite. Lower --lr or check the data.")
+        opt.zero_grad(set_to_none=True)
+        scale = hooks.backward_scale
+        scaler.scale(loss * scale if scale != 1 else loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        losses.append(float(reported))
+        bar.advance(info=f"loss {np.mean(losses[-50:]):.4f}")
+    return losses
+
+
+def _epoch_record(model: MedClassifier, val_ds: CXRDataset | None, cfg: TrainConfig,
+                  dev: torch.device, epoch: int, losses: list[float],
+                  sched: torch.optim.lr_scheduler.LambdaLR, te: float
+                  ) -> tuple[dict[str, Any], float]:
+    """The history record of a finished epoch (train loss, lr, validation metrics, seconds
+    since ``te``) and the value early stopping monitors (higher is better: ``cfg.monitor``,
+    minus the validation loss when that is not finite, minus the train loss without
+    validation)."""
+    rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+                           "lr": float(sched.get_last_lr()[0])}
+    metric = -rec["train_loss"]
+    if val_ds is not None:
+        rec.update(_validate(model, val_ds, cfg, dev))
+        metric = {"auroc": rec["val_auroc"], "ap": rec["val_ap"],
+                  "loss": -rec["val_loss"]}[cfg.monitor]
+        if not np.isfinite(metric):
+            metric = -rec["val_loss"]
+    rec["seconds"] = round(time.perf_counter() - te, 2)
+    return rec, metric
+
+
 def run_epochs(model: MedClassifier, net: nn.Module, params: list[nn.Parameter],
                train_ds: CXRDataset, val_ds: CXRDataset | None, cfg: TrainConfig,
                loss_f: LossFn, dev: torch.device, checkpoint_dir: str | os.PathLike | None,
@@ -343,44 +402,13 @@ def run_epochs(model: MedClassifier, net: nn.Module, params: list[nn.Parameter],
         seed_everything(cfg.seed * 1000 + epoch)
         batches, n_steps = hooks.batches(train_ds, cfg, epoch, steps_per_epoch)
         hooks.train_mode(net, model, cfg)
-        losses: list[float] = []
         with LiveStatus(hooks.label(epoch, cfg), n_steps, hooks.show_progress(progress)) as bar:
-            for step, (x, y) in enumerate(batches):
-                if step >= n_steps:
-                    break
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                weight = hooks.loss_weight(y)
-                with torch.autocast(dev.type, enabled=use_amp):
-                    logits = net(x)
-                    loss = loss_f(logits.float(), y, x) * weight
-                reported = hooks.step_loss(loss.detach().clone())
-                if not torch.isfinite(reported):
-                    raise ConfigError(f"Training diverged at epoch {epoch + 1}, step {step}: the "
-                                      "loss is not finite. Lower --lr or check the data.")
-                opt.zero_grad(set_to_none=True)
-                scale = hooks.backward_scale
-                scaler.scale(loss * scale if scale != 1 else loss).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                losses.append(float(reported))
-                bar.advance(info=f"loss {np.mean(losses[-50:]):.4f}")
+            losses = _train_steps(net, params, batches, n_steps, loss_f, opt, sched, scaler,
+                                  hooks, cfg, dev, use_amp, epoch, bar)
         step_losses.append(losses)
         stop = False
         if hooks.is_main:
-            rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
-                                   "lr": float(sched.get_last_lr()[0])}
-            metric = -rec["train_loss"]
-            if val_ds is not None:
-                rec.update(_validate(model, val_ds, cfg, dev))
-                metric = {"auroc": rec["val_auroc"], "ap": rec["val_ap"],
-                          "loss": -rec["val_loss"]}[cfg.monitor]
-                if not np.isfinite(metric):
-                    metric = -rec["val_loss"]
-            rec["seconds"] = round(time.perf_counter() - te, 2)
+            rec, metric = _epoch_record(model, val_ds, cfg, dev, epoch, losses, sched, te)
             history.append(rec)
             logger.info("epoch %s", rec)
             if metric > best_metric:

@@ -311,22 +311,10 @@ def compute_cam(
     factory = CAMS.get(method)
     check_range(batch_size, "batch_size", "compute_cam", 1, integer=True)
     check_range(score_batch_size, "score_batch_size", "compute_cam", 1, integer=True)
-    if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        raise DataError(f"compute_cam needs images as a [N, C, H, W] tensor; got "
-                        f"{getattr(images, 'shape', type(images).__name__)}.")
-    if images.shape[0] == 0:
-        raise DataError("compute_cam got 0 images.")
+    _check_images(images)
     if is_served_model(model):
         return _served_cam(model, images, targets, method, batch_size, progress, ids)
-    if not hasattr(model, "cam_layer") or not hasattr(model, "classifier"):
-        raise ModelError(f"compute_cam needs a MedClassifier (with cam_layer() and classifier); "
-                         f"got {type(model).__name__}. Build it with medscalpel.models.zoo or "
-                         "load it with medscalpel.models.checkpoint.load_model.")
-    in_chans = getattr(model, "in_chans", images.shape[1])
-    if images.shape[1] != in_chans:
-        raise DataError(f"compute_cam: images have {images.shape[1]} channels but the model "
-                        f"{getattr(model, 'arch', '')} takes {in_chans}; preprocess with the "
-                        "model card's input (card.preprocess).")
+    _check_classifier(model, images)
     n = int(images.shape[0])
     num_classes = int(model.classifier.out_features)
     tlist = _resolve_targets(targets, n, num_classes)
@@ -336,8 +324,6 @@ def compute_cam(
     reshape = getattr(model, "cam_reshape", None)
     # grad-cam is imported on first use (slow to import), as in _gradcam_module
     device = next(model.parameters()).device
-    maps = np.zeros((n, images.shape[2], images.shape[3]), np.float32)
-    logits = np.zeros(n, np.float32)
     t0 = time.time()
     with preserved_model_state(model):
         # grads are needed w.r.t. activations only: freeze parameters, let the input carry grad
@@ -345,23 +331,8 @@ def compute_cam(
             p.requires_grad_(False)
         cam = factory(model=model, target_layers=[layer], reshape_transform=reshape,
                       batch_size=score_batch_size, progress=progress if n == 1 else False)
-        try:
-            starts = list(range(0, n, batch_size))
-            for s in track(starts, f"{method} maps", progress=progress):
-                x = images[s:s + batch_size].detach().to(device).requires_grad_(True)
-                tg = [target_cls(t) for t in tlist[s:s + batch_size]]
-                out = cam(input_tensor=x, targets=tg)
-                maps[s:s + len(tg)] = out
-                out_logits = cam.outputs.detach()
-                logits[s:s + len(tg)] = [float(out_logits[j, t])
-                                         for j, t in enumerate(tlist[s:s + batch_size])]
-                cam.activations_and_grads.clear()
-                cam.outputs = None
-        except RuntimeError as exc:
-            raise ModelError(f"compute_cam ({method}) failed on layer '{model.cam_layer_name}' of "
-                             f"{getattr(model, 'arch', type(model).__name__)}: {exc}") from exc
-        finally:
-            cam.activations_and_grads.release()
+        maps, logits = _cam_batches(cam, model, images, tlist, method, batch_size, progress,
+                                    device)
     return CamResult(maps=np.nan_to_num(maps, nan=0.0), method=method, targets=tuple(tlist),
                      class_names=tuple(_class_names(model, num_classes)),
                      layer=getattr(model, "cam_layer_name", ""), ids=tuple(ids or ()),
@@ -369,6 +340,57 @@ def compute_cam(
                      meta={"arch": getattr(model, "arch", type(model).__name__),
                            "model_id": getattr(getattr(model, "card", None), "model_id", ""),
                            "seconds": round(time.time() - t0, 3)})
+
+
+def _check_images(images: Any) -> None:
+    """``images`` must be a non-empty ``[N, C, H, W]`` tensor."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise DataError(f"compute_cam needs images as a [N, C, H, W] tensor; got "
+                        f"{getattr(images, 'shape', type(images).__name__)}.")
+    if images.shape[0] == 0:
+        raise DataError("compute_cam got 0 images.")
+
+
+def _check_classifier(model: nn.Module, images: torch.Tensor) -> None:
+    """``model`` must be a MedClassifier (a CAM layer and a classifier) taking the images'
+    channels."""
+    if not hasattr(model, "cam_layer") or not hasattr(model, "classifier"):
+        raise ModelError(f"compute_cam needs a MedClassifier (with cam_layer() and classifier); "
+                         f"got {type(model).__name__}. Build it with medscalpel.models.zoo or "
+                         "load it with medscalpel.models.checkpoint.load_model.")
+    in_chans = getattr(model, "in_chans", images.shape[1])
+    if images.shape[1] != in_chans:
+        raise DataError(f"compute_cam: images have {images.shape[1]} channels but the model "
+                        f"{getattr(model, 'arch', '')} takes {in_chans}; preprocess with the "
+                        "model card's input (card.preprocess).")
+
+
+def _cam_batches(cam: Any, model: nn.Module, images: torch.Tensor, tlist: list[int],
+                 method: str, batch_size: int, progress: bool | None, device: torch.device
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Run the grad-cam object batch by batch: maps ``[N, H, W]`` and each image's target
+    logit; its hooks are released whatever happens."""
+    n = int(images.shape[0])
+    maps = np.zeros((n, images.shape[2], images.shape[3]), np.float32)
+    logits = np.zeros(n, np.float32)
+    try:
+        starts = list(range(0, n, batch_size))
+        for s in track(starts, f"{method} maps", progress=progress):
+            x = images[s:s + batch_size].detach().to(device).requires_grad_(True)
+            tg = [target_cls(t) for t in tlist[s:s + batch_size]]
+            out = cam(input_tensor=x, targets=tg)
+            maps[s:s + len(tg)] = out
+            out_logits = cam.outputs.detach()
+            logits[s:s + len(tg)] = [float(out_logits[j, t])
+                                     for j, t in enumerate(tlist[s:s + batch_size])]
+            cam.activations_and_grads.clear()
+            cam.outputs = None
+    except RuntimeError as exc:
+        raise ModelError(f"compute_cam ({method}) failed on layer '{model.cam_layer_name}' of "
+                         f"{getattr(model, 'arch', type(model).__name__)}: {exc}") from exc
+    finally:
+        cam.activations_and_grads.release()
+    return maps, logits
 
 
 def is_served_model(model: nn.Module) -> bool:

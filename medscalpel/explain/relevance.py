@@ -316,15 +316,55 @@ def channel_relevance(model: nn.Module, inputs: Any, targets: int | list[int] | 
     Returns:
         :class:`ChannelRelevance`.
     """
+    _check_settings(method, aggregate, normalize, batch_size, n_steps)
+    x, lab = _collect_inputs(inputs, labels)
+    k = num_classes_of(model, x)
+    img, cls = _pairs(targets, lab, x.shape[0], k)
+    layers = _resolve_layers(model, layers)
+    raw = {n: torch.zeros(w, dtype=torch.float64) for n, w in _widths(model, layers).items()}
+    settings: dict[str, Any] = {"layers": len(layers)}
+    if method == "ig":
+        per_chunk = max(1, batch_size // (n_steps + 1))
+        settings.update({"n_steps": n_steps, "baseline": "zeros" if baseline is None else "tensor",
+                         "rule": "trapezoidal layer conductance"})
+    else:
+        per_chunk = batch_size
+    chunks = [(s, min(s + per_chunk, img.numel())) for s in range(0, img.numel(), per_chunk)]
+
+    def accumulate(scores: dict[str, torch.Tensor]) -> None:
+        _accumulate(raw, scores, aggregate)
+
+    # (images, classes) of one chunk at a time, as the progress bar advances
+    steps = ((x[img[s:e]], cls[s:e])
+             for s, e in track(chunks, f"channel relevance ({method})", progress=progress))
+    if method == "lrp":
+        settings.update(_lrp_pass(model, x, steps, layers, accumulate, composite, epsilon,
+                                  zero_bias, bn_rule))
+    elif method == "backtrace":
+        settings.update(_backtrace_pass(model, steps, layers, accumulate, zero_bias, bn_rule))
+    else:
+        _gradient_pass(model, x, steps, layers, accumulate, method, baseline, n_steps)
+    counts = {int(c): int((cls == c).sum()) for c in torch.unique(cls)}
+    return ChannelRelevance(scores=_normalised(raw, normalize),
+                            raw_scores={n: v.float() for n, v in raw.items()},
+                            method=method, aggregate=aggregate, normalize=normalize,
+                            n_images=int(torch.unique(img).numel()), n_pairs=int(img.numel()),
+                            class_counts=counts, settings=settings)
+
+
+# ----------------------------------------------------------------------------- relevance steps
+def _check_settings(method: str, aggregate: str, normalize: str | None, batch_size: int,
+                    n_steps: int) -> None:
     owner = "channel_relevance"
     check_in(method, "method", owner, METHODS)
     check_in(aggregate, "aggregate", owner, ["abs", "signed"])
     check_in(normalize, "normalize", owner, ["sum", "max", "mean", None])
     check_range(batch_size, "batch_size", owner, 1, integer=True)
     check_range(n_steps, "n_steps", owner, 1, integer=True)
-    x, lab = _collect_inputs(inputs, labels)
-    k = num_classes_of(model, x)
-    img, cls = _pairs(targets, lab, x.shape[0], k)
+
+
+def _resolve_layers(model: nn.Module, layers: list[str] | None) -> list[str]:
+    """The layers to score: ``layers`` (each must exist) or every Conv2d / BatchNorm layer."""
     all_names = dict(model.named_modules())
     if layers is None:
         layers = default_layers(model)
@@ -338,70 +378,78 @@ def channel_relevance(model: nn.Module, inputs: Any, targets: int | list[int] | 
     if not layers:
         raise ModelError("channel_relevance: the model has no Conv2d / BatchNorm layer to score; "
                          "name the layers explicitly.")
+    return layers
 
+
+def _widths(model: nn.Module, layers: list[str]) -> dict[str, int]:
+    """Output channels of each layer (Conv2d ``out_channels``, BN ``num_features``, ...)."""
+    all_names = dict(model.named_modules())
     widths = {}
     for n in layers:
         m = all_names[n]
         widths[n] = int(getattr(m, "out_channels", 0) or getattr(m, "num_features", 0)
                         or getattr(m, "out_features", 0))
-    raw = {n: torch.zeros(widths[n], dtype=torch.float64) for n in layers}
-    settings: dict[str, Any] = {"layers": len(layers)}
+    return widths
 
+
+def _accumulate(raw: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
+                aggregate: str) -> None:
+    """Add one chunk's ``[B, C]`` channel scores to ``raw`` (|.| or signed, summed over B)."""
+    for n, v in scores.items():
+        v = v.double()
+        if v.shape[1] != raw[n].numel():
+            raise ModelError(f"channel_relevance: layer '{n}' produced {v.shape[1]} channels, "
+                             f"expected {raw[n].numel()}.")
+        raw[n] += (v.abs() if aggregate == "abs" else v).sum(0)
+
+
+def _lrp_pass(model: nn.Module, x: torch.Tensor, steps, layers: list[str], accumulate,
+              composite: str, epsilon: float, zero_bias: bool, bn_rule: str) -> dict[str, Any]:
+    """LRP relevance of every chunk's captured layers; returns the session's settings."""
+    from medscalpel.explain.lrp import LRPSession
+
+    low = float(x.min()) if composite == "epsilon_gamma_box" else None
+    high = float(x.max()) if composite == "epsilon_gamma_box" else None
+    session = LRPSession(model, composite=composite, epsilon=epsilon, zero_bias=zero_bias,
+                         bn_rule=bn_rule, low=low, high=high)
+    with session:
+        for xb, cb in steps:
+            _, _, cap = session.relevance(xb, cb, capture=layers)
+            accumulate({n: _channel_sum(r) for n, r in cap.items()})
+    return {**session.settings, "canonizer_max_abs_diff": session.max_canonizer_diff}
+
+
+def _backtrace_pass(model: nn.Module, steps, layers: list[str], accumulate, zero_bias: bool,
+                    bn_rule: str) -> dict[str, Any]:
+    """DL-Backtrace relevance of every chunk's captured layers; returns the settings."""
+    from medscalpel.explain.backtrace import BacktraceSession
+
+    bt = BacktraceSession(model, zero_bias=zero_bias, bn_rule=bn_rule)
+    with bt:
+        for xb, cb in steps:
+            _, _, cap = bt.relevance(xb, cb, capture=layers)
+            accumulate({n: _channel_sum(r) for n, r in cap.items()})
+    return {**bt.settings, "canonizer_max_abs_diff": bt.max_canonizer_diff}
+
+
+def _gradient_pass(model: nn.Module, x: torch.Tensor, steps, layers: list[str], accumulate,
+                   method: str, baseline: Any, n_steps: int) -> None:
+    """Taylor (activation x gradient) or layer conductance (``"ig"``) on a prepared copy."""
+    work = prepare_model_copy(model)
+    base = None
     if method == "ig":
-        per_chunk = max(1, batch_size // (n_steps + 1))
-        settings.update({"n_steps": n_steps, "baseline": "zeros" if baseline is None else "tensor",
-                         "rule": "trapezoidal layer conductance"})
-    else:
-        per_chunk = batch_size
-    chunks = [(s, min(s + per_chunk, img.numel())) for s in range(0, img.numel(), per_chunk)]
+        base = torch.zeros_like(x[0]) if baseline is None else torch.as_tensor(
+            baseline, dtype=x.dtype).expand_as(x[0])
+    for xb, cb in steps:
+        if method == "taylor":
+            accumulate(_taylor_chunk(work, xb, cb, layers))
+        else:
+            accumulate(_conductance_chunk(work, xb, cb, layers, base, n_steps))
 
-    def accumulate(scores: dict[str, torch.Tensor]) -> None:
-        for n, v in scores.items():
-            v = v.double()
-            if v.shape[1] != raw[n].numel():
-                raise ModelError(f"channel_relevance: layer '{n}' produced {v.shape[1]} channels, "
-                                 f"expected {raw[n].numel()}.")
-            raw[n] += (v.abs() if aggregate == "abs" else v).sum(0)
 
-    desc = f"channel relevance ({method})"
-    if method == "lrp":
-        from medscalpel.explain.lrp import LRPSession
-
-        low = float(x.min()) if composite == "epsilon_gamma_box" else None
-        high = float(x.max()) if composite == "epsilon_gamma_box" else None
-        session = LRPSession(model, composite=composite, epsilon=epsilon, zero_bias=zero_bias,
-                             bn_rule=bn_rule, low=low, high=high)
-        with session:
-            for s, e in track(chunks, desc, progress=progress):
-                xb, cb = x[img[s:e]], cls[s:e]
-                _, _, cap = session.relevance(xb, cb, capture=layers)
-                accumulate({n: _channel_sum(r) for n, r in cap.items()})
-        settings.update(session.settings)
-        settings["canonizer_max_abs_diff"] = session.max_canonizer_diff
-    elif method == "backtrace":
-        from medscalpel.explain.backtrace import BacktraceSession
-
-        bt = BacktraceSession(model, zero_bias=zero_bias, bn_rule=bn_rule)
-        with bt:
-            for s, e in track(chunks, desc, progress=progress):
-                xb, cb = x[img[s:e]], cls[s:e]
-                _, _, cap = bt.relevance(xb, cb, capture=layers)
-                accumulate({n: _channel_sum(r) for n, r in cap.items()})
-        settings.update(bt.settings)
-        settings["canonizer_max_abs_diff"] = bt.max_canonizer_diff
-    else:
-        work = prepare_model_copy(model)
-        base = None
-        if method == "ig":
-            base = torch.zeros_like(x[0]) if baseline is None else torch.as_tensor(
-                baseline, dtype=x.dtype).expand_as(x[0])
-        for s, e in track(chunks, desc, progress=progress):
-            xb, cb = x[img[s:e]], cls[s:e]
-            if method == "taylor":
-                accumulate(_taylor_chunk(work, xb, cb, layers))
-            else:
-                accumulate(_conductance_chunk(work, xb, cb, layers, base, n_steps))
-
+def _normalised(raw: dict[str, torch.Tensor], normalize: str | None) -> dict[str, torch.Tensor]:
+    """Per-layer float scores: raw, or divided by the sum / max / mean of their magnitudes
+    (all zeros when that is 0)."""
     scores = {}
     for n, v in raw.items():
         v = v.float()
@@ -411,8 +459,4 @@ def channel_relevance(model: nn.Module, inputs: Any, targets: int | list[int] | 
         mag = v.abs()
         denom = {"sum": mag.sum(), "max": mag.max(), "mean": mag.mean()}[normalize]
         scores[n] = v / denom if float(denom) > 0 else torch.zeros_like(v)
-    counts = {int(c): int((cls == c).sum()) for c in torch.unique(cls)}
-    return ChannelRelevance(scores=scores, raw_scores={n: v.float() for n, v in raw.items()},
-                            method=method, aggregate=aggregate, normalize=normalize,
-                            n_images=int(torch.unique(img).numel()), n_pairs=int(img.numel()),
-                            class_counts=counts, settings=settings)
+    return scores

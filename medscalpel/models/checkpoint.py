@@ -30,15 +30,20 @@ from torch import nn
 from medscalpel import __version__
 from medscalpel.data.transforms import Preprocess
 from medscalpel.errors import CheckpointError, ModelError
+from medscalpel.layout import artifact, write_artifact_at
 from medscalpel.models.classifier import MedClassifier
 from medscalpel.models.operating_point import OperatingPoint, derive_operating_point, task_of
 from medscalpel.models.zoo import ARCHS, create_model
-from medscalpel.runs import atomic_path, read_json, write_json
+from medscalpel.runs import atomic_path, read_json
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
-CARD = "model.json"
+#: the declaration of a model directory's card in medscalpel/layout.py (a single command's
+#: ``model/``); every stage's model (``baseline_card``, ``calibrated_card``) has the same file
+#: name and type (ModelCard)
+_CARD_ARTIFACT = "model"
+CARD = artifact(_CARD_ARTIFACT).filename
 CARD_SCHEMA = 1
 
 
@@ -132,7 +137,7 @@ class ModelCard:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "model.json") -> "ModelCard":
+    def from_dict(cls, d: dict[str, Any], source: str = CARD) -> "ModelCard":
         missing = [k for k in ("arch", "class_names", "task", "input") if k not in d]
         if missing:
             raise CheckpointError(f"{source} lacks required field(s) {missing}; it was not written "
@@ -222,7 +227,7 @@ def save_model(model: MedClassifier, directory: str | os.PathLike,
                    created=card.created or time.strftime("%Y-%m-%dT%H:%M:%S"))
     with atomic_path(directory / WEIGHTS) as tmp:
         tmp.write_bytes(blob)
-    write_json(directory / CARD, card.to_dict())
+    write_artifact_at(directory, _CARD_ARTIFACT, card)
     model.card = card
     return directory
 
@@ -323,7 +328,7 @@ def load_state_conformed(model: nn.Module, state: dict[str, torch.Tensor], sourc
         raise CheckpointError(
             f"{source}: the weights do not fit architecture '{getattr(model, 'arch', '?')}': "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}. Check model.json's 'arch'."
+            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}. Check {CARD}'s 'arch'."
         )
 
 
@@ -357,8 +362,6 @@ def read_foreign_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"Checkpoint file not found: {path}.")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -39,6 +39,7 @@ from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, RunError
 from medscalpel.layout import ARTIFACTS, artifact
 from medscalpel.registry import Registry
+from medscalpel.runs import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ class StageContext:
         self.features: dict[str, Any] = _FromArtifact(self, "features", Features.load)
         self._thresholds: list[float] | None = None
         self._compress_rows: list[dict[str, Any]] | None = None
+        #: result objects of the stages run in this process, by stage name (what a command
+        #: prints after :func:`run_command`; the artifacts on disk are the record)
+        self.results: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ shared objects
     @property
@@ -164,12 +168,22 @@ class StageContext:
     def phantom(self, value) -> None:
         self._phantom = value
 
-    def ds(self, split: str):
-
+    def data_spec(self) -> str:
+        """The run's dataset spec: the one a command gave (``--data``), else this run's
+        phantom."""
         if not self.spec and ARTIFACTS["phantom_data"].exists(self.out):
             self.spec = f"phantom:{self.dir_of('phantom_data')}"
         if not self.spec:
-            raise RunError("No dataset in this run: run the 'phantom' stage first.")
+            raise RunError("No dataset in this run: run the 'phantom' stage first, or give "
+                           "the command --data.")
+        return self.spec
+
+    def has_data(self) -> bool:
+        """Whether the run has a dataset (a command's ``--data`` or the run's phantom)."""
+        return bool(self.spec) or ARTIFACTS["phantom_data"].exists(self.out)
+
+    def ds(self, split: str):
+        self.data_spec()
         if split not in self.datasets:
             self.datasets[split] = open_dataset(self.spec, split=split, preprocess=self.pp)
         return self.datasets[split]
@@ -278,5 +292,33 @@ def run_stage(name: str, ctx: StageContext, settings: Any) -> StageRecord:
     return StageRecord(name, round(time.perf_counter() - t0, 2), status, summary)
 
 
+def run_command(name: str, out: str | os.PathLike, settings: Any, *, command: str,
+                config: dict[str, Any], seed: int = 0, spec: str = "",
+                overwrite: bool = False, resumable: bool = False,
+                manifest_data: tuple[str, ...] = ()) -> tuple[StageRecord, StageContext]:
+    """A single CLI command: run the registered stage ``name`` into a new run directory
+    ``out`` (a :class:`~medscalpel.runs.RunDir`: ``.partial`` until it finishes, a manifest,
+    nothing left behind on failure), so that the command writes exactly what the stage writes
+    in the demo, at the same relative paths.
+
+    Args:
+        spec: the dataset spec the command was given (``--data``); the stage reads it from
+            the context (:meth:`StageContext.data_spec`).
+        manifest_data: keys of the stage's summary recorded as the manifest's ``data``.
+
+    Returns:
+        the stage's record and its context (``ctx.results[name]``: the result object the
+        stage made, for the command to print).
+    """
+    with RunDir(out, command=command, config=config, seed=seed, overwrite=overwrite,
+                resumable=resumable) as run:
+        ctx = StageContext(run.path, seed=seed, progress=None)
+        ctx.spec = spec
+        rec = run_stage(name, ctx, settings)
+        if manifest_data:
+            run.data = {k: rec.summary.get(k) for k in manifest_data}
+    return rec, ctx
+
+
 __all__ = ["STAGES", "Stage", "StageContext", "StageRecord", "missing_artifacts",
-           "register_stage", "run_stage", "settings_from"]
+           "register_stage", "run_command", "run_stage", "settings_from"]

@@ -78,7 +78,9 @@ from sklearn.linear_model import LogisticRegression
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
 from medscalpel.repair.conformal import (DEFAULT_GRID, KINDS, ClassGuarantee, GuaranteeResult,
-                                         _as_multilabel, _sigmoid, recertification_plan)
+                                         recertification_plan)
+from medscalpel.repair.conformal.certify import _as_multilabel
+from medscalpel.repair.conformal.spec import _sigmoid
 from medscalpel.repair.shift import ShiftCheck
 from medscalpel.validation import check_range
 
@@ -230,9 +232,10 @@ def _precision_at_prior(y: np.ndarray, z: np.ndarray, target: float, alpha: floa
     """The lowest grid threshold of the fixed-sequence test of ``precision' >= target`` at a
     prevalence of at least ``pi_lo``: per threshold, ``R_lo`` / ``F_hi`` one-sided
     Clopper-Pearson at ``alpha / 4`` each (each test at level ``alpha / 2``), rejection when
-    ``pi_lo R_lo / (pi_lo R_lo + (1 - pi_lo) F_hi) >= target``. Leading grid points where even a perfect count (every flagged
-    calibration image positive) could not reject are skipped (the precision test's start rule
-    of :mod:`~medscalpel.repair.conformal`, with its assumption)."""
+    ``pi_lo R_lo / (pi_lo R_lo + (1 - pi_lo) F_hi) >= target``. Leading grid points where even
+    a perfect count (every flagged calibration image positive) could not reject are skipped
+    (the precision test's start rule of :mod:`~medscalpel.repair.conformal`, with its
+    assumption)."""
     n1, n0 = int(y.sum()), int((~y).sum())
     a = alpha / 4.0
     ps, ns = np.sort(z[y]), np.sort(z[~y])

@@ -23,13 +23,14 @@ import numpy as np
 
 from medscalpel.data.spec import open_dataset
 from medscalpel.engine.external import ExternalValidation, external_validation, plot_reliability
-from medscalpel.engine.predict import extract_features
+from medscalpel.engine.predict import Features, extract_features
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import DataError
+from medscalpel.layout import write_artifact_at
 from medscalpel.models.classifier import MedClassifier
 from medscalpel.repair.shift import (OODScorer, ShiftCheck, SiteRecalibration, recalibrate_site,
                                      shift_check)
-from medscalpel.runs import write_json
+from medscalpel.repair.triage import triage
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +113,7 @@ def run_site_shift(model: MedClassifier, internal_data: str, external_data: str,
     p_int, p_ext = _preds(f_int, ds_int), _preds(f_ext, ds_ext)
     notes = []
     if classes == "auto":
-        classes = auto_classes(p_ext, k)
-        if not classes:
-            raise DataError(f"No class of {external_data!r} [{external_split}] has the {2 * k} "
-                            f"positive and {2 * k} negative labelled images that {k}-shot "
-                            "recalibration needs (k to fit, k to measure); use a larger external "
-                            "set or a smaller k.")
+        classes = _auto_classes_or_error(p_ext, k, external_data, external_split)
         notes.append(f"recalibrated classes (>= {2 * k} external positives and negatives): "
                      f"{classes}; the others keep their stored thresholds")
     validation = external_validation(model, p_int, p_ext, n_boot=n_boot, seed=seed)
@@ -128,37 +124,63 @@ def run_site_shift(model: MedClassifier, internal_data: str, external_data: str,
                                 patient_ids=patients)
     router = None
     if route:
-        from medscalpel.repair.triage import triage
-
-        fit_mask = np.isin(np.asarray(f_ext.ids), np.asarray(recal.fit_ids))
-        # the rest holds no image of a patient drawn into the sample (as in recalibrate_site)
-        drawn = {patients.get(i) for i in recal.fit_ids} - {None}
-        rest_mask = ~fit_mask & ~np.array([patients.get(i) in drawn for i in f_ext.ids], bool)
-        stored = [float(t) for t in recal.thresholds_before]
-        tri = triage(f_ext.select(np.flatnonzero(fit_mask)),
-                     f_ext.select(np.flatnonzero(rest_mask)), thresholds=stored,
-                     budget=route_budget, seed=seed)
-        router = tuple(tri.table())
-        if out_dir is not None:
-            tri.save(Path(out_dir) / "router", model=model)
-        notes.append(f"treatment router on the new site: fitted on the {int(fit_mask.sum())} "
-                     f"k-shot images, judged and reported on {int(rest_mask.sum())} images of "
-                     "other patients")
-    scorer = OODScorer().fit(f_train, calibration=f_int)
-    ood = {"threshold_95": scorer.threshold_95_, "threshold_99": scorer.threshold_99_,
-           "share_internal_above_99": float(scorer.flags(f_int).mean()),
-           "share_external_above_99": float(scorer.flags(f_ext).mean()),
-           "share_external_above_95": float(scorer.flags(f_ext, 95).mean())}
+        router, note = _route_site(model, f_ext, recal, patients, route_budget, seed, out_dir)
+        notes.append(note)
     rep = SiteShiftReport(internal_data=f"{internal_data} [{internal_split}]",
                           external_data=f"{external_data} [{external_split}]",
-                          validation=validation, shift=check, recalibration=recal, ood=ood,
+                          validation=validation, shift=check, recalibration=recal,
+                          ood=_ood_shares(f_train, f_int, f_ext),
                           classes=tuple(classes or ()), seconds=round(time.perf_counter() - t0, 2),
                           notes=tuple(notes), router=router)
     if out_dir is not None:
         out = Path(out_dir)
-        write_json(out / "site_shift.json", rep.to_dict())
+        write_artifact_at(out, "site_shift", rep)
         plot_reliability(validation, out / "reliability.png")
     return rep
+
+
+def _auto_classes_or_error(p_ext: Predictions, k: int, external_data: str,
+                           external_split: str) -> list[str]:
+    """:func:`auto_classes`, or a :class:`DataError` saying why none qualifies."""
+    classes = auto_classes(p_ext, k)
+    if not classes:
+        raise DataError(f"No class of {external_data!r} [{external_split}] has the {2 * k} "
+                        f"positive and {2 * k} negative labelled images that {k}-shot "
+                        "recalibration needs (k to fit, k to measure); use a larger external "
+                        "set or a smaller k.")
+    return classes
+
+
+def _route_site(model: MedClassifier, f_ext: Features, recal: SiteRecalibration,
+                patients: dict[str, Any], budget: float, seed: int,
+                out_dir: str | os.PathLike | None) -> tuple[tuple[dict[str, Any], ...], str]:
+    """The treatment router on the new site: fitted on the k-shot sample, judged on the rest
+    (no image of a drawn patient); saved under ``router/`` with ``out_dir``. Returns its
+    per-class table and the note that says so."""
+    fit_mask = np.isin(np.asarray(f_ext.ids), np.asarray(recal.fit_ids))
+    # the rest holds no image of a patient drawn into the sample (as in recalibrate_site)
+    drawn = {patients.get(i) for i in recal.fit_ids} - {None}
+    rest_mask = ~fit_mask & ~np.array([patients.get(i) in drawn for i in f_ext.ids], bool)
+    stored = [float(t) for t in recal.thresholds_before]
+    tri = triage(f_ext.select(np.flatnonzero(fit_mask)),
+                 f_ext.select(np.flatnonzero(rest_mask)), thresholds=stored,
+                 budget=budget, seed=seed)
+    router = tuple(tri.table())
+    if out_dir is not None:
+        tri.save(Path(out_dir) / "router", model=model)
+    return router, (f"treatment router on the new site: fitted on the {int(fit_mask.sum())} "
+                    f"k-shot images, judged and reported on {int(rest_mask.sum())} images of "
+                    "other patients")
+
+
+def _ood_shares(f_train: Features, f_int: Features, f_ext: Features) -> dict[str, float]:
+    """OOD thresholds fitted on the training features (calibrated internally) and the share of
+    internal / external images above them."""
+    scorer = OODScorer().fit(f_train, calibration=f_int)
+    return {"threshold_95": scorer.threshold_95_, "threshold_99": scorer.threshold_99_,
+            "share_internal_above_99": float(scorer.flags(f_int).mean()),
+            "share_external_above_99": float(scorer.flags(f_ext).mean()),
+            "share_external_above_95": float(scorer.flags(f_ext, 95).mean())}
 
 
 def _preds(f, ds) -> Predictions:

@@ -51,7 +51,7 @@ from typing import Any
 from medscalpel import __version__
 from medscalpel.data.dicom import identifiers_kept
 from medscalpel.errors import DataError
-from medscalpel.layout import ARTIFACTS
+from medscalpel.layout import ARTIFACTS, artifact
 from medscalpel.report import html as H
 from medscalpel.report.headline import build_headline
 from medscalpel.report.page import Link, ReportOptions, RunFiles, Section, pointer, resolve_pointer
@@ -115,7 +115,7 @@ def identifiers_kept_in(root: Path, limit: int = 500) -> list[str]:
     them at its top."""
 
     found = []
-    for i, man in enumerate(sorted(root.rglob("manifest.json"))):
+    for i, man in enumerate(sorted(root.rglob(artifact("manifest").filename))):
         if i >= limit:
             break
         try:
@@ -161,9 +161,10 @@ def experiment_report(run_dir: str | os.PathLike, out_html: str | os.PathLike | 
         raise DataError(_no_artifacts_message(root))
     headline = build_headline(run)
     demo = {}
-    if (root / "demo.json").is_file():
+    demo_path = artifact("demo").path_in(root)
+    if demo_path.is_file():
         try:
-            demo = json.loads((root / "demo.json").read_text(encoding="utf-8"))
+            demo = json.loads(demo_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             demo = {}
     profile = str(demo.get("profile", "unknown")) if isinstance(demo, dict) else "unknown"

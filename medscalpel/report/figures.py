@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from medscalpel.errors import DataError
+from medscalpel.layout import artifact
 from medscalpel.report.html import figure_png, is_number
 from medscalpel.runs import atomic_path
 
@@ -100,7 +101,8 @@ def pareto_figure(rows: list[dict[str, Any]], dense: dict[str, Any] | None = Non
     """
     pts = _compress_points(rows, dense)
     if not pts:
-        raise DataError("pareto_figure: no row of compress.json has a macro_auroc to plot.")
+        raise DataError(f"pareto_figure: no row of {artifact('compress').filename} has a "
+                        "macro_auroc to plot.")
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.0))
     panels = (("params_ratio", "parameters (compressed / dense)"),
@@ -111,8 +113,8 @@ def pareto_figure(rows: list[dict[str, Any]], dense: dict[str, Any] | None = Non
     for ax, (key, label) in zip(axes, panels):
         have = [p for p in pts if is_number(p.get(key))]
         if not have:
-            ax.text(0.5, 0.5, f"no {key} in compress.json", ha="center", va="center",
-                    transform=ax.transAxes, color="#777777")
+            ax.text(0.5, 0.5, f"no {key} in {artifact('compress').filename}", ha="center",
+                    va="center", transform=ax.transAxes, color="#777777")
             ax.set_axis_off()
             continue
         xs = [p[key] for p in have]
@@ -187,7 +189,8 @@ def forgettability_figure(fg: dict[str, Any], path: str | os.PathLike | None = N
     curves = fg.get("median_rel_ap")
     names = fg.get("class_names") or []
     if not levels or not curves:
-        raise DataError("forgettability_figure: forgettability.json lacks levels / median_rel_ap.")
+        raise DataError(f"forgettability_figure: {artifact('forgettability').filename} lacks "
+                        "levels / median_rel_ap.")
     arr = np.array([[np.nan if v is None else v for v in row] for row in curves], float)
     if arr.shape[0] != len(levels):  # stored [L, K] (levels first) by the audit stage
         arr = arr.T

@@ -181,13 +181,14 @@ def _compressed(d: _Docs) -> HeadlineItem:
             it.t(" of the parameters)")
         if refused:
             it.t(f"; refused: {', '.join(map(str, refused))}", cls="bad")
-        it.on("compress/compress.json (params ratio = compressed / dense parameter count)")
+        it.on(f"{artifact('compress').path} (params ratio = compressed / dense parameter "
+              "count)")
         d.used(it, "compress")
     ch = _chosen(d["deploy"])
     if ch is not None:
         it.sep()
         it.t(f"served as {ch[1].get('name')}")
-        it.on("compress/deploy/deploy.json (recommended variant)")
+        it.on(f"{artifact('deploy').path} (recommended variant)")
         d.used(it, "deploy")
     dist = d["distill"]
     if dist is not None and isinstance(dist.get("students"), dict):
@@ -223,8 +224,8 @@ def _faster(d: _Docs) -> HeadlineItem:
             dense = comp.get("dense") if isinstance(comp.get("dense"), dict) else {}
             it.on(Cell("CPU latency alternated with the dense model ("),
                   num(dense.get("latency_ms"), d.p("compress", "dense", "latency_ms"), 2),
-                  Cell(" ms) in the compression run, compress/compress.json; no interval "
-                       "recorded there"))
+                  Cell(f" ms) in the compression run, {artifact('compress').path}; no "
+                       "interval recorded there"))
             d.used(it, "compress")
     dep, ch = d["deploy"], _chosen(d["deploy"])
     if ch is not None:
@@ -254,7 +255,7 @@ def _faster(d: _Docs) -> HeadlineItem:
         it.on(f"batch {b0[1:]}, {dep.get('rounds')} alternated rounds x {dep.get('repeats')} "
               f"repeats, {dep.get('threads')} thread(s), {cpu}"
               + (", MEASURED UNDER LOAD" if dep.get("under_load") else "")
-              + " (compress/deploy/deploy.json)")
+              + f" ({artifact('deploy').path})")
         d.used(it, "deploy")
     dist = d["distill"]
     if dist is not None and isinstance(dist.get("students"), dict):
@@ -325,7 +326,8 @@ def _cost_external(d: _Docs) -> HeadlineItem:
     s = d["site_shift"]
     if s is None:
         it.status = "not measured"
-        it.t("not measured: no external site in this run (shift/site_shift.json)", cls="muted")
+        it.t(f"not measured: no external site in this run ({artifact('site_shift').path})",
+             cls="muted")
         return it
     m = _get(s, "validation", "macro") or {}
     p = lambda *k: d.p("site_shift", "validation", "macro", *k)  # noqa: E731
@@ -388,7 +390,7 @@ def _forgot(d: _Docs) -> HeadlineItem:
         it.on(Cell(f"{f.get('method', '?')} compression levels, "),
               num(f.get("n_images"), d.p("forgettability", "n_images"), 0, "int"),
               Cell(f" images, {len(f.get('seeds') or [])} seed(s); class counts from the table "
-                   "of audit/forgettability/forgettability.json"))
+                   f"of {artifact('forgettability').path}"))
         d.used(it, "forgettability")
     pies = d["pies"]
     if pies is not None:
@@ -400,7 +402,7 @@ def _forgot(d: _Docs) -> HeadlineItem:
         it.c(num(pies.get("n_flips_among_pies"), p("n_flips_among_pies"), 0, "int"))
         it.t(" among the PIEs)")
         it.on(Cell(f"{pies.get('method', '?')} at level "), num(pies.get("level"), p("level"), 2),
-              Cell(", audit/pies/pies.json"))
+              Cell(f", {artifact('pies').path}"))
         d.used(it, "pies")
     if not it.parts:
         it.status = "not measured"

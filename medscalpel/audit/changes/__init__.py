@@ -38,7 +38,8 @@ from medscalpel.audit.changes.subgroups import (SubgroupChange, dataset_attribut
                                                 subgroup_change)
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
-from medscalpel.runs import read_json, write_json
+from medscalpel.layout import artifact, write_artifact_at
+from medscalpel.runs import read_json
 from medscalpel.validation import check_range
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ __all__ = ["CORRUPTIONS", "LEVELS", "MEASURES", "CalibrationChange", "ChangesAud
            "robustness_change", "subgroup_change"]
 
 SCHEMA = 1
-FILENAME = "changes.json"
+FILENAME = artifact("changes").filename
 MEASURES = ("calibration", "explanation", "subgroups", "robustness")
 
 
@@ -177,7 +178,7 @@ class ChangesAudit:
                     figs[key] = rel
             pairs.append(PairChanges(**{**p.__dict__, "figures": figs}))
         done = ChangesAudit(**{**self.__dict__, "pairs": tuple(pairs)})
-        return write_json(out / FILENAME, done.to_dict())
+        return write_artifact_at(out, "changes", done)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ChangesAudit":
@@ -236,6 +237,99 @@ def check_same_classes(dense: nn.Module, pairs: list[tuple[str, nn.Module]], dat
                             "share the data's class list (same names, same order).")
 
 
+def _attribute_table(data: Any, attributes: pd.DataFrame | None,
+                     attribute_names: Sequence[str] | None, ids: tuple[str, ...]) -> pd.DataFrame:
+    """The attribute table of the audited images (rows ``ids``, the asked-for columns).
+
+    Raises:
+        DataError: an audited image without attributes, or an attribute the table lacks.
+    """
+    table = dataset_attributes(data) if attributes is None else attributes
+    table = table.copy()
+    table.index = [str(i) for i in table.index]
+    missing = [i for i in ids if i not in set(table.index)]
+    if missing:
+        raise DataError(f"audit_changes: {len(missing)} audited image(s) have no attributes "
+                        f"(first: {missing[0]!r}); give a table covering every image.")
+    names = list(table.columns) if attribute_names is None else list(attribute_names)
+    absent = [a for a in names if a not in table.columns]
+    if absent:
+        raise DataError(f"audit_changes: the images carry no attribute {absent}; available: "
+                        f"{list(table.columns)}.")
+    return table.loc[list(ids), names]
+
+
+def _card_thresholds(dense: nn.Module, k: int) -> list[float] | None:
+    """The dense model card's ``k`` stored thresholds, or None (no card, none, wrong count)."""
+    card = getattr(dense, "card", None)
+    return list(card.thresholds) if card is not None and card.thresholds is not None \
+        and len(card.thresholds) == k else None
+
+
+@dataclass(frozen=True)
+class _AuditInputs:
+    """What every (dense, compressed) pair of one :func:`audit_changes` call is audited on."""
+
+    dense: nn.Module
+    data: Any
+    images: torch.Tensor
+    masks: list | None
+    table: pd.DataFrame | None
+    thr: list[float] | None
+    n_boot: int
+    seed: int
+    min_subgroup: int
+    n_faithfulness: int
+    corruptions: Sequence[str] | None
+    severities: Sequence[int]
+    batch_size: int
+    progress: bool | None
+
+
+def _audit_pair(inp: _AuditInputs, name: str, model: nn.Module, ref: Predictions,
+                new: Predictions, measures: Sequence[str]) -> PairChanges:
+    """Run each of ``measures`` on one (dense, compressed) pair, timing each; explanations are
+    skipped (with the reason) when either model has no gradients."""
+    res: dict[str, Any] = {}
+    sec: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    why_not = no_gradients(inp.dense) or no_gradients(model)
+    for measure in measures:
+        t0 = time.perf_counter()
+        if measure == "explanation" and why_not:
+            skipped[measure] = why_not
+            logger.info("changes %s/%s skipped: %s", name, measure, skipped[measure])
+            continue
+        res[measure] = _measure(inp, measure, model, ref, new)
+        sec[measure] = round(time.perf_counter() - t0, 2)
+        logger.info("changes %s/%s: %.1f s", name, measure, sec[measure])
+    return PairChanges(name=name, candidate_id=new.model_id, seconds=sec, skipped=skipped,
+                       **res)
+
+
+def _measure(inp: _AuditInputs, measure: str, model: nn.Module, ref: Predictions,
+             new: Predictions) -> Any:
+    """One measure of one pair: the result of its ``*_change`` function."""
+    data = inp.data
+    if measure == "calibration":
+        return calibration_change(
+            ref, new, thresholds=inp.thr, n_boot=inp.n_boot, seed=inp.seed,
+            threshold_source="dense model card" if inp.thr else "default 0.5")
+    if measure == "subgroups":
+        return subgroup_change(ref, new, inp.table, min_size=inp.min_subgroup,
+                               n_boot=inp.n_boot, seed=inp.seed)
+    if measure == "explanation":
+        return explanation_change(
+            inp.dense, model, inp.images, class_names=data.class_names, masks=inp.masks,
+            n_faithfulness=inp.n_faithfulness, multiclass=data.task == "multiclass",
+            n_boot=inp.n_boot, seed=inp.seed, batch_size=min(inp.batch_size, 32),
+            progress=inp.progress)
+    return robustness_change(
+        inp.dense, model, inp.images, ref, data.preprocess, corruptions=inp.corruptions,
+        severities=inp.severities, n_boot=inp.n_boot, seed=inp.seed, batch_size=inp.batch_size,
+        clean_logits=(ref.logits, new.logits), progress=inp.progress)
+
+
 def audit_changes(
     dense: nn.Module,
     compressed: nn.Module | Sequence[nn.Module] | Mapping[str, nn.Module],
@@ -288,65 +382,21 @@ def audit_changes(
     ids = tuple(str(data.ids[i]) for i in rows)
     table = None
     if "subgroups" in measures:   # checked before any work so a bad request fails fast
-        table = dataset_attributes(data) if attributes is None else attributes
-        table = table.copy()
-        table.index = [str(i) for i in table.index]
-        missing = [i for i in ids if i not in set(table.index)]
-        if missing:
-            raise DataError(f"audit_changes: {len(missing)} audited image(s) have no attributes "
-                            f"(first: {missing[0]!r}); give a table covering every image.")
-        names = list(table.columns) if attribute_names is None else list(attribute_names)
-        absent = [a for a in names if a not in table.columns]
-        if absent:
-            raise DataError(f"audit_changes: the images carry no attribute {absent}; available: "
-                            f"{list(table.columns)}.")
-        table = table.loc[list(ids), names]
+        table = _attribute_table(data, attributes, attribute_names, ids)
     images = torch.stack([data.image(int(i)) for i in rows])
     labels = np.asarray(data.labels)[rows]
     masks = ([data.masks(int(i)) for i in rows] if "explanation" in measures
              and hasattr(data, "masks") else None)
-    k = len(data.class_names)
-    card = getattr(dense, "card", None)
-    thr = list(card.thresholds) if card is not None and card.thresholds is not None \
-        and len(card.thresholds) == k else None
+    thr = _card_thresholds(dense, len(data.class_names))
     mk = lambda m: Predictions(logits_of(m, images, batch_size), labels, ids=ids,  # noqa: E731
                                class_names=tuple(data.class_names), task=data.task,
                                split=getattr(data, "split", ""), model_id=_name(m, "model"))
     ref = mk(dense)
-    out = []
-    for name, model in pairs:
-        new = mk(model)
-        res: dict[str, Any] = {}
-        sec: dict[str, float] = {}
-        skipped: dict[str, str] = {}
-        why_not = no_gradients(dense) or no_gradients(model)
-        for measure in measures:
-            t0 = time.perf_counter()
-            if measure == "explanation" and why_not:
-                skipped[measure] = why_not
-                logger.info("changes %s/%s skipped: %s", name, measure, skipped[measure])
-                continue
-            if measure == "calibration":
-                res[measure] = calibration_change(
-                    ref, new, thresholds=thr, n_boot=n_boot, seed=seed,
-                    threshold_source="dense model card" if thr else "default 0.5")
-            elif measure == "subgroups":
-                res[measure] = subgroup_change(ref, new, table, min_size=min_subgroup,
-                                               n_boot=n_boot, seed=seed)
-            elif measure == "explanation":
-                res[measure] = explanation_change(
-                    dense, model, images, class_names=data.class_names, masks=masks,
-                    n_faithfulness=n_faithfulness, multiclass=data.task == "multiclass",
-                    n_boot=n_boot, seed=seed, batch_size=min(batch_size, 32), progress=progress)
-            else:
-                res[measure] = robustness_change(
-                    dense, model, images, ref, data.preprocess, corruptions=corruptions,
-                    severities=severities, n_boot=n_boot, seed=seed, batch_size=batch_size,
-                    clean_logits=(ref.logits, new.logits), progress=progress)
-            sec[measure] = round(time.perf_counter() - t0, 2)
-            logger.info("changes %s/%s: %.1f s", name, measure, sec[measure])
-        out.append(PairChanges(name=name, candidate_id=new.model_id, seconds=sec,
-                               skipped=skipped, **res))
+    inp = _AuditInputs(dense=dense, data=data, images=images, masks=masks, table=table, thr=thr,
+                       n_boot=n_boot, seed=seed, min_subgroup=min_subgroup,
+                       n_faithfulness=n_faithfulness, corruptions=corruptions,
+                       severities=severities, batch_size=batch_size, progress=progress)
+    out = [_audit_pair(inp, name, model, ref, mk(model), measures) for name, model in pairs]
     return ChangesAudit(
         pairs=tuple(out), reference_id=ref.model_id, class_names=tuple(data.class_names),
         data={"spec": getattr(data, "spec", ""), "split": getattr(data, "split", ""),

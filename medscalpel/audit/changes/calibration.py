@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from medscalpel.audit.changes._util import NAN, boot_weights, ci, ci_excludes_zero, num, p_two_sided
-from medscalpel.engine.compare import compare_predictions
+from medscalpel.engine.compare import ClassDelta, compare_predictions
 from medscalpel.engine.metrics import calibration_bins, weighted_ece
 from medscalpel.engine.predictions import Predictions
 from medscalpel.plotting import pyplot, save_figure
@@ -214,38 +214,10 @@ def calibration_change(
     for j, name in enumerate(ref.class_names):
         known = np.isfinite(t[:, j])
         y, a, b = t[known, j].astype(np.float64), pr[known, j], pn[known, j]
-        w = w_all[:, known]
-        ones = np.ones((1, y.size))
-        e_r, e_n = weighted_ece(y, a, ones, n_bins)[0], weighted_ece(y, b, ones, n_bins)[0]
-        b_r, b_n = weighted_brier(a, y, ones)[0], weighted_brier(b, y, ones)[0]
-        er, en = weighted_ece(y, a, w, n_bins), weighted_ece(y, b, w, n_bins)
-        br, bn = weighted_brier(a, y, w), weighted_brier(b, y, w)
-        for k, v in (("ece_ref", er), ("ece_new", en), ("brier_ref", br), ("brier_new", bn)):
-            reps_macro[k].append(v)
-        cd = cmp.classes[j]
-        why = []
-        if ci_excludes_zero(ci(en - er, confidence)) > 0:
-            why.append(f"{name}: ECE {e_r:.3f} -> {e_n:.3f} (significant rise)")
-        for metric in ("sens", "spec"):
-            d, dci = getattr(cd, f"delta_{metric}"), getattr(cd, f"delta_{metric}_ci")
-            if ci_excludes_zero(dci) != 0:
-                why.append(f"{name}: {metric} at the stored threshold {d:+.3f} "
-                           f"[{dci[0]:+.3f}, {dci[1]:+.3f}]")
-        reasons += why
-        thr = cd.threshold if cd.threshold is not None else NAN
-        classes.append(ClassCalibration(
-            name=name, n=int(y.size), n_pos=int(y.sum()), threshold=num(thr),
-            ece_ref=float(e_r), ece_ref_ci=ci(er, confidence), ece_new=float(e_n),
-            ece_new_ci=ci(en, confidence), delta_ece=float(e_n - e_r),
-            delta_ece_ci=ci(en - er, confidence), delta_ece_p=p_two_sided(en - er),
-            brier_ref=float(b_r), brier_ref_ci=ci(br, confidence), brier_new=float(b_n),
-            brier_new_ci=ci(bn, confidence), delta_brier=float(b_n - b_r),
-            delta_brier_ci=ci(bn - br, confidence), delta_brier_p=p_two_sided(bn - br),
-            sens_ref=cd.sens_ref, sens_new=cd.sens_new, delta_sens=cd.delta_sens,
-            delta_sens_ci=tuple(cd.delta_sens_ci), spec_ref=cd.spec_ref, spec_new=cd.spec_new,
-            delta_spec=cd.delta_spec, delta_spec_ci=tuple(cd.delta_spec_ci),
-            delta_auroc=cd.delta_auroc, delta_auroc_ci=tuple(cd.delta_auroc_ci),
-            recalibrate=bool(why), reasons=tuple(why)))
+        c = _class_calibration(name, y, a, b, w_all[:, known], cmp.classes[j], n_bins,
+                               confidence, reps_macro)
+        reasons += c.reasons
+        classes.append(c)
         rel[name] = {"ref": reliability_bins(a, y, n_bins), "new": reliability_bins(b, y, n_bins)}
     macro = _macro(classes, reps_macro, confidence)
     macro["delta_auroc"] = cmp.macro.get("delta_auroc")
@@ -256,6 +228,51 @@ def calibration_change(
         seed=seed, confidence=confidence,
         threshold_source=threshold_source or cmp.threshold_source,
         meta={"reference_id": ref.model_id, "candidate_id": new.model_id, "split": ref.split})
+
+
+def _class_calibration(name: str, y: np.ndarray, a: np.ndarray, b: np.ndarray, w: np.ndarray,
+                       cd: ClassDelta, n_bins: int, confidence: float,
+                       reps_macro: dict[str, list[np.ndarray]]) -> ClassCalibration:
+    """One class's ECE / Brier of both models (point values and bootstrap replicates, which are
+    appended to ``reps_macro`` for the macro CIs) merged with its paired-comparison row ``cd``;
+    its ``reasons`` say why re-calibration is recommended (empty: not recommended)."""
+    ones = np.ones((1, y.size))
+    e_r, e_n = weighted_ece(y, a, ones, n_bins)[0], weighted_ece(y, b, ones, n_bins)[0]
+    b_r, b_n = weighted_brier(a, y, ones)[0], weighted_brier(b, y, ones)[0]
+    er, en = weighted_ece(y, a, w, n_bins), weighted_ece(y, b, w, n_bins)
+    br, bn = weighted_brier(a, y, w), weighted_brier(b, y, w)
+    for k, v in (("ece_ref", er), ("ece_new", en), ("brier_ref", br), ("brier_new", bn)):
+        reps_macro[k].append(v)
+    why = _recalibration_reasons(name, e_r, e_n, en - er, cd, confidence)
+    thr = cd.threshold if cd.threshold is not None else NAN
+    return ClassCalibration(
+        name=name, n=int(y.size), n_pos=int(y.sum()), threshold=num(thr),
+        ece_ref=float(e_r), ece_ref_ci=ci(er, confidence), ece_new=float(e_n),
+        ece_new_ci=ci(en, confidence), delta_ece=float(e_n - e_r),
+        delta_ece_ci=ci(en - er, confidence), delta_ece_p=p_two_sided(en - er),
+        brier_ref=float(b_r), brier_ref_ci=ci(br, confidence), brier_new=float(b_n),
+        brier_new_ci=ci(bn, confidence), delta_brier=float(b_n - b_r),
+        delta_brier_ci=ci(bn - br, confidence), delta_brier_p=p_two_sided(bn - br),
+        sens_ref=cd.sens_ref, sens_new=cd.sens_new, delta_sens=cd.delta_sens,
+        delta_sens_ci=tuple(cd.delta_sens_ci), spec_ref=cd.spec_ref, spec_new=cd.spec_new,
+        delta_spec=cd.delta_spec, delta_spec_ci=tuple(cd.delta_spec_ci),
+        delta_auroc=cd.delta_auroc, delta_auroc_ci=tuple(cd.delta_auroc_ci),
+        recalibrate=bool(why), reasons=tuple(why))
+
+
+def _recalibration_reasons(name: str, e_r: float, e_n: float, d_ece_reps: np.ndarray,
+                           cd: ClassDelta, confidence: float) -> list[str]:
+    """Why one class needs re-calibration: a significant ECE rise, or a significant move of
+    sensitivity / specificity at the stored threshold (empty: none)."""
+    why = []
+    if ci_excludes_zero(ci(d_ece_reps, confidence)) > 0:
+        why.append(f"{name}: ECE {e_r:.3f} -> {e_n:.3f} (significant rise)")
+    for metric in ("sens", "spec"):
+        d, dci = getattr(cd, f"delta_{metric}"), getattr(cd, f"delta_{metric}_ci")
+        if ci_excludes_zero(dci) != 0:
+            why.append(f"{name}: {metric} at the stored threshold {d:+.3f} "
+                       f"[{dci[0]:+.3f}, {dci[1]:+.3f}]")
+    return why
 
 
 def _macro(classes: list[ClassCalibration], reps: dict[str, list[np.ndarray]],

@@ -17,13 +17,9 @@ looked, and do its maps still explain its outputs?
   pointing game, and the share of energy on the chest tube (a shortcut), per model.
 
 Every per-image score is summarised as a mean with a bootstrap CI; dense-vs-compressed as the
-mean paired difference with a CI and a bootstrap p-value. The maps come from :func:`class_cams`,
-Grad-CAM for ALL classes in one forward pass per batch (the gradient of each class logit w.r.t.
-the CAM layer needs only the head, so K classes cost one backbone pass); it equals
-:func:`medscalpel.explain.cams.compute_cam` with ``method="gradcam"`` on DenseNets and the
-textbook Grad-CAM computed with autograd on ResNet / VGG (tested; the ``grad-cam`` package
-differs from the textbook by up to ~0.1 on those), and it lives here because the audit layer
-sits below ``explain``.
+mean paired difference with a CI and a bootstrap p-value. The maps come from
+:func:`medscalpel.audit.changes.cams.class_cams` (Grad-CAM for ALL classes in one forward pass
+per batch; re-exported here).
 """
 
 from __future__ import annotations
@@ -41,6 +37,7 @@ from scipy.stats import rankdata
 from torch import nn
 
 from medscalpel.audit.changes._util import NAN, boot_weights, fast_copy, logits_of, mean_with_ci
+from medscalpel.audit.changes.cams import cam_grid, class_cams, map_source, n_outputs, served_cams
 from medscalpel.audit.changes.faithfulness import (FLAT, MEASURES, ROAD_FRACTIONS,
                                                    deletion_insertion, flat_images, road_scores,
                                                    top_mask)
@@ -53,108 +50,11 @@ logger = logging.getLogger(__name__)
 
 SCHEMA = 2   # 2: faithfulness on the normalised log-odds scale (1: raw probabilities)
 
-
-# ----------------------------------------------------------------------------- maps
-def class_cams(model: nn.Module, images: torch.Tensor, classes: Sequence[int],
-               batch_size: int = 32) -> np.ndarray:
-    """Grad-CAM maps ``[N, len(classes), H, W]`` in [0, 1] at input resolution.
-
-    Per class: weights = spatial mean of d logit / d A over the CAM layer's map A, map =
-    ReLU(sum_c weight_c A_c), min-max scaled, bilinearly resized (as ``grad-cam`` does). The
-    model is left unchanged (modes, ``requires_grad``, hooks restored).
-
-    A served artifact with a CAM output (:func:`served_cams`: no gradients, its runtime
-    computes ``cam_k = sum_c W[k, c] A_c``) gives the same maps from that output: for its
-    global-average-pool + linear head the Grad-CAM weights are ``W[k] / (h w)``, so
-    ``ReLU(cam_k / (h w))`` is Grad-CAM, scaled here exactly as the torch maps are.
-    """
-    if served_cams(model):
-        return _served_class_cams(model, images, classes, batch_size)
-    if not hasattr(model, "cam_layer"):
-        raise ModelError(f"class_cams needs a MedClassifier with cam_layer(); got "
-                         f"{type(model).__name__}.")
-    layer = model.cam_layer()
-    reshape = getattr(model, "cam_reshape", None)
-    store: dict[str, torch.Tensor] = {}
-
-    def hook(_m, _i, out):
-        leaf = out.detach().requires_grad_(True)
-        store["a"] = leaf
-        return leaf
-
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    handle = layer.register_forward_hook(hook)
-    n, h, w = int(images.shape[0]), int(images.shape[-2]), int(images.shape[-1])
-    out = np.zeros((n, len(classes), h, w), np.float32)
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        dev = next(model.parameters()).device
-        for s in range(0, n, batch_size):
-            with torch.enable_grad():
-                logits = model(images[s:s + batch_size].to(dev))
-                a = store["a"]
-                grads = [torch.autograd.grad(logits[:, int(k)].sum(), a, retain_graph=True)[0]
-                         for k in classes]
-            act = reshape(a.detach()) if reshape is not None else a.detach()
-            for j, g in enumerate(grads):
-                g = reshape(g) if reshape is not None else g
-                cam = torch.relu((g.mean(dim=(2, 3), keepdim=True) * act).sum(1))
-                out[s:s + len(cam), j] = _scale_maps(cam, h, w)
-            store.clear()
-    finally:
-        handle.remove()
-        for m, mode in modes:
-            m.training = mode
-        for p, req in flags:
-            p.requires_grad_(req)
-    return np.nan_to_num(out, nan=0.0)
+__all__ = ["SCHEMA", "ExplanationChange", "class_cams", "explanation_change", "plot_explanation",
+           "served_cams", "similarity"]
 
 
-def _scale_maps(cam: torch.Tensor, h: int, w: int) -> np.ndarray:
-    """ReLU'd maps ``[n, h', w']`` -> ``[n, h, w]``: min-max per map, bilinear resize."""
-    flat = cam.flatten(1)
-    cam = (cam - flat.min(1)[0][:, None, None])
-    cam = cam / (1e-7 + cam.flatten(1).max(1)[0][:, None, None])
-    up = F.interpolate(cam[:, None].float(), size=(h, w), mode="bilinear",
-                       align_corners=False)[:, 0]
-    return up.cpu().numpy()
-
-
-def served_cams(model: nn.Module) -> bool:
-    """Whether ``model`` is a served artifact whose graph returns class activation maps
-    (:class:`medscalpel.deploy.served.RuntimeModel` with ``has_cams``)."""
-    return (not getattr(model, "supports_gradients", True)
-            and bool(getattr(model, "has_cams", False)))
-
-
-def _served_class_cams(model: nn.Module, images: torch.Tensor, classes: Sequence[int],
-                       batch_size: int) -> np.ndarray:
-    n, h, w = int(images.shape[0]), int(images.shape[-2]), int(images.shape[-1])
-    out = np.zeros((n, len(classes), h, w), np.float32)
-    for s in range(0, n, batch_size):
-        raw = model.cams(images[s:s + batch_size])          # [b, K, h', w'], pre-ReLU
-        area = float(raw.shape[-2] * raw.shape[-1])
-        for j, k in enumerate(classes):
-            out[s:s + len(raw), j] = _scale_maps(torch.relu(raw[:, int(k)] / area), h, w)
-    return np.nan_to_num(out, nan=0.0)
-
-
-def _n_outputs(model: nn.Module) -> int:
-    clf = getattr(model, "classifier", None)
-    return int(clf.out_features) if clf is not None else int(model.num_classes)
-
-
-def _map_source(model: nn.Module) -> dict[str, Any]:
-    """Where a model's maps come from, for the result: torch autograd, or the served artifact
-    (label with its precision, provenance)."""
-    if served_cams(model):
-        return {"maps": model.label(), "artifact": model.provenance()}
-    return {"maps": "Grad-CAM (torch autograd at the CAM layer)"}
-
-
+# ----------------------------------------------------------------------------- similarity
 def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
     ra -= ra.mean(1, keepdims=True)
@@ -325,11 +225,46 @@ def explanation_change(
     check_range(n_faithfulness, "n_faithfulness", "explanation_change", 0, integer=True)
     check_range(steps, "steps", "explanation_change", 2, 100, integer=True)
     check_in(faithfulness_measure, "faithfulness_measure", "explanation_change", MEASURES)
+    cls = _checked_classes(dense, compressed, class_names, classes)
+    n = int(images.shape[0])
+    if masks is not None and len(masks) != n:
+        raise DataError(f"explanation_change: {n} images but {len(masks)} mask sets.")
+    w = boot_weights(n, n_boot, seed + 4)
+    nf = min(n, n_faithfulness)
+    stats, empty, keep_ref, keep_new = _map_statistics(
+        dense, compressed, images, cls, class_names, masks, frac, nf, batch_size, progress)
+    per_class = {class_names[c]: _class_row(stats[c], empty[c], n, w, confidence,
+                                            masks is not None) for c in cls}
+    grid = {"ref": cam_grid(dense, images[:1]), "new": cam_grid(compressed, images[:1])}
+    pre = None
+    if nf and keep_ref:
+        pre = (np.concatenate(keep_ref), np.concatenate(keep_new), cls)
+    faith = _faithfulness(dense, compressed, images[:nf], steps, tuple(road_fractions),
+                          multiclass, seed, confidence, n_boot, batch_size, pre,
+                          faithfulness_measure)
+    meta = _explanation_meta(dense, compressed, images, grid, [class_names[c] for c in cls],
+                             faithfulness_measure)
+    return ExplanationChange(
+        classes=per_class, faithfulness=faith, n_similarity=n,
+        n_faithfulness=nf, frac=float(frac), steps=steps,
+        road_fractions=tuple(float(f) for f in road_fractions), n_boot=n_boot, seed=seed,
+        confidence=confidence, has_masks=masks is not None, meta=meta)
+
+
+def _checked_classes(dense: nn.Module, compressed: nn.Module, class_names: Sequence[str],
+                     classes: Sequence[int] | None) -> list[int]:
+    """The class indices to compare, after checking that both models can be explained and
+    agree with ``class_names``.
+
+    Raises:
+        ModelError: a model without gradients or CAMs, or different numbers of outputs.
+        ConfigError: a class index out of range.
+    """
     for m in (dense, compressed):
         if not getattr(m, "supports_gradients", True) and not served_cams(m):
             why = m.cam_refusal() if hasattr(m, "cam_refusal") else "no gradients"
             raise ModelError(f"explanation_change: {why}.")
-    k_ref, k_new = _n_outputs(dense), _n_outputs(compressed)
+    k_ref, k_new = n_outputs(dense), n_outputs(compressed)
     if k_ref != k_new or k_ref != len(class_names):
         raise ModelError(f"explanation_change: the dense model has {k_ref} outputs, the "
                          f"compressed {k_new}, the data {len(class_names)} classes; they must "
@@ -338,18 +273,24 @@ def explanation_change(
     if not cls or any(not 0 <= c < k_ref for c in cls):
         raise ConfigError(f"The 'classes' parameter of explanation_change must be indices in "
                           f"[0, {k_ref - 1}]. Got {cls} instead.")
-    n = int(images.shape[0])
-    if masks is not None and len(masks) != n:
-        raise DataError(f"explanation_change: {n} images but {len(masks)} mask sets.")
-    w = boot_weights(n, n_boot, seed + 4)
-    per_class: dict[str, dict[str, Any]] = {}
-    batches = list(range(0, n, batch_size))
+    return cls
+
+
+def _map_statistics(dense: nn.Module, compressed: nn.Module, images: torch.Tensor,
+                    cls: list[int], class_names: Sequence[str],
+                    masks: Sequence[dict[str, np.ndarray]] | None, frac: float, nf: int,
+                    batch_size: int, progress: bool | None
+                    ) -> tuple[dict[int, dict[str, list[np.ndarray]]], dict[int, list[int]],
+                               list[np.ndarray], list[np.ndarray]]:
+    """Both models' Grad-CAMs batch by batch: per class the per-image similarity (and, with
+    masks, ground-truth agreement) scores, the counts of empty maps ``[dense, compressed]``,
+    and the maps of the first ``nf`` images (kept for the faithfulness scores)."""
     stats: dict[int, dict[str, list[np.ndarray]]] = {c: {} for c in cls}
-    nf = min(n, n_faithfulness)
     keep_ref: list[np.ndarray] = []
     keep_new: list[np.ndarray] = []
     empty = {c: [0, 0] for c in cls}
-    for s in track(batches, "explanation maps", progress=progress):
+    n = int(images.shape[0])
+    for s in track(list(range(0, n, batch_size)), "explanation maps", progress=progress):
         x = images[s:s + batch_size]
         a, b = class_cams(dense, x, cls, batch_size), class_cams(compressed, x, cls, batch_size)
         if s < nf:     # the faithfulness images are the first ones: their maps are reused
@@ -362,46 +303,56 @@ def explanation_change(
             for key, v in similarity(a[:, j], b[:, j], frac).items():
                 st.setdefault(key, []).append(v)
             if masks is not None:
-                mk = [masks[s + i].get(class_names[c]) for i in range(len(x))]
-                tube = [_dilate(masks[s + i]["chest_tube"]) if "chest_tube" in masks[s + i]
-                        else None for i in range(len(x))]
-                for tag, ms in (("mask", mk), ("tube", tube)):
-                    ea, pa = _mask_scores(a[:, j], ms)
-                    eb, pb = _mask_scores(b[:, j], ms)
-                    st.setdefault(f"{tag}_energy_ref", []).append(ea)
-                    st.setdefault(f"{tag}_energy_new", []).append(eb)
-                    st.setdefault(f"{tag}_pointing_ref", []).append(pa)
-                    st.setdefault(f"{tag}_pointing_new", []).append(pb)
-    for c in cls:
-        st = {k: np.concatenate(v) for k, v in stats[c].items()}
-        row: dict[str, Any] = {k: mean_with_ci(st[k], w, confidence)
-                               for k in ("spearman", "iou", "pointing")}
-        if masks is not None:
-            row["mask_energy"] = _paired(st["mask_energy_ref"], st["mask_energy_new"], w,
-                                         confidence)
-            row["mask_pointing"] = _paired(st["mask_pointing_ref"], st["mask_pointing_new"], w,
-                                           confidence)
-            row["tube_energy"] = _paired(st["tube_energy_ref"], st["tube_energy_new"], w,
-                                         confidence)
-        row["empty_maps"] = {"ref": empty[c][0], "new": empty[c][1]}
-        if row["spearman"]["n"] == 0:
-            row["reason"] = (f"no image where both Grad-CAM maps are non-empty (empty: dense "
-                             f"{empty[c][0]}/{n}, compressed {empty[c][1]}/{n}); Grad-CAM is "
-                             "ReLU(sum_c weight_c A_c), all zero where the weighted evidence "
-                             "for the class is negative everywhere (the class logit is low)")
-        per_class[class_names[c]] = row
-    grid = {"ref": _cam_grid(dense, images[:1]), "new": _cam_grid(compressed, images[:1])}
-    pre = None
-    if nf and keep_ref:
-        pre = (np.concatenate(keep_ref), np.concatenate(keep_new), cls)
-    faith = _faithfulness(dense, compressed, images[:nf], steps, tuple(road_fractions),
-                          multiclass, seed, confidence, n_boot, batch_size, pre,
-                          faithfulness_measure)
-    meta = {"method": "gradcam", "classes": [class_names[c] for c in cls],
+                _add_mask_scores(st, a[:, j], b[:, j], masks[s:s + len(x)], class_names[c])
+    return stats, empty, keep_ref, keep_new
+
+
+def _add_mask_scores(st: dict[str, list[np.ndarray]], a: np.ndarray, b: np.ndarray,
+                     masks: Sequence[dict[str, np.ndarray]], name: str) -> None:
+    """Append one batch's in-mask energy and pointing of both models' maps ``a`` / ``b`` of
+    class ``name`` (its finding mask, and the dilated chest-tube mask) to ``st``."""
+    mk = [m.get(name) for m in masks]
+    tube = [_dilate(m["chest_tube"]) if "chest_tube" in m else None for m in masks]
+    for tag, ms in (("mask", mk), ("tube", tube)):
+        ea, pa = _mask_scores(a, ms)
+        eb, pb = _mask_scores(b, ms)
+        st.setdefault(f"{tag}_energy_ref", []).append(ea)
+        st.setdefault(f"{tag}_energy_new", []).append(eb)
+        st.setdefault(f"{tag}_pointing_ref", []).append(pa)
+        st.setdefault(f"{tag}_pointing_new", []).append(pb)
+
+
+def _class_row(stats: dict[str, list[np.ndarray]], empty: list[int], n: int, w: np.ndarray,
+               confidence: float, has_masks: bool) -> dict[str, Any]:
+    """One class's summary: similarity means with CIs, paired ground-truth agreement (with
+    masks), empty-map counts, and why nothing was scored when no pair of maps was non-empty."""
+    st = {k: np.concatenate(v) for k, v in stats.items()}
+    row: dict[str, Any] = {k: mean_with_ci(st[k], w, confidence)
+                           for k in ("spearman", "iou", "pointing")}
+    if has_masks:
+        row["mask_energy"] = _paired(st["mask_energy_ref"], st["mask_energy_new"], w, confidence)
+        row["mask_pointing"] = _paired(st["mask_pointing_ref"], st["mask_pointing_new"], w,
+                                       confidence)
+        row["tube_energy"] = _paired(st["tube_energy_ref"], st["tube_energy_new"], w, confidence)
+    row["empty_maps"] = {"ref": empty[0], "new": empty[1]}
+    if row["spearman"]["n"] == 0:
+        row["reason"] = (f"no image where both Grad-CAM maps are non-empty (empty: dense "
+                         f"{empty[0]}/{n}, compressed {empty[1]}/{n}); Grad-CAM is "
+                         "ReLU(sum_c weight_c A_c), all zero where the weighted evidence "
+                         "for the class is negative everywhere (the class logit is low)")
+    return row
+
+
+def _explanation_meta(dense: nn.Module, compressed: nn.Module, images: torch.Tensor,
+                      grid: dict[str, list[int]], names: list[str],
+                      faithfulness_measure: str) -> dict[str, Any]:
+    """The result's ``meta``: method, classes, scales, map sources and, when a CAM layer is
+    coarser than 4x4, a note (also logged) that the similarity compares a few blobs."""
+    meta = {"method": "gradcam", "classes": names,
             "explained_class_for_faithfulness": "the dense model's most probable class",
             "faithfulness_measure": _MEASURE_NOTE[faithfulness_measure],
             "cam_grid": grid,
-            "map_source": {"ref": _map_source(dense), "new": _map_source(compressed)},
+            "map_source": {"ref": map_source(dense), "new": map_source(compressed)},
             "empty_maps": "a Grad-CAM map that is zero everywhere is excluded (NaN) from "
                           "every score; counts per class in classes[...]['empty_maps']"}
     coarse = [k for k, g in grid.items() if min(g) < 4]
@@ -413,26 +364,7 @@ def explanation_change(
               "bilinear upsamplings of so few cells that rank correlation and top-k IoU "
               "compare a handful of blobs, not anatomy")
         logger.warning("explanation_change: %s", meta["cam_note"])
-    return ExplanationChange(
-        classes=per_class, faithfulness=faith, n_similarity=n,
-        n_faithfulness=nf, frac=float(frac), steps=steps,
-        road_fractions=tuple(float(f) for f in road_fractions), n_boot=n_boot, seed=seed,
-        confidence=confidence, has_masks=masks is not None, meta=meta)
-
-
-def _cam_grid(model: nn.Module, x: torch.Tensor) -> list[int]:
-    """Spatial size ``[h, w]`` of the model's CAM layer output for input like ``x``."""
-    if served_cams(model):
-        return [int(d) for d in model.cams(x).shape[-2:]]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.inference_mode():
-            f = model.feature_map(x.to(next(model.parameters()).device))
-    finally:
-        for m, mode in modes:
-            m.training = mode
-    return [int(f.shape[-2]), int(f.shape[-1])]
+    return meta
 
 
 _MEASURE_NOTE = {

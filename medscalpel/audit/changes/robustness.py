@@ -319,15 +319,7 @@ def robustness_change(
         ConfigError: unknown corruption or severity.
         DataError: images and template disagree.
     """
-    names = list(LEVELS) if corruptions is None else list(corruptions)
-    for c in names:
-        CORRUPTIONS.get(c)
-    bad = [s for s in severities if s not in (1, 2, 3)]
-    if bad or not severities:
-        raise ConfigError(f"The 'severities' parameter of robustness_change must be a non-empty "
-                          f"subset of (1, 2, 3). Got {list(severities)} instead.")
-    check_range(n_boot, "n_boot", "robustness_change", 0, integer=True)
-    check_fraction(confidence, "confidence", "robustness_change")
+    names = _checked_grid(corruptions, severities, n_boot, confidence)
     if int(images.shape[0]) != template.n:
         raise DataError(f"robustness_change: {images.shape[0]} images but the template has "
                         f"{template.n} rows.")
@@ -346,6 +338,46 @@ def robustness_change(
     base = _aurocs(t, clean_r.probs(), clean_n.probs(), w)
     sevs = [int(s) for s in severities]
     n = template.n
+    cells, rel_reps = _corrupted_cells(dense, compressed, images, preprocess, names, sevs, pred,
+                                       t, base, w, seed, confidence, batch_size, progress)
+    clean = _clean(base, w, confidence)
+    cells, verdicts = _flag(cells, rel_reps, t, n, confidence)
+    return RobustnessChange(
+        cells=tuple(cells), verdicts=verdicts, clean=clean, corruptions=tuple(names),
+        levels={c: list(LEVELS[c]) for c in names},
+        n=template.n, n_boot=n_boot, seed=seed, confidence=confidence,
+        meta={"severities": sevs, "bootstrap": "one joint resample of the images (seed + 3) "
+                                               "for every corruption, severity and model"})
+
+
+def _checked_grid(corruptions: Sequence[str] | None, severities: Sequence[int], n_boot: int,
+                  confidence: float) -> list[str]:
+    """The corruption names to run (default: all), after checking the grid and the settings.
+
+    Raises:
+        ConfigError: unknown corruption or severity, bad ``n_boot`` / ``confidence``.
+    """
+    names = list(LEVELS) if corruptions is None else list(corruptions)
+    for c in names:
+        CORRUPTIONS.get(c)
+    bad = [s for s in severities if s not in (1, 2, 3)]
+    if bad or not severities:
+        raise ConfigError(f"The 'severities' parameter of robustness_change must be a non-empty "
+                          f"subset of (1, 2, 3). Got {list(severities)} instead.")
+    check_range(n_boot, "n_boot", "robustness_change", 0, integer=True)
+    check_fraction(confidence, "confidence", "robustness_change")
+    return names
+
+
+def _corrupted_cells(dense: nn.Module, compressed: nn.Module, images: torch.Tensor,
+                     preprocess: Any, names: list[str], sevs: list[int],
+                     pred: Callable[[np.ndarray], Predictions], t: np.ndarray,
+                     base: dict[str, list[tuple[float, np.ndarray]]], w: np.ndarray, seed: int,
+                     confidence: float, batch_size: int, progress: bool | None
+                     ) -> tuple[list[RobustnessCell], list[np.ndarray]]:
+    """Both models on every corruption x severity of ``images``: the cells (per class and
+    macro) and their relative-robustness replicates, in the same order."""
+    n = int(images.shape[0])
     # all severities of a corruption in one pass when they fit (~0.5 GB of float32 input)
     group = len(sevs) if images.numel() * len(sevs) <= 2 ** 27 else 1
     cells: list[RobustnessCell] = []
@@ -361,14 +393,7 @@ def robustness_change(
                 new, reps = _cells(name, sev, t, cr, cn, base, w, confidence)
                 cells += new
                 rel_reps += reps
-    clean = _clean(base, w, confidence)
-    cells, verdicts = _flag(cells, rel_reps, t, n, confidence)
-    return RobustnessChange(
-        cells=tuple(cells), verdicts=verdicts, clean=clean, corruptions=tuple(names),
-        levels={c: list(LEVELS[c]) for c in names},
-        n=template.n, n_boot=n_boot, seed=seed, confidence=confidence,
-        meta={"severities": sevs, "bootstrap": "one joint resample of the images (seed + 3) "
-                                               "for every corruption, severity and model"})
+    return cells, rel_reps
 
 
 def _aurocs(t: np.ndarray, pr: np.ndarray, pn: np.ndarray, w: np.ndarray

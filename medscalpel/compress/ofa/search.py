@@ -49,6 +49,7 @@ from medscalpel.deploy.timing import median_ms
 from medscalpel.engine.metrics import evaluate
 from medscalpel.engine.predict import predict
 from medscalpel.errors import ConfigError, DataError
+from medscalpel.layout import artifact
 from medscalpel.progress import track
 from medscalpel.runs import read_json
 from medscalpel.validation import check_range
@@ -87,11 +88,11 @@ class LatencySpec:
 
 
 def latency_spec_from_deploy(path: str | os.PathLike, **kw: Any) -> LatencySpec:
-    """The runtime ``compress deploy`` chose: from a deploy run folder (``deploy.json``, or
-    ``serve/serve.json``) or either file."""
+    """The runtime ``compress deploy`` chose: from its run directory (``deploy/deploy.json``),
+    a deploy folder (``deploy.json``, or ``serve/serve.json``) or either file."""
     p = Path(path)
-    files = [p] if p.is_file() else [p / DEPLOY_JSON, p / "serve" / "serve.json",
-                                     p / "serve.json"]
+    files = [p] if p.is_file() else [p / DEPLOY_JSON, artifact("deploy").path_in(p),
+                                     p / "serve" / "serve.json", p / "serve.json"]
     for f in files:
         if not f.is_file():
             continue
@@ -107,7 +108,7 @@ def latency_spec_from_deploy(path: str | os.PathLike, **kw: Any) -> LatencySpec:
             raise DataError(f"{f} names no runtime/precision: not a serve.json of compress deploy.")
         return LatencySpec(runtime=f"{d['runtime']}:{d['precision']}",
                            threads=int(d.get("threads", 1)), source=f"served in {f}", **kw)
-    raise DataError(f"No deploy.json or serve.json in {path}: give the folder of a "
+    raise DataError(f"No {DEPLOY_JSON} or serve.json in {path}: give the folder of a "
                     "'compress deploy' run (or one of those files).")
 
 

@@ -255,7 +255,33 @@ def generate_phantom(
     patient = _patients(rng, n)
     split = _assign_splits(rng, patient, splits)
     base = rng.standard_normal((int(patient.max()) + 1, 4)).astype(F32)[patient]
-    shifted = split == "shifted"
+    tube, ap = _shortcut_cues(rng, clean, split == "shifted", shortcut)
+    female, age = _attributes(seed, patient)
+    chunks = _render_chunks(seed, size, clean, base, ap, tube, female, age, progress)
+    gt = _ground_truth(n, patient, split, chunks, clean, flips, tube, ap, female, age)
+    data = _phantom_data(chunks, observed, gt, meta={
+        "schema_version": 1,
+        "generator": "medscalpel.data.phantom",
+        "generator_version": GENERATOR_VERSION,
+        "n": n, "size": size, "seed": seed,
+        "splits": splits,
+        "label_noise": label_noise,
+        "shortcut": shortcut.to_dict(),
+        "class_names": CLASS_NAMES,
+        "anatomy_masks": list(ANATOMY_MASKS),
+        "seconds": round(time.perf_counter() - t0, 3),
+    })
+    if out is not None:
+        data.save(out)
+    logger.info("phantom: %d images %dx%d in %.2f s", n, size, size, data.meta["seconds"])
+    return data
+
+
+def _shortcut_cues(rng: np.random.Generator, clean: np.ndarray, shifted: np.ndarray,
+                   shortcut: ShortcutConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Who gets a chest tube and a portable AP film: tied to pneumothorax / fluid (edema,
+    effusion) by ``shortcut``'s strengths, independent of the labels in the ``shifted`` split."""
+    n = len(clean)
     ptx = clean[:, CLASS_NAMES.index("Pneumothorax")] == 1
     fluid = (clean[:, CLASS_NAMES.index("Edema")] == 1) | (clean[:, CLASS_NAMES.index("Effusion")]
                                                            == 1)
@@ -264,8 +290,15 @@ def generate_phantom(
     p_ap = np.where(shifted, shortcut.ap_shifted, np.where(fluid, shortcut.ap_pos, shortcut.ap_neg))
     tube = rng.random(n) < p_tube
     ap = rng.random(n) < p_ap
-    female, age = _attributes(seed, patient)
+    return tube, ap
 
+
+def _render_chunks(seed: int, size: int, clean: np.ndarray, base: np.ndarray, ap: np.ndarray,
+                   tube: np.ndarray, female: np.ndarray, age: np.ndarray,
+                   progress: bool | None) -> list[dict[str, Any]]:
+    """:func:`render_chunk` over blocks of :data:`CHUNK` images, each with its own seeded
+    generator (so a block's pixels do not depend on the others)."""
+    n = len(clean)
     chunks = []
     starts = range(0, n, CHUNK)
     for c in track(starts, "phantom", total=len(starts), progress=progress):
@@ -273,12 +306,16 @@ def generate_phantom(
         crng = np.random.default_rng([seed, 1, c // CHUNK])
         chunks.append(render_chunk(crng, size, clean[sl], base[sl], ap[sl], tube[sl],
                                    female[sl], age[sl]))
+    return chunks
 
-    images = np.concatenate([c["images"] for c in chunks])
+
+def _phantom_data(chunks: list[dict[str, Any]], observed: np.ndarray, gt: pd.DataFrame,
+                  meta: dict[str, Any]) -> PhantomData:
+    """The rendered blocks joined into one :class:`PhantomData` (mask rows offset to global
+    image indices)."""
     mask_rows = np.concatenate([c["mask_rows"] + i * CHUNK for i, c in enumerate(chunks)])
-    gt = _ground_truth(n, patient, split, chunks, clean, flips, tube, ap, female, age)
-    data = PhantomData(
-        images=images,
+    return PhantomData(
+        images=np.concatenate([c["images"] for c in chunks]),
         labels=observed.astype(np.float32),
         gt=gt,
         anat_bits=np.concatenate([c["anat_bits"] for c in chunks]),
@@ -286,23 +323,8 @@ def generate_phantom(
         mask_rows=mask_rows.astype(np.int32),
         mask_cls=np.concatenate([c["mask_cls"] for c in chunks]).astype(np.int8),
         mask_bits=np.concatenate([c["mask_bits"] for c in chunks]),
-        meta={
-            "schema_version": 1,
-            "generator": "medscalpel.data.phantom",
-            "generator_version": GENERATOR_VERSION,
-            "n": n, "size": size, "seed": seed,
-            "splits": splits,
-            "label_noise": label_noise,
-            "shortcut": shortcut.to_dict(),
-            "class_names": CLASS_NAMES,
-            "anatomy_masks": list(ANATOMY_MASKS),
-            "seconds": round(time.perf_counter() - t0, 3),
-        },
+        meta=meta,
     )
-    if out is not None:
-        data.save(out)
-    logger.info("phantom: %d images %dx%d in %.2f s", n, size, size, data.meta["seconds"])
-    return data
 
 
 def _ground_truth(n, patient, split, chunks, clean, flips, tube, ap, female, age

@@ -24,12 +24,15 @@ import numpy as np
 import pandas as pd
 
 from medscalpel.errors import DataError
+from medscalpel.layout import artifact
 
 ANATOMY_MASKS = ("lung_right", "lung_left", "heart")
 #: per-image attributes with a known effect on appearance (generator >= 1.2) and the view
 ATTRIBUTES = ("sex", "age_band", "view")
 META = "phantom.json"
-FILES = ("images.npz", "masks.npz", "labels.csv", "groundtruth.csv")
+#: the observed-label table (the run directory's ``phantom_data`` artifact)
+LABELS = artifact("phantom_data").filename
+FILES = ("images.npz", "masks.npz", LABELS, "groundtruth.csv")
 
 
 @dataclass
@@ -143,7 +146,7 @@ class PhantomData:
         lab = self.gt[["id", "patient_id", "split"]].copy()
         for k, c in enumerate(self.class_names):
             lab[c] = self.labels[:, k].astype(np.int8)
-        with atomic_path(out / "labels.csv") as tmp:
+        with atomic_path(out / LABELS) as tmp:
             lab.to_csv(tmp, index=False)
         with atomic_path(out / "groundtruth.csv") as tmp:
             self.gt.to_csv(tmp, index=False)
@@ -196,7 +199,7 @@ class PhantomData:
             with np.load(root / "masks.npz", allow_pickle=False) as z:
                 arrays = {k: z[k] for k in ("anat_bits", "mask_rows", "mask_cls", "mask_bits")}
                 arrays["tube_bits"] = z["tube_bits"] if "tube_bits" in z.files else None
-            lab = pd.read_csv(root / "labels.csv")
+            lab = pd.read_csv(root / LABELS)
             gt = pd.read_csv(root / "groundtruth.csv")
         except (OSError, ValueError, KeyError) as exc:
             raise DataError(f"{root}: cannot read the phantom files ({exc}); regenerate the "
@@ -208,10 +211,10 @@ class PhantomData:
                             f"({images.dtype}); {META} says {n} images of {s}x{s} uint8.")
         miss = [c for c in ["id", "patient_id", "split", *names] if c not in lab.columns]
         if miss or len(lab) != n:
-            raise DataError(f"{root / 'labels.csv'}: expected {n} rows with columns id, "
+            raise DataError(f"{root / LABELS}: expected {n} rows with columns id, "
                             f"patient_id, split and {names}; missing {miss}, {len(lab)} rows.")
         if len(gt) != n or list(gt["id"]) != list(lab["id"]):
-            raise DataError(f"{root / 'groundtruth.csv'} does not match labels.csv row by row "
+            raise DataError(f"{root / 'groundtruth.csv'} does not match {LABELS} row by row "
                             "(ids or row count differ); regenerate the phantom.")
         labels = lab[names].to_numpy(np.float32)
         gt = gt.assign(split=lab["split"].astype(str), id=lab["id"].astype(str),

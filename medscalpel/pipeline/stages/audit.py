@@ -11,6 +11,7 @@ import numpy as np
 from medscalpel.audit.changes import audit_changes
 from medscalpel.audit.forgettability import audit_forgettability
 from medscalpel.audit.pies import find_pies, pie_gallery, pie_ground_truth_tests
+from medscalpel.data.spec import open_dataset
 from medscalpel.errors import DataError
 from medscalpel.pipeline.stage import Stage, StageContext, register_stage
 from medscalpel.pipeline.stages.compress import best_compressed
@@ -51,10 +52,79 @@ class AuditSettings:
     n_boot: int = 200
 
 
+@dataclass(frozen=True)
+class ForgettabilitySettings:
+    sweep_dir: str | None = None  # default: this run's sweep (the 'sweep' stage)
+    method: str | None = None
+    train_data: str | None = None  # spec whose 'train' split gives prevalence; default: run's
+    drop_threshold: float = 0.2
+    n_boot: int = 200
+    n_perm: int = 999
+
+
+@register_stage
+class ForgettabilityStage(Stage):
+    """Forgettability curves per class over the sweep's levels, their first drop, correlation
+    with prevalence, and FCD between classes (``audit forgettability``)."""
+
+    name = "forgettability"
+    may_read = ("sweep_index", "phantom_data")
+    writes = ("forgettability",)
+    Settings = ForgettabilitySettings
+
+    def run(self, ctx: StageContext, s: ForgettabilitySettings) -> dict[str, Any]:
+        sweep = s.sweep_dir or ctx.dir_of("sweep_index")
+        train = (open_dataset(s.train_data, split="train") if s.train_data
+                 else ctx.ds("train").labels if ctx.has_data() else None)
+        fg = audit_forgettability(sweep, train_labels=train, method=s.method,
+                                  drop_threshold=s.drop_threshold, n_boot=s.n_boot,
+                                  n_perm=s.n_perm, seed=ctx.seed, progress=ctx.progress)
+        fg.save(ctx.dir_of("forgettability"))
+        ctx.results[self.name] = fg
+        return {"method": fg.method, "seeds": len(fg.seeds)}
+
+
+@dataclass(frozen=True)
+class PiesSettings:
+    sweep_dir: str | None = None  # default: this run's sweep (the 'sweep' stage)
+    ratio: float = 0.9
+    quantile: float = 0.05
+    score: str = "auto"
+    method: str | None = None
+    gallery_data: str | None = None  # spec of the evaluated images; default: the run's
+    gallery_split: str = "test"
+    n_boot: int = 200
+
+
+@register_stage
+class PiesStage(Stage):
+    """Pruning-identified exemplars at one sweep level, with the classes and finding counts
+    over-represented among them, and their gallery (``audit pies``)."""
+
+    name = "pies"
+    may_read = ("sweep_index", "phantom_data")
+    writes = ("pies",)
+    Settings = PiesSettings
+
+    def run(self, ctx: StageContext, s: PiesSettings) -> dict[str, Any]:
+        sweep = s.sweep_dir or ctx.dir_of("sweep_index")
+        pies = find_pies(sweep, ratio=s.ratio, quantile=s.quantile, score=s.score,
+                         method=s.method, n_boot=s.n_boot, seed=ctx.seed)
+        pdir = ctx.dir_of("pies")
+        pies.save(pdir)
+        images = (open_dataset(s.gallery_data, split=s.gallery_split) if s.gallery_data
+                  else ctx.ds(s.gallery_split) if ctx.has_data() else None)
+        if images is not None:
+            pie_gallery(images, pies, pdir / "pie_gallery.png")
+        ctx.results[self.name] = pies
+        return {"pie_ratio": s.ratio, "n_pies": pies.to_dict().get("n_pies")}
+
+
 @register_stage
 class AuditStage(Stage):
-    """Forgettability curves / FCD and pruning-identified exemplars of the L1 sweep, the PIEs
-    tested against the phantom's per-image ground truth."""
+    """Forgettability curves / FCD and pruning-identified exemplars of the L1 sweep (the
+    'forgettability' and 'pies' stages), the PIEs tested against the phantom's per-image
+    ground truth."""
 
     name = "audit"
     reads = ("sweep_index", "phantom_data")
@@ -62,20 +132,13 @@ class AuditStage(Stage):
     Settings = AuditSettings
 
     def run(self, ctx: StageContext, s: AuditSettings) -> dict[str, Any]:
-        sweep = ctx.dir_of("sweep_index")
-        fg = audit_forgettability(sweep, train_labels=ctx.ds("train").labels, method="l1",
-                                  n_boot=s.n_boot, seed=ctx.seed, progress=ctx.progress)
-        fg.save(ctx.dir_of("forgettability"))
+        ForgettabilityStage().run(ctx, ForgettabilitySettings(method="l1", n_boot=s.n_boot))
         ratio = max(r for r in s.sweep_ratios if r <= 0.9)
-        pies = find_pies(sweep, ratio=ratio, method="l1", n_boot=s.n_boot, seed=ctx.seed)
-        pdir = ctx.dir_of("pies")
-        pies.save(pdir)
-        pie_gallery(ctx.ds("test"), pies, pdir / "pie_gallery.png")
-        gtr = pie_ground_truth_tests(pies, _ground_truth_table(ctx.phantom))
-        gtr.save(pdir)
-        return {"pie_ratio": ratio, "n_pies": pies.to_dict().get("n_pies"),
-                "ground_truth": {k: v for k, v in gtr.to_dict().items()
-                                 if isinstance(v, (int, float, str, bool))}}
+        out = PiesStage().run(ctx, PiesSettings(ratio=ratio, method="l1", n_boot=s.n_boot))
+        gtr = pie_ground_truth_tests(ctx.results["pies"], _ground_truth_table(ctx.phantom))
+        gtr.save(ctx.dir_of("pies"))
+        return {**out, "ground_truth": {k: v for k, v in gtr.to_dict().items()
+                                        if isinstance(v, (int, float, str, bool))}}
 
 
 def _ground_truth_table(phantom):

@@ -48,10 +48,12 @@ class StatsStage(Stage):
     """Label statistics of the training split (prevalence, co-occurrence, Jaccard)."""
 
     name = "stats"
-    reads = ("phantom_data",)
+    may_read = ("phantom_data",)  # the demo's phantom; a command's --data instead
     writes = ("label_stats",)
     Settings = StatsSettings
 
     def run(self, ctx: StageContext, s: StatsSettings) -> dict[str, Any]:
-        st = dataset_statistics(ctx.spec, s.split, ctx.dir_of("label_stats"))
-        return {"n": st.n, "prevalence": dict(zip(st.class_names, np.round(st.prevalence, 4)))}
+        st = dataset_statistics(ctx.data_spec(), s.split, ctx.dir_of("label_stats"))
+        return {"n_images": st.n,
+                "prevalence": dict(zip(st.class_names, np.round(st.prevalence, 4))),
+                "spec": st.spec, "split": s.split, "content_hash": st.content_hash}

@@ -4,6 +4,7 @@ channels of the dense model and how they change with compression."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,12 +14,12 @@ from medscalpel.deploy.cam_head import rank_agreement
 from medscalpel.deploy.served import is_served, load_any
 from medscalpel.explain.cams import compute_cam
 from medscalpel.explain.figures import cam_overlay_figure, polarity_table_figure
-from medscalpel.explain.polarity import compare_stages, polarity_analysis
+from medscalpel.data.spec import open_dataset
+from medscalpel.explain.polarity import QuantileRule, compare_stages, polarity_analysis
 from medscalpel.explain.regions import describe_location, zones_from_masks
 from medscalpel.layout import write_artifact
 from medscalpel.models import load_model
 from medscalpel.pipeline.stage import Stage, StageContext, register_stage
-from medscalpel.runs import write_json
 
 
 def phantom_zones(phantom, row: int):
@@ -42,24 +43,67 @@ class ExplainStage(Stage):
     reads = ("calibrated_card", "predictions:split=test", "compress")
     may_read = ("deploy",)
     writes = ("cams", "polarity")
+    may_write = ("polarity_stages",)
     Settings = ExplainSettings
 
     def run(self, ctx: StageContext, s: ExplainSettings) -> dict[str, Any]:
         summary = _cams(ctx, s)
-        names = list(ctx.ds("test").class_names)
-        pol = polarity_analysis(ctx.model.classifier.weight.detach().numpy(),
-                                ctx.ds("train").labels, names, seed=ctx.seed, n_null=100)
-        write_artifact(ctx.out, "polarity", pol.to_dict())
-        pdir = ctx.dir_of("polarity")
-        polarity_table_figure(pol, pdir / "polarity.png")
-        weights = {"dense": ctx.model.classifier.weight.detach().numpy()}
-        for r in ctx.compress_rows:
-            if r.get("model_dir") and r["method"] in ("lossless", "structured-l1"):
-                weights[r["method"]] = load_model(r["model_dir"]).classifier.weight.detach().numpy()
-        stages = compare_stages(weights, ctx.ds("train").labels, names, seed=ctx.seed,
-                                n_null=100)
-        write_json(pdir / "stages.json", stages.to_dict())
+        compressed = tuple(r["model_dir"] for r in ctx.compress_rows
+                           if r.get("model_dir") and r["method"] in ("lossless", "structured-l1"))
+        names = tuple(r["method"] for r in ctx.compress_rows
+                      if r.get("model_dir") and r["method"] in ("lossless", "structured-l1"))
+        PolarityStage().run(ctx, PolaritySettings(n_null=100, reference_name="dense",
+                                                  compare_with=compressed,
+                                                  compare_names=names))
         return {"cams": summary}
+
+
+@dataclass(frozen=True)
+class PolaritySettings:
+    model: str | None = None  # default: the run's current model
+    data: str | None = None  # spec whose labels define the Jaccard indices; default: the run's
+    split: str = "train"
+    quantile: float = 0.9  # a weight is strong above this quantile of its classifier row
+    n_null: int = 200
+    #: other models whose classifier rows are compared (and the names they get; default:
+    #: their folder names), and the name of the model itself in that comparison
+    compare_with: tuple[str, ...] = ()
+    compare_names: tuple[str, ...] = ()
+    reference_name: str = "model"
+
+
+@register_stage
+class PolarityStage(Stage):
+    """Polarized classifier channels of a model vs label mutual exclusivity (Jaccard), with
+    null models; how they change across other models (``explain polarity``)."""
+
+    name = "polarity"
+    may_read = ("calibrated_card", "phantom_data")
+    writes = ("polarity",)
+    may_write = ("polarity_stages",)
+    Settings = PolaritySettings
+
+    def run(self, ctx: StageContext, s: PolaritySettings) -> dict[str, Any]:
+        m = load_model(s.model) if s.model else ctx.model
+        ds = (open_dataset(s.data, split=s.split, preprocess=m.card.preprocess) if s.data
+              else ctx.ds(s.split))
+        labels, classes = ds.labels_multihot(), list(ds.class_names)
+        rule = QuantileRule(q=s.quantile)
+        w = m.classifier.weight.detach().numpy()
+        pol = polarity_analysis(w, labels, classes, rule=rule, n_null=s.n_null, seed=ctx.seed)
+        write_artifact(ctx.out, "polarity", pol)
+        polarity_table_figure(pol, ctx.dir_of("polarity") / "polarity.png")
+        ctx.results[self.name] = pol
+        if not s.compare_with:
+            return {"class_names": classes}
+        weights = {s.reference_name: w}
+        for i, d in enumerate(s.compare_with):
+            key = s.compare_names[i] if i < len(s.compare_names) else Path(d).name
+            weights[key] = load_model(d).classifier.weight.detach().numpy()
+        stages = compare_stages(weights, labels, classes, rule=rule, n_null=s.n_null,
+                                seed=ctx.seed)
+        write_artifact(ctx.out, "polarity_stages", stages.to_dict())
+        return {"class_names": classes, "compared": list(weights)}
 
 
 def _cams(ctx: StageContext, s: ExplainSettings) -> list[dict[str, Any]]:

@@ -4,14 +4,28 @@ router; distillation into a compact student."""
 from __future__ import annotations
 
 import functools
+import os
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from medscalpel.compress.distill import DistillConfig, distill
+import numpy as np
+
+from medscalpel.compress.contract import CompressionInputs, compress
+from medscalpel.compress.distill import DistillConfig
+from medscalpel.engine.api import load_predictions
+from medscalpel.engine.predict import Features
+from medscalpel.engine.predictions import Predictions
 from medscalpel.engine.train import TrainConfig
+from medscalpel.errors import DataError
+from medscalpel.models import load_model
 from medscalpel.pipeline.stage import Stage, StageContext, register_stage
 from medscalpel.repair.surgery import save_surgery, surgery_from_rule, surgery_ladder
 from medscalpel.repair.triage import triage
+
+#: the cost matrix the router learns, beside its decision log (unless a shared one is given)
+COSTS_FILE = "costs.json"
 
 #: ask for the strictest goal first, then for a fixed drop in probability
 SURGERY_GOALS = ({"below_threshold": True}, {"delta_prob": 0.1}, {"delta_prob": 0.05},
@@ -49,12 +63,61 @@ class RepairStage(Stage):
             "attempts": len(ladder.attempts), "weights_changed": sd.get("n_weights_changed"),
             "other_logits_identical": sd.get("other_logits_identical"),
             "message": sd.get("message")}}
-        tdir = ctx.dir_of("triage")
-        tri = triage(ctx.features["val"], ctx.features["test"], thresholds=ctx.thresholds,
-                     cost_path=tdir / "costs.json")
-        tri.save(tdir, model=ctx.model)
+        TriageStage().run(ctx, TriageSettings())
+        tri = ctx.results["triage"]
         out["triage"] = tri.table() if hasattr(tri, "table") else None
         return out
+
+
+def load_fit_data(path: str | os.PathLike) -> Features | Predictions:
+    """Features (``features`` array inside) or Predictions from an ``.npz``; anything else is
+    one DataError naming the file."""
+    if not Path(path).is_file():
+        raise DataError(f"File not found: {path} (give a Features or Predictions .npz).")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            is_features = "features" in z.files
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path} is not a readable .npz file ({type(exc).__name__}); give a "
+                        "Features or Predictions file written by medscalpel.") from exc
+    return Features.load(path) if is_features else load_predictions(path)
+
+
+@dataclass(frozen=True)
+class TriageSettings:
+    fit: str | None = None  # Features / Predictions .npz; default: the run's val features
+    held_out: str | None = None  # default: the run's test features
+    model: str | None = None  # thresholds and the repaired copy; default: the run's model
+    budget: float = 5.0
+    costs: str | None = None  # shared cost matrix; default: costs.json beside the log
+
+
+@register_stage
+class TriageStage(Stage):
+    """The cost-aware treatment router: diagnose each class, try treatments cheapest-first,
+    keep what helps on held-out data, learn the costs (``repair triage``)."""
+
+    name = "triage"
+    may_read = ("calibrated_card", "features:split=val", "features:split=test")
+    writes = ("triage",)
+    Settings = TriageSettings
+
+    def run(self, ctx: StageContext, s: TriageSettings) -> dict[str, Any]:
+        fit = load_fit_data(s.fit) if s.fit else ctx.features["val"]
+        held = load_fit_data(s.held_out) if s.held_out else ctx.features["test"]
+        if s.model:
+            model = load_model(s.model)
+            thr = model.card.effective_thresholds() if model.card is not None else None
+        elif s.fit:  # a command without --model: no thresholds, no repaired copy
+            model, thr = None, None
+        else:
+            model, thr = ctx.model, ctx.thresholds
+        tdir = ctx.dir_of("triage")
+        tri = triage(fit, held, thresholds=thr, budget=s.budget,
+                     cost_path=s.costs if s.costs is not None else tdir / COSTS_FILE)
+        tri.save(tdir, model=model)
+        ctx.results[self.name] = tri
+        return {"classes": len(tri.classes)}
 
 
 @dataclass(frozen=True)
@@ -87,7 +150,8 @@ class DistillStage(Stage):
                                               max_steps_per_epoch=s.max_steps_per_epoch),
                             n_boot=s.n_boot, saliency_images=min(8, s.n_cam * 2),
                             saliency_method=s.distill_saliency)
-        res = distill(ctx.model, s.student, ctx.ds("train"), ctx.ds("val"), ctx.ds("test"), cfg,
-                      progress=ctx.progress)
+        inputs = CompressionInputs(train=ctx.ds("train"), val=ctx.ds("val"), test=ctx.ds("test"))
+        res = compress("distill", ctx.model, inputs, student=s.student, config=cfg,
+                       progress=ctx.progress).report
         res.save(ctx.dir_of("distill"))
         return {"targets": res.to_dict().get("targets")}

@@ -10,12 +10,13 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 from sklearn.linear_model import LogisticRegression
 
 from medscalpel.engine.external import decisions
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
-from medscalpel.repair.calibrate import cut_table, fit_temperature
+from medscalpel.repair.calibrate import best_cut, cut_table, fit_temperature
 from medscalpel.repair.shift.sampling import _class_index, _class_rows
 from medscalpel.validation import check_in, check_range
 
@@ -179,6 +180,37 @@ class SiteRecalibrator:
         if thr.shape != (k,):
             raise ConfigError(f"SiteRecalibrator.fit: {thr.size} thresholds for {k} classes.")
         idx = _class_index(sample, self.classes)
+        self._check_sample(sample, idx, target, reference, unlabeled)
+        z = sample.logits.astype(np.float64)
+        t = sample.targets().astype(np.float64)
+        if self.prevalence is not None and len(self.prevalence) != k:
+            raise ConfigError(f"SiteRecalibrator: {len(self.prevalence)} prevalences for {k} "
+                              "classes.")
+        w = prevalence_weights(t, None if self.prevalence is None
+                               else np.asarray(self.prevalence), sample.task)
+        self.temperature_ = 1.0
+        self.scale_, self.bias_ = np.ones(k), np.zeros(k)
+        self.reference_ = None
+        if self.method in AFFINE:
+            self._fit_affine(sample, z, t, w, idx, reference)
+        elif self.method == "quantile":
+            _quantile_cuts(sample, reference, unlabeled, thr, idx)
+            self.reference_ = {"n": reference.n, "n_unlabeled": unlabeled.n}
+        elif self.method in ("threshold", "youden"):
+            self._sample_cuts(sample, t, thr, target, idx)
+        self.thresholds_ = thr
+        self.recalibrated_ = tuple(sample.class_names[j] for j in idx)
+        self.target_ = None if target is None else [
+            {"sensitivity": float(r["sensitivity"]), "specificity": float(r["specificity"])}
+            for r in target]
+        self.n_fit_ = sample.n
+        return self
+
+    def _check_sample(self, sample: Predictions, idx: list[int],
+                      target: Sequence[dict[str, Any]] | None, reference: Predictions | None,
+                      unlabeled: Predictions | None) -> None:
+        """Refuse a sample with too few positives / negatives in a class, or inputs the method
+        needs but was not given."""
         for j in idx:
             pos, neg = _class_rows(sample, j)
             if min(pos.size, neg.size) < self.min_per_class:
@@ -198,73 +230,53 @@ class SiteRecalibrator:
             raise ConfigError("SiteRecalibrator(method='quantile') needs per-class decisions "
                               "(multi-label or binary); this multi-class model decides by argmax: "
                               "use 'temperature'.")
-        z = sample.logits.astype(np.float64)
-        t = sample.targets().astype(np.float64)
-        if self.prevalence is not None and len(self.prevalence) != k:
-            raise ConfigError(f"SiteRecalibrator: {len(self.prevalence)} prevalences for {k} "
-                              "classes.")
-        w = prevalence_weights(t, None if self.prevalence is None
-                               else np.asarray(self.prevalence), sample.task)
-        self.temperature_ = 1.0
-        self.scale_, self.bias_ = np.ones(k), np.zeros(k)
-        self.reference_ = None
-        if self.method in AFFINE:
-            if self.method in ("platt", "offset") and sample.task != "multilabel":
-                raise ConfigError(f"SiteRecalibrator(method={self.method!r}) applies per-class "
-                                  "sigmoid outputs (multi-label); use 'temperature' or "
-                                  "'threshold'.")
-            if reference is None:
-                a_e, b_e, t_e = self._affine(z, t, w, sample.task, idx)
-                self.scale_[idx], self.bias_[idx], self.temperature_ = a_e[idx], b_e[idx], t_e
-            else:  # to the INTERNAL score scale: g_int^-1(g_ext(z)), both at one prevalence
-                if tuple(reference.class_names) != tuple(sample.class_names):
-                    raise DataError("SiteRecalibrator.fit: reference classes "
-                                    f"{list(reference.class_names)} differ from the sample's.")
-                zr = reference.logits.astype(np.float64)
-                tr = reference.targets().astype(np.float64)
-                wr = prevalence_weights(tr, None if self.prevalence is None
-                                        else np.asarray(self.prevalence), reference.task)
-                a_i, b_i, t_i = self._affine(zr, tr, wr, reference.task, idx,
-                                             method="platt" if self.method == "offset" else None)
-                a_e, b_e, t_e = self._affine(z, t, w, sample.task, idx,
-                                             slope=a_i if self.method == "offset" else None)
-                self.scale_[idx] = a_e[idx] / a_i[idx]
-                self.bias_[idx] = (b_e[idx] - b_i[idx]) / a_i[idx]
-                self.temperature_ = t_e / t_i
-                self.reference_ = {"n": reference.n, "scale": a_i.tolist(),
-                                   "bias": b_i.tolist(), "temperature": t_i}
-        elif self.method == "quantile":
-            p_int = reference.probs().astype(np.float64)
-            p_new = unlabeled.probs().astype(np.float64)
-            pos_col = _positive_column(sample)
-            for j in idx:
-                if pos_col is not None and j != pos_col:
-                    continue
-                q = float(np.mean(p_int[:, j] >= thr[j]))  # the internal positive-call rate
-                thr[j] = _rate_cut(p_new[:, j], q)
-            self.reference_ = {"n": reference.n, "n_unlabeled": unlabeled.n}
-        elif self.method in ("threshold", "youden"):
-            p = sample.probs().astype(np.float64)
-            pos_col = _positive_column(sample)
-            for j in idx:
-                known = np.isfinite(t[:, j])
-                y = t[known, j] > 0.5
-                if pos_col is not None and j != pos_col:
-                    continue  # binary multi-class: one decision, on the second class
-                if self.method == "youden":
-                    from medscalpel.repair.calibrate import best_cut
 
-                    thr[j] = best_cut(y, p[known, j], "youden")[0]
-                else:
-                    thr[j] = _match_cut(y, p[known, j], target[j]["sensitivity"],
-                                        target[j]["specificity"])
-        self.thresholds_ = thr
-        self.recalibrated_ = tuple(sample.class_names[j] for j in idx)
-        self.target_ = None if target is None else [
-            {"sensitivity": float(r["sensitivity"]), "specificity": float(r["specificity"])}
-            for r in target]
-        self.n_fit_ = sample.n
-        return self
+    def _fit_affine(self, sample: Predictions, z: np.ndarray, t: np.ndarray, w: np.ndarray,
+                    idx: list[int], reference: Predictions | None) -> None:
+        """Set ``scale_`` / ``bias_`` / ``temperature_`` of a logit map: fitted on the sample, or
+        (``reference`` given) composed onto the internal score scale ``g_int^-1(g_ext(z))``,
+        both at one prevalence."""
+        if self.method in ("platt", "offset") and sample.task != "multilabel":
+            raise ConfigError(f"SiteRecalibrator(method={self.method!r}) applies per-class "
+                              "sigmoid outputs (multi-label); use 'temperature' or "
+                              "'threshold'.")
+        if reference is None:
+            a_e, b_e, t_e = self._affine(z, t, w, sample.task, idx)
+            self.scale_[idx], self.bias_[idx], self.temperature_ = a_e[idx], b_e[idx], t_e
+            return
+        if tuple(reference.class_names) != tuple(sample.class_names):
+            raise DataError("SiteRecalibrator.fit: reference classes "
+                            f"{list(reference.class_names)} differ from the sample's.")
+        zr = reference.logits.astype(np.float64)
+        tr = reference.targets().astype(np.float64)
+        wr = prevalence_weights(tr, None if self.prevalence is None
+                                else np.asarray(self.prevalence), reference.task)
+        a_i, b_i, t_i = self._affine(zr, tr, wr, reference.task, idx,
+                                     method="platt" if self.method == "offset" else None)
+        a_e, b_e, t_e = self._affine(z, t, w, sample.task, idx,
+                                     slope=a_i if self.method == "offset" else None)
+        self.scale_[idx] = a_e[idx] / a_i[idx]
+        self.bias_[idx] = (b_e[idx] - b_i[idx]) / a_i[idx]
+        self.temperature_ = t_e / t_i
+        self.reference_ = {"n": reference.n, "scale": a_i.tolist(),
+                           "bias": b_i.tolist(), "temperature": t_i}
+
+    def _sample_cuts(self, sample: Predictions, t: np.ndarray, thr: np.ndarray,
+                     target: Sequence[dict[str, Any]] | None, idx: list[int]) -> None:
+        """``threshold`` / ``youden``: set ``thr[j]`` of each class from the labelled sample (a
+        binary multi-class model: one decision, on the second class)."""
+        p = sample.probs().astype(np.float64)
+        pos_col = _positive_column(sample)
+        for j in idx:
+            known = np.isfinite(t[:, j])
+            y = t[known, j] > 0.5
+            if pos_col is not None and j != pos_col:
+                continue  # binary multi-class: one decision, on the second class
+            if self.method == "youden":
+                thr[j] = best_cut(y, p[known, j], "youden")[0]
+            else:
+                thr[j] = _match_cut(y, p[known, j], target[j]["sensitivity"],
+                                    target[j]["specificity"])
 
     def _affine(self, z: np.ndarray, t: np.ndarray, w: np.ndarray, task: str,
                 idx: list[int], method: str | None = None, slope: np.ndarray | None = None
@@ -279,8 +291,6 @@ class SiteRecalibrator:
             temp = _nll_temperature(z, t, task, w)
             return np.full(k, 1.0 / temp), b, temp
         if method == "offset":
-            from scipy.optimize import minimize_scalar
-
             a = np.ones(k) if slope is None else np.asarray(slope, float).copy()
             for j in idx:
                 known = np.isfinite(t[:, j])
@@ -338,6 +348,20 @@ class SiteRecalibrator:
         r.n_fit_ = int(d["n_fit"])
         r.reference_ = d.get("reference")
         return r
+
+
+def _quantile_cuts(sample: Predictions, reference: Predictions, unlabeled: Predictions,
+                   thr: np.ndarray, idx: list[int]) -> None:
+    """``quantile`` (label-free): set ``thr[j]`` so that the site's unlabelled scores are called
+    positive at the internal positive-call rate of the stored threshold."""
+    p_int = reference.probs().astype(np.float64)
+    p_new = unlabeled.probs().astype(np.float64)
+    pos_col = _positive_column(sample)
+    for j in idx:
+        if pos_col is not None and j != pos_col:
+            continue
+        q = float(np.mean(p_int[:, j] >= thr[j]))  # the internal positive-call rate
+        thr[j] = _rate_cut(p_new[:, j], q)
 
 
 def _positive_column(preds: Predictions) -> int | None:

@@ -145,28 +145,13 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
            else stored_thresholds(model, internal.num_classes)[0])
     pids = patient_ids_of(external, patient_ids)
     fit_rows, use = k_shot_draws(external, k, classes, seed, pids)
-    rest_mask = np.ones(external.n, bool)
-    rest_mask[fit_rows] = False
-    n_fit_patients, n_same = None, 0
-    if pids is not None:
-        keys = _patient_keys(pids)
-        drawn = set(keys[fit_rows])
-        same = rest_mask & np.array([kk in drawn for kk in keys])
-        n_same, n_fit_patients = int(same.sum()), len(drawn)
-        rest_mask &= ~same
-    if not rest_mask.any():
-        raise DataError(f"recalibrate_site: the {k}-shot sample uses all {external.n} external "
-                        "images; nothing is left to measure on. Use more images or lower k.")
+    rest_mask, n_fit_patients, n_same = _rest_mask(external, fit_rows, pids, k)
     sample, rest = external.select(fit_rows), external.select(rest_mask)
     if sample.task == "multilabel":  # each class fits on its own random draws only
         sample = replace(sample, labels=np.where(use, sample.labels, np.nan).astype(
             sample.labels.dtype))
     target = operating_point(internal, thr, n_boot, seed, confidence)
-    if isinstance(prevalence, str):
-        check_in(prevalence, "prevalence", "recalibrate_site", ("internal",))
-        prev, prev_label = np.nanmean(internal.targets().astype(np.float64), axis=0), "internal"
-    else:
-        prev, prev_label = np.asarray(prevalence, float), "given"
+    prev, prev_label = _prevalence(internal, prevalence)
     rec = SiteRecalibrator(method, classes, min_per_class=min(k, 5),
                            prevalence=None if method not in AFFINE
                            else prev.tolist()).fit(sample, thr, target,
@@ -182,29 +167,8 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
     best = best_possible_gap(rest, target, names)
     macro = macro_gap(target, after, names, tolerance)
     verdict = _restored_text(verdict_obj, outcomes, best, macro, method, k, tolerance)
-    notes = ((f"fitted on {len(fit_rows)} external images, measured on the other {rest.n}"
-              if pids is None else
-              f"fitted on {len(fit_rows)} external images of {n_fit_patients} patients (drawn "
-              f"by patient), measured on {rest.n} images of other patients ({n_same} more "
-              "images of the drawn patients left out of both)"),
-             "restored = a verdict (pass / fail / undecided): two one-sided tests per rate that "
-             "sensitivity and specificity on the rest are within the tolerance of the internal "
-             "ones, Holm over every test, >= 10 positives and negatives per class; the macro gap "
-             "is a point estimate beside it",
-             "best_possible_gap: per class the smallest max(|sens - internal|, |spec - "
-             "internal|) ANY threshold reaches on the rest (its labels used: an upper bound on "
-             "what any per-class recalibration can restore, not a method)")
-    if method == "quantile":
-        notes += (f"quantile: LABEL-FREE, thresholds set on the scores (not the labels) of all "
-                  f"{external.n} site images, the rest included, so that each class flags the "
-                  "share of images it flags internally; assumes the internal prevalence and "
-                  "ranking at the site",)
-    if method in AFFINE:
-        notes += ((f"site scores mapped onto the internal score scale ({method} fitted on "
-                   f"the sample and on the {internal.n} internal images, both at the "
-                   f"{prev_label} prevalence"
-                   + ("; the class-balanced k-shot sample reweighted, which assumes the new "
-                      "site has the internal prevalence)" if prev_label == "internal" else ")")),)
+    notes = _notes(method, len(fit_rows), rest.n, external.n, internal.n, pids is None,
+                   n_fit_patients, n_same, prev_label)
     res = SiteRecalibration(
         method=method, k=k, n_fit=int(len(fit_rows)), n_rest=int(rest.n),
         fit_ids=tuple(sample.ids), thresholds_before=tuple(float(x) for x in thr),
@@ -216,6 +180,65 @@ def recalibrate_site(model: Any, internal: Predictions, external: Predictions, *
         split_unit="image" if pids is None else "patient", n_fit_patients=n_fit_patients,
         n_excluded_same_patient=n_same, fit_counts=_fit_counts(sample))
     return res, rec
+
+
+def _rest_mask(external: Predictions, fit_rows: np.ndarray, pids: Any, k: int
+               ) -> tuple[np.ndarray, int | None, int]:
+    """The images measured on: not drawn and (patients known) of no drawn patient. Returns the
+    mask, the number of drawn patients (``None`` unknown) and the images left out for it."""
+    rest_mask = np.ones(external.n, bool)
+    rest_mask[fit_rows] = False
+    n_fit_patients, n_same = None, 0
+    if pids is not None:
+        keys = _patient_keys(pids)
+        drawn = set(keys[fit_rows])
+        same = rest_mask & np.array([kk in drawn for kk in keys])
+        n_same, n_fit_patients = int(same.sum()), len(drawn)
+        rest_mask &= ~same
+    if not rest_mask.any():
+        raise DataError(f"recalibrate_site: the {k}-shot sample uses all {external.n} external "
+                        "images; nothing is left to measure on. Use more images or lower k.")
+    return rest_mask, n_fit_patients, n_same
+
+
+def _prevalence(internal: Predictions, prevalence: str | Sequence[float]
+                ) -> tuple[np.ndarray, str]:
+    """The prevalence the logit maps fit at, and its label (``internal`` / ``given``)."""
+    if isinstance(prevalence, str):
+        check_in(prevalence, "prevalence", "recalibrate_site", ("internal",))
+        return np.nanmean(internal.targets().astype(np.float64), axis=0), "internal"
+    return np.asarray(prevalence, float), "given"
+
+
+def _notes(method: str, n_fit: int, n_rest: int, n_external: int, n_internal: int,
+           by_image: bool, n_fit_patients: int | None, n_same: int, prev_label: str
+           ) -> tuple[str, ...]:
+    """What the recalibration's numbers mean: where it was fitted and measured, what
+    "restored" and the best possible gap are, and the method's assumptions."""
+    notes = ((f"fitted on {n_fit} external images, measured on the other {n_rest}"
+              if by_image else
+              f"fitted on {n_fit} external images of {n_fit_patients} patients (drawn "
+              f"by patient), measured on {n_rest} images of other patients ({n_same} more "
+              "images of the drawn patients left out of both)"),
+             "restored = a verdict (pass / fail / undecided): two one-sided tests per rate that "
+             "sensitivity and specificity on the rest are within the tolerance of the internal "
+             "ones, Holm over every test, >= 10 positives and negatives per class; the macro gap "
+             "is a point estimate beside it",
+             "best_possible_gap: per class the smallest max(|sens - internal|, |spec - "
+             "internal|) ANY threshold reaches on the rest (its labels used: an upper bound on "
+             "what any per-class recalibration can restore, not a method)")
+    if method == "quantile":
+        notes += (f"quantile: LABEL-FREE, thresholds set on the scores (not the labels) of all "
+                  f"{n_external} site images, the rest included, so that each class flags the "
+                  "share of images it flags internally; assumes the internal prevalence and "
+                  "ranking at the site",)
+    if method in AFFINE:
+        notes += ((f"site scores mapped onto the internal score scale ({method} fitted on "
+                   f"the sample and on the {n_internal} internal images, both at the "
+                   f"{prev_label} prevalence"
+                   + ("; the class-balanced k-shot sample reweighted, which assumes the new "
+                      "site has the internal prevalence)" if prev_label == "internal" else ")")),)
+    return notes
 
 
 def _restored_text(v: Any, outcomes: dict[str, str], best: dict[str, float | None],

@@ -20,9 +20,9 @@ from medscalpel.engine.metrics import auroc
 from medscalpel.engine.predict import Features
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError, ModelError, VerificationError
+from medscalpel.layout import write_artifact_at
 from medscalpel.models.checkpoint import save_model
 from medscalpel.models.classifier import MedClassifier
-from medscalpel.runs import write_json
 from medscalpel.validation import check_fraction, check_in, check_range
 from medscalpel.repair.surgery.helpers import (_linear_from, class_index, class_probs,
                                                contributions, label_k, margins, sigmoid)
@@ -463,5 +463,5 @@ def save_surgery(result: "SurgeryResult | SurgeryLadder", out_dir: str | os.Path
                           "other_logits_identical": result.other_logits_identical})
         save_model(result.model, out, new_card)
         result.model_dir = str(out)
-    write_json(out / "surgery.json", (ladder or result).to_dict())
+    write_artifact_at(out, "surgery", ladder or result)
     return out

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from medscalpel.data.cooccurrence import CooccurrenceEvidence, ExclusionRule
+from medscalpel.data.io import read_image
 from medscalpel.errors import DataError, ModelError
 from medscalpel.explain.cams import compute_cam, preserved_model_state
 from medscalpel.explain.channels import channel_contributions_from_model
 from medscalpel.explain.regions import ZONE_PHRASES, describe_location, estimate_lung_field
+from medscalpel.layout import write_artifact_at
 from medscalpel.models.operating_point import OperatingPoint
 from medscalpel.progress import track
 from medscalpel.report.clinical.evidence import exclusion_plan, resolve_evidence, signed_channel
@@ -29,7 +31,6 @@ from medscalpel.report.clinical.results import (COARSE, CONFLICT_MODES, MIN_CAM_
                                                 Conflict, ExcludedFinding, ReportedFinding, _j)
 from medscalpel.report.figures import clinical_overlay_png
 from medscalpel.report.html import DECISION_SUPPORT, render, safe_filename, write_html
-from medscalpel.runs import write_json
 from medscalpel.validation import check_in, check_range
 
 logger = logging.getLogger(__name__)
@@ -92,8 +93,6 @@ def _load_inputs(model: Any, images: Any, image_ids: Sequence[str] | None
 
 def _load_one(card: Any, i: int, it: Any) -> tuple[torch.Tensor, str, str]:
     if isinstance(it, (str, os.PathLike)):
-        from medscalpel.data.io import read_image
-
         if card is None:
             raise ModelError("clinical_report: reading image files needs the model's card "
                              "(its preprocessing); load the model with load_model.")
@@ -344,6 +343,35 @@ def _render(model: Any, s: _Setup, sc: _Scores, i: int, plan: tuple, cams: Mappi
         decision=decision)
 
 
+def _operating(s: _Setup, calibration: Any) -> tuple[list[ClassOperatingPoint],
+                                                      dict[str, Any]]:
+    """Step 4: each class's operating point (with its calibration evidence) and the report's
+    operating block; a softmax model's block says what its channel evidence decomposes."""
+    ops, operating = operating_points(s.card, s.names, None, calibration)
+    if s.op.task != "multilabel":
+        operating["notes"].append(
+            "softmax model: the channel evidence below decomposes the finding's own class "
+            "logit; its log-odds (the margin's scale) is that logit minus the "
+            + ("other class's logit" if s.op.task == "binary" else "log-sum-exp of the others"))
+    return ops, operating
+
+
+def _shared(model: Any, s: _Setup, operating: dict[str, Any], resolution: dict[str, Any],
+            exclusion: dict[str, Any], cam_method: str) -> dict[str, Any]:
+    """What every image's report shares: CAM resolution, operating and exclusion blocks, the
+    CAM method, the creation time, the shared warnings and the model block."""
+    return {"resolution": resolution, "operating": operating, "exclusion": exclusion,
+            "cam_method": cam_method, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "warnings": _shared_warnings(operating, exclusion, resolution),
+            "model": {"arch": getattr(model, "arch", type(model).__name__),
+                      "model_id": getattr(s.card, "model_id", "") if s.card is not None
+                      else "", "task": s.task, "class_names": s.names,
+                      "thresholds": [_j(t) for t in s.thresholds],
+                      "thresholds_calibrated": operating["calibrated"],
+                      "operating_point": s.op.describe(),
+                      "input_size": resolution["input_size"], **_served_block(model)}}
+
+
 # ----------------------------------------------------------------------------- main
 def clinical_report(
     model: Any,
@@ -404,25 +432,10 @@ def clinical_report(
                   rank_by, top_channels, min_cam_size, exclusion_rule)
     sc = _gather(model, s)
     plans = _plans(s, sc)
-    ops, operating = operating_points(s.card, s.names, None, calibration)
-    if s.op.task != "multilabel":
-        operating["notes"].append(
-            "softmax model: the channel evidence below decomposes the finding's own class "
-            "logit; its log-odds (the margin's scale) is that logit minus the "
-            + ("other class's logit" if s.op.task == "binary" else "log-sum-exp of the others"))
+    ops, operating = _operating(s, calibration)
     resolution = cam_resolution(model, s.x, min_cam_size)
     cams = _cams(model, s, plans, cam_method, progress)
-    exclusion = _exclusion_info(s)
-    shared = {"resolution": resolution, "operating": operating, "exclusion": exclusion,
-              "cam_method": cam_method, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "warnings": _shared_warnings(operating, exclusion, resolution),
-              "model": {"arch": getattr(model, "arch", type(model).__name__),
-                        "model_id": getattr(s.card, "model_id", "") if s.card is not None
-                        else "", "task": s.task, "class_names": s.names,
-                        "thresholds": [_j(t) for t in s.thresholds],
-                        "thresholds_calibrated": operating["calibrated"],
-                        "operating_point": s.op.describe(),
-                        "input_size": resolution["input_size"], **_served_block(model)}}
+    shared = _shared(model, s, operating, resolution, _exclusion_info(s), cam_method)
     reports = [_render(model, s, sc, i, plans[i], cams, ops, shared,
                        zones[i] if zones is not None else None, top_channels)
                for i in track(range(len(s.ids)), "clinical reports", progress=progress)]
@@ -485,10 +498,10 @@ def write_clinical_reports(reports: Sequence[ClinicalReport], out_dir: str | os.
     notice = first.operating.get("notice") if first is not None else None
     mode = first.exclusion.get("mode") if first is not None else "flag"
     kept = any(r.identifiers_kept for r in reports)
-    write_json(out / "index.json", {"schema_version": SCHEMA, "kind": "clinical_index",
-                                    "disclaimer": DECISION_SUPPORT, "operating_notice": notice,
-                                    "conflicts": mode, "identifiers_kept": kept,
-                                    "reports": rows})
+    write_artifact_at(out, "clinical_index", {
+        "schema_version": SCHEMA, "kind": "clinical_index", "disclaimer": DECISION_SUPPORT,
+        "operating_notice": notice, "conflicts": mode, "identifiers_kept": kept,
+        "reports": rows})
     return write_html(out / "index.html", render("clinical_index.html.j2", title=title,
                                                  rows=rows, disclaimer=DECISION_SUPPORT,
                                                  notice=notice, mode=mode,

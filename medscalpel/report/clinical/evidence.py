@@ -14,11 +14,15 @@ import numpy as np
 from medscalpel.data.cooccurrence import CooccurrenceEvidence, ExclusionRule
 from medscalpel.data.stats import LabelStats
 from medscalpel.errors import DataError
+from medscalpel.layout import artifact
 from medscalpel.runs import read_json
 from medscalpel.validation import check_in
 from medscalpel.report.clinical.results import CONFLICT_MODES, Conflict
 
 logger = logging.getLogger(__name__)
+
+#: the label statistics file 'data stats' writes (declared in medscalpel/layout.py)
+_STATS_FILE = artifact("label_stats").filename
 
 
 # ----------------------------------------------------------------------------- evidence
@@ -73,11 +77,12 @@ def resolve_evidence(label_stats: Any, class_names: Sequence[str],
     elif isinstance(label_stats, (np.ndarray, list, tuple)):
         raise DataError("clinical_report: label_stats is a matrix (a Jaccard matrix?); a low "
                         "Jaccard index only says that one finding is rare and is no evidence of "
-                        "mutual exclusivity. Pass the training labels' LabelStats or stats.json "
-                        "('medscalpel data stats').")
+                        "mutual exclusivity. Pass the training labels' LabelStats or "
+                        f"{_STATS_FILE} ('medscalpel data stats').")
     else:
         raise DataError(f"clinical_report: label_stats is a {type(label_stats).__name__}; give a "
-                        "LabelStats, a CooccurrenceEvidence, their dict or a stats.json path.")
+                        f"LabelStats, a CooccurrenceEvidence, their dict or a {_STATS_FILE} "
+                        "path.")
     names = [str(c) for c in class_names]
     missing = [n for n in names if n not in ev.class_names]
     extra = [n for n in ev.class_names if n not in names]

@@ -11,6 +11,7 @@ from typing import Any
 
 
 from medscalpel.errors import DataError
+from medscalpel.layout import artifact
 from medscalpel.models.operating_point import STORED_METHOD, OperatingPoint
 from medscalpel.runs import read_json
 from medscalpel.report.clinical.results import (
@@ -22,6 +23,8 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- operating points
 #: what a calibration file must hold to be one
 _CALIBRATION_KEYS = ("calibrator", "operating_point", "temperature")
+#: the name of the file 'repair calibrate' writes (declared in medscalpel/layout.py)
+_CALIBRATION_FILE = artifact("calibration").filename
 
 
 def _calibration_dict(calibration: Any) -> dict[str, Any] | None:
@@ -34,7 +37,8 @@ def _calibration_dict(calibration: Any) -> dict[str, Any] | None:
             d = read_json(calibration)
         except UnicodeDecodeError as exc:
             raise DataError(f"{calibration} is not a JSON file (binary content); give the "
-                            "calibration.json written by 'medscalpel repair calibrate'.") from exc
+                            f"{_CALIBRATION_FILE} written by 'medscalpel repair calibrate'."
+                            ) from exc
         where = str(calibration)
     elif isinstance(calibration, Mapping):
         d, where = dict(calibration), "the calibration"
@@ -42,10 +46,10 @@ def _calibration_dict(calibration: Any) -> dict[str, Any] | None:
         d, where = calibration.to_dict(), type(calibration).__name__
     else:
         raise DataError(f"clinical_report: calibration is a {type(calibration).__name__}; give a "
-                        "CalibrationResult, its dict or a calibration.json path.")
+                        f"CalibrationResult, its dict or a {_CALIBRATION_FILE} path.")
     if not isinstance(d, Mapping) or not any(k in d for k in _CALIBRATION_KEYS):
         raise DataError(f"{where} is not a calibration result (it has none of "
-                        f"{list(_CALIBRATION_KEYS)}); give the calibration.json written by "
+                        f"{list(_CALIBRATION_KEYS)}); give the {_CALIBRATION_FILE} written by "
                         "'medscalpel repair calibrate'.")
     return dict(d)
 
@@ -80,7 +84,7 @@ def _calibration_classes(cal: Mapping[str, Any], names: list[str]) -> None:
     if not ok:
         raise DataError(f"clinical_report: the calibration is of other classes "
                         f"({cal_names[:3]}...) than the model's ({names[:3]}...); pass the "
-                        "calibration.json written for this model.")
+                        f"{_CALIBRATION_FILE} written for this model.")
 
 
 def _describe_origin(op: OperatingPoint, j: int) -> tuple[str, str]:

@@ -7,10 +7,14 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from medscalpel.layout import artifact
 from medscalpel.report import html as H
 from medscalpel.report.html import Table, num, text
 from medscalpel.report.page import RunFiles, Section, pointer
 from medscalpel.report.sections.base import ReportSection, register_section
+
+#: the CAM stage's artifact (declared in medscalpel/layout.py): its folder holds the figures
+_CAMS = artifact("cams")
 
 
 @register_section
@@ -23,14 +27,14 @@ class CamsSection(ReportSection):
     order = 110
 
     def render(self, run: RunFiles, sec: Section) -> None:
-        base = "explain/cams"
+        base = _CAMS.path.rsplit("/", 1)[0]
         pngs = run.pngs(base)
         jsons = sorted(p.name for p in run.path(base).glob("*.json")) \
             if run.path(base).is_dir() else []
         if not pngs and not jsons:
             return
         sec.present = True
-        served = self._served(run, f"{base}/cams.json", sec) if "cams.json" in jsons else {}
+        served = self._served(run, _CAMS.path, sec) if _CAMS.filename in jsons else {}
         for png in pngs:
             caption = Path(png).stem.replace("_", " ")
             if served.get("figure") and Path(png).name == served["figure"]:

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medscalpel.layout import artifact
 from medscalpel.report import html as H
 from medscalpel.report.html import Table, num, text
 from medscalpel.report.page import Link, RunFiles, Section, pointer
 from medscalpel.report.sections.base import ReportSection, register_section
+
+#: the index of the clinical reports (declared in medscalpel/layout.py): its folder holds them
+_INDEX = artifact("clinical_index")
 
 
 @register_section
@@ -23,13 +27,13 @@ class ClinicalSection(ReportSection):
 
     def render(self, run: RunFiles, sec: Section) -> None:
         max_examples = self.options.clinical_examples
-        base = "reports/clinical"
+        base = _INDEX.path.rsplit("/", 1)[0]
         d = run.path(base)
         if not d.is_dir():
             return
         reports = []
         for p in sorted(d.glob("*.json")):
-            if p.name == "index.json":
+            if p.name == _INDEX.filename:
                 continue
             rel = f"{base}/{p.name}"
             doc = self.json(run, rel, sec)

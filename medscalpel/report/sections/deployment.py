@@ -1,5 +1,5 @@
 """The experiment report's "Deployment" section: the runtime x precision table of
-``compress/deploy/deploy.json`` (a typed :class:`~medscalpel.deploy.result.DeployResult`)
+``deploy/deploy.json`` (a typed :class:`~medscalpel.deploy.result.DeployResult`)
 with latency ratios, parity, delta AUROC, go / no-go and the recommendation with its reason."""
 
 from __future__ import annotations

@@ -28,6 +28,10 @@ bound of the lift < 0.1, >= 10 expected co-occurrences, enough images), ``not_ex
 co-occurrences to tell). ``counts_evidence`` and ``all_class_pairs_evidence`` (the share of
 ordered class pairs per evidence category: what the ``pairs`` null model expects) report them.
 
+The package: :mod:`.rules` (strong-weight rules, polarized channels), :mod:`.jaccard` (label
+Jaccard and evidence categories), :mod:`.nulls` (null models); this module holds
+:func:`polarity_analysis` with its :class:`PolarityResult` and :func:`compare_stages`.
+
 Example:
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
@@ -50,14 +54,17 @@ import pandas as pd
 from medscalpel.data.cooccurrence import (VERDICTS, CooccurrenceEvidence, ExclusionRule,
                                           cooccurrence_evidence)
 from medscalpel.errors import ConfigError, DataError
-from medscalpel.registry import Registry
-from medscalpel.validation import check_fraction, check_range
+from medscalpel.explain.polarity.jaccard import (CATEGORIES, _count, _fractions, classify_jaccard,
+                                                 evidence_matrix, jaccard_matrix, multihot)
+from medscalpel.explain.polarity.nulls import NULL_MODELS, NullSummary, _null_draws, _summarise
+from medscalpel.explain.polarity.rules import (POLARITY_RULES, AbsoluteRule, QuantileRule,
+                                               StrongWeightRule, TopKRule, ZScoreRule,
+                                               _channel_pairs, _triples, _weights_of, make_rule)
+from medscalpel.validation import check_range
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = 1
-#: seed 000's Jaccard categories (for comparison with the seed paper only)
-CATEGORIES = ("perfect", "legitimate", "mixed", "conflict", "undefined")
 #: evidence categories (:mod:`medscalpel.data.cooccurrence` verdicts)
 EVIDENCE_CATEGORIES = VERDICTS
 JACCARD_NOTE = ("Jaccard categories of seed 000 (perfect J = 0, legitimate 0 < J < b0, mixed, "
@@ -67,268 +74,6 @@ EVIDENCE_NOTE = ("evidence categories: 'exclusive' when the labels co-occur sign
                  "than independence predicts by the exclusion rule (see 'exclusion_rule'), "
                  "'not_exclusive' when the data could tell and the rule does not hold, "
                  "'insufficient' when too few images or expected co-occurrences")
-NULL_MODELS = ("pairs", "columns", "rows")
-
-#: strong-weight rules by name (``quantile``, ``zscore``, ``topk``, ``absolute``)
-POLARITY_RULES: Registry["StrongWeightRule"] = Registry("polarity rule")
-
-
-# ----------------------------------------------------------------------------- rules
-class StrongWeightRule:
-    """Decides which classifier weights are *strong*. Subclasses implement :meth:`strong`."""
-
-    name = "base"
-
-    def strong(self, weight: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        """Bool ``[K, C]``: ``weight[k, c]`` is strong."""
-        raise NotImplementedError
-
-    def masks(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(strong positive, strong negative) bool ``[K, C]`` masks; zero weights are neither."""
-        s = self.strong(weight)
-        return s & (weight > 0), s & (weight < 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in vars(self).items() if not k.startswith("_")}
-        return {"name": self.name, **d}
-
-
-@POLARITY_RULES.register("quantile", help="|w| at or above the q-quantile of |w| in its class row")
-@dataclass(frozen=True)
-class QuantileRule(StrongWeightRule):
-    """``|W[k, c]| >= quantile_q(|W[k, :]|)``: the channel is among the ``1 - q`` strongest
-    channels (by magnitude) of class ``k``'s classifier row."""
-
-    q: float = 0.9
-    name = "quantile"
-
-    def __post_init__(self):
-        check_fraction(self.q, "q", "QuantileRule")
-
-    def strong(self, weight: np.ndarray) -> np.ndarray:
-        a = np.abs(weight)
-        thr = np.quantile(a, self.q, axis=1, keepdims=True)
-        return a >= thr
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "q": self.q}
-
-
-@POLARITY_RULES.register("zscore", help="|w| at least z standard deviations of its class row")
-@dataclass(frozen=True)
-class ZScoreRule(StrongWeightRule):
-    """``|W[k, c] - mean_k| >= z * std_k`` over class ``k``'s row."""
-
-    z: float = 2.0
-    name = "zscore"
-
-    def __post_init__(self):
-        check_range(self.z, "z", "ZScoreRule", 0.0, low_inclusive=False)
-
-    def strong(self, weight: np.ndarray) -> np.ndarray:
-        mu = weight.mean(1, keepdims=True)
-        sd = weight.std(1, keepdims=True)
-        return np.abs(weight - mu) >= self.z * np.where(sd > 0, sd, np.inf)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "z": self.z}
-
-
-@POLARITY_RULES.register("topk", help="the k largest |w| of each class row")
-@dataclass(frozen=True)
-class TopKRule(StrongWeightRule):
-    """The ``k`` channels of largest ``|W[k, c]|`` in each class row (ties broken by index)."""
-
-    k: int = 10
-    name = "topk"
-
-    def __post_init__(self):
-        check_range(self.k, "k", "TopKRule", 1, integer=True)
-
-    def strong(self, weight: np.ndarray) -> np.ndarray:
-        k = min(self.k, weight.shape[1])
-        idx = np.argsort(-np.abs(weight), axis=1, kind="stable")[:, :k]
-        out = np.zeros(weight.shape, bool)
-        np.put_along_axis(out, idx, True, axis=1)
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "k": self.k}
-
-
-@POLARITY_RULES.register("absolute", help="|w| at or above a fixed threshold")
-@dataclass(frozen=True)
-class AbsoluteRule(StrongWeightRule):
-    """``|W[k, c]| >= threshold``."""
-
-    threshold: float = 0.1
-    name = "absolute"
-
-    def __post_init__(self):
-        check_range(self.threshold, "threshold", "AbsoluteRule", 0.0, low_inclusive=False)
-
-    def strong(self, weight: np.ndarray) -> np.ndarray:
-        return np.abs(weight) >= self.threshold
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "threshold": self.threshold}
-
-
-def make_rule(rule: StrongWeightRule | str | Mapping[str, Any]) -> StrongWeightRule:
-    """A rule object from an instance, a name (``"quantile"``) or ``{"name": .., **params}``."""
-    if isinstance(rule, StrongWeightRule):
-        return rule
-    if isinstance(rule, str):
-        return POLARITY_RULES.create(rule)
-    if isinstance(rule, Mapping):
-        params = dict(rule)
-        name = params.pop("name", None)
-        if name is None:
-            raise ConfigError("A polarity rule given as a mapping needs a 'name' key, e.g. "
-                              "{'name': 'quantile', 'q': 0.9}.")
-        return POLARITY_RULES.create(name, **params)
-    raise ConfigError(f"The 'rule' parameter of polarity_analysis must be a StrongWeightRule, a "
-                      f"name in {POLARITY_RULES.names()} or a mapping. Got {rule!r} instead.")
-
-
-# ----------------------------------------------------------------------------- Jaccard
-def multihot(labels: np.ndarray, num_classes: int | None = None) -> np.ndarray:
-    """``[N, K]`` float labels (NaN = unknown) from multi-hot or multi-class int ``[N]`` labels."""
-    y = np.asarray(labels)
-    if y.ndim == 1:
-        if num_classes is None:
-            num_classes = int(y.max()) + 1 if y.size else 0
-        out = np.zeros((len(y), num_classes), np.float64)
-        out[np.arange(len(y)), y.astype(np.int64)] = 1.0
-        return out
-    if y.ndim != 2:
-        raise DataError(f"Labels must be [N, K] multi-hot or [N] class indices; got {y.shape}.")
-    y = y.astype(np.float64)
-    bad = ~np.isnan(y) & (y != 0) & (y != 1)
-    if bad.any():
-        r, c = np.argwhere(bad)[0]
-        raise DataError(f"Labels must be 0/1 (NaN = unknown); row {r}, column {c} holds "
-                        f"{float(y[r, c]):g}. Binarise uncertain labels first.")
-    return y
-
-
-def jaccard_matrix(labels: np.ndarray) -> np.ndarray:
-    """Pairwise Jaccard index ``|a & b| / |a | b|`` of the label columns, ``[K, K]``.
-
-    Rows where either label is unknown (NaN) are left out of that pair. Pairs whose union is
-    empty (neither label ever positive) get NaN.
-    """
-    y = multihot(labels)
-    known = (~np.isnan(y)).astype(np.float64)
-    a = np.nan_to_num(y, nan=0.0)
-    inter = a.T @ a
-    s = a.T @ known                      # s[i, j] = #(y_i = 1 and y_j known)
-    union = s + s.T - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        j = np.where(union > 0, inter / np.where(union > 0, union, 1.0), np.nan)
-    np.fill_diagonal(j, np.where(np.diag(union) > 0, 1.0, np.nan))
-    return j
-
-
-def classify_jaccard(j: float | np.ndarray, bounds: tuple[float, float] = (0.1, 0.3)) -> np.ndarray:
-    """Seed 000's categories: perfect J = 0, legitimate 0 < J < b0, mixed b0 <= J < b1,
-    conflict J >= b1; NaN (neither label ever positive) -> 'undefined'.
-
-    For comparison with the seed paper only: these categories are no evidence of mutual
-    exclusivity (see :func:`evidence_matrix`)."""
-    j = np.asarray(j, dtype=np.float64)
-    lo, hi = bounds
-    out = np.full(j.shape, "undefined", dtype=object)
-    ok = ~np.isnan(j)
-    out[ok & (j <= 0)] = "perfect"
-    out[ok & (j > 0) & (j < lo)] = "legitimate"
-    out[ok & (j >= lo) & (j < hi)] = "mixed"
-    out[ok & (j >= hi)] = "conflict"
-    return out
-
-
-def _count(cats: np.ndarray) -> dict[str, int]:
-    return {c: int(np.sum(cats == c)) for c in CATEGORIES}
-
-
-def evidence_matrix(evidence: CooccurrenceEvidence) -> np.ndarray:
-    """``[K, K]`` object array of each class pair's evidence category (``exclusive``,
-    ``not_exclusive``, ``insufficient``; the diagonal ``insufficient``), in the evidence's class
-    order."""
-    k = len(evidence.class_names)
-    out = np.full((k, k), "insufficient", dtype=object)
-    idx = {c: i for i, c in enumerate(evidence.class_names)}
-    for p in evidence.pairs:
-        out[idx[p.a], idx[p.b]] = out[idx[p.b], idx[p.a]] = p.verdict
-    return out
-
-
-# ----------------------------------------------------------------------------- core
-def _triples(weight: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-    """``[T, 3]`` (channel, positive class, negative class) of every polarized triple."""
-    out = []
-    for c in np.flatnonzero(pos.any(0) & neg.any(0)):
-        p = np.flatnonzero(pos[:, c])
-        n = np.flatnonzero(neg[:, c])
-        pp, nn = np.meshgrid(p, n, indexing="ij")
-        out.append(np.stack([np.full(pp.size, c), pp.ravel(), nn.ravel()], 1))
-    return np.concatenate(out) if out else np.zeros((0, 3), np.int64)
-
-
-def _channel_pairs(weight: np.ndarray, pos: np.ndarray, neg: np.ndarray,
-                   max_channels: int | None) -> np.ndarray:
-    """``[P, 3]`` (channel, strongest positive class, strongest negative class) of polarized
-    channels, sorted by polarization strength min(w+, |w-|) (top ``max_channels`` kept)."""
-    chans = np.flatnonzero(pos.any(0) & neg.any(0))
-    if chans.size == 0:
-        return np.zeros((0, 3), np.int64)
-    wp = np.where(pos[:, chans], weight[:, chans], -np.inf)
-    wn = np.where(neg[:, chans], weight[:, chans], np.inf)
-    p = wp.argmax(0)
-    n = wn.argmin(0)
-    score = np.minimum(wp.max(0), -wn.min(0))
-    order = np.argsort(-score, kind="stable")
-    if max_channels is not None:
-        order = order[:max_channels]
-    return np.stack([chans[order], p[order], n[order]], 1)
-
-
-def _fractions(counts: Mapping[str, float]) -> dict[str, float]:
-    tot = sum(counts[c] for c in CATEGORIES if c != "undefined")
-    return {c: (counts[c] / tot if tot else float("nan")) for c in CATEGORIES if c != "undefined"}
-
-
-@dataclass(frozen=True)
-class NullSummary:
-    """A null model's distribution of the category table.
-
-    Attributes:
-        model: ``pairs``, ``columns`` or ``rows``.
-        level: ``triples`` or ``channels``.
-        mean_counts / std_counts: expected count per category over the null draws.
-        mean_fractions: expected share per category (undefined pairs excluded).
-        mean_total: expected number of polarized triples / channels.
-        exclusive_fraction_observed / exclusive_fraction_null: share of perfect + legitimate.
-        enrichment: observed / null exclusive share.
-        p_value: one-sided empirical p, P(null share >= observed share), with +1 correction.
-        p_value_perfect: the same for the share of perfect pairs alone.
-    """
-
-    model: str
-    level: str
-    n_null: int
-    mean_counts: dict[str, float]
-    std_counts: dict[str, float]
-    mean_fractions: dict[str, float]
-    mean_total: float
-    exclusive_fraction_observed: float
-    exclusive_fraction_null: float
-    enrichment: float
-    p_value: float
-    p_value_perfect: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
 
 
 @dataclass(frozen=True)
@@ -468,12 +213,6 @@ class PolarityResult:
         return out
 
 
-def _weights_of(weight: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if len(rows) == 0:
-        return np.zeros(0), np.zeros(0)
-    return weight[rows[:, 1], rows[:, 0]], weight[rows[:, 2], rows[:, 0]]
-
-
 def _check_inputs(weight: Any, labels: Any, class_names: Sequence[str] | None
                   ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     w = np.asarray(weight, dtype=np.float64)
@@ -564,66 +303,6 @@ def polarity_analysis(
     return res
 
 
-def _null_draws(model: str, w: np.ndarray, rule: StrongWeightRule, trip: np.ndarray,
-                chp: np.ndarray, jac: np.ndarray, bounds: tuple[float, float], n_null: int,
-                max_channels: int | None, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    k = w.shape[0]
-    out = {"triples": np.zeros((n_null, len(CATEGORIES))),
-           "channels": np.zeros((n_null, len(CATEGORIES)))}
-    for d in range(n_null):
-        if model == "pairs":
-            levels = {"triples": len(trip), "channels": len(chp)}
-            for level, m in levels.items():
-                p = rng.integers(0, k, m)
-                n = (p + rng.integers(1, k, m)) % k      # uniform over classes != p
-                cats = classify_jaccard(jac[p, n], bounds)
-                out[level][d] = [np.sum(cats == c) for c in CATEGORIES]
-            continue
-        wr = rng.permuted(w, axis=0 if model == "columns" else 1)
-        pos, neg = rule.masks(wr)
-        for level, rows in (("triples", _triples(wr, pos, neg)),
-                            ("channels", _channel_pairs(wr, pos, neg, max_channels))):
-            cats = classify_jaccard(jac[rows[:, 1], rows[:, 2]], bounds)
-            out[level][d] = [np.sum(cats == c) for c in CATEGORIES]
-    return out
-
-
-def _share(counts: np.ndarray, cats: tuple[str, ...]) -> np.ndarray:
-    idx = [CATEGORIES.index(c) for c in cats]
-    defined = counts[..., :4].sum(-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(defined > 0, counts[..., idx].sum(-1) / np.where(defined > 0, defined, 1),
-                        np.nan)
-
-
-def _summarise(model: str, level: str, draws: np.ndarray, observed: dict[str, int]) -> NullSummary:
-    obs = np.array([observed[c] for c in CATEGORIES], dtype=np.float64)
-    mean = draws.mean(0)
-    std = draws.std(0)
-    excl_obs = float(_share(obs, ("perfect", "legitimate")))
-    excl_null = _share(draws, ("perfect", "legitimate"))
-    perf_obs = float(_share(obs, ("perfect",)))
-    perf_null = _share(draws, ("perfect",))
-    valid = ~np.isnan(excl_null)
-    n_valid = int(valid.sum())
-    if np.isnan(excl_obs) or n_valid == 0:
-        p = pp = float("nan")
-    else:
-        p = float((1 + np.sum(excl_null[valid] >= excl_obs - 1e-12)) / (1 + n_valid))
-        pp = float((1 + np.sum(perf_null[valid] >= perf_obs - 1e-12)) / (1 + n_valid))
-    excl_null_mean = float(np.nanmean(excl_null)) if n_valid else float("nan")
-    enrich = excl_obs / excl_null_mean if n_valid and excl_null_mean > 0 else float("nan")
-    return NullSummary(
-        model=model, level=level, n_null=int(len(draws)),
-        mean_counts={c: float(mean[i]) for i, c in enumerate(CATEGORIES)},
-        std_counts={c: float(std[i]) for i, c in enumerate(CATEGORIES)},
-        mean_fractions={c: float(np.nanmean(_share(draws, (c,)))) if n_valid else float("nan")
-                        for c in CATEGORIES if c != "undefined"},
-        mean_total=float(draws[:, :4].sum(1).mean()),
-        exclusive_fraction_observed=excl_obs, exclusive_fraction_null=excl_null_mean,
-        enrichment=float(enrich), p_value=p, p_value_perfect=pp)
-
-
 # ----------------------------------------------------------------------------- stages
 @dataclass(frozen=True)
 class StagePolarity:
@@ -676,3 +355,10 @@ def compare_stages(weights: Mapping[str, np.ndarray], train_labels: np.ndarray,
         raise ConfigError("compare_stages needs at least one stage, e.g. {'dense': W}.")
     return StagePolarity({str(k): polarity_analysis(np.asarray(v), train_labels, class_names,
                                                     **kwargs) for k, v in weights.items()})
+
+
+__all__ = ["CATEGORIES", "EVIDENCE_CATEGORIES", "EVIDENCE_NOTE", "JACCARD_NOTE", "NULL_MODELS",
+           "POLARITY_RULES", "SCHEMA", "AbsoluteRule", "NullSummary", "PolarityResult",
+           "QuantileRule", "StagePolarity", "StrongWeightRule", "TopKRule", "ZScoreRule",
+           "classify_jaccard", "compare_stages", "evidence_matrix", "jaccard_matrix",
+           "make_rule", "multihot", "polarity_analysis"]
