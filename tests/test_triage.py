@@ -178,7 +178,7 @@ def test_cli_commands_smoke(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from medscalpel.cli import repair_cmd
+    from medscalpel.cli import calibrate_cmd, repair_cmd
     from medscalpel.data.transforms import Preprocess
     from medscalpel.models.checkpoint import load_model, make_card, save_model
     from medscalpel.models.zoo import create_model
@@ -196,7 +196,8 @@ def test_cli_commands_smoke(tmp_path):
     save_model(model, tmp_path / "m", make_card(model, ["a", "b", "c"], "multilabel",
                                                  Preprocess(size=32)))
     app = typer.Typer()
-    for fn in (repair_cmd.calibrate, repair_cmd.surgery, repair_cmd.retrain, repair_cmd.triage):
+    for fn in (calibrate_cmd.calibrate, repair_cmd.surgery, repair_cmd.retrain,
+               repair_cmd.triage):
         app.command()(fn)
     r = CliRunner()
     res = r.invoke(app, ["calibrate", str(tmp_path / "fitp.npz"), "--eval",

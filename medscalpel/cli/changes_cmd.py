@@ -15,16 +15,18 @@ def find_models(path: Path) -> list[Path]:
     deploy``, holding ``serve.json``) or every model directory under ``path`` (a sweep / run
     directory), sorted."""
     from medscalpel.errors import DataError
+    from medscalpel.layout import artifact
 
-    if (path / "model.json").is_file() or (path / "serve.json").is_file():
+    card = artifact("model").filename
+    if (path / card).is_file() or (path / "serve.json").is_file():
         return [path]
     if not path.is_dir():
-        raise DataError(f"{path} is neither a model directory (with model.json) nor a folder "
+        raise DataError(f"{path} is neither a model directory (with {card}) nor a folder "
                         "holding model directories.")
-    found = sorted({p.parent for p in path.rglob("model.json")}
+    found = sorted({p.parent for p in path.rglob(card)}
                    | {p.parent for p in path.rglob("serve.json")})
     if not found:
-        raise DataError(f"No model directory (model.json) under {path}; give the compressed "
+        raise DataError(f"No model directory ({card}) under {path}; give the compressed "
                         "model's folder or a sweep/run directory that holds them.")
     return found
 
@@ -66,16 +68,42 @@ def changes(
     drift and faithfulness, per-subgroup delta AUROC, and robustness to CXR corruptions, each
     with CIs. Nothing is written unless the whole audit succeeds."""
     from medscalpel.audit.changes import audit_changes
-    from medscalpel.deploy.served import load_served, runtime_model
     from medscalpel.engine.api import model_provenance as provenance
-    from medscalpel.data import open_dataset
-    from medscalpel.engine.predict import collect_images
-    from medscalpel.errors import ConfigError
     from medscalpel.layout import artifact
-    from medscalpel.models import load_model
     from medscalpel.runs import RunDir
 
-    compressed = list(compressed or [])
+    ref, dirs, models, ds = _load_models(dense, list(compressed or []), runtime, data, split,
+                                         calib_split, n_calib, threads)
+    config = {"dense": str(dense), "compressed": [str(d) for d in dirs], "runtime": list(runtime),
+              "n_calib": n_calib, "calib_split": calib_split, "data": data,
+              "split": split, "measures": list(measures), "n_images": n_images,
+              "n_boot": n_boot, "attributes": list(attributes), "min_subgroup": min_subgroup,
+              "n_faithfulness": n_faithfulness, "corruptions": list(corruptions),
+              "severities": list(severities),
+              "artifacts": {k: provenance(m) for k, m in models.items()
+                            if provenance(m) is not None}}
+    with RunDir(out, command="audit changes", config=config, seed=seed,
+                overwrite=overwrite) as run:
+        result = audit_changes(ref, models, ds, measures=measures, n_images=n_images,
+                               n_boot=n_boot, seed=seed, attribute_names=attributes or None,
+                               min_subgroup=min_subgroup, n_faithfulness=n_faithfulness,
+                               corruptions=corruptions or None, severities=severities)
+        result.save(artifact("changes").dir_in(run.path))
+    _print_changes(result, data, split)
+    console.print(f"written to {artifact('changes').dir_in(out)}")
+
+
+def _load_models(dense: Path, compressed: list[Path], runtime: list[str], data: str,
+                 split: str, calib_split: str, n_calib: int, threads: int):
+    """The dense model, the compressed model directories found, every compared model by name
+    (each compressed one, and the dense and torch ones again as run by each --runtime) and the
+    audited split: ``(dense_model, dirs, models, dataset)``."""
+    from medscalpel.data import open_dataset
+    from medscalpel.deploy.served import load_served, runtime_model
+    from medscalpel.engine.predict import collect_images
+    from medscalpel.errors import ConfigError
+    from medscalpel.models import load_model
+
     if not compressed and not runtime:
         raise ConfigError("audit changes: nothing to compare with the dense model; give "
                           "compressed model directories or --runtime (e.g. openvino:int8).")
@@ -96,21 +124,11 @@ def changes(
         for rt in runtime:
             for k, m in torch_models.items():
                 models[f"{k}@{rt}"] = runtime_model(m, rt, calib, threads=threads)
-    config = {"dense": str(dense), "compressed": [str(d) for d in dirs], "runtime": list(runtime),
-              "n_calib": n_calib, "calib_split": calib_split, "data": data,
-              "split": split, "measures": list(measures), "n_images": n_images,
-              "n_boot": n_boot, "attributes": list(attributes), "min_subgroup": min_subgroup,
-              "n_faithfulness": n_faithfulness, "corruptions": list(corruptions),
-              "severities": list(severities),
-              "artifacts": {k: provenance(m) for k, m in models.items()
-                            if provenance(m) is not None}}
-    with RunDir(out, command="audit changes", config=config, seed=seed,
-                overwrite=overwrite) as run:
-        result = audit_changes(ref, models, ds, measures=measures, n_images=n_images,
-                               n_boot=n_boot, seed=seed, attribute_names=attributes or None,
-                               min_subgroup=min_subgroup, n_faithfulness=n_faithfulness,
-                               corruptions=corruptions or None, severities=severities)
-        result.save(artifact("changes").dir_in(run.path))
+    return ref, dirs, models, ds
+
+
+def _print_changes(result, data: str, split: str) -> None:
+    """Each compressed model's headline and its calibration, subgroup and robustness tables."""
     for p in result.pairs:
         console.print(f"[bold]{p.name}[/bold] vs dense ({result.n} images of {data} / {split})")
         for line in p.headline():
@@ -124,4 +142,3 @@ def changes(
                 console.print(f"  skipped: {s}")
         if p.robustness is not None:
             print_table(p.robustness.table(), title=f"{p.name}: robustness (macro)")
-    console.print(f"written to {artifact('changes').dir_in(out)}")

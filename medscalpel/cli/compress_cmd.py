@@ -6,10 +6,21 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from medscalpel.cli import deprecations
 from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt, print_table
 from medscalpel.errors import ConfigError
+
+_TARGET_LATENCY_HELP = ("Search the ratio whose MEASURED latency (ms, batch 1) in --runtime is at "
+                        "most this.")
+_SPEEDUP_MEASURED_HELP = ("Search the ratio whose measured latency in --runtime is this many "
+                          "times the dense one's.")
+_ROUND_TO_HELP = ("Keep channel counts multiples of this (default in the measured modes: the "
+                  "CPU's fp32 vector width, 8 or 16).")
+_EXTERNAL_HELP = ("A second site's labelled dataset spec (same classes): the pruned and the "
+                  "unpruned model are also compared on all of its images, with the same "
+                  "verdict.")
 
 
 def parse_ratios(text: str) -> list[float]:
@@ -94,17 +105,12 @@ def prune(
                                           "0.5 unless --target-speedup)."),
     target_speedup: Optional[float] = typer.Option(None, help="Search the ratio giving this "
                                                    "MACs reduction instead."),
-    target_latency: Optional[float] = typer.Option(None, "--target-latency", help="Search the "
-                                                   "ratio whose MEASURED latency (ms, batch 1) "
-                                                   "in --runtime is at most this."),
-    target_speedup_measured: Optional[float] = typer.Option(None, help="Search the ratio whose "
-                                                            "measured latency in --runtime is "
-                                                            "this many times the dense one's."),
+    target_latency: Optional[float] = typer.Option(None, "--target-latency",
+                                                   help=_TARGET_LATENCY_HELP),
+    target_speedup_measured: Optional[float] = typer.Option(None, help=_SPEEDUP_MEASURED_HELP),
     runtime: str = typer.Option("onnxruntime:fp32", help="Runtime of the measured modes "
                                 "(e.g. onnxruntime:fp32, openvino:fp32, torch:fp32)."),
-    round_to: Optional[int] = typer.Option(None, help="Keep channel counts multiples of this "
-                                           "(default in the measured modes: the CPU's fp32 "
-                                           "vector width, 8 or 16)."),
+    round_to: Optional[int] = typer.Option(None, help=_ROUND_TO_HELP),
     global_pruning: bool = typer.Option(False, "--global", help="Rank channels globally."),
     steps: int = typer.Option(1, help="Iterative pruning steps."),
     recovery_epochs: int = typer.Option(0, help="Total recovery fine-tune epochs (split over "
@@ -121,22 +127,16 @@ def prune(
     n_boot: int = typer.Option(N_BOOT, help=N_BOOT_HELP),
     eval_split: str = typer.Option("test", help="Split of --data the pruned and the unpruned "
                                    "model are compared on (paired, same images)."),
-    external: Optional[str] = typer.Option(None, metavar="SPEC", help="A second site's "
-                                           "labelled dataset spec (same classes): the pruned "
-                                           "and the unpruned model are also compared on all "
-                                           "of its images, with the same verdict."),
+    external: Optional[str] = typer.Option(None, metavar="SPEC", help=_EXTERNAL_HELP),
     seed: int = typer.Option(0, help="Seed of the calibration choice and recovery."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Structured channel pruning on Torch-Pruning dependency graphs (physically smaller model
     with lineage), optionally iterative with recovery fine-tune / distillation."""
     calib = deprecations.renamed(calib, calib_old, "--calib", "compress prune")
-    from medscalpel.compress.contract import CompressionInputs, compress
-    from medscalpel.compress.structured import RecoveryConfig, prune_structured
+    from medscalpel.compress.structured import RecoveryConfig
     from medscalpel.engine.predict import collect_images
     from medscalpel.models.checkpoint import load_model
-    from medscalpel.layout import write_artifact
-    from medscalpel.runs import RunDir
 
     m = load_model(model)
     train_ds = _open(data, "train", m)
@@ -155,27 +155,55 @@ def prune(
                     global_pruning=global_pruning, iterative_steps=steps, recovery=rec,
                     round_to=round_to, target_latency_ms=target_latency,
                     target_speedup_measured=target_speedup_measured, runtime=runtime)
+    run_dir = dict(command="compress prune", config=config, seed=seed, overwrite=overwrite)
     if dry_run:
-        with RunDir(out, command="compress prune", config=config, seed=seed,
-                    data={"train": train_ds.content_hash()}, overwrite=overwrite) as run:
-            res = prune_structured(m, images, train_ds=train_ds, val_ds=val_ds, dry_run=True,
-                                   **settings)
-            write_artifact(run.path, "prune", res)
-        console.print(f"{criterion} (dry run): params {res.params_before:,} -> "
-                      f"{res.params_after:,}, MACs x{res.speedup_macs:.2f}; nothing pruned")
-        return
+        return _prune_dry_run(m, images, train_ds, val_ds, settings, out, run_dir)
+    result, ext_verdict = _prune_run(m, images, train_ds, val_ds, settings, data, eval_split,
+                                     external, n_boot, seed, out, run_dir)
+    _print_prune(result, ext_verdict, criterion, eval_split, out)
+
+
+def _prune_dry_run(m, images, train_ds, val_ds, settings: dict, out: Path,
+                   run_dir: dict) -> None:
+    """``compress prune --dry-run``: the plan's parameters and MACs, nothing pruned; writes
+    prune.json."""
+    from medscalpel.compress.structured import prune_structured
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
+
+    with RunDir(out, data={"train": train_ds.content_hash()}, **run_dir) as run:
+        res = prune_structured(m, images, train_ds=train_ds, val_ds=val_ds, dry_run=True,
+                               **settings)
+        write_artifact(run.path, "prune", res)
+    console.print(f"{settings['criterion']} (dry run): params {res.params_before:,} -> "
+                  f"{res.params_after:,}, MACs x{res.speedup_macs:.2f}; nothing pruned")
+
+
+def _prune_run(m, images, train_ds, val_ds, settings: dict, data: str, eval_split: str,
+               external: Optional[str], n_boot: int, seed: int, out: Path, run_dir: dict):
+    """Prune through the registered ``prune`` compressor, compare with the unpruned model on
+    ``eval_split`` (and on the --external site): ``(CompressionResult, external verdict)``."""
+    from medscalpel.compress.contract import CompressionInputs, compress
+    from medscalpel.layout import write_artifact
+    from medscalpel.runs import RunDir
+
     eval_ds = _open(data, eval_split, m)
     ext_ds = _open(external, "all", m) if external is not None else None  # before any work
     inputs = CompressionInputs(calib=images, train=train_ds, val=val_ds, evaluate=eval_ds)
-    with RunDir(out, command="compress prune", config=config, seed=seed,
-                data={"train": train_ds.content_hash(), eval_split: eval_ds.content_hash()},
-                overwrite=overwrite) as run:
+    with RunDir(out, data={"train": train_ds.content_hash(), eval_split: eval_ds.content_hash()},
+                **run_dir) as run:
         result = compress("prune", m, inputs, n_boot=n_boot, **settings)
         result.save(run.path)
-        res = result.report
-        write_artifact(run.path, "prune", res)
+        write_artifact(run.path, "prune", result.report)
         ext_verdict = (_external_floor(m, result.model, ext_ds, external, run.path, n_boot, seed)
                        if ext_ds is not None else None)
+    return result, ext_verdict
+
+
+def _print_prune(result, ext_verdict, criterion: str, eval_split: str, out: Path) -> None:
+    """Parameters, MACs and measured speedup, the paired accuracy table and the verdicts
+    against the default floor (internal split, and the external site when given)."""
+    res = result.report
     lat = res.latency["ratio"] if res.latency else None
     spread = (f" (spread {res.latency['spread']:.0%} over {res.latency['rounds']} alternated "
               "rounds" + ("; NOISY: measure again on an idle machine)" if res.latency["noisy"]
@@ -190,8 +218,6 @@ def prune(
     print_table(result.comparison.table(), f"accuracy: pruned vs unpruned on '{eval_split}' "
                 f"({result.comparison.n} images, paired bootstrap)")
     console.print(result.comparison.summary(), highlight=False)
-    from rich.markup import escape
-
     cmp = result.comparison
     verdict = cmp.verdict(margin=0.01, macro_margin=0.005,
                           method="bootstrap" if cmp.replicates is not None and cmp.n_boot

@@ -11,6 +11,21 @@ import typer
 from medscalpel.cli.common import console, fmt
 from medscalpel.errors import ConfigError
 
+_EXTERNAL_HELP = ("A second site's labelled dataset spec (same classes): every variant must "
+                  "also be shown to meet the floor there (all of its images, as 'evaluate "
+                  "--external' uses them).")
+_UNSCORABLE_HELP = ("Accept classes with fewer than --min-positives positive or negative "
+                    "evaluation images unchecked (named in every verdict); without it they "
+                    "leave verdicts undecided.")
+_EXPLAIN_HELP = ("Serve the artifact with a second output, the class activation maps (checked "
+                 "against Grad-CAM, latency cost measured); --no-explain: logits only. When "
+                 "CAMs are served, the logits-only artifact is kept beside them in "
+                 "serve/logits_only.")
+_GUARANTEE_HELP = ("When the model card carries a guarantee (repair calibrate --guarantee "
+                   "--model), serve only variants whose re-certification PASSES (an undecided "
+                   "one is not served); a failing one is never served. Refused for a card "
+                   "without one.")
+
 
 def _list(text: Optional[str]) -> Optional[list[str]]:
     if text is None:
@@ -50,33 +65,16 @@ def deploy(
     n_boot: int = typer.Option(1000, help="Paired bootstrap replicates for the CIs."),
     seed: int = typer.Option(0, help="Seed of the image choice and the bootstrap."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
-    external: Optional[str] = typer.Option(None, metavar="SPEC", help="A second site's "
-                                           "labelled dataset spec (same classes): every "
-                                           "variant must also be shown to meet the floor "
-                                           "there (all of its images, as 'evaluate "
-                                           "--external' uses them)."),
-    accept_unscorable: bool = typer.Option(False, help="Accept classes with fewer than "
-                                           "--min-positives positive or negative evaluation "
-                                           "images unchecked (named in every verdict); "
-                                           "without it they leave verdicts undecided."),
+    external: Optional[str] = typer.Option(None, metavar="SPEC", help=_EXTERNAL_HELP),
+    accept_unscorable: bool = typer.Option(False, help=_UNSCORABLE_HELP),
     min_positives: int = typer.Option(10, help="Positive (and negative) images a class needs "
                                       "for its floor to be checked."),
-    explain: bool = typer.Option(True, help="Serve the artifact with a second output, the "
-                                            "class activation maps (checked against Grad-CAM, "
-                                            "latency cost measured); --no-explain: logits "
-                                            "only. When CAMs are served, the logits-only "
-                                            "artifact is kept beside them in "
-                                            "serve/logits_only."),
-    require_guarantee: bool = typer.Option(False, help="When the model card carries a "
-                                           "guarantee (repair calibrate --guarantee --model), "
-                                           "serve only variants whose re-certification PASSES "
-                                           "(an undecided one is not served); a failing one is "
-                                           "never served. Refused for a card without one."),
+    explain: bool = typer.Option(True, help=_EXPLAIN_HELP),
+    require_guarantee: bool = typer.Option(False, help=_GUARANTEE_HELP),
 ) -> None:
     """Export (ONNX, OpenVINO IR), benchmark runtimes x precisions alternated in one run, check
     parity and per-class delta AUROC, and serve the fastest variant meeting the floor."""
     from medscalpel.deploy.flow import deploy as run_deploy
-    from medscalpel.deploy.result import explanation_line, export_line, guarantee_lines
     from medscalpel.data import open_dataset
     from medscalpel.layout import artifact
     from medscalpel.models.checkpoint import load_model
@@ -102,6 +100,15 @@ def deploy(
                          explain=explain, external_data=ext,
                          accept_unscorable=accept_unscorable, min_positives=min_positives,
                          require_guarantee=require_guarantee)
+    _print_deploy(res, out)
+
+
+def _print_deploy(res, out: Path) -> None:
+    """The benchmark table, the recommended variant and where it is served, its explanation
+    output, exporter and guarantee, and its paired macro delta AUROC."""
+    from medscalpel.deploy.result import explanation_line, export_line, guarantee_lines
+    from medscalpel.layout import artifact
+
     console.print(res.markdown(), markup=False, highlight=False)
     chosen = res.chosen
     console.print(f"recommended: {res.recommended} ({res.reason}); served from "

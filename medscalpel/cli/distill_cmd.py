@@ -12,6 +12,23 @@ from rich.markup import escape
 from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, one_of, console, fmt, print_table
 from medscalpel.errors import ConfigError
 
+_TEACHER_HELP = ("The teacher: a model directory (model.safetensors + model.json), or a zoo "
+                 "architecture name that is first trained on --data for --teacher-epochs.")
+_DATA_HELP = ("Dataset spec with train/val/test splits, e.g. 'phantom?n=2000&size=64' or "
+              "'folder:/data/kermany/train?dedup=true'.")
+_STUDENT_HELP = ("Student: a zoo architecture (mobilenetv3_small_100, mobilenetv3_large_100, "
+                 "efficientnet_b0, resnet18, resnet_tiny, densenet_tiny, ...), a model "
+                 "directory (e.g. a structurally pruned teacher from 'compress prune'), or "
+                 "'ofa': one once-for-all supernet, one subnet per --latency-budget.")
+_OUT_HELP = ("Run directory to create (distill/: distill.json, model/, student_alone/; "
+             "manifest.json).")
+_SOFT_WEIGHT_HELP = ("Weight of the teacher's soft targets in [0, 1] (1 - it weighs the "
+                     "ground-truth loss; 0 = no teacher).")
+_DEPLOY_RUN_HELP = ("--student ofa: a 'compress deploy' run (deploy.json / serve.json) whose "
+                    "runtime and threads measure the subnets.")
+_PHASE_EPOCHS_HELP = ("--student ofa: epochs of the progressive shrinking phases "
+                      "largest,kernel,depth,width (in place of --epochs).")
+
 
 def _preprocess(model_dir: str, size: int, channels: int):
     """The teacher's input contract when it is a model directory, else --size/--channels."""
@@ -47,23 +64,11 @@ def _class_list(text: str) -> tuple[int, ...] | None:
 
 def distill(
     teacher_arg: Optional[str] = typer.Argument(None, hidden=True, metavar="TEACHER"),
-    teacher: Optional[str] = typer.Option(None, "--model", "--teacher", help="The teacher: a "
-                                          "model directory (model.safetensors + model.json), "
-                                          "or a zoo architecture name that is first trained on "
-                                          "--data for --teacher-epochs."),
-    data: str = typer.Option(..., help="Dataset spec with train/val/test splits, e.g. "
-                             "'phantom?n=2000&size=64' or "
-                             "'folder:/data/kermany/train?dedup=true'."),
-    student: str = typer.Option("mobilenetv3_small_100", help="Student: a zoo architecture "
-                                "(mobilenetv3_small_100, mobilenetv3_large_100, efficientnet_b0, "
-                                "resnet18, resnet_tiny, densenet_tiny, ...), a model directory "
-                                "(e.g. a structurally pruned teacher from 'compress prune'), or "
-                                "'ofa': one once-for-all supernet, one subnet per "
-                                "--latency-budget."),
-    out: Path = typer.Option(Path("runs/compress-distill"), help="Run directory to create "
-                             "(distill/: distill.json, model/, student_alone/; manifest.json)."),
-    soft_weight: float = typer.Option(0.5, help="Weight of the teacher's soft targets in [0, 1] "
-                                      "(1 - it weighs the ground-truth loss; 0 = no teacher)."),
+    teacher: Optional[str] = typer.Option(None, "--model", "--teacher", help=_TEACHER_HELP),
+    data: str = typer.Option(..., help=_DATA_HELP),
+    student: str = typer.Option("mobilenetv3_small_100", help=_STUDENT_HELP),
+    out: Path = typer.Option(Path("runs/compress-distill"), help=_OUT_HELP),
+    soft_weight: float = typer.Option(0.5, help=_SOFT_WEIGHT_HELP),
     temperature: float = typer.Option(4.0, help="Distillation temperature T (soft term scaled "
                                       "by T^2)."),
     epochs: int = typer.Option(10, help="Student epochs (the same for the distilled and the "
@@ -93,14 +98,10 @@ def distill(
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     latency_budget: str = typer.Option("", help="--student ofa: comma list of batch-1 latency "
                                        "budgets in ms (one subnet each) on the deploy runtime."),
-    deploy_run: Optional[Path] = typer.Option(None, help="--student ofa: a 'compress deploy' run "
-                                              "(deploy.json / serve.json) whose runtime and "
-                                              "threads measure the subnets."),
+    deploy_run: Optional[Path] = typer.Option(None, help=_DEPLOY_RUN_HELP),
     runtime: str = typer.Option("", help="--student ofa: runtime:precision measuring the "
                                 "subnets (default: the --deploy-run's, else onnxruntime:fp32)."),
-    phase_epochs: str = typer.Option("4,2,2,2", help="--student ofa: epochs of the progressive "
-                                     "shrinking phases largest,kernel,depth,width (in place of "
-                                     "--epochs)."),
+    phase_epochs: str = typer.Option("4,2,2,2", help=_PHASE_EPOCHS_HELP),
     search_subnets: int = typer.Option(40, help="--student ofa: random subnets measured before "
                                        "the evolutionary search."),
 ) -> None:
@@ -108,26 +109,17 @@ def distill(
     with the student trained alone (params, MACs, CPU speedup, AUROC/AP with CIs, Score-CAM
     similarity); or (--student ofa) one once-for-all supernet and one subnet per latency
     budget."""
-    from medscalpel.compress.contract import CompressionInputs, compress
     from medscalpel.compress.distill import DistillConfig
     from medscalpel.engine.train import TrainConfig
-    from medscalpel.layout import artifact
-    from medscalpel.runs import RunDir
 
     teacher = one_of(teacher, teacher_arg, "--model", "TEACHER", "the teacher model",
                      command="compress distill")
-    if (student == "ofa") != bool(latency_budget.strip()):
-        raise ConfigError("--student ofa and --latency-budget MS[,MS...] go together (one subnet "
-                          "per budget); other students take no budget.")
-    if student == "ofa" and (feature_weight > 0 or attention_weight > 0):
-        raise ConfigError("--student ofa distils logits only (DistillLoss soft + hard terms); "
-                          "--feature-weight and --attention-weight must stay 0.")
-    pre = _preprocess(teacher, size, channels)
-    train_ds, val_ds, test_ds = _open_splits(data, pre, augment)
+    _check_student(student, latency_budget, feature_weight, attention_weight)
+    splits = _open_splits(data, _preprocess(teacher, size, channels), augment)
     if student == "ofa":
         from medscalpel.cli.ofa_cmd import run_ofa
 
-        run_ofa(teacher, data, train_ds, val_ds, test_ds, out, latency_budget, deploy_run,
+        run_ofa(teacher, data, *splits, out, latency_budget, deploy_run,
                 runtime, phase_epochs, search_subnets, lr, batch_size, soft_weight, temperature,
                 max_steps_per_epoch,
                 TrainConfig(epochs=teacher_epochs, batch_size=batch_size, lr=teacher_lr,
@@ -145,6 +137,30 @@ def distill(
                         baseline=baseline, n_boot=n_boot, saliency_images=saliency_images,
                         saliency_method=saliency_method,
                         saliency_classes=_class_list(saliency_classes)).validate()
+    res = _run_distill(teacher, student, data, splits, cfg, seed, out, overwrite)
+    _print_distill(res, out)
+
+
+def _check_student(student: str, latency_budget: str, feature_weight: float,
+                   attention_weight: float) -> None:
+    """--student ofa goes with --latency-budget (and only it), and distils logits only."""
+    if (student == "ofa") != bool(latency_budget.strip()):
+        raise ConfigError("--student ofa and --latency-budget MS[,MS...] go together (one subnet "
+                          "per budget); other students take no budget.")
+    if student == "ofa" and (feature_weight > 0 or attention_weight > 0):
+        raise ConfigError("--student ofa distils logits only (DistillLoss soft + hard terms); "
+                          "--feature-weight and --attention-weight must stay 0.")
+
+
+def _run_distill(teacher: str, student: str, data: str, splits, cfg, seed: int, out: Path,
+                 overwrite: bool):
+    """Distil through the registered ``distill`` compressor in a resumable run directory;
+    writes distill/distill.json (the distilled student in model/ beside it)."""
+    from medscalpel.compress.contract import CompressionInputs, compress
+    from medscalpel.layout import artifact
+    from medscalpel.runs import RunDir
+
+    train_ds, val_ds, test_ds = splits
     config = {"teacher": teacher, "student": student, "data": data, **cfg.to_dict()}
     with RunDir(out, command="compress distill", config=config, seed=seed,
                 data={"train": train_ds.content_hash(), "val": val_ds.content_hash(),
@@ -155,6 +171,14 @@ def distill(
         res = compress("distill", teacher, inputs, student=student, config=cfg,
                        checkpoint_dir=run.path / "checkpoint").report
         res.save(artifact("distill").dir_in(run.path))
+    return res
+
+
+def _print_distill(res, out: Path) -> None:
+    """Teacher vs students, the distilled student's size, speed, AUROC drop and saliency
+    agreement, and the acceptance verdict with its three parts."""
+    from medscalpel.layout import artifact
+
     print_table(res.table(), "teacher vs students (test split)")
     d = res.students["distilled"]
     sal = res.saliency.get("distilled", {}).get("overall", {})

@@ -9,9 +9,8 @@ from medscalpel.cli import deprecations
 
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
-    from medscalpel.cli import (audit_cmd, changes_cmd, compress_cmd, data_cmd, distill_cmd, explain_cmd,
-                                lossless_cmd,
-                                phantom_cmd, repair_cmd,
+    from medscalpel.cli import (audit_cmd, calibrate_cmd, changes_cmd, compress_cmd, data_cmd,
+                                distill_cmd, explain_cmd, lossless_cmd, phantom_cmd, repair_cmd,
                                 report_cmd, scale_cmd, shift_cmd)
 
     from medscalpel.cli import show_cmd
@@ -36,7 +35,8 @@ def register(app: typer.Typer, data_app: typer.Typer) -> None:
     repair_app = typer.Typer(no_args_is_help=True,
                              help="Repair: threshold calibration, surgical correction, partial "
                                   "retraining, the cost-aware treatment router.")
-    for name in ("calibrate", "surgery", "retrain", "triage"):
+    repair_app.command("calibrate")(calibrate_cmd.calibrate)
+    for name in ("surgery", "retrain", "triage"):
         repair_app.command(name)(getattr(repair_cmd, name))
     repair_app.command("recalibrate-site")(shift_cmd.recalibrate_site)
     app.add_typer(repair_app, name="repair")

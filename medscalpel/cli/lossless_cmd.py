@@ -76,9 +76,7 @@ def lossless(
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
 ) -> None:
     """Compress a model without changing its outputs (or with a reported tolerance)."""
-    from medscalpel.compress.contract import CompressionInputs, compress
-    from medscalpel.data import open_dataset
-    from medscalpel.models.checkpoint import load_model
+    from medscalpel.compress.contract import compress
     from medscalpel.runs import RunDir
 
     model_dir = one_of(model_dir, model_arg, "--model", "MODEL", "the model directory",
@@ -89,31 +87,16 @@ def lossless(
                                         "compress lossless")
     heldout_images = deprecations.renamed(heldout_images, heldout_old, "--heldout-images",
                                           "compress lossless")
-    if tolerance is not None and sparsify_ratio is not None:
-        raise ConfigError("Use either --tolerance or --sparsify-ratio, not both.")
-    model = load_model(model_dir)
-    pre = model.card.preprocess
-    cal_ds = open_dataset(data_spec, split=calib_split, preprocess=pre).require_nonempty()
-    held_ds = open_dataset(data_spec, split=heldout_split, preprocess=pre).require_nonempty()
-    calib, _, _ = _images(cal_ds, calib_images, seed)
-    held, held_labels, held_idx = _images(held_ds, heldout_images, seed + 1)
-    held_sub = held_ds.subset(held_idx)
-    inputs = CompressionInputs(calib=calib, heldout=held, heldout_labels=held_labels,
-                               train=cal_ds, val=held_sub,
-                               evaluate=held_sub if n_boot >= 0 else None)
-    if sparsify_ratio is not None:
-        method, kw = "sparsify-fold", {"ratio": sparsify_ratio, "epochs": sparsify_epochs,
-                                       "lr": sparsify_lr, "lam": sparsify_lam, "atol": atol,
-                                       "batch_size": batch_size, "seed": seed}
-    elif tolerance is not None:
-        method, kw = "tolerance", {"ratio": tolerance, "batch_size": batch_size, "seed": seed}
-    else:
-        method = "lossless" if mode == "provable" else "lossless-empirical"
-        kw = {"atol": atol, "rank_rtol": rank_rtol, "dependent": dependent,
-              "batch_size": batch_size, "weight_rtol": weight_rtol,
-              "random_inputs": random_inputs, "seed": seed}
+    method, kw = _method_settings(
+        mode, tolerance, sparsify_ratio, {"ratio": sparsify_ratio, "epochs": sparsify_epochs,
+                                          "lr": sparsify_lr, "lam": sparsify_lam, "atol": atol,
+                                          "batch_size": batch_size, "seed": seed},
+        {"atol": atol, "rank_rtol": rank_rtol, "dependent": dependent, "batch_size": batch_size,
+         "weight_rtol": weight_rtol, "random_inputs": random_inputs, "seed": seed})
+    model, cal_ds, held_ds, inputs = _load(model_dir, data_spec, calib_split, heldout_split,
+                                           calib_images, heldout_images, seed, n_boot)
     config = {"model_dir": str(model_dir), "data": data_spec, "method": method, "mode": mode,
-              "calib_images": len(calib), "heldout_images": len(held), **kw,
+              "calib_images": len(inputs.calib), "heldout_images": len(inputs.heldout), **kw,
               "calib_split": calib_split, "heldout_split": heldout_split, "n_boot": n_boot}
     data = {"spec": data_spec, "calib_hash": cal_ds.content_hash(),
             "heldout_hash": held_ds.content_hash()}
@@ -125,8 +108,46 @@ def lossless(
     typer.echo(_summary(result, out))
 
 
+def _load(model_dir: Path, data_spec: str, calib_split: str, heldout_split: str,
+          calib_images: int, heldout_images: int, seed: int, n_boot: int):
+    """The model, its calibration and held-out splits, and the compressor's inputs drawn from
+    them (seeded image choices): ``(model, calib_dataset, heldout_dataset, inputs)``."""
+    from medscalpel.compress.contract import CompressionInputs
+    from medscalpel.data import open_dataset
+    from medscalpel.models.checkpoint import load_model
+
+    model = load_model(model_dir)
+    pre = model.card.preprocess
+    cal_ds = open_dataset(data_spec, split=calib_split, preprocess=pre).require_nonempty()
+    held_ds = open_dataset(data_spec, split=heldout_split, preprocess=pre).require_nonempty()
+    calib, _, _ = _images(cal_ds, calib_images, seed)
+    held, held_labels, held_idx = _images(held_ds, heldout_images, seed + 1)
+    held_sub = held_ds.subset(held_idx)
+    inputs = CompressionInputs(calib=calib, heldout=held, heldout_labels=held_labels,
+                               train=cal_ds, val=held_sub,
+                               evaluate=held_sub if n_boot >= 0 else None)
+    return model, cal_ds, held_ds, inputs
+
+
+def _method_settings(mode: str, tolerance: Optional[float], sparsify_ratio: Optional[float],
+                     sparsify: dict, exact: dict) -> tuple[str, dict]:
+    """The registered compressor the flags select and its settings: ``sparsify-fold`` (with
+    ``sparsify``), ``tolerance``, else ``lossless`` / ``lossless-empirical`` (with ``exact``);
+    both lossy flags at once are refused."""
+    if tolerance is not None and sparsify_ratio is not None:
+        raise ConfigError("Use either --tolerance or --sparsify-ratio, not both.")
+    if sparsify_ratio is not None:
+        return "sparsify-fold", sparsify
+    if tolerance is not None:
+        return "tolerance", {"ratio": tolerance, "batch_size": sparsify["batch_size"],
+                             "seed": sparsify["seed"]}
+    return ("lossless" if mode == "provable" else "lossless-empirical"), exact
+
+
 def _summary(res, out: Path) -> str:
     """One line: parameters, what was verified, the paired accuracy delta, where it went."""
+    from medscalpel.layout import artifact
+
     v, rep = res.verification, res.report
     s = (f"{res.method}: {res.params_before} -> {res.params_after} parameters "
          f"({100 * res.param_reduction:.2f}% removed)")
@@ -145,4 +166,4 @@ def _summary(res, out: Path) -> str:
                else "(reported, not gated: empirical mode)"))
     if res.comparison is not None:
         s += f"; {res.comparison.summary()}"
-    return s + f"; saved to {out / 'model'}"
+    return s + f"; saved to {artifact('model').dir_in(out)}"

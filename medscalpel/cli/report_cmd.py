@@ -11,24 +11,32 @@ import typer
 from medscalpel.cli import deprecations
 from medscalpel.cli.common import console
 
+_MODEL_HELP = ("Model directory (model.json + model.safetensors), ideally with calibrated "
+               "thresholds, or a served artifact ('compress deploy' run or its serve/): its "
+               "logits and its own CAM output (Grad-CAM), no channel evidence.")
+_STATS_HELP = ("stats.json of the TRAINING labels ('medscalpel data stats', same label set as "
+               "the model): enables the evidence-based conflict check.")
+_CALIBRATION_HELP = ("calibration.json of the model's thresholds ('medscalpel repair "
+                     "calibrate'): shows sensitivity/specificity at each threshold on its "
+                     "evaluation split.")
+_HIDE_HELP = ("Hide the weaker of two findings that the training labels show to be mutually "
+              "exclusive (default: list both and flag the conflict). The report marks what it "
+              "hid.")
+_KEEP_IDS_HELP = ("Name DICOM images by their file names and record their paths (default: "
+                  "salted pseudonyms, no identifier in any output); marked at the top of every "
+                  "report page.")
+_DICOM_SR_HELP = ("Also write each DICOM image's report as a DICOM Structured Report "
+                  "(<name>.sr.dcm, highdicom) referencing the source image; no patient name / "
+                  "ID / birth date / accession number copied unless --keep-identifiers. Needs "
+                  "the [dicom] extra.")
+
 
 def clinical(
     images: List[Path] = typer.Argument(..., help="Chest X-ray image files (PNG, JPEG, ...)."),
-    model: Path = typer.Option(..., "--model", "-m", help="Model directory (model.json + "
-                               "model.safetensors), ideally with calibrated thresholds, or a "
-                               "served artifact ('compress deploy' run or its serve/): its "
-                               "logits and its own CAM output (Grad-CAM), no channel evidence."),
-    stats: Optional[Path] = typer.Option(None, help="stats.json of the TRAINING labels "
-                                         "('medscalpel data stats', same label set as the "
-                                         "model): enables the evidence-based conflict check."),
-    calibration: Optional[Path] = typer.Option(None, help="calibration.json of the model's "
-                                               "thresholds ('medscalpel repair calibrate'): "
-                                               "shows sensitivity/specificity at each "
-                                               "threshold on its evaluation split."),
-    hide_exclusive: bool = typer.Option(False, "--hide-exclusive", help="Hide the weaker of two "
-                                        "findings that the training labels show to be mutually "
-                                        "exclusive (default: list both and flag the conflict). "
-                                        "The report marks what it hid."),
+    model: Path = typer.Option(..., "--model", "-m", help=_MODEL_HELP),
+    stats: Optional[Path] = typer.Option(None, help=_STATS_HELP),
+    calibration: Optional[Path] = typer.Option(None, help=_CALIBRATION_HELP),
+    hide_exclusive: bool = typer.Option(False, "--hide-exclusive", help=_HIDE_HELP),
     max_lift_upper: float = typer.Option(0.1, help="Exclusion rule: upper 95% CI bound of the "
                                          "lift (observed / expected co-occurrences) below this."),
     min_expected: float = typer.Option(10.0, help="Exclusion rule: at least this many "
@@ -43,15 +51,8 @@ def clinical(
     out: Path = typer.Option(Path("runs/report-clinical"), help="Run directory to create: one "
                              "HTML + JSON per image and index.html."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
-    keep_identifiers: bool = typer.Option(False, "--keep-identifiers", help="Name DICOM images "
-                                          "by their file names and record their paths (default: "
-                                          "salted pseudonyms, no identifier in any output); "
-                                          "marked at the top of every report page."),
-    dicom_sr: bool = typer.Option(False, "--dicom-sr", help="Also write each DICOM image's "
-                                  "report as a DICOM Structured Report (<name>.sr.dcm, "
-                                  "highdicom) referencing the source image; no patient "
-                                  "name / ID / birth date / accession number copied unless "
-                                  "--keep-identifiers. Needs the [dicom] extra."),
+    keep_identifiers: bool = typer.Option(False, "--keep-identifiers", help=_KEEP_IDS_HELP),
+    dicom_sr: bool = typer.Option(False, "--dicom-sr", help=_DICOM_SR_HELP),
 ) -> None:
     """Decision-support report per image: every finding above its threshold (with the
     threshold's origin and operating point), conflicts flagged with the training-label
@@ -59,7 +60,7 @@ def clinical(
     resolution allows + overlay). Self-contained HTML and JSON."""
     from medscalpel.data.cooccurrence import ExclusionRule
     from medscalpel.data.dicom_read import deidentified_inputs
-    from medscalpel.deploy.served import artifact_line, load_any, require_served_cams
+    from medscalpel.deploy.served import load_any, require_served_cams
     from medscalpel.engine.api import model_provenance as provenance
     from medscalpel.report.clinical import clinical_report
     from medscalpel.layout import write_artifact
@@ -100,12 +101,19 @@ def clinical(
     if dicom_sr:
         console.print(f"DICOM SR: {len(srs)} of {len(images)} image(s) (the DICOM ones)",
                       highlight=False)
+    _print_served(m, art)
+    console.print(f"written to {out / 'index.html'}")
+
+
+def _print_served(m, art) -> None:
+    """The served artifact that made the reports (and what a served graph cannot give)."""
+    from medscalpel.deploy.served import artifact_line
+
     if art is not None and not getattr(m, "supports_gradients", True):
         console.print(f"model: {artifact_line(art)}; maps: {m.label()}; no channel evidence "
                       "(the served graph has no penultimate features)", highlight=False)
     elif art is not None:
         console.print(f"model: {artifact_line(art)}", highlight=False)
-    console.print(f"written to {out / 'index.html'}")
 
 
 def _print_clinical(reports) -> None:

@@ -176,7 +176,7 @@ def train(
     deprecations.renamed(None, resume or None, "--resume", "scale train")
     from medscalpel.engine.distributed import DDPSettings, fit_ddp
     from medscalpel.engine.train import TrainConfig
-    from medscalpel.layout import write_artifact
+    from medscalpel.layout import artifact, write_artifact
     from medscalpel.runs import RunDir
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
@@ -193,7 +193,7 @@ def train(
             write_artifact(run.path, "metrics", res.test)
     if res.test is not None:
         console.print(f"macro AUROC {fmt(res.test.macro['auroc'])}")
-    console.print(f"model saved to {out / 'model'}")
+    console.print(f"model saved to {artifact('model').dir_in(out)}")
 
 
 def register(app: typer.Typer) -> None:

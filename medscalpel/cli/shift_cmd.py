@@ -43,7 +43,7 @@ def recalibrate_site(
     from medscalpel.models.checkpoint import load_model, save_model
     from medscalpel.repair.shift import recalibrate_site as run_recal
     from medscalpel.repair.shift import recalibrated_model
-    from medscalpel.layout import write_artifact
+    from medscalpel.layout import artifact, write_artifact
     from medscalpel.runs import RunDir
 
     cmap = {}
@@ -69,7 +69,7 @@ def recalibrate_site(
                       "n_total": ext.meta.get("n_total")}, overwrite=overwrite) as run:
         write_artifact(run.path, "recalibration", res)
         rm = recalibrated_model(m, rec, site=external, result=res, split=ext.split)
-        save_model(rm, run.path / "model")
+        save_model(rm, artifact("model").dir_in(run.path))
     print_table(res.table(), f"{method} recalibration, k={k}: sens/spec on the rest of the site")
     for note in res.notes:
         console.print(note)
@@ -80,10 +80,11 @@ def recalibrate_site(
                       f"{res.restored_verdict['correction']} over "
                       f"{res.restored_verdict['n_tests']} one-sided tests at alpha "
                       f"{res.restored_verdict['alpha']:g}; per-unit estimates, intervals and "
-                      "counts in recalibration.json (restored_verdict)", highlight=False)
+                      f"counts in {artifact('recalibration').filename} (restored_verdict)",
+                      highlight=False)
     console.print(f"k-shot drawn by {res.split_unit}"
                   + (f" ({res.n_fit_patients} patients; {res.n_excluded_same_patient} images of "
                      "theirs kept out of the rest)" if res.split_unit == "patient" else
                      " (the dataset records no patients)"), highlight=False)
     console.print(f"operating point: {rm.card.operating_point.describe()}", highlight=False)
-    console.print(f"written to {out} (recalibrated model in {out / 'model'})")
+    console.print(f"written to {out} (recalibrated model in {artifact('model').dir_in(out)})")

@@ -114,14 +114,14 @@ def show(
     """Print a run's results again, as tables: its manifest, every declared artifact it holds
     and the result files of single commands."""
     from medscalpel.errors import DataError
-    from medscalpel.layout import ARTIFACTS, read_artifact
+    from medscalpel.layout import ARTIFACTS, artifact, read_artifact
     from medscalpel.runs import read_json
 
     if not run_dir.is_dir():
         raise DataError(f"{run_dir} is not a run directory (give the --out of a medscalpel "
                         "command).")
     shown = 0
-    man_path = run_dir / "manifest.json"
+    man_path = artifact("manifest").path_in(run_dir)
     if man_path.is_file():
         man = read_json(man_path)
         if isinstance(man, dict):
@@ -156,6 +156,6 @@ def show(
         else:
             shown += render(obj.to_dict() if hasattr(obj, "to_dict") else obj, title)
     if shown == 0:
-        raise DataError(f"{run_dir} holds no result medscalpel knows (a manifest.json or an "
-                        "artifact declared in medscalpel/layout.py: `medscalpel show -h`).")
+        raise DataError(f"{run_dir} holds no result medscalpel knows (a "
+                        f"{artifact('manifest').filename} or an artifact declared in medscalpel/layout.py: `medscalpel show -h`).")
 
