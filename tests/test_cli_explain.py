@@ -48,6 +48,16 @@ def test_cam_attribute_channels_compare_polarity(env, tmp_path):
                             str(root / "resnet_tiny"), "--data", spec, "--n", "4", "--method",
                             "gradcam", "--out", str(tmp_path / "cmp")]))
     assert (tmp_path / "cmp" / "comparison.json").is_file()
+    # attribute / channels / compare run their registered stages: the manifest names the
+    # command, the declared artifacts read back through the layout
+    from medscalpel.layout import read_artifact
+
+    for d, cmd, key in (("ig", "explain attribute", "attribution"),
+                        ("ch", "explain channels", "channels"),
+                        ("cmp", "explain compare", "comparison")):
+        assert json.loads((tmp_path / d / "manifest.json").read_text())["command"] == cmd
+        assert read_artifact(tmp_path / d, key)
+    assert len(read_artifact(tmp_path / "ig", "attribution")["ids"]) == 2
     _ok(runner.invoke(app, ["explain", "polarity", "--model", model, "--data", spec, "--n-null",
                             "20", "--compare-with", str(root / "resnet_tiny"), "--out",
                             str(tmp_path / "pol")]))

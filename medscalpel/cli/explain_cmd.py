@@ -16,53 +16,23 @@ OUT = typer.Option(..., help="Run directory to create.")
 
 
 def _open(model_dir: Path, data: str, split: str, served_ok: bool = False):
-    """The model and its data, refused (ModelError naming both) when the model's classes,
-    task or input channels do not match the data's: explanations of one class would otherwise
-    be drawn for another class's images. ``served_ok``: a served artifact (a 'compress deploy'
-    run or its serve/) is accepted; else it is refused with the reason (no gradients)."""
-    from medscalpel.deploy.served import is_served, load_any
-    from medscalpel.data.spec import open_dataset
-    from medscalpel.errors import ModelError
+    """The model and its data, checked against each other (see
+    :func:`medscalpel.pipeline.stages.explain.open_model_data`)."""
+    from medscalpel.pipeline.stages.explain import open_model_data
 
-    if is_served(model_dir) and not served_ok:
-        raise ModelError(f"--model {model_dir} is a served artifact (compress deploy): it has no "
-                         "gradients or weights to explain; this command needs the torch model "
-                         "directory (only 'explain cam' runs on a served artifact, through its "
-                         "CAM output).")
-    model = load_any(model_dir)
-    ds = open_dataset(data, split=split, preprocess=model.card.preprocess)
-    _require_match(model, model_dir, ds, data)
-    return model, ds
+    return open_model_data(str(model_dir), data, split, served_ok)
 
 
-def _require_match(model, model_dir: Path, ds, data: str) -> None:
-    from medscalpel.engine.predict import check_compatible
-    from medscalpel.errors import ModelError
+def _run(stage: str, out: Path, settings, command: str, config: dict, seed: int,
+         overwrite: bool):
+    """Run the registered stage of an explain command into a new run directory ``out``; its
+    result object."""
+    import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
+    from medscalpel.pipeline.stage import run_command
 
-    try:
-        check_compatible(model, ds)
-    except ModelError as exc:
-        raise ModelError(f"--model {model_dir} does not fit --data {data}: {exc}") from None
-
-
-def _class_index(model, name: str) -> int:
-    from medscalpel.errors import ConfigError
-
-    names = list(model.card.class_names)
-    if name not in names:
-        raise ConfigError(f"Unknown class '{name}'. The model's classes: {', '.join(names)}.")
-    return names.index(name)
-
-
-def _positives(ds, k: int, n: int, seed: int) -> list[int]:
-    import numpy as np
-
-    y = ds.labels_multihot()[:, k]
-    idx = np.flatnonzero(y == 1)
-    if len(idx) == 0:
-        idx = np.arange(len(ds))
-    rng = np.random.default_rng(seed)
-    return sorted(rng.choice(idx, min(n, len(idx)), replace=False).tolist())
+    _, ctx = run_command(stage, out, settings, command=command, config=config, seed=seed,
+                         overwrite=overwrite)
+    return ctx.results[stage]
 
 
 def cam(
@@ -85,13 +55,14 @@ def cam(
     from medscalpel.explain.cams import compute_cam
     from medscalpel.explain.figures import cam_overlay_figure
     from medscalpel.layout import write_artifact
+    from medscalpel.pipeline.stages.explain import class_index, positives
     from medscalpel.runs import RunDir
 
     m, ds = _open(model, data, split, served_ok=True)
     art = provenance(m)
     require_served_cams(m, method, "--method", "explain cam")  # before any work, with why
-    k = _class_index(m, target)
-    idx = _positives(ds, k, n, seed)
+    k = class_index(m, target)
+    idx = positives(ds, k, n, seed)
     images = torch.stack([ds.image(i) for i in idx])
     with RunDir(out, command="explain cam", config={"model": str(model), "data": data,
                                                     "class": target, "method": method,
@@ -118,23 +89,13 @@ def attribute(
 ) -> None:
     """Pixel attributions (Integrated Gradients with its convergence delta, or LRP with its
     conservation delta)."""
-    import torch
+    from medscalpel.pipeline.stages.explain import AttributeSettings
 
-    from medscalpel.explain.attributions import attribute as run_attribution
-    from medscalpel.layout import write_artifact
-    from medscalpel.runs import RunDir
-
-    m, ds = _open(model, data, split)
-    k = _class_index(m, target)
-    idx = _positives(ds, k, n, seed)
-    images = torch.stack([ds.image(i) for i in idx])
-    with RunDir(out, command="explain attribute", config={"model": str(model), "data": data,
-                                                          "class": target, "method": method},
-                seed=seed, overwrite=overwrite) as run:
-        res = run_attribution(method, m, images, k)
-        res.save(run.path / "attributions.safetensors")
-        write_artifact(run.path, "attribution",
-                       {**res.to_dict(), "ids": [ds.ids[i] for i in idx]})
+    settings = AttributeSettings(model=str(model), data=data, target=target, method=method,
+                                 split=split, n_images=n)
+    res = _run("attribute", out, settings, "explain attribute",
+               {"model": str(model), "data": data, "class": target, "method": method}, seed,
+               overwrite)
     console.print(f"{method}: max |delta| {float(res.delta.abs().max()):.2e} "
                   f"({res.delta_definition}) -> {out}")
 
@@ -149,29 +110,13 @@ def channels(
 ) -> None:
     """Classifier-channel evidence: the penultimate channels behind a class's logit
     (w_kc * f_c(x)), and which other classes they push or pull."""
-    from medscalpel.engine.predict import collect_images
-    from medscalpel.explain.channels import channel_contributions_from_model
-    from medscalpel.explain.figures import channel_bar_figure
-    from medscalpel.layout import write_artifact
-    from medscalpel.runs import RunDir
+    from medscalpel.pipeline.stages.explain import ChannelsSettings
 
-    m, ds = _open(model, data, split)
-    k = _class_index(m, target)
-    images, idx = collect_images(ds, n_images, seed=seed)
-    cc = channel_contributions_from_model(m, images, labels=ds.labels_multihot()[idx],
-                                          ids=[ds.ids[i] for i in idx])
-    rows = cc.false_positives(k, threshold=m.card.effective_thresholds()[k]) if fp_only else None
-    if fp_only and len(rows) == 0:
-        from medscalpel.errors import DataError
-
-        raise DataError(f"No false positives of '{target}' among the {len(idx)} images of "
-                        f"split '{split}'; drop --fp-only or use more images.")
-    table = cc.top_channels(k, n=top, rows=rows)
-    with RunDir(out, command="explain channels", config={"model": str(model), "data": data,
-                                                         "class": target, "fp_only": fp_only},
-                seed=seed, overwrite=overwrite) as run:
-        write_artifact(run.path, "channels", table)
-        channel_bar_figure(table, run.path / "channels.png")
+    settings = ChannelsSettings(model=str(model), data=data, target=target, split=split,
+                                n_images=n_images, top=top, fp_only=fp_only)
+    table = _run("channels", out, settings, "explain channels",
+                 {"model": str(model), "data": data, "class": target, "fp_only": fp_only}, seed,
+                 overwrite)
     print_table([{k2: v for k2, v in r.items() if not isinstance(v, (list, dict))}
                  for r in table.to_dict()["rows"]], f"top channels of {target}")
 
@@ -186,23 +131,14 @@ def compare(
     seed: int = typer.Option(0), overwrite: bool = typer.Option(False),
 ) -> None:
     """Per-class saliency similarity (Pearson, top-k% IoU) between a teacher and a student."""
-    from medscalpel.engine.predict import collect_images
-    from medscalpel.explain.compare import compare_saliency
-    from medscalpel.layout import write_artifact
-    from medscalpel.runs import RunDir
+    from medscalpel.pipeline.stages.explain import SaliencyCompareSettings
 
-    t, ds = _open(teacher, data, split)
-    s, ds_s = _open(student, data, split)
-    images, idx = collect_images(ds, n, seed=seed)
-    s_images = collect_images(ds_s, indices=idx)[0]
-    with RunDir(out, command="explain compare", config={"teacher": str(teacher),
-                                                        "student": str(student), "data": data,
-                                                        "method": method},
-                seed=seed, overwrite=overwrite) as run:
-        res = compare_saliency(t, s, images, list(range(t.num_classes)), method=method,
-                               student_images=s_images, ids=[ds.ids[i] for i in idx])
-        write_artifact(run.path, "comparison", res)
-    console.print(f"saliency comparison ({method}) of {len(idx)} images -> {out}")
+    settings = SaliencyCompareSettings(teacher=str(teacher), student=str(student), data=data,
+                                       split=split, n_images=n, method=method)
+    res = _run("saliency_compare", out, settings, "explain compare",
+               {"teacher": str(teacher), "student": str(student), "data": data,
+                "method": method}, seed, overwrite)
+    console.print(f"saliency comparison ({method}) of {res.pearson.shape[1]} images -> {out}")
 
 
 def polarity(
@@ -223,11 +159,11 @@ def polarity(
     from medscalpel.layout import artifact
     from medscalpel.models import load_model
     from medscalpel.pipeline.stage import run_command
-    from medscalpel.pipeline.stages.explain import PolaritySettings
+    from medscalpel.pipeline.stages.explain import PolaritySettings, require_match
 
     m = load_model(model)
-    _require_match(m, model, open_dataset(data, split=split, preprocess=m.card.preprocess),
-                   data)
+    require_match(m, str(model), open_dataset(data, split=split, preprocess=m.card.preprocess),
+                  data)
     settings = PolaritySettings(model=str(model), data=data, split=split, quantile=quantile,
                                 n_null=n_null,
                                 compare_with=tuple(str(p) for p in compare_with or ()))

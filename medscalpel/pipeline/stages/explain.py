@@ -1,5 +1,6 @@
-"""Explain stage: Grad-CAMs of true positives with lung-zone reports, polarized classifier
-channels of the dense model and how they change with compression."""
+"""Explain stages: Grad-CAMs of true positives with lung-zone reports, polarized classifier
+channels of the dense model and how they change with compression (the demo's 'explain'); the
+stages of the single explain commands (polarity, attribute, channels, saliency_compare)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from medscalpel.data.spec import open_dataset
 from medscalpel.deploy.cam_head import rank_agreement
 from medscalpel.deploy.served import is_served, load_any
+from medscalpel.engine.predict import check_compatible, collect_images
+from medscalpel.errors import ConfigError, DataError, ModelError
+from medscalpel.explain.attributions import attribute
 from medscalpel.explain.cams import compute_cam
-from medscalpel.explain.figures import cam_overlay_figure, polarity_table_figure
-from medscalpel.data.spec import open_dataset
+from medscalpel.explain.channels import channel_contributions_from_model
+from medscalpel.explain.compare import compare_saliency
+from medscalpel.explain.figures import (cam_overlay_figure, channel_bar_figure,
+                                       polarity_table_figure)
 from medscalpel.explain.polarity import QuantileRule, compare_stages, polarity_analysis
 from medscalpel.explain.regions import describe_location, zones_from_masks
 from medscalpel.layout import write_artifact
@@ -172,3 +179,148 @@ def _served_cams(ctx: StageContext, imgs: torch.Tensor, targets: list[int], ids:
             "note": "the served artifact is the compressed model deploy chose (runtime and "
                     "precision in 'artifact'); the reference is the DENSE torch model's "
                     "Grad-CAM, so the agreement measures compression + serving together"}
+
+
+# ----------------------------------------------------------------------------- command stages
+def open_model_data(model_dir: str, data: str, split: str, served_ok: bool = False):
+    """The model and its data, refused (ModelError naming both) when the model's classes,
+    task or input channels do not match the data's: explanations of one class would otherwise
+    be drawn for another class's images. ``served_ok``: a served artifact (a 'compress deploy'
+    run or its serve/) is accepted; else it is refused with the reason (no gradients)."""
+    if is_served(model_dir) and not served_ok:
+        raise ModelError(f"--model {model_dir} is a served artifact (compress deploy): it has no "
+                         "gradients or weights to explain; this command needs the torch model "
+                         "directory (only 'explain cam' runs on a served artifact, through its "
+                         "CAM output).")
+    model = load_any(model_dir)
+    ds = open_dataset(data, split=split, preprocess=model.card.preprocess)
+    require_match(model, model_dir, ds, data)
+    return model, ds
+
+
+def require_match(model, model_dir: str, ds, data: str) -> None:
+    """ModelError naming ``--model`` and ``--data`` when the model does not fit the data."""
+    try:
+        check_compatible(model, ds)
+    except ModelError as exc:
+        raise ModelError(f"--model {model_dir} does not fit --data {data}: {exc}") from None
+
+
+def class_index(model, name: str) -> int:
+    """The index of class ``name`` of ``model`` (ConfigError listing the classes)."""
+    names = list(model.card.class_names)
+    if name not in names:
+        raise ConfigError(f"Unknown class '{name}'. The model's classes: {', '.join(names)}.")
+    return names.index(name)
+
+
+def positives(ds, k: int, n: int, seed: int) -> list[int]:
+    """``n`` images of ``ds`` positive for class ``k`` (any images when it has none), seeded."""
+    y = ds.labels_multihot()[:, k]
+    idx = np.flatnonzero(y == 1)
+    if len(idx) == 0:
+        idx = np.arange(len(ds))
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(idx, min(n, len(idx)), replace=False).tolist())
+
+
+@dataclass(frozen=True)
+class AttributeSettings:
+    model: str
+    data: str
+    target: str
+    method: str = "lrp"
+    split: str = "test"
+    n_images: int = 4
+
+
+@register_stage
+class AttributeStage(Stage):
+    """Pixel attributions of one class's logit on a few of its positive images (IG with its
+    convergence delta, LRP / DL-Backtrace with their conservation delta) (``explain
+    attribute``)."""
+
+    name = "attribute"
+    writes = ("attribution",)
+    Settings = AttributeSettings
+
+    def run(self, ctx: StageContext, s: AttributeSettings) -> dict[str, Any]:
+        m, ds = open_model_data(s.model, s.data, s.split)
+        k = class_index(m, s.target)
+        idx = positives(ds, k, s.n_images, ctx.seed)
+        images = torch.stack([ds.image(i) for i in idx])
+        res = attribute(s.method, m, images, k)
+        res.save(ctx.dir_of("attribution") / "attributions.safetensors")
+        write_artifact(ctx.out, "attribution", {**res.to_dict(), "ids": [ds.ids[i] for i in idx]})
+        ctx.results[self.name] = res
+        return {"method": s.method, "images": len(idx),
+                "max_abs_delta": float(res.delta.abs().max())}
+
+
+@dataclass(frozen=True)
+class ChannelsSettings:
+    model: str
+    data: str
+    target: str
+    split: str = "val"
+    n_images: int = 256
+    top: int = 10
+    fp_only: bool = False
+
+
+@register_stage
+class ChannelsStage(Stage):
+    """Classifier-channel evidence: the penultimate channels behind one class's logit
+    (w_kc * f_c(x)) and which other classes they push or pull (``explain channels``)."""
+
+    name = "channels"
+    writes = ("channels",)
+    Settings = ChannelsSettings
+
+    def run(self, ctx: StageContext, s: ChannelsSettings) -> dict[str, Any]:
+        m, ds = open_model_data(s.model, s.data, s.split)
+        k = class_index(m, s.target)
+        images, idx = collect_images(ds, s.n_images, seed=ctx.seed)
+        cc = channel_contributions_from_model(m, images, labels=ds.labels_multihot()[idx],
+                                              ids=[ds.ids[i] for i in idx])
+        rows = (cc.false_positives(k, threshold=m.card.effective_thresholds()[k])
+                if s.fp_only else None)
+        if s.fp_only and len(rows) == 0:
+            raise DataError(f"No false positives of '{s.target}' among the {len(idx)} images of "
+                            f"split '{s.split}'; drop --fp-only or use more images.")
+        table = cc.top_channels(k, n=s.top, rows=rows)
+        write_artifact(ctx.out, "channels", table)
+        channel_bar_figure(table, ctx.dir_of("channels") / "channels.png")
+        ctx.results[self.name] = table
+        return {"class": s.target, "images": len(idx)}
+
+
+@dataclass(frozen=True)
+class SaliencyCompareSettings:
+    teacher: str
+    student: str
+    data: str
+    split: str = "test"
+    n_images: int = 16
+    method: str = "scorecam"
+
+
+@register_stage
+class SaliencyCompareStage(Stage):
+    """Per-class saliency similarity (Pearson, top-k% IoU) between a teacher and a student on
+    the same images (``explain compare``)."""
+
+    name = "saliency_compare"
+    writes = ("comparison",)
+    Settings = SaliencyCompareSettings
+
+    def run(self, ctx: StageContext, s: SaliencyCompareSettings) -> dict[str, Any]:
+        t, ds = open_model_data(s.teacher, s.data, s.split)
+        st, ds_s = open_model_data(s.student, s.data, s.split)
+        images, idx = collect_images(ds, s.n_images, seed=ctx.seed)
+        s_images = collect_images(ds_s, indices=idx)[0]
+        res = compare_saliency(t, st, images, list(range(t.num_classes)), method=s.method,
+                               student_images=s_images, ids=[ds.ids[i] for i in idx])
+        write_artifact(ctx.out, "comparison", res)
+        ctx.results[self.name] = res
+        return {"method": s.method, "images": len(idx)}
