@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -209,11 +211,25 @@ def test_cli_commands_smoke(tmp_path):
                          "--costs", str(tmp_path / "costs.json"), "--out", str(tmp_path / "tri"),
                          "--model", str(tmp_path / "m")])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "tri" / "repair" / "triage" / "decision_log.md").is_file() and (tmp_path / "costs.json").is_file()
+    assert (tmp_path / "tri" / "repair" / "triage" / "decision_log.md").is_file()
+    assert (tmp_path / "costs.json").is_file()
     res = r.invoke(app, ["retrain", str(tmp_path / "fit.npz"), "--held-out",
                          str(tmp_path / "held.npz"), "--classes", "b", "--steps", "50",
                          "--out", str(tmp_path / "rt")])
     assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "rt" / "retrain.json").read_text())["method"] == \
+        "classifier_finetune"
+    # the 'retrain' stage with a model: the retrained copy in model/, recorded at its final path
+    res = r.invoke(app, ["retrain", str(tmp_path / "fit.npz"), "--held-out",
+                         str(tmp_path / "held.npz"), "--method", "reoptimize", "--model",
+                         str(tmp_path / "m"), "--out", str(tmp_path / "rt2")])
+    assert res.exit_code == 0, res.output
+    rj = json.loads((tmp_path / "rt2" / "retrain.json").read_text())
+    assert rj["method"] == "f_reoptimization" and rj["model_dir"] == str(tmp_path / "rt2" / "model")
+    assert load_model(tmp_path / "rt2" / "model").card.class_names == \
+        load_model(tmp_path / "m").card.class_names
+    assert json.loads((tmp_path / "rt2" / "manifest.json").read_text())["command"] == \
+        "repair retrain"
     neg = np.flatnonzero(fit.labels[:, 2] == 0)
     near = neg[np.argsort(-fit.features[neg, 4])[:10]]
     (tmp_path / "ids.txt").write_text("\n".join(fit.ids[i] for i in near))
@@ -223,6 +239,11 @@ def test_cli_commands_smoke(tmp_path):
                          "--out", str(tmp_path / "sg")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "sg" / "repair" / "surgery" / "surgery.json").is_file()
+    # the 'surgery' stage records where the corrected model is once the run finished
+    sj = json.loads((tmp_path / "sg" / "repair" / "surgery" / "surgery.json").read_text())
+    assert sj["model_dir"] == str(tmp_path / "sg" / "repair" / "surgery")
+    assert json.loads((tmp_path / "sg" / "manifest.json").read_text())["command"] == \
+        "repair surgery"
     assert load_model(tmp_path / "sg" / "repair" / "surgery").card.lineage[-1]["method"] == \
         "surgical_correction"
 

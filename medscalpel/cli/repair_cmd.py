@@ -47,7 +47,7 @@ def surgery(
     """Zero the fewest weights of one classifier row that remove the given false positives
     while no validation true positive falls below threshold; verify that every other class's
     logits are bit-identical; save the corrected model (OUT/repair/surgery/) with lineage."""
-    from medscalpel.runs import RunDir
+    from medscalpel.layout import artifact
     from medscalpel.validation import check_in
 
     model = one_of(model, model_arg, "--model", "MODEL", "the model directory",
@@ -70,47 +70,23 @@ def surgery(
         dataset=dataset, split=split, confounder=confounder, delta_prob=delta_prob,
         criterion=criterion, below_threshold=below_threshold, tp_loss_budget=tp_loss_budget,
         adjust_bias=adjust_bias, max_weights=max_weights, dry_run=dry_run).items()}
-    kw = dict(delta_prob=delta_prob, below_threshold=below_threshold, criterion=criterion,
-              tp_loss_budget=tp_loss_budget, adjust_bias=adjust_bias, max_weights=max_weights,
-              dry_run=dry_run)
-    with RunDir(out, command="repair surgery", config=cfg, overwrite=overwrite) as run:
-        result = _surgery_in(run.path, out, model, target_class, features, val, fp_ids,
-                             dataset, split, confounder, kw)
+    result = _run_surgery(out, cfg, overwrite)
     _print_surgery(result)
-    console.print(f"written to {out}")
+    console.print(f"written to {artifact('surgery').dir_in(out)}")
 
 
-def _surgery_in(run_path: Path, out: Path, model: Path, target_class: str,
-                features: Optional[Path], val: Optional[Path], fp_ids: Optional[Path],
-                dataset: Optional[str], split: str, confounder: Optional[str], kw: dict):
-    """Correct the model (false positives from --features, or from --data's images carrying
-    --confounder) and save repair/surgery/surgery.json (and the corrected model beside it
-    unless a dry run) in ``run_path``; returns the SurgeryResult."""
-    from medscalpel.data.spec import open_dataset
-    from medscalpel.engine.predict import Features
-    from medscalpel.layout import artifact
-    from medscalpel.models.checkpoint import load_model
-    from medscalpel.repair.surgery import surgery_from_rule, surgical_correction
+def _run_surgery(out: Path, cfg: dict, overwrite: bool):
+    """Run the registered 'surgery' stage into a new run directory ``out`` (false positives
+    from --features, or from --data's images carrying --confounder): repair/surgery/
+    surgery.json and the corrected model beside it unless a dry run; the SurgeryResult."""
+    import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
+    from medscalpel.pipeline.stage import run_command
+    from medscalpel.pipeline.stages.repair import SurgerySettings
 
-    m = load_model(model)
-    sdir = artifact("surgery").dir_in(run_path)
-    model_out = None if kw["dry_run"] else sdir
-    if dataset is not None:
-        ds = open_dataset(dataset, split=split, preprocess=m.card.preprocess)
-        vf = Features.load(val) if val else None
-        result = surgery_from_rule(m, ds, confounder, target_class, val=vf,
-                                   out_dir=model_out, **kw)
-    else:
-        ids = [s.strip() for s in fp_ids.read_text().splitlines() if s.strip()] \
-            if fp_ids else None
-        tf = Features.load(features)
-        result = surgical_correction(m, target_class, tf, fp_ids=ids,
-                                     val=Features.load(val) if val else None,
-                                     out_dir=model_out, **kw)
-    if result.model_dir is not None:
-        result.model_dir = str(artifact("surgery").dir_in(out))
-    result.save(artifact("surgery").path_in(run_path))
-    return result
+    settings = SurgerySettings(**{("data" if k == "dataset" else k): v for k, v in cfg.items()})
+    _, ctx = run_command("surgery", out, settings, command="repair surgery", config=cfg,
+                         overwrite=overwrite)
+    return ctx.results["surgery"]
 
 
 def _print_surgery(result) -> None:
@@ -142,11 +118,9 @@ def retrain(
 ) -> None:
     """Retrain only the final layer on cached features: a classifier fine-tune or an
     F re-optimization (regularised logistic regression, C chosen on validation)."""
-    from medscalpel.engine.predict import Features
-    from medscalpel.models.checkpoint import load_model
-    from medscalpel.layout import artifact, write_artifact
-    from medscalpel.repair.retrain import finetune_classifier, reoptimize_classifier
-    from medscalpel.runs import RunDir
+    import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
+    from medscalpel.pipeline.stage import run_command
+    from medscalpel.pipeline.stages.repair import RetrainSettings
     from medscalpel.validation import check_in
 
     check_in(method, "method", "repair retrain", ("finetune", "reoptimize"))
@@ -154,19 +128,10 @@ def retrain(
     cfg = {"train": str(train), "val": str(val) if val else None,
            "held_out": str(held_out) if held_out else None, "method": method,
            "model": str(model) if model else None, "classes": cls, "steps": steps, "lr": lr}
-    with RunDir(out, command="repair retrain", config=cfg, overwrite=overwrite) as run:
-        m = load_model(model) if model else None
-        tr = Features.load(train)
-        va = Features.load(val) if val else None
-        ho = Features.load(held_out) if held_out else None
-        if method == "finetune":
-            result = finetune_classifier(tr, va, ho, model=m, classes=cls, steps=steps, lr=lr)
-        else:
-            result = reoptimize_classifier(tr, va, ho, model=m, classes=cls)
-        result.save(artifact("model").dir_in(run.path) if m is not None else run.path)
-        if m is not None:
-            result.model_dir = str(artifact("model").dir_in(out))
-            write_artifact(run.path, "retrain", result)
+    settings = RetrainSettings(**{**cfg, "classes": tuple(cls) if cls else None})
+    _, ctx = run_command("retrain", out, settings, command="repair retrain", config=cfg,
+                         overwrite=overwrite)
+    result = ctx.results["retrain"]
     rows = [{"class": c, "AUROC before": result.auroc_before[c],
              "AUROC after": result.auroc_after[c]} for c in result.auroc_before]
     print_table(rows, title=f"{result.method}: {result.trainable_params} trainable params, "

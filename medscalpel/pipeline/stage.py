@@ -13,8 +13,9 @@ features, thresholds). A stage that needs an object another stage made asks the 
 loads it from that stage's declared artifact when it is not in memory.
 
 Example:
+    >>> import medscalpel.pipeline.stages  # registers the stages
     >>> sorted(STAGES.names())[:3]
-    ['audit', 'baseline', 'calibrate']
+    ['attribute', 'audit', 'baseline']
     >>> STAGES.get("stats").writes
     ('label_stats',)
 """
@@ -102,6 +103,9 @@ class StageContext:
         #: result objects of the stages run in this process, by stage name (what a command
         #: prints after :func:`run_command`; the artifacts on disk are the record)
         self.results: dict[str, Any] = {}
+        #: where the run directory will be once it is finished (``out`` is its ``.partial``
+        #: folder while a command runs): what a result that names its own files records
+        self.final: Path | None = None
 
     # ------------------------------------------------------------------ shared objects
     @property
@@ -200,6 +204,10 @@ class StageContext:
     def dir_of(self, key: str, **fmt: Any) -> Path:
         """The folder of a declared artifact in this run directory."""
         return artifact(key).path_in(self.out, **fmt).parent
+
+    def final_dir_of(self, key: str, **fmt: Any) -> Path:
+        """The folder of a declared artifact once the run directory is finished."""
+        return artifact(key).dir_in(self.final or self.out, **fmt)
 
 
 class Stage:
@@ -313,7 +321,7 @@ def run_command(name: str, out: str | os.PathLike, settings: Any, *, command: st
     with RunDir(out, command=command, config=config, seed=seed, overwrite=overwrite,
                 resumable=resumable) as run:
         ctx = StageContext(run.path, seed=seed, progress=None)
-        ctx.spec = spec
+        ctx.spec, ctx.final = spec, Path(out)
         rec = run_stage(name, ctx, settings)
         if manifest_data:
             run.data = {k: rec.summary.get(k) for k in manifest_data}

@@ -14,15 +14,20 @@ import numpy as np
 
 from medscalpel.compress.contract import CompressionInputs, compress
 from medscalpel.compress.distill import DistillConfig
+from medscalpel.data.spec import open_dataset
 from medscalpel.engine.api import load_predictions
 from medscalpel.engine.predict import Features
 from medscalpel.engine.predictions import Predictions
 from medscalpel.engine.train import TrainConfig
 from medscalpel.errors import DataError
+from medscalpel.layout import artifact, write_artifact
 from medscalpel.models import load_model
 from medscalpel.pipeline.stage import Stage, StageContext, register_stage
-from medscalpel.repair.surgery import save_surgery, surgery_from_rule, surgery_ladder
+from medscalpel.repair.retrain import finetune_classifier, reoptimize_classifier
+from medscalpel.repair.surgery import (save_surgery, surgery_from_rule, surgery_ladder,
+                                      surgical_correction)
 from medscalpel.repair.triage import triage
+from medscalpel.validation import check_in
 
 #: the cost matrix the router learns, beside its decision log (unless a shared one is given)
 COSTS_FILE = "costs.json"
@@ -50,10 +55,10 @@ class RepairStage(Stage):
     Settings = RepairSettings
 
     def run(self, ctx: StageContext, s: RepairSettings) -> dict[str, Any]:
-        ladder = surgery_ladder(functools.partial(
-            surgery_from_rule, ctx.model, ctx.ds("shifted"), s.shortcut, s.shortcut_class,
-            val=ctx.features["val"], progress=ctx.progress), [dict(g) for g in SURGERY_GOALS])
-        save_surgery(ladder, ctx.dir_of("surgery"), parent_card=ctx.model.card)
+        SurgeryStage().run(ctx, SurgerySettings(target_class=s.shortcut_class,
+                                                confounder=s.shortcut, split="shifted",
+                                                goals=SURGERY_GOALS))
+        ladder = ctx.results["surgery"]
         sd = ladder.to_dict()
         out: dict[str, Any] = {"surgery": {
             "status": ladder.status, "goal": sd.get("goal"), "delta_prob": sd.get("delta_prob"),
@@ -67,6 +72,114 @@ class RepairStage(Stage):
         tri = ctx.results["triage"]
         out["triage"] = tri.table() if hasattr(tri, "table") else None
         return out
+
+
+@dataclass(frozen=True)
+class SurgerySettings:
+    target_class: str
+    confounder: str | None = None  # with images: select the false positives carrying this flag
+    model: str | None = None  # default: the run's current model
+    data: str | None = None  # images run through the model; default: the run's dataset
+    split: str = "test"
+    features: str | None = None  # instead of images: Features .npz holding the false positives
+    fp_ids: str | None = None  # text file, one false-positive id per line
+    val: str | None = None  # validation Features; default: the run's (for the run's model)
+    #: goals tried strictest first (a ladder, as the demo repairs); empty: the one goal below
+    goals: tuple[dict[str, Any], ...] = ()
+    delta_prob: float | None = None
+    below_threshold: bool = False
+    criterion: str = "mean"
+    tp_loss_budget: int = 0
+    adjust_bias: bool = False
+    max_weights: int = 32
+    dry_run: bool = False
+
+
+@register_stage
+class SurgeryStage(Stage):
+    """Zero the fewest weights of one classifier row that remove its false positives while no
+    validation true positive falls below threshold, every other class's logits bit-identical;
+    the corrected model with lineage beside surgery.json (``repair surgery``)."""
+
+    name = "surgery"
+    may_read = ("calibrated_card", "features:split=val", "phantom_data")
+    writes = ("surgery",)
+    Settings = SurgerySettings
+
+    def run(self, ctx: StageContext, s: SurgerySettings) -> dict[str, Any]:
+        model = load_model(s.model) if s.model else ctx.model
+        val = (Features.load(s.val) if s.val else
+               ctx.features["val"] if s.model is None else None)
+        sdir = ctx.dir_of("surgery")
+        kw = dict(delta_prob=s.delta_prob, below_threshold=s.below_threshold,
+                  criterion=s.criterion, tp_loss_budget=s.tp_loss_budget,
+                  adjust_bias=s.adjust_bias, max_weights=s.max_weights, dry_run=s.dry_run)
+        if s.features is not None:
+            ids = ([x.strip() for x in Path(s.fp_ids).read_text().splitlines() if x.strip()]
+                   if s.fp_ids else None)
+            result = surgical_correction(model, s.target_class, Features.load(s.features),
+                                         fp_ids=ids, val=val,
+                                         out_dir=None if s.dry_run else sdir, **kw)
+        else:
+            ds = (open_dataset(s.data, split=s.split, preprocess=model.card.preprocess)
+                  if s.data else ctx.ds(s.split))
+            if s.goals:
+                result = surgery_ladder(functools.partial(
+                    surgery_from_rule, model, ds, s.confounder, s.target_class, val=val,
+                    progress=ctx.progress), [dict(g) for g in s.goals])
+                save_surgery(result, sdir, parent_card=model.card)
+                ctx.results[self.name] = result
+                return {"status": result.status, "attempts": len(result.attempts)}
+            result = surgery_from_rule(model, ds, s.confounder, s.target_class, val=val,
+                                       out_dir=None if s.dry_run else sdir, **kw)
+        if result.model_dir is not None:  # where the corrected model is once the run finished
+            result.model_dir = str(ctx.final_dir_of("surgery"))
+        result.save(artifact("surgery").path_in(ctx.out))
+        ctx.results[self.name] = result
+        return {"success": result.success, "message": result.message}
+
+
+@dataclass(frozen=True)
+class RetrainSettings:
+    train: str  # training Features .npz
+    val: str | None = None  # validation Features (selection)
+    held_out: str | None = None  # held-out Features (the before / after report)
+    method: str = "finetune"  # finetune (classifier fine-tune) or reoptimize (refit)
+    model: str | None = None  # the retrained copy goes to model/
+    classes: tuple[str, ...] | None = None
+    steps: int = 300
+    lr: float = 1e-2
+
+
+@register_stage
+class RetrainStage(Stage):
+    """Retrain only the final layer on cached features: a classifier fine-tune or an F
+    re-optimisation (regularised logistic regression, C chosen on validation) (``repair
+    retrain``)."""
+
+    name = "retrain"
+    writes = ("retrain",)
+    may_write = ("model",)
+    Settings = RetrainSettings
+
+    def run(self, ctx: StageContext, s: RetrainSettings) -> dict[str, Any]:
+        check_in(s.method, "method", "repair retrain", ("finetune", "reoptimize"))
+        m = load_model(s.model) if s.model else None
+        tr = Features.load(s.train)
+        va = Features.load(s.val) if s.val else None
+        ho = Features.load(s.held_out) if s.held_out else None
+        cls = list(s.classes) if s.classes else None
+        if s.method == "finetune":
+            result = finetune_classifier(tr, va, ho, model=m, classes=cls, steps=s.steps,
+                                         lr=s.lr)
+        else:
+            result = reoptimize_classifier(tr, va, ho, model=m, classes=cls)
+        result.save(ctx.dir_of("model") if m is not None else ctx.out)
+        if m is not None:
+            result.model_dir = str(ctx.final_dir_of("model"))
+            write_artifact(ctx.out, "retrain", result)
+        ctx.results[self.name] = result
+        return {"method": result.method, "trainable_params": result.trainable_params}
 
 
 def load_fit_data(path: str | os.PathLike) -> Features | Predictions:
