@@ -192,6 +192,10 @@ def test_explain_cam_on_a_served_run(runs, phantom, tmp_path, capsys):
     cams = json.loads((tmp_path / "c" / "cams.json").read_text())
     assert cams["meta"]["precision"] == "fp32" and cams["meta"]["artifact"]["sha256"]
     assert (tmp_path / "c" / "gradcam.png").is_file()
+    # the 'cam' stage ran: the manifest names the command and the artifact it loaded
+    man = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert man["command"] == "explain cam"
+    assert man["config"]["artifact"]["sha256"] == cams["meta"]["artifact"]["sha256"]
 
     err = _refused(["explain", "cam", "--model", str(runs.run), "--data", phantom, "--class",
                     cls, "--method", "scorecam", "--out", str(tmp_path / "s")], capsys)

@@ -24,14 +24,14 @@ def _open(model_dir: Path, data: str, split: str, served_ok: bool = False):
 
 
 def _run(stage: str, out: Path, settings, command: str, config: dict, seed: int,
-         overwrite: bool):
+         overwrite: bool, manifest_config: tuple[str, ...] = ()):
     """Run the registered stage of an explain command into a new run directory ``out``; its
     result object."""
     import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
     from medscalpel.pipeline.stage import run_command
 
     _, ctx = run_command(stage, out, settings, command=command, config=config, seed=seed,
-                         overwrite=overwrite)
+                         overwrite=overwrite, manifest_config=manifest_config)
     return ctx.results[stage]
 
 
@@ -48,35 +48,15 @@ def cam(
 ) -> None:
     """Class activation maps of one class on a few images, with the lung-zone reading. On a
     served artifact, Grad-CAM from the artifact's own CAM output, labelled with its precision."""
-    import torch
+    from medscalpel.pipeline.stages.explain import CamSettings
 
-    from medscalpel.deploy.served import require_served_cams
-    from medscalpel.engine.api import model_provenance as provenance
-    from medscalpel.explain.cams import compute_cam
-    from medscalpel.explain.figures import cam_overlay_figure
-    from medscalpel.layout import write_artifact
-    from medscalpel.pipeline.stages.explain import class_index, positives
-    from medscalpel.runs import RunDir
-
-    m, ds = _open(model, data, split, served_ok=True)
-    art = provenance(m)
-    require_served_cams(m, method, "--method", "explain cam")  # before any work, with why
-    k = class_index(m, target)
-    idx = positives(ds, k, n, seed)
-    images = torch.stack([ds.image(i) for i in idx])
-    with RunDir(out, command="explain cam", config={"model": str(model), "data": data,
-                                                    "class": target, "method": method,
-                                                    "artifact": art},
-                seed=seed, overwrite=overwrite) as run:
-        res = compute_cam(m, images, k, method=method, ids=[ds.ids[i] for i in idx])
-        res.save(run.path / "cams.npz")
-        cam_overlay_figure(ds.preprocess.denormalize(images).numpy(), res,
-                           run.path / f"{method}.png",
-                           title=res.meta.get("label"))
-        write_artifact(run.path, "cam_result", {**res.to_dict(), "artifact": art}
-                       if art is not None and "artifact" not in res.meta else res.to_dict())
+    settings = CamSettings(model=str(model), data=data, target=target, split=split, n_images=n,
+                           method=method)
+    res = _run("cam", out, settings, "explain cam", {"model": str(model), "data": data,
+                                                     "class": target, "method": method},
+               seed, overwrite, manifest_config=("artifact",))
     how = f" ({res.meta['label']})" if res.meta.get("label") else ""
-    console.print(f"{len(idx)} {method} maps of '{target}'{how} -> {out}", highlight=False)
+    console.print(f"{len(res.ids)} {method} maps of '{target}'{how} -> {out}", highlight=False)
 
 
 def attribute(

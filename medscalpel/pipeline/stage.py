@@ -303,7 +303,8 @@ def run_stage(name: str, ctx: StageContext, settings: Any) -> StageRecord:
 def run_command(name: str, out: str | os.PathLike, settings: Any, *, command: str,
                 config: dict[str, Any], seed: int = 0, spec: str = "",
                 overwrite: bool = False, resumable: bool = False,
-                manifest_data: tuple[str, ...] = ()) -> tuple[StageRecord, StageContext]:
+                manifest_data: tuple[str, ...] = (),
+                manifest_config: tuple[str, ...] = ()) -> tuple[StageRecord, StageContext]:
     """A single CLI command: run the registered stage ``name`` into a new run directory
     ``out`` (a :class:`~medscalpel.runs.RunDir`: ``.partial`` until it finishes, a manifest,
     nothing left behind on failure), so that the command writes exactly what the stage writes
@@ -313,6 +314,8 @@ def run_command(name: str, out: str | os.PathLike, settings: Any, *, command: st
         spec: the dataset spec the command was given (``--data``); the stage reads it from
             the context (:meth:`StageContext.data_spec`).
         manifest_data: keys of the stage's summary recorded as the manifest's ``data``.
+        manifest_config: keys of the stage's summary added to the manifest's ``config`` (what
+            the stage found out, e.g. the provenance of the artifact it loaded).
 
     Returns:
         the stage's record and its context (``ctx.results[name]``: the result object the
@@ -325,6 +328,7 @@ def run_command(name: str, out: str | os.PathLike, settings: Any, *, command: st
         rec = run_stage(name, ctx, settings)
         if manifest_data:
             run.data = {k: rec.summary.get(k) for k in manifest_data}
+        run.config = {**run.config, **{k: rec.summary.get(k) for k in manifest_config}}
     return rec, ctx
 
 

@@ -13,7 +13,8 @@ import torch
 
 from medscalpel.data.spec import open_dataset
 from medscalpel.deploy.cam_head import rank_agreement
-from medscalpel.deploy.served import is_served, load_any
+from medscalpel.deploy.served import is_served, load_any, require_served_cams
+from medscalpel.engine.api import model_provenance
 from medscalpel.engine.predict import check_compatible, collect_images
 from medscalpel.errors import ConfigError, DataError, ModelError
 from medscalpel.explain.attributions import attribute
@@ -222,6 +223,44 @@ def positives(ds, k: int, n: int, seed: int) -> list[int]:
         idx = np.arange(len(ds))
     rng = np.random.default_rng(seed)
     return sorted(rng.choice(idx, min(n, len(idx)), replace=False).tolist())
+
+
+@dataclass(frozen=True)
+class CamSettings:
+    model: str  # a model directory, or a served artifact (its own CAM output: Grad-CAM)
+    data: str
+    target: str
+    split: str = "test"
+    n_images: int = 8
+    method: str = "gradcam"
+
+
+@register_stage
+class CamStage(Stage):
+    """Class activation maps of one class on a few of its positive images with the lung-zone
+    reading; on a served artifact, Grad-CAM from the artifact's own CAM output, labelled with
+    its runtime and precision (``explain cam``)."""
+
+    name = "cam"
+    writes = ("cam_result",)
+    Settings = CamSettings
+
+    def run(self, ctx: StageContext, s: CamSettings) -> dict[str, Any]:
+        m, ds = open_model_data(s.model, s.data, s.split, served_ok=True)
+        art = model_provenance(m)
+        require_served_cams(m, s.method, "--method", "explain cam")  # before any work, with why
+        k = class_index(m, s.target)
+        idx = positives(ds, k, s.n_images, ctx.seed)
+        images = torch.stack([ds.image(i) for i in idx])
+        res = compute_cam(m, images, k, method=s.method, ids=[ds.ids[i] for i in idx])
+        cdir = ctx.dir_of("cam_result")
+        res.save(cdir / "cams.npz")
+        cam_overlay_figure(ds.preprocess.denormalize(images).numpy(), res,
+                           cdir / f"{s.method}.png", title=res.meta.get("label"))
+        write_artifact(ctx.out, "cam_result", {**res.to_dict(), "artifact": art}
+                       if art is not None and "artifact" not in res.meta else res.to_dict())
+        ctx.results[self.name] = res
+        return {"artifact": art, "images": len(idx), "label": res.meta.get("label")}
 
 
 @dataclass(frozen=True)
