@@ -161,6 +161,9 @@ def test_cli_export_names_the_exporter(tmp_path):
         meta = json.loads((out / "export.json").read_text())
         assert meta["exporter"]["exporter"] == exporter
         assert meta["opset"] == (18 if opset is None else 17)
+        # the 'export_onnx' stage records the ONNX file where it is once the run finished
+        assert meta["onnx_path"] == str(out / "model.onnx") and (out / "model.onnx").is_file()
+        assert json.loads((out / "manifest.json").read_text())["command"] == "compress export"
 
 
 def test_preferred_exporter_applies_to_auto_exports_only_and_is_recorded(tmp_path):

@@ -267,25 +267,20 @@ def export(
 ) -> None:
     """ONNX export with onnxruntime parity, CPU latency vs the dense model (same run) and
     optional int8 quantization with its delta macro AUROC."""
-    from medscalpel.deploy.export import export_onnx
-    from medscalpel.models.checkpoint import load_model
-    from medscalpel.layout import write_artifact
-    from medscalpel.runs import RunDir
+    import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
+    from medscalpel.pipeline.stage import run_command
+    from medscalpel.pipeline.stages.compress import ExportSettings
 
-    m = load_model(model)
-    ref = load_model(reference) if reference is not None else None
-    ds = _open(data, split, m) if data else None
     config = {"model": str(model), "reference": str(reference) if reference else None,
               "data": data, "split": split, "quantize": quantize, "batch_sizes": batch_sizes,
               "opset": opset}
-    with RunDir(out, command="compress export", config=config, overwrite=overwrite) as run:
-        res = export_onnx(m, run.path / "model.onnx", batch_sizes=_ints(batch_sizes, "batch-sizes"),
-                          opset=opset, reference=ref, dataset=ds, quantize=quantize,
-                          repeats=repeats)
-        res.onnx_path = str(out / "model.onnx")
-        if res.quantization:
-            res.quantization["path"] = str(out / Path(res.quantization["path"]).name)
-        write_artifact(run.path, "onnx_export", res)
+    settings = ExportSettings(model=str(model), reference=config["reference"], data=data,
+                              split=split, quantize=quantize,
+                              batch_sizes=tuple(_ints(batch_sizes, "batch-sizes")), opset=opset,
+                              repeats=repeats)
+    _, ctx = run_command("export_onnx", out, settings, command="compress export", config=config,
+                         overwrite=overwrite)
+    res = ctx.results["export_onnx"]
     console.print(f"ONNX parity: random {fmt(res.parity['random'], 8)}, real "
                   f"{fmt(res.parity['real'], 8)}; speedup vs reference "
                   + ", ".join(f"{k} {v:.2f}" for k, v in res.speedup.items()))

@@ -17,6 +17,7 @@ from medscalpel.compress.measure import (count_macs, count_parameters, latency_p
                                          max_abs_logit_delta)
 from medscalpel.compress.structured import RecoveryConfig
 from medscalpel.compress.sweep import run_sweep
+from medscalpel.data.spec import open_dataset
 from medscalpel.engine.compare import compare_predictions
 from medscalpel.errors import VerificationError
 from medscalpel.layout import write_artifact
@@ -211,3 +212,43 @@ class SweepStage(Stage):
                         ratios=s.sweep_ratios, methods=("l1", "random"), seeds=s.sweep_seeds,
                         progress=ctx.progress)
         return {"cells": len(res.cells), "computed": res.n_computed}
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    model: str
+    reference: str | None = None  # dense model timed in the same run
+    data: str | None = None  # real-image parity, int8 calibration, delta AUROC
+    split: str = "test"
+    quantize: str | None = None  # dynamic or static int8
+    batch_sizes: tuple[int, ...] = (1, 32)
+    opset: int = 18
+    repeats: int = 10
+
+
+@register_stage
+class ExportStage(Stage):
+    """ONNX export of one model with ONNX Runtime parity, CPU latency against a reference
+    measured in the same run, and optional int8 with its delta macro AUROC (``compress
+    export``)."""
+
+    name = "export_onnx"
+    writes = ("onnx_export",)
+    Settings = ExportSettings
+
+    def run(self, ctx: StageContext, s: ExportSettings) -> dict[str, Any]:
+        m = load_model(s.model)
+        ref = load_model(s.reference) if s.reference is not None else None
+        ds = (open_dataset(s.data, split=s.split,
+                           preprocess=m.card.preprocess if m.card is not None else None)
+              if s.data else None)
+        onnx = ctx.dir_of("onnx_export") / "model.onnx"
+        res = export_onnx(m, onnx, batch_sizes=list(s.batch_sizes), opset=s.opset,
+                          reference=ref, dataset=ds, quantize=s.quantize, repeats=s.repeats)
+        final = ctx.final_dir_of("onnx_export")  # where the files are once the run finished
+        res.onnx_path = str(final / onnx.name)
+        if res.quantization:
+            res.quantization["path"] = str(final / Path(res.quantization["path"]).name)
+        write_artifact(ctx.out, "onnx_export", res)
+        ctx.results[self.name] = res
+        return {"onnx_path": res.onnx_path, "quantized": bool(res.quantization)}
