@@ -8,26 +8,15 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt
-
-
-def _run(stage: str, out: Path, settings, command: str, config: dict, seed: int,
-         overwrite: bool):
-    """Run the registered stage of an audit command into a new run directory ``out``; its
-    result object."""
-    import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
-    from medscalpel.pipeline.stage import run_command
-
-    _, ctx = run_command(stage, out, settings, command=command, config=config, seed=seed,
-                         overwrite=overwrite)
-    return ctx.results[stage]
+from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt, run_stage
 
 
 def forgettability(
     sweep_dir: Path = typer.Argument(..., help="Output folder of 'medscalpel compress sweep' "
                                      "or 'medscalpel scale prune' (read through its index.json)."),
     out: Path = typer.Option(Path("runs/audit-forgettability"), help="Run directory to create "
-                             "(audit/forgettability/: forgettability.json, audit_*.png; manifest.json)."),
+                             "(audit/forgettability/: forgettability.json, audit_*.png; "
+                             "manifest.json)."),
     method: Optional[str] = typer.Option(None, help="Sweep method to audit when the sweep holds "
                                          "several (e.g. l1, random)."),
     train_data: Optional[str] = typer.Option(None, help="Dataset spec whose 'train' split gives "
@@ -49,8 +38,8 @@ def forgettability(
     settings = ForgettabilitySettings(sweep_dir=str(sweep_dir), method=method,
                                       train_data=train_data, drop_threshold=drop_threshold,
                                       n_boot=n_boot, n_perm=n_perm)
-    result = _run("forgettability", out, settings, "audit forgettability", config, seed,
-                  overwrite)
+    result = run_stage("forgettability", out, settings, "audit forgettability", config,
+                       seed=seed, overwrite=overwrite)
     table = Table(title=f"Forgettability ({result.method}, {len(result.seeds)} seeds, "
                         f"prevalence from {result.prevalence_source})")
     for col in ("class", "prevalence", "AP ref", "first 20% drop", "rel. ΔAP at max"):
@@ -90,7 +79,8 @@ def pies(
     settings = PiesSettings(sweep_dir=str(sweep_dir), ratio=ratio, quantile=quantile,
                             score=score, method=method, gallery_data=data, gallery_split=split,
                             n_boot=n_boot)
-    result = _run("pies", out, settings, "audit pies", config, seed, overwrite)
+    result = run_stage("pies", out, settings, "audit pies", config, seed=seed,
+                       overwrite=overwrite)
     table = Table(title=f"PIEs at {result.level_name} {result.level:g}: {int(result.is_pie.sum())}"
                         f" of {len(result.ids)} images ({result.score_name})")
     for col in ("group", "PIEs with", "share PIE", "share all", "ratio", "95% CI", "Fisher p"):

@@ -54,6 +54,22 @@ def load_predictions(path: Any):
     return _load(path)
 
 
+def run_stage(stage: str, out: Any, settings: Any, command: str, config: dict[str, Any], *,
+              seed: int = 0, overwrite: bool = False, spec: str = "",
+              manifest_data: tuple[str, ...] = (),
+              manifest_config: tuple[str, ...] = ()) -> Any:
+    """A command's body: run the registered ``stage`` into a new run directory ``out``
+    (:func:`medscalpel.pipeline.stage.run_command`) and return the result object it made
+    (``None`` for a stage whose record is its artifact alone)."""
+    import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
+    from medscalpel.pipeline.stage import run_command
+
+    _, ctx = run_command(stage, out, settings, command=command, config=config, seed=seed,
+                         spec=spec, overwrite=overwrite, manifest_data=manifest_data,
+                         manifest_config=manifest_config)
+    return ctx.results.get(stage)
+
+
 # ----------------------------------------------------------------------------- help rows
 #: parameter names by what they take: the help row shows what to give, never a type label
 #: (a command whose option takes something else names it with ``metavar=``)

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from medscalpel.cli import deprecations
-from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt, print_table
+from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt, print_table, run_stage
 from medscalpel.errors import ConfigError
 
 _TARGET_LATENCY_HELP = ("Search the ratio whose MEASURED latency (ms, batch 1) in --runtime is at "
@@ -267,8 +267,6 @@ def export(
 ) -> None:
     """ONNX export with onnxruntime parity, CPU latency vs the dense model (same run) and
     optional int8 quantization with its delta macro AUROC."""
-    import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
-    from medscalpel.pipeline.stage import run_command
     from medscalpel.pipeline.stages.compress import ExportSettings
 
     config = {"model": str(model), "reference": str(reference) if reference else None,
@@ -278,9 +276,7 @@ def export(
                               split=split, quantize=quantize,
                               batch_sizes=tuple(_ints(batch_sizes, "batch-sizes")), opset=opset,
                               repeats=repeats)
-    _, ctx = run_command("export_onnx", out, settings, command="compress export", config=config,
-                         overwrite=overwrite)
-    res = ctx.results["export_onnx"]
+    res = run_stage("export_onnx", out, settings, "compress export", config, overwrite=overwrite)
     console.print(f"ONNX parity: random {fmt(res.parity['random'], 8)}, real "
                   f"{fmt(res.parity['real'], 8)}; speedup vs reference "
                   + ", ".join(f"{k} {v:.2f}" for k, v in res.speedup.items()))

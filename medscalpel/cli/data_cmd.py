@@ -9,7 +9,7 @@ import typer
 
 from rich.table import Table
 
-from medscalpel.cli.common import console, fmt, one_of
+from medscalpel.cli.common import console, fmt, one_of, run_stage
 
 
 def stats(
@@ -25,15 +25,13 @@ def stats(
     """Label statistics of a dataset: prevalence per class, co-occurrence counts, Jaccard
     matrix and the pairs of findings that never occur together. Prints a table and writes
     JSON plus two heatmap PNGs into a new run directory."""
-    import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
     from medscalpel.layout import artifact, read_artifact
-    from medscalpel.pipeline.stage import run_command
     from medscalpel.pipeline.stages.data import StatsSettings
 
     spec = one_of(spec, spec_arg, "--data", "SPEC", "the dataset spec", command="data stats")
-    run_command("stats", out, StatsSettings(split=split), command="data stats",
-                      config={"spec": spec, "split": split}, spec=spec, overwrite=overwrite,
-                      manifest_data=("spec", "split", "content_hash", "n_images"))
+    run_stage("stats", out, StatsSettings(split=split), "data stats",
+              {"spec": spec, "split": split}, spec=spec, overwrite=overwrite,
+              manifest_data=("spec", "split", "content_hash", "n_images"))
     result = read_artifact(out, "label_stats")
     table = Table(title=f"{result.spec} [{split}]: {result.n} images, {result.task}")
     for col in ("class", "positives", "known", "prevalence"):

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from medscalpel.cli.common import console, print_table
+from medscalpel.cli.common import console, print_table, run_stage
 
 MODEL = typer.Option(..., help="Model directory (model.safetensors + model.json).")
 DATA = typer.Option(..., help="Dataset spec, e.g. 'phantom:/runs/ph' or 'nih:/data/nih'.")
@@ -21,18 +21,6 @@ def _open(model_dir: Path, data: str, split: str, served_ok: bool = False):
     from medscalpel.pipeline.stages.explain import open_model_data
 
     return open_model_data(str(model_dir), data, split, served_ok)
-
-
-def _run(stage: str, out: Path, settings, command: str, config: dict, seed: int,
-         overwrite: bool, manifest_config: tuple[str, ...] = ()):
-    """Run the registered stage of an explain command into a new run directory ``out``; its
-    result object."""
-    import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
-    from medscalpel.pipeline.stage import run_command
-
-    _, ctx = run_command(stage, out, settings, command=command, config=config, seed=seed,
-                         overwrite=overwrite, manifest_config=manifest_config)
-    return ctx.results[stage]
 
 
 def cam(
@@ -52,9 +40,9 @@ def cam(
 
     settings = CamSettings(model=str(model), data=data, target=target, split=split, n_images=n,
                            method=method)
-    res = _run("cam", out, settings, "explain cam", {"model": str(model), "data": data,
-                                                     "class": target, "method": method},
-               seed, overwrite, manifest_config=("artifact",))
+    res = run_stage("cam", out, settings, "explain cam",
+                    {"model": str(model), "data": data, "class": target, "method": method},
+                    seed=seed, overwrite=overwrite, manifest_config=("artifact",))
     how = f" ({res.meta['label']})" if res.meta.get("label") else ""
     console.print(f"{len(res.ids)} {method} maps of '{target}'{how} -> {out}", highlight=False)
 
@@ -73,9 +61,9 @@ def attribute(
 
     settings = AttributeSettings(model=str(model), data=data, target=target, method=method,
                                  split=split, n_images=n)
-    res = _run("attribute", out, settings, "explain attribute",
-               {"model": str(model), "data": data, "class": target, "method": method}, seed,
-               overwrite)
+    res = run_stage("attribute", out, settings, "explain attribute",
+                    {"model": str(model), "data": data, "class": target, "method": method},
+                    seed=seed, overwrite=overwrite)
     console.print(f"{method}: max |delta| {float(res.delta.abs().max()):.2e} "
                   f"({res.delta_definition}) -> {out}")
 
@@ -94,9 +82,9 @@ def channels(
 
     settings = ChannelsSettings(model=str(model), data=data, target=target, split=split,
                                 n_images=n_images, top=top, fp_only=fp_only)
-    table = _run("channels", out, settings, "explain channels",
-                 {"model": str(model), "data": data, "class": target, "fp_only": fp_only}, seed,
-                 overwrite)
+    table = run_stage("channels", out, settings, "explain channels",
+                      {"model": str(model), "data": data, "class": target, "fp_only": fp_only},
+                      seed=seed, overwrite=overwrite)
     print_table([{k2: v for k2, v in r.items() if not isinstance(v, (list, dict))}
                  for r in table.to_dict()["rows"]], f"top channels of {target}")
 
@@ -115,9 +103,9 @@ def compare(
 
     settings = SaliencyCompareSettings(teacher=str(teacher), student=str(student), data=data,
                                        split=split, n_images=n, method=method)
-    res = _run("saliency_compare", out, settings, "explain compare",
-               {"teacher": str(teacher), "student": str(student), "data": data,
-                "method": method}, seed, overwrite)
+    res = run_stage("saliency_compare", out, settings, "explain compare",
+                    {"teacher": str(teacher), "student": str(student), "data": data,
+                     "method": method}, seed=seed, overwrite=overwrite)
     console.print(f"saliency comparison ({method}) of {res.pearson.shape[1]} images -> {out}")
 
 
@@ -134,11 +122,9 @@ def polarity(
                                                                  "(e.g. lossless, pruned)."),
 ) -> None:
     """Polarized classifier channels vs label mutual exclusivity (Jaccard), with null models."""
-    import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
     from medscalpel.data.spec import open_dataset
     from medscalpel.layout import artifact
     from medscalpel.models import load_model
-    from medscalpel.pipeline.stage import run_command
     from medscalpel.pipeline.stages.explain import PolaritySettings, require_match
 
     m = load_model(model)
@@ -147,7 +133,7 @@ def polarity(
     settings = PolaritySettings(model=str(model), data=data, split=split, quantile=quantile,
                                 n_null=n_null,
                                 compare_with=tuple(str(p) for p in compare_with or ()))
-    run_command("polarity", out, settings, command="audit polarity",
-                config={"model": str(model), "data": data, "quantile": quantile}, seed=seed,
-                overwrite=overwrite)
+    run_stage("polarity", out, settings, "audit polarity",
+              {"model": str(model), "data": data, "quantile": quantile}, seed=seed,
+              overwrite=overwrite)
     console.print(f"polarity analysis -> {artifact('polarity').dir_in(out)}")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from medscalpel.cli.common import console, one_of, print_table
+from medscalpel.cli.common import console, one_of, print_table, run_stage
 from medscalpel.errors import ConfigError
 
 
@@ -79,14 +79,10 @@ def _run_surgery(out: Path, cfg: dict, overwrite: bool):
     """Run the registered 'surgery' stage into a new run directory ``out`` (false positives
     from --features, or from --data's images carrying --confounder): repair/surgery/
     surgery.json and the corrected model beside it unless a dry run; the SurgeryResult."""
-    import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
-    from medscalpel.pipeline.stage import run_command
     from medscalpel.pipeline.stages.repair import SurgerySettings
 
     settings = SurgerySettings(**{("data" if k == "dataset" else k): v for k, v in cfg.items()})
-    _, ctx = run_command("surgery", out, settings, command="repair surgery", config=cfg,
-                         overwrite=overwrite)
-    return ctx.results["surgery"]
+    return run_stage("surgery", out, settings, "repair surgery", cfg, overwrite=overwrite)
 
 
 def _print_surgery(result) -> None:
@@ -118,8 +114,6 @@ def retrain(
 ) -> None:
     """Retrain only the final layer on cached features: a classifier fine-tune or an
     F re-optimization (regularised logistic regression, C chosen on validation)."""
-    import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
-    from medscalpel.pipeline.stage import run_command
     from medscalpel.pipeline.stages.repair import RetrainSettings
     from medscalpel.validation import check_in
 
@@ -129,9 +123,7 @@ def retrain(
            "held_out": str(held_out) if held_out else None, "method": method,
            "model": str(model) if model else None, "classes": cls, "steps": steps, "lr": lr}
     settings = RetrainSettings(**{**cfg, "classes": tuple(cls) if cls else None})
-    _, ctx = run_command("retrain", out, settings, command="repair retrain", config=cfg,
-                         overwrite=overwrite)
-    result = ctx.results["retrain"]
+    result = run_stage("retrain", out, settings, "repair retrain", cfg, overwrite=overwrite)
     rows = [{"class": c, "AUROC before": result.auroc_before[c],
              "AUROC after": result.auroc_after[c]} for c in result.auroc_before]
     print_table(rows, title=f"{result.method}: {result.trainable_params} trainable params, "
@@ -159,9 +151,7 @@ def triage(
     """Diagnose each class (recall, precision, calibration, false-positive clusters, AUROC), try
     treatments cheapest-first, keep what helps on held-out data, learn the costs; writes
     decision_log.json / decision_log.md."""
-    import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
     from medscalpel.layout import artifact
-    from medscalpel.pipeline.stage import run_command
     from medscalpel.pipeline.stages.repair import TriageSettings
 
     cfg = {"fit": str(fit), "held_out": str(held_out), "model": str(model) if model else None,
@@ -169,9 +159,7 @@ def triage(
     settings = TriageSettings(fit=str(fit), held_out=str(held_out),
                               model=str(model) if model else None, budget=budget,
                               costs=str(costs) if costs is not None else None)
-    _, ctx = run_command("triage", out, settings, command="repair triage", config=cfg,
-                         overwrite=overwrite)
-    result = ctx.results["triage"]
+    result = run_stage("triage", out, settings, "repair triage", cfg, overwrite=overwrite)
     console.print(result.markdown(), highlight=False, markup=False)
     for c in result.classes:
         for a in c.attempts:

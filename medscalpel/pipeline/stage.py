@@ -203,7 +203,7 @@ class StageContext:
 
     def dir_of(self, key: str, **fmt: Any) -> Path:
         """The folder of a declared artifact in this run directory."""
-        return artifact(key).path_in(self.out, **fmt).parent
+        return artifact(key).dir_in(self.out, **fmt)
 
     def final_dir_of(self, key: str, **fmt: Any) -> Path:
         """The folder of a declared artifact once the run directory is finished."""

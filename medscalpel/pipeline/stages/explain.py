@@ -56,13 +56,11 @@ class ExplainStage(Stage):
 
     def run(self, ctx: StageContext, s: ExplainSettings) -> dict[str, Any]:
         summary = _cams(ctx, s)
-        compressed = tuple(r["model_dir"] for r in ctx.compress_rows
-                           if r.get("model_dir") and r["method"] in ("lossless", "structured-l1"))
-        names = tuple(r["method"] for r in ctx.compress_rows
-                      if r.get("model_dir") and r["method"] in ("lossless", "structured-l1"))
-        PolarityStage().run(ctx, PolaritySettings(n_null=100, reference_name="dense",
-                                                  compare_with=compressed,
-                                                  compare_names=names))
+        rows = [r for r in ctx.compress_rows
+                if r.get("model_dir") and r["method"] in ("lossless", "structured-l1")]
+        PolarityStage().run(ctx, PolaritySettings(
+            n_null=100, reference_name="dense", compare_with=tuple(r["model_dir"] for r in rows),
+            compare_names=tuple(r["method"] for r in rows)))
         return {"cams": summary}
 
 
