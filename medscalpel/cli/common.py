@@ -55,17 +55,19 @@ def load_predictions(path: Any):
 
 
 def run_stage(stage: str, out: Any, settings: Any, command: str, config: dict[str, Any], *,
-              seed: int = 0, overwrite: bool = False, spec: str = "",
-              manifest_data: tuple[str, ...] = (),
+              seed: int = 0, overwrite: bool = False, resumable: bool = False,
+              spec: str = "", manifest_data: tuple[str, ...] = (),
               manifest_config: tuple[str, ...] = ()) -> Any:
     """A command's body: run the registered ``stage`` into a new run directory ``out``
     (:func:`medscalpel.pipeline.stage.run_command`) and return the result object it made
-    (``None`` for a stage whose record is its artifact alone)."""
+    (``None`` for a stage whose record is its artifact alone). ``resumable``: an interrupted
+    run keeps its ``.partial`` folder and the same command resumes it (``train``)."""
     import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
     from medscalpel.pipeline.stage import run_command
 
     _, ctx = run_command(stage, out, settings, command=command, config=config, seed=seed,
-                         spec=spec, overwrite=overwrite, manifest_data=manifest_data,
+                         spec=spec, overwrite=overwrite, resumable=resumable,
+                         manifest_data=manifest_data,
                          manifest_config=manifest_config)
     return ctx.results.get(stage)
 
