@@ -194,14 +194,31 @@ ARTIFACTS: dict[str, Artifact] = dict([
        "medscalpel.models.checkpoint:ModelCard", (),
        "the card of the model a single command made (train, compress, repair, ...): "
        "give its folder to --model"),
+    _a("imported_model", "model.json", "models import / import-xrv",
+       "medscalpel.models.checkpoint:ModelCard", (),
+       "the card of an imported model: the run directory is the model directory "
+       "(model.safetensors beside it), give it to --model"),
+    _a("phantom_dataset", "labels.csv", "data phantom", None, (),
+       "the phantom of 'data phantom --out DIR' (images.npz, masks.npz, groundtruth.csv, "
+       "phantom.json beside it): the dataset the spec phantom:DIR opens"),
+    _a("phantom_sheet", "preview.png", "data phantom --preview", None, (),
+       "contact sheet of the phantom of 'data phantom': examples per finding, masks outlined"),
     _a("metrics", "metrics.json", "evaluate / train", None, ("classes", "macro", "split", "n"),
        "EvalResult of one model on one split (evaluate; train's test split)"),
     _a("fit", "train.json", "train", None, ("model_dir", "train", "test"),
        "what 'train' / 'scale train' did: model directory, training history, test metrics"),
     _a("predictions_meta", "predictions.json", "predict", None, ("class_names", "n"),
        "what 'predict' / 'predictions import' predicted (predictions.npz beside it)"),
+    _a("predictions_file", "predictions.npz", "predict", None, (),
+       "the Predictions of one model on one split (logits, labels, ids; predict)"),
+    _a("findings_csv", "predictions.csv", "predict", None, (),
+       "per-image table of every class's probability and the findings (predict)"),
     _a("external", "external.json", "evaluate --external", None, ("internal", "external"),
        "internal vs external set at the stored operating point"),
+    _a("external_predictions", "external_predictions.npz", "evaluate --external", None, (),
+       "the Predictions of the model on the external set"),
+    _a("external_reliability", "reliability.png", "evaluate --external", None, (),
+       "reliability diagram of the internal and the external set"),
     _a("compression_report", "report.json", "compress METHOD", None,
        ("method", "settings", "verification", "params_before", "params_after"),
        "what one compressor did (model/ beside it): the compressor's own report"),
@@ -211,6 +228,12 @@ ARTIFACTS: dict[str, Artifact] = dict([
        "ONNX export of one model: parity and latency"),
     _a("students", "students.json", "compress students", None, ("chosen", "candidates"),
        "candidate students under a latency budget"),
+    _a("sweep_grid", "index.json", "compress sweep / scale prune|distill|triage",
+       "medscalpel.cells:CellIndex", (),
+       "a grid that is its own run directory (compress sweep / scale prune|distill|triage "
+       "--out, resumable in place): one typed cell per (model, method, seed, ratio), per "
+       "student, per router setting; a sweep's or pruning grid's folder is what audit "
+       "forgettability / pies read"),
     _a("cam_result", "cams.json", "explain cam", None, ("method",),
        "CAMs of one class on a few images (and the artifact that made them)"),
     _a("attribution", "attribution.json", "explain attribute", None, ("method",),
@@ -231,6 +254,13 @@ ARTIFACTS: dict[str, Artifact] = dict([
        "index of the per-image clinical reports"),
     _a("experiment_report", "reports/experiment.html", "reports", None, (),
        "the experiment report (one self-contained page)"),
+    _a("experiment_page", "report.html", "report experiment", None, (),
+       "the experiment report of a run directory, written into it (report experiment "
+       "without --out; --out FILE.html writes it there)"),
+    _a("experiment_summary", "report.summary.json", "report experiment", None,
+       ("kind", "present", "not_run"),
+       "what each section of the experiment page found, beside the page (FILE.summary.json "
+       "of --out FILE.html; not report.json, which is a compressor's report in its run)"),
 ])
 
 

@@ -325,7 +325,8 @@ def walk(cmd, path):
                 walk(sub, path + [name])
     elif cmd.callback is not None:
         fn = inspect.unwrap(cmd.callback)
-        out[" ".join(path)] = through_registry(fn)
+        writes = any(getattr(p, "name", None) == "out" for p in cmd.params)
+        out[" ".join(path)] = [through_registry(fn), writes]
 walk(typer.main.get_command(app), [])
 print(json.dumps(out))
 """
@@ -341,9 +342,14 @@ def commands_through_registries(tree: Path) -> dict[str, Any]:
     if r.returncode != 0:
         raise RuntimeError(f"listing the commands of {tree} failed: {r.stderr[-800:]}")
     by_cmd = json.loads(r.stdout.strip().splitlines()[-1])
-    yes = sorted(c for c, v in by_cmd.items() if v)
+    yes = sorted(c for c, (v, _) in by_cmd.items() if v)
+    writing = sorted(c for c, (_, w) in by_cmd.items() if w)
     return {"commands": len(by_cmd), "through_registries": len(yes), "which": yes,
-            "not": sorted(c for c, v in by_cmd.items() if not v)}
+            "not": sorted(c for c, (v, _) in by_cmd.items() if not v),
+            # commands with an --out (they write); the others only print (show, models list)
+            "writing_commands": len(writing),
+            "writing_through_registries": len(set(writing) & set(yes)),
+            "not_writing": sorted(set(by_cmd) - set(writing))}
 
 
 def artifact_aliases(tree: Path) -> int:
@@ -395,6 +401,9 @@ def headline(m: dict[str, Any]) -> dict[str, Any]:
             "CLI commands running a registered stage / compressor":
                 f"{m['commands_through_registries']['through_registries']} of "
                 f"{m['commands_through_registries']['commands']}",
+            "  of the commands with --out (that write)":
+                f"{m['commands_through_registries'].get('writing_through_registries', '-')} of "
+                f"{m['commands_through_registries'].get('writing_commands', '-')}",
             "medscalpel -h median s": m["help_seconds"]["median"],
             "medscalpel compress prune -h median s": m["command_help_seconds"]["median"]}
 

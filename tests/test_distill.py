@@ -323,6 +323,14 @@ def test_choose_student_picks_within_budget(ml_data, ml_teacher):
     assert res.chosen == best.name and rows[res.chosen].status == "chosen"
     assert res.model is not None and res.model.arch == res.chosen
     assert res.to_dict()["procedure"]["latency"]["batch_size"] == 1
+    # the same seed gives the same proxy scores, whatever drew from torch's random state before
+    # (a fresh candidate's first weights come from the seed, not from the global state)
+    torch.rand(7)
+    again = choose_student(["resnet_tiny", "densenet_tiny"], 1e6, (tr, va), ml_teacher,
+                           proxy_epochs=1, proxy_steps=2, batch_size=16, latency_repeats=2,
+                           latency_rounds=1, progress=False)
+    assert ({r.name: r.proxy_auroc for r in again.rows}
+            == {r.name: r.proxy_auroc for r in res.rows})
 
 
 def test_choose_student_budget_filters_and_errors(ml_data, ml_teacher):

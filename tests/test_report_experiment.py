@@ -392,7 +392,7 @@ def test_cli_experiment(tmp_path):
     res = CliRunner().invoke(app, ["experiment", str(run), "--out", str(tmp_path / "e.html")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "e.html").is_file()
-    summary = json.loads((tmp_path / "e.json").read_text())
+    summary = json.loads((tmp_path / "e.summary.json").read_text())
     assert "clinical" in summary["not_run"] and "baseline" in summary["present"]
 
 

@@ -1,18 +1,20 @@
 """``medscalpel repair calibrate``: decision thresholds / temperature fitted on one split and
 measured on another, and its other modes: certified thresholds (``--guarantee``), the check of
 a card's guarantee on new labelled predictions (``--recertify``) and its transfer to a new site
-without labels (``--recertify --transfer-to``)."""
+without labels (``--recertify --transfer-to``).
+
+Each mode checks its flags and inputs, then runs one registered stage of
+:mod:`medscalpel.pipeline.stages.calibration` into OUT and prints what it made."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from medscalpel.cli.common import console, load_predictions, print_table
-from medscalpel.errors import ConfigError, DataError
+from medscalpel.cli.common import console, print_table, run_stage
+from medscalpel.errors import ConfigError
 
 _MODEL_HELP = ("Model directory: a copy deciding by the fitted operating point (multi-label "
                "thresholds, the two-class cut, or the temperature; with --guarantee the "
@@ -97,69 +99,26 @@ def _calibrate_point(fit: Path, evaluate_on: Optional[Path], method: str,
                      target_sensitivity: float, positive: Optional[str], model: Optional[Path],
                      out: Path, overwrite: bool) -> None:
     """``repair calibrate FIT``: per-class thresholds (multi-label), the positive class's cut
-    (two classes) or temperature scaling (more classes), fitted on FIT and measured on --eval;
-    writes calibrate/calibration.json (and OUT/calibrate/model with --model)."""
-    from medscalpel.layout import artifact, write_artifact
-    from medscalpel.models.checkpoint import load_model
-    from medscalpel.repair.calibrate import measure_operating_point, save_with_operating_point
-    from medscalpel.runs import RunDir, hash_file
+    (two classes) or temperature scaling (more classes), fitted on FIT and measured on --eval
+    (the 'calibrate_point' stage); writes calibrate/calibration.json (and OUT/calibrate/model
+    with --model)."""
+    from medscalpel.layout import artifact
+    from medscalpel.pipeline.stages.calibration import PointSettings, point_inputs
 
-    fit_p = load_predictions(fit).require_labels("fitting thresholds", str(fit))
-    eval_p = load_predictions(evaluate_on) if evaluate_on else None
-    kind = ("thresholds" if fit_p.task == "multilabel" else
-            "binary" if fit_p.num_classes == 2 else "temperature")
-    if positive is not None and kind != "binary":
-        raise ConfigError("--positive applies to two-class predictions only.")
-    m = load_model(model) if model else None
-    if m is not None and tuple(m.card.class_names) != tuple(fit_p.class_names):
-        raise ConfigError(f"--model {model} predicts {list(m.card.class_names)[:4]} but the "
-                          f"predictions are of {list(fit_p.class_names)[:4]}: give the "
-                          "predictions of this model.")
+    settings = PointSettings(fit=str(fit), eval=str(evaluate_on) if evaluate_on else None,
+                             method=method, target_sensitivity=target_sensitivity,
+                             positive=positive, model=str(model) if model else None)
+    kind = point_inputs(settings).kind  # a bad input fails here, before OUT is made
     cfg = {"fit": str(fit), "eval": str(evaluate_on) if evaluate_on else None, "method": method,
            "target_sensitivity": target_sensitivity, "model": str(model) if model else None,
            "kind": kind, "positive": positive}
-    source = f"sha256:{hash_file(fit)[:16]} ({Path(fit).name})"
-    with RunDir(out, command="repair calibrate", config=cfg, overwrite=overwrite) as run:
-        result, op = _fit_point(kind, fit_p, eval_p, method, target_sensitivity, positive,
-                                source)
-        if eval_p is not None:
-            op = measure_operating_point(op, eval_p, held_out=not (
-                set(fit_p.ids) & set(eval_p.ids)))
-        if m is not None:
-            save_with_operating_point(m, artifact("calibrated_card").dir_in(run.path), op,
-                                      source=source)
-        d = result.to_dict()
-        d["operating_point"] = op.to_dict()
-        d["model_dir"] = str(artifact("calibrated_card").dir_in(out)) if m is not None else None
-        write_artifact(run.path, "calibration", d)
-    _print_point(kind, result, op, method)
-    if m is not None:
-        console.print(f"model deciding by this operating point -> "
-                      f"{artifact('calibrated_card').dir_in(out)}", highlight=False)
+    run = run_stage("calibrate_point", out, settings, "repair calibrate", cfg, seed=None,
+                    overwrite=overwrite)
+    _print_point(run.kind, run.result, run.operating_point, method)
+    if run.model_dir is not None:
+        console.print(f"model deciding by this operating point -> {run.model_dir}",
+                      highlight=False)
     console.print(f"written to {artifact('calibration').dir_in(out)}")
-
-
-def _fit_point(kind: str, fit_p, eval_p, method: str, target_sensitivity: float,
-               positive: Optional[str], source: str):
-    """The calibration result of ``kind`` (thresholds, binary, temperature) fitted on ``fit_p``
-    and evaluated on ``eval_p``, and its (not yet measured) operating point."""
-    from medscalpel.repair.calibrate import (binary_view, calibrate_temperature,
-                                             calibrate_thresholds, temperature_operating_point,
-                                             threshold_operating_point)
-
-    if kind == "temperature":
-        result = calibrate_temperature(fit_p, eval_p)
-        return result, temperature_operating_point(result, fit_p, source=source)
-    fit_v = binary_view(fit_p, positive) if kind == "binary" else fit_p
-    eval_v = binary_view(eval_p, positive) if kind == "binary" and eval_p is not None \
-        else eval_p
-    result = calibrate_thresholds(fit_v, eval_v, method, target_sensitivity)
-    op = threshold_operating_point(result.calibrator, fit_v, tuple(fit_p.class_names),
-                                   source=source)
-    if kind == "binary":
-        bv = fit_v.meta["binary_view"]
-        result.extra["binary"] = {"positive": bv["positive"], "negative": bv["negative"]}
-    return result, op
 
 
 def _print_point(kind: str, result, op, method: str) -> None:
@@ -196,84 +155,29 @@ def _print_operating_point(op) -> None:
                       "specificity", highlight=False)
 
 
-def _read_patients(path: Path) -> dict[str, str]:
-    """image id -> patient id from a CSV with columns 'id' and 'patient'."""
-    import csv
-
-    if not Path(path).is_file():
-        raise DataError(f"--patients: file not found: {path} (a CSV with columns 'id' and "
-                        "'patient').")
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        cols = reader.fieldnames or []
-        if "id" not in cols or "patient" not in cols:
-            raise DataError(f"--patients {path}: needs the columns 'id' and 'patient'; it has "
-                            f"{cols}.")
-        return {r["id"]: r["patient"] for r in reader if r.get("id")}
-
-
 def _calibrate_guarantee(fit: Path, evaluate_on: Optional[Path], guarantee: str, alpha: float,
                          patients: Optional[Path], holdout: Optional[float], seed: int,
                          positive: Optional[str], model: Optional[Path], out: Path,
                          overwrite: bool, per_patient: bool = False) -> None:
     """``repair calibrate --guarantee``: certify on FIT (or its calibration part), re-check on
-    --eval or on the held-out patients; writes calibrate/guarantee.json (+ guarantee_check.json)."""
-    from medscalpel.layout import artifact, write_artifact
-    from medscalpel.models.checkpoint import load_model
-    from medscalpel.repair.calibrate import (binary_view, guarantee_operating_point,
-                                             save_with_operating_point)
-    from medscalpel.repair.conformal import (calibrate_guarantee, parse_guarantee,
-                                             patient_split, recertify)
-    from medscalpel.runs import RunDir, hash_file
+    --eval or on the held-out patients (the 'certify' stage); writes calibrate/guarantee.json
+    (+ guarantee_check.json, + OUT/calibrate/model with --model)."""
+    from medscalpel.pipeline.stages.calibration import GuaranteeSettings, guarantee_inputs
 
-    spec = parse_guarantee(guarantee)  # a bad spec fails before anything is read
-    if holdout is not None and evaluate_on is not None:
-        raise ConfigError("Give --eval or --holdout, not both: the guarantee is re-checked on "
-                          "one held-out set.")
-    fit_p = load_predictions(fit).require_labels("certifying a guarantee", str(fit))
-    eval_p = load_predictions(evaluate_on) if evaluate_on else None
-    m = load_model(model) if model is not None else None
-    names, task = tuple(fit_p.class_names), fit_p.task
-    if m is not None and tuple(m.card.class_names) != names:
-        raise ConfigError(f"--model {model} predicts {list(m.card.class_names)[:4]} but the "
-                          f"predictions are of {list(names)[:4]}.")
-    if fit_p.task == "multiclass":
-        if fit_p.num_classes != 2:
-            raise ConfigError(f"--guarantee needs multi-label or two-class predictions; these "
-                              f"are multi-class with {fit_p.num_classes} classes.")
-        fit_p = binary_view(fit_p, positive)
-        eval_p = binary_view(eval_p, positive) if eval_p is not None else None
-    elif positive is not None:
-        raise ConfigError("--positive applies to two-class predictions only.")
-    if per_patient and patients is None:
-        raise ConfigError("--per-patient needs --patients CSV (columns 'id' and 'patient'): "
-                          "without patient ids every image is its own patient.")
-    pmap = _read_patients(patients) if patients else None
-    pid = (lambda p: [pmap.get(i) for i in p.ids]) if pmap is not None else (lambda p: None)
-    cal_p, chk_p, unit = fit_p, eval_p, None
-    if holdout is not None:
-        sp = patient_split(fit_p, pid(fit_p), holdout, seed)
-        cal_p, chk_p, unit = fit_p.select(sp.calibration), fit_p.select(sp.held_out), sp.unit
+    settings = GuaranteeSettings(
+        fit=str(fit), guarantee=guarantee, eval=str(evaluate_on) if evaluate_on else None,
+        alpha=alpha, patients=str(patients) if patients else None, holdout=holdout,
+        positive=positive, model=str(model) if model is not None else None,
+        per_patient=per_patient)
+    inp = guarantee_inputs(settings, seed)  # a bad input fails here, before OUT is made
     cfg = {"fit": str(fit), "eval": str(evaluate_on) if evaluate_on else None,
-           "guarantee": spec.text, "alpha": alpha, "patients": str(patients) if patients
+           "guarantee": inp.spec.text, "alpha": alpha, "patients": str(patients) if patients
            else None, "holdout": holdout, "seed": seed, "positive": positive,
-           "split_unit": unit, "per_patient": per_patient}
-    with RunDir(out, command="repair calibrate", config=cfg, overwrite=overwrite) as run:
-        result = calibrate_guarantee(cal_p, spec, alpha, patient_ids=pid(cal_p),
-                                     groups=pid(cal_p) if per_patient else None, seed=seed)
-        write_artifact(run.path, "guarantee", result)
-        check = recertify(result, chk_p, patient_ids=pid(chk_p)) if chk_p is not None else None
-        if check is not None:
-            write_artifact(run.path, "guarantee_check", check)
-        op = None
-        if m is not None:
-            op = guarantee_operating_point(
-                result, names, task, kept=m.card.effective_thresholds(),
-                source=f"sha256:{hash_file(fit)[:16]} ({Path(fit).name})",
-                check=None if check is None else check.to_dict())
-            save_with_operating_point(m, artifact("calibrated_card").dir_in(run.path), op)
-    repeat_ids = pid(cal_p) if pmap is not None and not per_patient else None
-    _print_guarantee(spec, result, cal_p.split, unit, repeat_ids, check, op, out)
+           "split_unit": inp.split_unit, "per_patient": per_patient}
+    run = run_stage("certify", out, settings, "repair calibrate", cfg, seed=seed,
+                    overwrite=overwrite)
+    _print_guarantee(run.spec, run.result, run.calibration_split, run.split_unit,
+                     run.repeat_ids, run.check, run.operating_point, out)
 
 
 def _print_guarantee(spec, result, split: str, unit: Optional[str],
@@ -312,31 +216,15 @@ def _print_guarantee(spec, result, split: str, unit: Optional[str],
     console.print(f"written to {out}")
 
 
-def _card_guarantee(model_dir: Path, flag: str):
-    """The model of ``model_dir`` and the guarantee its card's operating point carries
-    (``(model, guarantee, positive, notes)``); a one-line error naming ``flag`` when none."""
-    from medscalpel.models import load_model
-    from medscalpel.repair.card_guarantee import guarantee_of_card
-
-    m = load_model(model_dir)
-    g, pos, notes = guarantee_of_card(m.card)
-    if g is None:
-        raise ConfigError(f"{flag} {model_dir}: its model card's operating point carries "
-                          "no guarantee (certify one with 'repair calibrate FIT --guarantee "
-                          "recall>=0.90 --model DIR').")
-    return m, g, pos, notes
-
-
 def _recertify_card(model_dir: Path, fit: Optional[Path], evaluate_on: Optional[Path],
                     guarantee: Optional[str], holdout: Optional[float], model: Optional[Path],
                     alpha: float, patients: Optional[Path], positive: Optional[str], out: Path,
                     overwrite: bool) -> None:
     """``repair calibrate --recertify MODEL_DIR --eval PREDS``: the card's guarantee re-checked
-    on PREDS (exact one-sample tests, Holm); writes guarantee_check.json."""
-    from medscalpel.layout import write_artifact
-    from medscalpel.repair.calibrate import binary_view
-    from medscalpel.repair.conformal import recertify
-    from medscalpel.runs import RunDir, hash_file
+    on PREDS (exact one-sample tests, Holm; the 'recertify' stage); writes
+    guarantee_check.json."""
+    from medscalpel.pipeline.stages.calibration import RecertifySettings, recertify_inputs
+    from medscalpel.runs import hash_file
 
     clash = [n for n, v in (("FIT", fit), ("--guarantee", guarantee), ("--holdout", holdout),
                             ("--model", model), ("--positive", positive)) if v is not None]
@@ -346,26 +234,18 @@ def _recertify_card(model_dir: Path, fit: Optional[Path], evaluate_on: Optional[
     if evaluate_on is None:
         raise ConfigError("--recertify needs --eval PREDS: labelled predictions of the model "
                           "(or site) to re-check the guarantee on.")
-    m, g, pos, notes = _card_guarantee(model_dir, "--recertify")
-    preds = load_predictions(evaluate_on).require_labels("re-certifying a guarantee",
-                                                         str(evaluate_on))
-    if tuple(preds.class_names) != tuple(m.card.class_names):
-        raise ConfigError(f"--eval {evaluate_on} is of classes {list(preds.class_names)[:4]}, "
-                          f"the model's are {list(m.card.class_names)[:4]}.")
-    view = binary_view(preds, pos) if pos is not None else preds
-    pmap = _read_patients(patients) if patients else None
-    pids = [pmap.get(i) for i in view.ids] if pmap is not None else None
+    settings = RecertifySettings(model_dir=str(model_dir), eval=str(evaluate_on), alpha=alpha,
+                                 patients=str(patients) if patients else None)
+    g = recertify_inputs(settings).guarantee  # a bad input fails here, before OUT is made
     cfg = {"recertify": str(model_dir), "eval": str(evaluate_on), "alpha": alpha,
            "patients": str(patients) if patients else None, "guarantee": g.spec,
            "eval_sha256": hash_file(evaluate_on)[:16]}
-    with RunDir(out, command="repair calibrate", config=cfg, overwrite=overwrite) as run:
-        check = recertify(g, view, alpha=alpha, patient_ids=pids)
-        if notes:
-            check = dataclasses.replace(check, notes=(*check.notes, *notes))
-        write_artifact(run.path, "guarantee_check", check)
+    run = run_stage("recertify", out, settings, "repair calibrate", cfg, seed=None,
+                    overwrite=overwrite)
+    check = run.check
     print_table(check.table(), title=f"{g.spec} (certified on {g.n_images} images of "
-                f"'{g.split}') re-checked on {check.n_images} images of '{preds.split}' "
-                f"({preds.model_id or 'model'}): {check.outcome.upper()} ({check.correction})")
+                f"'{g.split}') re-checked on {check.n_images} images of '{run.split}' "
+                f"({run.model_id or 'model'}): {check.outcome.upper()} ({check.correction})")
     console.print(f"verdict: {check.verdict.summary()}", highlight=False, markup=False)
     console.print(f"minimum k: {check.min_k['statement']}", highlight=False, markup=False)
     for note in check.notes:
@@ -378,15 +258,14 @@ def _transfer_card(model_dir: Path, fit: Optional[Path], new_preds: Path,
                    holdout: Optional[float], model: Optional[Path], positive: Optional[str],
                    out: Path, overwrite: bool) -> None:
     """``repair calibrate --recertify MODEL_DIR FIT --transfer-to NEW``: the card's guarantee
-    carried to NEW's site without its labels (medscalpel.repair.label_shift); writes
-    calibrate/label_shift_transfer.json and, when it transfers, OUT/calibrate/model: MODEL_DIR
-    deciding by the carried guarantee (its operating point holds it, as ``--guarantee --model``
-    writes it, so deploy's serve.json carries it too)."""
-    from medscalpel.layout import artifact, write_artifact
-    from medscalpel.repair.calibrate import (binary_view, guarantee_operating_point,
-                                             save_with_operating_point)
-    from medscalpel.repair.label_shift import transfer_guarantee
-    from medscalpel.runs import RunDir, hash_file
+    carried to NEW's site without its labels (medscalpel.repair.label_shift; the
+    'transfer_guarantee' stage); writes calibrate/label_shift_transfer.json and, when it
+    transfers, OUT/calibrate/model: MODEL_DIR deciding by the carried guarantee (its operating
+    point holds it, as ``--guarantee --model`` writes it, so deploy's serve.json carries it
+    too)."""
+    from medscalpel.layout import artifact
+    from medscalpel.pipeline.stages.calibration import TransferSettings, transfer_inputs
+    from medscalpel.runs import hash_file
 
     clash = [n for n, v in (("--eval", evaluate_on), ("--guarantee", guarantee),
                             ("--holdout", holdout), ("--model", model),
@@ -397,34 +276,15 @@ def _transfer_card(model_dir: Path, fit: Optional[Path], new_preds: Path,
     if fit is None:
         raise ConfigError("--transfer-to needs FIT: the labelled predictions the card's "
                           "guarantee was certified on.")
-    m, g, pos, notes = _card_guarantee(model_dir, "--transfer-to")
-    cal = load_predictions(fit).require_labels("carrying a guarantee", str(fit))
-    new = load_predictions(new_preds)
-    for p, name in ((cal, str(fit)), (new, str(new_preds))):
-        if tuple(p.class_names) != tuple(m.card.class_names):
-            raise ConfigError(f"{name} is of classes {list(p.class_names)[:4]}, the model's "
-                              f"are {list(m.card.class_names)[:4]}.")
-    if pos is not None:
-        cal, new = binary_view(cal, pos), binary_view(new, pos)
+    settings = TransferSettings(model_dir=str(model_dir), fit=str(fit),
+                                transfer_to=str(new_preds))
+    g = transfer_inputs(settings).guarantee  # a bad input fails here, before OUT is made
     cfg = {"recertify": str(model_dir), "fit": str(fit), "transfer_to": str(new_preds),
            "guarantee": g.spec, "fit_sha256": hash_file(fit)[:16],
            "transfer_to_sha256": hash_file(new_preds)[:16]}
-    with RunDir(out, command="repair calibrate", config=cfg, overwrite=overwrite) as run:
-        t = transfer_guarantee(g, cal, new, site=new.split)
-        if notes:
-            t = dataclasses.replace(t, notes=(*t.notes, *notes))
-        write_artifact(run.path, "label_shift_transfer", t)
-        op = None
-        if t.transferable and t.guarantee is not None:
-            op = guarantee_operating_point(
-                t.guarantee, m.card.class_names, m.card.task,
-                kept=m.card.effective_thresholds(),
-                source=f"sha256:{hash_file(new_preds)[:16]} ({Path(new_preds).name}), its "
-                       "labels not used",
-                transfer={"outcome": t.outcome, "site": t.site, "assumption": t.assumption,
-                          "from_split": g.split, "n_new_images": t.n_new_images,
-                          "rows": {r["name"]: r["status"] for r in t.rows}})
-            save_with_operating_point(m, artifact("calibrated_card").dir_in(run.path), op)
+    run = run_stage("transfer_guarantee", out, settings, "repair calibrate", cfg, seed=None,
+                    overwrite=overwrite)
+    t, op = run.transfer, run.operating_point
     rows = [{"class": r["name"], "status": r["status"], "prevalence (cal)":
              r.get("prior_calibration"), "prevalence (EM)": r.get("prior_em"),
              "BBSE interval": tuple(r["prior_bbse_interval"]) if r.get("prior_bbse_interval")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from medscalpel.cli.common import console, print_table
+from medscalpel.cli.common import console, print_table, run_stage
+from medscalpel.errors import ConfigError
 
 
 def find_models(path: Path) -> list[Path]:
@@ -67,64 +68,32 @@ def changes(
     """Calibration drift (ECE/Brier, sens/spec at the dense model's thresholds), explanation
     drift and faithfulness, per-subgroup delta AUROC, and robustness to CXR corruptions, each
     with CIs. Nothing is written unless the whole audit succeeds."""
-    from medscalpel.audit.changes import audit_changes
-    from medscalpel.engine.api import model_provenance as provenance
     from medscalpel.layout import artifact
-    from medscalpel.runs import RunDir
+    from medscalpel.pipeline.stages.audit import ChangesSettings
 
-    ref, dirs, models, ds = _load_models(dense, list(compressed or []), runtime, data, split,
-                                         calib_split, n_calib, threads)
+    if not compressed and not runtime:
+        raise ConfigError("audit changes: nothing to compare with the dense model; give "
+                          "compressed model directories or --runtime (e.g. openvino:int8).")
+    dirs = [d for c in (compressed or []) for d in find_models(c)
+            if d.resolve() != dense.resolve()]
     config = {"dense": str(dense), "compressed": [str(d) for d in dirs], "runtime": list(runtime),
               "n_calib": n_calib, "calib_split": calib_split, "data": data,
               "split": split, "measures": list(measures), "n_images": n_images,
               "n_boot": n_boot, "attributes": list(attributes), "min_subgroup": min_subgroup,
               "n_faithfulness": n_faithfulness, "corruptions": list(corruptions),
-              "severities": list(severities),
-              "artifacts": {k: provenance(m) for k, m in models.items()
-                            if provenance(m) is not None}}
-    with RunDir(out, command="audit changes", config=config, seed=seed,
-                overwrite=overwrite) as run:
-        result = audit_changes(ref, models, ds, measures=measures, n_images=n_images,
-                               n_boot=n_boot, seed=seed, attribute_names=attributes or None,
-                               min_subgroup=min_subgroup, n_faithfulness=n_faithfulness,
-                               corruptions=corruptions or None, severities=severities)
-        result.save(artifact("changes").dir_in(run.path))
+              "severities": list(severities)}
+    settings = ChangesSettings(
+        dense=str(dense), compressed=tuple(str(d) for d in dirs), runtime=tuple(runtime),
+        data=data, split=split, measures=tuple(measures), changes_images=n_images,
+        changes_faithfulness=n_faithfulness, n_boot=n_boot, attributes=tuple(attributes),
+        min_subgroup=min_subgroup, corruptions=tuple(corruptions),
+        severities=tuple(severities), n_calib=n_calib, calib_split=calib_split,
+        threads=threads)
+    # the manifest's config ends with the provenance of every served artifact the stage loaded
+    result = run_stage("changes", out, settings, "audit changes", config, seed=seed,
+                       overwrite=overwrite, manifest_config=("artifacts",))
     _print_changes(result, data, split)
     console.print(f"written to {artifact('changes').dir_in(out)}")
-
-
-def _load_models(dense: Path, compressed: list[Path], runtime: list[str], data: str,
-                 split: str, calib_split: str, n_calib: int, threads: int):
-    """The dense model, the compressed model directories found, every compared model by name
-    (each compressed one, and the dense and torch ones again as run by each --runtime) and the
-    audited split: ``(dense_model, dirs, models, dataset)``."""
-    from medscalpel.data import open_dataset
-    from medscalpel.deploy.served import load_served, runtime_model
-    from medscalpel.engine.predict import collect_images
-    from medscalpel.errors import ConfigError
-    from medscalpel.models import load_model
-
-    if not compressed and not runtime:
-        raise ConfigError("audit changes: nothing to compare with the dense model; give "
-                          "compressed model directories or --runtime (e.g. openvino:int8).")
-    ref = load_model(dense)
-    dirs = [d for c in compressed for d in find_models(c) if d.resolve() != dense.resolve()]
-    models = {}
-    for d in dirs:
-        name = (d.parent.name if d.name == "serve" else d.name)
-        name = name if name not in models else str(d)
-        models[name] = (load_served(d, threads) if (d / "serve.json").is_file()
-                        else load_model(d))
-    ds = open_dataset(data, split=split, preprocess=ref.card.preprocess)
-    if runtime:
-        cal_ds = open_dataset(data, split=calib_split, preprocess=ref.card.preprocess)
-        calib = collect_images(cal_ds, n_calib, seed=1)[0]
-        torch_models = {"dense": ref, **{k: m for k, m in models.items()
-                                        if getattr(m, "supports_gradients", True)}}
-        for rt in runtime:
-            for k, m in torch_models.items():
-                models[f"{k}@{rt}"] = runtime_model(m, rt, calib, threads=threads)
-    return ref, dirs, models, ds
 
 
 def _print_changes(result, data: str, split: str) -> None:

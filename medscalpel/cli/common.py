@@ -55,20 +55,33 @@ def load_predictions(path: Any):
 
 
 def run_stage(stage: str, out: Any, settings: Any, command: str, config: dict[str, Any], *,
-              seed: int = 0, overwrite: bool = False, resumable: bool = False,
-              spec: str = "", manifest_data: tuple[str, ...] = (),
+              seed: int | None = 0, overwrite: bool = False, resumable: bool = False,
+              spec: str = "", data: dict[str, Any] | None = None,
+              manifest_data: tuple[str, ...] = (),
               manifest_config: tuple[str, ...] = ()) -> Any:
     """A command's body: run the registered ``stage`` into a new run directory ``out``
     (:func:`medscalpel.pipeline.stage.run_command`) and return the result object it made
     (``None`` for a stage whose record is its artifact alone). ``resumable``: an interrupted
-    run keeps its ``.partial`` folder and the same command resumes it (``train``)."""
+    run keeps its ``.partial`` folder and the same command resumes it (``train``); ``seed``
+    ``None``: the command draws nothing (the manifest says so)."""
     import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
     from medscalpel.pipeline.stage import run_command
 
     _, ctx = run_command(stage, out, settings, command=command, config=config, seed=seed,
-                         spec=spec, overwrite=overwrite, resumable=resumable,
+                         spec=spec, overwrite=overwrite, resumable=resumable, data=data,
                          manifest_data=manifest_data,
                          manifest_config=manifest_config)
+    return ctx.results.get(stage)
+
+
+def run_stage_in_place(stage: str, folder: Any, settings: Any) -> Any:
+    """A command whose stage manages its own folder (a resumable grid that IS its run
+    directory, a report rendered into the run it reads): run the registered ``stage`` there
+    (:func:`medscalpel.pipeline.stage.run_in_place`) and return the result object it made."""
+    import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
+    from medscalpel.pipeline.stage import run_in_place
+
+    _, ctx = run_in_place(stage, folder, settings)
     return ctx.results.get(stage)
 
 

@@ -9,7 +9,8 @@ import typer
 from rich.markup import escape
 
 from medscalpel.cli import deprecations
-from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt, print_table, run_stage
+from medscalpel.cli.common import (N_BOOT, N_BOOT_HELP, console, fmt, print_table, run_stage,
+                                   run_stage_in_place)
 from medscalpel.errors import ConfigError
 
 _TARGET_LATENCY_HELP = ("Search the ratio whose MEASURED latency (ms, batch 1) in --runtime is at "
@@ -74,16 +75,16 @@ def sweep(
 ) -> None:
     """Global unstructured (L1 / random) sparsity sweep: one Predictions per (model, method,
     ratio) for the audit stage; finished cells are skipped on rerun."""
-    from medscalpel.compress.sweep import run_sweep
-    from medscalpel.models.checkpoint import load_model
+    from medscalpel.pipeline.stages.compress import SweepSettings
 
-    first = load_model(models[0])
-    ds = _open(data, split, first)
-    train_ds = _open(data, "train", first) if finetune_epochs else None
-    res = run_sweep([str(m) for m in models], ds, out, ratios=parse_ratios(ratios),
-                    methods=[m.strip() for m in methods.split(",") if m.strip()],
-                    seeds=_ints(seeds, "seeds"), finetune_epochs=finetune_epochs,
-                    train_ds=train_ds, finetune_lr=finetune_lr, batch_size=batch_size)
+    settings = SweepSettings(models=tuple(str(m) for m in models), data=data, split=split,
+                             sweep_ratios=tuple(parse_ratios(ratios)),
+                             sweep_methods=tuple(m.strip() for m in methods.split(",")
+                                                 if m.strip()),
+                             sweep_seeds=tuple(_ints(seeds, "seeds")),
+                             finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
+                             sweep_batch_size=batch_size)
+    res = run_stage_in_place("sweep_grid", out, settings)
     console.print(f"{len(res.cells)} cells ({res.n_computed} computed, {res.n_skipped} already "
                   f"done) in {out}")
     for mid in res.model_ids:
@@ -92,6 +93,8 @@ def sweep(
             if r.size:
                 console.print(f"{mid} {method}: " + ", ".join(f"{x:.2f}->{fmt(float(y))}"
                                                               for x, y in zip(r, a)))
+
+
 
 
 def prune(

@@ -1,5 +1,6 @@
 """``medscalpel compress deploy``: benchmark every CPU runtime x precision and write the fastest
-variant that keeps the accuracy (a thin wrapper over :func:`medscalpel.deploy.flow.deploy`)."""
+variant that keeps the accuracy (runs the registered 'deploy' stage, which calls
+:func:`medscalpel.deploy.flow.deploy`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from medscalpel.cli.common import console, fmt
+from medscalpel.cli.common import console, fmt, run_stage
 from medscalpel.errors import ConfigError
 
 _EXTERNAL_HELP = ("A second site's labelled dataset spec (same classes): every variant must "
@@ -74,32 +75,27 @@ def deploy(
 ) -> None:
     """Export (ONNX, OpenVINO IR), benchmark runtimes x precisions alternated in one run, check
     parity and per-class delta AUROC, and serve the fastest variant meeting the floor."""
-    from medscalpel.deploy.flow import deploy as run_deploy
-    from medscalpel.data import open_dataset
-    from medscalpel.layout import artifact
-    from medscalpel.models.checkpoint import load_model
-    from medscalpel.runs import RunDir
+    from medscalpel.pipeline.stages.compress import DeploySettings
 
-    m = load_model(model)
-    pre = m.card.preprocess if m.card is not None else None
-    ds = open_dataset(data, split=split, preprocess=pre)
-    calib = open_dataset(data, split="train", preprocess=pre) if split != "train" else None
-    # the whole external site, as 'evaluate --external' uses it (none of it was seen)
-    ext = open_dataset(external, split="all", preprocess=pre) if external is not None else None
-    config = {"model": str(model), "data": data, "split": split,
-              "external": external}
-    # the run directory of the command holds the deploy artifact where the demo's deploy stage
-    # writes it (deploy/: deploy.json, serve/, ...)
-    with RunDir(out, command="compress deploy", config=config, seed=seed,
-                overwrite=overwrite) as run:
-        res = run_deploy(m, ds, artifact("deploy").dir_in(run.path), calib_data=calib,
-                         runtimes=_list(runtimes), precisions=_list(precisions),
-                         batches=_batches(batch), rounds=rounds, repeats=repeats,
-                         n_images=n_images, n_calib=n_calib, floor_macro=floor_macro,
-                         floor_class=floor_class, threads=threads, n_boot=n_boot, seed=seed,
-                         explain=explain, external_data=ext,
-                         accept_unscorable=accept_unscorable, min_positives=min_positives,
-                         require_guarantee=require_guarantee)
+    rts, precs = _list(runtimes), _list(precisions)
+    settings = DeploySettings(model=str(model), data=data, split=split, external=external,
+                              runtimes=tuple(rts) if rts else None,
+                              precisions=tuple(precs) if precs else None,
+                              batches=tuple(_batches(batch)), rounds=rounds, repeats=repeats,
+                              floor_macro=floor_macro, floor_class=floor_class,
+                              eval_images=n_images, n_calib=n_calib, threads=threads,
+                              bootstrap=n_boot, accept_unscorable=accept_unscorable,
+                              min_positives=min_positives, explain=explain,
+                              require_guarantee=require_guarantee)
+    config = {"model": str(model), "data": data, "split": split, "external": external}
+    # one run directory, one manifest: the registered 'deploy' stage writes deploy/ (deploy.json,
+    # serve/, ...) where the demo's deploy stage writes it; what deploy() measured with (the
+    # variants, batches, rounds, repeats, threads, floors) joins the config, the hashes of the
+    # evaluation and calibration data the manifest's data
+    res = run_stage("deploy", out, settings, "compress deploy", config, seed=seed,
+                    overwrite=overwrite, manifest_data=("eval", "calib"),
+                    manifest_config=("variants", "batches", "rounds", "repeats", "threads",
+                                     "floor_macro", "floor_class"))
     _print_deploy(res, out)
 
 

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, one_of, console, fmt, print_table
+from medscalpel.cli.common import (N_BOOT, N_BOOT_HELP, console, fmt, one_of, print_table,
+                                   run_stage)
 from medscalpel.errors import ConfigError
 
 _TEACHER_HELP = ("The teacher: a model directory (model.safetensors + model.json), or a zoo "
@@ -32,14 +33,9 @@ _PHASE_EPOCHS_HELP = ("--student ofa: epochs of the progressive shrinking phases
 
 def _preprocess(model_dir: str, size: int, channels: int):
     """The teacher's input contract when it is a model directory, else --size/--channels."""
-    from medscalpel.data.transforms import Preprocess
-    from medscalpel.models.checkpoint import CARD, ModelCard
-    from medscalpel.runs import read_json
+    from medscalpel.pipeline.stages.compress import teacher_preprocess
 
-    card = Path(model_dir) / CARD
-    if card.is_file():
-        return ModelCard.from_dict(read_json(card), source=str(card)).preprocess.with_augment(None)
-    return Preprocess(size=size, channels=channels)
+    return teacher_preprocess(model_dir, size, channels)
 
 
 def _open_splits(data: str, pre, augment: bool):
@@ -227,25 +223,20 @@ def students(
 ) -> None:
     """Hardware-aware student choice: measure candidates' CPU latency here, proxy-distil those
     within the budget, pick the most accurate."""
-    from medscalpel.compress.student_search import choose_student
-    from medscalpel.layout import write_artifact
-    from medscalpel.runs import RunDir
+    from medscalpel.pipeline.stages.compress import StudentsSettings
 
     teacher = one_of(teacher, teacher_arg, "--model", "TEACHER", "the teacher model",
                      command="compress students")
-    pre = _preprocess(str(teacher), 64, 1)
-    train_ds, val_ds, _ = _open_splits(data, pre, augment=False)
     names = [c.strip() for c in candidates.split(",") if c.strip()]
     config = {"teacher": str(teacher), "data": data, "candidates": names,
               "latency_budget_ms": latency_budget_ms, "proxy_epochs": proxy_epochs,
-              "proxy_steps": proxy_steps, "soft_weight": soft_weight, "temperature": temperature, "lr": lr,
-              "batch_size": batch_size}
-    with RunDir(out, command="compress students", config=config, seed=seed,
-                data={"train": train_ds.content_hash(), "val": val_ds.content_hash()},
-                overwrite=overwrite) as run:
-        res = choose_student(names, latency_budget_ms, (train_ds, val_ds), str(teacher),
-                             proxy_epochs=proxy_epochs, proxy_steps=proxy_steps, soft_weight=soft_weight,
-                             temperature=temperature, lr=lr, batch_size=batch_size, seed=seed)
-        write_artifact(run.path, "students", res)
+              "proxy_steps": proxy_steps, "soft_weight": soft_weight, "temperature": temperature,
+              "lr": lr, "batch_size": batch_size}
+    settings = StudentsSettings(teacher=str(teacher), data=data, candidates=tuple(names),
+                                latency_budget_ms=latency_budget_ms, proxy_epochs=proxy_epochs,
+                                proxy_steps=proxy_steps, soft_weight=soft_weight,
+                                temperature=temperature, lr=lr, batch_size=batch_size)
+    res = run_stage("students", out, settings, "compress students", config, seed=seed,
+                    overwrite=overwrite, manifest_data=("train", "val"))
     print_table(res.table(), f"candidates (teacher {res.teacher['latency_ms']:.2f} ms)")
     console.print(f"chosen: {res.chosen}; written to {out}")

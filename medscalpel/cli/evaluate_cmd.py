@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt, print_table
+from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt, print_table, run_stage
 from medscalpel.errors import MedScalpelError
 
 
@@ -54,10 +54,6 @@ def evaluate(
 ) -> None:
     """Per-class AUROC, AP, sensitivity/specificity/F1 with bootstrap 95% CIs; with --external,
     the same model on an external set next to the internal numbers."""
-    from medscalpel.engine.api import evaluate_file
-    from medscalpel.layout import write_artifact
-    from medscalpel.runs import RunDir
-
     if reference is not None:
         if external is not None:
             raise MedScalpelError("evaluate: give --reference or --external, not both.")
@@ -66,20 +62,27 @@ def evaluate(
     if external is not None:
         from medscalpel.engine.bulk import BulkSettings
 
-        settings = BulkSettings(batch_size, workers, threads).validate()  # before loading
+        BulkSettings(batch_size, workers, threads).validate()  # before loading
         _evaluate_external(predictions, model, external, external_split,
-                           _parse_class_map(class_map), out, n_boot, seed, overwrite, settings)
+                           _parse_class_map(class_map), out, n_boot, seed, overwrite,
+                           batch_size, threads, workers)
         return
     from medscalpel.deploy.served import artifact_line, card_of
+    from medscalpel.pipeline.stages.predict import EvaluateSettings, evaluate_predictions
 
-    res = evaluate_file(predictions, card_of(model) if model is not None else None,
-                        n_boot=n_boot, seed=seed)
+    settings = EvaluateSettings(predictions=str(predictions),
+                                model=str(model) if model is not None else None, n_boot=n_boot)
+    if out is None:  # print only
+        res, op = evaluate_predictions(settings, seed)
+    else:
+        if model is not None:
+            card_of(model)  # a missing model fails before anything is written
+        res, op = run_stage("evaluate", out, settings, "evaluate",
+                            {"predictions": str(predictions), "n_boot": n_boot}, seed=seed,
+                            overwrite=overwrite, manifest_data=("split_unit",))
     if res.extra.get("artifact"):
         console.print(f"predictions made by the {artifact_line(res.extra['artifact'])}",
                       highlight=False)
-    op = _stored_operating_point(predictions, model)
-    if op is not None:
-        res.extra["operating_point"] = op.to_dict()
     print_table(res.table(), f"{res.split} ({res.n} images)")
     m = res.macro
     console.print(f"macro AUROC {fmt(m['auroc'])} {fmt(tuple(m.get('auroc_ci', ())) or None)}  "
@@ -95,32 +98,6 @@ def evaluate(
         console.print(f"[yellow]warning: {res.extra['split_warning']}[/yellow]")
     if op is not None:
         _print_stored_operating_point(op)
-    if out is not None:
-        with RunDir(out, command="evaluate", config={"predictions": str(predictions),
-                                                     "n_boot": n_boot}, seed=seed,
-                    data={"split_unit": res.extra.get("split_unit")},
-                    overwrite=overwrite) as run:
-            write_artifact(run.path, "metrics", res)
-
-
-def _stored_operating_point(predictions: Path, model: Optional[Path]):
-    """The model card's operating point measured on these predictions (sens/spec with CIs),
-    or None without --model or when the model decides by the uncalibrated default (the
-    table above is already at 0.5 / argmax then)."""
-    from medscalpel.deploy.served import card_of
-    from medscalpel.engine.api import load_predictions
-    from medscalpel.repair.calibrate import measure_operating_point
-
-    if model is None:
-        return None
-    op = card_of(model).decision_point()
-    if not op.calibrated and op.temperature == 1.0:
-        return None
-    preds = load_predictions(predictions)
-    if tuple(preds.class_names) != tuple(op.class_names):
-        raise MedScalpelError(f"--model {model} predicts {list(op.class_names)[:4]} but the "
-                              f"predictions are of {list(preds.class_names)[:4]}.")
-    return measure_operating_point(op, preds, held_out=preds.split != op.fitted_on.get("split"))
 
 
 def _print_stored_operating_point(op) -> None:
@@ -135,20 +112,20 @@ def _print_stored_operating_point(op) -> None:
 
 def _evaluate_reference(predictions: Path, reference: Path, model: Optional[Path],
                         out: Optional[Path], n_boot: int, seed: int, overwrite: bool) -> None:
-    from medscalpel.cli.common import load_predictions
-    from medscalpel.engine.compare import compare_predictions
+    """``evaluate --reference``: the registered 'evaluate_reference' stage into ``out`` (or,
+    without --out, its comparison printed only)."""
     from medscalpel.layout import artifact
-    from medscalpel.runs import RunDir
+    from medscalpel.pipeline.stages.predict import ReferenceSettings, compare_with_reference
 
-    cand, ref = load_predictions(predictions), load_predictions(reference)
-    thresholds = None
-    if model is not None:
-        from medscalpel.deploy.served import card_of
-
-        card = card_of(model)
-        if card.task != "multiclass" and card.thresholds is not None:
-            thresholds = card.effective_thresholds()
-    cmp = compare_predictions(ref, cand, n_boot=n_boot, seed=seed, thresholds=thresholds)
+    settings = ReferenceSettings(predictions=str(predictions), reference=str(reference),
+                                 model=str(model) if model else None, n_boot=n_boot)
+    if out is None:  # print only
+        cmp = compare_with_reference(settings, seed)
+    else:
+        cmp = run_stage("evaluate_reference", out, settings, "evaluate --reference",
+                        {"predictions": str(predictions), "reference": str(reference),
+                         "model": str(model) if model else None, "n_boot": n_boot},
+                        seed=seed, overwrite=overwrite)
     print_table(cmp.table(), f"{predictions} vs reference {reference} ({cmp.n} common images, "
                              f"thresholds: {cmp.threshold_source})")
     console.print(cmp.summary(), highlight=False)
@@ -156,35 +133,38 @@ def _evaluate_reference(predictions: Path, reference: Path, model: Optional[Path
         console.print(f"[yellow]note: {cmp.n_unmatched} image(s) are in only one of the two "
                       "files and were left out.[/yellow]")
     if out is not None:
-        with RunDir(out, command="evaluate --reference",
-                    config={"predictions": str(predictions), "reference": str(reference),
-                            "model": str(model) if model else None, "n_boot": n_boot},
-                    seed=seed, overwrite=overwrite) as run:
-            cmp.save(artifact("comparison").path_in(run.path))
         console.print(f"-> {artifact('comparison').path_in(out)}")
 
 
 def _evaluate_external(predictions: Path, model: Optional[Path], external: str,
                        external_split: str, class_map: dict[str, str] | None,
                        out: Optional[Path], n_boot: int, seed: int, overwrite: bool,
-                       settings=None) -> None:
-    from medscalpel.engine.api import usage_line, validate_external
-    from medscalpel.engine.external import plot_reliability
-    from medscalpel.layout import artifact, write_artifact
-    from medscalpel.runs import RunDir
+                       batch_size: int, threads: Optional[int], workers: Optional[int]) -> None:
+    """``evaluate --external``: the registered 'evaluate_external' stage into ``out`` (or,
+    without --out, its numbers printed only)."""
+    from medscalpel.deploy.served import artifact_line, card_of
+    from medscalpel.engine.api import usage_line
+    from medscalpel.layout import artifact
+    from medscalpel.pipeline.stages.predict import ExternalSettings, validate_external_set
 
     if model is None:
         raise MedScalpelError("evaluate --external needs --model (the model that made the "
                               "internal predictions): it predicts the external set.")
-    from medscalpel.deploy.served import artifact_line, is_served, load_any
-
-    bulk = settings if settings is not None and (
-        is_served(model) or settings.threads is not None or settings.workers is not None) \
-        else None
-    res, ext = validate_external(predictions, load_any(model, threads=(settings.threads if
-                                                                      settings else None) or 1),
-                                 external, external_split, class_map, n_boot=n_boot, seed=seed,
-                                 batch_size=settings.batch_size if settings else 64, bulk=bulk)
+    card_of(model)  # a missing model fails before anything is written
+    settings = ExternalSettings(predictions=str(predictions), model=str(model),
+                                external=external, external_split=external_split,
+                                class_map=tuple(class_map.items()) if class_map else None,
+                                n_boot=n_boot, batch_size=batch_size, threads=threads,
+                                workers=workers)
+    if out is None:  # print only
+        res, ext = validate_external_set(settings, seed)
+    else:
+        res, ext = run_stage(
+            "evaluate_external", out, settings, "evaluate --external",
+            {"predictions": str(predictions), "model": str(model), "external": external,
+             "external_split": external_split, "class_map": class_map, "n_boot": n_boot},
+            seed=seed, overwrite=overwrite,
+            manifest_data=("spec", "split", "n_used", "n_total", "split_unit"))
     if ext.meta.get("artifact"):
         console.print(f"external set predicted by the {artifact_line(ext.meta['artifact'])}",
                       highlight=False)
@@ -205,17 +185,5 @@ def _evaluate_external(predictions: Path, model: Optional[Path], external: str,
     for note in res.notes[2:]:
         console.print(f"[yellow]note: {note}[/yellow]")
     if out is not None:
-        with RunDir(out, command="evaluate --external",
-                    config={"predictions": str(predictions), "model": str(model),
-                            "external": external, "external_split": external_split,
-                            "class_map": class_map, "n_boot": n_boot}, seed=seed,
-                    data={"spec": external, "split": ext.split, "n_used": ext.meta.get("n_used"),
-                          "n_total": ext.meta.get("n_total"),
-                          "split_unit": ext.meta.get("split_unit")},
-                    overwrite=overwrite) as run:
-            art = ext.meta.get("artifact")
-            write_artifact(run.path, "external",
-                           {**res.to_dict(), **({"artifact": art} if art else {})})
-            ext.save(run.path / "external_predictions.npz")
-            plot_reliability(res, run.path / "reliability.png")
-        console.print(f"-> {artifact('external').path_in(out)}, {out / 'reliability.png'}")
+        console.print(f"-> {artifact('external').path_in(out)}, "
+                      f"{artifact('external_reliability').path_in(out)}")

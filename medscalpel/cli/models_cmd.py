@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from medscalpel.cli.common import console, print_table
+from medscalpel.cli.common import console, print_table, run_stage
 
 
 def models_list() -> None:
@@ -41,41 +41,26 @@ def models_import(
     code, into a medscalpel model directory. Input channels come from the checkpoint's first
     convolution; a mismatch with --channels is refused unless --adapt-channels."""
     from medscalpel.cli.common import one_of
-    from medscalpel.data.spec import open_dataset
-    from medscalpel.data.transforms import Preprocess
-    from medscalpel.models.checkpoint import foreign_input, import_foreign, save_model
-    from medscalpel.runs import RunDir
+    from medscalpel.pipeline.stages.imports import ImportModelSettings
 
     data = one_of(data, like, "--data", "--like", "the dataset spec", command="models import")
-    found = foreign_input(checkpoint)
-    notes = []
-    if channels is None:
-        channels = found["channels"] or 3
-        notes.append(f"channels {channels} (from {found['first_conv']})" if found["channels"]
-                     else "channels 3 (the checkpoint has no convolution to read them from)")
-    if size is None:
-        size = found["size"] or 224
-        notes.append(f"size {size} (from the position embedding)" if found["size"] else
-                     "size 224 (a CNN checkpoint does not record its input size: pass --size "
-                     "if it was trained at another)")
-    ds = open_dataset(data, split="all")
-    pp = Preprocess(size=size, channels=channels)
-    model = import_foreign(checkpoint, arch, ds.class_names, ds.task, pp,
-                           adapt_channels=adapt_channels)
-    adapted = (adapt_channels and found["channels"] is not None
-               and found["channels"] != channels)
-    with RunDir(out, command="models import",
-                config={"checkpoint": str(checkpoint), "arch": arch, "data": data, "size": size,
-                        "channels": channels, "checkpoint_channels": found["channels"],
-                        "adapted_channels": adapted}, overwrite=overwrite) as run:
-        save_model(model, run.path, model.card)
-    for note in notes:
+    settings = ImportModelSettings(checkpoint=str(checkpoint), arch=arch, data=data, size=size,
+                                   channels=channels, adapt_channels=adapt_channels)
+    # size / channels: those given, else what the stage read from the checkpoint (its summary
+    # records them in the manifest's config); seed None: nothing here is random
+    config = {"checkpoint": str(checkpoint), "arch": arch, "data": data, "size": size,
+              "channels": channels}
+    res = run_stage("import_model", out, settings, "models import", config, seed=None,
+                    overwrite=overwrite,
+                    manifest_config=("size", "channels", "checkpoint_channels",
+                                     "adapted_channels"))
+    for note in res.notes:
         console.print(f"input: {note}", highlight=False)
-    if adapted:
+    if res.adapted_channels:
         console.print(f"[yellow]warning: the first convolution was adapted from "
-                      f"{found['channels']} to {channels} input channel(s) "
+                      f"{res.checkpoint_channels} to {res.channels} input channel(s) "
                       "(--adapt-channels): check accuracy before use.[/yellow]")
-    console.print(f"imported {checkpoint} as {arch} -> {out} ({model.num_parameters():,} params)")
+    console.print(f"imported {checkpoint} as {arch} -> {out} ({res.num_parameters:,} params)")
 
 
 def models_import_xrv(
@@ -86,16 +71,12 @@ def models_import_xrv(
     overwrite: bool = typer.Option(False),
 ) -> None:
     """Import torchxrayvision's DenseNet121 (op_threshs disabled: outputs are logits)."""
-    from medscalpel.models.checkpoint import save_model
-    from medscalpel.models.xrv import load_xrv_densenet
-    from medscalpel.runs import RunDir
+    from medscalpel.pipeline.stages.imports import ImportXrvSettings
 
-    model = load_xrv_densenet(weights, size=size)
-    with RunDir(out, command="models import-xrv", config={"weights": str(weights)},
-                overwrite=overwrite) as run:
-        save_model(model, run.path, model.card)
+    settings = ImportXrvSettings(weights=None if weights is None else str(weights), size=size)
+    model = run_stage("import_xrv", out, settings, "models import-xrv",
+                      {"weights": str(weights)}, seed=None, overwrite=overwrite)
     console.print(f"xrv DenseNet121 ({len(model.card.class_names)} pathologies) -> {out}")
-
 
 
 def predictions_import(
@@ -112,17 +93,13 @@ def predictions_import(
 ) -> None:
     """Import predictions made elsewhere into a Predictions artifact."""
     from medscalpel.cli.common import one_of
-    from medscalpel.engine.importer import import_predictions
-    from medscalpel.layout import write_artifact
-    from medscalpel.runs import RunDir
+    from medscalpel.pipeline.stages.imports import ImportPredictionsSettings
 
     labels = one_of(labels, labels_old, "--data", "--labels", "the dataset spec of the labels",
                     command="predictions import")
-
-    with RunDir(out, command="predictions import", config={"csv": str(csv), "labels": labels},
-                data={"spec": labels}, overwrite=overwrite) as run:
-        preds = import_predictions(csv, labels, id_column=id_column, values=values, split=split,
-                                   allow_missing=allow_missing)
-        preds.save(run.path / "predictions.npz")
-        write_artifact(run.path, "predictions_meta", preds)
+    settings = ImportPredictionsSettings(csv=str(csv), labels=labels, id_column=id_column,
+                                         values=values, split=split, allow_missing=allow_missing)
+    preds = run_stage("import_predictions", out, settings, "predictions import",
+                      {"csv": str(csv), "labels": labels}, seed=None, overwrite=overwrite,
+                      manifest_data=("spec",))
     console.print(f"imported {preds.n} predictions x {preds.num_classes} classes -> {out}")

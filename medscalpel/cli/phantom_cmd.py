@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from medscalpel.cli import deprecations
-from medscalpel.cli.common import console, print_table
+from medscalpel.cli.common import console, print_table, run_stage
 
 
 def phantom(
@@ -29,22 +29,23 @@ def phantom(
     label noise, shortcuts and per-image ground truth."""
     from dataclasses import replace
 
+    from medscalpel.data.phantom import ShortcutConfig
+    from medscalpel.pipeline.stages.data import PhantomDatasetSettings
+
     n = deprecations.renamed(n, n_old, "--n", "data phantom")
-
-    from medscalpel.data.phantom import ShortcutConfig, generate_phantom
-    from medscalpel.runs import RunDir
-
+    settings = PhantomDatasetSettings(n_images=n, size=size, label_noise=label_noise,
+                                      tube_pos=tube_pos, tube_neg=tube_neg, preview=preview)
     shortcut = replace(ShortcutConfig(), tube_pos=tube_pos, tube_neg=tube_neg)
     config = {"n": n, "size": size, "seed": seed, "label_noise": label_noise,
               "shortcut": shortcut.to_dict()}
-    with RunDir(out, command="data phantom", config=config, seed=seed,
-                overwrite=overwrite) as run:
-        data = generate_phantom(n=n, size=size, seed=seed, out=run.path, label_noise=label_noise,
-                                shortcut=shortcut)
-        if preview:
-            from medscalpel.data.phantom.preview import contact_sheet
+    data = run_stage("phantom_dataset", out, settings, "data phantom", config, seed=seed,
+                     overwrite=overwrite)
+    _print_phantom(data, n, size)
+    console.print(f"written to {out}  (spec: phantom:{out})")
 
-            contact_sheet(data, run.path / "preview.png")
+
+def _print_phantom(data, n: int, size: int) -> None:
+    """Images per split with the chest-tube rates, the seconds and the label noise."""
     s = data.summary()
     rows = [{"split": k, "images": v,
              "P(tube | pneumothorax)": s.tube_rate.get(k, {}).get("pneumothorax"),
@@ -52,4 +53,3 @@ def phantom(
             for k, v in s.split_counts.items()]
     print_table(rows, f"phantom: {n} images of {size}x{size} in {s.seconds:.1f} s "
                       f"({s.images_per_s:,.0f} images/s), label noise {s.label_noise_rate:.3f}")
-    console.print(f"written to {out}  (spec: phantom:{out})")

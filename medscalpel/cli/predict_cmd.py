@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from medscalpel.cli import deprecations
-from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt, print_table
+from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt, print_table, run_stage
 from medscalpel.errors import MedScalpelError
 
 
@@ -41,24 +41,22 @@ def train(
     An interrupted run (Ctrl-C, kill -9, power loss) resumes from its last finished epoch when
     the same command is run again."""
     deprecations.renamed(None, resume or None, "--resume", "train")
-    from medscalpel.engine.api import as_augment, fit
-    from medscalpel.engine.train import TrainConfig
-    from medscalpel.layout import artifact, write_artifact
-    from medscalpel.runs import RunDir
+    from medscalpel.engine.api import as_augment
+    from medscalpel.layout import artifact
+    from medscalpel.pipeline.stages.predict import TrainSettings, train_config
 
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                      patience=patience, pos_weight=pos_weight, seed=seed, device=device,
-                      num_workers=workers)
-    aug = as_augment(augment_profile if augment else False)  # a bad name fails before any write
-    config = {"data": data, "arch": arch, "size": size, "channels": channels, **cfg.to_dict(),
+    settings = TrainSettings(arch=arch, size=size, channels=channels, epochs=epochs,
+                             batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                             patience=patience, pos_weight=pos_weight, device=device,
+                             num_workers=workers,
+                             augment_profile=augment_profile if augment else None,
+                             pretrained=pretrained, n_boot=n_boot)
+    as_augment(settings.augment_profile or False)  # a bad name fails before any write
+    config = {"data": data, "arch": arch, "size": size, "channels": channels,
+              **train_config(settings, seed).to_dict(),
               **({"augment_profile": augment_profile} if augment_profile != "light" else {})}
-    with RunDir(out, command="train", config=config, seed=seed, data={"spec": data},
-                overwrite=overwrite, resumable=True) as run:
-        res = fit(data, arch, run.path, cfg, size=size, channels=channels, augment=aug,
-                  pretrained=pretrained, n_boot=n_boot)
-        write_artifact(run.path, "fit", res)
-        if res.test is not None:
-            write_artifact(run.path, "metrics", res.test)
+    res = run_stage("train", out, settings, "train", config, seed=seed, overwrite=overwrite,
+                    resumable=True, spec=data, data={"spec": data}, manifest_data=("spec",))
     if res.test is not None:
         print_table(res.test.table(), f"test metrics ({arch})")
         console.print(f"macro AUROC {fmt(res.test.macro['auroc'])}")
@@ -87,45 +85,36 @@ def predict(
 ) -> None:
     """Predict a dataset split with a saved model -> a Predictions artifact, and a per-image
     table of probabilities and findings (the first rows printed, all in predictions.csv)."""
-    from medscalpel.deploy.served import artifact_line, is_served, load_any
-    from medscalpel.engine.api import model_provenance as provenance
-    from medscalpel.engine.api import predict_spec, usage_line
-    from medscalpel.engine.bulk import BulkSettings
-    from medscalpel.engine.findings import FILENAME as FINDINGS_CSV
-    from medscalpel.engine.findings import findings_table
-    from medscalpel.layout import write_artifact
-    from medscalpel.runs import RunDir
+    from medscalpel.deploy.served import artifact_line, card_of
+    from medscalpel.engine.api import usage_line
+    from medscalpel.layout import artifact
+    from medscalpel.pipeline.stages.predict import PredictSettings, bulk_settings
 
-    settings = BulkSettings(batch_size, workers, threads).validate()  # before loading
-    bulk = settings if is_served(model) or threads is not None or workers is not None else None
-    m = load_any(model, threads=threads or 1)
-    card, art = m.card, provenance(m)
-    with RunDir(out, command="predict", config={"model": str(model), "data": data, "split": split,
-                                                "artifact": art, "batch_size": batch_size,
-                                                "bulk": bulk.to_dict() if bulk else None},
-                data={"spec": data, "split": split}, overwrite=overwrite) as run:
-        preds = predict_spec(m, data, split, batch_size, bulk=bulk)
-        preds.save(run.path / "predictions.npz")
-        write_artifact(run.path, "predictions_meta", preds)
-        op = card.decision_point()
-        table = findings_table(preds, card.thresholds if preds.task == "multilabel" else None,
-                               operating_point=op if op.calibrated else None)
-        table.save_csv(run.path / FINDINGS_CSV)
-        run.data.update(split=preds.split, split_unit=preds.meta.get("split_unit"),
-                        n_used=preds.meta.get("n_used"), n_total=preds.meta.get("n_total"))
+    bulk = bulk_settings(str(model), batch_size, workers, threads)  # before loading
+    card_of(model)  # a missing model fails before anything is written
+    settings = PredictSettings(model=str(model), split=split, batch_size=batch_size,
+                               threads=threads, workers=workers)
+    config = {"model": str(model), "data": data, "split": split,
+              "artifact": None,  # the served artifact's provenance: filled in by the stage
+              "batch_size": batch_size, "bulk": bulk.to_dict() if bulk else None}
+    preds, table = run_stage("predict", out, settings, "predict", config,
+                             seed=None,  # predict draws nothing
+                             overwrite=overwrite, spec=data,
+                             manifest_data=("spec", "split", "split_unit", "n_used", "n_total"),
+                             manifest_config=("artifact",))
     console.print(f"used {usage_line(preds)}", highlight=False)
-    if art is not None:
-        console.print(f"model: {artifact_line(art)}", highlight=False)
+    if preds.meta.get("artifact") is not None:
+        console.print(f"model: {artifact_line(preds.meta['artifact'])}", highlight=False)
     if preds.meta.get("bulk"):
         b = preds.meta["bulk"]
         console.print(f"bulk: {b['images_per_s']} images/s ({b['model']}, batch {b['batch_size']},"
                       f" {b['workers']} decoding worker(s), threads {b['threads'] or 'default'})",
                       highlight=False)
-    _print_findings(table, out / FINDINGS_CSV)
+    _print_findings(table, artifact("findings_csv").path_in(out))
     if preds.meta.get("unlabelled"):
         console.print("note: the images have no labels: the predictions' labels are unknown "
                       "(NaN), so 'evaluate' has nothing to score them against.", highlight=False)
-    console.print(f"{preds.n} predictions -> {out / 'predictions.npz'}")
+    console.print(f"{preds.n} predictions -> {artifact('predictions_file').path_in(out)}")
 
 
 #: image rows 'predict' prints (the rest are in the CSV)

@@ -9,7 +9,8 @@ from typing import List, Optional
 import typer
 
 from medscalpel.cli import deprecations
-from medscalpel.cli.common import console
+from medscalpel.cli.common import console, run_stage, run_stage_in_place
+from medscalpel.errors import ConfigError
 
 _MODEL_HELP = ("Model directory (model.json + model.safetensors), ideally with calibrated "
                "thresholds, or a served artifact ('compress deploy' run or its serve/): its "
@@ -59,49 +60,38 @@ def clinical(
     evidence, the channels behind each finding, where the model looked (lung zones when the CAM
     resolution allows + overlay). Self-contained HTML and JSON."""
     from medscalpel.data.cooccurrence import ExclusionRule
-    from medscalpel.data.dicom_read import deidentified_inputs
-    from medscalpel.deploy.served import load_any, require_served_cams
-    from medscalpel.engine.api import model_provenance as provenance
-    from medscalpel.report.clinical import clinical_report
-    from medscalpel.layout import write_artifact
-    from medscalpel.runs import RunDir
+    from medscalpel.pipeline.stages.report import ClinicalSettings
 
     deprecations.renamed(None, jaccard_exclusion, "--jaccard-exclusion", "report clinical")
     if dicom_sr:  # before any work: DICOM inputs and highdicom
         from medscalpel.report.dicom_sr import require_sr_inputs
 
         require_sr_inputs(images)
-    m = load_any(model)
-    art = provenance(m)
-    require_served_cams(m, cam_method, "--cam-method", "report clinical")  # before any work
     rule = ExclusionRule(max_lift_upper=max_lift_upper, min_expected=min_expected,
                          min_images=min_images)
     mode = "hide" if hide_exclusive else "flag"
-    # DICOM: no path, a pseudonym (unless the user opts in)
-    items, image_ids, recorded = deidentified_inputs(images, keep_identifiers)
-    cfg = {"model": str(model), "images": recorded,
+    # "images" (DICOM: a pseudonym, no path, unless the user opts in) and "artifact" (the
+    # served artifact's provenance) come from the stage, which reads the files and the model
+    cfg = {"model": str(model), "images": None,
            "stats": str(stats) if stats else None,
            "calibration": str(calibration) if calibration else None, "conflicts": mode,
            "exclusion_rule": rule.to_dict(), "min_cam_size": min_cam_size,
-           "cam_method": cam_method, "top_channels": top_channels, "artifact": art,
+           "cam_method": cam_method, "top_channels": top_channels, "artifact": None,
            "keep_identifiers": keep_identifiers, "dicom_sr": dicom_sr}
-    with RunDir(out, command="report clinical", config=cfg, overwrite=overwrite) as run:
-        reports = clinical_report(m, items, run.path, image_ids=image_ids,
-                                  label_stats=stats, cam_method=cam_method,
-                                  top_channels=top_channels, conflicts=mode,
-                                  exclusion_rule=rule, calibration=calibration,
-                                  min_cam_size=min_cam_size, identifiers_kept=keep_identifiers)
-        write_artifact(run.path, "clinical_reports", {"reports": [r.to_dict() for r in reports]})
-        srs = []
-        if dicom_sr:
-            from medscalpel.report.dicom_sr import write_clinical_srs
-
-            srs = write_clinical_srs(reports, images, run.path, keep_identifiers)
-    _print_clinical(reports)
+    settings = ClinicalSettings(
+        images=tuple(str(i) for i in images), model=str(model), stats=cfg["stats"],
+        calibration=cfg["calibration"], conflicts=mode, max_lift_upper=max_lift_upper,
+        min_expected=min_expected, min_images=min_images, min_cam_size=min_cam_size,
+        cam_method=cam_method, top_channels=top_channels, keep_identifiers=keep_identifiers,
+        dicom_sr=dicom_sr)
+    # no seed: the reports are deterministic and the manifest records none (as before)
+    res = run_stage("clinical", out, settings, "report clinical", cfg, seed=None,
+                    overwrite=overwrite, manifest_config=("images", "artifact"))
+    _print_clinical(res.reports)
     if dicom_sr:
-        console.print(f"DICOM SR: {len(srs)} of {len(images)} image(s) (the DICOM ones)",
-                      highlight=False)
-    _print_served(m, art)
+        console.print(f"DICOM SR: {len(res.sr_files)} of {len(images)} image(s) (the DICOM "
+                      "ones)", highlight=False)
+    _print_served(res.model, res.artifact)
     console.print(f"written to {out / 'index.html'}")
 
 
@@ -142,15 +132,12 @@ def experiment(
     out: Optional[Path] = typer.Option(None, metavar="FILE.html", help="HTML file to write, "
                                        "with a JSON summary beside it. Without --out both go "
                                        "INTO the input run directory (RUN_DIR/report.html, "
-                                       "RUN_DIR/report.json)."),
+                                       "RUN_DIR/report.summary.json)."),
 ) -> None:
     """One self-contained HTML page from a run directory: every section whose declared
     artifact (medscalpel/layout.py) the run holds, at its demo path or where a single command
     writes it; sections not run say so."""
-    from medscalpel.report.experiment import experiment_report
-    from medscalpel.runs import write_json
-
-    from medscalpel.errors import ConfigError
+    from medscalpel.pipeline.stages.report import ExperimentSettings
 
     if out is not None and out.suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"The '--out' parameter of medscalpel report experiment must be an "
@@ -159,13 +146,14 @@ def experiment(
     if out is None:
         console.print(f"no --out: writing into the input run directory {run_dir}",
                       highlight=False)
-    rep = experiment_report(run_dir, out)
-    write_json(Path(rep.html_path).with_suffix(".json"), rep.to_dict())
-    d = rep.to_dict()
+    # the stage renders RUN_DIR in place: no new run directory (no manifest), only the page
+    # and its JSON summary, where --out names them or into RUN_DIR
+    d = run_stage_in_place("experiment", run_dir,
+                           ExperimentSettings(html=str(out) if out else None)).to_dict()
     console.print(f"sections: {len(d['present'])} present"
                   + (f", not run: {', '.join(d['not_run'])}" if d["not_run"] else ""),
                   highlight=False)
-    console.print(f"written to {rep.html_path}")
+    console.print(f"written to {d['html']}")
     if not d["present"]:
         console.print(f"[yellow]note: {run_dir} holds no artifact the report knows; "
                       f"'medscalpel show {run_dir}' prints the results of any run.[/yellow]",

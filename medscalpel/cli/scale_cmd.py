@@ -1,6 +1,8 @@
 """``medscalpel scale prune|distill|triage|train``: experiment grids on a local process pool or a
-Ray cluster, and data-parallel training (thin wrappers over medscalpel.pipeline.grid and
-medscalpel.engine.distributed).
+Ray cluster, and data-parallel training. Each command parses its options and runs one registered
+stage of :mod:`medscalpel.pipeline.stages.scale` ('grid_prune', 'grid_distill', 'grid_triage',
+'ddp_train'); a grid stage runs in the grid directory itself
+(:func:`~medscalpel.cli.common.run_stage_in_place`).
 
 Every grid command is resumable: rerun the same command after a kill and only the unfinished
 cells run; a changed dataset or model is refused. ``--executor`` / ``--ray-address`` /
@@ -16,7 +18,8 @@ from typing import Optional
 import typer
 
 from medscalpel.cli import deprecations
-from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, fmt, one_of
+from medscalpel.cli.common import (N_BOOT, N_BOOT_HELP, console, fmt, one_of, run_stage,
+                                   run_stage_in_place)
 from medscalpel.errors import ConfigError
 
 EXECUTOR_OPTION = typer.Option("local", "--executor",
@@ -56,7 +59,10 @@ def _names(text: str, name: str) -> list[str]:
 
 def _summary(res, out: Path) -> None:
     console.print(f"{len(res.cells)} cells ({res.n_computed} computed, {res.n_skipped} already "
-                  f"done) in {out} [{res.executor.get('executor')}]")
+                  f"done) in {out} [{res.executor.get('executor')}]",
+                  markup=False)  # '[serial]' is the executor, not a rich style tag
+
+
 
 
 def prune(
@@ -77,15 +83,17 @@ def prune(
 ) -> None:
     """Pruning sweep (models x methods x seeds x ratios) on a process pool or Ray; the grid
     directory has the index of a sweep directory: 'audit forgettability|pies' read it."""
-    from medscalpel.pipeline.grid import run_prune_grid
+    from medscalpel.pipeline.stages.scale import GridPruneSettings
 
     models = one_of(models or None, models_arg or None, "--model", "MODELS",
                     "the model directories", command="scale prune")
-
-    res = run_prune_grid([str(m) for m in models], data, out, split=split,
-                         ratios=_floats(ratios, "ratios"), methods=_names(methods, "methods"),
-                         seeds=_ints(seeds, "seeds"), batch_size=batch_size, executor=executor,
-                         max_workers=max_workers, ray_address=ray_address)
+    settings = GridPruneSettings(models=tuple(str(m) for m in models), data=data, split=split,
+                                 ratios=tuple(_floats(ratios, "ratios")),
+                                 methods=tuple(_names(methods, "methods")),
+                                 seeds=tuple(_ints(seeds, "seeds")), batch_size=batch_size,
+                                 executor=executor, max_workers=max_workers,
+                                 ray_address=ray_address)
+    res = run_stage_in_place("grid_prune", out, settings)
     _summary(res, out)
     for c in res.cells:
         cell = c.cell
@@ -113,16 +121,19 @@ def distill(
     max_workers: Optional[int] = MAX_WORKERS_OPTION,
 ) -> None:
     """Distillation grid (students x temperatures x soft weights x seeds) on a pool or Ray."""
-    from medscalpel.pipeline.grid import run_distill_grid
+    from medscalpel.pipeline.stages.scale import GridDistillSettings
 
     teacher = one_of(teacher, teacher_arg, "--model", "TEACHER", "the teacher model",
                      command="scale distill")
-
-    res = run_distill_grid(str(teacher), data, _names(students, "students"), out,
-                           temperatures=_floats(temperatures, "temperatures"),
-                           soft_weights=_floats(soft_weights, "soft-weights"), seeds=_ints(seeds, "seeds"),
-                           epochs=epochs, batch_size=batch_size, lr=lr, split=split,
-                           executor=executor, max_workers=max_workers, ray_address=ray_address)
+    settings = GridDistillSettings(teacher=str(teacher), data=data,
+                                   students=tuple(_names(students, "students")),
+                                   temperatures=tuple(_floats(temperatures, "temperatures")),
+                                   soft_weights=tuple(_floats(soft_weights, "soft-weights")),
+                                   seeds=tuple(_ints(seeds, "seeds")), epochs=epochs,
+                                   batch_size=batch_size, lr=lr, split=split,
+                                   executor=executor, max_workers=max_workers,
+                                   ray_address=ray_address)
+    res = run_stage_in_place("grid_distill", out, settings)
     _summary(res, out)
     for c in res.cells:
         r = c.result
@@ -144,12 +155,14 @@ def triage(
     max_workers: Optional[int] = MAX_WORKERS_OPTION,
 ) -> None:
     """Treatment-router grid (budgets x guards) on a pool or Ray."""
-    from medscalpel.pipeline.grid import run_triage_grid
+    from medscalpel.pipeline.stages.scale import GridTriageSettings
 
-    res = run_triage_grid(str(fit), str(held_out), out, budgets=_floats(budgets, "budgets"),
-                          max_auroc_drops=_floats(max_auroc_drops, "max-auroc-drops"),
-                          max_recall_drops=_floats(max_recall_drops, "max-recall-drops"),
-                          executor=executor, max_workers=max_workers, ray_address=ray_address)
+    settings = GridTriageSettings(
+        fit=str(fit), held_out=str(held_out), budgets=tuple(_floats(budgets, "budgets")),
+        max_auroc_drops=tuple(_floats(max_auroc_drops, "max-auroc-drops")),
+        max_recall_drops=tuple(_floats(max_recall_drops, "max-recall-drops")),
+        executor=executor, max_workers=max_workers, ray_address=ray_address)
+    res = run_stage_in_place("grid_triage", out, settings)
     _summary(res, out)
 
 
@@ -174,23 +187,21 @@ def train(
     """Data-parallel training (DistributedDataParallel): same optimisation as 'train' at the
     same global batch; resumable per epoch."""
     deprecations.renamed(None, resume or None, "--resume", "scale train")
-    from medscalpel.engine.distributed import DDPSettings, fit_ddp
-    from medscalpel.engine.train import TrainConfig
-    from medscalpel.layout import artifact, write_artifact
-    from medscalpel.runs import RunDir
+    from medscalpel.layout import artifact
+    from medscalpel.models.zoo import ARCHS
+    from medscalpel.pipeline.stages.scale import DDPTrainSettings
 
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                      patience=patience, seed=seed, device="cpu" if backend == "gloo" else "auto")
-    settings = DDPSettings(world_size=world_size, backend=backend, batch_norm=batch_norm)
+    settings = DDPTrainSettings(data=data, arch=arch, size=size, channels=channels,
+                                augment=augment, epochs=epochs, batch_size=batch_size, lr=lr,
+                                weight_decay=weight_decay, patience=patience, n_boot=n_boot,
+                                world_size=world_size, backend=backend, batch_norm=batch_norm)
+    cfg = settings.train_config(seed).validate()  # bad values fail before any write
+    ddp = settings.ddp().validate()
+    ARCHS.get(arch)
     config = {"data": data, "arch": arch, "size": size, "channels": channels,
-              "augment": augment, "ddp": settings.to_dict(), **cfg.to_dict()}
-    with RunDir(out, command="scale train", config=config, seed=seed, data={"spec": data},
-                overwrite=overwrite, resumable=True) as run:
-        res = fit_ddp(data, arch, run.path, cfg, world_size=world_size, size=size,
-                      channels=channels, augment=augment, n_boot=n_boot, settings=settings)
-        write_artifact(run.path, "fit", res)
-        if res.test is not None:
-            write_artifact(run.path, "metrics", res.test)
+              "augment": augment, "ddp": ddp.to_dict(), **cfg.to_dict()}
+    res = run_stage("ddp_train", out, settings, "scale train", config, seed=seed,
+                    overwrite=overwrite, resumable=True, spec=data, manifest_data=("spec",))
     if res.test is not None:
         console.print(f"macro AUROC {fmt(res.test.macro['auroc'])}")
     console.print(f"model saved to {artifact('model').dir_in(out)}")

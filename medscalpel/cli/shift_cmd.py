@@ -1,4 +1,5 @@
-"""``medscalpel repair recalibrate-site``: k-shot recalibration of a model at a new site."""
+"""``medscalpel repair recalibrate-site``: k-shot recalibration of a model at a new site (the
+registered 'recalibrate_site' stage of :mod:`medscalpel.pipeline.stages.calibration`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, load_predictions, print_table
+from medscalpel.cli.common import N_BOOT, N_BOOT_HELP, console, print_table, run_stage
 
 
 def recalibrate_site(
@@ -37,15 +38,13 @@ def recalibrate_site(
     patient when the dataset knows patients); measure sensitivity and specificity (with CIs) on
     the rest of that site (no image of a drawn patient) against the internal ones; write a
     recalibrated model copy whose card carries the site's operating point."""
-    from medscalpel.data.spec import open_dataset
-    from medscalpel.engine.api import predict_spec, usage_line
     from medscalpel.errors import MedScalpelError
-    from medscalpel.models.checkpoint import load_model, save_model
-    from medscalpel.repair.shift import recalibrate_site as run_recal
-    from medscalpel.repair.shift import recalibrated_model
-    from medscalpel.layout import artifact, write_artifact
-    from medscalpel.runs import RunDir
+    from medscalpel.layout import artifact
+    from medscalpel.pipeline.stages.calibration import SiteSettings, site_inputs
+    from medscalpel.repair.shift.estimator import METHODS
+    from medscalpel.validation import check_in
 
+    check_in(method, "--method", "medscalpel repair recalibrate-site", METHODS)
     cmap = {}
     for it in class_map:
         if "=" not in it:
@@ -56,20 +55,16 @@ def recalibrate_site(
     cfg = {"model": str(model), "internal": str(internal), "external": external,
            "external_split": external_split, "k": k, "method": method, "classes": names,
            "tolerance": tolerance, "n_boot": n_boot, "class_map": cmap}
-    m = load_model(model)
-    int_preds = load_predictions(internal)
-    ext = predict_spec(model, external, external_split, class_map=cmap or None)
-    console.print(f"new site: used {usage_line(ext)}")
-    ds = open_dataset(external, split=ext.split, preprocess=m.card.preprocess)
-    patients = dict(zip(ds.ids, ds.patient_ids))
-    res, rec = run_recal(m, int_preds, ext, k=k, method=method, classes=names,
-                         tolerance=tolerance, n_boot=n_boot, seed=seed, patient_ids=patients)
-    with RunDir(out, command="repair recalibrate-site", config=cfg, seed=seed,
-                data={"spec": external, "split": ext.split, "n_used": ext.meta.get("n_used"),
-                      "n_total": ext.meta.get("n_total")}, overwrite=overwrite) as run:
-        write_artifact(run.path, "recalibration", res)
-        rm = recalibrated_model(m, rec, site=external, result=res, split=ext.split)
-        save_model(rm, artifact("model").dir_in(run.path))
+    settings = SiteSettings(model=str(model), internal=str(internal), external=external,
+                            external_split=external_split, k=k, method=method,
+                            classes=tuple(names) if names else None, tolerance=tolerance,
+                            n_boot=n_boot, class_map=cmap or None)
+    site_inputs(settings)  # an unreadable model or internal file fails before OUT is made
+    run = run_stage("recalibrate_site", out, settings, "repair recalibrate-site", cfg,
+                    seed=seed, overwrite=overwrite,
+                    manifest_data=("spec", "split", "n_used", "n_total"))
+    res = run.result
+    console.print(f"new site: used {run.usage}")
     print_table(res.table(), f"{method} recalibration, k={k}: sens/spec on the rest of the site")
     for note in res.notes:
         console.print(note)
@@ -86,5 +81,5 @@ def recalibrate_site(
                   + (f" ({res.n_fit_patients} patients; {res.n_excluded_same_patient} images of "
                      "theirs kept out of the rest)" if res.split_unit == "patient" else
                      " (the dataset records no patients)"), highlight=False)
-    console.print(f"operating point: {rm.card.operating_point.describe()}", highlight=False)
+    console.print(f"operating point: {run.operating_point.describe()}", highlight=False)
     console.print(f"written to {out} (recalibrated model in {artifact('model').dir_in(out)})")

@@ -37,7 +37,7 @@ from medscalpel.compress.measure import count_macs, count_parameters
 from medscalpel.data.base import CXRDataset, split_by_patient
 from medscalpel.engine.metrics import evaluate
 from medscalpel.engine.predict import collect_images, predict
-from medscalpel.engine.train import TrainConfig
+from medscalpel.engine.train import TrainConfig, seed_everything
 from medscalpel.errors import ConfigError, DataError
 from medscalpel.models.classifier import MedClassifier
 from medscalpel.progress import track
@@ -167,7 +167,10 @@ def choose_student(
     if len(set(names)) != len(names):
         raise ConfigError(f"choose_student: candidate names repeat ({names}); give each "
                           "candidate once.")
-    models = {n: resolve_model(c, train_ds, "student") for n, c in zip(names, candidates)}
+    models = {}
+    for n, c in zip(names, candidates):  # a fresh architecture's first weights from the seed
+        seed_everything(seed)
+        models[n] = resolve_model(c, train_ds, "student")
     example = train_ds.image(0)[None]
     rows, t_lat = _measure_candidates(t_model, models, example, latency_budget_ms,
                                       latency_repeats, latency_rounds)

@@ -13,6 +13,8 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -91,8 +93,9 @@ def _versions() -> dict[str, str]:
 
 def _finish(model, inp: _Inputs, plan: _Plan, vs, chosen, reason, workdir, out, data, peak,
             feats, load_start, notes, overwrite, t0, cam_rt=None, cam_info=None,
-            external=None, guarantee=None) -> DeployResult:
-    """Assemble the DeployResult and write the run directory atomically."""
+            external=None, guarantee=None, manifest: bool = True) -> DeployResult:
+    """Assemble the DeployResult and write the run directory atomically (``manifest``: as a
+    run directory of its own; else into ``out``, a folder of the caller's run directory)."""
     shape, calib_src, images, calib = inp.shape, inp.calib_src, inp.images, inp.calib
     batches, rounds, repeats, threads = plan.batches, plan.rounds, plan.repeats, plan.threads
     floor_macro, floor_class = plan.floor_macro, plan.floor_class
@@ -107,12 +110,12 @@ def _finish(model, inp: _Inputs, plan: _Plan, vs, chosen, reason, workdir, out, 
     config = {"variants": [v.rt.name for v in vs], "batches": list(batches), "rounds": rounds,
               "repeats": repeats, "threads": threads, "floor_macro": floor_macro,
               "floor_class": floor_class}
-    with RunDir(Path(out), command="compress deploy", config=config, overwrite=overwrite,
-                data={"eval": data.content_hash(), "calib": calib_src.content_hash()}) as run:
-        exports = copy_exports(workdir, run.path)
-        files = write_serve(run.path / "serve", model, chosen, shape, cam_rt)
+    with _output(out, manifest, command="compress deploy", config=config, overwrite=overwrite,
+                 data={"eval": data.content_hash(), "calib": calib_src.content_hash()}) as path:
+        exports = copy_exports(workdir, path)
+        files = write_serve(path / "serve", model, chosen, shape, cam_rt)
         meta = serve_metadata(model, shape, chosen_res, files, cam_info)
-        write_json(run.path / "serve" / "serve.json", meta)
+        write_json(path / "serve" / "serve.json", meta)
         result = DeployResult(
             model_id=getattr(card, "model_id", "") or getattr(model, "arch", "model"),
             arch=str(getattr(model, "arch", type(model).__name__)), input_shape=tuple(shape),
@@ -130,8 +133,21 @@ def _finish(model, inp: _Inputs, plan: _Plan, vs, chosen, reason, workdir, out, 
                        "spec": getattr(external[2], "spec", None)} if external else {}),
             guarantee=dict(guarantee or {}),
             seconds=round(time.perf_counter() - t0, 3))
-        result.save(run.path)
+        result.save(path)
     return result
+
+
+@contextmanager
+def _output(out, manifest: bool, **run_dir: Any) -> Iterator[Path]:
+    """Where :func:`_finish` writes: a :class:`~medscalpel.runs.RunDir` of its own at ``out``
+    (``manifest``), else ``out`` itself, a folder inside the caller's run directory (which is
+    already private until it finishes, and holds the one manifest)."""
+    if manifest:
+        with RunDir(Path(out), **run_dir) as run:
+            yield run.path
+    else:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        yield Path(out)
 
 
 def _guarantee_info(g: GuaranteeResult | None, notes: list[str], require: bool

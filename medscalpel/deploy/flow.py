@@ -293,6 +293,7 @@ def deploy(
     n_boot: int = 1000, seed: int = 0, overwrite: bool = False, progress: bool | None = None,
     explain: bool = True, external_data=None, accept_unscorable: bool | Sequence[str] = False,
     min_positives: int = 10, notes: Sequence[str] = (), require_guarantee: bool = False,
+    manifest: bool = True,
 ) -> DeployResult:
     """Benchmark every available runtime x precision and write the fastest acceptable one.
 
@@ -327,6 +328,10 @@ def deploy(
             without a guarantee is refused before any work).
         threads: intra-op threads of every runtime (default: torch's current setting).
         n_boot: paired bootstrap replicates of the delta AUROC CIs.
+        manifest: write ``out`` as a run directory of its own (its ``manifest.json``, written
+            under a temporary name and renamed); ``False``: ``out`` is a folder of the
+            caller's run directory (a stage's, e.g. ``compress deploy``), whose one manifest
+            records the run, and the files are written into it directly.
         explain: serve the chosen variant with a second output, the class activation maps
             (:mod:`~medscalpel.deploy.cam`: checked against Grad-CAM, its latency
             cost measured); the logits-only artifact is kept in ``serve/logits_only``. Models
@@ -358,7 +363,8 @@ def deploy(
         cam_rt, cam_info = _explain_chosen(explain, chosen, model, inp, ref_logits, ac_kwargs,
                                            workdir, plan)
         return _finish(model, inp, plan, vs, chosen, reason, workdir, out, data, peak, feats,
-                       load_start, notes, overwrite, t0, cam_rt, cam_info, external, g_info)
+                       load_start, notes, overwrite, t0, cam_rt, cam_info, external, g_info,
+                       manifest)
 
 
 #: why the budgeted paths (quick_deploy, the demo's export) keep the TorchScript exporter

@@ -301,8 +301,9 @@ def run_stage(name: str, ctx: StageContext, settings: Any) -> StageRecord:
 
 
 def run_command(name: str, out: str | os.PathLike, settings: Any, *, command: str,
-                config: dict[str, Any], seed: int = 0, spec: str = "",
+                config: dict[str, Any], seed: int | None = 0, spec: str = "",
                 overwrite: bool = False, resumable: bool = False,
+                data: dict[str, Any] | None = None,
                 manifest_data: tuple[str, ...] = (),
                 manifest_config: tuple[str, ...] = ()) -> tuple[StageRecord, StageContext]:
     """A single CLI command: run the registered stage ``name`` into a new run directory
@@ -311,8 +312,12 @@ def run_command(name: str, out: str | os.PathLike, settings: Any, *, command: st
     in the demo, at the same relative paths.
 
     Args:
+        seed: the manifest's seed; ``None`` for a command that draws nothing (the stage's
+            context then has seed 0).
         spec: the dataset spec the command was given (``--data``); the stage reads it from
             the context (:meth:`StageContext.data_spec`).
+        data: the manifest's ``data`` from the start (part of the run's identity, so that a
+            resumable run is recognised when the same command runs again).
         manifest_data: keys of the stage's summary recorded as the manifest's ``data``.
         manifest_config: keys of the stage's summary added to the manifest's ``config`` (what
             the stage found out, e.g. the provenance of the artifact it loaded).
@@ -321,16 +326,28 @@ def run_command(name: str, out: str | os.PathLike, settings: Any, *, command: st
         the stage's record and its context (``ctx.results[name]``: the result object the
         stage made, for the command to print).
     """
-    with RunDir(out, command=command, config=config, seed=seed, overwrite=overwrite,
-                resumable=resumable) as run:
-        ctx = StageContext(run.path, seed=seed, progress=None)
+    with RunDir(out, command=command, config=config, seed=seed, data=data,
+                overwrite=overwrite, resumable=resumable) as run:
+        ctx = StageContext(run.path, seed=seed if seed is not None else 0, progress=None)
         ctx.spec, ctx.final = spec, Path(out)
         rec = run_stage(name, ctx, settings)
         if manifest_data:
-            run.data = {k: rec.summary.get(k) for k in manifest_data}
+            run.data = {**(data or {}), **{k: rec.summary.get(k) for k in manifest_data}}
         run.config = {**run.config, **{k: rec.summary.get(k) for k in manifest_config}}
     return rec, ctx
 
 
+def run_in_place(name: str, folder: str | os.PathLike, settings: Any, *,
+                 seed: int = 0) -> tuple[StageRecord, StageContext]:
+    """Run the registered stage ``name`` on an existing or self-managed folder instead of a new
+    run directory: a grid that IS its run directory (the cell engine builds it in place, with
+    its own manifest, lock and identity check, and resumes or extends it when run again), or a
+    report rendered into the run directory it reads. The stage's contract is checked as in
+    :func:`run_stage`."""
+    ctx = StageContext(folder, seed=seed, progress=None)
+    ctx.final = Path(folder)
+    return run_stage(name, ctx, settings), ctx
+
+
 __all__ = ["STAGES", "Stage", "StageContext", "StageRecord", "missing_artifacts",
-           "register_stage", "run_command", "run_stage", "settings_from"]
+           "register_stage", "run_command", "run_in_place", "run_stage", "settings_from"]

@@ -4,15 +4,20 @@ recalibration), forgettability and PIEs of the sparsity sweep, and what compress
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medscalpel.audit.changes import audit_changes
+from medscalpel.audit.changes import MEASURES, audit_changes
 from medscalpel.audit.forgettability import audit_forgettability
 from medscalpel.audit.pies import find_pies, pie_gallery, pie_ground_truth_tests
 from medscalpel.data.spec import open_dataset
+from medscalpel.deploy.served import load_served, runtime_model
+from medscalpel.engine.api import model_provenance
+from medscalpel.engine.predict import collect_images
 from medscalpel.errors import DataError
+from medscalpel.models import load_model
 from medscalpel.pipeline.stage import Stage, StageContext, register_stage
 from medscalpel.pipeline.stages.compress import best_compressed
 from medscalpel.repair.shift_flow import run_site_shift, summary_lines
@@ -155,28 +160,84 @@ def _ground_truth_table(phantom):
 
 @dataclass(frozen=True)
 class ChangesSettings:
+    """Settings of the 'changes' stage. Without ``dense`` (the demo): the run's model against
+    the best structured model of its compression table, on the run's dataset; with ``dense``
+    (``audit changes``): that model directory against each of ``compressed`` (model
+    directories or served artifacts) and, per ``runtime``, the dense and torch models as that
+    deploy runtime runs them, on ``data``."""
+
+    dense: str | None = None  # reference model directory; default: the run's model
+    compressed: tuple[str, ...] = ()  # model directories / served artifacts (with dense)
+    runtime: tuple[str, ...] = ()  # deploy runtimes, e.g. 'openvino:int8' (with dense)
+    data: str | None = None  # dataset spec (with dense); default: the run's dataset
+    split: str = "test"
+    measures: tuple[str, ...] = MEASURES
     changes_images: int = 200  # test images of the what-compression-changed audit
     changes_faithfulness: int = 32  # images of its deletion / insertion / ROAD measures
     n_boot: int = 200
+    attributes: tuple[str, ...] = ()  # subgroup attributes; empty: all the data carries
+    min_subgroup: int = 20
+    corruptions: tuple[str, ...] = ()  # empty: every corruption
+    severities: tuple[int, ...] = (2,)
+    n_calib: int = 32  # calibration images of a runtime variant, from calib_split
+    calib_split: str = "train"
+    threads: int = 2  # threads of a runtime variant or served artifact
 
 
 @register_stage
 class ChangesStage(Stage):
-    """What compression changed (calibration, explanations, subgroups, robustness) for the
-    best structured model against the dense one."""
+    """What compression changed (calibration, explanations, subgroups, robustness): the best
+    structured model against the dense one (the demo), or the given compressed models, served
+    artifacts and runtime variants against a dense model directory (``audit changes``)."""
 
     name = "changes"
-    reads = ("compress",)
+    may_read = ("compress", "calibrated_card", "phantom_data")
     writes = ("changes",)
     Settings = ChangesSettings
 
     def run(self, ctx: StageContext, s: ChangesSettings) -> dict[str, Any]:
-        best = best_compressed(ctx)
-        if best is None:
-            return {"status": "skipped", "reason": "no structured model in the compression table"}
-        res = audit_changes(ctx.model, {best[0]: best[1]}, ctx.ds("test"),
-                            n_images=s.changes_images, n_boot=s.n_boot, seed=ctx.seed,
-                            n_faithfulness=s.changes_faithfulness, severities=(2,),
+        if s.dense is None:
+            best = best_compressed(ctx)
+            if best is None:
+                return {"status": "skipped",
+                        "reason": "no structured model in the compression table"}
+            ref, models, ds = ctx.model, {best[0]: best[1]}, ctx.ds(s.split)
+        else:
+            ref, models, ds = compared_models(s)
+        res = audit_changes(ref, models, ds, measures=s.measures, n_images=s.changes_images,
+                            n_boot=s.n_boot, seed=ctx.seed,
+                            attribute_names=list(s.attributes) or None,
+                            min_subgroup=s.min_subgroup, n_faithfulness=s.changes_faithfulness,
+                            corruptions=list(s.corruptions) or None, severities=s.severities,
                             progress=ctx.progress)
         res.save(ctx.dir_of("changes"))
-        return {"model": best[0], "pairs": len(res.pairs)}
+        ctx.results[self.name] = res
+        if s.dense is None:
+            return {"model": next(iter(models)), "pairs": len(res.pairs)}
+        return {"models": list(models), "pairs": len(res.pairs),
+                "artifacts": {k: model_provenance(m) for k, m in models.items()
+                              if model_provenance(m) is not None}}
+
+
+def compared_models(s: ChangesSettings) -> tuple[Any, dict[str, Any], Any]:
+    """The dense model of ``s.dense``, every compared model by name (each of ``s.compressed``
+    by its folder's name, a served artifact by its run's name, and the dense and torch ones
+    again as each of ``s.runtime`` runs them: ``NAME@RUNTIME``) and the audited split of
+    ``s.data``: ``(dense_model, models, dataset)``."""
+    ref = load_model(s.dense)
+    models: dict[str, Any] = {}
+    for d in map(Path, s.compressed):
+        name = d.parent.name if d.name == "serve" else d.name
+        name = name if name not in models else str(d)
+        models[name] = (load_served(d, s.threads) if (d / "serve.json").is_file()
+                        else load_model(d))
+    ds = open_dataset(s.data, split=s.split, preprocess=ref.card.preprocess)
+    if s.runtime:
+        cal_ds = open_dataset(s.data, split=s.calib_split, preprocess=ref.card.preprocess)
+        calib = collect_images(cal_ds, s.n_calib, seed=1)[0]
+        torch_models = {"dense": ref, **{k: m for k, m in models.items()
+                                        if getattr(m, "supports_gradients", True)}}
+        for rt in s.runtime:
+            for k, m in torch_models.items():
+                models[f"{k}@{rt}"] = runtime_model(m, rt, calib, threads=s.threads)
+    return ref, models, ds

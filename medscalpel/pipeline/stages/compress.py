@@ -1,6 +1,8 @@
 """Compression stages: the compression table (every registered compressor the run asks for,
-each row measured against the dense model), deployment on every installed CPU runtime, and
-the unstructured sparsity sweep."""
+each row measured against the dense model), deployment on every installed CPU runtime (the
+demo's budgeted one, or ``compress deploy``), the unstructured sparsity sweep (the demo's, or
+``compress sweep``'s grid that is its own run directory), the hardware-aware student choice
+(``compress students``) and the ONNX export of one model (``compress export``)."""
 
 from __future__ import annotations
 
@@ -11,19 +13,22 @@ from typing import Any
 import torch
 
 from medscalpel.compress.contract import CompressionInputs, CompressionTable, compress
-from medscalpel.deploy.flow import DEMO_EXPORTER_REASON, quick_deploy
+from medscalpel.deploy.flow import DEMO_EXPORTER_REASON, deploy, quick_deploy
 from medscalpel.deploy.export import export_onnx, preferred_exporter
 from medscalpel.compress.measure import (count_macs, count_parameters, latency_pair,
                                          max_abs_logit_delta)
 from medscalpel.compress.structured import RecoveryConfig
+from medscalpel.compress.student_search import choose_student
 from medscalpel.compress.sweep import run_sweep
 from medscalpel.data.spec import open_dataset
+from medscalpel.data.transforms import Preprocess
 from medscalpel.engine.compare import compare_predictions
 from medscalpel.errors import VerificationError
 from medscalpel.layout import write_artifact
 from medscalpel.models import load_model
+from medscalpel.models.checkpoint import CARD, ModelCard
 from medscalpel.pipeline.stage import Stage, StageContext, register_stage
-from medscalpel.runs import write_json
+from medscalpel.runs import read_json, write_json
 
 
 def _row(name: str, model, dense, test_images: torch.Tensor, comparison,
@@ -169,33 +174,101 @@ def best_compressed(ctx: StageContext) -> tuple[str, Any] | None:
 
 @dataclass(frozen=True)
 class DeploySettings:
-    pass
+    """Settings of the 'deploy' stage. Without ``model`` (the demo): the best structured model
+    of the run's compression table, deployed by the budgeted :func:`quick_deploy`, and the
+    other fields are not used; with ``model`` (``compress deploy``): that model, every field
+    passed to :func:`~medscalpel.deploy.flow.deploy`."""
+
+    model: str | None = None  # model directory; default: the run's best structured model
+    data: str | None = None  # dataset spec; default: the run's dataset
+    split: str = "test"  # parity and paired delta AUROC; int8 calibration from 'train'
+    external: str | None = None  # a second site's spec: all of its images
+    runtimes: tuple[str, ...] | None = None  # default: every available one
+    precisions: tuple[str, ...] | None = None
+    batches: tuple[int, ...] = (1, 8)
+    rounds: int = 5
+    repeats: int = 5
+    floor_macro: float = -0.005
+    floor_class: float = -0.01
+    eval_images: int = 256  # deploy()'s n_images (a profile's n_images is the phantom's size)
+    n_calib: int = 64
+    threads: int | None = None
+    bootstrap: int = 1000  # deploy()'s n_boot (the demo's quick deploy uses its own 200)
+    accept_unscorable: bool = False
+    min_positives: int = 10
+    explain: bool = True
+    require_guarantee: bool = False
 
 
 @register_stage
 class DeployStage(Stage):
     """The best structured model on every installed CPU runtime (budgeted: batch 1, few
-    rounds); parity, paired accuracy delta, recommendation."""
+    rounds), or a given model on every runtime x precision (``compress deploy``); parity,
+    paired accuracy delta, recommendation, and the served artifact in deploy/serve/."""
 
     name = "deploy"
-    reads = ("compress",)
+    may_read = ("compress",)
     writes = ("deploy",)
     Settings = DeploySettings
 
     def run(self, ctx: StageContext, s: DeploySettings) -> dict[str, Any]:
+        if s.model is not None:
+            return self._deploy_model(ctx, s)
         best = best_compressed(ctx)
         if best is None:
             return {"status": "skipped", "reason": "no structured model in the compression table"}
         # overwrite: a resumed run replaces what its own interrupted attempt left there
         res = quick_deploy(best[1], ctx.ds("test"), ctx.dir_of("deploy"),
                            calib_data=ctx.ds("train"), progress=ctx.progress, overwrite=True)
+        ctx.results[self.name] = res
         return {"model": best[0], "recommendation": res.to_dict().get("recommendation")}
+
+    def _deploy_model(self, ctx: StageContext, s: DeploySettings) -> dict[str, Any]:
+        """``compress deploy``: the given model, written into this run's deploy/ folder (the
+        run's one manifest records it: the summary holds what deploy() would have put in a
+        manifest of its own)."""
+        m = load_model(s.model)
+        pre = m.card.preprocess if m.card is not None else None
+        spec = s.data or ctx.data_spec()
+        ds = open_dataset(spec, split=s.split, preprocess=pre)
+        calib = open_dataset(spec, split="train", preprocess=pre) if s.split != "train" else None
+        # the whole external site, as 'evaluate --external' uses it (none of it was seen)
+        ext = (open_dataset(s.external, split="all", preprocess=pre) if s.external is not None
+               else None)
+        res = deploy(m, ds, ctx.dir_of("deploy"), calib_data=calib,
+                     runtimes=list(s.runtimes) if s.runtimes else None,
+                     precisions=list(s.precisions) if s.precisions else None,
+                     batches=list(s.batches), rounds=s.rounds, repeats=s.repeats,
+                     n_images=s.eval_images, n_calib=s.n_calib, floor_macro=s.floor_macro,
+                     floor_class=s.floor_class, threads=s.threads, n_boot=s.bootstrap,
+                     seed=ctx.seed, explain=s.explain, external_data=ext,
+                     accept_unscorable=s.accept_unscorable, min_positives=s.min_positives,
+                     require_guarantee=s.require_guarantee, progress=ctx.progress,
+                     manifest=False)
+        ctx.results[self.name] = res
+        return {"model": s.model, "recommended": res.recommended,
+                # the run's data and the deploy configuration (manifest data / config)
+                "eval": ds.content_hash(), "calib": (calib or ds).content_hash(),
+                "variants": [v.name for v in res.variants], "batches": list(res.batches),
+                "rounds": res.rounds, "repeats": res.repeats, "threads": res.threads,
+                "floor_macro": res.floor["macro"], "floor_class": res.floor["per_class"]}
 
 
 @dataclass(frozen=True)
 class SweepSettings:
+    """Settings of the sparsity sweep. Without ``models`` (the demo): the run's current model
+    on the run's dataset; with them (``compress sweep``): those model directories on
+    ``data``, preprocessed as the first model's card says."""
+
     sweep_ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.65, 0.8, 0.9, 0.95)
     sweep_seeds: tuple[int, ...] = (0,)
+    sweep_methods: tuple[str, ...] = ("l1", "random")
+    models: tuple[str, ...] = ()  # model directories; empty: the run's current model
+    data: str | None = None  # evaluation data spec; default: the run's dataset
+    split: str = "test"
+    finetune_epochs: int = 0  # > 0: fine-tune each pruned model on data's train split
+    finetune_lr: float = 1e-4
+    sweep_batch_size: int = 64  # prediction batch size
 
 
 @register_stage
@@ -206,12 +279,89 @@ class SweepStage(Stage):
     reads = ("calibrated_card",)
     writes = ("sweep_index",)
     Settings = SweepSettings
+    #: the artifact that is the grid's index: its folder is the grid directory
+    grid: str = "sweep_index"
 
     def run(self, ctx: StageContext, s: SweepSettings) -> dict[str, Any]:
-        res = run_sweep(ctx.model, ctx.ds("test"), ctx.dir_of("sweep_index"),
-                        ratios=s.sweep_ratios, methods=("l1", "random"), seeds=s.sweep_seeds,
+        if s.models:
+            first = load_model(s.models[0])
+            pre = first.card.preprocess if first.card is not None else None
+            spec = s.data or ctx.data_spec()
+            ds = open_dataset(spec, split=s.split, preprocess=pre)
+            train = (open_dataset(spec, split="train", preprocess=pre) if s.finetune_epochs
+                     else None)
+            models: Any = list(s.models)
+        else:
+            ds, models = ctx.ds(s.split), ctx.model
+            train = ctx.ds("train") if s.finetune_epochs else None
+        res = run_sweep(models, ds, ctx.dir_of(self.grid), ratios=s.sweep_ratios,
+                        methods=s.sweep_methods, seeds=s.sweep_seeds,
+                        finetune_epochs=s.finetune_epochs, train_ds=train,
+                        finetune_lr=s.finetune_lr, batch_size=s.sweep_batch_size,
                         progress=ctx.progress)
+        ctx.results[self.name] = res
         return {"cells": len(res.cells), "computed": res.n_computed}
+
+
+@register_stage
+class SweepGridStage(SweepStage):
+    """A sparsity sweep of given models that is its own run directory (``compress sweep``):
+    the grid at the top of ``--out``, built and resumed in place by the cell engine (run it
+    with :func:`~medscalpel.pipeline.stage.run_stage` on a context at ``--out``, not inside a
+    second run directory)."""
+
+    name = "sweep_grid"
+    reads = ()
+    writes = ("sweep_grid",)
+    grid = "sweep_grid"
+
+
+def teacher_preprocess(model_dir: str, size: int = 64, channels: int = 1) -> Preprocess:
+    """The input contract of a teacher model directory (its card's, augmentation off), else
+    ``size`` / ``channels`` (a teacher given by zoo name is trained on the data first)."""
+    card = Path(model_dir) / CARD
+    if card.is_file():
+        return ModelCard.from_dict(read_json(card), source=str(card)).preprocess.with_augment(None)
+    return Preprocess(size=size, channels=channels)
+
+
+@dataclass(frozen=True)
+class StudentsSettings:
+    teacher: str  # trained teacher model directory
+    data: str  # proxy training on its train split, scoring on its val split
+    candidates: tuple[str, ...]  # zoo architectures and/or model directories
+    latency_budget_ms: float
+    proxy_epochs: int = 1
+    proxy_steps: int = 20
+    soft_weight: float = 0.5
+    temperature: float = 4.0
+    lr: float = 1e-3
+    batch_size: int = 32
+
+
+@register_stage
+class StudentsStage(Stage):
+    """Hardware-aware student choice: each candidate's CPU latency measured here, those within
+    the budget proxy-distilled from the teacher, the most accurate chosen (``compress
+    students``)."""
+
+    name = "students"
+    writes = ("students",)
+    Settings = StudentsSettings
+
+    def run(self, ctx: StageContext, s: StudentsSettings) -> dict[str, Any]:
+        pre = teacher_preprocess(s.teacher)
+        train_ds = open_dataset(s.data, split="train", preprocess=pre.with_augment(None))
+        val_ds = open_dataset(s.data, split="val", preprocess=pre)
+        res = choose_student(list(s.candidates), s.latency_budget_ms, (train_ds, val_ds),
+                             s.teacher, proxy_epochs=s.proxy_epochs, proxy_steps=s.proxy_steps,
+                             soft_weight=s.soft_weight, temperature=s.temperature, lr=s.lr,
+                             batch_size=s.batch_size, seed=ctx.seed, progress=ctx.progress)
+        write_artifact(ctx.out, "students", res)
+        ctx.results[self.name] = res
+        # the data hashes go into the manifest's data
+        return {"chosen": res.chosen, "train": train_ds.content_hash(),
+                "val": val_ds.content_hash()}
 
 
 @dataclass(frozen=True)
