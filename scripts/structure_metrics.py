@@ -284,8 +284,10 @@ def help_seconds(tree: Path, runs: int, argv: tuple[str, ...] = ("-h",)) -> dict
 
 
 #: what a command calls when it runs a registered unit: a stage (run_command / run_stage /
-#: run_demo) or a compressor (compress = COMPRESSORS[method])
-_REGISTERED_RUNNERS = {"run_command", "run_stage", "run_demo", "compress"}
+#: run_demo, or run_in_place / run_stage_in_place for a folder the stage manages itself) or a
+#: compressor (compress = COMPRESSORS[method])
+_REGISTERED_RUNNERS = {"run_command", "run_stage", "run_demo", "run_in_place",
+                       "run_stage_in_place", "compress"}
 
 _COMMANDS_SNIPPET = r"""
 import ast, inspect, json, textwrap

@@ -43,6 +43,7 @@ import numpy as np
 from medscalpel.cells import CELLS, INDEX, Cell, CellIndex
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, DataError
+from medscalpel.layout import artifact
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ def _rows(pred: Predictions, ids: tuple[str, ...]) -> Predictions:
 
 # ----------------------------------------------------------------------------- loading
 PRUNE_KIND = "prune"
-PREDICTIONS = "predictions.npz"
+PREDICTIONS = artifact("predictions_file").filename
 
 
 @dataclass(frozen=True)

@@ -328,10 +328,8 @@ def deploy(
             without a guarantee is refused before any work).
         threads: intra-op threads of every runtime (default: torch's current setting).
         n_boot: paired bootstrap replicates of the delta AUROC CIs.
-        manifest: write ``out`` as a run directory of its own (its ``manifest.json``, written
-            under a temporary name and renamed); ``False``: ``out`` is a folder of the
-            caller's run directory (a stage's, e.g. ``compress deploy``), whose one manifest
-            records the run, and the files are written into it directly.
+        manifest: ``out`` is a run directory of its own (a manifest); ``False``: a folder of
+            the caller's run directory (``compress deploy``'s stage), whose manifest it is.
         explain: serve the chosen variant with a second output, the class activation maps
             (:mod:`~medscalpel.deploy.cam`: checked against Grad-CAM, its latency
             cost measured); the logits-only artifact is kept in ``serve/logits_only``. Models

@@ -26,6 +26,7 @@ from medscalpel.engine.external import ExternalValidation, RelabeledDataset, ext
 from medscalpel.engine.metrics import EvalResult, evaluate
 from medscalpel.engine.predict import predict
 from medscalpel.engine.predictions import Predictions
+from medscalpel.layout import artifact
 from medscalpel.engine.train import TrainConfig, TrainResult, seed_everything, train
 from medscalpel.errors import DataError
 from medscalpel.models.checkpoint import ModelCard, _resolve, load_model, make_card, save_model
@@ -333,7 +334,7 @@ def load_predictions(path: str | os.PathLike) -> Predictions:
     the file."""
 
     p = Path(path)
-    target = p / "predictions.npz" if p.is_dir() else p
+    target = p / artifact("predictions_file").filename if p.is_dir() else p
     how = "give predictions.npz written by 'medscalpel predict' or 'predictions import'"
     if target.is_file():
         try:

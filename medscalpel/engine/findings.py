@@ -29,11 +29,12 @@ import numpy as np
 
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError
+from medscalpel.layout import artifact
 from medscalpel.models.operating_point import OperatingPoint
 
 SCHEMA = 1
 #: the CSV written beside predictions.npz by 'medscalpel predict'
-FILENAME = "predictions.csv"
+FILENAME = artifact("findings_csv").filename
 NONE = "none"
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from medscalpel.errors import DataError
+from medscalpel.layout import artifact
 from medscalpel.runs import atomic_path, dumps_json
 
 SCHEMA = 1
@@ -163,7 +164,7 @@ class Predictions:
     def load(cls, path: str | os.PathLike) -> "Predictions":
         path = Path(path)
         if path.is_dir():
-            path = path / "predictions.npz"
+            path = path / artifact("predictions_file").filename
         if not path.is_file():
             raise DataError(f"Predictions file not found: {path}.")
         try:

@@ -25,7 +25,8 @@ import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
 from medscalpel.errors import ConfigError, RunError
 from medscalpel.pipeline.stage import (STAGES, StageContext, StageRecord, run_stage,
                                        settings_from)
-from medscalpel.runs import dumps_json, read_json, write_json
+from medscalpel.layout import ARTIFACTS, write_artifact
+from medscalpel.runs import dumps_json, read_json
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,8 @@ def run_demo(out: str | os.PathLike, profile: str | DemoProfile = "quick", seed:
             continue
         rec = run_stage(name, ctx, settings_from(STAGES.get(name).Settings, profile))
         records.append(rec)
-        write_json(out / "demo.json", DemoResult(out, profile, records,
-                                                 time.perf_counter() - t_all).to_dict())
+        write_artifact(out, "demo", DemoResult(out, profile, records,
+                                               time.perf_counter() - t_all).to_dict())
         if log is not None:
             log(f"[{i}/{len(DEMO_STAGES)}] {name:<10} {rec.seconds:7.1f} s")
     return DemoResult(out, profile, records, time.perf_counter() - t_all)
@@ -148,13 +149,13 @@ def _finished_stages(out: Path, profile: DemoProfile) -> list[StageRecord]:
     """The stages an interrupted run of the same profile finished (``demo.json`` is rewritten
     after each stage, so a stage listed there completed): a resumed demo starts after them.
     A ``demo.json`` of other settings is refused rather than mixed."""
-    path = out / "demo.json"
+    path = ARTIFACTS["demo"].path_in(out)
     if not path.is_file():
         return []
     doc = read_json(path)
     if json.loads(dumps_json(doc.get("settings"))) != json.loads(dumps_json(profile.to_dict())):
-        raise RunError(f"{out} holds a demo run with other settings (demo.json); use a new --out "
-                       "or the same profile.")
+        raise RunError(f"{out} holds a demo run with other settings ({path.name}); use a new "
+                       "--out or the same profile.")
     done: list[StageRecord] = []
     for name, rec in zip(DEMO_STAGES, doc.get("stages", [])):
         if rec.get("name") != name or rec.get("status") not in ("ok", "skipped"):

@@ -59,7 +59,7 @@ from medscalpel.report.sections import page_sections
 from medscalpel.runs import final_path
 
 SCHEMA = 1
-DEFAULT_NAME = "report.html"
+DEFAULT_NAME = artifact("experiment_page").filename
 
 
 # ----------------------------------------------------------------------------- the page
