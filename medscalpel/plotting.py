@@ -9,7 +9,9 @@ from medscalpel.runs import atomic_path
 
 
 def pyplot():
-    """matplotlib.pyplot on the Agg backend (unless a backend was already chosen)."""
+    """matplotlib.pyplot on the Agg backend (unless a backend was already chosen). Imported
+    here, at first use: the backend must be chosen before pyplot is imported, and importing
+    matplotlib (~0.5 s) stays off the path of every module that only may draw."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)

@@ -11,6 +11,10 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import IO, TypeVar
 
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
 T = TypeVar("T")
 
 
@@ -119,10 +123,6 @@ def track(iterable: Iterable[T], description: str = "", total: int | None = None
             plain.advance()
         plain.close()
         return
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
     console = Console(stderr=True)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
@@ -151,10 +151,6 @@ class LiveStatus:
         if _mode() == "plain":
             self._plain = PlainProgress(self.description, self.total)
             return self
-        from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
         console = Console(stderr=True)
         self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                              MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),

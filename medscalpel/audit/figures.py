@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib import cm, colors
+from scipy.cluster.hierarchy import leaves_list, linkage
+from scipy.spatial.distance import squareform
 
 if TYPE_CHECKING:  # pragma: no cover  (annotations only: the result modules call these plots)
     from medscalpel.audit.fcd import FCDResult
@@ -143,9 +145,6 @@ def plot_fcd_heatmap(fcd: "FCDResult", path: str | os.PathLike, which: str = "eu
     order = np.arange(k)
     finite = np.all(np.isfinite(mat), axis=1)
     if finite.sum() >= 3:
-        from scipy.cluster.hierarchy import leaves_list, linkage
-        from scipy.spatial.distance import squareform
-
         idx = np.flatnonzero(finite)
         sub = mat[np.ix_(idx, idx)]
         sub = (sub + sub.T) / 2

@@ -34,6 +34,7 @@ import torch_pruning as tp
 from torch import nn
 
 from medscalpel.errors import ConfigError, ModelError
+from medscalpel.explain.relevance import channel_relevance
 from medscalpel.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -276,13 +277,6 @@ class RelevanceCriterion(ScoresCriterion):
         self.stats = {"scored_groups": 0, "fallback_groups": 0}
 
     def prepare(self, model, images, targets, task="multilabel", batch_size=16, progress=None):
-        try:
-            from medscalpel.explain.relevance import channel_relevance
-        except ImportError as exc:
-            raise ModelError(
-                f"The '{self.name}' pruning criterion needs medscalpel.explain.relevance "
-                f"(channel_relevance), which could not be imported: {exc}. Use another criterion "
-                "(l1, l2, bn_scale, taylor) or update medscalpel.") from exc
         layers = [n for n, m in model.named_modules()
                   if isinstance(m, (nn.Conv2d, nn.modules.batchnorm._BatchNorm))]
         rel = channel_relevance(model, images, self.targets, method=self.method, layers=layers,

@@ -138,7 +138,7 @@ def n_voi(ds: Any) -> int:
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         return len(ds.VOILUTSequence)
     if "WindowCenter" in ds and "WindowWidth" in ds:
-        from pydicom.multival import MultiValue
+        from pydicom.multival import MultiValue  # pydicom: the optional [dicom] extra
 
         return len(ds.WindowCenter) if isinstance(ds.WindowCenter, MultiValue) else 1
     return 0
@@ -175,7 +175,7 @@ def decode(ds: Any, path: str | os.PathLike = "", window: int = 0, voi: bool = T
         DataError: the pixels cannot be decoded (a compressed syntax without its plugin: the
             message names the extra) or ``window`` is beyond the file's windows.
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut  # the [dicom] extra
 
     try:
         stored = ds.pixel_array

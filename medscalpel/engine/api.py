@@ -146,7 +146,6 @@ def choose_split(card: Any, data: str, split: str | None) -> tuple[str, str]:
 
 
 def _same_spec(a: str, b: str) -> bool:
-
     try:
         return str(DatasetSpec.parse(a)) == str(DatasetSpec.parse(b))
     except Exception:  # noqa: BLE001 - an unparsable recorded spec is simply not the same
@@ -295,8 +294,6 @@ def _predict_spec(model: Any, data: str, split: str | None, batch_size: int,
             "n_total": n_total, "split_reason": reason,
             "skipped": ds.skip_report.count, "duplicates_removed": dups}
     if unlabelled:
-        import numpy as np
-
         meta.update(unlabelled=True, split_reason=f"{reason}; no labels (unknown)")
         if ds.task != "multilabel":
             preds = replace(preds, labels=np.full(preds.n, -1, np.int64))
@@ -387,7 +384,6 @@ def validate_external(predictions: str | os.PathLike, model_dir: str | os.PathLi
 
 
 def _card(model_dir: str | os.PathLike):
-
     _, card_path = _resolve(model_dir)
     return ModelCard.from_dict(read_json(card_path), source=str(card_path))
 

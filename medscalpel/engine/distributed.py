@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
+import torch.multiprocessing as tmp_mp
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -255,8 +256,6 @@ def _worker(rank: int, world: int, init_file: str, result_dir: str, backend: str
         finally:
             dist.destroy_process_group()
         if rank == 0 and out is not None:
-            from safetensors.torch import save_file
-
             save_file(out.pop("best_state"), str(Path(result_dir) / "best.safetensors"))
             write_json(Path(result_dir) / "result.json", out)
     except BaseException as exc:
@@ -331,8 +330,6 @@ def train_ddp(
                           f"{torch.cuda.device_count()} found. Use backend='gloo' (CPU).")
     if s.batch_norm == "sync" and backend != "nccl":
         raise ConfigError(_SYNC_ON_CPU)  # refused before any process starts
-    import torch.multiprocessing as tmp_mp
-
     start = s.start_method or ("spawn" if backend == "nccl" or torch.cuda.is_initialized()
                                else "fork")
     with tempfile.TemporaryDirectory(prefix="medscalpel-ddp-") as work:

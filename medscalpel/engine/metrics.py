@@ -15,6 +15,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from medscalpel.engine.predictions import Predictions
+from medscalpel.errors import ConfigError
 from medscalpel.validation import check_range
 
 logger = logging.getLogger(__name__)
@@ -227,8 +228,6 @@ def evaluate(
     else:
         thr = np.asarray(thresholds, dtype=float)
         if thr.shape != (k,):
-            from medscalpel.errors import ConfigError
-
             raise ConfigError(f"evaluate: {thr.size} thresholds given for {k} classes.")
     if preds.task == "multiclass":
         decided = np.zeros_like(probs, dtype=bool)

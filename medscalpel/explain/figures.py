@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import ndimage as ndi
 
 from medscalpel.errors import DataError
@@ -35,7 +36,6 @@ def _grey(image: Any) -> np.ndarray:
 
 
 def _draw_zones(ax, zones, shape) -> None:
-
     z = zones.resized(shape)
     ax.contour(z.label_map, levels=np.arange(len(ZONE_NAMES) - 1) + 0.5, colors="white",
                linewidths=0.7, alpha=0.9)
@@ -72,8 +72,6 @@ def cam_overlay_figure(images: Any, cams: Any, path: str | os.PathLike, zones: A
         img = _grey(images[i])
         cam = cams.maps[i]
         if img.shape != cam.shape:
-            import torch
-
             img = torch.nn.functional.interpolate(torch.from_numpy(img)[None, None].float(),
                                                   size=cam.shape, mode="bilinear",
                                                   align_corners=False)[0, 0].numpy()
@@ -187,8 +185,6 @@ def comparison_figure(comparison: Any, images: Any, path: str | os.PathLike, k: 
             cam = res.maps[i]
             base = img
             if base.shape != cam.shape:
-                import torch
-
                 base = torch.nn.functional.interpolate(
                     torch.from_numpy(img)[None, None].float(), size=cam.shape, mode="bilinear",
                     align_corners=False)[0, 0].numpy()

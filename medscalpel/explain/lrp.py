@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from zennit import composites as zc
 from zennit.rules import Epsilon, Pass
+from zennit.types import Convolution
 
 from medscalpel.errors import ModelError
 from medscalpel.explain.attribution_base import (ATTRIBUTIONS, Attribution,
@@ -91,8 +92,6 @@ def build_composite(name: str = "epsilon_plus_flat", epsilon: float = 1e-6,
     layer_map = [(ChannelAffine, affine_rule)]
     canonizers = list(canonizers or [])
     if name == "epsilon":
-        from zennit.types import Convolution
-
         lm = layer_map + zc.layer_map_base(stabilizer) + [
             (Convolution, Epsilon(epsilon=epsilon, zero_params=zero)),
             (nn.Linear, Epsilon(epsilon=epsilon, zero_params=zero)),

@@ -48,6 +48,8 @@ from torch import nn
 from medscalpel.errors import ConfigError, DataError, ModelError
 from medscalpel.explain.attribution_base import (check_inputs, num_classes_of,
                                                  prepare_model_copy)
+from medscalpel.explain.backtrace import BacktraceSession
+from medscalpel.explain.lrp import LRPSession
 from medscalpel.progress import track
 from medscalpel.runs import atomic_path
 from medscalpel.validation import check_in, check_range
@@ -406,8 +408,6 @@ def _accumulate(raw: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
 def _lrp_pass(model: nn.Module, x: torch.Tensor, steps, layers: list[str], accumulate,
               composite: str, epsilon: float, zero_bias: bool, bn_rule: str) -> dict[str, Any]:
     """LRP relevance of every chunk's captured layers; returns the session's settings."""
-    from medscalpel.explain.lrp import LRPSession
-
     low = float(x.min()) if composite == "epsilon_gamma_box" else None
     high = float(x.max()) if composite == "epsilon_gamma_box" else None
     session = LRPSession(model, composite=composite, epsilon=epsilon, zero_bias=zero_bias,
@@ -422,8 +422,6 @@ def _lrp_pass(model: nn.Module, x: torch.Tensor, steps, layers: list[str], accum
 def _backtrace_pass(model: nn.Module, steps, layers: list[str], accumulate, zero_bias: bool,
                     bn_rule: str) -> dict[str, Any]:
     """DL-Backtrace relevance of every chunk's captured layers; returns the settings."""
-    from medscalpel.explain.backtrace import BacktraceSession
-
     bt = BacktraceSession(model, zero_bias=zero_bias, bn_rule=bn_rule)
     with bt:
         for xb, cb in steps:

@@ -38,7 +38,8 @@ from medscalpel.data.transforms import Preprocess
 from medscalpel.engine.predict import Features, collect_images
 from medscalpel.engine.predictions import Predictions
 from medscalpel.errors import ConfigError, RunError
-from medscalpel.layout import ARTIFACTS, artifact
+from medscalpel.layout import ARTIFACTS, artifact, read_artifact
+from medscalpel.models import load_model
 from medscalpel.registry import Registry
 from medscalpel.runs import RunDir
 
@@ -113,8 +114,6 @@ class StageContext:
         """The current model: set by a stage, else the calibrated or the baseline model of
         this run directory."""
         if self._model is None:
-            from medscalpel.models import load_model
-
             for key in ("calibrated_card", "baseline_card"):
                 if ARTIFACTS[key].exists(self.out):
                     self._model = load_model(ARTIFACTS[key].path_in(self.out).parent)
@@ -148,8 +147,6 @@ class StageContext:
         if self._compress_rows is None:
             if not ARTIFACTS["compress"].exists(self.out):
                 return []
-            from medscalpel.layout import read_artifact
-
             self._compress_rows = list(read_artifact(self.out, "compress").rows)
         return self._compress_rows
 

@@ -21,20 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from medscalpel.errors import DataError
 from medscalpel.layout import artifact
+from medscalpel.plotting import pyplot
 from medscalpel.report.html import figure_png, is_number
 from medscalpel.runs import atomic_path
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+_plt = pyplot  # the headless pyplot of medscalpel.plotting
 
 
 def _out(png: bytes, path: str | os.PathLike | None) -> bytes:
@@ -246,8 +242,6 @@ def clinical_overlay_png(image: Any, cams: Sequence[np.ndarray], titles: Sequenc
         if i > 0:
             cam = np.asarray(cams[i - 1], float)
             if cam.shape != img.shape:
-                import torch
-
                 cam = torch.nn.functional.interpolate(
                     torch.from_numpy(cam)[None, None].float(), size=img.shape, mode="bilinear",
                     align_corners=False)[0, 0].numpy()

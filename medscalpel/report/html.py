@@ -70,7 +70,7 @@ def figure_png(fig, dpi: int = 110) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     try:
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # only here: a caller that drew a figure imported it
 
         plt.close(fig)
     except Exception:  # pragma: no cover - a Figure not created by pyplot

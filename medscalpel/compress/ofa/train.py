@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medscalpel.compress.distill import DistillLoss, TeacherObjective, resolve_model
@@ -284,8 +285,6 @@ def resolve_teacher(teacher: MedClassifier | str | os.PathLike, train_ds: CXRDat
 # ----------------------------------------------------------------------------- save / load
 def save_supernet(result: SupernetTrainResult, directory: str | os.PathLike) -> Path:
     """``supernet.safetensors`` + ``supernet.json`` (:class:`SupernetInfo`) in ``directory``."""
-    from safetensors.torch import save_file
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in result.supernet.state_dict().items()}
@@ -297,8 +296,6 @@ def save_supernet(result: SupernetTrainResult, directory: str | os.PathLike) -> 
 
 def load_supernet(directory: str | os.PathLike) -> tuple[OFASupernet, SupernetInfo]:
     """A supernet saved by :func:`save_supernet` (full network active, eval mode)."""
-    from safetensors.torch import load_file
-
     d = Path(directory)
     if not (d / INFO).is_file() or not (d / WEIGHTS).is_file():
         raise CheckpointError(f"{d} is not a saved supernet ({INFO} + {WEIGHTS}).")

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from medscalpel.data.base import CXRDataset
+from medscalpel.data.phantom.generate import GENERATOR_VERSION, generate_phantom
 from medscalpel.data.phantom.sites import apply_site, get_site, site_masks
 from medscalpel.data.phantom.store import META, PhantomData
 from medscalpel.data.spec import DATASETS
@@ -102,8 +103,6 @@ def load_or_generate(root: str | None, n: int, size: int, seed: int) -> PhantomD
     key = (n, size, seed)
     if key in _MEMORY:
         return _MEMORY[key]
-    from medscalpel.data.phantom.generate import GENERATOR_VERSION, generate_phantom
-
     cache = _cache_dir() / "phantom" / f"v{GENERATOR_VERSION}-n{n}-s{size}-seed{seed}"
     data = None
     if (cache / META).is_file():

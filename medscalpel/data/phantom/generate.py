@@ -25,6 +25,7 @@ from medscalpel.data.phantom.findings import (CLASS_NAMES, draw_chest_tube, draw
                                               sample_side)
 from medscalpel.data.phantom.labels import add_label_noise, sample_nih_labels
 from medscalpel.data.phantom.store import ANATOMY_MASKS, PhantomData
+from medscalpel.errors import ConfigError
 from medscalpel.progress import track
 from medscalpel.validation import check_fraction, check_range
 
@@ -109,8 +110,6 @@ def age_band(age: np.ndarray) -> np.ndarray:
 
 
 def _check_splits(splits: dict[str, float] | None) -> dict[str, float]:
-    from medscalpel.errors import ConfigError
-
     splits = dict(DEFAULT_SPLITS if splits is None else splits)
     bad = [s for s in splits if s not in SPLITS]
     if bad or not splits:

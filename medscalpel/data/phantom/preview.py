@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from medscalpel.data.phantom.store import PhantomData
+from medscalpel.plotting import pyplot
+from medscalpel.runs import atomic_path
 
 
 def contact_sheet(data: PhantomData, path: str | os.PathLike, per_class: int = 4,
@@ -26,13 +28,7 @@ def contact_sheet(data: PhantomData, path: str | os.PathLike, per_class: int = 4
     Returns:
         The PNG path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from medscalpel.runs import atomic_path
-
+    plt = pyplot()
     names = data.class_names
     clean = data.clean_labels()
     sev = data.severity()

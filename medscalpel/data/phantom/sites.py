@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from medscalpel.errors import ConfigError
 
@@ -70,8 +72,6 @@ def get_site(name: str) -> SiteProfile:
 
 def _crop_resize(x: np.ndarray, fov: float) -> np.ndarray:
     """Centred crop of ``fov`` of the side of ``x`` ``[N, S, S]``, resized back to ``S``."""
-    import torch
-    import torch.nn.functional as F
 
     s = x.shape[-1]
     c = max(2, int(round(s * fov)))

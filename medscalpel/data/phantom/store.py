@@ -16,7 +16,7 @@ A phantom directory holds:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ import pandas as pd
 
 from medscalpel.errors import DataError
 from medscalpel.layout import artifact
+from medscalpel.runs import atomic_path, hash_file, read_json, write_json
+from medscalpel.validation import check_in
 
 ANATOMY_MASKS = ("lung_right", "lung_left", "heart")
 #: per-image attributes with a known effect on appearance (generator >= 1.2) and the view
@@ -70,7 +72,6 @@ class PhantomData:
 
     def rows(self, split: str) -> np.ndarray:
         """Row indices of a split (``all`` = every row)."""
-        from medscalpel.validation import check_in
 
         names = ["all", *self.meta.get("splits", {})]
         check_in(split, "split", "the phantom dataset", names)
@@ -121,6 +122,8 @@ class PhantomData:
 
     def dataset(self, split: str = "train", preprocess=None, spec: str = "phantom"):
         """A :class:`~medscalpel.data.phantom.adapter.PhantomDataset` view of one split."""
+        # the adapter builds on this module (it imports PhantomData): importing it at the top
+        # would be a cycle
         from medscalpel.data.phantom.adapter import PhantomDataset
 
         return PhantomDataset(self, split=split, preprocess=preprocess, spec=spec)
@@ -131,7 +134,6 @@ class PhantomData:
     # ------------------------------------------------------------------ files
     def save(self, out: str | os.PathLike) -> Path:
         """Write the directory format (each file atomically); returns the directory."""
-        from medscalpel.runs import atomic_path, hash_file, write_json
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -164,7 +166,6 @@ class PhantomData:
             root: the directory.
             verify: also check the files' SHA-256 against ``phantom.json``.
         """
-        from medscalpel.runs import hash_file, read_json
 
         root = Path(root)
         if not root.is_dir():
@@ -268,6 +269,5 @@ class PhantomSummary:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
+    
         return asdict(self)

@@ -96,6 +96,8 @@ def _quantize_files(fp32: Path, out: Path, mode: str, calib: torch.Tensor | None
     src = fp32
     with tempfile.TemporaryDirectory() as tmp:
         try:  # the recommended pre-processing (shape inference + graph optimisation)
+            # imported here: it needs onnx's shape inference, whose absence or failure only
+            # skips this optional step
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
             pre = Path(tmp) / "pre.onnx"
