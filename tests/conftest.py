@@ -47,3 +47,25 @@ def shared_path(*parts: str) -> Path:
     if not p.exists():
         pytest.skip(f"real data not available: {p} does not exist")
     return p
+
+
+@pytest.fixture
+def refused_nothing_written(capsys):
+    """``check(argv, out, match)``: the console entry point refuses ``argv + --out OUT`` with one
+    ``error:`` line holding ``match`` and exit 2, and leaves no run directory at OUT, not even a
+    half-written ``.OUT.*`` one."""
+    from medscalpel.cli.main import run
+
+    def check(argv, out: Path, match: str) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            run([str(a) for a in argv] + ["--out", str(out)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2, err
+        assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+        assert match in err, err
+        assert not out.exists()
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+        return err
+
+    return check

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
-from medscalpel.cli.main import app, run
+from medscalpel.cli.main import app
 from medscalpel.data import Preprocess
 from medscalpel.data.spec import open_dataset
 from medscalpel.engine.api import predict_spec
@@ -71,18 +71,9 @@ def _manifest(out):
     return json.loads((out / "manifest.json").read_text())
 
 
-def _exit_2_nothing_written(argv, out, capsys, match: str):
-    """One ``error:`` line, exit 2, and no run directory (not even a .partial one) at --out."""
-    with pytest.raises(SystemExit) as exc:
-        run(argv + ["--out", str(out)])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and match in err, err
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
-def test_calibrate_point_runs_the_registered_stage(inputs, tmp_path, capsys):
+def test_calibrate_point_runs_the_registered_stage(inputs, tmp_path, refused_nothing_written):
     cls = STAGES.get("calibrate_point")
     assert cls.reads == () and cls.writes == ("calibration",)
     assert cls.may_write == ("calibrated_card",)
@@ -109,11 +100,12 @@ def test_calibrate_point_runs_the_registered_stage(inputs, tmp_path, capsys):
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert read_artifact(out2, "calibration")["binary"]["positive"] == "PNEUMONIA"
     assert not ARTIFACTS["calibrated_card"].exists(out2)
-    _exit_2_nothing_written(["repair", "calibrate", str(inputs / "fit.npz"), "--positive", "a"],
-                            tmp_path / "bad", capsys, "--positive applies to two-class")
+    refused_nothing_written(["repair", "calibrate", str(inputs / "fit.npz"), "--positive", "a"],
+                            tmp_path / "bad", "--positive applies to two-class")
 
 
-def test_calibrate_guarantee_runs_the_registered_stage(inputs, certified, tmp_path, capsys):
+def test_calibrate_guarantee_runs_the_registered_stage(inputs, certified, tmp_path,
+                                                       refused_nothing_written):
     cls = STAGES.get("certify")
     assert cls.writes == ("guarantee",)
     assert set(cls.may_write) == {"guarantee_check", "calibrated_card"}
@@ -129,12 +121,12 @@ def test_calibrate_guarantee_runs_the_registered_stage(inputs, certified, tmp_pa
     op = load_model(ARTIFACTS["calibrated_card"].dir_in(out)).card.decision_point()
     assert op.guarantee == g.to_dict()
     assert "recall>=0.9: certified on 400 images" in printed and "re-check on 300" in printed
-    _exit_2_nothing_written(["repair", "calibrate", str(inputs / "fit.npz"), "--guarantee",
+    refused_nothing_written(["repair", "calibrate", str(inputs / "fit.npz"), "--guarantee",
                              "recall>=0.9", "--eval", str(inputs / "eval.npz"), "--holdout",
-                             "0.3"], tmp_path / "bad", capsys, "Give --eval or --holdout")
+                             "0.3"], tmp_path / "bad", "Give --eval or --holdout")
 
 
-def test_recertify_runs_the_registered_stage(inputs, certified, tmp_path, capsys):
+def test_recertify_runs_the_registered_stage(inputs, certified, tmp_path, refused_nothing_written):
     cls = STAGES.get("recertify")
     assert cls.reads == () and cls.writes == ("guarantee_check",)
     model_dir = ARTIFACTS["calibrated_card"].dir_in(certified[0])
@@ -149,12 +141,12 @@ def test_recertify_runs_the_registered_stage(inputs, certified, tmp_path, capsys
     assert isinstance(chk, Recertification) and chk.n_images == 300
     assert chk.outcome.upper() in r.output and "minimum k:" in r.output
     # a model whose card carries no guarantee: one error, nothing written
-    _exit_2_nothing_written(["repair", "calibrate", "--recertify", str(inputs / "model"),
-                             "--eval", str(inputs / "eval.npz")], tmp_path / "bad", capsys,
+    refused_nothing_written(["repair", "calibrate", "--recertify", str(inputs / "model"),
+                             "--eval", str(inputs / "eval.npz")], tmp_path / "bad",
                             "carries no guarantee")
 
 
-def test_transfer_runs_the_registered_stage(inputs, certified, tmp_path, capsys):
+def test_transfer_runs_the_registered_stage(inputs, certified, tmp_path, refused_nothing_written):
     cls = STAGES.get("transfer_guarantee")
     assert cls.writes == ("label_shift_transfer",) and cls.may_write == ("calibrated_card",)
     model_dir = ARTIFACTS["calibrated_card"].dir_in(certified[0])
@@ -173,12 +165,12 @@ def test_transfer_runs_the_registered_stage(inputs, certified, tmp_path, capsys)
     # a model is written exactly when the guarantee transferred
     assert ARTIFACTS["calibrated_card"].exists(out) == (t.transferable and t.guarantee
                                                         is not None)
-    _exit_2_nothing_written(["repair", "calibrate", "--recertify", str(model_dir),
+    refused_nothing_written(["repair", "calibrate", "--recertify", str(model_dir),
                              "--transfer-to", str(inputs / "eval.npz")], tmp_path / "bad",
-                            capsys, "needs FIT")
+                            "needs FIT")
 
 
-def test_recalibrate_site_runs_the_registered_stage(tmp_path, capsys):
+def test_recalibrate_site_runs_the_registered_stage(tmp_path, refused_nothing_written):
     cls = STAGES.get("recalibrate_site")
     assert cls.reads == () and cls.writes == ("recalibration", "model")
     torch.manual_seed(0)
@@ -203,16 +195,16 @@ def test_recalibrate_site_runs_the_registered_stage(tmp_path, capsys):
     rm = load_model(ARTIFACTS["model"].dir_in(out))
     assert rm.card.operating_point is not None
     assert "new site: used" in r.output and "operating point:" in r.output
-    _exit_2_nothing_written(["repair", "recalibrate-site", "--model", str(model_dir),
+    refused_nothing_written(["repair", "recalibrate-site", "--model", str(model_dir),
                              "--internal", str(tmp_path / "internal.npz"), "--external", SPEC,
-                             "--class-map", "nonsense"], tmp_path / "bad", capsys,
+                             "--class-map", "nonsense"], tmp_path / "bad",
                             "--class-map takes EXTERNAL=MODEL pairs")
     # an unknown method is refused as a flag, before any data is read
-    _exit_2_nothing_written(["repair", "recalibrate-site", "--model", str(model_dir),
+    refused_nothing_written(["repair", "recalibrate-site", "--model", str(model_dir),
                              "--internal", str(tmp_path / "internal.npz"), "--external", SPEC,
-                             "--method", "nope"], tmp_path / "bad_method", capsys, "--method")
+                             "--method", "nope"], tmp_path / "bad_method", "--method")
     # too few labelled images is found by the stage itself: its run directory is removed
-    _exit_2_nothing_written(["repair", "recalibrate-site", "--model", str(model_dir),
+    refused_nothing_written(["repair", "recalibrate-site", "--model", str(model_dir),
                              "--internal", str(tmp_path / "internal.npz"), "--external",
                              SPEC + "&site=B", "--external-split", "test", "--k", "50"],
-                            tmp_path / "few", capsys, "Too few labelled images")
+                            tmp_path / "few", "Too few labelled images")

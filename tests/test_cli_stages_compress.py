@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import medscalpel.pipeline.stages  # noqa: F401  (registers the stages)
 from medscalpel.cells import CellIndex
-from medscalpel.cli.main import app, run
+from medscalpel.cli.main import app
 from medscalpel.compress.sweep import SweepResult
 from medscalpel.data import Preprocess
 from medscalpel.deploy.result import DeployResult
@@ -53,20 +53,10 @@ def _manifest(out):
     return json.loads((out / "manifest.json").read_text())
 
 
-def _exit_2_nothing_written(argv, out, capsys, match: str):
-    """The console entry point turns the bad input into one ``error:`` line and exit 2; no
-    run directory (not even a half-written one) is left at --out."""
-    with pytest.raises(SystemExit) as exc:
-        run(argv + ["--out", str(out)])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and match in err, err
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")
-                and p.name.endswith(".partial")]
 
 
-def test_sweep_runs_the_registered_grid_stage_resumable_at_out(inputs, tmp_path, capsys):
+def test_sweep_runs_the_registered_grid_stage_resumable_at_out(inputs, tmp_path,
+                                                               refused_nothing_written):
     cls = STAGES.get("sweep_grid")
     assert cls.writes == ("sweep_grid",) and cls.reads == ()
     assert STAGES.get("sweep").writes == ("sweep_index",)  # the demo's: the same run() code
@@ -88,11 +78,11 @@ def test_sweep_runs_the_registered_grid_stage_resumable_at_out(inputs, tmp_path,
     res = SweepResult.load(out)
     assert sorted(c.ratio for c in res.cells) == [0.0, 0.5, 0.9]
     assert sorted(p.name for p in out.iterdir()) == ["cells", "index.json", "manifest.json"]
-    _exit_2_nothing_written(["compress", "sweep", inputs["model"], "--data", inputs["spec"],
-                             "--ratios", "0,1.5"], tmp_path / "bad", capsys, "ratios")
+    refused_nothing_written(["compress", "sweep", inputs["model"], "--data", inputs["spec"],
+                             "--ratios", "0,1.5"], tmp_path / "bad", "ratios")
 
 
-def test_students_runs_the_registered_stage(inputs, tmp_path, capsys):
+def test_students_runs_the_registered_stage(inputs, tmp_path, refused_nothing_written):
     cls = STAGES.get("students")
     assert cls.writes == ("students",) and cls.reads == ()
     out = tmp_path / "st"
@@ -109,13 +99,14 @@ def test_students_runs_the_registered_stage(inputs, tmp_path, capsys):
     assert ARTIFACTS["students"].locate(out) == "students.json"
     doc = read_artifact(out, "students")
     assert doc["chosen"] == "resnet_tiny" and len(doc["candidates"]) == 1
-    _exit_2_nothing_written(["compress", "students", "--model", inputs["model"], "--data",
+    refused_nothing_written(["compress", "students", "--model", inputs["model"], "--data",
                              "medmnist:/nonexistent/pneumoniamnist_32.npz", "--candidates",
                              "resnet_tiny", "--latency-budget-ms", "1000"],
-                            tmp_path / "bad", capsys, "nonexistent")
+                            tmp_path / "bad", "nonexistent")
 
 
-def test_deploy_runs_the_registered_stage_with_one_manifest(inputs, tmp_path, capsys):
+def test_deploy_runs_the_registered_stage_with_one_manifest(inputs, tmp_path,
+                                                            refused_nothing_written):
     cls = STAGES.get("deploy")
     assert cls.writes == ("deploy",) and cls.reads == () and cls.may_read == ("compress",)
     out = tmp_path / "dep"
@@ -143,6 +134,6 @@ def test_deploy_runs_the_registered_stage_with_one_manifest(inputs, tmp_path, ca
     served = out / "deploy" / "serve"
     assert serve_folder(out) == serve_folder(out / "deploy") == serve_folder(served) == served
     assert load_any(out).card.class_names == ("NORMAL", "PNEUMONIA")
-    _exit_2_nothing_written(["compress", "deploy", "--model", inputs["model"], "--data",
+    refused_nothing_written(["compress", "deploy", "--model", inputs["model"], "--data",
                              "medmnist:/nonexistent/pneumoniamnist_32.npz"],
-                            tmp_path / "bad", capsys, "nonexistent")
+                            tmp_path / "bad", "nonexistent")

@@ -69,17 +69,10 @@ def _index(out, n_cells):
     return idx
 
 
-def _exit_2_nothing_written(argv, out, capsys, match):
-    with pytest.raises(SystemExit) as exc:
-        run(argv + ["--out", str(out)])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "error:" in err and match in err, err
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
-def test_scale_prune_runs_grid_prune_resumable_at_out(inputs, tmp_path, capsys):
+def test_scale_prune_runs_grid_prune_resumable_at_out(inputs, tmp_path, capsys,
+                                                      refused_nothing_written):
     _grid_stage("grid_prune")
     out = tmp_path / "prune"
     args = ["scale", "prune", "--model", inputs["m1"], "--data", inputs["spec"], "--out",
@@ -101,12 +94,12 @@ def test_scale_prune_runs_grid_prune_resumable_at_out(inputs, tmp_path, capsys):
              str(out), "--methods", "l1", "--ratios", "0.5", *SERIAL])
     assert exc.value.code == 2 and "Cannot resume" in capsys.readouterr().err
     _index(out, 3)
-    _exit_2_nothing_written(["scale", "prune", "--model", inputs["m1"], "--data",
+    refused_nothing_written(["scale", "prune", "--model", inputs["m1"], "--data",
                              inputs["spec"], "--ratios", "1.5", *SERIAL], tmp_path / "bad",
-                            capsys, "The 'ratios' parameter of prune_grid")
+                            "The 'ratios' parameter of prune_grid")
 
 
-def test_scale_distill_runs_grid_distill(inputs, tmp_path, capsys):
+def test_scale_distill_runs_grid_distill(inputs, tmp_path, refused_nothing_written):
     _grid_stage("grid_distill")
     out = tmp_path / "distill"
     text = _invoke(["scale", "distill", "--model", inputs["m1"], "--data", inputs["spec"],
@@ -118,12 +111,12 @@ def test_scale_distill_runs_grid_distill(inputs, tmp_path, capsys):
     cell = _index(out, 1).cells[0]
     assert cell.kind == "distill" and cell.result["student"]["macro_auroc"] is not None
     assert (out / cell.path / "predictions.npz").is_file()
-    _exit_2_nothing_written(["scale", "distill", "--model", inputs["m1"], "--data",
+    refused_nothing_written(["scale", "distill", "--model", inputs["m1"], "--data",
                              inputs["spec"], "--students", "nosuch", *SERIAL],
-                            tmp_path / "bad", capsys, "Unknown architecture 'nosuch'")
+                            tmp_path / "bad", "Unknown architecture 'nosuch'")
 
 
-def test_scale_triage_runs_grid_triage(inputs, tmp_path, capsys):
+def test_scale_triage_runs_grid_triage(inputs, tmp_path, refused_nothing_written):
     _grid_stage("grid_triage")
     out = tmp_path / "triage"
     text = _invoke(["scale", "triage", inputs["val"], inputs["test"], "--out", str(out),
@@ -133,11 +126,11 @@ def test_scale_triage_runs_grid_triage(inputs, tmp_path, capsys):
     idx = _index(out, 2)
     assert sorted(c.cell["budget"] for c in idx.cells) == [1.0, 5.0]
     assert all("classes" in c.result for c in idx.cells)
-    _exit_2_nothing_written(["scale", "triage", inputs["val"], str(tmp_path / "missing.npz"),
-                             *SERIAL], tmp_path / "bad", capsys, "does not exist")
+    refused_nothing_written(["scale", "triage", inputs["val"], str(tmp_path / "missing.npz"),
+                             *SERIAL], tmp_path / "bad", "does not exist")
 
 
-def test_scale_train_runs_ddp_train(inputs, tmp_path, capsys):
+def test_scale_train_runs_ddp_train(inputs, tmp_path, refused_nothing_written):
     cls = STAGES.get("ddp_train")
     assert cls.reads == () and cls.writes == ("fit", "model") and cls.may_write == ("metrics",)
     out = tmp_path / "train"
@@ -155,5 +148,5 @@ def test_scale_train_runs_ddp_train(inputs, tmp_path, capsys):
     card = read_artifact(out, "model")
     assert isinstance(card, ModelCard) and card.training["ddp"]["world_size"] == 1
     # a global batch that the processes cannot share fails inside the stage: nothing is left
-    _exit_2_nothing_written(args + ["--world-size", "2", "--batch-size", "7"],
-                            tmp_path / "bad", capsys, "must be a multiple of world_size=2")
+    refused_nothing_written(args + ["--world-size", "2", "--batch-size", "7"],
+                            tmp_path / "bad", "must be a multiple of world_size=2")

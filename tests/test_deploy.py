@@ -18,7 +18,7 @@ from medscalpel.deploy.flow import DEFAULT_VARIANTS, DeployResult, deploy
 from medscalpel.deploy.runtimes import (RUNTIMES, OrtFp32, TorchEager, openvino_capabilities)
 from medscalpel.deploy.timing import speed_ratio
 from medscalpel.data import ArrayDataset, Preprocess
-from medscalpel.errors import ConfigError, MissingExtraError, VerificationError
+from medscalpel.errors import ConfigError, MissingExtraError
 from medscalpel.models.checkpoint import load_model, make_card, save_model
 from medscalpel.models.zoo import create_model
 

@@ -18,7 +18,6 @@ import torch
 
 from medscalpel.errors import RunError
 from medscalpel.pipeline.grid import canonical, grid_identity, prune_grid, run_cell, run_grid
-from medscalpel.runs import RunDir
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_executors import save_tiny_model, write_csv_dataset  # noqa: E402

@@ -12,7 +12,7 @@ from medscalpel.compress.importance import IMPORTANCE, ScoresCriterion
 from medscalpel.compress.structured import (RecoveryConfig, prune_structured, remove_channels)
 from medscalpel.data import ArrayDataset, Preprocess
 from medscalpel.errors import ConfigError, ModelError
-from medscalpel.models.checkpoint import load_model, make_card, save_model
+from medscalpel.models.checkpoint import load_model, make_card
 from medscalpel.models.zoo import create_model
 
 HAS_RELEVANCE = importlib.util.find_spec("medscalpel.explain.relevance") is not None

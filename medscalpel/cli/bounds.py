@@ -104,8 +104,8 @@ BOUNDS: dict[str, Constraint] = {
     "--tube-neg": FRACTION,
     "--quantile": OPEN_FRACTION,
     "--target-sensitivity": OPEN_FRACTION,
-    "--alpha": OPEN_FRACTION,
-    "--holdout": OPEN_FRACTION,
+    "--alpha": OPEN_FRACTION,  # a probability that a guarantee fails
+    "--holdout": OPEN_FRACTION,  # a share of patients held out
     "--ratio": _real(0.0, 1.0, open_high=True),
     "--sparsify-ratio": OPEN_FRACTION,
     "--tolerance": FRACTION,
@@ -116,8 +116,6 @@ BOUNDS: dict[str, Constraint] = {
     "--max-lift-upper": POSITIVE,
     "--min-expected": NON_NEGATIVE,
     "--jaccard-exclusion": FRACTION,
-    "--alpha": OPEN_FRACTION,                # a probability that a guarantee fails
-    "--holdout": OPEN_FRACTION,              # a share of patients held out
 }
 
 #: (command path without the program name, flag) -> valid values, where a command differs

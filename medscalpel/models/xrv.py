@@ -14,7 +14,6 @@ file the ``xrv`` extra's own download is used, which needs internet access.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
