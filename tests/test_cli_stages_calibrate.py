@@ -6,6 +6,7 @@ the stage declares what it writes, and bad input leaves nothing at --out."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -71,8 +72,6 @@ def _manifest(out):
     return json.loads((out / "manifest.json").read_text())
 
 
-
-
 def test_calibrate_point_runs_the_registered_stage(inputs, tmp_path, refused_nothing_written):
     cls = STAGES.get("calibrate_point")
     assert cls.reads == () and cls.writes == ("calibration",)
@@ -102,6 +101,15 @@ def test_calibrate_point_runs_the_registered_stage(inputs, tmp_path, refused_not
     assert not ARTIFACTS["calibrated_card"].exists(out2)
     refused_nothing_written(["repair", "calibrate", str(inputs / "fit.npz"), "--positive", "a"],
                             tmp_path / "bad", "--positive applies to two-class")
+    # FIT may be the run directory of 'predict' (its predictions.npz), as elsewhere
+    pred_run = tmp_path / "pred_run"
+    pred_run.mkdir()
+    shutil.copy(inputs / "bin.npz", pred_run / "predictions.npz")
+    r = CliRunner().invoke(app, ["repair", "calibrate", str(pred_run), "--out",
+                                 str(tmp_path / "from_dir")])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert (read_artifact(tmp_path / "from_dir", "calibration")["binary"]
+            == read_artifact(out2, "calibration")["binary"])
 
 
 def test_calibrate_guarantee_runs_the_registered_stage(inputs, certified, tmp_path,

@@ -53,8 +53,6 @@ def _manifest(out):
     return json.loads((out / "manifest.json").read_text())
 
 
-
-
 def test_sweep_runs_the_registered_grid_stage_resumable_at_out(inputs, tmp_path,
                                                                refused_nothing_written):
     cls = STAGES.get("sweep_grid")

@@ -69,8 +69,6 @@ def _index(out, n_cells):
     return idx
 
 
-
-
 def test_scale_prune_runs_grid_prune_resumable_at_out(inputs, tmp_path, capsys,
                                                       refused_nothing_written):
     _grid_stage("grid_prune")

@@ -72,7 +72,13 @@ def calibrate(
     classes: temperature scaling (NLL and ECE before/after; accuracy unchanged). With
     --guarantee: per-class thresholds with a finite-sample guarantee (conformal), re-checked on
     --eval or a --holdout of patients. With --recertify MODEL_DIR --eval PREDS: re-check the
-    guarantee a model card carries on new labelled predictions."""
+    guarantee a model card carries on new labelled predictions. FIT, --eval and --transfer-to
+    may also name the run directory of 'predict' (its predictions.npz)."""
+    from medscalpel.engine.api import predictions_file
+
+    fit = predictions_file(fit) if fit is not None else None
+    evaluate_on = predictions_file(evaluate_on) if evaluate_on is not None else None
+    transfer_to = predictions_file(transfer_to) if transfer_to is not None else None
     if transfer_to is not None:
         if recertify_model is None:
             raise ConfigError("--transfer-to needs --recertify MODEL_DIR (the card whose "

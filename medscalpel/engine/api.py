@@ -325,13 +325,20 @@ def usage_line(preds: Predictions) -> str:
     return line + ")" + (f"; WARNING: {warn}" if warn else "")
 
 
+def predictions_file(path: str | os.PathLike) -> Path:
+    """The Predictions file ``path`` names: itself, or the ``predictions.npz`` of a run
+    directory (the ``--out`` of 'predict' or 'predictions import')."""
+    p = Path(path)
+    return p / artifact("predictions_file").filename if p.is_dir() else p
+
+
 def load_predictions(path: str | os.PathLike) -> Predictions:
     """:meth:`Predictions.load` whose every failure (missing file, a folder without
     predictions.npz, pickled or non-numeric arrays, missing entries) is one DataError naming
     the file."""
 
     p = Path(path)
-    target = p / artifact("predictions_file").filename if p.is_dir() else p
+    target = predictions_file(p)
     how = "give predictions.npz written by 'medscalpel predict' or 'predictions import'"
     if target.is_file():
         try:
