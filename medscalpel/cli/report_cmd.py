@@ -153,8 +153,5 @@ def experiment(
     console.print(f"sections: {len(d['present'])} present"
                   + (f", not run: {', '.join(d['not_run'])}" if d["not_run"] else ""),
                   highlight=False)
+    # a folder holding no artifact any section renders was refused by the stage (DataError)
     console.print(f"written to {d['html']}")
-    if not d["present"]:
-        console.print(f"[yellow]note: {run_dir} holds no artifact the report knows; "
-                      f"'medscalpel show {run_dir}' prints the results of any run.[/yellow]",
-                      highlight=False)
