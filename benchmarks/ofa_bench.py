@@ -47,6 +47,15 @@ latency / AUROC front ``--plot``. Usage (2 shared cores; the phantom about 20 mi
         --teacher-arch densenet121 --teacher-epochs 3 --max-train 1200 --phase-epochs 2,1,1,1 \
         --prune-speedup 4 --out benchmarks/results/ofa_kermany.json \
         --plot docs/img/ofa_front_kermany.png > runs/ofa_bench/kermany.log 2>&1 &
+    # Kermany at 128 px, about 25 min per seed here (--seed 1, 2 with their own --work,
+    # --out, --plot; benchmarks/ofa_seeds.py summarises the seeds, docs/distill.md)
+    nice -n 19 .venv/bin/python benchmarks/ofa_bench.py --dataset kermany --size 128 \
+        --teacher-arch densenet121 --teacher-epochs 3 --teacher-lr 0.001 --max-train 600 \
+        --phase-epochs 6,2,2,2 --student-epochs 4 --n-random 24 --generations 1 \
+        --prune-speedup 4 --saliency-images 4 --saliency-classes 1 --threads 2 \
+        --candidates densenet_tiny,vgg_tiny,mobilenetv3_small_100 --seed 0 \
+        --work runs/ofa_bench/kermany128 --out benchmarks/results/ofa_kermany_128.json \
+        --plot docs/img/ofa_front_kermany_128.png
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ how often each (budget rank, student) pair got each verdict), next to the spread
 model's test macro AUROC and served latency over the seeds. Usage::
 
     .venv/bin/python benchmarks/ofa_seeds.py benchmarks/results/ofa_kermany_128.json \
-        benchmarks/results/ofa_kermany_128_seed1.json benchmarks/results/ofa_kermany_128_seed2.json \
+        benchmarks/results/ofa_kermany_128_seed1.json \
+        benchmarks/results/ofa_kermany_128_seed2.json \
         --out benchmarks/results/ofa_kermany_128_seeds.json
 """
 

@@ -51,7 +51,8 @@ def test_counts_verdicts_and_target_per_seed(base):
     key = "ofa:budget#2 vs student:densenet_tiny"
     assert s["pairs"][key] == {"dominates": 1, "dominated": 0, "undecided": 1}
     a = s["models"]["ofa:budget#2"]["test_auroc"]
-    assert a["n"] == 2 and a["min"] == a["max"] == base["rows"]["ofa:budget_0.0998ms"]["test_auroc"]
+    expected = base["rows"]["ofa:budget_0.0998ms"]["test_auroc"]
+    assert a["n"] == 2 and a["min"] == a["max"] == expected
     assert "teacher" in s["models"] and "delta_auroc" not in s["models"]["teacher"]
     md = ofa_seeds.markdown(s)
     assert "target met in 1 of 2 seed(s)" in md and "| 1 | 0.981 |" in md
