@@ -54,8 +54,28 @@ def test_counts_verdicts_and_target_per_seed(base):
     expected = base["rows"]["ofa:budget_0.0998ms"]["test_auroc"]
     assert a["n"] == 2 and a["min"] == a["max"] == expected
     assert "teacher" in s["models"] and "delta_auroc" not in s["models"]["teacher"]
+    assert s["same_test_split"] and "not independent test sets" in s["note"]
+    assert s["per_seed"][0]["budgets_served"] == [True, True, True]
+    assert s["per_seed"][0]["budgets_met_final"] == [True, True, True]
     md = ofa_seeds.markdown(s)
     assert "target met in 1 of 2 seed(s)" in md and "| 1 | 0.981 |" in md
+
+
+def test_a_budget_not_served_or_exceeded_in_the_final_timing(base):
+    other = _replicate(base, 1)
+    other["per_budget"][0]["ofa"] = None                      # the search found none within it
+    other["per_budget"][2]["ofa"]["latency_ms"] = other["per_budget"][2]["budget_ms"] * 1.5
+    p = ofa_seeds.summarise([base, other], ["a.json", "b.json"])["per_seed"][1]
+    assert p["budgets_served"] == [False, True, True]
+    assert p["budgets_met_final"] == [False, True, False]
+    assert "| 2 / 1 of 3 |" in ofa_seeds.markdown(ofa_seeds.summarise([base, other], ["a", "b"]))
+
+
+def test_says_when_each_seed_has_its_own_data(base):
+    other = _replicate(base, 1)
+    other["data"]["spec"] = "generate_phantom(n=5000, size=64, seed=1, ...)"
+    s = ofa_seeds.summarise([base, other], ["a.json", "b.json"])
+    assert not s["same_test_split"] and "its own data" in s["note"]
 
 
 def test_refuses_results_that_are_not_replicates(base, tmp_path, capsys):
