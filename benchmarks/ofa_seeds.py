@@ -94,18 +94,21 @@ def summarise(results: list[dict], names: list[str]) -> dict:
         budgets = res["budgets_ms"]
         dom = res.get("dominance") or {"pairs": []}
         counts = Counter(p["outcome"] for p in dom["pairs"])
-        met = [_model_key(p["candidate"], budgets) + " > " + p["other"]
-               for p in dom["pairs"] if p["outcome"] == "dominates"]
+        dominating = [_model_key(p["candidate"], budgets) + " > " + p["other"]
+                      for p in dom["pairs"] if p["outcome"] == "dominates"]
         per_seed.append({
             "seed": res["settings"]["seed"], "file": Path(name).name,
             "budgets_ms": budgets, "teacher_test_auroc": res["rows"]["teacher"]["test_auroc"],
             "verdicts": {o: counts.get(o, 0) for o in OUTCOMES},
-            "n_pairs": len(dom["pairs"]), "target_met": bool(met), "dominating_pairs": met,
+            "n_pairs": len(dom["pairs"]), "target_met": bool(dominating),
+            "dominating_pairs": dominating,
             # served: the search confirmed a subnet within the budget; met: that subnet also
             # stayed within it in the final alternated timing beside the other models
             "budgets_served": [r["ofa"] is not None for r in res["per_budget"]],
             "budgets_met_final": [r["ofa"] is not None and r["ofa"]["latency_ms"] <= r["budget_ms"]
                                   for r in res["per_budget"]],
+            # the CPU (model and flags) each seed's latencies were measured on
+            "cpu": res["machine"].get("cpu"),
             "load_average_at_end": res["machine"].get("load_average_at_end"),
             "seconds_total": res.get("seconds_total")})
         for p in dom["pairs"]:

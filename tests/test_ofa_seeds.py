@@ -54,6 +54,7 @@ def test_counts_verdicts_and_target_per_seed(base):
     expected = base["rows"]["ofa:budget_0.0998ms"]["test_auroc"]
     assert a["n"] == 2 and a["min"] == a["max"] == expected
     assert "teacher" in s["models"] and "delta_auroc" not in s["models"]["teacher"]
+    assert s["per_seed"][0]["cpu"] == base["machine"]["cpu"]
     assert s["same_test_split"] and "not independent test sets" in s["note"]
     assert s["per_seed"][0]["budgets_served"] == [True, True, True]
     assert s["per_seed"][0]["budgets_met_final"] == [True, True, True]
